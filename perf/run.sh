@@ -1,0 +1,283 @@
+#!/usr/bin/env bash
+# perf/run.sh — ringgate vs nginx as a reverse proxy, the method of PERF-NOTES.md.
+#
+# Usage (from the project root):
+#   perf/run.sh [--skip-build] [--duration 8] [--rounds 2] [--io io_uring|epoll|both]
+#               [--case NAME]... [--connections 64] [--self-test]
+#
+#   --skip-build     don't run `cargo build --release` first
+#   --duration S     seconds per measured wrk run (default 8); a 2 s warm-up of each system comes first
+#   --rounds N       interleaved rounds: nginx, ringgate..., nginx, ringgate... (default 2)
+#   --io MODE        io driver(s) for ringgate: io_uring (default), epoll, or both (one instance each)
+#   --case NAME      proxied case(s) to measure, repeatable or comma-separated (default: core);
+#                    see define_case below ("core", and drafts "throttle", "auth")
+#   --connections C  wrk connections (default 64)
+#   --self-test      put a second nginx reverse proxy in every ringgate slot (checks the harness
+#                    itself: the ratios should come out near 1.00); implies --skip-build
+#   env RINGGATE_BIN path of the gateway binary (default target/release/ringgate)
+#
+# What runs (all on 127.0.0.1, one worker each):
+#   18080        nginx backend: return 200 "hello world\n" (12-byte body)
+#   18081        nginx reverse proxy to the backend (upstream keepalive 256)
+#   18082, ...   ringgate, one instance per (case, io) variant; admin on 19901, ...
+# Per run: requests/s, p50/p99 latency (ms), proxy CPU per request in µs (utime+stime of all
+# threads of the proxy process — the nginx *worker* — over the run, divided by wrk's request count).
+# Output: per-run lines as they finish, then a table of all runs, the medians per system and the
+# ratios variant/nginx. Everything (configs, logs, wrk outputs, results.tsv) stays in perf/out/run-*/.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+BACKEND_PORT=18080
+NGINX_PROXY_PORT=18081
+FIRST_RG_PORT=18082
+FIRST_ADMIN_PORT=19901
+
+DURATION=8
+ROUNDS=2
+IO_MODE=io_uring
+CONNECTIONS=64
+SKIP_BUILD=0
+SELF_TEST=0
+SELECTED_CASES=()
+ORIG_ARGS="$*"
+
+# ---------------------------------------------------------------- cases ----
+# A case is a ringgate variant of the bench API measured side by side with the others:
+#   define_case NAME URL_PATH EXTRA_TOML [HEADER...]
+# EXTRA_TOML is appended right after the bench route (`route = "ANY /{proxy+}"`,
+# `integration = ...`): bare keys go into that route, [tables]/[[arrays]] start new sections.
+# HEADERs ("name: value") are sent by wrk (and by the readiness check) with every request.
+# Every case must answer 200 on URL_PATH; the run stops if it doesn't.
+declare -A CASE_PATH CASE_TOML CASE_HEADERS
+CASE_ORDER=()
+define_case() {
+    local name=$1 path=$2 toml=$3; shift 3
+    CASE_PATH[$name]=$path
+    CASE_TOML[$name]=$toml
+    CASE_HEADERS[$name]=$(printf '%s\n' "$@")
+    CASE_ORDER+=("$name")
+}
+
+# core: plain proxying, the nginx comparison. ("/{proxy+}" needs at least one segment, so
+# the path is /hello; the backend answers the same 12 bytes for any path.)
+define_case core /hello ''
+
+# Drafts for later issues; adjust when the features land.
+define_case throttle /hello 'throttle = { rate = 100000000, burst = 100000000 }'
+define_case auth /hello 'api_key_required = true
+
+[[usage_plans]]
+name = "bench"
+apis = ["bench/$default"]
+
+[[api_keys]]
+name = "bench"
+value = "perf-bench-key-0123456789abcdef"
+plans = ["bench"]' 'x-api-key: perf-bench-key-0123456789abcdef'
+
+# ------------------------------------------------------------ arguments ----
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --skip-build) SKIP_BUILD=1 ;;
+        --duration) DURATION=$2; shift ;;
+        --rounds) ROUNDS=$2; shift ;;
+        --io) IO_MODE=$2; shift ;;
+        --case) IFS=, read -r -a _c <<<"$2"; SELECTED_CASES+=("${_c[@]}"); shift ;;
+        --connections) CONNECTIONS=$2; shift ;;
+        --self-test) SELF_TEST=1; SKIP_BUILD=1 ;;
+        -h|--help) usage 0 ;;
+        *) echo "unknown argument: $1" >&2; usage 2 ;;
+    esac
+    shift
+done
+case $IO_MODE in
+    io_uring|epoll) IOS=("$IO_MODE") ;;
+    both) IOS=(io_uring epoll) ;;
+    *) die "--io must be io_uring, epoll or both" ;;
+esac
+[[ ${#SELECTED_CASES[@]} -gt 0 ]] || SELECTED_CASES=(core)
+for c in "${SELECTED_CASES[@]}"; do
+    [[ -n ${CASE_PATH[$c]+x} ]] || die "unknown case '$c' (known: ${CASE_ORDER[*]})"
+done
+[[ $DURATION =~ ^[0-9]+$ && $ROUNDS =~ ^[0-9]+$ && $ROUNDS -ge 1 ]] || die "bad --duration/--rounds"
+command -v wrk >/dev/null || die "wrk not found (apt-get install -y wrk)"
+[[ -x $NGINX ]] || die "nginx not found (apt-get install -y nginx-light)"
+
+# ------------------------------------------------------------- systems ----
+# A "system" is one proxy under test. Parallel arrays, index 0 = the nginx reference.
+SYS_NAME=() SYS_PID=() SYS_URL=() SYS_HEADERS=() SYS_LOG=() SYS_DRIVER=()
+
+add_system() {  # name pid url headers log driver
+    SYS_NAME+=("$1") SYS_PID+=("$2") SYS_URL+=("$3") SYS_HEADERS+=("$4") SYS_LOG+=("$5") SYS_DRIVER+=("$6")
+}
+
+start_backends() {
+    require_free_port $BACKEND_PORT
+    require_free_port $NGINX_PROXY_PORT
+    write_nginx_backend backend $BACKEND_PORT
+    start_nginx backend
+    BACKEND_WORKER=$NGINX_WORKER
+    wait_http "http://127.0.0.1:$BACKEND_PORT/" "$NGINX_MASTER" "$OUT/backend/error.log"
+    log "nginx backend   :$BACKEND_PORT  master $NGINX_MASTER worker $NGINX_WORKER"
+
+    write_nginx_proxy nginx $NGINX_PROXY_PORT $BACKEND_PORT
+    start_nginx nginx
+    wait_http "http://127.0.0.1:$NGINX_PROXY_PORT/" "$NGINX_MASTER" "$OUT/nginx/error.log"
+    log "nginx proxy     :$NGINX_PROXY_PORT  master $NGINX_MASTER worker $NGINX_WORKER"
+    add_system nginx "$NGINX_WORKER" "http://127.0.0.1:$NGINX_PROXY_PORT/hello" "" \
+        "$OUT/nginx/error.log" "nginx (epoll)"
+}
+
+# start_variant CASE IO PORT ADMIN_PORT: one ringgate (or, in --self-test, nginx copy) instance.
+start_variant() {
+    local case=$1 io=$2 port=$3 admin=$4 name pid logf driver
+    require_free_port "$port"
+    if [[ $SELF_TEST == 1 ]]; then
+        name=nginx-copy/$case/$io
+        write_nginx_proxy "selftest-$case-$io" "$port" $BACKEND_PORT
+        start_nginx "selftest-$case-$io"
+        pid=$NGINX_WORKER logf=$OUT/selftest-$case-$io/error.log
+        wait_http "http://127.0.0.1:$port/" "$NGINX_MASTER" "$logf"
+        driver="self-test (nginx)"
+    else
+        require_free_port "$admin"
+        name=ringgate/$case/$io
+        local conf=$OUT/ringgate-$case-$io.toml
+        write_ringgate_config "$conf" "$port" "$admin" "$io" "$OUT/state-$case-$io" "${CASE_TOML[$case]}"
+        start_ringgate "ringgate-$case-$io" "$conf"
+        pid=$RG_PID logf=$OUT/ringgate-$case-$io.log
+        wait_http "http://127.0.0.1:$admin/healthz" "$pid" "$logf"
+        wait_http "http://127.0.0.1:$port/" "$pid" "$logf"
+        driver=$(io_driver_of "$logf")
+    fi
+    local url="http://127.0.0.1:$port${CASE_PATH[$case]}"
+    local -a hdr=()
+    local h
+    while IFS= read -r h; do [[ -n $h ]] && hdr+=(-H "$h"); done <<<"${CASE_HEADERS[$case]}"
+    local code
+    code=$(http_status "$url" "${hdr[@]}")
+    [[ $code == 200 ]] || die "$name answers $code (not 200) on $url; log: $logf"
+    log "$(printf '%-24s :%s  pid %s  io driver: %s' "$name" "$port" "$pid" "$driver")"
+    if [[ $SELF_TEST == 0 && $driver != *"$io"* ]]; then
+        log "WARNING: $name was configured with io = \"$io\" but logs io driver: $driver"
+    fi
+    add_system "$name" "$pid" "$url" "${CASE_HEADERS[$case]}" "$logf" "$driver"
+}
+
+# ---------------------------------------------------------------- wrk -----
+
+# wrk time units -> ms
+# parse_wrk FILE -> "rps p50_ms p99_ms requests socket_errors non2xx"
+parse_wrk() {
+    awk '
+    function ms(v,   n, u) {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "us") return n / 1000
+        if (u == "ms") return n
+        if (u == "s")  return n * 1000
+        if (u == "m")  return n * 60000
+        if (u == "h")  return n * 3600000
+        return -1
+    }
+    /^ *50% / { p50 = ms($2) }
+    /^ *99% / { p99 = ms($2) }
+    / requests in / { reqs = $1 }
+    /^Requests\/sec:/ { rps = $2 }
+    /Socket errors:/ { gsub(/,/, ""); errs = $4 + $6 + $8 + $10 }
+    /Non-2xx or 3xx responses:/ { non2xx = $NF }
+    END {
+        if (reqs == "" || rps == "") exit 1
+        printf "%.0f %.3f %.3f %d %d %d\n", rps, p50, p99, reqs, errs + 0, non2xx + 0
+    }' "$1"
+}
+
+# measure INDEX SECONDS OUTFILE
+#   -> "rps p50 p99 reqs errs non2xx cpu_us backend_cpu_us wrk_cpu_us other_load_pct"
+# cpu_us: the proxy's CPU per request. backend_cpu_us / wrk_cpu_us: the same for the backend
+# worker and for wrk. other_load_pct: CPU used meanwhile by everything else on the machine
+# (user+nice+system+steal from /proc/stat, irq/softirq left out), in % of one core — the machine is
+# shared, so a run with a high figure is suspect.
+measure() {
+    local i=$1 secs=$2 outf=$3 pid=${SYS_PID[$1]} h
+    local -a hdr=()
+    while IFS= read -r h; do [[ -n $h ]] && hdr+=(-H "$h"); done <<<"${SYS_HEADERS[$i]}"
+    local p0 b0 w0 m0 p1 b1 w1 m1
+    m0=$(machine_cpu_ticks)
+    p0=$(proc_cpu_ticks "$pid")
+    b0=$(proc_cpu_ticks "$BACKEND_WORKER")
+    children_cpu_ticks; w0=$CHILD_TICKS   # right around wrk: the probes are children too
+    wrk -t1 -c"$CONNECTIONS" -d"${secs}s" --latency "${hdr[@]}" "${SYS_URL[$i]}" >"$outf" 2>&1 \
+        || die "wrk failed against ${SYS_NAME[$i]}: $(tail -n3 "$outf")"
+    children_cpu_ticks; w1=$CHILD_TICKS
+    p1=$(proc_cpu_ticks "$pid")
+    b1=$(proc_cpu_ticks "$BACKEND_WORKER")
+    m1=$(machine_cpu_ticks)
+    kill -0 "$pid" 2>/dev/null || die "${SYS_NAME[$i]} (pid $pid) died during the run; see ${SYS_LOG[$i]}"
+    local parsed
+    parsed=$(parse_wrk "$outf") || die "cannot parse wrk output $outf"
+    read -r rps p50 p99 reqs errs non2xx <<<"$parsed"
+    local busy0 total0 busy1 total1
+    read -r busy0 total0 <<<"$m0"
+    read -r busy1 total1 <<<"$m1"
+    awk -v p=$((p1 - p0)) -v b=$((b1 - b0)) -v w=$((w1 - w0)) -v busy=$((busy1 - busy0)) \
+        -v total=$((total1 - total0)) -v ncpu="$(nproc)" -v t="$CLK_TCK" -v r="$reqs" \
+        -v head="$rps $p50 $p99 $reqs $errs $non2xx" 'BEGIN {
+            us = (r > 0) ? 1e6 / t / r : 0
+            other = busy - p - b - w; if (other < 0) other = 0
+            printf "%s %.2f %.2f %.2f %.0f\n", head, p * us, b * us, w * us,
+                (total > 0) ? other * 100 * ncpu / total : 0 }'
+}
+
+# ---------------------------------------------------------------- main -----
+perf_setup run
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+if [[ $SKIP_BUILD == 0 ]]; then
+    log "cargo build --release"
+    (cd "$ROOT_DIR" && cargo build --release) || die "cargo build failed"
+fi
+
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "command: perf/run.sh $ORIG_ARGS"
+    echo "host: $(uname -srm), $(nproc) cpus, $("$NGINX" -v 2>&1 | sed 's/.*: //'), $(wrk -v 2>&1 | head -n1 | cut -d' ' -f1-2)"
+    echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+    [[ $SELF_TEST == 0 && -x $RINGGATE_BIN ]] && echo "ringgate: $RINGGATE_BIN ($(stat -c '%y' "$RINGGATE_BIN" | cut -d. -f1))"
+} >"$OUT/meta.txt"
+
+start_backends
+port=$FIRST_RG_PORT admin=$FIRST_ADMIN_PORT
+for c in "${SELECTED_CASES[@]}"; do
+    for io in "${IOS[@]}"; do
+        start_variant "$c" "$io" "$port" "$admin"
+        port=$((port + 1)) admin=$((admin + 1))
+    done
+done
+NSYS=${#SYS_NAME[@]}
+
+log "warm-up: 2 s each"
+for ((i = 0; i < NSYS; i++)); do measure "$i" 2 "$OUT/warmup-$i.txt" >/dev/null; done
+
+RESULTS=$OUT/results.tsv
+printf 'round\tsystem\tdriver\trps\tp50_ms\tp99_ms\trequests\tsocket_errors\tnon2xx\tcpu_us_per_req\tbackend_cpu_us_per_req\twrk_cpu_us_per_req\tother_load_pct\n' >"$RESULTS"
+log "measuring: $ROUNDS round(s) x $NSYS systems x ${DURATION}s, wrk -t1 -c$CONNECTIONS"
+for ((r = 1; r <= ROUNDS; r++)); do
+    for ((i = 0; i < NSYS; i++)); do
+        line=$(measure "$i" "$DURATION" "$OUT/wrk-r$r-$i.txt")   # dies (and stops the run) on failure
+        read -r rps p50 p99 reqs errs non2xx cpu bcpu wcpu other <<<"$line"
+        printf '%s\t' "$r" "${SYS_NAME[$i]}" "${SYS_DRIVER[$i]}" "$rps" "$p50" "$p99" "$reqs" "$errs" \
+            "$non2xx" "$cpu" "$bcpu" "$wcpu" >>"$RESULTS"
+        printf '%s\n' "$other" >>"$RESULTS"
+        warn=""
+        if ((errs + non2xx > 0)); then warn="  !! $errs socket errors, $non2xx non-2xx"; fi
+        log "$(printf 'round %d  %-24s %8s req/s  p50 %6.3f ms  p99 %6.3f ms  %6s µs CPU/req  (backend %s, wrk %s, other load %s%%)%s' \
+            "$r" "${SYS_NAME[$i]}" "$rps" "$p50" "$p99" "$cpu" "$bcpu" "$wcpu" "$other" "$warn")"
+    done
+done
+
+echo
+cat "$OUT/meta.txt"
+python3 "$PERF_DIR/summarize.py" "$RESULTS" | tee "$OUT/summary.txt"
+echo
+echo "raw: $OUT"

@@ -1,0 +1,427 @@
+//! Configuration: loading the TOML file, validating it into runtime types and compiling the
+//! route table.
+//!
+//! [`load`] is the only entry point: it reads the file, deserializes the [`raw`] structs (unknown
+//! keys are errors), checks every value, resolves upstream names and stage variables, and builds
+//! the [`RouteTable`]. Every error names the file, the line and the key.
+
+pub mod raw;
+mod routes;
+
+pub use routes::{Integration, MockResponse, PathTemplate, Route, RouteMatch, RouteTable};
+
+use raw::{RawConfig, RawUpstream};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration error: one line naming the file, the line and the key.
+#[derive(Debug, Clone)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Builds errors that point into the source file.
+pub(crate) struct Source<'a> {
+    pub path: &'a Path,
+    pub text: &'a str,
+}
+
+impl Source<'_> {
+    /// 1-based line of a byte offset.
+    fn line(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
+    }
+
+    /// An error at `span` (an empty span at 0 means "a default value": no line).
+    pub fn err(&self, span: Range<usize>, key: &str, msg: impl fmt::Display) -> ConfigError {
+        if span == (0..0) {
+            ConfigError(format!("{}: key `{key}`: {msg}", self.path.display()))
+        } else {
+            ConfigError(format!(
+                "{}:{}: key `{key}`: {msg}",
+                self.path.display(),
+                self.line(span.start)
+            ))
+        }
+    }
+}
+
+/// The io driver a worker runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoMode {
+    /// io_uring when the kernel allows it, epoll otherwise.
+    Auto,
+    /// io_uring or fail.
+    IoUring,
+    /// epoll.
+    Epoll,
+}
+
+/// `[server.limits]`, validated.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: u64,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// `[server]`, validated.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    /// Resolved worker count (never 0).
+    pub workers: usize,
+    pub io: IoMode,
+    pub shutdown_timeout: Duration,
+    pub state_dir: PathBuf,
+    pub limits: Limits,
+}
+
+/// `[admin]`, validated.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+}
+
+/// How an upstream picks a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastConn,
+    /// Power of two random choices, by in-flight requests.
+    Random2,
+    /// Hash of a request header (lowercase name); round robin when the header is absent.
+    HashHeader(String),
+}
+
+/// Active health checking of an upstream's targets.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
+}
+
+/// `[[upstreams]]`, validated.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub targets: Vec<SocketAddr>,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub keepalive: usize,
+    pub health: Option<HealthConfig>,
+}
+
+/// The whole validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it came from (reloads read it again).
+    pub path: PathBuf,
+    pub server: ServerConfig,
+    pub admin: Option<AdminConfig>,
+    /// `None` = off; `Some(None)` = stdout; `Some(Some(path))` = a file.
+    pub access_log: Option<Option<PathBuf>>,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub routes: RouteTable,
+}
+
+/// Reads, validates and compiles the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("{}: cannot read config: {e}", path.display())))?;
+    parse(path, &text)
+}
+
+/// Validates and compiles config `text` (which came from `path`).
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let src = Source { path, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| src.line(s.start)).unwrap_or(0);
+        let msg = e.message().replace('\n', " ");
+        ConfigError(format!("{}:{line}: {msg}", path.display()))
+    })?;
+
+    let server = validate_server(&src, &raw)?;
+    let admin = match &raw.admin {
+        None => None,
+        Some(a) => Some(AdminConfig {
+            listen: parse_addr(&src, &a.listen, "admin.listen")?,
+            token: a.token.clone().filter(|t| !t.is_empty()),
+        }),
+    };
+    let access_log = raw.access_log.as_ref().map(|a| {
+        if a.path == "-" {
+            None
+        } else {
+            Some(PathBuf::from(&a.path))
+        }
+    });
+    let mut upstreams: Vec<UpstreamConfig> = Vec::with_capacity(raw.upstreams.len());
+    for (i, u) in raw.upstreams.iter().enumerate() {
+        let up = validate_upstream(&src, i, u)?;
+        if upstreams.iter().any(|o| o.name == up.name) {
+            return Err(src.err(
+                u.name.span(),
+                &format!("upstreams[{i}].name"),
+                format!("duplicate upstream name `{}`", up.name),
+            ));
+        }
+        upstreams.push(up);
+    }
+    let routes = routes::compile(&src, &raw.apis, &upstreams)?;
+    Ok(Config {
+        path: path.to_path_buf(),
+        server,
+        admin,
+        access_log,
+        upstreams,
+        routes,
+    })
+}
+
+fn validate_server(src: &Source, raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
+    let s = &raw.server;
+    if s.listen.is_empty() {
+        return Err(src.err(0..0, "server.listen", "at least one address is needed"));
+    }
+    let mut listen = Vec::new();
+    for a in &s.listen {
+        listen.push(parse_addr(src, a, "server.listen")?);
+    }
+    let io = match s.io.get_ref().as_str() {
+        "auto" => IoMode::Auto,
+        "io_uring" => IoMode::IoUring,
+        "epoll" => IoMode::Epoll,
+        other => {
+            return Err(src.err(
+                s.io.span(),
+                "server.io",
+                format!("`{other}` is not one of auto, io_uring, epoll"),
+            ))
+        }
+    };
+    let workers = if s.workers == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    } else {
+        s.workers
+    };
+    if workers > 1024 {
+        return Err(src.err(0..0, "server.workers", "at most 1024 workers"));
+    }
+    let l = &s.limits;
+    let checks: [(&str, bool); 6] = [
+        (
+            "server.limits.max_header_bytes",
+            (256..=1 << 20).contains(&l.max_header_bytes),
+        ),
+        (
+            "server.limits.max_headers",
+            (1..=256).contains(&l.max_headers),
+        ),
+        ("server.limits.max_body_bytes", true),
+        ("server.limits.header_timeout_ms", l.header_timeout_ms > 0),
+        ("server.limits.idle_timeout_ms", l.idle_timeout_ms > 0),
+        ("server.limits.max_connections", l.max_connections > 0),
+    ];
+    for (key, ok) in checks {
+        if !ok {
+            let hint = match key {
+                "server.limits.max_header_bytes" => "must be between 256 and 1048576",
+                "server.limits.max_headers" => "must be between 1 and 256",
+                _ => "must be greater than 0",
+            };
+            return Err(src.err(0..0, key, hint));
+        }
+    }
+    Ok(ServerConfig {
+        listen,
+        workers,
+        io,
+        shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
+        state_dir: PathBuf::from(&s.state_dir),
+        limits: Limits {
+            max_header_bytes: l.max_header_bytes,
+            max_headers: l.max_headers,
+            max_body_bytes: l.max_body_bytes,
+            header_timeout: Duration::from_millis(l.header_timeout_ms),
+            idle_timeout: Duration::from_millis(l.idle_timeout_ms),
+            max_connections: l.max_connections,
+        },
+    })
+}
+
+fn parse_addr(
+    src: &Source,
+    a: &toml::Spanned<String>,
+    key: &str,
+) -> Result<SocketAddr, ConfigError> {
+    let s = a.get_ref();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    match s.to_socket_addrs() {
+        Ok(mut it) => it
+            .next()
+            .ok_or_else(|| src.err(a.span(), key, format!("`{s}` resolves to no address"))),
+        Err(e) => Err(src.err(
+            a.span(),
+            key,
+            format!("`{s}` is not a host:port address ({e})"),
+        )),
+    }
+}
+
+fn validate_upstream(
+    src: &Source,
+    i: usize,
+    u: &RawUpstream,
+) -> Result<UpstreamConfig, ConfigError> {
+    let key = |k: &str| format!("upstreams[{i}].{k}");
+    let name = u.name.get_ref().clone();
+    if name.is_empty() || name.contains("${") {
+        return Err(src.err(
+            u.name.span(),
+            &key("name"),
+            "must be a plain non-empty name",
+        ));
+    }
+    if u.targets.is_empty() {
+        return Err(src.err(
+            u.name.span(),
+            &key("targets"),
+            "at least one target is needed",
+        ));
+    }
+    let mut targets = Vec::new();
+    for t in &u.targets {
+        targets.push(parse_addr(src, t, &key("targets"))?);
+    }
+    let balance = match u.balance.get_ref().as_str() {
+        "round_robin" => Balance::RoundRobin,
+        "least_conn" => Balance::LeastConn,
+        "random2" => Balance::Random2,
+        b => match b.strip_prefix("hash:header.") {
+            Some(h) if !h.is_empty() => Balance::HashHeader(h.to_ascii_lowercase()),
+            _ => {
+                return Err(src.err(
+                    u.balance.span(),
+                    &key("balance"),
+                    format!(
+                        "`{b}` is not one of round_robin, least_conn, random2, hash:header.NAME"
+                    ),
+                ))
+            }
+        },
+    };
+    if u.connect_timeout_ms == 0 || u.timeout_ms == 0 {
+        return Err(src.err(
+            u.name.span(),
+            &key("timeout_ms"),
+            "timeouts must be greater than 0",
+        ));
+    }
+    let health = match &u.health {
+        None => None,
+        Some(h) => {
+            if !h.path.starts_with('/') {
+                return Err(src.err(u.name.span(), &key("health.path"), "must start with `/`"));
+            }
+            if h.interval_ms == 0 || h.unhealthy_after == 0 || h.healthy_after == 0 {
+                return Err(src.err(
+                    u.name.span(),
+                    &key("health"),
+                    "interval_ms, unhealthy_after and healthy_after must be greater than 0",
+                ));
+            }
+            Some(HealthConfig {
+                path: h.path.clone(),
+                interval: Duration::from_millis(h.interval_ms),
+                timeout: Duration::from_millis(h.timeout_ms.unwrap_or(h.interval_ms.min(1000))),
+                unhealthy_after: h.unhealthy_after,
+                healthy_after: h.healthy_after,
+            })
+        }
+    };
+    Ok(UpstreamConfig {
+        name,
+        targets,
+        balance,
+        connect_timeout: Duration::from_millis(u.connect_timeout_ms),
+        timeout: Duration::from_millis(u.timeout_ms),
+        retries: u.retries,
+        keepalive: u.keepalive,
+        health,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("t.toml"), text)
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = p("").unwrap();
+        assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(c.server.limits.max_headers, 100);
+        assert!(c.server.workers >= 1);
+    }
+
+    #[test]
+    fn unknown_key_names_line() {
+        let e = p("[server]\nworkers = 1\nbogus = 2\n").unwrap_err().0;
+        assert!(e.starts_with("t.toml:3:"), "{e}");
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_io_names_key_and_line() {
+        let e = p("[server]\n\nio = \"kqueue\"\n").unwrap_err().0;
+        assert!(e.starts_with("t.toml:3: key `server.io`"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_upstream_refused() {
+        let e = p("[[upstreams]]\nname=\"a\"\ntargets=[\"127.0.0.1:1\"]\n[[upstreams]]\nname=\"a\"\ntargets=[\"127.0.0.1:2\"]\n")
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("t.toml:5") && e.contains("duplicate upstream"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_balance_refused() {
+        let e = p("[[upstreams]]\nname=\"a\"\ntargets=[\"127.0.0.1:1\"]\nbalance=\"hash:\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("upstreams[0].balance"), "{e}");
+    }
+}

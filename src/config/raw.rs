@@ -1,0 +1,243 @@
+//! Raw configuration: serde structs mirroring the TOML file one to one.
+//!
+//! Every table refuses unknown keys, and every default is written next to its field, so what
+//! the file says and what the gateway runs are never far apart. [`super::validate`] turns these
+//! into the runtime types.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use toml::Spanned;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    pub admin: Option<RawAdmin>,
+    pub access_log: Option<RawAccessLog>,
+    #[serde(default)]
+    pub upstreams: Vec<RawUpstream>,
+    #[serde(default)]
+    pub apis: Vec<RawApi>,
+}
+
+/// `[server]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    #[serde(default = "default_listen")]
+    pub listen: Vec<Spanned<String>>,
+    /// 0 = one worker per CPU core.
+    #[serde(default)]
+    pub workers: usize,
+    #[serde(default = "default_io")]
+    pub io: Spanned<String>,
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: String,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: default_listen(),
+            workers: 0,
+            io: default_io(),
+            shutdown_timeout_ms: default_shutdown_timeout_ms(),
+            state_dir: default_state_dir(),
+            limits: RawLimits::default(),
+        }
+    }
+}
+
+fn default_listen() -> Vec<Spanned<String>> {
+    vec![Spanned::new(0..0, "127.0.0.1:8080".to_string())]
+}
+fn default_io() -> Spanned<String> {
+    Spanned::new(0..0, "auto".to_string())
+}
+fn default_shutdown_timeout_ms() -> u64 {
+    10_000
+}
+fn default_state_dir() -> String {
+    "state".to_string()
+}
+
+/// `[server.limits]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: u64,
+    pub header_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub max_connections: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_header_bytes: 16_384,
+            max_headers: 100,
+            max_body_bytes: 10_485_760,
+            header_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 100_000,
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Spanned<String>,
+    pub token: Option<String>,
+}
+
+/// `[access_log]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    /// "-" = stdout, otherwise a file path.
+    pub path: String,
+}
+
+/// `[[upstreams]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub name: Spanned<String>,
+    pub targets: Vec<Spanned<String>>,
+    #[serde(default = "default_balance")]
+    pub balance: Spanned<String>,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    #[serde(default = "default_keepalive")]
+    pub keepalive: usize,
+    pub health: Option<RawHealth>,
+}
+
+fn default_balance() -> Spanned<String> {
+    Spanned::new(0..0, "round_robin".to_string())
+}
+fn default_connect_timeout_ms() -> u64 {
+    1_000
+}
+fn default_timeout_ms() -> u64 {
+    29_000
+}
+fn default_retries() -> u32 {
+    1
+}
+fn default_keepalive() -> usize {
+    256
+}
+
+/// `health = { ... }` on an upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub path: String,
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_unhealthy_after")]
+    pub unhealthy_after: u32,
+    #[serde(default = "default_healthy_after")]
+    pub healthy_after: u32,
+    /// Per-probe timeout; defaults to the smaller of interval_ms and 1000.
+    pub timeout_ms: Option<u64>,
+}
+
+fn default_interval_ms() -> u64 {
+    2_000
+}
+fn default_unhealthy_after() -> u32 {
+    3
+}
+fn default_healthy_after() -> u32 {
+    2
+}
+
+/// `[[apis]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    pub name: Spanned<String>,
+    #[serde(default = "default_protocol")]
+    pub protocol: Spanned<String>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default = "default_empty")]
+    pub base_path: Spanned<String>,
+    #[serde(default)]
+    pub stages: BTreeMap<String, RawStage>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+fn default_empty() -> Spanned<String> {
+    Spanned::new(0..0, String::new())
+}
+
+fn default_protocol() -> Spanned<String> {
+    Spanned::new(0..0, "http".to_string())
+}
+
+/// `[apis.stages.NAME]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStage {
+    #[serde(default)]
+    pub variables: BTreeMap<String, String>,
+    /// Whether requests of this stage go to the access log (when one is configured).
+    #[serde(default = "default_true")]
+    pub access_log: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `[[apis.routes]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub route: Spanned<String>,
+    pub integration: Spanned<RawIntegration>,
+}
+
+/// `integration = { type = ..., ... }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "lowercase")]
+pub enum RawIntegration {
+    /// Proxy to an upstream.
+    Http {
+        upstream: String,
+        /// Path sent upstream; `{param}` and `${stageVariables.NAME}` are substituted. Absent:
+        /// the request path without base path and stage prefix.
+        path: Option<String>,
+    },
+    /// Answer from the config.
+    Mock {
+        #[serde(default = "default_mock_status")]
+        status: u16,
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+        #[serde(default)]
+        body: String,
+    },
+}
+
+fn default_mock_status() -> u16 {
+    200
+}

@@ -1,0 +1,616 @@
+//! Compiling `[[apis]]` into the route table: one compiled [`Route`] per (route, stage), stage
+//! variables substituted, path templates pre-split, mock responses pre-encoded, and conflicts
+//! refused with the line that caused them.
+
+use super::raw::{RawApi, RawIntegration};
+use super::{ConfigError, Source, UpstreamConfig};
+use crate::http::encode;
+use crate::router::{param_names, Match, Params, Router};
+use ahash::AHashMap;
+use bytes::Bytes;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+/// One part of a [`PathTemplate`].
+#[derive(Debug, Clone)]
+enum Part {
+    Lit(Box<str>),
+    /// Index of a capture in [`Params`].
+    Param(usize),
+}
+
+/// An integration path with `{param}` slots, stage variables already substituted.
+#[derive(Debug, Clone)]
+pub struct PathTemplate {
+    parts: Vec<Part>,
+    /// The template has its own query string.
+    has_query: bool,
+}
+
+impl PathTemplate {
+    /// Appends the rendered path to `out`, taking captures from `path` via `params`.
+    pub fn render(&self, path: &[u8], params: &Params, out: &mut Vec<u8>) {
+        for part in &self.parts {
+            match part {
+                Part::Lit(s) => out.extend_from_slice(s.as_bytes()),
+                Part::Param(i) => {
+                    if let Some((a, b)) = params.get(*i) {
+                        out.extend_from_slice(&path[a as usize..b as usize]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the template carries its own `?query` (the client's is then appended with `&`).
+    pub fn has_query(&self) -> bool {
+        self.has_query
+    }
+}
+
+/// A pre-encoded mock answer.
+#[derive(Debug, Clone)]
+pub struct MockResponse {
+    pub status: u16,
+    /// Status line and headers (content-length included), without the blank line.
+    pub head: Bytes,
+    pub body: Bytes,
+}
+
+/// What a route does with a request.
+#[derive(Debug, Clone)]
+pub enum Integration {
+    /// Proxy to `upstreams[upstream]`; `path: None` forwards the request path without the
+    /// base path and stage prefix.
+    Http {
+        upstream: usize,
+        path: Option<PathTemplate>,
+    },
+    Mock(MockResponse),
+}
+
+/// One route of one stage, ready to serve.
+#[derive(Debug)]
+pub struct Route {
+    pub api: Arc<str>,
+    pub stage: Arc<str>,
+    /// The route key as written (`GET /products/{id}`, `$default`).
+    pub key: Arc<str>,
+    /// Prometheus labels `api="..",stage="..",route=".."`.
+    pub labels: Arc<str>,
+    /// Length of base path + stage prefix, stripped when forwarding the path as is.
+    pub prefix_len: usize,
+    pub integration: Integration,
+    pub access_log: bool,
+}
+
+/// The result of routing a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteMatch {
+    Found(u32),
+    MethodNotAllowed,
+    NotFound,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    trie: Router<u32>,
+    /// `$default` routes: (prefix, route), longest prefix first.
+    defaults: Vec<(String, u32)>,
+}
+
+impl Table {
+    fn find(&self, method: &str, path: &str, params: &mut Params) -> RouteMatch {
+        params.clear();
+        match self.trie.lookup(method, path, params) {
+            Match::Found(id) => RouteMatch::Found(*id),
+            m => {
+                for (prefix, id) in &self.defaults {
+                    let rest = match path.strip_prefix(prefix.as_str()) {
+                        Some(r) => r,
+                        None => continue,
+                    };
+                    if rest.is_empty() || rest.starts_with('/') || prefix.is_empty() {
+                        params.clear();
+                        return RouteMatch::Found(*id);
+                    }
+                }
+                if matches!(m, Match::MethodNotAllowed) {
+                    RouteMatch::MethodNotAllowed
+                } else {
+                    RouteMatch::NotFound
+                }
+            }
+        }
+    }
+}
+
+/// All routes of all APIs and stages, by host.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+    by_host: AHashMap<String, Table>,
+    any_host: Table,
+}
+
+impl RouteTable {
+    /// Finds the route for a request. `host` is the Host header (a port is ignored).
+    pub fn find(
+        &self,
+        host: Option<&[u8]>,
+        method: &str,
+        path: &str,
+        params: &mut Params,
+    ) -> RouteMatch {
+        if !self.by_host.is_empty() {
+            if let Some(h) = host {
+                let h = strip_port(h);
+                let mut lower = [0u8; 256];
+                if h.len() <= lower.len() {
+                    for (d, s) in lower.iter_mut().zip(h) {
+                        *d = s.to_ascii_lowercase();
+                    }
+                    if let Ok(h) = std::str::from_utf8(&lower[..h.len()]) {
+                        if let Some(t) = self.by_host.get(h) {
+                            let m = t.find(method, path, params);
+                            if m != RouteMatch::NotFound {
+                                return m;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.any_host.find(method, path, params)
+    }
+
+    /// The compiled route with this id.
+    pub fn route(&self, id: u32) -> &Route {
+        &self.routes[id as usize]
+    }
+
+    /// All routes, in id order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The route table as text, one line per route (for `--check`).
+    pub fn describe(&self, upstreams: &[UpstreamConfig]) -> String {
+        let mut s = String::new();
+        for r in &self.routes {
+            let target = match &r.integration {
+                Integration::Mock(m) => format!("mock {}", m.status),
+                Integration::Http { upstream, .. } => format!("http {}", upstreams[*upstream].name),
+            };
+            let _ = writeln!(
+                s,
+                "{:<12} {:<10} {:<40} -> {}",
+                r.api, r.stage, r.key, target
+            );
+        }
+        s
+    }
+}
+
+fn strip_port(h: &[u8]) -> &[u8] {
+    if h.first() == Some(&b'[') {
+        // [v6]:port
+        return match h.iter().position(|&c| c == b']') {
+            Some(i) => &h[..=i],
+            None => h,
+        };
+    }
+    match h.iter().rposition(|&c| c == b':') {
+        Some(i) => &h[..i],
+        None => h,
+    }
+}
+
+fn json_escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// Substitutes `${stageVariables.NAME}`; unknown names are an error.
+fn subst_stage_vars(
+    s: &str,
+    vars: &std::collections::BTreeMap<String, String>,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unterminated `${{` in `{s}`"))?;
+        let expr = &after[..end];
+        let name = expr.strip_prefix("stageVariables.").ok_or_else(|| {
+            format!("`${{{expr}}}`: only ${{stageVariables.NAME}} is supported here")
+        })?;
+        let v = vars
+            .get(name)
+            .ok_or_else(|| format!("stage variable `{name}` is not defined for this stage"))?;
+        out.push_str(v);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn compile_template(s: &str, names: &[String]) -> Result<PathTemplate, String> {
+    if !s.starts_with('/') {
+        return Err(format!("integration path `{s}` must start with `/`"));
+    }
+    let mut parts = Vec::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('{') {
+        if i > 0 {
+            parts.push(Part::Lit(rest[..i].into()));
+        }
+        let after = &rest[i + 1..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unterminated `{{` in `{s}`"))?;
+        let name = after[..end].trim_end_matches('+');
+        let idx = names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| format!("`{{{name}}}` is not a parameter of the route"))?;
+        parts.push(Part::Param(idx));
+        rest = &after[end + 1..];
+    }
+    if !rest.is_empty() {
+        parts.push(Part::Lit(rest.into()));
+    }
+    Ok(PathTemplate {
+        parts,
+        has_query: s.contains('?'),
+    })
+}
+
+fn encode_mock(
+    status: u16,
+    headers: &std::collections::BTreeMap<String, String>,
+    body: &str,
+) -> Result<MockResponse, String> {
+    if !(200..=599).contains(&status) {
+        return Err(format!("mock status {status} must be between 200 and 599"));
+    }
+    let mut head = Vec::new();
+    encode::push_status_line(&mut head, status);
+    for (k, v) in headers {
+        let lk = k.to_ascii_lowercase();
+        if lk == "content-length" || lk == "transfer-encoding" || lk == "connection" {
+            return Err(format!("mock header `{k}` is set by the gateway"));
+        }
+        if !k
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
+            || k.is_empty()
+        {
+            return Err(format!("mock header name `{k}` is not a valid token"));
+        }
+        if v.bytes().any(|c| (c < 0x20 && c != b'\t') || c == 0x7f) {
+            return Err(format!("mock header `{k}` has a control character"));
+        }
+        encode::push_header(&mut head, k.as_bytes(), v.as_bytes());
+    }
+    head.extend_from_slice(b"content-length: ");
+    encode::push_u64(&mut head, body.len() as u64);
+    head.extend_from_slice(b"\r\n");
+    Ok(MockResponse {
+        status,
+        head: Bytes::from(head),
+        body: Bytes::from(body.to_string()),
+    })
+}
+
+/// Compiles every API's routes for every stage.
+pub(super) fn compile(
+    src: &Source,
+    apis: &[RawApi],
+    upstreams: &[UpstreamConfig],
+) -> Result<RouteTable, ConfigError> {
+    let mut table = RouteTable::default();
+    let mut names_seen: Vec<&str> = Vec::new();
+    for (ai, api) in apis.iter().enumerate() {
+        let akey = |k: &str| format!("apis[{ai}].{k}");
+        let name = api.name.get_ref().as_str();
+        if name.is_empty() || names_seen.contains(&name) {
+            return Err(src.err(
+                api.name.span(),
+                &akey("name"),
+                format!("API name `{name}` is empty or used twice"),
+            ));
+        }
+        names_seen.push(name);
+        match api.protocol.get_ref().as_str() {
+            "http" => {}
+            "websocket" => {
+                return Err(src.err(
+                    api.protocol.span(),
+                    &akey("protocol"),
+                    "WebSocket APIs are not supported by this build yet",
+                ))
+            }
+            p => {
+                return Err(src.err(
+                    api.protocol.span(),
+                    &akey("protocol"),
+                    format!("`{p}` is not one of http, websocket"),
+                ))
+            }
+        }
+        let base = api.base_path.get_ref().as_str();
+        if !base.is_empty()
+            && (!base.starts_with('/')
+                || base.ends_with('/')
+                || base.contains(['{', '}', '?', '#']))
+        {
+            return Err(src.err(
+                api.base_path.span(),
+                &akey("base_path"),
+                "must be empty or start with `/`, without a trailing `/` or `{`, `?`",
+            ));
+        }
+        let default_stage = std::collections::BTreeMap::from([(
+            "$default".to_string(),
+            super::raw::RawStage {
+                variables: Default::default(),
+                access_log: true,
+            },
+        )]);
+        let stages = if api.stages.is_empty() {
+            &default_stage
+        } else {
+            &api.stages
+        };
+        let api_name: Arc<str> = name.into();
+        for (stage_name, stage) in stages {
+            if stage_name != "$default"
+                && (stage_name.is_empty()
+                    || !stage_name
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'))
+            {
+                return Err(src.err(
+                    api.name.span(),
+                    &akey(&format!("stages.{stage_name}")),
+                    "stage names are letters, digits, `-` and `_` (or `$default`)",
+                ));
+            }
+            let prefix = if stage_name == "$default" {
+                base.to_string()
+            } else {
+                format!("{base}/{stage_name}")
+            };
+            let stage_arc: Arc<str> = stage_name.as_str().into();
+            for (ri, r) in api.routes.iter().enumerate() {
+                let rkey = format!("apis[{ai}].routes[{ri}].route");
+                let ikey = format!("apis[{ai}].routes[{ri}].integration");
+                let key_str = r.route.get_ref().trim();
+                let rerr = |msg: String| src.err(r.route.span(), &rkey, msg);
+                let ierr = |msg: String| src.err(r.integration.span(), &ikey, msg);
+                let (method, path): (Option<&str>, Option<&str>) = if key_str == "$default" {
+                    (None, None)
+                } else {
+                    let (m, p) = key_str.split_once(' ').ok_or_else(|| {
+                        rerr(format!(
+                            "`{key_str}` is not `METHOD /path`, `ANY /path` or `$default`"
+                        ))
+                    })?;
+                    let p = p.trim();
+                    if m.is_empty() || !m.bytes().all(|c| c.is_ascii_uppercase()) {
+                        return Err(rerr(format!("`{m}` is not an uppercase method or ANY")));
+                    }
+                    if !p.starts_with('/') {
+                        return Err(rerr(format!("path `{p}` must start with `/`")));
+                    }
+                    (if m == "ANY" { None } else { Some(m) }, Some(p))
+                };
+                let names = match path {
+                    Some(p) => param_names(p).map_err(|e| rerr(e.0))?,
+                    None => Vec::new(),
+                };
+                let integration = match r.integration.get_ref() {
+                    RawIntegration::Http {
+                        upstream,
+                        path: ipath,
+                    } => {
+                        let up = subst_stage_vars(upstream, &stage.variables).map_err(&ierr)?;
+                        let idx = upstreams.iter().position(|u| u.name == up).ok_or_else(|| {
+                            ierr(format!("upstream `{up}` is not defined in [[upstreams]]"))
+                        })?;
+                        let tpl = match ipath {
+                            None => None,
+                            Some(p) => {
+                                let p = subst_stage_vars(p, &stage.variables).map_err(&ierr)?;
+                                Some(compile_template(&p, &names).map_err(&ierr)?)
+                            }
+                        };
+                        Integration::Http {
+                            upstream: idx,
+                            path: tpl,
+                        }
+                    }
+                    RawIntegration::Mock {
+                        status,
+                        headers,
+                        body,
+                    } => Integration::Mock(encode_mock(*status, headers, body).map_err(&ierr)?),
+                };
+                let id = table.routes.len() as u32;
+                let labels = format!(
+                    "api=\"{}\",stage=\"{}\",route=\"{}\"",
+                    json_escape_label(name),
+                    json_escape_label(stage_name),
+                    json_escape_label(key_str)
+                );
+                table.routes.push(Route {
+                    api: api_name.clone(),
+                    stage: stage_arc.clone(),
+                    key: key_str.into(),
+                    labels: labels.into(),
+                    prefix_len: prefix.len(),
+                    integration,
+                    access_log: stage.access_log,
+                });
+                let hosts: Vec<String> = api.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+                let targets: Vec<&mut Table> = if hosts.is_empty() {
+                    vec![&mut table.any_host]
+                } else {
+                    let mut v = Vec::new();
+                    for h in &hosts {
+                        table.by_host.entry(h.clone()).or_default();
+                    }
+                    for (h, t) in table.by_host.iter_mut() {
+                        if hosts.contains(h) {
+                            v.push(t);
+                        }
+                    }
+                    v
+                };
+                for t in targets {
+                    match path {
+                        None => {
+                            if t.defaults.iter().any(|(p, _)| *p == prefix) {
+                                return Err(rerr(format!(
+                                    "a second `$default` route for the prefix `{prefix}`"
+                                )));
+                            }
+                            t.defaults.push((prefix.clone(), id));
+                            t.defaults.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+                        }
+                        Some(p) => {
+                            let full = if p == "/" && !prefix.is_empty() {
+                                prefix.clone()
+                            } else {
+                                format!("{prefix}{p}")
+                            };
+                            t.trie.insert(method, &full, id).map_err(|e| rerr(e.0))?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::parse;
+    use crate::router::Params;
+    use std::path::Path;
+
+    use super::RouteMatch;
+
+    const BASE: &str = r#"
+[[upstreams]]
+name = "orders"
+targets = ["127.0.0.1:9001"]
+[[apis]]
+name = "shop"
+[apis.stages.prod]
+variables = { backend = "orders", version = "v1" }
+[apis.stages."$default"]
+variables = { backend = "orders", version = "v0" }
+[[apis.routes]]
+route = "GET /products/{id}"
+integration = { type = "http", upstream = "${stageVariables.backend}", path = "/${stageVariables.version}/items/{id}" }
+[[apis.routes]]
+route = "$default"
+integration = { type = "mock", status = 200, body = "fallback" }
+"#;
+
+    #[test]
+    fn stage_prefix_and_variables() {
+        let c = parse(Path::new("t.toml"), BASE).unwrap();
+        let mut params = Params::new();
+        let path = "/prod/products/42";
+        let RouteMatch::Found(id) = c.routes.find(None, "GET", path, &mut params) else {
+            panic!("not found")
+        };
+        let r = c.routes.route(id);
+        assert_eq!(&*r.stage, "prod");
+        let crate::config::Integration::Http { path: Some(t), .. } = &r.integration else {
+            panic!()
+        };
+        let mut out = Vec::new();
+        t.render(path.as_bytes(), &params, &mut out);
+        assert_eq!(out, b"/v1/items/42");
+        // $default stage at "/"
+        let RouteMatch::Found(id) = c.routes.find(None, "GET", "/products/7", &mut params) else {
+            panic!()
+        };
+        assert_eq!(&*c.routes.route(id).stage, "$default");
+        // $default route catches the rest, 405 never happens with a $default route
+        let RouteMatch::Found(id) = c.routes.find(None, "POST", "/prod/products/7", &mut params)
+        else {
+            panic!()
+        };
+        assert_eq!(&*c.routes.route(id).key, "$default");
+    }
+
+    #[test]
+    fn unknown_stage_variable_names_line() {
+        let bad = BASE.replace("version = \"v1\"", "versio = \"v1\"");
+        let e = parse(Path::new("t.toml"), &bad).unwrap_err().0;
+        assert!(e.contains("t.toml:13:") && e.contains("version"), "{e}");
+    }
+
+    #[test]
+    fn conflicting_routes_refused() {
+        let text = r#"
+[[apis]]
+name = "a"
+[[apis.routes]]
+route = "GET /x/{a}"
+integration = { type = "mock" }
+[[apis.routes]]
+route = "GET /x/{b}"
+integration = { type = "mock" }
+"#;
+        let e = parse(Path::new("t.toml"), text).unwrap_err().0;
+        assert!(
+            e.contains("t.toml:8:") && e.contains("routes[1].route"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn hosts_and_405() {
+        let text = r#"
+[[apis]]
+name = "a"
+hosts = ["A.example.com"]
+[[apis.routes]]
+route = "GET /x"
+integration = { type = "mock", body = "a" }
+[[apis]]
+name = "b"
+[[apis.routes]]
+route = "GET /y"
+integration = { type = "mock", body = "b" }
+"#;
+        let c = parse(Path::new("t.toml"), text).unwrap();
+        let mut p = Params::new();
+        assert!(matches!(
+            c.routes
+                .find(Some(b"a.example.com:8080"), "GET", "/x", &mut p),
+            RouteMatch::Found(_)
+        ));
+        assert_eq!(
+            c.routes.find(Some(b"other"), "GET", "/x", &mut p),
+            RouteMatch::NotFound
+        );
+        assert!(matches!(
+            c.routes.find(Some(b"a.example.com"), "GET", "/y", &mut p),
+            RouteMatch::Found(_)
+        ));
+        assert_eq!(
+            c.routes.find(None, "POST", "/y", &mut p),
+            RouteMatch::MethodNotAllowed
+        );
+    }
+}

@@ -1,0 +1,96 @@
+//! The live gateway state shared by every thread: the current compiled config (swapped
+//! atomically on reload), the shutdown flag, metrics and upstream health.
+//!
+//! Workers read the config through a generation counter: one relaxed atomic load per request,
+//! and a fresh `Arc` only after a reload.
+
+use crate::accesslog::AccessLog;
+use crate::config::{self, Config, ConfigError};
+use crate::metrics::Registry;
+use crate::upstream::{HealthRegistry, Upstream};
+use arc_swap::ArcSwap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// One compiled config with its runtime upstreams.
+pub struct Gateway {
+    pub config: Config,
+    pub upstreams: Vec<Upstream>,
+}
+
+/// State shared by the supervisor, the workers and the admin listener.
+pub struct Shared {
+    current: ArcSwap<Gateway>,
+    generation: AtomicU64,
+    /// Set on SIGTERM/SIGINT: stop accepting, drain, exit.
+    pub shutdown: AtomicBool,
+    pub metrics: Registry,
+    pub health: HealthRegistry,
+    /// Set once every listener is bound.
+    pub ready: AtomicBool,
+    pub access_log: Option<AccessLog>,
+    config_path: PathBuf,
+    reload_lock: Mutex<()>,
+}
+
+impl Shared {
+    /// Builds the shared state around a first, already validated config.
+    pub fn new(config: Config, access_log: Option<AccessLog>) -> Arc<Shared> {
+        let health = HealthRegistry::default();
+        let upstreams = Upstream::build_all(&config.upstreams, &health);
+        let config_path = config.path.clone();
+        Arc::new(Shared {
+            current: ArcSwap::from_pointee(Gateway { config, upstreams }),
+            generation: AtomicU64::new(1),
+            shutdown: AtomicBool::new(false),
+            metrics: Registry::default(),
+            health,
+            ready: AtomicBool::new(false),
+            access_log,
+            config_path,
+            reload_lock: Mutex::new(()),
+        })
+    }
+
+    /// The live gateway.
+    pub fn current(&self) -> Arc<Gateway> {
+        self.current.load_full()
+    }
+
+    /// Changes each time a new config goes live.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Reads the config file again and swaps it in; on any error the old config stays.
+    /// Settings bound at start (listeners, workers, io, admin, access log) need a restart; a
+    /// change to them is reported in the returned notes and otherwise ignored.
+    pub fn reload(&self) -> Result<Vec<String>, ConfigError> {
+        let _g = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let new = config::load(&self.config_path)?;
+        let old = self.current();
+        let mut notes = Vec::new();
+        let o = &old.config.server;
+        let n = &new.server;
+        if o.listen != n.listen || o.workers != n.workers || o.io != n.io {
+            notes.push(
+                "server.listen, server.workers and server.io take effect at the next restart"
+                    .to_string(),
+            );
+        }
+        if old.config.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
+            notes.push("admin.listen takes effect at the next restart".to_string());
+        }
+        if old.config.access_log != new.access_log {
+            notes.push("access_log.path takes effect at the next restart".to_string());
+        }
+        let upstreams = Upstream::build_all(&new.upstreams, &self.health);
+        self.current.store(Arc::new(Gateway {
+            config: new,
+            upstreams,
+        }));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(notes)
+    }
+}

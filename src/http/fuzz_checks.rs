@@ -1,0 +1,280 @@
+//! Invariant checks shared by the cargo-fuzz targets (`fuzz/`) and by the
+//! randomized unit tests below. Each function panics if an invariant of the
+//! parsers is violated for the given input. Not part of the stable API.
+
+use super::{
+    ChunkError, ChunkedDecoder, HttpError, Limits, Method, RequestHead, ResponseHead, Status,
+};
+
+/// Small xorshift64 generator (deterministic, no dependencies).
+#[derive(Clone, Debug)]
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    /// Next pseudo-random value.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0.max(1);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// Uniform-ish value in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+fn in_head(r: (u32, u32), head_len: usize) {
+    assert!(
+        r.0 <= r.1 && r.1 as usize <= head_len,
+        "{r:?} vs {head_len}"
+    );
+}
+
+/// Feeds `data` to the request (and response) head parsers; checks that
+/// they never panic, that results are consistent with the limits, that all
+/// offsets lie inside the head, and that every truncation of a complete head
+/// is `Partial`.
+pub fn request_parser(data: &[u8]) {
+    let limits = Limits {
+        max_header_bytes: 4096,
+        max_headers: 32,
+    };
+    let mut head = RequestHead::new(limits.max_headers);
+    match head.parse(data, &limits) {
+        Ok(Status::Complete(n)) => {
+            assert!(n <= data.len() && n <= limits.max_header_bytes);
+            assert_eq!(n, head.head_len);
+            assert!(head.headers.len() <= limits.max_headers);
+            for r in [head.method_range, head.target, head.path] {
+                in_head(r, n);
+            }
+            assert!(head.path.0 == head.target.0 && head.path.1 <= head.target.1);
+            for r in head.query.iter().chain(head.host.iter()) {
+                in_head(*r, n);
+            }
+            for h in &head.headers {
+                in_head(h.name, n);
+                in_head(h.value, n);
+                assert!(h.name.0 < h.name.1);
+            }
+            assert!(!head.slice(data, head.path).is_empty());
+            let _ = head.header(data, "host");
+            let fwd = head.forwardable(data).count();
+            assert!(fwd <= head.headers.len());
+            if head.minor_version == 1 {
+                assert!(head.host.is_some());
+            }
+            // Same answer from exactly the head, Partial from any prefix.
+            let mut again = RequestHead::new(4);
+            assert_eq!(again.parse(&data[..n], &limits), Ok(Status::Complete(n)));
+            assert_eq!(again.headers, head.headers);
+            let step = (n / 64).max(1);
+            for i in (0..n).step_by(step) {
+                assert_eq!(
+                    again.parse(&data[..i], &limits),
+                    Ok(Status::Partial),
+                    "prefix {i}"
+                );
+            }
+        }
+        Ok(Status::Partial) => assert!(data.len() < limits.max_header_bytes),
+        Err(HttpError::HeadTooLarge) => assert!(data.len() >= limits.max_header_bytes),
+        Err(e) => assert!(e.status() == 400 || e.status() == 431),
+    }
+    let mut resp = ResponseHead::new(limits.max_headers);
+    if let Ok(Status::Complete(n)) = resp.parse(data, Method::Get, &limits) {
+        assert!(n <= data.len());
+        for h in &resp.headers {
+            in_head(h.name, n);
+            in_head(h.value, n);
+        }
+        let _ = resp.forwardable(data).count();
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Outcome {
+    data: Vec<u8>,
+    consumed: usize,
+    done: bool,
+    err: Option<ChunkError>,
+    total: u64,
+}
+
+fn decode(input: &[u8], max_body: u64, pieces: &mut dyn Iterator<Item = usize>) -> Outcome {
+    let mut d = ChunkedDecoder::new(max_body);
+    let mut out = Outcome {
+        data: Vec::new(),
+        consumed: 0,
+        done: false,
+        err: None,
+        total: 0,
+    };
+    let mut pos = 0;
+    loop {
+        let len = pieces.next().unwrap_or(usize::MAX).min(input.len() - pos);
+        let piece = &input[pos..pos + len];
+        match d.feed(piece, |s| {
+            assert!(!s.is_empty(), "empty on_data span");
+            out.data.extend_from_slice(s);
+        }) {
+            Ok((n, done)) => {
+                assert!(n <= piece.len());
+                out.consumed += n;
+                if done {
+                    out.done = true;
+                    // Finished decoders consume nothing more.
+                    assert_eq!(
+                        d.feed(b"0\r\n\r\n", |_| panic!("data after done")),
+                        Ok((0, true))
+                    );
+                    break;
+                }
+                assert_eq!(n, piece.len(), "unfinished decoder left input unconsumed");
+            }
+            Err(e) => {
+                // Errors are sticky.
+                assert_eq!(d.feed(b"0\r\n\r\n", |_| panic!("data after error")), Err(e));
+                out.err = Some(e);
+                // How much was consumed is unspecified on error.
+                out.consumed = 0;
+                break;
+            }
+        }
+        pos += len;
+        if pos == input.len() {
+            break;
+        }
+    }
+    out.total = d.total();
+    out
+}
+
+/// Decodes `data[2..]` in one piece and in pieces whose sizes come from a
+/// generator seeded by `data[..2]`; both must give the same payload,
+/// consumed count, completion and error. Also checks `total()` and the
+/// `max_body` limit.
+pub fn chunked_decoder(data: &[u8]) {
+    if data.len() < 2 {
+        return;
+    }
+    let seed = u64::from(data[0]) | u64::from(data[1]) << 8;
+    let input = &data[2..];
+    let max_body = if seed & 1 == 1 { 64 } else { 1 << 20 };
+    let whole = decode(input, max_body, &mut std::iter::empty());
+    let mut rng = XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let small = seed & 2 == 2;
+    let mut sizes = std::iter::from_fn(|| {
+        Some(if small {
+            rng.below(4) as usize
+        } else {
+            rng.below(40) as usize
+        })
+    });
+    let pieces = decode(input, max_body, &mut sizes);
+    assert_eq!(whole, pieces);
+    assert!(whole.total <= max_body);
+    if whole.err.is_none() {
+        assert_eq!(whole.total, whole.data.len() as u64);
+    }
+    if whole.done {
+        // The consumed prefix alone is a complete body.
+        let again = decode(&input[..whole.consumed], max_body, &mut std::iter::empty());
+        assert_eq!(again, whole);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REQ_SEEDS: &[&[u8]] = &[
+        b"GET /a/b?c=d HTTP/1.1\r\nHost: example.com\r\nConnection: x, close\r\nX: 1\r\n\r\n",
+        b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nhello",
+        b"PUT /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"OPTIONS * HTTP/1.0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok",
+    ];
+
+    const CHUNK_SEEDS: &[&[u8]] = &[
+        b"5;a=b\r\nhello\r\n1a\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: v\r\n\r\nNEXT",
+        b"3 ;x\r\nabc\r\n0\r\n\r\n",
+        b"40\r\n0123456789012345678901234567890123456789012345678901234567890123\r\n0\r\n\r\n",
+        b"41\r\n01234567890123456789012345678901234567890123456789012345678901234\r\n0\r\n\r\n",
+    ];
+
+    /// Random edits of a seed: byte flips, special-byte insertions,
+    /// deletions, duplications, truncation.
+    fn mutate(rng: &mut XorShift, seed: &[u8]) -> Vec<u8> {
+        const SPECIAL: &[u8] = b"\r\n\0 \t:;,0fF/.%?#=\x7f\xff";
+        let mut v = seed.to_vec();
+        for _ in 0..=rng.below(4) {
+            let at = if v.is_empty() {
+                0
+            } else {
+                rng.below(v.len() as u64) as usize
+            };
+            match rng.below(6) {
+                0 if !v.is_empty() => v[at] = rng.next_u64() as u8,
+                1 => v.insert(at, SPECIAL[rng.below(SPECIAL.len() as u64) as usize]),
+                2 if !v.is_empty() => {
+                    v.remove(at);
+                }
+                3 if !v.is_empty() => {
+                    let end = (at + 1 + rng.below(8) as usize).min(v.len());
+                    let dup = v[at..end].to_vec();
+                    v.splice(at..at, dup);
+                }
+                4 => v.truncate(at),
+                _ => {}
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn randomized_request_parser() {
+        let mut rng = XorShift(0x1234_5678);
+        for s in REQ_SEEDS {
+            request_parser(s);
+        }
+        for _ in 0..20_000 {
+            let seed = REQ_SEEDS[rng.below(REQ_SEEDS.len() as u64) as usize];
+            request_parser(&mutate(&mut rng, seed));
+        }
+        // Pure noise, including long inputs hitting the size limit.
+        for _ in 0..200 {
+            let len = rng.below(6000) as usize;
+            let v: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            request_parser(&v);
+        }
+    }
+
+    #[test]
+    fn randomized_chunked_decoder() {
+        let mut rng = XorShift(0x9876_5432);
+        for s in CHUNK_SEEDS {
+            for prefix in [[0u8, 0], [1, 0], [2, 7], [3, 9]] {
+                chunked_decoder(&[&prefix[..], s].concat());
+            }
+        }
+        let mut done = 0;
+        for _ in 0..20_000 {
+            let seed = CHUNK_SEEDS[rng.below(CHUNK_SEEDS.len() as u64) as usize];
+            let mut v = vec![rng.next_u64() as u8, rng.next_u64() as u8];
+            v.extend_from_slice(&mutate(&mut rng, seed));
+            chunked_decoder(&v);
+            let mut d = ChunkedDecoder::new(1 << 20);
+            if let Ok((_, true)) = d.feed(&v[2..], |_| {}) {
+                done += 1;
+            }
+        }
+        // The mutations keep a fair share of inputs valid.
+        assert!(done > 1000, "{done}");
+    }
+}

@@ -1,0 +1,442 @@
+//! HTTP/1.x wire handling for the proxy: strict request-head parsing
+//! ([`RequestHead`]), upstream response-head parsing ([`ResponseHead`]),
+//! streaming chunked-body validation ([`ChunkedDecoder`]) and allocation-free
+//! head encoding helpers ([`encode`]).
+//!
+//! Parsed heads never borrow the read buffer: every position is stored as a
+//! `(start, end)` byte-offset pair into the buffer that was parsed, so a head
+//! can be kept while the buffer is moved (e.g. handed to io_uring). The
+//! caller owns and reuses the head objects; in steady state parsing does not
+//! allocate.
+
+pub mod chunked;
+pub mod encode;
+#[doc(hidden)]
+pub mod fuzz_checks;
+pub mod request;
+pub mod response;
+
+use std::fmt;
+
+pub use chunked::{ChunkError, ChunkedDecoder};
+pub use encode::{
+    is_hop_by_hop, push_header, push_request_line, push_status_line, push_u64, reason, DateCache,
+};
+pub use request::{BodyKind, RequestHead};
+pub use response::{RespBody, ResponseHead};
+
+/// Hard cap on the number of headers in one head, whatever [`Limits`] says
+/// (bounds the stack array handed to httparse).
+pub const MAX_HEADERS_CAP: usize = 256;
+
+/// One header as byte offsets into the parsed buffer: `(start, end)` ranges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeaderView {
+    /// Range of the header name (as received, original case).
+    pub name: (u32, u32),
+    /// Range of the header value (leading/trailing whitespace trimmed).
+    pub value: (u32, u32),
+}
+
+/// Request method. Methods other than the standard ones are `Other`; their
+/// bytes are at `RequestHead::method_range`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Method {
+    /// `GET`
+    Get,
+    /// `HEAD`
+    Head,
+    /// `POST`
+    Post,
+    /// `PUT`
+    Put,
+    /// `DELETE`
+    Delete,
+    /// `PATCH`
+    Patch,
+    /// `OPTIONS`
+    Options,
+    /// `CONNECT`
+    Connect,
+    /// `TRACE`
+    Trace,
+    /// Any other (extension) method token.
+    Other,
+}
+
+impl Method {
+    /// Canonical upper-case name; `""` for [`Method::Other`] (use the
+    /// request's `method_range` / [`RequestHead::method_bytes`] instead).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Delete => "DELETE",
+            Method::Patch => "PATCH",
+            Method::Options => "OPTIONS",
+            Method::Connect => "CONNECT",
+            Method::Trace => "TRACE",
+            Method::Other => "",
+        }
+    }
+
+    /// Idempotent per RFC 9110 §9.2.2: GET, HEAD, PUT, DELETE, OPTIONS, TRACE.
+    pub fn is_idempotent(&self) -> bool {
+        matches!(
+            self,
+            Method::Get
+                | Method::Head
+                | Method::Put
+                | Method::Delete
+                | Method::Options
+                | Method::Trace
+        )
+    }
+
+    /// Classifies a method token (case-sensitive, as RFC 9110 requires).
+    pub fn from_bytes(b: &[u8]) -> Method {
+        match b {
+            b"GET" => Method::Get,
+            b"HEAD" => Method::Head,
+            b"POST" => Method::Post,
+            b"PUT" => Method::Put,
+            b"DELETE" => Method::Delete,
+            b"PATCH" => Method::Patch,
+            b"OPTIONS" => Method::Options,
+            b"CONNECT" => Method::Connect,
+            b"TRACE" => Method::Trace,
+            _ => Method::Other,
+        }
+    }
+}
+
+/// Size limits applied while parsing a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Maximum size of the whole head (request/status line + headers + the
+    /// terminating empty line).
+    pub max_header_bytes: usize,
+    /// Maximum number of header fields (capped at [`MAX_HEADERS_CAP`]).
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    /// 16 KiB head, 100 headers.
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+        }
+    }
+}
+
+/// Outcome of a successful parse call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// A whole head was parsed; the value is its length in bytes (the body or
+    /// the next pipelined message starts at `buf[head_len..]`).
+    Complete(usize),
+    /// More bytes are needed.
+    Partial,
+}
+
+/// Why a head was rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpError {
+    /// Malformed or ambiguous message; the reason is short and safe to log.
+    BadRequest(&'static str),
+    /// The head is (or would become) larger than `max_header_bytes`.
+    HeadTooLarge,
+    /// More than `max_headers` header fields.
+    TooManyHeaders,
+}
+
+impl HttpError {
+    /// Status code to answer a client with: 400, 431 or 431. (For errors from
+    /// [`ResponseHead::parse`] the proxy should answer 502 instead.)
+    pub fn status(&self) -> u16 {
+        match self {
+            HttpError::BadRequest(_) => 400,
+            HttpError::HeadTooLarge | HttpError::TooManyHeaders => 431,
+        }
+    }
+}
+
+impl fmt::Display for HttpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HttpError::BadRequest(r) => write!(f, "bad request: {r}"),
+            HttpError::HeadTooLarge => f.write_str("header section too large"),
+            HttpError::TooManyHeaders => f.write_str("too many header fields"),
+        }
+    }
+}
+
+impl std::error::Error for HttpError {}
+
+// ---------------------------------------------------------------------------
+// Helpers shared by request.rs and response.rs.
+
+/// Maps an httparse error to ours.
+pub(crate) fn map_httparse_err(e: httparse::Error) -> HttpError {
+    use httparse::Error as E;
+    HttpError::BadRequest(match e {
+        E::HeaderName => "invalid header name",
+        E::HeaderValue => "invalid header value",
+        E::NewLine => "invalid line ending",
+        E::Status => "invalid status line",
+        E::Token => "invalid request line",
+        E::Version => "unsupported HTTP version",
+        E::TooManyHeaders => return HttpError::TooManyHeaders,
+    })
+}
+
+/// `(start, end)` of `s`, which must be a sub-slice of `base`.
+#[inline]
+pub(crate) fn offsets(base: &[u8], s: &[u8]) -> (u32, u32) {
+    let start = (s.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
+    if start > base.len() || base.len() - start < s.len() {
+        // Only reachable for empty slices not derived from `base`.
+        debug_assert!(s.is_empty());
+        return (0, 0);
+    }
+    (start as u32, (start + s.len()) as u32)
+}
+
+/// `&buf[r.0..r.1]`.
+#[inline]
+pub(crate) fn range(buf: &[u8], r: (u32, u32)) -> &[u8] {
+    &buf[r.0 as usize..r.1 as usize]
+}
+
+/// True when every LF in `head` is preceded by CR and every CR is followed by
+/// LF. Scans 8 bytes at a time and only looks closer at words containing CR
+/// or LF.
+pub(crate) fn crlf_only(head: &[u8]) -> bool {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    const LF: u64 = LO * b'\n' as u64;
+    const CR: u64 = LO * b'\r' as u64;
+    let ok_at = |i: usize| match head[i] {
+        b'\n' => i > 0 && head[i - 1] == b'\r',
+        b'\r' => head.get(i + 1) == Some(&b'\n'),
+        _ => true,
+    };
+    let mut chunks = head.chunks_exact(8);
+    let mut base = 0;
+    for c in chunks.by_ref() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        let x = u64::from_le_bytes(w);
+        let a = x ^ LF;
+        let b = x ^ CR;
+        // Classic "has zero byte" test; may give false positives above a real
+        // hit, never false negatives.
+        if ((a.wrapping_sub(LO) & !a) | (b.wrapping_sub(LO) & !b)) & HI != 0
+            && !(base..base + 8).all(ok_at)
+        {
+            return false;
+        }
+        base += 8;
+    }
+    (base..head.len()).all(ok_at)
+}
+
+/// Strips leading and trailing SP/HTAB.
+#[inline]
+pub(crate) fn trim_ows(mut v: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = v {
+        v = rest;
+    }
+    v
+}
+
+/// Non-empty comma-separated list elements with OWS trimmed.
+#[inline]
+pub(crate) fn list_items(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&b| b == b',')
+        .map(trim_ows)
+        .filter(|t| !t.is_empty())
+}
+
+/// Parses one Content-Length value (which may be a list of identical values,
+/// e.g. `5, 5`) and merges it with a previously seen value.
+pub(crate) fn merge_content_length(prev: Option<u64>, v: &[u8]) -> Result<u64, HttpError> {
+    let mut cur = prev;
+    let mut any = false;
+    for item in v.split(|&b| b == b',') {
+        let item = trim_ows(item);
+        if item.is_empty() {
+            return Err(HttpError::BadRequest("invalid Content-Length"));
+        }
+        let mut n: u64 = 0;
+        for &d in item {
+            if !d.is_ascii_digit() {
+                return Err(HttpError::BadRequest("invalid Content-Length"));
+            }
+            n = n
+                .checked_mul(10)
+                .and_then(|n| n.checked_add(u64::from(d - b'0')))
+                .ok_or(HttpError::BadRequest("Content-Length overflow"))?;
+        }
+        match cur {
+            Some(c) if c != n => return Err(HttpError::BadRequest("conflicting Content-Length")),
+            _ => cur = Some(n),
+        }
+        any = true;
+    }
+    match (any, cur) {
+        (true, Some(n)) => Ok(n),
+        _ => Err(HttpError::BadRequest("invalid Content-Length")),
+    }
+}
+
+/// Flags collected from `Connection` header tokens.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ConnFlags {
+    pub close: bool,
+    pub keep_alive: bool,
+    pub upgrade: bool,
+    /// Some token other than close/keep-alive/upgrade: it may name a header
+    /// that must not be forwarded.
+    pub other: bool,
+}
+
+impl ConnFlags {
+    pub(crate) fn add(&mut self, v: &[u8]) {
+        for t in list_items(v) {
+            if t.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if t.eq_ignore_ascii_case(b"upgrade") {
+                self.upgrade = true;
+            } else {
+                self.other = true;
+            }
+        }
+    }
+}
+
+/// Finds the first header named `name` (case-insensitive).
+#[inline]
+pub(crate) fn find_header<'b>(
+    headers: &[HeaderView],
+    buf: &'b [u8],
+    name: &str,
+) -> Option<&'b [u8]> {
+    let name = name.as_bytes();
+    headers
+        .iter()
+        .find(|h| range(buf, h.name).eq_ignore_ascii_case(name))
+        .map(|h| range(buf, h.value))
+}
+
+/// Whether header `name` should be forwarded to the next hop.
+fn forward_ok(
+    headers: &[HeaderView],
+    buf: &[u8],
+    name: &[u8],
+    conn_other: bool,
+    drop_expect: bool,
+) -> bool {
+    if is_hop_by_hop(name)
+        || name.eq_ignore_ascii_case(b"content-length")
+        || (drop_expect && name.eq_ignore_ascii_case(b"expect"))
+    {
+        return false;
+    }
+    if conn_other {
+        let named = headers
+            .iter()
+            .filter(|h| range(buf, h.name).eq_ignore_ascii_case(b"connection"))
+            .any(|h| list_items(range(buf, h.value)).any(|t| t.eq_ignore_ascii_case(name)));
+        if named {
+            return false;
+        }
+    }
+    true
+}
+
+/// Iterator over the forwardable `(name, value)` pairs of a header list.
+pub(crate) fn forwardable_iter<'b>(
+    headers: &'b [HeaderView],
+    buf: &'b [u8],
+    conn_other: bool,
+    drop_expect: bool,
+) -> impl Iterator<Item = (&'b [u8], &'b [u8])> {
+    headers.iter().filter_map(move |h| {
+        let name = range(buf, h.name);
+        forward_ok(headers, buf, name, conn_other, drop_expect).then(|| (name, range(buf, h.value)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crlf_scan() {
+        assert!(crlf_only(b""));
+        assert!(crlf_only(b"GET / HTTP/1.1\r\nHost: abcdefghijkl\r\n\r\n"));
+        assert!(!crlf_only(b"GET / HTTP/1.1\nHost: a\r\n\r\n"));
+        assert!(!crlf_only(b"\n"));
+        assert!(!crlf_only(b"\r"));
+        assert!(!crlf_only(b"abc\rdef"));
+        // Bare LF at every position of a long line, both in SWAR words and
+        // in the tail.
+        for len in 1..40 {
+            for pos in 0..len {
+                let mut v = vec![b'a'; len];
+                v[pos] = b'\n';
+                assert!(!crlf_only(&v), "len {len} pos {pos}");
+                v[pos] = b'\r';
+                assert!(!crlf_only(&v), "len {len} pos {pos}");
+                if pos + 1 < len {
+                    v[pos + 1] = b'\n';
+                    assert!(crlf_only(&v), "len {len} pos {pos}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn content_length_merge() {
+        assert_eq!(merge_content_length(None, b"5"), Ok(5));
+        assert_eq!(merge_content_length(None, b"5, 5"), Ok(5));
+        assert_eq!(merge_content_length(Some(5), b" 5 "), Ok(5));
+        assert!(merge_content_length(Some(5), b"6").is_err());
+        assert!(merge_content_length(None, b"5, 6").is_err());
+        assert!(merge_content_length(None, b"").is_err());
+        assert!(merge_content_length(None, b"5,").is_err());
+        assert!(merge_content_length(None, b"+5").is_err());
+        assert!(merge_content_length(None, b"0x5").is_err());
+        assert_eq!(
+            merge_content_length(None, b"18446744073709551615"),
+            Ok(u64::MAX)
+        );
+        assert!(merge_content_length(None, b"18446744073709551616").is_err());
+    }
+
+    #[test]
+    fn method_props() {
+        assert_eq!(Method::from_bytes(b"GET"), Method::Get);
+        assert_eq!(Method::from_bytes(b"get"), Method::Other);
+        assert_eq!(Method::Patch.as_str(), "PATCH");
+        assert!(Method::Put.is_idempotent());
+        assert!(!Method::Post.is_idempotent());
+        assert!(!Method::Patch.is_idempotent());
+        assert_eq!(HttpError::BadRequest("x").status(), 400);
+        assert_eq!(HttpError::HeadTooLarge.status(), 431);
+        assert_eq!(HttpError::TooManyHeaders.status(), 431);
+        assert_eq!(
+            HttpError::BadRequest("x").to_string(),
+            "bad request: x".to_string()
+        );
+    }
+}

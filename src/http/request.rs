@@ -1,0 +1,820 @@
+//! Strict (RFC 9112) parsing of client request heads into a reusable
+//! [`RequestHead`], rejecting ambiguous framing and other request-smuggling
+//! vectors before anything is forwarded.
+
+use std::mem::MaybeUninit;
+
+use super::{
+    crlf_only, find_header, forwardable_iter, list_items, map_httparse_err, merge_content_length,
+    offsets, range, ConnFlags, HeaderView, HttpError, Limits, Method, Status, MAX_HEADERS_CAP,
+};
+
+/// How the request body is framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyKind {
+    /// No body (no Content-Length nor Transfer-Encoding).
+    None,
+    /// `Content-Length: n` (kept even when `n == 0`).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// A parsed request head. Reuse one per connection: [`RequestHead::parse`]
+/// overwrites every field and refills `headers` without reallocating.
+#[derive(Clone, Debug)]
+pub struct RequestHead {
+    /// Parsed method.
+    pub method: Method,
+    /// Method token range (use it for [`Method::Other`]).
+    pub method_range: (u32, u32),
+    /// Full request-target (path and query).
+    pub target: (u32, u32),
+    /// Path part of the target (without `?query`); `*` for `OPTIONS *`.
+    pub path: (u32, u32),
+    /// Query without the leading `?` (`Some` and possibly empty if a `?` was
+    /// present).
+    pub query: Option<(u32, u32)>,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor_version: u8,
+    /// Head length including the terminating empty line.
+    pub head_len: usize,
+    /// All header fields, in order.
+    pub headers: Vec<HeaderView>,
+    /// Body framing.
+    pub body: BodyKind,
+    /// Whether the connection may be reused after this request.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue` was sent.
+    pub expect_continue: bool,
+    /// `Upgrade: websocket` with `Connection: upgrade`.
+    pub upgrade_websocket: bool,
+    /// Value range of the (single) Host header.
+    pub host: Option<(u32, u32)>,
+    /// Connection carried tokens other than close/keep-alive/upgrade.
+    conn_other: bool,
+}
+
+impl RequestHead {
+    /// Creates an empty head whose header vector can hold `max_headers`
+    /// entries (capped at [`MAX_HEADERS_CAP`]) without reallocating.
+    pub fn new(max_headers: usize) -> Self {
+        RequestHead {
+            method: Method::Get,
+            method_range: (0, 0),
+            target: (0, 0),
+            path: (0, 0),
+            query: None,
+            minor_version: 1,
+            head_len: 0,
+            headers: Vec::with_capacity(max_headers.min(MAX_HEADERS_CAP)),
+            body: BodyKind::None,
+            keep_alive: false,
+            expect_continue: false,
+            upgrade_websocket: false,
+            host: None,
+            conn_other: false,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.method = Method::Get;
+        self.method_range = (0, 0);
+        self.target = (0, 0);
+        self.path = (0, 0);
+        self.query = None;
+        self.minor_version = 1;
+        self.head_len = 0;
+        self.headers.clear();
+        self.body = BodyKind::None;
+        self.keep_alive = false;
+        self.expect_continue = false;
+        self.upgrade_websocket = false;
+        self.host = None;
+        self.conn_other = false;
+    }
+
+    /// Parses the request head at the start of `buf`.
+    ///
+    /// Returns `Partial` if more bytes are needed, or `HeadTooLarge` once
+    /// `buf.len() >= limits.max_header_bytes` without a complete head (a head
+    /// of exactly `max_header_bytes` bytes is accepted). Pipelined requests:
+    /// parse the next one from `buf[head_len + body_len..]`. After an error
+    /// or `Partial` the fields are unspecified.
+    pub fn parse(&mut self, buf: &[u8], limits: &Limits) -> Result<Status, HttpError> {
+        self.reset();
+        let max = limits.max_header_bytes.min(u32::MAX as usize);
+        let window = &buf[..buf.len().min(max)];
+        let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
+        let n = limits.max_headers.min(MAX_HEADERS_CAP);
+        let mut req = httparse::Request::new(&mut []);
+        let head_len = match req.parse_with_uninit_headers(window, &mut raw[..n]) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => {
+                return if buf.len() >= max {
+                    Err(HttpError::HeadTooLarge)
+                } else {
+                    Ok(Status::Partial)
+                };
+            }
+            Err(e) => return Err(map_httparse_err(e)),
+        };
+        if !crlf_only(&window[..head_len]) {
+            return Err(HttpError::BadRequest("bare CR or LF in head"));
+        }
+        self.head_len = head_len;
+
+        // Request line. httparse has validated the method token, the target
+        // characters (no CTL, SP or DEL) and the version (1.0 / 1.1).
+        let method = req.method.unwrap_or_default().as_bytes();
+        let target = req.path.unwrap_or_default().as_bytes();
+        self.minor_version = req.version.unwrap_or(1);
+        self.method = Method::from_bytes(method);
+        self.method_range = offsets(buf, method);
+        self.target = offsets(buf, target);
+        self.parse_target(buf, target)?;
+
+        // Header fields.
+        let mut content_length: Option<u64> = None;
+        let mut te_seen = false;
+        let mut te_ok = false;
+        let mut conn = ConnFlags::default();
+        let mut upgrade_ws = false;
+        for h in req.headers.iter() {
+            let name = h.name.as_bytes();
+            let value = h.value;
+            let view = HeaderView {
+                name: offsets(buf, name),
+                value: offsets(buf, value),
+            };
+            self.headers.push(view);
+            match name.len() {
+                4 if name.eq_ignore_ascii_case(b"host") => {
+                    if self.host.is_some() {
+                        return Err(HttpError::BadRequest("multiple Host headers"));
+                    }
+                    if !valid_host(value) {
+                        return Err(HttpError::BadRequest("invalid Host"));
+                    }
+                    self.host = Some(view.value);
+                }
+                6 if name.eq_ignore_ascii_case(b"expect")
+                    && value.eq_ignore_ascii_case(b"100-continue") =>
+                {
+                    self.expect_continue = true;
+                }
+                7 if name.eq_ignore_ascii_case(b"upgrade")
+                    && list_items(value).any(|p| p.eq_ignore_ascii_case(b"websocket")) =>
+                {
+                    upgrade_ws = true;
+                }
+                10 if name.eq_ignore_ascii_case(b"connection") => conn.add(value),
+                14 if name.eq_ignore_ascii_case(b"content-length") => {
+                    content_length = Some(merge_content_length(content_length, value)?);
+                }
+                17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                    // Only exactly one `chunked` coding, in a single field,
+                    // is accepted.
+                    if te_seen {
+                        return Err(HttpError::BadRequest("multiple Transfer-Encoding"));
+                    }
+                    te_seen = true;
+                    let mut items = list_items(value);
+                    te_ok = matches!(items.next(), Some(c) if c.eq_ignore_ascii_case(b"chunked"))
+                        && items.next().is_none();
+                    if !te_ok {
+                        return Err(HttpError::BadRequest("unsupported Transfer-Encoding"));
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        if te_seen {
+            if self.minor_version == 0 {
+                return Err(HttpError::BadRequest("Transfer-Encoding in HTTP/1.0"));
+            }
+            if content_length.is_some() {
+                return Err(HttpError::BadRequest(
+                    "both Content-Length and Transfer-Encoding",
+                ));
+            }
+            debug_assert!(te_ok);
+            self.body = BodyKind::Chunked;
+        } else if let Some(n) = content_length {
+            self.body = BodyKind::Length(n);
+        }
+        if self.minor_version == 1 && self.host.is_none() {
+            return Err(HttpError::BadRequest("missing Host"));
+        }
+        self.keep_alive = if self.minor_version == 1 {
+            !conn.close
+        } else {
+            conn.keep_alive && !conn.close
+        };
+        self.upgrade_websocket = upgrade_ws && conn.upgrade;
+        self.conn_other = conn.other;
+        Ok(Status::Complete(head_len))
+    }
+
+    /// Validates the request-target and fills `path` / `query`.
+    fn parse_target(&mut self, buf: &[u8], target: &[u8]) -> Result<(), HttpError> {
+        match target.first() {
+            Some(b'/') => {}
+            Some(b'*') if target.len() == 1 && self.method == Method::Options => {
+                self.path = self.target;
+                return Ok(());
+            }
+            _ if self.method == Method::Connect => {
+                return Err(HttpError::BadRequest("CONNECT not supported"));
+            }
+            _ => return Err(HttpError::BadRequest("request-target not in origin-form")),
+        }
+        if self.method == Method::Connect {
+            return Err(HttpError::BadRequest("CONNECT not supported"));
+        }
+        // httparse already rejects CTLs, SP and DEL in the target.
+        if target.contains(&b'#') {
+            return Err(HttpError::BadRequest("fragment in request-target"));
+        }
+        let (path, query) = match target.iter().position(|&b| b == b'?') {
+            Some(q) => (&target[..q], Some(&target[q + 1..])),
+            None => (target, None),
+        };
+        if has_dot_segment(path) {
+            return Err(HttpError::BadRequest("dot-segment in path"));
+        }
+        self.path = offsets(buf, path);
+        self.query = query.map(|q| offsets(buf, q));
+        Ok(())
+    }
+
+    /// First value of header `name` (case-insensitive; pass it lowercase).
+    pub fn header<'b>(&self, buf: &'b [u8], name: &str) -> Option<&'b [u8]> {
+        find_header(&self.headers, buf, name)
+    }
+
+    /// `&buf[r.0..r.1]`; `buf` must be the buffer that was parsed.
+    pub fn slice<'b>(&self, buf: &'b [u8], r: (u32, u32)) -> &'b [u8] {
+        range(buf, r)
+    }
+
+    /// The method token as received.
+    pub fn method_bytes<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
+        range(buf, self.method_range)
+    }
+
+    /// Headers to forward to the next hop: skips hop-by-hop headers
+    /// (connection, keep-alive, proxy-connection, te, trailer,
+    /// transfer-encoding, upgrade, proxy-authenticate, proxy-authorization),
+    /// any header named by a Connection token, content-length and expect.
+    /// Host is kept. The caller writes its own framing (and, for WebSocket,
+    /// Upgrade/Connection) headers.
+    pub fn forwardable<'b>(&'b self, buf: &'b [u8]) -> impl Iterator<Item = (&'b [u8], &'b [u8])> {
+        forwardable_iter(&self.headers, buf, self.conn_other, true)
+    }
+}
+
+/// Host value: `uri-host [ ":" port ]` characters only (no SP, `/`, `@`,
+/// `?`, `#`, ...). Empty is allowed (RFC 9112 §3.2).
+fn valid_host(v: &[u8]) -> bool {
+    v.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
+                    | b'%'
+            )
+    })
+}
+
+/// True if any `/`-separated segment of `path` is `.` or `..`, literally or
+/// with dots written as `%2e` / `%2E`.
+fn has_dot_segment(path: &[u8]) -> bool {
+    if !path.iter().any(|&b| b == b'.' || b == b'%') {
+        return false;
+    }
+    path.split(|&b| b == b'/').any(is_dot_segment)
+}
+
+fn is_dot_segment(seg: &[u8]) -> bool {
+    if seg.is_empty() || seg.len() > 6 {
+        return false;
+    }
+    let mut dots = 0;
+    let mut s = seg;
+    loop {
+        s = match s {
+            [] => return dots <= 2,
+            [b'.', rest @ ..] => rest,
+            [b'%', b'2', e, rest @ ..] if e | 0x20 == b'e' => rest,
+            _ => return false,
+        };
+        dots += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIM: Limits = Limits {
+        max_header_bytes: 8192,
+        max_headers: 64,
+    };
+
+    fn parse(buf: &[u8]) -> Result<(RequestHead, Status), HttpError> {
+        let mut h = RequestHead::new(64);
+        let s = h.parse(buf, &LIM)?;
+        Ok((h, s))
+    }
+
+    fn ok(buf: &[u8]) -> RequestHead {
+        match parse(buf) {
+            Ok((h, Status::Complete(n))) => {
+                assert_eq!(n, buf.len());
+                h
+            }
+            other => panic!("{:?}: {other:?}", String::from_utf8_lossy(buf)),
+        }
+    }
+
+    fn bad(buf: &[u8]) -> &'static str {
+        match parse(buf) {
+            Err(HttpError::BadRequest(r)) => r,
+            other => panic!(
+                "expected BadRequest for {:?}, got {other:?}",
+                String::from_utf8_lossy(buf)
+            ),
+        }
+    }
+
+    /// Request with `extra` header lines after a Host header.
+    fn req(line: &str, extra: &str) -> Vec<u8> {
+        format!("{line}\r\nHost: example.com\r\n{extra}\r\n").into_bytes()
+    }
+
+    const TYPICAL: &[u8] = b"GET /api/v1/users?id=42&x=y HTTP/1.1\r\n\
+        Host: example.com\r\n\
+        User-Agent: curl/8.0\r\n\
+        Accept: */*\r\n\
+        Accept-Encoding: gzip\r\n\
+        Connection: keep-alive\r\n\
+        Cookie: a=b\r\n\
+        X-Request-Id: abc\r\n\
+        Authorization: Bearer t\r\n\r\n";
+
+    #[test]
+    fn typical_get() {
+        let h = ok(TYPICAL);
+        let b = TYPICAL;
+        assert_eq!(h.method, Method::Get);
+        assert_eq!(h.method_bytes(b), b"GET");
+        assert_eq!(h.slice(b, h.target), b"/api/v1/users?id=42&x=y");
+        assert_eq!(h.slice(b, h.path), b"/api/v1/users");
+        assert_eq!(h.slice(b, h.query.unwrap()), b"id=42&x=y");
+        assert_eq!(h.minor_version, 1);
+        assert_eq!(h.head_len, b.len());
+        assert_eq!(h.headers.len(), 8);
+        assert_eq!(h.slice(b, h.host.unwrap()), b"example.com");
+        assert_eq!(h.header(b, "user-agent"), Some(&b"curl/8.0"[..]));
+        assert_eq!(h.header(b, "USER-AGENT"), Some(&b"curl/8.0"[..]));
+        assert_eq!(h.header(b, "missing"), None);
+        assert_eq!(h.body, BodyKind::None);
+        assert!(h.keep_alive);
+        assert!(!h.expect_continue);
+        assert!(!h.upgrade_websocket);
+        let names: Vec<&[u8]> = h.forwardable(b).map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            vec![
+                &b"Host"[..],
+                b"User-Agent",
+                b"Accept",
+                b"Accept-Encoding",
+                b"Cookie",
+                b"X-Request-Id",
+                b"Authorization"
+            ]
+        );
+    }
+
+    #[test]
+    fn header_values_trimmed_and_empty() {
+        let b = req("GET / HTTP/1.1", "X-A:   v  \r\nX-B:\r\n");
+        let h = ok(&b);
+        assert_eq!(h.header(&b, "x-a"), Some(&b"v"[..]));
+        assert_eq!(h.header(&b, "x-b"), Some(&b""[..]));
+    }
+
+    #[test]
+    fn no_realloc_after_warmup() {
+        let mut h = RequestHead::new(16);
+        let cap = h.headers.capacity();
+        let ptr = h.headers.as_ptr();
+        for _ in 0..3 {
+            assert_eq!(
+                h.parse(TYPICAL, &LIM).unwrap(),
+                Status::Complete(TYPICAL.len())
+            );
+        }
+        assert_eq!(h.headers.capacity(), cap);
+        assert_eq!(h.headers.as_ptr(), ptr);
+    }
+
+    #[test]
+    fn pipelined() {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(TYPICAL);
+        buf.extend_from_slice(b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello");
+        buf.extend_from_slice(b"GET /last HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+        let mut h = RequestHead::new(64);
+        let mut pos = 0;
+        let mut seen = Vec::new();
+        while pos < buf.len() {
+            let rest = &buf[pos..];
+            let Status::Complete(n) = h.parse(rest, &LIM).unwrap() else {
+                panic!("partial")
+            };
+            assert_eq!(n, h.head_len);
+            seen.push((h.slice(rest, h.path).to_vec(), h.keep_alive));
+            let body = match h.body {
+                BodyKind::Length(l) => l as usize,
+                _ => 0,
+            };
+            pos += n + body;
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (b"/api/v1/users".to_vec(), true),
+                (b"/p".to_vec(), true),
+                (b"/last".to_vec(), false)
+            ]
+        );
+    }
+
+    #[test]
+    fn partial_on_every_truncation() {
+        let mut body = req(
+            "POST /x?y HTTP/1.1",
+            "Content-Length: 3\r\nConnection: foo\r\nFoo: bar\r\n",
+        );
+        for src in [TYPICAL, &body[..]] {
+            for i in 0..src.len() {
+                let mut h = RequestHead::new(64);
+                assert_eq!(h.parse(&src[..i], &LIM), Ok(Status::Partial), "prefix {i}");
+            }
+        }
+        body.extend_from_slice(b"abc");
+        let (h, s) = parse(&body).unwrap();
+        assert_eq!(s, Status::Complete(body.len() - 3));
+        assert_eq!(h.body, BodyKind::Length(3));
+    }
+
+    #[test]
+    fn head_too_large() {
+        let lim = Limits {
+            max_header_bytes: 64,
+            max_headers: 64,
+        };
+        let mut h = RequestHead::new(8);
+        let long = req(
+            "GET / HTTP/1.1",
+            &format!("X-Long: {}\r\n", "a".repeat(100)),
+        );
+        assert_eq!(h.parse(&long[..63], &lim), Ok(Status::Partial));
+        assert_eq!(h.parse(&long[..64], &lim), Err(HttpError::HeadTooLarge));
+        assert_eq!(h.parse(&long, &lim), Err(HttpError::HeadTooLarge));
+        // A head of exactly the limit is fine.
+        let exact = req("GET / HTTP/1.1", "X-Pad: ");
+        let pad = 64 - exact.len();
+        let exact = req(
+            "GET / HTTP/1.1",
+            &format!("X-Pad: {}\r\n", "p".repeat(pad - 2)),
+        );
+        assert_eq!(exact.len(), 64);
+        assert_eq!(h.parse(&exact, &lim), Ok(Status::Complete(64)));
+    }
+
+    #[test]
+    fn too_many_headers() {
+        let lim = Limits {
+            max_header_bytes: 8192,
+            max_headers: 3,
+        };
+        let mut h = RequestHead::new(3);
+        let three = req("GET / HTTP/1.1", "A: 1\r\nB: 2\r\n");
+        assert!(h.parse(&three, &lim).is_ok());
+        let four = req("GET / HTTP/1.1", "A: 1\r\nB: 2\r\nC: 3\r\n");
+        assert_eq!(h.parse(&four, &lim), Err(HttpError::TooManyHeaders));
+        // The hard cap applies even if the limit is larger.
+        let lim = Limits {
+            max_header_bytes: 1 << 20,
+            max_headers: 10_000,
+        };
+        let many: String = (0..MAX_HEADERS_CAP)
+            .map(|i| format!("X{i}: v\r\n"))
+            .collect();
+        let b = req("GET / HTTP/1.1", &many);
+        assert_eq!(h.parse(&b, &lim), Err(HttpError::TooManyHeaders));
+    }
+
+    #[test]
+    fn framing() {
+        let b = req(
+            "POST / HTTP/1.1",
+            "Content-Length: 5, 5\r\nContent-Length: 5\r\n",
+        );
+        assert_eq!(ok(&b).body, BodyKind::Length(5));
+        let b = req("POST / HTTP/1.1", "Content-Length: 0\r\n");
+        assert_eq!(ok(&b).body, BodyKind::Length(0));
+        let b = req("POST / HTTP/1.1", "Transfer-Encoding: Chunked\r\n");
+        assert_eq!(ok(&b).body, BodyKind::Chunked);
+        let b = req("POST / HTTP/1.1", "Transfer-Encoding:  chunked \r\n");
+        assert_eq!(ok(&b).body, BodyKind::Chunked);
+    }
+
+    #[test]
+    fn reject_cl_and_te() {
+        for extra in [
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        ] {
+            bad(&req("POST / HTTP/1.1", extra));
+        }
+    }
+
+    #[test]
+    fn reject_bad_content_length() {
+        for extra in [
+            "Content-Length: 5\r\nContent-Length: 6\r\n",
+            "Content-Length: 5, 6\r\n",
+            "Content-Length: 5,\r\n",
+            "Content-Length: -1\r\n",
+            "Content-Length: +5\r\n",
+            "Content-Length: 5a\r\n",
+            "Content-Length: 0x5\r\n",
+            "Content-Length: 5 5\r\n",
+            "Content-Length:\r\n",
+            "Content-Length: 99999999999999999999\r\n",
+        ] {
+            bad(&req("POST / HTTP/1.1", extra));
+        }
+    }
+
+    #[test]
+    fn reject_bad_transfer_encoding() {
+        for extra in [
+            "Transfer-Encoding: gzip\r\n",
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "Transfer-Encoding: chunked, gzip\r\n",
+            "Transfer-Encoding: chunked, chunked\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: identity\r\n",
+            "Transfer-Encoding: chunkedx\r\n",
+            "Transfer-Encoding: \"chunked\"\r\n",
+            "Transfer-Encoding:\r\n",
+        ] {
+            bad(&req("POST / HTTP/1.1", extra));
+        }
+        // TE in HTTP/1.0.
+        bad(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n");
+    }
+
+    #[test]
+    fn reject_obs_fold_and_space_before_colon() {
+        bad(&req("GET / HTTP/1.1", "X-A: a\r\n b\r\n"));
+        bad(&req("GET / HTTP/1.1", "X-A: a\r\n\tb\r\n"));
+        bad(b"GET / HTTP/1.1\r\n Host: a\r\n\r\n");
+        bad(&req("GET / HTTP/1.1", "X-A : a\r\n"));
+        bad(&req("GET / HTTP/1.1", "X-A\t: a\r\n"));
+        bad(&req("POST / HTTP/1.1", "Transfer-Encoding : chunked\r\n"));
+        bad(&req("GET / HTTP/1.1", "X-A a\r\n"));
+        bad(&req("GET / HTTP/1.1", ": a\r\n"));
+    }
+
+    #[test]
+    fn reject_bare_lf_and_cr() {
+        bad(b"GET / HTTP/1.1\nHost: a\r\n\r\n");
+        bad(b"GET / HTTP/1.1\r\nHost: a\n\r\n");
+        bad(b"GET / HTTP/1.1\r\nHost: a\r\n\n");
+        bad(b"GET / HTTP/1.1\nHost: a\n\n");
+        bad(b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        bad(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n");
+        bad(b"GET / HTTP/1.1\rHost: a\r\n\r\n");
+        // Leading empty CRLF lines are tolerated (RFC 9112 §2.2).
+        let h = ok(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(h.method, Method::Get);
+    }
+
+    #[test]
+    fn reject_ctl_in_value_and_target() {
+        for ctl in (0u8..0x20).filter(|&c| c != b'\t').chain([0x7f]) {
+            let mut b = b"GET / HTTP/1.1\r\nHost: a\r\nX: a".to_vec();
+            b.push(ctl);
+            b.extend_from_slice(b"b\r\n\r\n");
+            assert!(parse(&b).is_err(), "ctl {ctl:#x} in value");
+            let mut b = b"GET /a".to_vec();
+            b.push(ctl);
+            b.extend_from_slice(b"b HTTP/1.1\r\nHost: a\r\n\r\n");
+            assert!(parse(&b).is_err(), "ctl {ctl:#x} in target");
+        }
+        // HTAB inside a value is fine.
+        let b = req("GET / HTTP/1.1", "X: a\tb\r\n");
+        assert_eq!(ok(&b).header(&b, "x"), Some(&b"a\tb"[..]));
+        bad(&req("GET /a#frag HTTP/1.1", ""));
+    }
+
+    #[test]
+    fn reject_host_problems() {
+        bad(b"GET / HTTP/1.1\r\n\r\n");
+        bad(b"GET / HTTP/1.1\r\nX: y\r\n\r\n");
+        bad(b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n");
+        bad(b"GET / HTTP/1.0\r\nHost: a\r\nhost: b\r\n\r\n");
+        bad(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n");
+        bad(b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n");
+        bad(b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n");
+        // HTTP/1.0 without Host is fine; IPv6 literal with port is fine.
+        let h = ok(b"GET / HTTP/1.0\r\n\r\n");
+        assert_eq!(h.host, None);
+        assert!(!h.keep_alive);
+        let b = b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n";
+        assert_eq!(ok(b).slice(b, ok(b).host.unwrap()), b"[::1]:8080");
+    }
+
+    #[test]
+    fn reject_bad_targets() {
+        bad(&req("GET http://example.com/ HTTP/1.1", ""));
+        bad(&req("GET example.com:80 HTTP/1.1", ""));
+        bad(&req("GET * HTTP/1.1", ""));
+        bad(&req("OPTIONS *x HTTP/1.1", ""));
+        assert_eq!(
+            bad(&req("CONNECT example.com:443 HTTP/1.1", "")),
+            "CONNECT not supported"
+        );
+        assert_eq!(bad(&req("CONNECT / HTTP/1.1", "")), "CONNECT not supported");
+        let b = req("OPTIONS * HTTP/1.1", "");
+        let h = ok(&b);
+        assert_eq!(h.method, Method::Options);
+        assert_eq!(h.slice(&b, h.path), b"*");
+        assert_eq!(h.query, None);
+    }
+
+    #[test]
+    fn reject_versions() {
+        bad(&req("GET / HTTP/2.0", ""));
+        bad(&req("GET / HTTP/1.2", ""));
+        bad(&req("GET / HTTP/0.9", ""));
+        bad(&req("GET / http/1.1", ""));
+        bad(b"GET /\r\n\r\n");
+        assert_eq!(ok(&req("GET / HTTP/1.0", "")).minor_version, 0);
+    }
+
+    #[test]
+    fn reject_dot_segments() {
+        for t in [
+            "/..",
+            "/.",
+            "/../a",
+            "/./a",
+            "/a/..",
+            "/a/.",
+            "/a/../b",
+            "/a/./b",
+            "/a/..?x=1",
+            "/%2e%2e/a",
+            "/%2E%2E/a",
+            "/%2e./a",
+            "/.%2E/a",
+            "/a/%2e",
+            "/a/%2e/b",
+            "/a/%2E%2e",
+        ] {
+            bad(&req(&format!("GET {t} HTTP/1.1"), ""));
+        }
+        for t in [
+            "/",
+            "/a.b",
+            "/.well-known/x",
+            "/a/...",
+            "/a/..b",
+            "/a/%2e%2e%2e",
+            "/a/%2ex",
+            "/a/%2f",
+            "/a?x=/../y",
+            "/a//b",
+        ] {
+            ok(&req(&format!("GET {t} HTTP/1.1"), ""));
+        }
+    }
+
+    #[test]
+    fn keep_alive_rules() {
+        assert!(ok(&req("GET / HTTP/1.1", "")).keep_alive);
+        assert!(!ok(&req("GET / HTTP/1.1", "Connection: close\r\n")).keep_alive);
+        assert!(!ok(&req("GET / HTTP/1.1", "Connection: foo, Close\r\n")).keep_alive);
+        assert!(!ok(&req("GET / HTTP/1.0", "")).keep_alive);
+        assert!(ok(&req("GET / HTTP/1.0", "Connection: Keep-Alive\r\n")).keep_alive);
+        assert!(!ok(&req("GET / HTTP/1.0", "Connection: keep-alive, close\r\n")).keep_alive);
+    }
+
+    #[test]
+    fn expect_and_upgrade() {
+        let h = ok(&req(
+            "POST / HTTP/1.1",
+            "Expect: 100-Continue\r\nContent-Length: 1\r\n",
+        ));
+        assert!(h.expect_continue);
+        assert!(!ok(&req("POST / HTTP/1.1", "Expect: foo\r\n")).expect_continue);
+        let b = req(
+            "GET /ws HTTP/1.1",
+            "Upgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: k\r\n",
+        );
+        let h = ok(&b);
+        assert!(h.upgrade_websocket);
+        let names: Vec<&[u8]> = h.forwardable(&b).map(|(n, _)| n).collect();
+        assert_eq!(names, vec![&b"Host"[..], b"Sec-WebSocket-Key"]);
+        assert!(!ok(&req("GET / HTTP/1.1", "Upgrade: websocket\r\n")).upgrade_websocket);
+        assert!(!ok(&req("GET / HTTP/1.1", "Connection: upgrade\r\n")).upgrade_websocket);
+        assert!(
+            !ok(&req(
+                "GET / HTTP/1.1",
+                "Upgrade: h2c\r\nConnection: upgrade\r\n"
+            ))
+            .upgrade_websocket
+        );
+    }
+
+    #[test]
+    fn forwardable_drops_hop_by_hop_and_connection_named() {
+        let b = req(
+            "POST / HTTP/1.1",
+            "Connection: X-Secret, close\r\n\
+             x-secret: 1\r\n\
+             Keep-Alive: timeout=5\r\n\
+             Proxy-Connection: keep-alive\r\n\
+             TE: trailers\r\n\
+             Trailer: X-T\r\n\
+             Transfer-Encoding: chunked\r\n\
+             Upgrade: foo\r\n\
+             Proxy-Authorization: basic x\r\n\
+             Proxy-Authenticate: basic\r\n\
+             Expect: 100-continue\r\n\
+             Connection: other\r\n\
+             Other: 2\r\n\
+             X-Kept: 3\r\n",
+        );
+        let h = ok(&b);
+        let fwd: Vec<(&[u8], &[u8])> = h.forwardable(&b).collect();
+        assert_eq!(
+            fwd,
+            vec![(&b"Host"[..], &b"example.com"[..]), (b"X-Kept", b"3")]
+        );
+        let b = req("POST / HTTP/1.1", "Content-Length: 1\r\nX-A: 1\r\n");
+        let h = ok(&b);
+        let fwd: Vec<(&[u8], &[u8])> = h.forwardable(&b).collect();
+        assert_eq!(
+            fwd,
+            vec![(&b"Host"[..], &b"example.com"[..]), (b"X-A", b"1")]
+        );
+    }
+
+    #[test]
+    fn other_methods() {
+        let b = req("PURGE /x HTTP/1.1", "");
+        let h = ok(&b);
+        assert_eq!(h.method, Method::Other);
+        assert_eq!(h.method_bytes(&b), b"PURGE");
+        bad(&req("G(T / HTTP/1.1", ""));
+        bad(&req("GET  / HTTP/1.1", ""));
+    }
+
+    #[test]
+    fn buffer_larger_than_u32_window_is_fine() {
+        // Offsets are computed within the limited window; trailing bytes are
+        // ignored.
+        let mut b = TYPICAL.to_vec();
+        b.extend_from_slice(&[b'x'; 100_000]);
+        let (h, s) = parse(&b).unwrap();
+        assert_eq!(s, Status::Complete(TYPICAL.len()));
+        assert_eq!(h.slice(&b, h.path), b"/api/v1/users");
+    }
+}

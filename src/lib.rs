@@ -1,0 +1,23 @@
+//! ringgate: a thread-per-core API gateway on io_uring.
+//!
+//! The binary (`src/main.rs`) only parses the command line; everything lives here so tests,
+//! benches and embedders can use it. Module map:
+//! - [`config`]: TOML to validated runtime types and the compiled route table;
+//! - [`runtime`]: the supervisor, pinned workers, io driver set-up, signals;
+//! - [`server`]: the per-connection HTTP/1.1 loop and the `http`/`mock` integrations;
+//! - [`http`]: our HTTP/1.1 codec (heads, chunked bodies, encoding);
+//! - [`router`]: the path trie;
+//! - [`upstream`]: pools, balancing, health;
+//! - [`metrics`], [`accesslog`], [`admin`]: observability and management;
+//! - [`gateway`]: the live state shared by all threads.
+
+pub mod accesslog;
+pub mod admin;
+pub mod config;
+pub mod gateway;
+pub mod http;
+pub mod metrics;
+pub mod router;
+pub mod runtime;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,65 @@
+//! The `ringgate` command: `ringgate [--config FILE]` runs the gateway, `ringgate --check
+//! [--config FILE]` validates the config and prints the route table.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: ringgate [--check] [--config FILE]";
+
+fn main() -> ExitCode {
+    let mut config = PathBuf::from("config/ringgate.toml");
+    let mut check = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--check" => check = true,
+            "--config" | "-c" => match args.next() {
+                Some(f) => config = PathBuf::from(f),
+                None => {
+                    eprintln!("ringgate: --config needs a file. {USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            "--version" | "-V" => {
+                println!("ringgate {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                if let Some(f) = other.strip_prefix("--config=") {
+                    config = PathBuf::from(f);
+                } else {
+                    eprintln!("ringgate: unknown argument `{other}`. {USAGE}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    }
+    let cfg = match ringgate::config::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ringgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if check {
+        print!("{}", cfg.routes.describe(&cfg.upstreams));
+        println!(
+            "config {} is valid: {} route(s), {} upstream(s)",
+            config.display(),
+            cfg.routes.routes().len(),
+            cfg.upstreams.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+    match ringgate::runtime::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! Metrics: per-worker counters and request-duration histograms, merged only when scraped.
+//!
+//! Each worker owns one [`WorkerMetrics`] behind its own mutex. The worker is the only writer,
+//! so the lock is uncontended on the hot path (one atomic pair per request); a scrape takes each
+//! worker's lock briefly and merges into Prometheus text.
+
+use ahash::AHashMap;
+use hdrhistogram::Histogram;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Histogram bucket bounds, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// An `Arc<str>` compared and hashed by address: label sets are interned per config, so the
+/// pointer identifies them and hashing costs nothing per request.
+#[derive(Clone, Debug)]
+pub struct Labels(pub Arc<str>);
+
+impl PartialEq for Labels {
+    fn eq(&self, o: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &o.0)
+    }
+}
+impl Eq for Labels {}
+impl Hash for Labels {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        (Arc::as_ptr(&self.0) as *const u8 as usize).hash(h)
+    }
+}
+
+/// A latency histogram in microseconds with an exact sum.
+#[derive(Clone)]
+pub struct Hist {
+    h: Histogram<u64>,
+    sum_us: u64,
+}
+
+impl Hist {
+    fn new() -> Self {
+        Hist {
+            // 1 µs .. 1 hour, 2 significant digits: a few KB each.
+            h: Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds"),
+            sum_us: 0,
+        }
+    }
+
+    fn record(&mut self, d: Duration) {
+        let us = (d.as_micros() as u64).max(1);
+        self.h.saturating_record(us);
+        self.sum_us += us;
+    }
+
+    fn merge(&mut self, o: &Hist) {
+        let _ = self.h.add(&o.h);
+        self.sum_us += o.sum_us;
+    }
+
+    /// Value at quantile `q` (0..1), in seconds.
+    pub fn quantile_s(&self, q: f64) -> f64 {
+        self.h.value_at_quantile(q) as f64 / 1e6
+    }
+
+    /// Number of samples.
+    pub fn count(&self) -> u64 {
+        self.h.len()
+    }
+}
+
+/// One worker's metrics.
+#[derive(Default)]
+pub struct WorkerMetrics {
+    requests: AHashMap<(Labels, &'static str, u16), u64>,
+    durations: AHashMap<(Labels, &'static str), Hist>,
+    upstream: AHashMap<Labels, Hist>,
+}
+
+impl WorkerMetrics {
+    /// Records one finished request.
+    pub fn request(&mut self, labels: &Labels, method: &'static str, status: u16, d: Duration) {
+        *self
+            .requests
+            .entry((labels.clone(), method, status))
+            .or_insert(0) += 1;
+        self.durations
+            .entry((labels.clone(), method))
+            .or_insert_with(Hist::new)
+            .record(d);
+    }
+
+    /// Records one upstream exchange (until the response head).
+    pub fn upstream(&mut self, upstream: &Labels, d: Duration) {
+        self.upstream
+            .entry(upstream.clone())
+            .or_insert_with(Hist::new)
+            .record(d);
+    }
+}
+
+/// All workers' metrics and the gateway-wide gauges.
+#[derive(Default)]
+pub struct Registry {
+    workers: Mutex<Vec<Arc<Mutex<WorkerMetrics>>>>,
+    /// Open client connections.
+    pub connections_active: AtomicI64,
+}
+
+/// Merged view used by the dashboard and the scrape.
+pub struct Snapshot {
+    pub requests: BTreeMap<(String, &'static str, u16), u64>,
+    pub durations: BTreeMap<(String, &'static str), Hist>,
+    pub upstream: BTreeMap<String, Hist>,
+}
+
+impl Registry {
+    /// Registers a worker and returns its metrics block.
+    pub fn worker(&self) -> Arc<Mutex<WorkerMetrics>> {
+        let m = Arc::new(Mutex::new(WorkerMetrics::default()));
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(m.clone());
+        m
+    }
+
+    /// Merges every worker's metrics.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut s = Snapshot {
+            requests: BTreeMap::new(),
+            durations: BTreeMap::new(),
+            upstream: BTreeMap::new(),
+        };
+        let workers = self
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for w in workers {
+            let w = w.lock().unwrap_or_else(|e| e.into_inner());
+            for ((l, m, st), n) in &w.requests {
+                *s.requests.entry((l.0.to_string(), m, *st)).or_insert(0) += n;
+            }
+            for ((l, m), h) in &w.durations {
+                s.durations
+                    .entry((l.0.to_string(), m))
+                    .or_insert_with(Hist::new)
+                    .merge(h);
+            }
+            for (l, h) in &w.upstream {
+                s.upstream
+                    .entry(l.0.to_string())
+                    .or_insert_with(Hist::new)
+                    .merge(h);
+            }
+        }
+        s
+    }
+
+    /// Prometheus text exposition of everything.
+    pub fn render(&self) -> String {
+        let s = self.snapshot();
+        let mut o = String::with_capacity(4096);
+        o.push_str("# HELP ringgate_requests_total Requests answered, by route and status.\n# TYPE ringgate_requests_total counter\n");
+        for ((l, m, st), n) in &s.requests {
+            let _ = writeln!(
+                o,
+                "ringgate_requests_total{{{l},method=\"{m}\",status=\"{st}\"}} {n}"
+            );
+        }
+        o.push_str("# HELP ringgate_request_duration_seconds Time from request head to response end.\n# TYPE ringgate_request_duration_seconds histogram\n");
+        for ((l, m), h) in &s.durations {
+            write_hist(
+                &mut o,
+                "ringgate_request_duration_seconds",
+                &format!("{l},method=\"{m}\""),
+                h,
+            );
+        }
+        o.push_str("# HELP ringgate_upstream_duration_seconds Time from sending upstream to its response head.\n# TYPE ringgate_upstream_duration_seconds histogram\n");
+        for (l, h) in &s.upstream {
+            write_hist(
+                &mut o,
+                "ringgate_upstream_duration_seconds",
+                &format!("upstream=\"{l}\""),
+                h,
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP ringgate_connections_active Open client connections.\n# TYPE ringgate_connections_active gauge\nringgate_connections_active {}",
+            self.connections_active.load(Ordering::Relaxed)
+        );
+        // Features that land in later issues: the series exist so scrapers can rely on them.
+        o.push_str("# HELP ringgate_throttled_total Requests refused by a throttle or quota.\n# TYPE ringgate_throttled_total counter\n");
+        o.push_str("# HELP ringgate_cache_hits_total Responses served from the cache.\n# TYPE ringgate_cache_hits_total counter\nringgate_cache_hits_total 0\n");
+        o.push_str("# HELP ringgate_cache_misses_total Cacheable requests not found in the cache.\n# TYPE ringgate_cache_misses_total counter\nringgate_cache_misses_total 0\n");
+        o.push_str("# HELP ringgate_websocket_connections_active Open WebSocket connections.\n# TYPE ringgate_websocket_connections_active gauge\nringgate_websocket_connections_active 0\n");
+        o
+    }
+}
+
+fn write_hist(o: &mut String, name: &str, labels: &str, h: &Hist) {
+    for b in BUCKETS {
+        let n = h.h.count_between(0, (b * 1e6) as u64);
+        let _ = writeln!(o, "{name}_bucket{{{labels},le=\"{b}\"}} {n}");
+    }
+    let _ = writeln!(o, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count());
+    let _ = writeln!(o, "{name}_sum{{{labels}}} {}", h.sum_us as f64 / 1e6);
+    let _ = writeln!(o, "{name}_count{{{labels}}} {}", h.count());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merges_workers_and_renders_buckets() {
+        let r = Registry::default();
+        let l = Labels(Arc::from("api=\"a\",stage=\"s\",route=\"GET /x\""));
+        let w1 = r.worker();
+        let w2 = r.worker();
+        w1.lock()
+            .unwrap()
+            .request(&l, "GET", 200, Duration::from_micros(300));
+        w2.lock()
+            .unwrap()
+            .request(&l, "GET", 200, Duration::from_millis(20));
+        w2.lock()
+            .unwrap()
+            .request(&l, "GET", 404, Duration::from_millis(2));
+        let text = r.render();
+        assert!(text.contains(
+            "ringgate_requests_total{api=\"a\",stage=\"s\",route=\"GET /x\",method=\"GET\",status=\"200\"} 2"
+        ), "{text}");
+        assert!(text.contains("le=\"0.0005\"} 1\n"), "{text}");
+        assert!(text.contains("le=\"0.025\"} 3\n"), "{text}");
+        assert!(text.contains("ringgate_request_duration_seconds_count{api=\"a\",stage=\"s\",route=\"GET /x\",method=\"GET\"} 3"), "{text}");
+    }
+}

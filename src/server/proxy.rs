@@ -1,0 +1,591 @@
+//! The `http` integration: forward a request to an upstream over a pooled keep-alive
+//! connection, stream both bodies through without holding them whole, retry when it is safe,
+//! and map failures to 502/503/504.
+//!
+//! The request head and whatever body the client already sent go upstream in one write; the
+//! response head and the body bytes that came with it go to the client in one write.
+
+use super::{reject, Conn, Outcome, Worker, STREAM_BUF};
+use crate::config::{PathTemplate, Route};
+use crate::gateway::Gateway;
+use crate::http::encode;
+use crate::http::{BodyKind, ChunkedDecoder, Method, RespBody, Status};
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Why one attempt at an upstream failed.
+enum Fail {
+    /// Could not connect: always safe to try another target.
+    Connect,
+    /// The connection broke before any response byte.
+    BeforeResponse,
+    /// No response head before the deadline.
+    Timeout,
+    /// The upstream sent something that is not HTTP/1.1.
+    BadResponse,
+    /// The client went away or sent a bad body while we streamed it; already answered or
+    /// not answerable.
+    Client(u16),
+}
+
+/// Proxies the request in `c` to `upstreams[up_idx]`.
+pub(super) async fn proxy(
+    w: &Rc<Worker>,
+    gw: &Arc<Gateway>,
+    c: &mut Conn,
+    route: &Route,
+    up_idx: usize,
+    tpl: Option<&PathTemplate>,
+) -> Outcome {
+    let up = &gw.upstreams[up_idx];
+    let limits = &gw.config.server.limits;
+    build_request_head(c, route, tpl);
+
+    // Whatever body the client already sent goes with the head.
+    let body_start = c.head.head_len;
+    let avail = &c.rbuf[body_start..];
+    let mut decoder = None;
+    let (buffered, mut remaining, mut body_done) = match c.head.body {
+        BodyKind::None => (0, 0u64, true),
+        BodyKind::Length(n) => {
+            let take = (n.min(avail.len() as u64)) as usize;
+            (take, n - take as u64, take as u64 == n)
+        }
+        BodyKind::Chunked => {
+            let mut d = ChunkedDecoder::new(limits.max_body_bytes);
+            match d.feed(avail, |_| {}) {
+                Ok((used, done)) => {
+                    decoder = Some(d);
+                    (used, 0, done)
+                }
+                Err(e) => {
+                    let (st, msg) = chunk_error(&e);
+                    return reject(w, c, st, msg, false).await;
+                }
+            }
+        }
+    };
+    c.out
+        .extend_from_slice(&c.rbuf[body_start..body_start + buffered]);
+    c.consumed = body_start + buffered;
+
+    if c.head.expect_continue && !body_done {
+        let (res, _) = c
+            .stream
+            .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
+            .await;
+        if res.is_err() {
+            return Outcome {
+                status: 499,
+                keep_alive: false,
+                upstream: None,
+            };
+        }
+    }
+
+    let hash_value = match &up.cfg.balance {
+        crate::config::Balance::HashHeader(h) => c.head.header(&c.rbuf, h).map(|v| {
+            let mut k = [0u8; 64];
+            let n = v.len().min(64);
+            k[..n].copy_from_slice(&v[..n]);
+            (k, n)
+        }),
+        _ => None,
+    };
+    let idempotent = c.head.method.is_idempotent();
+    let mut tried: u64 = 0;
+    let mut retries_left = up.cfg.retries;
+    let mut any_target = false;
+    let started = Instant::now();
+    let deadline = started + up.cfg.timeout;
+
+    loop {
+        let pick = w
+            .pools
+            .borrow_mut()
+            .pick(up, hash_value.as_ref().map(|(k, n)| &k[..*n]), tried);
+        let Some(ti) = pick else {
+            let (st, msg) = if any_target {
+                (502, "Bad Gateway")
+            } else {
+                (503, "Service Unavailable")
+            };
+            let keep = body_done;
+            return reject(w, c, st, msg, keep).await;
+        };
+        any_target = true;
+        let addr = up.cfg.targets[ti];
+        tried |= 1 << ti.min(63);
+
+        // A pooled connection first; a stale one is replaced by a fresh one, once.
+        let mut pooled = w.pools.borrow_mut().take(addr);
+        let mut fresh_tries = 0;
+        let res = loop {
+            let (mut us, reused) = match pooled.take() {
+                Some(s) => (s, true),
+                None => {
+                    match monoio::time::timeout(
+                        up.cfg.connect_timeout,
+                        TcpStream::connect_addr(addr),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => {
+                            let _ = s.set_nodelay(true);
+                            (s, false)
+                        }
+                        _ => break Err(Fail::Connect),
+                    }
+                }
+            };
+            w.pools.borrow_mut().begin(addr);
+            let r = exchange(
+                c,
+                &mut us,
+                &mut remaining,
+                &mut body_done,
+                &mut decoder,
+                deadline,
+                limits,
+            )
+            .await;
+            w.pools.borrow_mut().end(addr);
+            match r {
+                Ok(()) => break Ok(us),
+                Err(Fail::BeforeResponse) if reused && fresh_tries == 0 && body_done => {
+                    // The pooled connection was closed under us: the request never reached
+                    // the upstream's application, so it is safe to send it again.
+                    fresh_tries += 1;
+                    pooled = w.pools.borrow_mut().take(addr);
+                    continue;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let us = match res {
+            Ok(us) => us,
+            Err(Fail::Client(status)) => {
+                return Outcome {
+                    status,
+                    keep_alive: false,
+                    upstream: Some(addr),
+                }
+            }
+            Err(Fail::Timeout) => {
+                return reject(w, c, 504, "Endpoint Request Timed Out", false).await;
+            }
+            Err(Fail::BadResponse) => {
+                return reject(w, c, 502, "Bad Gateway", false).await;
+            }
+            Err(f) => {
+                let retryable = matches!(f, Fail::Connect)
+                    || (matches!(f, Fail::BeforeResponse) && idempotent && body_done);
+                if retryable && retries_left > 0 && Instant::now() < deadline {
+                    retries_left -= 1;
+                    continue;
+                }
+                if Instant::now() >= deadline {
+                    return reject(w, c, 504, "Endpoint Request Timed Out", false).await;
+                }
+                return reject(w, c, 502, "Bad Gateway", body_done).await;
+            }
+        };
+        if let Ok(mut m) = w.metrics.lock() {
+            m.upstream(&up.labels, started.elapsed());
+        }
+        return respond(w, c, us, addr, up.cfg.keepalive, deadline).await;
+    }
+}
+
+fn chunk_error(e: &crate::http::ChunkError) -> (u16, &'static str) {
+    match e {
+        crate::http::ChunkError::TooLarge => (413, "Request Entity Too Large"),
+        crate::http::ChunkError::Invalid(m) => (400, m),
+    }
+}
+
+/// Writes the upstream request head into `c.out`.
+fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
+    let buf = &c.rbuf;
+    let head = &c.head;
+    let out = &mut c.out;
+    out.clear();
+    out.extend_from_slice(head.slice(buf, head.method_range));
+    out.push(b' ');
+    let path = head.slice(buf, head.path);
+    let query = head.query.map(|q| head.slice(buf, q));
+    match tpl {
+        Some(t) => {
+            t.render(path, &c.params, out);
+            if let Some(q) = query {
+                out.push(if t.has_query() { b'&' } else { b'?' });
+                out.extend_from_slice(q);
+            }
+        }
+        None => {
+            let rest = &path[route.prefix_len.min(path.len())..];
+            if !rest.starts_with(b"/") {
+                out.push(b'/');
+            }
+            out.extend_from_slice(rest);
+            if let Some(q) = query {
+                out.push(b'?');
+                out.extend_from_slice(q);
+            }
+        }
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut xff: Option<&[u8]> = None;
+    for (name, value) in head.forwardable(buf) {
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            xff = Some(value);
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"x-forwarded-proto")
+            || name.eq_ignore_ascii_case(b"x-forwarded-host")
+            || name.eq_ignore_ascii_case(b"x-request-id")
+            || name.eq_ignore_ascii_case(b"x-principal-id")
+        {
+            continue;
+        }
+        encode::push_header(out, name, value);
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(v) = xff {
+        out.extend_from_slice(v);
+        out.extend_from_slice(b", ");
+    }
+    let mut ipbuf = [0u8; 64];
+    out.extend_from_slice(fmt_ip(c.peer, &mut ipbuf));
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    if let Some(h) = head.host {
+        encode::push_header(out, b"x-forwarded-host", head.slice(buf, h));
+    }
+    encode::push_header(out, b"x-request-id", &c.reqid[..c.reqid_len]);
+    match head.body {
+        BodyKind::None => {}
+        BodyKind::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            encode::push_u64(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        BodyKind::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Formats the peer IP without allocating.
+fn fmt_ip(peer: SocketAddr, buf: &mut [u8; 64]) -> &[u8] {
+    use std::io::Write;
+    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cur, "{}", peer.ip());
+    let n = cur.position() as usize;
+    &buf[..n]
+}
+
+/// Sends the request (head, buffered body, streamed rest) and reads the response head into
+/// `c.ubuf`/`c.resp`.
+async fn exchange(
+    c: &mut Conn,
+    us: &mut TcpStream,
+    remaining: &mut u64,
+    body_done: &mut bool,
+    decoder: &mut Option<ChunkedDecoder>,
+    deadline: Instant,
+    limits: &crate::config::Limits,
+) -> Result<(), Fail> {
+    let out = std::mem::take(&mut c.out);
+    let (res, out) = us.write_all(out).await;
+    c.out = out;
+    if res.is_err() {
+        return Err(Fail::BeforeResponse);
+    }
+    if !*body_done {
+        stream_request_body(c, us, remaining, decoder, limits).await?;
+        *body_done = true;
+    }
+    // Response head.
+    c.ubuf.clear();
+    if c.ubuf.capacity() < 4096 {
+        c.ubuf.reserve(4096);
+    }
+    let hl = crate::http::Limits {
+        max_header_bytes: limits.max_header_bytes.max(16384),
+        max_headers: limits.max_headers,
+    };
+    loop {
+        if !c.ubuf.is_empty() {
+            match c.resp.parse(&c.ubuf, c.head.method, &hl) {
+                Ok(Status::Complete(n)) => {
+                    // Skip interim responses (the gateway answers Expect itself).
+                    if (100..200).contains(&c.resp.status) && c.resp.status != 101 {
+                        c.ubuf.drain(..n);
+                        continue;
+                    }
+                    return Ok(());
+                }
+                Ok(Status::Partial) => {}
+                Err(_) => return Err(Fail::BadResponse),
+            }
+        }
+        if c.ubuf.len() == c.ubuf.capacity() {
+            c.ubuf.reserve(4096);
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let len = c.ubuf.len();
+        let cap = c.ubuf.capacity();
+        let buf = std::mem::take(&mut c.ubuf).slice_mut(len..cap);
+        match monoio::time::timeout(wait, us.read(buf)).await {
+            Err(_) => {
+                c.ubuf = Vec::with_capacity(4096);
+                return Err(Fail::Timeout);
+            }
+            Ok((res, buf)) => {
+                c.ubuf = buf.into_inner();
+                match res {
+                    Ok(0) | Err(_) => {
+                        return Err(if c.ubuf.is_empty() {
+                            Fail::BeforeResponse
+                        } else {
+                            Fail::BadResponse
+                        })
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Streams the rest of the request body from the client to the upstream.
+async fn stream_request_body(
+    c: &mut Conn,
+    us: &mut TcpStream,
+    remaining: &mut u64,
+    decoder: &mut Option<ChunkedDecoder>,
+    limits: &crate::config::Limits,
+) -> Result<(), Fail> {
+    // Everything in rbuf past `consumed` is part of the body: it was all forwarded already,
+    // so reads go into a separate streaming buffer.
+    let mut bbuf: Vec<u8> = Vec::with_capacity(STREAM_BUF);
+    loop {
+        let (res, b) = match monoio::time::timeout(limits.idle_timeout, c.stream.read(bbuf)).await {
+            Ok(r) => r,
+            Err(_) => return Err(Fail::Client(408)),
+        };
+        bbuf = b;
+        match res {
+            Ok(0) | Err(_) => return Err(Fail::Client(499)),
+            Ok(_) => {}
+        }
+        let (send, done) = match decoder {
+            None => {
+                let n = (*remaining).min(bbuf.len() as u64) as usize;
+                *remaining -= n as u64;
+                (n, *remaining == 0)
+            }
+            Some(d) => match d.feed(&bbuf, |_| {}) {
+                Ok((used, done)) => (used, done),
+                Err(_) => return Err(Fail::Client(400)),
+            },
+        };
+        let chunk = monoio::buf::IoBuf::slice(bbuf, 0..send);
+        let (res, chunk) = us.write_all(chunk).await;
+        bbuf = chunk.into_inner();
+        if res.is_err() {
+            return Err(Fail::Client(502));
+        }
+        if done {
+            // Bytes after the body are the next pipelined request; the head stays in rbuf
+            // until this request is logged.
+            c.leftover.extend_from_slice(&bbuf[send..]);
+            c.consumed = c.rbuf.len();
+            return Ok(());
+        }
+        bbuf.clear();
+    }
+}
+
+/// Sends the upstream's response to the client and returns the upstream connection to the
+/// pool when it can be reused.
+async fn respond(
+    w: &Rc<Worker>,
+    c: &mut Conn,
+    mut us: TcpStream,
+    addr: SocketAddr,
+    keepalive: usize,
+    deadline: Instant,
+) -> Outcome {
+    let status = c.resp.status;
+    let head_len = c.resp.head_len;
+    let is_head = c.head.method == Method::Head;
+    let client_10 = c.head.minor_version == 0;
+    let mut keep = c.head.keep_alive;
+    // How the body is framed toward the client.
+    let mut dechunk = false;
+    c.out.clear();
+    encode::push_status_line(&mut c.out, status);
+    for (name, value) in c.resp.forwardable(&c.ubuf) {
+        if name.eq_ignore_ascii_case(b"x-request-id") {
+            continue;
+        }
+        encode::push_header(&mut c.out, name, value);
+    }
+    match c.resp.body {
+        RespBody::None => {
+            if is_head || status == 304 {
+                if let Some(v) = c.resp.header(&c.ubuf, "content-length") {
+                    encode::push_header(&mut c.out, b"content-length", v);
+                }
+            }
+        }
+        RespBody::Length(n) => {
+            c.out.extend_from_slice(b"content-length: ");
+            encode::push_u64(&mut c.out, n);
+            c.out.extend_from_slice(b"\r\n");
+        }
+        RespBody::Chunked => {
+            if client_10 {
+                dechunk = true;
+                keep = false;
+            } else {
+                c.out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            }
+        }
+        RespBody::UntilClose => keep = false,
+    }
+    encode::push_header(&mut c.out, b"x-request-id", &c.reqid[..c.reqid_len]);
+    if !keep {
+        c.out.extend_from_slice(b"connection: close\r\n");
+    } else if client_10 {
+        c.out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    c.out.extend_from_slice(b"\r\n");
+
+    // Body bytes that arrived with the head.
+    let mut up_reusable = c.resp.keep_alive;
+    let avail_start = head_len;
+    let mut decoder = None;
+    let (mut left, mut done) = match c.resp.body {
+        RespBody::None => (0u64, true),
+        RespBody::Length(n) => (n, n == 0),
+        RespBody::Chunked => {
+            decoder = Some(ChunkedDecoder::new(u64::MAX));
+            (0, false)
+        }
+        RespBody::UntilClose => (0, false),
+    };
+    let mut ok = true;
+    let mut pos = avail_start;
+    // Process the bytes already in ubuf, then keep reading.
+    loop {
+        let data = &c.ubuf[pos..];
+        if !data.is_empty() && !done {
+            let used = match (&mut decoder, c.resp.body) {
+                (_, RespBody::Length(_)) => {
+                    let n = left.min(data.len() as u64) as usize;
+                    left -= n as u64;
+                    done = left == 0;
+                    c.out.extend_from_slice(&data[..n]);
+                    n
+                }
+                (Some(d), _) => {
+                    let out = &mut c.out;
+                    match d.feed(data, |chunk| {
+                        if dechunk {
+                            out.extend_from_slice(chunk)
+                        }
+                    }) {
+                        Ok((used, fin)) => {
+                            if !dechunk {
+                                out.extend_from_slice(&data[..used]);
+                            }
+                            done = fin;
+                            used
+                        }
+                        Err(_) => {
+                            ok = false;
+                            up_reusable = false;
+                            break;
+                        }
+                    }
+                }
+                _ => {
+                    c.out.extend_from_slice(data);
+                    data.len()
+                }
+            };
+            pos += used;
+        }
+        if pos < c.ubuf.len() && done {
+            // The upstream sent more than the response: do not trust the connection.
+            up_reusable = false;
+        }
+        // Flush what we have.
+        if !c.out.is_empty() {
+            let out = std::mem::take(&mut c.out);
+            let (res, out) = c.stream.write_all(out).await;
+            c.out = out;
+            c.out.clear();
+            if res.is_err() {
+                ok = false;
+                up_reusable = false;
+                break;
+            }
+        }
+        if done {
+            break;
+        }
+        // Read more from the upstream.
+        c.ubuf.clear();
+        pos = 0;
+        if c.ubuf.capacity() < STREAM_BUF {
+            c.ubuf.reserve(STREAM_BUF);
+        }
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(std::time::Duration::from_secs(60));
+        let len = c.ubuf.len();
+        let cap = c.ubuf.capacity();
+        let buf = std::mem::take(&mut c.ubuf).slice_mut(len..cap);
+        match monoio::time::timeout(wait, us.read(buf)).await {
+            Err(_) => {
+                c.ubuf = Vec::new();
+                ok = false;
+                up_reusable = false;
+                break;
+            }
+            Ok((res, buf)) => {
+                c.ubuf = buf.into_inner();
+                match res {
+                    Ok(0) | Err(_) => {
+                        up_reusable = false;
+                        if matches!(c.resp.body, RespBody::UntilClose) {
+                            done = true;
+                        } else {
+                            ok = false;
+                        }
+                        break;
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+    }
+    if c.ubuf.capacity() > 4 * 4096 {
+        c.ubuf = Vec::with_capacity(4096);
+    }
+    if ok && done && up_reusable {
+        w.pools.borrow_mut().put(addr, us, keepalive);
+    }
+    Outcome {
+        status,
+        keep_alive: keep && ok && done,
+        upstream: Some(addr),
+    }
+}

@@ -1,0 +1,316 @@
+//! Upstreams: target health shared by all workers, per-worker keep-alive pools, balancing, and
+//! the active health checker.
+//!
+//! Health is the only upstream state shared across threads (one `AtomicBool` per target, kept
+//! across reloads by address). Pools, round-robin cursors and in-flight counts are per worker:
+//! nothing here takes a lock on the request path.
+
+use crate::config::{Balance, UpstreamConfig};
+use crate::metrics::Labels;
+use ahash::AHashMap;
+use monoio::net::TcpStream;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Health of one target, shared by all workers and the checker.
+#[derive(Debug)]
+pub struct TargetHealth {
+    healthy: AtomicBool,
+    /// Consecutive probe failures (or successes while unhealthy).
+    streak: AtomicU32,
+}
+
+impl TargetHealth {
+    fn new() -> Self {
+        TargetHealth {
+            healthy: AtomicBool::new(true),
+            streak: AtomicU32::new(0),
+        }
+    }
+
+    /// Whether requests may go to this target.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+/// Keeps target health across reloads, keyed by upstream name and address.
+#[derive(Default)]
+pub struct HealthRegistry {
+    map: Mutex<AHashMap<(String, SocketAddr), Arc<TargetHealth>>>,
+}
+
+impl HealthRegistry {
+    fn get(&self, name: &str, addr: SocketAddr) -> Arc<TargetHealth> {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry((name.to_string(), addr))
+            .or_insert_with(|| Arc::new(TargetHealth::new()))
+            .clone()
+    }
+}
+
+/// An upstream ready to serve: its config, its targets' health and its metric labels.
+pub struct Upstream {
+    pub cfg: UpstreamConfig,
+    pub health: Vec<Arc<TargetHealth>>,
+    pub labels: Labels,
+}
+
+impl Upstream {
+    /// Builds the runtime upstreams of a config, reusing known health state.
+    pub fn build_all(cfgs: &[UpstreamConfig], reg: &HealthRegistry) -> Vec<Upstream> {
+        cfgs.iter()
+            .map(|c| Upstream {
+                health: c.targets.iter().map(|a| reg.get(&c.name, *a)).collect(),
+                labels: Labels(Arc::from(c.name.as_str())),
+                cfg: c.clone(),
+            })
+            .collect()
+    }
+}
+
+/// One worker's view of the upstreams: idle pooled connections and balancing state.
+#[derive(Default)]
+pub struct WorkerPools {
+    idle: AHashMap<SocketAddr, Vec<TcpStream>>,
+    inflight: AHashMap<SocketAddr, u32>,
+    rr: usize,
+    rng: u64,
+}
+
+impl WorkerPools {
+    /// A new, empty set of pools with its own random seed.
+    pub fn new(seed: u64) -> Self {
+        WorkerPools {
+            rng: seed | 1,
+            ..Default::default()
+        }
+    }
+
+    fn next_rand(&mut self) -> u64 {
+        // xorshift64*
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn load(&self, a: &SocketAddr) -> u32 {
+        self.inflight.get(a).copied().unwrap_or(0)
+    }
+
+    /// Picks a healthy target index, avoiding `tried` (a bit set of indexes already tried).
+    /// `hash_value` is the value of the header named by `hash:header.NAME`, if present.
+    pub fn pick(&mut self, up: &Upstream, hash_value: Option<&[u8]>, tried: u64) -> Option<usize> {
+        let n = up.cfg.targets.len();
+        let ok = |i: usize| i < 64 && tried & (1 << i) == 0 && up.health[i].is_healthy();
+        let healthy = (0..n).filter(|&i| ok(i)).count();
+        if healthy == 0 {
+            return None;
+        }
+        let nth_healthy = |k: usize| (0..n).filter(|&i| ok(i)).nth(k % healthy);
+        match &up.cfg.balance {
+            Balance::RoundRobin => {
+                self.rr = self.rr.wrapping_add(1);
+                nth_healthy(self.rr)
+            }
+            Balance::HashHeader(_) => match hash_value {
+                Some(v) => {
+                    let mut h = ahash::RandomState::with_seeds(1, 2, 3, 4).build_hasher();
+                    h.write(v);
+                    nth_healthy(h.finish() as usize)
+                }
+                None => {
+                    self.rr = self.rr.wrapping_add(1);
+                    nth_healthy(self.rr)
+                }
+            },
+            Balance::LeastConn => {
+                self.rr = self.rr.wrapping_add(1);
+                // Ties broken round-robin so equal targets share the load.
+                let start = self.rr;
+                (0..n)
+                    .map(|k| (start + k) % n)
+                    .filter(|&i| ok(i))
+                    .min_by_key(|&i| self.load(&up.cfg.targets[i]))
+            }
+            Balance::Random2 => {
+                let a = nth_healthy(self.next_rand() as usize)?;
+                let b = nth_healthy(self.next_rand() as usize)?;
+                if self.load(&up.cfg.targets[b]) < self.load(&up.cfg.targets[a]) {
+                    Some(b)
+                } else {
+                    Some(a)
+                }
+            }
+        }
+    }
+
+    /// Counts a request in flight to `addr` (for least_conn and random2).
+    pub fn begin(&mut self, addr: SocketAddr) {
+        *self.inflight.entry(addr).or_insert(0) += 1;
+    }
+
+    /// Ends a request started with [`WorkerPools::begin`].
+    pub fn end(&mut self, addr: SocketAddr) {
+        if let Some(n) = self.inflight.get_mut(&addr) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// An idle pooled connection to `addr`, most recently used first.
+    pub fn take(&mut self, addr: SocketAddr) -> Option<TcpStream> {
+        self.idle.get_mut(&addr).and_then(|v| v.pop())
+    }
+
+    /// Returns a connection to the pool, unless the pool already holds `max`.
+    pub fn put(&mut self, addr: SocketAddr, s: TcpStream, max: usize) {
+        let v = self.idle.entry(addr).or_default();
+        if v.len() < max {
+            v.push(s);
+        }
+    }
+}
+
+/// One probe: GET `path`, healthy on a 2xx or 3xx status.
+fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: ringgate-health\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    while n < 12 {
+        match s.read(&mut buf[n..]) {
+            Ok(0) | Err(_) => return false,
+            Ok(k) => n += k,
+        }
+    }
+    buf.starts_with(b"HTTP/1.") && (buf[9] == b'2' || buf[9] == b'3')
+}
+
+/// Runs the health checker until `stop` is set: probes every target of every upstream that has
+/// a `health` section in the current config, and flips target health after the configured
+/// streaks. `current` returns the upstreams of the live config.
+pub fn run_health_checker(current: impl Fn() -> Arc<crate::gateway::Gateway>, stop: &AtomicBool) {
+    let mut next_due: AHashMap<(String, SocketAddr), Instant> = AHashMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        let gw = current();
+        let now = Instant::now();
+        for up in &gw.upstreams {
+            let Some(h) = &up.cfg.health else { continue };
+            for (i, addr) in up.cfg.targets.iter().enumerate() {
+                let key = (up.cfg.name.clone(), *addr);
+                let due = next_due.entry(key).or_insert(now);
+                if *due > now {
+                    continue;
+                }
+                *due = now + h.interval;
+                let ok = probe(*addr, &h.path, h.timeout);
+                let t = &up.health[i];
+                let healthy = t.is_healthy();
+                if ok == healthy {
+                    t.streak.store(0, Ordering::Relaxed);
+                    continue;
+                }
+                let streak = t.streak.fetch_add(1, Ordering::Relaxed) + 1;
+                let needed = if healthy {
+                    h.unhealthy_after
+                } else {
+                    h.healthy_after
+                };
+                if streak >= needed {
+                    t.healthy.store(!healthy, Ordering::Relaxed);
+                    t.streak.store(0, Ordering::Relaxed);
+                    eprintln!(
+                        "ringgate: upstream {} target {addr} is now {}",
+                        up.cfg.name,
+                        if healthy { "unhealthy" } else { "healthy" }
+                    );
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(balance: Balance, n: usize) -> Upstream {
+        let cfg = UpstreamConfig {
+            name: "u".into(),
+            targets: (0..n)
+                .map(|i| format!("127.0.0.1:{}", 1000 + i).parse().unwrap())
+                .collect(),
+            balance,
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            retries: 1,
+            keepalive: 4,
+            health: None,
+        };
+        Upstream::build_all(&[cfg], &HealthRegistry::default())
+            .pop()
+            .unwrap()
+    }
+
+    #[test]
+    fn round_robin_skips_unhealthy_and_tried() {
+        let u = up(Balance::RoundRobin, 3);
+        let mut p = WorkerPools::new(7);
+        let picks: Vec<_> = (0..6).map(|_| p.pick(&u, None, 0).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 2);
+        u.health[1].healthy.store(false, Ordering::Relaxed);
+        for _ in 0..10 {
+            let i = p.pick(&u, None, 0b100).unwrap();
+            assert_eq!(i, 0);
+        }
+        u.health[0].healthy.store(false, Ordering::Relaxed);
+        assert_eq!(p.pick(&u, None, 0b100), None);
+    }
+
+    #[test]
+    fn least_conn_prefers_idle_target() {
+        let u = up(Balance::LeastConn, 2);
+        let mut p = WorkerPools::new(7);
+        p.begin(u.cfg.targets[0]);
+        for _ in 0..5 {
+            assert_eq!(p.pick(&u, None, 0), Some(1));
+        }
+    }
+
+    #[test]
+    fn hash_is_sticky() {
+        let u = up(Balance::HashHeader("x-user".into()), 4);
+        let mut p = WorkerPools::new(7);
+        let a = p.pick(&u, Some(b"alice"), 0);
+        for _ in 0..10 {
+            assert_eq!(p.pick(&u, Some(b"alice"), 0), a);
+        }
+        let spread: std::collections::HashSet<_> = (0..50)
+            .map(|i| p.pick(&u, Some(format!("user{i}").as_bytes()), 0))
+            .collect();
+        assert!(spread.len() > 1);
+    }
+
+    #[test]
+    fn random2_spreads() {
+        let u = up(Balance::Random2, 3);
+        let mut p = WorkerPools::new(99);
+        let set: std::collections::HashSet<_> = (0..50).map(|_| p.pick(&u, None, 0)).collect();
+        assert_eq!(set.len(), 3);
+    }
+}
