@@ -48,6 +48,7 @@ pub fn request_parser(data: &[u8]) {
         Ok(Status::Complete(n)) => {
             assert!(n <= data.len() && n <= limits.max_header_bytes);
             assert_eq!(n, head.head_len);
+            assert!(super::crlf_only(&data[..n]), "bare CR/LF accepted");
             assert!(head.headers.len() <= limits.max_headers);
             for r in [head.method_range, head.target, head.path] {
                 in_head(r, n);

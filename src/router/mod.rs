@@ -421,7 +421,7 @@ impl<T> Statics<T> {
     fn get(&self, seg: &[u8]) -> Option<&Node<T>> {
         match self {
             Statics::Few { keys, nodes } => {
-                let i = keys.iter().position(|k| seg_eq(k, seg))?;
+                let i = keys.iter().position(|k| **k == *seg)?;
                 nodes.get(i)
             }
             Statics::Many(m) => m.get(seg),
@@ -430,7 +430,7 @@ impl<T> Statics<T> {
 
     fn get_or_insert(&mut self, seg: &[u8]) -> &mut Node<T> {
         if let Statics::Few { keys, nodes } = self {
-            if keys.len() >= WIDE && !keys.iter().any(|k| seg_eq(k, seg)) {
+            if keys.len() >= WIDE && !keys.iter().any(|k| **k == *seg) {
                 let map = std::mem::take(keys)
                     .into_iter()
                     .zip(std::mem::take(nodes))
@@ -440,7 +440,7 @@ impl<T> Statics<T> {
         }
         match self {
             Statics::Few { keys, nodes } => {
-                let i = match keys.iter().position(|k| seg_eq(k, seg)) {
+                let i = match keys.iter().position(|k| **k == *seg) {
                     Some(i) => i,
                     None => {
                         keys.push(seg.into());
@@ -479,7 +479,7 @@ impl<T> Methods<T> {
 
     /// Exact method, then ANY; records in `path_hit` that a route ended here.
     fn get(&self, method: &[u8], path_hit: &mut bool) -> Option<&T> {
-        if let Some((_, v)) = self.exact.iter().find(|(k, _)| seg_eq(k, method)) {
+        if let Some((_, v)) = self.exact.iter().find(|(k, _)| **k == *method) {
             return Some(v);
         }
         if self.any.is_some() {
@@ -558,24 +558,6 @@ fn parse(pattern: &str) -> Result<Vec<Seg<'_>>, RouteError> {
         segs.push(seg);
     }
     Ok(segs)
-}
-
-/// Byte-slice equality that the compiler inlines instead of calling `memcmp`:
-/// segments and methods are short, so the call would cost more than the compare.
-fn seg_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let (mut a8, mut b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    for (x, y) in (&mut a8).zip(&mut b8) {
-        let x = u64::from_ne_bytes(x.try_into().expect("8-byte chunk"));
-        let y = u64::from_ne_bytes(y.try_into().expect("8-byte chunk"));
-        if x != y {
-            return false;
-        }
-    }
-    let tail = a8.remainder().iter().zip(b8.remainder());
-    tail.fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// RFC 9110 `tchar`, the bytes allowed in a method token.

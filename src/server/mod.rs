@@ -15,11 +15,13 @@ use crate::http::{BodyKind, HttpError, Method, RequestHead, ResponseHead, Status
 use crate::metrics::{Labels, WorkerMetrics};
 use crate::router::Params;
 use crate::upstream::WorkerPools;
+use ahash::AHashMap;
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -27,6 +29,8 @@ use std::time::{Duration, Instant};
 
 /// Initial capacity of a connection's read buffer.
 const READ_BUF: usize = 4096;
+/// Connection buffers a worker keeps for reuse.
+const FREE_BUFS: usize = 32;
 /// Chunk size for streamed bodies.
 const STREAM_BUF: usize = 64 * 1024;
 
@@ -45,6 +49,12 @@ pub struct Worker {
     /// Requests being processed (drain waits for 0).
     pub inflight: Cell<usize>,
     unmatched: Labels,
+    /// Buffers of idle or closed connections, for reuse.
+    free: RefCell<Vec<Box<Bufs>>>,
+    trim_wanted: Cell<bool>,
+    /// Parked (idle, bufferless) connections: id -> (socket, deadline).
+    parked: RefCell<AHashMap<u64, (RawFd, Instant)>>,
+    park_seq: Cell<u64>,
 }
 
 impl Worker {
@@ -72,6 +82,10 @@ impl Worker {
             req_seq: Cell::new(0),
             inflight: Cell::new(0),
             unmatched: Labels(Arc::from("api=\"\",stage=\"\",route=\"\"")),
+            free: RefCell::new(Vec::new()),
+            trim_wanted: Cell::new(false),
+            parked: RefCell::new(AHashMap::new()),
+            park_seq: Cell::new(0),
             shared,
         }
     }
@@ -93,6 +107,62 @@ impl Worker {
         }
     }
 
+    /// Buffers for a connection that becomes active.
+    fn take_bufs(&self) -> Box<Bufs> {
+        match self.free.borrow_mut().pop() {
+            Some(b) => b,
+            None => Bufs::new(self.gateway().config.server.limits.max_headers),
+        }
+    }
+
+    /// Buffers of a connection that idles or closes: kept for reuse up to a bound; oversized
+    /// ones are dropped.
+    fn give_bufs(&self, mut b: Box<Bufs>) {
+        let mut free = self.free.borrow_mut();
+        let big = b.rbuf.capacity() > 4 * READ_BUF
+            || b.ubuf.capacity() > 4 * READ_BUF
+            || b.out.capacity() > 4 * READ_BUF
+            || b.leftover.capacity() > 0;
+        if free.len() >= FREE_BUFS || big {
+            drop(b);
+            self.trim_wanted.set(true);
+            return;
+        }
+        b.rbuf.clear();
+        b.out.clear();
+        b.ubuf.clear();
+        free.push(b);
+    }
+
+    /// Shuts down parked connections whose idle or header deadline has passed (their park
+    /// task then sees a hang-up and closes the socket).
+    pub fn sweep_parked(&self) {
+        let now = Instant::now();
+        self.parked.borrow_mut().retain(|_, (fd, deadline)| {
+            if *deadline > now {
+                return true;
+            }
+            // SAFETY: the entry is removed by the park task before it drops the socket, and
+            // both run on this thread, so `fd` is still the parked connection's open socket.
+            unsafe {
+                libc::shutdown(*fd, libc::SHUT_RDWR);
+            }
+            false
+        });
+    }
+
+    /// Returns freed heap pages to the kernel after many buffers were dropped, so idle
+    /// connections cost little RSS (called from a periodic task, never per request).
+    pub fn trim_heap(&self) {
+        if self.trim_wanted.replace(false) {
+            // SAFETY: malloc_trim only walks the allocator's own free lists; it has no
+            // preconditions and is safe to call from any thread at any time.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+
     fn new_request_id(&self, out: &mut [u8; 128]) -> usize {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let seq = self.req_seq.get().wrapping_add(1);
@@ -106,27 +176,62 @@ impl Worker {
     }
 }
 
-/// Per-connection buffers and parse state, reused across keep-alive requests.
-struct Conn {
-    stream: TcpStream,
-    peer: SocketAddr,
+/// A connection's buffers and parse state. Taken from the worker's pool while the connection
+/// is active and given back while it idles, so an idle connection holds no buffer.
+struct Bufs {
     /// Bytes from the client; the current request head starts at 0.
     rbuf: Vec<u8>,
-    /// Bytes of `rbuf` that belong to the current request (head and buffered body).
-    consumed: usize,
     /// Outgoing bytes (to the upstream, then to the client).
     out: Vec<u8>,
     /// Bytes from the upstream.
     ubuf: Vec<u8>,
     head: RequestHead,
     resp: ResponseHead,
+    /// Pipelined bytes that arrived after a streamed request body.
+    leftover: Vec<u8>,
+}
+
+impl Bufs {
+    fn new(max_headers: usize) -> Box<Bufs> {
+        Box::new(Bufs {
+            rbuf: Vec::with_capacity(READ_BUF),
+            out: Vec::with_capacity(1024),
+            ubuf: Vec::new(),
+            head: RequestHead::new(max_headers),
+            resp: ResponseHead::new(max_headers),
+            leftover: Vec::new(),
+        })
+    }
+}
+
+/// Counts an open client connection for `ringgate_connections_active` and `max_connections`;
+/// travels with the socket when an idle connection is parked.
+pub struct ConnGuard(pub Arc<Shared>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0
+            .metrics
+            .connections_active
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One client connection while it is active.
+struct Conn {
+    stream: TcpStream,
+    peer: SocketAddr,
+    b: Box<Bufs>,
+    /// Bytes of `rbuf` that belong to the current request (head and buffered body).
+    consumed: usize,
     reqid: [u8; 128],
     reqid_len: usize,
     params: Params,
-    /// Pipelined bytes that arrived after a streamed request body.
-    leftover: Vec<u8>,
     /// This connection has served a request (so the wait for the next head is an idle wait).
     served: bool,
+    /// Cancels the idle read when the grace period ends (kept to avoid allocating per wait).
+    canceller: Canceller,
+    guard: ConnGuard,
 }
 
 /// How a request ended, for metrics, the access log and keep-alive.
@@ -139,41 +244,93 @@ pub(crate) struct Outcome {
 enum HeadRead {
     Ready,
     Closed,
+    /// Nothing arrived within the grace period: park the socket without buffers.
+    Park,
     Fail(u16, &'static str),
 }
 
-/// Serves one client connection until it closes.
-pub async fn serve(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
+/// How long a kept-alive connection waits for its next request while holding its buffers.
+/// Past it the buffers go back to the worker's pool and the socket is parked on a readiness
+/// wait that holds nothing (as nginx frees its buffers while a connection waits).
+const IDLE_GRACE: Duration = Duration::from_millis(250);
+
+/// Serves one client connection from the moment it is accepted.
+pub async fn serve(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, guard: ConnGuard) {
     let _ = stream.set_nodelay(true);
-    let max_headers = w.gateway().config.server.limits.max_headers;
+    let limits = &w.gateway().config.server.limits;
+    let deadline = Instant::now() + limits.header_timeout;
+    run(w, stream, peer, guard, false, deadline).await
+}
+
+/// Waits, holding no buffer and no timer, until a parked connection has bytes. Its deadline
+/// is kept in the worker's park table; [`Worker::sweep_parked`] shuts the socket down when it
+/// passes, which wakes this wait with a hang-up.
+async fn park(
+    w: Rc<Worker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    guard: ConnGuard,
+    deadline: Instant,
+) {
+    let id = w.park_seq.get().wrapping_add(1);
+    w.park_seq.set(id);
+    w.parked
+        .borrow_mut()
+        .insert(id, (stream.as_raw_fd(), deadline));
+    let ready = stream.readable(false).await;
+    let expired = w.parked.borrow_mut().remove(&id).is_none();
+    if ready.is_ok() && !expired && !w.shared.shutdown.load(Ordering::Relaxed) {
+        monoio::spawn(run(w, stream, peer, guard, true, deadline));
+    }
+}
+
+/// The connection loop: one request after another until close or park.
+async fn run(
+    w: Rc<Worker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    guard: ConnGuard,
+    served: bool,
+    mut deadline: Instant,
+) {
+    let b = w.take_bufs();
     let mut c = Conn {
         stream,
         peer,
-        rbuf: Vec::with_capacity(READ_BUF),
+        b,
         consumed: 0,
-        out: Vec::with_capacity(1024),
-        ubuf: Vec::new(),
-        head: RequestHead::new(max_headers),
-        resp: ResponseHead::new(max_headers),
         reqid: [0; 128],
         reqid_len: 0,
         params: Params::new(),
-        leftover: Vec::new(),
-        served: false,
+        served,
+        canceller: Canceller::new(),
+        guard,
     };
     loop {
         let gw = w.gateway();
         let limits = &gw.config.server.limits;
-        match read_head(&mut c, limits).await {
+        match read_head(&mut c, limits, deadline).await {
             HeadRead::Ready => {}
-            HeadRead::Closed => return,
+            HeadRead::Closed => break,
+            HeadRead::Park => {
+                let Conn {
+                    stream,
+                    peer,
+                    b,
+                    guard,
+                    ..
+                } = c;
+                w.give_bufs(b);
+                monoio::spawn(park(w.clone(), stream, peer, guard, deadline));
+                return;
+            }
             HeadRead::Fail(status, msg) => {
                 let mut id = [0u8; 128];
                 let n = w.new_request_id(&mut id);
                 c.reqid[..n].copy_from_slice(&id[..n]);
                 c.reqid_len = n;
                 write_error(&w, &mut c, status, msg, false).await;
-                return;
+                break;
             }
         }
         w.inflight.set(w.inflight.get() + 1);
@@ -181,68 +338,82 @@ pub async fn serve(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
         w.inflight.set(w.inflight.get() - 1);
         c.served = true;
         if !keep || w.shared.shutdown.load(Ordering::Relaxed) {
-            return;
+            break;
         }
         // Drop this request's bytes, keep any pipelined ones.
-        if !c.leftover.is_empty() {
-            c.rbuf.clear();
-            std::mem::swap(&mut c.rbuf, &mut c.leftover);
-        } else if c.consumed >= c.rbuf.len() {
-            c.rbuf.clear();
+        if !c.b.leftover.is_empty() {
+            c.b.rbuf.clear();
+            std::mem::swap(&mut c.b.rbuf, &mut c.b.leftover);
+        } else if c.consumed >= c.b.rbuf.len() {
+            c.b.rbuf.clear();
         } else {
-            c.rbuf.drain(..c.consumed);
+            c.b.rbuf.drain(..c.consumed);
         }
         c.consumed = 0;
-        if c.rbuf.capacity() > 4 * READ_BUF && c.rbuf.len() < READ_BUF {
-            c.rbuf.shrink_to(READ_BUF);
-        }
+        deadline = Instant::now() + limits.idle_timeout;
     }
+    let Conn { b, .. } = c;
+    w.give_bufs(b);
 }
 
 /// Reads until `c.rbuf` holds a complete request head, enforcing the size and time limits.
-async fn read_head(c: &mut Conn, limits: &Limits) -> HeadRead {
-    let mut deadline: Option<Instant> = None;
+/// `deadline` bounds the wait for the first byte (idle or header timeout).
+async fn read_head(c: &mut Conn, limits: &Limits, deadline: Instant) -> HeadRead {
+    let mut head_deadline: Option<Instant> = None;
     let hl = crate::http::Limits {
         max_header_bytes: limits.max_header_bytes,
         max_headers: limits.max_headers,
     };
     loop {
-        if !c.rbuf.is_empty() {
-            match c.head.parse(&c.rbuf, &hl) {
+        if !c.b.rbuf.is_empty() {
+            match c.b.head.parse(&c.b.rbuf, &hl) {
                 Ok(Status::Complete(_)) => return HeadRead::Ready,
                 Ok(Status::Partial) => {}
                 Err(e) => return HeadRead::Fail(e.status(), error_text(&e)),
             }
         }
-        let wait = if c.rbuf.is_empty() && c.served {
-            limits.idle_timeout
-        } else {
-            let d = *deadline.get_or_insert_with(|| Instant::now() + limits.header_timeout);
-            d.saturating_duration_since(Instant::now())
-        };
-        if c.rbuf.len() == c.rbuf.capacity() {
-            c.rbuf.reserve(c.rbuf.capacity().max(READ_BUF));
+        if c.b.rbuf.len() == c.b.rbuf.capacity() {
+            c.b.rbuf.reserve(c.b.rbuf.capacity().max(READ_BUF));
         }
-        let len = c.rbuf.len();
-        let cap = c.rbuf.capacity();
-        let buf = std::mem::take(&mut c.rbuf).slice_mut(len..cap);
-        match monoio::time::timeout(wait, c.stream.read(buf)).await {
-            Err(_) => {
-                return if len == 0 && c.served {
-                    HeadRead::Closed
-                } else if len == 0 {
-                    HeadRead::Closed
-                } else {
-                    HeadRead::Fail(408, "Request Timeout")
-                };
+        let len = c.b.rbuf.len();
+        let cap = c.b.rbuf.capacity();
+        let buf = std::mem::take(&mut c.b.rbuf).slice_mut(len..cap);
+        let now = Instant::now();
+        let (res, buf) = if len == 0 {
+            // Waiting for a request: hold the buffers for the grace period only.
+            let left = deadline.saturating_duration_since(now);
+            if left.is_zero() {
+                return HeadRead::Closed;
             }
-            Ok((res, buf)) => {
-                c.rbuf = buf.into_inner();
-                match res {
-                    Ok(0) | Err(_) => return HeadRead::Closed,
-                    Ok(_) => {}
+            let grace = IDLE_GRACE.min(left);
+            let mut read = std::pin::pin!(c.stream.cancelable_read(buf, c.canceller.handle()));
+            let timer = monoio::time::sleep(grace);
+            monoio::select! {
+                r = &mut read => r,
+                _ = timer => {
+                    c.canceller = std::mem::take(&mut c.canceller).cancel();
+                    read.await
                 }
             }
+        } else {
+            let d = *head_deadline.get_or_insert_with(|| now + limits.header_timeout);
+            match monoio::time::timeout_at(d.into(), c.stream.read(buf)).await {
+                Ok(r) => r,
+                Err(_) => return HeadRead::Fail(408, "Request Timeout"),
+            }
+        };
+        c.b.rbuf = buf.into_inner();
+        match res {
+            Ok(0) => return HeadRead::Closed,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
+                return if Instant::now() >= deadline {
+                    HeadRead::Closed
+                } else {
+                    HeadRead::Park
+                };
+            }
+            Err(_) => return HeadRead::Closed,
         }
     }
 }
@@ -258,10 +429,10 @@ fn error_text(e: &HttpError) -> &'static str {
 /// Handles one parsed request; returns whether the connection stays open.
 async fn handle(w: &Rc<Worker>, gw: &Arc<Gateway>, c: &mut Conn) -> bool {
     let t0 = Instant::now();
-    let head_len = c.head.head_len;
+    let head_len = c.b.head.head_len;
     c.consumed = head_len;
     // Request id: the client's when it is sane, else a new one.
-    c.reqid_len = match c.head.header(&c.rbuf, "x-request-id") {
+    c.reqid_len = match c.b.head.header(&c.b.rbuf, "x-request-id") {
         Some(v) if !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic()) => {
             c.reqid[..v.len()].copy_from_slice(v);
             v.len()
@@ -274,7 +445,7 @@ async fn handle(w: &Rc<Worker>, gw: &Arc<Gateway>, c: &mut Conn) -> bool {
         }
     };
     let limits = &gw.config.server.limits;
-    let method = c.head.method;
+    let method = c.b.head.method;
     let method_str = method_label(method);
     let out = route_and_run(w, gw, c, limits).await;
     let route_id = out.1;
@@ -310,7 +481,7 @@ async fn route_and_run(
     limits: &Limits,
 ) -> (Outcome, Option<u32>) {
     // Body size limit before anything else reads the body.
-    if let BodyKind::Length(n) = c.head.body {
+    if let BodyKind::Length(n) = c.b.head.body {
         if n > limits.max_body_bytes {
             return (
                 reject(w, c, 413, "Request Entity Too Large", false).await,
@@ -318,17 +489,17 @@ async fn route_and_run(
             );
         }
     }
-    let path_b = c.head.slice(&c.rbuf, c.head.path);
+    let path_b = c.b.head.slice(&c.b.rbuf, c.b.head.path);
     let (Ok(path), Ok(method_str)) = (
         std::str::from_utf8(path_b),
-        std::str::from_utf8(c.head.slice(&c.rbuf, c.head.method_range)),
+        std::str::from_utf8(c.b.head.slice(&c.b.rbuf, c.b.head.method_range)),
     ) else {
         return (
             reject(w, c, 400, "Bad Request: path is not UTF-8", false).await,
             None,
         );
     };
-    let host = c.head.host.map(|r| c.head.slice(&c.rbuf, r));
+    let host = c.b.head.host.map(|r| c.b.head.slice(&c.b.rbuf, r));
     let m = gw.config.routes.find(host, method_str, path, &mut c.params);
     let id = match m {
         RouteMatch::Found(id) => id,
@@ -357,11 +528,11 @@ async fn route_and_run(
 /// Whether the request's body is already fully buffered (so it can be skipped and the
 /// connection kept); marks it consumed when so.
 fn body_skippable(c: &mut Conn) -> bool {
-    let avail = (c.rbuf.len() - c.head.head_len) as u64;
-    match c.head.body {
+    let avail = (c.b.rbuf.len() - c.b.head.head_len) as u64;
+    match c.b.head.body {
         BodyKind::None => true,
         BodyKind::Length(n) if n <= avail => {
-            c.consumed = c.head.head_len + n as usize;
+            c.consumed = c.b.head.head_len + n as usize;
             true
         }
         _ => false,
@@ -370,14 +541,14 @@ fn body_skippable(c: &mut Conn) -> bool {
 
 /// Writes `x-request-id`, `date` and the connection header, then the blank line.
 fn push_common(w: &Worker, c: &mut Conn, keep: bool) {
-    encode::push_header(&mut c.out, b"x-request-id", &c.reqid[..c.reqid_len]);
-    encode::push_header(&mut c.out, b"date", w.date.borrow_mut().get());
+    encode::push_header(&mut c.b.out, b"x-request-id", &c.reqid[..c.reqid_len]);
+    encode::push_header(&mut c.b.out, b"date", w.date.borrow_mut().get());
     if !keep {
-        c.out.extend_from_slice(b"connection: close\r\n");
-    } else if c.head.minor_version == 0 {
-        c.out.extend_from_slice(b"connection: keep-alive\r\n");
+        c.b.out.extend_from_slice(b"connection: close\r\n");
+    } else if c.b.head.minor_version == 0 {
+        c.b.out.extend_from_slice(b"connection: keep-alive\r\n");
     }
-    c.out.extend_from_slice(b"\r\n");
+    c.b.out.extend_from_slice(b"\r\n");
 }
 
 async fn respond_mock(
@@ -386,12 +557,12 @@ async fn respond_mock(
     mock: &crate::config::MockResponse,
     keep: bool,
 ) -> Outcome {
-    let keep = keep && c.head.keep_alive;
-    c.out.clear();
-    c.out.extend_from_slice(&mock.head);
+    let keep = keep && c.b.head.keep_alive;
+    c.b.out.clear();
+    c.b.out.extend_from_slice(&mock.head);
     push_common(w, c, keep);
-    if c.head.method != Method::Head {
-        c.out.extend_from_slice(&mock.body);
+    if c.b.head.method != Method::Head {
+        c.b.out.extend_from_slice(&mock.body);
     }
     let ok = write_out(c).await;
     Outcome {
@@ -403,7 +574,7 @@ async fn respond_mock(
 
 /// Answers with a gateway error `{"message": msg}`.
 async fn reject(w: &Rc<Worker>, c: &mut Conn, status: u16, msg: &str, keep: bool) -> Outcome {
-    let keep = keep && c.head.keep_alive;
+    let keep = keep && c.b.head.keep_alive;
     let ok = write_error(w, c, status, msg, keep).await;
     Outcome {
         status,
@@ -414,28 +585,28 @@ async fn reject(w: &Rc<Worker>, c: &mut Conn, status: u16, msg: &str, keep: bool
 
 /// Encodes and writes a JSON error; returns whether the write succeeded.
 async fn write_error(w: &Rc<Worker>, c: &mut Conn, status: u16, msg: &str, keep: bool) -> bool {
-    c.out.clear();
-    encode::push_status_line(&mut c.out, status);
-    c.out
+    c.b.out.clear();
+    encode::push_status_line(&mut c.b.out, status);
+    c.b.out
         .extend_from_slice(b"content-type: application/json\r\ncontent-length: ");
     let mut body = Vec::with_capacity(msg.len() + 16);
     body.extend_from_slice(b"{\"message\":\"");
     push_json_str(&mut body, msg.as_bytes());
     body.extend_from_slice(b"\"}");
-    encode::push_u64(&mut c.out, body.len() as u64);
-    c.out.extend_from_slice(b"\r\n");
+    encode::push_u64(&mut c.b.out, body.len() as u64);
+    c.b.out.extend_from_slice(b"\r\n");
     push_common(w, c, keep);
-    if c.head.method != Method::Head || c.head.head_len == 0 {
-        c.out.extend_from_slice(&body);
+    if c.b.head.method != Method::Head || c.b.head.head_len == 0 {
+        c.b.out.extend_from_slice(&body);
     }
     write_out(c).await
 }
 
-/// Writes `c.out` to the client.
+/// Writes `c.b.out` to the client.
 async fn write_out(c: &mut Conn) -> bool {
-    let buf = std::mem::take(&mut c.out);
+    let buf = std::mem::take(&mut c.b.out);
     let (res, buf) = c.stream.write_all(buf).await;
-    c.out = buf;
+    c.b.out = buf;
     res.is_ok()
 }
 
@@ -456,9 +627,9 @@ fn write_log_line(
     let ip = c.peer.ip().to_string();
     b.extend_from_slice(ip.as_bytes());
     b.extend_from_slice(b"\",\"method\":\"");
-    push_json_str(b, c.head.slice(&c.rbuf, c.head.method_range));
+    push_json_str(b, c.b.head.slice(&c.b.rbuf, c.b.head.method_range));
     b.extend_from_slice(b"\",\"path\":\"");
-    push_json_str(b, c.head.slice(&c.rbuf, c.head.path));
+    push_json_str(b, c.b.head.slice(&c.b.rbuf, c.b.head.path));
     b.extend_from_slice(b"\",\"status\":");
     encode::push_u64(b, out.status as u64);
     b.extend_from_slice(b",\"duration_ms\":");

@@ -47,10 +47,10 @@ pub(super) async fn proxy(
     build_request_head(c, route, tpl);
 
     // Whatever body the client already sent goes with the head.
-    let body_start = c.head.head_len;
-    let avail = &c.rbuf[body_start..];
+    let body_start = c.b.head.head_len;
+    let avail = &c.b.rbuf[body_start..];
     let mut decoder = None;
-    let (buffered, mut remaining, mut body_done) = match c.head.body {
+    let (buffered, mut remaining, mut body_done) = match c.b.head.body {
         BodyKind::None => (0, 0u64, true),
         BodyKind::Length(n) => {
             let take = (n.min(avail.len() as u64)) as usize;
@@ -70,11 +70,11 @@ pub(super) async fn proxy(
             }
         }
     };
-    c.out
-        .extend_from_slice(&c.rbuf[body_start..body_start + buffered]);
+    c.b.out
+        .extend_from_slice(&c.b.rbuf[body_start..body_start + buffered]);
     c.consumed = body_start + buffered;
 
-    if c.head.expect_continue && !body_done {
+    if c.b.head.expect_continue && !body_done {
         let (res, _) = c
             .stream
             .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
@@ -89,7 +89,7 @@ pub(super) async fn proxy(
     }
 
     let hash_value = match &up.cfg.balance {
-        crate::config::Balance::HashHeader(h) => c.head.header(&c.rbuf, h).map(|v| {
+        crate::config::Balance::HashHeader(h) => c.b.head.header(&c.b.rbuf, h).map(|v| {
             let mut k = [0u8; 64];
             let n = v.len().min(64);
             k[..n].copy_from_slice(&v[..n]);
@@ -97,7 +97,7 @@ pub(super) async fn proxy(
         }),
         _ => None,
     };
-    let idempotent = c.head.method.is_idempotent();
+    let idempotent = c.b.head.method.is_idempotent();
     let mut tried: u64 = 0;
     let mut retries_left = up.cfg.retries;
     let mut any_target = false;
@@ -209,11 +209,11 @@ fn chunk_error(e: &crate::http::ChunkError) -> (u16, &'static str) {
     }
 }
 
-/// Writes the upstream request head into `c.out`.
+/// Writes the upstream request head into `c.b.out`.
 fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
-    let buf = &c.rbuf;
-    let head = &c.head;
-    let out = &mut c.out;
+    let buf = &c.b.rbuf;
+    let head = &c.b.head;
+    let out = &mut c.b.out;
     out.clear();
     out.extend_from_slice(head.slice(buf, head.method_range));
     out.push(b' ');
@@ -289,7 +289,7 @@ fn fmt_ip(peer: SocketAddr, buf: &mut [u8; 64]) -> &[u8] {
 }
 
 /// Sends the request (head, buffered body, streamed rest) and reads the response head into
-/// `c.ubuf`/`c.resp`.
+/// `c.b.ubuf`/`c.b.resp`.
 async fn exchange(
     c: &mut Conn,
     us: &mut TcpStream,
@@ -299,9 +299,9 @@ async fn exchange(
     deadline: Instant,
     limits: &crate::config::Limits,
 ) -> Result<(), Fail> {
-    let out = std::mem::take(&mut c.out);
+    let out = std::mem::take(&mut c.b.out);
     let (res, out) = us.write_all(out).await;
-    c.out = out;
+    c.b.out = out;
     if res.is_err() {
         return Err(Fail::BeforeResponse);
     }
@@ -310,21 +310,21 @@ async fn exchange(
         *body_done = true;
     }
     // Response head.
-    c.ubuf.clear();
-    if c.ubuf.capacity() < 4096 {
-        c.ubuf.reserve(4096);
+    c.b.ubuf.clear();
+    if c.b.ubuf.capacity() < 4096 {
+        c.b.ubuf.reserve(4096);
     }
     let hl = crate::http::Limits {
         max_header_bytes: limits.max_header_bytes.max(16384),
         max_headers: limits.max_headers,
     };
     loop {
-        if !c.ubuf.is_empty() {
-            match c.resp.parse(&c.ubuf, c.head.method, &hl) {
+        if !c.b.ubuf.is_empty() {
+            match c.b.resp.parse(&c.b.ubuf, c.b.head.method, &hl) {
                 Ok(Status::Complete(n)) => {
                     // Skip interim responses (the gateway answers Expect itself).
-                    if (100..200).contains(&c.resp.status) && c.resp.status != 101 {
-                        c.ubuf.drain(..n);
+                    if (100..200).contains(&c.b.resp.status) && c.b.resp.status != 101 {
+                        c.b.ubuf.drain(..n);
                         continue;
                     }
                     return Ok(());
@@ -333,23 +333,23 @@ async fn exchange(
                 Err(_) => return Err(Fail::BadResponse),
             }
         }
-        if c.ubuf.len() == c.ubuf.capacity() {
-            c.ubuf.reserve(4096);
+        if c.b.ubuf.len() == c.b.ubuf.capacity() {
+            c.b.ubuf.reserve(4096);
         }
         let wait = deadline.saturating_duration_since(Instant::now());
-        let len = c.ubuf.len();
-        let cap = c.ubuf.capacity();
-        let buf = std::mem::take(&mut c.ubuf).slice_mut(len..cap);
+        let len = c.b.ubuf.len();
+        let cap = c.b.ubuf.capacity();
+        let buf = std::mem::take(&mut c.b.ubuf).slice_mut(len..cap);
         match monoio::time::timeout(wait, us.read(buf)).await {
             Err(_) => {
-                c.ubuf = Vec::with_capacity(4096);
+                c.b.ubuf = Vec::with_capacity(4096);
                 return Err(Fail::Timeout);
             }
             Ok((res, buf)) => {
-                c.ubuf = buf.into_inner();
+                c.b.ubuf = buf.into_inner();
                 match res {
                     Ok(0) | Err(_) => {
-                        return Err(if c.ubuf.is_empty() {
+                        return Err(if c.b.ubuf.is_empty() {
                             Fail::BeforeResponse
                         } else {
                             Fail::BadResponse
@@ -403,8 +403,8 @@ async fn stream_request_body(
         if done {
             // Bytes after the body are the next pipelined request; the head stays in rbuf
             // until this request is logged.
-            c.leftover.extend_from_slice(&bbuf[send..]);
-            c.consumed = c.rbuf.len();
+            c.b.leftover.extend_from_slice(&bbuf[send..]);
+            c.consumed = c.b.rbuf.len();
             return Ok(());
         }
         bbuf.clear();
@@ -421,57 +421,57 @@ async fn respond(
     keepalive: usize,
     deadline: Instant,
 ) -> Outcome {
-    let status = c.resp.status;
-    let head_len = c.resp.head_len;
-    let is_head = c.head.method == Method::Head;
-    let client_10 = c.head.minor_version == 0;
-    let mut keep = c.head.keep_alive;
+    let status = c.b.resp.status;
+    let head_len = c.b.resp.head_len;
+    let is_head = c.b.head.method == Method::Head;
+    let client_10 = c.b.head.minor_version == 0;
+    let mut keep = c.b.head.keep_alive;
     // How the body is framed toward the client.
     let mut dechunk = false;
-    c.out.clear();
-    encode::push_status_line(&mut c.out, status);
-    for (name, value) in c.resp.forwardable(&c.ubuf) {
+    c.b.out.clear();
+    encode::push_status_line(&mut c.b.out, status);
+    for (name, value) in c.b.resp.forwardable(&c.b.ubuf) {
         if name.eq_ignore_ascii_case(b"x-request-id") {
             continue;
         }
-        encode::push_header(&mut c.out, name, value);
+        encode::push_header(&mut c.b.out, name, value);
     }
-    match c.resp.body {
+    match c.b.resp.body {
         RespBody::None => {
             if is_head || status == 304 {
-                if let Some(v) = c.resp.header(&c.ubuf, "content-length") {
-                    encode::push_header(&mut c.out, b"content-length", v);
+                if let Some(v) = c.b.resp.header(&c.b.ubuf, "content-length") {
+                    encode::push_header(&mut c.b.out, b"content-length", v);
                 }
             }
         }
         RespBody::Length(n) => {
-            c.out.extend_from_slice(b"content-length: ");
-            encode::push_u64(&mut c.out, n);
-            c.out.extend_from_slice(b"\r\n");
+            c.b.out.extend_from_slice(b"content-length: ");
+            encode::push_u64(&mut c.b.out, n);
+            c.b.out.extend_from_slice(b"\r\n");
         }
         RespBody::Chunked => {
             if client_10 {
                 dechunk = true;
                 keep = false;
             } else {
-                c.out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                c.b.out.extend_from_slice(b"transfer-encoding: chunked\r\n");
             }
         }
         RespBody::UntilClose => keep = false,
     }
-    encode::push_header(&mut c.out, b"x-request-id", &c.reqid[..c.reqid_len]);
+    encode::push_header(&mut c.b.out, b"x-request-id", &c.reqid[..c.reqid_len]);
     if !keep {
-        c.out.extend_from_slice(b"connection: close\r\n");
+        c.b.out.extend_from_slice(b"connection: close\r\n");
     } else if client_10 {
-        c.out.extend_from_slice(b"connection: keep-alive\r\n");
+        c.b.out.extend_from_slice(b"connection: keep-alive\r\n");
     }
-    c.out.extend_from_slice(b"\r\n");
+    c.b.out.extend_from_slice(b"\r\n");
 
     // Body bytes that arrived with the head.
-    let mut up_reusable = c.resp.keep_alive;
+    let mut up_reusable = c.b.resp.keep_alive;
     let avail_start = head_len;
     let mut decoder = None;
-    let (mut left, mut done) = match c.resp.body {
+    let (mut left, mut done) = match c.b.resp.body {
         RespBody::None => (0u64, true),
         RespBody::Length(n) => (n, n == 0),
         RespBody::Chunked => {
@@ -484,18 +484,18 @@ async fn respond(
     let mut pos = avail_start;
     // Process the bytes already in ubuf, then keep reading.
     loop {
-        let data = &c.ubuf[pos..];
+        let data = &c.b.ubuf[pos..];
         if !data.is_empty() && !done {
-            let used = match (&mut decoder, c.resp.body) {
+            let used = match (&mut decoder, c.b.resp.body) {
                 (_, RespBody::Length(_)) => {
                     let n = left.min(data.len() as u64) as usize;
                     left -= n as u64;
                     done = left == 0;
-                    c.out.extend_from_slice(&data[..n]);
+                    c.b.out.extend_from_slice(&data[..n]);
                     n
                 }
                 (Some(d), _) => {
-                    let out = &mut c.out;
+                    let out = &mut c.b.out;
                     match d.feed(data, |chunk| {
                         if dechunk {
                             out.extend_from_slice(chunk)
@@ -516,22 +516,22 @@ async fn respond(
                     }
                 }
                 _ => {
-                    c.out.extend_from_slice(data);
+                    c.b.out.extend_from_slice(data);
                     data.len()
                 }
             };
             pos += used;
         }
-        if pos < c.ubuf.len() && done {
+        if pos < c.b.ubuf.len() && done {
             // The upstream sent more than the response: do not trust the connection.
             up_reusable = false;
         }
         // Flush what we have.
-        if !c.out.is_empty() {
-            let out = std::mem::take(&mut c.out);
+        if !c.b.out.is_empty() {
+            let out = std::mem::take(&mut c.b.out);
             let (res, out) = c.stream.write_all(out).await;
-            c.out = out;
-            c.out.clear();
+            c.b.out = out;
+            c.b.out.clear();
             if res.is_err() {
                 ok = false;
                 up_reusable = false;
@@ -542,30 +542,30 @@ async fn respond(
             break;
         }
         // Read more from the upstream.
-        c.ubuf.clear();
+        c.b.ubuf.clear();
         pos = 0;
-        if c.ubuf.capacity() < STREAM_BUF {
-            c.ubuf.reserve(STREAM_BUF);
+        if c.b.ubuf.capacity() < STREAM_BUF {
+            c.b.ubuf.reserve(STREAM_BUF);
         }
         let wait = deadline
             .saturating_duration_since(Instant::now())
             .max(std::time::Duration::from_secs(60));
-        let len = c.ubuf.len();
-        let cap = c.ubuf.capacity();
-        let buf = std::mem::take(&mut c.ubuf).slice_mut(len..cap);
+        let len = c.b.ubuf.len();
+        let cap = c.b.ubuf.capacity();
+        let buf = std::mem::take(&mut c.b.ubuf).slice_mut(len..cap);
         match monoio::time::timeout(wait, us.read(buf)).await {
             Err(_) => {
-                c.ubuf = Vec::new();
+                c.b.ubuf = Vec::new();
                 ok = false;
                 up_reusable = false;
                 break;
             }
             Ok((res, buf)) => {
-                c.ubuf = buf.into_inner();
+                c.b.ubuf = buf.into_inner();
                 match res {
                     Ok(0) | Err(_) => {
                         up_reusable = false;
-                        if matches!(c.resp.body, RespBody::UntilClose) {
+                        if matches!(c.b.resp.body, RespBody::UntilClose) {
                             done = true;
                         } else {
                             ok = false;
@@ -577,8 +577,8 @@ async fn respond(
             }
         }
     }
-    if c.ubuf.capacity() > 4 * 4096 {
-        c.ubuf = Vec::with_capacity(4096);
+    if c.b.ubuf.capacity() > 4 * 4096 {
+        c.b.ubuf = Vec::with_capacity(4096);
     }
     if ok && done && up_reusable {
         w.pools.borrow_mut().put(addr, us, keepalive);

@@ -1,0 +1,372 @@
+//! Lifecycle: reloads (SIGHUP and admin POST /reload) under load without a failed request or a
+//! dropped connection, bad configs refused on reload, graceful drain on SIGTERM/SIGINT.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Version `n` of the config: `GET /v` answers `v{n}`, `GET /new{n}` exists only in this
+/// version, and `/p/...` proxies to `origin`.
+fn versioned(n: usize, origin: SocketAddr) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "o"
+targets = ["{origin}"]
+
+[[apis]]
+name = "life"
+
+[[apis.routes]]
+route = "GET /v"
+integration = {{ type = "mock", status = 200, body = "v{n}" }}
+
+[[apis.routes]]
+route = "GET /new{n}"
+integration = {{ type = "mock", status = 200, body = "new in v{n}" }}
+
+[[apis.routes]]
+route = "GET /p/{{x+}}"
+integration = {{ type = "http", upstream = "o" }}
+"#
+    )
+}
+
+struct Hammer {
+    stop: Arc<AtomicBool>,
+    failures: Arc<Mutex<Vec<String>>>,
+    requests: Arc<AtomicUsize>,
+    threads: Vec<thread::JoinHandle<Vec<String>>>,
+}
+
+/// `n` client threads, each on one keep-alive connection, alternating a mock and a proxied
+/// request as fast as they can. Any error, non-200 or reconnect is a failure.
+fn hammer(addr: SocketAddr, n: usize) -> Hammer {
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let mut threads = Vec::new();
+    for t in 0..n {
+        let (stop, failures, requests) = (stop.clone(), failures.clone(), requests.clone());
+        threads.push(thread::spawn(move || {
+            let mut bodies = Vec::new();
+            let mut c = Client::connect(addr);
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let path = if i % 2 == 0 {
+                    "/v".to_string()
+                } else {
+                    format!("/p/{t}/{i}")
+                };
+                i += 1;
+                let res = c
+                    .try_send(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+                    .and_then(|_| c.read_response());
+                match res {
+                    Ok(r) if r.status == 200 && !r.closes() => {
+                        if path == "/v" && bodies.last() != Some(&r.text()) {
+                            bodies.push(r.text());
+                        }
+                    }
+                    Ok(r) => {
+                        failures.lock().unwrap().push(format!(
+                            "{path}: {} {} (connection: {:?})",
+                            r.status,
+                            r.text(),
+                            r.header("connection")
+                        ));
+                        c = Client::connect(addr);
+                    }
+                    Err(e) => {
+                        failures.lock().unwrap().push(format!("{path}: {e}"));
+                        c = Client::connect(addr);
+                    }
+                }
+                requests.fetch_add(1, Ordering::Relaxed);
+            }
+            bodies
+        }));
+    }
+    Hammer {
+        stop,
+        failures,
+        requests,
+        threads,
+    }
+}
+
+impl Hammer {
+    fn finish(self) -> (Vec<String>, usize, Vec<Vec<String>>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let seen: Vec<Vec<String>> = self
+            .threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        let f = self.failures.lock().unwrap().clone();
+        (f, self.requests.load(Ordering::Relaxed), seen)
+    }
+}
+
+#[test]
+fn sighup_reload_under_load_fails_nothing() {
+    let origin = Origin::fixed("proxied");
+    let gw = Gateway::start(&versioned(1, origin.addr));
+    let h = hammer(gw.addr, 3);
+    thread::sleep(Duration::from_millis(200));
+    for n in 2..=5 {
+        gw.write_config(&versioned(n, origin.addr));
+        gw.reload_signal();
+        assert!(
+            wait_until(Duration::from_secs(3), || gw.get("/v").text()
+                == format!("v{n}")),
+            "reload {n} not applied; stderr:\n{}",
+            gw.stderr()
+        );
+        assert_eq!(gw.get(&format!("/new{n}")).text(), format!("new in v{n}"));
+        assert_eq!(
+            gw.get(&format!("/new{}", n - 1)).status,
+            404,
+            "old route gone"
+        );
+        thread::sleep(Duration::from_millis(150));
+    }
+    let (failures, count, seen) = h.finish();
+    eprintln!("{count} requests during 4 reloads");
+    assert!(
+        failures.is_empty(),
+        "{} failures: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+    assert!(count > 100, "only {count} requests");
+    for s in seen {
+        assert_eq!(
+            s.last().map(String::as_str),
+            Some("v5"),
+            "a keep-alive connection kept the old config: {s:?}"
+        );
+    }
+    assert_eq!(
+        gw.stderr().matches("config reloaded").count(),
+        4,
+        "{}",
+        gw.stderr()
+    );
+}
+
+#[test]
+fn bad_config_on_sighup_keeps_the_old_one() {
+    let origin = Origin::fixed("proxied");
+    let gw = Gateway::start(&versioned(1, origin.addr));
+    let h = hammer(gw.addr, 2);
+    // A conflicting route: refused.
+    let bad = format!(
+        "{}\n[[apis.routes]]\nroute = \"GET /v\"\nintegration = {{ type = \"mock\", body = \"dup\" }}\n",
+        versioned(2, origin.addr)
+    );
+    gw.write_config(&bad);
+    gw.reload_signal();
+    assert!(
+        wait_until(Duration::from_secs(3), || gw.stderr().contains("refused")),
+        "no refusal logged:\n{}",
+        gw.stderr()
+    );
+    let err = gw.stderr();
+    let line = err.lines().find(|l| l.contains("refused")).unwrap();
+    assert!(
+        line.contains("ringgate.toml") && line.contains("route"),
+        "{line}"
+    );
+    // Broken TOML: refused too.
+    gw.write_config("[[apis]\nname = ");
+    gw.reload_signal();
+    assert!(wait_until(Duration::from_secs(3), || gw
+        .stderr()
+        .matches("refused")
+        .count()
+        >= 2));
+    assert_eq!(gw.get("/v").text(), "v1");
+    assert_eq!(gw.get("/new1").status, 200);
+    assert_eq!(gw.get("/new2").status, 404);
+    thread::sleep(Duration::from_millis(100));
+    let (failures, _, _) = h.finish();
+    assert!(failures.is_empty(), "{failures:?}");
+    // A good config after the bad ones still applies.
+    gw.write_config(&versioned(3, origin.addr));
+    gw.reload_signal();
+    assert!(wait_until(Duration::from_secs(3), || gw.get("/v").text() == "v3"));
+}
+
+#[test]
+fn admin_reload_answers_200_or_400_with_the_error() {
+    let origin = Origin::fixed("proxied");
+    let gw = Gateway::start(&versioned(1, origin.addr));
+    gw.write_config(&versioned(2, origin.addr));
+    let r = admin_request(gw.admin_addr, "POST", "/reload", None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The swap is done when the answer comes.
+    assert_eq!(gw.get("/v").text(), "v2");
+
+    let bad =
+        versioned(3, origin.addr).replace("name = \"life\"", "name = \"life\"\nbogus_key = 1");
+    gw.write_config(&bad);
+    let r = admin_request(gw.admin_addr, "POST", "/reload", None).unwrap();
+    assert_eq!(r.status, 400);
+    let msg = r.message();
+    assert!(
+        msg.contains("bogus_key") && msg.contains("ringgate.toml"),
+        "{msg}"
+    );
+    assert_eq!(gw.get("/v").text(), "v2");
+    // GET is not a reload.
+    let r = admin_get(gw.admin_addr, "/reload", None).unwrap();
+    assert_ne!(r.status, 200);
+}
+
+#[test]
+fn admin_reload_under_load_fails_nothing() {
+    let origin = Origin::fixed("proxied");
+    let gw = Gateway::start(&versioned(1, origin.addr));
+    let h = hammer(gw.addr, 2);
+    for n in 2..=6 {
+        gw.write_config(&versioned(n, origin.addr));
+        let r = admin_request(gw.admin_addr, "POST", "/reload", None).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        thread::sleep(Duration::from_millis(100));
+    }
+    let (failures, count, seen) = h.finish();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(count > 50);
+    for s in seen {
+        assert_eq!(s.last().map(String::as_str), Some("v6"), "{s:?}");
+    }
+}
+
+fn drain_config(origin: SocketAddr, shutdown_ms: u64) -> String {
+    format!(
+        "{}\n{}",
+        HEADER.replace(
+            "shutdown_timeout_ms = 3000",
+            &format!("shutdown_timeout_ms = {shutdown_ms}")
+        ),
+        versioned(1, origin)
+    )
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_and_exits_0() {
+    let origin = Origin::start(|r| {
+        if r.path.starts_with("/p/slow") {
+            Response::ok("slow done").delay(Duration::from_secs(1))
+        } else {
+            Response::ok("fast")
+        }
+    });
+    let mut gw = Gateway::start(&drain_config(origin.addr, 3000));
+    let addr = gw.addr;
+    let slow = thread::spawn(move || roundtrip(addr, b"GET /p/slow HTTP/1.1\r\nHost: t\r\n\r\n"));
+    assert!(wait_until(Duration::from_secs(2), || origin
+        .request_count()
+        == 1));
+    let t0 = Instant::now();
+    gw.terminate();
+    // New connections are refused (or closed unanswered) while the slow request drains.
+    thread::sleep(Duration::from_millis(300));
+    let fresh = roundtrip(addr, b"GET /v HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(
+        fresh.is_err(),
+        "a new connection was served during the drain: {fresh:?}"
+    );
+    let r = slow.join().unwrap().expect("the in-flight request failed");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "slow done");
+    let st = gw
+        .wait_exit(Duration::from_secs(4))
+        .expect("did not exit within shutdown_timeout");
+    assert_eq!(st.code(), Some(0), "{}", gw.stderr());
+    assert!(t0.elapsed() < Duration::from_millis(3500));
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "still accepting after exit"
+    );
+}
+
+#[test]
+fn sigterm_with_idle_keep_alive_connections_exits_promptly() {
+    let origin = Origin::fixed("ok");
+    let mut gw = Gateway::start(&drain_config(origin.addr, 5000));
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut c = Client::connect(gw.addr);
+        c.send(b"GET /v HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.read_response().unwrap().status, 200);
+        idle.push(c);
+    }
+    let t0 = Instant::now();
+    gw.terminate();
+    let st = gw.wait_exit(Duration::from_secs(6)).expect("did not exit");
+    assert_eq!(st.code(), Some(0));
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "idle keep-alive connections held the exit for {:?}",
+        t0.elapsed()
+    );
+    for mut c in idle {
+        assert!(c.is_closed_within(Duration::from_secs(1)));
+    }
+}
+
+#[test]
+fn drain_is_bounded_by_shutdown_timeout() {
+    let origin = Origin::start(|_| Response::ok("very slow").delay(Duration::from_secs(6)));
+    let mut gw = Gateway::start(&drain_config(origin.addr, 500));
+    let addr = gw.addr;
+    let slow = thread::spawn(move || roundtrip(addr, b"GET /p/x HTTP/1.1\r\nHost: t\r\n\r\n"));
+    assert!(wait_until(Duration::from_secs(2), || origin
+        .request_count()
+        == 1));
+    let t0 = Instant::now();
+    gw.terminate();
+    let st = gw
+        .wait_exit(Duration::from_secs(3))
+        .expect("drain not bounded by shutdown_timeout_ms");
+    assert_eq!(st.code(), Some(0));
+    assert!(
+        t0.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        t0.elapsed()
+    );
+    let _ = slow.join();
+}
+
+#[test]
+fn sigint_also_drains_and_exits_0() {
+    let origin = Origin::start(|_| Response::ok("slow done").delay(Duration::from_millis(700)));
+    let mut gw = Gateway::start(&drain_config(origin.addr, 3000));
+    let addr = gw.addr;
+    let slow = thread::spawn(move || roundtrip(addr, b"GET /p/x HTTP/1.1\r\nHost: t\r\n\r\n"));
+    assert!(wait_until(Duration::from_secs(2), || origin
+        .request_count()
+        == 1));
+    let st = std::process::Command::new("kill")
+        .arg("-INT")
+        .arg(gw.pid.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let r = slow
+        .join()
+        .unwrap()
+        .expect("in-flight request failed on SIGINT");
+    assert_eq!(r.text(), "slow done");
+    let st = gw
+        .wait_exit(Duration::from_secs(4))
+        .expect("no exit on SIGINT");
+    assert_eq!(st.code(), Some(0));
+}

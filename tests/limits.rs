@@ -1,0 +1,219 @@
+//! `[server.limits]`: 431 for oversize heads, 413 for oversize bodies, 408 for slow heads,
+//! idle keep-alive close, max_connections.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+fn config(origin: SocketAddr, limits: &str) -> String {
+    format!(
+        r#"{HEADER}
+[server.limits]
+{limits}
+
+[[upstreams]]
+name = "o"
+targets = ["{origin}"]
+timeout_ms = 2000
+
+[[apis]]
+name = "p"
+
+[[apis.routes]]
+route = "ANY /{{p+}}"
+integration = {{ type = "http", upstream = "o" }}
+"#
+    )
+}
+
+#[test]
+fn head_over_max_header_bytes_gets_431() {
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr, "max_header_bytes = 1024"));
+    // Just under the limit: served.
+    let small = format!(
+        "GET /x HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(900)
+    );
+    assert_eq!(gw.request(&small).status, 200);
+    let mut c = Client::connect(gw.addr);
+    c.send(
+        format!(
+            "GET /x HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(2000)
+        )
+        .as_bytes(),
+    );
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 431);
+    assert!(!r.message().is_empty());
+    assert!(c.is_closed_within(Duration::from_secs(2)));
+    assert_eq!(origin.request_count(), 1);
+}
+
+#[test]
+fn head_growing_past_max_header_bytes_without_end_gets_431() {
+    // The head never completes: the gateway must not buffer without bound.
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr, "max_header_bytes = 1024"));
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /x HTTP/1.1\r\nHost: t\r\n");
+    for i in 0..40 {
+        if c.try_send(format!("X-H{i}: {}\r\n", "b".repeat(60)).as_bytes())
+            .is_err()
+        {
+            break;
+        }
+    }
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 431);
+    assert!(c.is_closed_within(Duration::from_secs(2)));
+    assert_eq!(origin.conns(), 0);
+}
+
+#[test]
+fn more_than_max_headers_gets_431() {
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr, "max_headers = 10"));
+    let mut ok = String::from("GET /x HTTP/1.1\r\nHost: t\r\n");
+    for i in 0..9 {
+        ok.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    ok.push_str("\r\n");
+    assert_eq!(gw.request(&ok).status, 200);
+    let mut bad = String::from("GET /x HTTP/1.1\r\nHost: t\r\n");
+    for i in 0..11 {
+        bad.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    bad.push_str("\r\n");
+    let mut c = Client::connect(gw.addr);
+    c.send(bad.as_bytes());
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 431);
+    assert!(c.is_closed_within(Duration::from_secs(2)));
+    assert_eq!(origin.request_count(), 1);
+}
+
+#[test]
+fn content_length_over_max_body_bytes_gets_413() {
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr, "max_body_bytes = 1000"));
+    let r = gw.request(&format!(
+        "POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n{}",
+        "a".repeat(1000)
+    ));
+    assert_eq!(r.status, 200);
+    let mut c = Client::connect(gw.addr);
+    // Only the head: the gateway must answer without waiting for the body.
+    c.send(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 1001\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 413);
+    assert!(!r.message().is_empty());
+    assert!(c.is_closed_within(Duration::from_secs(2)));
+    assert_eq!(origin.request_count(), 1);
+}
+
+#[test]
+fn chunked_body_over_max_body_bytes_gets_413() {
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr, "max_body_bytes = 1000"));
+    let mut c = Client::connect(gw.addr);
+    let mut raw = b"POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    raw.extend_from_slice(format!("7d0\r\n{}\r\n0\r\n\r\n", "a".repeat(2000)).as_bytes());
+    c.send(&raw);
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 413);
+    assert!(c.is_closed_within(Duration::from_secs(2)));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(origin.request_count(), 0);
+}
+
+#[test]
+fn slow_head_gets_408_and_close() {
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr, "header_timeout_ms = 300"));
+    let mut c = Client::connect(gw.addr);
+    let t0 = Instant::now();
+    c.send(b"GET /x HTTP/1.1\r\nHost: t\r\n");
+    let r = c.read_response().unwrap();
+    let waited = t0.elapsed();
+    assert_eq!(r.status, 408);
+    assert!(waited >= Duration::from_millis(250), "408 after {waited:?}");
+    assert!(waited < Duration::from_secs(3), "408 after {waited:?}");
+    assert!(c.is_closed_within(Duration::from_secs(2)));
+    assert_eq!(origin.conns(), 0);
+}
+
+#[test]
+fn dribbled_head_gets_408_at_the_deadline() {
+    // Slowloris: a byte every 50 ms must not extend the deadline.
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr, "header_timeout_ms = 400"));
+    let mut c = Client::connect(gw.addr);
+    let t0 = Instant::now();
+    c.send(b"GET /x HTTP/1.1\r\nHost: t\r\n");
+    let mut i = 0;
+    while t0.elapsed() < Duration::from_millis(1500) {
+        if c.try_send(format!("X{i}").as_bytes()).is_err() {
+            break;
+        }
+        i += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 408);
+    assert!(c.is_closed_within(Duration::from_secs(2)));
+}
+
+#[test]
+fn idle_keep_alive_connection_is_closed() {
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(
+        origin.addr,
+        "idle_timeout_ms = 300\nheader_timeout_ms = 5000",
+    ));
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 200);
+    // Still open shortly after.
+    std::thread::sleep(Duration::from_millis(100));
+    c.send(b"GET /y HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 200);
+    let t0 = Instant::now();
+    assert!(
+        c.is_closed_within(Duration::from_secs(3)),
+        "idle connection not closed"
+    );
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed after {waited:?}"
+    );
+}
+
+#[test]
+fn connections_over_max_connections_are_refused() {
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr, "max_connections = 2"));
+    let mut a = Client::connect(gw.addr);
+    let mut b = Client::connect(gw.addr);
+    a.send(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n");
+    b.send(b"GET /b HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(a.read_response().unwrap().status, 200);
+    assert_eq!(b.read_response().unwrap().status, 200);
+    let mut c = Client::connect(gw.addr);
+    let _ = c.try_send(b"GET /c HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(
+        c.read_response().is_err(),
+        "a third connection was served with max_connections = 2"
+    );
+    drop(a);
+    // A slot frees up once a connection closes.
+    assert!(wait_until(Duration::from_secs(3), || {
+        roundtrip(gw.addr, b"GET /d HTTP/1.1\r\nHost: t\r\n\r\n")
+            .map(|r| r.status == 200)
+            .unwrap_or(false)
+    }));
+}

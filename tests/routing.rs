@@ -1,0 +1,392 @@
+//! Routing through the gateway: priority, 404/405, stages, base paths, hosts, `$default`,
+//! path templates with parameters and stage variables, mock integrations, and the config
+//! checks of `ringgate --check`.
+
+mod common;
+
+use common::*;
+
+fn mock(route: &str, body: &str) -> String {
+    format!(
+        "[[apis.routes]]\nroute = \"{route}\"\nintegration = {{ type = \"mock\", status = 200, body = \"{body}\" }}\n"
+    )
+}
+
+#[test]
+fn static_beats_param_beats_greedy() {
+    let cfg = format!(
+        "[[apis]]\nname = \"r\"\n{}{}{}{}",
+        mock("GET /items/special", "static"),
+        mock("GET /items/{id}", "param"),
+        mock("GET /items/{rest+}", "greedy"),
+        mock("GET /items/{id}/detail", "param-detail"),
+    );
+    let gw = Gateway::start(&cfg);
+    for (path, want) in [
+        ("/items/special", "static"),
+        ("/items/42", "param"),
+        ("/items/42/x", "greedy"),
+        ("/items/42/detail", "param-detail"),
+        ("/items/special/detail", "param-detail"),
+        ("/items/special/other", "greedy"),
+        ("/items/a/b/c/d", "greedy"),
+    ] {
+        let r = gw.get(path);
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.text(), want, "{path}");
+    }
+}
+
+#[test]
+fn not_found_and_method_not_allowed_are_json() {
+    let cfg = format!(
+        "[[apis]]\nname = \"r\"\n{}{}",
+        mock("GET /a", "a"),
+        mock("POST /b/{id}", "b")
+    );
+    let gw = Gateway::start(&cfg);
+    let r = gw.get("/nothing");
+    assert_eq!(r.status, 404);
+    assert!(r
+        .header("content-type")
+        .unwrap_or("")
+        .contains("application/json"));
+    assert_eq!(r.message(), "Not Found");
+    let r = gw.request("DELETE /a HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(r.status, 405);
+    assert!(r
+        .header("content-type")
+        .unwrap_or("")
+        .contains("application/json"));
+    assert_eq!(r.message(), "Method Not Allowed");
+    let r = gw.get("/b/7");
+    assert_eq!(r.status, 405);
+    let r = gw.request("POST /b/7 HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "b");
+    // Routing is on the path: the query string does not matter; case does.
+    assert_eq!(gw.get("/a?x=1").text(), "a");
+    assert_eq!(gw.get("/A").status, 404);
+}
+
+#[test]
+fn errors_keep_the_connection_when_no_body_is_pending() {
+    let cfg = format!("[[apis]]\nname = \"r\"\n{}", mock("GET /a", "a"));
+    let gw = Gateway::start(&cfg);
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /missing HTTP/1.1\r\nHost: t\r\n\r\nPUT /a HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabcGET /a HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 404);
+    assert_eq!(c.read_response().unwrap().status, 405);
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "a");
+}
+
+#[test]
+fn any_method_route() {
+    let cfg = format!(
+        "[[apis]]\nname = \"r\"\n{}{}",
+        mock("ANY /any", "any"),
+        mock("POST /any", "post")
+    );
+    let gw = Gateway::start(&cfg);
+    assert_eq!(gw.get("/any").text(), "any");
+    let r = gw.request("PATCH /any HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(r.text(), "any");
+    let r = gw.request("POST /any HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(r.text(), "post", "an exact method beats ANY");
+}
+
+#[test]
+fn stages_base_path_variables_and_templates() {
+    let origin = Origin::echo_path();
+    let cfg = format!(
+        r#"
+[[upstreams]]
+name = "o"
+targets = ["{}"]
+
+[[apis]]
+name = "shop"
+base_path = "/shop"
+
+[apis.stages."$default"]
+variables = {{ version = "v1" }}
+
+[apis.stages.prod]
+variables = {{ version = "v2" }}
+
+[[apis.routes]]
+route = "GET /items/{{id}}"
+integration = {{ type = "http", upstream = "o", path = "/${{stageVariables.version}}/things/{{id}}" }}
+
+[[apis.routes]]
+route = "GET /files/{{dir}}/{{name+}}"
+integration = {{ type = "http", upstream = "o", path = "/store/{{name}}/in/{{dir}}" }}
+
+[[apis.routes]]
+route = "GET /q/{{id}}"
+integration = {{ type = "http", upstream = "o", path = "/query/{{id}}?fixed=1" }}
+
+[[apis.routes]]
+route = "ANY /raw/{{rest+}}"
+integration = {{ type = "http", upstream = "o" }}
+"#,
+        origin.addr
+    );
+    let gw = Gateway::start(&cfg);
+    for (path, want) in [
+        ("/shop/items/7", "/v1/things/7"),
+        ("/shop/items/7?x=1&y=2", "/v1/things/7?x=1&y=2"),
+        ("/shop/prod/items/8", "/v2/things/8"),
+        ("/shop/prod/items/8?x=1", "/v2/things/8?x=1"),
+        ("/shop/files/d1/a/b/c.txt", "/store/a/b/c.txt/in/d1"),
+        ("/shop/prod/q/5?lang=en", "/query/5?fixed=1&lang=en"),
+        ("/shop/q/5", "/query/5?fixed=1"),
+        // Without an integration path: the request path minus base path and stage.
+        ("/shop/raw/a/b?z=9", "/raw/a/b?z=9"),
+        ("/shop/prod/raw/a/b", "/raw/a/b"),
+    ] {
+        let r = gw.get(path);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.text(), want, "{path}");
+    }
+    // Outside the base path or an unknown stage: nothing.
+    assert_eq!(gw.get("/items/7").status, 404);
+    assert_eq!(gw.get("/shop/beta/items/7").status, 404);
+}
+
+#[test]
+fn stage_variables_choose_the_upstream() {
+    let a = Origin::fixed("from-a");
+    let b = Origin::fixed("from-b");
+    let cfg = format!(
+        r#"
+[[upstreams]]
+name = "a"
+targets = ["{}"]
+
+[[upstreams]]
+name = "b"
+targets = ["{}"]
+
+[[apis]]
+name = "s"
+
+[apis.stages."$default"]
+variables = {{ backend = "a" }}
+
+[apis.stages.prod]
+variables = {{ backend = "b" }}
+
+[[apis.routes]]
+route = "GET /x"
+integration = {{ type = "http", upstream = "${{stageVariables.backend}}" }}
+"#,
+        a.addr, b.addr
+    );
+    let gw = Gateway::start(&cfg);
+    assert_eq!(gw.get("/x").text(), "from-a");
+    assert_eq!(gw.get("/prod/x").text(), "from-b");
+    assert_eq!(a.last_request().path, "/x");
+    assert_eq!(b.last_request().path, "/x");
+}
+
+#[test]
+fn default_route_catches_the_rest() {
+    let cfg = format!(
+        "[[apis]]\nname = \"r\"\n{}{}",
+        mock("GET /known", "known"),
+        mock("$default", "fallback")
+    );
+    let gw = Gateway::start(&cfg);
+    assert_eq!(gw.get("/known").text(), "known");
+    assert_eq!(gw.get("/anything/else?q=1").text(), "fallback");
+    assert_eq!(gw.get("/").text(), "fallback");
+    let r = gw.request("POST /known HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "fallback");
+}
+
+#[test]
+fn default_route_proxies_the_whole_path() {
+    let origin = Origin::echo_path();
+    let cfg = format!(
+        "[[upstreams]]\nname = \"o\"\ntargets = [\"{}\"]\n[[apis]]\nname = \"r\"\nbase_path = \"/api\"\n\
+         [[apis.routes]]\nroute = \"$default\"\nintegration = {{ type = \"http\", upstream = \"o\" }}\n",
+        origin.addr
+    );
+    let gw = Gateway::start(&cfg);
+    assert_eq!(gw.get("/api/a/b?c=d").text(), "/a/b?c=d");
+    assert_eq!(gw.get("/api").text(), "/");
+    assert_eq!(gw.get("/apix").status, 404);
+    assert_eq!(gw.get("/other").status, 404);
+}
+
+#[test]
+fn hosts_select_the_api() {
+    let cfg = format!(
+        "[[apis]]\nname = \"a\"\nhosts = [\"a.example.com\"]\n{}\
+         [[apis]]\nname = \"b\"\nhosts = [\"b.example.com\"]\n{}\
+         [[apis]]\nname = \"any\"\n{}",
+        mock("GET /x", "A"),
+        mock("GET /x", "B"),
+        mock("GET /x", "ANY"),
+    );
+    let gw = Gateway::start(&cfg);
+    let get = |host: &str| {
+        gw.request(&format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n"))
+            .text()
+    };
+    assert_eq!(get("a.example.com"), "A");
+    assert_eq!(get("A.Example.COM:8080"), "A");
+    assert_eq!(get("b.example.com"), "B");
+    assert_eq!(get("c.example.com"), "ANY");
+    assert_eq!(get("127.0.0.1"), "ANY");
+}
+
+#[test]
+fn host_only_api_does_not_answer_other_hosts() {
+    let cfg = format!(
+        "[[apis]]\nname = \"a\"\nhosts = [\"a.example.com\"]\n{}",
+        mock("GET /x", "A")
+    );
+    let gw = Gateway::start(&cfg);
+    let r = gw.request("GET /x HTTP/1.1\r\nHost: a.example.com\r\n\r\n");
+    assert_eq!(r.text(), "A");
+    let r = gw.request("GET /x HTTP/1.1\r\nHost: other.example.com\r\n\r\n");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.message(), "Not Found");
+}
+
+#[test]
+fn mock_integration_status_headers_body() {
+    let cfg = r#"
+[[apis]]
+name = "m"
+
+[[apis.routes]]
+route = "POST /created"
+integration = { type = "mock", status = 201, headers = { "content-type" = "application/json", "x-mock" = "yes" }, body = '{"ok":true}' }
+
+[[apis.routes]]
+route = "GET /teapot"
+integration = { type = "mock", status = 418 }
+"#;
+    let gw = Gateway::start(cfg);
+    let r = gw.request("POST /created HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}");
+    assert_eq!(r.status, 201);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("x-mock"), Some("yes"));
+    assert_eq!(r.header("content-length"), Some("11"));
+    assert_eq!(r.json(), serde_json::json!({"ok": true}));
+    let r = gw.get("/teapot");
+    assert_eq!(r.status, 418);
+    assert!(r.body.is_empty());
+    assert!(r.header("x-request-id").is_some());
+}
+
+#[test]
+fn check_prints_the_route_table() {
+    let cfg = r#"
+[[upstreams]]
+name = "orders"
+targets = ["127.0.0.1:9"]
+
+[[apis]]
+name = "shop"
+
+[apis.stages.prod]
+variables = { backend = "orders" }
+
+[[apis.routes]]
+route = "GET /products/{id}"
+integration = { type = "http", upstream = "${stageVariables.backend}", path = "/items/{id}" }
+
+[[apis.routes]]
+route = "GET /hello"
+integration = { type = "mock", body = "hi" }
+"#;
+    let (out, _) = check(cfg);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("GET /products/{id}"))
+        .unwrap_or_else(|| panic!("route missing from the table:\n{stdout}"));
+    assert!(
+        line.contains("shop") && line.contains("prod") && line.contains("orders"),
+        "{line}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("GET /hello") && l.contains("mock")),
+        "{stdout}"
+    );
+}
+
+/// `line` counts within `cfg`; the standard header is prepended when `cfg` has no `[server]`.
+fn assert_check_fails(cfg: &str, line: usize, key: &str) {
+    let (text, line) = if cfg.contains("[server]") {
+        (cfg.to_string(), line)
+    } else {
+        (
+            format!("{HEADER}\n{cfg}"),
+            line + HEADER.matches('\n').count() + 1,
+        )
+    };
+    let (out, path) = check(&text);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    let first = stderr.lines().next().unwrap_or("");
+    let want = format!("{}:{line}:", path.display());
+    assert!(
+        first.contains(&want),
+        "error line should name {want}: {stderr}"
+    );
+    assert!(
+        first.contains(key),
+        "error line should name `{key}`: {stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+}
+
+#[test]
+fn check_refuses_conflicting_routes_with_file_line_and_key() {
+    let cfg = "[[apis]]\nname = \"c\"\n\n[[apis.routes]]\nroute = \"GET /x/{a}\"\nintegration = { type = \"mock\" }\n\n[[apis.routes]]\nroute = \"GET /x/{b}\"\nintegration = { type = \"mock\" }\n";
+    assert_check_fails(cfg, 9, "apis[0].routes[1].route");
+}
+
+#[test]
+fn check_refuses_duplicate_routes() {
+    let cfg = "[[apis]]\nname = \"c\"\n[[apis.routes]]\nroute = \"GET /x\"\nintegration = { type = \"mock\" }\n[[apis.routes]]\nroute = \"GET /x\"\nintegration = { type = \"mock\" }\n";
+    assert_check_fails(cfg, 7, "apis[0].routes[1].route");
+}
+
+#[test]
+fn check_refuses_unknown_keys_naming_the_line() {
+    let cfg = "[server]\nworkers = 2\nlisten = [\"@LISTEN@\"]\nwokers = 3\n";
+    assert_check_fails(cfg, 4, "wokers");
+}
+
+#[test]
+fn check_refuses_unknown_upstream() {
+    let cfg = "[[apis]]\nname = \"c\"\n[[apis.routes]]\nroute = \"GET /x\"\nintegration = { type = \"http\", upstream = \"nope\" }\n";
+    assert_check_fails(cfg, 5, "apis[0].routes[0].integration");
+}
+
+#[test]
+fn gateway_refuses_to_start_on_a_bad_config() {
+    let cfg = "[[apis]]\nname = \"c\"\n[[apis.routes]]\nroute = \"GET /x/{a}\"\nintegration = { type = \"mock\" }\n[[apis.routes]]\nroute = \"GET /x/{b}\"\nintegration = { type = \"mock\" }\n";
+    let err = match Gateway::try_start(cfg) {
+        Ok(_) => panic!("the gateway started on a conflicting config"),
+        Err(e) => e,
+    };
+    assert!(err.contains("routes[1].route"), "{err}");
+}

@@ -1,0 +1,395 @@
+//! Upstreams: connect failures (502), retries on another target, timeouts (504), resets,
+//! active health checks (and 503 when none is healthy), balancing modes.
+
+mod common;
+
+use common::*;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One API proxying everything to upstream "o" with `targets` and extra upstream keys.
+fn config(targets: &[std::net::SocketAddr], upstream_extra: &str) -> String {
+    let t: Vec<String> = targets.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        r#"
+[[upstreams]]
+name = "o"
+targets = [{}]
+connect_timeout_ms = 500
+{upstream_extra}
+
+[[apis]]
+name = "p"
+
+[[apis.routes]]
+route = "ANY /{{p+}}"
+integration = {{ type = "http", upstream = "o" }}
+"#,
+        t.join(", ")
+    )
+}
+
+/// Which origin answered: each origin here answers with its own name.
+fn named(name: &'static str) -> Origin {
+    Origin::start(move |_| Response::ok(name))
+}
+
+#[test]
+fn connect_failure_gives_502_json() {
+    let gw = Gateway::start(&config(&[dead_addr()], "retries = 0"));
+    let r = gw.get("/x");
+    assert_eq!(r.status, 502);
+    assert!(r
+        .header("content-type")
+        .unwrap_or("")
+        .contains("application/json"));
+    assert_eq!(r.message(), "Bad Gateway");
+    assert!(r.header("x-request-id").is_some());
+    // With a retry but nowhere else to go: still 502, and soon.
+    let gw = Gateway::start(&config(&[dead_addr()], "retries = 1"));
+    let t0 = Instant::now();
+    let r = gw.get("/x");
+    assert_eq!(r.status, 502);
+    assert!(t0.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn dead_target_is_skipped_by_retry() {
+    let live = named("live");
+    let gw = Gateway::start(&config(&[dead_addr(), live.addr], "retries = 1"));
+    for i in 0..20 {
+        let r = gw.get(&format!("/r/{i}"));
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(r.text(), "live");
+    }
+    // POST may be retried after a connect failure too (nothing was sent).
+    for i in 0..6 {
+        let r = gw.request(&format!(
+            "POST /p/{i} HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi"
+        ));
+        assert_eq!(r.status, 200, "POST {i}: {}", r.text());
+    }
+    assert_eq!(live.request_count(), 26);
+}
+
+#[test]
+fn slow_upstream_gives_504() {
+    let origin = Origin::start(|r| {
+        if r.path == "/slow" {
+            Response::ok("late").delay(Duration::from_millis(1500))
+        } else {
+            Response::ok("fast")
+        }
+    });
+    let gw = Gateway::start(&config(&[origin.addr], "timeout_ms = 300\nretries = 1"));
+    let t0 = Instant::now();
+    let r = gw.get("/slow");
+    let took = t0.elapsed();
+    assert_eq!(r.status, 504);
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"message": "Endpoint Request Timed Out"})
+    );
+    assert!(took >= Duration::from_millis(250), "504 after {took:?}");
+    assert!(took < Duration::from_millis(1200), "504 after {took:?}");
+    // A timeout is not retried: the origin saw the request once.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(origin.request_count(), 1);
+    // The next request is fine.
+    let r = gw.get("/fast");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "fast");
+}
+
+fn reset_then_retry(make_failure: fn() -> Response) {
+    let bad = Origin::start(move |_| make_failure());
+    let good = named("good");
+    let gw = Gateway::start(&config(&[bad.addr, good.addr], "retries = 1"));
+    for i in 0..10 {
+        let r = gw.get(&format!("/g/{i}"));
+        assert_eq!(r.status, 200, "GET {i}: {}", r.text());
+        assert_eq!(r.text(), "good");
+    }
+    assert!(
+        bad.request_count() > 0,
+        "the failing target was never tried"
+    );
+    assert_eq!(good.request_count(), 10);
+}
+
+#[test]
+fn idempotent_get_is_retried_after_reset() {
+    reset_then_retry(Response::reset);
+}
+
+#[test]
+fn idempotent_get_is_retried_after_close_without_answer() {
+    reset_then_retry(Response::close);
+}
+
+#[test]
+fn post_is_not_retried_after_reset() {
+    let bad = Origin::start(|_| Response::reset());
+    let good = Origin::start(|r| Response::ok(r.body.clone()));
+    let gw = Gateway::start(&config(&[bad.addr, good.addr], "retries = 1"));
+    let mut failed = 0;
+    for i in 0..10 {
+        let body = format!("post-{i}");
+        let r = gw.request(&format!(
+            "POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+        match r.status {
+            200 => assert_eq!(r.text(), body),
+            502 => {
+                assert_eq!(r.message(), "Bad Gateway");
+                failed += 1;
+            }
+            s => panic!("POST {i}: unexpected {s} {}", r.text()),
+        }
+    }
+    let bad_bodies: HashSet<Vec<u8>> = bad.requests().into_iter().map(|r| r.body).collect();
+    let good_bodies: HashSet<Vec<u8>> = good.requests().into_iter().map(|r| r.body).collect();
+    assert!(failed > 0, "no POST reached the resetting target");
+    assert_eq!(
+        bad_bodies.len(),
+        failed,
+        "each failed POST reached the bad target once"
+    );
+    assert!(
+        bad_bodies.is_disjoint(&good_bodies),
+        "a POST that reached the resetting target was sent again"
+    );
+}
+
+#[test]
+fn malformed_upstream_response_gives_502() {
+    let origin = Origin::start(|_| Response::raw("NOT HTTP AT ALL\r\n\r\n"));
+    let gw = Gateway::start(&config(&[origin.addr], "retries = 0"));
+    let r = gw.get("/x");
+    assert_eq!(r.status, 502);
+    assert_eq!(r.message(), "Bad Gateway");
+}
+
+#[test]
+fn upstream_with_both_length_and_chunked_is_not_passed_on_ambiguously() {
+    // Response smuggling: RFC 9112 6.3 lets an intermediary refuse the response (502) or
+    // forward it framed by Transfer-Encoding alone, without the Content-Length, and never
+    // reuse that upstream connection.
+    let origin = Origin::start(|_| {
+        Response::raw(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        )
+    });
+    let gw = Gateway::start(&config(&[origin.addr], "retries = 0"));
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.read_response().unwrap();
+    match r.status {
+        502 => assert_eq!(r.message(), "Bad Gateway"),
+        200 => {
+            assert!(r.header("content-length").is_none(), "{:?}", r.headers);
+            assert!(r.chunked && r.body.is_empty(), "{:?}", r.headers);
+            c.send(b"GET /y HTTP/1.1\r\nHost: t\r\n\r\n");
+            let _ = c.read_response().unwrap();
+            assert_eq!(
+                origin.conns(),
+                2,
+                "the ambiguous upstream connection was reused"
+            );
+        }
+        s => panic!("unexpected {s}"),
+    }
+}
+
+const HEALTH: &str =
+    "retries = 0\nhealth = { path = \"/healthz\", interval_ms = 100, unhealthy_after = 2, healthy_after = 2 }";
+
+/// An origin whose /healthz answers 500 while `sick` is set, and `name` to anything else.
+fn with_health(name: &'static str, sick: Arc<AtomicBool>) -> Origin {
+    Origin::start(move |r| {
+        if r.path == "/healthz" {
+            if sick.load(Ordering::SeqCst) {
+                Response::new(500).body("sick")
+            } else {
+                Response::ok("ok")
+            }
+        } else {
+            Response::ok(name)
+        }
+    })
+}
+
+fn who_answers(gw: &Gateway, n: usize) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for i in 0..n {
+        let r = gw.get(&format!("/w/{i}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        *m.entry(r.text()).or_insert(0) += 1;
+    }
+    m
+}
+
+#[test]
+fn health_checks_take_targets_out_and_bring_them_back() {
+    let sick_a = Arc::new(AtomicBool::new(false));
+    let a = with_health("a", sick_a.clone());
+    let b = with_health("b", Arc::new(AtomicBool::new(false)));
+    let gw = Gateway::start(&config(&[a.addr, b.addr], HEALTH));
+    // Probes run.
+    assert!(wait_until(Duration::from_secs(2), || {
+        a.requests().iter().any(|r| r.path == "/healthz")
+    }));
+    let m = who_answers(&gw, 20);
+    assert!(
+        m.get("a").copied().unwrap_or(0) > 0 && m.get("b").copied().unwrap_or(0) > 0,
+        "{m:?}"
+    );
+
+    sick_a.store(true, Ordering::SeqCst);
+    let t0 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            who_answers(&gw, 6).get("a").is_none()
+        }),
+        "a target failing its health check kept receiving traffic"
+    );
+    eprintln!("taken out after {:?}", t0.elapsed());
+    let before = a.traffic().len();
+    let m = who_answers(&gw, 20);
+    assert_eq!(m.get("b"), Some(&20), "{m:?}");
+    assert_eq!(
+        a.traffic().len(),
+        before,
+        "traffic reached the unhealthy target"
+    );
+
+    sick_a.store(false, Ordering::SeqCst);
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            who_answers(&gw, 6).get("a").is_some()
+        }),
+        "a recovered target did not get traffic back"
+    );
+    assert!(gw.stderr().contains("unhealthy"), "the change is logged");
+}
+
+#[test]
+fn all_targets_unhealthy_gives_503() {
+    let sick = Arc::new(AtomicBool::new(true));
+    let a = with_health("a", sick.clone());
+    let b = with_health("b", sick.clone());
+    let gw = Gateway::start(&config(&[a.addr, b.addr], HEALTH));
+    assert!(
+        wait_until(Duration::from_secs(3), || gw.get("/x").status == 503),
+        "never 503 with every target failing its health check"
+    );
+    let r = gw.get("/x");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.message(), "Service Unavailable");
+    let before = a.traffic().len() + b.traffic().len();
+    for _ in 0..5 {
+        assert_eq!(gw.get("/x").status, 503);
+    }
+    assert_eq!(a.traffic().len() + b.traffic().len(), before);
+    // Recovery.
+    sick.store(false, Ordering::SeqCst);
+    assert!(wait_until(Duration::from_secs(3), || gw.get("/x").status == 200));
+}
+
+#[test]
+fn round_robin_spreads_evenly() {
+    let a = named("a");
+    let b = named("b");
+    let gw = Gateway::start(&config(&[a.addr, b.addr], "balance = \"round_robin\""));
+    // One client connection stays on one worker: strict alternation.
+    let mut c = Client::connect(gw.addr);
+    let mut m: HashMap<String, usize> = HashMap::new();
+    for i in 0..40 {
+        c.send(format!("GET /rr/{i} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        *m.entry(c.read_response().unwrap().text()).or_insert(0) += 1;
+    }
+    assert_eq!(m.get("a"), Some(&20), "{m:?}");
+    assert_eq!(m.get("b"), Some(&20), "{m:?}");
+    // New connections (either worker): still close to even.
+    let m = who_answers(&gw, 40);
+    let (x, y) = (
+        m.get("a").copied().unwrap_or(0),
+        m.get("b").copied().unwrap_or(0),
+    );
+    assert!(x >= 14 && y >= 14, "{m:?}");
+}
+
+#[test]
+fn hash_header_is_sticky() {
+    let a = named("a");
+    let b = named("b");
+    let gw = Gateway::start(&config(
+        &[a.addr, b.addr],
+        "balance = \"hash:header.x-user\"",
+    ));
+    let mut seen = HashSet::new();
+    for u in 0..20 {
+        let mut first = None;
+        for _ in 0..4 {
+            let r = gw.request(&format!(
+                "GET /h HTTP/1.1\r\nHost: t\r\nX-User: user-{u}\r\n\r\n"
+            ));
+            assert_eq!(r.status, 200);
+            let t = r.text();
+            match &first {
+                None => first = Some(t.clone()),
+                Some(f) => assert_eq!(f, &t, "user-{u} moved between targets"),
+            }
+            seen.insert(t);
+        }
+    }
+    assert_eq!(seen.len(), 2, "20 users all hashed to one target");
+}
+
+#[test]
+fn least_conn_prefers_the_idle_target() {
+    let slow = |name: &'static str| {
+        Origin::start(move |r| {
+            if r.path == "/slow" {
+                Response::ok(name).delay(Duration::from_millis(1500))
+            } else {
+                Response::ok(name)
+            }
+        })
+    };
+    let a = slow("a");
+    let b = slow("b");
+    // One worker, so one view of in-flight requests.
+    let cfg = format!(
+        "{}\n{}",
+        HEADER.replace("workers = 2", "workers = 1"),
+        config(&[a.addr, b.addr], "balance = \"least_conn\"")
+    );
+    let gw = Gateway::start(&cfg);
+    let addr = gw.addr;
+    let bg = std::thread::spawn(move || roundtrip(addr, b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n"));
+    assert!(wait_until(Duration::from_secs(2), || {
+        a.request_count() + b.request_count() == 1
+    }));
+    let busy = if a.request_count() == 1 { "a" } else { "b" };
+    for i in 0..6 {
+        let r = gw.get(&format!("/fast/{i}"));
+        assert_eq!(r.status, 200);
+        assert_ne!(r.text(), busy, "request {i} went to the busy target");
+    }
+    let r = bg.join().unwrap().unwrap();
+    assert_eq!(r.text(), busy);
+}
+
+#[test]
+fn random2_uses_every_target() {
+    let a = named("a");
+    let b = named("b");
+    let c = named("c");
+    let gw = Gateway::start(&config(&[a.addr, b.addr, c.addr], "balance = \"random2\""));
+    let m = who_answers(&gw, 30);
+    assert_eq!(m.len(), 3, "{m:?}");
+}
