@@ -479,7 +479,7 @@ pub(super) fn compile(
                                 )));
                             }
                             t.defaults.push((prefix.clone(), id));
-                            t.defaults.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+                            t.defaults.sort_by_key(|d| std::cmp::Reverse(d.0.len()));
                         }
                         Some(p) => {
                             let full = if p == "/" && !prefix.is_empty() {

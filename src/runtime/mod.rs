@@ -37,7 +37,7 @@ pub fn run(config: Config) -> Result<(), String> {
     // never reaches the allocator.
     // SAFETY: mallopt only changes allocator tunables; called before any worker starts.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 2048);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1000);
     }
     let workers = config.server.workers;
     let io = config.server.io;
@@ -209,7 +209,7 @@ async fn worker_main(
             loop {
                 monoio::time::sleep(Duration::from_millis(200)).await;
                 w.flush_log();
-                w.sweep_parked();
+                w.parker.sweep();
                 tick = tick.wrapping_add(1);
                 if tick % 5 == 0 {
                     w.trim_heap();
@@ -217,9 +217,11 @@ async fn worker_main(
             }
         });
     }
+    monoio::spawn(crate::server::run_parker(w.clone()));
     for t in accept_tasks {
         t.await;
     }
+    w.parker.close_all();
     // Drain: wait for in-flight requests, up to the shutdown timeout.
     let limit = Instant::now() + shared.current().config.server.shutdown_timeout;
     while w.inflight.get() > 0 && Instant::now() < limit {

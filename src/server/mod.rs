@@ -5,7 +5,10 @@
 //! requests; the request head is parsed into header offsets, so a steady-state request
 //! allocates nothing. One write carries a response head and as much body as is at hand.
 
+mod park;
 mod proxy;
+
+pub use park::run_parker;
 
 use crate::accesslog::{push_json_str, LocalLog};
 use crate::config::{Integration, Limits, Route, RouteMatch};
@@ -15,13 +18,11 @@ use crate::http::{BodyKind, HttpError, Method, RequestHead, ResponseHead, Status
 use crate::metrics::{Labels, WorkerMetrics};
 use crate::router::Params;
 use crate::upstream::WorkerPools;
-use ahash::AHashMap;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -38,6 +39,12 @@ const STREAM_BUF: usize = 64 * 1024;
 pub struct Worker {
     pub id: usize,
     pub shared: Arc<Shared>,
+    /// The live config. Cloning the outer `Rc` per request is a plain increment; cloning the
+    /// `Arc` would bounce its counter's cache line between workers.
+    #[allow(
+        clippy::redundant_allocation,
+        reason = "Rc avoids a shared atomic per request"
+    )]
     gw: RefCell<Rc<Arc<Gateway>>>,
     gen: Cell<u64>,
     pools: RefCell<WorkerPools>,
@@ -50,11 +57,14 @@ pub struct Worker {
     pub inflight: Cell<usize>,
     unmatched: Labels,
     /// Buffers of idle or closed connections, for reuse.
+    #[allow(
+        clippy::vec_box,
+        reason = "connections hold the boxed buffers; moved by pointer"
+    )]
     free: RefCell<Vec<Box<Bufs>>>,
     trim_wanted: Cell<bool>,
-    /// Parked (idle, bufferless) connections: id -> (socket, deadline).
-    parked: RefCell<AHashMap<u64, (RawFd, Instant)>>,
-    park_seq: Cell<u64>,
+    /// Idle connections waiting without buffers.
+    pub parker: park::Parker,
 }
 
 impl Worker {
@@ -84,13 +94,13 @@ impl Worker {
             unmatched: Labels(Arc::from("api=\"\",stage=\"\",route=\"\"")),
             free: RefCell::new(Vec::new()),
             trim_wanted: Cell::new(false),
-            parked: RefCell::new(AHashMap::new()),
-            park_seq: Cell::new(0),
+            parker: park::Parker::new().expect("epoll_create1"),
             shared,
         }
     }
 
     /// The live config, refreshed when a reload happened (one atomic load otherwise).
+    #[allow(clippy::redundant_allocation, reason = "see the `gw` field")]
     fn gateway(&self) -> Rc<Arc<Gateway>> {
         let g = self.shared.generation();
         if g != self.gen.get() {
@@ -132,23 +142,6 @@ impl Worker {
         b.out.clear();
         b.ubuf.clear();
         free.push(b);
-    }
-
-    /// Shuts down parked connections whose idle or header deadline has passed (their park
-    /// task then sees a hang-up and closes the socket).
-    pub fn sweep_parked(&self) {
-        let now = Instant::now();
-        self.parked.borrow_mut().retain(|_, (fd, deadline)| {
-            if *deadline > now {
-                return true;
-            }
-            // SAFETY: the entry is removed by the park task before it drops the socket, and
-            // both run on this thread, so `fd` is still the parked connection's open socket.
-            unsafe {
-                libc::shutdown(*fd, libc::SHUT_RDWR);
-            }
-            false
-        });
     }
 
     /// Returns freed heap pages to the kernel after many buffers were dropped, so idle
@@ -262,30 +255,8 @@ pub async fn serve(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, guard: Co
     run(w, stream, peer, guard, false, deadline).await
 }
 
-/// Waits, holding no buffer and no timer, until a parked connection has bytes. Its deadline
-/// is kept in the worker's park table; [`Worker::sweep_parked`] shuts the socket down when it
-/// passes, which wakes this wait with a hang-up.
-async fn park(
-    w: Rc<Worker>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    guard: ConnGuard,
-    deadline: Instant,
-) {
-    let id = w.park_seq.get().wrapping_add(1);
-    w.park_seq.set(id);
-    w.parked
-        .borrow_mut()
-        .insert(id, (stream.as_raw_fd(), deadline));
-    let ready = stream.readable(false).await;
-    let expired = w.parked.borrow_mut().remove(&id).is_none();
-    if ready.is_ok() && !expired && !w.shared.shutdown.load(Ordering::Relaxed) {
-        monoio::spawn(run(w, stream, peer, guard, true, deadline));
-    }
-}
-
 /// The connection loop: one request after another until close or park.
-async fn run(
+pub(crate) async fn run(
     w: Rc<Worker>,
     stream: TcpStream,
     peer: SocketAddr,
@@ -321,7 +292,7 @@ async fn run(
                     ..
                 } = c;
                 w.give_bufs(b);
-                monoio::spawn(park(w.clone(), stream, peer, guard, deadline));
+                w.parker.park(stream, peer, guard, deadline);
                 return;
             }
             HeadRead::Fail(status, msg) => {
