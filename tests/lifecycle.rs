@@ -370,3 +370,99 @@ fn sigint_also_drains_and_exits_0() {
         .expect("no exit on SIGINT");
     assert_eq!(st.code(), Some(0));
 }
+
+#[test]
+fn reload_moves_traffic_to_new_upstream_targets() {
+    let a = Origin::fixed("a");
+    let b = Origin::fixed("b");
+    let gw = Gateway::start(&versioned(1, a.addr));
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /p/1 HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().text(), "a");
+    gw.write_config(&versioned(2, b.addr));
+    let r = admin_request(gw.admin_addr, "POST", "/reload", None).unwrap();
+    assert_eq!(r.status, 200);
+    // Same client connection: every request after the reload goes to the new target.
+    let mut got = Vec::new();
+    for i in 0..4 {
+        c.send(format!("GET /p/{i} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        got.push(c.read_response().unwrap().text());
+    }
+    assert_eq!(got, ["b", "b", "b", "b"], "answers after the reload");
+    assert_eq!(a.request_count(), 1);
+}
+
+#[test]
+fn reload_applies_to_the_next_request_on_an_idle_connection() {
+    let origin = Origin::fixed("proxied");
+    let gw = Gateway::start(&versioned(1, origin.addr));
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /v HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().text(), "v1");
+    gw.write_config(&versioned(2, origin.addr));
+    gw.reload_signal();
+    assert!(wait_until(Duration::from_secs(3), || gw
+        .stderr()
+        .contains("config reloaded")));
+    c.send(b"GET /v HTTP/1.1\r\nHost: t\r\n\r\nGET /new1 HTTP/1.1\r\nHost: t\r\n\r\n");
+    let first = c.read_response().unwrap();
+    let second = c.read_response().unwrap();
+    assert_eq!(
+        (first.text().as_str(), second.status),
+        ("v2", 404),
+        "the keep-alive connection answered from the old config after the reload"
+    );
+}
+
+#[test]
+fn refuses_to_start_when_the_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = temp_dir("taken");
+    let cfg = dir.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("[server]\nlisten = [\"{addr}\"]\nworkers = 2\n[[apis]]\nname = \"x\"\n"),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
+        .arg("--config")
+        .arg(&cfg)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if t0.elapsed() > Duration::from_secs(5) {
+            let _ = child.kill();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let st = st.expect("ringgate kept running on a port it could not bind");
+    assert!(!st.success());
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&addr.to_string()),
+        "the error names the address: {err}"
+    );
+    drop(taken);
+}
+
+#[test]
+fn missing_config_file_is_one_clear_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
+        .args(["--config", "/nonexistent/ringgate.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("/nonexistent/ringgate.toml"), "{err}");
+}

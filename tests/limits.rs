@@ -217,3 +217,27 @@ fn connections_over_max_connections_are_refused() {
             .unwrap_or(false)
     }));
 }
+
+#[test]
+fn streamed_chunked_body_over_max_body_bytes_gets_413() {
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr, "max_body_bytes = 1000"));
+    let mut c = Client::connect(gw.addr);
+    c.send(b"POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+    assert!(wait_until(Duration::from_secs(2), || origin.raw_len() > 0));
+    for _ in 0..4 {
+        let _ = c.try_send(format!("190\r\n{}\r\n", "a".repeat(400)).as_bytes());
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let _ = c.try_send(b"0\r\n\r\n");
+    let r = c.read_response();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        origin.request_count(),
+        0,
+        "the origin got the whole oversize body"
+    );
+    let r = r.expect("no 413 for an oversize streamed chunked body");
+    assert_eq!(r.status, 413);
+    assert!(c.is_closed_within(Duration::from_secs(2)));
+}

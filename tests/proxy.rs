@@ -518,3 +518,151 @@ fn http10_client_gets_close_by_default_and_keep_alive_on_request() {
     assert_eq!(r.status, 200);
     assert!(c.is_closed_within(Duration::from_secs(2)));
 }
+
+#[test]
+fn several_client_forwarded_for_headers_are_all_kept() {
+    // Repeated fields are one comma-separated list (RFC 9110 5.3): none may be dropped.
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr));
+    let r = gw.request(
+        "GET /a HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-For: 198.51.100.2\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    let req = origin.last_request();
+    let joined = req.headers_named("x-forwarded-for").join(", ");
+    assert_eq!(
+        joined, "198.51.100.1, 198.51.100.2, 127.0.0.1",
+        "{:?}",
+        req.headers
+    );
+}
+
+#[test]
+fn unusable_client_request_id_is_replaced() {
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr));
+    let long = "x".repeat(300);
+    for bad in ["has spaces in it", long.as_str()] {
+        let r = gw.request(&format!(
+            "GET /a HTTP/1.1\r\nHost: t\r\nX-Request-Id: {bad}\r\n\r\n"
+        ));
+        assert_eq!(r.status, 200);
+        let id = r.header("x-request-id").unwrap().to_string();
+        assert_ne!(id, bad);
+        assert_eq!(
+            origin.last_request().headers_named("x-request-id"),
+            vec![id.as_str()]
+        );
+    }
+}
+
+#[test]
+fn client_connection_close_is_honoured() {
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr));
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /a HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.closes(), "{:?}", r.headers);
+    assert!(c.is_closed_within(Duration::from_secs(2)));
+}
+
+#[test]
+fn pipelined_request_after_a_streamed_body() {
+    // The body is larger than one read, so it streams; the request after it arrives in the
+    // same bytes and must still be answered, in order.
+    let origin = Origin::start(|r| Response::ok(format!("{} {}", r.path, r.body_len)));
+    let gw = Gateway::start(&config(origin.addr));
+    let mut c = Client::connect(gw.addr);
+    let mut raw = b"POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: 300000\r\n\r\n".to_vec();
+    raw.extend(std::iter::repeat(b'z').take(300_000));
+    raw.extend_from_slice(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n");
+    raw.extend_from_slice(
+        b"POST /chunky HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    raw.extend_from_slice(format!("{:x}\r\n", 200_000).as_bytes());
+    raw.extend(std::iter::repeat(b'y').take(200_000));
+    raw.extend_from_slice(b"\r\n0\r\n\r\nGET /last HTTP/1.1\r\nHost: t\r\n\r\n");
+    c.send(&raw);
+    for want in ["/big 300000", "/next 0", "/chunky 200000", "/last 0"] {
+        let r = c.read_response().unwrap_or_else(|e| panic!("{want}: {e}"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), want);
+    }
+}
+
+#[test]
+fn stale_pooled_upstream_connection_is_replaced_transparently() {
+    // The origin closes each connection right after answering, without saying so: the
+    // gateway pools it, finds it dead on the next request, and must send again on a fresh one.
+    let origin = Origin::start(|r| Response::ok(r.path.clone()).then_close());
+    let gw = Gateway::start(&config(origin.addr));
+    let mut c = Client::connect(gw.addr);
+    for i in 0..10 {
+        std::thread::sleep(Duration::from_millis(20));
+        c.send(format!("GET /s/{i} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 200, "GET {i}: {}", r.text());
+        assert_eq!(r.text(), format!("/s/{i}"));
+    }
+    for i in 0..5 {
+        std::thread::sleep(Duration::from_millis(20));
+        c.send(
+            format!("POST /p/{i} HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi").as_bytes(),
+        );
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 200, "POST {i}: {}", r.text());
+    }
+}
+
+#[test]
+fn interim_upstream_response_is_skipped() {
+    let origin = Origin::start(|_| {
+        Response::raw(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal",
+        )
+    });
+    let gw = Gateway::start(&config(origin.addr));
+    let r = gw.get("/x");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "final");
+}
+
+#[test]
+fn truncated_upstream_body_is_not_passed_off_as_complete() {
+    let origin = Origin::start(|_| {
+        Response::raw("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly fifty bytes.................................!")
+            .then_close()
+    });
+    let gw = Gateway::start(&config(origin.addr));
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.read_response();
+    assert!(
+        r.is_err(),
+        "a truncated body was delivered as complete: {r:?}"
+    );
+}
+
+#[test]
+fn large_download_in_bounded_memory() {
+    const SIZE: usize = 64 * 1024 * 1024;
+    let body = std::sync::Arc::new(vec![b'd'; SIZE]);
+    let b2 = body.clone();
+    let origin = Origin::start(move |_| Response::ok((*b2).clone()));
+    let gw = Gateway::start(&config(origin.addr));
+    assert_eq!(gw.get("/mock").status, 200);
+    let start = rss_kib(gw.pid);
+    let mut c = Client::connect(gw.addr);
+    c.set_timeout(Duration::from_secs(20));
+    c.send(b"GET /dl HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.read_response().unwrap();
+    let after = rss_kib(gw.pid);
+    assert_eq!(r.body.len(), SIZE);
+    assert!(
+        after.saturating_sub(start) < 32 * 1024,
+        "gateway RSS grew {} KiB for a 64 MB download",
+        after - start
+    );
+}

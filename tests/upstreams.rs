@@ -252,7 +252,7 @@ fn health_checks_take_targets_out_and_bring_them_back() {
     let t0 = Instant::now();
     assert!(
         wait_until(Duration::from_secs(3), || {
-            who_answers(&gw, 6).get("a").is_none()
+            !who_answers(&gw, 6).contains_key("a")
         }),
         "a target failing its health check kept receiving traffic"
     );
@@ -269,7 +269,7 @@ fn health_checks_take_targets_out_and_bring_them_back() {
     sick_a.store(false, Ordering::SeqCst);
     assert!(
         wait_until(Duration::from_secs(3), || {
-            who_answers(&gw, 6).get("a").is_some()
+            who_answers(&gw, 6).contains_key("a")
         }),
         "a recovered target did not get traffic back"
     );

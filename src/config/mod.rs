@@ -87,6 +87,8 @@ pub struct ServerConfig {
     /// Resolved worker count (never 0).
     pub workers: usize,
     pub io: IoMode,
+    /// Pin each worker to one core (worker i to core i mod cores).
+    pub pin_workers: bool,
     pub shutdown_timeout: Duration,
     pub state_dir: PathBuf,
     pub limits: Limits,
@@ -260,6 +262,7 @@ fn validate_server(src: &Source, raw: &RawConfig) -> Result<ServerConfig, Config
         listen,
         workers,
         io,
+        pin_workers: s.pin_workers,
         shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
         state_dir: PathBuf::from(&s.state_dir),
         limits: Limits {

@@ -33,6 +33,9 @@ pub struct RawServer {
     pub workers: usize,
     #[serde(default = "default_io")]
     pub io: Spanned<String>,
+    /// Pin each worker thread to one core.
+    #[serde(default = "default_true")]
+    pub pin_workers: bool,
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
     #[serde(default = "default_state_dir")]
@@ -47,6 +50,7 @@ impl Default for RawServer {
             listen: default_listen(),
             workers: 0,
             io: default_io(),
+            pin_workers: true,
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
             state_dir: default_state_dir(),
             limits: RawLimits::default(),

@@ -41,6 +41,7 @@ pub fn run(config: Config) -> Result<(), String> {
     }
     let workers = config.server.workers;
     let io = config.server.io;
+    let pin = config.server.pin_workers;
     let listen = config.server.listen.clone();
     let admin_cfg = config.admin.clone();
     let shared = Shared::new(config, access_log);
@@ -69,7 +70,7 @@ pub fn run(config: Config) -> Result<(), String> {
         let tx = ready_tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("ringgate-w{id}"))
-            .spawn(move || worker_thread(id, id % cores, shared, listen, io, tx))
+            .spawn(move || worker_thread(id, pin.then_some(id % cores), shared, listen, io, tx))
             .map_err(|e| format!("cannot start worker thread: {e}"))?;
         handles.push(h);
     }
@@ -136,13 +137,15 @@ fn uring_builder() -> io_uring::Builder {
 
 fn worker_thread(
     id: usize,
-    cpu: usize,
+    cpu: Option<usize>,
     shared: Arc<Shared>,
     listen: Vec<SocketAddr>,
     io: IoMode,
     ready: mpsc::Sender<Result<String, String>>,
 ) {
-    let _ = monoio::utils::bind_to_cpu_set([cpu]);
+    if let Some(cpu) = cpu {
+        let _ = monoio::utils::bind_to_cpu_set([cpu]);
+    }
     if io != IoMode::Epoll {
         let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
             .with_entries(RING_ENTRIES)

@@ -304,6 +304,8 @@ pub(crate) async fn run(
                 break;
             }
         }
+        // A reload may have happened while this connection waited: serve with the newest.
+        let gw = w.gateway();
         w.inflight.set(w.inflight.get() + 1);
         let keep = handle(&w, &gw, &mut c).await;
         w.inflight.set(w.inflight.get() - 1);

@@ -170,11 +170,24 @@ pub(super) async fn proxy(
         let us = match res {
             Ok(us) => us,
             Err(Fail::Client(status)) => {
+                // The client's body was bad, too big or too slow: tell it (nothing has been
+                // sent to it yet). A client that went away gets nothing.
+                let msg = match status {
+                    400 => Some("Bad Request: invalid chunked body"),
+                    408 => Some("Request Timeout"),
+                    413 => Some("Request Entity Too Large"),
+                    _ => None,
+                };
+                if let Some(msg) = msg {
+                    let mut o = reject(w, c, status, msg, false).await;
+                    o.upstream = Some(addr);
+                    return o;
+                }
                 return Outcome {
                     status,
                     keep_alive: false,
                     upstream: Some(addr),
-                }
+                };
             }
             Err(Fail::Timeout) => {
                 return reject(w, c, 504, "Endpoint Request Timed Out", false).await;
@@ -198,7 +211,7 @@ pub(super) async fn proxy(
         if let Ok(mut m) = w.metrics.lock() {
             m.upstream(&up.labels, started.elapsed());
         }
-        return respond(w, c, us, addr, up.cfg.keepalive, deadline).await;
+        return respond(w, c, us, addr, up.cfg.keepalive, up.cfg.timeout).await;
     }
 }
 
@@ -240,10 +253,8 @@ fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
         }
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut xff: Option<&[u8]> = None;
     for (name, value) in head.forwardable(buf) {
         if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-            xff = Some(value);
             continue;
         }
         if name.eq_ignore_ascii_case(b"x-forwarded-proto")
@@ -255,10 +266,13 @@ fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
         }
         encode::push_header(out, name, value);
     }
+    // X-Forwarded-For: every client-sent value in order, then the peer.
     out.extend_from_slice(b"x-forwarded-for: ");
-    if let Some(v) = xff {
-        out.extend_from_slice(v);
-        out.extend_from_slice(b", ");
+    for (name, value) in head.forwardable(buf) {
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            out.extend_from_slice(value);
+            out.extend_from_slice(b", ");
+        }
     }
     let mut ipbuf = [0u8; 64];
     out.extend_from_slice(fmt_ip(c.peer, &mut ipbuf));
@@ -391,7 +405,7 @@ async fn stream_request_body(
             }
             Some(d) => match d.feed(&bbuf, |_| {}) {
                 Ok((used, done)) => (used, done),
-                Err(_) => return Err(Fail::Client(400)),
+                Err(e) => return Err(Fail::Client(chunk_error(&e).0)),
             },
         };
         let chunk = monoio::buf::IoBuf::slice(bbuf, 0..send);
@@ -419,7 +433,7 @@ async fn respond(
     mut us: TcpStream,
     addr: SocketAddr,
     keepalive: usize,
-    deadline: Instant,
+    read_timeout: std::time::Duration,
 ) -> Outcome {
     let status = c.b.resp.status;
     let head_len = c.b.resp.head_len;
@@ -547,9 +561,8 @@ async fn respond(
         if c.b.ubuf.capacity() < STREAM_BUF {
             c.b.ubuf.reserve(STREAM_BUF);
         }
-        let wait = deadline
-            .saturating_duration_since(Instant::now())
-            .max(std::time::Duration::from_secs(60));
+        // Each read of the body may take up to the integration timeout.
+        let wait = read_timeout;
         let len = c.b.ubuf.len();
         let cap = c.b.ubuf.capacity();
         let buf = std::mem::take(&mut c.b.ubuf).slice_mut(len..cap);

@@ -289,7 +289,7 @@ impl Drop for Gateway {
 }
 
 /// Runs `ringgate --check --config FILE` on `toml` (placeholders filled with unused ports).
-/// Returns the output and the config path (errors name it).
+/// Returns the output and the config path (errors name it; the file is gone by then).
 pub fn check(toml: &str) -> (Output, PathBuf) {
     let dir = temp_dir("check");
     let path = dir.join("check.toml");
@@ -307,6 +307,7 @@ pub fn check(toml: &str) -> (Output, PathBuf) {
         .stdin(Stdio::null())
         .output()
         .expect("run ringgate --check");
+    let _ = std::fs::remove_dir_all(&dir);
     (out, path)
 }
 
@@ -594,6 +595,8 @@ pub struct Response {
     pub action: Action,
     /// Do not add a Content-Length (e.g. for 204/304 tests that set their own).
     pub no_length: bool,
+    /// Close silently after answering.
+    pub close_after: bool,
 }
 
 impl Response {
@@ -606,6 +609,7 @@ impl Response {
             delay: Duration::ZERO,
             action: Action::Answer,
             no_length: false,
+            close_after: false,
         }
     }
     pub fn ok(body: impl Into<Vec<u8>>) -> Response {
@@ -629,6 +633,12 @@ impl Response {
     }
     pub fn until_close(mut self) -> Response {
         self.action = Action::AnswerUntilClose;
+        self
+    }
+    /// After answering (normally or raw), close the connection silently, without a
+    /// `Connection: close`, as an origin whose keep-alive timer fires right after answering.
+    pub fn then_close(mut self) -> Response {
+        self.close_after = true;
         self
     }
     pub fn no_length(mut self) -> Response {
@@ -874,6 +884,10 @@ fn origin_conn(st: &OriginState, s: TcpStream, conn: usize) -> io::Result<()> {
             }
             Action::Raw => {
                 r.stream.write_all(&resp.body)?;
+                if resp.close_after {
+                    let _ = r.stream.shutdown(Shutdown::Both);
+                    return Ok(());
+                }
                 continue;
             }
             _ => {}
@@ -911,7 +925,7 @@ fn origin_conn(st: &OriginState, s: TcpStream, conn: usize) -> io::Result<()> {
             }
         }
         r.stream.write_all(&out)?;
-        if until_close {
+        if until_close || resp.close_after {
             let _ = r.stream.shutdown(Shutdown::Both);
             return Ok(());
         }
