@@ -412,7 +412,9 @@ async fn stream_request_body(
         let (res, chunk) = us.write_all(chunk).await;
         bbuf = chunk.into_inner();
         if res.is_err() {
-            return Err(Fail::Client(502));
+            // The upstream stopped reading (it may have answered early): not retryable,
+            // since the body is gone; the caller answers 502.
+            return Err(Fail::BeforeResponse);
         }
         if done {
             // Bytes after the body are the next pipelined request; the head stays in rbuf
