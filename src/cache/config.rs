@@ -178,7 +178,7 @@ integration = { type = "http", upstream = "o" }
     fn errors_name_line_and_key() {
         let bad = BASE.replace("\"path.id\"", "\"path.nope\"");
         let e = parse(Path::new("t.toml"), &bad).unwrap_err().0;
-        assert!(e.contains("t.toml:14:") && e.contains("cache.key"), "{e}");
+        assert!(e.contains("t.toml:13:") && e.contains("cache.key"), "{e}");
         let bad = BASE.replace("\"query.lang\"", "\"cookie.x\"");
         assert!(parse(Path::new("t.toml"), &bad).is_err());
         let bad = BASE.replace("max_bytes = 1048576", "max_bytes = 10");

@@ -180,9 +180,15 @@ mod tests {
 
     #[test]
     fn plain_200_uses_config_ttl() {
-        assert_eq!(d("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n", false), ttl(300));
         assert_eq!(
-            d("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", false),
+            d("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n", false),
+            ttl(300)
+        );
+        assert_eq!(
+            d(
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                false
+            ),
             ttl(300)
         );
     }

@@ -159,7 +159,10 @@ pub fn build_key(
 /// Appends every value of request header `name` (absent and empty differ).
 fn push_header_values(out: &mut Vec<u8>, head: &RequestHead, buf: &[u8], name: &str) {
     for h in &head.headers {
-        if head.slice(buf, h.name).eq_ignore_ascii_case(name.as_bytes()) {
+        if head
+            .slice(buf, h.name)
+            .eq_ignore_ascii_case(name.as_bytes())
+        {
             out.push(1);
             out.extend_from_slice(head.slice(buf, h.value));
         }
@@ -179,7 +182,10 @@ pub fn push_vary(out: &mut Vec<u8>, names: &[Box<str>], head: &RequestHead, buf:
 #[derive(Debug, Clone)]
 pub enum Invalidation {
     /// Every entry of a stage whose stage-relative path starts with `prefix`.
-    Prefix { store_id: Arc<str>, prefix: Box<[u8]> },
+    Prefix {
+        store_id: Arc<str>,
+        prefix: Box<[u8]>,
+    },
     /// One exact key (a client's `Cache-Control: max-age=0`).
     Key { store_id: Arc<str>, key: Box<[u8]> },
 }
@@ -295,7 +301,10 @@ pub struct Leader {
 impl Drop for Leader {
     fn drop(&mut self) {
         if let Ok(mut c) = self.cache.try_borrow_mut() {
-            if c.pending.get(&self.hash).is_some_and(|p| Rc::ptr_eq(p, &self.p)) {
+            if c.pending
+                .get(&self.hash)
+                .is_some_and(|p| Rc::ptr_eq(p, &self.p))
+            {
                 c.pending.remove(&self.hash);
             }
         }

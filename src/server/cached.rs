@@ -53,8 +53,7 @@ pub(super) async fn serve(
         return proxy::proxy(w, gw, c, route, up, tpl, Some(&mut cap)).await;
     }
     let refresh = pol.allow_client_invalidate
-        && c
-            .b
+        && c.b
             .head
             .header(&c.b.rbuf, "cache-control")
             .is_some_and(request_wants_refresh);
