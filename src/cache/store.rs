@@ -259,11 +259,19 @@ impl Store {
     fn evict_for(&mut self, need: usize) {
         while self.used + need > self.cap && !self.map.is_empty() {
             let small_over = self.small_used > self.cap / 10;
-            let progressed = if small_over || self.main.is_empty() {
-                self.evict_small() || self.evict_main()
+            let from_small_first = small_over || self.main.is_empty();
+            let mut progressed = if from_small_first {
+                self.evict_small()
             } else {
-                self.evict_main() || self.evict_small()
+                self.evict_main()
             };
+            if !progressed {
+                progressed = if from_small_first {
+                    self.evict_main()
+                } else {
+                    self.evict_small()
+                };
+            }
             if !progressed {
                 break;
             }
@@ -377,7 +385,6 @@ mod tests {
     }
 
     fn h(k: &str) -> u64 {
-        use std::hash::BuildHasher;
         ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(k)
     }
 
