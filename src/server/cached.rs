@@ -113,10 +113,13 @@ fn lookup(
         route.prefix_len,
     );
     let primary = wc.hash(&key);
-    if let Some(names) = wc.vary_names(primary) {
-        push_vary(&mut key, names, &c.b.head, &c.b.rbuf);
-    }
-    let h = wc.hash(&key);
+    let h = match wc.vary_names(primary) {
+        Some(names) => {
+            push_vary(&mut key, names, &c.b.head, &c.b.rbuf);
+            wc.hash(&key)
+        }
+        None => primary,
+    };
     let mut hit = None;
     if get {
         let now = Instant::now();
@@ -182,10 +185,12 @@ async fn fetch(
             );
             let primary = wc.hash(&key);
             wc.set_vary(primary, &cap.vary);
-            if !cap.vary.is_empty() {
+            let h = if cap.vary.is_empty() {
+                primary
+            } else {
                 push_vary(&mut key, &cap.vary, &c.b.head, &c.b.rbuf);
-            }
-            let h = wc.hash(&key);
+                wc.hash(&key)
+            };
             let now = Instant::now();
             let entry = Entry::new(
                 key.as_slice().into(),
