@@ -575,3 +575,110 @@ pub fn admin_invalidate(shared: &crate::gateway::Shared, body: &[u8]) -> (u16, S
         .to_string(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::{Limits, Status};
+
+    fn pol(key: Vec<KeyPart>) -> CachePolicy {
+        let query_in_key = key.iter().any(|k| matches!(k, KeyPart::Query(_)));
+        CachePolicy {
+            store_id: "a\0s".into(),
+            max_bytes: 1 << 20,
+            ttl: Duration::from_secs(1),
+            key,
+            query_in_key,
+            credentials_in_key: [false; 3],
+            allow_client_invalidate: false,
+        }
+    }
+
+    fn key(p: &CachePolicy, req: &str) -> Vec<u8> {
+        let mut h = RequestHead::new(32);
+        let lim = Limits {
+            max_header_bytes: 8192,
+            max_headers: 32,
+        };
+        assert!(matches!(
+            h.parse(req.as_bytes(), &lim),
+            Ok(Status::Complete(_))
+        ));
+        let mut out = Vec::new();
+        let r = build_key(&mut out, p, &h, req.as_bytes(), &Params::new(), 5);
+        assert_eq!(&out[r.0 as usize..r.1 as usize], b"/x");
+        out
+    }
+
+    #[test]
+    fn query_and_header_parts() {
+        let p = pol(vec![
+            KeyPart::Query("lang".into()),
+            KeyPart::Header("x-t".into()),
+        ]);
+        let a = key(&p, "GET /prod/x?lang=en&u=1 HTTP/1.1\r\nHost: H\r\n\r\n");
+        let b = key(&p, "GET /prod/x?u=2&lang=en HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_eq!(a, b);
+        let c = key(&p, "GET /prod/x?lang=fr HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_ne!(a, c);
+        let d = key(
+            &p,
+            "GET /prod/x?lang=en HTTP/1.1\r\nHost: h\r\nX-T: 1\r\n\r\n",
+        );
+        assert_ne!(a, d);
+        // Absent and empty differ.
+        let e = key(&p, "GET /prod/x?lang= HTTP/1.1\r\nHost: h\r\n\r\n");
+        let f = key(&p, "GET /prod/x?lang HTTP/1.1\r\nHost: h\r\n\r\n");
+        let g = key(&p, "GET /prod/x HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_ne!(e, g);
+        assert_ne!(f, g);
+        // Method counts.
+        let h = key(&p, "HEAD /prod/x?lang=en HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_ne!(a, h);
+    }
+
+    #[test]
+    fn whole_query_without_query_parts() {
+        let p = pol(vec![]);
+        let a = key(&p, "GET /prod/x?a=1 HTTP/1.1\r\nHost: h\r\n\r\n");
+        let b = key(&p, "GET /prod/x?a=2 HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn invalidation_log_applies_and_falls_back_to_clear() {
+        let log = InvalidationLog::default();
+        let mut wc = WorkerCache::default();
+        let p = pol(vec![]);
+        let now = std::time::Instant::now();
+        for path in ["/a/1", "/b/1"] {
+            let k: Box<[u8]> = path.as_bytes().into();
+            let h = wc.hash(&k);
+            let e = Entry::new(
+                k,
+                bytes::Bytes::from_static(b"x"),
+                0,
+                200,
+                now,
+                now + Duration::from_secs(60),
+                (0, path.len() as u32),
+            );
+            assert!(wc.store(&p, 1).insert(h, e));
+        }
+        log.publish(Invalidation::Prefix {
+            store_id: p.store_id.clone(),
+            prefix: b"/a/".as_slice().into(),
+        });
+        wc.sync(&log);
+        assert_eq!(wc.store(&p, 1).len(), 1);
+        // A worker that missed more records than are kept clears everything.
+        for _ in 0..LOG_KEEP + 1 {
+            log.publish(Invalidation::Prefix {
+                store_id: "other".into(),
+                prefix: b"/".as_slice().into(),
+            });
+        }
+        wc.sync(&log);
+        assert_eq!(wc.store(&p, 1).len(), 0);
+    }
+}
