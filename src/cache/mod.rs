@@ -466,6 +466,7 @@ impl Capture {
             if n as usize > self.max_entry {
                 return;
             }
+            self.body.reserve_exact(n as usize);
         }
         self.head.clear();
         encode::push_status_line(&mut self.head, resp.status);
@@ -505,7 +506,10 @@ impl Capture {
         if !self.active {
             return None;
         }
-        let mut data = std::mem::take(&mut self.head);
+        // Exact capacity: the store charges `data.len()`, so no hidden slack may hide behind it.
+        let mut data = Vec::with_capacity(self.head.len() + 40 + self.body.len());
+        data.extend_from_slice(&self.head);
+        self.head = Vec::new();
         match (&self.head_length, self.head_request) {
             (Some(v), true) => crate::http::encode::push_header(&mut data, b"content-length", v),
             (None, true) => {}
@@ -517,6 +521,8 @@ impl Capture {
         }
         let head_len = data.len();
         data.extend_from_slice(&self.body);
+        self.body = Vec::new();
+        data.shrink_to_fit();
         Some((bytes::Bytes::from(data), head_len))
     }
 }
