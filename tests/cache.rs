@@ -553,3 +553,37 @@ fn config_errors_name_the_key() {
     let (out, _) = check(&bad);
     assert!(!out.status.success());
 }
+
+#[test]
+fn reload_turns_caching_off_and_on() {
+    let (origin, _n) = counting_origin();
+    let on = config(origin.addr, 1, 1 << 20, "");
+    let gw = Gateway::start(&on);
+    let mut c = Client::connect(gw.addr);
+    get(&mut c, "/prod/items/1", "");
+    assert_eq!(
+        get(&mut c, "/prod/items/1", "").header("x-cache"),
+        Some("hit")
+    );
+    let off = on.replace("cache = { ttl_s = 60, max_bytes = 1048576 }", "");
+    assert_ne!(off, on);
+    gw.write_config(&off);
+    gw.reload_signal();
+    assert!(wait_until(Duration::from_secs(5), || {
+        get(&mut Client::connect(gw.addr), "/prod/other", "")
+            .header("x-cache")
+            .is_none()
+    }));
+    // Back on: the old entries are gone with the stage's store, so this is a miss.
+    gw.write_config(&on);
+    gw.reload_signal();
+    assert!(wait_until(Duration::from_secs(5), || {
+        get(&mut Client::connect(gw.addr), "/prod/other2", "")
+            .header("x-cache")
+            .is_some()
+    }));
+    assert_eq!(
+        get(&mut c, "/prod/items/1", "").header("x-cache"),
+        Some("miss")
+    );
+}

@@ -273,6 +273,8 @@ pub struct WorkerCache {
     pending: AHashMap<u64, Rc<Pending>>,
     /// Invalidation records applied so far.
     applied: u64,
+    /// Config generation the stores were last checked against.
+    generation: u64,
     /// The key of the current request (reused: no allocation per lookup).
     pub key: Vec<u8>,
 }
@@ -285,6 +287,7 @@ impl Default for WorkerCache {
             vary: AHashMap::new(),
             pending: AHashMap::new(),
             applied: 0,
+            generation: 0,
             key: Vec::with_capacity(256),
         }
     }
@@ -329,6 +332,22 @@ impl WorkerCache {
             s.set_capacity(cap);
         }
         s
+    }
+
+    /// After a reload (`generation` changed), drops the stores of stages that no longer
+    /// cache anything, so a removed stage's entries do not stay in memory.
+    pub fn prune(&mut self, generation: u64, routes: &crate::config::RouteTable) {
+        if generation == self.generation {
+            return;
+        }
+        self.generation = generation;
+        let live: Vec<&Arc<str>> = routes
+            .routes()
+            .iter()
+            .filter_map(|r| r.cache.as_ref().map(|c| &c.store_id))
+            .collect();
+        self.stores.retain(|id, _| live.iter().any(|l| **l == *id));
+        self.vary.clear();
     }
 
     /// Applies invalidations published since the last call.

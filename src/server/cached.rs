@@ -102,6 +102,7 @@ fn lookup(
 ) -> (u64, Option<Hit>, Vec<u8>) {
     let mut wc = w.cache.borrow_mut();
     let wc = &mut *wc;
+    wc.prune(w.gen.get(), &gw.config.routes);
     wc.sync(&w.shared.cache_inval);
     let mut key = std::mem::take(&mut wc.key);
     build_key(
