@@ -587,3 +587,26 @@ fn reload_turns_caching_off_and_on() {
         Some("miss")
     );
 }
+
+#[test]
+fn hits_on_the_epoll_driver() {
+    let origin = Origin::start(|r| {
+        let n: usize = if r.path.contains("large") {
+            100_000
+        } else {
+            10
+        };
+        Response::ok(vec![b'e'; n])
+    });
+    let toml = config(origin.addr, 1, 4 << 20, "")
+        .replace("workers = 1\n", "workers = 1\nio = \"epoll\"\n");
+    let gw = Gateway::start(&toml);
+    assert!(gw.stderr().contains("io driver: epoll"), "{}", gw.stderr());
+    let mut c = Client::connect(gw.addr);
+    for p in ["/prod/small", "/prod/large"] {
+        let a = get(&mut c, p, "");
+        let b = get(&mut c, p, "");
+        assert_eq!(b.header("x-cache"), Some("hit"));
+        assert_eq!(a.body, b.body);
+    }
+}
