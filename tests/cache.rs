@@ -610,3 +610,33 @@ fn hits_on_the_epoll_driver() {
         assert_eq!(a.body, b.body);
     }
 }
+
+#[test]
+fn uncacheable_answer_releases_waiters_at_once() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let origin = Origin::start(move |_| {
+        n2.fetch_add(1, Ordering::SeqCst);
+        Response::ok("private")
+            .header("Cache-Control", "no-store")
+            .delay(Duration::from_millis(400))
+    });
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, ""));
+    let addr = gw.addr;
+    let t0 = std::time::Instant::now();
+    let threads: Vec<_> = (0..6)
+        .map(|_| std::thread::spawn(move || get(&mut Client::connect(addr), "/prod/items/x", "")))
+        .collect();
+    for t in threads {
+        let r = t.join().unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-cache"), Some("miss"));
+    }
+    // The waiters went upstream together after the first answer: about two delays, not six.
+    assert!(
+        t0.elapsed() < Duration::from_millis(1800),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(n.load(Ordering::SeqCst), 6);
+}

@@ -408,9 +408,14 @@ impl WorkerCache {
         self.vary.insert(primary, names.into());
     }
 
-    /// The in-flight miss for a primary key, if any.
-    pub fn pending(&self, primary: u64) -> Option<Rc<Pending>> {
-        self.pending.get(&primary).cloned()
+    /// The in-flight miss for a primary key, if any (a finished one left behind is dropped).
+    pub fn pending(&mut self, primary: u64) -> Option<Rc<Pending>> {
+        let p = self.pending.get(&primary)?;
+        if p.done.get() {
+            self.pending.remove(&primary);
+            return None;
+        }
+        Some(p.clone())
     }
 
     /// Registers the current request as the one fetching `primary`.

@@ -71,7 +71,7 @@ pub(super) async fn serve(
     if let Some(h) = hit {
         return write_hit(w, c, h).await;
     }
-    let pending = w.cache.borrow().pending(primary);
+    let pending = w.cache.borrow_mut().pending(primary);
     if let Some(p) = pending {
         if p.waiters() < crate::cache::MAX_WAITERS {
             // Someone on this worker is fetching this key: wait for it, bounded by the
