@@ -180,10 +180,13 @@ impl RouteTable {
     pub fn describe(&self, upstreams: &[UpstreamConfig]) -> String {
         let mut s = String::new();
         for r in &self.routes {
-            let target = match &r.integration {
+            let mut target = match &r.integration {
                 Integration::Mock(m) => format!("mock {}", m.status),
                 Integration::Http { upstream, .. } => format!("http {}", upstreams[*upstream].name),
             };
+            if let Some(c) = &r.cache {
+                let _ = write!(target, " (cache {}s)", c.ttl.as_secs());
+            }
             let _ = writeln!(
                 s,
                 "{:<12} {:<10} {:<40} -> {}",
