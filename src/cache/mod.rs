@@ -324,10 +324,12 @@ impl WorkerCache {
     /// The store for a policy's stage, created on first use and resized after a reload.
     pub fn store(&mut self, pol: &CachePolicy, workers: usize) -> &mut Store {
         let cap = (pol.max_bytes / workers.max(1) as u64) as usize;
-        let s = self
-            .stores
-            .entry(pol.store_id.clone())
-            .or_insert_with(|| Store::new(cap));
+        // Look up by `&str` first: cloning the config's `Arc` on every hit would write a cache
+        // line that every worker shares.
+        if !self.stores.contains_key(&*pol.store_id) {
+            self.stores.insert(pol.store_id.clone(), Store::new(cap));
+        }
+        let s = self.stores.get_mut(&*pol.store_id).expect("inserted above");
         if s.capacity() != cap {
             s.set_capacity(cap);
         }
