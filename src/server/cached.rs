@@ -48,6 +48,10 @@ pub(super) async fn serve(
     tpl: Option<&PathTemplate>,
 ) -> Outcome {
     let head_req = c.b.head.method == Method::Head;
+    if c.b.head.upgrade_websocket {
+        // Not an HTTP response to label or keep.
+        return proxy::proxy(w, gw, c, route, up, tpl, None).await;
+    }
     if !pol.eligible(&c.b.head, &c.b.rbuf) {
         let mut cap = Capture::new(false, pol.ttl, 0, head_req);
         return proxy::proxy(w, gw, c, route, up, tpl, Some(&mut cap)).await;
