@@ -5,6 +5,7 @@
 #   perf_setup NAME            make $OUT (perf/out/NAME-<timestamp>), install the cleanup trap
 #   write_nginx_backend N PORT               nginx, 1 worker, `return 200 "hello world\n"`
 #   write_nginx_proxy N PORT UPSTREAM_PORT   nginx reverse proxy, upstream keepalive 256
+#   write_nginx_proxy_cache N PORT UPSTREAM_PORT   the same with a proxy_cache zone (200 kept 1 h)
 #   start_nginx N              start $OUT/N/nginx.conf (daemon off, background); sets NGINX_MASTER/NGINX_WORKER
 #   write_ringgate_config FILE PORT ADMIN_PORT IO STATE_DIR EXTRA_TOML
 #   start_ringgate N CONF      start the gateway binary ($RINGGATE_BIN); sets RG_PID
@@ -129,6 +130,36 @@ write_nginx_proxy() {
             proxy_pass http://backend;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+    } >"$dir/nginx.conf"
+}
+
+write_nginx_proxy_cache() {
+    local name=$1 port=$2 upstream_port=$3 dir=$OUT/$1
+    mkdir -p "$dir/tmp" "$dir/cache"
+    {
+        _nginx_head "$dir"
+        cat <<EOF
+    proxy_cache_path $dir/cache levels=1:2 keys_zone=rg:10m max_size=64m inactive=60m use_temp_path=off;
+    upstream backend {
+        server 127.0.0.1:$upstream_port;
+        keepalive 256;
+        keepalive_requests 1000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache rg;
+            proxy_cache_valid 200 1h;
+            proxy_cache_lock on;
+            add_header X-Cache \$upstream_cache_status;
         }
     }
 }

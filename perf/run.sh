@@ -62,6 +62,15 @@ define_case() {
 # the path is /hello; the backend answers the same 12 bytes for any path.)
 define_case core /hello ''
 
+# cache: cache hits (stage cache on; every request after the first is a hit), measured against
+# nginx proxy_cache hits on the same backend: the system "nginx-cache" (port 18090, one worker,
+# a proxy_cache zone, proxy_cache_valid 200 1h) is added whenever this case is selected, and
+# the summary gives ringgate/cache/* ratios against it.
+define_case cache /hello '
+[apis.stages."$default"]
+cache = { enabled = true, ttl_s = 3600, max_bytes = 67108864 }'
+NGINX_CACHE_PORT=18090
+
 # Drafts for later issues; adjust when the features land.
 define_case throttle /hello 'throttle = { rate = 100000000, burst = 100000000 }'
 define_case auth /hello 'api_key_required = true
@@ -127,6 +136,19 @@ start_backends() {
     log "nginx proxy     :$NGINX_PROXY_PORT  master $NGINX_MASTER worker $NGINX_WORKER"
     add_system nginx "$NGINX_WORKER" "http://127.0.0.1:$NGINX_PROXY_PORT/hello" "" \
         "$OUT/nginx/error.log" "nginx (epoll)"
+    if [[ " ${SELECTED_CASES[*]} " == *" cache "* ]]; then
+        require_free_port $NGINX_CACHE_PORT
+        write_nginx_proxy_cache nginx-cache $NGINX_CACHE_PORT $BACKEND_PORT
+        start_nginx nginx-cache
+        wait_http "http://127.0.0.1:$NGINX_CACHE_PORT/" "$NGINX_MASTER" "$OUT/nginx-cache/error.log"
+        local xc
+        curl -s -o /dev/null "http://127.0.0.1:$NGINX_CACHE_PORT/hello" || true
+        xc=$(curl -s -o /dev/null -D - "http://127.0.0.1:$NGINX_CACHE_PORT/hello" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache"{print $2}')
+        [[ $xc == HIT ]] || log "WARNING: nginx-cache second request was not a cache HIT (x-cache: $xc)"
+        log "nginx proxy_cache :$NGINX_CACHE_PORT  master $NGINX_MASTER worker $NGINX_WORKER"
+        add_system nginx-cache "$NGINX_WORKER" "http://127.0.0.1:$NGINX_CACHE_PORT/hello" "" \
+            "$OUT/nginx-cache/error.log" "nginx proxy_cache (epoll)"
+    fi
 }
 
 # start_variant CASE IO PORT ADMIN_PORT: one ringgate (or, in --self-test, nginx copy) instance.

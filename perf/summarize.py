@@ -61,16 +61,20 @@ def main(path):
 
     if REF not in med:
         return
-    ref_by_round = {r["round"]: r for r in rows if r["system"] == REF}
     print(f"\n### Ratios vs {REF} (ratio of medians / median of per-round ratios)\n")
-    print("| system | req/s | CPU/req | p99 |")
-    print("|---|---|---|---|")
+    print("A system ringgate/CASE/io is compared with nginx-CASE when that runs (e.g. nginx-cache, "
+          "nginx proxy_cache hits), else with nginx.\n")
+    print("| system | reference | req/s | CPU/req | p99 |")
+    print("|---|---|---|---|---|")
     for s in systems:
-        if s == REF:
+        if s == REF or (s.startswith(REF + "-") and "/" not in s):
             continue
-        cells = []
+        parts = s.split("/")
+        ref = f"{REF}-{parts[1]}" if len(parts) > 1 and f"{REF}-{parts[1]}" in med else REF
+        ref_by_round = {r["round"]: r for r in rows if r["system"] == ref}
+        cells = [ref]
         for k in ("rps", "cpu_us_per_req", "p99_ms"):
-            of_medians = med[s][k] / med[REF][k] if med[REF][k] else float("nan")
+            of_medians = med[s][k] / med[ref][k] if med[ref][k] else float("nan")
             per_round = [r[k] / ref_by_round[r["round"]][k] for r in rows
                          if r["system"] == s and r["round"] in ref_by_round
                          and ref_by_round[r["round"]][k]]

@@ -8,11 +8,13 @@
 //! - [`http`]: our HTTP/1.1 codec (heads, chunked bodies, encoding);
 //! - [`router`]: the path trie;
 //! - [`upstream`]: pools, balancing, health;
+//! - [`cache`]: the response cache (stores, keys, rules, invalidation);
 //! - [`metrics`], [`accesslog`], [`admin`]: observability and management;
 //! - [`gateway`]: the live state shared by all threads.
 
 pub mod accesslog;
 pub mod admin;
+pub mod cache;
 pub mod config;
 pub mod gateway;
 pub mod http;

@@ -206,6 +206,41 @@ pub struct RawStage {
     /// Whether requests of this stage go to the access log (when one is configured).
     #[serde(default = "default_true")]
     pub access_log: bool,
+    /// `cache = { enabled, ttl_s, max_bytes }`.
+    pub cache: Option<Spanned<RawStageCache>>,
+}
+
+/// `cache = { ... }` on a stage.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStageCache {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_cache_ttl_s")]
+    pub ttl_s: u64,
+    #[serde(default = "default_cache_max_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_cache_ttl_s() -> u64 {
+    300
+}
+fn default_cache_max_bytes() -> u64 {
+    64 << 20
+}
+
+/// `cache = { ... }` on a route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteCache {
+    /// Overrides the stage's `ttl_s`; 0 turns caching off for the route.
+    pub ttl_s: Option<u64>,
+    /// `path.NAME`, `query.NAME`, `header.NAME`.
+    #[serde(default)]
+    pub key: Vec<String>,
+    /// A client's `Cache-Control: max-age=0` refreshes the entry.
+    #[serde(default)]
+    pub allow_client_invalidate: bool,
 }
 
 fn default_true() -> bool {
@@ -218,6 +253,7 @@ fn default_true() -> bool {
 pub struct RawRoute {
     pub route: Spanned<String>,
     pub integration: Spanned<RawIntegration>,
+    pub cache: Option<Spanned<RawRouteCache>>,
 }
 
 /// `integration = { type = ..., ... }`.

@@ -82,6 +82,8 @@ pub struct Route {
     pub prefix_len: usize,
     pub integration: Integration,
     pub access_log: bool,
+    /// Response caching for this route in this stage (`None`: not cached).
+    pub cache: Option<Arc<crate::cache::CachePolicy>>,
 }
 
 /// The result of routing a request.
@@ -178,10 +180,13 @@ impl RouteTable {
     pub fn describe(&self, upstreams: &[UpstreamConfig]) -> String {
         let mut s = String::new();
         for r in &self.routes {
-            let target = match &r.integration {
+            let mut target = match &r.integration {
                 Integration::Mock(m) => format!("mock {}", m.status),
                 Integration::Http { upstream, .. } => format!("http {}", upstreams[*upstream].name),
             };
+            if let Some(c) = &r.cache {
+                let _ = write!(target, " (cache {}s)", c.ttl.as_secs());
+            }
             let _ = writeln!(
                 s,
                 "{:<12} {:<10} {:<40} -> {}",
@@ -358,6 +363,7 @@ pub(super) fn compile(
             super::raw::RawStage {
                 variables: Default::default(),
                 access_log: true,
+                cache: None,
             },
         )]);
         let stages = if api.stages.is_empty() {
@@ -367,6 +373,13 @@ pub(super) fn compile(
         };
         let api_name: Arc<str> = name.into();
         for (stage_name, stage) in stages {
+            if let Some(c) = &stage.cache {
+                crate::cache::config::check_stage(
+                    src,
+                    c,
+                    &akey(&format!("stages.{stage_name}.cache")),
+                )?;
+            }
             if stage_name != "$default"
                 && (stage_name.is_empty()
                     || !stage_name
@@ -439,6 +452,16 @@ pub(super) fn compile(
                         body,
                     } => Integration::Mock(encode_mock(*status, headers, body).map_err(&ierr)?),
                 };
+                let cache = crate::cache::config::compile(
+                    src,
+                    stage.cache.as_ref(),
+                    r.cache.as_ref(),
+                    &format!("apis[{ai}].routes[{ri}]"),
+                    matches!(integration, Integration::Http { .. }),
+                    &names,
+                    name,
+                    stage_name,
+                )?;
                 let id = table.routes.len() as u32;
                 let labels = format!(
                     "api=\"{}\",stage=\"{}\",route=\"{}\"",
@@ -454,6 +477,7 @@ pub(super) fn compile(
                     prefix_len: prefix.len(),
                     integration,
                     access_log: stage.access_log,
+                    cache,
                 });
                 let hosts: Vec<String> = api.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
                 let targets: Vec<&mut Table> = if hosts.is_empty() {

@@ -79,6 +79,10 @@ pub struct WorkerMetrics {
     requests: AHashMap<(Labels, &'static str, u16), u64>,
     durations: AHashMap<(Labels, &'static str), Hist>,
     upstream: AHashMap<Labels, Hist>,
+    /// Requests answered from the cache.
+    pub cache_hits: u64,
+    /// Cacheable requests that went upstream.
+    pub cache_misses: u64,
 }
 
 impl WorkerMetrics {
@@ -116,6 +120,8 @@ pub struct Snapshot {
     pub requests: BTreeMap<(String, &'static str, u16), u64>,
     pub durations: BTreeMap<(String, &'static str), Hist>,
     pub upstream: BTreeMap<String, Hist>,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
 }
 
 impl Registry {
@@ -135,6 +141,8 @@ impl Registry {
             requests: BTreeMap::new(),
             durations: BTreeMap::new(),
             upstream: BTreeMap::new(),
+            cache_hits: 0,
+            cache_misses: 0,
         };
         let workers = self
             .workers
@@ -143,6 +151,8 @@ impl Registry {
             .clone();
         for w in workers {
             let w = w.lock().unwrap_or_else(|e| e.into_inner());
+            s.cache_hits += w.cache_hits;
+            s.cache_misses += w.cache_misses;
             for ((l, m, st), n) in &w.requests {
                 *s.requests.entry((l.0.to_string(), m, *st)).or_insert(0) += n;
             }
@@ -198,8 +208,16 @@ impl Registry {
         );
         // Features that land in later issues: the series exist so scrapers can rely on them.
         o.push_str("# HELP ringgate_throttled_total Requests refused by a throttle or quota.\n# TYPE ringgate_throttled_total counter\n");
-        o.push_str("# HELP ringgate_cache_hits_total Responses served from the cache.\n# TYPE ringgate_cache_hits_total counter\nringgate_cache_hits_total 0\n");
-        o.push_str("# HELP ringgate_cache_misses_total Cacheable requests not found in the cache.\n# TYPE ringgate_cache_misses_total counter\nringgate_cache_misses_total 0\n");
+        let _ = writeln!(
+            o,
+            "# HELP ringgate_cache_hits_total Responses served from the cache.\n# TYPE ringgate_cache_hits_total counter\nringgate_cache_hits_total {}",
+            s.cache_hits
+        );
+        let _ = writeln!(
+            o,
+            "# HELP ringgate_cache_misses_total Cacheable requests not found in the cache.\n# TYPE ringgate_cache_misses_total counter\nringgate_cache_misses_total {}",
+            s.cache_misses
+        );
         o.push_str("# HELP ringgate_websocket_connections_active Open WebSocket connections.\n# TYPE ringgate_websocket_connections_active gauge\nringgate_websocket_connections_active 0\n");
         o
     }

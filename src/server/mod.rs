@@ -5,6 +5,7 @@
 //! requests; the request head is parsed into header offsets, so a steady-state request
 //! allocates nothing. One write carries a response head and as much body as is at hand.
 
+mod cached;
 mod park;
 mod proxy;
 
@@ -65,6 +66,12 @@ pub struct Worker {
     trim_wanted: Cell<bool>,
     /// Idle connections waiting without buffers.
     pub parker: park::Parker,
+    /// This worker's response cache.
+    cache: Rc<RefCell<crate::cache::WorkerCache>>,
+    /// Whether the current request was a cache hit or miss (for the counters).
+    cache_event: Cell<u8>,
+    /// A reused iovec array for writing large cache hits.
+    cache_iov: Cell<Option<Box<[libc::iovec; 3]>>>,
 }
 
 impl Worker {
@@ -95,6 +102,9 @@ impl Worker {
             free: RefCell::new(Vec::new()),
             trim_wanted: Cell::new(false),
             parker: park::Parker::new().expect("epoll_create1"),
+            cache: Rc::default(),
+            cache_event: Cell::new(0),
+            cache_iov: Cell::new(None),
             shared,
         }
     }
@@ -106,6 +116,9 @@ impl Worker {
         if g != self.gen.get() {
             *self.gw.borrow_mut() = Rc::new(self.shared.current());
             self.gen.set(g);
+            if let Ok(mut c) = self.cache.try_borrow_mut() {
+                c.prune(g, &self.gw.borrow().config.routes);
+            }
         }
         self.gw.borrow().clone()
     }
@@ -430,6 +443,11 @@ async fn handle(w: &Rc<Worker>, gw: &Arc<Gateway>, c: &mut Conn) -> bool {
     };
     if let Ok(mut m) = w.metrics.lock() {
         m.request(&labels, method_str, out.status, dur);
+        match w.cache_event.replace(0) {
+            cached::EVENT_HIT => m.cache_hits += 1,
+            cached::EVENT_MISS => m.cache_misses += 1,
+            _ => {}
+        }
     }
     if let Some(log) = &w.log {
         let route = route_id.map(|id| gw.config.routes.route(id));
@@ -491,9 +509,10 @@ async fn route_and_run(
             let keep = body_skippable(c);
             respond_mock(w, c, mock, keep).await
         }
-        Integration::Http { upstream, path } => {
-            proxy::proxy(w, gw, c, route, *upstream, path.as_ref()).await
-        }
+        Integration::Http { upstream, path } => match &route.cache {
+            Some(pol) => cached::serve(w, gw, c, route, pol, *upstream, path.as_ref()).await,
+            None => proxy::proxy(w, gw, c, route, *upstream, path.as_ref(), None).await,
+        },
     };
     (out, Some(id))
 }

@@ -41,6 +41,7 @@ pub(super) async fn proxy(
     route: &Route,
     up_idx: usize,
     tpl: Option<&PathTemplate>,
+    cap: Option<&mut crate::cache::Capture>,
 ) -> Outcome {
     let up = &gw.upstreams[up_idx];
     let limits = &gw.config.server.limits;
@@ -211,7 +212,7 @@ pub(super) async fn proxy(
         if let Ok(mut m) = w.metrics.lock() {
             m.upstream(&up.labels, started.elapsed());
         }
-        return respond(w, c, us, addr, up.cfg.keepalive, up.cfg.timeout).await;
+        return respond(w, c, us, addr, up.cfg.keepalive, up.cfg.timeout, cap).await;
     }
 }
 
@@ -436,6 +437,7 @@ async fn respond(
     addr: SocketAddr,
     keepalive: usize,
     read_timeout: std::time::Duration,
+    mut cap: Option<&mut crate::cache::Capture>,
 ) -> Outcome {
     let status = c.b.resp.status;
     let head_len = c.b.resp.head_len;
@@ -447,10 +449,17 @@ async fn respond(
     c.b.out.clear();
     encode::push_status_line(&mut c.b.out, status);
     for (name, value) in c.b.resp.forwardable(&c.b.ubuf) {
-        if name.eq_ignore_ascii_case(b"x-request-id") {
+        if name.eq_ignore_ascii_case(b"x-request-id")
+            || (cap.is_some() && name.eq_ignore_ascii_case(b"x-cache"))
+        {
             continue;
         }
         encode::push_header(&mut c.b.out, name, value);
+    }
+    if let Some(cap) = cap.as_deref_mut() {
+        // A cached route: say it was a miss, and keep the response when it may be stored.
+        c.b.out.extend_from_slice(b"x-cache: miss\r\n");
+        cap.begin(&c.b.resp, &c.b.ubuf);
     }
     match c.b.resp.body {
         RespBody::None => {
@@ -508,13 +517,20 @@ async fn respond(
                     left -= n as u64;
                     done = left == 0;
                     c.b.out.extend_from_slice(&data[..n]);
+                    if let Some(cap) = cap.as_deref_mut() {
+                        cap.body(&data[..n]);
+                    }
                     n
                 }
                 (Some(d), _) => {
                     let out = &mut c.b.out;
+                    let mut cap = cap.as_deref_mut();
                     match d.feed(data, |chunk| {
                         if dechunk {
                             out.extend_from_slice(chunk)
+                        }
+                        if let Some(cap) = cap.as_deref_mut() {
+                            cap.body(chunk);
                         }
                     }) {
                         Ok((used, fin)) => {
@@ -597,6 +613,11 @@ async fn respond(
     }
     if ok && done && up_reusable {
         w.pools.borrow_mut().put(addr, us, keepalive);
+    }
+    if let Some(cap) = cap {
+        if !(ok && done) {
+            cap.active = false;
+        }
     }
     Outcome {
         status,

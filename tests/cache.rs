@@ -1,0 +1,642 @@
+//! The response cache: hits and misses, keys, expiry, Vary, Cache-Control, credentials,
+//! eviction under a scan, stampede protection, invalidation (admin and client), the memory
+//! bound and the metrics.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// API `shop`, stage `prod` with the cache on, stage `dev` without.
+fn config(origin: SocketAddr, workers: usize, max_bytes: u64, extra_route: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["@LISTEN@"]
+workers = {workers}
+shutdown_timeout_ms = 2000
+state_dir = "@DIR@/state"
+
+[admin]
+listen = "@ADMIN@"
+
+[[upstreams]]
+name = "o"
+targets = ["{origin}"]
+timeout_ms = 5000
+
+[[apis]]
+name = "shop"
+
+[apis.stages.prod]
+cache = {{ ttl_s = 60, max_bytes = {max_bytes} }}
+
+[apis.stages.dev]
+
+[[apis.routes]]
+route = "GET /items/{{id}}"
+integration = {{ type = "http", upstream = "o" }}
+cache = {{ key = ["path.id", "query.lang", "header.x-tenant"] }}
+
+[[apis.routes]]
+route = "GET /short/{{id}}"
+integration = {{ type = "http", upstream = "o" }}
+cache = {{ ttl_s = 1 }}
+
+[[apis.routes]]
+route = "GET /fresh/{{id}}"
+integration = {{ type = "http", upstream = "o" }}
+cache = {{ allow_client_invalidate = true }}
+
+[[apis.routes]]
+route = "GET /me"
+integration = {{ type = "http", upstream = "o" }}
+cache = {{ key = ["header.authorization"] }}
+
+{extra_route}
+
+[[apis.routes]]
+route = "ANY /{{p+}}"
+integration = {{ type = "http", upstream = "o" }}
+"#
+    )
+}
+
+/// An origin answering with a counter in the body: each upstream request gets a new body.
+fn counting_origin() -> (Origin, Arc<AtomicUsize>) {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let o = Origin::start(move |r| {
+        let i = n2.fetch_add(1, Ordering::SeqCst);
+        Response::ok(format!("{} #{i}", r.path)).header("content-type", "text/plain")
+    });
+    (o, n)
+}
+
+fn get(c: &mut Client, path: &str, extra: &str) -> RawResponse {
+    c.send(format!("GET {path} HTTP/1.1\r\nHost: shop.test\r\n{extra}\r\n").as_bytes());
+    c.read_response().expect("response")
+}
+
+fn admin_post(gw: &Gateway, path: &str, body: &str) -> RawResponse {
+    let mut c = Client::connect(gw.admin_addr);
+    c.send(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    c.read_response().expect("admin response")
+}
+
+#[test]
+fn miss_then_hit_with_age_and_own_request_id() {
+    let (origin, n) = counting_origin();
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, ""));
+    let mut c = Client::connect(gw.addr);
+    let a = get(&mut c, "/prod/items/1", "x-request-id: first\r\n");
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("x-cache"), Some("miss"));
+    assert_eq!(a.header("age"), None);
+    let b = get(&mut c, "/prod/items/1", "x-request-id: second\r\n");
+    assert_eq!(b.status, 200);
+    assert_eq!(b.header("x-cache"), Some("hit"));
+    assert_eq!(b.header("age"), Some("0"));
+    assert_eq!(b.header("x-request-id"), Some("second"));
+    assert_eq!(b.headers_named("x-request-id").len(), 1);
+    assert_eq!(b.header("content-type"), Some("text/plain"));
+    assert_eq!(b.body, a.body);
+    assert_eq!(n.load(Ordering::SeqCst), 1);
+    // A new connection is served from the cache too (one worker).
+    let r = get(&mut Client::connect(gw.addr), "/prod/items/1", "");
+    assert_eq!(r.header("x-cache"), Some("hit"));
+    assert_eq!(r.body, a.body);
+    // Age grows.
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = get(&mut c, "/prod/items/1", "");
+    let age: u64 = r.header("age").unwrap().parse().unwrap();
+    assert!((1..=3).contains(&age), "age {age}");
+    // HEAD is its own entry, then hits.
+    c.send(b"HEAD /prod/items/1 HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+    let h = c.read_response_to("HEAD").unwrap();
+    assert_eq!(h.header("x-cache"), Some("miss"));
+    c.send(b"HEAD /prod/items/1 HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+    let h = c.read_response_to("HEAD").unwrap();
+    assert_eq!(h.header("x-cache"), Some("hit"));
+    assert!(h.body.is_empty());
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+    // The connection still works after HEAD hits (no stray body bytes).
+    let r = get(&mut c, "/prod/items/1", "");
+    assert_eq!(r.header("x-cache"), Some("hit"));
+    // Counters (recorded right after each response is written).
+    let ok = wait_until(Duration::from_secs(2), || {
+        let m = gw.metrics();
+        metric_value(&m, "ringgate_cache_hits_total", &[]) == Some(5.0)
+            && metric_value(&m, "ringgate_cache_misses_total", &[]) == Some(2.0)
+    });
+    assert!(ok, "{}", gw.metrics());
+}
+
+#[test]
+fn stage_without_cache_and_non_get_are_not_cached() {
+    let (origin, n) = counting_origin();
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, ""));
+    let mut c = Client::connect(gw.addr);
+    for _ in 0..2 {
+        let r = get(&mut c, "/dev/items/1", "");
+        assert_eq!(r.header("x-cache"), None);
+    }
+    for _ in 0..2 {
+        c.send(b"POST /prod/x HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 2\r\n\r\nab");
+        let r = c.read_response().unwrap();
+        assert_eq!(r.header("x-cache"), Some("miss"));
+    }
+    assert_eq!(n.load(Ordering::SeqCst), 4);
+}
+
+#[test]
+fn key_parameters() {
+    let (origin, n) = counting_origin();
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, ""));
+    let mut c = Client::connect(gw.addr);
+    let en = get(&mut c, "/prod/items/1?lang=en&utm=1", "");
+    // Only query.lang is in this route's key: other parameters do not matter.
+    let en2 = get(&mut c, "/prod/items/1?utm=2&lang=en", "");
+    assert_eq!(en2.header("x-cache"), Some("hit"));
+    assert_eq!(en2.body, en.body);
+    let fr = get(&mut c, "/prod/items/1?lang=fr", "");
+    assert_eq!(fr.header("x-cache"), Some("miss"));
+    let other = get(&mut c, "/prod/items/2?lang=en", "");
+    assert_eq!(other.header("x-cache"), Some("miss"));
+    let t = get(&mut c, "/prod/items/1?lang=en", "X-Tenant: a\r\n");
+    assert_eq!(t.header("x-cache"), Some("miss"));
+    let t2 = get(&mut c, "/prod/items/1?lang=en", "x-tenant: a\r\n");
+    assert_eq!(t2.header("x-cache"), Some("hit"));
+    assert_eq!(n.load(Ordering::SeqCst), 4);
+    // Without query keys the whole query string is part of the key.
+    let a = get(&mut c, "/prod/any?x=1", "");
+    let b = get(&mut c, "/prod/any?x=2", "");
+    let a2 = get(&mut c, "/prod/any?x=1", "");
+    assert_eq!(a.header("x-cache"), Some("miss"));
+    assert_eq!(b.header("x-cache"), Some("miss"));
+    assert_eq!(a2.header("x-cache"), Some("hit"));
+    // The host is part of the key.
+    c.send(b"GET /prod/any?x=1 HTTP/1.1\r\nHost: other.test\r\n\r\n");
+    let h = c.read_response().unwrap();
+    assert_eq!(h.header("x-cache"), Some("miss"));
+    assert_eq!(n.load(Ordering::SeqCst), 7);
+}
+
+#[test]
+fn expiry_by_ttl_and_upstream_max_age() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let origin = Origin::start(move |r| {
+        let i = n2.fetch_add(1, Ordering::SeqCst);
+        let resp = Response::ok(format!("#{i}"));
+        if r.path.starts_with("/ma/") {
+            resp.header("Cache-Control", "public, max-age=1")
+        } else {
+            resp
+        }
+    });
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, ""));
+    let mut c = Client::connect(gw.addr);
+    let a = get(&mut c, "/prod/short/1", "");
+    assert_eq!(
+        get(&mut c, "/prod/short/1", "").header("x-cache"),
+        Some("hit")
+    );
+    let b = get(&mut c, "/prod/ma/1", "");
+    assert_eq!(get(&mut c, "/prod/ma/1", "").header("x-cache"), Some("hit"));
+    std::thread::sleep(Duration::from_millis(1300));
+    let a2 = get(&mut c, "/prod/short/1", "");
+    assert_eq!(a2.header("x-cache"), Some("miss"));
+    assert_ne!(a2.body, a.body);
+    let b2 = get(&mut c, "/prod/ma/1", "");
+    assert_eq!(b2.header("x-cache"), Some("miss"));
+    assert_ne!(b2.body, b.body);
+}
+
+#[test]
+fn vary_selects_variants() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let origin = Origin::start(move |r| {
+        n2.fetch_add(1, Ordering::SeqCst);
+        let accept = r.header("accept").unwrap_or("none").to_string();
+        Response::ok(format!("as {accept}")).header("Vary", "Accept")
+    });
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, ""));
+    let mut c = Client::connect(gw.addr);
+    let j = get(&mut c, "/prod/v", "Accept: application/json\r\n");
+    assert_eq!(j.text(), "as application/json");
+    let x = get(&mut c, "/prod/v", "Accept: text/xml\r\n");
+    assert_eq!(x.header("x-cache"), Some("miss"));
+    assert_eq!(x.text(), "as text/xml");
+    let j2 = get(&mut c, "/prod/v", "Accept: application/json\r\n");
+    assert_eq!(j2.header("x-cache"), Some("hit"));
+    assert_eq!(j2.text(), "as application/json");
+    let x2 = get(&mut c, "/prod/v", "Accept: text/xml\r\n");
+    assert_eq!(x2.header("x-cache"), Some("hit"));
+    assert_eq!(x2.text(), "as text/xml");
+    let none = get(&mut c, "/prod/v", "");
+    assert_eq!(none.text(), "as none");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn cache_control_and_cookies_prevent_storing() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let origin = Origin::start(move |r| {
+        let i = n2.fetch_add(1, Ordering::SeqCst);
+        let resp = Response::ok(format!("#{i}"));
+        match r.path_only() {
+            "/no-store" => resp.header("Cache-Control", "no-store"),
+            "/private" => resp.header("Cache-Control", "private, max-age=60"),
+            "/no-cache" => resp.header("Cache-Control", "no-cache"),
+            "/cookie" => resp.header("Set-Cookie", "s=1"),
+            "/vary-star" => resp.header("Vary", "*"),
+            "/error" => Response::new(500).body(format!("oops #{i}")),
+            "/chunked" => Response::ok("a chunked body that is cached").chunked(5),
+            _ => resp,
+        }
+    });
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, ""));
+    let mut c = Client::connect(gw.addr);
+    for p in [
+        "/no-store",
+        "/private",
+        "/no-cache",
+        "/cookie",
+        "/vary-star",
+        "/error",
+    ] {
+        let before = n.load(Ordering::SeqCst);
+        let a = get(&mut c, &format!("/prod{p}"), "");
+        let b = get(&mut c, &format!("/prod{p}"), "");
+        assert_eq!(b.header("x-cache"), Some("miss"), "{p}");
+        assert_ne!(a.body, b.body, "{p}");
+        assert_eq!(n.load(Ordering::SeqCst), before + 2, "{p}");
+    }
+    // A chunked answer is stored (de-chunked, with a Content-Length).
+    let a = get(&mut c, "/prod/chunked", "");
+    assert!(a.chunked);
+    let b = get(&mut c, "/prod/chunked", "");
+    assert_eq!(b.header("x-cache"), Some("hit"));
+    assert!(!b.chunked);
+    assert_eq!(b.text(), "a chunked body that is cached");
+}
+
+#[test]
+fn credentials_bypass_unless_in_key() {
+    let (origin, n) = counting_origin();
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, ""));
+    let mut c = Client::connect(gw.addr);
+    for h in [
+        "Authorization: Bearer a\r\n",
+        "x-api-key: k\r\n",
+        "Cookie: s=1\r\n",
+    ] {
+        let a = get(&mut c, "/prod/items/9", h);
+        let b = get(&mut c, "/prod/items/9", h);
+        assert_eq!(b.header("x-cache"), Some("miss"), "{h}");
+        assert_ne!(a.body, b.body);
+    }
+    assert_eq!(n.load(Ordering::SeqCst), 6);
+    // An anonymous request never sees what a credentialed one got, and the other way round.
+    let anon = get(&mut c, "/prod/items/9", "");
+    assert_eq!(anon.header("x-cache"), Some("miss"));
+    let auth = get(&mut c, "/prod/items/9", "Authorization: Bearer a\r\n");
+    assert_eq!(auth.header("x-cache"), Some("miss"));
+    // /me has the principal (Authorization) in its key: cached per caller.
+    let a = get(&mut c, "/prod/me", "Authorization: Bearer alice\r\n");
+    let b = get(&mut c, "/prod/me", "Authorization: Bearer bob\r\n");
+    let a2 = get(&mut c, "/prod/me", "Authorization: Bearer alice\r\n");
+    assert_eq!(b.header("x-cache"), Some("miss"));
+    assert_eq!(a2.header("x-cache"), Some("hit"));
+    assert_eq!(a2.body, a.body);
+    assert_ne!(a.body, b.body);
+    // Still no sharing with another credential header that is not in the key.
+    let k = get(
+        &mut c,
+        "/prod/me",
+        "Authorization: Bearer alice\r\nCookie: s=1\r\n",
+    );
+    assert_eq!(k.header("x-cache"), Some("miss"));
+}
+
+#[test]
+fn stampede_sends_one_upstream_request() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let origin = Origin::start(move |_| {
+        n2.fetch_add(1, Ordering::SeqCst);
+        Response::ok("slow answer").delay(Duration::from_millis(600))
+    });
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, ""));
+    let addr = gw.addr;
+    let threads: Vec<_> = (0..20)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                get(&mut c, "/prod/items/stampede", "")
+            })
+        })
+        .collect();
+    let rs: Vec<RawResponse> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(rs
+        .iter()
+        .all(|r| r.status == 200 && r.text() == "slow answer"));
+    assert_eq!(n.load(Ordering::SeqCst), 1, "counted at the origin");
+    let hits = rs
+        .iter()
+        .filter(|r| r.header("x-cache") == Some("hit"))
+        .count();
+    assert_eq!(hits, 19);
+}
+
+#[test]
+fn scan_does_not_evict_hot_entries() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let origin = Origin::start(move |r| {
+        n2.fetch_add(1, Ordering::SeqCst);
+        Response::ok(vec![b'x'; 1000]).header("x-path", &r.path)
+    });
+    // 64 KiB: about 45 entries of 1 KB.
+    let gw = Gateway::start(&config(origin.addr, 1, 64 * 1024, ""));
+    let mut c = Client::connect(gw.addr);
+    let hot: Vec<String> = (0..5).map(|i| format!("/prod/hot/{i}")).collect();
+    for _ in 0..3 {
+        for p in &hot {
+            get(&mut c, p, "");
+        }
+    }
+    let before = n.load(Ordering::SeqCst);
+    assert_eq!(before, 5);
+    // A scan of 400 one-shot keys (far more than fits), the hot keys used every 100.
+    for i in 0..400 {
+        get(&mut c, &format!("/prod/scan/{i}"), "");
+        if i % 100 == 99 {
+            for p in &hot {
+                assert_eq!(get(&mut c, p, "").header("x-cache"), Some("hit"), "{p}");
+            }
+        }
+    }
+    assert_eq!(n.load(Ordering::SeqCst), before + 400);
+    // The early scan keys are gone: the bound holds.
+    assert_eq!(
+        get(&mut c, "/prod/scan/0", "").header("x-cache"),
+        Some("miss")
+    );
+}
+
+#[test]
+fn admin_invalidation_reaches_every_worker() {
+    let (origin, n) = counting_origin();
+    let gw = Gateway::start(&config(origin.addr, 2, 1 << 20, ""));
+    // Many connections, so both workers get some and cache both paths.
+    let mut conns: Vec<Client> = (0..8).map(|_| Client::connect(gw.addr)).collect();
+    for c in conns.iter_mut() {
+        get(c, "/prod/items/1", "");
+        get(c, "/prod/other", "");
+    }
+    for c in conns.iter_mut() {
+        assert_eq!(get(c, "/prod/items/1", "").header("x-cache"), Some("hit"));
+    }
+    let r = admin_post(
+        &gw,
+        "/cache/invalidate",
+        r#"{"api":"shop","stage":"prod","path_prefix":"/items/"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let before = n.load(Ordering::SeqCst);
+    let mut misses = 0;
+    for c in conns.iter_mut() {
+        if get(c, "/prod/items/1", "").header("x-cache") == Some("miss") {
+            misses += 1;
+        }
+        assert_eq!(get(c, "/prod/other", "").header("x-cache"), Some("hit"));
+    }
+    // Each worker fetched once again; every later request is a hit.
+    assert!((1..=2).contains(&misses), "{misses}");
+    assert_eq!(n.load(Ordering::SeqCst), before + misses);
+    // Whole stage.
+    let r = admin_post(&gw, "/cache/invalidate", r#"{"api":"shop","stage":"prod"}"#);
+    assert_eq!(r.status, 200);
+    for c in conns.iter_mut().take(1) {
+        assert_eq!(get(c, "/prod/other", "").header("x-cache"), Some("miss"));
+    }
+    // Bad requests.
+    let r = admin_post(&gw, "/cache/invalidate", r#"{"api":"shop"}"#);
+    assert_eq!(r.status, 400);
+    assert!(r.message().contains("stage"), "{}", r.text());
+    let r = admin_post(&gw, "/cache/invalidate", r#"{"api":"shop","stage":"nope"}"#);
+    assert_eq!(r.status, 404);
+    let r = admin_post(
+        &gw,
+        "/cache/invalidate",
+        r#"{"api":"shop","stage":"prod","path_prefix":"items"}"#,
+    );
+    assert_eq!(r.status, 400);
+    let r = gw.admin_get("/cache/invalidate");
+    assert_eq!(r.status, 405);
+}
+
+#[test]
+fn admin_invalidation_needs_the_token() {
+    let (origin, _n) = counting_origin();
+    let toml = config(origin.addr, 1, 1 << 20, "").replace(
+        "listen = \"@ADMIN@\"",
+        "listen = \"@ADMIN@\"\ntoken = \"s3cret\"",
+    );
+    let gw = Gateway::start(&toml);
+    let r = admin_post(&gw, "/cache/invalidate", r#"{"api":"shop","stage":"prod"}"#);
+    assert_eq!(r.status, 401);
+}
+
+#[test]
+fn client_max_age_zero_only_where_allowed() {
+    let (origin, n) = counting_origin();
+    let gw = Gateway::start(&config(origin.addr, 2, 1 << 20, ""));
+    let mut c = Client::connect(gw.addr);
+    // Route without allow_client_invalidate: the header is ignored.
+    let a = get(&mut c, "/prod/items/5", "");
+    let b = get(&mut c, "/prod/items/5", "Cache-Control: max-age=0\r\n");
+    assert_eq!(b.header("x-cache"), Some("hit"));
+    assert_eq!(a.body, b.body);
+    // Route that allows it: refetched and stored again.
+    let a = get(&mut c, "/prod/fresh/1", "");
+    let b = get(&mut c, "/prod/fresh/1", "Cache-Control: max-age=0\r\n");
+    assert_eq!(b.header("x-cache"), Some("miss"));
+    assert_ne!(a.body, b.body);
+    let c2 = get(&mut c, "/prod/fresh/1", "");
+    assert_eq!(c2.header("x-cache"), Some("hit"));
+    assert_eq!(c2.body, b.body);
+    // Other workers dropped their copy too: no connection sees the old body.
+    for _ in 0..6 {
+        let mut k = Client::connect(gw.addr);
+        let r = get(&mut k, "/prod/fresh/1", "");
+        assert_ne!(r.body, a.body);
+    }
+    assert!(n.load(Ordering::SeqCst) >= 3);
+}
+
+#[test]
+fn memory_stays_bounded() {
+    let origin = Origin::start(|r| Response::ok(vec![b'm'; 32 * 1024]).header("x-p", &r.path));
+    // 1 MiB of cache; 20 MB of distinct responses go through it.
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, ""));
+    let mut c = Client::connect(gw.addr);
+    for i in 0..50 {
+        get(&mut c, &format!("/prod/warm/{i}"), "");
+    }
+    let rss0 = rss_kib(gw.pid);
+    for i in 0..600 {
+        let r = get(&mut c, &format!("/prod/big/{i}"), "");
+        assert_eq!(r.body.len(), 32 * 1024);
+    }
+    // The last ones are cached (the store works), the first ones were evicted.
+    assert_eq!(
+        get(&mut c, "/prod/big/599", "").header("x-cache"),
+        Some("hit")
+    );
+    assert_eq!(
+        get(&mut c, "/prod/big/0", "").header("x-cache"),
+        Some("miss")
+    );
+    let rss1 = rss_kib(gw.pid);
+    assert!(
+        rss1 < rss0 + 6 * 1024,
+        "RSS grew from {rss0} KiB to {rss1} KiB for a 1 MiB cache"
+    );
+}
+
+#[test]
+fn large_hits_are_written_whole() {
+    // Entries above the copy threshold go out with writev: check bytes and keep-alive.
+    let origin = Origin::start(|_| {
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        Response::ok(body)
+    });
+    let gw = Gateway::start(&config(origin.addr, 1, 4 << 20, ""));
+    let mut c = Client::connect(gw.addr);
+    let a = get(&mut c, "/prod/large", "");
+    for _ in 0..3 {
+        let b = get(&mut c, "/prod/large", "");
+        assert_eq!(b.header("x-cache"), Some("hit"));
+        assert_eq!(b.body, a.body);
+    }
+    // HEAD of a large entry is its own key.
+    c.send(b"HEAD /prod/large HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+    let h = c.read_response_to("HEAD").unwrap();
+    assert_eq!(h.status, 200);
+    let r = get(&mut c, "/prod/large", "");
+    assert_eq!(r.body.len(), 200_000);
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let origin = dead_addr();
+    let bad = config(origin, 1, 1 << 20, "").replace("\"path.id\"", "\"path.nope\"");
+    let (out, _) = check(&bad);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cache.key") && err.contains("nope"), "{err}");
+    let bad = config(origin, 1, 1 << 20, "").replace("ttl_s = 60,", "ttl_s = 60, size = 1,");
+    let (out, _) = check(&bad);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn reload_turns_caching_off_and_on() {
+    let (origin, _n) = counting_origin();
+    let on = config(origin.addr, 1, 1 << 20, "");
+    let gw = Gateway::start(&on);
+    let mut c = Client::connect(gw.addr);
+    get(&mut c, "/prod/items/1", "");
+    assert_eq!(
+        get(&mut c, "/prod/items/1", "").header("x-cache"),
+        Some("hit")
+    );
+    let off = on.replace("cache = { ttl_s = 60, max_bytes = 1048576 }", "");
+    assert_ne!(off, on);
+    gw.write_config(&off);
+    gw.reload_signal();
+    assert!(wait_until(Duration::from_secs(5), || {
+        get(&mut Client::connect(gw.addr), "/prod/other", "")
+            .header("x-cache")
+            .is_none()
+    }));
+    // Back on: the old entries are gone with the stage's store, so this is a miss.
+    gw.write_config(&on);
+    gw.reload_signal();
+    assert!(wait_until(Duration::from_secs(5), || {
+        get(&mut Client::connect(gw.addr), "/prod/other2", "")
+            .header("x-cache")
+            .is_some()
+    }));
+    assert_eq!(
+        get(&mut c, "/prod/items/1", "").header("x-cache"),
+        Some("miss")
+    );
+}
+
+#[test]
+fn hits_on_the_epoll_driver() {
+    let origin = Origin::start(|r| {
+        let n: usize = if r.path.contains("large") {
+            100_000
+        } else {
+            10
+        };
+        Response::ok(vec![b'e'; n])
+    });
+    let toml = config(origin.addr, 1, 4 << 20, "")
+        .replace("workers = 1\n", "workers = 1\nio = \"epoll\"\n");
+    let gw = Gateway::start(&toml);
+    assert!(gw.stderr().contains("io driver: epoll"), "{}", gw.stderr());
+    let mut c = Client::connect(gw.addr);
+    for p in ["/prod/small", "/prod/large"] {
+        let a = get(&mut c, p, "");
+        let b = get(&mut c, p, "");
+        assert_eq!(b.header("x-cache"), Some("hit"));
+        assert_eq!(a.body, b.body);
+    }
+}
+
+#[test]
+fn uncacheable_answer_releases_waiters_at_once() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let origin = Origin::start(move |_| {
+        n2.fetch_add(1, Ordering::SeqCst);
+        Response::ok("private")
+            .header("Cache-Control", "no-store")
+            .delay(Duration::from_millis(400))
+    });
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, ""));
+    let addr = gw.addr;
+    let t0 = std::time::Instant::now();
+    let threads: Vec<_> = (0..6)
+        .map(|_| std::thread::spawn(move || get(&mut Client::connect(addr), "/prod/items/x", "")))
+        .collect();
+    for t in threads {
+        let r = t.join().unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-cache"), Some("miss"));
+    }
+    // The waiters went upstream together after the first answer: about two delays, not six.
+    assert!(
+        t0.elapsed() < Duration::from_millis(1800),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(n.load(Ordering::SeqCst), 6);
+}
