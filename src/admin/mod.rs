@@ -132,7 +132,21 @@ fn serve_conn(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 .map(|v| ct_eq(v, t.as_bytes()))
                 .unwrap_or(false),
         };
-        let reply = route(shared, &method, &path, authorized);
+        // Usage plans (traffic control): GET /usage-plans/{plan}/usage?key=NAME.
+        let usage = if authorized {
+            let q = head.query.map(|q| head.slice(&buf, q));
+            crate::policy::admin_usage(&shared.current().config.traffic, &method, &path, q)
+        } else {
+            None
+        };
+        let reply = match usage {
+            Some((status, v)) => Reply {
+                status,
+                ctype: "application/json",
+                body: v.to_string().into_bytes(),
+            },
+            None => route(shared, &method, &path, authorized),
+        };
         let keep = head.keep_alive;
         write_reply(&mut s, &reply, keep)?;
         if !keep {
@@ -161,7 +175,13 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool) -> Reply {
         ("GET", "/metrics") => Reply {
             status: 200,
             ctype: "text/plain; version=0.0.4",
-            body: shared.metrics.render().into_bytes(),
+            body: {
+                let gw = shared.current();
+                let (mut th, mut tail) = (String::new(), String::new());
+                gw.config.traffic.render_throttled(&mut th);
+                gw.config.traffic.waf.render_metrics(&mut tail);
+                shared.metrics.render_with(&th, &tail).into_bytes()
+            },
         },
         ("POST", "/reload") => match shared.reload() {
             Ok(notes) => {

@@ -358,6 +358,7 @@ pub(super) fn compile(
             super::raw::RawStage {
                 variables: Default::default(),
                 access_log: true,
+                throttle: None,
             },
         )]);
         let stages = if api.stages.is_empty() {

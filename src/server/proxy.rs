@@ -448,8 +448,16 @@ async fn respond(
         if name.eq_ignore_ascii_case(b"x-request-id") {
             continue;
         }
+        // The gateway's CORS headers replace the upstream's.
+        if !c.b.extra.is_empty()
+            && name.len() > 15
+            && name[..15].eq_ignore_ascii_case(b"access-control-")
+        {
+            continue;
+        }
         encode::push_header(&mut c.b.out, name, value);
     }
+    c.b.out.extend_from_slice(&c.b.extra);
     match c.b.resp.body {
         RespBody::None => {
             if is_head || status == 304 {

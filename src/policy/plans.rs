@@ -1,0 +1,537 @@
+//! Usage plans: per-key throttles and quotas per UTC day, week (Monday to Sunday) or month,
+//! with the counts persisted in `state_dir`.
+//!
+//! A quota counter is one `AtomicU64` holding the period it counts and the count, so the
+//! check-and-count is one compare-and-swap shared by all workers and a new period starts by
+//! itself. The counters live in the [`UsageStore`] (not in the config), so a reload keeps them;
+//! a background thread writes them to `state_dir/usage-plans.json` every [`FLUSH_MS`] ms when
+//! they changed (write to a temp file, fsync, rename). A crash (even `kill -9`) therefore
+//! loses at most the requests counted in the last [`FLUSH_MS`] ms, which is also bounded by
+//! the plan's throttle: `burst + rate * FLUSH_MS / 1000` per key. A clean stop (SIGTERM)
+//! writes the final counts.
+//!
+//! API keys: this module reads the minimal `[[api_keys]]` (name, value, plans, enabled) to map
+//! an `x-api-key` value to a key *name* and its plans ([`Plans::key_for`]). The auth work
+//! (branch `auth`) owns API keys; when it lands, `key_for` is the one function to point at its
+//! key store.
+
+use super::throttle::{Bucket, Rate, Wait};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+/// How often changed counts are written to disk (the most a crash can lose).
+pub const FLUSH_MS: u64 = 200;
+
+/// A quota period (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    Week,
+    Month,
+}
+
+impl Period {
+    /// Parses `day`, `week`, `month`.
+    pub fn parse(s: &str) -> Option<Period> {
+        match s {
+            "day" => Some(Period::Day),
+            "week" => Some(Period::Week),
+            "month" => Some(Period::Month),
+            _ => None,
+        }
+    }
+
+    /// The name as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        }
+    }
+
+    /// The index of the period holding `unix_s` (days, weeks from a Monday, months since year 0).
+    pub fn index(self, unix_s: u64) -> u32 {
+        let days = (unix_s / 86_400) as i64;
+        match self {
+            Period::Day => days as u32,
+            // 1970-01-01 was a Thursday: +3 puts Mondays on multiples of 7.
+            Period::Week => ((days + 3) / 7) as u32,
+            Period::Month => {
+                let (y, m, _) = civil_from_days(days);
+                (y * 12 + (m as i64 - 1)) as u32
+            }
+        }
+    }
+
+    /// First day and day after the last of period `idx`, as days since 1970-01-01.
+    pub fn bounds(self, idx: u32) -> (i64, i64) {
+        let i = idx as i64;
+        match self {
+            Period::Day => (i, i + 1),
+            Period::Week => (i * 7 - 3, i * 7 + 4),
+            Period::Month => {
+                let (y, m) = (i / 12, (i % 12) as u32 + 1);
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                (days_from_civil(y, m, 1), days_from_civil(ny, nm, 1))
+            }
+        }
+    }
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// (year, month, day) to days since 1970-01-01.
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `YYYY-MM-DD` of a day number.
+pub fn date_string(days: i64) -> String {
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+const USED_BITS: u32 = 40;
+const USED_MASK: u64 = (1 << USED_BITS) - 1;
+
+/// Packs (period index, used); the period is stored + 1 so 0 means "nothing counted".
+fn pack(period: u32, used: u64) -> u64 {
+    ((period as u64 + 1) << USED_BITS) | used.min(USED_MASK)
+}
+
+/// The count of `v` in period `period` (0 when `v` counts another period).
+pub fn used_in(v: u64, period: u32) -> u64 {
+    if v >> USED_BITS == period as u64 + 1 {
+        v & USED_MASK
+    } else {
+        0
+    }
+}
+
+/// Counts one request against `limit` in `period`; `Err` when the quota is used up.
+#[inline]
+pub fn consume(c: &AtomicU64, period: u32, limit: u64) -> Result<u64, ()> {
+    let mut cur = c.load(Ordering::Relaxed);
+    loop {
+        let used = used_in(cur, period);
+        if used >= limit {
+            return Err(());
+        }
+        match c.compare_exchange_weak(
+            cur,
+            pack(period, used + 1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => return Ok(limit - used - 1),
+            Err(v) => cur = v,
+        }
+    }
+}
+
+/// Identifies one persisted counter.
+type CounterId = (String, String, &'static str);
+
+/// Quota counters shared by every config generation, persisted in `state_dir`.
+pub struct UsageStore {
+    path: Option<PathBuf>,
+    counters: Mutex<BTreeMap<CounterId, Arc<AtomicU64>>>,
+    last_written: Mutex<Vec<u64>>,
+}
+
+impl UsageStore {
+    /// A store without a file (tests).
+    pub fn in_memory() -> Arc<UsageStore> {
+        Arc::new(UsageStore {
+            path: None,
+            counters: Mutex::new(BTreeMap::new()),
+            last_written: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Opens `state_dir/usage-plans.json` (created when missing) and starts the writer thread.
+    pub fn open(state_dir: &Path) -> Result<Arc<UsageStore>, String> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| format!("cannot create state_dir {}: {e}", state_dir.display()))?;
+        let path = state_dir.join("usage-plans.json");
+        let mut map = BTreeMap::new();
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let v: serde_json::Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("{}: not valid JSON: {e}", path.display()))?;
+                for e in v["counters"].as_array().into_iter().flatten() {
+                    let (Some(plan), Some(key), Some(period), Some(idx), Some(used)) = (
+                        e["plan"].as_str(),
+                        e["key"].as_str(),
+                        e["period"].as_str().and_then(Period::parse),
+                        e["index"].as_u64(),
+                        e["used"].as_u64(),
+                    ) else {
+                        continue;
+                    };
+                    map.insert(
+                        (plan.to_string(), key.to_string(), period.as_str()),
+                        Arc::new(AtomicU64::new(pack(idx as u32, used))),
+                    );
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        }
+        let store = Arc::new(UsageStore {
+            path: Some(path),
+            counters: Mutex::new(map),
+            last_written: Mutex::new(Vec::new()),
+        });
+        let weak: Weak<UsageStore> = Arc::downgrade(&store);
+        std::thread::Builder::new()
+            .name("ringgate-usage".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(FLUSH_MS));
+                let Some(s) = weak.upgrade() else { return };
+                if let Err(e) = s.flush() {
+                    eprintln!("ringgate: cannot write usage counts: {e}");
+                }
+            })
+            .map_err(|e| format!("cannot start the usage writer: {e}"))?;
+        Ok(store)
+    }
+
+    /// The counter of `key` in `plan` (created at 0 when new).
+    pub fn counter(&self, plan: &str, key: &str, period: Period) -> Arc<AtomicU64> {
+        let mut m = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry((plan.to_string(), key.to_string(), period.as_str()))
+            .or_insert_with(|| Arc::new(AtomicU64::new(0)))
+            .clone()
+    }
+
+    /// Writes the counts when they changed since the last write.
+    pub fn flush(&self) -> std::io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let m = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let values: Vec<u64> = m.values().map(|c| c.load(Ordering::Relaxed)).collect();
+        let mut last = self.last_written.lock().unwrap_or_else(|e| e.into_inner());
+        if *last == values {
+            return Ok(());
+        }
+        let mut items = Vec::with_capacity(values.len());
+        for (((plan, key, period), _), v) in m.iter().zip(&values) {
+            if *v == 0 {
+                continue;
+            }
+            items.push(serde_json::json!({
+                "plan": plan, "key": key, "period": period,
+                "index": (v >> USED_BITS) - 1, "used": v & USED_MASK,
+            }));
+        }
+        drop(m);
+        let text = serde_json::json!({ "version": 1, "counters": items }).to_string();
+        let tmp = path.with_extension("json.tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        *last = values;
+        Ok(())
+    }
+}
+
+/// A plan's quota.
+#[derive(Debug, Clone, Copy)]
+pub struct Quota {
+    pub limit: u64,
+    pub period: Period,
+}
+
+/// One `[[usage_plans]]`.
+#[derive(Debug)]
+pub struct Plan {
+    pub name: String,
+    /// `(api, stage)` pairs it covers.
+    pub stages: Vec<(String, String)>,
+    pub throttle: Option<Rate>,
+    pub quota: Option<Quota>,
+}
+
+/// One `[[api_keys]]` (minimal: see the module doc).
+#[derive(Debug)]
+pub struct ApiKey {
+    pub name: String,
+    pub value: String,
+    pub enabled: bool,
+    /// `(plan index, subscription index)`.
+    pub subs: Vec<(usize, usize)>,
+}
+
+/// A key's use of a plan: its own bucket and quota counter.
+#[derive(Debug)]
+pub struct Sub {
+    pub key: usize,
+    pub plan: usize,
+    pub bucket: Option<Bucket>,
+    pub counter: Arc<AtomicU64>,
+}
+
+/// Why a plan refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Throttled(Wait),
+    QuotaExceeded,
+}
+
+/// All plans and keys of a config.
+#[derive(Debug, Default)]
+pub struct Plans {
+    pub plans: Vec<Plan>,
+    pub keys: Vec<ApiKey>,
+    pub subs: Vec<Sub>,
+    by_value: ahash::AHashMap<u64, Vec<usize>>,
+    hasher: ahash::RandomState,
+}
+
+impl Plans {
+    /// Links plans and keys; `counters` gives each (plan, key) its persisted counter.
+    pub fn new(
+        plans: Vec<Plan>,
+        mut keys: Vec<ApiKey>,
+        key_plans: Vec<Vec<usize>>,
+        store: &UsageStore,
+    ) -> Plans {
+        let mut subs = Vec::new();
+        for (ki, plist) in key_plans.into_iter().enumerate() {
+            for pi in plist {
+                let p: &Plan = &plans[pi];
+                let period = p.quota.map(|q| q.period).unwrap_or(Period::Day);
+                keys[ki].subs.push((pi, subs.len()));
+                subs.push(Sub {
+                    key: ki,
+                    plan: pi,
+                    bucket: p.throttle.map(Bucket::new),
+                    counter: store.counter(&p.name, &keys[ki].name, period),
+                });
+            }
+        }
+        let hasher = ahash::RandomState::new();
+        let mut by_value: ahash::AHashMap<u64, Vec<usize>> = Default::default();
+        for (i, k) in keys.iter().enumerate() {
+            by_value
+                .entry(hasher.hash_one(k.value.as_bytes()))
+                .or_default()
+                .push(i);
+        }
+        Plans {
+            plans,
+            keys,
+            subs,
+            by_value,
+            hasher,
+        }
+    }
+
+    /// Re-points every counter at `store` (the config was compiled before the store existed).
+    pub fn bind(&mut self, store: &UsageStore) {
+        for s in &mut self.subs {
+            let p = &self.plans[s.plan];
+            let period = p.quota.map(|q| q.period).unwrap_or(Period::Day);
+            s.counter = store.counter(&p.name, &self.keys[s.key].name, period);
+        }
+    }
+
+    /// The enabled key whose value is `value` (compared in constant time). The one place that
+    /// maps an `x-api-key` to a key: point it at the auth key store when that lands.
+    pub fn key_for(&self, value: &[u8]) -> Option<usize> {
+        let cands = self.by_value.get(&self.hasher.hash_one(value))?;
+        cands.iter().copied().find(|&i| {
+            let k = &self.keys[i];
+            k.enabled && crate::admin::ct_eq(k.value.as_bytes(), value)
+        })
+    }
+
+    /// Applies the plan of key `key` that covers a route (whose covering plans are
+    /// `route_plans`); `Ok` when no plan of the key covers it.
+    #[inline]
+    pub fn check(
+        &self,
+        key: usize,
+        route_plans: &[u16],
+        now_ns: u64,
+        unix_s: u64,
+    ) -> Result<(), Refusal> {
+        for &(pi, si) in &self.keys[key].subs {
+            if !route_plans.contains(&(pi as u16)) {
+                continue;
+            }
+            let s = &self.subs[si];
+            if let Some(b) = &s.bucket {
+                b.check(now_ns).map_err(Refusal::Throttled)?;
+            }
+            if let Some(q) = self.plans[pi].quota {
+                consume(&s.counter, q.period.index(unix_s), q.limit)
+                    .map_err(|_| Refusal::QuotaExceeded)?;
+            }
+            return Ok(());
+        }
+        Ok(())
+    }
+
+    /// Indices of the plans covering `api`/`stage`.
+    pub fn covering(&self, api: &str, stage: &str) -> Vec<u16> {
+        (0..self.plans.len())
+            .filter(|&i| {
+                self.plans[i]
+                    .stages
+                    .iter()
+                    .any(|(a, s)| a == api && s == stage)
+            })
+            .map(|i| i as u16)
+            .collect()
+    }
+
+    /// `GET /usage-plans/{plan}/usage?key=NAME`: used and remaining for the current period.
+    pub fn usage(&self, plan: &str, key: &str, unix_s: u64) -> Result<serde_json::Value, u16> {
+        let pi = self
+            .plans
+            .iter()
+            .position(|p| p.name == plan)
+            .ok_or(404u16)?;
+        let ki = self.keys.iter().position(|k| k.name == key).ok_or(404u16)?;
+        let &(_, si) = self.keys[ki]
+            .subs
+            .iter()
+            .find(|(p, _)| *p == pi)
+            .ok_or(404u16)?;
+        let p = &self.plans[pi];
+        let v = self.subs[si].counter.load(Ordering::Relaxed);
+        let (period, limit) = match p.quota {
+            Some(q) => (q.period, Some(q.limit)),
+            None => (Period::Day, None),
+        };
+        let idx = period.index(unix_s);
+        let used = used_in(v, idx);
+        let (start, end) = period.bounds(idx);
+        let remaining = limit.map(|l| l.saturating_sub(used));
+        Ok(serde_json::json!({
+            "usagePlanId": plan,
+            "key": key,
+            "period": period.as_str(),
+            "startDate": date_string(start),
+            "endDate": date_string(end - 1),
+            "used": used,
+            "remaining": remaining,
+            "limit": limit,
+            "items": { key: [[used, remaining]] },
+        }))
+    }
+}
+
+/// Seconds since the Unix epoch (UTC wall clock).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar_periods() {
+        // 2026-11-25 is a Wednesday.
+        let d = days_from_civil(2026, 11, 25);
+        assert_eq!(civil_from_days(d), (2026, 11, 25));
+        assert_eq!(date_string(0), "1970-01-01");
+        let s = d as u64 * 86_400 + 3600;
+        let w = Period::Week.index(s);
+        let (ws, we) = Period::Week.bounds(w);
+        assert_eq!(date_string(ws), "2026-11-23"); // Monday
+        assert_eq!(date_string(we - 1), "2026-11-29"); // Sunday
+        let m = Period::Month.index(s);
+        let (ms, me) = Period::Month.bounds(m);
+        assert_eq!(date_string(ms), "2026-11-01");
+        assert_eq!(date_string(me - 1), "2026-11-30");
+        let dec = days_from_civil(2026, 12, 31) as u64 * 86_400;
+        let (_, me) = Period::Month.bounds(Period::Month.index(dec));
+        assert_eq!(date_string(me), "2027-01-01");
+        assert_eq!(Period::Day.index(s), d as u32);
+    }
+
+    #[test]
+    fn quota_counts_and_resets_with_period() {
+        let c = AtomicU64::new(0);
+        assert_eq!(consume(&c, 7, 3), Ok(2));
+        assert_eq!(consume(&c, 7, 3), Ok(1));
+        assert_eq!(consume(&c, 7, 3), Ok(0));
+        assert_eq!(consume(&c, 7, 3), Err(()));
+        assert_eq!(used_in(c.load(Ordering::Relaxed), 7), 3);
+        // The next period starts from 0.
+        assert_eq!(consume(&c, 8, 3), Ok(2));
+        assert_eq!(used_in(c.load(Ordering::Relaxed), 7), 0);
+    }
+
+    #[test]
+    fn quota_exact_across_threads() {
+        let c = Arc::new(AtomicU64::new(0));
+        let hs: Vec<_> = (0..4)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    (0..5000).filter(|_| consume(&c, 1, 1234).is_ok()).count()
+                })
+            })
+            .collect();
+        let n: usize = hs.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(n, 1234);
+    }
+
+    #[test]
+    fn store_round_trip() {
+        let dir = std::env::temp_dir().join(format!("rg-usage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let s = UsageStore::open(&dir).unwrap();
+            let c = s.counter("basic", "alice", Period::Day);
+            for _ in 0..5 {
+                consume(&c, 100, 10).unwrap();
+            }
+            s.flush().unwrap();
+        }
+        let s = UsageStore::open(&dir).unwrap();
+        let c = s.counter("basic", "alice", Period::Day);
+        assert_eq!(used_in(c.load(Ordering::Relaxed), 100), 5);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
