@@ -158,7 +158,8 @@ type CounterId = (String, String, &'static str);
 pub struct UsageStore {
     path: Option<PathBuf>,
     counters: Mutex<BTreeMap<CounterId, Arc<AtomicU64>>>,
-    last_written: Mutex<Vec<u64>>,
+    /// The file's content as last written (or read).
+    last_written: Mutex<String>,
 }
 
 impl UsageStore {
@@ -167,7 +168,7 @@ impl UsageStore {
         Arc::new(UsageStore {
             path: None,
             counters: Mutex::new(BTreeMap::new()),
-            last_written: Mutex::new(Vec::new()),
+            last_written: Mutex::new(String::new()),
         })
     }
 
@@ -200,10 +201,11 @@ impl UsageStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         }
+        let text = render(&map);
         let store = Arc::new(UsageStore {
             path: Some(path),
             counters: Mutex::new(map),
-            last_written: Mutex::new(Vec::new()),
+            last_written: Mutex::new(text),
         });
         let weak: Weak<UsageStore> = Arc::downgrade(&store);
         std::thread::Builder::new()
@@ -232,40 +234,45 @@ impl UsageStore {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let m = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        let values: Vec<u64> = m.values().map(|c| c.load(Ordering::Relaxed)).collect();
+        let text = render(&self.counters.lock().unwrap_or_else(|e| e.into_inner()));
         let mut last = self.last_written.lock().unwrap_or_else(|e| e.into_inner());
-        if *last == values {
+        if *last == text {
             return Ok(());
         }
-        let mut items = Vec::with_capacity(values.len());
-        for (((plan, key, period), _), v) in m.iter().zip(&values) {
-            if *v == 0 {
-                continue;
-            }
-            items.push(serde_json::json!({
-                "plan": plan, "key": key, "period": period,
-                "index": (v >> USED_BITS) - 1, "used": v & USED_MASK,
-            }));
-        }
-        drop(m);
-        let text = serde_json::json!({ "version": 1, "counters": items }).to_string();
         let tmp = path.with_extension("json.tmp");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-        }
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        // Renamed before the fsync: once renamed, the counts survive the death of this
+        // process (the page cache outlives it); the fsyncs that follow make them survive a
+        // machine crash too, without holding up the rename on a busy disk.
         std::fs::rename(&tmp, path)?;
+        *last = text;
+        drop(last);
+        f.sync_all()?;
         if let Some(dir) = path.parent() {
             if let Ok(d) = std::fs::File::open(dir) {
                 let _ = d.sync_all();
             }
         }
-        *last = values;
         Ok(())
     }
+}
+
+/// The file content for `map` (counters at 0 left out).
+fn render(map: &BTreeMap<CounterId, Arc<AtomicU64>>) -> String {
+    let mut items = Vec::with_capacity(map.len());
+    for ((plan, key, period), c) in map {
+        let v = c.load(Ordering::Relaxed);
+        if v == 0 {
+            continue;
+        }
+        items.push(serde_json::json!({
+            "plan": plan, "key": key, "period": period,
+            "index": (v >> USED_BITS) - 1, "used": v & USED_MASK,
+        }));
+    }
+    serde_json::json!({ "version": 1, "counters": items }).to_string()
 }
 
 /// A plan's quota.
