@@ -130,14 +130,15 @@ pub fn used_in(v: u64, period: u32) -> u64 {
     }
 }
 
-/// Counts one request against `limit` in `period`; `Err` when the quota is used up.
+/// Counts one request against `limit` in `period` and returns what remains; `None` when the
+/// quota is used up (nothing is counted then).
 #[inline]
-pub fn consume(c: &AtomicU64, period: u32, limit: u64) -> Result<u64, ()> {
+pub fn consume(c: &AtomicU64, period: u32, limit: u64) -> Option<u64> {
     let mut cur = c.load(Ordering::Relaxed);
     loop {
         let used = used_in(cur, period);
         if used >= limit {
-            return Err(());
+            return None;
         }
         match c.compare_exchange_weak(
             cur,
@@ -145,7 +146,7 @@ pub fn consume(c: &AtomicU64, period: u32, limit: u64) -> Result<u64, ()> {
             Ordering::Relaxed,
             Ordering::Relaxed,
         ) {
-            Ok(_) => return Ok(limit - used - 1),
+            Ok(_) => return Some(limit - used - 1),
             Err(v) => cur = v,
         }
     }
@@ -406,7 +407,7 @@ impl Plans {
             }
             if let Some(q) = self.plans[pi].quota {
                 consume(&s.counter, q.period.index(unix_s), q.limit)
-                    .map_err(|_| Refusal::QuotaExceeded)?;
+                    .ok_or(Refusal::QuotaExceeded)?;
             }
             return Ok(());
         }
@@ -499,13 +500,13 @@ mod tests {
     #[test]
     fn quota_counts_and_resets_with_period() {
         let c = AtomicU64::new(0);
-        assert_eq!(consume(&c, 7, 3), Ok(2));
-        assert_eq!(consume(&c, 7, 3), Ok(1));
-        assert_eq!(consume(&c, 7, 3), Ok(0));
-        assert_eq!(consume(&c, 7, 3), Err(()));
+        assert_eq!(consume(&c, 7, 3), Some(2));
+        assert_eq!(consume(&c, 7, 3), Some(1));
+        assert_eq!(consume(&c, 7, 3), Some(0));
+        assert_eq!(consume(&c, 7, 3), None);
         assert_eq!(used_in(c.load(Ordering::Relaxed), 7), 3);
         // The next period starts from 0.
-        assert_eq!(consume(&c, 8, 3), Ok(2));
+        assert_eq!(consume(&c, 8, 3), Some(2));
         assert_eq!(used_in(c.load(Ordering::Relaxed), 7), 0);
     }
 
@@ -516,7 +517,7 @@ mod tests {
             .map(|_| {
                 let c = c.clone();
                 std::thread::spawn(move || {
-                    (0..5000).filter(|_| consume(&c, 1, 1234).is_ok()).count()
+                    (0..5000).filter(|_| consume(&c, 1, 1234).is_some()).count()
                 })
             })
             .collect();
@@ -532,7 +533,7 @@ mod tests {
             let s = UsageStore::open(&dir).unwrap();
             let c = s.counter("basic", "alice", Period::Day);
             for _ in 0..5 {
-                consume(&c, 100, 10).unwrap();
+                consume(&c, 100, 10).expect("under the limit");
             }
             s.flush().unwrap();
         }
