@@ -140,6 +140,18 @@ pub fn ip_bits(ip: IpAddr) -> u128 {
     }
 }
 
+/// The per-IP bucket key: the address for IPv4, its /64 for IPv6 (one host usually holds a
+/// whole /64, so per-address buckets would let it rotate through 2^64 of them).
+#[inline]
+pub fn rate_key(ip: IpAddr) -> u128 {
+    let bits = ip_bits(ip);
+    if bits >> 32 == 0xffff {
+        bits
+    } else {
+        bits & !(u64::MAX as u128)
+    }
+}
+
 /// Why the WAF refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -274,7 +286,7 @@ impl Waf {
             }
         }
         if let Some(b) = &self.per_ip {
-            if let Err(w) = b.check(ip_bits(ip), now) {
+            if let Err(w) = b.check(rate_key(ip), now) {
                 return Verdict::Throttled(w);
             }
         }
@@ -429,6 +441,15 @@ mod tests {
         let one = Cidr::parse("127.0.0.1").unwrap();
         assert!(one.contains(ip_bits("127.0.0.1".parse().unwrap())));
         assert!(!one.contains(ip_bits("127.0.0.2".parse().unwrap())));
+    }
+
+    #[test]
+    fn per_ip_key_is_v4_address_or_v6_slash_64() {
+        let k = |s: &str| rate_key(s.parse().unwrap());
+        assert_ne!(k("10.0.0.1"), k("10.0.0.2"));
+        assert_eq!(k("10.0.0.1"), k("::ffff:10.0.0.1"));
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
     }
 
     #[test]
