@@ -464,6 +464,23 @@ impl Plans {
     }
 }
 
+/// Seconds since the Unix epoch for a reading of [`super::throttle::now_ns`]: the wall clock
+/// at the first call plus the monotonic time since, so a request reads one clock, not two.
+/// (A wall-clock step after start shifts period boundaries by that much until a restart.)
+pub fn unix_at(now_ns: u64) -> u64 {
+    use std::sync::OnceLock;
+    static BASE: OnceLock<(u64, u64)> = OnceLock::new();
+    let &(wall_ns, mono_ns) = BASE.get_or_init(|| {
+        let mono = super::throttle::now_ns();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        (wall, mono)
+    });
+    (wall_ns + now_ns.saturating_sub(mono_ns)) / 1_000_000_000
+}
+
 /// Seconds since the Unix epoch (UTC wall clock).
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -495,6 +512,13 @@ mod tests {
         let (_, me) = Period::Month.bounds(Period::Month.index(dec));
         assert_eq!(date_string(me), "2027-01-01");
         assert_eq!(Period::Day.index(s), d as u32);
+    }
+
+    #[test]
+    fn unix_from_monotonic_matches_wall_clock() {
+        let a = unix_at(crate::policy::throttle::now_ns());
+        let b = unix_now();
+        assert!(a.abs_diff(b) <= 1, "{a} vs {b}");
     }
 
     #[test]

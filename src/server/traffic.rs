@@ -9,7 +9,7 @@ use super::{body_skippable, reject, write_out, Conn, Outcome, Worker};
 use crate::config::{Limits, RouteMatch};
 use crate::gateway::Gateway;
 use crate::http::{encode, BodyKind, Method};
-use crate::policy::plans::{unix_now, Refusal};
+use crate::policy::plans::{unix_at, Refusal};
 use crate::policy::throttle::{now_ns, Wait};
 use crate::policy::waf::{Input, Verdict};
 use crate::policy::Reason;
@@ -176,7 +176,7 @@ pub(super) async fn before(
                 .header(&c.b.rbuf, "x-api-key")
                 .and_then(|v| t.plans.key_for(v))
         {
-            match t.plans.check(key, &rt.plans, now, unix_now()) {
+            match t.plans.check(key, &rt.plans, now, unix_at(now)) {
                 Ok(()) => {}
                 Err(Refusal::Throttled(wait)) => {
                     return Some(too_many(w, c, rt, Reason::Plan, wait).await)
