@@ -82,4 +82,95 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+/// The perf `throttle` case's policy work for one request, without I/O: IP lists, per-IP
+/// bucket, three regex rules, route bucket, key lookup, plan bucket and quota.
+fn pipeline(c: &mut Criterion) {
+    let text = r#"
+[[apis]]
+name = "bench"
+[[apis.routes]]
+route = "ANY /{proxy+}"
+integration = { type = "mock" }
+throttle = { rate = 100000000, burst = 100000000 }
+[[usage_plans]]
+name = "bench"
+apis = ["bench/$default"]
+throttle = { rate = 100000000, burst = 100000000 }
+quota = { limit = 1000000000000, period = "month" }
+[[api_keys]]
+name = "bench"
+value = "perf-bench-key-0123456789abcdef"
+plans = ["bench"]
+[waf]
+ip_allow = ["127.0.0.0/8", "::1"]
+ip_deny = ["10.66.0.0/16", "192.0.2.0/24"]
+rate_per_ip = { rate = 100000000, burst = 100000000 }
+rules = [
+  { name = "sqli", target = "query", pattern = "(?i)union\\s+select", action = "block" },
+  { name = "xss", target = "path", pattern = "(?i)<\\s*script", action = "block" },
+  { name = "scanner", target = "header.user-agent", pattern = "(?i)sqlmap|nikto", action = "block" },
+]
+"#;
+    let cfg = ringgate::config::parse(std::path::Path::new("bench.toml"), text).unwrap();
+    let t = &cfg.traffic;
+    let rt = &t.routes[0];
+    let ip: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let headers: [(&[u8], &[u8]); 4] = [
+        (b"host", b"127.0.0.1:18082"),
+        (b"user-agent", b"wrk"),
+        (b"accept", b"*/*"),
+        (b"x-api-key", b"perf-bench-key-0123456789abcdef"),
+    ];
+    use ringgate::policy::waf::{Input, Verdict};
+    c.bench_function("policy_waf_ip", |bn| {
+        bn.iter(|| black_box(t.waf.check_ip(black_box(ip), now_ns())))
+    });
+    c.bench_function("policy_waf_three_rules", |bn| {
+        bn.iter(|| {
+            let mut it = headers.iter().copied();
+            black_box(t.waf.check_rules(Input {
+                path: black_box(b"/hello"),
+                query: None,
+                headers: &mut it,
+                body: b"",
+            }))
+        })
+    });
+    c.bench_function("policy_plan_key_and_quota", |bn| {
+        bn.iter(|| {
+            let now = now_ns();
+            let k = t
+                .plans
+                .key_for(black_box(b"perf-bench-key-0123456789abcdef"))
+                .unwrap();
+            black_box(
+                t.plans
+                    .check(k, &rt.plans, now, ringgate::policy::plans::unix_at(now)),
+            )
+        })
+    });
+    c.bench_function("policy_whole_throttle_case", |bn| {
+        bn.iter(|| {
+            let now = now_ns();
+            assert_eq!(t.waf.check_ip(ip, now), Verdict::Pass);
+            let mut it = headers.iter().copied();
+            let v = t.waf.check_rules(Input {
+                path: b"/hello",
+                query: None,
+                headers: &mut it,
+                body: b"",
+            });
+            let _ = rt.route.as_ref().unwrap().check(now);
+            let k = t.plans.key_for(b"perf-bench-key-0123456789abcdef").unwrap();
+            black_box((
+                v,
+                t.plans
+                    .check(k, &rt.plans, now, ringgate::policy::plans::unix_at(now)),
+            ))
+        })
+    });
+}
+
+criterion_group!(pipeline_benches, pipeline);
+criterion_main!(benches, pipeline_benches);
