@@ -122,6 +122,7 @@ rules = [
         (b"accept", b"*/*"),
         (b"x-api-key", b"perf-bench-key-0123456789abcdef"),
     ];
+    use ringgate::policy::plans::KeyDirectory;
     use ringgate::policy::waf::{Input, Verdict};
     c.bench_function("policy_waf_ip", |bn| {
         bn.iter(|| black_box(t.waf.check_ip(black_box(ip), now_ns())))
@@ -142,7 +143,8 @@ rules = [
             let now = now_ns();
             let k = t
                 .plans
-                .key_for(black_box(b"perf-bench-key-0123456789abcdef"))
+                .keys
+                .find(black_box(b"perf-bench-key-0123456789abcdef"))
                 .unwrap();
             black_box(
                 t.plans
@@ -162,7 +164,11 @@ rules = [
                 body: b"",
             });
             let _ = rt.route.as_ref().unwrap().check(now);
-            let k = t.plans.key_for(b"perf-bench-key-0123456789abcdef").unwrap();
+            let k = t
+                .plans
+                .keys
+                .find(b"perf-bench-key-0123456789abcdef")
+                .unwrap();
             black_box((
                 v,
                 t.plans

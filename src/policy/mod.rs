@@ -14,7 +14,7 @@ pub mod waf;
 
 use crate::config::{ConfigError, RouteTable, Source};
 use cors::{Cors, CorsSpec};
-use plans::{ApiKey, Period, Plan, Plans, Quota, UsageStore};
+use plans::{ConfigKey, ConfigKeys, Period, Plan, Plans, Quota};
 use raw::{RawRule, RawRuleFile, RawThrottle};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -283,7 +283,7 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
     for (i, p) in raw.usage_plans.iter().enumerate() {
         let key = |k: &str| format!("usage_plans[{i}].{k}");
         let name = p.name.get_ref().clone();
-        if name.is_empty() || plans.iter().any(|o: &Plan| o.name == name) {
+        if name.is_empty() || plans.iter().any(|o: &Plan| *o.name == *name) {
             return Err(src.err(
                 p.name.span(),
                 &key("name"),
@@ -348,19 +348,14 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
                 })
             }
         };
-        plans.push(Plan {
-            name,
-            stages,
-            throttle,
-            quota,
-        });
+        plans.push(Plan::new(&name, stages, throttle, quota));
     }
-    let mut keys = Vec::new();
-    let mut key_plans = Vec::new();
+    // MINIMAL [[api_keys]] (traffic branch; the auth feature's key store replaces this).
+    let mut keys: Vec<ConfigKey> = Vec::new();
     for (i, k) in raw.api_keys.iter().enumerate() {
         let key = |s: &str| format!("api_keys[{i}].{s}");
         let name = k.name.get_ref().clone();
-        if name.is_empty() || keys.iter().any(|o: &ApiKey| o.name == name) {
+        if name.is_empty() || keys.iter().any(|o| o.name == name) {
             return Err(src.err(
                 k.name.span(),
                 &key("name"),
@@ -377,7 +372,7 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
                 "must be 20 to 128 visible ASCII characters",
             ));
         }
-        if keys.iter().any(|o: &ApiKey| o.value == k.value) {
+        if keys.iter().any(|o| o.value == k.value) {
             return Err(src.err(
                 k.name.span(),
                 &key("value"),
@@ -388,7 +383,7 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
         for p in &k.plans {
             let pi = plans
                 .iter()
-                .position(|x: &Plan| &x.name == p)
+                .position(|x: &Plan| *x.name == **p)
                 .ok_or_else(|| {
                     src.err(
                         k.name.span(),
@@ -396,18 +391,17 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
                         format!("usage plan `{p}` is not defined"),
                     )
                 })?;
-            pl.push(pi);
+            pl.push(plans[pi].name.clone());
         }
-        keys.push(ApiKey {
+        keys.push(ConfigKey {
             name,
             value: k.value.clone(),
             enabled: k.enabled,
-            subs: Vec::new(),
+            plans: pl,
         });
-        key_plans.push(pl);
     }
-    // Counters are re-pointed at the persistent store when the config goes live.
-    Ok(Plans::new(plans, keys, key_plans, &UsageStore::in_memory()))
+    // Counts go to the persistent store once the config goes live (`Plans::bind`).
+    Ok(Plans::new(plans, ConfigKeys::new(keys)))
 }
 
 /// Admin `GET /usage-plans/{plan}/usage?key=NAME`; `None` when the path is not ours.
@@ -441,9 +435,19 @@ pub fn admin_usage(
             serde_json::json!({"message": "Bad Request: the query parameter `key` is required"}),
         ));
     };
-    Some(match traffic.plans.usage(&plan, &key, plans::unix_now()) {
-        Ok(v) => (200, v),
-        Err(_) => (
+    let in_plan = traffic
+        .plans
+        .keys
+        .by_name(&key)
+        .is_some_and(|k| k.plans.iter().any(|p| **p == *plan));
+    let found = if in_plan {
+        traffic.plans.usage(&plan, &key, plans::unix_now())
+    } else {
+        None
+    };
+    Some(match found {
+        Some(v) => (200, v),
+        None => (
             404,
             serde_json::json!({"message": "Not Found: no such plan, key, or the key is not in the plan"}),
         ),

@@ -10,12 +10,18 @@
 //! the plan's throttle: `burst + rate * FLUSH_MS / 1000` per key. A clean stop (SIGTERM)
 //! writes the final counts.
 //!
-//! API keys: this module reads the minimal `[[api_keys]]` (name, value, plans, enabled) to map
-//! an `x-api-key` value to a key *name* and its plans ([`Plans::key_for`]). The auth work
-//! (branch `auth`) owns API keys; when it lands, `key_for` is the one function to point at its
-//! key store.
+//! Per-key state is created on a key's first request: its bucket of each plan in a fixed-size
+//! [`KeyedBuckets`] table per plan (bounded memory; only valid keys get there), its counter in
+//! a copy-on-write map read with one atomic load.
+//!
+//! API keys: plans only need a key's *name* and plan names, through the [`KeyDirectory`] trait.
+//! This branch implements it on a minimal `[[api_keys]]` table ([`ConfigKeys`]); the auth
+//! feature owns API keys, and at merge its key store implements [`KeyDirectory`] instead
+//! (keys added at run time then get plan state on their first request, like any other).
 
-use super::throttle::{Bucket, Rate, Wait};
+use super::throttle::{KeyedBuckets, Rate, Wait};
+use ahash::AHashMap;
+use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -156,6 +162,7 @@ pub fn consume(c: &AtomicU64, period: u32, limit: u64) -> Option<u64> {
 type CounterId = (String, String, &'static str);
 
 /// Quota counters shared by every config generation, persisted in `state_dir`.
+#[derive(Debug)]
 pub struct UsageStore {
     path: Option<PathBuf>,
     counters: Mutex<BTreeMap<CounterId, Arc<AtomicU64>>>,
@@ -283,33 +290,144 @@ pub struct Quota {
     pub period: Period,
 }
 
-/// One `[[usage_plans]]`.
-#[derive(Debug)]
+/// Per-key plan buckets tracked at once per plan (a fixed table: see [`KeyedBuckets`]).
+pub const KEY_BUCKETS: usize = 65_536;
+
+/// One `[[usage_plans]]`, with the state of the keys that use it (created on demand).
 pub struct Plan {
-    pub name: String,
+    pub name: Arc<str>,
     /// `(api, stage)` pairs it covers.
     pub stages: Vec<(String, String)>,
     pub throttle: Option<Rate>,
     pub quota: Option<Quota>,
+    /// Per-key buckets, keyed by key name.
+    buckets: Option<KeyedBuckets>,
+    /// Per-key quota counters (from the [`UsageStore`]), copied on write: a request reads the
+    /// map with one atomic load; a key's first request inserts under `insert`.
+    counters: ArcSwap<AHashMap<Arc<str>, Arc<AtomicU64>>>,
+    insert: Mutex<()>,
 }
 
-/// One `[[api_keys]]` (minimal: see the module doc).
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("name", &self.name)
+            .field("stages", &self.stages)
+            .field("throttle", &self.throttle)
+            .field("quota", &self.quota)
+            .finish()
+    }
+}
+
+impl Plan {
+    /// A plan with no key state yet.
+    pub fn new(
+        name: &str,
+        stages: Vec<(String, String)>,
+        throttle: Option<Rate>,
+        quota: Option<Quota>,
+    ) -> Plan {
+        Plan {
+            name: name.into(),
+            stages,
+            throttle,
+            quota,
+            buckets: throttle.map(|r| KeyedBuckets::new(r, KEY_BUCKETS)),
+            counters: ArcSwap::from_pointee(AHashMap::new()),
+            insert: Mutex::new(()),
+        }
+    }
+
+    fn period(&self) -> Period {
+        self.quota.map(|q| q.period).unwrap_or(Period::Day)
+    }
+
+    /// The quota counter of `key` (created from the store on the key's first request).
+    fn counter(&self, key: &str, store: &UsageStore) -> Arc<AtomicU64> {
+        if let Some(c) = self.counters.load().get(key) {
+            return c.clone();
+        }
+        let _g = self.insert.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.counters.load_full();
+        if let Some(c) = cur.get(key) {
+            return c.clone();
+        }
+        let c = store.counter(&self.name, key, self.period());
+        let mut next = (*cur).clone();
+        next.insert(key.into(), c.clone());
+        self.counters.store(Arc::new(next));
+        c
+    }
+}
+
+/// A key as usage plans see it: its name and the names of its plans.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRef<'a> {
+    pub name: &'a str,
+    pub plans: &'a [Arc<str>],
+}
+
+/// Maps an `x-api-key` value to an enabled key. The one seam between usage plans and the API
+/// key store: [`ConfigKeys`] here; the auth feature's key store when merged.
+pub trait KeyDirectory {
+    /// The enabled key with this value (compared in constant time).
+    fn find(&self, value: &[u8]) -> Option<KeyRef<'_>>;
+}
+
+/// One `[[api_keys]]` (MINIMAL, traffic branch: see the module doc).
 #[derive(Debug)]
-pub struct ApiKey {
+pub struct ConfigKey {
     pub name: String,
     pub value: String,
     pub enabled: bool,
-    /// `(plan index, subscription index)`.
-    pub subs: Vec<(usize, usize)>,
+    pub plans: Vec<Arc<str>>,
 }
 
-/// A key's use of a plan: its own bucket and quota counter.
-#[derive(Debug)]
-pub struct Sub {
-    pub key: usize,
-    pub plan: usize,
-    pub bucket: Option<Bucket>,
-    pub counter: Arc<AtomicU64>,
+/// The `[[api_keys]]` of the config file (MINIMAL, traffic branch: the auth feature's key
+/// store replaces it at merge).
+#[derive(Debug, Default)]
+pub struct ConfigKeys {
+    pub keys: Vec<ConfigKey>,
+    by_value: AHashMap<u64, Vec<usize>>,
+    hasher: ahash::RandomState,
+}
+
+impl ConfigKeys {
+    /// Indexes `keys` by a keyed hash of their value.
+    pub fn new(keys: Vec<ConfigKey>) -> ConfigKeys {
+        let hasher = ahash::RandomState::new();
+        let mut by_value: AHashMap<u64, Vec<usize>> = AHashMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            by_value
+                .entry(hasher.hash_one(k.value.as_bytes()))
+                .or_default()
+                .push(i);
+        }
+        ConfigKeys {
+            keys,
+            by_value,
+            hasher,
+        }
+    }
+
+    /// The key named `name`.
+    pub fn by_name(&self, name: &str) -> Option<&ConfigKey> {
+        self.keys.iter().find(|k| k.name == name)
+    }
+}
+
+impl KeyDirectory for ConfigKeys {
+    fn find(&self, value: &[u8]) -> Option<KeyRef<'_>> {
+        let cands = self.by_value.get(&self.hasher.hash_one(value))?;
+        cands
+            .iter()
+            .map(|&i| &self.keys[i])
+            .find(|k| k.enabled && crate::admin::ct_eq(k.value.as_bytes(), value))
+            .map(|k| KeyRef {
+                name: &k.name,
+                plans: &k.plans,
+            })
+    }
 }
 
 /// Why a plan refused a request.
@@ -319,95 +437,58 @@ pub enum Refusal {
     QuotaExceeded,
 }
 
-/// All plans and keys of a config.
+/// All usage plans of a config and the store their counts live in.
 #[derive(Debug, Default)]
 pub struct Plans {
     pub plans: Vec<Plan>,
-    pub keys: Vec<ApiKey>,
-    pub subs: Vec<Sub>,
-    by_value: ahash::AHashMap<u64, Vec<usize>>,
-    hasher: ahash::RandomState,
+    /// `[[api_keys]]` (minimal; see [`ConfigKeys`]).
+    pub keys: ConfigKeys,
+    store: Option<Arc<UsageStore>>,
 }
 
 impl Plans {
-    /// Links plans and keys; `counters` gives each (plan, key) its persisted counter.
-    pub fn new(
-        plans: Vec<Plan>,
-        mut keys: Vec<ApiKey>,
-        key_plans: Vec<Vec<usize>>,
-        store: &UsageStore,
-    ) -> Plans {
-        let mut subs = Vec::new();
-        for (ki, plist) in key_plans.into_iter().enumerate() {
-            for pi in plist {
-                let p: &Plan = &plans[pi];
-                let period = p.quota.map(|q| q.period).unwrap_or(Period::Day);
-                keys[ki].subs.push((pi, subs.len()));
-                subs.push(Sub {
-                    key: ki,
-                    plan: pi,
-                    bucket: p.throttle.map(Bucket::new),
-                    counter: store.counter(&p.name, &keys[ki].name, period),
-                });
-            }
-        }
-        let hasher = ahash::RandomState::new();
-        let mut by_value: ahash::AHashMap<u64, Vec<usize>> = Default::default();
-        for (i, k) in keys.iter().enumerate() {
-            by_value
-                .entry(hasher.hash_one(k.value.as_bytes()))
-                .or_default()
-                .push(i);
-        }
+    /// Plans and keys, counting in memory until [`Plans::bind`].
+    pub fn new(plans: Vec<Plan>, keys: ConfigKeys) -> Plans {
         Plans {
             plans,
             keys,
-            subs,
-            by_value,
-            hasher,
+            store: None,
         }
     }
 
-    /// Re-points every counter at `store` (the config was compiled before the store existed).
-    pub fn bind(&mut self, store: &UsageStore) {
-        for s in &mut self.subs {
-            let p = &self.plans[s.plan];
-            let period = p.quota.map(|q| q.period).unwrap_or(Period::Day);
-            s.counter = store.counter(&p.name, &self.keys[s.key].name, period);
-        }
+    /// Counts go to `store` (persisted, shared across config generations).
+    pub fn bind(&mut self, store: &Arc<UsageStore>) {
+        self.store = Some(store.clone());
     }
 
-    /// The enabled key whose value is `value` (compared in constant time). The one place that
-    /// maps an `x-api-key` to a key: point it at the auth key store when that lands.
-    pub fn key_for(&self, value: &[u8]) -> Option<usize> {
-        let cands = self.by_value.get(&self.hasher.hash_one(value))?;
-        cands.iter().copied().find(|&i| {
-            let k = &self.keys[i];
-            k.enabled && crate::admin::ct_eq(k.value.as_bytes(), value)
-        })
+    fn store(&self) -> &UsageStore {
+        static MEM: std::sync::OnceLock<Arc<UsageStore>> = std::sync::OnceLock::new();
+        self.store
+            .as_deref()
+            .unwrap_or_else(|| MEM.get_or_init(UsageStore::in_memory))
     }
 
-    /// Applies the plan of key `key` that covers a route (whose covering plans are
-    /// `route_plans`); `Ok` when no plan of the key covers it.
+    /// Applies the plan of `key` that covers a route (whose covering plans are `route_plans`):
+    /// the key's bucket of that plan, then its quota. `Ok` when no plan of the key covers it.
     #[inline]
     pub fn check(
         &self,
-        key: usize,
+        key: KeyRef<'_>,
         route_plans: &[u16],
         now_ns: u64,
         unix_s: u64,
     ) -> Result<(), Refusal> {
-        for &(pi, si) in &self.keys[key].subs {
-            if !route_plans.contains(&(pi as u16)) {
+        for &pi in route_plans {
+            let p = &self.plans[pi as usize];
+            if !key.plans.iter().any(|n| **n == *p.name) {
                 continue;
             }
-            let s = &self.subs[si];
-            if let Some(b) = &s.bucket {
-                b.check(now_ns).map_err(Refusal::Throttled)?;
+            if let Some(b) = &p.buckets {
+                b.check(key.name, now_ns).map_err(Refusal::Throttled)?;
             }
-            if let Some(q) = self.plans[pi].quota {
-                consume(&s.counter, q.period.index(unix_s), q.limit)
-                    .ok_or(Refusal::QuotaExceeded)?;
+            if let Some(q) = p.quota {
+                let c = p.counter(key.name, self.store());
+                consume(&c, q.period.index(unix_s), q.limit).ok_or(Refusal::QuotaExceeded)?;
             }
             return Ok(());
         }
@@ -427,30 +508,21 @@ impl Plans {
             .collect()
     }
 
-    /// `GET /usage-plans/{plan}/usage?key=NAME`: used and remaining for the current period.
-    pub fn usage(&self, plan: &str, key: &str, unix_s: u64) -> Result<serde_json::Value, u16> {
-        let pi = self
-            .plans
-            .iter()
-            .position(|p| p.name == plan)
-            .ok_or(404u16)?;
-        let ki = self.keys.iter().position(|k| k.name == key).ok_or(404u16)?;
-        let &(_, si) = self.keys[ki]
-            .subs
-            .iter()
-            .find(|(p, _)| *p == pi)
-            .ok_or(404u16)?;
-        let p = &self.plans[pi];
-        let v = self.subs[si].counter.load(Ordering::Relaxed);
-        let (period, limit) = match p.quota {
-            Some(q) => (q.period, Some(q.limit)),
-            None => (Period::Day, None),
-        };
+    /// `GET /usage-plans/{plan}/usage?key=NAME` for a key of the plan (the caller checked
+    /// that): used and remaining in the current period.
+    pub fn usage(&self, plan: &str, key: &str, unix_s: u64) -> Option<serde_json::Value> {
+        let p = self.plans.iter().find(|p| &*p.name == plan)?;
+        let v = self
+            .store()
+            .counter(plan, key, p.period())
+            .load(Ordering::Relaxed);
+        let limit = p.quota.map(|q| q.limit);
+        let period = p.period();
         let idx = period.index(unix_s);
         let used = used_in(v, idx);
         let (start, end) = period.bounds(idx);
         let remaining = limit.map(|l| l.saturating_sub(used));
-        Ok(serde_json::json!({
+        Some(serde_json::json!({
             "usagePlanId": plan,
             "key": key,
             "period": period.as_str(),
@@ -547,6 +619,60 @@ mod tests {
             .collect();
         let n: usize = hs.into_iter().map(|h| h.join().unwrap()).sum();
         assert_eq!(n, 1234);
+    }
+
+    #[test]
+    fn plan_state_on_demand_for_any_key_directory() {
+        // A key that only a key store knows (say, added at run time): plans need only its
+        // name and plan names.
+        let plan = Plan::new(
+            "basic",
+            vec![("shop".into(), "prod".into())],
+            Some(Rate {
+                rate: 1.0,
+                burst: 2,
+            }),
+            Some(Quota {
+                limit: 3,
+                period: Period::Day,
+            }),
+        );
+        let plans = Plans::new(vec![plan], ConfigKeys::default());
+        let route = plans.covering("shop", "prod");
+        assert_eq!(route, vec![0]);
+        let names: Vec<Arc<str>> = vec!["basic".into()];
+        let k = |name| KeyRef {
+            name,
+            plans: &names,
+        };
+        let s = 1_000_000_000u64;
+        assert_eq!(plans.check(k("carol"), &route, 10 * s, 0), Ok(()));
+        assert_eq!(plans.check(k("carol"), &route, 10 * s, 0), Ok(()));
+        assert!(matches!(
+            plans.check(k("carol"), &route, 10 * s, 0),
+            Err(Refusal::Throttled(_))
+        ));
+        // Another key: its own bucket and counter.
+        assert_eq!(plans.check(k("dave"), &route, 10 * s, 0), Ok(()));
+        assert_eq!(plans.check(k("carol"), &route, 11 * s, 0), Ok(()));
+        assert_eq!(
+            plans.check(k("carol"), &route, 20 * s, 0),
+            Err(Refusal::QuotaExceeded)
+        );
+        let u = plans.usage("basic", "carol", 0).unwrap();
+        assert_eq!(
+            (u["used"].as_u64(), u["remaining"].as_u64()),
+            (Some(3), Some(0))
+        );
+        // A key whose plans do not cover the route is not metered.
+        let other: Vec<Arc<str>> = vec!["gold".into()];
+        let eve = KeyRef {
+            name: "eve",
+            plans: &other,
+        };
+        for _ in 0..5 {
+            assert_eq!(plans.check(eve, &route, 20 * s, 0), Ok(()));
+        }
     }
 
     #[test]

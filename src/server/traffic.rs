@@ -9,7 +9,7 @@ use super::{body_skippable, reject, write_out, Conn, Outcome, Worker};
 use crate::config::{Limits, RouteMatch};
 use crate::gateway::Gateway;
 use crate::http::{encode, BodyKind, Method};
-use crate::policy::plans::{unix_at, Refusal};
+use crate::policy::plans::{unix_at, KeyDirectory, Refusal};
 use crate::policy::throttle::{now_ns, Wait};
 use crate::policy::waf::{Input, Verdict};
 use crate::policy::Reason;
@@ -174,7 +174,7 @@ pub(super) async fn before(
         if let Some(key) =
             c.b.head
                 .header(&c.b.rbuf, "x-api-key")
-                .and_then(|v| t.plans.key_for(v))
+                .and_then(|v| t.plans.keys.find(v))
         {
             match t.plans.check(key, &rt.plans, now, unix_at(now)) {
                 Ok(()) => {}
