@@ -79,6 +79,7 @@ impl Shared {
         let _g = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut new = config::load(&self.config_path)?;
         new.traffic.plans.bind(&self.usage);
+        new.traffic.inherit(&self.current().config.traffic);
         let old = self.current();
         let mut notes = Vec::new();
         let o = &old.config.server;

@@ -582,3 +582,61 @@ fn plan_throttle_per_key() {
     );
     let _ = std::fs::remove_dir_all(&state);
 }
+
+#[test]
+fn reload_keeps_bucket_state_and_counters() {
+    let cfg = |extra: &str| {
+        format!(
+            r#"
+[[apis]]
+name = "a"
+[apis.stages.s]
+throttle = {{ rate = 0.1, burst = 3 }}
+[[apis.routes]]
+route = "GET /x"
+{MOCK}
+throttle = {{ rate = 0.1, burst = 2 }}
+{extra}
+"#
+        )
+    };
+    let gw = Gateway::start(&cfg(""));
+    let mut c = Client::connect(gw.addr);
+    assert_eq!(get_on(&mut c, "/s/x", "").status, 200);
+    assert_eq!(get_on(&mut c, "/s/x", "").status, 200);
+    assert_eq!(get_on(&mut c, "/s/x", "").status, 429);
+    // A reload that adds a route (same stage) must not refill the buckets.
+    gw.write_config(&cfg(&format!(
+        "[[apis.routes]]\nroute = \"GET /y\"\n{MOCK}\n"
+    )));
+    gw.reload_signal();
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .stderr()
+        .contains("config reloaded")));
+    // The route's bucket is still empty (refilled, this would be 200).
+    assert_eq!(get_on(&mut c, "/s/x", "").status, 429);
+    // The stage's bucket kept its state too: 2 of 3 tokens were taken (refused requests gave
+    // theirs back), so the new route gets one request, then the stage refuses.
+    assert_eq!(get_on(&mut c, "/s/y", "").status, 200);
+    let r = get_on(&mut c, "/s/y", "");
+    assert_eq!(r.status, 429);
+    let m = gw.metrics();
+    assert_eq!(
+        metric_value(
+            &m,
+            "ringgate_throttled_total",
+            &["route=\"GET /x\"", "reason=\"route\""]
+        ),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "ringgate_throttled_total",
+            &["route=\"GET /y\"", "reason=\"stage\""]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}

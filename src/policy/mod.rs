@@ -42,11 +42,11 @@ pub struct RouteTraffic {
     /// Anything to do for this route beyond the gateway-wide stages.
     pub any: bool,
     pub stage: Option<Arc<Bucket>>,
-    pub route: Option<Bucket>,
+    pub route: Option<Arc<Bucket>>,
     pub cors: Option<Arc<Cors>>,
     /// Usage plans covering this route's API stage.
     pub plans: Vec<u16>,
-    throttled: [AtomicU64; 6],
+    throttled: Arc<[AtomicU64; 6]>,
     labels: Option<Arc<str>>,
 }
 
@@ -62,13 +62,73 @@ impl RouteTraffic {
 pub struct Traffic {
     /// Gateway-wide stages present (server throttle or an active WAF).
     pub any: bool,
-    pub server: Option<Bucket>,
+    pub server: Option<Arc<Bucket>>,
     pub waf: Waf,
     pub routes: Vec<RouteTraffic>,
     pub plans: Plans,
 }
 
 impl Traffic {
+    /// Carries the state of `old` (the config being replaced) over a reload: buckets with the
+    /// same rate keep their tokens (a reload must not refill every bucket), counters keep
+    /// counting. Routes match by api, stage and route key; rules and plans by name.
+    pub fn inherit(&mut self, old: &Traffic) {
+        fn keep(new: &mut Option<Arc<Bucket>>, old: &Option<Arc<Bucket>>) {
+            if let (Some(n), Some(o)) = (new.as_ref(), old) {
+                if n.same_rate(o) {
+                    *new = Some(o.clone());
+                }
+            }
+        }
+        keep(&mut self.server, &old.server);
+        // A stage bucket is shared by the stage's routes: replace it the same way in all.
+        let mut stages: Vec<(*const Bucket, Arc<Bucket>)> = Vec::new();
+        for rt in &mut self.routes {
+            let Some(o) = old.routes.iter().find(|o| o.labels == rt.labels) else {
+                if let Some(s) = rt.stage.clone() {
+                    match stages.iter().find(|(p, _)| *p == Arc::as_ptr(&s)) {
+                        Some((_, c)) => rt.stage = Some(c.clone()),
+                        None => stages.push((Arc::as_ptr(&s), s)),
+                    }
+                }
+                continue;
+            };
+            keep(&mut rt.route, &o.route);
+            rt.throttled = o.throttled.clone();
+            if let Some(s) = rt.stage.clone() {
+                let ptr = Arc::as_ptr(&s);
+                let chosen = match stages.iter().find(|(p, _)| *p == ptr) {
+                    Some((_, c)) => c.clone(),
+                    None => {
+                        let mut c = Some(s);
+                        keep(&mut c, &o.stage);
+                        let c = c.expect("kept");
+                        stages.push((ptr, c.clone()));
+                        c
+                    }
+                };
+                rt.stage = Some(chosen);
+            }
+        }
+        let (w, ow) = (&mut self.waf, &old.waf);
+        if let (Some(n), Some(o)) = (&w.per_ip, &ow.per_ip) {
+            if n.same_shape(o) {
+                w.per_ip = Some(o.clone());
+            }
+        }
+        w.ip_refused = ow.ip_refused.clone();
+        for r in &mut w.rules {
+            if let Some(o) = ow.rules.iter().find(|o| o.name == r.name) {
+                r.matches = o.matches.clone();
+            }
+        }
+        for p in &mut self.plans.plans {
+            if let Some(o) = old.plans.plans.iter().find(|o| o.name == p.name) {
+                p.inherit(o);
+            }
+        }
+    }
+
     /// Prometheus lines of `ringgate_throttled_total` (without HELP/TYPE).
     pub fn render_throttled(&self, o: &mut String) {
         for rt in &self.routes {
@@ -106,7 +166,7 @@ pub(crate) fn build(
 ) -> Result<Traffic, ConfigError> {
     let mut t = Traffic::default();
     if let Some(th) = &raw.server.throttle {
-        t.server = Some(Bucket::new(rate(src, th, "server.throttle")?));
+        t.server = Some(Arc::new(Bucket::new(rate(src, th, "server.throttle")?)));
     }
     if let Some(w) = &raw.waf {
         t.waf = build_waf(src, w)?;
@@ -168,7 +228,7 @@ pub(crate) fn build(
         {
             if let Some(th) = &rr.throttle {
                 let key = format!("apis[{ai}].routes[{ri}].throttle");
-                rt.route = Some(Bucket::new(rate(src, th, &key)?));
+                rt.route = Some(Arc::new(Bucket::new(rate(src, th, &key)?)));
             }
         }
         rt.plans = t.plans.covering(&r.api, &r.stage);

@@ -301,7 +301,7 @@ pub struct Plan {
     pub throttle: Option<Rate>,
     pub quota: Option<Quota>,
     /// Per-key buckets, keyed by key name.
-    buckets: Option<KeyedBuckets>,
+    buckets: Option<Arc<KeyedBuckets>>,
     /// Per-key quota counters (from the [`UsageStore`]), copied on write: a request reads the
     /// map with one atomic load; a key's first request inserts under `insert`.
     counters: ArcSwap<AHashMap<Arc<str>, Arc<AtomicU64>>>,
@@ -332,9 +332,19 @@ impl Plan {
             stages,
             throttle,
             quota,
-            buckets: throttle.map(|r| KeyedBuckets::new(r, KEY_BUCKETS)),
+            buckets: throttle.map(|r| Arc::new(KeyedBuckets::new(r, KEY_BUCKETS))),
             counters: ArcSwap::from_pointee(AHashMap::new()),
             insert: Mutex::new(()),
+        }
+    }
+
+    /// Takes over the per-key buckets of the previous config's plan when they have the same
+    /// rate (a reload must not hand every key a fresh burst).
+    pub fn inherit(&mut self, old: &Plan) {
+        if let (Some(n), Some(o)) = (&self.buckets, &old.buckets) {
+            if n.same_shape(o) {
+                self.buckets = Some(o.clone());
+            }
         }
     }
 
@@ -488,7 +498,12 @@ impl Plans {
             }
             if let Some(q) = p.quota {
                 let c = p.counter(key.name, self.store());
-                consume(&c, q.period.index(unix_s), q.limit).ok_or(Refusal::QuotaExceeded)?;
+                if consume(&c, q.period.index(unix_s), q.limit).is_none() {
+                    if let Some(b) = &p.buckets {
+                        b.refund(key.name);
+                    }
+                    return Err(Refusal::QuotaExceeded);
+                }
             }
             return Ok(());
         }

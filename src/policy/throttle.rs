@@ -87,6 +87,18 @@ impl Bucket {
         }
     }
 
+    /// Gives back the token of a request that a later bucket refused (so a request refused
+    /// by a route's bucket does not drain its stage's or the gateway's).
+    #[inline]
+    pub fn refund(&self) {
+        self.tat.fetch_sub(self.t, Ordering::Relaxed);
+    }
+
+    /// Whether `o` has the same rate and burst (so its state can carry over a reload).
+    pub fn same_rate(&self, o: &Bucket) -> bool {
+        self.t == o.t && self.tau == o.tau
+    }
+
     /// Takes one token at `now` (from [`now_ns`]) or says how long to wait.
     #[inline]
     pub fn check(&self, now: u64) -> Result<(), Wait> {
@@ -127,6 +139,23 @@ impl KeyedBuckets {
             t,
             tau,
             hasher: ahash::RandomState::new(),
+        }
+    }
+
+    /// Whether `o` has the same rate, burst and size (so its state can carry over a reload).
+    pub fn same_shape(&self, o: &KeyedBuckets) -> bool {
+        self.t == o.t && self.tau == o.tau && self.slots.len() == o.slots.len()
+    }
+
+    /// Gives back a token taken from `key`'s bucket (when a later check refused the request).
+    pub fn refund<K: std::hash::Hash>(&self, key: K) {
+        let h = self.hasher.hash_one(key) | 1;
+        let set = (h as usize >> 8) & self.mask & !(WAYS - 1);
+        for (tag, tat) in &self.slots[set..set + WAYS] {
+            if tag.load(Ordering::Acquire) == h {
+                tat.fetch_sub(self.t, Ordering::Relaxed);
+                return;
+            }
         }
     }
 
@@ -244,6 +273,29 @@ mod tests {
         assert_eq!(k.capacity(), 64);
         // After a full refill, key 1 is fresh again (wherever its slot went).
         assert!(k.check(1u32, now + 3 * S).is_ok());
+    }
+
+    #[test]
+    fn refund_gives_the_token_back() {
+        let b = Bucket::new(Rate {
+            rate: 1.0,
+            burst: 1,
+        });
+        assert!(b.check(5 * S).is_ok());
+        assert!(b.check(5 * S).is_err());
+        b.refund();
+        assert!(b.check(5 * S).is_ok());
+        let k = KeyedBuckets::new(
+            Rate {
+                rate: 1.0,
+                burst: 1,
+            },
+            64,
+        );
+        assert!(k.check("a", 5 * S).is_ok());
+        k.refund("a");
+        assert!(k.check("a", 5 * S).is_ok());
+        assert!(k.check("a", 5 * S).is_err());
     }
 
     #[test]

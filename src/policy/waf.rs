@@ -12,6 +12,7 @@ use regex::bytes::RegexSet;
 use std::cell::RefCell;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// What a rule does when it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +37,8 @@ impl Action {
 pub struct Rule {
     pub name: String,
     pub action: Action,
-    pub matches: AtomicU64,
+    /// Shared with the previous config's rule of the same name across a reload.
+    pub matches: Arc<AtomicU64>,
 }
 
 /// Where a rule looks.
@@ -167,7 +169,7 @@ pub enum Verdict {
 pub struct Waf {
     pub allow: Vec<Cidr>,
     pub deny: Vec<Cidr>,
-    pub per_ip: Option<KeyedBuckets>,
+    pub per_ip: Option<Arc<KeyedBuckets>>,
     pub rules: Vec<Rule>,
     path: Option<Group>,
     query: Option<Group>,
@@ -176,7 +178,7 @@ pub struct Waf {
     /// Most body bytes the `body` rules look at.
     pub body_max_bytes: usize,
     /// Requests refused by `ip_deny` / not in `ip_allow`.
-    pub ip_refused: AtomicU64,
+    pub ip_refused: Arc<AtomicU64>,
 }
 
 /// A rule as written, before compiling.
@@ -212,7 +214,7 @@ impl Waf {
         let mut w = Waf {
             allow,
             deny,
-            per_ip,
+            per_ip: per_ip.map(Arc::new),
             body_max_bytes,
             ..Waf::default()
         };
@@ -254,7 +256,7 @@ impl Waf {
             .map(|s| Rule {
                 name: s.name,
                 action: s.action,
-                matches: AtomicU64::new(0),
+                matches: Arc::new(AtomicU64::new(0)),
             })
             .collect();
         Ok(w)

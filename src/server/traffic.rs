@@ -152,24 +152,22 @@ pub(super) async fn before(
         }
     }
 
-    // Throttles: gateway, stage, route.
-    if let Some(b) = &t.server {
-        if let Err(wait) = b.check(now) {
-            return Some(too_many(w, c, rt, Reason::Server, wait).await);
+    // Throttles: gateway, stage, route, then the key's plan. A request refused by a later
+    // bucket gives its token back to the earlier ones, so a flood refused by one route's
+    // bucket does not drain its stage's or the gateway's.
+    let buckets = [
+        (t.server.as_deref(), Reason::Server),
+        (rt.stage.as_deref(), Reason::Stage),
+        (rt.route.as_deref(), Reason::Route),
+    ];
+    for (i, (b, reason)) in buckets.iter().enumerate() {
+        if let Some(b) = b {
+            if let Err(wait) = b.check(now) {
+                refund(&buckets[..i]);
+                return Some(too_many(w, c, rt, *reason, wait).await);
+            }
         }
     }
-    if let Some(b) = &rt.stage {
-        if let Err(wait) = b.check(now) {
-            return Some(too_many(w, c, rt, Reason::Stage, wait).await);
-        }
-    }
-    if let Some(b) = &rt.route {
-        if let Err(wait) = b.check(now) {
-            return Some(too_many(w, c, rt, Reason::Route, wait).await);
-        }
-    }
-
-    // Usage plans: the key's throttle, then its quota.
     if !rt.plans.is_empty() {
         if let Some(key) =
             c.b.head
@@ -179,9 +177,11 @@ pub(super) async fn before(
             match t.plans.check(key, &rt.plans, now, unix_at(now)) {
                 Ok(()) => {}
                 Err(Refusal::Throttled(wait)) => {
-                    return Some(too_many(w, c, rt, Reason::Plan, wait).await)
+                    refund(&buckets);
+                    return Some(too_many(w, c, rt, Reason::Plan, wait).await);
                 }
                 Err(Refusal::QuotaExceeded) => {
+                    refund(&buckets);
                     rt.count(Reason::Quota);
                     let keep = body_skippable(c);
                     return Some(reject(w, c, 429, "Limit Exceeded", keep).await);
@@ -190,6 +190,12 @@ pub(super) async fn before(
         }
     }
     None
+}
+
+fn refund(taken: &[(Option<&crate::policy::throttle::Bucket>, Reason)]) {
+    for b in taken.iter().filter_map(|(b, _)| *b) {
+        b.refund();
+    }
 }
 
 /// Reads until the first `max` bytes of a `Content-Length` body are buffered after the head,
