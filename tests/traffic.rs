@@ -500,8 +500,9 @@ fn quota_limit_and_usage_survive_kill_9() {
         let u = gw.admin_get("/usage-plans/basic/usage?key=alice").json();
         assert_eq!(u["used"], 3, "{u}");
         assert_eq!(u["remaining"], 2, "{u}");
-        // The documented bound: counts are on disk within 200 ms.
-        thread::sleep(Duration::from_millis(450));
+        // The documented bound: counts are on disk within 200 ms (plus slack for a loaded
+        // machine's scheduler).
+        thread::sleep(Duration::from_millis(700));
         // Dropping the harness's Gateway sends SIGKILL.
     }
     let gw = Gateway::start(&plan_config(&state, 5));
