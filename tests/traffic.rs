@@ -641,3 +641,60 @@ throttle = {{ rate = 0.1, burst = 2 }}
         "{m}"
     );
 }
+
+#[test]
+fn usage_endpoint_needs_the_admin_token() {
+    let state = temp_dir("usage-token");
+    let cfg = plan_config(&state, 5).replace(
+        "[admin]\nlisten = \"@ADMIN@\"",
+        "[admin]\nlisten = \"@ADMIN@\"\ntoken = \"s3cret-admin\"",
+    );
+    let gw = Gateway::start(&cfg);
+    let path = "/usage-plans/basic/usage?key=alice";
+    let r = admin_request(gw.admin_addr, "GET", path, None).unwrap();
+    assert_eq!(r.status, 401);
+    let r = admin_request(gw.admin_addr, "GET", path, Some("Bearer s3cret-admin")).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["remaining"], 5);
+    let r = admin_request(gw.admin_addr, "POST", path, Some("Bearer s3cret-admin")).unwrap();
+    assert_eq!(r.status, 405);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[test]
+fn body_rules_with_expect_continue() {
+    let origin = Origin::echo_path();
+    let gw = Gateway::start(&format!(
+        r#"
+[waf]
+rules = [{{ name = "xss", target = "body", pattern = "(?i)<script", action = "block" }}]
+[[upstreams]]
+name = "o"
+targets = ["{}"]
+[[apis]]
+name = "a"
+[[apis.routes]]
+route = "POST /p"
+integration = {{ type = "http", upstream = "o" }}
+"#,
+        origin.addr
+    ));
+    for (body, want) in [("<script>x", 403), ("harmless", 200)] {
+        let mut c = Client::connect(gw.addr);
+        c.send(
+            format!(
+                "POST /p HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        // The gateway asks for the body (to scan it) instead of waiting for it forever.
+        let r = c.read_response().expect("100 Continue");
+        assert_eq!(r.status, 100);
+        c.send(body.as_bytes());
+        let r = c.read_response().expect("final response");
+        assert_eq!(r.status, want, "{body}");
+    }
+    assert_eq!(origin.request_count(), 1);
+    assert_eq!(origin.last_request().body, b"harmless");
+}
