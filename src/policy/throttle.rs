@@ -56,7 +56,7 @@ impl Wait {
 fn gcra(tat: &AtomicU64, t: u64, tau: u64, now: u64) -> Result<(), Wait> {
     let mut cur = tat.load(Ordering::Relaxed);
     loop {
-        let new = cur.max(now) + t;
+        let new = cur.max(now).saturating_add(t);
         let ahead = new - now;
         if ahead > tau {
             return Err(Wait(ahead - tau));

@@ -136,11 +136,15 @@ impl Traffic {
 
 fn rate(src: &Source, t: &toml::Spanned<RawThrottle>, key: &str) -> Result<Rate, ConfigError> {
     let r = t.get_ref();
-    if !(r.rate.is_finite() && r.rate > 0.0 && r.rate <= 1e9) || r.burst == 0 {
+    if !(r.rate.is_finite() && (0.001..=1e9).contains(&r.rate))
+        || r.burst == 0
+        || r.burst > 1_000_000_000
+        || (1e9 / r.rate) * r.burst as f64 > 1e18
+    {
         return Err(src.err(
             t.span(),
             key,
-            "rate must be > 0 (at most 1e9) and burst >= 1",
+            "rate must be between 0.001 and 1e9, burst between 1 and 1e9, and burst / rate at most 1e9 seconds",
         ));
     }
     Ok(Rate {
