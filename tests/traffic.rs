@@ -698,3 +698,35 @@ integration = {{ type = "http", upstream = "o" }}
     assert_eq!(origin.request_count(), 1);
     assert_eq!(origin.last_request().body, b"harmless");
 }
+
+#[test]
+fn extra_headers_do_not_leak_into_the_next_response() {
+    let gw = Gateway::start(&format!(
+        r#"
+[[apis]]
+name = "a"
+cors = {{ allow_origins = ["https://app.example.com"] }}
+[[apis.routes]]
+route = "GET /x"
+{MOCK}
+throttle = {{ rate = 0.1, burst = 1 }}
+"#
+    ));
+    let mut c = Client::connect(gw.addr);
+    let o = "Origin: https://app.example.com\r\n";
+    assert_eq!(get_on(&mut c, "/x", o).status, 200);
+    let r = get_on(&mut c, "/x", o);
+    assert_eq!(r.status, 429);
+    // The refusal carries CORS (so the page can read it) and Retry-After.
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    // Next on the same connection: a bad request answered before routing.
+    c.send(b"GET /x HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.header("retry-after").is_none(), "{:?}", r.headers);
+    assert!(r.header("access-control-allow-origin").is_none());
+}

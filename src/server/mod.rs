@@ -429,6 +429,8 @@ async fn handle(w: &Rc<Worker>, gw: &Arc<Gateway>, c: &mut Conn) -> bool {
     let out = route_and_run(w, gw, c, limits).await;
     let route_id = out.1;
     let out = out.0;
+    // Extra headers belong to this request's response only (not to a later error answer).
+    c.b.extra.clear();
     let dur = t0.elapsed();
     let labels = match route_id {
         Some(id) => Labels(gw.config.routes.route(id).labels.clone()),
