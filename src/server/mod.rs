@@ -505,8 +505,11 @@ async fn route_and_run(
         }
     };
     let route: &Route = gw.config.routes.route(id);
-    // Traffic control: WAF, CORS, throttles and quotas (may answer by itself).
+    // Traffic control, in pipeline order: WAF and CORS preflight, (auth,) throttles and quotas.
     if let Some(out) = traffic::before(w, gw, c, id, limits).await {
+        return (out, Some(id));
+    }
+    if let Some(out) = traffic::throttle(w, gw, c, id).await {
         return (out, Some(id));
     }
     let out = match &route.integration {

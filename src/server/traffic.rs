@@ -1,9 +1,10 @@
 //! The connection loop's side of traffic control ([`crate::policy`]): runs the WAF, answers
 //! CORS preflights, adds CORS headers, and applies the throttles and usage-plan quotas of a
-//! matched route, in the pipeline's order (WAF -> CORS preflight -> throttle and quota).
+//! matched route, in the pipeline's order: [`before`] (WAF, CORS preflight) runs before the
+//! auth stage, [`throttle`] (throttles, usage-plan quota) after it.
 //!
-//! A route with nothing configured costs one branch. Otherwise the clock is read once per
-//! request and every bucket is one atomic; nothing here allocates or locks.
+//! A route with nothing configured costs a branch per stage. Otherwise each stage reads the
+//! clock once and every bucket is one atomic; nothing here allocates or locks.
 
 use super::{body_skippable, reject, write_out, Conn, Outcome, Worker};
 use crate::config::{Limits, RouteMatch};
@@ -78,7 +79,8 @@ async fn too_many(
     reject(w, c, 429, "Too Many Requests", keep).await
 }
 
-/// Runs the traffic-control stages for route `id`; `Some` when the request was answered.
+/// The WAF and CORS stages for route `id` (before auth); `Some` when the request was answered
+/// (refused, or a preflight).
 pub(super) async fn before(
     w: &Rc<Worker>,
     gw: &Arc<Gateway>,
@@ -88,7 +90,7 @@ pub(super) async fn before(
 ) -> Option<Outcome> {
     let t = &gw.config.traffic;
     let rt = &t.routes[id as usize];
-    if !t.any && !rt.any {
+    if !t.waf.active() && rt.cors.is_none() {
         return None;
     }
     let now = now_ns();
@@ -152,6 +154,23 @@ pub(super) async fn before(
         }
     }
 
+    None
+}
+
+/// The throttle-and-quota stage for route `id` (after auth); `Some` when the request was
+/// refused.
+pub(super) async fn throttle(
+    w: &Rc<Worker>,
+    gw: &Arc<Gateway>,
+    c: &mut Conn,
+    id: u32,
+) -> Option<Outcome> {
+    let t = &gw.config.traffic;
+    let rt = &t.routes[id as usize];
+    if t.server.is_none() && rt.stage.is_none() && rt.route.is_none() && rt.plans.is_empty() {
+        return None;
+    }
+    let now = now_ns();
     // Throttles: gateway, stage, route, then the key's plan. A request refused by a later
     // bucket gives its token back to the earlier ones, so a flood refused by one route's
     // bucket does not drain its stage's or the gateway's.
