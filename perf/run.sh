@@ -72,7 +72,30 @@ cache = { enabled = true, ttl_s = 3600, max_bytes = 67108864 }'
 NGINX_CACHE_PORT=18090
 
 # Drafts for later issues; adjust when the features land.
-define_case throttle /hello 'throttle = { rate = 100000000, burst = 100000000 }'
+# throttle: route throttle + usage-plan throttle and quota + IP allow/deny + per-IP rate + three
+# regex rules (query, path, header), all configured to let every request through.
+define_case throttle /hello 'throttle = { rate = 100000000, burst = 100000000 }
+
+[[usage_plans]]
+name = "bench"
+apis = ["bench/$default"]
+throttle = { rate = 100000000, burst = 100000000 }
+quota = { limit = 1000000000000, period = "month" }
+
+[[api_keys]]
+name = "bench"
+value = "perf-bench-key-0123456789abcdef"
+plans = ["bench"]
+
+[waf]
+ip_allow = ["127.0.0.0/8", "::1"]
+ip_deny = ["10.66.0.0/16", "192.0.2.0/24"]
+rate_per_ip = { rate = 100000000, burst = 100000000 }
+rules = [
+  { name = "sqli", target = "query", pattern = "(?i)union\\s+select", action = "block" },
+  { name = "xss", target = "path", pattern = "(?i)<\\s*script", action = "block" },
+  { name = "scanner", target = "header.user-agent", pattern = "(?i)sqlmap|nikto", action = "block" },
+]' 'x-api-key: perf-bench-key-0123456789abcdef'
 define_case auth /hello 'api_key_required = true
 
 [[usage_plans]]

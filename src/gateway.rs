@@ -32,13 +32,21 @@ pub struct Shared {
     pub access_log: Option<AccessLog>,
     /// Cache invalidations for the workers to apply.
     pub cache_inval: crate::cache::InvalidationLog,
+    /// Usage-plan quota counters, persisted in `state_dir` (survive reloads and restarts).
+    pub usage: Arc<crate::policy::plans::UsageStore>,
     config_path: PathBuf,
     reload_lock: Mutex<()>,
 }
 
 impl Shared {
     /// Builds the shared state around a first, already validated config.
-    pub fn new(config: Config, access_log: Option<AccessLog>) -> Arc<Shared> {
+    pub fn new(mut config: Config, access_log: Option<AccessLog>) -> Arc<Shared> {
+        let usage = crate::policy::plans::UsageStore::open(&config.server.state_dir)
+            .unwrap_or_else(|e| {
+                eprintln!("ringgate: usage counts will not persist: {e}");
+                crate::policy::plans::UsageStore::in_memory()
+            });
+        config.traffic.plans.bind(&usage);
         let health = HealthRegistry::default();
         let upstreams = Upstream::build_all(&config.upstreams, &health);
         let config_path = config.path.clone();
@@ -51,6 +59,7 @@ impl Shared {
             ready: AtomicBool::new(false),
             access_log,
             cache_inval: Default::default(),
+            usage,
             config_path,
             reload_lock: Mutex::new(()),
         })
@@ -71,7 +80,9 @@ impl Shared {
     /// change to them is reported in the returned notes and otherwise ignored.
     pub fn reload(&self) -> Result<Vec<String>, ConfigError> {
         let _g = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let new = config::load(&self.config_path)?;
+        let mut new = config::load(&self.config_path)?;
+        new.traffic.plans.bind(&self.usage);
+        new.traffic.inherit(&self.current().config.traffic);
         let old = self.current();
         let mut notes = Vec::new();
         let o = &old.config.server;

@@ -9,6 +9,7 @@
 //! - [`router`]: the path trie;
 //! - [`upstream`]: pools, balancing, health;
 //! - [`cache`]: the response cache (stores, keys, rules, invalidation);
+//! - [`policy`]: traffic control (throttles, usage plans, WAF, CORS);
 //! - [`metrics`], [`accesslog`], [`admin`]: observability and management;
 //! - [`gateway`]: the live state shared by all threads.
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod gateway;
 pub mod http;
 pub mod metrics;
+pub mod policy;
 pub mod router;
 pub mod runtime;
 pub mod server;

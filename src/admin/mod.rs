@@ -133,7 +133,21 @@ fn serve_conn(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 .unwrap_or(false),
         };
         let body = &buf[head_len..head_len + body_len];
-        let reply = route(shared, &method, &path, authorized, body);
+        // Usage plans (traffic control): GET /usage-plans/{plan}/usage?key=NAME.
+        let usage = if authorized {
+            let q = head.query.map(|q| head.slice(&buf, q));
+            crate::policy::admin_usage(&shared.current().config.traffic, &method, &path, q)
+        } else {
+            None
+        };
+        let reply = match usage {
+            Some((status, v)) => Reply {
+                status,
+                ctype: "application/json",
+                body: v.to_string().into_bytes(),
+            },
+            None => route(shared, &method, &path, authorized, body),
+        };
         let keep = head.keep_alive;
         write_reply(&mut s, &reply, keep)?;
         if !keep {
@@ -162,7 +176,13 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
         ("GET", "/metrics") => Reply {
             status: 200,
             ctype: "text/plain; version=0.0.4",
-            body: shared.metrics.render().into_bytes(),
+            body: {
+                let gw = shared.current();
+                let (mut th, mut tail) = (String::new(), String::new());
+                gw.config.traffic.render_throttled(&mut th);
+                gw.config.traffic.waf.render_metrics(&mut tail);
+                shared.metrics.render_with(&th, &tail).into_bytes()
+            },
         },
         ("POST", "/reload") => match shared.reload() {
             Ok(notes) => {

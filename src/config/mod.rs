@@ -146,6 +146,8 @@ pub struct Config {
     pub access_log: Option<Option<PathBuf>>,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: RouteTable,
+    /// Throttles, WAF, CORS and usage plans (indexed by route id where per route).
+    pub traffic: crate::policy::Traffic,
 }
 
 /// Reads, validates and compiles the config file at `path`.
@@ -192,6 +194,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         upstreams.push(up);
     }
     let routes = routes::compile(&src, &raw.apis, &upstreams)?;
+    let traffic = crate::policy::build(&src, &raw, &routes)?;
     Ok(Config {
         path: path.to_path_buf(),
         server,
@@ -199,6 +202,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         access_log,
         upstreams,
         routes,
+        traffic,
     })
 }
 

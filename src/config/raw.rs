@@ -20,6 +20,12 @@ pub struct RawConfig {
     pub upstreams: Vec<RawUpstream>,
     #[serde(default)]
     pub apis: Vec<RawApi>,
+    /// Traffic control (issue 4): `[waf]`, `[[usage_plans]]`, `[[api_keys]]` (minimal).
+    pub waf: Option<Spanned<crate::policy::raw::RawWaf>>,
+    #[serde(default)]
+    pub usage_plans: Vec<crate::policy::raw::RawUsagePlan>,
+    #[serde(default)]
+    pub api_keys: Vec<crate::policy::raw::RawApiKey>,
 }
 
 /// `[server]`.
@@ -42,6 +48,8 @@ pub struct RawServer {
     pub state_dir: String,
     #[serde(default)]
     pub limits: RawLimits,
+    /// Gateway-wide token bucket.
+    pub throttle: Option<Spanned<crate::policy::raw::RawThrottle>>,
 }
 
 impl Default for RawServer {
@@ -54,6 +62,7 @@ impl Default for RawServer {
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
             state_dir: default_state_dir(),
             limits: RawLimits::default(),
+            throttle: None,
         }
     }
 }
@@ -187,6 +196,8 @@ pub struct RawApi {
     pub stages: BTreeMap<String, RawStage>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    /// CORS answered by the gateway.
+    pub cors: Option<Spanned<crate::policy::raw::RawCors>>,
 }
 
 fn default_empty() -> Spanned<String> {
@@ -208,6 +219,8 @@ pub struct RawStage {
     pub access_log: bool,
     /// `cache = { enabled, ttl_s, max_bytes }`.
     pub cache: Option<Spanned<RawStageCache>>,
+    /// Token bucket shared by every route of the stage.
+    pub throttle: Option<Spanned<crate::policy::raw::RawThrottle>>,
 }
 
 /// `cache = { ... }` on a stage.
@@ -254,6 +267,8 @@ pub struct RawRoute {
     pub route: Spanned<String>,
     pub integration: Spanned<RawIntegration>,
     pub cache: Option<Spanned<RawRouteCache>>,
+    /// Token bucket of this route (per stage).
+    pub throttle: Option<Spanned<crate::policy::raw::RawThrottle>>,
 }
 
 /// `integration = { type = ..., ... }`.

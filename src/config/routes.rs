@@ -364,6 +364,7 @@ pub(super) fn compile(
                 variables: Default::default(),
                 access_log: true,
                 cache: None,
+                throttle: None,
             },
         )]);
         let stages = if api.stages.is_empty() {

@@ -174,6 +174,12 @@ impl Registry {
 
     /// Prometheus text exposition of everything.
     pub fn render(&self) -> String {
+        self.render_with("", "")
+    }
+
+    /// [`Registry::render`] with the `ringgate_throttled_total` sample lines and more families
+    /// at the end (from the traffic-control state of the live config).
+    pub fn render_with(&self, throttled: &str, tail: &str) -> String {
         let s = self.snapshot();
         let mut o = String::with_capacity(4096);
         o.push_str("# HELP ringgate_requests_total Requests answered, by route and status.\n# TYPE ringgate_requests_total counter\n");
@@ -206,8 +212,8 @@ impl Registry {
             "# HELP ringgate_connections_active Open client connections.\n# TYPE ringgate_connections_active gauge\nringgate_connections_active {}",
             self.connections_active.load(Ordering::Relaxed)
         );
-        // Features that land in later issues: the series exist so scrapers can rely on them.
         o.push_str("# HELP ringgate_throttled_total Requests refused by a throttle or quota.\n# TYPE ringgate_throttled_total counter\n");
+        o.push_str(throttled);
         let _ = writeln!(
             o,
             "# HELP ringgate_cache_hits_total Responses served from the cache.\n# TYPE ringgate_cache_hits_total counter\nringgate_cache_hits_total {}",
@@ -219,6 +225,7 @@ impl Registry {
             s.cache_misses
         );
         o.push_str("# HELP ringgate_websocket_connections_active Open WebSocket connections.\n# TYPE ringgate_websocket_connections_active gauge\nringgate_websocket_connections_active 0\n");
+        o.push_str(tail);
         o
     }
 }

@@ -112,6 +112,9 @@ pub fn run(config: Config) -> Result<(), String> {
     for h in handles {
         let _ = h.join();
     }
+    if let Err(e) = shared.usage.flush() {
+        eprintln!("ringgate: cannot write usage counts: {e}");
+    }
     eprintln!("ringgate: stopped");
     Ok(())
 }

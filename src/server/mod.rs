@@ -8,6 +8,7 @@
 mod cached;
 mod park;
 mod proxy;
+mod traffic;
 
 pub use park::run_parker;
 
@@ -154,6 +155,7 @@ impl Worker {
         b.rbuf.clear();
         b.out.clear();
         b.ubuf.clear();
+        b.extra.clear();
         free.push(b);
     }
 
@@ -195,6 +197,8 @@ struct Bufs {
     resp: ResponseHead,
     /// Pipelined bytes that arrived after a streamed request body.
     leftover: Vec<u8>,
+    /// Extra response header lines for the current request (CORS, `retry-after`).
+    extra: Vec<u8>,
 }
 
 impl Bufs {
@@ -206,6 +210,7 @@ impl Bufs {
             head: RequestHead::new(max_headers),
             resp: ResponseHead::new(max_headers),
             leftover: Vec::new(),
+            extra: Vec::new(),
         })
     }
 }
@@ -433,9 +438,12 @@ async fn handle(w: &Rc<Worker>, gw: &Arc<Gateway>, c: &mut Conn) -> bool {
     let limits = &gw.config.server.limits;
     let method = c.b.head.method;
     let method_str = method_label(method);
+    c.b.extra.clear();
     let out = route_and_run(w, gw, c, limits).await;
     let route_id = out.1;
     let out = out.0;
+    // Extra headers belong to this request's response only (not to a later error answer).
+    c.b.extra.clear();
     let dur = t0.elapsed();
     let labels = match route_id {
         Some(id) => Labels(gw.config.routes.route(id).labels.clone()),
@@ -494,6 +502,17 @@ async fn route_and_run(
     let m = gw.config.routes.find(host, method_str, path, &mut c.params);
     let id = match m {
         RouteMatch::Found(id) => id,
+        RouteMatch::NotFound | RouteMatch::MethodNotAllowed
+            if traffic::is_preflight(c) && traffic::preflight_route(gw, c).is_some() =>
+        {
+            // A CORS preflight for a route of an API with `cors`: answered by the gateway.
+            let id = traffic::preflight_route(gw, c).unwrap_or_default();
+            let out = match traffic::before(w, gw, c, id, limits).await {
+                Some(out) => out,
+                None => traffic::answer_preflight_denied(w, c).await,
+            };
+            return (out, Some(id));
+        }
         RouteMatch::NotFound => {
             let keep = body_skippable(c);
             return (reject(w, c, 404, "Not Found", keep).await, None);
@@ -504,6 +523,13 @@ async fn route_and_run(
         }
     };
     let route: &Route = gw.config.routes.route(id);
+    // Traffic control, in pipeline order: WAF and CORS preflight, (auth,) throttles and quotas.
+    if let Some(out) = traffic::before(w, gw, c, id, limits).await {
+        return (out, Some(id));
+    }
+    if let Some(out) = traffic::throttle(w, gw, c, id).await {
+        return (out, Some(id));
+    }
     let out = match &route.integration {
         Integration::Mock(mock) => {
             let keep = body_skippable(c);
@@ -533,6 +559,7 @@ fn body_skippable(c: &mut Conn) -> bool {
 
 /// Writes `x-request-id`, `date` and the connection header, then the blank line.
 fn push_common(w: &Worker, c: &mut Conn, keep: bool) {
+    c.b.out.extend_from_slice(&c.b.extra);
     encode::push_header(&mut c.b.out, b"x-request-id", &c.reqid[..c.reqid_len]);
     encode::push_header(&mut c.b.out, b"date", w.date.borrow_mut().get());
     if !keep {

@@ -454,6 +454,13 @@ async fn respond(
         {
             continue;
         }
+        // The gateway's CORS headers replace the upstream's.
+        if !c.b.extra.is_empty()
+            && name.len() > 15
+            && name[..15].eq_ignore_ascii_case(b"access-control-")
+        {
+            continue;
+        }
         encode::push_header(&mut c.b.out, name, value);
     }
     if let Some(cap) = cap.as_deref_mut() {
@@ -461,6 +468,7 @@ async fn respond(
         c.b.out.extend_from_slice(b"x-cache: miss\r\n");
         cap.begin(&c.b.resp, &c.b.ubuf);
     }
+    c.b.out.extend_from_slice(&c.b.extra);
     match c.b.resp.body {
         RespBody::None => {
             if is_head || status == 304 {

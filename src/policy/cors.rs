@@ -1,0 +1,214 @@
+//! CORS per API: the gateway answers preflight requests itself (they never reach the
+//! upstream) and adds the CORS headers to actual responses. An allowed origin is echoed with
+//! `Vary: Origin`; a disallowed origin gets no CORS header at all, so the browser refuses.
+//!
+//! Everything but the echoed origin is encoded once when the config is compiled.
+
+use crate::http::encode;
+
+/// The compiled `cors = { ... }` of an API.
+#[derive(Debug, Clone)]
+pub struct Cors {
+    origins: Vec<String>,
+    any_origin: bool,
+    /// Headers after `access-control-allow-origin` on a preflight answer.
+    preflight: Vec<u8>,
+    /// Headers after `access-control-allow-origin` on an actual response.
+    actual: Vec<u8>,
+}
+
+/// `cors = { ... }` as written.
+pub struct CorsSpec<'a> {
+    pub allow_origins: &'a [String],
+    pub allow_methods: &'a [String],
+    pub allow_headers: &'a [String],
+    pub expose_headers: &'a [String],
+    pub max_age_s: Option<u64>,
+    pub allow_credentials: bool,
+}
+
+fn token_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
+}
+
+impl Cors {
+    /// Validates and pre-encodes; the error says what is wrong.
+    pub fn build(s: &CorsSpec<'_>) -> Result<Cors, String> {
+        let any_origin = s.allow_origins.iter().any(|o| o == "*");
+        if any_origin && s.allow_credentials {
+            return Err(
+                "allow_origins = [\"*\"] cannot be combined with allow_credentials = true; list the origins"
+                    .into(),
+            );
+        }
+        for o in s.allow_origins {
+            if o != "*"
+                && (!(o.starts_with("http://") || o.starts_with("https://"))
+                    || o.ends_with('/')
+                    || o.bytes().any(|c| !c.is_ascii_graphic()))
+            {
+                return Err(format!(
+                    "origin `{o}` must be `scheme://host[:port]` without a path, or `*`"
+                ));
+            }
+        }
+        for list in [s.allow_methods, s.allow_headers, s.expose_headers] {
+            for t in list {
+                if !token_ok(t) {
+                    return Err(format!("`{t}` is not a valid method or header name"));
+                }
+            }
+        }
+        let mut common = Vec::new();
+        encode::push_header(&mut common, b"vary", b"Origin");
+        if s.allow_credentials {
+            encode::push_header(&mut common, b"access-control-allow-credentials", b"true");
+        }
+        let mut preflight = common.clone();
+        let methods = if s.allow_methods.is_empty() {
+            "GET, HEAD, POST".to_string()
+        } else {
+            s.allow_methods.join(", ")
+        };
+        encode::push_header(
+            &mut preflight,
+            b"access-control-allow-methods",
+            methods.as_bytes(),
+        );
+        if !s.allow_headers.is_empty() {
+            encode::push_header(
+                &mut preflight,
+                b"access-control-allow-headers",
+                s.allow_headers.join(", ").as_bytes(),
+            );
+        }
+        if let Some(m) = s.max_age_s {
+            preflight.extend_from_slice(b"access-control-max-age: ");
+            encode::push_u64(&mut preflight, m);
+            preflight.extend_from_slice(b"\r\n");
+        }
+        let mut actual = common;
+        if !s.expose_headers.is_empty() {
+            encode::push_header(
+                &mut actual,
+                b"access-control-expose-headers",
+                s.expose_headers.join(", ").as_bytes(),
+            );
+        }
+        Ok(Cors {
+            origins: s
+                .allow_origins
+                .iter()
+                .filter(|o| *o != "*")
+                .cloned()
+                .collect(),
+            any_origin,
+            preflight,
+            actual,
+        })
+    }
+
+    /// Whether `origin` may call this API.
+    pub fn allowed(&self, origin: &[u8]) -> bool {
+        self.any_origin
+            || self
+                .origins
+                .iter()
+                .any(|o| o.as_bytes().eq_ignore_ascii_case(origin))
+    }
+
+    fn push_origin(&self, origin: &[u8], out: &mut Vec<u8>) {
+        if self.any_origin {
+            encode::push_header(out, b"access-control-allow-origin", b"*");
+        } else {
+            encode::push_header(out, b"access-control-allow-origin", origin);
+        }
+    }
+
+    /// Headers for an actual response to an allowed `origin`.
+    pub fn push_actual(&self, origin: &[u8], out: &mut Vec<u8>) {
+        self.push_origin(origin, out);
+        out.extend_from_slice(&self.actual);
+    }
+
+    /// Headers of a preflight answer to an allowed `origin`.
+    pub fn push_preflight(&self, origin: &[u8], out: &mut Vec<u8>) {
+        self.push_origin(origin, out);
+        out.extend_from_slice(&self.preflight);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn echo_allowed_origin_only() {
+        let o = v(&["https://app.example.com"]);
+        let m = v(&["GET", "PUT"]);
+        let h = v(&["content-type", "x-api-key"]);
+        let e = v(&["x-total"]);
+        let c = Cors::build(&CorsSpec {
+            allow_origins: &o,
+            allow_methods: &m,
+            allow_headers: &h,
+            expose_headers: &e,
+            max_age_s: Some(600),
+            allow_credentials: true,
+        })
+        .unwrap();
+        assert!(c.allowed(b"https://app.example.com"));
+        assert!(!c.allowed(b"https://evil.example.com"));
+        let mut out = Vec::new();
+        c.push_preflight(b"https://app.example.com", &mut out);
+        let s = String::from_utf8(out).unwrap();
+        assert!(
+            s.contains("access-control-allow-origin: https://app.example.com\r\n"),
+            "{s}"
+        );
+        assert!(s.contains("vary: Origin\r\n"));
+        assert!(s.contains("access-control-allow-methods: GET, PUT\r\n"));
+        assert!(s.contains("access-control-allow-headers: content-type, x-api-key\r\n"));
+        assert!(s.contains("access-control-max-age: 600\r\n"));
+        assert!(s.contains("access-control-allow-credentials: true\r\n"));
+        let mut out = Vec::new();
+        c.push_actual(b"https://app.example.com", &mut out);
+        let s = String::from_utf8(out).unwrap();
+        assert!(
+            s.contains("access-control-expose-headers: x-total\r\n"),
+            "{s}"
+        );
+        assert!(!s.contains("max-age"));
+    }
+
+    #[test]
+    fn star_with_credentials_refused() {
+        let o = v(&["*"]);
+        let e = Cors::build(&CorsSpec {
+            allow_origins: &o,
+            allow_methods: &[],
+            allow_headers: &[],
+            expose_headers: &[],
+            max_age_s: None,
+            allow_credentials: true,
+        })
+        .unwrap_err();
+        assert!(e.contains("allow_credentials"));
+        let bad = v(&["https://a.example.com/"]);
+        assert!(Cors::build(&CorsSpec {
+            allow_origins: &bad,
+            allow_methods: &[],
+            allow_headers: &[],
+            expose_headers: &[],
+            max_age_s: None,
+            allow_credentials: false,
+        })
+        .is_err());
+    }
+}

@@ -1,0 +1,710 @@
+//! Usage plans: per-key throttles and quotas per UTC day, week (Monday to Sunday) or month,
+//! with the counts persisted in `state_dir`.
+//!
+//! A quota counter is one `AtomicU64` holding the period it counts and the count, so the
+//! check-and-count is one compare-and-swap shared by all workers and a new period starts by
+//! itself. The counters live in the [`UsageStore`] (not in the config), so a reload keeps them;
+//! a background thread writes them to `state_dir/usage-plans.json` every [`FLUSH_MS`] ms when
+//! they changed (write to a temp file, fsync, rename). A crash (even `kill -9`) therefore
+//! loses at most the requests counted in the last [`FLUSH_MS`] ms, which is also bounded by
+//! the plan's throttle: `burst + rate * FLUSH_MS / 1000` per key. A clean stop (SIGTERM)
+//! writes the final counts.
+//!
+//! Per-key state is created on a key's first request: its bucket of each plan in a fixed-size
+//! [`KeyedBuckets`] table per plan (bounded memory; only valid keys get there), its counter in
+//! a copy-on-write map read with one atomic load.
+//!
+//! API keys: plans only need a key's *name* and plan names, through the [`KeyDirectory`] trait.
+//! This branch implements it on a minimal `[[api_keys]]` table ([`ConfigKeys`]); the auth
+//! feature owns API keys, and at merge its key store implements [`KeyDirectory`] instead
+//! (keys added at run time then get plan state on their first request, like any other).
+
+use super::throttle::{KeyedBuckets, Rate, Wait};
+use ahash::AHashMap;
+use arc_swap::ArcSwap;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+/// How often changed counts are written to disk (the most a crash can lose).
+pub const FLUSH_MS: u64 = 200;
+
+/// A quota period (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    Week,
+    Month,
+}
+
+impl Period {
+    /// Parses `day`, `week`, `month`.
+    pub fn parse(s: &str) -> Option<Period> {
+        match s {
+            "day" => Some(Period::Day),
+            "week" => Some(Period::Week),
+            "month" => Some(Period::Month),
+            _ => None,
+        }
+    }
+
+    /// The name as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        }
+    }
+
+    /// The index of the period holding `unix_s` (days, weeks from a Monday, months since year 0).
+    pub fn index(self, unix_s: u64) -> u32 {
+        let days = (unix_s / 86_400) as i64;
+        match self {
+            Period::Day => days as u32,
+            // 1970-01-01 was a Thursday: +3 puts Mondays on multiples of 7.
+            Period::Week => ((days + 3) / 7) as u32,
+            Period::Month => {
+                let (y, m, _) = civil_from_days(days);
+                (y * 12 + (m as i64 - 1)) as u32
+            }
+        }
+    }
+
+    /// First day and day after the last of period `idx`, as days since 1970-01-01.
+    pub fn bounds(self, idx: u32) -> (i64, i64) {
+        let i = idx as i64;
+        match self {
+            Period::Day => (i, i + 1),
+            Period::Week => (i * 7 - 3, i * 7 + 4),
+            Period::Month => {
+                let (y, m) = (i / 12, (i % 12) as u32 + 1);
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                (days_from_civil(y, m, 1), days_from_civil(ny, nm, 1))
+            }
+        }
+    }
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// (year, month, day) to days since 1970-01-01.
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `YYYY-MM-DD` of a day number.
+pub fn date_string(days: i64) -> String {
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+const USED_BITS: u32 = 40;
+const USED_MASK: u64 = (1 << USED_BITS) - 1;
+
+/// Packs (period index, used); the period is stored + 1 so 0 means "nothing counted".
+fn pack(period: u32, used: u64) -> u64 {
+    ((period as u64 + 1) << USED_BITS) | used.min(USED_MASK)
+}
+
+/// The count of `v` in period `period` (0 when `v` counts another period).
+pub fn used_in(v: u64, period: u32) -> u64 {
+    if v >> USED_BITS == period as u64 + 1 {
+        v & USED_MASK
+    } else {
+        0
+    }
+}
+
+/// Counts one request against `limit` in `period` and returns what remains; `None` when the
+/// quota is used up (nothing is counted then).
+#[inline]
+pub fn consume(c: &AtomicU64, period: u32, limit: u64) -> Option<u64> {
+    let mut cur = c.load(Ordering::Relaxed);
+    loop {
+        let used = used_in(cur, period);
+        if used >= limit {
+            return None;
+        }
+        match c.compare_exchange_weak(
+            cur,
+            pack(period, used + 1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => return Some(limit - used - 1),
+            Err(v) => cur = v,
+        }
+    }
+}
+
+/// Identifies one persisted counter.
+type CounterId = (String, String, &'static str);
+
+/// Quota counters shared by every config generation, persisted in `state_dir`.
+#[derive(Debug)]
+pub struct UsageStore {
+    path: Option<PathBuf>,
+    counters: Mutex<BTreeMap<CounterId, Arc<AtomicU64>>>,
+    /// The file's content as last written (or read).
+    last_written: Mutex<String>,
+}
+
+impl UsageStore {
+    /// A store without a file (tests).
+    pub fn in_memory() -> Arc<UsageStore> {
+        Arc::new(UsageStore {
+            path: None,
+            counters: Mutex::new(BTreeMap::new()),
+            last_written: Mutex::new(String::new()),
+        })
+    }
+
+    /// Opens `state_dir/usage-plans.json` (created when missing) and starts the writer thread.
+    pub fn open(state_dir: &Path) -> Result<Arc<UsageStore>, String> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| format!("cannot create state_dir {}: {e}", state_dir.display()))?;
+        let path = state_dir.join("usage-plans.json");
+        let mut map = BTreeMap::new();
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let v: serde_json::Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("{}: not valid JSON: {e}", path.display()))?;
+                for e in v["counters"].as_array().into_iter().flatten() {
+                    let (Some(plan), Some(key), Some(period), Some(idx), Some(used)) = (
+                        e["plan"].as_str(),
+                        e["key"].as_str(),
+                        e["period"].as_str().and_then(Period::parse),
+                        e["index"].as_u64(),
+                        e["used"].as_u64(),
+                    ) else {
+                        continue;
+                    };
+                    map.insert(
+                        (plan.to_string(), key.to_string(), period.as_str()),
+                        Arc::new(AtomicU64::new(pack(idx as u32, used))),
+                    );
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        }
+        let text = render(&map);
+        let store = Arc::new(UsageStore {
+            path: Some(path),
+            counters: Mutex::new(map),
+            last_written: Mutex::new(text),
+        });
+        let weak: Weak<UsageStore> = Arc::downgrade(&store);
+        std::thread::Builder::new()
+            .name("ringgate-usage".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(FLUSH_MS));
+                let Some(s) = weak.upgrade() else { return };
+                if let Err(e) = s.flush() {
+                    eprintln!("ringgate: cannot write usage counts: {e}");
+                }
+            })
+            .map_err(|e| format!("cannot start the usage writer: {e}"))?;
+        Ok(store)
+    }
+
+    /// The counter of `key` in `plan` (created at 0 when new).
+    pub fn counter(&self, plan: &str, key: &str, period: Period) -> Arc<AtomicU64> {
+        let mut m = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry((plan.to_string(), key.to_string(), period.as_str()))
+            .or_insert_with(|| Arc::new(AtomicU64::new(0)))
+            .clone()
+    }
+
+    /// Writes the counts when they changed since the last write.
+    pub fn flush(&self) -> std::io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let text = render(&self.counters.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut last = self.last_written.lock().unwrap_or_else(|e| e.into_inner());
+        if *last == text {
+            return Ok(());
+        }
+        let tmp = path.with_extension("json.tmp");
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        // Renamed before the fsync: once renamed, the counts survive the death of this
+        // process (the page cache outlives it); the fsyncs that follow make them survive a
+        // machine crash too, without holding up the rename on a busy disk.
+        std::fs::rename(&tmp, path)?;
+        *last = text;
+        drop(last);
+        f.sync_all()?;
+        if let Some(dir) = path.parent() {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The file content for `map` (counters at 0 left out).
+fn render(map: &BTreeMap<CounterId, Arc<AtomicU64>>) -> String {
+    let mut items = Vec::with_capacity(map.len());
+    for ((plan, key, period), c) in map {
+        let v = c.load(Ordering::Relaxed);
+        if v == 0 {
+            continue;
+        }
+        items.push(serde_json::json!({
+            "plan": plan, "key": key, "period": period,
+            "index": (v >> USED_BITS) - 1, "used": v & USED_MASK,
+        }));
+    }
+    serde_json::json!({ "version": 1, "counters": items }).to_string()
+}
+
+/// A plan's quota.
+#[derive(Debug, Clone, Copy)]
+pub struct Quota {
+    pub limit: u64,
+    pub period: Period,
+}
+
+/// Per-key plan buckets tracked at once per plan (a fixed table: see [`KeyedBuckets`]).
+pub const KEY_BUCKETS: usize = 65_536;
+
+/// One `[[usage_plans]]`, with the state of the keys that use it (created on demand).
+pub struct Plan {
+    pub name: Arc<str>,
+    /// `(api, stage)` pairs it covers.
+    pub stages: Vec<(String, String)>,
+    pub throttle: Option<Rate>,
+    pub quota: Option<Quota>,
+    /// Per-key buckets, keyed by key name.
+    buckets: Option<Arc<KeyedBuckets>>,
+    /// Per-key quota counters (from the [`UsageStore`]), copied on write: a request reads the
+    /// map with one atomic load; a key's first request inserts under `insert`.
+    counters: ArcSwap<AHashMap<Arc<str>, Arc<AtomicU64>>>,
+    insert: Mutex<()>,
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("name", &self.name)
+            .field("stages", &self.stages)
+            .field("throttle", &self.throttle)
+            .field("quota", &self.quota)
+            .finish()
+    }
+}
+
+impl Plan {
+    /// A plan with no key state yet.
+    pub fn new(
+        name: &str,
+        stages: Vec<(String, String)>,
+        throttle: Option<Rate>,
+        quota: Option<Quota>,
+    ) -> Plan {
+        Plan {
+            name: name.into(),
+            stages,
+            throttle,
+            quota,
+            buckets: throttle.map(|r| Arc::new(KeyedBuckets::new(r, KEY_BUCKETS))),
+            counters: ArcSwap::from_pointee(AHashMap::new()),
+            insert: Mutex::new(()),
+        }
+    }
+
+    /// Takes over the per-key buckets of the previous config's plan when they have the same
+    /// rate (a reload must not hand every key a fresh burst).
+    pub fn inherit(&mut self, old: &Plan) {
+        if let (Some(n), Some(o)) = (&self.buckets, &old.buckets) {
+            if n.same_shape(o) {
+                self.buckets = Some(o.clone());
+            }
+        }
+    }
+
+    fn period(&self) -> Period {
+        self.quota.map(|q| q.period).unwrap_or(Period::Day)
+    }
+
+    /// The quota counter of `key` (created from the store on the key's first request).
+    fn counter(&self, key: &str, store: &UsageStore) -> Arc<AtomicU64> {
+        if let Some(c) = self.counters.load().get(key) {
+            return c.clone();
+        }
+        let _g = self.insert.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.counters.load_full();
+        if let Some(c) = cur.get(key) {
+            return c.clone();
+        }
+        let c = store.counter(&self.name, key, self.period());
+        let mut next = (*cur).clone();
+        next.insert(key.into(), c.clone());
+        self.counters.store(Arc::new(next));
+        c
+    }
+}
+
+/// A key as usage plans see it: its name and the names of its plans.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRef<'a> {
+    pub name: &'a str,
+    pub plans: &'a [Arc<str>],
+}
+
+/// Maps an `x-api-key` value to an enabled key. The one seam between usage plans and the API
+/// key store: [`ConfigKeys`] here; the auth feature's key store when merged.
+pub trait KeyDirectory {
+    /// The enabled key with this value (compared in constant time).
+    fn find(&self, value: &[u8]) -> Option<KeyRef<'_>>;
+}
+
+/// One `[[api_keys]]` (MINIMAL, traffic branch: see the module doc).
+#[derive(Debug)]
+pub struct ConfigKey {
+    pub name: String,
+    pub value: String,
+    pub enabled: bool,
+    pub plans: Vec<Arc<str>>,
+}
+
+/// The `[[api_keys]]` of the config file (MINIMAL, traffic branch: the auth feature's key
+/// store replaces it at merge).
+#[derive(Debug, Default)]
+pub struct ConfigKeys {
+    pub keys: Vec<ConfigKey>,
+    by_value: AHashMap<u64, Vec<usize>>,
+    hasher: ahash::RandomState,
+}
+
+impl ConfigKeys {
+    /// Indexes `keys` by a keyed hash of their value.
+    pub fn new(keys: Vec<ConfigKey>) -> ConfigKeys {
+        let hasher = ahash::RandomState::new();
+        let mut by_value: AHashMap<u64, Vec<usize>> = AHashMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            by_value
+                .entry(hasher.hash_one(k.value.as_bytes()))
+                .or_default()
+                .push(i);
+        }
+        ConfigKeys {
+            keys,
+            by_value,
+            hasher,
+        }
+    }
+
+    /// The key named `name`.
+    pub fn by_name(&self, name: &str) -> Option<&ConfigKey> {
+        self.keys.iter().find(|k| k.name == name)
+    }
+}
+
+impl KeyDirectory for ConfigKeys {
+    fn find(&self, value: &[u8]) -> Option<KeyRef<'_>> {
+        let cands = self.by_value.get(&self.hasher.hash_one(value))?;
+        cands
+            .iter()
+            .map(|&i| &self.keys[i])
+            .find(|k| k.enabled && crate::admin::ct_eq(k.value.as_bytes(), value))
+            .map(|k| KeyRef {
+                name: &k.name,
+                plans: &k.plans,
+            })
+    }
+}
+
+/// Why a plan refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Throttled(Wait),
+    QuotaExceeded,
+}
+
+/// All usage plans of a config and the store their counts live in.
+#[derive(Debug, Default)]
+pub struct Plans {
+    pub plans: Vec<Plan>,
+    /// `[[api_keys]]` (minimal; see [`ConfigKeys`]).
+    pub keys: ConfigKeys,
+    store: Option<Arc<UsageStore>>,
+}
+
+impl Plans {
+    /// Plans and keys, counting in memory until [`Plans::bind`].
+    pub fn new(plans: Vec<Plan>, keys: ConfigKeys) -> Plans {
+        Plans {
+            plans,
+            keys,
+            store: None,
+        }
+    }
+
+    /// Counts go to `store` (persisted, shared across config generations).
+    pub fn bind(&mut self, store: &Arc<UsageStore>) {
+        self.store = Some(store.clone());
+    }
+
+    fn store(&self) -> &UsageStore {
+        static MEM: std::sync::OnceLock<Arc<UsageStore>> = std::sync::OnceLock::new();
+        self.store
+            .as_deref()
+            .unwrap_or_else(|| MEM.get_or_init(UsageStore::in_memory))
+    }
+
+    /// Applies the plan of `key` that covers a route (whose covering plans are `route_plans`):
+    /// the key's bucket of that plan, then its quota. `Ok` when no plan of the key covers it.
+    #[inline]
+    pub fn check(
+        &self,
+        key: KeyRef<'_>,
+        route_plans: &[u16],
+        now_ns: u64,
+        unix_s: u64,
+    ) -> Result<(), Refusal> {
+        for &pi in route_plans {
+            let p = &self.plans[pi as usize];
+            if !key.plans.iter().any(|n| **n == *p.name) {
+                continue;
+            }
+            if let Some(b) = &p.buckets {
+                b.check(key.name, now_ns).map_err(Refusal::Throttled)?;
+            }
+            if let Some(q) = p.quota {
+                let c = p.counter(key.name, self.store());
+                if consume(&c, q.period.index(unix_s), q.limit).is_none() {
+                    if let Some(b) = &p.buckets {
+                        b.refund(key.name);
+                    }
+                    return Err(Refusal::QuotaExceeded);
+                }
+            }
+            return Ok(());
+        }
+        Ok(())
+    }
+
+    /// Indices of the plans covering `api`/`stage`.
+    pub fn covering(&self, api: &str, stage: &str) -> Vec<u16> {
+        (0..self.plans.len())
+            .filter(|&i| {
+                self.plans[i]
+                    .stages
+                    .iter()
+                    .any(|(a, s)| a == api && s == stage)
+            })
+            .map(|i| i as u16)
+            .collect()
+    }
+
+    /// `GET /usage-plans/{plan}/usage?key=NAME` for a key of the plan (the caller checked
+    /// that): used and remaining in the current period.
+    pub fn usage(&self, plan: &str, key: &str, unix_s: u64) -> Option<serde_json::Value> {
+        let p = self.plans.iter().find(|p| &*p.name == plan)?;
+        let v = self
+            .store()
+            .counter(plan, key, p.period())
+            .load(Ordering::Relaxed);
+        let limit = p.quota.map(|q| q.limit);
+        let period = p.period();
+        let idx = period.index(unix_s);
+        let used = used_in(v, idx);
+        let (start, end) = period.bounds(idx);
+        let remaining = limit.map(|l| l.saturating_sub(used));
+        Some(serde_json::json!({
+            "usagePlanId": plan,
+            "key": key,
+            "period": period.as_str(),
+            "startDate": date_string(start),
+            "endDate": date_string(end - 1),
+            "used": used,
+            "remaining": remaining,
+            "limit": limit,
+            "items": { key: [[used, remaining]] },
+        }))
+    }
+}
+
+/// Seconds since the Unix epoch for a reading of [`super::throttle::now_ns`]: the wall clock
+/// at the first call plus the monotonic time since, so a request reads one clock, not two.
+/// (A wall-clock step after start shifts period boundaries by that much until a restart.)
+pub fn unix_at(now_ns: u64) -> u64 {
+    use std::sync::OnceLock;
+    static BASE: OnceLock<(u64, u64)> = OnceLock::new();
+    let &(wall_ns, mono_ns) = BASE.get_or_init(|| {
+        let mono = super::throttle::now_ns();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        (wall, mono)
+    });
+    (wall_ns + now_ns.saturating_sub(mono_ns)) / 1_000_000_000
+}
+
+/// Seconds since the Unix epoch (UTC wall clock).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar_periods() {
+        // 2026-11-25 is a Wednesday.
+        let d = days_from_civil(2026, 11, 25);
+        assert_eq!(civil_from_days(d), (2026, 11, 25));
+        assert_eq!(date_string(0), "1970-01-01");
+        let s = d as u64 * 86_400 + 3600;
+        let w = Period::Week.index(s);
+        let (ws, we) = Period::Week.bounds(w);
+        assert_eq!(date_string(ws), "2026-11-23"); // Monday
+        assert_eq!(date_string(we - 1), "2026-11-29"); // Sunday
+        let m = Period::Month.index(s);
+        let (ms, me) = Period::Month.bounds(m);
+        assert_eq!(date_string(ms), "2026-11-01");
+        assert_eq!(date_string(me - 1), "2026-11-30");
+        let dec = days_from_civil(2026, 12, 31) as u64 * 86_400;
+        let (_, me) = Period::Month.bounds(Period::Month.index(dec));
+        assert_eq!(date_string(me), "2027-01-01");
+        assert_eq!(Period::Day.index(s), d as u32);
+    }
+
+    #[test]
+    fn unix_from_monotonic_matches_wall_clock() {
+        let a = unix_at(crate::policy::throttle::now_ns());
+        let b = unix_now();
+        assert!(a.abs_diff(b) <= 1, "{a} vs {b}");
+    }
+
+    #[test]
+    fn quota_counts_and_resets_with_period() {
+        let c = AtomicU64::new(0);
+        assert_eq!(consume(&c, 7, 3), Some(2));
+        assert_eq!(consume(&c, 7, 3), Some(1));
+        assert_eq!(consume(&c, 7, 3), Some(0));
+        assert_eq!(consume(&c, 7, 3), None);
+        assert_eq!(used_in(c.load(Ordering::Relaxed), 7), 3);
+        // The next period starts from 0.
+        assert_eq!(consume(&c, 8, 3), Some(2));
+        assert_eq!(used_in(c.load(Ordering::Relaxed), 7), 0);
+    }
+
+    #[test]
+    fn quota_exact_across_threads() {
+        let c = Arc::new(AtomicU64::new(0));
+        let hs: Vec<_> = (0..4)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    (0..5000).filter(|_| consume(&c, 1, 1234).is_some()).count()
+                })
+            })
+            .collect();
+        let n: usize = hs.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(n, 1234);
+    }
+
+    #[test]
+    fn plan_state_on_demand_for_any_key_directory() {
+        // A key that only a key store knows (say, added at run time): plans need only its
+        // name and plan names.
+        let plan = Plan::new(
+            "basic",
+            vec![("shop".into(), "prod".into())],
+            Some(Rate {
+                rate: 1.0,
+                burst: 2,
+            }),
+            Some(Quota {
+                limit: 3,
+                period: Period::Day,
+            }),
+        );
+        let plans = Plans::new(vec![plan], ConfigKeys::default());
+        let route = plans.covering("shop", "prod");
+        assert_eq!(route, vec![0]);
+        let names: Vec<Arc<str>> = vec!["basic".into()];
+        let k = |name| KeyRef {
+            name,
+            plans: &names,
+        };
+        let s = 1_000_000_000u64;
+        assert_eq!(plans.check(k("carol"), &route, 10 * s, 0), Ok(()));
+        assert_eq!(plans.check(k("carol"), &route, 10 * s, 0), Ok(()));
+        assert!(matches!(
+            plans.check(k("carol"), &route, 10 * s, 0),
+            Err(Refusal::Throttled(_))
+        ));
+        // Another key: its own bucket and counter.
+        assert_eq!(plans.check(k("dave"), &route, 10 * s, 0), Ok(()));
+        assert_eq!(plans.check(k("carol"), &route, 11 * s, 0), Ok(()));
+        assert_eq!(
+            plans.check(k("carol"), &route, 20 * s, 0),
+            Err(Refusal::QuotaExceeded)
+        );
+        let u = plans.usage("basic", "carol", 0).unwrap();
+        assert_eq!(
+            (u["used"].as_u64(), u["remaining"].as_u64()),
+            (Some(3), Some(0))
+        );
+        // A key whose plans do not cover the route is not metered.
+        let other: Vec<Arc<str>> = vec!["gold".into()];
+        let eve = KeyRef {
+            name: "eve",
+            plans: &other,
+        };
+        for _ in 0..5 {
+            assert_eq!(plans.check(eve, &route, 20 * s, 0), Ok(()));
+        }
+    }
+
+    #[test]
+    fn store_round_trip() {
+        let dir = std::env::temp_dir().join(format!("rg-usage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let s = UsageStore::open(&dir).unwrap();
+            let c = s.counter("basic", "alice", Period::Day);
+            for _ in 0..5 {
+                consume(&c, 100, 10).expect("under the limit");
+            }
+            s.flush().unwrap();
+        }
+        let s = UsageStore::open(&dir).unwrap();
+        let c = s.counter("basic", "alice", Period::Day);
+        assert_eq!(used_in(c.load(Ordering::Relaxed), 100), 5);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

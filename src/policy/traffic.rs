@@ -1,0 +1,510 @@
+//! The compiled traffic-control config: [`build`] turns the config keys (`server.throttle`,
+//! stage and route `throttle`, API `cors`, `[waf]`, `[[usage_plans]]`, `[[api_keys]]`) into a
+//! [`Traffic`] value that lives in the [`crate::config::Config`]; per-route data is indexed by
+//! route id. [`Traffic::inherit`] carries bucket state and counters over a reload.
+
+use super::cors::{Cors, CorsSpec};
+use super::plans::{self, ConfigKey, ConfigKeys, Period, Plan, Plans, Quota};
+use super::raw::{self, RawRule, RawRuleFile, RawThrottle};
+use super::throttle::{Bucket, KeyedBuckets, Rate};
+use super::waf::{self, Action, Cidr, RuleSpec, Target, Waf};
+use crate::config::{ConfigError, RouteTable, Source};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Why a request was throttled (the `reason` label of `ringgate_throttled_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Reason {
+    Server = 0,
+    Stage = 1,
+    Route = 2,
+    Ip = 3,
+    Plan = 4,
+    Quota = 5,
+}
+
+const REASONS: [&str; 6] = ["server", "stage", "route", "ip", "plan", "quota"];
+
+/// The traffic-control state of one route.
+#[derive(Debug, Default)]
+pub struct RouteTraffic {
+    /// Anything to do for this route beyond the gateway-wide stages.
+    pub any: bool,
+    pub stage: Option<Arc<Bucket>>,
+    pub route: Option<Arc<Bucket>>,
+    pub cors: Option<Arc<Cors>>,
+    /// Usage plans covering this route's API stage.
+    pub plans: Vec<u16>,
+    throttled: Arc<[AtomicU64; 6]>,
+    labels: Option<Arc<str>>,
+}
+
+impl RouteTraffic {
+    /// Counts one refusal.
+    pub fn count(&self, r: Reason) {
+        self.throttled[r as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The compiled traffic-control config.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Gateway-wide stages present (server throttle or an active WAF).
+    pub any: bool,
+    pub server: Option<Arc<Bucket>>,
+    pub waf: Waf,
+    pub routes: Vec<RouteTraffic>,
+    pub plans: Plans,
+}
+
+impl Traffic {
+    /// Carries the state of `old` (the config being replaced) over a reload: buckets with the
+    /// same rate keep their tokens (a reload must not refill every bucket), counters keep
+    /// counting. Routes match by api, stage and route key; rules and plans by name.
+    pub fn inherit(&mut self, old: &Traffic) {
+        fn keep(new: &mut Option<Arc<Bucket>>, old: &Option<Arc<Bucket>>) {
+            if let (Some(n), Some(o)) = (new.as_ref(), old) {
+                if n.same_rate(o) {
+                    *new = Some(o.clone());
+                }
+            }
+        }
+        keep(&mut self.server, &old.server);
+        // A stage bucket is shared by the stage's routes: replace it the same way in all.
+        let mut stages: Vec<(*const Bucket, Arc<Bucket>)> = Vec::new();
+        for rt in &mut self.routes {
+            let Some(o) = old.routes.iter().find(|o| o.labels == rt.labels) else {
+                if let Some(s) = rt.stage.clone() {
+                    match stages.iter().find(|(p, _)| *p == Arc::as_ptr(&s)) {
+                        Some((_, c)) => rt.stage = Some(c.clone()),
+                        None => stages.push((Arc::as_ptr(&s), s)),
+                    }
+                }
+                continue;
+            };
+            keep(&mut rt.route, &o.route);
+            rt.throttled = o.throttled.clone();
+            if let Some(s) = rt.stage.clone() {
+                let ptr = Arc::as_ptr(&s);
+                let chosen = match stages.iter().find(|(p, _)| *p == ptr) {
+                    Some((_, c)) => c.clone(),
+                    None => {
+                        let mut c = Some(s);
+                        keep(&mut c, &o.stage);
+                        let c = c.expect("kept");
+                        stages.push((ptr, c.clone()));
+                        c
+                    }
+                };
+                rt.stage = Some(chosen);
+            }
+        }
+        let (w, ow) = (&mut self.waf, &old.waf);
+        if let (Some(n), Some(o)) = (&w.per_ip, &ow.per_ip) {
+            if n.same_shape(o) {
+                w.per_ip = Some(o.clone());
+            }
+        }
+        w.ip_refused = ow.ip_refused.clone();
+        for r in &mut w.rules {
+            if let Some(o) = ow.rules.iter().find(|o| o.name == r.name) {
+                r.matches = o.matches.clone();
+            }
+        }
+        for p in &mut self.plans.plans {
+            if let Some(o) = old.plans.plans.iter().find(|o| o.name == p.name) {
+                p.inherit(o);
+            }
+        }
+    }
+
+    /// Prometheus lines of `ringgate_throttled_total` (without HELP/TYPE).
+    pub fn render_throttled(&self, o: &mut String) {
+        for rt in &self.routes {
+            let Some(l) = &rt.labels else { continue };
+            for (i, reason) in REASONS.iter().enumerate() {
+                let n = rt.throttled[i].load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(o, "ringgate_throttled_total{{{l},reason=\"{reason}\"}} {n}");
+                }
+            }
+        }
+    }
+}
+
+fn rate(src: &Source, t: &toml::Spanned<RawThrottle>, key: &str) -> Result<Rate, ConfigError> {
+    let r = t.get_ref();
+    if !(r.rate.is_finite() && (0.001..=1e9).contains(&r.rate))
+        || r.burst == 0
+        || r.burst > 1_000_000_000
+        || (1e9 / r.rate) * r.burst as f64 > 1e18
+    {
+        return Err(src.err(
+            t.span(),
+            key,
+            "rate must be between 0.001 and 1e9, burst between 1 and 1e9, and burst / rate at most 1e9 seconds",
+        ));
+    }
+    Ok(Rate {
+        rate: r.rate,
+        burst: r.burst,
+    })
+}
+
+/// Compiles the traffic-control keys of `raw` for the compiled `routes`.
+pub(crate) fn build(
+    src: &Source,
+    raw: &crate::config::raw::RawConfig,
+    routes: &RouteTable,
+) -> Result<Traffic, ConfigError> {
+    let mut t = Traffic::default();
+    if let Some(th) = &raw.server.throttle {
+        t.server = Some(Arc::new(Bucket::new(rate(src, th, "server.throttle")?)));
+    }
+    if let Some(w) = &raw.waf {
+        t.waf = build_waf(src, w)?;
+    }
+    t.plans = build_plans(src, raw)?;
+    t.any = t.server.is_some() || t.waf.active();
+
+    // Per API: CORS; per stage: the shared stage bucket.
+    let mut cors_by_api: Vec<(String, Option<Arc<Cors>>)> = Vec::new();
+    let mut stage_buckets: Vec<((String, String), Arc<Bucket>)> = Vec::new();
+    for (ai, api) in raw.apis.iter().enumerate() {
+        let name = api.name.get_ref().clone();
+        let cors = match &api.cors {
+            None => None,
+            Some(c) => {
+                let r = c.get_ref();
+                Some(Arc::new(
+                    Cors::build(&CorsSpec {
+                        allow_origins: &r.allow_origins,
+                        allow_methods: &r.allow_methods,
+                        allow_headers: &r.allow_headers,
+                        expose_headers: &r.expose_headers,
+                        max_age_s: r.max_age_s,
+                        allow_credentials: r.allow_credentials,
+                    })
+                    .map_err(|e| src.err(c.span(), &format!("apis[{ai}].cors"), e))?,
+                ))
+            }
+        };
+        cors_by_api.push((name.clone(), cors));
+        for (sname, st) in &api.stages {
+            if let Some(th) = &st.throttle {
+                let r = rate(src, th, &format!("apis[{ai}].stages.{sname}.throttle"))?;
+                stage_buckets.push(((name.clone(), sname.clone()), Arc::new(Bucket::new(r))));
+            }
+        }
+    }
+    for r in routes.routes() {
+        let mut rt = RouteTraffic {
+            labels: Some(r.labels.clone()),
+            ..RouteTraffic::default()
+        };
+        let (ai, api) = raw
+            .apis
+            .iter()
+            .enumerate()
+            .find(|(_, a)| a.name.get_ref().as_str() == &*r.api)
+            .expect("compiled route of a known API");
+        rt.cors = cors_by_api[ai].1.clone();
+        rt.stage = stage_buckets
+            .iter()
+            .find(|((a, s), _)| a.as_str() == &*r.api && s.as_str() == &*r.stage)
+            .map(|(_, b)| b.clone());
+        if let Some((ri, rr)) = api
+            .routes
+            .iter()
+            .enumerate()
+            .find(|(_, rr)| rr.route.get_ref().trim() == &*r.key)
+        {
+            if let Some(th) = &rr.throttle {
+                let key = format!("apis[{ai}].routes[{ri}].throttle");
+                rt.route = Some(Arc::new(Bucket::new(rate(src, th, &key)?)));
+            }
+        }
+        rt.plans = t.plans.covering(&r.api, &r.stage);
+        rt.any =
+            rt.stage.is_some() || rt.route.is_some() || rt.cors.is_some() || !rt.plans.is_empty();
+        t.routes.push(rt);
+    }
+    Ok(t)
+}
+
+fn build_waf(src: &Source, w: &toml::Spanned<raw::RawWaf>) -> Result<Waf, ConfigError> {
+    let span = w.span();
+    let w = w.get_ref();
+    let cidrs = |list: &[String], key: &str| -> Result<Vec<Cidr>, ConfigError> {
+        list.iter()
+            .map(|s| {
+                Cidr::parse(s).ok_or_else(|| {
+                    src.err(
+                        span.clone(),
+                        key,
+                        format!("`{s}` is not an IPv4/IPv6 address or CIDR"),
+                    )
+                })
+            })
+            .collect()
+    };
+    let allow = cidrs(&w.ip_allow, "waf.ip_allow")?;
+    let deny = cidrs(&w.ip_deny, "waf.ip_deny")?;
+    if w.ip_table_size == 0 || w.ip_table_size > 1 << 24 {
+        return Err(src.err(span, "waf.ip_table_size", "must be between 1 and 16777216"));
+    }
+    if w.body_max_bytes > 1 << 20 {
+        return Err(src.err(span, "waf.body_max_bytes", "at most 1048576"));
+    }
+    let per_ip = match &w.rate_per_ip {
+        None => None,
+        Some(r) => Some(KeyedBuckets::new(
+            rate(src, r, "waf.rate_per_ip")?,
+            w.ip_table_size,
+        )),
+    };
+    let mut all: Vec<(String, RawRule)> = w
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!("waf.rules[{i}]"), r.clone()))
+        .collect();
+    let base = src.path.parent().unwrap_or(std::path::Path::new("."));
+    for f in &w.rule_files {
+        let p = base.join(f);
+        let text = std::fs::read_to_string(&p).map_err(|e| {
+            src.err(
+                span.clone(),
+                "waf.rule_files",
+                format!("cannot read `{}`: {e}", p.display()),
+            )
+        })?;
+        let file: RawRuleFile = toml::from_str(&text).map_err(|e| {
+            src.err(
+                span.clone(),
+                "waf.rule_files",
+                format!("`{}`: {}", p.display(), e.message().replace('\n', " ")),
+            )
+        })?;
+        for (i, r) in file.rules.into_iter().enumerate() {
+            all.push((format!("{}: rules[{i}]", p.display()), r));
+        }
+    }
+    let mut specs = Vec::with_capacity(all.len());
+    for (key, r) in all {
+        let target = Target::parse(&r.target).ok_or_else(|| {
+            src.err(
+                span.clone(),
+                &format!("{key}.target"),
+                format!(
+                    "`{}` is not one of path, query, header.NAME, body",
+                    r.target
+                ),
+            )
+        })?;
+        let action = match r.action.as_str() {
+            "block" => Action::Block,
+            "count" => Action::Count,
+            a => {
+                return Err(src.err(
+                    span.clone(),
+                    &format!("{key}.action"),
+                    format!("`{a}` is not one of block, count"),
+                ))
+            }
+        };
+        if r.name.is_empty() || specs.iter().any(|s: &RuleSpec| s.name == r.name) {
+            return Err(src.err(
+                span.clone(),
+                &format!("{key}.name"),
+                format!("rule name `{}` is empty or used twice", r.name),
+            ));
+        }
+        specs.push(RuleSpec {
+            name: r.name,
+            target,
+            pattern: r.pattern,
+            action,
+        });
+    }
+    Waf::build(allow, deny, per_ip, specs, w.body_max_bytes)
+        .map_err(|e| src.err(span, "waf.rules", e))
+}
+
+fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plans, ConfigError> {
+    let mut plans = Vec::new();
+    for (i, p) in raw.usage_plans.iter().enumerate() {
+        let key = |k: &str| format!("usage_plans[{i}].{k}");
+        let name = p.name.get_ref().clone();
+        if name.is_empty() || plans.iter().any(|o: &Plan| *o.name == *name) {
+            return Err(src.err(
+                p.name.span(),
+                &key("name"),
+                format!("plan name `{name}` is empty or used twice"),
+            ));
+        }
+        let mut stages = Vec::new();
+        for a in &p.apis {
+            let Some((api, stage)) = a.split_once('/') else {
+                return Err(src.err(
+                    p.name.span(),
+                    &key("apis"),
+                    format!("`{a}` is not `api/stage`"),
+                ));
+            };
+            let Some(rapi) = raw.apis.iter().find(|x| x.name.get_ref() == api) else {
+                return Err(src.err(
+                    p.name.span(),
+                    &key("apis"),
+                    format!("API `{api}` is not defined"),
+                ));
+            };
+            let has_stage = if rapi.stages.is_empty() {
+                stage == "$default"
+            } else {
+                rapi.stages.contains_key(stage)
+            };
+            if !has_stage {
+                return Err(src.err(
+                    p.name.span(),
+                    &key("apis"),
+                    format!("API `{api}` has no stage `{stage}`"),
+                ));
+            }
+            stages.push((api.to_string(), stage.to_string()));
+        }
+        let throttle = match &p.throttle {
+            None => None,
+            Some(t) => Some(rate(src, t, &key("throttle"))?),
+        };
+        let quota = match &p.quota {
+            None => None,
+            Some(q) => {
+                let r = q.get_ref();
+                let period = Period::parse(&r.period).ok_or_else(|| {
+                    src.err(
+                        q.span(),
+                        &key("quota.period"),
+                        format!("`{}` is not one of day, week, month", r.period),
+                    )
+                })?;
+                if r.limit == 0 || r.limit >= 1 << 40 {
+                    return Err(src.err(
+                        q.span(),
+                        &key("quota.limit"),
+                        "must be between 1 and 2^40",
+                    ));
+                }
+                Some(Quota {
+                    limit: r.limit,
+                    period,
+                })
+            }
+        };
+        plans.push(Plan::new(&name, stages, throttle, quota));
+    }
+    // MINIMAL [[api_keys]] (traffic branch; the auth feature's key store replaces this).
+    let mut keys: Vec<ConfigKey> = Vec::new();
+    for (i, k) in raw.api_keys.iter().enumerate() {
+        let key = |s: &str| format!("api_keys[{i}].{s}");
+        let name = k.name.get_ref().clone();
+        if name.is_empty() || keys.iter().any(|o| o.name == name) {
+            return Err(src.err(
+                k.name.span(),
+                &key("name"),
+                format!("key name `{name}` is empty or used twice"),
+            ));
+        }
+        if k.value.len() < 20
+            || k.value.len() > 128
+            || !k.value.bytes().all(|c| c.is_ascii_graphic())
+        {
+            return Err(src.err(
+                k.name.span(),
+                &key("value"),
+                "must be 20 to 128 visible ASCII characters",
+            ));
+        }
+        if keys.iter().any(|o| o.value == k.value) {
+            return Err(src.err(
+                k.name.span(),
+                &key("value"),
+                "the same value is used by another key",
+            ));
+        }
+        let mut pl = Vec::new();
+        for p in &k.plans {
+            let pi = plans
+                .iter()
+                .position(|x: &Plan| *x.name == **p)
+                .ok_or_else(|| {
+                    src.err(
+                        k.name.span(),
+                        &key("plans"),
+                        format!("usage plan `{p}` is not defined"),
+                    )
+                })?;
+            pl.push(plans[pi].name.clone());
+        }
+        keys.push(ConfigKey {
+            name,
+            value: k.value.clone(),
+            enabled: k.enabled,
+            plans: pl,
+        });
+    }
+    // Counts go to the persistent store once the config goes live (`Plans::bind`).
+    Ok(Plans::new(plans, ConfigKeys::new(keys)))
+}
+
+/// Admin `GET /usage-plans/{plan}/usage?key=NAME`; `None` when the path is not ours.
+pub fn admin_usage(
+    traffic: &Traffic,
+    method: &str,
+    path: &str,
+    query: Option<&[u8]>,
+) -> Option<(u16, serde_json::Value)> {
+    let plan = path.strip_prefix("/usage-plans/")?.strip_suffix("/usage")?;
+    if plan.is_empty() || plan.contains('/') {
+        return None;
+    }
+    if method != "GET" {
+        return Some((405, serde_json::json!({"message": "Method Not Allowed"})));
+    }
+    let mut key = None;
+    let mut buf = Vec::new();
+    for part in query.unwrap_or(b"").split(|&c| c == b'&') {
+        if let Some(v) = part.strip_prefix(b"key=") {
+            waf::percent_decode(v, true, &mut buf);
+            key = String::from_utf8(buf.clone()).ok();
+        }
+    }
+    let mut pbuf = Vec::new();
+    waf::percent_decode(plan.as_bytes(), false, &mut pbuf);
+    let plan = String::from_utf8_lossy(&pbuf);
+    let Some(key) = key else {
+        return Some((
+            400,
+            serde_json::json!({"message": "Bad Request: the query parameter `key` is required"}),
+        ));
+    };
+    let in_plan = traffic
+        .plans
+        .keys
+        .by_name(&key)
+        .is_some_and(|k| k.plans.iter().any(|p| **p == *plan));
+    let found = if in_plan {
+        traffic.plans.usage(&plan, &key, plans::unix_now())
+    } else {
+        None
+    };
+    Some(match found {
+        Some(v) => (200, v),
+        None => (
+            404,
+            serde_json::json!({"message": "Not Found: no such plan, key, or the key is not in the plan"}),
+        ),
+    })
+}

@@ -1,0 +1,276 @@
+//! The connection loop's side of traffic control ([`crate::policy`]): runs the WAF, answers
+//! CORS preflights, adds CORS headers, and applies the throttles and usage-plan quotas of a
+//! matched route, in the pipeline's order: [`before`] (WAF, CORS preflight) runs before the
+//! auth stage, [`throttle`] (throttles, usage-plan quota) after it.
+//!
+//! A route with nothing configured costs a branch per stage. Otherwise each stage reads the
+//! clock once and every bucket is one atomic; nothing here allocates or locks.
+
+use super::{body_skippable, reject, write_out, Conn, Outcome, Worker};
+use crate::config::{Limits, RouteMatch};
+use crate::gateway::Gateway;
+use crate::http::{encode, BodyKind, Method};
+use crate::policy::plans::{unix_at, KeyDirectory, Refusal};
+use crate::policy::throttle::{now_ns, Wait};
+use crate::policy::waf::{Input, Verdict};
+use crate::policy::Reason;
+use monoio::buf::IoBufMut;
+use monoio::io::AsyncReadRent;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// `OPTIONS` with `Origin` and `Access-Control-Request-Method`.
+pub(super) fn is_preflight(c: &Conn) -> bool {
+    c.b.head.method == Method::Options
+        && c.b.head.header(&c.b.rbuf, "origin").is_some()
+        && c.b
+            .head
+            .header(&c.b.rbuf, "access-control-request-method")
+            .is_some()
+}
+
+/// The route a preflight asks about (routed with the requested method), when its API has
+/// CORS configured: the gateway answers for it.
+pub(super) fn preflight_route(gw: &Gateway, c: &mut Conn) -> Option<u32> {
+    let m =
+        c.b.head
+            .header(&c.b.rbuf, "access-control-request-method")?;
+    let m = std::str::from_utf8(m).ok()?;
+    let path = std::str::from_utf8(c.b.head.slice(&c.b.rbuf, c.b.head.path)).ok()?;
+    let host = c.b.head.host.map(|r| c.b.head.slice(&c.b.rbuf, r));
+    match gw.config.routes.find(host, m, path, &mut c.params) {
+        RouteMatch::Found(id) if gw.config.traffic.routes[id as usize].cors.is_some() => Some(id),
+        _ => None,
+    }
+}
+
+/// A preflight the gateway does not allow: 204 without CORS headers.
+pub(super) async fn answer_preflight_denied(w: &Rc<Worker>, c: &mut Conn) -> Outcome {
+    c.b.extra.clear();
+    respond_204(w, c).await
+}
+
+async fn respond_204(w: &Rc<Worker>, c: &mut Conn) -> Outcome {
+    let keep = body_skippable(c) && c.b.head.keep_alive;
+    c.b.out.clear();
+    encode::push_status_line(&mut c.b.out, 204);
+    super::push_common(w, c, keep);
+    let ok = write_out(c).await;
+    Outcome {
+        status: 204,
+        keep_alive: keep && ok,
+        upstream: None,
+    }
+}
+
+async fn too_many(
+    w: &Rc<Worker>,
+    c: &mut Conn,
+    rt: &crate::policy::RouteTraffic,
+    reason: Reason,
+    wait: Wait,
+) -> Outcome {
+    rt.count(reason);
+    c.b.extra.extend_from_slice(b"retry-after: ");
+    encode::push_u64(&mut c.b.extra, wait.retry_after_s());
+    c.b.extra.extend_from_slice(b"\r\n");
+    let keep = body_skippable(c);
+    reject(w, c, 429, "Too Many Requests", keep).await
+}
+
+/// The WAF and CORS stages for route `id` (before auth); `Some` when the request was answered
+/// (refused, or a preflight).
+pub(super) async fn before(
+    w: &Rc<Worker>,
+    gw: &Arc<Gateway>,
+    c: &mut Conn,
+    id: u32,
+    limits: &Limits,
+) -> Option<Outcome> {
+    let t = &gw.config.traffic;
+    let rt = &t.routes[id as usize];
+    if !t.waf.active() && rt.cors.is_none() {
+        return None;
+    }
+    let now = now_ns();
+
+    // WAF: IP lists, per-IP rate, rules.
+    if t.waf.active() {
+        match t.waf.check_ip(c.peer.ip(), now) {
+            Verdict::Pass => {}
+            Verdict::Forbidden => {
+                let keep = body_skippable(c);
+                return Some(reject(w, c, 403, "Forbidden", keep).await);
+            }
+            Verdict::Throttled(wait) => return Some(too_many(w, c, rt, Reason::Ip, wait).await),
+        }
+        if !t.waf.rules.is_empty() {
+            if t.waf.wants_body() {
+                if let Err(out) = buffer_body(w, c, t.waf.body_max_bytes, limits).await {
+                    return Some(out);
+                }
+            }
+            let h = &c.b.head;
+            let buf = &c.b.rbuf;
+            let body = &buf[h.head_len.min(buf.len())..];
+            let body = match h.body {
+                BodyKind::None => &body[..0],
+                BodyKind::Length(n) => &body[..(n.min(body.len() as u64)) as usize],
+                BodyKind::Chunked => body,
+            };
+            let mut headers = h
+                .headers
+                .iter()
+                .map(|hv| (h.slice(buf, hv.name), h.slice(buf, hv.value)));
+            let v = t.waf.check_rules(Input {
+                path: h.slice(buf, h.path),
+                query: h.query.map(|q| h.slice(buf, q)),
+                headers: &mut headers,
+                body,
+            });
+            if v == Verdict::Forbidden {
+                let keep = body_skippable(c);
+                return Some(reject(w, c, 403, "Forbidden", keep).await);
+            }
+        }
+    }
+
+    // CORS: preflights are answered here; actual requests get the headers on the response.
+    if let Some(cors) = &rt.cors {
+        if let Some(origin) = c.b.head.header(&c.b.rbuf, "origin") {
+            let allowed = cors.allowed(origin);
+            if is_preflight(c) {
+                c.b.extra.clear();
+                if allowed {
+                    let origin = c.b.head.header(&c.b.rbuf, "origin").unwrap_or_default();
+                    cors.push_preflight(origin, &mut c.b.extra);
+                }
+                return Some(respond_204(w, c).await);
+            }
+            if allowed {
+                cors.push_actual(origin, &mut c.b.extra);
+            }
+        }
+    }
+
+    None
+}
+
+/// The throttle-and-quota stage for route `id` (after auth); `Some` when the request was
+/// refused.
+pub(super) async fn throttle(
+    w: &Rc<Worker>,
+    gw: &Arc<Gateway>,
+    c: &mut Conn,
+    id: u32,
+) -> Option<Outcome> {
+    let t = &gw.config.traffic;
+    let rt = &t.routes[id as usize];
+    if t.server.is_none() && rt.stage.is_none() && rt.route.is_none() && rt.plans.is_empty() {
+        return None;
+    }
+    let now = now_ns();
+    // Throttles: gateway, stage, route, then the key's plan. A request refused by a later
+    // bucket gives its token back to the earlier ones, so a flood refused by one route's
+    // bucket does not drain its stage's or the gateway's.
+    let buckets = [
+        (t.server.as_deref(), Reason::Server),
+        (rt.stage.as_deref(), Reason::Stage),
+        (rt.route.as_deref(), Reason::Route),
+    ];
+    for (i, (b, reason)) in buckets.iter().enumerate() {
+        if let Some(b) = b {
+            if let Err(wait) = b.check(now) {
+                refund(&buckets[..i]);
+                return Some(too_many(w, c, rt, *reason, wait).await);
+            }
+        }
+    }
+    if !rt.plans.is_empty() {
+        if let Some(key) =
+            c.b.head
+                .header(&c.b.rbuf, "x-api-key")
+                .and_then(|v| t.plans.keys.find(v))
+        {
+            match t.plans.check(key, &rt.plans, now, unix_at(now)) {
+                Ok(()) => {}
+                Err(Refusal::Throttled(wait)) => {
+                    refund(&buckets);
+                    return Some(too_many(w, c, rt, Reason::Plan, wait).await);
+                }
+                Err(Refusal::QuotaExceeded) => {
+                    refund(&buckets);
+                    rt.count(Reason::Quota);
+                    let keep = body_skippable(c);
+                    return Some(reject(w, c, 429, "Limit Exceeded", keep).await);
+                }
+            }
+        }
+    }
+    None
+}
+
+fn refund(taken: &[(Option<&crate::policy::throttle::Bucket>, Reason)]) {
+    for b in taken.iter().filter_map(|(b, _)| *b) {
+        b.refund();
+    }
+}
+
+/// Reads until the first `max` bytes of a `Content-Length` body are buffered after the head,
+/// so the `body` rules see them. (A chunked body is inspected as far as it is buffered.)
+async fn buffer_body(
+    w: &Rc<Worker>,
+    c: &mut Conn,
+    max: usize,
+    limits: &Limits,
+) -> Result<(), Outcome> {
+    let BodyKind::Length(n) = c.b.head.body else {
+        return Ok(());
+    };
+    let want = c.b.head.head_len + (n.min(max as u64) as usize);
+    if c.b.rbuf.len() >= want {
+        return Ok(());
+    }
+    if c.b.head.expect_continue {
+        let (res, _) = c
+            .stream
+            .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
+            .await;
+        if res.is_err() {
+            return Err(Outcome {
+                status: 499,
+                keep_alive: false,
+                upstream: None,
+            });
+        }
+        c.b.head.expect_continue = false;
+    }
+    let deadline = Instant::now() + limits.header_timeout;
+    while c.b.rbuf.len() < want {
+        if c.b.rbuf.capacity() < want {
+            c.b.rbuf.reserve(want - c.b.rbuf.len());
+        }
+        let len = c.b.rbuf.len();
+        let cap = c.b.rbuf.capacity();
+        let buf = std::mem::take(&mut c.b.rbuf).slice_mut(len..cap);
+        let (res, buf) = match monoio::time::timeout_at(deadline.into(), c.stream.read(buf)).await {
+            Ok(r) => r,
+            Err(_) => return Err(reject(w, c, 408, "Request Timeout", false).await),
+        };
+        c.b.rbuf = buf.into_inner();
+        match res {
+            Ok(0) | Err(_) => {
+                return Err(Outcome {
+                    status: 499,
+                    keep_alive: false,
+                    upstream: None,
+                })
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(())
+}
+
+use monoio::io::AsyncWriteRentExt as _;

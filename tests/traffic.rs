@@ -1,0 +1,732 @@
+//! Traffic control against the real binary: throttles (exact across two workers), the WAF
+//! (IP lists, per-IP rate, regex rules, the shipped SQLi/XSS set), CORS, usage plans with
+//! quotas that survive `kill -9`, and the metrics.
+
+mod common;
+
+use common::*;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const MOCK: &str = r#"integration = { type = "mock", status = 200, body = "ok" }"#;
+
+fn get_on(c: &mut Client, path: &str, extra: &str) -> RawResponse {
+    c.send(format!("GET {path} HTTP/1.1\r\nHost: t\r\n{extra}\r\n").as_bytes());
+    c.read_response().expect("response")
+}
+
+#[test]
+fn route_throttle_is_exact_across_two_workers() {
+    // 2 workers (the harness default), rate 100/s, burst 20; a flood of ~3 s from 8 keep-alive
+    // connections (spread over both workers by SO_REUSEPORT) gets 100 * t + 20, within 2%.
+    let gw = Gateway::start(&format!(
+        r#"
+[[apis]]
+name = "a"
+[[apis.routes]]
+route = "GET /t"
+{MOCK}
+throttle = {{ rate = 100, burst = 20 }}
+"#
+    ));
+    let ok = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let first = Instant::now();
+    let mut hs = Vec::new();
+    for _ in 0..8 {
+        let (ok, refused, stop, addr) = (ok.clone(), refused.clone(), stop.clone(), gw.addr);
+        hs.push(thread::spawn(move || {
+            let mut c = Client::connect(addr);
+            let mut last_ok = None;
+            while !stop.load(Ordering::Relaxed) {
+                let r = get_on(&mut c, "/t", "");
+                match r.status {
+                    200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        last_ok = Some(Instant::now());
+                    }
+                    429 => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    s => panic!("unexpected status {s}"),
+                }
+            }
+            last_ok
+        }));
+    }
+    thread::sleep(Duration::from_millis(3000));
+    stop.store(true, Ordering::Relaxed);
+    let end = Instant::now();
+    for h in hs {
+        h.join().unwrap();
+    }
+    let t = (end - first).as_secs_f64();
+    let got = ok.load(Ordering::Relaxed) as f64;
+    let want = 100.0 * t + 20.0;
+    assert!(
+        (got - want).abs() <= want * 0.02,
+        "got {got} in {t:.3}s, want {want:.1} ± 2%"
+    );
+    assert!(
+        refused.load(Ordering::Relaxed) > 100,
+        "the flood was not refused"
+    );
+    let m = gw.metrics();
+    let th = metric_value(
+        &m,
+        "ringgate_throttled_total",
+        &["api=\"a\"", "route=\"GET /t\"", "reason=\"route\""],
+    )
+    .unwrap_or(0.0);
+    assert_eq!(th as u64, refused.load(Ordering::Relaxed), "{m}");
+}
+
+#[test]
+fn throttled_answer_has_retry_after_and_json() {
+    let gw = Gateway::start(&format!(
+        r#"
+[server]
+listen = ["@LISTEN@"]
+workers = 2
+state_dir = "@DIR@/state"
+throttle = {{ rate = 0.5, burst = 2 }}
+[admin]
+listen = "@ADMIN@"
+[[apis]]
+name = "a"
+[apis.stages.prod]
+throttle = {{ rate = 1000, burst = 1000 }}
+[[apis.routes]]
+route = "GET /t"
+{MOCK}
+"#
+    ));
+    let mut c = Client::connect(gw.addr);
+    assert_eq!(get_on(&mut c, "/prod/t", "").status, 200);
+    assert_eq!(get_on(&mut c, "/prod/t", "").status, 200);
+    let r = get_on(&mut c, "/prod/t", "");
+    assert_eq!(r.status, 429);
+    assert_eq!(r.message(), "Too Many Requests");
+    let ra: u64 = r
+        .header("retry-after")
+        .expect("retry-after")
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&ra), "retry-after {ra}");
+    // The connection stays usable.
+    assert_eq!(get_on(&mut c, "/prod/t", "").status, 429);
+    let m = gw.metrics();
+    assert_eq!(
+        metric_value(
+            &m,
+            "ringgate_throttled_total",
+            &["stage=\"prod\"", "reason=\"server\""]
+        ),
+        Some(2.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn stage_throttle_is_shared_by_its_routes() {
+    let gw = Gateway::start(&format!(
+        r#"
+[[apis]]
+name = "a"
+[apis.stages.s]
+throttle = {{ rate = 1, burst = 3 }}
+[[apis.routes]]
+route = "GET /x"
+{MOCK}
+[[apis.routes]]
+route = "GET /y"
+{MOCK}
+"#
+    ));
+    let mut c = Client::connect(gw.addr);
+    let st: Vec<u16> = ["/s/x", "/s/y", "/s/x", "/s/y"]
+        .iter()
+        .map(|p| get_on(&mut c, p, "").status)
+        .collect();
+    assert_eq!(st, vec![200, 200, 200, 429]);
+}
+
+#[test]
+fn waf_ip_lists() {
+    let deny = Gateway::start(&format!(
+        "[waf]\nip_deny = [\"10.0.0.0/8\", \"127.0.0.0/16\"]\n[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /x\"\n{MOCK}\n"
+    ));
+    let r = deny.get("/x");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.message(), "Forbidden");
+    let m = deny.metrics();
+    assert_eq!(
+        metric_value(&m, "ringgate_waf_ip_refused_total", &[]),
+        Some(1.0)
+    );
+
+    let allow_other = Gateway::start(&format!(
+        "[waf]\nip_allow = [\"192.168.0.0/16\", \"2001:db8::/32\"]\n[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /x\"\n{MOCK}\n"
+    ));
+    assert_eq!(allow_other.get("/x").status, 403);
+
+    let allow_me = Gateway::start(&format!(
+        "[waf]\nip_allow = [\"127.0.0.1/32\", \"::1\"]\nip_deny = [\"127.0.0.2\"]\n[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /x\"\n{MOCK}\n"
+    ));
+    assert_eq!(allow_me.get("/x").status, 200);
+}
+
+#[test]
+fn waf_rate_per_ip() {
+    let gw = Gateway::start(&format!(
+        "[waf]\nrate_per_ip = {{ rate = 0.2, burst = 3 }}\n[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /x\"\n{MOCK}\n"
+    ));
+    let mut c = Client::connect(gw.addr);
+    let st: Vec<u16> = (0..5).map(|_| get_on(&mut c, "/x", "").status).collect();
+    assert_eq!(st, vec![200, 200, 200, 429, 429]);
+    let r = get_on(&mut c, "/x", "");
+    assert!(r.header("retry-after").is_some());
+    let m = gw.metrics();
+    assert_eq!(
+        metric_value(&m, "ringgate_throttled_total", &["reason=\"ip\""]),
+        Some(3.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn waf_rules_by_target_with_metrics() {
+    let origin = Origin::echo_path();
+    let gw = Gateway::start(&format!(
+        r#"
+[waf]
+body_max_bytes = 64
+rules = [
+  {{ name = "sqli", target = "query", pattern = "(?i)union\\s+select", action = "block" }},
+  {{ name = "probe", target = "path", pattern = "^/p/admin", action = "count" }},
+  {{ name = "bot", target = "header.x-bot", pattern = "evil", action = "block" }},
+  {{ name = "xss", target = "body", pattern = "(?i)<script", action = "block" }},
+]
+[[upstreams]]
+name = "o"
+targets = ["{}"]
+[[apis]]
+name = "a"
+[[apis.routes]]
+route = "ANY /p/{{x+}}"
+integration = {{ type = "http", upstream = "o" }}
+"#,
+        origin.addr
+    ));
+    let mut c = Client::connect(gw.addr);
+    assert_eq!(get_on(&mut c, "/p/x?q=1", "").status, 200);
+    let r = get_on(&mut c, "/p/x?q=1%27%20UNION+SELECT+pw", "");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.message(), "Forbidden");
+    assert_eq!(get_on(&mut c, "/p/admin", "").status, 200);
+    assert_eq!(get_on(&mut c, "/p/x", "X-Bot: very evil\r\n").status, 403);
+    assert_eq!(get_on(&mut c, "/p/x", "X-Other: evil\r\n").status, 200);
+    // A body that arrives after the head, in two pieces: buffered, then scanned.
+    let body = "{\"c\":\"<SCRIPT>alert(1)</script>\"}";
+    c.send(
+        format!(
+            "POST /p/x HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    thread::sleep(Duration::from_millis(50));
+    c.send(&body.as_bytes()[..10]);
+    thread::sleep(Duration::from_millis(50));
+    c.send(&body.as_bytes()[10..]);
+    assert_eq!(c.read_response().unwrap().status, 403);
+    // A clean body passes and reaches the upstream whole.
+    let clean = "{\"c\":\"hello\"}";
+    c.send(
+        format!(
+            "POST /p/y HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{clean}",
+            clean.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(c.read_response().unwrap().status, 200);
+    assert_eq!(origin.last_request().body, clean.as_bytes());
+    // Past body_max_bytes nothing is looked at.
+    let long = format!("{}<script>", "a".repeat(100));
+    c.send(
+        format!(
+            "POST /p/z HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{long}",
+            long.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(c.read_response().unwrap().status, 200);
+    let m = gw.metrics();
+    let v = |rule: &str| {
+        metric_value(
+            &m,
+            "ringgate_waf_rule_matches_total",
+            &[&format!("rule=\"{rule}\"")],
+        )
+    };
+    assert_eq!(v("sqli"), Some(1.0), "{m}");
+    assert_eq!(v("probe"), Some(1.0), "{m}");
+    assert_eq!(v("bot"), Some(1.0), "{m}");
+    assert_eq!(v("xss"), Some(1.0), "{m}");
+    // Blocked requests never reached the upstream.
+    assert!(origin
+        .requests()
+        .iter()
+        .all(|r| !r.path.contains("UNION") && !r.path.contains("%27")));
+}
+
+#[test]
+fn shipped_waf_rule_set_blocks_sqli_and_xss() {
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/config/waf-common.toml");
+    let gw = Gateway::start(&format!(
+        "[waf]\nrule_files = [\"{rules}\"]\n[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"ANY /{{p+}}\"\n{MOCK}\n"
+    ));
+    let mut c = Client::connect(gw.addr);
+    for bad in [
+        "/items?id=1%27%20OR%20%271%27=%271",
+        "/items?id=1+UNION+ALL+SELECT+password+FROM+users",
+        "/items?id=1;%20DROP%20TABLE%20users",
+        "/items?id=1%27--",
+        "/items?id=sleep(5)",
+        "/search?q=%3Cscript%3Ealert(1)%3C/script%3E",
+        "/search?q=%3Cimg%20src=x%20onerror=alert(1)%3E",
+        "/search?u=javascript:alert(1)",
+        "/%3Cscript%3E",
+    ] {
+        assert_eq!(get_on(&mut c, bad, "").status, 403, "{bad} passed");
+    }
+    for good in [
+        "/items?id=42",
+        "/search?q=union+station+timetable",
+        "/search?q=select+a+seat",
+        "/search?q=o%27reilly+books",
+        "/items/abc-def",
+    ] {
+        assert_eq!(get_on(&mut c, good, "").status, 200, "{good} refused");
+    }
+    let body = "name=x' or 'a'='a";
+    c.send(
+        format!(
+            "POST /form HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(c.read_response().unwrap().status, 403);
+    // Scanners are only counted.
+    assert_eq!(
+        get_on(&mut c, "/items", "User-Agent: sqlmap/1.7\r\n").status,
+        200
+    );
+    let m = gw.metrics();
+    assert_eq!(
+        metric_value(
+            &m,
+            "ringgate_waf_rule_matches_total",
+            &["rule=\"scanner-user-agent\"", "action=\"count\""]
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn waf_config_errors_name_the_key() {
+    let (out, _) = check(&format!(
+        "[waf]\nip_deny = [\"10.0.0.0/40\"]\n[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /x\"\n{MOCK}\n"
+    ));
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("waf.ip_deny") && e.contains("10.0.0.0/40"),
+        "{e}"
+    );
+    let (out, _) = check(&format!(
+        "[waf]\nrules = [{{ name = \"r\", target = \"cookie\", pattern = \"x\" }}]\n[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /x\"\n{MOCK}\n"
+    ));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("waf.rules[0].target"), "{e}");
+    let (out, _) = check(&format!(
+        "[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /x\"\n{MOCK}\nthrottle = {{ rate = 0, burst = 1 }}\n"
+    ));
+    let e = String::from_utf8_lossy(&out.stderr);
+    // The line of the route table (the harness prepends a [server] header).
+    assert!(
+        e.contains(".toml:17: key `apis[0].routes[0].throttle`"),
+        "{e}"
+    );
+}
+
+fn cors_config(origin: std::net::SocketAddr) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "o"
+targets = ["{origin}"]
+[[apis]]
+name = "a"
+cors = {{ allow_origins = ["https://app.example.com"], allow_methods = ["GET", "PUT"], allow_headers = ["content-type", "x-api-key"], expose_headers = ["x-total"], max_age_s = 600, allow_credentials = true }}
+[[apis.routes]]
+route = "GET /r/{{id}}"
+integration = {{ type = "http", upstream = "o" }}
+[[apis.routes]]
+route = "PUT /r/{{id}}"
+integration = {{ type = "http", upstream = "o" }}
+[[apis]]
+name = "plain"
+base_path = "/plain"
+[[apis.routes]]
+route = "ANY /{{p+}}"
+integration = {{ type = "http", upstream = "o" }}
+"#
+    )
+}
+
+#[test]
+fn cors_preflight_answered_by_gateway() {
+    let origin = Origin::start(|_| {
+        Response::ok("up")
+            .header("access-control-allow-origin", "*")
+            .header("x-total", "3")
+    });
+    let gw = Gateway::start(&cors_config(origin.addr));
+    let mut c = Client::connect(gw.addr);
+    c.send(b"OPTIONS /r/1 HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\nAccess-Control-Request-Method: PUT\r\nAccess-Control-Request-Headers: content-type\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(r.header("vary"), Some("Origin"));
+    assert_eq!(r.header("access-control-allow-methods"), Some("GET, PUT"));
+    assert_eq!(
+        r.header("access-control-allow-headers"),
+        Some("content-type, x-api-key")
+    );
+    assert_eq!(r.header("access-control-max-age"), Some("600"));
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    // Disallowed origin: answered, but without any CORS header.
+    c.send(b"OPTIONS /r/1 HTTP/1.1\r\nHost: t\r\nOrigin: https://evil.example.com\r\nAccess-Control-Request-Method: PUT\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 204);
+    assert!(
+        r.headers
+            .iter()
+            .all(|(n, _)| !n.to_ascii_lowercase().starts_with("access-control-")),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(
+        origin.request_count(),
+        0,
+        "a preflight reached the upstream"
+    );
+
+    // Actual requests: allowed origin echoed (the upstream's CORS header replaced).
+    let r = get_on(&mut c, "/r/1", "Origin: https://app.example.com\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.headers_named("access-control-allow-origin"),
+        vec!["https://app.example.com"]
+    );
+    assert_eq!(r.header("access-control-expose-headers"), Some("x-total"));
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    assert!(r.headers_named("vary").contains(&"Origin"));
+    let r = get_on(&mut c, "/r/1", "Origin: https://evil.example.com\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-expose-headers"), None);
+    assert_eq!(r.header("access-control-allow-credentials"), None);
+    // An API without cors forwards OPTIONS untouched.
+    c.send(b"OPTIONS /plain/x HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\nAccess-Control-Request-Method: PUT\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(origin.last_request().method, "OPTIONS");
+}
+
+fn plan_config(state: &std::path::Path, limit: u64) -> String {
+    format!(
+        r#"
+[server]
+listen = ["@LISTEN@"]
+workers = 2
+state_dir = "{}"
+[admin]
+listen = "@ADMIN@"
+[[apis]]
+name = "shop"
+[apis.stages.prod]
+[[apis.routes]]
+route = "GET /x"
+{MOCK}
+[[usage_plans]]
+name = "basic"
+apis = ["shop/prod"]
+quota = {{ limit = {limit}, period = "day" }}
+[[usage_plans]]
+name = "fast"
+apis = ["shop/prod"]
+throttle = {{ rate = 0.5, burst = 2 }}
+[[api_keys]]
+name = "alice"
+value = "alice-key-0123456789abcdef"
+plans = ["basic"]
+[[api_keys]]
+name = "bob"
+value = "bob-key-0123456789abcdefgh"
+plans = ["fast"]
+"#,
+        state.display()
+    )
+}
+
+#[test]
+fn quota_limit_and_usage_survive_kill_9() {
+    let state = temp_dir("quota");
+    let alice = "x-api-key: alice-key-0123456789abcdef\r\n";
+    {
+        let gw = Gateway::start(&plan_config(&state, 5));
+        let mut c = Client::connect(gw.addr);
+        for _ in 0..3 {
+            assert_eq!(get_on(&mut c, "/prod/x", alice).status, 200);
+        }
+        let u = gw.admin_get("/usage-plans/basic/usage?key=alice").json();
+        assert_eq!(u["used"], 3, "{u}");
+        assert_eq!(u["remaining"], 2, "{u}");
+        // The documented bound: counts are on disk within 200 ms (plus slack for a loaded
+        // machine's scheduler).
+        thread::sleep(Duration::from_millis(700));
+        // Dropping the harness's Gateway sends SIGKILL.
+    }
+    let gw = Gateway::start(&plan_config(&state, 5));
+    let u = gw.admin_get("/usage-plans/basic/usage?key=alice").json();
+    assert_eq!(u["used"], 3, "{u}");
+    let mut c = Client::connect(gw.addr);
+    assert_eq!(get_on(&mut c, "/prod/x", alice).status, 200);
+    assert_eq!(get_on(&mut c, "/prod/x", alice).status, 200);
+    let r = get_on(&mut c, "/prod/x", alice);
+    assert_eq!(r.status, 429);
+    assert_eq!(r.message(), "Limit Exceeded");
+    let u = gw.admin_get("/usage-plans/basic/usage?key=alice").json();
+    assert_eq!(
+        (u["used"].as_u64(), u["remaining"].as_u64()),
+        (Some(5), Some(0)),
+        "{u}"
+    );
+    assert_eq!(u["period"], "day");
+    // No key, or a key of no plan: not metered.
+    assert_eq!(get_on(&mut c, "/prod/x", "").status, 200);
+    assert_eq!(
+        get_on(
+            &mut c,
+            "/prod/x",
+            "x-api-key: not-a-key-0123456789abcdef\r\n"
+        )
+        .status,
+        200
+    );
+    let m = gw.metrics();
+    assert_eq!(
+        metric_value(&m, "ringgate_throttled_total", &["reason=\"quota\""]),
+        Some(1.0)
+    );
+    // A clean stop writes the final counts too; a reload keeps them.
+    gw.write_config(&plan_config(&state, 6));
+    gw.reload_signal();
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .admin_get("/usage-plans/basic/usage?key=alice")
+        .json()["remaining"]
+        == 1));
+    assert_eq!(get_on(&mut c, "/prod/x", alice).status, 200);
+    assert_eq!(get_on(&mut c, "/prod/x", alice).status, 429);
+    // Unknown plan or key: 404; missing key parameter: 400.
+    assert_eq!(
+        gw.admin_get("/usage-plans/nope/usage?key=alice").status,
+        404
+    );
+    assert_eq!(gw.admin_get("/usage-plans/basic/usage?key=bob").status, 404);
+    assert_eq!(gw.admin_get("/usage-plans/basic/usage").status, 400);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[test]
+fn plan_throttle_per_key() {
+    let state = temp_dir("plan-th");
+    let gw = Gateway::start(&plan_config(&state, 100));
+    let bob = "x-api-key: bob-key-0123456789abcdefgh\r\n";
+    let mut c = Client::connect(gw.addr);
+    let st: Vec<u16> = (0..3)
+        .map(|_| get_on(&mut c, "/prod/x", bob).status)
+        .collect();
+    assert_eq!(st, vec![200, 200, 429]);
+    // Another key has its own allowance.
+    assert_eq!(
+        get_on(
+            &mut c,
+            "/prod/x",
+            "x-api-key: alice-key-0123456789abcdef\r\n"
+        )
+        .status,
+        200
+    );
+    let m = gw.metrics();
+    assert_eq!(
+        metric_value(&m, "ringgate_throttled_total", &["reason=\"plan\""]),
+        Some(1.0)
+    );
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[test]
+fn reload_keeps_bucket_state_and_counters() {
+    let cfg = |extra: &str| {
+        format!(
+            r#"
+[[apis]]
+name = "a"
+[apis.stages.s]
+throttle = {{ rate = 0.1, burst = 3 }}
+[[apis.routes]]
+route = "GET /x"
+{MOCK}
+throttle = {{ rate = 0.1, burst = 2 }}
+{extra}
+"#
+        )
+    };
+    let gw = Gateway::start(&cfg(""));
+    let mut c = Client::connect(gw.addr);
+    assert_eq!(get_on(&mut c, "/s/x", "").status, 200);
+    assert_eq!(get_on(&mut c, "/s/x", "").status, 200);
+    assert_eq!(get_on(&mut c, "/s/x", "").status, 429);
+    // A reload that adds a route (same stage) must not refill the buckets.
+    gw.write_config(&cfg(&format!(
+        "[[apis.routes]]\nroute = \"GET /y\"\n{MOCK}\n"
+    )));
+    gw.reload_signal();
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .stderr()
+        .contains("config reloaded")));
+    // The route's bucket is still empty (refilled, this would be 200).
+    assert_eq!(get_on(&mut c, "/s/x", "").status, 429);
+    // The stage's bucket kept its state too: 2 of 3 tokens were taken (refused requests gave
+    // theirs back), so the new route gets one request, then the stage refuses.
+    assert_eq!(get_on(&mut c, "/s/y", "").status, 200);
+    let r = get_on(&mut c, "/s/y", "");
+    assert_eq!(r.status, 429);
+    let m = gw.metrics();
+    assert_eq!(
+        metric_value(
+            &m,
+            "ringgate_throttled_total",
+            &["route=\"GET /x\"", "reason=\"route\""]
+        ),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "ringgate_throttled_total",
+            &["route=\"GET /y\"", "reason=\"stage\""]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn usage_endpoint_needs_the_admin_token() {
+    let state = temp_dir("usage-token");
+    let cfg = plan_config(&state, 5).replace(
+        "[admin]\nlisten = \"@ADMIN@\"",
+        "[admin]\nlisten = \"@ADMIN@\"\ntoken = \"s3cret-admin\"",
+    );
+    let gw = Gateway::start(&cfg);
+    let path = "/usage-plans/basic/usage?key=alice";
+    let r = admin_request(gw.admin_addr, "GET", path, None).unwrap();
+    assert_eq!(r.status, 401);
+    let r = admin_request(gw.admin_addr, "GET", path, Some("Bearer s3cret-admin")).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["remaining"], 5);
+    let r = admin_request(gw.admin_addr, "POST", path, Some("Bearer s3cret-admin")).unwrap();
+    assert_eq!(r.status, 405);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[test]
+fn body_rules_with_expect_continue() {
+    let origin = Origin::echo_path();
+    let gw = Gateway::start(&format!(
+        r#"
+[waf]
+rules = [{{ name = "xss", target = "body", pattern = "(?i)<script", action = "block" }}]
+[[upstreams]]
+name = "o"
+targets = ["{}"]
+[[apis]]
+name = "a"
+[[apis.routes]]
+route = "POST /p"
+integration = {{ type = "http", upstream = "o" }}
+"#,
+        origin.addr
+    ));
+    for (body, want) in [("<script>x", 403), ("harmless", 200)] {
+        let mut c = Client::connect(gw.addr);
+        c.send(
+            format!(
+                "POST /p HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        // The gateway asks for the body (to scan it) instead of waiting for it forever.
+        let r = c.read_response().expect("100 Continue");
+        assert_eq!(r.status, 100);
+        c.send(body.as_bytes());
+        let r = c.read_response().expect("final response");
+        assert_eq!(r.status, want, "{body}");
+    }
+    assert_eq!(origin.request_count(), 1);
+    assert_eq!(origin.last_request().body, b"harmless");
+}
+
+#[test]
+fn extra_headers_do_not_leak_into_the_next_response() {
+    let gw = Gateway::start(&format!(
+        r#"
+[[apis]]
+name = "a"
+cors = {{ allow_origins = ["https://app.example.com"] }}
+[[apis.routes]]
+route = "GET /x"
+{MOCK}
+throttle = {{ rate = 0.1, burst = 1 }}
+"#
+    ));
+    let mut c = Client::connect(gw.addr);
+    let o = "Origin: https://app.example.com\r\n";
+    assert_eq!(get_on(&mut c, "/x", o).status, 200);
+    let r = get_on(&mut c, "/x", o);
+    assert_eq!(r.status, 429);
+    // The refusal carries CORS (so the page can read it) and Retry-After.
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    // Next on the same connection: a bad request answered before routing.
+    c.send(b"GET /x HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.header("retry-after").is_none(), "{:?}", r.headers);
+    assert!(r.header("access-control-allow-origin").is_none());
+}
