@@ -30,17 +30,22 @@ pub struct Shared {
     /// Set once every listener is bound.
     pub ready: AtomicBool,
     pub access_log: Option<AccessLog>,
+    /// API keys (config and admin-added), kept across reloads.
+    pub auth: crate::policy::auth::AuthState,
     config_path: PathBuf,
     reload_lock: Mutex<()>,
 }
 
 impl Shared {
     /// Builds the shared state around a first, already validated config.
-    pub fn new(config: Config, access_log: Option<AccessLog>) -> Arc<Shared> {
+    pub fn new(config: Config, access_log: Option<AccessLog>) -> Result<Arc<Shared>, String> {
+        let auth =
+            crate::policy::auth::AuthState::new(&config.server.state_dir, &config.auth.api_keys)?;
+        config.auth.start();
         let health = HealthRegistry::default();
         let upstreams = Upstream::build_all(&config.upstreams, &health);
         let config_path = config.path.clone();
-        Arc::new(Shared {
+        Ok(Arc::new(Shared {
             current: ArcSwap::from_pointee(Gateway { config, upstreams }),
             generation: AtomicU64::new(1),
             shutdown: AtomicBool::new(false),
@@ -48,9 +53,10 @@ impl Shared {
             health,
             ready: AtomicBool::new(false),
             access_log,
+            auth,
             config_path,
             reload_lock: Mutex::new(()),
-        })
+        }))
     }
 
     /// The live gateway.
@@ -86,6 +92,8 @@ impl Shared {
             notes.push("access_log.path takes effect at the next restart".to_string());
         }
         let upstreams = Upstream::build_all(&new.upstreams, &self.health);
+        new.auth.start();
+        self.auth.set_config_keys(&new.auth.api_keys);
         self.current.store(Arc::new(Gateway {
             config: new,
             upstreams,

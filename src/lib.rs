@@ -8,6 +8,7 @@
 //! - [`http`]: our HTTP/1.1 codec (heads, chunked bodies, encoding);
 //! - [`router`]: the path trie;
 //! - [`upstream`]: pools, balancing, health;
+//! - [`policy`]: request pipeline stages (auth);
 //! - [`metrics`], [`accesslog`], [`admin`]: observability and management;
 //! - [`gateway`]: the live state shared by all threads.
 
@@ -17,6 +18,7 @@ pub mod config;
 pub mod gateway;
 pub mod http;
 pub mod metrics;
+pub mod policy;
 pub mod router;
 pub mod runtime;
 pub mod server;

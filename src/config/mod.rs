@@ -146,6 +146,8 @@ pub struct Config {
     pub access_log: Option<Option<PathBuf>>,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: RouteTable,
+    /// `[[authorizers]]`, `[[sigv4_credentials]]`, `[[api_keys]]`.
+    pub auth: crate::policy::auth::AuthConfig,
 }
 
 /// Reads, validates and compiles the config file at `path`.
@@ -191,7 +193,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
         upstreams.push(up);
     }
-    let routes = routes::compile(&src, &raw.apis, &upstreams)?;
+    let auth = crate::policy::auth::validate(
+        &src,
+        &raw.authorizers,
+        &raw.sigv4_credentials,
+        &raw.api_keys,
+    )?;
+    let routes = routes::compile(&src, &raw.apis, &upstreams, &auth)?;
     Ok(Config {
         path: path.to_path_buf(),
         server,
@@ -199,6 +207,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         access_log,
         upstreams,
         routes,
+        auth,
     })
 }
 

@@ -20,6 +20,12 @@ pub struct RawConfig {
     pub upstreams: Vec<RawUpstream>,
     #[serde(default)]
     pub apis: Vec<RawApi>,
+    #[serde(default)]
+    pub authorizers: Vec<crate::policy::auth::RawAuthorizer>,
+    #[serde(default)]
+    pub sigv4_credentials: Vec<crate::policy::auth::RawSigV4Credential>,
+    #[serde(default)]
+    pub api_keys: Vec<crate::policy::auth::RawApiKey>,
 }
 
 /// `[server]`.
@@ -218,6 +224,14 @@ fn default_true() -> bool {
 pub struct RawRoute {
     pub route: Spanned<String>,
     pub integration: Spanned<RawIntegration>,
+    /// none | api_key | jwt:NAME | authorizer:NAME | sigv4
+    pub auth: Option<Spanned<String>>,
+    /// With `jwt`: scopes that must all be granted.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Also require a valid `x-api-key`.
+    #[serde(default)]
+    pub api_key_required: bool,
 }
 
 /// `integration = { type = ..., ... }`.

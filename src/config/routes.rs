@@ -82,6 +82,8 @@ pub struct Route {
     pub prefix_len: usize,
     pub integration: Integration,
     pub access_log: bool,
+    /// What the route requires (`auth`, `scopes`, `api_key_required`).
+    pub auth: crate::policy::auth::RouteAuth,
 }
 
 /// The result of routing a request.
@@ -310,6 +312,7 @@ pub(super) fn compile(
     src: &Source,
     apis: &[RawApi],
     upstreams: &[UpstreamConfig],
+    auth: &crate::policy::auth::AuthConfig,
 ) -> Result<RouteTable, ConfigError> {
     let mut table = RouteTable::default();
     let mut names_seen: Vec<&str> = Vec::new();
@@ -439,6 +442,14 @@ pub(super) fn compile(
                         body,
                     } => Integration::Mock(encode_mock(*status, headers, body).map_err(&ierr)?),
                 };
+                let route_auth = crate::policy::auth::resolve_route(
+                    src,
+                    &format!("apis[{ai}].routes[{ri}]"),
+                    r.auth.as_ref(),
+                    &r.scopes,
+                    r.api_key_required,
+                    auth,
+                )?;
                 let id = table.routes.len() as u32;
                 let labels = format!(
                     "api=\"{}\",stage=\"{}\",route=\"{}\"",
@@ -454,6 +465,7 @@ pub(super) fn compile(
                     prefix_len: prefix.len(),
                     integration,
                     access_log: stage.access_log,
+                    auth: route_auth,
                 });
                 let hosts: Vec<String> = api.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
                 let targets: Vec<&mut Table> = if hosts.is_empty() {

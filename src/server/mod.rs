@@ -5,6 +5,7 @@
 //! requests; the request head is parsed into header offsets, so a steady-state request
 //! allocates nothing. One write carries a response head and as much body as is at hand.
 
+mod auth_stage;
 mod park;
 mod proxy;
 
@@ -65,6 +66,8 @@ pub struct Worker {
     trim_wanted: Cell<bool>,
     /// Idle connections waiting without buffers.
     pub parker: park::Parker,
+    /// Per-worker auth caches (verified JWTs, SigV4 keys).
+    auth: crate::policy::auth::WorkerAuth,
 }
 
 impl Worker {
@@ -95,6 +98,7 @@ impl Worker {
             free: RefCell::new(Vec::new()),
             trim_wanted: Cell::new(false),
             parker: park::Parker::new().expect("epoll_create1"),
+            auth: crate::policy::auth::WorkerAuth::new(),
             shared,
         }
     }
@@ -225,6 +229,8 @@ struct Conn {
     /// Cancels the idle read when the grace period ends (kept to avoid allocating per wait).
     canceller: Canceller,
     guard: ConnGuard,
+    /// Set by the auth stage; sent upstream as `x-principal-id`.
+    principal: Option<Arc<str>>,
 }
 
 /// How a request ended, for metrics, the access log and keep-alive.
@@ -276,6 +282,7 @@ pub(crate) async fn run(
         served,
         canceller: Canceller::new(),
         guard,
+        principal: None,
     };
     loop {
         let gw = w.gateway();
@@ -486,6 +493,12 @@ async fn route_and_run(
         }
     };
     let route: &Route = gw.config.routes.route(id);
+    c.principal = None;
+    if route.auth.active() {
+        if let Err(out) = auth_stage::run(w, gw, c, route).await {
+            return (out, Some(id));
+        }
+    }
     let out = match &route.integration {
         Integration::Mock(mock) => {
             let keep = body_skippable(c);
