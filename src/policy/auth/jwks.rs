@@ -309,9 +309,32 @@ fn fetch(uri: &str) -> Result<(Vec<u8>, Option<u64>), String> {
     .map_err(|e| e.to_string())?;
     let mut buf = Vec::with_capacity(8192);
     let mut tmp = [0u8; 8192];
+    // Read until the body is complete (Content-Length) or the server closes.
+    let mut want: Option<usize> = None;
     loop {
         if Instant::now() > deadline {
             return Err("timed out".into());
+        }
+        if want.is_none() {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let Ok(httparse::Status::Complete(n)) = resp.parse(&buf) {
+                let cl = resp
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| {
+                        std::str::from_utf8(h.value)
+                            .ok()?
+                            .trim()
+                            .parse::<usize>()
+                            .ok()
+                    });
+                want = Some(cl.map(|l| n + l).unwrap_or(usize::MAX));
+            }
+        }
+        if want.is_some_and(|w| buf.len() >= w) {
+            break;
         }
         let n = s.read(&mut tmp).map_err(|e| e.to_string())?;
         if n == 0 {
@@ -350,7 +373,8 @@ fn fetch(uri: &str) -> Result<(Vec<u8>, Option<u64>), String> {
     if chunked {
         return Err("chunked response to an HTTP/1.0 request".into());
     }
-    Ok((buf[head_len..].to_vec(), max_age))
+    let end = want.unwrap_or(buf.len()).min(buf.len());
+    Ok((buf[head_len..end].to_vec(), max_age))
 }
 
 #[cfg(test)]

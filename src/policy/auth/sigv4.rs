@@ -308,20 +308,35 @@ pub fn verify(
     cr.push(b'\n');
     cr.extend_from_slice(p.signed_headers.as_bytes());
     cr.push(b'\n');
-    match req.header("x-amz-content-sha256") {
-        Some(b"UNSIGNED-PAYLOAD") => cr.extend_from_slice(b"UNSIGNED-PAYLOAD"),
+    // Payload hash: the header's (checked against the body unless UNSIGNED-PAYLOAD), else
+    // the body's. A presigned URL without the header is signed over the (empty) body's hash by
+    // most signers and over UNSIGNED-PAYLOAD by S3-style ones: both are tried.
+    let body_hash = || hex(&Sha256::digest(req.body));
+    let (first, second): (String, Option<&str>) = match req.header("x-amz-content-sha256") {
+        Some(b"UNSIGNED-PAYLOAD") => ("UNSIGNED-PAYLOAD".into(), None),
         Some(v) => {
-            let h = hex(&Sha256::digest(req.body));
+            let h = body_hash();
             if !crate::admin::ct_eq(v, h.as_bytes()) {
                 return Err(FORBIDDEN);
             }
-            cr.extend_from_slice(h.as_bytes());
+            (h, None)
         }
-        None if p.presigned_expires.is_some() => cr.extend_from_slice(b"UNSIGNED-PAYLOAD"),
-        None => cr.extend_from_slice(hex(&Sha256::digest(req.body)).as_bytes()),
+        None if p.presigned_expires.is_some() => (body_hash(), Some("UNSIGNED-PAYLOAD")),
+        None => (body_hash(), None),
+    };
+    let key = cache.get(gen, ci, cred, p.date.as_bytes());
+    let base = cr.len();
+    for payload in std::iter::once(first.as_str()).chain(second) {
+        cr.truncate(base);
+        cr.extend_from_slice(payload.as_bytes());
+        if signature_matches(&key, &p, &cr) {
+            return Ok(cred.principal.clone());
+        }
     }
+    Err(FORBIDDEN)
+}
 
-    // String to sign and signature.
+fn signature_matches(key: &[u8; 32], p: &Params<'_>, cr: &[u8]) -> bool {
     let mut sts = String::with_capacity(160);
     sts.push_str(ALGO);
     sts.push('\n');
@@ -333,14 +348,9 @@ pub fn verify(
     sts.push('/');
     sts.push_str(p.service);
     sts.push_str("/aws4_request\n");
-    sts.push_str(&hex(&Sha256::digest(&cr)));
-    let key = cache.get(gen, ci, cred, p.date.as_bytes());
-    let sig = hex(&hmac(&key, sts.as_bytes()));
-    if crate::admin::ct_eq(sig.as_bytes(), p.signature.as_bytes()) {
-        Ok(cred.principal.clone())
-    } else {
-        Err(FORBIDDEN)
-    }
+    sts.push_str(&hex(&Sha256::digest(cr)));
+    let sig = hex(&hmac(key, sts.as_bytes()));
+    crate::admin::ct_eq(sig.as_bytes(), p.signature.as_bytes())
 }
 
 /// `Credential=AK/date/region/service/aws4_request, SignedHeaders=..., Signature=...`.
