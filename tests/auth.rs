@@ -1032,6 +1032,12 @@ fn auth_config_errors_name_the_key() {
     let cases = [
         (route("auth = \"jwt:nope\""), "apis[0].routes[0].auth"),
         (route("auth = \"magic\""), "apis[0].routes[0].auth"),
+        (route("auth = \"authorizer:nope\""), "apis[0].routes[0].auth"),
+        (
+            "[[authorizers]]\nname = \"r\"\ntype = \"request\"\nupstream = \"none\"\nidentity_sources = [\"header.a\"]\n"
+                .to_string(),
+            "authorizers[0].upstream",
+        ),
         (route("scopes = [\"a\"]"), "apis[0].routes[0].scopes"),
         (route("auth = \"sigv4\""), "apis[0].routes[0].auth"),
         (
@@ -1058,4 +1064,135 @@ fn auth_config_errors_name_the_key() {
         assert!(!out.status.success(), "accepted: {toml}");
         assert!(err.contains(&format!("key `{key}`")), "{key}: {err}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request authorizers
+// ---------------------------------------------------------------------------------------------
+
+/// An authorizer deciding on `identity["header.authorization"]`; records each call's body.
+fn authorizer_origin() -> Origin {
+    Origin::start(|r| {
+        let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        let who = v["identity"]["header.authorization"].as_str().unwrap_or("");
+        match who {
+            "allow-me" => Response::ok(
+                json!({"allow": true, "principal": "p-1", "context": {"tier": "gold"}}).to_string(),
+            )
+            .header("content-type", "application/json"),
+            "deny-me" => Response::ok(r#"{"allow":false}"#),
+            "slow" => Response::ok(r#"{"allow":true}"#).delay(Duration::from_millis(2500)),
+            "broken" => Response::new(500).body("oops"),
+            "garbage" => Response::ok("not json"),
+            _ => Response::ok(r#"{"allow":false}"#),
+        }
+    })
+}
+
+fn authorizer_config(origin: SocketAddr, authz: SocketAddr, ttl: u64) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "app"
+targets = ["{origin}"]
+
+[[upstreams]]
+name = "authz"
+targets = ["{authz}"]
+timeout_ms = 1000
+connect_timeout_ms = 300
+
+[[authorizers]]
+name = "custom"
+type = "request"
+upstream = "authz"
+path = "/authorize"
+identity_sources = ["header.authorization"]
+ttl_s = {ttl}
+
+[[apis]]
+name = "shop"
+
+[[apis.routes]]
+route = "GET /custom"
+integration = {{ type = "http", upstream = "app" }}
+auth = "authorizer:custom"
+"#
+    )
+}
+
+#[test]
+fn request_authorizer_allows_denies_and_caches() {
+    let origin = principal_origin();
+    let authz = authorizer_origin();
+    let gw = Gateway::start(&authorizer_config(origin.addr, authz.addr, 300));
+    // Missing identity source: 401 without a call.
+    assert_denied(&gw.get("/custom"), 401, "no identity source");
+    assert_denied(
+        &get_with(&gw, "/custom", &[("Authorization", "")]),
+        401,
+        "empty identity source",
+    );
+    assert_eq!(authz.request_count(), 0);
+    // Allow, on one connection (one worker): one call, then the cache.
+    let mut c = Client::connect(gw.addr);
+    for _ in 0..5 {
+        c.send(b"GET /custom HTTP/1.1\r\nHost: t\r\nAuthorization: allow-me\r\nx-principal-id: forged\r\n\r\n");
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "p-1");
+    }
+    assert_eq!(authz.request_count(), 1, "decision cached");
+    let call = authz.last_request();
+    assert_eq!(call.method, "POST");
+    assert_eq!(call.path, "/authorize");
+    let body: Value = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(body["identity"]["header.authorization"], "allow-me");
+    assert_eq!(body["path"], "/custom");
+    // Deny: 403, cached too.
+    for _ in 0..3 {
+        c.send(b"GET /custom HTTP/1.1\r\nHost: t\r\nAuthorization: deny-me\r\n\r\n");
+        assert_denied(&c.read_response().unwrap(), 403, "denied");
+    }
+    assert_eq!(authz.request_count(), 2);
+    assert_eq!(origin.request_count(), 5);
+}
+
+#[test]
+fn request_authorizer_down_slow_or_broken_is_5xx_never_allow() {
+    let origin = principal_origin();
+    let authz = authorizer_origin();
+    let gw = Gateway::start(&authorizer_config(origin.addr, authz.addr, 300));
+    let r = get_with(&gw, "/custom", &[("Authorization", "slow")]);
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.message(), "Authorizer timed out");
+    for who in ["broken", "garbage"] {
+        let r = get_with(&gw, "/custom", &[("Authorization", who)]);
+        assert_eq!(r.status, 500, "{who}: {}", r.text());
+        assert_eq!(r.message(), "Authorizer error");
+    }
+    assert_eq!(origin.request_count(), 0);
+    // An authorizer nobody listens on.
+    let gw2 = Gateway::start(&authorizer_config(origin.addr, dead_addr(), 300));
+    let r = get_with(&gw2, "/custom", &[("Authorization", "allow-me")]);
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert_eq!(origin.request_count(), 0);
+}
+
+#[test]
+fn request_authorizer_cache_expires_after_ttl() {
+    let origin = principal_origin();
+    let authz = authorizer_origin();
+    let gw = Gateway::start(&authorizer_config(origin.addr, authz.addr, 1));
+    let mut c = Client::connect(gw.addr);
+    let mut ask = || {
+        c.send(b"GET /custom HTTP/1.1\r\nHost: t\r\nAuthorization: allow-me\r\n\r\n");
+        c.read_response().unwrap().status
+    };
+    assert_eq!(ask(), 200);
+    assert_eq!(ask(), 200);
+    assert_eq!(authz.request_count(), 1);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(ask(), 200);
+    assert_eq!(authz.request_count(), 2, "called again after ttl_s");
 }

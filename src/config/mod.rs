@@ -198,6 +198,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         &raw.authorizers,
         &raw.sigv4_credentials,
         &raw.api_keys,
+        &upstreams,
     )?;
     let routes = routes::compile(&src, &raw.apis, &upstreams, &auth)?;
     Ok(Config {

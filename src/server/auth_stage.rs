@@ -35,6 +35,7 @@ pub(super) async fn run(
         head: &c.b.head,
         buf: &c.b.rbuf,
         body: &c.b.rbuf[head_len..head_len + body_len],
+        request_id: &c.reqid[..c.reqid_len],
     };
     let res = auth::check(
         &w.auth,

@@ -1,10 +1,11 @@
-//! Identity and access: API keys (`x-api-key`), JWT authorizers, SigV4 request signing.
+//! Identity and access: API keys (`x-api-key`), JWT and request authorizers, SigV4 signing.
 //!
 //! - [`RawAuthorizer`], [`RawSigV4Credential`], [`RawApiKey`]: the TOML tables, validated by
 //!   [`validate`] into an [`AuthConfig`] that lives in the compiled config;
 //! - [`RouteAuth`]: what one route requires, resolved when routes compile;
 //! - [`AuthState`]: state shared by every thread and kept across reloads (the live API key set);
 //! - [`WorkerAuth`]: per-worker caches (verified JWTs, SigV4 signing keys), never shared;
+//! - [`authorizer`]: request authorizers (an HTTP call decides, cached for `ttl_s`);
 //! - [`check`]: the stage itself, called once per request of a route that asks for auth.
 //!
 //! Failures answer 401 `{"message":"Unauthorized"}` (no or unverifiable credentials) or 403
@@ -12,6 +13,7 @@
 
 pub mod admin;
 pub mod api_key;
+pub mod authorizer;
 pub mod jwks;
 pub mod jwt;
 pub mod sigv4;
@@ -85,6 +87,7 @@ fn default_true() -> bool {
 #[derive(Debug)]
 pub enum Authorizer {
     Jwt(Arc<JwtAuthorizer>),
+    Request(Arc<authorizer::RequestAuthorizer>),
 }
 
 impl Authorizer {
@@ -92,6 +95,7 @@ impl Authorizer {
     pub fn name(&self) -> &str {
         match self {
             Authorizer::Jwt(j) => &j.name,
+            Authorizer::Request(r) => &r.name,
         }
     }
 }
@@ -109,8 +113,9 @@ impl AuthConfig {
     /// Starts what needs the network (JWKS fetches and their background refresh).
     pub fn start(&self) {
         for a in &self.authorizers {
-            let Authorizer::Jwt(j) = a;
-            j.keys.start();
+            if let Authorizer::Jwt(j) = a {
+                j.keys.start();
+            }
         }
     }
 }
@@ -122,6 +127,8 @@ pub enum AuthKind {
     ApiKey,
     /// `jwt:NAME`: index into [`AuthConfig::authorizers`].
     Jwt(u32),
+    /// `authorizer:NAME`: index into [`AuthConfig::authorizers`].
+    Authorizer(u32),
     SigV4,
 }
 
@@ -164,6 +171,7 @@ pub(crate) fn validate(
     authorizers: &[RawAuthorizer],
     sigv4: &[RawSigV4Credential],
     keys: &[RawApiKey],
+    upstreams: &[crate::config::UpstreamConfig],
 ) -> Result<AuthConfig, ConfigError> {
     let mut out = AuthConfig::default();
     let base = src.path.parent().unwrap_or(std::path::Path::new("."));
@@ -183,11 +191,8 @@ pub(crate) fn validate(
                 out.authorizers.push(Authorizer::Jwt(Arc::new(j)));
             }
             "request" => {
-                return Err(src.err(
-                    a.kind.span(),
-                    &key("type"),
-                    "request authorizers are not supported by this build yet",
-                ))
+                let r = authorizer::validate(src, i, a, upstreams)?;
+                out.authorizers.push(Authorizer::Request(Arc::new(r)));
             }
             other => {
                 return Err(src.err(
@@ -254,8 +259,13 @@ pub(crate) fn resolve_route(
             AuthKind::SigV4
         }
         s => {
+            let found = |name: &str, jwt: bool| {
+                cfg.authorizers
+                    .iter()
+                    .position(|a| a.name() == name && matches!(a, Authorizer::Jwt(_)) == jwt)
+            };
             if let Some(name) = s.strip_prefix("jwt:") {
-                match cfg.authorizers.iter().position(|a| a.name() == name) {
+                match found(name, true) {
                     Some(i) => AuthKind::Jwt(i as u32),
                     None => {
                         return Err(src.err(
@@ -265,12 +275,17 @@ pub(crate) fn resolve_route(
                         ))
                     }
                 }
-            } else if s.starts_with("authorizer:") {
-                return Err(src.err(
-                    span,
-                    &format!("{key}.auth"),
-                    "request authorizers are not supported by this build yet",
-                ));
+            } else if let Some(name) = s.strip_prefix("authorizer:") {
+                match found(name, false) {
+                    Some(i) => AuthKind::Authorizer(i as u32),
+                    None => {
+                        return Err(src.err(
+                            span,
+                            &format!("{key}.auth"),
+                            format!("no request authorizer named `{name}` in [[authorizers]]"),
+                        ))
+                    }
+                }
             } else {
                 return Err(src.err(
                     span,
@@ -325,6 +340,8 @@ pub struct Request<'a> {
     pub buf: &'a [u8],
     /// The whole body when [`RouteAuth::needs_body`] (else empty).
     pub body: &'a [u8],
+    /// The request's `x-request-id` (passed on to request authorizers).
+    pub request_id: &'a [u8],
 }
 
 impl Request<'_> {
@@ -357,8 +374,15 @@ pub async fn check(
         AuthKind::None => {}
         AuthKind::ApiKey => {}
         AuthKind::Jwt(i) => {
-            let Authorizer::Jwt(a) = &cfg.authorizers[i as usize];
-            id.principal = jwt::check(w, gen, i as usize, a, &route.scopes, req).await?;
+            if let Authorizer::Jwt(a) = &cfg.authorizers[i as usize] {
+                id.principal = jwt::check(w, gen, i as usize, a, &route.scopes, req).await?;
+            }
+        }
+        AuthKind::Authorizer(i) => {
+            if let Authorizer::Request(a) = &cfg.authorizers[i as usize] {
+                id.principal =
+                    authorizer::check(w, gen, i as usize, a, req, req.request_id).await?;
+            }
         }
         AuthKind::SigV4 => {
             id.principal = Some(sigv4::check(w, gen, &cfg.sigv4, req)?);
@@ -378,6 +402,7 @@ pub async fn check(
 pub struct WorkerAuth {
     pub(crate) jwt: std::cell::RefCell<jwt::TokenCache>,
     pub(crate) sigv4: std::cell::RefCell<sigv4::KeyCache>,
+    pub(crate) authorizer: std::cell::RefCell<authorizer::DecisionCache>,
 }
 
 impl WorkerAuth {

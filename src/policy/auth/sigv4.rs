@@ -507,6 +507,51 @@ mod tests {
     }
 
     #[test]
+    fn aws_test_suite_get_vanilla() {
+        // "get-vanilla" from the AWS SigV4 test suite.
+        let raw = b"GET / HTTP/1.1\r\nHost:example.amazonaws.com\r\nX-Amz-Date:20150830T123600Z\r\nAuthorization: AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, SignedHeaders=host;x-amz-date, Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31\r\n\r\n";
+        let mut head = crate::http::RequestHead::new(16);
+        let limits = crate::http::Limits {
+            max_header_bytes: 4096,
+            max_headers: 16,
+        };
+        assert!(matches!(
+            head.parse(raw, &limits),
+            Ok(crate::http::Status::Complete(_))
+        ));
+        let creds = [SigV4Credential::new(
+            "AKIDEXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+            "us-east-1",
+            "service",
+            "p",
+        )];
+        let req = Request {
+            head: &head,
+            buf: raw,
+            body: b"",
+            request_id: b"bench",
+        };
+        let t = parse_amz_date("20150830T123600Z").unwrap();
+        let mut cache = KeyCache::default();
+        assert_eq!(&*verify(&mut cache, 1, &creds, &req, t + 60).unwrap(), "p");
+        // Outside the window.
+        assert_eq!(
+            verify(&mut cache, 1, &creds, &req, t + 16 * 60),
+            Err(FORBIDDEN)
+        );
+        // Another service.
+        let other = [SigV4Credential::new(
+            "AKIDEXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+            "us-east-1",
+            "iam",
+            "p",
+        )];
+        assert_eq!(verify(&mut cache, 2, &other, &req, t), Err(FORBIDDEN));
+    }
+
+    #[test]
     fn encoding() {
         let mut o = Vec::new();
         uri_encode(&mut o, b"/a b/%2F~", false);
