@@ -150,16 +150,19 @@ pub struct Decision {
     pub context: Option<Arc<serde_json::Value>>,
 }
 
+/// Decisions of one authorizer by identity-source values, with their expiry.
+type Decisions = AHashMap<Box<[u8]>, (Instant, Decision)>;
+
 /// Per-worker decisions, one map per authorizer.
 #[derive(Default)]
 pub struct DecisionCache {
     gen: u64,
-    maps: Vec<AHashMap<Box<[u8]>, (Instant, Decision)>>,
+    maps: Vec<Decisions>,
     rr: usize,
 }
 
 impl DecisionCache {
-    fn map(&mut self, gen: u64, idx: usize) -> &mut AHashMap<Box<[u8]>, (Instant, Decision)> {
+    fn map(&mut self, gen: u64, idx: usize) -> &mut Decisions {
         if self.gen != gen {
             self.maps.clear();
             self.gen = gen;
