@@ -486,6 +486,8 @@ fn jwt_every_algorithm_is_accepted_and_sub_goes_upstream() {
         ("RS384", "rsa"),
         ("RS512", "rsa"),
         ("PS256", "rsa"),
+        ("PS384", "rsa"),
+        ("PS512", "rsa"),
         ("ES256", "ec256"),
         ("ES384", "ec384"),
         ("EdDSA", "ed"),
