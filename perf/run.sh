@@ -10,7 +10,7 @@
 #   --rounds N       interleaved rounds: nginx, ringgate..., nginx, ringgate... (default 2)
 #   --io MODE        io driver(s) for ringgate: io_uring (default), epoll, or both (one instance each)
 #   --case NAME      proxied case(s) to measure, repeatable or comma-separated (default: core);
-#                    see define_case below ("core", "auth", and the draft "throttle")
+#                    see define_case below ("core", "auth", "auth-off", and the draft "throttle")
 #   --connections C  wrk connections (default 64)
 #   --self-test      put a second nginx reverse proxy in every ringgate slot (checks the harness
 #                    itself: the ratios should come out near 1.00); implies --skip-build
@@ -64,7 +64,10 @@ define_case core /hello ''
 
 # auth: a JWT authorizer (HS256, token verified once then served from the worker's cache, scope
 # checked) plus api_key_required. The token (PyJWT, exp 2100-01-01) carries sub "perf-user",
-# which goes upstream as x-principal-id.
+# which goes upstream as x-principal-id. auth-off sends the very same requests (same headers)
+# to the same route without auth: the "same route without auth" baseline of the auth case.
+AUTH_KEY_HDR='x-api-key: perf-bench-key-0123456789abcdef'
+AUTH_JWT_HDR='Authorization: Bearer eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJodHRwczovL2lzc3Vlci5leGFtcGxlLmNvbSIsImF1ZCI6ImJlbmNoIiwic3ViIjoicGVyZi11c2VyIiwic2NvcGUiOiJiZW5jaDpyZWFkIiwiZXhwIjo0MTAyNDQ0ODAwfQ.sPH9fmlQcmBNBUMnAzbjqj6kZIBq7bdgIVsEHNB_ggs'
 define_case auth /hello 'auth = "jwt:bench"
 scopes = ["bench:read"]
 api_key_required = true
@@ -78,8 +81,8 @@ secret = "perf-bench-hmac-secret-0123456789abcdef"
 
 [[api_keys]]
 name = "bench"
-value = "perf-bench-key-0123456789abcdef"' 'x-api-key: perf-bench-key-0123456789abcdef' \
-    'Authorization: Bearer eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJodHRwczovL2lzc3Vlci5leGFtcGxlLmNvbSIsImF1ZCI6ImJlbmNoIiwic3ViIjoicGVyZi11c2VyIiwic2NvcGUiOiJiZW5jaDpyZWFkIiwiZXhwIjo0MTAyNDQ0ODAwfQ.sPH9fmlQcmBNBUMnAzbjqj6kZIBq7bdgIVsEHNB_ggs'
+value = "perf-bench-key-0123456789abcdef"' "$AUTH_KEY_HDR" "$AUTH_JWT_HDR"
+define_case auth-off /hello '' "$AUTH_KEY_HDR" "$AUTH_JWT_HDR"
 
 # Drafts for later issues; adjust when the features land.
 define_case throttle /hello 'throttle = { rate = 100000000, burst = 100000000 }'
