@@ -1198,3 +1198,47 @@ fn request_authorizer_cache_expires_after_ttl() {
     assert_eq!(ask(), 200);
     assert_eq!(authz.request_count(), 2, "called again after ttl_s");
 }
+
+#[test]
+fn sigv4_body_arriving_late_and_pipelined_requests() {
+    let origin = principal_origin();
+    let gw = Gateway::start(&sigv4_config(origin.addr));
+    let base = format!("http://{}", gw.addr);
+    let dir = temp_dir("sigv4late");
+    let body = "x".repeat(100_000);
+    let res = peer(
+        &dir,
+        json!([sign_job(
+            "POST",
+            &format!("{base}/signed/upload"),
+            json!({}),
+            &body
+        )]),
+    );
+    let mut head = format!("POST /signed/upload HTTP/1.1\r\nHost: {}\r\n", gw.addr);
+    for (k, v) in res[0]["headers"].as_object().unwrap() {
+        head.push_str(&format!("{k}: {}\r\n", v.as_str().unwrap()));
+    }
+    head.push_str(&format!(
+        "Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    ));
+    let mut c = Client::connect(gw.addr);
+    c.send(head.as_bytes());
+    // The gateway asks for the body itself (it must hash it before deciding).
+    let interim = c.read_response().unwrap();
+    assert_eq!(interim.status, 100);
+    c.send(&body.as_bytes()[..50_000]);
+    std::thread::sleep(Duration::from_millis(100));
+    // The rest of the body, then a pipelined unsigned request on the same connection.
+    let mut rest = body.as_bytes()[50_000..].to_vec();
+    rest.extend_from_slice(b"GET /signed/a HTTP/1.1\r\nHost: t\r\n\r\n");
+    c.send(&rest);
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "ci-bot");
+    assert_eq!(origin.last_request().body.len(), body.len());
+    let r = c.read_response().unwrap();
+    assert_denied(&r, 401, "pipelined unsigned request");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -453,6 +453,36 @@ mod tests {
     }
 
     #[test]
+    fn token_cache_is_bounded() {
+        let mut c = TokenCache::default();
+        c.sync(1);
+        let v = Verified {
+            exp: u64::MAX / 2,
+            nbf: 0,
+            principal: None,
+            scopes: Box::new([]),
+            claims: Arc::new(serde_json::Value::Null),
+        };
+        for i in 0..CACHE_ENTRIES + 100 {
+            c.insert(0, format!("token-{i}").as_bytes(), v.clone(), 1000, 0);
+            assert!(c.len() <= CACHE_ENTRIES);
+        }
+        assert!(c.len() >= 100);
+        // Expired entries go first when the map is full.
+        let mut c = TokenCache::default();
+        let mut old = v.clone();
+        old.exp = 10;
+        for i in 0..CACHE_ENTRIES {
+            c.insert(0, format!("old-{i}").as_bytes(), old.clone(), 5, 0);
+        }
+        c.insert(0, b"new", v.clone(), 1000, 0);
+        assert_eq!(c.len(), 1);
+        // A new config generation empties the cache.
+        c.sync(2);
+        assert!(c.is_empty());
+    }
+
+    #[test]
     fn bearer_parsing() {
         assert_eq!(bearer(b"Bearer abc"), Some(&b"abc"[..]));
         assert_eq!(bearer(b"bearer  abc "), Some(&b"abc"[..]));
