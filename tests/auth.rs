@@ -1242,3 +1242,62 @@ fn sigv4_body_arriving_late_and_pipelined_requests() {
     assert_denied(&r, 401, "pipelined unsigned request");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn access_log_names_the_principal_and_the_key() {
+    let j = Jwt::new();
+    let origin = principal_origin();
+    let cfg = format!(
+        "{HEADER}\n[access_log]\npath = \"@DIR@/access.log\"\n{}",
+        jwt_config(origin.addr, &j.dir.join("jwks.json"))
+    );
+    let gw = Gateway::start(&cfg);
+    let tok = j.mint(vec![
+        json!({"alg":"HS256","secret":SECRET,"claims":claims(json!({"sub":"logged-user"}))}),
+    ]);
+    let r = get_with(
+        &gw,
+        "/both",
+        &[
+            ("Authorization", &format!("Bearer {}", tok[0])),
+            ("x-api-key", KEY),
+            ("x-request-id", "with-auth"),
+        ],
+    );
+    assert_eq!(r.status, 401, "HS token on the RSA authorizer");
+    let tok = j.mint(vec![
+        json!({"alg":"EdDSA","kid":"ed","claims":claims(json!({"sub":"logged-user"}))}),
+    ]);
+    let r = get_with(
+        &gw,
+        "/both",
+        &[
+            ("Authorization", &format!("Bearer {}", tok[0])),
+            ("x-api-key", KEY),
+            ("x-request-id", "ok-auth"),
+        ],
+    );
+    assert_eq!(r.status, 200);
+    let path = gw.dir.join("access.log");
+    let mut line = Value::Null;
+    assert!(wait_until(Duration::from_secs(3), || {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        match text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|e| e["request_id"] == "ok-auth")
+        {
+            Some(e) => {
+                line = e;
+                true
+            }
+            None => false,
+        }
+    }));
+    assert_eq!(line["principal"], "logged-user", "{line}");
+    assert_eq!(line["api_key"], "alice", "{line}");
+    assert!(
+        !std::fs::read_to_string(&path).unwrap().contains(KEY),
+        "key values never reach the log"
+    );
+}

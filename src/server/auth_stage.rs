@@ -49,6 +49,7 @@ pub(super) async fn run(
     match res {
         Ok(id) => {
             c.principal = id.principal;
+            c.api_key = id.api_key;
             Ok(())
         }
         Err(d) => {

@@ -231,6 +231,8 @@ struct Conn {
     guard: ConnGuard,
     /// Set by the auth stage; sent upstream as `x-principal-id`.
     principal: Option<Arc<str>>,
+    /// Name of the API key that passed the auth stage (usage plans, access log).
+    api_key: Option<Arc<str>>,
 }
 
 /// How a request ended, for metrics, the access log and keep-alive.
@@ -283,6 +285,7 @@ pub(crate) async fn run(
         canceller: Canceller::new(),
         guard,
         principal: None,
+        api_key: None,
     };
     loop {
         let gw = w.gateway();
@@ -494,6 +497,7 @@ async fn route_and_run(
     };
     let route: &Route = gw.config.routes.route(id);
     c.principal = None;
+    c.api_key = None;
     if route.auth.active() {
         if let Err(out) = auth_stage::run(w, gw, c, route).await {
             return (out, Some(id));
@@ -634,6 +638,16 @@ fn write_log_line(
         b.extend_from_slice(b"\",\"route\":\"");
         push_json_str(b, r.key.as_bytes());
         b.push(b'"');
+    }
+    for (k, v) in [
+        (&b",\"principal\":\""[..], &c.principal),
+        (b",\"api_key\":\"", &c.api_key),
+    ] {
+        if let Some(v) = v {
+            b.extend_from_slice(k);
+            push_json_str(b, v.as_bytes());
+            b.push(b'"');
+        }
     }
     if let Some(u) = out.upstream {
         b.extend_from_slice(b",\"upstream\":\"");
