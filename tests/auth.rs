@@ -1299,3 +1299,30 @@ fn access_log_names_the_principal_and_the_key() {
         "key values never reach the log"
     );
 }
+
+#[test]
+fn config_keys_follow_reloads_and_a_corrupt_key_file_stops_the_start() {
+    let gw = Gateway::start(&key_config(dead_addr()));
+    let new_key = "a-key-that-came-with-reload-01";
+    gw.write_config(&key_config(dead_addr()).replace(KEY, new_key));
+    gw.reload_signal();
+    assert!(wait_until(Duration::from_secs(3), || {
+        get_with(&gw, "/required", &[("x-api-key", new_key)]).status == 200
+    }));
+    assert_denied(
+        &get_with(&gw, "/required", &[("x-api-key", KEY)]),
+        403,
+        "the old config key is gone",
+    );
+
+    let state = temp_dir("bad-state");
+    std::fs::write(state.join("api_keys.json"), "{ not json").unwrap();
+    let cfg = format!(
+        "[server]\nlisten = [\"@LISTEN@\"]\nworkers = 1\nstate_dir = \"{}\"\n[admin]\nlisten = \"@ADMIN@\"\n{}",
+        state.display(),
+        key_config(dead_addr())
+    );
+    let err = Gateway::try_start(&cfg).err().expect("must not start");
+    assert!(err.contains("api_keys.json"), "{err}");
+    let _ = std::fs::remove_dir_all(&state);
+}
