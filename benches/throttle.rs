@@ -115,6 +115,7 @@ rules = [
     let cfg = ringgate::config::parse(std::path::Path::new("bench.toml"), text).unwrap();
     let t = &cfg.traffic;
     let rt = &t.routes[0];
+    let keys = ringgate::policy::auth::KeySet::new(cfg.auth.api_keys.clone());
     let ip: std::net::IpAddr = "127.0.0.1".parse().unwrap();
     let headers: [(&[u8], &[u8]); 4] = [
         (b"host", b"127.0.0.1:18082"),
@@ -141,9 +142,7 @@ rules = [
     c.bench_function("policy_plan_key_and_quota", |bn| {
         bn.iter(|| {
             let now = now_ns();
-            let k = t
-                .plans
-                .keys
+            let k = keys
                 .find(black_box(b"perf-bench-key-0123456789abcdef"))
                 .unwrap();
             black_box(
@@ -164,11 +163,7 @@ rules = [
                 body: b"",
             });
             let _ = rt.route.as_ref().unwrap().check(now);
-            let k = t
-                .plans
-                .keys
-                .find(b"perf-bench-key-0123456789abcdef")
-                .unwrap();
+            let k = keys.find(b"perf-bench-key-0123456789abcdef").unwrap();
             black_box((
                 v,
                 t.plans

@@ -10,7 +10,7 @@
 #   --rounds N       interleaved rounds: nginx, ringgate..., nginx, ringgate... (default 2)
 #   --io MODE        io driver(s) for ringgate: io_uring (default), epoll, or both (one instance each)
 #   --case NAME      proxied case(s) to measure, repeatable or comma-separated (default: core);
-#                    see define_case below ("core", and drafts "throttle", "auth")
+#                    see define_case below ("core", "auth", "auth-off", and the draft "throttle")
 #   --connections C  wrk connections (default 64)
 #   --self-test      put a second nginx reverse proxy in every ringgate slot (checks the harness
 #                    itself: the ratios should come out near 1.00); implies --skip-build
@@ -71,7 +71,6 @@ define_case cache /hello '
 cache = { enabled = true, ttl_s = 3600, max_bytes = 67108864 }'
 NGINX_CACHE_PORT=18090
 
-# Drafts for later issues; adjust when the features land.
 # throttle: route throttle + usage-plan throttle and quota + IP allow/deny + per-IP rate + three
 # regex rules (query, path, header), all configured to let every request through.
 define_case throttle /hello 'throttle = { rate = 100000000, burst = 100000000 }
@@ -96,16 +95,27 @@ rules = [
   { name = "xss", target = "path", pattern = "(?i)<\\s*script", action = "block" },
   { name = "scanner", target = "header.user-agent", pattern = "(?i)sqlmap|nikto", action = "block" },
 ]' 'x-api-key: perf-bench-key-0123456789abcdef'
-define_case auth /hello 'api_key_required = true
+# auth: a JWT authorizer (HS256, token verified once then served from the worker's cache, scope
+# checked) plus api_key_required. The token (PyJWT, exp 2100-01-01) carries sub "perf-user",
+# which goes upstream as x-principal-id. auth-off sends the very same requests (same headers)
+# to the same route without auth: the "same route without auth" baseline of the auth case.
+AUTH_KEY_HDR='x-api-key: perf-bench-key-0123456789abcdef'
+AUTH_JWT_HDR='Authorization: Bearer eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJodHRwczovL2lzc3Vlci5leGFtcGxlLmNvbSIsImF1ZCI6ImJlbmNoIiwic3ViIjoicGVyZi11c2VyIiwic2NvcGUiOiJiZW5jaDpyZWFkIiwiZXhwIjo0MTAyNDQ0ODAwfQ.sPH9fmlQcmBNBUMnAzbjqj6kZIBq7bdgIVsEHNB_ggs'
+define_case auth /hello 'auth = "jwt:bench"
+scopes = ["bench:read"]
+api_key_required = true
 
-[[usage_plans]]
+[[authorizers]]
 name = "bench"
-apis = ["bench/$default"]
+type = "jwt"
+issuer = "https://issuer.example.com"
+audience = ["bench"]
+secret = "perf-bench-hmac-secret-0123456789abcdef"
 
 [[api_keys]]
 name = "bench"
-value = "perf-bench-key-0123456789abcdef"
-plans = ["bench"]' 'x-api-key: perf-bench-key-0123456789abcdef'
+value = "perf-bench-key-0123456789abcdef"' "$AUTH_KEY_HDR" "$AUTH_JWT_HDR"
+define_case auth-off /hello '' "$AUTH_KEY_HDR" "$AUTH_JWT_HDR"
 
 # ------------------------------------------------------------ arguments ----
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }

@@ -34,23 +34,28 @@ pub struct Shared {
     pub cache_inval: crate::cache::InvalidationLog,
     /// Usage-plan quota counters, persisted in `state_dir` (survive reloads and restarts).
     pub usage: Arc<crate::policy::plans::UsageStore>,
+    /// API keys (config and admin-added), kept across reloads.
+    pub auth: crate::policy::auth::AuthState,
     config_path: PathBuf,
     reload_lock: Mutex<()>,
 }
 
 impl Shared {
     /// Builds the shared state around a first, already validated config.
-    pub fn new(mut config: Config, access_log: Option<AccessLog>) -> Arc<Shared> {
+    pub fn new(mut config: Config, access_log: Option<AccessLog>) -> Result<Arc<Shared>, String> {
         let usage = crate::policy::plans::UsageStore::open(&config.server.state_dir)
             .unwrap_or_else(|e| {
                 eprintln!("ringgate: usage counts will not persist: {e}");
                 crate::policy::plans::UsageStore::in_memory()
             });
         config.traffic.plans.bind(&usage);
+        let auth =
+            crate::policy::auth::AuthState::new(&config.server.state_dir, &config.auth.api_keys)?;
+        config.auth.start();
         let health = HealthRegistry::default();
         let upstreams = Upstream::build_all(&config.upstreams, &health);
         let config_path = config.path.clone();
-        Arc::new(Shared {
+        Ok(Arc::new(Shared {
             current: ArcSwap::from_pointee(Gateway { config, upstreams }),
             generation: AtomicU64::new(1),
             shutdown: AtomicBool::new(false),
@@ -60,9 +65,10 @@ impl Shared {
             access_log,
             cache_inval: Default::default(),
             usage,
+            auth,
             config_path,
             reload_lock: Mutex::new(()),
-        })
+        }))
     }
 
     /// The live gateway.
@@ -100,6 +106,8 @@ impl Shared {
             notes.push("access_log.path takes effect at the next restart".to_string());
         }
         let upstreams = Upstream::build_all(&new.upstreams, &self.health);
+        new.auth.start();
+        self.auth.set_config_keys(&new.auth.api_keys);
         self.current.store(Arc::new(Gateway {
             config: new,
             upstreams,

@@ -9,7 +9,7 @@
 //! - [`router`]: the path trie;
 //! - [`upstream`]: pools, balancing, health;
 //! - [`cache`]: the response cache (stores, keys, rules, invalidation);
-//! - [`policy`]: traffic control (throttles, usage plans, WAF, CORS);
+//! - [`policy`]: pipeline stages: auth, throttles, usage plans, WAF, CORS;
 //! - [`metrics`], [`accesslog`], [`admin`]: observability and management;
 //! - [`gateway`]: the live state shared by all threads.
 

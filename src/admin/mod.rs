@@ -136,7 +136,13 @@ fn serve_conn(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
         // Usage plans (traffic control): GET /usage-plans/{plan}/usage?key=NAME.
         let usage = if authorized {
             let q = head.query.map(|q| head.slice(&buf, q));
-            crate::policy::admin_usage(&shared.current().config.traffic, &method, &path, q)
+            crate::policy::admin_usage(
+                &shared.current().config.traffic,
+                &shared.auth.keys(),
+                &method,
+                &path,
+                q,
+            )
         } else {
             None
         };
@@ -211,7 +217,14 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
         (_, "/metrics") | (_, "/reload") | (_, "/cache/invalidate") => {
             json(405, "Method Not Allowed")
         }
-        _ => json(404, "Not Found"),
+        _ => match crate::policy::auth::admin::handle(&shared.auth, method, path, body) {
+            Some((status, body)) => Reply {
+                status,
+                ctype: "application/json",
+                body: body.into_bytes(),
+            },
+            None => json(404, "Not Found"),
+        },
     }
 }
 

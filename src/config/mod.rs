@@ -148,6 +148,8 @@ pub struct Config {
     pub routes: RouteTable,
     /// Throttles, WAF, CORS and usage plans (indexed by route id where per route).
     pub traffic: crate::policy::Traffic,
+    /// `[[authorizers]]`, `[[sigv4_credentials]]`, `[[api_keys]]`.
+    pub auth: crate::policy::auth::AuthConfig,
 }
 
 /// Reads, validates and compiles the config file at `path`.
@@ -193,7 +195,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
         upstreams.push(up);
     }
-    let routes = routes::compile(&src, &raw.apis, &upstreams)?;
+    let auth = crate::policy::auth::validate(
+        &src,
+        &raw.authorizers,
+        &raw.sigv4_credentials,
+        &raw.api_keys,
+        &upstreams,
+    )?;
+    let routes = routes::compile(&src, &raw.apis, &upstreams, &auth)?;
     let traffic = crate::policy::build(&src, &raw, &routes)?;
     Ok(Config {
         path: path.to_path_buf(),
@@ -203,6 +212,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         upstreams,
         routes,
         traffic,
+        auth,
     })
 }
 

@@ -25,7 +25,11 @@ pub struct RawConfig {
     #[serde(default)]
     pub usage_plans: Vec<crate::policy::raw::RawUsagePlan>,
     #[serde(default)]
-    pub api_keys: Vec<crate::policy::raw::RawApiKey>,
+    pub authorizers: Vec<crate::policy::auth::RawAuthorizer>,
+    #[serde(default)]
+    pub sigv4_credentials: Vec<crate::policy::auth::RawSigV4Credential>,
+    #[serde(default)]
+    pub api_keys: Vec<crate::policy::auth::RawApiKey>,
 }
 
 /// `[server]`.
@@ -269,6 +273,14 @@ pub struct RawRoute {
     pub cache: Option<Spanned<RawRouteCache>>,
     /// Token bucket of this route (per stage).
     pub throttle: Option<Spanned<crate::policy::raw::RawThrottle>>,
+    /// none | api_key | jwt:NAME | authorizer:NAME | sigv4
+    pub auth: Option<Spanned<String>>,
+    /// With `jwt`: scopes that must all be granted.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Also require a valid `x-api-key`.
+    #[serde(default)]
+    pub api_key_required: bool,
 }
 
 /// `integration = { type = ..., ... }`.

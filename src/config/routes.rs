@@ -84,6 +84,8 @@ pub struct Route {
     pub access_log: bool,
     /// Response caching for this route in this stage (`None`: not cached).
     pub cache: Option<Arc<crate::cache::CachePolicy>>,
+    /// What the route requires (`auth`, `scopes`, `api_key_required`).
+    pub auth: crate::policy::auth::RouteAuth,
 }
 
 /// The result of routing a request.
@@ -315,6 +317,7 @@ pub(super) fn compile(
     src: &Source,
     apis: &[RawApi],
     upstreams: &[UpstreamConfig],
+    auth: &crate::policy::auth::AuthConfig,
 ) -> Result<RouteTable, ConfigError> {
     let mut table = RouteTable::default();
     let mut names_seen: Vec<&str> = Vec::new();
@@ -463,6 +466,14 @@ pub(super) fn compile(
                     name,
                     stage_name,
                 )?;
+                let route_auth = crate::policy::auth::resolve_route(
+                    src,
+                    &format!("apis[{ai}].routes[{ri}]"),
+                    r.auth.as_ref(),
+                    &r.scopes,
+                    r.api_key_required,
+                    auth,
+                )?;
                 let id = table.routes.len() as u32;
                 let labels = format!(
                     "api=\"{}\",stage=\"{}\",route=\"{}\"",
@@ -479,6 +490,7 @@ pub(super) fn compile(
                     integration,
                     access_log: stage.access_log,
                     cache,
+                    auth: route_auth,
                 });
                 let hosts: Vec<String> = api.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
                 let targets: Vec<&mut Table> = if hosts.is_empty() {

@@ -1,8 +1,13 @@
-//! Policy stages of the request pipeline. Traffic control (issue 4): the WAF ([`waf`]), CORS
-//! ([`cors`]), token-bucket throttles ([`throttle`]) and usage plans with quotas ([`plans`]),
-//! compiled from the config by [`traffic`]. The connection loop calls into them from
-//! `server/traffic.rs`.
+//! Policy stages of the request pipeline (see the architecture notes: WAF -> CORS -> auth ->
+//! throttle/quota -> validate -> cache -> integration). Each stage is a plain function over the
+//! parsed request that answers "continue" or "respond now with this status".
+//!
+//! Traffic control: the WAF ([`waf`]), CORS ([`cors`]), token-bucket throttles ([`throttle`])
+//! and usage plans with quotas ([`plans`]), compiled from the config by [`traffic`] and called
+//! from `server/traffic.rs`. Identity and access ([`auth`]): API keys, JWT, request
+//! authorizers, SigV4, called from `server/auth_stage.rs`.
 
+pub mod auth;
 pub mod cors;
 pub mod plans;
 pub mod raw;

@@ -15,8 +15,7 @@
 //! a copy-on-write map read with one atomic load.
 //!
 //! API keys: plans only need a key's *name* and plan names, through the [`KeyDirectory`] trait.
-//! This branch implements it on a minimal `[[api_keys]]` table ([`ConfigKeys`]); the auth
-//! feature owns API keys, and at merge its key store implements [`KeyDirectory`] instead
+//! The auth feature's key store ([`crate::policy::auth::KeySet`]) implements it
 //! (keys added at run time then get plan state on their first request, like any other).
 
 use super::throttle::{KeyedBuckets, Rate, Wait};
@@ -378,65 +377,18 @@ pub struct KeyRef<'a> {
 }
 
 /// Maps an `x-api-key` value to an enabled key. The one seam between usage plans and the API
-/// key store: [`ConfigKeys`] here; the auth feature's key store when merged.
+/// key store ([`crate::policy::auth::KeySet`]).
 pub trait KeyDirectory {
     /// The enabled key with this value (compared in constant time).
     fn find(&self, value: &[u8]) -> Option<KeyRef<'_>>;
 }
 
-/// One `[[api_keys]]` (MINIMAL, traffic branch: see the module doc).
-#[derive(Debug)]
-pub struct ConfigKey {
-    pub name: String,
-    pub value: String,
-    pub enabled: bool,
-    pub plans: Vec<Arc<str>>,
-}
-
-/// The `[[api_keys]]` of the config file (MINIMAL, traffic branch: the auth feature's key
-/// store replaces it at merge).
-#[derive(Debug, Default)]
-pub struct ConfigKeys {
-    pub keys: Vec<ConfigKey>,
-    by_value: AHashMap<u64, Vec<usize>>,
-    hasher: ahash::RandomState,
-}
-
-impl ConfigKeys {
-    /// Indexes `keys` by a keyed hash of their value.
-    pub fn new(keys: Vec<ConfigKey>) -> ConfigKeys {
-        let hasher = ahash::RandomState::new();
-        let mut by_value: AHashMap<u64, Vec<usize>> = AHashMap::new();
-        for (i, k) in keys.iter().enumerate() {
-            by_value
-                .entry(hasher.hash_one(k.value.as_bytes()))
-                .or_default()
-                .push(i);
-        }
-        ConfigKeys {
-            keys,
-            by_value,
-            hasher,
-        }
-    }
-
-    /// The key named `name`.
-    pub fn by_name(&self, name: &str) -> Option<&ConfigKey> {
-        self.keys.iter().find(|k| k.name == name)
-    }
-}
-
-impl KeyDirectory for ConfigKeys {
+impl KeyDirectory for crate::policy::auth::KeySet {
     fn find(&self, value: &[u8]) -> Option<KeyRef<'_>> {
-        let cands = self.by_value.get(&self.hasher.hash_one(value))?;
-        cands
-            .iter()
-            .map(|&i| &self.keys[i])
-            .find(|k| k.enabled && crate::admin::ct_eq(k.value.as_bytes(), value))
-            .map(|k| KeyRef {
-                name: &k.name,
-                plans: &k.plans,
-            })
+        self.check(value).map(|k| KeyRef {
+            name: &k.name,
+            plans: &k.plans,
+        })
     }
 }
 
@@ -451,19 +403,13 @@ pub enum Refusal {
 #[derive(Debug, Default)]
 pub struct Plans {
     pub plans: Vec<Plan>,
-    /// `[[api_keys]]` (minimal; see [`ConfigKeys`]).
-    pub keys: ConfigKeys,
     store: Option<Arc<UsageStore>>,
 }
 
 impl Plans {
     /// Plans and keys, counting in memory until [`Plans::bind`].
-    pub fn new(plans: Vec<Plan>, keys: ConfigKeys) -> Plans {
-        Plans {
-            plans,
-            keys,
-            store: None,
-        }
+    pub fn new(plans: Vec<Plan>) -> Plans {
+        Plans { plans, store: None }
     }
 
     /// Counts go to `store` (persisted, shared across config generations).
@@ -652,7 +598,7 @@ mod tests {
                 period: Period::Day,
             }),
         );
-        let plans = Plans::new(vec![plan], ConfigKeys::default());
+        let plans = Plans::new(vec![plan]);
         let route = plans.covering("shop", "prod");
         assert_eq!(route, vec![0]);
         let names: Vec<Arc<str>> = vec!["basic".into()];

@@ -4,7 +4,7 @@
 //! route id. [`Traffic::inherit`] carries bucket state and counters over a reload.
 
 use super::cors::{Cors, CorsSpec};
-use super::plans::{self, ConfigKey, ConfigKeys, Period, Plan, Plans, Quota};
+use super::plans::{self, Period, Plan, Plans, Quota};
 use super::raw::{self, RawRule, RawRuleFile, RawThrottle};
 use super::throttle::{Bucket, KeyedBuckets, Rate};
 use super::waf::{self, Action, Cidr, RuleSpec, Target, Waf};
@@ -405,63 +405,26 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
         };
         plans.push(Plan::new(&name, stages, throttle, quota));
     }
-    // MINIMAL [[api_keys]] (traffic branch; the auth feature's key store replaces this).
-    let mut keys: Vec<ConfigKey> = Vec::new();
+    // `[[api_keys]]` belong to the auth feature; here only their plan names are checked.
     for (i, k) in raw.api_keys.iter().enumerate() {
-        let key = |s: &str| format!("api_keys[{i}].{s}");
-        let name = k.name.get_ref().clone();
-        if name.is_empty() || keys.iter().any(|o| o.name == name) {
-            return Err(src.err(
-                k.name.span(),
-                &key("name"),
-                format!("key name `{name}` is empty or used twice"),
-            ));
-        }
-        if k.value.len() < 20
-            || k.value.len() > 128
-            || !k.value.bytes().all(|c| c.is_ascii_graphic())
-        {
-            return Err(src.err(
-                k.name.span(),
-                &key("value"),
-                "must be 20 to 128 visible ASCII characters",
-            ));
-        }
-        if keys.iter().any(|o| o.value == k.value) {
-            return Err(src.err(
-                k.name.span(),
-                &key("value"),
-                "the same value is used by another key",
-            ));
-        }
-        let mut pl = Vec::new();
         for p in &k.plans {
-            let pi = plans
-                .iter()
-                .position(|x: &Plan| *x.name == **p)
-                .ok_or_else(|| {
-                    src.err(
-                        k.name.span(),
-                        &key("plans"),
-                        format!("usage plan `{p}` is not defined"),
-                    )
-                })?;
-            pl.push(plans[pi].name.clone());
+            if !plans.iter().any(|x: &Plan| *x.name == **p) {
+                return Err(src.err(
+                    k.name.span(),
+                    &format!("api_keys[{i}].plans"),
+                    format!("usage plan `{p}` is not defined"),
+                ));
+            }
         }
-        keys.push(ConfigKey {
-            name,
-            value: k.value.clone(),
-            enabled: k.enabled,
-            plans: pl,
-        });
     }
     // Counts go to the persistent store once the config goes live (`Plans::bind`).
-    Ok(Plans::new(plans, ConfigKeys::new(keys)))
+    Ok(Plans::new(plans))
 }
 
 /// Admin `GET /usage-plans/{plan}/usage?key=NAME`; `None` when the path is not ours.
 pub fn admin_usage(
     traffic: &Traffic,
+    keys: &crate::policy::auth::KeySet,
     method: &str,
     path: &str,
     query: Option<&[u8]>,
@@ -490,9 +453,7 @@ pub fn admin_usage(
             serde_json::json!({"message": "Bad Request: the query parameter `key` is required"}),
         ));
     };
-    let in_plan = traffic
-        .plans
-        .keys
+    let in_plan = keys
         .by_name(&key)
         .is_some_and(|k| k.plans.iter().any(|p| **p == *plan));
     let found = if in_plan {

@@ -44,7 +44,7 @@ pub fn run(config: Config) -> Result<(), String> {
     let pin = config.server.pin_workers;
     let listen = config.server.listen.clone();
     let admin_cfg = config.admin.clone();
-    let shared = Shared::new(config, access_log);
+    let shared = Shared::new(config, access_log)?;
 
     // Signals first, so an early SIGTERM is not lost.
     let mut signals = signal_hook::iterator::Signals::new([

@@ -5,6 +5,7 @@
 //! requests; the request head is parsed into header offsets, so a steady-state request
 //! allocates nothing. One write carries a response head and as much body as is at hand.
 
+mod auth_stage;
 mod cached;
 mod park;
 mod proxy;
@@ -73,6 +74,8 @@ pub struct Worker {
     cache_event: Cell<u8>,
     /// A reused iovec array for writing large cache hits.
     cache_iov: Cell<Option<Box<[libc::iovec; 3]>>>,
+    /// Per-worker auth caches (verified JWTs, SigV4 keys).
+    auth: crate::policy::auth::WorkerAuth,
 }
 
 impl Worker {
@@ -106,6 +109,7 @@ impl Worker {
             cache: Rc::default(),
             cache_event: Cell::new(0),
             cache_iov: Cell::new(None),
+            auth: crate::policy::auth::WorkerAuth::new(),
             shared,
         }
     }
@@ -243,6 +247,10 @@ struct Conn {
     /// Cancels the idle read when the grace period ends (kept to avoid allocating per wait).
     canceller: Canceller,
     guard: ConnGuard,
+    /// Set by the auth stage; sent upstream as `x-principal-id`.
+    principal: Option<Arc<str>>,
+    /// Name of the API key that passed the auth stage (usage plans, access log).
+    api_key: Option<Arc<str>>,
 }
 
 /// How a request ended, for metrics, the access log and keep-alive.
@@ -294,6 +302,8 @@ pub(crate) async fn run(
         served,
         canceller: Canceller::new(),
         guard,
+        principal: None,
+        api_key: None,
     };
     loop {
         let gw = w.gateway();
@@ -527,6 +537,13 @@ async fn route_and_run(
     if let Some(out) = traffic::before(w, gw, c, id, limits).await {
         return (out, Some(id));
     }
+    c.principal = None;
+    c.api_key = None;
+    if route.auth.active() {
+        if let Err(out) = auth_stage::run(w, gw, c, route).await {
+            return (out, Some(id));
+        }
+    }
     if let Some(out) = traffic::throttle(w, gw, c, id).await {
         return (out, Some(id));
     }
@@ -667,6 +684,16 @@ fn write_log_line(
         b.extend_from_slice(b"\",\"route\":\"");
         push_json_str(b, r.key.as_bytes());
         b.push(b'"');
+    }
+    for (k, v) in [
+        (&b",\"principal\":\""[..], &c.principal),
+        (b",\"api_key\":\"", &c.api_key),
+    ] {
+        if let Some(v) = v {
+            b.extend_from_slice(k);
+            push_json_str(b, v.as_bytes());
+            b.push(b'"');
+        }
     }
     if let Some(u) = out.upstream {
         b.extend_from_slice(b",\"upstream\":\"");

@@ -282,6 +282,9 @@ fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
         encode::push_header(out, b"x-forwarded-host", head.slice(buf, h));
     }
     encode::push_header(out, b"x-request-id", &c.reqid[..c.reqid_len]);
+    if let Some(p) = &c.principal {
+        encode::push_header(out, b"x-principal-id", p.as_bytes());
+    }
     match head.body {
         BodyKind::None => {}
         BodyKind::Length(n) => {

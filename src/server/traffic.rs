@@ -188,10 +188,11 @@ pub(super) async fn throttle(
         }
     }
     if !rt.plans.is_empty() {
+        let keys = w.shared.auth.keys();
         if let Some(key) =
             c.b.head
                 .header(&c.b.rbuf, "x-api-key")
-                .and_then(|v| t.plans.keys.find(v))
+                .and_then(|v| keys.find(v))
         {
             match t.plans.check(key, &rt.plans, now, unix_at(now)) {
                 Ok(()) => {}

@@ -1,0 +1,435 @@
+//! API keys: the live key set shared by every worker, and its persistence.
+//!
+//! Keys are held as SHA-256 digests only. A lookup hashes the presented value, finds the
+//! candidates by the digest's first 8 bytes, and compares the full digest in constant time. The
+//! set is an immutable [`KeySet`] behind an `ArcSwap`: a worker reads it with one atomic load,
+//! and an admin change swaps in a new set that every worker sees on its next request.
+//!
+//! Keys added at run time (admin `POST /api-keys`) are written to `state_dir/api_keys.json`
+//! (temporary file, fsync, rename, fsync of the directory), so they survive a restart or a
+//! `kill -9`; the file holds digests, never key values.
+
+use super::RawApiKey;
+use crate::config::{ConfigError, Source};
+use ahash::AHashMap;
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Shortest accepted key value (as API Gateway).
+pub const MIN_KEY_LEN: usize = 20;
+/// Longest accepted key value.
+pub const MAX_KEY_LEN: usize = 256;
+/// Most keys added at run time.
+pub const MAX_ADMIN_KEYS: usize = 100_000;
+
+/// Where a key comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeySource {
+    /// `[[api_keys]]` in the config file.
+    Config,
+    /// Admin `POST /api-keys`, persisted in `state_dir`.
+    Admin,
+}
+
+/// One API key (its value only as a digest).
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub name: Arc<str>,
+    pub plans: Vec<Arc<str>>,
+    pub enabled: bool,
+    /// SHA-256 of the value.
+    pub hash: [u8; 32],
+    pub source: KeySource,
+}
+
+/// SHA-256 of a key value.
+pub fn digest(value: &[u8]) -> [u8; 32] {
+    Sha256::digest(value).into()
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 128
+        && n.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.@".contains(&c))
+}
+
+fn valid_value(v: &str) -> bool {
+    (MIN_KEY_LEN..=MAX_KEY_LEN).contains(&v.len()) && v.bytes().all(|c| c.is_ascii_graphic())
+}
+
+pub(super) fn validate_config_key(
+    src: &Source,
+    i: usize,
+    k: &RawApiKey,
+) -> Result<ApiKey, ConfigError> {
+    if !valid_name(k.name.get_ref()) {
+        return Err(src.err(
+            k.name.span(),
+            &format!("api_keys[{i}].name"),
+            "a key name is 1-128 letters, digits, `-`, `_`, `.` or `@`",
+        ));
+    }
+    if !valid_value(k.value.get_ref()) {
+        return Err(src.err(
+            k.value.span(),
+            &format!("api_keys[{i}].value"),
+            format!("a key value is {MIN_KEY_LEN}-{MAX_KEY_LEN} visible ASCII characters"),
+        ));
+    }
+    Ok(ApiKey {
+        name: k.name.get_ref().as_str().into(),
+        plans: k.plans.iter().map(|p| p.as_str().into()).collect(),
+        enabled: k.enabled,
+        hash: digest(k.value.get_ref().as_bytes()),
+        source: KeySource::Config,
+    })
+}
+
+/// An immutable set of keys, indexed by digest prefix.
+#[derive(Debug, Default)]
+pub struct KeySet {
+    keys: Vec<ApiKey>,
+    by_prefix: AHashMap<u64, Vec<u32>>,
+}
+
+impl KeySet {
+    /// Builds the index.
+    pub fn new(keys: Vec<ApiKey>) -> KeySet {
+        let mut by_prefix: AHashMap<u64, Vec<u32>> = AHashMap::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            by_prefix.entry(prefix(&k.hash)).or_default().push(i as u32);
+        }
+        KeySet { keys, by_prefix }
+    }
+
+    /// The enabled key with this value, if any.
+    pub fn check(&self, value: &[u8]) -> Option<&ApiKey> {
+        if value.len() > MAX_KEY_LEN {
+            return None;
+        }
+        let h = digest(value);
+        let cands = self.by_prefix.get(&prefix(&h))?;
+        let mut found = None;
+        for &i in cands {
+            let k = &self.keys[i as usize];
+            if crate::admin::ct_eq(&k.hash, &h) {
+                found = Some(k);
+            }
+        }
+        found.filter(|k| k.enabled)
+    }
+
+    /// Every key, config keys first.
+    pub fn keys(&self) -> &[ApiKey] {
+        &self.keys
+    }
+
+    /// The key with this name.
+    pub fn by_name(&self, name: &str) -> Option<&ApiKey> {
+        self.keys.iter().find(|k| &*k.name == name)
+    }
+}
+
+fn prefix(h: &[u8; 32]) -> u64 {
+    u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
+}
+
+/// A key as stored in `api_keys.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredKey {
+    name: String,
+    #[serde(default)]
+    plans: Vec<String>,
+    enabled: bool,
+    /// Hex SHA-256 of the value.
+    sha256: String,
+    #[serde(default)]
+    created: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StoredFile {
+    version: u32,
+    keys: Vec<StoredKey>,
+}
+
+/// Auth state shared by every thread and kept across reloads.
+pub struct AuthState {
+    keys: ArcSwap<KeySet>,
+    /// Config keys of the live config and the admin-added keys; writers hold the lock.
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    config_keys: Vec<ApiKey>,
+    admin: Vec<StoredKey>,
+    file: PathBuf,
+}
+
+/// Why an admin change was refused.
+#[derive(Debug)]
+pub enum KeyError {
+    /// 400: bad input.
+    Invalid(String),
+    /// 404.
+    NotFound,
+    /// 409.
+    Conflict(String),
+    /// 500: the state file could not be written (the change was not made).
+    Io(String),
+}
+
+impl AuthState {
+    /// Loads the persisted keys from `state_dir` and merges them with the config's.
+    pub fn new(state_dir: &Path, config_keys: &[ApiKey]) -> Result<AuthState, String> {
+        let file = state_dir.join("api_keys.json");
+        let admin = match std::fs::read(&file) {
+            Ok(b) => {
+                let f: StoredFile = serde_json::from_slice(&b)
+                    .map_err(|e| format!("{}: not a valid key file: {e}", file.display()))?;
+                f.keys
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(format!("cannot read {}: {e}", file.display())),
+        };
+        let inner = Inner {
+            config_keys: config_keys.to_vec(),
+            admin,
+            file,
+        };
+        let set = build(&inner);
+        Ok(AuthState {
+            keys: ArcSwap::from_pointee(set),
+            inner: Mutex::new(inner),
+        })
+    }
+
+    /// The live key set (one atomic load).
+    #[inline]
+    pub fn keys(&self) -> arc_swap::Guard<Arc<KeySet>> {
+        self.keys.load()
+    }
+
+    /// A new config went live: its `[[api_keys]]` replace the old config's.
+    pub fn set_config_keys(&self, keys: &[ApiKey]) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.config_keys = keys.to_vec();
+        self.keys.store(Arc::new(build(&g)));
+    }
+
+    /// Adds a key (`value` generated when absent); returns the value.
+    pub fn add(
+        &self,
+        name: &str,
+        plans: Vec<String>,
+        value: Option<String>,
+        enabled: bool,
+    ) -> Result<String, KeyError> {
+        if !valid_name(name) {
+            return Err(KeyError::Invalid(
+                "name: 1-128 letters, digits, `-`, `_`, `.` or `@`".into(),
+            ));
+        }
+        if plans.iter().any(|p| p.is_empty() || p.len() > 128) || plans.len() > 64 {
+            return Err(KeyError::Invalid(
+                "plans: at most 64 non-empty names".into(),
+            ));
+        }
+        let value = match value {
+            Some(v) => {
+                if !valid_value(&v) {
+                    return Err(KeyError::Invalid(format!(
+                        "value: {MIN_KEY_LEN}-{MAX_KEY_LEN} visible ASCII characters"
+                    )));
+                }
+                v
+            }
+            None => generate_value().map_err(|e| KeyError::Io(e.to_string()))?,
+        };
+        let hash = digest(value.as_bytes());
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.keys.load();
+        if cur.by_name(name).is_some() {
+            return Err(KeyError::Conflict(format!("a key named `{name}` exists")));
+        }
+        if cur.keys().iter().any(|k| k.hash == hash) {
+            return Err(KeyError::Conflict("this key value is in use".into()));
+        }
+        if g.admin.len() >= MAX_ADMIN_KEYS {
+            return Err(KeyError::Conflict("too many keys".into()));
+        }
+        g.admin.push(StoredKey {
+            name: name.to_string(),
+            plans,
+            enabled,
+            sha256: hex(&hash),
+            created: super::now_unix(),
+        });
+        if let Err(e) = persist(&g) {
+            g.admin.pop();
+            return Err(KeyError::Io(e));
+        }
+        self.keys.store(Arc::new(build(&g)));
+        Ok(value)
+    }
+
+    /// Deletes an admin-added key.
+    pub fn delete(&self, name: &str) -> Result<(), KeyError> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(pos) = g.admin.iter().position(|k| k.name == name) else {
+            if g.config_keys.iter().any(|k| &*k.name == name) {
+                return Err(KeyError::Conflict(format!(
+                    "key `{name}` is defined in the config file; remove it there and reload"
+                )));
+            }
+            return Err(KeyError::NotFound);
+        };
+        let removed = g.admin.remove(pos);
+        if let Err(e) = persist(&g) {
+            g.admin.insert(pos, removed);
+            return Err(KeyError::Io(e));
+        }
+        self.keys.store(Arc::new(build(&g)));
+        Ok(())
+    }
+}
+
+fn build(inner: &Inner) -> KeySet {
+    let mut keys = inner.config_keys.clone();
+    for s in &inner.admin {
+        // A config key of the same name wins (the admin refuses such a name anyway).
+        if keys.iter().any(|k| *k.name == *s.name) {
+            continue;
+        }
+        let Some(hash) = unhex32(&s.sha256) else {
+            continue;
+        };
+        keys.push(ApiKey {
+            name: s.name.as_str().into(),
+            plans: s.plans.iter().map(|p| p.as_str().into()).collect(),
+            enabled: s.enabled,
+            hash,
+            source: KeySource::Admin,
+        });
+    }
+    KeySet::new(keys)
+}
+
+/// Writes the admin keys: temporary file, fsync, rename over the old one, fsync the directory.
+fn persist(inner: &Inner) -> Result<(), String> {
+    let dir = inner.file.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let body = serde_json::to_vec_pretty(&StoredFile {
+        version: 1,
+        keys: inner.admin.clone(),
+    })
+    .map_err(|e| e.to_string())?;
+    let tmp = inner.file.with_extension("json.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&body)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &inner.file)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| format!("cannot write {}: {e}", inner.file.display()))
+}
+
+fn generate_value() -> Result<String, getrandom::Error> {
+    let mut b = [0u8; 24];
+    getrandom::getrandom(&mut b)?;
+    Ok(hex(&b))
+}
+
+/// Lowercase hex.
+pub(crate) fn hex(b: &[u8]) -> String {
+    const H: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for &x in b {
+        s.push(H[(x >> 4) as usize] as char);
+        s.push(H[(x & 15) as usize] as char);
+    }
+    s
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        let d = |c: u8| (c as char).to_digit(16).map(|v| v as u8);
+        *o = d(b[2 * i])? << 4 | d(b[2 * i + 1])?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str, value: &str, enabled: bool) -> ApiKey {
+        ApiKey {
+            name: name.into(),
+            plans: vec![],
+            enabled,
+            hash: digest(value.as_bytes()),
+            source: KeySource::Config,
+        }
+    }
+
+    #[test]
+    fn check_finds_enabled_keys_only() {
+        let s = KeySet::new(vec![
+            key("a", "aaaaaaaaaaaaaaaaaaaaaaaa", true),
+            key("b", "bbbbbbbbbbbbbbbbbbbbbbbb", false),
+        ]);
+        assert_eq!(&*s.check(b"aaaaaaaaaaaaaaaaaaaaaaaa").unwrap().name, "a");
+        assert!(s.check(b"bbbbbbbbbbbbbbbbbbbbbbbb").is_none());
+        assert!(s.check(b"aaaaaaaaaaaaaaaaaaaaaaab").is_none());
+        assert!(s.check(b"").is_none());
+    }
+
+    #[test]
+    fn admin_keys_persist_and_reload() {
+        let dir = std::env::temp_dir().join(format!("rg-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let st = AuthState::new(&dir, &[key("cfg", "cccccccccccccccccccccccc", true)]).unwrap();
+        let v = st.add("bob", vec!["basic".into()], None, true).unwrap();
+        assert_eq!(v.len(), 48);
+        assert!(matches!(
+            st.add("cfg", vec![], None, true),
+            Err(KeyError::Conflict(_))
+        ));
+        assert!(matches!(
+            st.add("x", vec![], Some("short".into()), true),
+            Err(KeyError::Invalid(_))
+        ));
+        assert!(st.keys().check(v.as_bytes()).is_some());
+        let text = std::fs::read_to_string(dir.join("api_keys.json")).unwrap();
+        assert!(!text.contains(&v), "the value must not be stored");
+        let st2 = AuthState::new(&dir, &[]).unwrap();
+        assert_eq!(&*st2.keys().check(v.as_bytes()).unwrap().name, "bob");
+        st2.delete("bob").unwrap();
+        assert!(st2.keys().check(v.as_bytes()).is_none());
+        assert!(matches!(st2.delete("bob"), Err(KeyError::NotFound)));
+        let st3 = AuthState::new(&dir, &[]).unwrap();
+        assert!(st3.keys().keys().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn hex_roundtrip() {
+        let h = digest(b"x");
+        assert_eq!(unhex32(&hex(&h)), Some(h));
+        assert_eq!(unhex32("zz"), None);
+    }
+}

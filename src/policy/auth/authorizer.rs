@@ -1,0 +1,434 @@
+//! Request authorizers (`type = "request"`), like API Gateway's Lambda REQUEST authorizers
+//! but over HTTP: the gateway POSTs the identity sources to `upstream` + `path` and a 2xx JSON
+//! answer `{"allow": bool, "principal": "...", "context": {...}}` decides.
+//!
+//! - A missing (absent or empty) identity source is 401 without calling the authorizer.
+//! - Decisions (allow and deny) are cached per worker per identity-source values for `ttl_s`
+//!   (0 = every request calls); the cache is bounded and dropped when the config changes.
+//! - An authorizer that cannot be reached, answers non-2xx or something that is not the
+//!   expected JSON is 500 `{"message":"Authorizer error"}`; one slower than the upstream's
+//!   `timeout_ms` is 504 `{"message":"Authorizer timed out"}`. Never an allow.
+//!
+//! Each call uses a fresh connection (`Connection: close`): with the decision cache, calls are
+//! rare, and this keeps the authorizer independent of the proxy's pools.
+
+use super::{header_safe, Deny, RawAuthorizer, Request, WorkerAuth, UNAUTHORIZED};
+use crate::config::{ConfigError, Source, UpstreamConfig};
+use ahash::AHashMap;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Decisions cached per authorizer per worker.
+pub const CACHE_ENTRIES: usize = 10_000;
+/// Largest authorizer answer.
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// 500: unreachable, non-2xx or malformed answer.
+pub const AUTHORIZER_ERROR: Deny = Deny {
+    status: 500,
+    message: "Authorizer error",
+};
+/// 504: slower than the upstream's timeout.
+pub const AUTHORIZER_TIMEOUT: Deny = Deny {
+    status: 504,
+    message: "Authorizer timed out",
+};
+
+/// Where an identity value comes from.
+#[derive(Debug, Clone)]
+pub enum IdentitySource {
+    /// `header.NAME` (lowercase).
+    Header(String),
+    /// `query.NAME`.
+    Query(String),
+}
+
+impl IdentitySource {
+    fn label(&self) -> String {
+        match self {
+            IdentitySource::Header(h) => format!("header.{h}"),
+            IdentitySource::Query(q) => format!("query.{q}"),
+        }
+    }
+}
+
+/// A validated `type = "request"` authorizer.
+#[derive(Debug)]
+pub struct RequestAuthorizer {
+    pub name: String,
+    pub targets: Vec<SocketAddr>,
+    pub host: String,
+    pub path: String,
+    pub sources: Vec<IdentitySource>,
+    pub ttl: Duration,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+}
+
+pub(super) fn validate(
+    src: &Source,
+    i: usize,
+    a: &RawAuthorizer,
+    upstreams: &[UpstreamConfig],
+) -> Result<RequestAuthorizer, ConfigError> {
+    let key = |k: &str| format!("authorizers[{i}].{k}");
+    let span = a.name.span();
+    if a.jwks_uri.is_some() || a.jwks_file.is_some() || a.secret.is_some() || a.issuer.is_some() {
+        return Err(src.err(
+            span,
+            &key("type"),
+            "issuer, jwks_uri, jwks_file and secret belong to `type = \"jwt\"`",
+        ));
+    }
+    let up_name = a.upstream.as_deref().ok_or_else(|| {
+        src.err(
+            span.clone(),
+            &key("upstream"),
+            "a request authorizer needs an upstream",
+        )
+    })?;
+    let up = upstreams
+        .iter()
+        .find(|u| u.name == up_name)
+        .ok_or_else(|| {
+            src.err(
+                span.clone(),
+                &key("upstream"),
+                format!("upstream `{up_name}` is not defined in [[upstreams]]"),
+            )
+        })?;
+    let path = a.path.clone().unwrap_or_else(|| "/".into());
+    if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(src.err(span, &key("path"), "must start with `/` and hold no spaces"));
+    }
+    if a.identity_sources.is_empty() || a.identity_sources.len() > 8 {
+        return Err(src.err(
+            span,
+            &key("identity_sources"),
+            "between 1 and 8 sources (`header.NAME` or `query.NAME`)",
+        ));
+    }
+    let mut sources = Vec::new();
+    for s in &a.identity_sources {
+        let src_ = if let Some(h) = s.strip_prefix("header.").filter(|h| !h.is_empty()) {
+            IdentitySource::Header(h.to_ascii_lowercase())
+        } else if let Some(q) = s.strip_prefix("query.").filter(|q| !q.is_empty()) {
+            IdentitySource::Query(q.to_string())
+        } else {
+            return Err(src.err(
+                span,
+                &key("identity_sources"),
+                format!("`{s}` is not `header.NAME` or `query.NAME`"),
+            ));
+        };
+        sources.push(src_);
+    }
+    let ttl = a.ttl_s.unwrap_or(300);
+    if ttl > 3600 {
+        return Err(src.err(span, &key("ttl_s"), "at most 3600"));
+    }
+    Ok(RequestAuthorizer {
+        name: a.name.get_ref().clone(),
+        targets: up.targets.clone(),
+        host: up.targets[0].to_string(),
+        path,
+        sources,
+        ttl: Duration::from_secs(ttl),
+        connect_timeout: up.connect_timeout,
+        timeout: up.timeout,
+    })
+}
+
+/// An authorizer's answer.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub allow: bool,
+    pub principal: Option<Arc<str>>,
+    pub context: Option<Arc<serde_json::Value>>,
+}
+
+/// Decisions of one authorizer by identity-source values, with their expiry.
+type Decisions = AHashMap<Box<[u8]>, (Instant, Decision)>;
+
+/// Per-worker decisions, one map per authorizer.
+#[derive(Default)]
+pub struct DecisionCache {
+    gen: u64,
+    maps: Vec<Decisions>,
+    rr: usize,
+}
+
+impl DecisionCache {
+    fn map(&mut self, gen: u64, idx: usize) -> &mut Decisions {
+        if self.gen != gen {
+            self.maps.clear();
+            self.gen = gen;
+        }
+        if self.maps.len() <= idx {
+            self.maps.resize_with(idx + 1, AHashMap::new);
+        }
+        &mut self.maps[idx]
+    }
+}
+
+fn query_value<'a>(query: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    query.split(|&b| b == b'&').find_map(|kv| {
+        let (k, v) = match kv.iter().position(|&b| b == b'=') {
+            Some(i) => (&kv[..i], &kv[i + 1..]),
+            None => (kv, &b""[..]),
+        };
+        (k == name.as_bytes()).then_some(v)
+    })
+}
+
+/// Runs the authorizer for `req` (cached); returns the principal when allowed.
+pub(super) async fn check(
+    w: &WorkerAuth,
+    gen: u64,
+    idx: usize,
+    a: &RequestAuthorizer,
+    req: &Request<'_>,
+    reqid: &[u8],
+) -> Result<Option<Arc<str>>, Deny> {
+    // Identity values; a missing one is 401 without a call.
+    let query = req
+        .head
+        .query
+        .map(|q| req.head.slice(req.buf, q))
+        .unwrap_or(b"");
+    let mut key: Vec<u8> = Vec::with_capacity(128);
+    let mut values: Vec<(String, String)> = Vec::with_capacity(a.sources.len());
+    for s in &a.sources {
+        let v = match s {
+            IdentitySource::Header(h) => req.header(h),
+            IdentitySource::Query(q) => query_value(query, q),
+        };
+        let v = v.filter(|v| !v.is_empty()).ok_or(UNAUTHORIZED)?;
+        key.extend_from_slice(v);
+        key.push(0);
+        values.push((s.label(), String::from_utf8_lossy(v).into_owned()));
+    }
+    let now = Instant::now();
+    if !a.ttl.is_zero() {
+        let mut c = w.authorizer.borrow_mut();
+        if let Some((until, d)) = c.map(gen, idx).get(&key[..]) {
+            if now < *until {
+                return decide(d);
+            }
+        }
+    }
+    let start = {
+        let mut c = w.authorizer.borrow_mut();
+        c.rr = c.rr.wrapping_add(1);
+        c.rr
+    };
+    let d = call(a, req, &values, reqid, start).await?;
+    if !a.ttl.is_zero() {
+        let mut c = w.authorizer.borrow_mut();
+        let m = c.map(gen, idx);
+        if m.len() >= CACHE_ENTRIES {
+            m.retain(|_, (until, _)| *until > now);
+            if m.len() >= CACHE_ENTRIES {
+                m.clear();
+            }
+        }
+        m.insert(key.into(), (now + a.ttl, d.clone()));
+    }
+    decide(&d)
+}
+
+fn decide(d: &Decision) -> Result<Option<Arc<str>>, Deny> {
+    if d.allow {
+        Ok(d.principal.clone())
+    } else {
+        Err(super::FORBIDDEN)
+    }
+}
+
+/// One call to the authorizer.
+async fn call(
+    a: &RequestAuthorizer,
+    req: &Request<'_>,
+    values: &[(String, String)],
+    reqid: &[u8],
+    start: usize,
+) -> Result<Decision, Deny> {
+    let head = req.head;
+    let body = serde_json::json!({
+        "type": "REQUEST",
+        "method": String::from_utf8_lossy(head.method_bytes(req.buf)),
+        "path": String::from_utf8_lossy(head.slice(req.buf, head.path)),
+        "query": head.query.map(|q| String::from_utf8_lossy(head.slice(req.buf, q)).into_owned()),
+        "identity": values.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str()))).collect::<serde_json::Map<String, serde_json::Value>>(),
+    })
+    .to_string();
+    let mut msg = Vec::with_capacity(body.len() + 256);
+    msg.extend_from_slice(b"POST ");
+    msg.extend_from_slice(a.path.as_bytes());
+    msg.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    msg.extend_from_slice(a.host.as_bytes());
+    msg.extend_from_slice(
+        b"\r\ncontent-type: application/json\r\nconnection: close\r\nx-request-id: ",
+    );
+    msg.extend_from_slice(reqid);
+    msg.extend_from_slice(b"\r\ncontent-length: ");
+    msg.extend_from_slice(body.len().to_string().as_bytes());
+    msg.extend_from_slice(b"\r\n\r\n");
+    msg.extend_from_slice(body.as_bytes());
+
+    let deadline = Instant::now() + a.timeout;
+    // Connect: the targets in turn, starting at a rotating one.
+    let mut stream = None;
+    for k in 0..a.targets.len() {
+        let addr = a.targets[(start + k) % a.targets.len()];
+        let left = deadline.saturating_duration_since(Instant::now());
+        match monoio::time::timeout(a.connect_timeout.min(left), TcpStream::connect_addr(addr))
+            .await
+        {
+            Ok(Ok(s)) => {
+                stream = Some(s);
+                break;
+            }
+            _ => continue,
+        }
+    }
+    let Some(mut s) = stream else {
+        eprintln!("ringgate: authorizer `{}`: no target reachable", a.name);
+        return Err(AUTHORIZER_ERROR);
+    };
+    let exchange = async {
+        let (r, _) = s.write_all(msg).await;
+        r.map_err(|_| AUTHORIZER_ERROR)?;
+        let mut buf: Vec<u8> = Vec::with_capacity(4096);
+        loop {
+            if let Some(d) = parse_answer(&buf)? {
+                return Ok(d);
+            }
+            if buf.len() > MAX_ANSWER {
+                return Err(AUTHORIZER_ERROR);
+            }
+            let tmp = Vec::with_capacity(4096);
+            let (r, tmp) = s.read(tmp).await;
+            match r {
+                Ok(0) => return parse_final(&buf),
+                Ok(_) => buf.extend_from_slice(&tmp),
+                Err(_) => return Err(AUTHORIZER_ERROR),
+            }
+        }
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    match monoio::time::timeout(left, exchange).await {
+        Ok(r) => {
+            if r.is_err() {
+                eprintln!("ringgate: authorizer `{}`: bad or failed answer", a.name);
+            }
+            r
+        }
+        Err(_) => Err(AUTHORIZER_TIMEOUT),
+    }
+}
+
+/// The decision once the whole answer is in `buf` (by Content-Length); `None` = read more.
+fn parse_answer(buf: &[u8]) -> Result<Option<Decision>, Deny> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    let n = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(AUTHORIZER_ERROR),
+    };
+    let code = resp.code.unwrap_or(0);
+    if !(200..300).contains(&code) {
+        return Err(AUTHORIZER_ERROR);
+    }
+    let cl = resp
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| {
+            std::str::from_utf8(h.value)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        });
+    match cl {
+        Some(l) if buf.len() >= n + l => decision(&buf[n..n + l]).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// The decision from an answer that ended with the connection.
+fn parse_final(buf: &[u8]) -> Result<Decision, Deny> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if (200..300).contains(&resp.code.unwrap_or(0)) => {
+            if resp.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("transfer-encoding")
+                    || h.name.eq_ignore_ascii_case("content-length")
+            }) {
+                // Chunked is not supported, and a short Content-Length body is truncated.
+                return Err(AUTHORIZER_ERROR);
+            }
+            decision(&buf[n..])
+        }
+        _ => Err(AUTHORIZER_ERROR),
+    }
+}
+
+fn decision(body: &[u8]) -> Result<Decision, Deny> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| AUTHORIZER_ERROR)?;
+    let allow = v
+        .get("allow")
+        .and_then(|a| a.as_bool())
+        .ok_or(AUTHORIZER_ERROR)?;
+    let principal = match v.get("principal") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if header_safe(s) => Some(Arc::from(s.as_str())),
+        Some(_) => return Err(AUTHORIZER_ERROR),
+    };
+    Ok(Decision {
+        allow,
+        principal,
+        context: v.get("context").cloned().map(Arc::new),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers() {
+        let body = r#"{"allow":true,"principal":"user-7"}"#;
+        let ok = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let ok = ok.as_bytes();
+        let d = parse_answer(ok).unwrap().unwrap();
+        assert!(d.allow);
+        assert_eq!(d.principal.as_deref(), Some("user-7"));
+        assert!(parse_answer(&ok[..ok.len() - 3]).unwrap().is_none());
+        let deny = b"HTTP/1.1 200 OK\r\ncontent-length: 15\r\n\r\n{\"allow\":false}";
+        assert!(!parse_answer(deny).unwrap().unwrap().allow);
+        assert_eq!(
+            parse_answer(b"HTTP/1.1 500 X\r\ncontent-length: 0\r\n\r\n").unwrap_err(),
+            AUTHORIZER_ERROR
+        );
+        let bad = b"HTTP/1.1 200 OK\r\ncontent-length: 13\r\n\r\n{\"allow\":\"y\"}";
+        assert!(parse_answer(bad).is_err());
+        let close = b"HTTP/1.0 200 OK\r\n\r\n{\"allow\":true}";
+        assert!(parse_final(close).unwrap().allow);
+    }
+
+    #[test]
+    fn query_values() {
+        assert_eq!(query_value(b"a=1&token=xyz", "token"), Some(&b"xyz"[..]));
+        assert_eq!(query_value(b"a=1", "token"), None);
+    }
+}

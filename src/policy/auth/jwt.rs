@@ -1,0 +1,492 @@
+//! JWT authorizers (`type = "jwt"`): `Authorization: Bearer <token>` verified with
+//! `jsonwebtoken` against the authorizer's keys; `iss`, `aud`, `exp` and `nbf` checked with
+//! `leeway_s`; route scopes checked against `scope` (space-separated) or `scp` (array).
+//!
+//! A verified token is cached per worker, keyed by the whole token, until its `exp` (plus
+//! leeway): a repeated token costs one hash lookup and a time comparison. The cache is bounded
+//! (entries and bytes) and dropped when the config changes.
+
+use super::jwks::{self, JwtKeys, VerKey};
+use super::UNAUTHORIZED;
+use super::{header_safe, now_unix, Deny, RawAuthorizer, Request, WorkerAuth, FORBIDDEN};
+use crate::config::{ConfigError, Source};
+use ahash::AHashMap;
+use jsonwebtoken::{Algorithm, Validation};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest token accepted.
+pub const MAX_TOKEN_BYTES: usize = 8192;
+/// Entries per authorizer per worker in the verified-token cache.
+pub const CACHE_ENTRIES: usize = 10_000;
+/// Token bytes per worker in the cache.
+pub const CACHE_BYTES: usize = 16 << 20;
+/// How long a request with an unknown `kid` waits for the early JWKS refresh.
+const KICK_WAIT: Duration = Duration::from_millis(2500);
+
+/// A validated `type = "jwt"` authorizer.
+#[derive(Debug)]
+pub struct JwtAuthorizer {
+    pub name: String,
+    pub issuer: Option<String>,
+    pub audience: Vec<String>,
+    pub leeway: u64,
+    pub keys: Arc<JwtKeys>,
+}
+
+pub(super) fn validate(
+    src: &Source,
+    i: usize,
+    a: &RawAuthorizer,
+    _base: &Path,
+) -> Result<JwtAuthorizer, ConfigError> {
+    let key = |k: &str| format!("authorizers[{i}].{k}");
+    let span = a.name.span();
+    if a.upstream.is_some()
+        || a.path.is_some()
+        || !a.identity_sources.is_empty()
+        || a.ttl_s.is_some()
+    {
+        return Err(src.err(
+            span,
+            &key("type"),
+            "upstream, path, identity_sources and ttl_s belong to `type = \"request\"`",
+        ));
+    }
+    let sources = [
+        a.jwks_uri.is_some(),
+        a.jwks_file.is_some(),
+        a.secret.is_some(),
+    ];
+    if sources.iter().filter(|s| **s).count() != 1 {
+        return Err(src.err(
+            span,
+            &key("jwks_uri"),
+            "a jwt authorizer needs exactly one of jwks_uri, jwks_file, secret",
+        ));
+    }
+    if a.leeway_s > 3600 {
+        return Err(src.err(span, &key("leeway_s"), "at most 3600"));
+    }
+    let keys = if let Some(u) = &a.jwks_uri {
+        jwks::parse_http_uri(u.get_ref()).map_err(|e| src.err(u.span(), &key("jwks_uri"), e))?;
+        JwtKeys::remote(u.get_ref().clone())
+    } else if let Some(f) = &a.jwks_file {
+        let text = std::fs::read(f.get_ref())
+            .map_err(|e| src.err(f.span(), &key("jwks_file"), format!("cannot read: {e}")))?;
+        let keys = jwks::parse_jwks(&text).map_err(|e| src.err(f.span(), &key("jwks_file"), e))?;
+        if keys.is_empty() {
+            return Err(src.err(f.span(), &key("jwks_file"), "no usable signing key"));
+        }
+        JwtKeys::fixed(keys)
+    } else {
+        let s = a.secret.as_ref().expect("one source");
+        if s.get_ref().len() < 32 {
+            return Err(src.err(
+                s.span(),
+                &key("secret"),
+                "an HMAC secret needs at least 32 bytes",
+            ));
+        }
+        JwtKeys::fixed(vec![jwks::secret_key(s.get_ref().as_bytes())])
+    };
+    Ok(JwtAuthorizer {
+        name: a.name.get_ref().clone(),
+        issuer: a.issuer.clone(),
+        audience: a.audience.clone(),
+        leeway: a.leeway_s,
+        keys,
+    })
+}
+
+/// A verified token.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub exp: u64,
+    pub nbf: u64,
+    pub principal: Option<Arc<str>>,
+    pub scopes: Box<[Box<str>]>,
+    /// Every claim (for mappings).
+    pub claims: Arc<serde_json::Value>,
+}
+
+impl Verified {
+    fn valid_at(&self, now: u64, leeway: u64) -> bool {
+        now <= self.exp.saturating_add(leeway) && self.nbf <= now.saturating_add(leeway)
+    }
+
+    fn has_scopes(&self, want: &[Box<str>]) -> bool {
+        want.iter().all(|w| self.scopes.iter().any(|s| s == w))
+    }
+}
+
+/// Per-worker verified tokens, one map per authorizer.
+#[derive(Default)]
+pub struct TokenCache {
+    gen: u64,
+    maps: Vec<AHashMap<Box<[u8]>, Verified>>,
+    bytes: usize,
+}
+
+impl TokenCache {
+    fn sync(&mut self, gen: u64) {
+        if self.gen != gen {
+            self.maps.clear();
+            self.bytes = 0;
+            self.gen = gen;
+        }
+    }
+
+    fn map(&mut self, idx: usize) -> &mut AHashMap<Box<[u8]>, Verified> {
+        if self.maps.len() <= idx {
+            self.maps.resize_with(idx + 1, AHashMap::new);
+        }
+        &mut self.maps[idx]
+    }
+
+    fn insert(&mut self, idx: usize, token: &[u8], v: Verified, now: u64, leeway: u64) {
+        if self.map(idx).len() >= CACHE_ENTRIES || self.bytes + token.len() > CACHE_BYTES {
+            // Drop what expired; if that is not enough, start over (bounded work, rare).
+            let mut bytes = 0;
+            for m in &mut self.maps {
+                m.retain(|k, e| {
+                    e.valid_at(now, leeway) && {
+                        bytes += k.len();
+                        true
+                    }
+                });
+            }
+            self.bytes = bytes;
+            if self.map(idx).len() >= CACHE_ENTRIES * 3 / 4 || self.bytes > CACHE_BYTES * 3 / 4 {
+                self.map(idx).clear();
+                self.bytes = self
+                    .maps
+                    .iter()
+                    .flat_map(|m| m.keys())
+                    .map(|k| k.len())
+                    .sum();
+            }
+        }
+        if self.map(idx).insert(token.into(), v).is_none() {
+            self.bytes += token.len();
+        }
+    }
+
+    /// Cached tokens across authorizers.
+    pub fn len(&self) -> usize {
+        self.maps.iter().map(|m| m.len()).sum()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`.
+fn bearer(v: &[u8]) -> Option<&[u8]> {
+    if v.len() < 7 || !v[..7].eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let t = v[7..].trim_ascii();
+    (!t.is_empty() && t.len() <= MAX_TOKEN_BYTES).then_some(t)
+}
+
+/// Checks the bearer token of `req` against authorizer `idx`; returns the principal (`sub`).
+pub(super) async fn check(
+    w: &WorkerAuth,
+    gen: u64,
+    idx: usize,
+    a: &JwtAuthorizer,
+    scopes: &[Box<str>],
+    req: &Request<'_>,
+) -> Result<Option<Arc<str>>, Deny> {
+    let token = req
+        .header("authorization")
+        .and_then(bearer)
+        .ok_or(UNAUTHORIZED)?;
+    let now = now_unix();
+    {
+        let mut c = w.jwt.borrow_mut();
+        c.sync(gen);
+        if let Some(v) = c.map(idx).get(token) {
+            if v.valid_at(now, a.leeway) {
+                return if v.has_scopes(scopes) {
+                    Ok(v.principal.clone())
+                } else {
+                    Err(FORBIDDEN)
+                };
+            }
+            c.map(idx).remove(token);
+            c.bytes -= token.len();
+            return Err(UNAUTHORIZED);
+        }
+    }
+    let v = a.verify(token).await.map_err(|_| UNAUTHORIZED)?;
+    let ok = v.has_scopes(scopes);
+    let principal = v.principal.clone();
+    {
+        let mut c = w.jwt.borrow_mut();
+        c.sync(gen);
+        c.insert(idx, token, v, now, a.leeway);
+    }
+    if ok {
+        Ok(principal)
+    } else {
+        Err(FORBIDDEN)
+    }
+}
+
+/// Why a token failed (for tests and logs; clients only see 401).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reject {
+    Malformed,
+    NoKey,
+    BadSignature,
+    Claims(String),
+}
+
+impl JwtAuthorizer {
+    fn validation(&self, alg: Algorithm) -> Validation {
+        let mut v = Validation::new(alg);
+        v.leeway = self.leeway;
+        v.validate_nbf = true;
+        v.validate_exp = true;
+        let mut req = vec!["exp"];
+        if let Some(i) = &self.issuer {
+            v.set_issuer(&[i]);
+            req.push("iss");
+        }
+        if self.audience.is_empty() {
+            v.validate_aud = false;
+        } else {
+            v.set_audience(&self.audience);
+            req.push("aud");
+        }
+        v.set_required_spec_claims(&req);
+        v
+    }
+
+    fn candidates<'k>(keys: &'k [VerKey], kid: Option<&str>, alg: Algorithm) -> Vec<&'k VerKey> {
+        keys.iter()
+            .filter(|k| k.fits(alg))
+            .filter(|k| match kid {
+                // A token naming a key uses that key only (keys without a kid match any).
+                Some(kid) => k.kid.as_deref().map_or(true, |x| x == kid),
+                None => true,
+            })
+            .take(4)
+            .collect()
+    }
+
+    /// Verifies a token (signature and claims), waiting for one early JWKS refresh when its
+    /// `kid` is unknown.
+    pub async fn verify(&self, token: &[u8]) -> Result<Verified, Reject> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| Reject::Malformed)?;
+        let alg = header.alg;
+        let kid = header.kid.as_deref();
+        let keys = self.keys.current();
+        let mut found = !Self::candidates(&keys, kid, alg).is_empty();
+        let known_kid = kid.map_or(true, |k| keys.iter().any(|x| x.kid.as_deref() == Some(k)));
+        drop(keys);
+        if (!found || !known_kid) && self.keys.is_remote() && self.keys.kick() {
+            let g0 = self.keys.generation();
+            let end = std::time::Instant::now() + KICK_WAIT;
+            while self.keys.generation() == g0 && std::time::Instant::now() < end {
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            found = true;
+        }
+        if !found {
+            return Err(Reject::NoKey);
+        }
+        self.verify_now(token, alg, kid)
+    }
+
+    /// The synchronous part of [`JwtAuthorizer::verify`] (no refresh).
+    pub fn verify_now(
+        &self,
+        token: &[u8],
+        alg: Algorithm,
+        kid: Option<&str>,
+    ) -> Result<Verified, Reject> {
+        let keys = self.keys.current();
+        let cands = Self::candidates(&keys, kid, alg);
+        if cands.is_empty() {
+            return Err(Reject::NoKey);
+        }
+        let validation = self.validation(alg);
+        let mut last = Reject::BadSignature;
+        for k in cands {
+            match jsonwebtoken::decode::<serde_json::Value>(token, &k.key, &validation) {
+                Ok(d) => return claims(d.claims),
+                Err(e) => {
+                    use jsonwebtoken::errors::ErrorKind as K;
+                    match e.kind() {
+                        K::InvalidSignature | K::InvalidKeyFormat | K::InvalidAlgorithm => {
+                            last = Reject::BadSignature
+                        }
+                        other => return Err(Reject::Claims(format!("{other:?}"))),
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+fn num(v: Option<&serde_json::Value>) -> Option<u64> {
+    let v = v?;
+    v.as_u64().or_else(|| v.as_f64().map(|f| f.max(0.0) as u64))
+}
+
+fn claims(c: serde_json::Value) -> Result<Verified, Reject> {
+    let exp = num(c.get("exp")).ok_or(Reject::Claims("exp".into()))?;
+    let nbf = num(c.get("nbf")).unwrap_or(0);
+    let principal = match c.get("sub") {
+        None => None,
+        Some(serde_json::Value::String(s)) if header_safe(s) => Some(Arc::from(s.as_str())),
+        Some(_) => return Err(Reject::Claims("sub".into())),
+    };
+    let mut scopes: Vec<Box<str>> = Vec::new();
+    if let Some(s) = c.get("scope").and_then(|s| s.as_str()) {
+        scopes.extend(s.split_ascii_whitespace().map(Box::from));
+    }
+    match c.get("scp") {
+        Some(serde_json::Value::Array(a)) => {
+            scopes.extend(a.iter().filter_map(|s| s.as_str()).map(Box::from))
+        }
+        Some(serde_json::Value::String(s)) => {
+            scopes.extend(s.split_ascii_whitespace().map(Box::from))
+        }
+        _ => {}
+    }
+    Ok(Verified {
+        exp,
+        nbf,
+        principal,
+        scopes: scopes.into(),
+        claims: Arc::new(c),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn authz() -> JwtAuthorizer {
+        JwtAuthorizer {
+            name: "t".into(),
+            issuer: Some("iss".into()),
+            audience: vec!["shop".into()],
+            leeway: 5,
+            keys: JwtKeys::fixed(vec![jwks::secret_key(SECRET)]),
+        }
+    }
+
+    fn tok(claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
+    fn verify(a: &JwtAuthorizer, t: &str) -> Result<Verified, Reject> {
+        let h = jsonwebtoken::decode_header(t).map_err(|_| Reject::Malformed)?;
+        a.verify_now(t.as_bytes(), h.alg, h.kid.as_deref())
+    }
+
+    #[test]
+    fn accepts_valid_and_reads_scopes() {
+        let now = now_unix();
+        let t = tok(json!({"iss":"iss","aud":"shop","exp":now+60,"sub":"u1","scope":"a b"}));
+        let v = verify(&authz(), &t).unwrap();
+        assert_eq!(v.principal.as_deref(), Some("u1"));
+        assert!(v.has_scopes(&["a".into(), "b".into()]));
+        assert!(!v.has_scopes(&["c".into()]));
+        let t = tok(json!({"iss":"iss","aud":["x","shop"],"exp":now+60,"scp":["c"]}));
+        assert!(verify(&authz(), &t).unwrap().has_scopes(&["c".into()]));
+    }
+
+    #[test]
+    fn rejects_bad_claims() {
+        let now = now_unix();
+        let a = authz();
+        for c in [
+            json!({"iss":"other","aud":"shop","exp":now+60}),
+            json!({"iss":"iss","aud":"nope","exp":now+60}),
+            json!({"aud":"shop","exp":now+60}),
+            json!({"iss":"iss","aud":"shop","exp":now-60}),
+            json!({"iss":"iss","aud":"shop","exp":now+60,"nbf":now+60}),
+            json!({"iss":"iss","aud":"shop"}),
+            json!({"iss":"iss","aud":"shop","exp":now+60,"sub":"a\r\nx: y"}),
+        ] {
+            assert!(verify(&a, &tok(c.clone())).is_err(), "{c}");
+        }
+        // Inside the leeway.
+        assert!(verify(&a, &tok(json!({"iss":"iss","aud":"shop","exp":now-2}))).is_ok());
+    }
+
+    #[test]
+    fn rejects_alg_none_and_confusion() {
+        let now = now_unix();
+        let a = authz();
+        // alg none: header {"alg":"none"}.
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJleHAiOjQxMDI0NDQ4MDB9.";
+        assert!(verify(&a, none).is_err());
+        // RS256 header on an HMAC key: refused before any signature check.
+        let good = tok(json!({"iss":"iss","aud":"shop","exp":now+60}));
+        let parts: Vec<&str> = good.split('.').collect();
+        let rs_header = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9";
+        let forged = format!("{rs_header}.{}.{}", parts[1], parts[2]);
+        assert_eq!(verify(&a, &forged).unwrap_err(), Reject::NoKey);
+        // Tampered payload.
+        let forged = format!("{}.{}x.{}", parts[0], parts[1], parts[2]);
+        assert!(verify(&a, &forged).is_err());
+    }
+
+    #[test]
+    fn token_cache_is_bounded() {
+        let mut c = TokenCache::default();
+        c.sync(1);
+        let v = Verified {
+            exp: u64::MAX / 2,
+            nbf: 0,
+            principal: None,
+            scopes: Box::new([]),
+            claims: Arc::new(serde_json::Value::Null),
+        };
+        for i in 0..CACHE_ENTRIES + 100 {
+            c.insert(0, format!("token-{i}").as_bytes(), v.clone(), 1000, 0);
+            assert!(c.len() <= CACHE_ENTRIES);
+        }
+        assert!(c.len() >= 100);
+        // Expired entries go first when the map is full.
+        let mut c = TokenCache::default();
+        let mut old = v.clone();
+        old.exp = 10;
+        for i in 0..CACHE_ENTRIES {
+            c.insert(0, format!("old-{i}").as_bytes(), old.clone(), 5, 0);
+        }
+        c.insert(0, b"new", v.clone(), 1000, 0);
+        assert_eq!(c.len(), 1);
+        // A new config generation empties the cache.
+        c.sync(2);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(bearer(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"bearer  abc "), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"Basic abc"), None);
+        assert_eq!(bearer(b"Bearer "), None);
+    }
+}

@@ -1,0 +1,113 @@
+//! The auth stage of the connection loop: runs [`crate::policy::auth::check`] for a route that
+//! asks for it, buffering the request body first when the check hashes it (SigV4), and answers
+//! 401/403 itself when the check fails.
+
+use super::{body_skippable, reject, Conn, Outcome, Worker, READ_BUF};
+use crate::config::Route;
+use crate::gateway::Gateway;
+use crate::http::BodyKind;
+use crate::policy::auth::{self, Request};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Largest body a signed (SigV4) request may carry: it is held whole to be hashed.
+const MAX_SIGNED_BODY: u64 = 10 << 20;
+
+/// Checks the request; on failure the client has been answered and the outcome is returned.
+pub(super) async fn run(
+    w: &Rc<Worker>,
+    gw: &Arc<Gateway>,
+    c: &mut Conn,
+    route: &Route,
+) -> Result<(), Outcome> {
+    let head_len = c.b.head.head_len;
+    let body_len = if route.auth.needs_body() {
+        match buffer_body(c, gw).await {
+            Ok(n) => n,
+            Err((status, msg)) => return Err(reject(w, c, status, msg, false).await),
+        }
+    } else {
+        0
+    };
+    let req = Request {
+        head: &c.b.head,
+        buf: &c.b.rbuf,
+        body: &c.b.rbuf[head_len..head_len + body_len],
+        request_id: &c.reqid[..c.reqid_len],
+    };
+    let res = auth::check(
+        &w.auth,
+        &w.shared.auth,
+        &gw.config.auth,
+        w.gen.get(),
+        &route.auth,
+        &req,
+    )
+    .await;
+    match res {
+        Ok(id) => {
+            c.principal = id.principal;
+            c.api_key = id.api_key;
+            Ok(())
+        }
+        Err(d) => {
+            let keep = body_skippable(c);
+            Err(reject(w, c, d.status, d.message, keep).await)
+        }
+    }
+}
+
+/// Reads the whole request body into `rbuf` (after the head); returns its length.
+async fn buffer_body(c: &mut Conn, gw: &Gateway) -> Result<usize, (u16, &'static str)> {
+    let n = match c.b.head.body {
+        BodyKind::None => return Ok(0),
+        BodyKind::Length(n) => n,
+        BodyKind::Chunked => {
+            // Only an unsigned payload can come chunked: nothing to hash.
+            let unsigned = c.b.head.header(&c.b.rbuf, "x-amz-content-sha256")
+                == Some(&b"UNSIGNED-PAYLOAD"[..]);
+            return if unsigned {
+                Ok(0)
+            } else {
+                Err((411, "Length Required: a signed body needs Content-Length"))
+            };
+        }
+    };
+    if n > MAX_SIGNED_BODY.min(gw.config.server.limits.max_body_bytes) {
+        return Err((413, "Request Entity Too Large"));
+    }
+    let want = c.b.head.head_len + n as usize;
+    if c.b.rbuf.len() >= want {
+        return Ok(n as usize);
+    }
+    if c.b.head.expect_continue {
+        let (res, _) = c
+            .stream
+            .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
+            .await;
+        if res.is_err() {
+            return Err((400, "Bad Request"));
+        }
+    }
+    let deadline = Instant::now() + gw.config.server.limits.header_timeout;
+    // Reads go into a separate buffer: a read cancelled by the timeout takes its buffer with
+    // it, and the head in `rbuf` must stay for the answer and the access log.
+    let mut tmp: Vec<u8> = Vec::with_capacity(READ_BUF.max((want - c.b.rbuf.len()).min(1 << 16)));
+    c.b.rbuf.reserve(want - c.b.rbuf.len());
+    while c.b.rbuf.len() < want {
+        tmp.clear();
+        match monoio::time::timeout_at(deadline.into(), c.stream.read(tmp)).await {
+            Err(_) => return Err((408, "Request Timeout")),
+            Ok((res, buf)) => {
+                tmp = buf;
+                match res {
+                    Ok(0) | Err(_) => return Err((400, "Bad Request: body ended early")),
+                    Ok(_) => c.b.rbuf.extend_from_slice(&tmp),
+                }
+            }
+        }
+    }
+    Ok(n as usize)
+}

@@ -1,0 +1,1333 @@
+//! Identity and access: API keys (config and admin, persistence across restart and kill -9),
+//! JWT authorizers (every algorithm, claims, scopes, key confusion, JWKS rotation), SigV4
+//! (header and presigned forms, tampering, clock window).
+//!
+//! Tokens and signatures come from an independent peer: `tests/peers/auth_peer.py` (PyJWT with
+//! cryptography, botocore's SigV4 signer), installed with pip once per test run when missing.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+const KEY: &str = "a-long-random-key-value-0001";
+const SECRET: &str = "an-hmac-secret-of-at-least-32-bytes!";
+const AK: &str = "AKIDEXAMPLE";
+const SK: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+
+// ---------------------------------------------------------------------------------------------
+// The independent peer
+// ---------------------------------------------------------------------------------------------
+
+/// Installs PyJWT, cryptography and botocore once when they are missing.
+fn python_ready() {
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| {
+        let ok = |c: &str| {
+            Command::new("python3")
+                .args(["-c", c])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        if ok("import jwt, cryptography, botocore") {
+            return;
+        }
+        let pip = |extra: &[&str]| {
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "pyjwt", "cryptography", "botocore"])
+                .args(extra)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        if !pip(&[]) {
+            pip(&["--break-system-packages"]);
+        }
+        assert!(
+            ok("import jwt, cryptography, botocore"),
+            "python3 with pyjwt, cryptography and botocore is needed (pip install pyjwt cryptography botocore)"
+        );
+    });
+}
+
+/// Runs the peer on `jobs` in `dir`; one result per job.
+fn peer(dir: &Path, jobs: Value) -> Vec<Value> {
+    python_ready();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/auth_peer.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    let input = json!({ "dir": dir, "jobs": jobs }).to_string();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "peer failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap()
+}
+
+/// Unix time `t` as `YYYYMMDDTHHMMSSZ`.
+fn amz_time(t: u64) -> String {
+    let o = Command::new("date")
+        .args(["-u", "-d", &format!("@{t}"), "+%Y%m%dT%H%M%SZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(o.stdout).unwrap().trim().to_string()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// An origin that answers with the `x-principal-id` it received ("-" when none).
+fn principal_origin() -> Origin {
+    Origin::start(|r| {
+        Response::ok(
+            r.header("x-principal-id")
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into()),
+        )
+    })
+}
+
+fn get_with(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> RawResponse {
+    let mut raw = format!("GET {path} HTTP/1.1\r\nHost: test\r\n");
+    for (k, v) in headers {
+        raw.push_str(&format!("{k}: {v}\r\n"));
+    }
+    raw.push_str("\r\n");
+    gw.request(&raw)
+}
+
+fn bearer(gw: &Gateway, path: &str, token: &str) -> RawResponse {
+    get_with(gw, path, &[("Authorization", &format!("Bearer {token}"))])
+}
+
+/// One admin request with a JSON body.
+fn admin_json(addr: SocketAddr, method: &str, path: &str, body: &str) -> RawResponse {
+    let mut c = Client::connect(addr);
+    c.send(
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    c.read_response().expect("admin response")
+}
+
+fn assert_denied(r: &RawResponse, status: u16, what: &str) {
+    assert_eq!(r.status, status, "{what}: {}", r.text());
+    let msg = if status == 401 {
+        "Unauthorized"
+    } else {
+        "Forbidden"
+    };
+    assert_eq!(r.json(), json!({ "message": msg }), "{what}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// API keys
+// ---------------------------------------------------------------------------------------------
+
+fn key_config(origin: SocketAddr) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "app"
+targets = ["{origin}"]
+
+[[usage_plans]]
+name = "basic"
+apis = ["shop/$default"]
+quota = {{ limit = 1000000, period = "day" }}
+
+[[api_keys]]
+name = "alice"
+value = "{KEY}"
+plans = ["basic"]
+
+[[api_keys]]
+name = "off"
+value = "a-disabled-key-value-000002"
+enabled = false
+
+[[apis]]
+name = "shop"
+
+[[apis.routes]]
+route = "GET /key"
+integration = {{ type = "http", upstream = "app" }}
+auth = "api_key"
+
+[[apis.routes]]
+route = "GET /required"
+integration = {{ type = "mock", body = "ok" }}
+api_key_required = true
+
+[[apis.routes]]
+route = "GET /open"
+integration = {{ type = "mock", body = "open" }}
+"#
+    )
+}
+
+#[test]
+fn api_key_missing_unknown_disabled_are_403() {
+    let origin = principal_origin();
+    let gw = Gateway::start(&key_config(origin.addr));
+    for path in ["/key", "/required"] {
+        assert_denied(&gw.get(path), 403, "missing key");
+        assert_denied(
+            &get_with(&gw, path, &[("x-api-key", "a-long-random-key-value-0002")]),
+            403,
+            "unknown key",
+        );
+        assert_denied(
+            &get_with(&gw, path, &[("x-api-key", "a-disabled-key-value-000002")]),
+            403,
+            "disabled key",
+        );
+        assert_denied(
+            &get_with(&gw, path, &[("x-api-key", &KEY[..KEY.len() - 1])]),
+            403,
+            "prefix of a key",
+        );
+        let r = get_with(&gw, path, &[("x-api-key", KEY)]);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(gw.get("/open").status, 200);
+    // Refused requests never reach the upstream.
+    assert_eq!(origin.request_count(), 1);
+}
+
+#[test]
+fn api_key_denial_keeps_connection_alive() {
+    let gw = Gateway::start(&key_config(dead_addr()));
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /required HTTP/1.1\r\nHost: t\r\n\r\nGET /required HTTP/1.1\r\nHost: t\r\nx-api-key: a-long-random-key-value-0001\r\n\r\n");
+    let r1 = c.read_response().unwrap();
+    assert_eq!(r1.status, 403);
+    assert!(!r1.closes());
+    assert!(r1.header("x-request-id").is_some());
+    let r2 = c.read_response().unwrap();
+    assert_eq!(r2.status, 200);
+    assert_eq!(r2.text(), "ok");
+}
+
+#[test]
+fn admin_keys_are_live_on_every_worker_and_never_listed_with_values() {
+    let gw = Gateway::start(&key_config(dead_addr()));
+    let r = admin_json(
+        gw.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"bob","plans":["basic"]}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    let value = v["value"].as_str().unwrap().to_string();
+    assert!(value.len() >= 20);
+    assert_eq!(v["name"], "bob");
+    // Live within a second on every worker: many fresh connections spread over both workers.
+    assert!(wait_until(Duration::from_secs(1), || {
+        (0..8).all(|_| get_with(&gw, "/required", &[("x-api-key", &value)]).status == 200)
+    }));
+    for _ in 0..20 {
+        assert_eq!(
+            get_with(&gw, "/required", &[("x-api-key", &value)]).status,
+            200
+        );
+    }
+    // Listing: names, no values, no digests.
+    let list = admin_json(gw.admin_addr, "GET", "/api-keys", "");
+    assert_eq!(list.status, 200);
+    let text = list.text();
+    assert!(
+        text.contains("\"bob\"") && text.contains("\"alice\""),
+        "{text}"
+    );
+    assert!(!text.contains(&value) && !text.contains(KEY), "{text}");
+    // Errors.
+    let dup = admin_json(gw.admin_addr, "POST", "/api-keys", r#"{"name":"bob"}"#);
+    assert_eq!(dup.status, 409);
+    let short = admin_json(
+        gw.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"c","value":"short"}"#,
+    );
+    assert_eq!(short.status, 400);
+    let bad = admin_json(gw.admin_addr, "POST", "/api-keys", "{not json");
+    assert_eq!(bad.status, 400);
+    assert_eq!(
+        admin_json(gw.admin_addr, "DELETE", "/api-keys/alice", "").status,
+        409,
+        "config keys are deleted in the config"
+    );
+    assert_eq!(
+        admin_json(gw.admin_addr, "DELETE", "/api-keys/nobody", "").status,
+        404
+    );
+    // Delete: gone on every worker within a second.
+    let r = admin_json(gw.admin_addr, "DELETE", "/api-keys/bob", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(wait_until(Duration::from_secs(1), || {
+        (0..8).all(|_| get_with(&gw, "/required", &[("x-api-key", &value)]).status == 403)
+    }));
+}
+
+#[test]
+fn admin_keys_need_the_admin_token() {
+    let cfg = format!(
+        "[server]\nlisten = [\"@LISTEN@\"]\nworkers = 1\nstate_dir = \"@DIR@/state\"\n[admin]\nlisten = \"@ADMIN@\"\ntoken = \"admintoken\"\n{}",
+        key_config(dead_addr())
+    );
+    let gw = Gateway::start(&cfg);
+    let r = admin_json(gw.admin_addr, "POST", "/api-keys", r#"{"name":"x"}"#);
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        admin_json(gw.admin_addr, "GET", "/api-keys", "").status,
+        401
+    );
+}
+
+#[test]
+fn admin_keys_survive_kill_9_and_reload() {
+    let state = temp_dir("keys-state");
+    let cfg = format!(
+        "[server]\nlisten = [\"@LISTEN@\"]\nworkers = 2\nstate_dir = \"{}\"\n[admin]\nlisten = \"@ADMIN@\"\n{}",
+        state.display(),
+        key_config(dead_addr())
+    );
+    let gw = Gateway::start(&cfg);
+    let mine = "my-own-chosen-key-value-0123";
+    let r = admin_json(
+        gw.admin_addr,
+        "POST",
+        "/api-keys",
+        &format!(r#"{{"name":"carol","value":"{mine}"}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["value"], mine);
+    let stored = std::fs::read_to_string(state.join("api_keys.json")).unwrap();
+    assert!(
+        stored.contains("carol") && !stored.contains(mine),
+        "{stored}"
+    );
+    // A reload keeps run-time keys.
+    gw.reload_signal();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        get_with(&gw, "/required", &[("x-api-key", mine)]).status,
+        200
+    );
+    // kill -9, then a new process on the same state dir.
+    let st = Command::new("kill")
+        .args(["-KILL", &gw.pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    drop(gw);
+    let gw2 = Gateway::start(&cfg);
+    assert_eq!(
+        get_with(&gw2, "/required", &[("x-api-key", mine)]).status,
+        200
+    );
+    assert_eq!(
+        get_with(&gw2, "/required", &[("x-api-key", KEY)]).status,
+        200
+    );
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+// ---------------------------------------------------------------------------------------------
+// JWT
+// ---------------------------------------------------------------------------------------------
+
+struct Jwt {
+    dir: std::path::PathBuf,
+}
+
+impl Jwt {
+    fn new() -> Jwt {
+        let dir = temp_dir("jwt-keys");
+        assert_eq!(peer(&dir, json!([{ "op": "keys" }]))[0], "ok");
+        Jwt { dir }
+    }
+
+    /// Mints one token per job (fields of the peer's `jwt` op).
+    fn mint(&self, jobs: Vec<Value>) -> Vec<String> {
+        let jobs: Vec<Value> = jobs
+            .into_iter()
+            .map(|mut j| {
+                j["op"] = json!("jwt");
+                j
+            })
+            .collect();
+        peer(&self.dir, Value::Array(jobs))
+            .into_iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+fn claims(extra: Value) -> Value {
+    let mut c = json!({
+        "iss": "https://issuer.example.com",
+        "aud": "shop",
+        "sub": "user-1",
+        "exp": now() + 300,
+        "iat": now(),
+        "scope": "orders:read profile",
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        if v.is_null() {
+            c.as_object_mut().unwrap().remove(k);
+        } else {
+            c[k] = v.clone();
+        }
+    }
+    c
+}
+
+fn jwt_config(origin: SocketAddr, jwks_file: &Path) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "app"
+targets = ["{origin}"]
+
+[[authorizers]]
+name = "users"
+type = "jwt"
+issuer = "https://issuer.example.com"
+audience = ["shop"]
+jwks_file = "{}"
+leeway_s = 30
+
+[[authorizers]]
+name = "hs"
+type = "jwt"
+issuer = "https://issuer.example.com"
+audience = ["shop"]
+secret = "{SECRET}"
+
+[[api_keys]]
+name = "alice"
+value = "{KEY}"
+
+[[apis]]
+name = "shop"
+
+[[apis.routes]]
+route = "GET /jwt"
+integration = {{ type = "http", upstream = "app" }}
+auth = "jwt:users"
+
+[[apis.routes]]
+route = "GET /hs"
+integration = {{ type = "http", upstream = "app" }}
+auth = "jwt:hs"
+
+[[apis.routes]]
+route = "GET /scoped"
+integration = {{ type = "http", upstream = "app" }}
+auth = "jwt:users"
+scopes = ["orders:read", "profile"]
+
+[[apis.routes]]
+route = "GET /admin"
+integration = {{ type = "http", upstream = "app" }}
+auth = "jwt:users"
+scopes = ["orders:write"]
+
+[[apis.routes]]
+route = "GET /both"
+integration = {{ type = "http", upstream = "app" }}
+auth = "jwt:users"
+api_key_required = true
+"#,
+        jwks_file.display()
+    )
+}
+
+#[test]
+fn jwt_every_algorithm_is_accepted_and_sub_goes_upstream() {
+    let j = Jwt::new();
+    let origin = principal_origin();
+    let gw = Gateway::start(&jwt_config(origin.addr, &j.dir.join("jwks.json")));
+    let algs = [
+        ("RS256", "rsa"),
+        ("RS384", "rsa"),
+        ("RS512", "rsa"),
+        ("PS256", "rsa"),
+        ("PS384", "rsa"),
+        ("PS512", "rsa"),
+        ("ES256", "ec256"),
+        ("ES384", "ec384"),
+        ("EdDSA", "ed"),
+    ];
+    let mut jobs: Vec<Value> = algs
+        .iter()
+        .map(|(alg, kid)| json!({"alg": alg, "kid": kid, "claims": claims(json!({"sub": format!("sub-{alg}")}))}))
+        .collect();
+    for alg in ["HS256", "HS384", "HS512"] {
+        jobs.push(json!({"alg": alg, "secret": SECRET, "claims": claims(json!({"sub": format!("sub-{alg}")}))}));
+    }
+    let tokens = j.mint(jobs);
+    for (i, (alg, _)) in algs.iter().enumerate() {
+        let r = bearer(&gw, "/jwt", &tokens[i]);
+        assert_eq!(r.status, 200, "{alg}: {}", r.text());
+        assert_eq!(r.text(), format!("sub-{alg}"));
+        // Cached: the same answer again.
+        let r = bearer(&gw, "/jwt", &tokens[i]);
+        assert_eq!(r.text(), format!("sub-{alg}"));
+    }
+    for (k, alg) in ["HS256", "HS384", "HS512"].iter().enumerate() {
+        let r = bearer(&gw, "/hs", &tokens[algs.len() + k]);
+        assert_eq!(r.status, 200, "{alg}: {}", r.text());
+        assert_eq!(r.text(), format!("sub-{alg}"));
+        // An HMAC token is not accepted by the asymmetric authorizer.
+        assert_denied(&bearer(&gw, "/jwt", &tokens[algs.len() + k]), 401, alg);
+    }
+    // A client-sent x-principal-id never reaches the upstream as is.
+    let r = get_with(
+        &gw,
+        "/jwt",
+        &[
+            ("Authorization", &format!("Bearer {}", tokens[0])),
+            ("x-principal-id", "admin"),
+        ],
+    );
+    assert_eq!(r.text(), "sub-RS256");
+}
+
+#[test]
+fn jwt_rejections() {
+    let j = Jwt::new();
+    let origin = principal_origin();
+    let gw = Gateway::start(&jwt_config(origin.addr, &j.dir.join("jwks.json")));
+    let t = now();
+    let cases: Vec<(&str, Value)> = vec![
+        (
+            "expired",
+            json!({"alg":"RS256","kid":"rsa","claims":claims(json!({"exp": t - 120}))}),
+        ),
+        (
+            "not yet valid",
+            json!({"alg":"RS256","kid":"rsa","claims":claims(json!({"nbf": t + 120}))}),
+        ),
+        (
+            "wrong issuer",
+            json!({"alg":"RS256","kid":"rsa","claims":claims(json!({"iss":"https://evil.example.com"}))}),
+        ),
+        (
+            "wrong audience",
+            json!({"alg":"RS256","kid":"rsa","claims":claims(json!({"aud":"other"}))}),
+        ),
+        (
+            "no exp",
+            json!({"alg":"RS256","kid":"rsa","claims":claims(json!({"exp": null}))}),
+        ),
+        (
+            "no aud",
+            json!({"alg":"RS256","kid":"rsa","claims":claims(json!({"aud": null}))}),
+        ),
+        (
+            "signed by another key with a known kid",
+            json!({"alg":"RS256","kid":"rsa","sign_kid":"rsa2","claims":claims(json!({}))}),
+        ),
+        (
+            "unknown kid",
+            json!({"alg":"RS256","kid":"rsa2","claims":claims(json!({}))}),
+        ),
+        (
+            "ES384 with the P-256 key's kid",
+            json!({"alg":"ES384","kid":"ec256","sign_kid":"ec384","claims":claims(json!({}))}),
+        ),
+        // Key confusion: HS256 signed with the RSA public key's PEM as the HMAC secret.
+        (
+            "HS256 keyed with the RSA public key",
+            json!({"alg":"HS256","kid":"rsa","raw_hs_key_file": j.dir.join("rsa.pub.pem"),"claims":claims(json!({}))}),
+        ),
+        // jku/x5u never make the gateway fetch anything.
+        (
+            "jku elsewhere",
+            json!({"alg":"RS256","kid":"rsa2","sign_kid":"rsa2","headers":{"jku":"http://127.0.0.1:1/jwks.json"},"claims":claims(json!({}))}),
+        ),
+    ];
+    let tokens = j.mint(cases.iter().map(|(_, v)| v.clone()).collect());
+    for ((what, _), tok) in cases.iter().zip(&tokens) {
+        assert_denied(&bearer(&gw, "/jwt", tok), 401, what);
+    }
+    // Within the 30 s leeway is fine.
+    let ok = j.mint(vec![
+        json!({"alg":"RS256","kid":"rsa","claims":claims(json!({"exp": t - 10, "nbf": t + 10}))}),
+    ]);
+    assert_eq!(bearer(&gw, "/jwt", &ok[0]).status, 200);
+    // alg none, garbage, missing or other schemes.
+    let none = format!(
+        "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
+        tokens[0].split('.').nth(1).unwrap()
+    );
+    assert_denied(&bearer(&gw, "/jwt", &none), 401, "alg none");
+    assert_denied(&bearer(&gw, "/jwt", "not.a.jwt"), 401, "garbage");
+    assert_denied(&gw.get("/jwt"), 401, "no Authorization");
+    assert_denied(
+        &get_with(
+            &gw,
+            "/jwt",
+            &[("Authorization", &format!("Basic {}", ok[0]))],
+        ),
+        401,
+        "Basic scheme",
+    );
+    // A tampered payload of a good (and cached) token.
+    let parts: Vec<&str> = ok[0].split('.').collect();
+    let mut payload = parts[1].to_string();
+    let last = payload.pop().unwrap();
+    payload.push(if last == 'A' { 'B' } else { 'A' });
+    let tampered = format!("{}.{}.{}", parts[0], payload, parts[2]);
+    assert_denied(&bearer(&gw, "/jwt", &tampered), 401, "tampered payload");
+    assert_eq!(
+        origin.request_count(),
+        1,
+        "refused requests never go upstream"
+    );
+}
+
+#[test]
+fn jwt_scopes_and_api_key_on_top() {
+    let j = Jwt::new();
+    let origin = principal_origin();
+    let gw = Gateway::start(&jwt_config(origin.addr, &j.dir.join("jwks.json")));
+    let toks = j.mint(vec![
+        json!({"alg":"ES256","kid":"ec256","claims":claims(json!({}))}),
+        json!({"alg":"ES256","kid":"ec256","claims":claims(json!({"scope": null, "scp": ["profile", "orders:read"]}))}),
+        json!({"alg":"ES256","kid":"ec256","claims":claims(json!({"scope": "profile"}))}),
+    ]);
+    assert_eq!(bearer(&gw, "/scoped", &toks[0]).status, 200, "scope string");
+    assert_eq!(bearer(&gw, "/scoped", &toks[1]).status, 200, "scp array");
+    assert_denied(&bearer(&gw, "/scoped", &toks[2]), 403, "one scope missing");
+    // Twice: the cached token is checked against the route's scopes too.
+    assert_denied(
+        &bearer(&gw, "/admin", &toks[0]),
+        403,
+        "orders:write missing",
+    );
+    assert_denied(
+        &bearer(&gw, "/admin", &toks[0]),
+        403,
+        "orders:write missing, cached",
+    );
+    // jwt + api_key_required.
+    assert_denied(&bearer(&gw, "/both", &toks[0]), 403, "no api key");
+    let auth = format!("Bearer {}", toks[0]);
+    let r = get_with(
+        &gw,
+        "/both",
+        &[("Authorization", &auth), ("x-api-key", KEY)],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "user-1");
+    assert_denied(
+        &get_with(&gw, "/both", &[("x-api-key", KEY)]),
+        401,
+        "api key but no token",
+    );
+}
+
+#[test]
+fn jwks_uri_rotation_and_refresh() {
+    let j = Jwt::new();
+    peer(
+        &j.dir,
+        json!([{"op":"jwks","kids":["rsa"],"out":"jwks-a.json"},{"op":"jwks","kids":["rsa2"],"out":"jwks-b.json"}]),
+    );
+    let a = std::fs::read_to_string(j.dir.join("jwks-a.json")).unwrap();
+    let b = std::fs::read_to_string(j.dir.join("jwks-b.json")).unwrap();
+    let current = Arc::new(Mutex::new(a));
+    let cur = current.clone();
+    let idp = Origin::start(move |_| {
+        Response::ok(cur.lock().unwrap().clone())
+            .header("content-type", "application/json")
+            .header("cache-control", "public, max-age=1")
+    });
+    let origin = principal_origin();
+    let cfg = format!(
+        r#"
+[[upstreams]]
+name = "app"
+targets = ["{}"]
+
+[[authorizers]]
+name = "users"
+type = "jwt"
+audience = ["shop"]
+jwks_uri = "http://{}/.well-known/jwks.json"
+
+[[apis]]
+name = "shop"
+
+[[apis.routes]]
+route = "GET /jwt"
+integration = {{ type = "http", upstream = "app" }}
+auth = "jwt:users"
+"#,
+        origin.addr, idp.addr
+    );
+    let gw = Gateway::start(&cfg);
+    assert!(idp.request_count() >= 1, "fetched at start");
+    let toks = j.mint(vec![
+        json!({"alg":"RS256","kid":"rsa","claims":claims(json!({"sub":"old"}))}),
+        json!({"alg":"RS256","kid":"rsa2","claims":claims(json!({"sub":"new"}))}),
+        json!({"alg":"RS256","kid":"nope","sign_kid":"rsa2","claims":claims(json!({"sub":"x"}))}),
+    ]);
+    assert_eq!(bearer(&gw, "/jwt", &toks[0]).text(), "old");
+    // max-age=1: the refresher fetches again about every second.
+    let n0 = idp.request_count();
+    std::thread::sleep(Duration::from_millis(2600));
+    let n1 = idp.request_count();
+    assert!(
+        n1 >= n0 + 2,
+        "background refresh honours max-age ({n0} -> {n1})"
+    );
+    // Rotation: the IdP now publishes only the new key.
+    *current.lock().unwrap() = b;
+    let r = bearer(&gw, "/jwt", &toks[1]);
+    assert_eq!(
+        r.status,
+        200,
+        "new kid accepted after a refresh: {}",
+        r.text()
+    );
+    assert_eq!(r.text(), "new");
+    // Unknown kids: at most one early refresh per interval, never a fetch storm.
+    let n2 = idp.request_count();
+    for _ in 0..20 {
+        assert_denied(&bearer(&gw, "/jwt", &toks[2]), 401, "unknown kid");
+    }
+    let n3 = idp.request_count();
+    assert!(
+        n3 <= n2 + 3,
+        "unknown kids do not hammer the IdP ({n2} -> {n3})"
+    );
+}
+
+#[test]
+fn jwks_uri_down_at_start_denies_then_recovers() {
+    let j = Jwt::new();
+    peer(
+        &j.dir,
+        json!([{"op":"jwks","kids":["ed"],"out":"jwks-ed.json"}]),
+    );
+    let body = std::fs::read_to_string(j.dir.join("jwks-ed.json")).unwrap();
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let up2 = up.clone();
+    let idp = Origin::start(move |_| {
+        if up2.load(std::sync::atomic::Ordering::SeqCst) {
+            Response::ok(body.clone()).header("cache-control", "max-age=60")
+        } else {
+            Response::new(503)
+        }
+    });
+    let cfg = format!(
+        r#"
+[[authorizers]]
+name = "users"
+type = "jwt"
+jwks_uri = "http://{}/jwks"
+
+[[apis]]
+name = "shop"
+
+[[apis.routes]]
+route = "GET /jwt"
+integration = {{ type = "mock", body = "in" }}
+auth = "jwt:users"
+"#,
+        idp.addr
+    );
+    let gw = Gateway::start(&cfg);
+    let tok = j.mint(vec![
+        json!({"alg":"EdDSA","kid":"ed","claims":{"exp": now() + 300}}),
+    ]);
+    assert_denied(&bearer(&gw, "/jwt", &tok[0]), 401, "no keys yet");
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Retried in the background (5 s after a failure).
+    assert!(wait_until(Duration::from_secs(8), || bearer(
+        &gw, "/jwt", &tok[0]
+    )
+    .status
+        == 200));
+}
+
+// ---------------------------------------------------------------------------------------------
+// SigV4
+// ---------------------------------------------------------------------------------------------
+
+fn sigv4_config(origin: SocketAddr) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "app"
+targets = ["{origin}"]
+
+[[sigv4_credentials]]
+access_key = "{AK}"
+secret_key = "{SK}"
+region = "us-east-1"
+service = "execute-api"
+principal = "ci-bot"
+
+[[apis]]
+name = "shop"
+
+[[apis.routes]]
+route = "ANY /signed/{{p+}}"
+integration = {{ type = "http", upstream = "app" }}
+auth = "sigv4"
+"#
+    )
+}
+
+fn sign_job(method: &str, url: &str, headers: Value, body: &str) -> Value {
+    json!({"op":"sign","method":method,"url":url,"headers":headers,"body":body,
+           "access_key":AK,"secret_key":SK,"region":"us-east-1","service":"execute-api"})
+}
+
+/// Sends `method target` with the signed headers (plus `extra`) and `body`.
+fn send_signed(
+    gw: &Gateway,
+    method: &str,
+    target: &str,
+    signed: &Value,
+    extra: &[(&str, &str)],
+    body: &str,
+) -> RawResponse {
+    let mut raw = format!("{method} {target} HTTP/1.1\r\nHost: {}\r\n", gw.addr);
+    for (k, v) in signed["headers"].as_object().unwrap() {
+        raw.push_str(&format!("{k}: {}\r\n", v.as_str().unwrap()));
+    }
+    for (k, v) in extra {
+        raw.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    raw.push_str("\r\n");
+    raw.push_str(body);
+    gw.request(&raw)
+}
+
+#[test]
+fn sigv4_header_form_accepts_and_detects_tampering() {
+    let origin = principal_origin();
+    let gw = Gateway::start(&sigv4_config(origin.addr));
+    let base = format!("http://{}", gw.addr);
+    let dir = temp_dir("sigv4");
+    let old = amz_time(now() - 20 * 60);
+    let mut stale = sign_job("GET", &format!("{base}/signed/a"), json!({}), "");
+    stale["time"] = json!(old);
+    let body = r#"{"order":42}"#;
+    let res = peer(
+        &dir,
+        json!([
+            sign_job(
+                "GET",
+                &format!("{base}/signed/items/7?b=2&a=x%20y"),
+                json!({"x-custom": "one"}),
+                ""
+            ),
+            sign_job(
+                "POST",
+                &format!("{base}/signed/orders"),
+                json!({"content-type": "application/json"}),
+                body
+            ),
+            sign_job(
+                "POST",
+                &format!("{base}/signed/orders"),
+                json!({"x-amz-content-sha256": "UNSIGNED-PAYLOAD"}),
+                body
+            ),
+            stale, // last: it sets the peer's clock
+        ]),
+    );
+    // Accepted.
+    let r = send_signed(&gw, "GET", "/signed/items/7?b=2&a=x%20y", &res[0], &[], "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "ci-bot");
+    let r = send_signed(&gw, "POST", "/signed/orders", &res[1], &[], body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "ci-bot");
+    assert_eq!(origin.last_request().body, body.as_bytes());
+    // Tampered path, query, signed header, body.
+    assert_denied(
+        &send_signed(&gw, "GET", "/signed/items/8?b=2&a=x%20y", &res[0], &[], ""),
+        403,
+        "path",
+    );
+    assert_denied(
+        &send_signed(&gw, "GET", "/signed/items/7?b=3&a=x%20y", &res[0], &[], ""),
+        403,
+        "query",
+    );
+    let mut h = res[0].clone();
+    h["headers"]["x-custom"] = json!("two");
+    assert_denied(
+        &send_signed(&gw, "GET", "/signed/items/7?b=2&a=x%20y", &h, &[], ""),
+        403,
+        "header",
+    );
+    assert_denied(
+        &send_signed(
+            &gw,
+            "POST",
+            "/signed/orders",
+            &res[1],
+            &[],
+            r#"{"order":43}"#,
+        ),
+        403,
+        "body",
+    );
+    assert_denied(
+        &send_signed(&gw, "PUT", "/signed/orders", &res[1], &[], body),
+        403,
+        "method",
+    );
+    // Outside the 15-minute window.
+    assert_denied(
+        &send_signed(&gw, "GET", "/signed/a", &res[3], &[], ""),
+        403,
+        "stale date",
+    );
+    // UNSIGNED-PAYLOAD: the body is not covered.
+    let r = send_signed(&gw, "POST", "/signed/orders", &res[2], &[], "anything");
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Wrong secret / unknown key id / nothing at all.
+    let other = peer(
+        &dir,
+        json!([{"op":"sign","method":"GET","url":format!("{base}/signed/a"),"access_key":AK,
+                "secret_key":"not-the-secret-key-at-all","region":"us-east-1","service":"execute-api"},
+               {"op":"sign","method":"GET","url":format!("{base}/signed/a"),"access_key":"AKIDOTHER",
+                "secret_key":SK,"region":"us-east-1","service":"execute-api"},
+               {"op":"sign","method":"GET","url":format!("{base}/signed/a"),"access_key":AK,
+                "secret_key":SK,"region":"eu-west-1","service":"execute-api"}]),
+    );
+    assert_denied(
+        &send_signed(&gw, "GET", "/signed/a", &other[0], &[], ""),
+        403,
+        "wrong secret",
+    );
+    assert_denied(
+        &send_signed(&gw, "GET", "/signed/a", &other[1], &[], ""),
+        403,
+        "unknown key",
+    );
+    assert_denied(
+        &send_signed(&gw, "GET", "/signed/a", &other[2], &[], ""),
+        403,
+        "other region",
+    );
+    assert_denied(&gw.get("/signed/a"), 401, "unsigned");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigv4_presigned_urls() {
+    let origin = principal_origin();
+    let gw = Gateway::start(&sigv4_config(origin.addr));
+    let base = format!("http://{}", gw.addr);
+    let dir = temp_dir("sigv4p");
+    let mut p1 = sign_job("GET", &format!("{base}/signed/file?v=1"), json!({}), "");
+    p1["presign"] = json!(300);
+    let mut p2 = sign_job("GET", &format!("{base}/signed/file"), json!({}), "");
+    p2["presign"] = json!(60);
+    p2["time"] = json!(amz_time(now() - 120));
+    let res = peer(&dir, json!([p1, p2]));
+    let target = |v: &Value| {
+        let url = v["url"].as_str().unwrap();
+        url[url.find("/signed").unwrap()..].to_string()
+    };
+    let t1 = target(&res[0]);
+    let r = send_signed(&gw, "GET", &t1, &json!({"headers":{}}), &[], "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "ci-bot");
+    assert_denied(
+        &send_signed(
+            &gw,
+            "GET",
+            &t1.replace("v=1", "v=2"),
+            &json!({"headers":{}}),
+            &[],
+            "",
+        ),
+        403,
+        "tampered query",
+    );
+    assert_denied(
+        &send_signed(
+            &gw,
+            "GET",
+            &t1.replace("/file", "/other"),
+            &json!({"headers":{}}),
+            &[],
+            "",
+        ),
+        403,
+        "tampered path",
+    );
+    // Expired (signed 120 s ago for 60 s).
+    assert_denied(
+        &send_signed(
+            &gw,
+            "GET",
+            &target(&res[1]),
+            &json!({"headers":{}}),
+            &[],
+            "",
+        ),
+        403,
+        "expired presigned URL",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn auth_config_errors_name_the_key() {
+    let route = |extra: &str| {
+        format!(
+            "[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /x\"\nintegration = {{ type = \"mock\" }}\n{extra}\n"
+        )
+    };
+    let cases = [
+        (route("auth = \"jwt:nope\""), "apis[0].routes[0].auth"),
+        (route("auth = \"magic\""), "apis[0].routes[0].auth"),
+        (route("auth = \"authorizer:nope\""), "apis[0].routes[0].auth"),
+        (
+            "[[authorizers]]\nname = \"r\"\ntype = \"request\"\nupstream = \"none\"\nidentity_sources = [\"header.a\"]\n"
+                .to_string(),
+            "authorizers[0].upstream",
+        ),
+        (route("scopes = [\"a\"]"), "apis[0].routes[0].scopes"),
+        (route("auth = \"sigv4\""), "apis[0].routes[0].auth"),
+        (
+            "[[authorizers]]\nname = \"x\"\ntype = \"jwt\"\n".to_string(),
+            "authorizers[0].jwks_uri",
+        ),
+        (
+            "[[authorizers]]\nname = \"x\"\ntype = \"jwt\"\nsecret = \"short\"\n".to_string(),
+            "authorizers[0].secret",
+        ),
+        (
+            "[[authorizers]]\nname = \"x\"\ntype = \"jwt\"\njwks_uri = \"https://idp/jwks\"\n"
+                .to_string(),
+            "authorizers[0].jwks_uri",
+        ),
+        (
+            "[[api_keys]]\nname = \"k\"\nvalue = \"short\"\n".to_string(),
+            "api_keys[0].value",
+        ),
+    ];
+    for (toml, key) in cases {
+        let (out, _) = check(&toml);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted: {toml}");
+        assert!(err.contains(&format!("key `{key}`")), "{key}: {err}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request authorizers
+// ---------------------------------------------------------------------------------------------
+
+/// An authorizer deciding on `identity["header.authorization"]`; records each call's body.
+fn authorizer_origin() -> Origin {
+    Origin::start(|r| {
+        let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        let who = v["identity"]["header.authorization"].as_str().unwrap_or("");
+        match who {
+            "allow-me" => Response::ok(
+                json!({"allow": true, "principal": "p-1", "context": {"tier": "gold"}}).to_string(),
+            )
+            .header("content-type", "application/json"),
+            "deny-me" => Response::ok(r#"{"allow":false}"#),
+            "slow" => Response::ok(r#"{"allow":true}"#).delay(Duration::from_millis(2500)),
+            "broken" => Response::new(500).body("oops"),
+            "garbage" => Response::ok("not json"),
+            _ => Response::ok(r#"{"allow":false}"#),
+        }
+    })
+}
+
+fn authorizer_config(origin: SocketAddr, authz: SocketAddr, ttl: u64) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "app"
+targets = ["{origin}"]
+
+[[upstreams]]
+name = "authz"
+targets = ["{authz}"]
+timeout_ms = 1000
+connect_timeout_ms = 300
+
+[[authorizers]]
+name = "custom"
+type = "request"
+upstream = "authz"
+path = "/authorize"
+identity_sources = ["header.authorization"]
+ttl_s = {ttl}
+
+[[apis]]
+name = "shop"
+
+[[apis.routes]]
+route = "GET /custom"
+integration = {{ type = "http", upstream = "app" }}
+auth = "authorizer:custom"
+"#
+    )
+}
+
+#[test]
+fn request_authorizer_allows_denies_and_caches() {
+    let origin = principal_origin();
+    let authz = authorizer_origin();
+    let gw = Gateway::start(&authorizer_config(origin.addr, authz.addr, 300));
+    // Missing identity source: 401 without a call.
+    assert_denied(&gw.get("/custom"), 401, "no identity source");
+    assert_denied(
+        &get_with(&gw, "/custom", &[("Authorization", "")]),
+        401,
+        "empty identity source",
+    );
+    assert_eq!(authz.request_count(), 0);
+    // Allow, on one connection (one worker): one call, then the cache.
+    let mut c = Client::connect(gw.addr);
+    for _ in 0..5 {
+        c.send(b"GET /custom HTTP/1.1\r\nHost: t\r\nAuthorization: allow-me\r\nx-principal-id: forged\r\n\r\n");
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "p-1");
+    }
+    assert_eq!(authz.request_count(), 1, "decision cached");
+    let call = authz.last_request();
+    assert_eq!(call.method, "POST");
+    assert_eq!(call.path, "/authorize");
+    let body: Value = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(body["identity"]["header.authorization"], "allow-me");
+    assert_eq!(body["path"], "/custom");
+    // Deny: 403, cached too.
+    for _ in 0..3 {
+        c.send(b"GET /custom HTTP/1.1\r\nHost: t\r\nAuthorization: deny-me\r\n\r\n");
+        assert_denied(&c.read_response().unwrap(), 403, "denied");
+    }
+    assert_eq!(authz.request_count(), 2);
+    assert_eq!(origin.request_count(), 5);
+}
+
+#[test]
+fn request_authorizer_down_slow_or_broken_is_5xx_never_allow() {
+    let origin = principal_origin();
+    let authz = authorizer_origin();
+    let gw = Gateway::start(&authorizer_config(origin.addr, authz.addr, 300));
+    let r = get_with(&gw, "/custom", &[("Authorization", "slow")]);
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.message(), "Authorizer timed out");
+    for who in ["broken", "garbage"] {
+        let r = get_with(&gw, "/custom", &[("Authorization", who)]);
+        assert_eq!(r.status, 500, "{who}: {}", r.text());
+        assert_eq!(r.message(), "Authorizer error");
+    }
+    assert_eq!(origin.request_count(), 0);
+    // An authorizer nobody listens on.
+    let gw2 = Gateway::start(&authorizer_config(origin.addr, dead_addr(), 300));
+    let r = get_with(&gw2, "/custom", &[("Authorization", "allow-me")]);
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert_eq!(origin.request_count(), 0);
+}
+
+#[test]
+fn request_authorizer_cache_expires_after_ttl() {
+    let origin = principal_origin();
+    let authz = authorizer_origin();
+    let gw = Gateway::start(&authorizer_config(origin.addr, authz.addr, 1));
+    let mut c = Client::connect(gw.addr);
+    let mut ask = || {
+        c.send(b"GET /custom HTTP/1.1\r\nHost: t\r\nAuthorization: allow-me\r\n\r\n");
+        c.read_response().unwrap().status
+    };
+    assert_eq!(ask(), 200);
+    assert_eq!(ask(), 200);
+    assert_eq!(authz.request_count(), 1);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(ask(), 200);
+    assert_eq!(authz.request_count(), 2, "called again after ttl_s");
+}
+
+#[test]
+fn sigv4_body_arriving_late_and_pipelined_requests() {
+    let origin = principal_origin();
+    let gw = Gateway::start(&sigv4_config(origin.addr));
+    let base = format!("http://{}", gw.addr);
+    let dir = temp_dir("sigv4late");
+    let body = "x".repeat(100_000);
+    let res = peer(
+        &dir,
+        json!([sign_job(
+            "POST",
+            &format!("{base}/signed/upload"),
+            json!({}),
+            &body
+        )]),
+    );
+    let mut head = format!("POST /signed/upload HTTP/1.1\r\nHost: {}\r\n", gw.addr);
+    for (k, v) in res[0]["headers"].as_object().unwrap() {
+        head.push_str(&format!("{k}: {}\r\n", v.as_str().unwrap()));
+    }
+    head.push_str(&format!(
+        "Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    ));
+    let mut c = Client::connect(gw.addr);
+    c.send(head.as_bytes());
+    // The gateway asks for the body itself (it must hash it before deciding).
+    let interim = c.read_response().unwrap();
+    assert_eq!(interim.status, 100);
+    c.send(&body.as_bytes()[..50_000]);
+    std::thread::sleep(Duration::from_millis(100));
+    // The rest of the body, then a pipelined unsigned request on the same connection.
+    let mut rest = body.as_bytes()[50_000..].to_vec();
+    rest.extend_from_slice(b"GET /signed/a HTTP/1.1\r\nHost: t\r\n\r\n");
+    c.send(&rest);
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "ci-bot");
+    assert_eq!(origin.last_request().body.len(), body.len());
+    let r = c.read_response().unwrap();
+    assert_denied(&r, 401, "pipelined unsigned request");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn access_log_names_the_principal_and_the_key() {
+    let j = Jwt::new();
+    let origin = principal_origin();
+    let cfg = format!(
+        "{HEADER}\n[access_log]\npath = \"@DIR@/access.log\"\n{}",
+        jwt_config(origin.addr, &j.dir.join("jwks.json"))
+    );
+    let gw = Gateway::start(&cfg);
+    let tok = j.mint(vec![
+        json!({"alg":"HS256","secret":SECRET,"claims":claims(json!({"sub":"logged-user"}))}),
+    ]);
+    let r = get_with(
+        &gw,
+        "/both",
+        &[
+            ("Authorization", &format!("Bearer {}", tok[0])),
+            ("x-api-key", KEY),
+            ("x-request-id", "with-auth"),
+        ],
+    );
+    assert_eq!(r.status, 401, "HS token on the RSA authorizer");
+    let tok = j.mint(vec![
+        json!({"alg":"EdDSA","kid":"ed","claims":claims(json!({"sub":"logged-user"}))}),
+    ]);
+    let r = get_with(
+        &gw,
+        "/both",
+        &[
+            ("Authorization", &format!("Bearer {}", tok[0])),
+            ("x-api-key", KEY),
+            ("x-request-id", "ok-auth"),
+        ],
+    );
+    assert_eq!(r.status, 200);
+    let path = gw.dir.join("access.log");
+    let mut line = Value::Null;
+    assert!(wait_until(Duration::from_secs(3), || {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        match text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|e| e["request_id"] == "ok-auth")
+        {
+            Some(e) => {
+                line = e;
+                true
+            }
+            None => false,
+        }
+    }));
+    assert_eq!(line["principal"], "logged-user", "{line}");
+    assert_eq!(line["api_key"], "alice", "{line}");
+    assert!(
+        !std::fs::read_to_string(&path).unwrap().contains(KEY),
+        "key values never reach the log"
+    );
+}
+
+#[test]
+fn config_keys_follow_reloads_and_a_corrupt_key_file_stops_the_start() {
+    let gw = Gateway::start(&key_config(dead_addr()));
+    let new_key = "a-key-that-came-with-reload-01";
+    gw.write_config(&key_config(dead_addr()).replace(KEY, new_key));
+    gw.reload_signal();
+    assert!(wait_until(Duration::from_secs(3), || {
+        get_with(&gw, "/required", &[("x-api-key", new_key)]).status == 200
+    }));
+    assert_denied(
+        &get_with(&gw, "/required", &[("x-api-key", KEY)]),
+        403,
+        "the old config key is gone",
+    );
+
+    let state = temp_dir("bad-state");
+    std::fs::write(state.join("api_keys.json"), "{ not json").unwrap();
+    let cfg = format!(
+        "[server]\nlisten = [\"@LISTEN@\"]\nworkers = 1\nstate_dir = \"{}\"\n[admin]\nlisten = \"@ADMIN@\"\n{}",
+        state.display(),
+        key_config(dead_addr())
+    );
+    let err = Gateway::try_start(&cfg).err().expect("must not start");
+    assert!(err.contains("api_keys.json"), "{err}");
+    let _ = std::fs::remove_dir_all(&state);
+}
