@@ -30,6 +30,8 @@ pub struct Shared {
     /// Set once every listener is bound.
     pub ready: AtomicBool,
     pub access_log: Option<AccessLog>,
+    /// Open WebSocket API connections, for `@connections`.
+    pub ws: crate::ws::api::Registry,
     config_path: PathBuf,
     reload_lock: Mutex<()>,
 }
@@ -48,6 +50,7 @@ impl Shared {
             health,
             ready: AtomicBool::new(false),
             access_log,
+            ws: Default::default(),
             config_path,
             reload_lock: Mutex::new(()),
         })

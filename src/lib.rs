@@ -9,7 +9,8 @@
 //! - [`router`]: the path trie;
 //! - [`upstream`]: pools, balancing, health;
 //! - [`metrics`], [`accesslog`], [`admin`]: observability and management;
-//! - [`gateway`]: the live state shared by all threads.
+//! - [`gateway`]: the live state shared by all threads;
+//! - [`ws`]: WebSocket codec, pass-through and WebSocket APIs.
 
 pub mod accesslog;
 pub mod admin;
@@ -21,3 +22,4 @@ pub mod router;
 pub mod runtime;
 pub mod server;
 pub mod upstream;
+pub mod ws;

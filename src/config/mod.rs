@@ -9,6 +9,7 @@ pub mod raw;
 mod routes;
 
 pub use routes::{Integration, MockResponse, PathTemplate, Route, RouteMatch, RouteTable};
+pub(crate) use routes::subst_stage_vars;
 
 use raw::{RawConfig, RawUpstream};
 use std::fmt;

@@ -109,6 +109,8 @@ pub struct Registry {
     workers: Mutex<Vec<Arc<Mutex<WorkerMetrics>>>>,
     /// Open client connections.
     pub connections_active: AtomicI64,
+    /// Open WebSocket connections.
+    pub ws_connections_active: AtomicI64,
 }
 
 /// Merged view used by the dashboard and the scrape.
@@ -200,7 +202,11 @@ impl Registry {
         o.push_str("# HELP ringgate_throttled_total Requests refused by a throttle or quota.\n# TYPE ringgate_throttled_total counter\n");
         o.push_str("# HELP ringgate_cache_hits_total Responses served from the cache.\n# TYPE ringgate_cache_hits_total counter\nringgate_cache_hits_total 0\n");
         o.push_str("# HELP ringgate_cache_misses_total Cacheable requests not found in the cache.\n# TYPE ringgate_cache_misses_total counter\nringgate_cache_misses_total 0\n");
-        o.push_str("# HELP ringgate_websocket_connections_active Open WebSocket connections.\n# TYPE ringgate_websocket_connections_active gauge\nringgate_websocket_connections_active 0\n");
+        let _ = writeln!(
+            o,
+            "# HELP ringgate_websocket_connections_active Open WebSocket connections (pass-through and WebSocket APIs).\n# TYPE ringgate_websocket_connections_active gauge\nringgate_websocket_connections_active {}",
+            self.ws_connections_active.load(Ordering::Relaxed)
+        );
         o
     }
 }

@@ -225,6 +225,8 @@ struct Conn {
     /// Cancels the idle read when the grace period ends (kept to avoid allocating per wait).
     canceller: Canceller,
     guard: ConnGuard,
+    /// Set when the request became a WebSocket connection: the loop hands the socket over.
+    takeover: Option<crate::ws::Takeover>,
 }
 
 /// How a request ended, for metrics, the access log and keep-alive.
@@ -276,6 +278,7 @@ pub(crate) async fn run(
         served,
         canceller: Canceller::new(),
         guard,
+        takeover: None,
     };
     loop {
         let gw = w.gateway();
@@ -309,6 +312,17 @@ pub(crate) async fn run(
         w.inflight.set(w.inflight.get() + 1);
         let keep = handle(&w, &gw, &mut c).await;
         w.inflight.set(w.inflight.get() - 1);
+        if let Some(t) = c.takeover.take() {
+            // A WebSocket now: bytes after the upgrade request are the first frames.
+            let pending = c.b.rbuf[c.consumed.min(c.b.rbuf.len())..].to_vec();
+            let Conn {
+                stream, b, guard, ..
+            } = c;
+            w.give_bufs(b);
+            crate::ws::run_takeover(t, stream, pending, w.shared.clone()).await;
+            drop(guard);
+            return;
+        }
         c.served = true;
         if !keep || w.shared.shutdown.load(Ordering::Relaxed) {
             break;
@@ -494,8 +508,66 @@ async fn route_and_run(
         Integration::Http { upstream, path } => {
             proxy::proxy(w, gw, c, route, *upstream, path.as_ref()).await
         }
+        Integration::WebSocket(api) => ws_handshake(w, gw, c, api).await,
     };
     (out, Some(id))
+}
+
+/// The opening handshake of a WebSocket API route (validation and `$connect`).
+async fn ws_handshake(
+    w: &Rc<Worker>,
+    gw: &Arc<Gateway>,
+    c: &mut Conn,
+    api: &Arc<crate::ws::WsApi>,
+) -> Outcome {
+    use crate::ws::api::Handshake;
+    let hs = crate::ws::api::handshake(
+        gw,
+        api,
+        &c.b.head,
+        &c.b.rbuf,
+        c.peer,
+        &c.reqid[..c.reqid_len],
+    )
+    .await;
+    match hs {
+        Handshake::Accept(head, accepted) => {
+            c.b.out.clear();
+            c.b.out.extend_from_slice(&head);
+            if !write_out(c).await {
+                return Outcome {
+                    status: 499,
+                    keep_alive: false,
+                    upstream: None,
+                };
+            }
+            c.takeover = Some(crate::ws::Takeover::Api(accepted));
+            Outcome {
+                status: 101,
+                keep_alive: false,
+                upstream: None,
+            }
+        }
+        Handshake::Refuse(status, msg) => reject(w, c, status, msg, false).await,
+        Handshake::RefuseWith(status, body) => {
+            if body.is_empty() {
+                return reject(w, c, status, "Forbidden: refused by $connect", false).await;
+            }
+            c.b.out.clear();
+            encode::push_status_line(&mut c.b.out, status);
+            c.b.out.extend_from_slice(b"content-length: ");
+            encode::push_u64(&mut c.b.out, body.len() as u64);
+            c.b.out.extend_from_slice(b"\r\n");
+            push_common(w, c, false);
+            c.b.out.extend_from_slice(&body);
+            write_out(c).await;
+            Outcome {
+                status,
+                keep_alive: false,
+                upstream: None,
+            }
+        }
+    }
 }
 
 /// Whether the request's body is already fully buffered (so it can be skipped and the
