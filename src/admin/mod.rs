@@ -132,7 +132,8 @@ fn serve_conn(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 .map(|v| ct_eq(v, t.as_bytes()))
                 .unwrap_or(false),
         };
-        let reply = route(shared, &method, &path, authorized);
+        let body = &buf[head_len..head_len + body_len];
+        let reply = route(shared, &method, &path, authorized, body);
         let keep = head.keep_alive;
         write_reply(&mut s, &reply, keep)?;
         if !keep {
@@ -142,7 +143,7 @@ fn serve_conn(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
     }
 }
 
-fn route(shared: &Shared, method: &str, path: &str, authorized: bool) -> Reply {
+fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8]) -> Reply {
     if path == "/healthz" {
         return if shared.ready.load(Ordering::Acquire) {
             Reply {
@@ -180,6 +181,14 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool) -> Reply {
             }
         },
         (_, "/metrics") | (_, "/reload") => json(405, "Method Not Allowed"),
+        (_, p) if p.starts_with("/@connections/") => {
+            let (status, body) = crate::ws::api::admin(shared, method, &p[14..], body);
+            Reply {
+                status,
+                ctype: "application/json",
+                body: body.into_bytes(),
+            }
+        }
         _ => json(404, "Not Found"),
     }
 }
