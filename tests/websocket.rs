@@ -255,7 +255,7 @@ fn messages_are_routed_and_answered() {
     assert_eq!(connect.len(), 1);
     assert_eq!(connect[0].method, "POST");
     assert_eq!(connect[0].path, "/connect?room=7");
-    assert_eq!(connect[0].header("host").is_some(), true);
+    assert!(connect[0].header("host").is_some());
     assert_eq!(connect[0].header("sec-websocket-key"), Some(KEY));
     let id = connect[0].header("x-connection-id").unwrap().to_string();
     let echo = route_keys(&be, "echo");
@@ -287,7 +287,12 @@ fn invalid_utf8_closes_with_1007() {
     ws.send(true, op::CONT, b"\x41");
     assert_eq!(ws.expect_close(), 1007);
     assert!(ws.eof());
-    assert!(wait_until(Duration::from_secs(3), || route_keys(&be, "$disconnect").len() == 1));
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be,
+        "$disconnect"
+    )
+    .len()
+        == 1));
 }
 
 #[test]
@@ -402,7 +407,9 @@ fn handshake_refusals() {
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}\r\n"
         ))
     };
-    let r = raw(&format!("Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 8\r\n"));
+    let r = raw(&format!(
+        "Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 8\r\n"
+    ));
     assert_eq!(r.status, 426);
     let r = raw("Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n");
     assert_eq!(r.status, 400);
@@ -415,15 +422,25 @@ fn handshake_refusals() {
     // $connect refusing: its status and body.
     let (head, _) = ws_connect(gw.addr, "/?deny=1", "");
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
-    // None of the refused ones got a $disconnect.
+    // Only the accepted one (dropped above) gets a $disconnect, none of the refused ones.
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be,
+        "$disconnect"
+    )
+    .len()
+        == 1));
     thread::sleep(Duration::from_millis(200));
-    assert_eq!(route_keys(&be, "$disconnect").len(), 0);
+    assert_eq!(route_keys(&be, "$disconnect").len(), 1);
+    assert_eq!(route_keys(&be, "$connect").len(), 2);
 }
 
 #[test]
 fn disconnect_called_once_on_every_kind_of_close() {
     let be = api_backend();
-    let gw = Gateway::start(&api_config(be.addr, "websocket = { idle_timeout_ms = 700 }"));
+    let gw = Gateway::start(&api_config(
+        be.addr,
+        "websocket = { idle_timeout_ms = 700 }",
+    ));
     // 1: client close handshake.
     let mut ws = open(gw.addr, "/");
     ws.send(true, op::CLOSE, &1000u16.to_be_bytes());
@@ -439,8 +456,17 @@ fn disconnect_called_once_on_every_kind_of_close() {
     let mut ws4 = open(gw.addr, "/");
     let t = Instant::now();
     assert_eq!(ws4.expect_close(), 1001);
-    assert!(t.elapsed() >= Duration::from_millis(600), "{:?}", t.elapsed());
-    assert!(wait_until(Duration::from_secs(3), || route_keys(&be, "$disconnect").len() == 4));
+    assert!(
+        t.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be,
+        "$disconnect"
+    )
+    .len()
+        == 4));
     thread::sleep(Duration::from_millis(300));
     let d = route_keys(&be, "$disconnect");
     assert_eq!(d.len(), 4);
@@ -456,7 +482,10 @@ fn disconnect_called_once_on_every_kind_of_close() {
 #[test]
 fn max_duration_closes() {
     let be = api_backend();
-    let gw = Gateway::start(&api_config(be.addr, "websocket = { max_duration_ms = 800 }"));
+    let gw = Gateway::start(&api_config(
+        be.addr,
+        "websocket = { max_duration_ms = 800 }",
+    ));
     let mut ws = open(gw.addr, "/");
     let t = Instant::now();
     // Activity does not extend the maximum duration.
@@ -475,7 +504,11 @@ fn connections_management_api() {
     let gw = Gateway::start(&api_config(be.addr, ""));
     // Several connections, so they land on both workers.
     let mut conns: Vec<Ws> = (0..4).map(|_| open(gw.addr, "/")).collect();
-    assert!(wait_until(Duration::from_secs(3), || route_keys(&be, "$connect").len() == 4));
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be, "$connect"
+    )
+    .len()
+        == 4));
     let ids: Vec<String> = route_keys(&be, "$connect")
         .iter()
         .map(|r| r.header("x-connection-id").unwrap().to_string())
@@ -487,8 +520,8 @@ fn connections_management_api() {
         assert_eq!(ws.recv_text(), format!(r#"{{"action":"echo","i":{i}}}"#));
     }
     for r in route_keys(&be, "echo") {
-        let body = String::from_utf8(r.body.clone()).unwrap();
-        let i: usize = body[20..body.len() - 1].parse().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let i = v["i"].as_u64().unwrap() as usize;
         by_id.push((i, r.header("x-connection-id").unwrap().to_string()));
     }
     by_id.sort();
@@ -497,7 +530,12 @@ fn connections_management_api() {
         assert!(ids.contains(id));
         // POST: in order.
         for k in 0..20 {
-            let r = admin(&gw, "POST", &format!("/@connections/{id}"), &format!("m{k}"));
+            let r = admin(
+                &gw,
+                "POST",
+                &format!("/@connections/{id}"),
+                &format!("m{k}"),
+            );
             assert_eq!(r.status, 200);
         }
         for k in 0..20 {
@@ -519,10 +557,21 @@ fn connections_management_api() {
     assert!(wait_until(Duration::from_secs(3), || {
         admin(&gw, "GET", &format!("/@connections/{id}"), "").status == 410
     }));
-    assert_eq!(admin(&gw, "POST", &format!("/@connections/{id}"), "x").status, 410);
-    assert_eq!(admin(&gw, "DELETE", "/@connections/0123456789abcdef", "").status, 410);
+    assert_eq!(
+        admin(&gw, "POST", &format!("/@connections/{id}"), "x").status,
+        410
+    );
+    assert_eq!(
+        admin(&gw, "DELETE", "/@connections/0123456789abcdef", "").status,
+        410
+    );
     assert_eq!(admin(&gw, "GET", "/@connections/nope", "").status, 410);
-    assert!(wait_until(Duration::from_secs(3), || route_keys(&be, "$disconnect").len() == 1));
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be,
+        "$disconnect"
+    )
+    .len()
+        == 1));
 }
 
 #[test]
@@ -583,9 +632,13 @@ route = "$default"
 integration = { type = "mock" }
 "#,
     );
-    let e = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let e =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
-    assert!(e.contains("route_selection") && e.contains("check.toml:"), "{e}");
+    assert!(
+        e.contains("route_selection") && e.contains("check.toml:"),
+        "{e}"
+    );
     let (out, _) = check(
         r#"
 [[apis]]
@@ -597,7 +650,10 @@ integration = { type = "mock" }
 "#,
     );
     let e = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success() && e.contains("routes[0].route"), "{e}");
+    assert!(
+        !out.status.success() && e.contains("routes[0].route"),
+        "{e}"
+    );
     let (out, _) = check(
         r#"
 [[apis]]
@@ -653,7 +709,8 @@ fn echo_backend(drop_after: Option<usize>) -> EchoBackend {
                     .lines()
                     .find_map(|l| {
                         let (n, v) = l.split_once(':')?;
-                        n.eq_ignore_ascii_case("sec-websocket-key").then(|| v.trim().to_string())
+                        n.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| v.trim().to_string())
                     })
                     .unwrap_or_default();
                 heads.lock().unwrap().push(head);
@@ -676,13 +733,21 @@ fn echo_backend(drop_after: Option<usize>) -> EchoBackend {
                         buf.drain(..total);
                         let mut out = Vec::new();
                         if h.opcode == op::CLOSE {
-                            let code = if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { 1005 };
+                            let code = if p.len() >= 2 {
+                                u16::from_be_bytes([p[0], p[1]])
+                            } else {
+                                1005
+                            };
                             closes.lock().unwrap().push(code);
                             frame::encode(&mut out, op::CLOSE, true, &p);
                             let _ = s.write_all(&out);
                             return;
                         }
-                        let opc = if h.opcode == op::PING { op::PONG } else { h.opcode };
+                        let opc = if h.opcode == op::PING {
+                            op::PONG
+                        } else {
+                            h.opcode
+                        };
                         frame::encode(&mut out, opc, h.fin, &p);
                         let _ = s.write_all(&out);
                         echoed += 1;
@@ -737,8 +802,14 @@ fn passthrough_relays_both_ways() {
     );
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let lower = head.to_ascii_lowercase();
-    assert!(lower.contains("upgrade: websocket") && lower.contains("connection: upgrade"), "{head}");
-    assert!(lower.contains("x-backend: echo") && lower.contains("x-request-id"), "{head}");
+    assert!(
+        lower.contains("upgrade: websocket") && lower.contains("connection: upgrade"),
+        "{head}"
+    );
+    assert!(
+        lower.contains("x-backend: echo") && lower.contains("x-request-id"),
+        "{head}"
+    );
     // Fragmented, interleaved, large: relayed unchanged and in order.
     ws.send(false, op::TEXT, b"frag-");
     ws.send(true, op::PING, b"p");
@@ -748,7 +819,10 @@ fn passthrough_relays_both_ways() {
     for i in 0..100 {
         ws.text(&format!("n{i}"));
     }
-    assert_eq!(ws.read_frame().unwrap(), (false, op::TEXT, b"frag-".to_vec()));
+    assert_eq!(
+        ws.read_frame().unwrap(),
+        (false, op::TEXT, b"frag-".to_vec())
+    );
     assert_eq!(ws.read_frame().unwrap(), (true, op::PONG, b"p".to_vec()));
     assert_eq!(ws.read_frame().unwrap(), (true, op::CONT, b"ment".to_vec()));
     assert_eq!(ws.read_frame().unwrap(), (true, op::BINARY, big));
@@ -760,9 +834,18 @@ fn passthrough_relays_both_ways() {
     assert!(ws.eof());
     let h = be.heads.lock().unwrap()[0].to_ascii_lowercase();
     assert!(h.starts_with("get /live/r1?x=1 http/1.1"), "{h}");
-    assert!(h.contains("upgrade: websocket") && h.contains("connection: upgrade"), "{h}");
-    assert!(h.contains("sec-websocket-key: ") && h.contains("x-custom: yes"), "{h}");
-    assert!(!h.contains("permessage-deflate"), "extensions are not negotiated: {h}");
+    assert!(
+        h.contains("upgrade: websocket") && h.contains("connection: upgrade"),
+        "{h}"
+    );
+    assert!(
+        h.contains("sec-websocket-key: ") && h.contains("x-custom: yes"),
+        "{h}"
+    );
+    assert!(
+        !h.contains("permessage-deflate"),
+        "extensions are not negotiated: {h}"
+    );
     assert!(h.contains("x-forwarded-for: 127.0.0.1"), "{h}");
 }
 
@@ -783,7 +866,12 @@ fn passthrough_either_side_closing_closes_the_other() {
     ws.text("x");
     assert_eq!(ws.recv_text(), "x");
     drop(ws);
-    assert!(wait_until(Duration::from_secs(3), || be.closes.lock().unwrap().as_slice() == [1001]));
+    assert!(wait_until(Duration::from_secs(3), || be
+        .closes
+        .lock()
+        .unwrap()
+        .as_slice()
+        == [1001]));
 }
 
 fn open_pt(addr: SocketAddr) -> Ws {
@@ -898,7 +986,10 @@ fn py_echo_server() -> PyServer {
 
 #[test]
 fn python_client_through_passthrough_to_python_echo() {
-    assert!(python_websockets(), "python3 with the websockets package is required");
+    assert!(
+        python_websockets(),
+        "python3 with the websockets package is required"
+    );
     let server = py_echo_server();
     let backend = SocketAddr::from(([127, 0, 0, 1], server.1));
     let gw = Gateway::start(&passthrough_config(backend, ""));
@@ -911,7 +1002,10 @@ fn python_client_through_passthrough_to_python_echo() {
 
 #[test]
 fn python_client_against_websocket_api() {
-    assert!(python_websockets(), "python3 with the websockets package is required");
+    assert!(
+        python_websockets(),
+        "python3 with the websockets package is required"
+    );
     let be = api_backend();
     let gw = Gateway::start(&api_config(be.addr, ""));
     let url = format!("ws://{}/?user=py", gw.addr);
@@ -921,7 +1015,25 @@ fn python_client_against_websocket_api() {
     assert_eq!(v["default"], r#"default:{"action": "nothing-routes-here"}"#);
     let v = peer(&["expect-refused", &format!("ws://{}/?deny=1", gw.addr)]);
     assert_eq!(v["status"], 403);
-    assert!(wait_until(Duration::from_secs(3), || route_keys(&be, "$disconnect").len() == 1));
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be,
+        "$disconnect"
+    )
+    .len()
+        == 1));
     let c = route_keys(&be, "$connect");
     assert!(c.iter().any(|r| r.path == "/connect?user=py"));
+}
+
+#[test]
+fn shutdown_closes_with_1001_and_calls_disconnect() {
+    let be = api_backend();
+    let mut gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    ws.text(r#"{"action":"echo"}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo"}"#);
+    gw.terminate();
+    assert_eq!(ws.expect_close(), 1001);
+    assert!(gw.wait_exit(Duration::from_secs(5)).is_some());
+    assert_eq!(route_keys(&be, "$disconnect").len(), 1);
 }

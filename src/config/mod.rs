@@ -8,8 +8,8 @@
 pub mod raw;
 mod routes;
 
-pub use routes::{Integration, MockResponse, PathTemplate, Route, RouteMatch, RouteTable};
 pub(crate) use routes::subst_stage_vars;
+pub use routes::{Integration, MockResponse, PathTemplate, Route, RouteMatch, RouteTable};
 
 use raw::{RawConfig, RawUpstream};
 use std::fmt;

@@ -425,9 +425,9 @@ pub(super) fn compile(
                 let full = if prefix.is_empty() { "/" } else { &prefix };
                 let hosts: Vec<String> = api.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
                 let insert = |t: &mut Table| {
-                    t.trie.insert(Some("GET"), full, id).map_err(|e| {
-                        src.err(api.name.span(), &akey("name"), e.0)
-                    })
+                    t.trie
+                        .insert(Some("GET"), full, id)
+                        .map_err(|e| src.err(api.name.span(), &akey("name"), e.0))
                 };
                 if hosts.is_empty() {
                     insert(&mut table.any_host)?;

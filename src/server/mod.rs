@@ -319,7 +319,11 @@ pub(crate) async fn run(
                 stream, b, guard, ..
             } = c;
             w.give_bufs(b);
+            // Counted as in flight so a drain lets it send its close frame (it watches the
+            // shutdown flag) and call `$disconnect`.
+            w.inflight.set(w.inflight.get() + 1);
             crate::ws::run_takeover(t, stream, pending, w.shared.clone()).await;
+            w.inflight.set(w.inflight.get() - 1);
             drop(guard);
             return;
         }

@@ -73,14 +73,16 @@ pub(crate) fn compile(
         let ierr = |m: String| src.err(r.integration.span(), &ikey, m);
         let target = match r.integration.get_ref() {
             RawIntegration::Http { upstream, path } => {
-                let up = crate::config::subst_stage_vars(upstream, &stage.variables).map_err(ierr)?;
-                let idx = upstreams
-                    .iter()
-                    .position(|u| u.name == up)
-                    .ok_or_else(|| ierr(format!("upstream `{up}` is not defined in [[upstreams]]")))?;
+                let up =
+                    crate::config::subst_stage_vars(upstream, &stage.variables).map_err(ierr)?;
+                let idx = upstreams.iter().position(|u| u.name == up).ok_or_else(|| {
+                    ierr(format!("upstream `{up}` is not defined in [[upstreams]]"))
+                })?;
                 let p = match path {
                     None => "/".to_string(),
-                    Some(p) => crate::config::subst_stage_vars(p, &stage.variables).map_err(ierr)?,
+                    Some(p) => {
+                        crate::config::subst_stage_vars(p, &stage.variables).map_err(ierr)?
+                    }
                 };
                 if !p.starts_with('/') || p.contains(['{', '}', ' ', '\r', '\n']) {
                     return Err(ierr(format!(
@@ -103,7 +105,11 @@ pub(crate) fn compile(
             }
         };
         if routes.insert(key.to_string(), target).is_some() {
-            return Err(src.err(r.route.span(), &rkey, format!("route `{key}` appears twice")));
+            return Err(src.err(
+                r.route.span(),
+                &rkey,
+                format!("route `{key}` appears twice"),
+            ));
         }
     }
     Ok(Arc::new(WsApi {
@@ -271,7 +277,7 @@ enum Out {
 
 struct LocalConn {
     tx: mpsc::UnboundedSender<Out>,
-    kill: Option<oneshot::Sender<()>>,
+    kill: Option<oneshot::Sender<(u16, &'static str)>>,
     queued: std::rc::Rc<std::cell::Cell<usize>>,
 }
 
@@ -290,15 +296,22 @@ pub async fn run_mailbox(worker: usize, shared: Arc<Shared>) {
                 let mut l = l.borrow_mut();
                 match cmd {
                     Cmd::Send(id, body) => {
-                        if let Some(c) = l.get(&id) {
+                        if let Some(c) = l.get_mut(&id) {
                             let f = message_frame(&body);
-                            c.queued.set(c.queued.get() + f.len());
-                            let _ = c.tx.unbounded_send(Out::Frame(f));
+                            if c.queued.get() + f.len() > MAX_QUEUED {
+                                // The client does not read: close it rather than queue more.
+                                if let Some(k) = c.kill.take() {
+                                    let _ = k.send((code::POLICY, "client not reading"));
+                                }
+                            } else {
+                                c.queued.set(c.queued.get() + f.len());
+                                let _ = c.tx.unbounded_send(Out::Frame(f));
+                            }
                         }
                     }
                     Cmd::Close(id) => {
                         if let Some(k) = l.get_mut(&id).and_then(|c| c.kill.take()) {
-                            let _ = k.send(());
+                            let _ = k.send((code::NORMAL, "closed by the management API"));
                         }
                     }
                 }
@@ -368,7 +381,11 @@ pub async fn handshake(
         if let Some(h) = head.host {
             crate::http::encode::push_header(&mut hdrs, b"x-forwarded-host", head.slice(buf, h));
         }
-        crate::http::encode::push_header(&mut hdrs, b"x-forwarded-for", peer.ip().to_string().as_bytes());
+        crate::http::encode::push_header(
+            &mut hdrs,
+            b"x-forwarded-for",
+            peer.ip().to_string().as_bytes(),
+        );
         if !request_id.is_empty() && head.header(buf, "x-request-id").is_none() {
             crate::http::encode::push_header(&mut hdrs, b"x-request-id", request_id);
         }
@@ -441,7 +458,11 @@ async fn call(
         WsTarget::Http { upstream, path } => {
             let mut hdrs = Vec::with_capacity(extra_headers.len() + 96);
             hdrs.extend_from_slice(extra_headers);
-            crate::http::encode::push_header(&mut hdrs, b"x-connection-id", id_string(id).as_bytes());
+            crate::http::encode::push_header(
+                &mut hdrs,
+                b"x-connection-id",
+                id_string(id).as_bytes(),
+            );
             crate::http::encode::push_header(&mut hdrs, b"x-route-key", route_key.as_bytes());
             let full;
             let p = if query.is_empty() {
@@ -480,7 +501,7 @@ pub async fn run(a: Accepted, stream: TcpStream, pending: Vec<u8>, shared: &Arc<
             },
         );
     let (tx, rx) = mpsc::unbounded::<Out>();
-    let (kill_tx, kill_rx) = oneshot::channel::<()>();
+    let (kill_tx, kill_rx) = oneshot::channel::<(u16, &'static str)>();
     let queued = std::rc::Rc::new(std::cell::Cell::new(0usize));
     LOCAL.with(|l| {
         l.borrow_mut().insert(
@@ -555,10 +576,14 @@ pub async fn run(a: Accepted, stream: TcpStream, pending: Vec<u8>, shared: &Arc<
                                     return;
                                 }
                                 Event::Message { text, data } => {
-                                    let reply = on_message(&gw, &api, id, text, &data, &mut scratch).await;
+                                    let reply =
+                                        on_message(&gw, &api, id, text, &data, &mut scratch).await;
                                     if let Some(f) = reply {
                                         if queued.get() + f.len() > MAX_QUEUED {
-                                            let _ = tx.unbounded_send(Out::Close(code::POLICY, "client not reading"));
+                                            let _ = tx.unbounded_send(Out::Close(
+                                                code::POLICY,
+                                                "client not reading",
+                                            ));
                                             return;
                                         }
                                         queued.set(queued.get() + f.len());
@@ -575,7 +600,11 @@ pub async fn run(a: Accepted, stream: TcpStream, pending: Vec<u8>, shared: &Arc<
                 }
                 // Read more: at least room for the largest frame header.
                 if buf.capacity() - buf.len() < 1024 {
-                    buf.reserve(if buf.capacity() < 4096 { 4096 } else { buf.capacity() });
+                    buf.reserve(if buf.capacity() < 4096 {
+                        4096
+                    } else {
+                        buf.capacity()
+                    });
                 }
                 let len = buf.len();
                 let cap = buf.capacity();
@@ -590,18 +619,15 @@ pub async fn run(a: Accepted, stream: TcpStream, pending: Vec<u8>, shared: &Arc<
                 }
             }
         };
-        let watch = async {
-            let mut kill = kill_rx;
+        let kill = async {
+            match kill_rx.await {
+                Ok(why) => why,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let timers = async {
             loop {
-                let tick = monoio::time::sleep(Duration::from_millis(250));
-                monoio::select! {
-                    k = &mut kill => {
-                        if k.is_ok() {
-                            return (code::NORMAL, "closed by the management API");
-                        }
-                    }
-                    _ = tick => {}
-                }
+                monoio::time::sleep(Duration::from_millis(250)).await;
                 if shared.shutdown.load(Ordering::Relaxed) {
                     return (code::GOING_AWAY, "server shutting down");
                 }
@@ -611,6 +637,12 @@ pub async fn run(a: Accepted, stream: TcpStream, pending: Vec<u8>, shared: &Arc<
                 if started.elapsed() >= settings.max_lifetime {
                     return (code::GOING_AWAY, "maximum connection duration reached");
                 }
+            }
+        };
+        let watch = async {
+            monoio::select! {
+                why = kill => why,
+                why = timers => why,
             }
         };
         monoio::select! {
@@ -654,7 +686,10 @@ async fn on_message(
     scratch: &mut Vec<u8>,
 ) -> Option<Vec<u8>> {
     let Some(key) = api.select(text, data, scratch) else {
-        let m = format!("{{\"message\":\"Forbidden\",\"connectionId\":\"{}\"}}", id_string(id));
+        let m = format!(
+            "{{\"message\":\"Forbidden\",\"connectionId\":\"{}\"}}",
+            id_string(id)
+        );
         return Some(message_frame(m.as_bytes()));
     };
     let t = api.routes.get(key)?;

@@ -454,7 +454,15 @@ mod tests {
 
     #[test]
     fn reserved_bits_and_opcodes_refused() {
-        for b0 in [0x81 | 0x40, 0x81 | 0x20, 0x81 | 0x10, 0x83, 0x87, 0x8b, 0x8f] {
+        for b0 in [
+            0x81 | 0x40,
+            0x81 | 0x20,
+            0x81 | 0x10,
+            0x83,
+            0x87,
+            0x8b,
+            0x8f,
+        ] {
             let mut f = cf(true, op::TEXT, b"x");
             f[0] = b0;
             assert_eq!(all_steps(&f).1, Some(1002), "b0 {b0:#x}");
@@ -463,10 +471,7 @@ mod tests {
 
     #[test]
     fn unmasked_client_frames_refused() {
-        assert_eq!(
-            all_steps(&frame(true, op::TEXT, b"hi", None)).1,
-            Some(1002)
-        );
+        assert_eq!(all_steps(&frame(true, op::TEXT, b"hi", None)).1, Some(1002));
         assert_eq!(all_steps(&frame(true, op::PING, b"", None)).1, Some(1002));
     }
 
@@ -475,7 +480,10 @@ mod tests {
         assert_eq!(all_steps(&cf(true, op::TEXT, b"\xff\xfe")).1, Some(1007));
         // Overlong encoding and a surrogate.
         assert_eq!(all_steps(&cf(true, op::TEXT, b"\xc0\xaf")).1, Some(1007));
-        assert_eq!(all_steps(&cf(true, op::TEXT, b"\xed\xa0\x80")).1, Some(1007));
+        assert_eq!(
+            all_steps(&cf(true, op::TEXT, b"\xed\xa0\x80")).1,
+            Some(1007)
+        );
         let mut i = cf(false, op::TEXT, b"ok");
         i.extend(cf(true, op::CONT, b"\xce"));
         assert_eq!(all_steps(&i).1, Some(1007));
@@ -519,7 +527,9 @@ mod tests {
             all_steps(&cf(true, op::CLOSE, b"")).0,
             vec![Event::Close(None, vec![])]
         );
-        for ok in [1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 4999] {
+        for ok in [
+            1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 4999,
+        ] {
             assert_eq!(
                 close(ok, b"bye"),
                 (vec![Event::Close(Some(ok), b"bye".to_vec())], None),
@@ -535,7 +545,13 @@ mod tests {
 
     #[test]
     fn encoder_lengths_and_close() {
-        for (n, hl) in [(0usize, 2usize), (125, 2), (126, 4), (65535, 4), (65536, 10)] {
+        for (n, hl) in [
+            (0usize, 2usize),
+            (125, 2),
+            (126, 4),
+            (65535, 4),
+            (65536, 10),
+        ] {
             let mut out = Vec::new();
             encode(&mut out, op::BINARY, true, &vec![7u8; n]);
             let h = parse_header(&out).unwrap().unwrap();

@@ -116,7 +116,10 @@ mod tests {
         let (h, b) = parse(&format!(
             "{UP}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
         ));
-        assert_eq!(validate(&h, &b, &[]).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            validate(&h, &b, &[]).unwrap(),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]

@@ -232,7 +232,10 @@ mod tests {
         );
         assert_eq!(sel(br#"not json"#, &mut s).as_deref(), Some("$default"));
         assert_eq!(sel(br#"{"action":3}"#, &mut s).as_deref(), Some("$default"));
-        assert_eq!(api.select(false, br#"{"action":"join"}"#, &mut s), Some("$default"));
+        assert_eq!(
+            api.select(false, br#"{"action":"join"}"#, &mut s),
+            Some("$default")
+        );
         assert!(parse_selection("$request.header.x").is_err());
         let nested = parse_selection("$request.body.meta.kind").unwrap();
         assert_eq!(

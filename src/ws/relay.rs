@@ -8,7 +8,9 @@ use super::frame::{self, code, SizeLimits};
 use super::WsSettings;
 use crate::gateway::Shared;
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
+};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
@@ -206,7 +208,13 @@ pub async fn run(
             first.reserve(SMALL_BUF - first.len());
         }
         let c2u = pump(&mut cr, &mut uw, first, &up_side, &last);
-        let u2c = pump(&mut ur, &mut cw, Vec::with_capacity(SMALL_BUF), &down_side, &last);
+        let u2c = pump(
+            &mut ur,
+            &mut cw,
+            Vec::with_capacity(SMALL_BUF),
+            &down_side,
+            &last,
+        );
         let watch = async {
             loop {
                 monoio::time::sleep(Duration::from_millis(500)).await;
@@ -270,7 +278,13 @@ mod tests {
         s.extend(masked(frame::op::PING, true, b""));
         s.extend(masked(frame::op::CLOSE, true, &1000u16.to_be_bytes()));
         for step in [1, 2, 5, 14, 100, 1000] {
-            let mut sc = Scanner::new(true, Some(SizeLimits { max_frame: 1000, max_message: 1000 }));
+            let mut sc = Scanner::new(
+                true,
+                Some(SizeLimits {
+                    max_frame: 1000,
+                    max_message: 1000,
+                }),
+            );
             for p in s.chunks(step) {
                 sc.feed(p).unwrap();
             }
@@ -283,7 +297,10 @@ mod tests {
 
     #[test]
     fn scanner_enforces_rules() {
-        let lim = Some(SizeLimits { max_frame: 100, max_message: 150 });
+        let lim = Some(SizeLimits {
+            max_frame: 100,
+            max_message: 150,
+        });
         let mut f = Vec::new();
         frame::encode(&mut f, frame::op::TEXT, true, b"hi");
         assert_eq!(Scanner::new(true, lim).feed(&f), Err(1002));
