@@ -1037,3 +1037,20 @@ fn shutdown_closes_with_1001_and_calls_disconnect() {
     assert!(gw.wait_exit(Duration::from_secs(5)).is_some());
     assert_eq!(route_keys(&be, "$disconnect").len(), 1);
 }
+
+#[test]
+fn passthrough_relays_after_idle_buffer_release() {
+    // Past the grace period both directions give their buffers back and wait for readiness:
+    // traffic afterwards must flow as before.
+    let be = echo_backend(None);
+    let gw = Gateway::start(&passthrough_config(be.addr, ""));
+    let mut ws = open_pt(gw.addr);
+    for round in 0..3 {
+        thread::sleep(Duration::from_millis(1300));
+        let big = vec![round as u8; 70_000];
+        ws.send(true, op::BINARY, &big);
+        ws.text(&format!("after idle {round}"));
+        assert_eq!(ws.read_frame().unwrap(), (true, op::BINARY, big));
+        assert_eq!(ws.recv_text(), format!("after idle {round}"));
+    }
+}

@@ -321,10 +321,14 @@ pub(crate) async fn run(
             w.give_bufs(b);
             // Counted as in flight so a drain lets it send its close frame (it watches the
             // shutdown flag) and call `$disconnect`.
+            // Its own task: this loop's (large) state is freed for the connection's lifetime.
             w.inflight.set(w.inflight.get() + 1);
-            crate::ws::run_takeover(t, stream, pending, w.shared.clone()).await;
-            w.inflight.set(w.inflight.get() - 1);
-            drop(guard);
+            let w2 = w.clone();
+            monoio::spawn(async move {
+                crate::ws::run_takeover(t, stream, pending, w2.shared.clone()).await;
+                w2.inflight.set(w2.inflight.get() - 1);
+                drop(guard);
+            });
             return;
         }
         c.served = true;

@@ -9,7 +9,8 @@ use super::WsSettings;
 use crate::gateway::Shared;
 use monoio::buf::IoBufMut;
 use monoio::io::{
-    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
+    AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf,
+    OwnedWriteHalf, Splitable,
 };
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
@@ -116,6 +117,33 @@ enum End {
 struct Side {
     scan: RefCell<Scanner>,
     writing: Cell<bool>,
+    /// A read holding a buffer is in flight since this instant.
+    reading_since: Cell<Option<Instant>>,
+    /// Cancels that read (the watchdog does, once it has waited [`GRACE`]).
+    canceller: RefCell<Canceller>,
+}
+
+impl Side {
+    fn new(scan: Scanner) -> Side {
+        Side {
+            scan: RefCell::new(scan),
+            writing: Cell::new(false),
+            reading_since: Cell::new(None),
+            canceller: RefCell::new(Canceller::new()),
+        }
+    }
+
+    /// Called by the watchdog: a read that has waited past the grace period gives up its
+    /// buffer.
+    fn release_if_idle(&self, now: Instant) {
+        if let Some(t) = self.reading_since.get() {
+            if now.duration_since(t) >= GRACE {
+                self.reading_since.set(None);
+                let c = std::mem::take(&mut *self.canceller.borrow_mut()).cancel();
+                *self.canceller.borrow_mut() = c;
+            }
+        }
+    }
 }
 
 impl Side {
@@ -124,7 +152,35 @@ impl Side {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How long a direction waits for data holding its buffer; after that (checked by the
+/// connection's watchdog, so the hot path arms no timer) the buffer goes back to the worker's
+/// pool and the direction waits for readiness without one: an idle WebSocket holds no buffer.
+const GRACE: Duration = Duration::from_millis(500);
+/// Buffers kept per worker for relays that wake up.
+const POOL_MAX: usize = 64;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buf() -> Vec<u8> {
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(SMALL_BUF))
+}
+
+fn give_buf(mut b: Vec<u8>) {
+    if b.capacity() != SMALL_BUF {
+        return;
+    }
+    b.clear();
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_MAX {
+            p.push(b);
+        }
+    });
+}
+
 async fn pump(
     r: &mut OwnedReadHalf<TcpStream>,
     w: &mut OwnedWriteHalf<TcpStream>,
@@ -149,18 +205,33 @@ async fn pump(
             let full = buf.len() == buf.capacity();
             buf.clear();
             if full && buf.capacity() < BIG_BUF {
-                buf = Vec::with_capacity(BIG_BUF);
+                give_buf(std::mem::replace(&mut buf, Vec::with_capacity(BIG_BUF)));
             }
         }
         if buf.capacity() == 0 {
-            buf.reserve(SMALL_BUF);
+            buf = take_buf();
         }
         let cap = buf.capacity();
-        let (res, b) = r.read(buf.slice_mut(0..cap)).await;
+        let handle = side.canceller.borrow().handle();
+        side.reading_since.set(Some(Instant::now()));
+        let (res, b) = r.cancelable_read(buf.slice_mut(0..cap), handle).await;
+        side.reading_since.set(None);
         buf = b.into_inner();
         match res {
-            Ok(0) | Err(_) => return End::Closed,
+            Ok(0) => return End::Closed,
             Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
+                // Idle: give the buffer back and wait for bytes without one.
+                give_buf(std::mem::take(&mut buf));
+                // SAFETY: the halves share the stream through an `Rc<UnsafeCell>` exactly as
+                // monoio's own split does; `readable` takes `&self` and only clones the fd
+                // into a poll op, so it does not conflict with the write half's operations.
+                let stream: &TcpStream = unsafe { &*r.0.get() };
+                if stream.readable(false).await.is_err() {
+                    return End::Closed;
+                }
+            }
+            Err(_) => return End::Closed,
         }
     }
 }
@@ -191,22 +262,13 @@ pub async fn run(
 ) {
     let (mut cr, mut cw) = client.into_split();
     let (mut ur, mut uw) = upstream.into_split();
-    let up_side = Side {
-        scan: RefCell::new(Scanner::new(true, Some(settings.limits))),
-        writing: Cell::new(false),
-    };
-    let down_side = Side {
-        scan: RefCell::new(Scanner::new(false, None)),
-        writing: Cell::new(false),
-    };
+    let up_side = Side::new(Scanner::new(true, Some(settings.limits)));
+    let down_side = Side::new(Scanner::new(false, None));
     let last = Cell::new(Instant::now());
     let started = Instant::now();
     // What to do once the select below is done: (close to client, close to upstream).
     let (to_client, to_upstream): (Option<(u16, &str)>, Option<u16>) = {
-        let mut first = pending;
-        if first.capacity() < SMALL_BUF {
-            first.reserve(SMALL_BUF - first.len());
-        }
+        let first = pending;
         let c2u = pump(&mut cr, &mut uw, first, &up_side, &last);
         let u2c = pump(
             &mut ur,
@@ -217,7 +279,10 @@ pub async fn run(
         );
         let watch = async {
             loop {
-                monoio::time::sleep(Duration::from_millis(500)).await;
+                monoio::time::sleep(GRACE).await;
+                let now = Instant::now();
+                up_side.release_if_idle(now);
+                down_side.release_if_idle(now);
                 if shared.shutdown.load(Ordering::Relaxed) {
                     return "server shutting down";
                 }
