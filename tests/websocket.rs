@@ -1054,3 +1054,27 @@ fn passthrough_relays_after_idle_buffer_release() {
         assert_eq!(ws.recv_text(), format!("after idle {round}"));
     }
 }
+
+#[test]
+fn api_connection_works_after_idle_buffer_release() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    // Half a frame, then idle past the grace period, then the rest.
+    let f = Ws::frame(true, op::TEXT, br#"{"action":"echo","p":1}"#, true);
+    ws.send_raw(&f[..9]);
+    thread::sleep(Duration::from_millis(1200));
+    ws.send_raw(&f[9..]);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo","p":1}"#);
+    thread::sleep(Duration::from_millis(1200));
+    ws.text(r#"{"action":"echo","p":2}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo","p":2}"#);
+    // @connections messages reach an idle connection too.
+    let id = route_keys(&be, "$connect")[0]
+        .header("x-connection-id")
+        .unwrap()
+        .to_string();
+    thread::sleep(Duration::from_millis(1200));
+    assert_eq!(admin(&gw, "POST", &format!("/@connections/{id}"), "pushed").status, 200);
+    assert_eq!(ws.recv_text(), "pushed");
+}

@@ -19,7 +19,7 @@ use ahash::AHashMap;
 use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Splitable};
 use monoio::net::TcpStream;
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -515,6 +515,8 @@ pub async fn run(a: Accepted, stream: TcpStream, pending: Vec<u8>, shared: &Arc<
     });
     let (mut rd, mut wr) = stream.into_split();
     let last_in = std::cell::Cell::new(Instant::now());
+    let reading_since = std::cell::Cell::new(None::<Instant>);
+    let canceller = RefCell::new(monoio::io::Canceller::new());
 
     let writer = async {
         use futures_util_lite::next;
@@ -598,24 +600,40 @@ pub async fn run(a: Accepted, stream: TcpStream, pending: Vec<u8>, shared: &Arc<
                     let _ = tx.unbounded_send(Out::Close(code::POLICY, "client not reading"));
                     return;
                 }
+                if buf.is_empty() && buf.capacity() > 64 * 1024 {
+                    buf = Vec::new();
+                }
                 // Read more: at least room for the largest frame header.
-                if buf.capacity() - buf.len() < 1024 {
-                    buf.reserve(if buf.capacity() < 4096 {
-                        4096
-                    } else {
-                        buf.capacity()
-                    });
+                if buf.capacity() == 0 {
+                    buf = super::relay::take_buf();
+                } else if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(buf.capacity().max(4096));
                 }
                 let len = buf.len();
                 let cap = buf.capacity();
-                let (r, b) = rd.read(buf.slice_mut(len..cap)).await;
+                let handle = canceller.borrow().handle();
+                reading_since.set(Some(Instant::now()));
+                let (r, b) = rd.cancelable_read(buf.slice_mut(len..cap), handle).await;
+                reading_since.set(None);
                 buf = b.into_inner();
                 match r {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) => return,
                     Ok(_) => {}
-                }
-                if buf.is_empty() && buf.capacity() > 64 * 1024 {
-                    buf = Vec::new();
+                    Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
+                        // Idle: wait for bytes without holding a buffer (unless a partial
+                        // frame is buffered, bounded by the frame limit).
+                        if buf.is_empty() {
+                            super::relay::give_buf(std::mem::take(&mut buf));
+                        }
+                        // SAFETY: as in monoio's own split, the halves share the stream
+                        // through an `Rc<UnsafeCell>`; `readable` takes `&self` and only
+                        // clones the fd into a poll op.
+                        let stream: &TcpStream = unsafe { &*rd.0.get() };
+                        if stream.readable(false).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
                 }
             }
         };
@@ -628,6 +646,14 @@ pub async fn run(a: Accepted, stream: TcpStream, pending: Vec<u8>, shared: &Arc<
         let timers = async {
             loop {
                 monoio::time::sleep(Duration::from_millis(250)).await;
+                // A read waiting past the grace period gives its buffer back.
+                if let Some(t) = reading_since.get() {
+                    if t.elapsed() >= super::relay::GRACE {
+                        reading_since.set(None);
+                        let c = std::mem::take(&mut *canceller.borrow_mut()).cancel();
+                        *canceller.borrow_mut() = c;
+                    }
+                }
                 if shared.shutdown.load(Ordering::Relaxed) {
                     return (code::GOING_AWAY, "server shutting down");
                 }

@@ -155,7 +155,7 @@ impl Side {
 /// How long a direction waits for data holding its buffer; after that (checked by the
 /// connection's watchdog, so the hot path arms no timer) the buffer goes back to the worker's
 /// pool and the direction waits for readiness without one: an idle WebSocket holds no buffer.
-const GRACE: Duration = Duration::from_millis(500);
+pub(super) const GRACE: Duration = Duration::from_millis(500);
 /// Buffers kept per worker for relays that wake up.
 const POOL_MAX: usize = 64;
 
@@ -163,12 +163,14 @@ thread_local! {
     static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
-fn take_buf() -> Vec<u8> {
+/// A read buffer from the worker's pool.
+pub(super) fn take_buf() -> Vec<u8> {
     POOL.with(|p| p.borrow_mut().pop())
         .unwrap_or_else(|| Vec::with_capacity(SMALL_BUF))
 }
 
-fn give_buf(mut b: Vec<u8>) {
+/// Gives a read buffer back to the worker's pool (only the pool's size is kept).
+pub(super) fn give_buf(mut b: Vec<u8>) {
     if b.capacity() != SMALL_BUF {
         return;
     }
