@@ -1075,6 +1075,9 @@ fn api_connection_works_after_idle_buffer_release() {
         .unwrap()
         .to_string();
     thread::sleep(Duration::from_millis(1200));
-    assert_eq!(admin(&gw, "POST", &format!("/@connections/{id}"), "pushed").status, 200);
+    assert_eq!(
+        admin(&gw, "POST", &format!("/@connections/{id}"), "pushed").status,
+        200
+    );
     assert_eq!(ws.recv_text(), "pushed");
 }

@@ -188,11 +188,13 @@ pub async fn run_takeover(
 ) {
     let m = &shared.metrics.ws_connections_active;
     m.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Each kind boxed on its own: a connection's memory is the size of its own state machine,
+    // not of the larger of the two.
     match t {
         Takeover::Relay { upstream, settings } => {
-            relay::run(client, upstream, pending, &settings, &shared).await
+            Box::pin(relay::run(client, upstream, pending, &settings, &shared)).await
         }
-        Takeover::Api(a) => api::run(a, client, pending, &shared).await,
+        Takeover::Api(a) => Box::pin(api::run(a, client, pending, &shared)).await,
     }
     m.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
