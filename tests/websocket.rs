@@ -1081,3 +1081,21 @@ fn api_connection_works_after_idle_buffer_release() {
     );
     assert_eq!(ws.recv_text(), "pushed");
 }
+
+#[test]
+fn passthrough_shutdown_closes_both_sides_with_1001() {
+    let be = echo_backend(None);
+    let mut gw = Gateway::start(&passthrough_config(be.addr, ""));
+    let mut ws = open_pt(gw.addr);
+    ws.text("hi");
+    assert_eq!(ws.recv_text(), "hi");
+    gw.terminate();
+    assert_eq!(ws.expect_close(), 1001);
+    assert!(gw.wait_exit(Duration::from_secs(5)).is_some());
+    assert!(wait_until(Duration::from_secs(3), || be
+        .closes
+        .lock()
+        .unwrap()
+        .as_slice()
+        == [1001]));
+}
