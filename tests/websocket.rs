@@ -1099,3 +1099,23 @@ fn passthrough_shutdown_closes_both_sides_with_1001() {
         .as_slice()
         == [1001]));
 }
+
+#[test]
+fn reload_keeps_open_websockets_and_applies_to_new_ones() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    // The new config drops the `echo` route.
+    gw.write_config(&api_config(be.addr, "").replace("route = \"echo\"", "route = \"echo2\""));
+    gw.reload_signal();
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .stderr()
+        .contains("config reloaded")));
+    // The open connection keeps the config it connected with.
+    ws.text(r#"{"action":"echo"}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo"}"#);
+    // A new one gets the new routes: `echo` falls to $default.
+    let mut ws2 = open(gw.addr, "/");
+    ws2.text(r#"{"action":"echo"}"#);
+    assert_eq!(ws2.recv_text(), r#"default:{"action":"echo"}"#);
+}

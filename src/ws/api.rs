@@ -787,3 +787,88 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod config_tests {
+    use crate::config::{parse, Integration, RouteMatch};
+    use crate::router::Params;
+    use std::path::Path;
+
+    #[test]
+    fn stages_serve_the_handshake_at_their_prefix() {
+        let text = r#"
+[[upstreams]]
+name = "be"
+targets = ["127.0.0.1:9"]
+[[apis]]
+name = "chat"
+protocol = "websocket"
+base_path = "/ws"
+[apis.stages.prod]
+variables = { p = "/prod-hook" }
+[apis.stages.dev]
+variables = { p = "/dev-hook" }
+[[apis.routes]]
+route = "$default"
+integration = { type = "http", upstream = "be", path = "${stageVariables.p}" }
+"#;
+        let c = parse(Path::new("t.toml"), text).unwrap();
+        let mut params = Params::new();
+        for (path, stage, hook) in [
+            ("/ws/prod", "prod", "/prod-hook"),
+            ("/ws/dev", "dev", "/dev-hook"),
+        ] {
+            let RouteMatch::Found(id) = c.routes.find(None, "GET", path, &mut params) else {
+                panic!("{path} not found")
+            };
+            let r = c.routes.route(id);
+            let Integration::WebSocket(api) = &r.integration else {
+                panic!("not a websocket route")
+            };
+            assert_eq!(&*api.stage, stage);
+            assert!(matches!(
+                api.routes.get("$default"),
+                Some(crate::ws::WsTarget::Http { path, .. }) if path == hook
+            ));
+            assert_eq!(api.settings.limits.max_message, 128 * 1024);
+        }
+        assert_eq!(
+            c.routes.find(None, "POST", "/ws/prod", &mut params),
+            RouteMatch::MethodNotAllowed
+        );
+        assert_eq!(
+            c.routes.find(None, "GET", "/ws", &mut params),
+            RouteMatch::NotFound
+        );
+    }
+
+    #[test]
+    fn route_selection_only_on_websocket_apis() {
+        let text = r#"
+[[apis]]
+name = "h"
+route_selection = "$request.body.action"
+[[apis.routes]]
+route = "GET /x"
+integration = { type = "mock" }
+"#;
+        let e = parse(Path::new("t.toml"), text).unwrap_err().0;
+        assert!(
+            e.contains("t.toml:4:") && e.contains("route_selection"),
+            "{e}"
+        );
+        let text = r#"
+[[apis]]
+name = "c"
+protocol = "websocket"
+[[apis.routes]]
+route = "$default"
+integration = { type = "mock" }
+[[apis.routes]]
+route = "$default"
+integration = { type = "mock" }
+"#;
+        let e = parse(Path::new("t.toml"), text).unwrap_err().0;
+        assert!(e.contains("routes[1].route") && e.contains("twice"), "{e}");
+    }
+}
