@@ -578,8 +578,15 @@ pub async fn run(a: Accepted, stream: TcpStream, pending: Vec<u8>, shared: &Arc<
                                     return;
                                 }
                                 Event::Message { text, data } => {
-                                    let reply =
-                                        on_message(&gw, &api, id, text, &data, &mut scratch).await;
+                                    let reply = Box::pin(on_message(
+                                        &gw,
+                                        &api,
+                                        id,
+                                        text,
+                                        &data,
+                                        &mut scratch,
+                                    ))
+                                    .await;
                                     if let Some(f) = reply {
                                         if queued.get() + f.len() > MAX_QUEUED {
                                             let _ = tx.unbounded_send(Out::Close(
@@ -689,7 +696,7 @@ pub async fn run(a: Accepted, stream: TcpStream, pending: Vec<u8>, shared: &Arc<
         .unwrap_or_else(|e| e.into_inner())
         .remove(&id);
     if let Some(t) = api.routes.get("$disconnect") {
-        let _ = call(&gw, t, "$disconnect", id, b"", b"", b"").await;
+        let _ = Box::pin(call(&gw, t, "$disconnect", id, b"", b"", b"")).await;
     }
 }
 
