@@ -9,6 +9,7 @@
 #   18085  examples/ws_echo.rs: WebSocket echo backend (one monoio thread)
 #   18086  nginx (1 worker) proxying WebSocket to the backend (proxy_http_version 1.1, Upgrade)
 #   18087  ringgate (workers = 1), `ANY /{proxy+}` http route to the backend: pass-through
+#   18088  ringgate (workers = 1), a WebSocket API (mock $default): idle memory only
 # Load: examples/ws_load.rs, one monoio thread: --conns connections each send a --size byte text
 # message and wait for its echo, in a loop; messages/s, p50 and p99 round trip (µs).
 # Idle: --idle connections opened through each proxy (handshake done, then silent); the proxy's
@@ -21,6 +22,8 @@ BACKEND_PORT=${WS_BACKEND_PORT:-18085}
 NGINX_PORT=${WS_NGINX_PORT:-18086}
 RG_PORT=${WS_RG_PORT:-18087}
 RG_ADMIN=${WS_RG_ADMIN:-19905}
+API_PORT=${WS_API_PORT:-18088}
+API_ADMIN=${WS_API_ADMIN:-19906}
 DURATION=5 ROUNDS=2 CONNS=64 SIZE=32 IDLE=9900 SKIP_BUILD=0
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -42,7 +45,7 @@ fi
 ECHO_BIN=$ROOT_DIR/target/release/examples/ws_echo
 LOAD_BIN=$ROOT_DIR/target/release/examples/ws_load
 perf_setup ws
-for p in $BACKEND_PORT $NGINX_PORT $RG_PORT; do require_free_port $p; done
+for p in $BACKEND_PORT $NGINX_PORT $RG_PORT $API_PORT; do require_free_port $p; done
 
 "$ECHO_BIN" $BACKEND_PORT >"$OUT/echo.log" 2>&1 &
 ECHO_PID=$!
@@ -80,9 +83,34 @@ for i in $(seq 100); do
 done
 sleep 0.5
 
+cat >"$OUT/api.toml" <<EOF
+[server]
+listen = ["127.0.0.1:$API_PORT"]
+workers = 1
+pin_workers = false
+state_dir = "$OUT/state-api"
+[admin]
+listen = "127.0.0.1:$API_ADMIN"
+[[apis]]
+name = "chat"
+protocol = "websocket"
+[[apis.routes]]
+route = "\$default"
+integration = { type = "mock", status = 200, body = "" }
+EOF
+RG_PID_MAIN=$RG_PID
+start_ringgate ringgate-api "$OUT/api.toml"
+API_PID=$RG_PID
+RG_PID=$RG_PID_MAIN
+for i in $(seq 100); do
+    curl -s -o /dev/null "http://127.0.0.1:$API_ADMIN/healthz" && break
+    sleep 0.1
+done
+
 SYSTEMS=(nginx ringgate)
-declare -A PORT=([nginx]=$NGINX_PORT [ringgate]=$RG_PORT)
-declare -A PID=([nginx]=$NGINX_W [ringgate]=$RG_PID)
+declare -A PORT=([nginx]=$NGINX_PORT [ringgate]=$RG_PORT [ringgate-api]=$API_PORT)
+declare -A PID=([nginx]=$NGINX_W [ringgate]=$RG_PID [ringgate-api]=$API_PID)
+declare -A WSPATH=([nginx]=/ws [ringgate]=/ws [ringgate-api]=/)
 
 printf 'round\tsystem\tmsgs\tmsgs_per_s\tp50_us\tp99_us\tproxy_cpu_us_per_msg\n' >"$OUT/results.tsv"
 for s in "${SYSTEMS[@]}"; do
@@ -100,10 +128,10 @@ done
 
 # Idle memory per connection.
 printf 'system\tconns\trss_before_kib\trss_after_kib\tkib_per_conn\n' >"$OUT/idle.tsv"
-for s in "${SYSTEMS[@]}"; do
+for s in "${SYSTEMS[@]}" ringgate-api; do
     before=$(rss_kb "${PID[$s]}")
     rm -f "$OUT/ready.$s"
-    "$LOAD_BIN" idle "127.0.0.1:${PORT[$s]}" /ws "$IDLE" "$OUT/ready.$s" &
+    "$LOAD_BIN" idle "127.0.0.1:${PORT[$s]}" "${WSPATH[$s]}" "$IDLE" "$OUT/ready.$s" &
     LP=$!
     for i in $(seq 600); do [[ -s $OUT/ready.$s ]] && break; sleep 0.1; done
     sleep 2
