@@ -156,7 +156,13 @@ impl Ws {
 fn api_backend() -> Origin {
     Origin::start(|r| match r.header("x-route-key") {
         Some("$connect") if r.path.contains("deny=1") => Response::new(403).body("denied by test"),
-        Some("$connect") => Response::ok(""),
+        Some("$connect") => match r.header("sec-websocket-protocol") {
+            Some(p) if p.contains("chat.v2") => {
+                Response::ok("").header("Sec-WebSocket-Protocol", "chat.v2")
+            }
+            Some(_) => Response::ok("").header("Sec-WebSocket-Protocol", "not-offered"),
+            None => Response::ok(""),
+        },
         Some("echo") => Response::ok(r.body.clone()),
         Some("$default") => Response::ok(format!("default:{}", String::from_utf8_lossy(&r.body))),
         Some("slow") => Response::ok(r.body.clone()).delay(Duration::from_millis(30)),
@@ -484,18 +490,22 @@ fn max_duration_closes() {
     let be = api_backend();
     let gw = Gateway::start(&api_config(
         be.addr,
-        "websocket = { max_duration_ms = 800 }",
+        "websocket = { max_duration_ms = 1500 }",
     ));
     let mut ws = open(gw.addr, "/");
     let t = Instant::now();
     // Activity does not extend the maximum duration.
-    for _ in 0..3 {
+    for _ in 0..2 {
         ws.text(r#"{"action":"echo"}"#);
         assert_eq!(ws.recv_text(), r#"{"action":"echo"}"#);
-        thread::sleep(Duration::from_millis(150));
+        thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(ws.expect_close(), 1001);
-    assert!(t.elapsed() < Duration::from_secs(3));
+    let el = t.elapsed();
+    assert!(
+        el >= Duration::from_millis(1200) && el < Duration::from_secs(4),
+        "{el:?}"
+    );
 }
 
 #[test]
@@ -1118,4 +1128,24 @@ fn reload_keeps_open_websockets_and_applies_to_new_ones() {
     let mut ws2 = open(gw.addr, "/");
     ws2.text(r#"{"action":"echo"}"#);
     assert_eq!(ws2.recv_text(), r#"default:{"action":"echo"}"#);
+}
+
+#[test]
+fn connect_integration_picks_the_subprotocol() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let (head, _) = ws_connect(gw.addr, "/", "Sec-WebSocket-Protocol: chat.v1, chat.v2\r\n");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-protocol: chat.v2\r\n"),
+        "{head}"
+    );
+    // A protocol the client did not offer is not passed on.
+    let (head, _) = ws_connect(gw.addr, "/", "Sec-WebSocket-Protocol: other\r\n");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("sec-websocket-protocol"),
+        "{head}"
+    );
 }

@@ -365,6 +365,7 @@ pub async fn handshake(
     };
     // The id is allocated here so `$connect` already sees it.
     let id = next_id();
+    let mut subprotocol: Option<Vec<u8>> = None;
     if let Some(t) = api.routes.get("$connect") {
         let mut hdrs = Vec::with_capacity(512);
         for (name, value) in head.forwardable(buf) {
@@ -391,7 +392,16 @@ pub async fn handshake(
         }
         let query = head.query.map(|q| head.slice(buf, q)).unwrap_or(b"");
         match call(gw, t, "$connect", id, &hdrs, b"", query).await {
-            Ok(a) if (200..300).contains(&a.status) => {}
+            Ok(a) if (200..300).contains(&a.status) => {
+                // The integration may pick one of the subprotocols the client offered.
+                let offered = head.header(buf, "sec-websocket-protocol").unwrap_or(b"");
+                subprotocol = a.subprotocol.filter(|p| {
+                    !p.is_empty()
+                        && offered
+                            .split(|&c| c == b',')
+                            .any(|o| o.trim_ascii().eq_ignore_ascii_case(p))
+                });
+            }
             Ok(a) if a.status >= 400 && a.status <= 599 => {
                 return Handshake::RefuseWith(a.status, a.body);
             }
@@ -404,6 +414,10 @@ pub async fn handshake(
         b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ",
     );
     out.extend_from_slice(accept.as_bytes());
+    if let Some(p) = &subprotocol {
+        out.extend_from_slice(b"\r\nsec-websocket-protocol: ");
+        out.extend_from_slice(p);
+    }
     out.extend_from_slice(b"\r\nx-connection-id: ");
     out.extend_from_slice(id_string(id).as_bytes());
     out.extend_from_slice(b"\r\nx-request-id: ");
@@ -454,6 +468,7 @@ async fn call(
         WsTarget::Mock { status, body } => Ok(client::Answer {
             status: *status,
             body: body.to_vec(),
+            subprotocol: None,
         }),
         WsTarget::Http { upstream, path } => {
             let mut hdrs = Vec::with_capacity(extra_headers.len() + 96);

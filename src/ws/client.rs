@@ -24,6 +24,8 @@ pub struct Answer {
     pub status: u16,
     /// The whole body.
     pub body: Vec<u8>,
+    /// The `Sec-WebSocket-Protocol` the integration chose (on `$connect`).
+    pub subprotocol: Option<Vec<u8>>,
 }
 
 /// Sends `POST path` with `headers` (complete `name: value\r\n` lines) and `body`; the answer's
@@ -207,6 +209,9 @@ async fn exchange(
     Ok((
         Answer {
             status: head.status,
+            subprotocol: head
+                .header(&buf, "sec-websocket-protocol")
+                .map(|v| v.trim_ascii().to_vec()),
             body,
         },
         reusable.then_some(s),
