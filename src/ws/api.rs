@@ -667,7 +667,14 @@ pub async fn run(a: Accepted, stream: TcpStream, pending: Vec<u8>, shared: &Arc<
         };
         let timers = async {
             loop {
-                monoio::time::sleep(Duration::from_millis(250)).await;
+                let nap = super::watch_interval(
+                    Instant::now(),
+                    reading_since.get(),
+                    last_in.get(),
+                    started,
+                    settings,
+                );
+                monoio::time::sleep(nap).await;
                 // A read waiting past the grace period gives its buffer back.
                 if let Some(t) = reading_since.get() {
                     if t.elapsed() >= super::relay::GRACE {

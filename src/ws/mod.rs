@@ -165,6 +165,29 @@ pub fn settings_for(api: &RawApi, websocket_api: bool) -> Result<Arc<WsSettings>
     }
 }
 
+/// The longest a connection's watchdog sleeps (a shutdown is noticed within it).
+const WATCH_MAX: Duration = Duration::from_secs(1);
+
+/// How long a connection's watchdog sleeps: until a read holding a buffer has waited
+/// [`relay::GRACE`] (it then gives the buffer back), the idle deadline or the end of the
+/// lifetime, whichever comes first, and at most [`WATCH_MAX`]. An idle connection wakes about
+/// once a second, not on a fixed short tick.
+pub(crate) fn watch_interval(
+    now: std::time::Instant,
+    reading_since: Option<std::time::Instant>,
+    last_activity: std::time::Instant,
+    started: std::time::Instant,
+    s: &WsSettings,
+) -> Duration {
+    let mut d = WATCH_MAX;
+    if let Some(t) = reading_since {
+        d = d.min((t + relay::GRACE).saturating_duration_since(now));
+    }
+    d = d.min((last_activity + s.idle_timeout).saturating_duration_since(now));
+    d = d.min((started + s.max_lifetime).saturating_duration_since(now));
+    d.max(Duration::from_millis(10))
+}
+
 /// A connection handed over by the HTTP loop once its handshake is done.
 pub enum Takeover {
     /// Pass-through: relay bytes between the client and `upstream`.
@@ -202,6 +225,37 @@ pub async fn run_takeover(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn watchdog_sleeps_until_the_nearest_deadline() {
+        let s = WsSettings {
+            idle_timeout: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(7200),
+            ..WsSettings::api_defaults()
+        };
+        let now = Instant::now();
+        // Idle without a buffer: the cap.
+        assert_eq!(watch_interval(now, None, now, now, &s), WATCH_MAX);
+        // A read holding a buffer since 200 ms: 300 ms to the end of the grace period.
+        let t = now - Duration::from_millis(200);
+        assert_eq!(
+            watch_interval(now, Some(t), now, now, &s),
+            Duration::from_millis(300)
+        );
+        // Idle deadline in 50 ms.
+        let last = now - (s.idle_timeout - Duration::from_millis(50));
+        assert_eq!(
+            watch_interval(now, None, last, now, &s),
+            Duration::from_millis(50)
+        );
+        // Past a deadline: the floor, never zero (no busy loop).
+        let started = now - s.max_lifetime - Duration::from_secs(1);
+        assert_eq!(
+            watch_interval(now, None, now, started, &s),
+            Duration::from_millis(10)
+        );
+    }
 
     #[test]
     fn route_selection_reads_json_field() {

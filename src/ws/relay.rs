@@ -281,7 +281,13 @@ pub async fn run(
         );
         let watch = async {
             loop {
-                monoio::time::sleep(GRACE).await;
+                let holding = match (up_side.reading_since.get(), down_side.reading_since.get()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let nap =
+                    super::watch_interval(Instant::now(), holding, last.get(), started, settings);
+                monoio::time::sleep(nap).await;
                 let now = Instant::now();
                 up_side.release_if_idle(now);
                 down_side.release_if_idle(now);
