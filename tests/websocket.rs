@@ -417,6 +417,8 @@ fn handshake_refusals() {
         "Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 8\r\n"
     ));
     assert_eq!(r.status, 426);
+    assert_eq!(r.header("sec-websocket-version"), Some("13"));
+    assert!(r.message().contains("13"), "{}", r.message());
     let r = raw("Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n");
     assert_eq!(r.status, 400);
     assert!(r.message().contains("Sec-WebSocket-Key"), "{}", r.message());
@@ -919,6 +921,18 @@ fn passthrough_limits_timeouts_and_rules() {
     };
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     assert_eq!(be.heads.lock().unwrap().len(), before);
+}
+
+#[test]
+fn passthrough_refuses_wrong_version_with_426() {
+    let be = echo_backend(None);
+    let gw = Gateway::start(&passthrough_config(be.addr, ""));
+    let r = gw.request(&format!(
+        "GET /live/r HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 7\r\n\r\n"
+    ));
+    assert_eq!(r.status, 426);
+    assert_eq!(r.header("sec-websocket-version"), Some("13"));
+    assert!(be.heads.lock().unwrap().is_empty());
 }
 
 #[test]

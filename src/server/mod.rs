@@ -556,7 +556,7 @@ async fn ws_handshake(
                 upstream: None,
             }
         }
-        Handshake::Refuse(status, msg) => reject(w, c, status, msg, false).await,
+        Handshake::Refuse(status, msg) => reject_ws(w, c, status, msg).await,
         Handshake::RefuseWith(status, body) => {
             if body.is_empty() {
                 return reject(w, c, status, "Forbidden: refused by $connect", false).await;
@@ -575,6 +575,32 @@ async fn ws_handshake(
                 upstream: None,
             }
         }
+    }
+}
+
+/// Refuses a WebSocket handshake; a 426 names the version and protocol to use (RFC 6455 4.4).
+pub(crate) async fn reject_ws(w: &Rc<Worker>, c: &mut Conn, status: u16, msg: &str) -> Outcome {
+    if status != 426 {
+        return reject(w, c, status, msg, false).await;
+    }
+    let mut body = Vec::with_capacity(msg.len() + 16);
+    body.extend_from_slice(b"{\"message\":\"");
+    push_json_str(&mut body, msg.as_bytes());
+    body.extend_from_slice(b"\"}");
+    c.b.out.clear();
+    encode::push_status_line(&mut c.b.out, status);
+    c.b.out.extend_from_slice(
+        b"upgrade: websocket\r\nsec-websocket-version: 13\r\ncontent-type: application/json\r\ncontent-length: ",
+    );
+    encode::push_u64(&mut c.b.out, body.len() as u64);
+    c.b.out.extend_from_slice(b"\r\n");
+    push_common(w, c, false);
+    c.b.out.extend_from_slice(&body);
+    write_out(c).await;
+    Outcome {
+        status,
+        keep_alive: false,
+        upstream: None,
     }
 }
 

@@ -49,7 +49,7 @@ pub(super) async fn proxy(
         if let Err(r) =
             crate::ws::handshake::validate(&c.b.head, &c.b.rbuf, &route.ws.allowed_origins)
         {
-            return reject(w, c, r.status, r.message, false).await;
+            return super::reject_ws(w, c, r.status, r.message).await;
         }
     }
     build_request_head(c, route, tpl);
