@@ -579,7 +579,7 @@ async fn ws_handshake(
 }
 
 /// Refuses a WebSocket handshake; a 426 names the version and protocol to use (RFC 6455 4.4).
-pub(crate) async fn reject_ws(w: &Rc<Worker>, c: &mut Conn, status: u16, msg: &str) -> Outcome {
+async fn reject_ws(w: &Rc<Worker>, c: &mut Conn, status: u16, msg: &str) -> Outcome {
     if status != 426 {
         return reject(w, c, status, msg, false).await;
     }
