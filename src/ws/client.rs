@@ -71,10 +71,10 @@ pub async fn post(
         let addr = up.cfg.targets[ti];
         // A pooled connection may have been closed by the upstream: one fresh retry.
         let pooled = POOL.with(|p| p.borrow_mut().get_mut(&addr).and_then(|v| v.pop()));
-        let mut tries: Vec<Option<TcpStream>> = vec![pooled, None];
+        let mut tries: [Option<TcpStream>; 2] = [pooled, None];
         for slot in tries.iter_mut() {
             let reused = slot.is_some();
-            if !reused && slot.is_none() && Instant::now() >= deadline {
+            if !reused && Instant::now() >= deadline {
                 return Err(());
             }
             let s = match slot.take() {
