@@ -936,6 +936,22 @@ fn passthrough_refuses_wrong_version_with_426() {
 }
 
 #[test]
+fn passthrough_checks_allowed_origins() {
+    let be = echo_backend(None);
+    let gw = Gateway::start(&passthrough_config(
+        be.addr,
+        r#"websocket = { allowed_origins = ["https://app.example.com"] }"#,
+    ));
+    let (head, _) = ws_connect(gw.addr, "/live/r", "Origin: https://evil.example.com\r\n");
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(be.heads.lock().unwrap().is_empty());
+    let (head, mut ws) = ws_connect(gw.addr, "/live/r", "Origin: https://app.example.com\r\n");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    ws.text("ok");
+    assert_eq!(ws.recv_text(), "ok");
+}
+
+#[test]
 fn passthrough_upstream_refusing_upgrade_is_relayed() {
     let origin = Origin::start(|_| Response::new(404).body("no socket here"));
     let gw = Gateway::start(&passthrough_config(origin.addr, ""));
