@@ -36,6 +36,8 @@ pub struct Shared {
     pub usage: Arc<crate::policy::plans::UsageStore>,
     /// API keys (config and admin-added), kept across reloads.
     pub auth: crate::policy::auth::AuthState,
+    /// Open WebSocket API connections, for `@connections`.
+    pub ws: crate::ws::api::Registry,
     config_path: PathBuf,
     reload_lock: Mutex<()>,
 }
@@ -66,6 +68,7 @@ impl Shared {
             cache_inval: Default::default(),
             usage,
             auth,
+            ws: Default::default(),
             config_path,
             reload_lock: Mutex::new(()),
         }))

@@ -11,7 +11,8 @@
 //! - [`cache`]: the response cache (stores, keys, rules, invalidation);
 //! - [`policy`]: pipeline stages: auth, throttles, usage plans, WAF, CORS;
 //! - [`metrics`], [`accesslog`], [`admin`]: observability and management;
-//! - [`gateway`]: the live state shared by all threads.
+//! - [`gateway`]: the live state shared by all threads;
+//! - [`ws`]: WebSocket codec, pass-through and WebSocket APIs.
 
 pub mod accesslog;
 pub mod admin;
@@ -25,3 +26,4 @@ pub mod router;
 pub mod runtime;
 pub mod server;
 pub mod upstream;
+pub mod ws;

@@ -214,6 +214,14 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
                 body: body.into_bytes(),
             }
         }
+        (_, p) if p.starts_with("/@connections/") => {
+            let (status, body) = crate::ws::api::admin(shared, method, &p[14..], body);
+            Reply {
+                status,
+                ctype: "application/json",
+                body: body.into_bytes(),
+            }
+        }
         (_, "/metrics") | (_, "/reload") | (_, "/cache/invalidate") => {
             json(405, "Method Not Allowed")
         }

@@ -8,6 +8,7 @@
 pub mod raw;
 mod routes;
 
+pub(crate) use routes::subst_stage_vars;
 pub use routes::{Integration, MockResponse, PathTemplate, Route, RouteMatch, RouteTable};
 
 use raw::{RawConfig, RawUpstream};

@@ -202,6 +202,23 @@ pub struct RawApi {
     pub routes: Vec<RawRoute>,
     /// CORS answered by the gateway.
     pub cors: Option<Spanned<crate::policy::raw::RawCors>>,
+    /// WebSocket APIs: where the route key of each message comes from.
+    pub route_selection: Option<Spanned<String>>,
+    /// WebSocket settings (limits, timeouts, origins) for a WebSocket API or for pass-through.
+    pub websocket: Option<Spanned<RawWebSocket>>,
+}
+
+/// `websocket = { ... }` on an API. Absent keys take the defaults of the API's protocol.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebSocket {
+    /// Browser origins allowed to connect; empty = any.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    pub max_message_bytes: Option<usize>,
+    pub max_frame_bytes: Option<usize>,
+    pub idle_timeout_ms: Option<u64>,
+    pub max_duration_ms: Option<u64>,
 }
 
 fn default_empty() -> Spanned<String> {

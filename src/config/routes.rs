@@ -67,6 +67,8 @@ pub enum Integration {
         path: Option<PathTemplate>,
     },
     Mock(MockResponse),
+    /// The handshake route of a WebSocket API stage.
+    WebSocket(Arc<crate::ws::WsApi>),
 }
 
 /// One route of one stage, ready to serve.
@@ -86,6 +88,8 @@ pub struct Route {
     pub cache: Option<Arc<crate::cache::CachePolicy>>,
     /// What the route requires (`auth`, `scopes`, `api_key_required`).
     pub auth: crate::policy::auth::RouteAuth,
+    /// WebSocket limits and timeouts (pass-through on `http` APIs, or the WebSocket API's).
+    pub ws: Arc<crate::ws::WsSettings>,
 }
 
 /// The result of routing a request.
@@ -185,6 +189,7 @@ impl RouteTable {
             let mut target = match &r.integration {
                 Integration::Mock(m) => format!("mock {}", m.status),
                 Integration::Http { upstream, .. } => format!("http {}", upstreams[*upstream].name),
+                Integration::WebSocket(w) => format!("websocket ({} routes)", w.routes.len()),
             };
             if let Some(c) = &r.cache {
                 let _ = write!(target, " (cache {}s)", c.ttl.as_secs());
@@ -218,7 +223,7 @@ fn json_escape_label(s: &str) -> String {
 }
 
 /// Substitutes `${stageVariables.NAME}`; unknown names are an error.
-fn subst_stage_vars(
+pub(crate) fn subst_stage_vars(
     s: &str,
     vars: &std::collections::BTreeMap<String, String>,
 ) -> Result<String, String> {
@@ -332,15 +337,9 @@ pub(super) fn compile(
             ));
         }
         names_seen.push(name);
-        match api.protocol.get_ref().as_str() {
-            "http" => {}
-            "websocket" => {
-                return Err(src.err(
-                    api.protocol.span(),
-                    &akey("protocol"),
-                    "WebSocket APIs are not supported by this build yet",
-                ))
-            }
+        let websocket_api = match api.protocol.get_ref().as_str() {
+            "http" => false,
+            "websocket" => true,
             p => {
                 return Err(src.err(
                     api.protocol.span(),
@@ -348,6 +347,17 @@ pub(super) fn compile(
                     format!("`{p}` is not one of http, websocket"),
                 ))
             }
+        };
+        let ws_settings = crate::ws::settings_for(api, websocket_api).map_err(|m| {
+            let span = api.websocket.as_ref().map(|w| w.span()).unwrap_or(0..0);
+            src.err(span, &akey("websocket"), m)
+        })?;
+        if let (false, Some(rs)) = (websocket_api, &api.route_selection) {
+            return Err(src.err(
+                rs.span(),
+                &akey("route_selection"),
+                "only WebSocket APIs (protocol = \"websocket\") select routes from messages",
+            ));
         }
         let base = api.base_path.get_ref().as_str();
         if !base.is_empty()
@@ -402,6 +412,51 @@ pub(super) fn compile(
                 format!("{base}/{stage_name}")
             };
             let stage_arc: Arc<str> = stage_name.as_str().into();
+            if websocket_api {
+                let wsapi = crate::ws::api::compile(
+                    src,
+                    ai,
+                    api,
+                    &api_name,
+                    &stage_arc,
+                    stage,
+                    upstreams,
+                    ws_settings.clone(),
+                )?;
+                let id = table.routes.len() as u32;
+                let labels = format!(
+                    "api=\"{}\",stage=\"{}\",route=\"$connect\"",
+                    json_escape_label(name),
+                    json_escape_label(stage_name)
+                );
+                table.routes.push(Route {
+                    api: api_name.clone(),
+                    stage: stage_arc.clone(),
+                    key: "$connect".into(),
+                    labels: labels.into(),
+                    prefix_len: prefix.len(),
+                    integration: Integration::WebSocket(wsapi),
+                    access_log: stage.access_log,
+                    cache: None,
+                    auth: Default::default(),
+                    ws: ws_settings.clone(),
+                });
+                let full = if prefix.is_empty() { "/" } else { &prefix };
+                let hosts: Vec<String> = api.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+                let insert = |t: &mut Table| {
+                    t.trie
+                        .insert(Some("GET"), full, id)
+                        .map_err(|e| src.err(api.name.span(), &akey("name"), e.0))
+                };
+                if hosts.is_empty() {
+                    insert(&mut table.any_host)?;
+                } else {
+                    for h in hosts {
+                        insert(table.by_host.entry(h).or_default())?;
+                    }
+                }
+                continue;
+            }
             for (ri, r) in api.routes.iter().enumerate() {
                 let rkey = format!("apis[{ai}].routes[{ri}].route");
                 let ikey = format!("apis[{ai}].routes[{ri}].integration");
@@ -491,6 +546,7 @@ pub(super) fn compile(
                     access_log: stage.access_log,
                     cache,
                     auth: route_auth,
+                    ws: ws_settings.clone(),
                 });
                 let hosts: Vec<String> = api.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
                 let targets: Vec<&mut Table> = if hosts.is_empty() {

@@ -113,6 +113,8 @@ pub struct Registry {
     workers: Mutex<Vec<Arc<Mutex<WorkerMetrics>>>>,
     /// Open client connections.
     pub connections_active: AtomicI64,
+    /// Open WebSocket connections.
+    pub ws_connections_active: AtomicI64,
 }
 
 /// Merged view used by the dashboard and the scrape.
@@ -224,7 +226,11 @@ impl Registry {
             "# HELP ringgate_cache_misses_total Cacheable requests not found in the cache.\n# TYPE ringgate_cache_misses_total counter\nringgate_cache_misses_total {}",
             s.cache_misses
         );
-        o.push_str("# HELP ringgate_websocket_connections_active Open WebSocket connections.\n# TYPE ringgate_websocket_connections_active gauge\nringgate_websocket_connections_active 0\n");
+        let _ = writeln!(
+            o,
+            "# HELP ringgate_websocket_connections_active Open WebSocket connections (pass-through and WebSocket APIs).\n# TYPE ringgate_websocket_connections_active gauge\nringgate_websocket_connections_active {}",
+            self.ws_connections_active.load(Ordering::Relaxed)
+        );
         o.push_str(tail);
         o
     }

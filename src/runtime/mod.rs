@@ -224,6 +224,8 @@ async fn worker_main(
         });
     }
     monoio::spawn(crate::server::run_parker(w.clone()));
+    crate::ws::api::set_worker(id);
+    monoio::spawn(crate::ws::api::run_mailbox(id, shared.clone()));
     for t in accept_tasks {
         t.await;
     }

@@ -251,6 +251,8 @@ struct Conn {
     principal: Option<Arc<str>>,
     /// Name of the API key that passed the auth stage (usage plans, access log).
     api_key: Option<Arc<str>>,
+    /// Set when the request became a WebSocket connection: the loop hands the socket over.
+    takeover: Option<crate::ws::Takeover>,
 }
 
 /// How a request ended, for metrics, the access log and keep-alive.
@@ -304,6 +306,7 @@ pub(crate) async fn run(
         guard,
         principal: None,
         api_key: None,
+        takeover: None,
     };
     loop {
         let gw = w.gateway();
@@ -337,6 +340,25 @@ pub(crate) async fn run(
         w.inflight.set(w.inflight.get() + 1);
         let keep = handle(&w, &gw, &mut c).await;
         w.inflight.set(w.inflight.get() - 1);
+        if let Some(t) = c.takeover.take() {
+            // A WebSocket now: bytes after the upgrade request are the first frames.
+            let pending = c.b.rbuf[c.consumed.min(c.b.rbuf.len())..].to_vec();
+            let Conn {
+                stream, b, guard, ..
+            } = c;
+            w.give_bufs(b);
+            // Counted as in flight so a drain lets it send its close frame (it watches the
+            // shutdown flag) and call `$disconnect`.
+            // Its own task: this loop's (large) state is freed for the connection's lifetime.
+            w.inflight.set(w.inflight.get() + 1);
+            let w2 = w.clone();
+            monoio::spawn(async move {
+                crate::ws::run_takeover(t, stream, pending, w2.shared.clone()).await;
+                w2.inflight.set(w2.inflight.get() - 1);
+                drop(guard);
+            });
+            return;
+        }
         c.served = true;
         if !keep || w.shared.shutdown.load(Ordering::Relaxed) {
             break;
@@ -553,11 +575,98 @@ async fn route_and_run(
             respond_mock(w, c, mock, keep).await
         }
         Integration::Http { upstream, path } => match &route.cache {
-            Some(pol) => cached::serve(w, gw, c, route, pol, *upstream, path.as_ref()).await,
-            None => proxy::proxy(w, gw, c, route, *upstream, path.as_ref(), None).await,
+            // A WebSocket upgrade is never a cache lookup.
+            Some(pol) if !c.b.head.upgrade_websocket => {
+                cached::serve(w, gw, c, route, pol, *upstream, path.as_ref()).await
+            }
+            _ => proxy::proxy(w, gw, c, route, *upstream, path.as_ref(), None).await,
         },
+        Integration::WebSocket(api) => ws_handshake(w, gw, c, api).await,
     };
     (out, Some(id))
+}
+
+/// The opening handshake of a WebSocket API route (validation and `$connect`).
+async fn ws_handshake(
+    w: &Rc<Worker>,
+    gw: &Arc<Gateway>,
+    c: &mut Conn,
+    api: &Arc<crate::ws::WsApi>,
+) -> Outcome {
+    use crate::ws::api::Handshake;
+    let hs = crate::ws::api::handshake(
+        gw,
+        api,
+        &c.b.head,
+        &c.b.rbuf,
+        c.peer,
+        &c.reqid[..c.reqid_len],
+    )
+    .await;
+    match hs {
+        Handshake::Accept(head, accepted) => {
+            c.b.out.clear();
+            c.b.out.extend_from_slice(&head);
+            if !write_out(c).await {
+                return Outcome {
+                    status: 499,
+                    keep_alive: false,
+                    upstream: None,
+                };
+            }
+            c.takeover = Some(crate::ws::Takeover::Api(accepted));
+            Outcome {
+                status: 101,
+                keep_alive: false,
+                upstream: None,
+            }
+        }
+        Handshake::Refuse(status, msg) => reject_ws(w, c, status, msg).await,
+        Handshake::RefuseWith(status, body) => {
+            if body.is_empty() {
+                return reject(w, c, status, "Forbidden: refused by $connect", false).await;
+            }
+            c.b.out.clear();
+            encode::push_status_line(&mut c.b.out, status);
+            c.b.out.extend_from_slice(b"content-length: ");
+            encode::push_u64(&mut c.b.out, body.len() as u64);
+            c.b.out.extend_from_slice(b"\r\n");
+            push_common(w, c, false);
+            c.b.out.extend_from_slice(&body);
+            write_out(c).await;
+            Outcome {
+                status,
+                keep_alive: false,
+                upstream: None,
+            }
+        }
+    }
+}
+
+/// Refuses a WebSocket handshake; a 426 names the version and protocol to use (RFC 6455 4.4).
+async fn reject_ws(w: &Rc<Worker>, c: &mut Conn, status: u16, msg: &str) -> Outcome {
+    if status != 426 {
+        return reject(w, c, status, msg, false).await;
+    }
+    let mut body = Vec::with_capacity(msg.len() + 16);
+    body.extend_from_slice(b"{\"message\":\"");
+    push_json_str(&mut body, msg.as_bytes());
+    body.extend_from_slice(b"\"}");
+    c.b.out.clear();
+    encode::push_status_line(&mut c.b.out, status);
+    c.b.out.extend_from_slice(
+        b"upgrade: websocket\r\nsec-websocket-version: 13\r\ncontent-type: application/json\r\ncontent-length: ",
+    );
+    encode::push_u64(&mut c.b.out, body.len() as u64);
+    c.b.out.extend_from_slice(b"\r\n");
+    push_common(w, c, false);
+    c.b.out.extend_from_slice(&body);
+    write_out(c).await;
+    Outcome {
+        status,
+        keep_alive: false,
+        upstream: None,
+    }
 }
 
 /// Whether the request's body is already fully buffered (so it can be skipped and the

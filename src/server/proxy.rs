@@ -45,6 +45,14 @@ pub(super) async fn proxy(
 ) -> Outcome {
     let up = &gw.upstreams[up_idx];
     let limits = &gw.config.server.limits;
+    if c.b.head.upgrade_websocket {
+        // Pass-through: refuse a broken handshake here rather than upstream.
+        if let Err(r) =
+            crate::ws::handshake::validate(&c.b.head, &c.b.rbuf, &route.ws.allowed_origins)
+        {
+            return super::reject_ws(w, c, r.status, r.message).await;
+        }
+    }
     build_request_head(c, route, tpl);
 
     // Whatever body the client already sent goes with the head.
@@ -212,6 +220,12 @@ pub(super) async fn proxy(
         if let Ok(mut m) = w.metrics.lock() {
             m.upstream(&up.labels, started.elapsed());
         }
+        if c.b.resp.status == 101 {
+            if !c.b.head.upgrade_websocket {
+                return reject(w, c, 502, "Bad Gateway", false).await;
+            }
+            return upgrade(w, c, us, addr, route).await;
+        }
         return respond(w, c, us, addr, up.cfg.keepalive, up.cfg.timeout, cap).await;
     }
 }
@@ -254,8 +268,16 @@ fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
         }
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    if head.upgrade_websocket {
+        // Hop-by-hop, so `forwardable` drops them; a pass-through upgrade puts them back.
+        out.extend_from_slice(b"upgrade: websocket\r\nconnection: Upgrade\r\n");
+    }
     for (name, value) in head.forwardable(buf) {
         if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            continue;
+        }
+        if head.upgrade_websocket && name.eq_ignore_ascii_case(b"sec-websocket-extensions") {
+            // The relay checks frames; no extension (compression sets RSV1) is negotiated.
             continue;
         }
         if name.eq_ignore_ascii_case(b"x-forwarded-proto")
@@ -428,6 +450,48 @@ async fn stream_request_body(
             return Ok(());
         }
         bbuf.clear();
+    }
+}
+
+/// The upstream accepted a WebSocket upgrade: relays its 101 (and any frame bytes that came
+/// with it) and hands both connections to the WebSocket relay.
+async fn upgrade(
+    w: &Rc<Worker>,
+    c: &mut Conn,
+    us: TcpStream,
+    addr: SocketAddr,
+    route: &Route,
+) -> Outcome {
+    let head_len = c.b.resp.head_len;
+    c.b.out.clear();
+    encode::push_status_line(&mut c.b.out, 101);
+    c.b.out
+        .extend_from_slice(b"upgrade: websocket\r\nconnection: Upgrade\r\n");
+    for (name, value) in c.b.resp.forwardable(&c.b.ubuf) {
+        if name.eq_ignore_ascii_case(b"x-request-id") {
+            continue;
+        }
+        encode::push_header(&mut c.b.out, name, value);
+    }
+    encode::push_header(&mut c.b.out, b"x-request-id", &c.reqid[..c.reqid_len]);
+    c.b.out.extend_from_slice(b"\r\n");
+    c.b.out.extend_from_slice(&c.b.ubuf[head_len..]);
+    c.b.ubuf.clear();
+    if c.b.ubuf.capacity() > 4 * 4096 {
+        c.b.ubuf = Vec::new();
+    }
+    let _ = w;
+    let ok = super::write_out(c).await;
+    if ok {
+        c.takeover = Some(crate::ws::Takeover::Relay {
+            upstream: us,
+            settings: route.ws.clone(),
+        });
+    }
+    Outcome {
+        status: 101,
+        keep_alive: false,
+        upstream: Some(addr),
     }
 }
 

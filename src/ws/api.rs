@@ -1,0 +1,903 @@
+//! WebSocket APIs: the `$connect` handshake, the per-connection loop (messages routed by
+//! `route_selection` to their integration, one at a time so they arrive in order; the answer
+//! goes back to that client), `$disconnect` once on every kind of close, and the
+//! `@connections` management API.
+//!
+//! Connections live on worker threads. The admin thread finds a connection's worker in the
+//! [`Registry`] and posts to that worker's mailbox (a crossbeam channel); a task on each worker
+//! drains its mailbox on a short timer (2 ms while the worker holds WebSocket connections) and
+//! hands each command to the connection's writer queue, in the order they were posted.
+
+use super::client;
+use super::frame::{self, code, Decoder, Event};
+use super::{WsApi, WsSettings, WsTarget};
+use crate::config::raw::{RawApi, RawIntegration, RawStage};
+use crate::config::{ConfigError, Source, UpstreamConfig};
+use crate::gateway::{Gateway, Shared};
+use crate::http::RequestHead;
+use ahash::AHashMap;
+use bytes::Bytes;
+use futures_channel::{mpsc, oneshot};
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Splitable};
+use monoio::net::TcpStream;
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Largest integration answer accepted (it becomes one message to the client).
+const MAX_ANSWER: usize = 10 << 20;
+/// Bytes queued toward one client before it counts as not reading (the connection closes).
+const MAX_QUEUED: usize = 8 << 20;
+/// A write to the client that takes longer than this closes the connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Compiles one stage of a WebSocket API.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn compile(
+    src: &Source,
+    ai: usize,
+    api: &RawApi,
+    api_name: &Arc<str>,
+    stage_name: &Arc<str>,
+    stage: &RawStage,
+    upstreams: &[UpstreamConfig],
+    settings: Arc<WsSettings>,
+) -> Result<Arc<WsApi>, ConfigError> {
+    let selection = match &api.route_selection {
+        None => super::parse_selection("$request.body.action").expect("valid"),
+        Some(s) => super::parse_selection(s.get_ref())
+            .map_err(|m| src.err(s.span(), &format!("apis[{ai}].route_selection"), m))?,
+    };
+    let mut routes = AHashMap::new();
+    for (ri, r) in api.routes.iter().enumerate() {
+        let rkey = format!("apis[{ai}].routes[{ri}].route");
+        let ikey = format!("apis[{ai}].routes[{ri}].integration");
+        let key = r.route.get_ref().trim();
+        if key.is_empty() || key.len() > 128 || key.contains(char::is_whitespace) {
+            return Err(src.err(
+                r.route.span(),
+                &rkey,
+                format!("`{key}` is not a WebSocket route key (`$connect`, `$disconnect`, `$default` or a value of the selection field)"),
+            ));
+        }
+        if key.starts_with('$') && !matches!(key, "$connect" | "$disconnect" | "$default") {
+            return Err(src.err(
+                r.route.span(),
+                &rkey,
+                format!("`{key}`: the reserved route keys are $connect, $disconnect and $default"),
+            ));
+        }
+        let ierr = |m: String| src.err(r.integration.span(), &ikey, m);
+        let target = match r.integration.get_ref() {
+            RawIntegration::Http { upstream, path } => {
+                let up =
+                    crate::config::subst_stage_vars(upstream, &stage.variables).map_err(ierr)?;
+                let idx = upstreams.iter().position(|u| u.name == up).ok_or_else(|| {
+                    ierr(format!("upstream `{up}` is not defined in [[upstreams]]"))
+                })?;
+                let p = match path {
+                    None => "/".to_string(),
+                    Some(p) => {
+                        crate::config::subst_stage_vars(p, &stage.variables).map_err(ierr)?
+                    }
+                };
+                if !p.starts_with('/') || p.contains(['{', '}', ' ', '\r', '\n']) {
+                    return Err(ierr(format!(
+                        "integration path `{p}` must start with `/` and have no `{{param}}` (WebSocket routes have no path parameters)"
+                    )));
+                }
+                WsTarget::Http {
+                    upstream: idx,
+                    path: p,
+                }
+            }
+            RawIntegration::Mock { status, body, .. } => {
+                if !(100..=599).contains(status) {
+                    return Err(ierr(format!("mock status {status} is not an HTTP status")));
+                }
+                WsTarget::Mock {
+                    status: *status,
+                    body: Bytes::from(body.clone()),
+                }
+            }
+        };
+        if routes.insert(key.to_string(), target).is_some() {
+            return Err(src.err(
+                r.route.span(),
+                &rkey,
+                format!("route `{key}` appears twice"),
+            ));
+        }
+    }
+    Ok(Arc::new(WsApi {
+        api: api_name.clone(),
+        stage: stage_name.clone(),
+        routes,
+        selection,
+        settings: (*settings).clone(),
+    }))
+}
+
+/// A management command for one connection.
+enum Cmd {
+    Send(u64, Vec<u8>),
+    Close(u64),
+}
+
+struct Entry {
+    worker: usize,
+    connected_at_ms: u64,
+    last_active_ms: Arc<AtomicU64>,
+    source_ip: String,
+}
+
+/// Where every open WebSocket API connection lives, for the management API.
+#[derive(Default)]
+pub struct Registry {
+    conns: Mutex<AHashMap<u64, Entry>>,
+    mailboxes: Mutex<Vec<Option<crossbeam_channel::Sender<Cmd>>>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// splitmix64: a bijection, so distinct counters give distinct, unpredictable-looking ids.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e3779b97f4a7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
+}
+
+/// The text form of a connection id (16 hex digits).
+pub fn id_string(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+impl Registry {
+    fn mailbox(&self, worker: usize) -> crossbeam_channel::Receiver<Cmd> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut m = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() <= worker {
+            m.resize_with(worker + 1, || None);
+        }
+        m[worker] = Some(tx);
+        rx
+    }
+
+    fn post(&self, id: u64, cmd: Cmd) -> bool {
+        let worker = {
+            let c = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            match c.get(&id) {
+                Some(e) => e.worker,
+                None => return false,
+            }
+        };
+        let m = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get(worker).and_then(|t| t.as_ref()) {
+            Some(tx) => tx.send(cmd).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Number of open WebSocket API connections.
+    pub fn len(&self) -> usize {
+        self.conns.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for a Unix time in milliseconds.
+fn iso8601(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86400) as i64;
+    let sod = secs % 86400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60,
+        ms % 1000
+    )
+}
+
+/// `POST/GET/DELETE /@connections/{id}` on the admin listener: (status, JSON body).
+pub fn admin(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16, String) {
+    let msg = |m: &str| serde_json::json!({ "message": m }).to_string();
+    let gone = (410, msg("Gone: no such connection"));
+    let Some(id) = (id.len() == 16)
+        .then(|| u64::from_str_radix(id, 16).ok())
+        .flatten()
+    else {
+        return gone;
+    };
+    let reg = &shared.ws;
+    match method {
+        "POST" => {
+            if reg.post(id, Cmd::Send(id, body.to_vec())) {
+                (200, String::new())
+            } else {
+                gone
+            }
+        }
+        "DELETE" => {
+            if reg.post(id, Cmd::Close(id)) {
+                (204, String::new())
+            } else {
+                gone
+            }
+        }
+        "GET" => {
+            let c = reg.conns.lock().unwrap_or_else(|e| e.into_inner());
+            match c.get(&id) {
+                Some(e) => (
+                    200,
+                    serde_json::json!({
+                        "connectedAt": iso8601(e.connected_at_ms),
+                        "lastActiveAt": iso8601(e.last_active_ms.load(Ordering::Relaxed)),
+                        "sourceIp": e.source_ip,
+                    })
+                    .to_string(),
+                ),
+                None => gone,
+            }
+        }
+        _ => (405, msg("Method Not Allowed")),
+    }
+}
+
+/// What goes to a connection's writer.
+enum Out {
+    /// An encoded frame.
+    Frame(Vec<u8>),
+    /// A close frame; the writer stops after it.
+    Close(u16, &'static str),
+}
+
+struct LocalConn {
+    tx: mpsc::UnboundedSender<Out>,
+    kill: Option<oneshot::Sender<(u16, &'static str)>>,
+    queued: std::rc::Rc<std::cell::Cell<usize>>,
+}
+
+thread_local! {
+    static LOCAL: RefCell<AHashMap<u64, LocalConn>> = RefCell::new(AHashMap::new());
+}
+
+/// Drains this worker's mailbox until shutdown (one task per worker).
+pub async fn run_mailbox(worker: usize, shared: Arc<Shared>) {
+    let rx = shared.ws.mailbox(worker);
+    while !shared.shutdown.load(Ordering::Relaxed) {
+        let busy = LOCAL.with(|l| !l.borrow().is_empty());
+        monoio::time::sleep(Duration::from_millis(if busy { 2 } else { 50 })).await;
+        while let Ok(cmd) = rx.try_recv() {
+            LOCAL.with(|l| {
+                let mut l = l.borrow_mut();
+                match cmd {
+                    Cmd::Send(id, body) => {
+                        if let Some(c) = l.get_mut(&id) {
+                            let f = message_frame(&body);
+                            if c.queued.get() + f.len() > MAX_QUEUED {
+                                // The client does not read: close it rather than queue more.
+                                if let Some(k) = c.kill.take() {
+                                    let _ = k.send((code::POLICY, "client not reading"));
+                                }
+                            } else {
+                                c.queued.set(c.queued.get() + f.len());
+                                let _ = c.tx.unbounded_send(Out::Frame(f));
+                            }
+                        }
+                    }
+                    Cmd::Close(id) => {
+                        if let Some(k) = l.get_mut(&id).and_then(|c| c.kill.take()) {
+                            let _ = k.send((code::NORMAL, "closed by the management API"));
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// A text frame when `body` is UTF-8, else a binary one.
+fn message_frame(body: &[u8]) -> Vec<u8> {
+    let op = if std::str::from_utf8(body).is_ok() {
+        frame::op::TEXT
+    } else {
+        frame::op::BINARY
+    };
+    let mut f = Vec::with_capacity(body.len() + 10);
+    frame::encode(&mut f, op, true, body);
+    f
+}
+
+/// A connection that passed its handshake and `$connect`.
+pub struct Accepted {
+    api: Arc<WsApi>,
+    gw: Arc<Gateway>,
+    id: u64,
+    peer: SocketAddr,
+}
+
+/// The handshake outcome: the 101 head to write, or the refusal.
+pub enum Handshake {
+    /// Write `head` and hand the connection over.
+    Accept(Vec<u8>, Accepted),
+    /// Answer with this status and a JSON error message.
+    Refuse(u16, &'static str),
+    /// Answer with the `$connect` integration's status and body.
+    RefuseWith(u16, Vec<u8>),
+}
+
+/// Runs the opening handshake of a WebSocket API: validation, then `$connect`.
+pub async fn handshake(
+    gw: &Arc<Gateway>,
+    api: &Arc<WsApi>,
+    head: &RequestHead,
+    buf: &[u8],
+    peer: SocketAddr,
+    request_id: &[u8],
+) -> Handshake {
+    let accept = match super::handshake::validate(head, buf, &api.settings.allowed_origins) {
+        Ok(a) => a,
+        Err(r) => return Handshake::Refuse(r.status, r.message),
+    };
+    // The id is allocated here so `$connect` already sees it.
+    let id = next_id();
+    let mut subprotocol: Option<Vec<u8>> = None;
+    if let Some(t) = api.routes.get("$connect") {
+        let mut hdrs = Vec::with_capacity(512);
+        for (name, value) in head.forwardable(buf) {
+            if name.eq_ignore_ascii_case(b"host")
+                || name.eq_ignore_ascii_case(b"content-length")
+                || name.eq_ignore_ascii_case(b"x-connection-id")
+                || name.eq_ignore_ascii_case(b"x-route-key")
+                || name.eq_ignore_ascii_case(b"x-forwarded-for")
+            {
+                continue;
+            }
+            crate::http::encode::push_header(&mut hdrs, name, value);
+        }
+        if let Some(h) = head.host {
+            crate::http::encode::push_header(&mut hdrs, b"x-forwarded-host", head.slice(buf, h));
+        }
+        crate::http::encode::push_header(
+            &mut hdrs,
+            b"x-forwarded-for",
+            peer.ip().to_string().as_bytes(),
+        );
+        if !request_id.is_empty() && head.header(buf, "x-request-id").is_none() {
+            crate::http::encode::push_header(&mut hdrs, b"x-request-id", request_id);
+        }
+        let query = head.query.map(|q| head.slice(buf, q)).unwrap_or(b"");
+        match call(gw, t, "$connect", id, &hdrs, b"", query).await {
+            Ok(a) if (200..300).contains(&a.status) => {
+                // The integration may pick one of the subprotocols the client offered.
+                let offered = head.header(buf, "sec-websocket-protocol").unwrap_or(b"");
+                subprotocol = a.subprotocol.filter(|p| {
+                    !p.is_empty()
+                        && offered
+                            .split(|&c| c == b',')
+                            .any(|o| o.trim_ascii().eq_ignore_ascii_case(p))
+                });
+            }
+            Ok(a) if a.status >= 400 && a.status <= 599 => {
+                return Handshake::RefuseWith(a.status, a.body);
+            }
+            Ok(_) => return Handshake::Refuse(502, "Bad Gateway"),
+            Err(()) => return Handshake::Refuse(502, "Bad Gateway"),
+        }
+    }
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ",
+    );
+    out.extend_from_slice(accept.as_bytes());
+    if let Some(p) = &subprotocol {
+        out.extend_from_slice(b"\r\nsec-websocket-protocol: ");
+        out.extend_from_slice(p);
+    }
+    out.extend_from_slice(b"\r\nx-connection-id: ");
+    out.extend_from_slice(id_string(id).as_bytes());
+    out.extend_from_slice(b"\r\nx-request-id: ");
+    out.extend_from_slice(request_id);
+    out.extend_from_slice(b"\r\n\r\n");
+    Handshake::Accept(
+        out,
+        Accepted {
+            api: api.clone(),
+            gw: gw.clone(),
+            id,
+            peer,
+        },
+    )
+}
+
+fn next_id() -> u64 {
+    thread_local! {
+        static SEQ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static THREADS: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static T: u64 = THREADS.fetch_add(1, Ordering::Relaxed);
+    }
+    let base = *BASE.get_or_init(|| now_ms() ^ ((std::process::id() as u64) << 40));
+    let seq = SEQ.with(|s| {
+        let v = s.get() + 1;
+        s.set(v);
+        v
+    });
+    // Thread index in the top 12 bits of the counter keeps ids unique across workers.
+    let t = T.with(|t| *t);
+    mix(base.wrapping_add((t << 52) | (seq & ((1 << 52) - 1))))
+}
+
+/// Calls a route's integration.
+async fn call(
+    gw: &Gateway,
+    t: &WsTarget,
+    route_key: &str,
+    id: u64,
+    extra_headers: &[u8],
+    body: &[u8],
+    query: &[u8],
+) -> Result<client::Answer, ()> {
+    match t {
+        WsTarget::Mock { status, body } => Ok(client::Answer {
+            status: *status,
+            body: body.to_vec(),
+            subprotocol: None,
+        }),
+        WsTarget::Http { upstream, path } => {
+            let mut hdrs = Vec::with_capacity(extra_headers.len() + 96);
+            hdrs.extend_from_slice(extra_headers);
+            crate::http::encode::push_header(
+                &mut hdrs,
+                b"x-connection-id",
+                id_string(id).as_bytes(),
+            );
+            crate::http::encode::push_header(&mut hdrs, b"x-route-key", route_key.as_bytes());
+            let full;
+            let p = if query.is_empty() {
+                path.as_str()
+            } else {
+                full = format!(
+                    "{path}{}{}",
+                    if path.contains('?') { '&' } else { '?' },
+                    String::from_utf8_lossy(query)
+                );
+                full.as_str()
+            };
+            client::post(&gw.upstreams[*upstream], p, &hdrs, body, MAX_ANSWER).await
+        }
+    }
+}
+
+/// Serves an accepted connection until it closes, then calls `$disconnect`.
+pub async fn run(a: Accepted, stream: TcpStream, pending: Vec<u8>, shared: &Arc<Shared>) {
+    let Accepted { api, gw, id, peer } = a;
+    let settings = &api.settings;
+    let started = Instant::now();
+    let last_active = Arc::new(AtomicU64::new(now_ms()));
+    shared
+        .ws
+        .conns
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
+            id,
+            Entry {
+                worker: worker_index(shared),
+                connected_at_ms: now_ms(),
+                last_active_ms: last_active.clone(),
+                source_ip: peer.ip().to_string(),
+            },
+        );
+    let (tx, rx) = mpsc::unbounded::<Out>();
+    let (kill_tx, kill_rx) = oneshot::channel::<(u16, &'static str)>();
+    let queued = std::rc::Rc::new(std::cell::Cell::new(0usize));
+    LOCAL.with(|l| {
+        l.borrow_mut().insert(
+            id,
+            LocalConn {
+                tx: tx.clone(),
+                kill: Some(kill_tx),
+                queued: queued.clone(),
+            },
+        )
+    });
+    let (mut rd, mut wr) = stream.into_split();
+    let last_in = std::cell::Cell::new(Instant::now());
+    let reading_since = std::cell::Cell::new(None::<Instant>);
+    let canceller = RefCell::new(monoio::io::Canceller::new());
+
+    let writer = async {
+        use futures_util_lite::next;
+        let mut rx = rx;
+        while let Some(o) = next(&mut rx).await {
+            let (buf, close) = match o {
+                Out::Frame(f) => (f, false),
+                Out::Close(c, why) => {
+                    let mut f = Vec::new();
+                    frame::encode_close(&mut f, c, why);
+                    (f, true)
+                }
+            };
+            let n = buf.len();
+            match monoio::time::timeout(WRITE_TIMEOUT, wr.write_all(buf)).await {
+                Ok((Ok(_), _)) => {}
+                _ => break,
+            }
+            queued.set(queued.get().saturating_sub(n));
+            last_active.store(now_ms(), Ordering::Relaxed);
+            last_in.set(Instant::now());
+            if close {
+                break;
+            }
+        }
+        let _ = monoio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    };
+
+    let main = async {
+        let reader = async {
+            let mut dec = Decoder::new(settings.limits);
+            let mut buf: Vec<u8> = pending;
+            let mut scratch = Vec::new();
+            loop {
+                // Decode what is buffered.
+                loop {
+                    match dec.decode(&mut buf) {
+                        Err(c) => {
+                            let _ = tx.unbounded_send(Out::Close(c, close_reason(c)));
+                            return;
+                        }
+                        Ok((ev, used)) => {
+                            if used > 0 {
+                                buf.drain(..used);
+                            }
+                            let Some(ev) = ev else { break };
+                            last_in.set(Instant::now());
+                            last_active.store(now_ms(), Ordering::Relaxed);
+                            match ev {
+                                Event::Ping(p) => {
+                                    let mut f = Vec::with_capacity(p.len() + 2);
+                                    frame::encode(&mut f, frame::op::PONG, true, &p);
+                                    let _ = tx.unbounded_send(Out::Frame(f));
+                                }
+                                Event::Pong => {}
+                                Event::Close(c, _) => {
+                                    let c = c.unwrap_or(code::NORMAL);
+                                    let _ = tx.unbounded_send(Out::Close(c, ""));
+                                    return;
+                                }
+                                Event::Message { text, data } => {
+                                    let reply = Box::pin(on_message(
+                                        &gw,
+                                        &api,
+                                        id,
+                                        text,
+                                        &data,
+                                        &mut scratch,
+                                    ))
+                                    .await;
+                                    if let Some(f) = reply {
+                                        if queued.get() + f.len() > MAX_QUEUED {
+                                            let _ = tx.unbounded_send(Out::Close(
+                                                code::POLICY,
+                                                "client not reading",
+                                            ));
+                                            return;
+                                        }
+                                        queued.set(queued.get() + f.len());
+                                        let _ = tx.unbounded_send(Out::Frame(f));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                if queued.get() > MAX_QUEUED {
+                    let _ = tx.unbounded_send(Out::Close(code::POLICY, "client not reading"));
+                    return;
+                }
+                if buf.is_empty() && buf.capacity() > 64 * 1024 {
+                    buf = Vec::new();
+                }
+                // Read more: at least room for the largest frame header.
+                if buf.capacity() == 0 {
+                    buf = super::relay::take_buf();
+                } else if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(buf.capacity().max(4096));
+                }
+                let len = buf.len();
+                let cap = buf.capacity();
+                let handle = canceller.borrow().handle();
+                reading_since.set(Some(Instant::now()));
+                let (r, b) = rd.cancelable_read(buf.slice_mut(len..cap), handle).await;
+                reading_since.set(None);
+                buf = b.into_inner();
+                match r {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
+                        // Idle: wait for bytes without holding a buffer (unless a partial
+                        // frame is buffered, bounded by the frame limit).
+                        if buf.is_empty() {
+                            super::relay::give_buf(std::mem::take(&mut buf));
+                        }
+                        // SAFETY: as in monoio's own split, the halves share the stream
+                        // through an `Rc<UnsafeCell>`; `readable` takes `&self` and only
+                        // clones the fd into a poll op.
+                        let stream: &TcpStream = unsafe { &*rd.0.get() };
+                        if stream.readable(false).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        };
+        let kill = async {
+            match kill_rx.await {
+                Ok(why) => why,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let timers = async {
+            loop {
+                let nap = super::watch_interval(
+                    Instant::now(),
+                    reading_since.get(),
+                    last_in.get(),
+                    started,
+                    settings,
+                );
+                monoio::time::sleep(nap).await;
+                // A read waiting past the grace period gives its buffer back.
+                if let Some(t) = reading_since.get() {
+                    if t.elapsed() >= super::relay::GRACE {
+                        reading_since.set(None);
+                        let c = std::mem::take(&mut *canceller.borrow_mut()).cancel();
+                        *canceller.borrow_mut() = c;
+                    }
+                }
+                if shared.shutdown.load(Ordering::Relaxed) {
+                    return (code::GOING_AWAY, "server shutting down");
+                }
+                if last_in.get().elapsed() >= settings.idle_timeout {
+                    return (code::GOING_AWAY, "idle timeout");
+                }
+                if started.elapsed() >= settings.max_lifetime {
+                    return (code::GOING_AWAY, "maximum connection duration reached");
+                }
+            }
+        };
+        let watch = async {
+            monoio::select! {
+                why = kill => why,
+                why = timers => why,
+            }
+        };
+        monoio::select! {
+            _ = reader => {}
+            (c, why) = watch => {
+                let _ = tx.unbounded_send(Out::Close(c, why));
+            }
+        }
+        // No more commands for this connection: the writer ends once its queue is written.
+        LOCAL.with(|l| l.borrow_mut().remove(&id));
+        drop(tx);
+    };
+    monoio::join!(main, writer);
+    shared
+        .ws
+        .conns
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
+    if let Some(t) = api.routes.get("$disconnect") {
+        let _ = Box::pin(call(&gw, t, "$disconnect", id, b"", b"", b"")).await;
+    }
+}
+
+fn close_reason(c: u16) -> &'static str {
+    match c {
+        code::PROTOCOL => "protocol error",
+        code::INVALID_DATA => "invalid UTF-8 in a text message",
+        code::TOO_BIG => "message too big",
+        _ => "",
+    }
+}
+
+/// Routes one message and calls its integration; returns the frame to send back, if any.
+async fn on_message(
+    gw: &Gateway,
+    api: &WsApi,
+    id: u64,
+    text: bool,
+    data: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Option<Vec<u8>> {
+    let Some(key) = api.select(text, data, scratch) else {
+        let m = format!(
+            "{{\"message\":\"Forbidden\",\"connectionId\":\"{}\"}}",
+            id_string(id)
+        );
+        return Some(message_frame(m.as_bytes()));
+    };
+    let t = api.routes.get(key)?;
+    let hdrs: &[u8] = if text {
+        b"content-type: application/json\r\n"
+    } else {
+        b"content-type: application/octet-stream\r\n"
+    };
+    match call(gw, t, key, id, hdrs, data, b"").await {
+        Ok(a) if a.body.is_empty() => None,
+        Ok(a) => Some(message_frame(&a.body)),
+        Err(()) => {
+            let m = format!(
+                "{{\"message\":\"Internal server error\",\"connectionId\":\"{}\"}}",
+                id_string(id)
+            );
+            Some(message_frame(m.as_bytes()))
+        }
+    }
+}
+
+fn worker_index(_shared: &Shared) -> usize {
+    WORKER.with(|w| w.get())
+}
+
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Records which worker this thread is (called once per worker thread, before serving).
+pub fn set_worker(id: usize) {
+    WORKER.with(|w| w.set(id));
+}
+
+mod futures_util_lite {
+    //! `StreamExt::next` without the futures-util crate.
+    use futures_channel::mpsc::UnboundedReceiver;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::Context;
+
+    /// Waits for the next item of an unbounded receiver.
+    pub fn next<T>(rx: &mut UnboundedReceiver<T>) -> impl Future<Output = Option<T>> + '_ {
+        std::future::poll_fn(move |cx: &mut Context<'_>| {
+            use futures_core::Stream;
+            Pin::new(&mut *rx).poll_next(cx)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_dates() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601(1_709_210_096_789), "2024-02-29T12:34:56.789Z");
+        assert_eq!(iso8601(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn ids_are_distinct_and_round_trip() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let id = next_id();
+            assert!(seen.insert(id));
+            assert_eq!(u64::from_str_radix(&id_string(id), 16).unwrap(), id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use crate::config::{parse, Integration, RouteMatch};
+    use crate::router::Params;
+    use std::path::Path;
+
+    #[test]
+    fn stages_serve_the_handshake_at_their_prefix() {
+        let text = r#"
+[[upstreams]]
+name = "be"
+targets = ["127.0.0.1:9"]
+[[apis]]
+name = "chat"
+protocol = "websocket"
+base_path = "/ws"
+[apis.stages.prod]
+variables = { p = "/prod-hook" }
+[apis.stages.dev]
+variables = { p = "/dev-hook" }
+[[apis.routes]]
+route = "$default"
+integration = { type = "http", upstream = "be", path = "${stageVariables.p}" }
+"#;
+        let c = parse(Path::new("t.toml"), text).unwrap();
+        let mut params = Params::new();
+        for (path, stage, hook) in [
+            ("/ws/prod", "prod", "/prod-hook"),
+            ("/ws/dev", "dev", "/dev-hook"),
+        ] {
+            let RouteMatch::Found(id) = c.routes.find(None, "GET", path, &mut params) else {
+                panic!("{path} not found")
+            };
+            let r = c.routes.route(id);
+            let Integration::WebSocket(api) = &r.integration else {
+                panic!("not a websocket route")
+            };
+            assert_eq!(&*api.stage, stage);
+            assert!(matches!(
+                api.routes.get("$default"),
+                Some(crate::ws::WsTarget::Http { path, .. }) if path == hook
+            ));
+            assert_eq!(api.settings.limits.max_message, 128 * 1024);
+        }
+        assert_eq!(
+            c.routes.find(None, "POST", "/ws/prod", &mut params),
+            RouteMatch::MethodNotAllowed
+        );
+        assert_eq!(
+            c.routes.find(None, "GET", "/ws", &mut params),
+            RouteMatch::NotFound
+        );
+    }
+
+    #[test]
+    fn route_selection_only_on_websocket_apis() {
+        let text = r#"
+[[apis]]
+name = "h"
+route_selection = "$request.body.action"
+[[apis.routes]]
+route = "GET /x"
+integration = { type = "mock" }
+"#;
+        let e = parse(Path::new("t.toml"), text).unwrap_err().0;
+        assert!(
+            e.contains("t.toml:4:") && e.contains("route_selection"),
+            "{e}"
+        );
+        let text = r#"
+[[apis]]
+name = "c"
+protocol = "websocket"
+[[apis.routes]]
+route = "$default"
+integration = { type = "mock" }
+[[apis.routes]]
+route = "$default"
+integration = { type = "mock" }
+"#;
+        let e = parse(Path::new("t.toml"), text).unwrap_err().0;
+        assert!(e.contains("routes[1].route") && e.contains("twice"), "{e}");
+    }
+}

@@ -1,0 +1,302 @@
+//! WebSocket: our RFC 6455 codec ([`frame`], [`handshake`]), pass-through proxying of
+//! `Upgrade: websocket` requests on `http` APIs ([`relay`]), and WebSocket APIs with
+//! `$connect`, `$disconnect`, `$default`, route selection and the `@connections` management
+//! API ([`api`]).
+
+pub mod api;
+mod client;
+pub mod frame;
+pub mod handshake;
+pub mod relay;
+
+use crate::config::raw::{RawApi, RawWebSocket};
+use ahash::AHashMap;
+use bytes::Bytes;
+use frame::SizeLimits;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// WebSocket settings of one API, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsSettings {
+    /// Browser origins allowed to connect; empty = any.
+    pub allowed_origins: Vec<String>,
+    /// Frame and message size limits.
+    pub limits: SizeLimits,
+    /// Close after this long without a message either way.
+    pub idle_timeout: Duration,
+    /// Close after this long in any case.
+    pub max_lifetime: Duration,
+}
+
+impl WsSettings {
+    /// Defaults of a WebSocket API (as Amazon API Gateway: 128 KB messages, 32 KB frames,
+    /// 10 minutes idle, 2 hours at most).
+    pub fn api_defaults() -> WsSettings {
+        WsSettings {
+            allowed_origins: Vec::new(),
+            limits: SizeLimits {
+                max_frame: 32 * 1024,
+                max_message: 128 * 1024,
+            },
+            idle_timeout: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(7200),
+        }
+    }
+
+    /// Defaults of pass-through on an `http` API: 16 MB frames and messages, 10 minutes idle,
+    /// 24 hours at most.
+    pub fn passthrough_defaults() -> WsSettings {
+        WsSettings {
+            allowed_origins: Vec::new(),
+            limits: SizeLimits {
+                max_frame: 16 << 20,
+                max_message: 16 << 20,
+            },
+            idle_timeout: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(86400),
+        }
+    }
+
+    /// Applies the keys of a `websocket = {...}` table over `self`.
+    pub fn apply(mut self, raw: &RawWebSocket) -> Result<WsSettings, String> {
+        self.allowed_origins = raw.allowed_origins.clone();
+        if let Some(v) = raw.max_frame_bytes {
+            self.limits.max_frame = v;
+        }
+        if let Some(v) = raw.max_message_bytes {
+            self.limits.max_message = v;
+        }
+        if let Some(v) = raw.idle_timeout_ms {
+            self.idle_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = raw.max_duration_ms {
+            self.max_lifetime = Duration::from_millis(v);
+        }
+        if self.limits.max_frame == 0 || self.limits.max_message == 0 {
+            return Err("max_frame_bytes and max_message_bytes must be above 0".into());
+        }
+        if self.limits.max_frame > 1 << 30 || self.limits.max_message > 1 << 30 {
+            return Err("max_frame_bytes and max_message_bytes are at most 1 GiB".into());
+        }
+        if self.idle_timeout.is_zero() || self.max_lifetime.is_zero() {
+            return Err("idle_timeout_ms and max_duration_ms must be above 0".into());
+        }
+        Ok(self)
+    }
+}
+
+/// What a WebSocket API route calls.
+#[derive(Debug, Clone)]
+pub enum WsTarget {
+    /// `POST` to `path` on `upstreams[upstream]`.
+    Http { upstream: usize, path: String },
+    /// Answer from the config (`$connect`: the status decides; messages: the body is sent).
+    Mock { status: u16, body: Bytes },
+}
+
+/// One stage of a WebSocket API, compiled.
+#[derive(Debug)]
+pub struct WsApi {
+    /// API name.
+    pub api: Arc<str>,
+    /// Stage name.
+    pub stage: Arc<str>,
+    /// Route key (`$connect`, `$disconnect`, `$default`, or a selected key) to its target.
+    pub routes: AHashMap<String, WsTarget>,
+    /// The field path of `route_selection` (`$request.body.action` -> `["action"]`).
+    pub selection: Vec<String>,
+    /// Limits and timeouts.
+    pub settings: WsSettings,
+}
+
+impl WsApi {
+    /// The route key for a message: the selected field when it names a route, else `$default`
+    /// (`None` when there is no `$default` either).
+    pub fn select<'a>(&'a self, text: bool, data: &[u8], scratch: &mut Vec<u8>) -> Option<&'a str> {
+        if text && !self.selection.is_empty() {
+            if let Some(k) = selection_key(data, &self.selection, scratch) {
+                if let Some((key, _)) = self.routes.get_key_value(k.as_str()) {
+                    return Some(key.as_str());
+                }
+            }
+        }
+        self.routes
+            .get_key_value("$default")
+            .map(|(k, _)| k.as_str())
+    }
+}
+
+/// Reads the string at `path` in a JSON text message with simd-json.
+fn selection_key(data: &[u8], path: &[String], scratch: &mut Vec<u8>) -> Option<String> {
+    use simd_json::prelude::*;
+    scratch.clear();
+    scratch.extend_from_slice(data);
+    let v = simd_json::to_borrowed_value(scratch).ok()?;
+    let mut cur = &v;
+    for p in path {
+        cur = cur.get(p.as_str())?;
+    }
+    cur.as_str().map(str::to_string)
+}
+
+/// Parses `route_selection` (`$request.body.a.b`) into a field path.
+pub fn parse_selection(s: &str) -> Result<Vec<String>, String> {
+    let rest = s
+        .strip_prefix("$request.body.")
+        .ok_or_else(|| format!("`{s}` must be `$request.body.FIELD`"))?;
+    let parts: Vec<String> = rest.split('.').map(str::to_string).collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("`{s}` has an empty field name"));
+    }
+    Ok(parts)
+}
+
+/// The WebSocket settings of an API: the `websocket` table over the protocol's defaults.
+pub fn settings_for(api: &RawApi, websocket_api: bool) -> Result<Arc<WsSettings>, String> {
+    let base = if websocket_api {
+        WsSettings::api_defaults()
+    } else {
+        WsSettings::passthrough_defaults()
+    };
+    match &api.websocket {
+        None => Ok(Arc::new(base)),
+        Some(raw) => base.apply(raw.get_ref()).map(Arc::new),
+    }
+}
+
+/// The longest a connection's watchdog sleeps (a shutdown is noticed within it).
+const WATCH_MAX: Duration = Duration::from_secs(1);
+
+/// How long a connection's watchdog sleeps: until a read holding a buffer has waited
+/// [`relay::GRACE`] (it then gives the buffer back), the idle deadline or the end of the
+/// lifetime, whichever comes first, and at most [`WATCH_MAX`]. An idle connection wakes about
+/// once a second, not on a fixed short tick.
+pub(crate) fn watch_interval(
+    now: std::time::Instant,
+    reading_since: Option<std::time::Instant>,
+    last_activity: std::time::Instant,
+    started: std::time::Instant,
+    s: &WsSettings,
+) -> Duration {
+    let mut d = WATCH_MAX;
+    if let Some(t) = reading_since {
+        d = d.min((t + relay::GRACE).saturating_duration_since(now));
+    }
+    d = d.min((last_activity + s.idle_timeout).saturating_duration_since(now));
+    d = d.min((started + s.max_lifetime).saturating_duration_since(now));
+    d.max(Duration::from_millis(10))
+}
+
+/// A connection handed over by the HTTP loop once its handshake is done.
+pub enum Takeover {
+    /// Pass-through: relay bytes between the client and `upstream`.
+    Relay {
+        /// The upstream connection that answered 101.
+        upstream: monoio::net::TcpStream,
+        /// The route's limits and timeouts.
+        settings: Arc<WsSettings>,
+    },
+    /// A WebSocket API connection that passed `$connect`.
+    Api(api::Accepted),
+}
+
+/// Runs a connection after its handshake until it closes. `pending` holds bytes the client
+/// sent after its upgrade request.
+pub async fn run_takeover(
+    t: Takeover,
+    client: monoio::net::TcpStream,
+    pending: Vec<u8>,
+    shared: Arc<crate::gateway::Shared>,
+) {
+    let m = &shared.metrics.ws_connections_active;
+    m.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Each kind boxed on its own: a connection's memory is the size of its own state machine,
+    // not of the larger of the two.
+    match t {
+        Takeover::Relay { upstream, settings } => {
+            Box::pin(relay::run(client, upstream, pending, &settings, &shared)).await
+        }
+        Takeover::Api(a) => Box::pin(api::run(a, client, pending, &shared)).await,
+    }
+    m.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn watchdog_sleeps_until_the_nearest_deadline() {
+        let s = WsSettings {
+            idle_timeout: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(7200),
+            ..WsSettings::api_defaults()
+        };
+        let now = Instant::now();
+        // Idle without a buffer: the cap.
+        assert_eq!(watch_interval(now, None, now, now, &s), WATCH_MAX);
+        // A read holding a buffer since 200 ms: 300 ms to the end of the grace period.
+        let t = now - Duration::from_millis(200);
+        assert_eq!(
+            watch_interval(now, Some(t), now, now, &s),
+            Duration::from_millis(300)
+        );
+        // Idle deadline in 50 ms.
+        let last = now - (s.idle_timeout - Duration::from_millis(50));
+        assert_eq!(
+            watch_interval(now, None, last, now, &s),
+            Duration::from_millis(50)
+        );
+        // Past a deadline: the floor, never zero (no busy loop).
+        let started = now - s.max_lifetime - Duration::from_secs(1);
+        assert_eq!(
+            watch_interval(now, None, now, started, &s),
+            Duration::from_millis(10)
+        );
+    }
+
+    #[test]
+    fn route_selection_reads_json_field() {
+        let mut routes = AHashMap::new();
+        for k in ["$default", "sendmessage", "join"] {
+            routes.insert(
+                k.to_string(),
+                WsTarget::Mock {
+                    status: 200,
+                    body: Bytes::new(),
+                },
+            );
+        }
+        let api = WsApi {
+            api: "a".into(),
+            stage: "s".into(),
+            routes,
+            selection: parse_selection("$request.body.action").unwrap(),
+            settings: WsSettings::api_defaults(),
+        };
+        let mut s = Vec::new();
+        let sel = |d: &[u8], s: &mut Vec<u8>| api.select(true, d, s).map(str::to_string);
+        assert_eq!(
+            sel(br#"{"action":"join","x":1}"#, &mut s).as_deref(),
+            Some("join")
+        );
+        assert_eq!(
+            sel(br#"{"action":"nope"}"#, &mut s).as_deref(),
+            Some("$default")
+        );
+        assert_eq!(sel(br#"not json"#, &mut s).as_deref(), Some("$default"));
+        assert_eq!(sel(br#"{"action":3}"#, &mut s).as_deref(), Some("$default"));
+        assert_eq!(
+            api.select(false, br#"{"action":"join"}"#, &mut s),
+            Some("$default")
+        );
+        assert!(parse_selection("$request.header.x").is_err());
+        let nested = parse_selection("$request.body.meta.kind").unwrap();
+        assert_eq!(
+            selection_key(br#"{"meta":{"kind":"join"}}"#, &nested, &mut s).as_deref(),
+            Some("join")
+        );
+    }
+}

@@ -1,0 +1,387 @@
+//! Pass-through: after the upstream answered 101, bytes are copied both ways as they come.
+//! Frames are not reassembled or unmasked; a small scanner walks the frame headers of each
+//! direction (no copy) to enforce the frame and message limits and the client mask rule, and to
+//! know where frames end, so a close frame can be put on the wire when the other side drops
+//! its TCP connection, the connection idles out or outlives its maximum lifetime.
+
+use super::frame::{self, code, SizeLimits};
+use super::WsSettings;
+use crate::gateway::Shared;
+use monoio::buf::IoBufMut;
+use monoio::io::{
+    AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf,
+    OwnedWriteHalf, Splitable,
+};
+use monoio::net::TcpStream;
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Initial size of each direction's buffer; grows to [`BIG_BUF`] under load.
+const SMALL_BUF: usize = 4096;
+const BIG_BUF: usize = 64 * 1024;
+
+/// Walks frame headers in a byte stream without copying payloads.
+#[derive(Debug)]
+pub struct Scanner {
+    /// Payload bytes left in the current frame.
+    remaining: u64,
+    hdr: [u8; 14],
+    hdr_len: usize,
+    /// Bytes of data frames in the current message.
+    msg_len: u64,
+    /// Client frames must be masked.
+    require_mask: bool,
+    limits: Option<SizeLimits>,
+    /// A close frame went by.
+    pub saw_close: bool,
+}
+
+impl Scanner {
+    /// A scanner; `limits` None = no size checks.
+    pub fn new(require_mask: bool, limits: Option<SizeLimits>) -> Scanner {
+        Scanner {
+            remaining: 0,
+            hdr: [0; 14],
+            hdr_len: 0,
+            msg_len: 0,
+            require_mask,
+            limits,
+            saw_close: false,
+        }
+    }
+
+    /// Whether the stream is between frames.
+    pub fn at_boundary(&self) -> bool {
+        self.remaining == 0 && self.hdr_len == 0
+    }
+
+    /// Scans `data`; `Err(close code)` when a frame breaks a rule.
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), u16> {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(data.len() as u64);
+                self.remaining -= n;
+                data = &data[n as usize..];
+                continue;
+            }
+            let take = (14 - self.hdr_len).min(data.len());
+            self.hdr[self.hdr_len..self.hdr_len + take].copy_from_slice(&data[..take]);
+            let have = self.hdr_len + take;
+            match frame::parse_header(&self.hdr[..have])? {
+                None => {
+                    self.hdr_len = have;
+                    data = &data[take..];
+                }
+                Some(h) => {
+                    let used = h.header_len - self.hdr_len;
+                    self.hdr_len = 0;
+                    data = &data[used..];
+                    if self.require_mask && h.mask.is_none() {
+                        return Err(code::PROTOCOL);
+                    }
+                    if h.opcode & 0x08 == 0 {
+                        if let Some(l) = self.limits {
+                            if h.len > l.max_frame as u64 {
+                                return Err(code::TOO_BIG);
+                            }
+                            if h.opcode != frame::op::CONT {
+                                self.msg_len = 0;
+                            }
+                            self.msg_len += h.len;
+                            if self.msg_len > l.max_message as u64 {
+                                return Err(code::TOO_BIG);
+                            }
+                        }
+                    } else if h.opcode == frame::op::CLOSE {
+                        self.saw_close = true;
+                    }
+                    self.remaining = h.len;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why one direction stopped.
+enum End {
+    /// The reading side closed its connection (or it failed).
+    Closed,
+    /// The writing side failed.
+    WriteFailed,
+    /// The reading side broke a rule: close with this code.
+    Violation(u16),
+}
+
+struct Side {
+    scan: RefCell<Scanner>,
+    writing: Cell<bool>,
+    /// A read holding a buffer is in flight since this instant.
+    reading_since: Cell<Option<Instant>>,
+    /// Cancels that read (the watchdog does, once it has waited [`GRACE`]).
+    canceller: RefCell<Canceller>,
+}
+
+impl Side {
+    fn new(scan: Scanner) -> Side {
+        Side {
+            scan: RefCell::new(scan),
+            writing: Cell::new(false),
+            reading_since: Cell::new(None),
+            canceller: RefCell::new(Canceller::new()),
+        }
+    }
+
+    /// Called by the watchdog: a read that has waited past the grace period gives up its
+    /// buffer.
+    fn release_if_idle(&self, now: Instant) {
+        if let Some(t) = self.reading_since.get() {
+            if now.duration_since(t) >= GRACE {
+                self.reading_since.set(None);
+                let c = std::mem::take(&mut *self.canceller.borrow_mut()).cancel();
+                *self.canceller.borrow_mut() = c;
+            }
+        }
+    }
+}
+
+impl Side {
+    fn clean(&self) -> bool {
+        !self.writing.get() && self.scan.borrow().at_boundary()
+    }
+}
+
+/// How long a direction waits for data holding its buffer; after that (checked by the
+/// connection's watchdog, so the hot path arms no timer) the buffer goes back to the worker's
+/// pool and the direction waits for readiness without one: an idle WebSocket holds no buffer.
+pub(super) const GRACE: Duration = Duration::from_millis(500);
+/// Buffers kept per worker for relays that wake up.
+const POOL_MAX: usize = 64;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A read buffer from the worker's pool.
+pub(super) fn take_buf() -> Vec<u8> {
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(SMALL_BUF))
+}
+
+/// Gives a read buffer back to the worker's pool (only the pool's size is kept).
+pub(super) fn give_buf(mut b: Vec<u8>) {
+    if b.capacity() != SMALL_BUF {
+        return;
+    }
+    b.clear();
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_MAX {
+            p.push(b);
+        }
+    });
+}
+
+async fn pump(
+    r: &mut OwnedReadHalf<TcpStream>,
+    w: &mut OwnedWriteHalf<TcpStream>,
+    first: Vec<u8>,
+    side: &Side,
+    last: &Cell<Instant>,
+) -> End {
+    let mut buf = first;
+    loop {
+        if !buf.is_empty() {
+            if let Err(c) = side.scan.borrow_mut().feed(&buf) {
+                return End::Violation(c);
+            }
+            side.writing.set(true);
+            let (res, b) = w.write_all(buf).await;
+            side.writing.set(false);
+            buf = b;
+            if res.is_err() {
+                return End::WriteFailed;
+            }
+            last.set(Instant::now());
+            let full = buf.len() == buf.capacity();
+            buf.clear();
+            if full && buf.capacity() < BIG_BUF {
+                give_buf(std::mem::replace(&mut buf, Vec::with_capacity(BIG_BUF)));
+            }
+        }
+        if buf.capacity() == 0 {
+            buf = take_buf();
+        }
+        let cap = buf.capacity();
+        let handle = side.canceller.borrow().handle();
+        side.reading_since.set(Some(Instant::now()));
+        let (res, b) = r.cancelable_read(buf.slice_mut(0..cap), handle).await;
+        side.reading_since.set(None);
+        buf = b.into_inner();
+        match res {
+            Ok(0) => return End::Closed,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
+                // Idle: give the buffer back and wait for bytes without one.
+                give_buf(std::mem::take(&mut buf));
+                // SAFETY: the halves share the stream through an `Rc<UnsafeCell>` exactly as
+                // monoio's own split does; `readable` takes `&self` and only clones the fd
+                // into a poll op, so it does not conflict with the write half's operations.
+                let stream: &TcpStream = unsafe { &*r.0.get() };
+                if stream.readable(false).await.is_err() {
+                    return End::Closed;
+                }
+            }
+            Err(_) => return End::Closed,
+        }
+    }
+}
+
+/// A close frame from the gateway toward the upstream: clients mask their frames (a zero key
+/// leaves the payload as is).
+fn masked_close(code: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    frame::encode_close(&mut f, code, "");
+    f[1] |= 0x80;
+    f.splice(2..2, [0u8; 4]);
+    f
+}
+
+fn server_close(code: u16, reason: &str) -> Vec<u8> {
+    let mut f = Vec::new();
+    frame::encode_close(&mut f, code, reason);
+    f
+}
+
+/// Relays between `client` and `upstream` until either closes, a rule is broken, or a timeout.
+pub async fn run(
+    client: TcpStream,
+    upstream: TcpStream,
+    pending: Vec<u8>,
+    settings: &WsSettings,
+    shared: &Shared,
+) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = upstream.into_split();
+    let up_side = Side::new(Scanner::new(true, Some(settings.limits)));
+    let down_side = Side::new(Scanner::new(false, None));
+    let last = Cell::new(Instant::now());
+    let started = Instant::now();
+    // What to do once the select below is done: (close to client, close to upstream).
+    let (to_client, to_upstream): (Option<(u16, &str)>, Option<u16>) = {
+        let first = pending;
+        let c2u = pump(&mut cr, &mut uw, first, &up_side, &last);
+        let u2c = pump(
+            &mut ur,
+            &mut cw,
+            Vec::with_capacity(SMALL_BUF),
+            &down_side,
+            &last,
+        );
+        let watch = async {
+            loop {
+                let holding = match (up_side.reading_since.get(), down_side.reading_since.get()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let nap =
+                    super::watch_interval(Instant::now(), holding, last.get(), started, settings);
+                monoio::time::sleep(nap).await;
+                let now = Instant::now();
+                up_side.release_if_idle(now);
+                down_side.release_if_idle(now);
+                if shared.shutdown.load(Ordering::Relaxed) {
+                    return "server shutting down";
+                }
+                if last.get().elapsed() >= settings.idle_timeout {
+                    return "idle timeout";
+                }
+                if started.elapsed() >= settings.max_lifetime {
+                    return "maximum connection duration reached";
+                }
+            }
+        };
+        monoio::select! {
+            e = c2u => match e {
+                // The client left: tell the upstream unless a close handshake is under way.
+                End::Closed => (None, (!up_side.scan.borrow().saw_close).then_some(code::GOING_AWAY)),
+                End::WriteFailed => (Some((code::GOING_AWAY, "upstream went away")), None),
+                End::Violation(c) => (Some((c, "frame refused")), Some(code::GOING_AWAY)),
+            },
+            e = u2c => match e {
+                End::Closed => ((!down_side.scan.borrow().saw_close).then_some((code::GOING_AWAY, "upstream went away")), None),
+                End::WriteFailed => (None, Some(code::GOING_AWAY)),
+                End::Violation(c) => (Some((c, "frame refused")), None),
+            },
+            why = watch => (Some((code::GOING_AWAY, why)), Some(code::GOING_AWAY)),
+        }
+    };
+    let t = Duration::from_secs(1);
+    if let Some((c, why)) = to_client {
+        if down_side.clean() {
+            let _ = monoio::time::timeout(t, cw.write_all(server_close(c, why))).await;
+        }
+    }
+    if let Some(c) = to_upstream {
+        if up_side.clean() {
+            let _ = monoio::time::timeout(t, uw.write_all(masked_close(c))).await;
+        }
+    }
+    let _ = monoio::time::timeout(t, cw.shutdown()).await;
+    let _ = monoio::time::timeout(t, uw.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masked(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        frame::encode(&mut f, opcode, fin, payload);
+        let hl = f.len() - payload.len();
+        f[1] |= 0x80;
+        f.splice(hl..hl, [0u8; 4]);
+        f
+    }
+
+    #[test]
+    fn scanner_tracks_boundaries_in_any_split() {
+        let mut s = masked(frame::op::TEXT, true, &[b'x'; 300]);
+        s.extend(masked(frame::op::PING, true, b""));
+        s.extend(masked(frame::op::CLOSE, true, &1000u16.to_be_bytes()));
+        for step in [1, 2, 5, 14, 100, 1000] {
+            let mut sc = Scanner::new(
+                true,
+                Some(SizeLimits {
+                    max_frame: 1000,
+                    max_message: 1000,
+                }),
+            );
+            for p in s.chunks(step) {
+                sc.feed(p).unwrap();
+            }
+            assert!(sc.at_boundary() && sc.saw_close, "step {step}");
+        }
+        let mut sc = Scanner::new(true, None);
+        sc.feed(&s[..5]).unwrap();
+        assert!(!sc.at_boundary());
+    }
+
+    #[test]
+    fn scanner_enforces_rules() {
+        let lim = Some(SizeLimits {
+            max_frame: 100,
+            max_message: 150,
+        });
+        let mut f = Vec::new();
+        frame::encode(&mut f, frame::op::TEXT, true, b"hi");
+        assert_eq!(Scanner::new(true, lim).feed(&f), Err(1002));
+        assert_eq!(Scanner::new(false, lim).feed(&f), Ok(()));
+        let big = masked(frame::op::BINARY, true, &[0; 101]);
+        assert_eq!(Scanner::new(true, lim).feed(&big[..8]), Err(1009));
+        let mut m = masked(frame::op::BINARY, false, &[0; 100]);
+        m.extend(masked(frame::op::CONT, true, &[0; 60]));
+        assert_eq!(Scanner::new(true, lim).feed(&m), Err(1009));
+    }
+}

@@ -1,0 +1,1181 @@
+//! WebSocket through the real binary: conformance cases in the style of the Autobahn suite
+//! (fragmentation, interleaved control frames, invalid UTF-8, oversize, unmasked frames, close
+//! codes) against a WebSocket API, the `$connect`/`$disconnect`/`@connections` lifecycle,
+//! pass-through to an echo backend, and runs with Python's `websockets` package as an
+//! independent client and backend.
+
+mod common;
+
+use common::*;
+use ringgate::ws::frame::{self, op};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, Once};
+use std::thread;
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------------
+// A raw WebSocket client that can also break the rules
+// ---------------------------------------------------------------------------------------------
+
+struct Ws {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// Sends an upgrade request; returns the response head and the client.
+fn ws_connect(addr: SocketAddr, path: &str, extra: &str) -> (String, Ws) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_nodelay(true).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+    .unwrap();
+    let mut ws = Ws { s, buf: Vec::new() };
+    let end = loop {
+        if let Some(i) = find(&ws.buf, b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut tmp = [0u8; 4096];
+        let n = ws.s.read(&mut tmp).unwrap();
+        assert!(n > 0, "closed during handshake");
+        ws.buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&ws.buf[..end]).to_string();
+    ws.buf.drain(..end);
+    (head, ws)
+}
+
+fn open(addr: SocketAddr, path: &str) -> Ws {
+    let (head, ws) = ws_connect(addr, path, "");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    ws
+}
+
+impl Ws {
+    fn send_raw(&mut self, b: &[u8]) {
+        let _ = self.s.write_all(b);
+    }
+
+    fn frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+        let mut f = Vec::new();
+        frame::encode(&mut f, opcode, fin, payload);
+        if masked {
+            let key = [0x11, 0x22, 0x33, 0x44];
+            let hl = f.len() - payload.len();
+            f[1] |= 0x80;
+            let mut p = f.split_off(hl);
+            frame::unmask_bytewise(&mut p, key);
+            f.extend_from_slice(&key);
+            f.extend_from_slice(&p);
+        }
+        f
+    }
+
+    fn send(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        self.send_raw(&Ws::frame(fin, opcode, payload, true));
+    }
+
+    fn text(&mut self, s: &str) {
+        self.send(true, op::TEXT, s.as_bytes());
+    }
+
+    /// Reads one frame: (fin, opcode, payload). None on EOF or timeout.
+    fn read_frame(&mut self) -> Option<(bool, u8, Vec<u8>)> {
+        loop {
+            if let Ok(Some(h)) = frame::parse_header(&self.buf) {
+                assert!(h.mask.is_none(), "server frames are not masked");
+                let total = h.header_len + h.len as usize;
+                if self.buf.len() >= total {
+                    let p = self.buf[h.header_len..total].to_vec();
+                    self.buf.drain(..total);
+                    return Some((h.fin, h.opcode, p));
+                }
+            }
+            let mut tmp = [0u8; 65536];
+            match self.s.read(&mut tmp) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+    }
+
+    /// The next data message as a string (skips pongs).
+    fn recv_text(&mut self) -> String {
+        loop {
+            let (fin, opc, p) = self.read_frame().expect("a message");
+            assert!(fin);
+            match opc {
+                op::TEXT => return String::from_utf8(p).unwrap(),
+                op::PONG => continue,
+                o => panic!("unexpected opcode {o}: {:?}", String::from_utf8_lossy(&p)),
+            }
+        }
+    }
+
+    /// Expects a close frame; returns its code.
+    fn expect_close(&mut self) -> u16 {
+        loop {
+            let (_, opc, p) = self.read_frame().expect("a close frame");
+            if opc == op::CLOSE {
+                assert!(p.len() >= 2, "close without a code");
+                return u16::from_be_bytes([p[0], p[1]]);
+            }
+        }
+    }
+
+    /// Whether the server closed the TCP connection within 5 s.
+    fn eof(&mut self) -> bool {
+        let mut tmp = [0u8; 1024];
+        loop {
+            match self.s.read(&mut tmp) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket API set-up
+// ---------------------------------------------------------------------------------------------
+
+/// The integration backend: `$connect` refuses `?deny=1`, `echo` echoes, `$default` prefixes,
+/// `silent` answers nothing.
+fn api_backend() -> Origin {
+    Origin::start(|r| match r.header("x-route-key") {
+        Some("$connect") if r.path.contains("deny=1") => Response::new(403).body("denied by test"),
+        Some("$connect") => match r.header("sec-websocket-protocol") {
+            Some(p) if p.contains("chat.v2") => {
+                Response::ok("").header("Sec-WebSocket-Protocol", "chat.v2")
+            }
+            Some(_) => Response::ok("").header("Sec-WebSocket-Protocol", "not-offered"),
+            None => Response::ok(""),
+        },
+        Some("echo") => Response::ok(r.body.clone()),
+        Some("$default") => Response::ok(format!("default:{}", String::from_utf8_lossy(&r.body))),
+        Some("slow") => Response::ok(r.body.clone()).delay(Duration::from_millis(30)),
+        _ => Response::ok(""),
+    })
+}
+
+fn api_config(backend: SocketAddr, websocket: &str) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "be"
+targets = ["{backend}"]
+timeout_ms = 3000
+
+[[apis]]
+name = "chat"
+protocol = "websocket"
+route_selection = "$request.body.action"
+{websocket}
+
+[[apis.routes]]
+route = "$connect"
+integration = {{ type = "http", upstream = "be", path = "/connect" }}
+[[apis.routes]]
+route = "$disconnect"
+integration = {{ type = "http", upstream = "be", path = "/disconnect" }}
+[[apis.routes]]
+route = "$default"
+integration = {{ type = "http", upstream = "be", path = "/default" }}
+[[apis.routes]]
+route = "echo"
+integration = {{ type = "http", upstream = "be", path = "/echo" }}
+[[apis.routes]]
+route = "slow"
+integration = {{ type = "http", upstream = "be", path = "/slow" }}
+[[apis.routes]]
+route = "silent"
+integration = {{ type = "http", upstream = "be", path = "/silent" }}
+"#
+    )
+}
+
+fn route_keys(o: &Origin, key: &str) -> Vec<Request> {
+    o.requests()
+        .into_iter()
+        .filter(|r| r.header("x-route-key") == Some(key))
+        .collect()
+}
+
+fn admin(gw: &Gateway, method: &str, path: &str, body: &str) -> RawResponse {
+    let mut c = TcpStream::connect(gw.admin_addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        c,
+        "{method} {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status: u16 = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    RawResponse {
+        version: "HTTP/1.1".into(),
+        status,
+        headers: Vec::new(),
+        body: body.into_bytes(),
+        chunked: false,
+        head: Vec::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conformance (Autobahn-style) through a WebSocket API
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn messages_are_routed_and_answered() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/?room=7");
+    ws.text(r#"{"action":"echo","v":1}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo","v":1}"#);
+    ws.text("not json");
+    assert_eq!(ws.recv_text(), "default:not json");
+    ws.text(r#"{"action":"silent"}"#);
+    ws.text(r#"{"action":"echo","v":2}"#);
+    // The silent route answered nothing: the next message is the echo.
+    assert_eq!(ws.recv_text(), r#"{"action":"echo","v":2}"#);
+    let connect = route_keys(&be, "$connect");
+    assert_eq!(connect.len(), 1);
+    assert_eq!(connect[0].method, "POST");
+    assert_eq!(connect[0].path, "/connect?room=7");
+    assert!(connect[0].header("host").is_some());
+    assert_eq!(connect[0].header("sec-websocket-key"), Some(KEY));
+    let id = connect[0].header("x-connection-id").unwrap().to_string();
+    let echo = route_keys(&be, "echo");
+    assert_eq!(echo[0].header("x-connection-id"), Some(id.as_str()));
+    assert_eq!(echo[0].path, "/echo");
+}
+
+#[test]
+fn fragmented_message_with_interleaved_control_frames() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    ws.send(false, op::TEXT, br#"{"action":"#);
+    ws.send(true, op::PING, b"ping-1");
+    ws.send(false, op::CONT, br#""echo","s":"#);
+    ws.send(true, op::PONG, b"unsolicited");
+    ws.send(true, op::CONT, "\"κόσμε\"}".as_bytes());
+    let (_, opc, p) = ws.read_frame().unwrap();
+    assert_eq!((opc, p.as_slice()), (op::PONG, &b"ping-1"[..]));
+    assert_eq!(ws.recv_text(), r#"{"action":"echo","s":"κόσμε"}"#);
+}
+
+#[test]
+fn invalid_utf8_closes_with_1007() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    ws.send(false, op::TEXT, b"\xce");
+    ws.send(true, op::CONT, b"\x41");
+    assert_eq!(ws.expect_close(), 1007);
+    assert!(ws.eof());
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be,
+        "$disconnect"
+    )
+    .len()
+        == 1));
+}
+
+#[test]
+fn oversize_closes_with_1009() {
+    let be = api_backend();
+    let cfg = api_config(
+        be.addr,
+        "websocket = { max_frame_bytes = 100, max_message_bytes = 150 }",
+    );
+    let gw = Gateway::start(&cfg);
+    // One frame over the frame limit: refused from its header alone.
+    let mut ws = open(gw.addr, "/");
+    let f = Ws::frame(true, op::TEXT, &[b'a'; 101], true);
+    ws.send_raw(&f[..8]);
+    assert_eq!(ws.expect_close(), 1009);
+    // Frames within the limit, message over it.
+    let mut ws = open(gw.addr, "/");
+    ws.send(false, op::TEXT, &[b'a'; 100]);
+    ws.send(true, op::CONT, &[b'a'; 51]);
+    assert_eq!(ws.expect_close(), 1009);
+    // At the limits: fine.
+    let mut ws = open(gw.addr, "/");
+    ws.send(false, op::TEXT, &[b'a'; 100]);
+    ws.send(true, op::CONT, &[b'a'; 50]);
+    assert_eq!(ws.recv_text(), format!("default:{}", "a".repeat(150)));
+}
+
+#[test]
+fn default_limits_are_32k_frames_128k_messages() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    let f = Ws::frame(true, op::BINARY, &vec![0u8; 32 * 1024 + 1], true);
+    ws.send_raw(&f[..14]);
+    assert_eq!(ws.expect_close(), 1009);
+    let mut ws = open(gw.addr, "/");
+    ws.send(false, op::CONT, &[]);
+    assert_eq!(ws.expect_close(), 1002, "continuation without a message");
+    let mut ws = open(gw.addr, "/");
+    ws.send(false, op::BINARY, &vec![1u8; 32 * 1024]);
+    for _ in 0..3 {
+        ws.send(false, op::CONT, &vec![1u8; 32 * 1024]);
+    }
+    ws.send(true, op::CONT, &[1u8]);
+    assert_eq!(ws.expect_close(), 1009);
+}
+
+#[test]
+fn unmasked_client_frame_closes_with_1002() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    ws.send_raw(&Ws::frame(true, op::TEXT, b"hello", false));
+    assert_eq!(ws.expect_close(), 1002);
+    assert!(ws.eof());
+    // Reserved bits and opcodes.
+    let mut ws = open(gw.addr, "/");
+    let mut f = Ws::frame(true, op::TEXT, b"x", true);
+    f[0] |= 0x40;
+    ws.send_raw(&f);
+    assert_eq!(ws.expect_close(), 1002);
+    let mut ws = open(gw.addr, "/");
+    ws.send(true, 0x3, b"x");
+    assert_eq!(ws.expect_close(), 1002);
+}
+
+#[test]
+fn close_handshake_echoes_codes() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    for code in [1000u16, 1001, 3000, 4999] {
+        let mut ws = open(gw.addr, "/");
+        let mut p = code.to_be_bytes().to_vec();
+        p.extend_from_slice(b"bye");
+        ws.send(true, op::CLOSE, &p);
+        assert_eq!(ws.expect_close(), code);
+        assert!(ws.eof());
+    }
+    // An empty close is answered with 1000; an invalid code with 1002.
+    let mut ws = open(gw.addr, "/");
+    ws.send(true, op::CLOSE, b"");
+    assert_eq!(ws.expect_close(), 1000);
+    for bad in [1005u16, 1006, 999, 2000] {
+        let mut ws = open(gw.addr, "/");
+        ws.send(true, op::CLOSE, &bad.to_be_bytes());
+        assert_eq!(ws.expect_close(), 1002, "{bad}");
+    }
+    // Ping answered with the same payload.
+    let mut ws = open(gw.addr, "/");
+    ws.send(true, op::PING, b"abc");
+    let (_, opc, p) = ws.read_frame().unwrap();
+    assert_eq!((opc, p), (op::PONG, b"abc".to_vec()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handshake, $connect, $disconnect, @connections, timeouts, metrics
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn handshake_refusals() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(
+        be.addr,
+        r#"websocket = { allowed_origins = ["https://app.example.com"] }"#,
+    ));
+    // Not an upgrade.
+    let r = gw.get("/");
+    assert_eq!(r.status, 426, "{}", r.text());
+    // Wrong version, bad key.
+    let raw = |extra: &str| {
+        gw.request(&format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}\r\n"
+        ))
+    };
+    let r = raw(&format!(
+        "Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 8\r\n"
+    ));
+    assert_eq!(r.status, 426);
+    assert_eq!(r.header("sec-websocket-version"), Some("13"));
+    assert!(r.message().contains("13"), "{}", r.message());
+    let r = raw("Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n");
+    assert_eq!(r.status, 400);
+    assert!(r.message().contains("Sec-WebSocket-Key"), "{}", r.message());
+    // Origins.
+    let (head, _) = ws_connect(gw.addr, "/", "Origin: https://evil.example.com\r\n");
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let (head, _) = ws_connect(gw.addr, "/", "Origin: https://app.example.com\r\n");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // $connect refusing: its status and body.
+    let (head, _) = ws_connect(gw.addr, "/?deny=1", "");
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    // Only the accepted one (dropped above) gets a $disconnect, none of the refused ones.
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be,
+        "$disconnect"
+    )
+    .len()
+        == 1));
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(route_keys(&be, "$disconnect").len(), 1);
+    assert_eq!(route_keys(&be, "$connect").len(), 2);
+}
+
+#[test]
+fn disconnect_called_once_on_every_kind_of_close() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(
+        be.addr,
+        "websocket = { idle_timeout_ms = 700 }",
+    ));
+    // 1: client close handshake.
+    let mut ws = open(gw.addr, "/");
+    ws.send(true, op::CLOSE, &1000u16.to_be_bytes());
+    assert_eq!(ws.expect_close(), 1000);
+    // 2: dropped TCP connection.
+    let ws2 = open(gw.addr, "/");
+    drop(ws2);
+    // 3: protocol error.
+    let mut ws3 = open(gw.addr, "/");
+    ws3.send_raw(&Ws::frame(true, op::TEXT, b"x", false));
+    assert_eq!(ws3.expect_close(), 1002);
+    // 4: idle timeout, with a 1001 close.
+    let mut ws4 = open(gw.addr, "/");
+    let t = Instant::now();
+    assert_eq!(ws4.expect_close(), 1001);
+    assert!(
+        t.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be,
+        "$disconnect"
+    )
+    .len()
+        == 4));
+    thread::sleep(Duration::from_millis(300));
+    let d = route_keys(&be, "$disconnect");
+    assert_eq!(d.len(), 4);
+    let mut ids: Vec<_> = d
+        .iter()
+        .map(|r| r.header("x-connection-id").unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 4, "each connection once");
+}
+
+#[test]
+fn max_duration_closes() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(
+        be.addr,
+        "websocket = { max_duration_ms = 1500 }",
+    ));
+    let mut ws = open(gw.addr, "/");
+    let t = Instant::now();
+    // Activity does not extend the maximum duration.
+    for _ in 0..2 {
+        ws.text(r#"{"action":"echo"}"#);
+        assert_eq!(ws.recv_text(), r#"{"action":"echo"}"#);
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(ws.expect_close(), 1001);
+    let el = t.elapsed();
+    assert!(
+        el >= Duration::from_millis(1200) && el < Duration::from_secs(4),
+        "{el:?}"
+    );
+}
+
+#[test]
+fn connections_management_api() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    // Several connections, so they land on both workers.
+    let mut conns: Vec<Ws> = (0..4).map(|_| open(gw.addr, "/")).collect();
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be, "$connect"
+    )
+    .len()
+        == 4));
+    let ids: Vec<String> = route_keys(&be, "$connect")
+        .iter()
+        .map(|r| r.header("x-connection-id").unwrap().to_string())
+        .collect();
+    // Which client is which: ask each to echo and compare the id the backend saw.
+    let mut by_id = Vec::new();
+    for (i, ws) in conns.iter_mut().enumerate() {
+        ws.text(&format!(r#"{{"action":"echo","i":{i}}}"#));
+        assert_eq!(ws.recv_text(), format!(r#"{{"action":"echo","i":{i}}}"#));
+    }
+    for r in route_keys(&be, "echo") {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let i = v["i"].as_u64().unwrap() as usize;
+        by_id.push((i, r.header("x-connection-id").unwrap().to_string()));
+    }
+    by_id.sort();
+    assert_eq!(by_id.len(), 4);
+    for (i, id) in &by_id {
+        assert!(ids.contains(id));
+        // POST: in order.
+        for k in 0..20 {
+            let r = admin(
+                &gw,
+                "POST",
+                &format!("/@connections/{id}"),
+                &format!("m{k}"),
+            );
+            assert_eq!(r.status, 200);
+        }
+        for k in 0..20 {
+            assert_eq!(conns[*i].recv_text(), format!("m{k}"));
+        }
+        // GET.
+        let r = admin(&gw, "GET", &format!("/@connections/{id}"), "");
+        assert_eq!(r.status, 200);
+        let v = r.json();
+        assert_eq!(v["sourceIp"], "127.0.0.1");
+        assert!(v["connectedAt"].as_str().unwrap().ends_with('Z'), "{v}");
+        assert!(v["lastActiveAt"].as_str().is_some(), "{v}");
+    }
+    // DELETE closes; afterwards the id is gone.
+    let (i, id) = &by_id[0];
+    let r = admin(&gw, "DELETE", &format!("/@connections/{id}"), "");
+    assert_eq!(r.status, 204);
+    assert_eq!(conns[*i].expect_close(), 1000);
+    assert!(wait_until(Duration::from_secs(3), || {
+        admin(&gw, "GET", &format!("/@connections/{id}"), "").status == 410
+    }));
+    assert_eq!(
+        admin(&gw, "POST", &format!("/@connections/{id}"), "x").status,
+        410
+    );
+    assert_eq!(
+        admin(&gw, "DELETE", "/@connections/0123456789abcdef", "").status,
+        410
+    );
+    assert_eq!(admin(&gw, "GET", "/@connections/nope", "").status, 410);
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be,
+        "$disconnect"
+    )
+    .len()
+        == 1));
+}
+
+#[test]
+fn messages_reach_the_integration_in_order() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    // A slow route first: later messages must not overtake it.
+    ws.text(r#"{"action":"slow","n":0}"#);
+    for n in 1..50 {
+        ws.text(&format!(r#"{{"action":"echo","n":{n}}}"#));
+    }
+    assert_eq!(ws.recv_text(), r#"{"action":"slow","n":0}"#);
+    for n in 1..50 {
+        assert_eq!(ws.recv_text(), format!(r#"{{"action":"echo","n":{n}}}"#));
+    }
+    let seen: Vec<String> = be
+        .requests()
+        .iter()
+        .filter(|r| matches!(r.header("x-route-key"), Some("echo") | Some("slow")))
+        .map(|r| String::from_utf8_lossy(&r.body).to_string())
+        .collect();
+    assert_eq!(seen.len(), 50);
+    assert!(seen[0].contains("slow"));
+}
+
+#[test]
+fn websocket_gauge_counts_open_connections() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let gauge = |gw: &Gateway| -> i64 {
+        let m = gw.metrics();
+        m.lines()
+            .find(|l| l.starts_with("ringgate_websocket_connections_active "))
+            .and_then(|l| l.split(' ').nth(1))
+            .map(|v| v.parse().unwrap())
+            .unwrap()
+    };
+    assert_eq!(gauge(&gw), 0);
+    let a = open(gw.addr, "/");
+    let b = open(gw.addr, "/");
+    assert!(wait_until(Duration::from_secs(3), || gauge(&gw) == 2));
+    drop(a);
+    drop(b);
+    assert!(wait_until(Duration::from_secs(3), || gauge(&gw) == 0));
+}
+
+#[test]
+fn websocket_config_errors_name_the_key() {
+    let (out, _) = check(
+        r#"
+[[apis]]
+name = "chat"
+protocol = "websocket"
+route_selection = "$request.header.x"
+[[apis.routes]]
+route = "$default"
+integration = { type = "mock" }
+"#,
+    );
+    let e =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        e.contains("route_selection") && e.contains("check.toml:"),
+        "{e}"
+    );
+    let (out, _) = check(
+        r#"
+[[apis]]
+name = "chat"
+protocol = "websocket"
+[[apis.routes]]
+route = "$bogus"
+integration = { type = "mock" }
+"#,
+    );
+    let e = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && e.contains("routes[0].route"),
+        "{e}"
+    );
+    let (out, _) = check(
+        r#"
+[[apis]]
+name = "h"
+websocket = { max_frame_bytes = 0 }
+[[apis.routes]]
+route = "GET /x"
+integration = { type = "mock" }
+"#,
+    );
+    let e = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && e.contains("websocket"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass-through on an http API
+// ---------------------------------------------------------------------------------------------
+
+/// A WebSocket echo backend built from the codec under test's encoder only (frames are
+/// unmasked by hand); records each upgrade request head.
+struct EchoBackend {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+    closes: Arc<Mutex<Vec<u16>>>,
+}
+
+fn echo_backend(drop_after: Option<usize>) -> EchoBackend {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let closes = Arc::new(Mutex::new(Vec::new()));
+    let (h2, c2) = (heads.clone(), closes.clone());
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let (heads, closes) = (h2.clone(), c2.clone());
+            thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 65536];
+                let end = loop {
+                    if let Some(i) = find(&buf, b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    let n = s.read(&mut tmp).unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                buf.drain(..end);
+                let key = head
+                    .lines()
+                    .find_map(|l| {
+                        let (n, v) = l.split_once(':')?;
+                        n.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| v.trim().to_string())
+                    })
+                    .unwrap_or_default();
+                heads.lock().unwrap().push(head);
+                let accept = ringgate::ws::handshake::accept_key(key.as_bytes());
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nX-Backend: echo\r\n\r\n"
+                );
+                let mut echoed = 0;
+                loop {
+                    while let Ok(Some(h)) = frame::parse_header(&buf) {
+                        let total = h.header_len + h.len as usize;
+                        if buf.len() < total {
+                            break;
+                        }
+                        let mut p = buf[h.header_len..total].to_vec();
+                        if let Some(k) = h.mask {
+                            frame::unmask_bytewise(&mut p, k);
+                        }
+                        buf.drain(..total);
+                        let mut out = Vec::new();
+                        if h.opcode == op::CLOSE {
+                            let code = if p.len() >= 2 {
+                                u16::from_be_bytes([p[0], p[1]])
+                            } else {
+                                1005
+                            };
+                            closes.lock().unwrap().push(code);
+                            frame::encode(&mut out, op::CLOSE, true, &p);
+                            let _ = s.write_all(&out);
+                            return;
+                        }
+                        let opc = if h.opcode == op::PING {
+                            op::PONG
+                        } else {
+                            h.opcode
+                        };
+                        frame::encode(&mut out, opc, h.fin, &p);
+                        let _ = s.write_all(&out);
+                        echoed += 1;
+                        if Some(echoed) == drop_after {
+                            return;
+                        }
+                    }
+                    let n = s.read(&mut tmp).unwrap_or(0);
+                    if n == 0 {
+                        closes.lock().unwrap().push(0);
+                        return;
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                }
+            });
+        }
+    });
+    EchoBackend {
+        addr,
+        heads,
+        closes,
+    }
+}
+
+fn passthrough_config(backend: SocketAddr, websocket: &str) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "ws"
+targets = ["{backend}"]
+timeout_ms = 3000
+
+[[apis]]
+name = "live"
+{websocket}
+
+[[apis.routes]]
+route = "GET /live/{{room}}"
+integration = {{ type = "http", upstream = "ws" }}
+"#
+    )
+}
+
+#[test]
+fn passthrough_relays_both_ways() {
+    let be = echo_backend(None);
+    let gw = Gateway::start(&passthrough_config(be.addr, ""));
+    let (head, mut ws) = ws_connect(
+        gw.addr,
+        "/live/r1?x=1",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\nX-Custom: yes\r\n",
+    );
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        lower.contains("upgrade: websocket") && lower.contains("connection: upgrade"),
+        "{head}"
+    );
+    assert!(
+        lower.contains("x-backend: echo") && lower.contains("x-request-id"),
+        "{head}"
+    );
+    // Fragmented, interleaved, large: relayed unchanged and in order.
+    ws.send(false, op::TEXT, b"frag-");
+    ws.send(true, op::PING, b"p");
+    ws.send(true, op::CONT, b"ment");
+    let big = vec![7u8; 300_000];
+    ws.send(true, op::BINARY, &big);
+    for i in 0..100 {
+        ws.text(&format!("n{i}"));
+    }
+    assert_eq!(
+        ws.read_frame().unwrap(),
+        (false, op::TEXT, b"frag-".to_vec())
+    );
+    assert_eq!(ws.read_frame().unwrap(), (true, op::PONG, b"p".to_vec()));
+    assert_eq!(ws.read_frame().unwrap(), (true, op::CONT, b"ment".to_vec()));
+    assert_eq!(ws.read_frame().unwrap(), (true, op::BINARY, big));
+    for i in 0..100 {
+        assert_eq!(ws.recv_text(), format!("n{i}"));
+    }
+    ws.send(true, op::CLOSE, &4001u16.to_be_bytes());
+    assert_eq!(ws.expect_close(), 4001);
+    assert!(ws.eof());
+    let h = be.heads.lock().unwrap()[0].to_ascii_lowercase();
+    assert!(h.starts_with("get /live/r1?x=1 http/1.1"), "{h}");
+    assert!(
+        h.contains("upgrade: websocket") && h.contains("connection: upgrade"),
+        "{h}"
+    );
+    assert!(
+        h.contains("sec-websocket-key: ") && h.contains("x-custom: yes"),
+        "{h}"
+    );
+    assert!(
+        !h.contains("permessage-deflate"),
+        "extensions are not negotiated: {h}"
+    );
+    assert!(h.contains("x-forwarded-for: 127.0.0.1"), "{h}");
+}
+
+#[test]
+fn passthrough_either_side_closing_closes_the_other() {
+    // The upstream drops its TCP connection after one echo: the client gets a 1001 close.
+    let be = echo_backend(Some(1));
+    let gw = Gateway::start(&passthrough_config(be.addr, ""));
+    let mut ws = open_pt(gw.addr);
+    ws.text("one");
+    assert_eq!(ws.recv_text(), "one");
+    assert_eq!(ws.expect_close(), 1001);
+    assert!(ws.eof());
+    // The client drops its TCP connection: the upstream gets a 1001 close frame.
+    let be = echo_backend(None);
+    let gw = Gateway::start(&passthrough_config(be.addr, ""));
+    let mut ws = open_pt(gw.addr);
+    ws.text("x");
+    assert_eq!(ws.recv_text(), "x");
+    drop(ws);
+    assert!(wait_until(Duration::from_secs(3), || be
+        .closes
+        .lock()
+        .unwrap()
+        .as_slice()
+        == [1001]));
+}
+
+fn open_pt(addr: SocketAddr) -> Ws {
+    let (head, ws) = ws_connect(addr, "/live/r", "");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    ws
+}
+
+#[test]
+fn passthrough_limits_timeouts_and_rules() {
+    let be = echo_backend(None);
+    let gw = Gateway::start(&passthrough_config(
+        be.addr,
+        "websocket = { max_frame_bytes = 1000, idle_timeout_ms = 700 }",
+    ));
+    let mut ws = open_pt(gw.addr);
+    ws.send(true, op::BINARY, &[0u8; 1001]);
+    assert_eq!(ws.expect_close(), 1009);
+    let mut ws = open_pt(gw.addr);
+    ws.send_raw(&Ws::frame(true, op::TEXT, b"unmasked", false));
+    assert_eq!(ws.expect_close(), 1002);
+    let mut ws = open_pt(gw.addr);
+    let t = Instant::now();
+    assert_eq!(ws.expect_close(), 1001);
+    assert!(t.elapsed() >= Duration::from_millis(600));
+    // The handshake is checked before anything goes upstream.
+    let before = be.heads.lock().unwrap().len();
+    let (head, _) = {
+        let mut s = TcpStream::connect(gw.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET /live/r HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+        let mut b = vec![0u8; 1024];
+        let n = s.read(&mut b).unwrap();
+        (String::from_utf8_lossy(&b[..n]).to_string(), ())
+    };
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert_eq!(be.heads.lock().unwrap().len(), before);
+}
+
+#[test]
+fn passthrough_refuses_wrong_version_with_426() {
+    let be = echo_backend(None);
+    let gw = Gateway::start(&passthrough_config(be.addr, ""));
+    let r = gw.request(&format!(
+        "GET /live/r HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 7\r\n\r\n"
+    ));
+    assert_eq!(r.status, 426);
+    assert_eq!(r.header("sec-websocket-version"), Some("13"));
+    assert!(be.heads.lock().unwrap().is_empty());
+}
+
+#[test]
+fn passthrough_checks_allowed_origins() {
+    let be = echo_backend(None);
+    let gw = Gateway::start(&passthrough_config(
+        be.addr,
+        r#"websocket = { allowed_origins = ["https://app.example.com"] }"#,
+    ));
+    let (head, _) = ws_connect(gw.addr, "/live/r", "Origin: https://evil.example.com\r\n");
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(be.heads.lock().unwrap().is_empty());
+    let (head, mut ws) = ws_connect(gw.addr, "/live/r", "Origin: https://app.example.com\r\n");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    ws.text("ok");
+    assert_eq!(ws.recv_text(), "ok");
+}
+
+#[test]
+fn passthrough_upstream_refusing_upgrade_is_relayed() {
+    let origin = Origin::start(|_| Response::new(404).body("no socket here"));
+    let gw = Gateway::start(&passthrough_config(origin.addr, ""));
+    let (head, _) = ws_connect(gw.addr, "/live/r", "");
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python's `websockets` as the independent peer
+// ---------------------------------------------------------------------------------------------
+
+/// Makes sure Python's `websockets` package is importable (installs it with pip once).
+fn python_websockets() -> bool {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let ok = Command::new("python3")
+            .args(["-c", "import websockets"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            let _ = Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "websockets"])
+                .status();
+        }
+    });
+    Command::new("python3")
+        .args(["-c", "import websockets"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn peer(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ws/peer.py"))
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "peer {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(out.stdout.trim_ascii()).unwrap()
+}
+
+struct PyServer(std::process::Child, u16);
+
+impl Drop for PyServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn py_echo_server() -> PyServer {
+    let mut child = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ws/peer.py"))
+        .arg("echo-server")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let port = line.trim().parse().expect("port");
+    PyServer(child, port)
+}
+
+#[test]
+fn python_client_through_passthrough_to_python_echo() {
+    assert!(
+        python_websockets(),
+        "python3 with the websockets package is required"
+    );
+    let server = py_echo_server();
+    let backend = SocketAddr::from(([127, 0, 0, 1], server.1));
+    let gw = Gateway::start(&passthrough_config(backend, ""));
+    let url = format!("ws://{}/live/py", gw.addr);
+    let v = peer(&["echo-client", &url, "300"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["messages"], 301);
+    assert_eq!(v["close_code"], 1000);
+}
+
+#[test]
+fn python_client_against_websocket_api() {
+    assert!(
+        python_websockets(),
+        "python3 with the websockets package is required"
+    );
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let url = format!("ws://{}/?user=py", gw.addr);
+    let v = peer(&["api-client", &url, "100"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["replies"], 100);
+    assert_eq!(v["default"], r#"default:{"action": "nothing-routes-here"}"#);
+    let v = peer(&["expect-refused", &format!("ws://{}/?deny=1", gw.addr)]);
+    assert_eq!(v["status"], 403);
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be,
+        "$disconnect"
+    )
+    .len()
+        == 1));
+    let c = route_keys(&be, "$connect");
+    assert!(c.iter().any(|r| r.path == "/connect?user=py"));
+}
+
+#[test]
+fn shutdown_closes_with_1001_and_calls_disconnect() {
+    let be = api_backend();
+    let mut gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    ws.text(r#"{"action":"echo"}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo"}"#);
+    gw.terminate();
+    assert_eq!(ws.expect_close(), 1001);
+    assert!(gw.wait_exit(Duration::from_secs(5)).is_some());
+    assert_eq!(route_keys(&be, "$disconnect").len(), 1);
+}
+
+#[test]
+fn passthrough_relays_after_idle_buffer_release() {
+    // Past the grace period both directions give their buffers back and wait for readiness:
+    // traffic afterwards must flow as before.
+    let be = echo_backend(None);
+    let gw = Gateway::start(&passthrough_config(be.addr, ""));
+    let mut ws = open_pt(gw.addr);
+    for round in 0..3 {
+        thread::sleep(Duration::from_millis(1300));
+        let big = vec![round as u8; 70_000];
+        ws.send(true, op::BINARY, &big);
+        ws.text(&format!("after idle {round}"));
+        assert_eq!(ws.read_frame().unwrap(), (true, op::BINARY, big));
+        assert_eq!(ws.recv_text(), format!("after idle {round}"));
+    }
+}
+
+#[test]
+fn api_connection_works_after_idle_buffer_release() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    // Half a frame, then idle past the grace period, then the rest.
+    let f = Ws::frame(true, op::TEXT, br#"{"action":"echo","p":1}"#, true);
+    ws.send_raw(&f[..9]);
+    thread::sleep(Duration::from_millis(1200));
+    ws.send_raw(&f[9..]);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo","p":1}"#);
+    thread::sleep(Duration::from_millis(1200));
+    ws.text(r#"{"action":"echo","p":2}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo","p":2}"#);
+    // @connections messages reach an idle connection too.
+    let id = route_keys(&be, "$connect")[0]
+        .header("x-connection-id")
+        .unwrap()
+        .to_string();
+    thread::sleep(Duration::from_millis(1200));
+    assert_eq!(
+        admin(&gw, "POST", &format!("/@connections/{id}"), "pushed").status,
+        200
+    );
+    assert_eq!(ws.recv_text(), "pushed");
+}
+
+#[test]
+fn passthrough_shutdown_closes_both_sides_with_1001() {
+    let be = echo_backend(None);
+    let mut gw = Gateway::start(&passthrough_config(be.addr, ""));
+    let mut ws = open_pt(gw.addr);
+    ws.text("hi");
+    assert_eq!(ws.recv_text(), "hi");
+    gw.terminate();
+    assert_eq!(ws.expect_close(), 1001);
+    assert!(gw.wait_exit(Duration::from_secs(5)).is_some());
+    assert!(wait_until(Duration::from_secs(3), || be
+        .closes
+        .lock()
+        .unwrap()
+        .as_slice()
+        == [1001]));
+}
+
+#[test]
+fn reload_keeps_open_websockets_and_applies_to_new_ones() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    // The new config drops the `echo` route.
+    gw.write_config(&api_config(be.addr, "").replace("route = \"echo\"", "route = \"echo2\""));
+    gw.reload_signal();
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .stderr()
+        .contains("config reloaded")));
+    // The open connection keeps the config it connected with.
+    ws.text(r#"{"action":"echo"}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo"}"#);
+    // A new one gets the new routes: `echo` falls to $default.
+    let mut ws2 = open(gw.addr, "/");
+    ws2.text(r#"{"action":"echo"}"#);
+    assert_eq!(ws2.recv_text(), r#"default:{"action":"echo"}"#);
+}
+
+#[test]
+fn connect_integration_picks_the_subprotocol() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let (head, _) = ws_connect(gw.addr, "/", "Sec-WebSocket-Protocol: chat.v1, chat.v2\r\n");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-protocol: chat.v2\r\n"),
+        "{head}"
+    );
+    // A protocol the client did not offer is not passed on.
+    let (head, _) = ws_connect(gw.addr, "/", "Sec-WebSocket-Protocol: other\r\n");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("sec-websocket-protocol"),
+        "{head}"
+    );
+}
