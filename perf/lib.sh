@@ -202,6 +202,7 @@ listen = ["127.0.0.1:$port"]
 workers = 1
 io = "$io"
 state_dir = "$state"
+pin_workers = ${RINGGATE_PIN:-true}
 
 [admin]
 listen = "127.0.0.1:$admin"
