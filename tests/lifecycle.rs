@@ -58,7 +58,7 @@ fn hammer(addr: SocketAddr, n: usize) -> Hammer {
             let mut c = Client::connect(addr);
             let mut i = 0usize;
             while !stop.load(Ordering::Relaxed) {
-                let path = if i % 2 == 0 {
+                let path = if i.is_multiple_of(2) {
                     "/v".to_string()
                 } else {
                     format!("/p/{t}/{i}")

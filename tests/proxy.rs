@@ -576,13 +576,13 @@ fn pipelined_request_after_a_streamed_body() {
     let gw = Gateway::start(&config(origin.addr));
     let mut c = Client::connect(gw.addr);
     let mut raw = b"POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: 300000\r\n\r\n".to_vec();
-    raw.extend(std::iter::repeat(b'z').take(300_000));
+    raw.extend(std::iter::repeat_n(b'z', 300_000));
     raw.extend_from_slice(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n");
     raw.extend_from_slice(
         b"POST /chunky HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
     );
     raw.extend_from_slice(format!("{:x}\r\n", 200_000).as_bytes());
-    raw.extend(std::iter::repeat(b'y').take(200_000));
+    raw.extend(std::iter::repeat_n(b'y', 200_000));
     raw.extend_from_slice(b"\r\n0\r\n\r\nGET /last HTTP/1.1\r\nHost: t\r\n\r\n");
     c.send(&raw);
     for want in ["/big 300000", "/next 0", "/chunky 200000", "/last 0"] {

@@ -217,7 +217,7 @@ async fn worker_main(
                 w.flush_log();
                 w.parker.sweep();
                 tick = tick.wrapping_add(1);
-                if tick % 5 == 0 {
+                if tick.is_multiple_of(5) {
                     w.trim_heap();
                 }
             }

@@ -273,7 +273,7 @@ impl JwtAuthorizer {
             .filter(|k| k.fits(alg))
             .filter(|k| match kid {
                 // A token naming a key uses that key only (keys without a kid match any).
-                Some(kid) => k.kid.as_deref().map_or(true, |x| x == kid),
+                Some(kid) => k.kid.as_deref().is_none_or(|x| x == kid),
                 None => true,
             })
             .take(4)
@@ -288,7 +288,7 @@ impl JwtAuthorizer {
         let kid = header.kid.as_deref();
         let keys = self.keys.current();
         let mut found = !Self::candidates(&keys, kid, alg).is_empty();
-        let known_kid = kid.map_or(true, |k| keys.iter().any(|x| x.kid.as_deref() == Some(k)));
+        let known_kid = kid.is_none_or(|k| keys.iter().any(|x| x.kid.as_deref() == Some(k)));
         drop(keys);
         if (!found || !known_kid) && self.keys.is_remote() && self.keys.kick() {
             let g0 = self.keys.generation();
