@@ -32,6 +32,18 @@ const RING_MAX: usize = 64;
 /// Routes listed in the data (busiest first); the rest are counted in `routes_omitted`.
 const MAX_ROUTES: usize = 50;
 
+/// True when `path` is the page and its query carries the configured admin token.
+pub fn page_authorized(shared: &Shared, path: &str, query: Option<&[u8]>) -> bool {
+    if path != "/dashboard" || query.is_none() {
+        return false;
+    }
+    let gw = shared.current();
+    match gw.config.admin.as_ref().and_then(|a| a.token.as_deref()) {
+        Some(t) => query_token_ok(path, query, t),
+        None => false,
+    }
+}
+
 /// True when this is the page (`/dashboard`) and its query carries `token=` equal to `token`
 /// (compared in constant time).
 pub fn query_token_ok(path: &str, query: Option<&[u8]>, token: &str) -> bool {

@@ -128,14 +128,15 @@ fn serve_conn(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
             .and_then(|a| a.token.clone())
         {
             None => true,
-            Some(t) => {
-                head.header(&buf, "authorization")
-                    .and_then(|v| v.strip_prefix(b"Bearer "))
-                    .map(|v| ct_eq(v, t.as_bytes()))
-                    .unwrap_or(false)
-                    || dashboard::query_token_ok(&path, head.query.map(|q| head.slice(&buf, q)), &t)
-            }
+            Some(t) => head
+                .header(&buf, "authorization")
+                .and_then(|v| v.strip_prefix(b"Bearer "))
+                .map(|v| ct_eq(v, t.as_bytes()))
+                .unwrap_or(false),
         };
+        // The dashboard page may carry the token as `?token=` (a browser cannot set a header).
+        let authorized = authorized
+            || dashboard::page_authorized(shared, &path, head.query.map(|q| head.slice(&buf, q)));
         let body = &buf[head_len..head_len + body_len];
         // Usage plans (traffic control): GET /usage-plans/{plan}/usage?key=NAME.
         let usage = if authorized {
@@ -236,11 +237,10 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
             ctype: "application/json",
             body: dashboard::data(shared),
         },
-        (_, "/metrics")
-        | (_, "/reload")
-        | (_, "/cache/invalidate")
-        | (_, "/dashboard")
-        | (_, "/dashboard/data") => json(405, "Method Not Allowed"),
+        (_, "/metrics") | (_, "/reload") | (_, "/cache/invalidate") => {
+            json(405, "Method Not Allowed")
+        }
+        (_, "/dashboard") | (_, "/dashboard/data") => json(405, "Method Not Allowed"),
         _ => match crate::policy::auth::admin::handle(&shared.auth, method, path, body) {
             Some((status, body)) => Reply {
                 status,
