@@ -339,3 +339,17 @@ fn browser_page_updates_by_itself() {
     );
     assert!(!text_of(&dom, "status").contains("error"), "DOM: {dom}");
 }
+
+#[test]
+fn without_a_token_the_dashboard_is_open() {
+    let gw = Gateway::start(&config().replace("token = \"dash+secret/1\"\n", ""));
+    assert_eq!(gw.get("/hello").status, 200);
+    let page = gw.admin_get("/dashboard");
+    assert_eq!(page.status, 200, "{}", page.text());
+    let mut d = serde_json::Value::Null;
+    wait_until(Duration::from_secs(5), || {
+        d = gw.admin_get("/dashboard/data").json();
+        d["total"] == 1
+    });
+    assert_eq!(route(&d, "GET /hello")["requests"], 1, "{d}");
+}
