@@ -1,8 +1,10 @@
-//! The admin listener: `/healthz`, `/metrics` (Prometheus text), `POST /reload`, behind a bearer
-//! token when `admin.token` is set.
+//! The admin listener: `/healthz`, `/metrics` (Prometheus text), `/dashboard`, `POST /reload`,
+//! behind a bearer token when `admin.token` is set.
 //!
 //! Admin traffic is rare and never on the proxy's hot path, so this listener runs on plain
 //! blocking threads (one per connection, a few at a time), parsing with the same strict codec.
+
+mod dashboard;
 
 use crate::config::AdminConfig;
 use crate::gateway::Shared;
@@ -132,6 +134,9 @@ fn serve_conn(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 .map(|v| ct_eq(v, t.as_bytes()))
                 .unwrap_or(false),
         };
+        // The dashboard page may carry the token as `?token=` (a browser cannot set a header).
+        let authorized = authorized
+            || dashboard::page_authorized(shared, &path, head.query.map(|q| head.slice(&buf, q)));
         let body = &buf[head_len..head_len + body_len];
         // Usage plans (traffic control): GET /usage-plans/{plan}/usage?key=NAME.
         let usage = if authorized {
@@ -222,9 +227,20 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
                 body: body.into_bytes(),
             }
         }
+        ("GET", "/dashboard") => Reply {
+            status: 200,
+            ctype: "text/html; charset=utf-8",
+            body: dashboard::PAGE.as_bytes().to_vec(),
+        },
+        ("GET", "/dashboard/data") => Reply {
+            status: 200,
+            ctype: "application/json",
+            body: dashboard::data(shared),
+        },
         (_, "/metrics") | (_, "/reload") | (_, "/cache/invalidate") => {
             json(405, "Method Not Allowed")
         }
+        (_, "/dashboard") | (_, "/dashboard/data") => json(405, "Method Not Allowed"),
         _ => match crate::policy::auth::admin::handle(&shared.auth, method, path, body) {
             Some((status, body)) => Reply {
                 status,

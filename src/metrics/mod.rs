@@ -57,9 +57,28 @@ impl Hist {
         self.sum_us += us;
     }
 
-    fn merge(&mut self, o: &Hist) {
+    /// An empty histogram.
+    pub fn empty() -> Self {
+        Hist::new()
+    }
+
+    /// Adds `o`'s samples to this one.
+    pub fn merge(&mut self, o: &Hist) {
         let _ = self.h.add(&o.h);
         self.sum_us += o.sum_us;
+    }
+
+    /// The samples recorded since `earlier` (an older copy of this same cumulative histogram).
+    /// Falls back to everything when `earlier` is not a prefix of this one.
+    pub fn since(&self, earlier: &Hist) -> Hist {
+        let mut d = self.clone();
+        match d.h.subtract(&earlier.h) {
+            Ok(()) => {
+                d.sum_us = self.sum_us.saturating_sub(earlier.sum_us);
+                d
+            }
+            Err(_) => self.clone(),
+        }
     }
 
     /// Value at quantile `q` (0..1), in seconds.
