@@ -10,6 +10,7 @@
 //! allocate.
 
 pub mod chunked;
+pub mod client;
 pub mod encode;
 #[doc(hidden)]
 pub mod fuzz_checks;

@@ -6,11 +6,12 @@
 //! nothing here takes a lock on the request path.
 
 use crate::config::{Balance, UpstreamConfig};
+use crate::http::client::{self, ResponseReader};
+use crate::http::Method;
 use crate::metrics::Labels;
 use ahash::AHashMap;
 use monoio::net::TcpStream;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -178,26 +179,26 @@ impl WorkerPools {
     }
 }
 
-/// One probe: GET `path`, healthy on a 2xx or 3xx status.
+/// One probe: GET `path`, healthy on a 2xx or 3xx status (the body is not read).
 fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
     let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
         return false;
     };
-    let _ = s.set_read_timeout(Some(timeout));
-    let _ = s.set_write_timeout(Some(timeout));
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: ringgate-health\r\nConnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 64];
-    let mut n = 0;
-    while n < 12 {
-        match s.read(&mut buf[n..]) {
-            Ok(0) | Err(_) => return false,
-            Ok(k) => n += k,
-        }
-    }
-    buf.starts_with(b"HTTP/1.") && (buf[9] == b'2' || buf[9] == b'3')
+    let host = addr.to_string();
+    let req = client::build_request(
+        b"GET",
+        path.as_bytes(),
+        &[
+            (b"Host", host.as_bytes()),
+            (b"User-Agent", b"ringgate-health"),
+            (b"Connection", b"close"),
+        ],
+        b"",
+        None,
+    );
+    let mut rd = ResponseReader::new(Method::Get, 0).head_only();
+    client::exchange_blocking(&mut s, &req, &mut rd, Instant::now() + timeout).is_ok()
+        && rd.status().is_some_and(|s| (200..400).contains(&s))
 }
 
 /// Runs the health checker until `stop` is set: probes every target of every upstream that has

@@ -14,8 +14,9 @@
 
 use super::{header_safe, Deny, RawAuthorizer, Request, WorkerAuth, UNAUTHORIZED};
 use crate::config::{ConfigError, Source, UpstreamConfig};
+use crate::http::client::{self, ClientError, ResponseReader};
+use crate::http::Method;
 use ahash::AHashMap;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -265,19 +266,18 @@ async fn call(
         "identity": values.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str()))).collect::<serde_json::Map<String, serde_json::Value>>(),
     })
     .to_string();
-    let mut msg = Vec::with_capacity(body.len() + 256);
-    msg.extend_from_slice(b"POST ");
-    msg.extend_from_slice(a.path.as_bytes());
-    msg.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    msg.extend_from_slice(a.host.as_bytes());
-    msg.extend_from_slice(
-        b"\r\ncontent-type: application/json\r\nconnection: close\r\nx-request-id: ",
+    let msg = client::build_request(
+        b"POST",
+        a.path.as_bytes(),
+        &[
+            (b"host", a.host.as_bytes()),
+            (b"content-type", b"application/json"),
+            (b"connection", b"close"),
+            (b"x-request-id", reqid),
+        ],
+        b"",
+        Some(body.as_bytes()),
     );
-    msg.extend_from_slice(reqid);
-    msg.extend_from_slice(b"\r\ncontent-length: ");
-    msg.extend_from_slice(body.len().to_string().as_bytes());
-    msg.extend_from_slice(b"\r\n\r\n");
-    msg.extend_from_slice(body.as_bytes());
 
     let deadline = Instant::now() + a.timeout;
     // Connect: the targets in turn, starting at a rotating one.
@@ -299,85 +299,21 @@ async fn call(
         eprintln!("ringgate: authorizer `{}`: no target reachable", a.name);
         return Err(AUTHORIZER_ERROR);
     };
-    let exchange = async {
-        let (r, _) = s.write_all(msg).await;
-        r.map_err(|_| AUTHORIZER_ERROR)?;
-        let mut buf: Vec<u8> = Vec::with_capacity(4096);
-        loop {
-            if let Some(d) = parse_answer(&buf)? {
-                return Ok(d);
-            }
-            if buf.len() > MAX_ANSWER {
-                return Err(AUTHORIZER_ERROR);
-            }
-            let tmp = Vec::with_capacity(4096);
-            let (r, tmp) = s.read(tmp).await;
-            match r {
-                Ok(0) => return parse_final(&buf),
-                Ok(_) => buf.extend_from_slice(&tmp),
-                Err(_) => return Err(AUTHORIZER_ERROR),
-            }
-        }
+    let mut rd = answer_reader();
+    let r = match client::exchange(&mut s, msg, &mut rd, deadline).await {
+        Err(ClientError::Timeout) => return Err(AUTHORIZER_TIMEOUT),
+        Err(_) => Err(AUTHORIZER_ERROR),
+        Ok(()) => decision(rd.body()),
     };
-    let left = deadline.saturating_duration_since(Instant::now());
-    match monoio::time::timeout(left, exchange).await {
-        Ok(r) => {
-            if r.is_err() {
-                eprintln!("ringgate: authorizer `{}`: bad or failed answer", a.name);
-            }
-            r
-        }
-        Err(_) => Err(AUTHORIZER_TIMEOUT),
+    if r.is_err() {
+        eprintln!("ringgate: authorizer `{}`: bad or failed answer", a.name);
     }
+    r
 }
 
-/// The decision once the whole answer is in `buf` (by Content-Length); `None` = read more.
-fn parse_answer(buf: &[u8]) -> Result<Option<Decision>, Deny> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut resp = httparse::Response::new(&mut headers);
-    let n = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(AUTHORIZER_ERROR),
-    };
-    let code = resp.code.unwrap_or(0);
-    if !(200..300).contains(&code) {
-        return Err(AUTHORIZER_ERROR);
-    }
-    let cl = resp
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .and_then(|h| {
-            std::str::from_utf8(h.value)
-                .ok()?
-                .trim()
-                .parse::<usize>()
-                .ok()
-        });
-    match cl {
-        Some(l) if buf.len() >= n + l => decision(&buf[n..n + l]).map(Some),
-        _ => Ok(None),
-    }
-}
-
-/// The decision from an answer that ended with the connection.
-fn parse_final(buf: &[u8]) -> Result<Decision, Deny> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) if (200..300).contains(&resp.code.unwrap_or(0)) => {
-            if resp.headers.iter().any(|h| {
-                h.name.eq_ignore_ascii_case("transfer-encoding")
-                    || h.name.eq_ignore_ascii_case("content-length")
-            }) {
-                // Chunked is not supported, and a short Content-Length body is truncated.
-                return Err(AUTHORIZER_ERROR);
-            }
-            decision(&buf[n..])
-        }
-        _ => Err(AUTHORIZER_ERROR),
-    }
+/// Reader of an authorizer's answer: 2xx only, body at most [`MAX_ANSWER`].
+fn answer_reader() -> ResponseReader {
+    ResponseReader::new(Method::Post, MAX_ANSWER).accept(|s| (200..300).contains(&s))
 }
 
 fn decision(body: &[u8]) -> Result<Decision, Deny> {
@@ -402,6 +338,17 @@ fn decision(body: &[u8]) -> Result<Decision, Deny> {
 mod tests {
     use super::*;
 
+    /// The decision from a whole answer, as `call` gets it.
+    fn answer(bytes: &[u8], eof: bool) -> Result<Option<Decision>, Deny> {
+        let mut rd = answer_reader();
+        let done = rd.push(bytes).map_err(|_| AUTHORIZER_ERROR)? == client::Progress::Done;
+        if !done && !eof {
+            return Ok(None);
+        }
+        rd.eof().map_err(|_| AUTHORIZER_ERROR)?;
+        decision(rd.body()).map(Some)
+    }
+
     #[test]
     fn answers() {
         let body = r#"{"allow":true,"principal":"user-7"}"#;
@@ -410,20 +357,29 @@ mod tests {
             body.len()
         );
         let ok = ok.as_bytes();
-        let d = parse_answer(ok).unwrap().unwrap();
+        let d = answer(ok, false).unwrap().unwrap();
         assert!(d.allow);
         assert_eq!(d.principal.as_deref(), Some("user-7"));
-        assert!(parse_answer(&ok[..ok.len() - 3]).unwrap().is_none());
+        assert!(answer(&ok[..ok.len() - 3], false).unwrap().is_none());
+        assert!(answer(&ok[..ok.len() - 3], true).is_err(), "truncated");
         let deny = b"HTTP/1.1 200 OK\r\ncontent-length: 15\r\n\r\n{\"allow\":false}";
-        assert!(!parse_answer(deny).unwrap().unwrap().allow);
+        assert!(!answer(deny, false).unwrap().unwrap().allow);
         assert_eq!(
-            parse_answer(b"HTTP/1.1 500 X\r\ncontent-length: 0\r\n\r\n").unwrap_err(),
+            answer(b"HTTP/1.1 500 X\r\ncontent-length: 0\r\n\r\n", false).unwrap_err(),
+            AUTHORIZER_ERROR
+        );
+        // Non-2xx fails on the head, without waiting for a body.
+        assert_eq!(
+            answer(b"HTTP/1.1 500 X\r\n\r\n", false).unwrap_err(),
             AUTHORIZER_ERROR
         );
         let bad = b"HTTP/1.1 200 OK\r\ncontent-length: 13\r\n\r\n{\"allow\":\"y\"}";
-        assert!(parse_answer(bad).is_err());
+        assert!(answer(bad, false).is_err());
         let close = b"HTTP/1.0 200 OK\r\n\r\n{\"allow\":true}";
-        assert!(parse_final(close).unwrap().allow);
+        assert!(answer(close, true).unwrap().unwrap().allow);
+        let chunked =
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\ne\r\n{\"allow\":true}\r\n0\r\n\r\n";
+        assert!(answer(chunked, false).unwrap().unwrap().allow);
     }
 
     #[test]

@@ -7,9 +7,10 @@
 //! `jku`, `x5u` and `kid` never make ringgate fetch anything. Only `http://` URIs are
 //! supported by this build.
 
+use crate::http::client::{self, ResponseReader};
+use crate::http::Method;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
-use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -298,83 +299,32 @@ fn fetch(uri: &str) -> Result<(Vec<u8>, Option<u64>), String> {
         .ok_or("resolves to no address")?;
     let deadline = Instant::now() + FETCH_TIMEOUT;
     let mut s = TcpStream::connect_timeout(&addr, FETCH_TIMEOUT).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(FETCH_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(FETCH_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\nUser-Agent: ringgate\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut buf = Vec::with_capacity(8192);
-    let mut tmp = [0u8; 8192];
-    // Read until the body is complete (Content-Length) or the server closes.
-    let mut want: Option<usize> = None;
-    loop {
-        if Instant::now() > deadline {
-            return Err("timed out".into());
-        }
-        if want.is_none() {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut headers);
-            if let Ok(httparse::Status::Complete(n)) = resp.parse(&buf) {
-                let cl = resp
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                    .and_then(|h| {
-                        std::str::from_utf8(h.value)
-                            .ok()?
-                            .trim()
-                            .parse::<usize>()
-                            .ok()
-                    });
-                want = Some(cl.map(|l| n + l).unwrap_or(usize::MAX));
-            }
-        }
-        if want.is_some_and(|w| buf.len() >= w) {
-            break;
-        }
-        let n = s.read(&mut tmp).map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-        if buf.len() > MAX_JWKS_BYTES {
-            return Err("response too large".into());
-        }
-    }
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut resp = httparse::Response::new(&mut headers);
-    let head_len = match resp.parse(&buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        _ => return Err("bad HTTP response".into()),
-    };
-    let status = resp.code.unwrap_or(0);
-    if status != 200 {
-        return Err(format!("status {status}"));
-    }
+    let req = client::build_request(
+        b"GET",
+        path.as_bytes(),
+        &[
+            (b"Host", host.as_bytes()),
+            (b"Accept", b"application/json"),
+            (b"User-Agent", b"ringgate"),
+            (b"Connection", b"close"),
+        ],
+        b"",
+        None,
+    );
+    let mut rd = ResponseReader::new(Method::Get, MAX_JWKS_BYTES).accept(|s| s == 200);
+    client::exchange_blocking(&mut s, &req, &mut rd, deadline).map_err(|e| e.to_string())?;
     let mut max_age = None;
-    let mut chunked = false;
-    for h in resp.headers.iter() {
-        if h.name.eq_ignore_ascii_case("cache-control") {
-            let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
+    for (name, value) in rd.headers() {
+        if name.eq_ignore_ascii_case(b"cache-control") {
+            let v = String::from_utf8_lossy(value).to_ascii_lowercase();
             for d in v.split(',') {
                 if let Some(a) = d.trim().strip_prefix("max-age=") {
                     max_age = a.trim().parse::<u64>().ok();
                 }
             }
         }
-        if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = true;
-        }
     }
-    if chunked {
-        return Err("chunked response to an HTTP/1.0 request".into());
-    }
-    let end = want.unwrap_or(buf.len()).min(buf.len());
-    Ok((buf[head_len..end].to_vec(), max_age))
+    Ok((rd.take_body(), max_age))
 }
 
 #[cfg(test)]
