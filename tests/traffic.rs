@@ -162,10 +162,14 @@ fn waf_ip_lists() {
     let r = deny.get("/x");
     assert_eq!(r.status, 403);
     assert_eq!(r.message(), "Forbidden");
+    // A denied address learns nothing about which paths exist.
+    let r = deny.get("/no-such-route");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.message(), "Forbidden");
     let m = deny.metrics();
     assert_eq!(
         metric_value(&m, "ringgate_waf_ip_refused_total", &[]),
-        Some(1.0)
+        Some(2.0)
     );
 
     let allow_other = Gateway::start(&format!(
@@ -177,6 +181,7 @@ fn waf_ip_lists() {
         "[waf]\nip_allow = [\"127.0.0.1/32\", \"::1\"]\nip_deny = [\"127.0.0.2\"]\n[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /x\"\n{MOCK}\n"
     ));
     assert_eq!(allow_me.get("/x").status, 200);
+    assert_eq!(allow_me.get("/no-such-route").status, 404);
 }
 
 #[test]

@@ -545,6 +545,18 @@ async fn route_and_run(
             };
             return (out, Some(id));
         }
+        RouteMatch::NotFound | RouteMatch::MethodNotAllowed if gw.config.traffic.waf.active() => {
+            if let Some(out) = traffic::unrouted_ip_refused(w, gw, c).await {
+                return (out, None);
+            }
+            let keep = body_skippable(c);
+            let (st, msg) = if m == RouteMatch::NotFound {
+                (404, "Not Found")
+            } else {
+                (405, "Method Not Allowed")
+            };
+            return (reject(w, c, st, msg, keep).await, None);
+        }
         RouteMatch::NotFound => {
             let keep = body_skippable(c);
             return (reject(w, c, 404, "Not Found", keep).await, None);

@@ -81,6 +81,21 @@ async fn too_many(
 
 /// The WAF and CORS stages for route `id` (before auth); `Some` when the request was answered
 /// (refused, or a preflight).
+/// The WAF's IP lists for a request that matched no route: a denied address gets 403 whatever
+/// path it asks for (as a WAF in front of the gateway would), not a 404 that maps the API.
+pub(super) async fn unrouted_ip_refused(
+    w: &Rc<Worker>,
+    gw: &Arc<Gateway>,
+    c: &mut Conn,
+) -> Option<Outcome> {
+    let t = &gw.config.traffic;
+    if !t.waf.active() || t.waf.check_ip(c.peer.ip(), now_ns()) != Verdict::Forbidden {
+        return None;
+    }
+    let keep = body_skippable(c);
+    Some(reject(w, c, 403, "Forbidden", keep).await)
+}
+
 pub(super) async fn before(
     w: &Rc<Worker>,
     gw: &Arc<Gateway>,
