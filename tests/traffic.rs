@@ -519,6 +519,9 @@ fn quota_limit_and_usage_survive_kill_9() {
     let r = get_on(&mut c, "/prod/x", alice);
     assert_eq!(r.status, 429);
     assert_eq!(r.message(), "Limit Exceeded");
+    // Retry-After: seconds until the quota's UTC period ends (at most a month).
+    let ra: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=31 * 86_400).contains(&ra), "{ra}");
     let u = gw.admin_get("/usage-plans/basic/usage?key=alice").json();
     assert_eq!(
         (u["used"].as_u64(), u["remaining"].as_u64()),

@@ -396,7 +396,10 @@ impl KeyDirectory for crate::policy::auth::KeySet {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     Throttled(Wait),
-    QuotaExceeded,
+    /// Past the quota; it is renewed in `retry_after_s` seconds (the end of the UTC period).
+    QuotaExceeded {
+        retry_after_s: u64,
+    },
 }
 
 /// All usage plans of a config and the store their counts live in.
@@ -444,11 +447,15 @@ impl Plans {
             }
             if let Some(q) = p.quota {
                 let c = p.counter(key.name, self.store());
-                if consume(&c, q.period.index(unix_s), q.limit).is_none() {
+                let idx = q.period.index(unix_s);
+                if consume(&c, idx, q.limit).is_none() {
                     if let Some(b) = &p.buckets {
                         b.refund(key.name);
                     }
-                    return Err(Refusal::QuotaExceeded);
+                    let end = (q.period.bounds(idx).1.max(0) as u64) * 86_400;
+                    return Err(Refusal::QuotaExceeded {
+                        retry_after_s: end.saturating_sub(unix_s).max(1),
+                    });
                 }
             }
             return Ok(());
@@ -618,7 +625,9 @@ mod tests {
         assert_eq!(plans.check(k("carol"), &route, 11 * s, 0), Ok(()));
         assert_eq!(
             plans.check(k("carol"), &route, 20 * s, 0),
-            Err(Refusal::QuotaExceeded)
+            Err(Refusal::QuotaExceeded {
+                retry_after_s: 86_400
+            })
         );
         let u = plans.usage("basic", "carol", 0).unwrap();
         assert_eq!(

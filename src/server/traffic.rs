@@ -79,8 +79,6 @@ async fn too_many(
     reject(w, c, 429, "Too Many Requests", keep).await
 }
 
-/// The WAF and CORS stages for route `id` (before auth); `Some` when the request was answered
-/// (refused, or a preflight).
 /// The WAF's IP lists for a request that matched no route: a denied address gets 403 whatever
 /// path it asks for (as a WAF in front of the gateway would), not a 404 that maps the API.
 pub(super) async fn unrouted_ip_refused(
@@ -96,6 +94,8 @@ pub(super) async fn unrouted_ip_refused(
     Some(reject(w, c, 403, "Forbidden", keep).await)
 }
 
+/// The WAF and CORS stages for route `id` (before auth); `Some` when the request was answered
+/// (refused, or a preflight).
 pub(super) async fn before(
     w: &Rc<Worker>,
     gw: &Arc<Gateway>,
@@ -215,7 +215,11 @@ pub(super) async fn throttle(
                     refund(&buckets);
                     return Some(too_many(w, c, rt, Reason::Plan, wait).await);
                 }
-                Err(Refusal::QuotaExceeded) => {
+                Err(Refusal::QuotaExceeded { retry_after_s }) => {
+                    // The quota comes back when its UTC period ends.
+                    c.b.extra.extend_from_slice(b"retry-after: ");
+                    encode::push_u64(&mut c.b.extra, retry_after_s);
+                    c.b.extra.extend_from_slice(b"\r\n");
                     refund(&buckets);
                     rt.count(Reason::Quota);
                     let keep = body_skippable(c);
