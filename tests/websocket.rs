@@ -1179,3 +1179,34 @@ fn connect_integration_picks_the_subprotocol() {
         "{head}"
     );
 }
+
+/// Auth on a WebSocket API guards the handshake: it is set on the `$connect` route and checked
+/// before the `$connect` integration is called; on a per-message route it is refused.
+#[test]
+fn connect_route_auth_guards_the_handshake() {
+    let be = api_backend();
+    let cfg = api_config(be.addr, "").replace(
+        "route = \"$connect\"\n",
+        "route = \"$connect\"\nauth = \"api_key\"\n",
+    ) + "\n[[api_keys]]\nname = \"dev\"\nvalue = \"websocket-test-key-000000001\"\n";
+    let gw = Gateway::start(&cfg);
+    let (head, _) = ws_connect(gw.addr, "/", "");
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let (head, _) = ws_connect(gw.addr, "/", "x-api-key: wrong-key-value-00000000000\r\n");
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    // Refused handshakes never reach the $connect integration.
+    assert!(route_keys(&be, "$connect").is_empty());
+    let (head, _) = ws_connect(gw.addr, "/", "x-api-key: websocket-test-key-000000001\r\n");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(route_keys(&be, "$connect").len(), 1);
+
+    let bad = api_config(be.addr, "").replace(
+        "route = \"echo\"\n",
+        "route = \"echo\"\nauth = \"api_key\"\n",
+    );
+    let (out, _) = check(&bad);
+    let e =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(e.contains("$connect") && e.contains(".auth"), "{e}");
+}

@@ -423,6 +423,39 @@ pub(super) fn compile(
                     upstreams,
                     ws_settings.clone(),
                 )?;
+                // Auth guards the handshake: it is read from the `$connect` route; on the
+                // per-message routes it (and a cache) would mean nothing, so it is refused.
+                let mut connect_auth = crate::policy::auth::RouteAuth::default();
+                for (ri, r) in api.routes.iter().enumerate() {
+                    let rkey = format!("apis[{ai}].routes[{ri}]");
+                    if r.route.get_ref().trim() == "$connect" {
+                        connect_auth = crate::policy::auth::resolve_route(
+                            src,
+                            &rkey,
+                            r.auth.as_ref(),
+                            &r.scopes,
+                            r.api_key_required,
+                            auth,
+                        )?;
+                    } else if r.auth.is_some()
+                        || !r.scopes.is_empty()
+                        || r.api_key_required
+                        || r.throttle.is_some()
+                    {
+                        return Err(src.err(
+                            r.route.span(),
+                            &format!("{rkey}.auth"),
+                            "on a WebSocket API, auth, scopes, api_key_required and throttle apply to the handshake: set them on the `$connect` route",
+                        ));
+                    }
+                    if r.cache.is_some() {
+                        return Err(src.err(
+                            r.route.span(),
+                            &format!("{rkey}.cache"),
+                            "WebSocket API routes are not cached",
+                        ));
+                    }
+                }
                 let id = table.routes.len() as u32;
                 let labels = format!(
                     "api=\"{}\",stage=\"{}\",route=\"$connect\"",
@@ -438,7 +471,7 @@ pub(super) fn compile(
                     integration: Integration::WebSocket(wsapi),
                     access_log: stage.access_log,
                     cache: None,
-                    auth: Default::default(),
+                    auth: connect_auth,
                     ws: ws_settings.clone(),
                 });
                 let full = if prefix.is_empty() { "/" } else { &prefix };
