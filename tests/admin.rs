@@ -339,6 +339,13 @@ fn access_log_writes_one_json_object_per_request() {
         assert_eq!(e["method"], serde_json::json!(method), "{e}");
         assert_eq!(e["path"], serde_json::json!(path), "{e}");
         assert_eq!(e["status"], serde_json::json!(status), "{e}");
+        // RFC 3339 UTC time, e.g. 2026-11-25T13:20:03Z.
+        let t = e["time"].as_str().unwrap();
+        let b = t.as_bytes();
+        assert!(
+            b.len() == 20 && b[4] == b'-' && b[10] == b'T' && b[19] == b'Z',
+            "{t}"
+        );
     }
 }
 

@@ -167,6 +167,7 @@ pub const IMF_FIXDATE_LEN: usize = 29;
 pub struct DateCache {
     secs: u64,
     buf: [u8; IMF_FIXDATE_LEN],
+    rfc3339: [u8; RFC3339_LEN],
 }
 
 impl Default for DateCache {
@@ -182,6 +183,7 @@ impl DateCache {
         DateCache {
             secs,
             buf: format_imf_fixdate(secs),
+            rfc3339: format_rfc3339(secs),
         }
     }
 
@@ -189,11 +191,44 @@ impl DateCache {
     pub fn get(&mut self) -> &[u8] {
         let secs = now_secs();
         if secs != self.secs {
-            self.secs = secs;
-            self.buf = format_imf_fixdate(secs);
+            self.refresh(secs);
         }
         &self.buf
     }
+
+    /// Current time as RFC 3339 UTC, e.g. `2026-11-25T13:20:03Z` (for logs).
+    pub fn get_rfc3339(&mut self) -> &[u8] {
+        let secs = now_secs();
+        if secs != self.secs {
+            self.refresh(secs);
+        }
+        &self.rfc3339
+    }
+
+    fn refresh(&mut self, secs: u64) {
+        self.secs = secs;
+        self.buf = format_imf_fixdate(secs);
+        self.rfc3339 = format_rfc3339(secs);
+    }
+}
+
+/// Length of [`format_rfc3339`]'s output.
+pub const RFC3339_LEN: usize = 20;
+
+/// Formats Unix time `secs` as RFC 3339 UTC with second precision (years past 9999 clamped).
+pub fn format_rfc3339(secs: u64) -> [u8; RFC3339_LEN] {
+    let secs = secs.min(253_402_300_799);
+    let sod = secs % 86_400;
+    let (y, m, d) = civil_from_days(secs / 86_400);
+    let mut out = *b"1970-01-01T00:00:00Z";
+    two(&mut out[0..2], y / 100);
+    two(&mut out[2..4], y % 100);
+    two(&mut out[5..7], m);
+    two(&mut out[8..10], d);
+    two(&mut out[11..13], (sod / 3600) as u32);
+    two(&mut out[14..16], (sod / 60 % 60) as u32);
+    two(&mut out[17..19], (sod % 60) as u32);
+    out
 }
 
 fn now_secs() -> u64 {
@@ -248,6 +283,18 @@ fn civil_from_days(days: u64) -> (u32, u32, u32) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(&super::format_rfc3339(0), b"1970-01-01T00:00:00Z");
+        // 2026-11-25T13:20:03Z
+        assert_eq!(
+            &super::format_rfc3339(1_795_612_803),
+            b"2026-11-25T13:20:03Z"
+        );
+        // 2000-02-29T23:59:59Z (leap day)
+        assert_eq!(&super::format_rfc3339(951_868_799), b"2000-02-29T23:59:59Z");
+    }
+
     use super::*;
 
     #[test]

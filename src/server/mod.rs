@@ -777,7 +777,7 @@ fn write_log_line(
 ) {
     let b = log.buf();
     b.extend_from_slice(b"{\"time\":\"");
-    b.extend_from_slice(w.date.borrow_mut().get());
+    b.extend_from_slice(w.date.borrow_mut().get_rfc3339());
     b.extend_from_slice(b"\",\"request_id\":\"");
     push_json_str(b, &c.reqid[..c.reqid_len]);
     b.extend_from_slice(b"\",\"remote\":\"");
