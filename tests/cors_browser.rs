@@ -10,45 +10,13 @@ mod common;
 
 use common::*;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 type Slot = Arc<(Mutex<Option<String>>, Condvar)>;
-
-fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 4096];
-    loop {
-        if let Some(i) = find(&buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..i]).to_string();
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    let (n, v) = l.split_once(':')?;
-                    n.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
-            while buf.len() < i + 4 + len {
-                let n = s.read(&mut tmp).ok()?;
-                if n == 0 {
-                    return None;
-                }
-                buf.extend_from_slice(&tmp[..n]);
-            }
-            let line = head.lines().next()?.to_string();
-            return Some((line, buf[i + 4..i + 4 + len].to_vec()));
-        }
-        let n = s.read(&mut tmp).ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    }
-}
 
 fn page(gw: &str) -> String {
     format!(
@@ -94,7 +62,7 @@ fn page_server(gw_url: String) -> (u16, Slot) {
             let Ok(mut s) = s else { continue };
             let (slot, gw_url) = (s2.clone(), gw_url.clone());
             thread::spawn(move || {
-                let Some((line, body)) = read_request(&mut s) else {
+                let Some((line, _, body)) = read_raw_request(&mut s) else {
                     return;
                 };
                 let (ctype, resp) = if line.starts_with("GET / ") {

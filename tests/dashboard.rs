@@ -159,41 +159,6 @@ fn dashboard_needs_the_token() {
     assert_eq!(r.status, 405);
 }
 
-/// Reads one request (head and body) from a browser connection.
-fn read_raw_request(s: &mut TcpStream) -> Option<(String, Vec<String>, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 4096];
-    loop {
-        if let Some(i) = find(&buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..i]).to_string();
-            let mut lines = head.split("\r\n").map(str::to_string);
-            let line = lines.next()?;
-            let headers: Vec<String> = lines.collect();
-            let len = headers
-                .iter()
-                .find_map(|l| {
-                    let (n, v) = l.split_once(':')?;
-                    n.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
-            while buf.len() < i + 4 + len {
-                let n = s.read(&mut tmp).ok()?;
-                if n == 0 {
-                    return None;
-                }
-                buf.extend_from_slice(&tmp[..n]);
-            }
-            return Some((line, headers, buf[i + 4..i + 4 + len].to_vec()));
-        }
-        let n = s.read(&mut tmp).ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    }
-}
-
 /// A pass-through proxy to the admin listener that, before forwarding each data poll, sends one
 /// `GET /hello` through the gateway and waits until the metrics count it: so poll N sees
 /// exactly `before + N` requests. Returns its port and the number of polls forwarded.

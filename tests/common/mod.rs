@@ -1124,3 +1124,39 @@ pub fn metric_value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     }
     found
 }
+
+/// Reads one request (head and body) from a raw connection (a browser's, in the
+/// browser tests): request line, header lines, body (by Content-Length).
+pub fn read_raw_request(s: &mut TcpStream) -> Option<(String, Vec<String>, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_string();
+            let mut lines = head.split("\r\n").map(str::to_string);
+            let line = lines.next()?;
+            let headers: Vec<String> = lines.collect();
+            let len = headers
+                .iter()
+                .find_map(|l| {
+                    let (n, v) = l.split_once(':')?;
+                    n.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            while buf.len() < i + 4 + len {
+                let n = s.read(&mut tmp).ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&tmp[..n]);
+            }
+            return Some((line, headers, buf[i + 4..i + 4 + len].to_vec()));
+        }
+        let n = s.read(&mut tmp).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
