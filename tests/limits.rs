@@ -241,3 +241,27 @@ fn streamed_chunked_body_over_max_body_bytes_gets_413() {
     assert_eq!(r.status, 413);
     assert!(c.is_closed_within(Duration::from_secs(2)));
 }
+
+/// A client that asks for a big response and stops reading is dropped once the gateway's sent
+/// data stays unacknowledged (zero window) for idle_timeout_ms: it cannot hold a connection and
+/// its buffers forever.
+#[test]
+fn client_that_stops_reading_is_dropped() {
+    let body = vec![b'x'; 64 << 20];
+    let origin = Origin::start(move |_| Response::ok(body.clone()));
+    let gw = Gateway::start(&config(
+        origin.addr,
+        "idle_timeout_ms = 1000\nheader_timeout_ms = 5000",
+    ));
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n");
+    // Never read: the windows fill up and the gateway's writes stall.
+    let active = || metric_value(&gw.metrics(), "ringgate_connections_active", &[]);
+    assert!(wait_until(Duration::from_secs(3), || active() == Some(1.0)));
+    assert!(
+        wait_until(Duration::from_secs(8), || active() == Some(0.0)),
+        "a client that stopped reading still holds its connection: {:?}",
+        active()
+    );
+    drop(c);
+}

@@ -26,6 +26,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canc
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -279,8 +280,27 @@ const IDLE_GRACE: Duration = Duration::from_millis(250);
 pub async fn serve(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, guard: ConnGuard) {
     let _ = stream.set_nodelay(true);
     let limits = &w.gateway().config.server.limits;
+    set_user_timeout(&stream, limits.idle_timeout);
     let deadline = Instant::now() + limits.header_timeout;
     run(w, stream, peer, guard, false, deadline).await
+}
+
+/// A client that stops reading (a full send buffer, zero window) or vanishes is dropped by the
+/// kernel once sent data stays unacknowledged for `idle_timeout` (TCP_USER_TIMEOUT, zero-window
+/// probes included): no timer per write on the hot path, one system call per connection.
+fn set_user_timeout(stream: &TcpStream, t: Duration) {
+    let ms = t.as_millis().min(u32::MAX as u128) as libc::c_uint;
+    // SAFETY: the fd is the stream's open socket; the option value is a c_uint that outlives
+    // the call, and its size is passed.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        );
+    }
 }
 
 /// The connection loop: one request after another until close or park.
