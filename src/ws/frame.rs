@@ -309,8 +309,99 @@ impl Decoder {
     }
 }
 
+/// The check the `ws_decoder` fuzz target runs (and a unit test, over generated inputs): bytes
+/// from a client fed to a [`Decoder`] in pieces (the first byte picks the piece size) must never
+/// panic, never report more bytes used than given, and only yield text messages that are valid
+/// UTF-8 and messages within the limits. Returns the number of events decoded.
+#[doc(hidden)]
+pub fn fuzz_check(data: &[u8]) -> usize {
+    let mut events = 0;
+    let Some((&first, rest)) = data.split_first() else {
+        return events;
+    };
+    let step = 1 + first as usize % 64;
+    let limits = SizeLimits {
+        max_frame: 256,
+        max_message: 1024,
+    };
+    let mut d = Decoder::new(limits);
+    let mut buf: Vec<u8> = Vec::new();
+    for piece in rest.chunks(step) {
+        buf.extend_from_slice(piece);
+        loop {
+            let len = buf.len();
+            match d.decode(&mut buf) {
+                Err(_) => return events,
+                Ok((ev, used)) => {
+                    assert!(used <= len, "used {used} of {len}");
+                    buf.drain(..used);
+                    events += ev.is_some() as usize;
+                    match ev {
+                        Some(Event::Message { text, data }) => {
+                            assert!(data.len() <= limits.max_message);
+                            if text {
+                                assert!(std::str::from_utf8(&data).is_ok());
+                            }
+                        }
+                        Some(Event::Ping(p)) => assert!(p.len() <= 125),
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+            }
+        }
+    }
+    events
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fuzz_check_over_generated_frames() {
+        // xorshift: valid masked frames, then mutated bytes, through the fuzz target's check.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut events = 0;
+        for _ in 0..3000 {
+            let mut input = vec![next() as u8];
+            for _ in 0..(next() % 6) {
+                let op = [0x1u8, 0x2, 0x0, 0x9, 0xA, 0x8][(next() % 6) as usize];
+                let len = (next() % 200) as usize;
+                let payload: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                let fin = next() % 3 != 0;
+                let mut f = Vec::new();
+                super::encode(&mut f, op, fin, &payload);
+                // Client frames are masked: set the bit and insert a key after the length.
+                let hl = match f[1] & 0x7f {
+                    126 => 4,
+                    127 => 10,
+                    _ => 2,
+                };
+                f[1] |= 0x80;
+                let key = (next() as u32).to_be_bytes();
+                let mut masked = f[hl..].to_vec();
+                super::unmask(&mut masked, key);
+                input.extend_from_slice(&f[..hl]);
+                input.extend_from_slice(&key);
+                input.extend_from_slice(&masked);
+            }
+            for _ in 0..(next() % 4) {
+                if input.len() > 1 {
+                    let i = 1 + (next() as usize) % (input.len() - 1);
+                    input[i] = next() as u8;
+                }
+            }
+            events += super::fuzz_check(&input);
+        }
+        // The generated frames are mostly valid: the check must really decode many of them.
+        assert!(events > 500, "only {events} events decoded");
+    }
+
     use super::*;
 
     const LIM: SizeLimits = SizeLimits {
