@@ -738,3 +738,37 @@ throttle = {{ rate = 0.1, burst = 1 }}
     assert!(r.header("retry-after").is_none(), "{:?}", r.headers);
     assert!(r.header("access-control-allow-origin").is_none());
 }
+
+/// A browser app must be able to read the gateway's own refusals: a WAF 403 to an allowed
+/// origin carries the CORS headers (a disallowed origin still gets none).
+#[test]
+fn waf_refusal_carries_cors_headers() {
+    let origin = Origin::start(|_| Response::ok("up"));
+    let cfg = format!(
+        "[waf]\nrules = [{{ name = \"evil\", target = \"query\", pattern = \"evil\", action = \"block\" }}]\n{}",
+        cors_config(origin.addr)
+    );
+    let gw = Gateway::start(&cfg);
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /r/1?q=evil HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    c.send(b"GET /r/1?q=evil HTTP/1.1\r\nHost: t\r\nOrigin: https://evil.example.com\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 403);
+    assert!(r.header("access-control-allow-origin").is_none());
+    // Allowed requests keep their CORS headers, once.
+    c.send(b"GET /r/1 HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 200);
+    let n = r
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("access-control-allow-origin"))
+        .count();
+    assert_eq!(n, 1);
+}

@@ -110,6 +110,18 @@ pub(super) async fn before(
     }
     let now = now_ns();
 
+    // CORS headers of an actual (non-preflight) request go on whatever answers it, the
+    // gateway's own refusals included, so a browser app can read a WAF 403 or a 429.
+    if let Some(cors) = &rt.cors {
+        if !is_preflight(c) {
+            if let Some(origin) = c.b.head.header(&c.b.rbuf, "origin") {
+                if cors.allowed(origin) {
+                    cors.push_actual(origin, &mut c.b.extra);
+                }
+            }
+        }
+    }
+
     // WAF: IP lists, per-IP rate, rules.
     if t.waf.active() {
         match t.waf.check_ip(c.peer.ip(), now) {
@@ -151,20 +163,17 @@ pub(super) async fn before(
         }
     }
 
-    // CORS: preflights are answered here; actual requests get the headers on the response.
+    // CORS preflights are answered here (after the WAF: a refused client gets no answer).
     if let Some(cors) = &rt.cors {
-        if let Some(origin) = c.b.head.header(&c.b.rbuf, "origin") {
-            let allowed = cors.allowed(origin);
-            if is_preflight(c) {
+        if is_preflight(c) {
+            if let Some(origin) = c.b.head.header(&c.b.rbuf, "origin") {
+                let allowed = cors.allowed(origin);
                 c.b.extra.clear();
                 if allowed {
                     let origin = c.b.head.header(&c.b.rbuf, "origin").unwrap_or_default();
                     cors.push_preflight(origin, &mut c.b.extra);
                 }
                 return Some(respond_204(w, c).await);
-            }
-            if allowed {
-                cors.push_actual(origin, &mut c.b.extra);
             }
         }
     }
