@@ -772,3 +772,41 @@ fn waf_refusal_carries_cors_headers() {
         .count();
     assert_eq!(n, 1);
 }
+
+/// Cache hits carry the CORS headers of the request they answer (the stored entry does not).
+#[test]
+fn cache_hits_carry_cors_headers() {
+    let origin = Origin::start(|_| Response::ok("up"));
+    let gw = Gateway::start(&format!(
+        r#"
+[[upstreams]]
+name = "o"
+targets = ["{}"]
+[[apis]]
+name = "a"
+cors = {{ allow_origins = ["https://app.example.com"] }}
+[apis.stages."$default"]
+cache = {{ enabled = true, ttl_s = 60 }}
+[[apis.routes]]
+route = "GET /r/{{id}}"
+integration = {{ type = "http", upstream = "o" }}
+"#,
+        origin.addr
+    ));
+    let mut c = Client::connect(gw.addr);
+    for want in ["miss", "hit"] {
+        c.send(b"GET /r/1 HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\n\r\n");
+        let r = c.read_response().unwrap();
+        assert_eq!(r.header("x-cache"), Some(want));
+        assert_eq!(
+            r.header("access-control-allow-origin"),
+            Some("https://app.example.com"),
+            "{want}"
+        );
+    }
+    // A hit for another (disallowed) origin gets none.
+    c.send(b"GET /r/1 HTTP/1.1\r\nHost: t\r\nOrigin: https://evil.example.com\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.header("x-cache"), Some("hit"));
+    assert!(r.header("access-control-allow-origin").is_none());
+}

@@ -226,6 +226,8 @@ async fn write_hit(w: &Worker, c: &mut Conn, h: Hit) -> Outcome {
     encode::push_u64(&mut c.b.out, h.stored_at.elapsed().as_secs());
     c.b.out.extend_from_slice(b"\r\n");
     encode::push_header(&mut c.b.out, b"x-request-id", &c.reqid[..c.reqid_len]);
+    // Per-request headers of earlier stages (CORS for this request's origin).
+    c.b.out.extend_from_slice(&c.b.extra);
     if !keep {
         c.b.out.extend_from_slice(b"connection: close\r\n");
     } else if c.b.head.minor_version == 0 {
