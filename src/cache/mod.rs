@@ -457,6 +457,9 @@ pub struct Capture {
     pub vary: Vec<Box<str>>,
     /// Status of the response.
     pub status: u16,
+    /// The gateway answers CORS for this route: the upstream's `access-control-*` headers are
+    /// not stored (a hit gets the gateway's, for its own request's origin).
+    pub strip_cors: bool,
 }
 
 impl Capture {
@@ -474,6 +477,7 @@ impl Capture {
             ttl_final: Duration::ZERO,
             vary: Vec::new(),
             status: 0,
+            strip_cors: false,
         }
     }
 
@@ -500,6 +504,9 @@ impl Capture {
             if name.eq_ignore_ascii_case(b"x-request-id")
                 || name.eq_ignore_ascii_case(b"x-cache")
                 || name.eq_ignore_ascii_case(b"age")
+                || (self.strip_cors
+                    && name.len() > 15
+                    && name[..15].eq_ignore_ascii_case(b"access-control-"))
             {
                 continue;
             }

@@ -38,6 +38,7 @@ struct Hit {
 }
 
 /// Serves a request on a route with a cache policy.
+#[allow(clippy::too_many_arguments, reason = "the request's whole context")]
 pub(super) async fn serve(
     w: &Rc<Worker>,
     gw: &Arc<Gateway>,
@@ -46,6 +47,7 @@ pub(super) async fn serve(
     pol: &CachePolicy,
     up: usize,
     tpl: Option<&PathTemplate>,
+    gateway_cors: bool,
 ) -> Outcome {
     let head_req = c.b.head.method == Method::Head;
     if c.b.head.upgrade_websocket {
@@ -69,7 +71,7 @@ pub(super) async fn serve(
             store_id: pol.store_id.clone(),
             key: key.into(),
         });
-        return fetch(w, gw, c, route, pol, up, tpl, None).await;
+        return fetch(w, gw, c, route, pol, up, tpl, None, gateway_cors).await;
     }
     let (primary, hit, _) = lookup(w, gw, c, route, pol, true, false);
     if let Some(h) = hit {
@@ -87,10 +89,10 @@ pub(super) async fn serve(
             }
         }
         // Not stored (or waited too long): fetch without making others wait on us.
-        return fetch(w, gw, c, route, pol, up, tpl, None).await;
+        return fetch(w, gw, c, route, pol, up, tpl, None, gateway_cors).await;
     }
     let leader = WorkerCache::lead(&w.cache, primary);
-    fetch(w, gw, c, route, pol, up, tpl, Some(leader)).await
+    fetch(w, gw, c, route, pol, up, tpl, Some(leader), gateway_cors).await
 }
 
 /// Builds the key (with the learned `Vary` part) and looks it up. Returns the primary key
@@ -159,6 +161,7 @@ async fn fetch(
     up: usize,
     tpl: Option<&PathTemplate>,
     leader: Option<crate::cache::Leader>,
+    gateway_cors: bool,
 ) -> Outcome {
     w.cache_event.set(EVENT_MISS);
     let head_req = c.b.head.method == Method::Head;
@@ -174,6 +177,7 @@ async fn fetch(
         .store(pol, gw.config.server.workers)
         .max_entry();
     let mut cap = Capture::new(true, pol.ttl, max_entry, head_req);
+    cap.strip_cors = gateway_cors;
     let out = proxy::proxy(w, gw, c, route, up, tpl, Some(&mut cap)).await;
     if let Some((data, head_len)) = cap.finish() {
         if w.shared.cache_inval.seq() == seq0 {

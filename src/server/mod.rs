@@ -609,7 +609,8 @@ async fn route_and_run(
         Integration::Http { upstream, path } => match &route.cache {
             // A WebSocket upgrade is never a cache lookup.
             Some(pol) if !c.b.head.upgrade_websocket => {
-                cached::serve(w, gw, c, route, pol, *upstream, path.as_ref()).await
+                let gateway_cors = gw.config.traffic.routes[id as usize].cors.is_some();
+                cached::serve(w, gw, c, route, pol, *upstream, path.as_ref(), gateway_cors).await
             }
             _ => proxy::proxy(w, gw, c, route, *upstream, path.as_ref(), None).await,
         },
