@@ -10,7 +10,7 @@
 #   --rounds N       interleaved rounds: nginx, ringgate..., nginx, ringgate... (default 2)
 #   --io MODE        io driver(s) for ringgate: io_uring (default), epoll, or both (one instance each)
 #   --case NAME      proxied case(s) to measure, repeatable or comma-separated (default: core);
-#                    see define_case below ("core", "auth", "auth-off", and the draft "throttle")
+#                    see define_case below ("core", "cache", "throttle", "auth", "auth-off")
 #   --connections C  wrk connections (default 64)
 #   --self-test      put a second nginx reverse proxy in every ringgate slot (checks the harness
 #                    itself: the ratios should come out near 1.00); implies --skip-build
