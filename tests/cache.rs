@@ -640,3 +640,52 @@ fn uncacheable_answer_releases_waiters_at_once() {
     );
     assert_eq!(n.load(Ordering::SeqCst), 6);
 }
+
+/// Client invalidation on a route with auth: only a caller that passed the route's auth can
+/// force a fetch (the cache stage runs after auth); each key has its own entries.
+#[test]
+fn client_invalidation_needs_the_routes_auth() {
+    let (origin, n) = counting_origin();
+    let gw = Gateway::start(&format!(
+        r#"
+[[upstreams]]
+name = "o"
+targets = ["{}"]
+[[api_keys]]
+name = "k"
+value = "cache-test-key-value-000000001"
+[[apis]]
+name = "shop"
+[apis.stages.prod]
+cache = {{ enabled = true, ttl_s = 60 }}
+[[apis.routes]]
+route = "GET /items/{{id}}"
+integration = {{ type = "http", upstream = "o" }}
+auth = "api_key"
+cache = {{ key = ["path.id", "header.x-api-key"], allow_client_invalidate = true }}
+"#,
+        origin.addr
+    ));
+    let mut c = Client::connect(gw.addr);
+    let key = "x-api-key: cache-test-key-value-000000001\r\n";
+    let a = get(&mut c, "/prod/items/1", key);
+    assert_eq!(a.header("x-cache"), Some("miss"));
+    assert_eq!(
+        get(&mut c, "/prod/items/1", key).header("x-cache"),
+        Some("hit")
+    );
+    let before = n.load(Ordering::SeqCst);
+    // No key: refused before the cache, nothing fetched.
+    let r = get(&mut c, "/prod/items/1", "Cache-Control: max-age=0\r\n");
+    assert_eq!(r.status, 403);
+    assert_eq!(n.load(Ordering::SeqCst), before);
+    // With the key: refreshed.
+    let r = get(
+        &mut c,
+        "/prod/items/1",
+        &format!("{key}Cache-Control: max-age=0\r\n"),
+    );
+    assert_eq!(r.header("x-cache"), Some("miss"));
+    assert_eq!(n.load(Ordering::SeqCst), before + 1);
+    assert_ne!(r.body, a.body);
+}
