@@ -92,37 +92,68 @@ impl Hist {
     }
 }
 
-/// One worker's metrics.
+/// One worker's metrics. Entries are found by the address of their interned label set, so a
+/// request that finds its entry clones nothing (no reference-count traffic on the shared
+/// labels); the entry keeps its own clone, which also keeps the address from being reused.
 #[derive(Default)]
 pub struct WorkerMetrics {
-    requests: AHashMap<(Labels, &'static str, u16), u64>,
-    durations: AHashMap<(Labels, &'static str), Hist>,
-    upstream: AHashMap<Labels, Hist>,
+    requests: AHashMap<(usize, &'static str, u16), (Labels, u64)>,
+    durations: AHashMap<(usize, &'static str), (Labels, Hist)>,
+    upstream: AHashMap<usize, (Labels, Hist)>,
     /// Requests answered from the cache.
     pub cache_hits: u64,
     /// Cacheable requests that went upstream.
     pub cache_misses: u64,
 }
 
+fn addr(l: &Arc<str>) -> usize {
+    Arc::as_ptr(l) as *const u8 as usize
+}
+
 impl WorkerMetrics {
     /// Records one finished request.
     pub fn request(&mut self, labels: &Labels, method: &'static str, status: u16, d: Duration) {
-        *self
-            .requests
-            .entry((labels.clone(), method, status))
-            .or_insert(0) += 1;
-        self.durations
-            .entry((labels.clone(), method))
-            .or_insert_with(Hist::new)
-            .record(d);
+        self.request_for(&labels.0, method, status, d)
+    }
+
+    /// Records one finished request of the route whose interned labels are `labels`.
+    pub fn request_for(
+        &mut self,
+        labels: &Arc<str>,
+        method: &'static str,
+        status: u16,
+        d: Duration,
+    ) {
+        let a = addr(labels);
+        match self.requests.get_mut(&(a, method, status)) {
+            Some(e) => e.1 += 1,
+            None => {
+                self.requests
+                    .insert((a, method, status), (Labels(labels.clone()), 1));
+            }
+        }
+        match self.durations.get_mut(&(a, method)) {
+            Some(e) => e.1.record(d),
+            None => {
+                let mut h = Hist::new();
+                h.record(d);
+                self.durations
+                    .insert((a, method), (Labels(labels.clone()), h));
+            }
+        }
     }
 
     /// Records one upstream exchange (until the response head).
     pub fn upstream(&mut self, upstream: &Labels, d: Duration) {
-        self.upstream
-            .entry(upstream.clone())
-            .or_insert_with(Hist::new)
-            .record(d);
+        let a = addr(&upstream.0);
+        match self.upstream.get_mut(&a) {
+            Some(e) => e.1.record(d),
+            None => {
+                let mut h = Hist::new();
+                h.record(d);
+                self.upstream.insert(a, (upstream.clone(), h));
+            }
+        }
     }
 }
 
@@ -174,16 +205,16 @@ impl Registry {
             let w = w.lock().unwrap_or_else(|e| e.into_inner());
             s.cache_hits += w.cache_hits;
             s.cache_misses += w.cache_misses;
-            for ((l, m, st), n) in &w.requests {
+            for ((_, m, st), (l, n)) in &w.requests {
                 *s.requests.entry((l.0.to_string(), m, *st)).or_insert(0) += n;
             }
-            for ((l, m), h) in &w.durations {
+            for ((_, m), (l, h)) in &w.durations {
                 s.durations
                     .entry((l.0.to_string(), m))
                     .or_insert_with(Hist::new)
                     .merge(h);
             }
-            for (l, h) in &w.upstream {
+            for (l, h) in w.upstream.values() {
                 s.upstream
                     .entry(l.0.to_string())
                     .or_insert_with(Hist::new)

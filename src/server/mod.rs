@@ -498,11 +498,11 @@ async fn handle(w: &Rc<Worker>, gw: &Arc<Gateway>, c: &mut Conn) -> bool {
     c.b.extra.clear();
     let dur = t0.elapsed();
     let labels = match route_id {
-        Some(id) => Labels(gw.config.routes.route(id).labels.clone()),
-        None => w.unmatched.clone(),
+        Some(id) => &gw.config.routes.route(id).labels,
+        None => &w.unmatched.0,
     };
     if let Ok(mut m) = w.metrics.lock() {
-        m.request(&labels, method_str, out.status, dur);
+        m.request_for(labels, method_str, out.status, dur);
         match w.cache_event.replace(0) {
             cached::EVENT_HIT => m.cache_hits += 1,
             cached::EVENT_MISS => m.cache_misses += 1,
