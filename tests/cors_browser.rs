@@ -11,7 +11,7 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -93,19 +93,6 @@ fn page_server(gw_url: String) -> (u16, Slot) {
 
 #[test]
 fn browser_sees_cors_through_gateway() {
-    let chromium = ["chromium", "chromium-browser"]
-        .into_iter()
-        .find(|c| {
-            Command::new(c)
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        })
-        .expect("chromium is not installed (apt-get install -y chromium; see .ci/run)");
-
     let origin = Origin::start(|r| {
         Response::ok(format!("{} {}", r.method, r.path))
             .header("x-total", "7")
@@ -149,18 +136,7 @@ integration = {{ type = "http", upstream = "o" }}
     ));
 
     let profile = temp_dir("chromium-profile");
-    let mut child = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--disable-dev-shm-usage",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
+    let mut child = headless_chromium(&profile)
         .arg("--dump-dom")
         .arg(format!("http://127.0.0.1:{page_port}/"))
         .stdout(Stdio::piped())

@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -228,19 +228,6 @@ fn text_of(dom: &str, id: &str) -> String {
 
 #[test]
 fn browser_page_updates_by_itself() {
-    let chromium = ["chromium", "chromium-browser"]
-        .into_iter()
-        .find(|c| {
-            Command::new(c)
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        })
-        .expect("chromium is not installed (apt-get install -y chromium; see .ci/run)");
-
     let gw = Gateway::start(&config());
     for _ in 0..3 {
         assert_eq!(gw.get("/hello").status, 200);
@@ -250,18 +237,7 @@ fn browser_page_updates_by_itself() {
     let (port, polls) = poll_driving_proxy(gw.addr, gw.admin_addr, 4);
 
     let profile = temp_dir("chromium-dashboard");
-    let mut child = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--disable-dev-shm-usage",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
+    let mut child = headless_chromium(&profile)
         // Virtual time: the page's 1 s timer fires without waiting; fetches still run for real.
         .arg("--virtual-time-budget=5500")
         .arg("--dump-dom")

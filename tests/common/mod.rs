@@ -1160,3 +1160,34 @@ pub fn read_raw_request(s: &mut TcpStream) -> Option<(String, Vec<String>, Vec<u
         buf.extend_from_slice(&tmp[..n]);
     }
 }
+
+/// A headless Chromium command with the flags this sandbox needs (no network side traffic, a
+/// fresh profile in `profile`), ready for the caller's own arguments (`--dump-dom URL`, ...).
+/// Panics when Chromium is not installed (`.ci/run` installs the Debian package).
+pub fn headless_chromium(profile: &Path) -> Command {
+    let bin = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        })
+        .expect("chromium is not installed (apt-get install -y chromium; see .ci/run)");
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()));
+    cmd
+}
