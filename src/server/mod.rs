@@ -347,10 +347,7 @@ pub(crate) async fn run(
                 return;
             }
             HeadRead::Fail(status, msg) => {
-                let mut id = [0u8; 128];
-                let n = w.new_request_id(&mut id);
-                c.reqid[..n].copy_from_slice(&id[..n]);
-                c.reqid_len = n;
+                c.reqid_len = w.new_request_id(&mut c.reqid);
                 write_error(&w, &mut c, status, msg, false).await;
                 break;
             }
@@ -480,12 +477,7 @@ async fn handle(w: &Rc<Worker>, gw: &Arc<Gateway>, c: &mut Conn) -> bool {
             c.reqid[..v.len()].copy_from_slice(v);
             v.len()
         }
-        _ => {
-            let mut id = [0u8; 128];
-            let n = w.new_request_id(&mut id);
-            c.reqid[..n].copy_from_slice(&id[..n]);
-            n
-        }
+        _ => w.new_request_id(&mut c.reqid),
     };
     let limits = &gw.config.server.limits;
     let method = c.b.head.method;
@@ -796,14 +788,15 @@ fn write_log_line(
     out: &Outcome,
     dur: Duration,
 ) {
+    use std::io::Write as _;
     let b = log.buf();
     b.extend_from_slice(b"{\"time\":\"");
     b.extend_from_slice(w.date.borrow_mut().get_rfc3339());
     b.extend_from_slice(b"\",\"request_id\":\"");
     push_json_str(b, &c.reqid[..c.reqid_len]);
     b.extend_from_slice(b"\",\"remote\":\"");
-    let ip = c.peer.ip().to_string();
-    b.extend_from_slice(ip.as_bytes());
+    // Formatted straight into the log buffer: no allocation per line.
+    let _ = write!(b, "{}", c.peer.ip());
     b.extend_from_slice(b"\",\"method\":\"");
     push_json_str(b, c.b.head.slice(&c.b.rbuf, c.b.head.method_range));
     b.extend_from_slice(b"\",\"path\":\"");
@@ -839,7 +832,7 @@ fn write_log_line(
     }
     if let Some(u) = out.upstream {
         b.extend_from_slice(b",\"upstream\":\"");
-        b.extend_from_slice(u.to_string().as_bytes());
+        let _ = write!(b, "{u}");
         b.push(b'"');
     }
     b.extend_from_slice(b"}\n");

@@ -297,8 +297,8 @@ fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
             out.extend_from_slice(b", ");
         }
     }
-    let mut ipbuf = [0u8; 64];
-    out.extend_from_slice(fmt_ip(c.peer, &mut ipbuf));
+    // Formatted straight into the reused head buffer: no allocation.
+    let _ = std::io::Write::write_fmt(out, format_args!("{}", c.peer.ip()));
     out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
     if let Some(h) = head.host {
         encode::push_header(out, b"x-forwarded-host", head.slice(buf, h));
@@ -317,15 +317,6 @@ fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
         BodyKind::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
-}
-
-/// Formats the peer IP without allocating.
-fn fmt_ip(peer: SocketAddr, buf: &mut [u8; 64]) -> &[u8] {
-    use std::io::Write;
-    let mut cur = std::io::Cursor::new(&mut buf[..]);
-    let _ = write!(cur, "{}", peer.ip());
-    let n = cur.position() as usize;
-    &buf[..n]
 }
 
 /// Sends the request (head, buffered body, streamed rest) and reads the response head into
