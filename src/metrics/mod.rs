@@ -8,7 +8,6 @@ use ahash::AHashMap;
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,22 +17,10 @@ const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// An `Arc<str>` compared and hashed by address: label sets are interned per config, so the
-/// pointer identifies them and hashing costs nothing per request.
+/// A label set (`api="..",stage="..",route=".."` or an upstream name), interned once per
+/// config: workers find their metric entries by its address.
 #[derive(Clone, Debug)]
 pub struct Labels(pub Arc<str>);
-
-impl PartialEq for Labels {
-    fn eq(&self, o: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &o.0)
-    }
-}
-impl Eq for Labels {}
-impl Hash for Labels {
-    fn hash<H: Hasher>(&self, h: &mut H) {
-        (Arc::as_ptr(&self.0) as *const u8 as usize).hash(h)
-    }
-}
 
 /// A latency histogram in microseconds with an exact sum.
 #[derive(Clone)]
