@@ -135,6 +135,37 @@ pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     out.extend_from_slice(&tmp[i..]);
 }
 
+/// Appends the text form of `ip` (dotted quad for IPv4, RFC 5952 for IPv6). IPv4, the common
+/// case, is written digit by digit: `Display` costs about twenty times more.
+pub fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut tmp = [0u8; 15];
+            let mut n = 0;
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    tmp[n] = b'.';
+                    n += 1;
+                }
+                if o >= 100 {
+                    tmp[n] = b'0' + o / 100;
+                    n += 1;
+                }
+                if o >= 10 {
+                    tmp[n] = b'0' + o / 10 % 10;
+                    n += 1;
+                }
+                tmp[n] = b'0' + o % 10;
+                n += 1;
+            }
+            out.extend_from_slice(&tmp[..n]);
+        }
+        std::net::IpAddr::V6(v6) => {
+            let _ = std::io::Write::write_fmt(out, format_args!("{v6}"));
+        }
+    }
+}
+
 /// Whether `name` is a hop-by-hop header (case-insensitive): connection,
 /// keep-alive, proxy-connection, te, trailer, transfer-encoding, upgrade,
 /// proxy-authenticate, proxy-authorization.
@@ -379,5 +410,36 @@ mod tests {
         assert_eq!(now.len(), IMF_FIXDATE_LEN);
         assert!(now.ends_with(b" GMT"));
         assert!(now[12..14] >= b"20"[..]);
+    }
+
+    #[test]
+    fn ip_text_matches_display() {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let mut ips: Vec<IpAddr> = [
+            [0, 0, 0, 0],
+            [127, 0, 0, 1],
+            [255, 255, 255, 255],
+            [10, 9, 100, 99],
+            [1, 20, 200, 0],
+        ]
+        .into_iter()
+        .map(|o| IpAddr::V4(Ipv4Addr::from(o)))
+        .collect();
+        ips.push(IpAddr::V6(Ipv6Addr::LOCALHOST));
+        ips.push("2001:db8::ff00:42:8329".parse().unwrap());
+        ips.push("::ffff:192.0.2.1".parse().unwrap());
+        for o in 0..=255u8 {
+            ips.push(IpAddr::V4(Ipv4Addr::new(
+                o,
+                255 - o,
+                o / 3,
+                o.wrapping_mul(7),
+            )));
+        }
+        for ip in ips {
+            let mut out = b"x".to_vec();
+            push_ip(&mut out, ip);
+            assert_eq!(&out[1..], ip.to_string().as_bytes(), "{ip}");
+        }
     }
 }

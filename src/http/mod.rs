@@ -37,6 +37,98 @@ pub struct HeaderView {
     pub name: (u32, u32),
     /// Range of the header value (leading/trailing whitespace trimmed).
     pub value: (u32, u32),
+    /// What the name is, decided once when the head is parsed.
+    pub kind: HeaderKind,
+}
+
+/// The header names the gateway treats specially, recognised once per header at parse time
+/// so that forwarding and lookups compare a byte instead of names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(u8)]
+pub enum HeaderKind {
+    /// Any other name.
+    #[default]
+    Other,
+    /// `host`
+    Host,
+    /// `content-length`
+    ContentLength,
+    /// `transfer-encoding` (hop-by-hop)
+    TransferEncoding,
+    /// `connection` (hop-by-hop)
+    Connection,
+    /// `upgrade` (hop-by-hop)
+    Upgrade,
+    /// keep-alive, proxy-connection, te, trailer, proxy-authenticate, proxy-authorization
+    HopByHop,
+    /// `expect`
+    Expect,
+    /// `x-forwarded-for`
+    XForwardedFor,
+    /// `x-forwarded-proto`
+    XForwardedProto,
+    /// `x-forwarded-host`
+    XForwardedHost,
+    /// `x-request-id`
+    XRequestId,
+    /// `x-principal-id`
+    XPrincipalId,
+    /// `x-cache`
+    XCache,
+    /// `sec-websocket-extensions`
+    SecWebSocketExtensions,
+    /// Any `access-control-*` name.
+    AccessControl,
+}
+
+impl HeaderKind {
+    /// Classifies a header name (case-insensitive): a dispatch on length and first letter,
+    /// then one word-wise compare.
+    pub fn of(name: &[u8]) -> HeaderKind {
+        use HeaderKind::*;
+        let Some(&first) = name.first() else {
+            return Other;
+        };
+        let (lit, kind): (&[u8], HeaderKind) = match (name.len(), first | 0x20) {
+            (2, b't') => (b"te", HopByHop),
+            (4, b'h') => (b"host", Host),
+            (6, b'e') => (b"expect", Expect),
+            (7, b'u') => (b"upgrade", Upgrade),
+            (7, b't') => (b"trailer", HopByHop),
+            (7, b'x') => (b"x-cache", XCache),
+            (10, b'c') => (b"connection", Connection),
+            (10, b'k') => (b"keep-alive", HopByHop),
+            (12, b'x') => (b"x-request-id", XRequestId),
+            (14, b'c') => (b"content-length", ContentLength),
+            (14, b'x') => (b"x-principal-id", XPrincipalId),
+            (15, b'x') => (b"x-forwarded-for", XForwardedFor),
+            (16, b'p') => (b"proxy-connection", HopByHop),
+            (16, b'x') => (b"x-forwarded-host", XForwardedHost),
+            (17, b't') => (b"transfer-encoding", TransferEncoding),
+            (17, b'x') => (b"x-forwarded-proto", XForwardedProto),
+            (18, b'p') => (b"proxy-authenticate", HopByHop),
+            (19, b'p') => (b"proxy-authorization", HopByHop),
+            (24, b's') => (b"sec-websocket-extensions", SecWebSocketExtensions),
+            (16.., b'a') if eq_lower(&name[..15], b"access-control-") => return AccessControl,
+            _ => return Other,
+        };
+        if eq_lower(name, lit) {
+            kind
+        } else {
+            Other
+        }
+    }
+
+    /// Hop-by-hop (RFC 9110 §7.6.1): never forwarded.
+    pub fn is_hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            HeaderKind::TransferEncoding
+                | HeaderKind::Connection
+                | HeaderKind::Upgrade
+                | HeaderKind::HopByHop
+        )
+    }
 }
 
 /// Request method. Methods other than the standard ones are `Other`; their
@@ -343,25 +435,47 @@ pub(crate) fn find_header<'b>(
         .map(|h| range(buf, h.value))
 }
 
-/// Whether header `name` should be forwarded to the next hop.
+/// `a == lit` ignoring ASCII case, for a token `a` (a header name) and a `lit` of lowercase
+/// letters and `-`, eight bytes at a time. OR-ing 0x20 lowercases letters and leaves `-`; the
+/// only other bytes it turns into a letter or `-` are controls (CR becomes `-`), which no
+/// token holds. `a` and `lit` have the same length.
+fn eq_lower(a: &[u8], lit: &[u8]) -> bool {
+    debug_assert_eq!(a.len(), lit.len());
+    let mut ac = a.chunks_exact(8);
+    let mut lc = lit.chunks_exact(8);
+    for (x, y) in (&mut ac).zip(&mut lc) {
+        let x = u64::from_ne_bytes(x.try_into().unwrap_or_default());
+        let y = u64::from_ne_bytes(y.try_into().unwrap_or_default());
+        if x | 0x2020_2020_2020_2020 != y {
+            return false;
+        }
+    }
+    ac.remainder()
+        .iter()
+        .zip(lc.remainder())
+        .all(|(x, y)| x | 0x20 == *y)
+}
+
+/// Whether header `h` should be forwarded to the next hop.
 fn forward_ok(
     headers: &[HeaderView],
     buf: &[u8],
-    name: &[u8],
+    h: &HeaderView,
     conn_other: bool,
     drop_expect: bool,
 ) -> bool {
-    if is_hop_by_hop(name)
-        || name.eq_ignore_ascii_case(b"content-length")
-        || (drop_expect && name.eq_ignore_ascii_case(b"expect"))
+    if h.kind.is_hop_by_hop()
+        || h.kind == HeaderKind::ContentLength
+        || (drop_expect && h.kind == HeaderKind::Expect)
     {
         return false;
     }
     if conn_other {
+        let name = range(buf, h.name);
         let named = headers
             .iter()
-            .filter(|h| range(buf, h.name).eq_ignore_ascii_case(b"connection"))
-            .any(|h| list_items(range(buf, h.value)).any(|t| t.eq_ignore_ascii_case(name)));
+            .filter(|c| c.kind == HeaderKind::Connection)
+            .any(|c| list_items(range(buf, c.value)).any(|t| t.eq_ignore_ascii_case(name)));
         if named {
             return false;
         }
@@ -369,22 +483,108 @@ fn forward_ok(
     true
 }
 
-/// Iterator over the forwardable `(name, value)` pairs of a header list.
+/// Iterator over the forwardable `(kind, name, value)` triples of a header list.
 pub(crate) fn forwardable_iter<'b>(
     headers: &'b [HeaderView],
     buf: &'b [u8],
     conn_other: bool,
     drop_expect: bool,
-) -> impl Iterator<Item = (&'b [u8], &'b [u8])> {
+) -> impl Iterator<Item = (HeaderKind, &'b [u8], &'b [u8])> {
     headers.iter().filter_map(move |h| {
-        let name = range(buf, h.name);
-        forward_ok(headers, buf, name, conn_other, drop_expect).then(|| (name, range(buf, h.value)))
+        forward_ok(headers, buf, h, conn_other, drop_expect)
+            .then(|| (h.kind, range(buf, h.name), range(buf, h.value)))
     })
+}
+
+/// First value of the header of `kind` (not `Other`).
+pub(crate) fn find_kind<'b>(
+    headers: &[HeaderView],
+    buf: &'b [u8],
+    kind: HeaderKind,
+) -> Option<&'b [u8]> {
+    debug_assert!(kind != HeaderKind::Other);
+    headers
+        .iter()
+        .find(|h| h.kind == kind)
+        .map(|h| range(buf, h.value))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_kinds() {
+        use HeaderKind::*;
+        let known: &[(&str, HeaderKind)] = &[
+            ("te", HopByHop),
+            ("host", Host),
+            ("expect", Expect),
+            ("upgrade", Upgrade),
+            ("trailer", HopByHop),
+            ("x-cache", XCache),
+            ("connection", Connection),
+            ("keep-alive", HopByHop),
+            ("x-request-id", XRequestId),
+            ("content-length", ContentLength),
+            ("x-principal-id", XPrincipalId),
+            ("x-forwarded-for", XForwardedFor),
+            ("proxy-connection", HopByHop),
+            ("x-forwarded-host", XForwardedHost),
+            ("transfer-encoding", TransferEncoding),
+            ("x-forwarded-proto", XForwardedProto),
+            ("proxy-authenticate", HopByHop),
+            ("proxy-authorization", HopByHop),
+            ("sec-websocket-extensions", SecWebSocketExtensions),
+            ("access-control-allow-origin", AccessControl),
+            ("Access-Control-Max-Age", AccessControl),
+        ];
+        for (name, kind) in known {
+            assert_eq!(HeaderKind::of(name.as_bytes()), *kind, "{name}");
+            assert_eq!(
+                HeaderKind::of(name.to_uppercase().as_bytes()),
+                *kind,
+                "{name}"
+            );
+            // Any single changed byte makes it another name.
+            for i in 0..name.len() {
+                for b in [b'_', b'0', b'!', b'~', b'x', b'^', b'`'] {
+                    let mut n = name.as_bytes().to_vec();
+                    if n[i].eq_ignore_ascii_case(&b) {
+                        continue;
+                    }
+                    n[i] = b;
+                    let k = HeaderKind::of(&n);
+                    let prefix = i >= 15 && *kind == AccessControl;
+                    assert!(
+                        k == Other || prefix,
+                        "{:?} -> {k:?}",
+                        String::from_utf8_lossy(&n)
+                    );
+                }
+            }
+        }
+        for other in [
+            "",
+            "a",
+            "date",
+            "server",
+            "content-type",
+            "access-control-",
+            "hosts",
+            "x-forwarded",
+        ] {
+            assert_eq!(HeaderKind::of(other.as_bytes()), Other, "{other}");
+        }
+        // Agrees with the name-based hop-by-hop test.
+        for (name, kind) in known {
+            assert_eq!(
+                kind.is_hop_by_hop(),
+                is_hop_by_hop(name.as_bytes()),
+                "{name}"
+            );
+        }
+    }
 
     #[test]
     fn crlf_scan() {

@@ -5,8 +5,9 @@
 use std::mem::MaybeUninit;
 
 use super::{
-    crlf_only, find_header, forwardable_iter, list_items, map_httparse_err, merge_content_length,
-    offsets, range, ConnFlags, HeaderView, HttpError, Limits, Method, Status, MAX_HEADERS_CAP,
+    crlf_only, find_header, find_kind, forwardable_iter, list_items, map_httparse_err,
+    merge_content_length, offsets, range, ConnFlags, HeaderKind, HeaderView, HttpError, Limits,
+    Method, Status, MAX_HEADERS_CAP,
 };
 
 /// How the request body is framed.
@@ -143,13 +144,15 @@ impl RequestHead {
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
             let value = h.value;
+            let kind = HeaderKind::of(name);
             let view = HeaderView {
                 name: offsets(buf, name),
                 value: offsets(buf, value),
+                kind,
             };
             self.headers.push(view);
-            match name.len() {
-                4 if name.eq_ignore_ascii_case(b"host") => {
+            match kind {
+                HeaderKind::Host => {
                     if self.host.is_some() {
                         return Err(HttpError::BadRequest("multiple Host headers"));
                     }
@@ -158,21 +161,19 @@ impl RequestHead {
                     }
                     self.host = Some(view.value);
                 }
-                6 if name.eq_ignore_ascii_case(b"expect")
-                    && value.eq_ignore_ascii_case(b"100-continue") =>
-                {
+                HeaderKind::Expect if value.eq_ignore_ascii_case(b"100-continue") => {
                     self.expect_continue = true;
                 }
-                7 if name.eq_ignore_ascii_case(b"upgrade")
-                    && list_items(value).any(|p| p.eq_ignore_ascii_case(b"websocket")) =>
+                HeaderKind::Upgrade
+                    if list_items(value).any(|p| p.eq_ignore_ascii_case(b"websocket")) =>
                 {
                     upgrade_ws = true;
                 }
-                10 if name.eq_ignore_ascii_case(b"connection") => conn.add(value),
-                14 if name.eq_ignore_ascii_case(b"content-length") => {
+                HeaderKind::Connection => conn.add(value),
+                HeaderKind::ContentLength => {
                     content_length = Some(merge_content_length(content_length, value)?);
                 }
-                17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                HeaderKind::TransferEncoding => {
                     // Only exactly one `chunked` coding, in a single field,
                     // is accepted.
                     if te_seen {
@@ -271,7 +272,20 @@ impl RequestHead {
     /// Host is kept. The caller writes its own framing (and, for WebSocket,
     /// Upgrade/Connection) headers.
     pub fn forwardable<'b>(&'b self, buf: &'b [u8]) -> impl Iterator<Item = (&'b [u8], &'b [u8])> {
+        self.forwardable_kinds(buf).map(|(_, n, v)| (n, v))
+    }
+
+    /// [`forwardable`](Self::forwardable) with each header's [`HeaderKind`].
+    pub fn forwardable_kinds<'b>(
+        &'b self,
+        buf: &'b [u8],
+    ) -> impl Iterator<Item = (HeaderKind, &'b [u8], &'b [u8])> {
         forwardable_iter(&self.headers, buf, self.conn_other, true)
+    }
+
+    /// First value of the header of `kind` (not `Other`): a byte compare per header.
+    pub fn header_kind<'b>(&self, buf: &'b [u8], kind: HeaderKind) -> Option<&'b [u8]> {
+        find_kind(&self.headers, buf, kind)
     }
 }
 

@@ -5,8 +5,9 @@
 use std::mem::MaybeUninit;
 
 use super::{
-    crlf_only, find_header, forwardable_iter, list_items, map_httparse_err, merge_content_length,
-    offsets, range, ConnFlags, HeaderView, HttpError, Limits, Method, Status, MAX_HEADERS_CAP,
+    crlf_only, find_header, find_kind, forwardable_iter, list_items, map_httparse_err,
+    merge_content_length, offsets, range, ConnFlags, HeaderKind, HeaderView, HttpError, Limits,
+    Method, Status, MAX_HEADERS_CAP,
 };
 
 /// How the response body is delimited.
@@ -117,16 +118,18 @@ impl ResponseHead {
         for h in resp.headers.iter() {
             let name = h.name.as_bytes();
             let value = h.value;
+            let kind = HeaderKind::of(name);
             self.headers.push(HeaderView {
                 name: offsets(buf, name),
                 value: offsets(buf, value),
+                kind,
             });
-            match name.len() {
-                10 if name.eq_ignore_ascii_case(b"connection") => conn.add(value),
-                14 if name.eq_ignore_ascii_case(b"content-length") => {
+            match kind {
+                HeaderKind::Connection => conn.add(value),
+                HeaderKind::ContentLength => {
                     content_length = Some(merge_content_length(content_length, value)?);
                 }
-                17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                HeaderKind::TransferEncoding => {
                     for coding in list_items(value) {
                         te_seen = true;
                         last_chunked = coding.eq_ignore_ascii_case(b"chunked");
@@ -186,7 +189,20 @@ impl ResponseHead {
     /// header named by a Connection token, and content-length. The caller
     /// writes its own framing headers.
     pub fn forwardable<'b>(&'b self, buf: &'b [u8]) -> impl Iterator<Item = (&'b [u8], &'b [u8])> {
+        self.forwardable_kinds(buf).map(|(_, n, v)| (n, v))
+    }
+
+    /// [`forwardable`](Self::forwardable) with each header's [`HeaderKind`].
+    pub fn forwardable_kinds<'b>(
+        &'b self,
+        buf: &'b [u8],
+    ) -> impl Iterator<Item = (HeaderKind, &'b [u8], &'b [u8])> {
         forwardable_iter(&self.headers, buf, self.conn_other, false)
+    }
+
+    /// First value of the header of `kind` (not `Other`): a byte compare per header.
+    pub fn header_kind<'b>(&self, buf: &'b [u8], kind: HeaderKind) -> Option<&'b [u8]> {
+        find_kind(&self.headers, buf, kind)
     }
 }
 

@@ -17,7 +17,7 @@ use crate::accesslog::{push_json_str, LocalLog};
 use crate::config::{Integration, Limits, Route, RouteMatch};
 use crate::gateway::{Gateway, Shared};
 use crate::http::encode::{self, DateCache};
-use crate::http::{BodyKind, HttpError, Method, RequestHead, ResponseHead, Status};
+use crate::http::{BodyKind, HeaderKind, HttpError, Method, RequestHead, ResponseHead, Status};
 use crate::metrics::{Labels, WorkerMetrics};
 use crate::router::Params;
 use crate::upstream::WorkerPools;
@@ -281,8 +281,17 @@ pub async fn serve(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, guard: Co
     let _ = stream.set_nodelay(true);
     let limits = &w.gateway().config.server.limits;
     set_user_timeout(&stream, limits.idle_timeout);
-    let deadline = Instant::now() + limits.header_timeout;
-    run(w, stream, peer, guard, false, deadline).await
+    let now = Instant::now();
+    run(
+        w,
+        stream,
+        peer,
+        guard,
+        false,
+        now,
+        now + limits.header_timeout,
+    )
+    .await
 }
 
 /// A client that stops reading (a full send buffer, zero window) or vanishes is dropped by the
@@ -310,6 +319,7 @@ pub(crate) async fn run(
     peer: SocketAddr,
     guard: ConnGuard,
     served: bool,
+    mut now: Instant,
     mut deadline: Instant,
 ) {
     let b = w.take_bufs();
@@ -331,7 +341,7 @@ pub(crate) async fn run(
     loop {
         let gw = w.gateway();
         let limits = &gw.config.server.limits;
-        match read_head(&mut c, limits, deadline).await {
+        match read_head(&mut c, limits, now, deadline).await {
             HeadRead::Ready => {}
             HeadRead::Closed => break,
             HeadRead::Park => {
@@ -355,7 +365,8 @@ pub(crate) async fn run(
         // A reload may have happened while this connection waited: serve with the newest.
         let gw = w.gateway();
         w.inflight.set(w.inflight.get() + 1);
-        let keep = handle(&w, &gw, &mut c).await;
+        let keep;
+        (keep, now) = handle(&w, &gw, &mut c).await;
         w.inflight.set(w.inflight.get() - 1);
         if let Some(t) = c.takeover.take() {
             // A WebSocket now: bytes after the upgrade request are the first frames.
@@ -390,15 +401,16 @@ pub(crate) async fn run(
             c.b.rbuf.drain(..c.consumed);
         }
         c.consumed = 0;
-        deadline = Instant::now() + limits.idle_timeout;
+        deadline = now + limits.idle_timeout;
     }
     let Conn { b, .. } = c;
     w.give_bufs(b);
 }
 
 /// Reads until `c.rbuf` holds a complete request head, enforcing the size and time limits.
-/// `deadline` bounds the wait for the first byte (idle or header timeout).
-async fn read_head(c: &mut Conn, limits: &Limits, deadline: Instant) -> HeadRead {
+/// `deadline` bounds the wait for the first byte (idle or header timeout); `now` is a recent
+/// reading of the clock (the end of the previous request), saving a read per request.
+async fn read_head(c: &mut Conn, limits: &Limits, mut now: Instant, deadline: Instant) -> HeadRead {
     let mut head_deadline: Option<Instant> = None;
     let hl = crate::http::Limits {
         max_header_bytes: limits.max_header_bytes,
@@ -418,7 +430,6 @@ async fn read_head(c: &mut Conn, limits: &Limits, deadline: Instant) -> HeadRead
         let len = c.b.rbuf.len();
         let cap = c.b.rbuf.capacity();
         let buf = std::mem::take(&mut c.b.rbuf).slice_mut(len..cap);
-        let now = Instant::now();
         let (res, buf) = if len == 0 {
             // Waiting for a request: hold the buffers for the grace period only.
             let left = deadline.saturating_duration_since(now);
@@ -427,7 +438,7 @@ async fn read_head(c: &mut Conn, limits: &Limits, deadline: Instant) -> HeadRead
             }
             let grace = IDLE_GRACE.min(left);
             let mut read = std::pin::pin!(c.stream.cancelable_read(buf, c.canceller.handle()));
-            let timer = monoio::time::sleep(grace);
+            let timer = monoio::time::sleep_until((now + grace).into());
             monoio::select! {
                 r = &mut read => r,
                 _ = timer => {
@@ -436,6 +447,7 @@ async fn read_head(c: &mut Conn, limits: &Limits, deadline: Instant) -> HeadRead
                 }
             }
         } else {
+            now = Instant::now();
             let d = *head_deadline.get_or_insert_with(|| now + limits.header_timeout);
             match monoio::time::timeout_at(d.into(), c.stream.read(buf)).await {
                 Ok(r) => r,
@@ -466,13 +478,14 @@ fn error_text(e: &HttpError) -> &'static str {
     }
 }
 
-/// Handles one parsed request; returns whether the connection stays open.
-async fn handle(w: &Rc<Worker>, gw: &Arc<Gateway>, c: &mut Conn) -> bool {
+/// Handles one parsed request; returns whether the connection stays open, and when the
+/// request ended.
+async fn handle(w: &Rc<Worker>, gw: &Arc<Gateway>, c: &mut Conn) -> (bool, Instant) {
     let t0 = Instant::now();
     let head_len = c.b.head.head_len;
     c.consumed = head_len;
     // Request id: the client's when it is sane, else a new one.
-    c.reqid_len = match c.b.head.header(&c.b.rbuf, "x-request-id") {
+    c.reqid_len = match c.b.head.header_kind(&c.b.rbuf, HeaderKind::XRequestId) {
         Some(v) if !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic()) => {
             c.reqid[..v.len()].copy_from_slice(v);
             v.len()
@@ -488,7 +501,8 @@ async fn handle(w: &Rc<Worker>, gw: &Arc<Gateway>, c: &mut Conn) -> bool {
     let out = out.0;
     // Extra headers belong to this request's response only (not to a later error answer).
     c.b.extra.clear();
-    let dur = t0.elapsed();
+    let end = Instant::now();
+    let dur = end.saturating_duration_since(t0);
     let labels = match route_id {
         Some(id) => &gw.config.routes.route(id).labels,
         None => &w.unmatched.0,
@@ -507,7 +521,7 @@ async fn handle(w: &Rc<Worker>, gw: &Arc<Gateway>, c: &mut Conn) -> bool {
             write_log_line(w, &mut log.borrow_mut(), c, route, &out, dur);
         }
     }
-    out.keep_alive
+    (out.keep_alive, end)
 }
 
 fn method_label(m: Method) -> &'static str {
@@ -795,8 +809,7 @@ fn write_log_line(
     b.extend_from_slice(b"\",\"request_id\":\"");
     push_json_str(b, &c.reqid[..c.reqid_len]);
     b.extend_from_slice(b"\",\"remote\":\"");
-    // Formatted straight into the log buffer: no allocation per line.
-    let _ = write!(b, "{}", c.peer.ip());
+    encode::push_ip(b, c.peer.ip());
     b.extend_from_slice(b"\",\"method\":\"");
     push_json_str(b, c.b.head.slice(&c.b.rbuf, c.b.head.method_range));
     b.extend_from_slice(b"\",\"path\":\"");

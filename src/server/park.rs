@@ -148,9 +148,18 @@ pub async fn run_parker(w: Rc<Worker>) {
             if n <= 0 {
                 break;
             }
+            let now = Instant::now();
             for ev in &events[..n as usize] {
                 if let Some(p) = w.parker.unpark(ev.u64 as usize) {
-                    monoio::spawn(run(w.clone(), p.stream, p.peer, p.guard, true, p.deadline));
+                    monoio::spawn(run(
+                        w.clone(),
+                        p.stream,
+                        p.peer,
+                        p.guard,
+                        true,
+                        now,
+                        p.deadline,
+                    ));
                 }
             }
             if (n as usize) < EVENTS {

@@ -9,7 +9,7 @@ use super::{reject, Conn, Outcome, Worker, STREAM_BUF};
 use crate::config::{PathTemplate, Route};
 use crate::gateway::Gateway;
 use crate::http::encode;
-use crate::http::{BodyKind, ChunkedDecoder, Method, RespBody, Status};
+use crate::http::{BodyKind, ChunkedDecoder, HeaderKind, Method, RespBody, Status};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
@@ -272,33 +272,32 @@ fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
         // Hop-by-hop, so `forwardable` drops them; a pass-through upgrade puts them back.
         out.extend_from_slice(b"upgrade: websocket\r\nconnection: Upgrade\r\n");
     }
-    for (name, value) in head.forwardable(buf) {
-        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-            continue;
-        }
-        if head.upgrade_websocket && name.eq_ignore_ascii_case(b"sec-websocket-extensions") {
+    let mut client_xff = false;
+    for (kind, name, value) in head.forwardable_kinds(buf) {
+        match kind {
+            // Written below, from the client's values and the peer.
+            HeaderKind::XForwardedFor => client_xff = true,
+            // The gateway's own, replacing any the client sent.
+            HeaderKind::XForwardedProto
+            | HeaderKind::XForwardedHost
+            | HeaderKind::XRequestId
+            | HeaderKind::XPrincipalId => {}
             // The relay checks frames; no extension (compression sets RSV1) is negotiated.
-            continue;
+            HeaderKind::SecWebSocketExtensions if head.upgrade_websocket => {}
+            _ => encode::push_header(out, name, value),
         }
-        if name.eq_ignore_ascii_case(b"x-forwarded-proto")
-            || name.eq_ignore_ascii_case(b"x-forwarded-host")
-            || name.eq_ignore_ascii_case(b"x-request-id")
-            || name.eq_ignore_ascii_case(b"x-principal-id")
-        {
-            continue;
-        }
-        encode::push_header(out, name, value);
     }
     // X-Forwarded-For: every client-sent value in order, then the peer.
     out.extend_from_slice(b"x-forwarded-for: ");
-    for (name, value) in head.forwardable(buf) {
-        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-            out.extend_from_slice(value);
-            out.extend_from_slice(b", ");
+    if client_xff {
+        for (kind, _, value) in head.forwardable_kinds(buf) {
+            if kind == HeaderKind::XForwardedFor {
+                out.extend_from_slice(value);
+                out.extend_from_slice(b", ");
+            }
         }
     }
-    // Formatted straight into the reused head buffer: no allocation.
-    let _ = std::io::Write::write_fmt(out, format_args!("{}", c.peer.ip()));
+    encode::push_ip(out, c.peer.ip());
     out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
     if let Some(h) = head.host {
         encode::push_header(out, b"x-forwarded-host", head.slice(buf, h));
@@ -367,11 +366,11 @@ async fn exchange(
         if c.b.ubuf.len() == c.b.ubuf.capacity() {
             c.b.ubuf.reserve(4096);
         }
-        let wait = deadline.saturating_duration_since(Instant::now());
         let len = c.b.ubuf.len();
         let cap = c.b.ubuf.capacity();
         let buf = std::mem::take(&mut c.b.ubuf).slice_mut(len..cap);
-        match monoio::time::timeout(wait, us.read(buf)).await {
+        // An absolute deadline: no clock read to arm the timer.
+        match monoio::time::timeout_at(deadline.into(), us.read(buf)).await {
             Err(_) => {
                 c.b.ubuf = Vec::with_capacity(4096);
                 return Err(Fail::Timeout);
@@ -458,11 +457,10 @@ async fn upgrade(
     encode::push_status_line(&mut c.b.out, 101);
     c.b.out
         .extend_from_slice(b"upgrade: websocket\r\nconnection: Upgrade\r\n");
-    for (name, value) in c.b.resp.forwardable(&c.b.ubuf) {
-        if name.eq_ignore_ascii_case(b"x-request-id") {
-            continue;
+    for (kind, name, value) in c.b.resp.forwardable_kinds(&c.b.ubuf) {
+        if kind != HeaderKind::XRequestId {
+            encode::push_header(&mut c.b.out, name, value);
         }
-        encode::push_header(&mut c.b.out, name, value);
     }
     encode::push_header(&mut c.b.out, b"x-request-id", &c.reqid[..c.reqid_len]);
     c.b.out.extend_from_slice(b"\r\n");
@@ -506,20 +504,14 @@ async fn respond(
     let mut dechunk = false;
     c.b.out.clear();
     encode::push_status_line(&mut c.b.out, status);
-    for (name, value) in c.b.resp.forwardable(&c.b.ubuf) {
-        if name.eq_ignore_ascii_case(b"x-request-id")
-            || (cap.is_some() && name.eq_ignore_ascii_case(b"x-cache"))
-        {
-            continue;
+    for (kind, name, value) in c.b.resp.forwardable_kinds(&c.b.ubuf) {
+        match kind {
+            HeaderKind::XRequestId => {}
+            HeaderKind::XCache if cap.is_some() => {}
+            // The gateway's CORS headers replace the upstream's.
+            HeaderKind::AccessControl if !c.b.extra.is_empty() => {}
+            _ => encode::push_header(&mut c.b.out, name, value),
         }
-        // The gateway's CORS headers replace the upstream's.
-        if !c.b.extra.is_empty()
-            && name.len() > 15
-            && name[..15].eq_ignore_ascii_case(b"access-control-")
-        {
-            continue;
-        }
-        encode::push_header(&mut c.b.out, name, value);
     }
     if let Some(cap) = cap.as_deref_mut() {
         // A cached route: say it was a miss, and keep the response when it may be stored.
@@ -530,7 +522,7 @@ async fn respond(
     match c.b.resp.body {
         RespBody::None => {
             if is_head || status == 304 {
-                if let Some(v) = c.b.resp.header(&c.b.ubuf, "content-length") {
+                if let Some(v) = c.b.resp.header_kind(&c.b.ubuf, HeaderKind::ContentLength) {
                     encode::push_header(&mut c.b.out, b"content-length", v);
                 }
             }
