@@ -490,10 +490,10 @@ pub(crate) fn forwardable_iter<'b>(
     conn_other: bool,
     drop_expect: bool,
 ) -> impl Iterator<Item = (HeaderKind, &'b [u8], &'b [u8])> {
-    headers.iter().filter_map(move |h| {
-        forward_ok(headers, buf, h, conn_other, drop_expect)
-            .then(|| (h.kind, range(buf, h.name), range(buf, h.value)))
-    })
+    headers
+        .iter()
+        .filter(move |h| forward_ok(headers, buf, h, conn_other, drop_expect))
+        .map(move |h| (h.kind, range(buf, h.name), range(buf, h.value)))
 }
 
 /// First value of the header of `kind` (not `Other`).
