@@ -813,3 +813,79 @@ integration = {{ type = "http", upstream = "o" }}
     assert_eq!(r.header("x-cache"), Some("hit"));
     assert!(r.header("access-control-allow-origin").is_none());
 }
+
+#[test]
+fn slow_body_under_waf_or_sigv4_buffering_gets_408_and_the_worker_lives() {
+    // A body that stops arriving while the gateway buffers it (to scan it, or to hash a signed
+    // request) is answered 408 after header_timeout_ms, with the access log on: the head must
+    // still be there for the answer (CORS headers) and the log line.
+    let origin = Origin::echo_path();
+    let waf = r#"
+[waf]
+rules = [{ name = "xss", target = "body", pattern = "(?i)<script", action = "block" }]
+"#;
+    let sigv4 = r#"
+[[sigv4_credentials]]
+access_key = "AKIDEXAMPLE"
+secret_key = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+region = "us-east-1"
+service = "execute-api"
+principal = "ci"
+"#;
+    for (stage, extra, auth) in [("waf", waf, "none"), ("sigv4", sigv4, "sigv4")] {
+        let gw = Gateway::start(&format!(
+            r#"
+[server]
+listen = ["@LISTEN@"]
+workers = 1
+state_dir = "@DIR@/state"
+[server.limits]
+header_timeout_ms = 300
+[admin]
+listen = "@ADMIN@"
+[access_log]
+path = "@DIR@/access.log"
+{extra}
+[[upstreams]]
+name = "o"
+targets = ["{}"]
+[[apis]]
+name = "a"
+cors = {{ allow_origins = ["https://app.example"] }}
+[[apis.routes]]
+route = "POST /p"
+integration = {{ type = "http", upstream = "o" }}
+auth = "{auth}"
+"#,
+            origin.addr
+        ));
+        for _ in 0..2 {
+            let mut c = Client::connect(gw.addr);
+            c.send(
+                b"POST /p HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example\r\n\
+                  Content-Length: 100\r\n\r\nhalf",
+            );
+            let r = c
+                .read_response()
+                .expect("an answer, not a dropped connection");
+            assert_eq!(r.status, 408, "{stage}: {}", r.text());
+            assert_eq!(
+                r.header("access-control-allow-origin"),
+                Some("https://app.example"),
+                "{stage}"
+            );
+        }
+        // The only worker still serves.
+        let mut c = Client::connect(gw.addr);
+        c.send(b"GET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.read_response().unwrap().status, 404, "{stage}");
+        assert!(
+            !gw.stderr().contains("panicked"),
+            "{stage}: {}",
+            gw.stderr()
+        );
+        let log = std::fs::read_to_string(gw.dir.join("access.log")).unwrap_or_default();
+        assert!(log.contains("\"status\":408"), "{stage}: {log}");
+    }
+    assert_eq!(origin.request_count(), 0);
+}

@@ -2,12 +2,12 @@
 //! asks for it, buffering the request body first when the check hashes it (SigV4), and answers
 //! 401/403 itself when the check fails.
 
-use super::{body_skippable, reject, Conn, Outcome, Worker, READ_BUF};
+use super::{body_skippable, fill_rbuf, reject, Conn, FillError, Outcome, Worker};
 use crate::config::Route;
 use crate::gateway::Gateway;
 use crate::http::BodyKind;
 use crate::policy::auth::{self, Request};
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::AsyncWriteRentExt;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -92,22 +92,10 @@ async fn buffer_body(c: &mut Conn, gw: &Gateway) -> Result<usize, (u16, &'static
         }
     }
     let deadline = Instant::now() + gw.config.server.limits.header_timeout;
-    // Reads go into a separate buffer: a read cancelled by the timeout takes its buffer with
-    // it, and the head in `rbuf` must stay for the answer and the access log.
-    let mut tmp: Vec<u8> = Vec::with_capacity(READ_BUF.max((want - c.b.rbuf.len()).min(1 << 16)));
-    c.b.rbuf.reserve(want - c.b.rbuf.len());
-    while c.b.rbuf.len() < want {
-        tmp.clear();
-        match monoio::time::timeout_at(deadline.into(), c.stream.read(tmp)).await {
-            Err(_) => return Err((408, "Request Timeout")),
-            Ok((res, buf)) => {
-                tmp = buf;
-                match res {
-                    Ok(0) | Err(_) => return Err((400, "Bad Request: body ended early")),
-                    Ok(_) => c.b.rbuf.extend_from_slice(&tmp),
-                }
-            }
-        }
+    match fill_rbuf(c, want, deadline).await {
+        Ok(()) => {}
+        Err(FillError::TimedOut) => return Err((408, "Request Timeout")),
+        Err(FillError::Closed) => return Err((400, "Bad Request: body ended early")),
     }
     Ok(n as usize)
 }

@@ -786,6 +786,39 @@ async fn write_error(w: &Rc<Worker>, c: &mut Conn, status: u16, msg: &str, keep:
     write_out(c).await
 }
 
+/// Why [`fill_rbuf`] stopped short.
+enum FillError {
+    /// The deadline passed first.
+    TimedOut,
+    /// The client closed or the read failed.
+    Closed,
+}
+
+/// Reads from the client until `rbuf` holds `want` bytes (or more) or `deadline` passes. Reads
+/// go into a separate buffer and are appended: a read abandoned at the deadline takes its buffer
+/// with it, and the head in `rbuf` must stay for the answer and the access log.
+async fn fill_rbuf(c: &mut Conn, want: usize, deadline: Instant) -> Result<(), FillError> {
+    if c.b.rbuf.len() >= want {
+        return Ok(());
+    }
+    let mut tmp: Vec<u8> = Vec::with_capacity(READ_BUF.max((want - c.b.rbuf.len()).min(1 << 16)));
+    c.b.rbuf.reserve(want - c.b.rbuf.len());
+    while c.b.rbuf.len() < want {
+        tmp.clear();
+        match monoio::time::timeout_at(deadline.into(), c.stream.read(tmp)).await {
+            Err(_) => return Err(FillError::TimedOut),
+            Ok((res, buf)) => {
+                tmp = buf;
+                match res {
+                    Ok(0) | Err(_) => return Err(FillError::Closed),
+                    Ok(_) => c.b.rbuf.extend_from_slice(&tmp),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes `c.b.out` to the client.
 async fn write_out(c: &mut Conn) -> bool {
     let buf = std::mem::take(&mut c.b.out);

@@ -14,8 +14,6 @@ use crate::policy::plans::{unix_at, KeyDirectory, Refusal};
 use crate::policy::throttle::{now_ns, Wait};
 use crate::policy::waf::{Input, Verdict};
 use crate::policy::Reason;
-use monoio::buf::IoBufMut;
-use monoio::io::AsyncReadRent;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -276,27 +274,17 @@ async fn buffer_body(
         c.b.head.expect_continue = false;
     }
     let deadline = Instant::now() + limits.header_timeout;
-    while c.b.rbuf.len() < want {
-        if c.b.rbuf.capacity() < want {
-            c.b.rbuf.reserve(want - c.b.rbuf.len());
+    match super::fill_rbuf(c, want, deadline).await {
+        Ok(()) => {}
+        Err(super::FillError::TimedOut) => {
+            return Err(reject(w, c, 408, "Request Timeout", false).await)
         }
-        let len = c.b.rbuf.len();
-        let cap = c.b.rbuf.capacity();
-        let buf = std::mem::take(&mut c.b.rbuf).slice_mut(len..cap);
-        let (res, buf) = match monoio::time::timeout_at(deadline.into(), c.stream.read(buf)).await {
-            Ok(r) => r,
-            Err(_) => return Err(reject(w, c, 408, "Request Timeout", false).await),
-        };
-        c.b.rbuf = buf.into_inner();
-        match res {
-            Ok(0) | Err(_) => {
-                return Err(Outcome {
-                    status: 499,
-                    keep_alive: false,
-                    upstream: None,
-                })
-            }
-            Ok(_) => {}
+        Err(super::FillError::Closed) => {
+            return Err(Outcome {
+                status: 499,
+                keep_alive: false,
+                upstream: None,
+            })
         }
     }
     Ok(())
