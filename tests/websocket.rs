@@ -1210,3 +1210,40 @@ fn connect_route_auth_guards_the_handshake() {
     assert!(!out.status.success());
     assert!(e.contains("$connect") && e.contains(".auth"), "{e}");
 }
+
+/// Usage plans meet WebSocket APIs at the handshake: a key's quota counts `$connect`s (a
+/// connection, not its messages), a spent quota refuses the handshake with 429 before the
+/// `$connect` integration is called, and messages on an open connection are not counted.
+#[test]
+fn usage_plan_quota_counts_websocket_handshakes() {
+    let be = api_backend();
+    let cfg = api_config(be.addr, "").replace(
+        "route = \"$connect\"\n",
+        "route = \"$connect\"\napi_key_required = true\n",
+    ) + r#"
+[[usage_plans]]
+name = "ws"
+apis = ["chat/$default"]
+quota = { limit = 2, period = "day" }
+[[api_keys]]
+name = "dev"
+value = "websocket-test-key-000000001"
+plans = ["ws"]
+"#;
+    let gw = Gateway::start(&cfg);
+    let key = "x-api-key: websocket-test-key-000000001\r\n";
+    let (head, mut ws) = ws_connect(gw.addr, "/", key);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for i in 0..5 {
+        ws.text(&format!(r#"{{"action":"echo","n":{i}}}"#));
+        assert!(ws.recv_text().contains(&format!("\"n\":{i}")));
+    }
+    let (head, _ws2) = ws_connect(gw.addr, "/", key);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (head, _) = ws_connect(gw.addr, "/", key);
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    assert_eq!(route_keys(&be, "$connect").len(), 2);
+    let u = gw.admin_get("/usage-plans/ws/usage?key=dev").json();
+    assert_eq!(u["used"], 2, "{u}");
+    assert_eq!(u["remaining"], 0, "{u}");
+}
