@@ -519,6 +519,33 @@ fn memory_stays_bounded() {
 }
 
 #[test]
+fn memory_bound_holds_for_small_entries() {
+    // Responses of ~1.3 KB each hold a whole page of memory (allocations that size are their own
+    // mapping): max_bytes must bound that, not the byte count. 8 MiB of cache, 8,000 distinct
+    // responses (about 32 MiB of pages if each were kept).
+    let origin = Origin::start(|r| Response::ok(vec![b's'; 1200]).header("x-p", &r.path));
+    let gw = Gateway::start(&config(origin.addr, 1, 8 << 20, ""));
+    let mut c = Client::connect(gw.addr);
+    for i in 0..50 {
+        get(&mut c, &format!("/prod/warm/{i}"), "");
+    }
+    let rss0 = rss_kib(gw.pid);
+    for i in 0..8000 {
+        let r = get(&mut c, &format!("/prod/small/{i}"), "");
+        assert_eq!(r.body.len(), 1200);
+    }
+    assert_eq!(
+        get(&mut c, "/prod/small/7999", "").header("x-cache"),
+        Some("hit")
+    );
+    let rss1 = rss_kib(gw.pid);
+    assert!(
+        rss1 < rss0 + 8 * 1024 + 3 * 1024,
+        "RSS grew from {rss0} KiB to {rss1} KiB for an 8 MiB cache"
+    );
+}
+
+#[test]
 fn large_hits_are_written_whole() {
     // Entries above the copy threshold go out with writev: check bytes and keep-alive.
     let origin = Origin::start(|_| {

@@ -19,6 +19,18 @@ use std::time::Instant;
 /// Bytes charged per entry on top of its key and data (map slot, queue slots, struct).
 pub const ENTRY_OVERHEAD: usize = 160;
 
+/// What an allocation of `n` bytes holds in resident memory. At or above the allocator's mmap
+/// threshold ([`crate::runtime::MMAP_THRESHOLD`]) every allocation is its own mapping: its size
+/// plus the allocator's 16-byte chunk header, rounded up to whole 4 KiB pages. Charging that
+/// keeps `max_bytes` a bound on memory (a 1.2 KB response holds a whole page).
+pub fn resident_bytes(n: usize) -> usize {
+    if n >= crate::runtime::MMAP_THRESHOLD {
+        (n + 16).div_ceil(4096) * 4096
+    } else {
+        n
+    }
+}
+
 /// One stored response.
 #[derive(Debug)]
 pub struct Entry {
@@ -66,9 +78,9 @@ impl Entry {
         }
     }
 
-    /// Bytes this entry counts against the store's bound.
+    /// Bytes this entry counts against the store's bound: what its allocations hold in memory.
     pub fn charge(&self) -> usize {
-        self.data.len() + self.key.len() + ENTRY_OVERHEAD
+        resident_bytes(self.data.len()) + resident_bytes(self.key.len()) + ENTRY_OVERHEAD
     }
 
     /// The stage-relative request path the entry was stored for.
@@ -370,6 +382,16 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resident_bytes_counts_whole_pages_for_mapped_allocations() {
+        assert_eq!(resident_bytes(0), 0);
+        assert_eq!(resident_bytes(999), 999);
+        assert_eq!(resident_bytes(1000), 4096);
+        assert_eq!(resident_bytes(4080), 4096);
+        assert_eq!(resident_bytes(4081), 8192);
+        assert_eq!(resident_bytes(100_000), 102_400);
+    }
     use std::time::Duration;
 
     fn entry(key: &str, size: usize, now: Instant) -> Entry {

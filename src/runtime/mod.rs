@@ -22,6 +22,11 @@ use std::time::{Duration, Instant};
 const RING_ENTRIES: u32 = 1024;
 
 /// Runs the gateway until SIGTERM/SIGINT; returns an error line when it cannot start.
+/// Allocations of this many bytes or more get their own mapping (`M_MMAP_THRESHOLD`), so their
+/// pages go back to the kernel when freed. Each then holds whole pages: see
+/// [`crate::cache::store::resident_bytes`].
+pub const MMAP_THRESHOLD: usize = 1000;
+
 pub fn run(config: Config) -> Result<(), String> {
     let access_log = match &config.access_log {
         None => None,
@@ -37,7 +42,7 @@ pub fn run(config: Config) -> Result<(), String> {
     // never reaches the allocator.
     // SAFETY: mallopt only changes allocator tunables; called before any worker starts.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1000);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
     }
     let workers = config.server.workers;
     let io = config.server.io;
