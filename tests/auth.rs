@@ -790,6 +790,125 @@ auth = "jwt:users"
         == 200));
 }
 
+/// A one-document HTTPS server (rustls, a self-signed certificate for `localhost` and
+/// 127.0.0.1): serves `body` to every request; returns its address, the certificate's PEM and
+/// the number of requests it answered (a refused handshake answers none).
+fn https_idp(body: String) -> (SocketAddr, String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::Read;
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("certificate");
+    let pem = ck.cert.pem();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .expect("server config");
+    let cfg = Arc::new(cfg);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let served2 = served.clone();
+    std::thread::spawn(move || {
+        for tcp in l.incoming().flatten() {
+            let _ = tcp.set_read_timeout(Some(Duration::from_secs(3)));
+            let conn = rustls::ServerConnection::new(cfg.clone()).unwrap();
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while find(&req, b"\r\n\r\n").is_none() {
+                match s.read(&mut buf) {
+                    Ok(n) if n > 0 => req.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            if find(&req, b"\r\n\r\n").is_none() {
+                continue;
+            }
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncache-control: max-age=60\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if s.write_all(resp.as_bytes()).is_ok() {
+                served2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            s.conn.send_close_notify();
+            let _ = s.flush();
+        }
+    });
+    (addr, pem, served)
+}
+
+#[test]
+fn jwks_uri_over_https() {
+    let j = Jwt::new();
+    peer(
+        &j.dir,
+        json!([{"op":"jwks","kids":["rsa"],"out":"jwks.json"}]),
+    );
+    let body = std::fs::read_to_string(j.dir.join("jwks.json")).unwrap();
+    let (idp, pem, served) = https_idp(body);
+    let ca = j.dir.join("idp-ca.pem");
+    std::fs::write(&ca, &pem).unwrap();
+    let cfg = |extra: &str| {
+        format!(
+            r#"
+[[authorizers]]
+name = "users"
+type = "jwt"
+jwks_uri = "https://localhost:{}/.well-known/jwks.json"
+{extra}
+
+[[apis]]
+name = "shop"
+
+[[apis.routes]]
+route = "GET /jwt"
+integration = {{ type = "mock", body = "in" }}
+auth = "jwt:users"
+"#,
+            idp.port()
+        )
+    };
+    let tok = j.mint(vec![
+        json!({"alg":"RS256","kid":"rsa","claims":claims(json!({"sub":"u"}))}),
+    ]);
+    // Trusting the IdP's certificate: keys fetched over TLS, tokens accepted.
+    let gw = Gateway::start(&cfg(&format!("jwks_ca_file = \"{}\"", ca.display())));
+    let r = bearer(&gw, "/jwt", &tok[0]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+    drop(gw);
+    // The default roots (Mozilla's) do not include a self-signed certificate: no keys, 401,
+    // and the reason in the log.
+    let gw = Gateway::start(&cfg(""));
+    assert_denied(&bearer(&gw, "/jwt", &tok[0]), 401, "untrusted JWKS server");
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(
+        wait_until(Duration::from_secs(3), || gw.stderr().contains("jwks")
+            && gw.stderr().to_lowercase().contains("certificate")),
+        "{}",
+        gw.stderr()
+    );
+    // A CA file only goes with https://, and must hold a certificate.
+    let (out, _) =
+        check(&cfg(&format!("jwks_ca_file = \"{}\"", ca.display())).replace("https://", "http://"));
+    let e = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && e.contains("authorizers[0].jwks_ca_file"),
+        "{e}"
+    );
+    let empty = j.dir.join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let (out, _) = check(&cfg(&format!("jwks_ca_file = \"{}\"", empty.display())));
+    let e = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && e.contains("no certificate"), "{e}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // SigV4
 // ---------------------------------------------------------------------------------------------
@@ -1054,7 +1173,7 @@ fn auth_config_errors_name_the_key() {
             "authorizers[0].secret",
         ),
         (
-            "[[authorizers]]\nname = \"x\"\ntype = \"jwt\"\njwks_uri = \"https://idp/jwks\"\n"
+            "[[authorizers]]\nname = \"x\"\ntype = \"jwt\"\njwks_uri = \"ftp://idp/jwks\"\n"
                 .to_string(),
             "authorizers[0].jwks_uri",
         ),

@@ -394,15 +394,32 @@ async fn exchange_inner(
     }
 }
 
+/// A blocking connection [`exchange_blocking`] can use: plain TCP, or TLS over it.
+pub trait BlockingConn: std::io::Read + std::io::Write {
+    /// The TCP socket underneath (its timeouts bound every read and write).
+    fn tcp(&self) -> &std::net::TcpStream;
+}
+
+impl BlockingConn for std::net::TcpStream {
+    fn tcp(&self) -> &std::net::TcpStream {
+        self
+    }
+}
+
+impl BlockingConn for rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    fn tcp(&self) -> &std::net::TcpStream {
+        &self.sock
+    }
+}
+
 /// Sends `req` on `s` and feeds the answer into `rd` until it is complete, within
 /// `deadline` (blocking, std; sets the socket's read and write timeouts).
-pub fn exchange_blocking(
-    s: &mut std::net::TcpStream,
+pub fn exchange_blocking<S: BlockingConn>(
+    s: &mut S,
     req: &[u8],
     rd: &mut ResponseReader,
     deadline: Instant,
 ) -> Result<(), ClientError> {
-    use std::io::{Read, Write};
     let io_err = |error: io::Error, answered: bool| match error.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout,
         _ => ClientError::Io { error, answered },
@@ -411,12 +428,15 @@ pub fn exchange_blocking(
         let l = deadline.saturating_duration_since(Instant::now());
         (!l.is_zero()).then_some(l).ok_or(ClientError::Timeout)
     };
-    s.set_write_timeout(Some(left()?))
+    s.tcp()
+        .set_write_timeout(Some(left()?))
         .map_err(|e| io_err(e, false))?;
     s.write_all(req).map_err(|e| io_err(e, false))?;
+    s.flush().map_err(|e| io_err(e, false))?;
     let mut tmp = [0u8; 8192];
     loop {
-        s.set_read_timeout(Some(left()?))
+        s.tcp()
+            .set_read_timeout(Some(left()?))
             .map_err(|e| io_err(e, rd.received()))?;
         match s.read(&mut tmp) {
             Ok(0) => return rd.eof(),

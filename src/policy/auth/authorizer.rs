@@ -77,11 +77,16 @@ pub(super) fn validate(
 ) -> Result<RequestAuthorizer, ConfigError> {
     let key = |k: &str| format!("authorizers[{i}].{k}");
     let span = a.name.span();
-    if a.jwks_uri.is_some() || a.jwks_file.is_some() || a.secret.is_some() || a.issuer.is_some() {
+    if a.jwks_uri.is_some()
+        || a.jwks_file.is_some()
+        || a.jwks_ca_file.is_some()
+        || a.secret.is_some()
+        || a.issuer.is_some()
+    {
         return Err(src.err(
             span,
             &key("type"),
-            "issuer, jwks_uri, jwks_file and secret belong to `type = \"jwt\"`",
+            "issuer, jwks_uri, jwks_ca_file, jwks_file and secret belong to `type = \"jwt\"`",
         ));
     }
     let up_name = a.upstream.as_deref().ok_or_else(|| {

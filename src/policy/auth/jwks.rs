@@ -4,8 +4,9 @@
 //! The refresher honours `Cache-Control: max-age` (clamped to 1 s .. 1 day; 300 s when absent;
 //! 5 s after a failed fetch). A token whose `kid` is unknown may ask for one early refresh, at
 //! most one every [`KICK_INTERVAL_MS`]. Keys are only ever fetched from the configured URI:
-//! `jku`, `x5u` and `kid` never make ringgate fetch anything. Only `http://` URIs are
-//! supported by this build.
+//! `jku`, `x5u` and `kid` never make ringgate fetch anything. `https://` URIs are fetched over
+//! rustls and verified against the Mozilla roots (webpki-roots), or against `jwks_ca_file`
+//! alone when it is set.
 
 use crate::http::client::{self, ResponseReader};
 use crate::http::Method;
@@ -128,6 +129,8 @@ pub fn parse_jwks(text: &[u8]) -> Result<Vec<VerKey>, String> {
 /// The keys of one authorizer.
 pub struct JwtKeys {
     uri: Option<String>,
+    /// TLS settings for an `https://` URI.
+    tls: Option<Arc<rustls::ClientConfig>>,
     current: arc_swap::ArcSwap<Vec<VerKey>>,
     /// Bumped after every fetch attempt (workers waiting on a refresh watch it).
     gen: AtomicU64,
@@ -145,17 +148,22 @@ impl std::fmt::Debug for JwtKeys {
 impl JwtKeys {
     /// A fixed set of keys.
     pub fn fixed(keys: Vec<VerKey>) -> Arc<JwtKeys> {
-        Arc::new(JwtKeys::new(None, keys))
+        Arc::new(JwtKeys::new(None, None, keys))
     }
 
-    /// Keys fetched from `uri` once [`JwtKeys::start`] runs.
-    pub fn remote(uri: String) -> Arc<JwtKeys> {
-        Arc::new(JwtKeys::new(Some(uri), Vec::new()))
+    /// Keys fetched from `uri` once [`JwtKeys::start`] runs; `tls` is required for `https://`.
+    pub fn remote(uri: String, tls: Option<Arc<rustls::ClientConfig>>) -> Arc<JwtKeys> {
+        Arc::new(JwtKeys::new(Some(uri), tls, Vec::new()))
     }
 
-    fn new(uri: Option<String>, keys: Vec<VerKey>) -> JwtKeys {
+    fn new(
+        uri: Option<String>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        keys: Vec<VerKey>,
+    ) -> JwtKeys {
         JwtKeys {
             uri,
+            tls,
             current: arc_swap::ArcSwap::from_pointee(keys),
             gen: AtomicU64::new(0),
             last_kick_ms: AtomicU64::new(0),
@@ -219,7 +227,7 @@ impl JwtKeys {
 
     /// One fetch; returns when to fetch next.
     fn refresh(&self, uri: &str) -> Duration {
-        let next = match fetch(uri) {
+        let next = match fetch(uri, self.tls.as_ref()) {
             Ok((body, max_age)) => match parse_jwks(&body) {
                 Ok(keys) => {
                     self.current.store(Arc::new(keys));
@@ -265,45 +273,104 @@ impl JwtKeys {
     }
 }
 
-/// Splits `http://host[:port]/path` into (host:port, host, path).
-pub fn parse_http_uri(uri: &str) -> Result<(String, String, String), String> {
-    let rest = uri
-        .strip_prefix("http://")
-        .ok_or("only http:// JWKS URIs are supported by this build")?;
+/// A parsed `http://` or `https://` JWKS URI.
+#[derive(Debug, PartialEq, Eq)]
+pub struct JwksUri {
+    /// Fetched over TLS.
+    pub tls: bool,
+    /// `host:port` to connect to (the scheme's port when none is given).
+    pub hostport: String,
+    /// The authority as written, for the `Host` header.
+    pub authority: String,
+    /// The host alone (no port, no brackets): the TLS server name.
+    pub host: String,
+    /// Path and query.
+    pub path: String,
+}
+
+/// Parses `http[s]://host[:port]/path`.
+pub fn parse_jwks_uri(uri: &str) -> Result<JwksUri, String> {
+    let (tls, rest) = if let Some(r) = uri.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = uri.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err("must start with http:// or https://".into());
+    };
     let (auth, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     if auth.is_empty() || auth.contains('@') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
-        return Err("not a valid http://host[:port]/path URI".into());
+        return Err("not a valid http[s]://host[:port]/path URI".into());
     }
-    let hostport = if auth
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        && !auth.ends_with(']')
-    {
-        auth.to_string()
-    } else {
-        format!("{auth}:80")
+    let (host, port) = match auth.rsplit_once(':') {
+        Some((h, p)) if !auth.ends_with(']') => match p.parse::<u16>() {
+            Ok(p) => (h, p),
+            Err(_) => return Err(format!("bad port in {auth}")),
+        },
+        _ => (auth, if tls { 443 } else { 80 }),
     };
-    Ok((hostport, auth.to_string(), path.to_string()))
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.is_empty() {
+        return Err("not a valid http[s]://host[:port]/path URI".into());
+    }
+    Ok(JwksUri {
+        tls,
+        hostport: format!("{host}:{port}"),
+        authority: auth.to_string(),
+        host: bare.to_string(),
+        path: path.to_string(),
+    })
+}
+
+/// TLS client settings for `https://` JWKS URIs: the PEM certificates of `ca_file` as the only
+/// roots when given, else the Mozilla roots (webpki-roots).
+pub fn tls_client_config(ca_file: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(f) => {
+            for cert in CertificateDer::pem_file_iter(f).map_err(|e| format!("cannot read: {e}"))? {
+                let cert = cert.map_err(|e| format!("bad PEM: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("unusable certificate: {e}"))?;
+            }
+            if roots.is_empty() {
+                return Err("no certificate in the file".into());
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
 }
 
 /// GETs `uri`; returns the body and `Cache-Control: max-age`.
-fn fetch(uri: &str) -> Result<(Vec<u8>, Option<u64>), String> {
-    let (hostport, host, path) = parse_http_uri(uri)?;
-    let addr = hostport
+fn fetch(
+    uri: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<(Vec<u8>, Option<u64>), String> {
+    let u = parse_jwks_uri(uri)?;
+    let addr = u
+        .hostport
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve: {e}"))?
         .next()
         .ok_or("resolves to no address")?;
     let deadline = Instant::now() + FETCH_TIMEOUT;
-    let mut s = TcpStream::connect_timeout(&addr, FETCH_TIMEOUT).map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect_timeout(&addr, FETCH_TIMEOUT).map_err(|e| e.to_string())?;
     let req = client::build_request(
         b"GET",
-        path.as_bytes(),
+        u.path.as_bytes(),
         &[
-            (b"Host", host.as_bytes()),
+            (b"Host", u.authority.as_bytes()),
             (b"Accept", b"application/json"),
             (b"User-Agent", b"ringgate"),
             (b"Connection", b"close"),
@@ -312,7 +379,17 @@ fn fetch(uri: &str) -> Result<(Vec<u8>, Option<u64>), String> {
         None,
     );
     let mut rd = ResponseReader::new(Method::Get, MAX_JWKS_BYTES).accept(|s| s == 200);
-    client::exchange_blocking(&mut s, &req, &mut rd, deadline).map_err(|e| e.to_string())?;
+    if u.tls {
+        let cfg = tls.ok_or("https:// without TLS settings")?;
+        let name = rustls::pki_types::ServerName::try_from(u.host.clone())
+            .map_err(|e| format!("bad TLS server name: {e}"))?;
+        let conn = rustls::ClientConnection::new(cfg.clone(), name).map_err(|e| e.to_string())?;
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        client::exchange_blocking(&mut s, &req, &mut rd, deadline).map_err(|e| e.to_string())?;
+    } else {
+        let mut s = tcp;
+        client::exchange_blocking(&mut s, &req, &mut rd, deadline).map_err(|e| e.to_string())?;
+    }
     let mut max_age = None;
     for (name, value) in rd.headers() {
         if name.eq_ignore_ascii_case(b"cache-control") {
@@ -333,20 +410,46 @@ mod tests {
 
     #[test]
     fn uri_parsing() {
+        let u = parse_jwks_uri("http://127.0.0.1:9100/jwks.json").unwrap();
         assert_eq!(
-            parse_http_uri("http://127.0.0.1:9100/jwks.json").unwrap(),
+            (u.tls, &*u.hostport, &*u.authority, &*u.host, &*u.path),
             (
-                "127.0.0.1:9100".into(),
-                "127.0.0.1:9100".into(),
-                "/jwks.json".into()
+                false,
+                "127.0.0.1:9100",
+                "127.0.0.1:9100",
+                "127.0.0.1",
+                "/jwks.json"
             )
         );
         assert_eq!(
-            parse_http_uri("http://idp.example").unwrap().0,
+            parse_jwks_uri("http://idp.example").unwrap().hostport,
             "idp.example:80"
         );
-        assert!(parse_http_uri("https://idp.example/x").is_err());
-        assert!(parse_http_uri("http://u@h/x").is_err());
+        let u = parse_jwks_uri("https://idp.example/.well-known/jwks.json?v=1").unwrap();
+        assert_eq!(
+            (u.tls, &*u.hostport, &*u.host, &*u.path),
+            (
+                true,
+                "idp.example:443",
+                "idp.example",
+                "/.well-known/jwks.json?v=1"
+            )
+        );
+        let u = parse_jwks_uri("https://[::1]:8443/k").unwrap();
+        assert_eq!((&*u.hostport, &*u.host), ("[::1]:8443", "::1"));
+        assert_eq!(
+            parse_jwks_uri("https://[::1]/k").unwrap().hostport,
+            "[::1]:443"
+        );
+        for bad in [
+            "ftp://h/x",
+            "http://u@h/x",
+            "https:///x",
+            "http://h:99999/x",
+            "http://h/a b",
+        ] {
+            assert!(parse_jwks_uri(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

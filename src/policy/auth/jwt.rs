@@ -39,7 +39,7 @@ pub(super) fn validate(
     src: &Source,
     i: usize,
     a: &RawAuthorizer,
-    _base: &Path,
+    base: &Path,
 ) -> Result<JwtAuthorizer, ConfigError> {
     let key = |k: &str| format!("authorizers[{i}].{k}");
     let span = a.name.span();
@@ -70,10 +70,29 @@ pub(super) fn validate(
         return Err(src.err(span, &key("leeway_s"), "at most 3600"));
     }
     let keys = if let Some(u) = &a.jwks_uri {
-        jwks::parse_http_uri(u.get_ref()).map_err(|e| src.err(u.span(), &key("jwks_uri"), e))?;
-        JwtKeys::remote(u.get_ref().clone())
+        let parsed = jwks::parse_jwks_uri(u.get_ref())
+            .map_err(|e| src.err(u.span(), &key("jwks_uri"), e))?;
+        let tls = match (&a.jwks_ca_file, parsed.tls) {
+            (Some(f), false) => {
+                return Err(src.err(
+                    f.span(),
+                    &key("jwks_ca_file"),
+                    "only for an https:// jwks_uri",
+                ))
+            }
+            (Some(f), true) => Some(
+                jwks::tls_client_config(Some(&base.join(f.get_ref()).to_string_lossy()))
+                    .map_err(|e| src.err(f.span(), &key("jwks_ca_file"), e))?,
+            ),
+            (None, true) => Some(
+                jwks::tls_client_config(None)
+                    .map_err(|e| src.err(u.span(), &key("jwks_uri"), e))?,
+            ),
+            (None, false) => None,
+        };
+        JwtKeys::remote(u.get_ref().clone(), tls)
     } else if let Some(f) = &a.jwks_file {
-        let text = std::fs::read(f.get_ref())
+        let text = std::fs::read(base.join(f.get_ref()))
             .map_err(|e| src.err(f.span(), &key("jwks_file"), format!("cannot read: {e}")))?;
         let keys = jwks::parse_jwks(&text).map_err(|e| src.err(f.span(), &key("jwks_file"), e))?;
         if keys.is_empty() {

@@ -41,6 +41,8 @@ pub struct RawAuthorizer {
     pub audience: Vec<String>,
     pub jwks_uri: Option<Spanned<String>>,
     pub jwks_file: Option<Spanned<String>>,
+    /// PEM certificates trusted (alone) for an `https://` `jwks_uri`.
+    pub jwks_ca_file: Option<Spanned<String>>,
     pub secret: Option<Spanned<String>>,
     #[serde(default = "default_leeway")]
     pub leeway_s: u64,
