@@ -170,23 +170,7 @@ pub fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
 /// keep-alive, proxy-connection, te, trailer, transfer-encoding, upgrade,
 /// proxy-authenticate, proxy-authorization.
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    let hop: &[u8] = match name.len() {
-        2 => b"te",
-        7 => match name[0] | 0x20 {
-            b't' => b"trailer",
-            _ => b"upgrade",
-        },
-        10 => match name[0] | 0x20 {
-            b'c' => b"connection",
-            _ => b"keep-alive",
-        },
-        16 => b"proxy-connection",
-        17 => b"transfer-encoding",
-        18 => b"proxy-authenticate",
-        19 => b"proxy-authorization",
-        _ => return false,
-    };
-    name.eq_ignore_ascii_case(hop)
+    super::HeaderKind::of(name).is_hop_by_hop()
 }
 
 /// Length of an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).

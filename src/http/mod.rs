@@ -576,14 +576,6 @@ mod tests {
         ] {
             assert_eq!(HeaderKind::of(other.as_bytes()), Other, "{other}");
         }
-        // Agrees with the name-based hop-by-hop test.
-        for (name, kind) in known {
-            assert_eq!(
-                kind.is_hop_by_hop(),
-                is_hop_by_hop(name.as_bytes()),
-                "{name}"
-            );
-        }
     }
 
     #[test]

@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 /// Entries of each worker's io_uring submission queue.
 const RING_ENTRIES: u32 = 1024;
 
-/// Runs the gateway until SIGTERM/SIGINT; returns an error line when it cannot start.
 /// Allocations of this many bytes or more get their own mapping (`M_MMAP_THRESHOLD`), so their
 /// pages go back to the kernel when freed. Each then holds whole pages: see
 /// [`crate::cache::store::resident_bytes`].
 pub const MMAP_THRESHOLD: usize = 1000;
 
+/// Runs the gateway until SIGTERM/SIGINT; returns an error line when it cannot start.
 pub fn run(config: Config) -> Result<(), String> {
     let access_log = match &config.access_log {
         None => None,

@@ -7,10 +7,8 @@ use crate::config::Route;
 use crate::gateway::Gateway;
 use crate::http::BodyKind;
 use crate::policy::auth::{self, Request};
-use monoio::io::AsyncWriteRentExt;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Largest body a signed (SigV4) request may carry: it is held whole to be hashed.
 const MAX_SIGNED_BODY: u64 = 10 << 20;
@@ -79,20 +77,7 @@ async fn buffer_body(c: &mut Conn, gw: &Gateway) -> Result<usize, (u16, &'static
         return Err((413, "Request Entity Too Large"));
     }
     let want = c.b.head.head_len + n as usize;
-    if c.b.rbuf.len() >= want {
-        return Ok(n as usize);
-    }
-    if c.b.head.expect_continue {
-        let (res, _) = c
-            .stream
-            .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
-            .await;
-        if res.is_err() {
-            return Err((400, "Bad Request"));
-        }
-    }
-    let deadline = Instant::now() + gw.config.server.limits.header_timeout;
-    match fill_rbuf(c, want, deadline).await {
+    match fill_rbuf(c, want, gw.config.server.limits.header_timeout).await {
         Ok(()) => {}
         Err(FillError::TimedOut) => return Err((408, "Request Timeout")),
         Err(FillError::Closed) => return Err((400, "Bad Request: body ended early")),

@@ -794,13 +794,25 @@ enum FillError {
     Closed,
 }
 
-/// Reads from the client until `rbuf` holds `want` bytes (or more) or `deadline` passes. Reads
-/// go into a separate buffer and are appended: a read abandoned at the deadline takes its buffer
-/// with it, and the head in `rbuf` must stay for the answer and the access log.
-async fn fill_rbuf(c: &mut Conn, want: usize, deadline: Instant) -> Result<(), FillError> {
+/// Reads from the client until `rbuf` holds `want` bytes (or more), within `timeout`, first
+/// answering `Expect: 100-continue` (once) when the body is still to come. Reads go into a
+/// separate buffer and are appended: a read abandoned at the deadline takes its buffer with it,
+/// and the head in `rbuf` must stay for the answer and the access log.
+async fn fill_rbuf(c: &mut Conn, want: usize, timeout: Duration) -> Result<(), FillError> {
     if c.b.rbuf.len() >= want {
         return Ok(());
     }
+    if c.b.head.expect_continue {
+        let (res, _) = c
+            .stream
+            .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
+            .await;
+        if res.is_err() {
+            return Err(FillError::Closed);
+        }
+        c.b.head.expect_continue = false;
+    }
+    let deadline = Instant::now() + timeout;
     let mut tmp: Vec<u8> = Vec::with_capacity(READ_BUF.max((want - c.b.rbuf.len()).min(1 << 16)));
     c.b.rbuf.reserve(want - c.b.rbuf.len());
     while c.b.rbuf.len() < want {

@@ -16,7 +16,6 @@ use crate::policy::waf::{Input, Verdict};
 use crate::policy::Reason;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// `OPTIONS` with `Origin` and `Access-Control-Request-Method`.
 pub(super) fn is_preflight(c: &Conn) -> bool {
@@ -256,25 +255,7 @@ async fn buffer_body(
         return Ok(());
     };
     let want = c.b.head.head_len + (n.min(max as u64) as usize);
-    if c.b.rbuf.len() >= want {
-        return Ok(());
-    }
-    if c.b.head.expect_continue {
-        let (res, _) = c
-            .stream
-            .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
-            .await;
-        if res.is_err() {
-            return Err(Outcome {
-                status: 499,
-                keep_alive: false,
-                upstream: None,
-            });
-        }
-        c.b.head.expect_continue = false;
-    }
-    let deadline = Instant::now() + limits.header_timeout;
-    match super::fill_rbuf(c, want, deadline).await {
+    match super::fill_rbuf(c, want, limits.header_timeout).await {
         Ok(()) => {}
         Err(super::FillError::TimedOut) => {
             return Err(reject(w, c, 408, "Request Timeout", false).await)
@@ -289,5 +270,3 @@ async fn buffer_body(
     }
     Ok(())
 }
-
-use monoio::io::AsyncWriteRentExt as _;
