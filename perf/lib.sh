@@ -70,9 +70,11 @@ require_free_port() {
 
 # Main-context + events + http preamble shared by every nginx instance. All paths inside $dir.
 _nginx_head() {
-    local dir=$1
+    local dir=$1 affinity=${2:-}
     # As root, nginx would drop workers to "nobody": keep them as the current user instead.
     if [[ $EUID == 0 ]]; then echo "user $(id -un) $(id -gn);"; fi
+    # A proxy under test may be pinned (PROXY_CPU_AFFINITY, e.g. "01" = core 0); the backend never is.
+    if [[ -n $affinity ]]; then echo "worker_cpu_affinity $affinity;"; fi
     cat <<EOF
 worker_processes 1;
 worker_rlimit_nofile 20000;
@@ -116,7 +118,7 @@ write_nginx_proxy() {
     local name=$1 port=$2 upstream_port=$3 dir=$OUT/$1
     mkdir -p "$dir/tmp"
     {
-        _nginx_head "$dir"
+        _nginx_head "$dir" "${PROXY_CPU_AFFINITY:-}"
         cat <<EOF
     upstream backend {
         server 127.0.0.1:$upstream_port;
@@ -141,7 +143,7 @@ write_nginx_proxy_cache() {
     local name=$1 port=$2 upstream_port=$3 dir=$OUT/$1
     mkdir -p "$dir/tmp" "$dir/cache"
     {
-        _nginx_head "$dir"
+        _nginx_head "$dir" "${PROXY_CPU_AFFINITY:-}"
         cat <<EOF
     proxy_cache_path $dir/cache levels=1:2 keys_zone=rg:10m max_size=64m inactive=60m use_temp_path=off;
     upstream backend {

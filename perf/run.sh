@@ -12,6 +12,10 @@
 #   --case NAME      proxied case(s) to measure, repeatable or comma-separated (default: core);
 #                    see define_case below ("core", "cache", "throttle", "auth", "auth-off")
 #   --connections C  wrk connections (default 64)
+#   --pin MODE       CPU affinity of the proxies under test, the same for nginx and ringgate:
+#                    "none" (default: both float; the backend and wrk always float) or "core0"
+#                    (ringgate's worker pinned by its pin_workers, nginx's proxy worker by
+#                    worker_cpu_affinity, both to core 0)
 #   --self-test      put a second nginx reverse proxy in every ringgate slot (checks the harness
 #                    itself: the ratios should come out near 1.00); implies --skip-build
 #   env RINGGATE_BIN path of the gateway binary (default target/release/ringgate)
@@ -38,6 +42,7 @@ IO_MODE=io_uring
 CONNECTIONS=64
 SKIP_BUILD=0
 SELF_TEST=0
+PIN=none
 SELECTED_CASES=()
 ORIG_ARGS="$*"
 
@@ -129,6 +134,7 @@ while [[ $# -gt 0 ]]; do
         --io) IO_MODE=$2; shift ;;
         --case) IFS=, read -r -a _c <<<"$2"; SELECTED_CASES+=("${_c[@]}"); shift ;;
         --connections) CONNECTIONS=$2; shift ;;
+        --pin) PIN=$2; shift ;;
         --self-test) SELF_TEST=1; SKIP_BUILD=1 ;;
         -h|--help) usage 0 ;;
         *) echo "unknown argument: $1" >&2; usage 2 ;;
@@ -139,6 +145,11 @@ case $IO_MODE in
     io_uring|epoll) IOS=("$IO_MODE") ;;
     both) IOS=(io_uring epoll) ;;
     *) die "--io must be io_uring, epoll or both" ;;
+esac
+case $PIN in
+    none) export RINGGATE_PIN=false PROXY_CPU_AFFINITY= ;;
+    core0) export RINGGATE_PIN=true PROXY_CPU_AFFINITY=01 ;;
+    *) die "--pin must be none or core0" ;;
 esac
 [[ ${#SELECTED_CASES[@]} -gt 0 ]] || SELECTED_CASES=(core)
 for c in "${SELECTED_CASES[@]}"; do
@@ -300,6 +311,7 @@ fi
     echo "command: perf/run.sh $ORIG_ARGS"
     echo "host: $(uname -srm), $(nproc) cpus, $("$NGINX" -v 2>&1 | sed 's/.*: //'), $(wrk -v 2>&1 | head -n1 | cut -d' ' -f1-2)"
     echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "proxies pinned: $PIN (--pin)"
     [[ $SELF_TEST == 0 && -x $RINGGATE_BIN ]] && echo "ringgate: $RINGGATE_BIN ($(stat -c '%y' "$RINGGATE_BIN" | cut -d. -f1))"
 } >"$OUT/meta.txt"
 
