@@ -6,9 +6,7 @@
 mod common;
 
 use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use ringgate::ws::frame::{self, op};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -40,8 +38,8 @@ fn ca(name: &str) -> Issuer {
 
 /// A leaf certificate for `names` signed by `by`, written as `dir/file.pem` and `dir/file.key`.
 fn leaf(dir: &Path, file: &str, names: &[&str], by: &Issuer, client: bool) {
-    let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        .unwrap();
+    let mut p =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
     p.distinguished_name
         .push(DnType::CommonName, names.first().copied().unwrap_or(file));
     p.extended_key_usages = vec![if client {
@@ -55,7 +53,8 @@ fn leaf(dir: &Path, file: &str, names: &[&str], by: &Issuer, client: bool) {
     std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
 }
 
-/// A temp dir with: `ca.pem` (signs `a` for a.test and *.wild.test, `b` for b.test),
+/// A temp dir with: `ca.pem` (signs `a` for a.test, *.wild.test and IP 127.0.0.1, `b` for
+/// b.test),
 /// `client-ca.pem` (signs `client`), `other-ca.pem` (signs `rogue`, a client certificate
 /// client_ca does not vouch for), and `ca2.pem` (signs `a2`, another a.test).
 struct Pki {
@@ -67,7 +66,13 @@ impl Pki {
         let dir = temp_dir("tls-pki");
         let server_ca = ca("ringgate test CA");
         std::fs::write(dir.join("ca.pem"), server_ca.cert.pem()).unwrap();
-        leaf(&dir, "a", &["a.test", "*.wild.test"], &server_ca, false);
+        leaf(
+            &dir,
+            "a",
+            &["a.test", "*.wild.test", "127.0.0.1"],
+            &server_ca,
+            false,
+        );
         leaf(&dir, "b", &["b.test"], &server_ca, false);
         let client_ca = ca("ringgate client CA");
         std::fs::write(dir.join("client-ca.pem"), client_ca.cert.pem()).unwrap();
@@ -248,9 +253,8 @@ fn tls_connect(addr: SocketAddr, name: &str, cfg: Arc<rustls::ClientConfig>) -> 
     let s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.set_nodelay(true).unwrap();
-    let conn =
-        rustls::ClientConnection::new(cfg, ServerName::try_from(name.to_string()).unwrap())
-            .unwrap();
+    let conn = rustls::ClientConnection::new(cfg, ServerName::try_from(name.to_string()).unwrap())
+        .unwrap();
     let mut t = rustls::StreamOwned::new(conn, s);
     while t.conn.is_handshaking() {
         t.conn.complete_io(&mut t.sock).expect("TLS handshake");
@@ -332,7 +336,10 @@ fn proxied_request_over_tls_reaches_origin_as_https() {
     // The plain listener still says http.
     let plain = g.gw.get("/api/plain");
     assert_eq!(plain.status, 200);
-    assert_eq!(origin.last_request().header("x-forwarded-proto"), Some("http"));
+    assert_eq!(
+        origin.last_request().header("x-forwarded-proto"),
+        Some("http")
+    );
 
     // A body goes up over TLS too (buffered and streamed parts).
     let big = "z".repeat(300_000);
@@ -400,8 +407,7 @@ fn keep_alive_case(io: &str) {
     ]);
     assert_eq!(c.code, 0, "{}", c.stderr);
     assert_eq!(
-        c.stdout,
-        "/k connects=1\n/k connects=0\n/k connects=0\n",
+        c.stdout, "/k connects=1\n/k connects=0\n/k connects=0\n",
         "{}",
         c.stderr
     );
@@ -420,7 +426,10 @@ fn keep_alive_case(io: &str) {
         .unwrap();
     for want in ["hello", "/p1", "hello"] {
         let (st, _, body) = read_response(&mut t, &mut buf);
-        assert_eq!((st, String::from_utf8(body).unwrap()), (200, want.to_string()));
+        assert_eq!(
+            (st, String::from_utf8(body).unwrap()),
+            (200, want.to_string())
+        );
     }
     for i in 0..2 {
         thread::sleep(Duration::from_millis(700));
@@ -440,7 +449,10 @@ fn keep_alive_case(io: &str) {
         .unwrap();
     let (st, head, _) = read_response(&mut t, &mut buf);
     assert_eq!(st, 200);
-    assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
     let mut rest = Vec::new();
     assert_eq!(t.read_to_end(&mut rest).unwrap(), 0, "clean close_notify");
 }
@@ -520,7 +532,11 @@ fn client_ca_requires_a_client_certificate() {
     };
     // No certificate: refused.
     let c = base(&[]);
-    assert_ne!(c.code, 0, "served without a client certificate: {}", c.stdout);
+    assert_ne!(
+        c.code, 0,
+        "served without a client certificate: {}",
+        c.stdout
+    );
     assert!(c.stdout.is_empty());
     // A certificate from another CA: refused.
     let (cert, key) = (pki.path("rogue.pem"), pki.path("rogue.key"));
@@ -553,7 +569,8 @@ fn client_ca_requires_a_client_certificate() {
         Some((&pki.path("client.pem"), &pki.path("client.key"))),
     );
     let mut t = tls_connect(g.tls, "a.test", cfg);
-    t.write_all(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    t.write_all(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
     let mut buf = Vec::new();
     assert_eq!(read_response(&mut t, &mut buf).2, b"hello");
 }
@@ -587,8 +604,16 @@ fn plain_http_and_garbage_on_the_tls_port_are_closed() {
         }
         assert!(t0.elapsed() < Duration::from_secs(3));
         // At most a TLS alert, never an HTTP answer.
-        assert!(!got.starts_with(b"HTTP/"), "{:?}", String::from_utf8_lossy(&got));
+        assert!(
+            !got.starts_with(b"HTTP/"),
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
     }
+    assert!(g
+        .gw
+        .metrics()
+        .contains("ringgate_tls_handshake_failures_total{reason=\"error\"} 3"));
     // The gateway is fine: TLS and plain requests work.
     let c = curl(&[
         "--cacert",
@@ -622,6 +647,10 @@ fn stalled_handshake_is_closed_by_the_header_timeout() {
             "closed after {took:?}"
         );
     }
+    assert!(g
+        .gw
+        .metrics()
+        .contains("ringgate_tls_handshake_failures_total{reason=\"timeout\"} 2"));
     // After the handshake, the request head has its own header timeout.
     let cfg = client_config(&pki.path("ca.pem"), None);
     let mut t = tls_connect(g.tls, "a.test", cfg);
@@ -651,7 +680,8 @@ fn max_connections_counts_tls_connections() {
     let cfg = client_config(&pki.path("ca.pem"), None);
     let mut t1 = tls_connect(g.tls, "a.test", cfg.clone());
     let mut buf = Vec::new();
-    t1.write_all(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    t1.write_all(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
     assert_eq!(read_response(&mut t1, &mut buf).0, 200);
     let _raw = TcpStream::connect(g.tls).unwrap();
     assert!(
@@ -721,7 +751,11 @@ fn reload_serves_new_certificates_to_new_connections() {
     std::fs::write(site.join("cert.pem"), "not a certificate").unwrap();
     let r = admin_request(g.gw.admin_addr, "POST", "/reload", None).unwrap();
     assert_ne!(r.status, 200, "{}", r.text());
-    assert!(r.text().contains("server.tls.certs[0].cert"), "{}", r.text());
+    assert!(
+        r.text().contains("server.tls.certs[0].cert"),
+        "{}",
+        r.text()
+    );
     assert_eq!(get("ca.pem").code, 0);
 
     // New certificate and key: new connections get them.
@@ -732,15 +766,17 @@ fn reload_serves_new_certificates_to_new_connections() {
     assert_eq!(get("ca2.pem").code, 0);
     assert_eq!(get("ca.pem").code, 60);
     let mut buf = Vec::new();
-    old.write_all(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    old.write_all(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
     assert_eq!(read_response(&mut old, &mut buf).2, b"hello");
 
     // Changing tls.listen needs a restart: said in the log, the bound listener keeps serving.
     let other = free_port();
-    g.gw.write_config(&std::fs::read_to_string(&g.gw.config_path).unwrap().replace(
-        &g.tls.to_string(),
-        &format!("127.0.0.1:{other}"),
-    ));
+    g.gw.write_config(
+        &std::fs::read_to_string(&g.gw.config_path)
+            .unwrap()
+            .replace(&g.tls.to_string(), &format!("127.0.0.1:{other}")),
+    );
     g.gw.reload_signal();
     assert!(wait_until(Duration::from_secs(3), || g
         .gw
@@ -1030,19 +1066,76 @@ integration = {{ type = "mock", status = 200, body = "pong" }}
     assert_eq!(ws_read(&mut t, &mut buf), (op::BINARY, big));
     thread::sleep(Duration::from_millis(1200));
     t.write_all(&ws_frame(op::TEXT, b"after idle")).unwrap();
-    assert_eq!(ws_read(&mut t, &mut buf), (op::TEXT, b"after idle".to_vec()));
-    t.write_all(&ws_frame(op::CLOSE, &1000u16.to_be_bytes())).unwrap();
+    assert_eq!(
+        ws_read(&mut t, &mut buf),
+        (op::TEXT, b"after idle".to_vec())
+    );
+    t.write_all(&ws_frame(op::CLOSE, &1000u16.to_be_bytes()))
+        .unwrap();
     let (opc, p) = ws_read(&mut t, &mut buf);
     assert_eq!((opc, &p[..2]), (op::CLOSE, &1000u16.to_be_bytes()[..]));
 
     // WebSocket API: a message answered by the mock, before and after an idle period.
     let (mut t, mut buf) = wss_open(&g, &pki, "/chat");
-    t.write_all(&ws_frame(op::TEXT, br#"{"action":"hi"}"#)).unwrap();
+    t.write_all(&ws_frame(op::TEXT, br#"{"action":"hi"}"#))
+        .unwrap();
     assert_eq!(ws_read(&mut t, &mut buf), (op::TEXT, b"pong".to_vec()));
     thread::sleep(Duration::from_millis(1200));
     t.write_all(&ws_frame(op::PING, b"p")).unwrap();
     assert_eq!(ws_read(&mut t, &mut buf), (op::PONG, b"p".to_vec()));
     t.write_all(&ws_frame(op::TEXT, b"again")).unwrap();
     assert_eq!(ws_read(&mut t, &mut buf), (op::TEXT, b"pong".to_vec()));
-    assert!(g.gw.metrics().contains("ringgate_websocket_connections_active 1"));
+    assert!(g
+        .gw
+        .metrics()
+        .contains("ringgate_websocket_connections_active 1"));
+}
+
+/// Python's `websockets` (over Python's ssl module) as an independent wss client, through a
+/// pass-through route to the echo origin.
+#[test]
+fn python_wss_client_through_passthrough() {
+    let ok = Command::new("python3")
+        .args(["-c", "import websockets"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "python3 with the websockets package is required (see .ci/run)"
+    );
+    let pki = Pki::new();
+    let (echo, _) = ws_echo_origin();
+    let rest = format!(
+        r#"
+[[upstreams]]
+name = "ws"
+targets = ["{echo}"]
+
+[[apis]]
+name = "live"
+
+[[apis.routes]]
+route = "GET /live/{{room}}"
+integration = {{ type = "http", upstream = "ws" }}
+"#
+    );
+    let g = start("", &certs_a_b(&pki), &rest);
+    let url = format!("wss://127.0.0.1:{}/live/py", g.tls.port());
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ws/peer.py"))
+        .args(["echo-client", &url, "100"])
+        .env("SSL_CERT_FILE", pki.path("ca.pem"))
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["messages"], 101);
+    assert_eq!(v["close_code"], 1000);
 }

@@ -185,11 +185,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             Some(l) if !l.get_ref().is_empty() => l.get_ref(),
             other => {
                 let span = other.as_ref().map(|l| l.span()).unwrap_or(t.span());
-                return Err(src.err(
-                    span,
-                    "server.tls.listen",
-                    "at least one address is needed",
-                ));
+                return Err(src.err(span, "server.tls.listen", "at least one address is needed"));
             }
         };
         for a in addrs {

@@ -58,7 +58,10 @@ pub(super) async fn run<S: ClientIo>(
 }
 
 /// Reads the whole request body into `rbuf` (after the head); returns its length.
-async fn buffer_body<S: ClientIo>(c: &mut Conn<S>, gw: &Gateway) -> Result<usize, (u16, &'static str)> {
+async fn buffer_body<S: ClientIo>(
+    c: &mut Conn<S>,
+    gw: &Gateway,
+) -> Result<usize, (u16, &'static str)> {
     let n = match c.b.head.body {
         BodyKind::None => return Ok(0),
         BodyKind::Length(n) => n,

@@ -272,7 +272,12 @@ unsafe impl IoVecBuf for HitIov {
 }
 
 /// Writes stored head, `c.b.out` and stored body with `writev`, continuing after short writes.
-async fn write_vectored<S: ClientIo>(w: &Worker, c: &mut Conn<S>, data: Bytes, head_len: usize) -> bool {
+async fn write_vectored<S: ClientIo>(
+    w: &Worker,
+    c: &mut Conn<S>,
+    data: Bytes,
+    head_len: usize,
+) -> bool {
     let iov = w.cache_iov.take().unwrap_or_else(|| {
         Box::new(
             [libc::iovec {

@@ -371,8 +371,17 @@ pub async fn serve_tls(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, guard
     .await;
     let header_timeout = limits.header_timeout;
     drop(gw);
-    let Ok(Ok(stream)) = hs else {
-        return;
+    let m = &w.shared.metrics;
+    let stream = match hs {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) => {
+            m.tls_handshake_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Err(_) => {
+            m.tls_handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
     };
     let now = Instant::now();
     run(w, stream, peer, guard, false, now, now + header_timeout).await
@@ -497,7 +506,12 @@ pub(crate) async fn run<S: ClientIo>(
 /// Reads until `c.rbuf` holds a complete request head, enforcing the size and time limits.
 /// `deadline` bounds the wait for the first byte (idle or header timeout); `now` is a recent
 /// reading of the clock (the end of the previous request), saving a read per request.
-async fn read_head<S: ClientIo>(c: &mut Conn<S>, limits: &Limits, mut now: Instant, deadline: Instant) -> HeadRead {
+async fn read_head<S: ClientIo>(
+    c: &mut Conn<S>,
+    limits: &Limits,
+    mut now: Instant,
+    deadline: Instant,
+) -> HeadRead {
     let mut head_deadline: Option<Instant> = None;
     let hl = crate::http::Limits {
         max_header_bytes: limits.max_header_bytes,
@@ -567,7 +581,11 @@ fn error_text(e: &HttpError) -> &'static str {
 
 /// Handles one parsed request; returns whether the connection stays open, and when the
 /// request ended.
-async fn handle<S: ClientIo>(w: &Rc<Worker>, gw: &Arc<Gateway>, c: &mut Conn<S>) -> (bool, Instant) {
+async fn handle<S: ClientIo>(
+    w: &Rc<Worker>,
+    gw: &Arc<Gateway>,
+    c: &mut Conn<S>,
+) -> (bool, Instant) {
     let t0 = Instant::now();
     let head_len = c.b.head.head_len;
     c.consumed = head_len;
@@ -770,7 +788,12 @@ async fn ws_handshake<S: ClientIo>(
 }
 
 /// Refuses a WebSocket handshake; a 426 names the version and protocol to use (RFC 6455 4.4).
-async fn reject_ws<S: ClientIo>(w: &Rc<Worker>, c: &mut Conn<S>, status: u16, msg: &str) -> Outcome {
+async fn reject_ws<S: ClientIo>(
+    w: &Rc<Worker>,
+    c: &mut Conn<S>,
+    status: u16,
+    msg: &str,
+) -> Outcome {
     if status != 426 {
         return reject(w, c, status, msg, false).await;
     }
@@ -844,7 +867,13 @@ async fn respond_mock<S: ClientIo>(
 }
 
 /// Answers with a gateway error `{"message": msg}`.
-async fn reject<S: ClientIo>(w: &Rc<Worker>, c: &mut Conn<S>, status: u16, msg: &str, keep: bool) -> Outcome {
+async fn reject<S: ClientIo>(
+    w: &Rc<Worker>,
+    c: &mut Conn<S>,
+    status: u16,
+    msg: &str,
+    keep: bool,
+) -> Outcome {
     let keep = keep && c.b.head.keep_alive;
     let ok = write_error(w, c, status, msg, keep).await;
     Outcome {
@@ -855,7 +884,13 @@ async fn reject<S: ClientIo>(w: &Rc<Worker>, c: &mut Conn<S>, status: u16, msg: 
 }
 
 /// Encodes and writes a JSON error; returns whether the write succeeded.
-async fn write_error<S: ClientIo>(w: &Rc<Worker>, c: &mut Conn<S>, status: u16, msg: &str, keep: bool) -> bool {
+async fn write_error<S: ClientIo>(
+    w: &Rc<Worker>,
+    c: &mut Conn<S>,
+    status: u16,
+    msg: &str,
+    keep: bool,
+) -> bool {
     c.b.out.clear();
     encode::push_status_line(&mut c.b.out, status);
     c.b.out
@@ -885,7 +920,11 @@ enum FillError {
 /// answering `Expect: 100-continue` (once) when the body is still to come. Reads go into a
 /// separate buffer and are appended: a read abandoned at the deadline takes its buffer with it,
 /// and the head in `rbuf` must stay for the answer and the access log.
-async fn fill_rbuf<S: ClientIo>(c: &mut Conn<S>, want: usize, timeout: Duration) -> Result<(), FillError> {
+async fn fill_rbuf<S: ClientIo>(
+    c: &mut Conn<S>,
+    want: usize,
+    timeout: Duration,
+) -> Result<(), FillError> {
     if c.b.rbuf.len() >= want {
         return Ok(());
     }

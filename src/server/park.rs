@@ -175,10 +175,26 @@ pub async fn run_parker(w: Rc<Worker>) {
                 if let Some(p) = w.parker.unpark(ev.u64 as usize) {
                     match p.stream {
                         Idle::Plain(s) => {
-                            monoio::spawn(run(w.clone(), s, p.peer, p.guard, true, now, p.deadline));
+                            monoio::spawn(run(
+                                w.clone(),
+                                s,
+                                p.peer,
+                                p.guard,
+                                true,
+                                now,
+                                p.deadline,
+                            ));
                         }
                         Idle::Tls(s) => {
-                            monoio::spawn(run(w.clone(), *s, p.peer, p.guard, true, now, p.deadline));
+                            monoio::spawn(run(
+                                w.clone(),
+                                *s,
+                                p.peer,
+                                p.guard,
+                                true,
+                                now,
+                                p.deadline,
+                            ));
                         }
                     }
                 }

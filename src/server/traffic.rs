@@ -43,7 +43,10 @@ pub(super) fn preflight_route<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>) -> Opt
 }
 
 /// A preflight the gateway does not allow: 204 without CORS headers.
-pub(super) async fn answer_preflight_denied<S: ClientIo>(w: &Rc<Worker>, c: &mut Conn<S>) -> Outcome {
+pub(super) async fn answer_preflight_denied<S: ClientIo>(
+    w: &Rc<Worker>,
+    c: &mut Conn<S>,
+) -> Outcome {
     c.b.extra.clear();
     respond_204(w, c).await
 }

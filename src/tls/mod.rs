@@ -170,7 +170,8 @@ pub(crate) fn build(
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let path = base.join(ca.get_ref());
-            let certs = read_certs(&path).map_err(|e| src.err(ca.span(), "server.tls.client_ca", e))?;
+            let certs =
+                read_certs(&path).map_err(|e| src.err(ca.span(), "server.tls.client_ca", e))?;
             let mut roots = rustls::RootCertStore::empty();
             for c in certs {
                 roots.add(c).map_err(|e| {
@@ -219,12 +220,8 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         ));
     }
     for c in &out {
-        webpki::EndEntityCert::try_from(c).map_err(|e| {
-            format!(
-                "{}: not a valid X.509 certificate: {e:?}",
-                path.display()
-            )
-        })?;
+        webpki::EndEntityCert::try_from(c)
+            .map_err(|e| format!("{}: not a valid X.509 certificate: {e:?}", path.display()))?;
     }
     Ok(out)
 }

@@ -120,7 +120,10 @@ impl TlsStream {
             if n == 0 {
                 // rustls took nothing while bytes wait: never loop on it.
                 self.rbroken = true;
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "tls: stalled input"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "tls: stalled input",
+                ));
             }
             self.rpos += n;
             let st = match self.conn.process_new_packets() {
@@ -388,7 +391,8 @@ impl AsyncWriteRent for TlsStream {
         for v in iovs.iter().take(parts.len()) {
             if v.iov_len > 0 {
                 // SAFETY: each iovec describes `iov_len` initialized bytes (see above).
-                parts[k] = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+                parts[k] =
+                    unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
                 k += 1;
             }
         }

@@ -7,12 +7,12 @@
 use super::frame::{self, code, SizeLimits};
 use super::WsSettings;
 use crate::gateway::Shared;
+use crate::server::ClientIo;
 use monoio::buf::IoBufMut;
 use monoio::io::{
     AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf,
     OwnedWriteHalf, Splitable,
 };
-use crate::server::ClientIo;
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
