@@ -1139,3 +1139,171 @@ integration = {{ type = "http", upstream = "ws" }}
     assert_eq!(v["messages"], 101);
     assert_eq!(v["close_code"], 1000);
 }
+
+/// Cache hits over TLS: small ones are copied into one write, large ones go out with `writev`
+/// (three iovecs into the TLS stream).
+#[test]
+fn cache_hits_over_tls() {
+    let pki = Pki::new();
+    let origin = Origin::start(|r| {
+        let n = if r.path.contains("big") { 300_000 } else { 100 };
+        Response::ok(vec![b'a' + (r.path.len() % 20) as u8; n])
+    });
+    let rest = format!(
+        r#"
+[[upstreams]]
+name = "o"
+targets = ["{}"]
+
+[[apis]]
+name = "shop"
+
+[apis.stages.prod]
+cache = {{ ttl_s = 60 }}
+
+[[apis.routes]]
+route = "GET /items/{{id}}"
+integration = {{ type = "http", upstream = "o" }}
+"#,
+        origin.addr
+    );
+    let g = start("", &certs_a_b(&pki), &rest);
+    let cfg = client_config(&pki.path("ca.pem"), None);
+    let mut t = tls_connect(g.tls, "a.test", cfg);
+    let mut buf = Vec::new();
+    for path in ["/prod/items/small", "/prod/items/big"] {
+        let mut first = None;
+        for round in 0..3 {
+            write!(t, "GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n").unwrap();
+            let (st, head, body) = read_response(&mut t, &mut buf);
+            assert_eq!(st, 200);
+            let want = if round == 0 { "miss" } else { "hit" };
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains(&format!("x-cache: {want}")),
+                "{path} round {round}: {head}"
+            );
+            match &first {
+                None => first = Some(body),
+                Some(f) => assert!(f == &body, "{path}: cached body differs"),
+            }
+        }
+    }
+    assert_eq!(origin.request_count(), 2);
+}
+
+/// Clients that give up at every point of a TLS connection: the gateway ends each one itself,
+/// keeps serving, and its connection count comes back to zero. Then a drain with TLS
+/// connections open (idle and mid-request) exits 0.
+#[test]
+fn tls_clients_that_give_up_anywhere() {
+    let pki = Pki::new();
+    let origin = Origin::start(|_| Response::ok(vec![b'r'; 200_000]));
+    let mut g = start(
+        "[server.limits]\nheader_timeout_ms = 1500\nidle_timeout_ms = 3000",
+        &certs_a_b(&pki),
+        &proxy_routes(origin.addr),
+    );
+    let cfg = client_config(&pki.path("ca.pem"), None);
+    // A real ClientHello's first bytes, to stop in the middle of one.
+    let hello = {
+        let mut conn =
+            rustls::ClientConnection::new(cfg.clone(), ServerName::try_from("a.test").unwrap())
+                .unwrap();
+        let mut v = Vec::new();
+        conn.write_tls(&mut v).unwrap();
+        v
+    };
+    let mut handles = Vec::new();
+    for case in 0..8 {
+        let cfg = cfg.clone();
+        let hello = hello.clone();
+        let addr = g.tls;
+        handles.push(thread::spawn(move || {
+            for _ in 0..5 {
+                match case {
+                    // Connect and leave.
+                    0 => drop(TcpStream::connect(addr).unwrap()),
+                    // Half a ClientHello, then leave.
+                    1 => {
+                        let mut s = TcpStream::connect(addr).unwrap();
+                        let _ = s.write_all(&hello[..hello.len() / 2]);
+                    }
+                    // A full ClientHello, then leave without reading.
+                    2 => {
+                        let mut s = TcpStream::connect(addr).unwrap();
+                        let _ = s.write_all(&hello);
+                    }
+                    // Handshake, then leave.
+                    3 => drop(tls_connect(addr, "a.test", cfg.clone())),
+                    // Half a request head, then leave.
+                    4 => {
+                        let mut t = tls_connect(addr, "a.test", cfg.clone());
+                        let _ = t.write_all(b"GET /api/x HTTP/1.1\r\nHo");
+                    }
+                    // Half a request body, then leave.
+                    5 => {
+                        let mut t = tls_connect(addr, "a.test", cfg.clone());
+                        let _ = t.write_all(
+                            b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\nabc",
+                        );
+                        let _ = t.flush();
+                        thread::sleep(Duration::from_millis(50));
+                    }
+                    // A big response not read, then leave.
+                    6 => {
+                        let mut t = tls_connect(addr, "a.test", cfg.clone());
+                        let _ = t.write_all(b"GET /api/big HTTP/1.1\r\nHost: a\r\n\r\n");
+                        let _ = t.flush();
+                        thread::sleep(Duration::from_millis(50));
+                    }
+                    // Half a TLS record after the handshake, then leave.
+                    _ => {
+                        let mut t = tls_connect(addr, "a.test", cfg.clone());
+                        let mut rec = Vec::new();
+                        t.conn
+                            .writer()
+                            .write_all(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+                            .unwrap();
+                        t.conn.write_tls(&mut rec).unwrap();
+                        let _ = t.sock.write_all(&rec[..rec.len() / 2]);
+                    }
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    // Still serving, and every abandoned connection is gone in time.
+    let c = curl(&[
+        "--cacert",
+        &pki.path("ca.pem"),
+        "--resolve",
+        &resolve("a.test", g.tls),
+        &url("a.test", g.tls, "/hello"),
+    ]);
+    assert_eq!((c.code, c.stdout.as_str()), (0, "hello"), "{}", c.stderr);
+    assert!(
+        wait_until(Duration::from_secs(8), || g
+            .gw
+            .metrics()
+            .contains("ringgate_connections_active 0")),
+        "{}",
+        g.gw.metrics()
+    );
+
+    // Drain with one idle TLS connection (parked) and one mid-request.
+    let mut idle = tls_connect(g.tls, "a.test", cfg.clone());
+    let mut buf = Vec::new();
+    idle.write_all(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut idle, &mut buf).0, 200);
+    let mut half = tls_connect(g.tls, "a.test", cfg);
+    half.write_all(b"GET /hello HTTP/1.1\r\n").unwrap();
+    thread::sleep(Duration::from_millis(400));
+    g.gw.terminate();
+    let st = g.gw.wait_exit(Duration::from_secs(6)).expect("exits");
+    assert!(st.success(), "{st:?}\n{}", g.gw.stderr());
+    assert!(!g.gw.stderr().contains("panicked"), "{}", g.gw.stderr());
+}

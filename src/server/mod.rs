@@ -358,19 +358,17 @@ pub async fn serve(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, guard: Co
 /// plain HTTP. A new config's certificates apply to the handshakes after the reload.
 pub async fn serve_tls(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, guard: ConnGuard) {
     let _ = stream.set_nodelay(true);
-    let gw = w.gateway();
-    let limits = &gw.config.server.limits;
-    set_user_timeout(&stream, limits.idle_timeout);
-    let Some(tls) = &gw.config.server.tls else {
-        return;
+    let (server, header_timeout) = {
+        let gw = w.gateway();
+        let limits = &gw.config.server.limits;
+        set_user_timeout(&stream, limits.idle_timeout);
+        // Always set while TLS listeners are bound (a reload that drops [server.tls] keeps it).
+        let Some(tls) = &gw.config.server.tls else {
+            return;
+        };
+        (tls.server.clone(), limits.header_timeout)
     };
-    let hs = monoio::time::timeout(
-        limits.header_timeout,
-        crate::tls::accept(stream, tls.server.clone()),
-    )
-    .await;
-    let header_timeout = limits.header_timeout;
-    drop(gw);
+    let hs = monoio::time::timeout(header_timeout, crate::tls::accept(stream, server)).await;
     let m = &w.shared.metrics;
     let stream = match hs {
         Ok(Ok(s)) => s,
