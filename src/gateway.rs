@@ -102,6 +102,21 @@ impl Shared {
                     .to_string(),
             );
         }
+        let tls_listen = |c: &crate::config::ServerConfig| c.tls.as_ref().map(|t| t.listen.clone());
+        if tls_listen(o) != tls_listen(n) {
+            notes.push(
+                "server.tls.listen takes effect at the next restart (certificates apply now)"
+                    .to_string(),
+            );
+        }
+        if n.tls.is_none() && o.tls.is_some() {
+            // The TLS listeners stay bound until a restart: they keep the certificates they had.
+            notes.push(
+                "[server.tls] was removed: its listeners keep serving with the previous certificates until the next restart"
+                    .to_string(),
+            );
+            new.server.tls = o.tls.clone();
+        }
         if old.config.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
             notes.push("admin.listen takes effect at the next restart".to_string());
         }

@@ -12,7 +12,8 @@
 //! - [`policy`]: pipeline stages: auth, throttles, usage plans, WAF, CORS;
 //! - [`metrics`], [`accesslog`], [`admin`]: observability and management;
 //! - [`gateway`]: the live state shared by all threads;
-//! - [`ws`]: WebSocket codec, pass-through and WebSocket APIs.
+//! - [`ws`]: WebSocket codec, pass-through and WebSocket APIs;
+//! - [`tls`]: HTTPS listeners (`[server.tls]`): certificates, SNI, mTLS, the TLS stream.
 
 pub mod accesslog;
 pub mod admin;
@@ -25,5 +26,6 @@ pub mod policy;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 pub mod ws;

@@ -47,6 +47,12 @@ fn main() -> ExitCode {
     };
     if check {
         print!("{}", cfg.routes.describe(&cfg.upstreams));
+        for a in &cfg.server.listen {
+            println!("listener http://{a}");
+        }
+        if let Some(t) = &cfg.server.tls {
+            print!("{}", t.describe());
+        }
         println!(
             "config {} is valid: {} route(s), {} upstream(s)",
             config.display(),

@@ -93,6 +93,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     pub state_dir: PathBuf,
     pub limits: Limits,
+    /// `[server.tls]`: HTTPS listeners and their certificates.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// `[admin]`, validated.
@@ -169,7 +171,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         ConfigError(format!("{}:{line}: {msg}", path.display()))
     })?;
 
-    let server = validate_server(&src, &raw)?;
+    let mut server = validate_server(&src, &raw)?;
     let admin = match &raw.admin {
         None => None,
         Some(a) => Some(AdminConfig {
@@ -177,6 +179,33 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             token: a.token.clone().filter(|t| !t.is_empty()),
         }),
     };
+    if let Some(t) = &raw.server.tls {
+        let mut listen: Vec<SocketAddr> = Vec::new();
+        let addrs = match &t.get_ref().listen {
+            Some(l) if !l.get_ref().is_empty() => l.get_ref(),
+            other => {
+                let span = other.as_ref().map(|l| l.span()).unwrap_or(t.span());
+                return Err(src.err(span, "server.tls.listen", "at least one address is needed"));
+            }
+        };
+        for a in addrs {
+            let addr = parse_addr(&src, a, "server.tls.listen")?;
+            // The same address twice would share one SO_REUSEPORT group: connections would
+            // land on either protocol at random.
+            let taken = server.listen.contains(&addr)
+                || listen.contains(&addr)
+                || admin.as_ref().map(|a| a.listen) == Some(addr);
+            if taken {
+                return Err(src.err(
+                    a.span(),
+                    "server.tls.listen",
+                    format!("{addr} is already used by another listener"),
+                ));
+            }
+            listen.push(addr);
+        }
+        server.tls = Some(crate::tls::build(&src, t, listen)?);
+    }
     let access_log = raw.access_log.as_ref().map(|a| {
         if a.path == "-" {
             None
@@ -288,6 +317,7 @@ fn validate_server(src: &Source, raw: &RawConfig) -> Result<ServerConfig, Config
             idle_timeout: Duration::from_millis(l.idle_timeout_ms),
             max_connections: l.max_connections,
         },
+        tls: None,
     })
 }
 

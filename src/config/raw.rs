@@ -54,6 +54,8 @@ pub struct RawServer {
     pub limits: RawLimits,
     /// Gateway-wide token bucket.
     pub throttle: Option<Spanned<crate::policy::raw::RawThrottle>>,
+    /// `[server.tls]`: HTTPS listeners.
+    pub tls: Option<Spanned<crate::tls::RawTls>>,
 }
 
 impl Default for RawServer {
@@ -67,6 +69,7 @@ impl Default for RawServer {
             state_dir: default_state_dir(),
             limits: RawLimits::default(),
             throttle: None,
+            tls: None,
         }
     }
 }

@@ -152,6 +152,11 @@ pub struct Registry {
     pub connections_active: AtomicI64,
     /// Open WebSocket connections.
     pub ws_connections_active: AtomicI64,
+    /// TLS handshakes not completed within `header_timeout`.
+    pub tls_handshake_timeouts: std::sync::atomic::AtomicU64,
+    /// TLS handshakes refused (not TLS, no shared protocol, bad or missing client certificate)
+    /// or cut short by the client.
+    pub tls_handshake_errors: std::sync::atomic::AtomicU64,
 }
 
 /// Merged view used by the dashboard and the scrape.
@@ -267,6 +272,12 @@ impl Registry {
             o,
             "# HELP ringgate_websocket_connections_active Open WebSocket connections (pass-through and WebSocket APIs).\n# TYPE ringgate_websocket_connections_active gauge\nringgate_websocket_connections_active {}",
             self.ws_connections_active.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP ringgate_tls_handshake_failures_total TLS handshakes that did not complete.\n# TYPE ringgate_tls_handshake_failures_total counter\nringgate_tls_handshake_failures_total{{reason=\"timeout\"}} {}\nringgate_tls_handshake_failures_total{{reason=\"error\"}} {}",
+            self.tls_handshake_timeouts.load(Ordering::Relaxed),
+            self.tls_handshake_errors.load(Ordering::Relaxed)
         );
         o.push_str(tail);
         o

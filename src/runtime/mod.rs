@@ -9,7 +9,7 @@
 
 use crate::config::{Config, IoMode};
 use crate::gateway::Shared;
-use crate::server::{serve, ConnGuard, Worker};
+use crate::server::{serve, serve_tls, ConnGuard, Worker};
 use monoio::net::{ListenerOpts, TcpListener};
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -48,6 +48,12 @@ pub fn run(config: Config) -> Result<(), String> {
     let io = config.server.io;
     let pin = config.server.pin_workers;
     let listen = config.server.listen.clone();
+    let tls_listen = config
+        .server
+        .tls
+        .as_ref()
+        .map(|t| t.listen.clone())
+        .unwrap_or_default();
     let admin_cfg = config.admin.clone();
     let shared = Shared::new(config, access_log)?;
 
@@ -71,7 +77,10 @@ pub fn run(config: Config) -> Result<(), String> {
     let mut handles = Vec::new();
     for id in 0..workers {
         let shared = shared.clone();
-        let listen = listen.clone();
+        let listen = Listen {
+            plain: listen.clone(),
+            tls: tls_listen.clone(),
+        };
         let tx = ready_tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("ringgate-w{id}"))
@@ -88,7 +97,11 @@ pub fn run(config: Config) -> Result<(), String> {
         }
     }
     shared.ready.store(true, Ordering::Release);
-    let addrs: Vec<String> = listen.iter().map(|a| a.to_string()).collect();
+    let addrs: Vec<String> = listen
+        .iter()
+        .map(|a| a.to_string())
+        .chain(tls_listen.iter().map(|a| format!("https://{a}")))
+        .collect();
     eprintln!(
         "ringgate: listening on {} with {workers} worker(s)",
         addrs.join(", ")
@@ -143,11 +156,18 @@ fn uring_builder() -> io_uring::Builder {
     b
 }
 
+/// The addresses a worker binds.
+struct Listen {
+    plain: Vec<SocketAddr>,
+    /// `server.tls.listen`: HTTPS.
+    tls: Vec<SocketAddr>,
+}
+
 fn worker_thread(
     id: usize,
     cpu: Option<usize>,
     shared: Arc<Shared>,
-    listen: Vec<SocketAddr>,
+    listen: Listen,
     io: IoMode,
     ready: mpsc::Sender<Result<String, String>>,
 ) {
@@ -188,7 +208,7 @@ fn worker_thread(
 async fn worker_main(
     id: usize,
     shared: Arc<Shared>,
-    listen: Vec<SocketAddr>,
+    listen: Listen,
     driver: &'static str,
     ready: mpsc::Sender<Result<String, String>>,
 ) {
@@ -197,9 +217,14 @@ async fn worker_main(
         .reuse_port(true)
         .reuse_addr(true)
         .backlog(4096);
-    for a in &listen {
+    let all = listen
+        .plain
+        .iter()
+        .map(|a| (a, false))
+        .chain(listen.tls.iter().map(|a| (a, true)));
+    for (a, tls) in all {
         match TcpListener::bind_with_config(a, &opts) {
-            Ok(l) => listeners.push(l),
+            Ok(l) => listeners.push((l, tls)),
             Err(e) => {
                 let _ = ready.send(Err(format!("cannot listen on {a}: {e}")));
                 return;
@@ -209,8 +234,8 @@ async fn worker_main(
     let _ = ready.send(Ok(format!("worker {id}: io driver: {driver}")));
     let w = Rc::new(Worker::new(id, shared.clone()));
     let mut accept_tasks = Vec::new();
-    for l in listeners {
-        accept_tasks.push(monoio::spawn(accept_loop(w.clone(), l)));
+    for (l, tls) in listeners {
+        accept_tasks.push(monoio::spawn(accept_loop(w.clone(), l, tls)));
     }
     {
         // Housekeeping off the request path: access-log flushes and heap trimming.
@@ -249,7 +274,9 @@ async fn wait_shutdown(shared: &Shared) {
     }
 }
 
-async fn accept_loop(w: Rc<Worker>, l: TcpListener) {
+/// Accepts on one listener; `tls`: an HTTPS listener (the handshake runs in the connection's
+/// task). TLS connections count toward `max_connections` like any other.
+async fn accept_loop(w: Rc<Worker>, l: TcpListener, tls: bool) {
     let shared = w.shared.clone();
     let mut stop = std::pin::pin!(wait_shutdown(&shared));
     loop {
@@ -265,7 +292,11 @@ async fn accept_loop(w: Rc<Worker>, l: TcpListener) {
                         continue;
                     }
                     let guard = ConnGuard(shared.clone());
-                    monoio::spawn(serve(w.clone(), stream, peer, guard));
+                    if tls {
+                        monoio::spawn(serve_tls(w.clone(), stream, peer, guard));
+                    } else {
+                        monoio::spawn(serve(w.clone(), stream, peer, guard));
+                    }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.

@@ -2,7 +2,7 @@
 //! asks for it, buffering the request body first when the check hashes it (SigV4), and answers
 //! 401/403 itself when the check fails.
 
-use super::{body_skippable, fill_rbuf, reject, Conn, FillError, Outcome, Worker};
+use super::{body_skippable, fill_rbuf, reject, ClientIo, Conn, FillError, Outcome, Worker};
 use crate::config::Route;
 use crate::gateway::Gateway;
 use crate::http::BodyKind;
@@ -14,10 +14,10 @@ use std::sync::Arc;
 const MAX_SIGNED_BODY: u64 = 10 << 20;
 
 /// Checks the request; on failure the client has been answered and the outcome is returned.
-pub(super) async fn run(
+pub(super) async fn run<S: ClientIo>(
     w: &Rc<Worker>,
     gw: &Arc<Gateway>,
-    c: &mut Conn,
+    c: &mut Conn<S>,
     route: &Route,
 ) -> Result<(), Outcome> {
     let head_len = c.b.head.head_len;
@@ -58,7 +58,10 @@ pub(super) async fn run(
 }
 
 /// Reads the whole request body into `rbuf` (after the head); returns its length.
-async fn buffer_body(c: &mut Conn, gw: &Gateway) -> Result<usize, (u16, &'static str)> {
+async fn buffer_body<S: ClientIo>(
+    c: &mut Conn<S>,
+    gw: &Gateway,
+) -> Result<usize, (u16, &'static str)> {
     let n = match c.b.head.body {
         BodyKind::None => return Ok(0),
         BodyKind::Length(n) => n,

@@ -7,7 +7,7 @@
 //! (one `write`); larger ones go out as one `writev` of the stored head, the per-request block
 //! and the stored body, without copying them.
 
-use super::{proxy, write_out, Conn, Outcome, Worker};
+use super::{proxy, write_out, ClientIo, Conn, Outcome, Worker};
 use crate::cache::control::request_wants_refresh;
 use crate::cache::{build_key, push_vary, CachePolicy, Capture, Entry, Invalidation, WorkerCache};
 use crate::config::{PathTemplate, Route};
@@ -15,7 +15,6 @@ use crate::gateway::Gateway;
 use crate::http::{encode, Method};
 use bytes::Bytes;
 use monoio::buf::IoVecBuf;
-use monoio::io::AsyncWriteRent;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,10 +38,10 @@ struct Hit {
 
 /// Serves a request on a route with a cache policy.
 #[allow(clippy::too_many_arguments, reason = "the request's whole context")]
-pub(super) async fn serve(
+pub(super) async fn serve<S: ClientIo>(
     w: &Rc<Worker>,
     gw: &Arc<Gateway>,
-    c: &mut Conn,
+    c: &mut Conn<S>,
     route: &Route,
     pol: &CachePolicy,
     up: usize,
@@ -97,10 +96,10 @@ pub(super) async fn serve(
 
 /// Builds the key (with the learned `Vary` part) and looks it up. Returns the primary key
 /// hash, the hit, and, when `want_key`, a copy of the full key.
-fn lookup(
+fn lookup<S: ClientIo>(
     w: &Worker,
     gw: &Gateway,
-    c: &Conn,
+    c: &Conn<S>,
     route: &Route,
     pol: &CachePolicy,
     get: bool,
@@ -152,10 +151,10 @@ fn lookup(
 
 /// Sends the request upstream and stores the answer when the rules allow.
 #[allow(clippy::too_many_arguments, reason = "the request's whole context")]
-async fn fetch(
+async fn fetch<S: ClientIo>(
     w: &Rc<Worker>,
     gw: &Arc<Gateway>,
-    c: &mut Conn,
+    c: &mut Conn<S>,
     route: &Route,
     pol: &CachePolicy,
     up: usize,
@@ -219,7 +218,7 @@ async fn fetch(
 }
 
 /// Writes a stored answer with its per-request headers.
-async fn write_hit(w: &Worker, c: &mut Conn, h: Hit) -> Outcome {
+async fn write_hit<S: ClientIo>(w: &Worker, c: &mut Conn<S>, h: Hit) -> Outcome {
     let keep = c.b.head.keep_alive;
     let small = h.data.len() <= COPY_MAX;
     c.b.out.clear();
@@ -273,7 +272,12 @@ unsafe impl IoVecBuf for HitIov {
 }
 
 /// Writes stored head, `c.b.out` and stored body with `writev`, continuing after short writes.
-async fn write_vectored(w: &Worker, c: &mut Conn, data: Bytes, head_len: usize) -> bool {
+async fn write_vectored<S: ClientIo>(
+    w: &Worker,
+    c: &mut Conn<S>,
+    data: Bytes,
+    head_len: usize,
+) -> bool {
     let iov = w.cache_iov.take().unwrap_or_else(|| {
         Box::new(
             [libc::iovec {

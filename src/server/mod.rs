@@ -12,6 +12,7 @@ mod proxy;
 mod traffic;
 
 pub use park::run_parker;
+pub use park::Idle;
 
 use crate::accesslog::{push_json_str, LocalLog};
 use crate::config::{Integration, Limits, Route, RouteMatch};
@@ -22,7 +23,9 @@ use crate::metrics::{Labels, WorkerMetrics};
 use crate::router::Params;
 use crate::upstream::WorkerPools;
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, Split,
+};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -233,9 +236,65 @@ impl Drop for ConnGuard {
     }
 }
 
+/// A client connection's byte stream: plain TCP, or TLS over it. The connection loop is
+/// generic over it, so the plain path compiles to exactly what it would be without TLS.
+pub trait ClientIo:
+    AsyncReadRent + AsyncWriteRent + CancelableAsyncReadRent + Split + Sized + 'static
+{
+    /// Came in over TLS (`X-Forwarded-Proto: https`, `"scheme":"https"` in the access log).
+    const TLS: bool;
+    /// The TCP socket underneath (readiness waits, socket options).
+    fn tcp(&self) -> &TcpStream;
+    /// The stream as an idle connection for the park table, or `None` when it cannot wait on
+    /// socket readiness alone (bytes buffered above the socket): it is closed instead.
+    fn into_idle(self) -> Option<Idle>;
+    /// Ends a connection the gateway closes (TLS: close_notify; plain: nothing, the socket is
+    /// closed when dropped).
+    fn close(self) -> impl std::future::Future<Output = ()>;
+}
+
+impl ClientIo for TcpStream {
+    const TLS: bool = false;
+    #[inline]
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+    #[inline]
+    fn into_idle(self) -> Option<Idle> {
+        Some(Idle::Plain(self))
+    }
+    #[inline]
+    fn close(self) -> impl std::future::Future<Output = ()> {
+        drop(self);
+        std::future::ready(())
+    }
+}
+
+impl ClientIo for crate::tls::TlsStream {
+    const TLS: bool = true;
+    #[inline]
+    fn tcp(&self) -> &TcpStream {
+        crate::tls::TlsStream::tcp(self)
+    }
+    fn into_idle(mut self) -> Option<Idle> {
+        // A parked socket is woken by bytes on the wire only, so nothing may wait above it.
+        // The idle read was cancelled in the socket read, which only starts once rustls has
+        // no plaintext and every received byte was handed to it; this is a safety net.
+        if !self.drained() {
+            return None;
+        }
+        self.release_buffers();
+        Some(Idle::Tls(Box::new(self)))
+    }
+    async fn close(mut self) {
+        // Bounded: a client that stopped reading must not hold the task.
+        let _ = monoio::time::timeout(Duration::from_secs(1), self.shutdown()).await;
+    }
+}
+
 /// One client connection while it is active.
-struct Conn {
-    stream: TcpStream,
+struct Conn<S> {
+    stream: S,
     peer: SocketAddr,
     b: Box<Bufs>,
     /// Bytes of `rbuf` that belong to the current request (head and buffered body).
@@ -294,6 +353,38 @@ pub async fn serve(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, guard: Co
     .await
 }
 
+/// Serves one connection accepted on a TLS listener: the handshake, bounded by
+/// `header_timeout` (past it, or when it fails, the socket is closed), then the same loop as
+/// plain HTTP. A new config's certificates apply to the handshakes after the reload.
+pub async fn serve_tls(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, guard: ConnGuard) {
+    let _ = stream.set_nodelay(true);
+    let (server, header_timeout) = {
+        let gw = w.gateway();
+        let limits = &gw.config.server.limits;
+        set_user_timeout(&stream, limits.idle_timeout);
+        // Always set while TLS listeners are bound (a reload that drops [server.tls] keeps it).
+        let Some(tls) = &gw.config.server.tls else {
+            return;
+        };
+        (tls.server.clone(), limits.header_timeout)
+    };
+    let hs = monoio::time::timeout(header_timeout, crate::tls::accept(stream, server)).await;
+    let m = &w.shared.metrics;
+    let stream = match hs {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) => {
+            m.tls_handshake_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Err(_) => {
+            m.tls_handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let now = Instant::now();
+    run(w, stream, peer, guard, false, now, now + header_timeout).await
+}
+
 /// A client that stops reading (a full send buffer, zero window) or vanishes is dropped by the
 /// kernel once sent data stays unacknowledged for `idle_timeout` (TCP_USER_TIMEOUT, zero-window
 /// probes included): no timer per write on the hot path, one system call per connection.
@@ -313,9 +404,9 @@ fn set_user_timeout(stream: &TcpStream, t: Duration) {
 }
 
 /// The connection loop: one request after another until close or park.
-pub(crate) async fn run(
+pub(crate) async fn run<S: ClientIo>(
     w: Rc<Worker>,
-    stream: TcpStream,
+    stream: S,
     peer: SocketAddr,
     guard: ConnGuard,
     served: bool,
@@ -353,7 +444,9 @@ pub(crate) async fn run(
                     ..
                 } = c;
                 w.give_bufs(b);
-                w.parker.park(stream, peer, guard, deadline);
+                if let Some(idle) = stream.into_idle() {
+                    w.parker.park(idle, peer, guard, deadline);
+                }
                 return;
             }
             HeadRead::Fail(status, msg) => {
@@ -403,14 +496,20 @@ pub(crate) async fn run(
         c.consumed = 0;
         deadline = now + limits.idle_timeout;
     }
-    let Conn { b, .. } = c;
+    let Conn { b, stream, .. } = c;
     w.give_bufs(b);
+    stream.close().await;
 }
 
 /// Reads until `c.rbuf` holds a complete request head, enforcing the size and time limits.
 /// `deadline` bounds the wait for the first byte (idle or header timeout); `now` is a recent
 /// reading of the clock (the end of the previous request), saving a read per request.
-async fn read_head(c: &mut Conn, limits: &Limits, mut now: Instant, deadline: Instant) -> HeadRead {
+async fn read_head<S: ClientIo>(
+    c: &mut Conn<S>,
+    limits: &Limits,
+    mut now: Instant,
+    deadline: Instant,
+) -> HeadRead {
     let mut head_deadline: Option<Instant> = None;
     let hl = crate::http::Limits {
         max_header_bytes: limits.max_header_bytes,
@@ -480,7 +579,11 @@ fn error_text(e: &HttpError) -> &'static str {
 
 /// Handles one parsed request; returns whether the connection stays open, and when the
 /// request ended.
-async fn handle(w: &Rc<Worker>, gw: &Arc<Gateway>, c: &mut Conn) -> (bool, Instant) {
+async fn handle<S: ClientIo>(
+    w: &Rc<Worker>,
+    gw: &Arc<Gateway>,
+    c: &mut Conn<S>,
+) -> (bool, Instant) {
     let t0 = Instant::now();
     let head_len = c.b.head.head_len;
     c.consumed = head_len;
@@ -531,10 +634,10 @@ fn method_label(m: Method) -> &'static str {
     }
 }
 
-async fn route_and_run(
+async fn route_and_run<S: ClientIo>(
     w: &Rc<Worker>,
     gw: &Arc<Gateway>,
-    c: &mut Conn,
+    c: &mut Conn<S>,
     limits: &Limits,
 ) -> (Outcome, Option<u32>) {
     // Body size limit before anything else reads the body.
@@ -626,10 +729,10 @@ async fn route_and_run(
 }
 
 /// The opening handshake of a WebSocket API route (validation and `$connect`).
-async fn ws_handshake(
+async fn ws_handshake<S: ClientIo>(
     w: &Rc<Worker>,
     gw: &Arc<Gateway>,
-    c: &mut Conn,
+    c: &mut Conn<S>,
     api: &Arc<crate::ws::WsApi>,
 ) -> Outcome {
     use crate::ws::api::Handshake;
@@ -683,7 +786,12 @@ async fn ws_handshake(
 }
 
 /// Refuses a WebSocket handshake; a 426 names the version and protocol to use (RFC 6455 4.4).
-async fn reject_ws(w: &Rc<Worker>, c: &mut Conn, status: u16, msg: &str) -> Outcome {
+async fn reject_ws<S: ClientIo>(
+    w: &Rc<Worker>,
+    c: &mut Conn<S>,
+    status: u16,
+    msg: &str,
+) -> Outcome {
     if status != 426 {
         return reject(w, c, status, msg, false).await;
     }
@@ -710,7 +818,7 @@ async fn reject_ws(w: &Rc<Worker>, c: &mut Conn, status: u16, msg: &str) -> Outc
 
 /// Whether the request's body is already fully buffered (so it can be skipped and the
 /// connection kept); marks it consumed when so.
-fn body_skippable(c: &mut Conn) -> bool {
+fn body_skippable<S: ClientIo>(c: &mut Conn<S>) -> bool {
     let avail = (c.b.rbuf.len() - c.b.head.head_len) as u64;
     match c.b.head.body {
         BodyKind::None => true,
@@ -723,7 +831,7 @@ fn body_skippable(c: &mut Conn) -> bool {
 }
 
 /// Writes `x-request-id`, `date` and the connection header, then the blank line.
-fn push_common(w: &Worker, c: &mut Conn, keep: bool) {
+fn push_common<S: ClientIo>(w: &Worker, c: &mut Conn<S>, keep: bool) {
     c.b.out.extend_from_slice(&c.b.extra);
     encode::push_header(&mut c.b.out, b"x-request-id", &c.reqid[..c.reqid_len]);
     encode::push_header(&mut c.b.out, b"date", w.date.borrow_mut().get());
@@ -735,9 +843,9 @@ fn push_common(w: &Worker, c: &mut Conn, keep: bool) {
     c.b.out.extend_from_slice(b"\r\n");
 }
 
-async fn respond_mock(
+async fn respond_mock<S: ClientIo>(
     w: &Rc<Worker>,
-    c: &mut Conn,
+    c: &mut Conn<S>,
     mock: &crate::config::MockResponse,
     keep: bool,
 ) -> Outcome {
@@ -757,7 +865,13 @@ async fn respond_mock(
 }
 
 /// Answers with a gateway error `{"message": msg}`.
-async fn reject(w: &Rc<Worker>, c: &mut Conn, status: u16, msg: &str, keep: bool) -> Outcome {
+async fn reject<S: ClientIo>(
+    w: &Rc<Worker>,
+    c: &mut Conn<S>,
+    status: u16,
+    msg: &str,
+    keep: bool,
+) -> Outcome {
     let keep = keep && c.b.head.keep_alive;
     let ok = write_error(w, c, status, msg, keep).await;
     Outcome {
@@ -768,7 +882,13 @@ async fn reject(w: &Rc<Worker>, c: &mut Conn, status: u16, msg: &str, keep: bool
 }
 
 /// Encodes and writes a JSON error; returns whether the write succeeded.
-async fn write_error(w: &Rc<Worker>, c: &mut Conn, status: u16, msg: &str, keep: bool) -> bool {
+async fn write_error<S: ClientIo>(
+    w: &Rc<Worker>,
+    c: &mut Conn<S>,
+    status: u16,
+    msg: &str,
+    keep: bool,
+) -> bool {
     c.b.out.clear();
     encode::push_status_line(&mut c.b.out, status);
     c.b.out
@@ -798,7 +918,11 @@ enum FillError {
 /// answering `Expect: 100-continue` (once) when the body is still to come. Reads go into a
 /// separate buffer and are appended: a read abandoned at the deadline takes its buffer with it,
 /// and the head in `rbuf` must stay for the answer and the access log.
-async fn fill_rbuf(c: &mut Conn, want: usize, timeout: Duration) -> Result<(), FillError> {
+async fn fill_rbuf<S: ClientIo>(
+    c: &mut Conn<S>,
+    want: usize,
+    timeout: Duration,
+) -> Result<(), FillError> {
     if c.b.rbuf.len() >= want {
         return Ok(());
     }
@@ -832,17 +956,17 @@ async fn fill_rbuf(c: &mut Conn, want: usize, timeout: Duration) -> Result<(), F
 }
 
 /// Writes `c.b.out` to the client.
-async fn write_out(c: &mut Conn) -> bool {
+async fn write_out<S: ClientIo>(c: &mut Conn<S>) -> bool {
     let buf = std::mem::take(&mut c.b.out);
     let (res, buf) = c.stream.write_all(buf).await;
     c.b.out = buf;
     res.is_ok()
 }
 
-fn write_log_line(
+fn write_log_line<S: ClientIo>(
     w: &Worker,
     log: &mut LocalLog,
-    c: &Conn,
+    c: &Conn<S>,
     route: Option<&Route>,
     out: &Outcome,
     dur: Duration,
@@ -855,7 +979,11 @@ fn write_log_line(
     push_json_str(b, &c.reqid[..c.reqid_len]);
     b.extend_from_slice(b"\",\"remote\":\"");
     encode::push_ip(b, c.peer.ip());
-    b.extend_from_slice(b"\",\"method\":\"");
+    b.extend_from_slice(if S::TLS {
+        b"\",\"scheme\":\"https\",\"method\":\""
+    } else {
+        b"\",\"scheme\":\"http\",\"method\":\""
+    });
     push_json_str(b, c.b.head.slice(&c.b.rbuf, c.b.head.method_range));
     b.extend_from_slice(b"\",\"path\":\"");
     push_json_str(b, c.b.head.slice(&c.b.rbuf, c.b.head.path));

@@ -7,6 +7,11 @@
 //! the worker's io driver, io_uring or epoll alike), collects the sockets that have bytes, and
 //! starts their connection loops again. Deadlines (idle timeout, or header timeout for a new
 //! connection) are enforced by a sweep every 200 ms.
+//!
+//! TLS connections park too: the idle read is cancelled inside the socket read, which only
+//! starts when rustls holds no plaintext and every byte received was handed to it, so the
+//! socket's readiness is the only thing to wait for. A parked TLS connection drops its socket
+//! buffers and keeps only rustls' session state.
 
 use super::{run, ConnGuard, Worker};
 use monoio::net::TcpStream;
@@ -19,8 +24,25 @@ use std::time::Instant;
 /// Events collected per `epoll_wait` call.
 const EVENTS: usize = 256;
 
+/// An idle connection's stream.
+pub enum Idle {
+    /// Plain HTTP.
+    Plain(TcpStream),
+    /// HTTPS.
+    Tls(Box<crate::tls::TlsStream>),
+}
+
+impl Idle {
+    fn fd(&self) -> RawFd {
+        match self {
+            Idle::Plain(s) => s.as_raw_fd(),
+            Idle::Tls(s) => s.tcp().as_raw_fd(),
+        }
+    }
+}
+
 struct Parked {
-    stream: TcpStream,
+    stream: Idle,
     peer: SocketAddr,
     guard: ConnGuard,
     deadline: Instant,
@@ -67,8 +89,8 @@ impl Parker {
 
     /// Parks a connection until it has bytes or `deadline` passes. On failure the connection
     /// is closed (dropped).
-    pub fn park(&self, stream: TcpStream, peer: SocketAddr, guard: ConnGuard, deadline: Instant) {
-        let fd = stream.as_raw_fd();
+    pub fn park(&self, stream: Idle, peer: SocketAddr, guard: ConnGuard, deadline: Instant) {
+        let fd = stream.fd();
         let mut slots = self.slots.borrow_mut();
         let idx = match self.free.borrow_mut().pop() {
             Some(i) => i as usize,
@@ -102,7 +124,7 @@ impl Parker {
             libc::epoll_ctl(
                 self.epfd,
                 libc::EPOLL_CTL_DEL,
-                p.stream.as_raw_fd(),
+                p.stream.fd(),
                 std::ptr::null_mut(),
             );
         }
@@ -151,15 +173,30 @@ pub async fn run_parker(w: Rc<Worker>) {
             let now = Instant::now();
             for ev in &events[..n as usize] {
                 if let Some(p) = w.parker.unpark(ev.u64 as usize) {
-                    monoio::spawn(run(
-                        w.clone(),
-                        p.stream,
-                        p.peer,
-                        p.guard,
-                        true,
-                        now,
-                        p.deadline,
-                    ));
+                    match p.stream {
+                        Idle::Plain(s) => {
+                            monoio::spawn(run(
+                                w.clone(),
+                                s,
+                                p.peer,
+                                p.guard,
+                                true,
+                                now,
+                                p.deadline,
+                            ));
+                        }
+                        Idle::Tls(s) => {
+                            monoio::spawn(run(
+                                w.clone(),
+                                *s,
+                                p.peer,
+                                p.guard,
+                                true,
+                                now,
+                                p.deadline,
+                            ));
+                        }
+                    }
                 }
             }
             if (n as usize) < EVENTS {

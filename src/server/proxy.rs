@@ -5,7 +5,7 @@
 //! The request head and whatever body the client already sent go upstream in one write; the
 //! response head and the body bytes that came with it go to the client in one write.
 
-use super::{reject, Conn, Outcome, Worker, STREAM_BUF};
+use super::{reject, ClientIo, Conn, Outcome, Worker, STREAM_BUF};
 use crate::config::{PathTemplate, Route};
 use crate::gateway::Gateway;
 use crate::http::encode;
@@ -34,10 +34,10 @@ enum Fail {
 }
 
 /// Proxies the request in `c` to `upstreams[up_idx]`.
-pub(super) async fn proxy(
+pub(super) async fn proxy<S: ClientIo>(
     w: &Rc<Worker>,
     gw: &Arc<Gateway>,
-    c: &mut Conn,
+    c: &mut Conn<S>,
     route: &Route,
     up_idx: usize,
     tpl: Option<&PathTemplate>,
@@ -238,7 +238,7 @@ fn chunk_error(e: &crate::http::ChunkError) -> (u16, &'static str) {
 }
 
 /// Writes the upstream request head into `c.b.out`.
-fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
+fn build_request_head<S: ClientIo>(c: &mut Conn<S>, route: &Route, tpl: Option<&PathTemplate>) {
     let buf = &c.b.rbuf;
     let head = &c.b.head;
     let out = &mut c.b.out;
@@ -298,7 +298,11 @@ fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
         }
     }
     encode::push_ip(out, c.peer.ip());
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    out.extend_from_slice(if S::TLS {
+        b"\r\nx-forwarded-proto: https\r\n"
+    } else {
+        b"\r\nx-forwarded-proto: http\r\n"
+    });
     if let Some(h) = head.host {
         encode::push_header(out, b"x-forwarded-host", head.slice(buf, h));
     }
@@ -320,8 +324,8 @@ fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
 
 /// Sends the request (head, buffered body, streamed rest) and reads the response head into
 /// `c.b.ubuf`/`c.b.resp`.
-async fn exchange(
-    c: &mut Conn,
+async fn exchange<S: ClientIo>(
+    c: &mut Conn<S>,
     us: &mut TcpStream,
     remaining: &mut u64,
     body_done: &mut bool,
@@ -393,8 +397,8 @@ async fn exchange(
 }
 
 /// Streams the rest of the request body from the client to the upstream.
-async fn stream_request_body(
-    c: &mut Conn,
+async fn stream_request_body<S: ClientIo>(
+    c: &mut Conn<S>,
     us: &mut TcpStream,
     remaining: &mut u64,
     decoder: &mut Option<ChunkedDecoder>,
@@ -445,9 +449,9 @@ async fn stream_request_body(
 
 /// The upstream accepted a WebSocket upgrade: relays its 101 (and any frame bytes that came
 /// with it) and hands both connections to the WebSocket relay.
-async fn upgrade(
+async fn upgrade<S: ClientIo>(
     w: &Rc<Worker>,
-    c: &mut Conn,
+    c: &mut Conn<S>,
     us: TcpStream,
     addr: SocketAddr,
     route: &Route,
@@ -486,9 +490,9 @@ async fn upgrade(
 
 /// Sends the upstream's response to the client and returns the upstream connection to the
 /// pool when it can be reused.
-async fn respond(
+async fn respond<S: ClientIo>(
     w: &Rc<Worker>,
-    c: &mut Conn,
+    c: &mut Conn<S>,
     mut us: TcpStream,
     addr: SocketAddr,
     keepalive: usize,

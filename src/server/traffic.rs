@@ -6,7 +6,7 @@
 //! A route with nothing configured costs a branch per stage. Otherwise each stage reads the
 //! clock once and every bucket is one atomic; nothing here allocates or locks.
 
-use super::{body_skippable, reject, write_out, Conn, Outcome, Worker};
+use super::{body_skippable, reject, write_out, ClientIo, Conn, Outcome, Worker};
 use crate::config::{Limits, RouteMatch};
 use crate::gateway::Gateway;
 use crate::http::{encode, BodyKind, Method};
@@ -18,7 +18,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 /// `OPTIONS` with `Origin` and `Access-Control-Request-Method`.
-pub(super) fn is_preflight(c: &Conn) -> bool {
+pub(super) fn is_preflight<S: ClientIo>(c: &Conn<S>) -> bool {
     c.b.head.method == Method::Options
         && c.b.head.header(&c.b.rbuf, "origin").is_some()
         && c.b
@@ -29,7 +29,7 @@ pub(super) fn is_preflight(c: &Conn) -> bool {
 
 /// The route a preflight asks about (routed with the requested method), when its API has
 /// CORS configured: the gateway answers for it.
-pub(super) fn preflight_route(gw: &Gateway, c: &mut Conn) -> Option<u32> {
+pub(super) fn preflight_route<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>) -> Option<u32> {
     let m =
         c.b.head
             .header(&c.b.rbuf, "access-control-request-method")?;
@@ -43,12 +43,15 @@ pub(super) fn preflight_route(gw: &Gateway, c: &mut Conn) -> Option<u32> {
 }
 
 /// A preflight the gateway does not allow: 204 without CORS headers.
-pub(super) async fn answer_preflight_denied(w: &Rc<Worker>, c: &mut Conn) -> Outcome {
+pub(super) async fn answer_preflight_denied<S: ClientIo>(
+    w: &Rc<Worker>,
+    c: &mut Conn<S>,
+) -> Outcome {
     c.b.extra.clear();
     respond_204(w, c).await
 }
 
-async fn respond_204(w: &Rc<Worker>, c: &mut Conn) -> Outcome {
+async fn respond_204<S: ClientIo>(w: &Rc<Worker>, c: &mut Conn<S>) -> Outcome {
     let keep = body_skippable(c) && c.b.head.keep_alive;
     c.b.out.clear();
     encode::push_status_line(&mut c.b.out, 204);
@@ -61,9 +64,9 @@ async fn respond_204(w: &Rc<Worker>, c: &mut Conn) -> Outcome {
     }
 }
 
-async fn too_many(
+async fn too_many<S: ClientIo>(
     w: &Rc<Worker>,
-    c: &mut Conn,
+    c: &mut Conn<S>,
     rt: &crate::policy::RouteTraffic,
     reason: Reason,
     wait: Wait,
@@ -78,10 +81,10 @@ async fn too_many(
 
 /// The WAF's IP lists for a request that matched no route: a denied address gets 403 whatever
 /// path it asks for (as a WAF in front of the gateway would), not a 404 that maps the API.
-pub(super) async fn unrouted_ip_refused(
+pub(super) async fn unrouted_ip_refused<S: ClientIo>(
     w: &Rc<Worker>,
     gw: &Arc<Gateway>,
-    c: &mut Conn,
+    c: &mut Conn<S>,
 ) -> Option<Outcome> {
     let t = &gw.config.traffic;
     if !t.waf.active() || t.waf.check_ip(c.peer.ip(), now_ns()) != Verdict::Forbidden {
@@ -93,10 +96,10 @@ pub(super) async fn unrouted_ip_refused(
 
 /// The WAF and CORS stages for route `id` (before auth); `Some` when the request was answered
 /// (refused, or a preflight).
-pub(super) async fn before(
+pub(super) async fn before<S: ClientIo>(
     w: &Rc<Worker>,
     gw: &Arc<Gateway>,
-    c: &mut Conn,
+    c: &mut Conn<S>,
     id: u32,
     limits: &Limits,
 ) -> Option<Outcome> {
@@ -180,10 +183,10 @@ pub(super) async fn before(
 
 /// The throttle-and-quota stage for route `id` (after auth); `Some` when the request was
 /// refused.
-pub(super) async fn throttle(
+pub(super) async fn throttle<S: ClientIo>(
     w: &Rc<Worker>,
     gw: &Arc<Gateway>,
-    c: &mut Conn,
+    c: &mut Conn<S>,
     id: u32,
 ) -> Option<Outcome> {
     let t = &gw.config.traffic;
@@ -245,9 +248,9 @@ fn refund(taken: &[(Option<&crate::policy::throttle::Bucket>, Reason)]) {
 
 /// Reads until the first `max` bytes of a `Content-Length` body are buffered after the head,
 /// so the `body` rules see them. (A chunked body is inspected as far as it is buffered.)
-async fn buffer_body(
+async fn buffer_body<S: ClientIo>(
     w: &Rc<Worker>,
-    c: &mut Conn,
+    c: &mut Conn<S>,
     max: usize,
     limits: &Limits,
 ) -> Result<(), Outcome> {

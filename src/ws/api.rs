@@ -20,7 +20,6 @@ use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Splitable};
-use monoio::net::TcpStream;
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -496,7 +495,12 @@ async fn call(
 }
 
 /// Serves an accepted connection until it closes, then calls `$disconnect`.
-pub async fn run(a: Accepted, stream: TcpStream, pending: Vec<u8>, shared: &Arc<Shared>) {
+pub async fn run<S: crate::server::ClientIo>(
+    a: Accepted,
+    stream: S,
+    pending: Vec<u8>,
+    shared: &Arc<Shared>,
+) {
     let Accepted { api, gw, id, peer } = a;
     let settings = &api.settings;
     let started = Instant::now();
@@ -649,9 +653,10 @@ pub async fn run(a: Accepted, stream: TcpStream, pending: Vec<u8>, shared: &Arc<
                         }
                         // SAFETY: as in monoio's own split, the halves share the stream
                         // through an `Rc<UnsafeCell>`; `readable` takes `&self` and only
-                        // clones the fd into a poll op.
-                        let stream: &TcpStream = unsafe { &*rd.0.get() };
-                        if stream.readable(false).await.is_err() {
+                        // clones the fd into a poll op. (Over TLS the cancelled read was the
+                        // socket read, so nothing waits above the socket.)
+                        let stream: &S = unsafe { &*rd.0.get() };
+                        if stream.tcp().readable(false).await.is_err() {
                             return;
                         }
                     }

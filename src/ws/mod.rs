@@ -203,9 +203,9 @@ pub enum Takeover {
 
 /// Runs a connection after its handshake until it closes. `pending` holds bytes the client
 /// sent after its upgrade request.
-pub async fn run_takeover(
+pub async fn run_takeover<S: crate::server::ClientIo>(
     t: Takeover,
-    client: monoio::net::TcpStream,
+    client: S,
     pending: Vec<u8>,
     shared: Arc<crate::gateway::Shared>,
 ) {

@@ -7,6 +7,7 @@
 use super::frame::{self, code, SizeLimits};
 use super::WsSettings;
 use crate::gateway::Shared;
+use crate::server::ClientIo;
 use monoio::buf::IoBufMut;
 use monoio::io::{
     AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf,
@@ -183,9 +184,9 @@ pub(super) fn give_buf(mut b: Vec<u8>) {
     });
 }
 
-async fn pump(
-    r: &mut OwnedReadHalf<TcpStream>,
-    w: &mut OwnedWriteHalf<TcpStream>,
+async fn pump<R: ClientIo, W: ClientIo>(
+    r: &mut OwnedReadHalf<R>,
+    w: &mut OwnedWriteHalf<W>,
     first: Vec<u8>,
     side: &Side,
     last: &Cell<Instant>,
@@ -228,8 +229,9 @@ async fn pump(
                 // SAFETY: the halves share the stream through an `Rc<UnsafeCell>` exactly as
                 // monoio's own split does; `readable` takes `&self` and only clones the fd
                 // into a poll op, so it does not conflict with the write half's operations.
-                let stream: &TcpStream = unsafe { &*r.0.get() };
-                if stream.readable(false).await.is_err() {
+                // (Over TLS the cancelled read was the socket read: nothing waits above it.)
+                let stream: &R = unsafe { &*r.0.get() };
+                if stream.tcp().readable(false).await.is_err() {
                     return End::Closed;
                 }
             }
@@ -255,8 +257,8 @@ fn server_close(code: u16, reason: &str) -> Vec<u8> {
 }
 
 /// Relays between `client` and `upstream` until either closes, a rule is broken, or a timeout.
-pub async fn run(
-    client: TcpStream,
+pub async fn run<S: ClientIo>(
+    client: S,
     upstream: TcpStream,
     pending: Vec<u8>,
     settings: &WsSettings,
