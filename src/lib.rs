@@ -12,11 +12,13 @@
 //! - [`policy`]: pipeline stages: auth, throttles, usage plans, WAF, CORS;
 //! - [`metrics`], [`accesslog`], [`admin`]: observability and management;
 //! - [`gateway`]: the live state shared by all threads;
+//! - [`cluster`]: state shared between nodes through Redis (`[cluster]`);
 //! - [`ws`]: WebSocket codec, pass-through and WebSocket APIs.
 
 pub mod accesslog;
 pub mod admin;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod gateway;
 pub mod http;

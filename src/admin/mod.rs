@@ -212,7 +212,11 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
             }
         },
         ("POST", "/cache/invalidate") => {
-            let (status, body) = crate::cache::admin_invalidate(shared, body);
+            let (status, reply) = crate::cache::admin_invalidate(shared, body);
+            if let (200, Some(c)) = (status, shared.cluster.get()) {
+                c.invalidate(body);
+            }
+            let body = reply;
             Reply {
                 status,
                 ctype: "application/json",

@@ -151,6 +151,8 @@ pub struct Config {
     pub traffic: crate::policy::Traffic,
     /// `[[authorizers]]`, `[[sigv4_credentials]]`, `[[api_keys]]`.
     pub auth: crate::policy::auth::AuthConfig,
+    /// `[cluster]`: state shared with other nodes through Redis.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// Reads, validates and compiles the config file at `path`.
@@ -205,6 +207,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     )?;
     let routes = routes::compile(&src, &raw.apis, &upstreams, &auth)?;
     let traffic = crate::policy::build(&src, &raw, &routes)?;
+    let cluster = match &raw.cluster {
+        Some(c) => Some(crate::cluster::validate(&src, c)?),
+        None => None,
+    };
     Ok(Config {
         path: path.to_path_buf(),
         server,
@@ -214,6 +220,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         routes,
         traffic,
         auth,
+        cluster,
     })
 }
 

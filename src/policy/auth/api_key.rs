@@ -8,6 +8,10 @@
 //! Keys added at run time (admin `POST /api-keys`) are written to `state_dir/api_keys.json`
 //! (temporary file, fsync, rename, fsync of the directory), so they survive a restart or a
 //! `kill -9`; the file holds digests, never key values.
+//!
+//! With `[cluster]`, every admin change is also handed to the cluster thread (through the hook
+//! set by [`AuthState::on_change`]), which writes it to Redis; the admin-added keys of every
+//! node are then replaced by the cluster's set ([`AuthState::replace_admin`]).
 
 use super::RawApiKey;
 use crate::config::{ConfigError, Source};
@@ -140,8 +144,8 @@ fn prefix(h: &[u8; 32]) -> u64 {
     u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
 }
 
-/// A key as stored in `api_keys.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A key as stored in `api_keys.json` (and, with `[cluster]`, in Redis).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct StoredKey {
     name: String,
     #[serde(default)]
@@ -164,6 +168,19 @@ pub struct AuthState {
     keys: ArcSwap<KeySet>,
     /// Config keys of the live config and the admin-added keys; writers hold the lock.
     inner: Mutex<Inner>,
+    /// Told of every admin change (set by the cluster).
+    hook: std::sync::OnceLock<ChangeHook>,
+}
+
+type ChangeHook = Box<dyn Fn(KeyChange) + Send + Sync>;
+
+/// An admin change to the key set, for the cluster to share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyChange {
+    /// A key was added: its name and its stored form (JSON with the digest, never the value).
+    Put { name: String, json: String },
+    /// The admin-added key of this name was deleted.
+    Delete(String),
 }
 
 struct Inner {
@@ -207,7 +224,53 @@ impl AuthState {
         Ok(AuthState {
             keys: ArcSwap::from_pointee(set),
             inner: Mutex::new(inner),
+            hook: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Calls `f` after every admin change from now on (once; later calls are ignored).
+    pub fn on_change(&self, f: ChangeHook) {
+        let _ = self.hook.set(f);
+    }
+
+    fn changed(&self, c: KeyChange) {
+        if let Some(f) = self.hook.get() {
+            f(c);
+        }
+    }
+
+    /// The admin-added keys in their stored form (JSON holding the digest, never the value).
+    pub fn admin_entries(&self) -> Vec<(String, String)> {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.admin
+            .iter()
+            .filter_map(|k| Some((k.name.clone(), serde_json::to_string(k).ok()?)))
+            .collect()
+    }
+
+    /// Replaces the admin-added keys by `entries` (the cluster's set, in stored form; entries
+    /// that do not parse are skipped) and persists them. Returns whether anything changed.
+    pub fn replace_admin(&self, entries: &[Vec<u8>]) -> bool {
+        let mut next: Vec<StoredKey> = entries
+            .iter()
+            .filter_map(|e| serde_json::from_slice::<StoredKey>(e).ok())
+            .filter(|k| valid_name(&k.name) && unhex32(&k.sha256).is_some())
+            .take(MAX_ADMIN_KEYS)
+            .collect();
+        let order = |a: &StoredKey, b: &StoredKey| (a.created, &a.name).cmp(&(b.created, &b.name));
+        next.sort_by(order);
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cur = g.admin.clone();
+        cur.sort_by(order);
+        if cur == next {
+            return false;
+        }
+        g.admin = next;
+        if let Err(e) = persist(&g) {
+            eprintln!("ringgate: cluster keys: {e}");
+        }
+        self.keys.store(Arc::new(build(&g)));
+        true
     }
 
     /// The live key set (one atomic load).
@@ -276,6 +339,14 @@ impl AuthState {
             return Err(KeyError::Io(e));
         }
         self.keys.store(Arc::new(build(&g)));
+        let json = g.admin.last().and_then(|k| serde_json::to_string(k).ok());
+        drop(g);
+        if let Some(json) = json {
+            self.changed(KeyChange::Put {
+                name: name.to_string(),
+                json,
+            });
+        }
         Ok(value)
     }
 
@@ -296,6 +367,8 @@ impl AuthState {
             return Err(KeyError::Io(e));
         }
         self.keys.store(Arc::new(build(&g)));
+        drop(g);
+        self.changed(KeyChange::Delete(name.to_string()));
         Ok(())
     }
 }
