@@ -232,11 +232,13 @@ fn subscriber(client: redis::Client, node: String, tx: Sender<Msg>, shared: Weak
         if shared.strong_count() == 0 {
             return;
         }
-        let run = || -> redis::RedisResult<()> {
+        let mut subscribed = false;
+        let mut run = || -> redis::RedisResult<()> {
             let mut con = client.get_connection_with_timeout(IO_TIMEOUT)?;
             con.set_write_timeout(Some(IO_TIMEOUT))?;
             let mut ps = con.as_pubsub();
             ps.subscribe(&[EVENTS, mine.as_str()])?;
+            subscribed = true;
             let _ = tx.send(Msg::Resubscribed);
             ps.set_read_timeout(Some(Duration::from_secs(1)))?;
             loop {
@@ -258,17 +260,15 @@ fn subscriber(client: redis::Client, node: String, tx: Sender<Msg>, shared: Weak
                 }
             }
         };
-        match run() {
-            Ok(()) => return,
-            Err(_) => {
-                std::thread::sleep(Duration::from_millis(backoff));
-                backoff = (backoff * 2).min(BACKOFF_MAX_MS);
-            }
+        if run().is_ok() {
+            return;
         }
-        // A connection that worked for a while starts the next backoff low again.
-        if backoff >= BACKOFF_MAX_MS {
-            backoff = BACKOFF_MAX_MS;
+        if subscribed {
+            // It worked until now: retry soon.
+            backoff = 100;
         }
+        std::thread::sleep(Duration::from_millis(backoff));
+        backoff = (backoff * 2).min(BACKOFF_MAX_MS);
     }
 }
 
