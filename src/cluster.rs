@@ -59,6 +59,8 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 pub const BACKOFF_MAX_MS: u64 = 5_000;
 /// Connect, read and write timeout of a Redis call.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most quota counters loaded from Redis at a (re)connect.
+pub const MAX_PRELOAD: usize = 100_000;
 /// Most key changes and registry updates queued while Redis is unreachable.
 const MAX_QUEUED: usize = 100_000;
 
@@ -123,6 +125,8 @@ enum Msg {
         reply: Sender<(u16, String)>,
     },
     Invalidate(Vec<u8>),
+    /// Sync the quota counts now, then answer.
+    SyncNow(Sender<()>),
     /// A message from the subscriber thread.
     Inbound(Vec<u8>),
     /// The subscriber (re)subscribed: something may have been missed.
@@ -154,6 +158,14 @@ impl Cluster {
     /// Publishes a cache invalidation (already applied here) to the other nodes.
     pub fn invalidate(&self, body: &[u8]) {
         let _ = self.tx.send(Msg::Invalidate(body.to_vec()));
+    }
+
+    /// Syncs the quota counts with Redis now (for the usage endpoint: its counter may have
+    /// just been made); waits at most a Redis timeout.
+    pub fn sync_now(&self) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let _ = self.tx.send(Msg::SyncNow(tx));
+        let _ = rx.recv_timeout(IO_TIMEOUT);
     }
 
     /// Runs `@connections/{id}` on the node holding `id` (blocks the admin thread for at most
@@ -301,6 +313,8 @@ struct Worker {
     reregister: bool,
     /// Check, after a (re)connect, whether Redis lost the keys.
     seed: bool,
+    /// Load, after a (re)connect, the counters of this period that other nodes made.
+    preload: bool,
     keys_dirty: bool,
     last_keys: Instant,
     last_beat: Option<Instant>,
@@ -326,6 +340,7 @@ impl Worker {
             conn_ops: VecDeque::new(),
             reregister: true,
             seed: true,
+            preload: true,
             keys_dirty: true,
             last_keys: Instant::now(),
             last_beat: None,
@@ -389,6 +404,10 @@ impl Worker {
                 p.push(b'\n');
                 p.extend_from_slice(&body);
                 self.call(|con| redis::cmd("PUBLISH").arg(EVENTS).arg(p).query::<i64>(con));
+            }
+            Msg::SyncNow(done) => {
+                self.sync_quotas(shared);
+                let _ = done.send(());
             }
             Msg::Inbound(p) => self.inbound(shared, &p),
             Msg::Resubscribed => self.keys_dirty = true,
@@ -459,6 +478,7 @@ impl Worker {
                 self.keys_dirty = true;
                 self.reregister = true;
                 self.seed = true;
+                self.preload = true;
                 self.last_beat = None;
                 for q in self.quota.values_mut() {
                     q.written = false;
@@ -524,7 +544,65 @@ impl Worker {
         if self.keys_dirty || self.last_keys.elapsed() >= Duration::from_millis(KEYS_RELOAD_MS) {
             self.reload_keys(shared);
         }
+        if self.preload {
+            self.preload_quotas(shared);
+        }
         self.sync_quotas(shared);
+    }
+
+    /// After a (re)connect: makes a local counter for every quota counter of the current
+    /// period in Redis, so this node knows keys it has not served yet before their first
+    /// request here (at most [`MAX_PRELOAD`] counters).
+    fn preload_quotas(&mut self, shared: &Shared) {
+        let gw = shared.current();
+        let plans = &gw.config.traffic.plans.plans;
+        if !plans.iter().any(|p| p.quota.is_some()) {
+            self.preload = false;
+            return;
+        }
+        let now = unix_now();
+        let mut cursor = 0u64;
+        let mut seen = 0usize;
+        loop {
+            let Some((next, keys)) = self.call(|con| {
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg("ringgate:quota:*")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query::<(u64, Vec<String>)>(con)
+            }) else {
+                return;
+            };
+            for k in keys {
+                // ringgate:quota:{plan}:{period}:{index}:{key}; key names hold no `:`.
+                let Some(rest) = k.strip_prefix("ringgate:quota:") else {
+                    continue;
+                };
+                let mut it = rest.rsplitn(4, ':');
+                let (Some(key), Some(idx), Some(period), Some(plan)) =
+                    (it.next(), it.next(), it.next(), it.next())
+                else {
+                    continue;
+                };
+                let Some(period) = Period::parse(period) else {
+                    continue;
+                };
+                let known = plans
+                    .iter()
+                    .any(|p| &*p.name == plan && p.quota.is_some_and(|q| q.period == period));
+                if known && idx.parse::<u32>().ok() == Some(period.index(now)) {
+                    shared.usage.counter(plan, key, period);
+                    seen += 1;
+                }
+            }
+            cursor = next;
+            if cursor == 0 || seen >= MAX_PRELOAD {
+                break;
+            }
+        }
+        self.preload = false;
     }
 
     /// After a (re)connect: when the key hash is missing (a new cluster, or a Redis that lost

@@ -282,11 +282,15 @@ fn quota_is_counted_across_nodes() {
     // Redis holds one share per node, summing to 6.
     let keys = redis.command(&["KEYS", "ringgate:quota:basic:*"]).unwrap();
     assert!(keys.contains(":alice"), "{keys}");
-    // The usage endpoint of a node that never served the key reports the cluster's count.
+    // A node that never served the key refuses it once it has joined (it loads the period's
+    // counters when it connects), and its usage endpoint reports the cluster's count.
     let c = Gateway::start(&node_config(&redis.url(), ""));
-    assert!(wait_until(Duration::from_secs(3), || used(&c, "alice")
-        ["used"]
-        == 6));
+    assert!(wait_until(Duration::from_secs(3), || c
+        .stderr()
+        .contains("joined")));
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(get_key(&c, "/prod/x", ALICE).status, 429);
+    assert_eq!(used(&c, "alice")["used"], 6);
 }
 
 #[test]

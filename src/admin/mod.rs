@@ -141,13 +141,23 @@ fn serve_conn(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
         // Usage plans (traffic control): GET /usage-plans/{plan}/usage?key=NAME.
         let usage = if authorized {
             let q = head.query.map(|q| head.slice(&buf, q));
-            crate::policy::admin_usage(
-                &shared.current().config.traffic,
-                &shared.auth.keys(),
-                &method,
-                &path,
-                q,
-            )
+            let ask = || {
+                crate::policy::admin_usage(
+                    &shared.current().config.traffic,
+                    &shared.auth.keys(),
+                    &method,
+                    &path,
+                    q,
+                )
+            };
+            match (ask(), shared.cluster.get()) {
+                // With [cluster]: the counter may be new here; sync it first.
+                (Some((200, _)), Some(c)) => {
+                    c.sync_now();
+                    ask()
+                }
+                (r, _) => r,
+            }
         } else {
             None
         };
