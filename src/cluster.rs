@@ -50,9 +50,9 @@ pub const SYNC_MS: u64 = 100;
 /// How often the API keys are reloaded even without an announcement.
 pub const KEYS_RELOAD_MS: u64 = 5_000;
 /// How often a node refreshes its liveness key.
-pub const HEARTBEAT_MS: u64 = 2_000;
+pub const HEARTBEAT_MS: u64 = 1_000;
 /// Lifetime of the liveness key.
-const ALIVE_TTL_MS: u64 = 10_000;
+const ALIVE_TTL_MS: u64 = 5_000;
 /// How long a forwarded `@connections` call waits for the owning node.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait between two reconnection attempts.
