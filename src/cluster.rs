@@ -898,7 +898,7 @@ impl Worker {
             }
             let own = st.own + seen.saturating_sub(st.anchor);
             let rkey = format!("ringgate:quota:{}:{}:{idx}:{}", id.0, id.2, id.1);
-            if own != st.own || !st.written {
+            if own != st.own || (!st.written && own > 0) {
                 let end = (period.bounds(idx).1.max(0) as u64) * 86_400 + 86_400;
                 p.cmd("HSET").arg(&rkey).arg(&self.node).arg(own).ignore();
                 p.cmd("EXPIREAT").arg(&rkey).arg(end).ignore();
