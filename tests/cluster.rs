@@ -656,8 +656,17 @@ fn redis_down_at_start_then_up() {
     let a = Gateway::start(&node_config(&url, ""));
     assert_eq!(get_key(&a, "/prod/x", ALICE).status, 200);
     assert!(
-        a.stderr().contains("unreachable"),
+        wait_until(Duration::from_secs(3), || a
+            .stderr()
+            .contains("unreachable")),
         "one clear line: {}",
+        a.stderr()
+    );
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        a.stderr().matches("unreachable").count(),
+        1,
+        "{}",
         a.stderr()
     );
     redis.restart();
