@@ -322,6 +322,8 @@ struct Worker {
     forwards: HashMap<u64, (Sender<(u16, String)>, Instant)>,
     next_req: u64,
     last_error_log: Option<Instant>,
+    /// The process is stopping (its liveness key was deleted).
+    leaving: bool,
 }
 
 impl Worker {
@@ -348,6 +350,7 @@ impl Worker {
             forwards: HashMap::new(),
             next_req: 1,
             last_error_log: None,
+            leaving: false,
         }
     }
 
@@ -372,6 +375,12 @@ impl Worker {
             if Instant::now() >= next_tick {
                 self.tick(&shared);
                 next_tick = Instant::now() + tick;
+            }
+            if shared.shutdown.load(Ordering::Relaxed) && !self.leaving {
+                // Stopping: other nodes answer 410 for our connections at once.
+                self.leaving = true;
+                let key = format!("ringgate:alive:{}", self.node);
+                let _ = self.call(|con| redis::cmd("DEL").arg(key).query::<i64>(con));
             }
         }
     }
@@ -514,9 +523,10 @@ impl Worker {
         if self.con.is_none() {
             return;
         }
-        if self
-            .last_beat
-            .is_none_or(|t| t.elapsed() >= Duration::from_millis(HEARTBEAT_MS))
+        if !self.leaving
+            && self
+                .last_beat
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(HEARTBEAT_MS))
         {
             let key = format!("ringgate:alive:{}", self.node);
             if self

@@ -477,6 +477,43 @@ fn connections_are_managed_from_any_node() {
 }
 
 #[test]
+fn connections_of_a_stopped_node_are_gone_at_once() {
+    let redis = Redis::start();
+    let be = Origin::start(|_| Response::ok(""));
+    let mut a = Gateway::start(&ws_config(&redis.url(), be.addr));
+    let b = Gateway::start(&ws_config(&redis.url(), be.addr));
+    let ws = Ws::open(a.addr);
+    assert!(wait_until(Duration::from_secs(3), || be.request_count() == 1));
+    let id = be.requests()[0]
+        .header("x-connection-id")
+        .unwrap()
+        .to_string();
+    let path = format!("/@connections/{id}");
+    assert!(wait_until(Duration::from_secs(3), || admin_call(
+        b.admin_addr,
+        "GET",
+        &path,
+        ""
+    )
+    .status
+        == 200));
+    // SIGTERM: A stops; B answers 410 well before A's liveness key would have expired.
+    a.terminate();
+    assert!(a.wait_exit(Duration::from_secs(5)).is_some());
+    drop(ws);
+    let t = std::time::Instant::now();
+    assert!(wait_until(Duration::from_secs(3), || admin_call(
+        b.admin_addr,
+        "GET",
+        &path,
+        ""
+    )
+    .status
+        == 410));
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
 fn connections_of_a_dead_node_are_gone() {
     let redis = Redis::start();
     let be = Origin::start(|_| Response::ok(""));
