@@ -115,7 +115,8 @@ pub(crate) fn validate(src: &Source, raw: &RawCluster) -> Result<ClusterConfig, 
 
 /// What the cluster thread is asked to do.
 enum Msg {
-    Key(KeyChange),
+    /// A local admin change and the key generation it made.
+    Key(KeyChange, u64),
     ConnOpened(u64),
     ConnClosed(u64),
     Forward {
@@ -214,8 +215,8 @@ pub fn start(cfg: &ClusterConfig, shared: &Arc<Shared>) -> Result<(), String> {
         return Err("cluster: started twice".into());
     }
     let keys_tx = tx.clone();
-    shared.auth.on_change(Box::new(move |k| {
-        let _ = keys_tx.send(Msg::Key(k));
+    shared.auth.on_change(Box::new(move |k, generation| {
+        let _ = keys_tx.send(Msg::Key(k, generation));
     }));
     {
         let client = client.clone();
@@ -308,7 +309,10 @@ struct Worker {
     connected_once: bool,
     next_try: Instant,
     backoff_ms: u64,
-    keys: VecDeque<KeyChange>,
+    /// Local key changes not yet in Redis, with their generations.
+    keys: VecDeque<(KeyChange, u64)>,
+    /// Generation of the last local key change written to Redis.
+    flushed: u64,
     conn_ops: VecDeque<(u64, bool)>,
     reregister: bool,
     /// Check, after a (re)connect, whether Redis lost the keys.
@@ -339,6 +343,7 @@ impl Worker {
             next_try: Instant::now(),
             backoff_ms: 100,
             keys: VecDeque::new(),
+            flushed: 0,
             conn_ops: VecDeque::new(),
             reregister: true,
             seed: true,
@@ -387,9 +392,13 @@ impl Worker {
 
     fn handle(&mut self, shared: &Shared, m: Msg) {
         match m {
-            Msg::Key(k) => {
+            Msg::Key(k, generation) => {
                 if self.keys.len() < MAX_QUEUED {
-                    self.keys.push_back(k);
+                    self.keys.push_back((k, generation));
+                } else {
+                    // Stays a local change only.
+                    eprintln!("ringgate: cluster: too many key changes waiting for redis; one kept on this node only");
+                    self.flushed = self.flushed.max(generation);
                 }
                 self.flush_keys();
             }
@@ -642,7 +651,7 @@ impl Worker {
 
     /// Writes the queued key changes, oldest first.
     fn flush_keys(&mut self) {
-        while let Some(k) = self.keys.front().cloned() {
+        while let Some((k, generation)) = self.keys.front().cloned() {
             if self.con.is_none() || self.seed {
                 return;
             }
@@ -679,6 +688,7 @@ impl Worker {
                 return;
             }
             self.keys.pop_front();
+            self.flushed = self.flushed.max(generation);
             self.keys_dirty = true;
         }
     }
@@ -686,6 +696,11 @@ impl Worker {
     /// Loads the cluster's keys into this node's key set.
     fn reload_keys(&mut self, shared: &Shared) {
         if !self.keys.is_empty() || self.seed {
+            return;
+        }
+        // Only once every local change is in Redis (else the set read could undo one).
+        let generation = shared.auth.admin_generation();
+        if generation != self.flushed {
             return;
         }
         let all = self.call(|con| {
@@ -699,9 +714,11 @@ impl Worker {
             .filter(|(k, _)| k != KEYS_MARKER)
             .map(|(_, v)| v)
             .collect();
-        shared.auth.replace_admin(&values);
-        self.keys_dirty = false;
-        self.last_keys = Instant::now();
+        // A local change made meanwhile is on its way to Redis: read again after it.
+        if shared.auth.replace_admin(&values, generation) {
+            self.keys_dirty = false;
+            self.last_keys = Instant::now();
+        }
     }
 
     fn conn_op(&mut self, id: u64, open: bool) {

@@ -172,7 +172,8 @@ pub struct AuthState {
     hook: std::sync::OnceLock<ChangeHook>,
 }
 
-type ChangeHook = Box<dyn Fn(KeyChange) + Send + Sync>;
+/// Called with each change and the [`AuthState::admin_generation`] it made.
+type ChangeHook = Box<dyn Fn(KeyChange, u64) + Send + Sync>;
 
 /// An admin change to the key set, for the cluster to share.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,6 +188,8 @@ struct Inner {
     config_keys: Vec<ApiKey>,
     admin: Vec<StoredKey>,
     file: PathBuf,
+    /// Bumped by every admin change made on this node.
+    generation: u64,
 }
 
 /// Why an admin change was refused.
@@ -219,6 +222,7 @@ impl AuthState {
             config_keys: config_keys.to_vec(),
             admin,
             file,
+            generation: 0,
         };
         let set = build(&inner);
         Ok(AuthState {
@@ -233,10 +237,18 @@ impl AuthState {
         let _ = self.hook.set(f);
     }
 
-    fn changed(&self, c: KeyChange) {
+    fn changed(&self, c: KeyChange, generation: u64) {
         if let Some(f) = self.hook.get() {
-            f(c);
+            f(c, generation);
         }
+    }
+
+    /// Changes with every admin change made on this node (see [`AuthState::replace_admin`]).
+    pub fn admin_generation(&self) -> u64 {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .generation
     }
 
     /// The admin-added keys in their stored form (JSON holding the digest, never the value).
@@ -249,8 +261,10 @@ impl AuthState {
     }
 
     /// Replaces the admin-added keys by `entries` (the cluster's set, in stored form; entries
-    /// that do not parse are skipped) and persists them. Returns whether anything changed.
-    pub fn replace_admin(&self, entries: &[Vec<u8>]) -> bool {
+    /// that do not parse are skipped) and persists them, unless an admin change was made here
+    /// since [`AuthState::admin_generation`] answered `generation` (the set read from the
+    /// cluster may predate it). Returns whether the set was replaced or already equal.
+    pub fn replace_admin(&self, entries: &[Vec<u8>], generation: u64) -> bool {
         let mut next: Vec<StoredKey> = entries
             .iter()
             .filter_map(|e| serde_json::from_slice::<StoredKey>(e).ok())
@@ -260,10 +274,13 @@ impl AuthState {
         let order = |a: &StoredKey, b: &StoredKey| (a.created, &a.name).cmp(&(b.created, &b.name));
         next.sort_by(order);
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if g.generation != generation {
+            return false;
+        }
         let mut cur = g.admin.clone();
         cur.sort_by(order);
         if cur == next {
-            return false;
+            return true;
         }
         g.admin = next;
         if let Err(e) = persist(&g) {
@@ -339,13 +356,18 @@ impl AuthState {
             return Err(KeyError::Io(e));
         }
         self.keys.store(Arc::new(build(&g)));
+        g.generation += 1;
+        let generation = g.generation;
         let json = g.admin.last().and_then(|k| serde_json::to_string(k).ok());
         drop(g);
         if let Some(json) = json {
-            self.changed(KeyChange::Put {
-                name: name.to_string(),
-                json,
-            });
+            self.changed(
+                KeyChange::Put {
+                    name: name.to_string(),
+                    json,
+                },
+                generation,
+            );
         }
         Ok(value)
     }
@@ -367,8 +389,10 @@ impl AuthState {
             return Err(KeyError::Io(e));
         }
         self.keys.store(Arc::new(build(&g)));
+        g.generation += 1;
+        let generation = g.generation;
         drop(g);
-        self.changed(KeyChange::Delete(name.to_string()));
+        self.changed(KeyChange::Delete(name.to_string()), generation);
         Ok(())
     }
 }
@@ -496,6 +520,38 @@ mod tests {
         assert!(matches!(st2.delete("bob"), Err(KeyError::NotFound)));
         let st3 = AuthState::new(&dir, &[]).unwrap();
         assert!(st3.keys().keys().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn cluster_set_replaces_admin_keys_unless_a_local_change_came_since() {
+        let dir = std::env::temp_dir().join(format!("rg-keys-cl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let st = AuthState::new(&dir, &[]).unwrap();
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        st.on_change(Box::new(move |c, g| s2.lock().unwrap().push((c, g))));
+        let g0 = st.admin_generation();
+        st.add("bob", vec![], Some("b".repeat(24)), true).unwrap();
+        let (json, g1) = match &seen.lock().unwrap()[0] {
+            (KeyChange::Put { name, json }, g) if name == "bob" => (json.clone(), *g),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(g1, st.admin_generation());
+        // A set read before the add must not undo it.
+        assert!(!st.replace_admin(&[], g0));
+        assert!(st.keys().check("b".repeat(24).as_bytes()).is_some());
+        // The cluster's set (another node's key plus ours) replaces ours, and persists.
+        let other = json.replace("bob", "carol");
+        assert!(st.replace_admin(&[json.into_bytes(), other.into_bytes()], g1));
+        assert_eq!(st.keys().keys().len(), 2);
+        st.delete("bob").unwrap();
+        assert!(matches!(
+            seen.lock().unwrap().last(),
+            Some((KeyChange::Delete(n), _)) if n == "bob"
+        ));
+        let st2 = AuthState::new(&dir, &[]).unwrap();
+        assert!(st2.keys().by_name("carol").is_some());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
