@@ -38,6 +38,8 @@ pub struct Shared {
     pub auth: crate::policy::auth::AuthState,
     /// Open WebSocket API connections, for `@connections`.
     pub ws: crate::ws::api::Registry,
+    /// `[cluster]`: the link to the other nodes (set once at start).
+    pub cluster: std::sync::OnceLock<crate::cluster::Cluster>,
     config_path: PathBuf,
     reload_lock: Mutex<()>,
 }
@@ -45,11 +47,15 @@ pub struct Shared {
 impl Shared {
     /// Builds the shared state around a first, already validated config.
     pub fn new(mut config: Config, access_log: Option<AccessLog>) -> Result<Arc<Shared>, String> {
-        let usage = crate::policy::plans::UsageStore::open(&config.server.state_dir)
-            .unwrap_or_else(|e| {
+        // With `[cluster]` the counts live in Redis (see `crate::cluster`).
+        let usage = if config.cluster.is_some() {
+            crate::policy::plans::UsageStore::in_memory()
+        } else {
+            crate::policy::plans::UsageStore::open(&config.server.state_dir).unwrap_or_else(|e| {
                 eprintln!("ringgate: usage counts will not persist: {e}");
                 crate::policy::plans::UsageStore::in_memory()
-            });
+            })
+        };
         config.traffic.plans.bind(&usage);
         let auth =
             crate::policy::auth::AuthState::new(&config.server.state_dir, &config.auth.api_keys)?;
@@ -57,7 +63,8 @@ impl Shared {
         let health = HealthRegistry::default();
         let upstreams = Upstream::build_all(&config.upstreams, &health);
         let config_path = config.path.clone();
-        Ok(Arc::new(Shared {
+        let cluster = config.cluster.clone();
+        let shared = Arc::new(Shared {
             current: ArcSwap::from_pointee(Gateway { config, upstreams }),
             generation: AtomicU64::new(1),
             shutdown: AtomicBool::new(false),
@@ -69,9 +76,14 @@ impl Shared {
             usage,
             auth,
             ws: Default::default(),
+            cluster: std::sync::OnceLock::new(),
             config_path,
             reload_lock: Mutex::new(()),
-        }))
+        });
+        if let Some(c) = cluster {
+            crate::cluster::start(&c, &shared)?;
+        }
+        Ok(shared)
     }
 
     /// The live gateway.
@@ -119,6 +131,9 @@ impl Shared {
         }
         if old.config.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
             notes.push("admin.listen takes effect at the next restart".to_string());
+        }
+        if old.config.cluster != new.cluster {
+            notes.push("cluster.redis takes effect at the next restart".to_string());
         }
         if old.config.access_log != new.access_log {
             notes.push("access_log.path takes effect at the next restart".to_string());

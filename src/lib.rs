@@ -12,12 +12,14 @@
 //! - [`policy`]: pipeline stages: auth, throttles, usage plans, WAF, CORS;
 //! - [`metrics`], [`accesslog`], [`admin`]: observability and management;
 //! - [`gateway`]: the live state shared by all threads;
+//! - [`cluster`]: state shared between nodes through Redis (`[cluster]`);
 //! - [`ws`]: WebSocket codec, pass-through and WebSocket APIs;
 //! - [`tls`]: HTTPS listeners (`[server.tls]`): certificates, SNI, mTLS, the TLS stream.
 
 pub mod accesslog;
 pub mod admin;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod gateway;
 pub mod http;

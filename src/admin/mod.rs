@@ -141,13 +141,23 @@ fn serve_conn(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
         // Usage plans (traffic control): GET /usage-plans/{plan}/usage?key=NAME.
         let usage = if authorized {
             let q = head.query.map(|q| head.slice(&buf, q));
-            crate::policy::admin_usage(
-                &shared.current().config.traffic,
-                &shared.auth.keys(),
-                &method,
-                &path,
-                q,
-            )
+            let ask = || {
+                crate::policy::admin_usage(
+                    &shared.current().config.traffic,
+                    &shared.auth.keys(),
+                    &method,
+                    &path,
+                    q,
+                )
+            };
+            match (ask(), shared.cluster.get()) {
+                // With [cluster]: the counter may be new here; sync it first.
+                (Some((200, _)), Some(c)) => {
+                    c.sync_now();
+                    ask()
+                }
+                (r, _) => r,
+            }
         } else {
             None
         };
@@ -212,7 +222,11 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
             }
         },
         ("POST", "/cache/invalidate") => {
-            let (status, body) = crate::cache::admin_invalidate(shared, body);
+            let (status, reply) = crate::cache::admin_invalidate(shared, body);
+            if let (200, Some(c)) = (status, shared.cluster.get()) {
+                c.invalidate(body);
+            }
+            let body = reply;
             Reply {
                 status,
                 ctype: "application/json",

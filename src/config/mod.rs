@@ -153,6 +153,8 @@ pub struct Config {
     pub traffic: crate::policy::Traffic,
     /// `[[authorizers]]`, `[[sigv4_credentials]]`, `[[api_keys]]`.
     pub auth: crate::policy::auth::AuthConfig,
+    /// `[cluster]`: state shared with other nodes through Redis.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// Reads, validates and compiles the config file at `path`.
@@ -234,6 +236,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     )?;
     let routes = routes::compile(&src, &raw.apis, &upstreams, &auth)?;
     let traffic = crate::policy::build(&src, &raw, &routes)?;
+    let cluster = match &raw.cluster {
+        Some(c) => Some(crate::cluster::validate(&src, c)?),
+        None => None,
+    };
     Ok(Config {
         path: path.to_path_buf(),
         server,
@@ -243,6 +249,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         routes,
         traffic,
         auth,
+        cluster,
     })
 }
 

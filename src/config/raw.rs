@@ -16,6 +16,8 @@ pub struct RawConfig {
     pub server: RawServer,
     pub admin: Option<RawAdmin>,
     pub access_log: Option<RawAccessLog>,
+    /// `[cluster]`: share state with other nodes through Redis.
+    pub cluster: Option<crate::cluster::RawCluster>,
     #[serde(default)]
     pub upstreams: Vec<RawUpstream>,
     #[serde(default)]

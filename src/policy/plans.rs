@@ -157,8 +157,30 @@ pub fn consume(c: &AtomicU64, period: u32, limit: u64) -> Option<u64> {
     }
 }
 
-/// Identifies one persisted counter.
-type CounterId = (String, String, &'static str);
+/// Identifies one persisted counter: plan, key and period name.
+pub type CounterId = (String, String, &'static str);
+
+/// With `[cluster]`: sets counter `c` to the cluster-wide count `global` for period `idx`, plus
+/// what this node counted since the sync read it at `seen`. Returns that extra count, or `None`
+/// when the counter moved on to a later period meanwhile (nothing is changed then).
+pub fn rebase(c: &AtomicU64, idx: u32, seen: u64, global: u64) -> Option<u64> {
+    let mut cur = c.load(Ordering::Relaxed);
+    loop {
+        if cur >> USED_BITS > idx as u64 + 1 {
+            return None;
+        }
+        let extra = used_in(cur, idx).saturating_sub(seen);
+        match c.compare_exchange_weak(
+            cur,
+            pack(idx, global.saturating_add(extra)),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => return Some(extra),
+            Err(v) => cur = v,
+        }
+    }
+}
 
 /// Quota counters shared by every config generation, persisted in `state_dir`.
 #[derive(Debug)]
@@ -234,6 +256,12 @@ impl UsageStore {
         m.entry((plan.to_string(), key.to_string(), period.as_str()))
             .or_insert_with(|| Arc::new(AtomicU64::new(0)))
             .clone()
+    }
+
+    /// Every counter with its plan, key and period (for the cluster's sync).
+    pub fn snapshot(&self) -> Vec<(CounterId, Arc<AtomicU64>)> {
+        let m = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// Writes the counts when they changed since the last write.
@@ -572,6 +600,27 @@ mod tests {
         // The next period starts from 0.
         assert_eq!(consume(&c, 8, 3), Some(2));
         assert_eq!(used_in(c.load(Ordering::Relaxed), 7), 0);
+    }
+
+    #[test]
+    fn rebase_keeps_what_was_counted_since_the_read() {
+        let c = AtomicU64::new(0);
+        consume(&c, 5, 100);
+        consume(&c, 5, 100);
+        let seen = used_in(c.load(Ordering::Relaxed), 5);
+        // One more request between the read and the answer from Redis.
+        consume(&c, 5, 100);
+        assert_eq!(rebase(&c, 5, seen, 10), Some(1));
+        assert_eq!(used_in(c.load(Ordering::Relaxed), 5), 11);
+        // A counter that moved to a later period is left alone.
+        consume(&c, 6, 100);
+        assert_eq!(rebase(&c, 5, 0, 50), None);
+        assert_eq!(used_in(c.load(Ordering::Relaxed), 6), 1);
+        // An empty counter takes the cluster's count.
+        let e = AtomicU64::new(0);
+        assert_eq!(rebase(&e, 5, 0, 7), Some(0));
+        assert_eq!(consume(&e, 5, 8), Some(0));
+        assert_eq!(consume(&e, 5, 8), None);
     }
 
     #[test]

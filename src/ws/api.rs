@@ -7,6 +7,10 @@
 //! [`Registry`] and posts to that worker's mailbox (a crossbeam channel); a task on each worker
 //! drains its mailbox on a short timer (2 ms while the worker holds WebSocket connections) and
 //! hands each command to the connection's writer queue, in the order they were posted.
+//!
+//! With `[cluster]`, each connection is also registered in Redis under its id, and a
+//! `@connections` call for an id this node does not hold goes to the node that does
+//! ([`crate::cluster`]). Ids start from a random base per process, so nodes do not collide.
 
 use super::client;
 use super::frame::{self, code, Decoder, Event};
@@ -186,6 +190,12 @@ impl Registry {
         }
     }
 
+    /// Ids of the open WebSocket API connections.
+    pub fn ids(&self) -> Vec<u64> {
+        let c = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        c.keys().copied().collect()
+    }
+
     /// Number of open WebSocket API connections.
     pub fn len(&self) -> usize {
         self.conns.lock().map(|c| c.len()).unwrap_or(0)
@@ -221,8 +231,18 @@ fn iso8601(ms: u64) -> String {
     )
 }
 
-/// `POST/GET/DELETE /@connections/{id}` on the admin listener: (status, JSON body).
+/// `POST/GET/DELETE /@connections/{id}` on the admin listener: (status, JSON body). With
+/// `[cluster]`, an id this node does not hold is looked up in the cluster.
 pub fn admin(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16, String) {
+    let r = admin_local(shared, method, id, body);
+    match shared.cluster.get() {
+        Some(c) if r.0 == 410 && id.len() == 16 => c.forward(method, id, body),
+        _ => r,
+    }
+}
+
+/// `@connections` on this node's connections only.
+pub fn admin_local(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16, String) {
     let msg = |m: &str| serde_json::json!({ "message": m }).to_string();
     let gone = (410, msg("Gone: no such connection"));
     let Some(id) = (id.len() == 16)
@@ -442,7 +462,14 @@ fn next_id() -> u64 {
     thread_local! {
         static T: u64 = THREADS.fetch_add(1, Ordering::Relaxed);
     }
-    let base = *BASE.get_or_init(|| now_ms() ^ ((std::process::id() as u64) << 40));
+    // A random base: ids of different processes (cluster nodes) do not collide.
+    let base = *BASE.get_or_init(|| {
+        let mut b = [0u8; 8];
+        match getrandom::getrandom(&mut b) {
+            Ok(()) => u64::from_le_bytes(b),
+            Err(_) => now_ms() ^ ((std::process::id() as u64) << 40),
+        }
+    });
     let seq = SEQ.with(|s| {
         let v = s.get() + 1;
         s.set(v);
@@ -519,6 +546,9 @@ pub async fn run<S: crate::server::ClientIo>(
                 source_ip: peer.ip().to_string(),
             },
         );
+    if let Some(c) = shared.cluster.get() {
+        c.conn_opened(id);
+    }
     let (tx, rx) = mpsc::unbounded::<Out>();
     let (kill_tx, kill_rx) = oneshot::channel::<(u16, &'static str)>();
     let queued = std::rc::Rc::new(std::cell::Cell::new(0usize));
@@ -722,6 +752,9 @@ pub async fn run<S: crate::server::ClientIo>(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&id);
+    if let Some(c) = shared.cluster.get() {
+        c.conn_closed(id);
+    }
     if let Some(t) = api.routes.get("$disconnect") {
         let _ = Box::pin(call(&gw, t, "$disconnect", id, b"", b"", b"")).await;
     }

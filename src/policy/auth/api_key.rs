@@ -8,6 +8,10 @@
 //! Keys added at run time (admin `POST /api-keys`) are written to `state_dir/api_keys.json`
 //! (temporary file, fsync, rename, fsync of the directory), so they survive a restart or a
 //! `kill -9`; the file holds digests, never key values.
+//!
+//! With `[cluster]`, every admin change is also handed to the cluster thread (through the hook
+//! set by [`AuthState::on_change`]), which writes it to Redis; the admin-added keys of every
+//! node are then replaced by the cluster's set ([`AuthState::replace_admin`]).
 
 use super::RawApiKey;
 use crate::config::{ConfigError, Source};
@@ -140,8 +144,8 @@ fn prefix(h: &[u8; 32]) -> u64 {
     u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
 }
 
-/// A key as stored in `api_keys.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A key as stored in `api_keys.json` (and, with `[cluster]`, in Redis).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct StoredKey {
     name: String,
     #[serde(default)]
@@ -164,12 +168,28 @@ pub struct AuthState {
     keys: ArcSwap<KeySet>,
     /// Config keys of the live config and the admin-added keys; writers hold the lock.
     inner: Mutex<Inner>,
+    /// Told of every admin change (set by the cluster).
+    hook: std::sync::OnceLock<ChangeHook>,
+}
+
+/// Called with each change and the [`AuthState::admin_generation`] it made.
+type ChangeHook = Box<dyn Fn(KeyChange, u64) + Send + Sync>;
+
+/// An admin change to the key set, for the cluster to share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyChange {
+    /// A key was added: its name and its stored form (JSON with the digest, never the value).
+    Put { name: String, json: String },
+    /// The admin-added key of this name was deleted.
+    Delete(String),
 }
 
 struct Inner {
     config_keys: Vec<ApiKey>,
     admin: Vec<StoredKey>,
     file: PathBuf,
+    /// Bumped by every admin change made on this node.
+    generation: u64,
 }
 
 /// Why an admin change was refused.
@@ -202,12 +222,72 @@ impl AuthState {
             config_keys: config_keys.to_vec(),
             admin,
             file,
+            generation: 0,
         };
         let set = build(&inner);
         Ok(AuthState {
             keys: ArcSwap::from_pointee(set),
             inner: Mutex::new(inner),
+            hook: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Calls `f` after every admin change from now on (once; later calls are ignored).
+    pub fn on_change(&self, f: ChangeHook) {
+        let _ = self.hook.set(f);
+    }
+
+    fn changed(&self, c: KeyChange, generation: u64) {
+        if let Some(f) = self.hook.get() {
+            f(c, generation);
+        }
+    }
+
+    /// Changes with every admin change made on this node (see [`AuthState::replace_admin`]).
+    pub fn admin_generation(&self) -> u64 {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .generation
+    }
+
+    /// The admin-added keys in their stored form (JSON holding the digest, never the value).
+    pub fn admin_entries(&self) -> Vec<(String, String)> {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.admin
+            .iter()
+            .filter_map(|k| Some((k.name.clone(), serde_json::to_string(k).ok()?)))
+            .collect()
+    }
+
+    /// Replaces the admin-added keys by `entries` (the cluster's set, in stored form; entries
+    /// that do not parse are skipped) and persists them, unless an admin change was made here
+    /// since [`AuthState::admin_generation`] answered `generation` (the set read from the
+    /// cluster may predate it). Returns whether the set was replaced or already equal.
+    pub fn replace_admin(&self, entries: &[Vec<u8>], generation: u64) -> bool {
+        let mut next: Vec<StoredKey> = entries
+            .iter()
+            .filter_map(|e| serde_json::from_slice::<StoredKey>(e).ok())
+            .filter(|k| valid_name(&k.name) && unhex32(&k.sha256).is_some())
+            .take(MAX_ADMIN_KEYS)
+            .collect();
+        let order = |a: &StoredKey, b: &StoredKey| (a.created, &a.name).cmp(&(b.created, &b.name));
+        next.sort_by(order);
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if g.generation != generation {
+            return false;
+        }
+        let mut cur = g.admin.clone();
+        cur.sort_by(order);
+        if cur == next {
+            return true;
+        }
+        g.admin = next;
+        if let Err(e) = persist(&g) {
+            eprintln!("ringgate: cluster keys: {e}");
+        }
+        self.keys.store(Arc::new(build(&g)));
+        true
     }
 
     /// The live key set (one atomic load).
@@ -276,6 +356,19 @@ impl AuthState {
             return Err(KeyError::Io(e));
         }
         self.keys.store(Arc::new(build(&g)));
+        g.generation += 1;
+        let generation = g.generation;
+        let json = g.admin.last().and_then(|k| serde_json::to_string(k).ok());
+        drop(g);
+        if let Some(json) = json {
+            self.changed(
+                KeyChange::Put {
+                    name: name.to_string(),
+                    json,
+                },
+                generation,
+            );
+        }
         Ok(value)
     }
 
@@ -296,6 +389,10 @@ impl AuthState {
             return Err(KeyError::Io(e));
         }
         self.keys.store(Arc::new(build(&g)));
+        g.generation += 1;
+        let generation = g.generation;
+        drop(g);
+        self.changed(KeyChange::Delete(name.to_string()), generation);
         Ok(())
     }
 }
@@ -423,6 +520,38 @@ mod tests {
         assert!(matches!(st2.delete("bob"), Err(KeyError::NotFound)));
         let st3 = AuthState::new(&dir, &[]).unwrap();
         assert!(st3.keys().keys().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn cluster_set_replaces_admin_keys_unless_a_local_change_came_since() {
+        let dir = std::env::temp_dir().join(format!("rg-keys-cl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let st = AuthState::new(&dir, &[]).unwrap();
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        st.on_change(Box::new(move |c, g| s2.lock().unwrap().push((c, g))));
+        let g0 = st.admin_generation();
+        st.add("bob", vec![], Some("b".repeat(24)), true).unwrap();
+        let (json, g1) = match &seen.lock().unwrap()[0] {
+            (KeyChange::Put { name, json }, g) if name == "bob" => (json.clone(), *g),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(g1, st.admin_generation());
+        // A set read before the add must not undo it.
+        assert!(!st.replace_admin(&[], g0));
+        assert!(st.keys().check("b".repeat(24).as_bytes()).is_some());
+        // The cluster's set (another node's key plus ours) replaces ours, and persists.
+        let other = json.replace("bob", "carol");
+        assert!(st.replace_admin(&[json.into_bytes(), other.into_bytes()], g1));
+        assert_eq!(st.keys().keys().len(), 2);
+        st.delete("bob").unwrap();
+        assert!(matches!(
+            seen.lock().unwrap().last(),
+            Some((KeyChange::Delete(n), _)) if n == "bob"
+        ));
+        let st2 = AuthState::new(&dir, &[]).unwrap();
+        assert!(st2.keys().by_name("carol").is_some());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -1,0 +1,986 @@
+//! `[cluster]`: several ringgate nodes share state through one Redis.
+//!
+//! What is shared, and how (every Redis call happens on this module's two threads per process,
+//! never on a worker; workers and the admin listener talk to them through a channel):
+//! - **API keys added at run time**: Redis hash `ringgate:apikeys` (name -> stored key, digest
+//!   only). An admin change is written there and announced on channel `ringgate:events`; every
+//!   node then reloads the hash into its key set ([`crate::policy::auth::AuthState::replace_admin`]).
+//!   Nodes also reload every [`KEYS_RELOAD_MS`] ms and on every reconnect, so a missed
+//!   announcement costs at most that. Keys from the config file stay per node, as without
+//!   `[cluster]`. The hash keeps a marker field, so a hash that is missing means Redis lost its
+//!   data (or is new): the nodes then write their keys back.
+//! - **Usage-plan quota counts**: each request counts on the node's local counter (the hot
+//!   path never waits for Redis). Every [`SYNC_MS`] ms this thread writes the node's own share
+//!   of each counter to hash `ringgate:quota:{plan}:{period}:{index}:{key}` (field = node id,
+//!   expiring a day after the period ends), reads the other nodes' shares back, and sets the
+//!   local counter to the cluster-wide sum plus what was counted meanwhile. Each node writes an
+//!   absolute value for its own field, so a resync after an outage or a Redis restart is
+//!   idempotent. Overshoot: between two syncs each node admits requests against the count it
+//!   last read, so a quota can be exceeded by at most what the *other* nodes admit in one sync
+//!   interval (bounded by their throttles).
+//! - **WebSocket `@connections`**: hash `ringgate:conns` (connection id -> node id). A call
+//!   for an id this node does not hold is published on the owning node's channel
+//!   `ringgate:node:{node}`, which runs it and publishes the answer back; no answer within
+//!   [`FORWARD_TIMEOUT`] is a 504. An id no live node holds is a 410 (nodes refresh a
+//!   `ringgate:alive:{node}` key every [`HEARTBEAT_MS`] ms).
+//! - **Cache invalidation**: `POST /cache/invalidate` on one node is published and applied by
+//!   every node.
+//!
+//! Per node: throttles (token buckets), the response cache's entries, health checks, metrics.
+//!
+//! Redis down (at start or later): the node serves with its local state, logs one line when
+//! the outage starts and one when Redis is back, retries with backoff up to
+//! [`BACKOFF_MAX_MS`] ms, and resyncs on reconnect (pending key changes written, keys reloaded,
+//! connections registered again, quota shares rewritten).
+
+use crate::config::{ConfigError, Source};
+use crate::gateway::Shared;
+use crate::policy::auth::KeyChange;
+use crate::policy::plans::{rebase, unix_now, used_in, CounterId, Period};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use serde::Deserialize;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+use toml::Spanned;
+
+/// How often quota counts are synced with Redis (and queued changes written).
+pub const SYNC_MS: u64 = 100;
+/// How often the API keys are reloaded even without an announcement.
+pub const KEYS_RELOAD_MS: u64 = 5_000;
+/// How often a node refreshes its liveness key.
+pub const HEARTBEAT_MS: u64 = 1_000;
+/// Lifetime of the liveness key.
+const ALIVE_TTL_MS: u64 = 5_000;
+/// How long a forwarded `@connections` call waits for the owning node.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait between two reconnection attempts.
+pub const BACKOFF_MAX_MS: u64 = 5_000;
+/// Connect, read and write timeout of a Redis call.
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most quota counters loaded from Redis at a (re)connect.
+pub const MAX_PRELOAD: usize = 100_000;
+/// Most key changes and registry updates queued while Redis is unreachable.
+const MAX_QUEUED: usize = 100_000;
+
+const KEYS_HASH: &str = "ringgate:apikeys";
+/// Marker field of [`KEYS_HASH`] (not a valid key name, never parsed as a key).
+const KEYS_MARKER: &str = ".";
+const CONNS_HASH: &str = "ringgate:conns";
+const EVENTS: &str = "ringgate:events";
+
+/// `[cluster]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// `redis://[user:password@]host[:port][/db]` or `unix:///path/to/socket`.
+    pub redis: Spanned<String>,
+}
+
+/// `[cluster]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub redis: String,
+}
+
+/// The URL with any password replaced (for errors and logs).
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+pub(crate) fn validate(src: &Source, raw: &RawCluster) -> Result<ClusterConfig, ConfigError> {
+    let url = raw.redis.get_ref();
+    let bad = |m: String| src.err(raw.redis.span(), "cluster.redis", m);
+    if !["redis://", "unix://", "redis+unix://"]
+        .iter()
+        .any(|p| url.starts_with(p))
+    {
+        return Err(bad(format!(
+            "`{}` is not a Redis URL: expected redis://[user:password@]host[:port][/db] or unix:///path",
+            redact(url)
+        )));
+    }
+    match redis::Client::open(url.as_str()) {
+        Ok(_) => Ok(ClusterConfig { redis: url.clone() }),
+        Err(e) => Err(bad(format!(
+            "`{}` is not a valid Redis URL: {e}",
+            redact(url)
+        ))),
+    }
+}
+
+/// What the cluster thread is asked to do.
+enum Msg {
+    /// A local admin change and the key generation it made.
+    Key(KeyChange, u64),
+    ConnOpened(u64),
+    ConnClosed(u64),
+    Forward {
+        method: String,
+        id: String,
+        body: Vec<u8>,
+        reply: Sender<(u16, String)>,
+    },
+    Invalidate(Vec<u8>),
+    /// Sync the quota counts now, then answer.
+    SyncNow(Sender<()>),
+    /// A message from the subscriber thread.
+    Inbound(Vec<u8>),
+    /// The subscriber (re)subscribed: something may have been missed.
+    Resubscribed,
+}
+
+/// This node's link to the cluster (in [`Shared::cluster`]).
+pub struct Cluster {
+    node: String,
+    tx: Sender<Msg>,
+}
+
+impl Cluster {
+    /// This node's id (random per process).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// A WebSocket API connection opened on this node.
+    pub fn conn_opened(&self, id: u64) {
+        let _ = self.tx.send(Msg::ConnOpened(id));
+    }
+
+    /// A WebSocket API connection of this node closed.
+    pub fn conn_closed(&self, id: u64) {
+        let _ = self.tx.send(Msg::ConnClosed(id));
+    }
+
+    /// Publishes a cache invalidation (already applied here) to the other nodes.
+    pub fn invalidate(&self, body: &[u8]) {
+        let _ = self.tx.send(Msg::Invalidate(body.to_vec()));
+    }
+
+    /// Syncs the quota counts with Redis now (for the usage endpoint: its counter may have
+    /// just been made); waits at most a Redis timeout.
+    pub fn sync_now(&self) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let _ = self.tx.send(Msg::SyncNow(tx));
+        let _ = rx.recv_timeout(IO_TIMEOUT);
+    }
+
+    /// Runs `@connections/{id}` on the node holding `id` (blocks the admin thread for at most
+    /// [`FORWARD_TIMEOUT`] and a little more).
+    pub fn forward(&self, method: &str, id: &str, body: &[u8]) -> (u16, String) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let _ = self.tx.send(Msg::Forward {
+            method: method.to_string(),
+            id: id.to_string(),
+            body: body.to_vec(),
+            reply: tx,
+        });
+        rx.recv_timeout(FORWARD_TIMEOUT + IO_TIMEOUT * 2)
+            .unwrap_or_else(|_| timed_out())
+    }
+}
+
+fn message(m: &str) -> String {
+    serde_json::json!({ "message": m }).to_string()
+}
+
+fn gone() -> (u16, String) {
+    (410, message("Gone: no such connection"))
+}
+
+fn timed_out() -> (u16, String) {
+    (
+        504,
+        message("the node holding the connection did not answer in time"),
+    )
+}
+
+/// Starts the cluster threads of this process and sets [`Shared::cluster`].
+pub fn start(cfg: &ClusterConfig, shared: &Arc<Shared>) -> Result<(), String> {
+    let client =
+        redis::Client::open(cfg.redis.as_str()).map_err(|e| format!("cluster.redis: {e}"))?;
+    let mut b = [0u8; 8];
+    getrandom::getrandom(&mut b).map_err(|e| format!("cluster: no random node id: {e}"))?;
+    let node = format!("{:016x}", u64::from_le_bytes(b));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let cluster = Cluster {
+        node: node.clone(),
+        tx: tx.clone(),
+    };
+    if shared.cluster.set(cluster).is_err() {
+        return Err("cluster: started twice".into());
+    }
+    let keys_tx = tx.clone();
+    shared.auth.on_change(Box::new(move |k, generation| {
+        let _ = keys_tx.send(Msg::Key(k, generation));
+    }));
+    {
+        let client = client.clone();
+        let node = node.clone();
+        let weak = Arc::downgrade(shared);
+        std::thread::Builder::new()
+            .name("ringgate-cluster-sub".into())
+            .spawn(move || subscriber(client, node, tx, weak))
+            .map_err(|e| format!("cannot start the cluster subscriber: {e}"))?;
+    }
+    let url = redact(&cfg.redis);
+    let weak = Arc::downgrade(shared);
+    std::thread::Builder::new()
+        .name("ringgate-cluster".into())
+        .spawn(move || Worker::new(client, url, node, weak).run(rx))
+        .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
+    Ok(())
+}
+
+/// The subscriber thread: `ringgate:events` and this node's channel, handed to the cluster
+/// thread. Reconnects on its own (the cluster thread logs the outage).
+fn subscriber(client: redis::Client, node: String, tx: Sender<Msg>, shared: Weak<Shared>) {
+    let mine = format!("ringgate:node:{node}");
+    let mut backoff = 100u64;
+    loop {
+        if shared.strong_count() == 0 {
+            return;
+        }
+        let mut subscribed = false;
+        let mut run = || -> redis::RedisResult<()> {
+            let mut con = client.get_connection_with_timeout(IO_TIMEOUT)?;
+            con.set_write_timeout(Some(IO_TIMEOUT))?;
+            let mut ps = con.as_pubsub();
+            ps.subscribe(&[EVENTS, mine.as_str()])?;
+            subscribed = true;
+            let _ = tx.send(Msg::Resubscribed);
+            ps.set_read_timeout(Some(Duration::from_secs(1)))?;
+            loop {
+                match ps.get_message() {
+                    Ok(m) => {
+                        if tx
+                            .send(Msg::Inbound(m.get_payload_bytes().to_vec()))
+                            .is_err()
+                        {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) if e.is_timeout() => {
+                        if shared.strong_count() == 0 {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        if run().is_ok() {
+            return;
+        }
+        if subscribed {
+            // It worked until now: retry soon.
+            backoff = 100;
+        }
+        std::thread::sleep(Duration::from_millis(backoff));
+        backoff = (backoff * 2).min(BACKOFF_MAX_MS);
+    }
+}
+
+/// The sync state of one quota counter.
+#[derive(Default)]
+struct QuotaSync {
+    idx: u32,
+    /// This node's share, as last written.
+    own: u64,
+    /// The local count that the last sync accounted for (own + others then).
+    anchor: u64,
+    /// Whether `own` was written since the last (re)connect.
+    written: bool,
+}
+
+/// The cluster thread's state.
+struct Worker {
+    client: redis::Client,
+    url: String,
+    node: String,
+    shared: Weak<Shared>,
+    con: Option<redis::Connection>,
+    /// An outage was logged and not yet its end.
+    outage: bool,
+    connected_once: bool,
+    next_try: Instant,
+    backoff_ms: u64,
+    /// Local key changes not yet in Redis, with their generations.
+    keys: VecDeque<(KeyChange, u64)>,
+    /// Generation of the last local key change written to Redis.
+    flushed: u64,
+    conn_ops: VecDeque<(u64, bool)>,
+    reregister: bool,
+    /// Check, after a (re)connect, whether Redis lost the keys.
+    seed: bool,
+    /// Load, after a (re)connect, the counters of this period that other nodes made.
+    preload: bool,
+    keys_dirty: bool,
+    last_keys: Instant,
+    last_beat: Option<Instant>,
+    quota: HashMap<CounterId, QuotaSync>,
+    forwards: HashMap<u64, (Sender<(u16, String)>, Instant)>,
+    next_req: u64,
+    last_error_log: Option<Instant>,
+    /// The process is stopping (its liveness key was deleted).
+    leaving: bool,
+}
+
+impl Worker {
+    fn new(client: redis::Client, url: String, node: String, shared: Weak<Shared>) -> Worker {
+        Worker {
+            client,
+            url,
+            node,
+            shared,
+            con: None,
+            outage: false,
+            connected_once: false,
+            next_try: Instant::now(),
+            backoff_ms: 100,
+            keys: VecDeque::new(),
+            flushed: 0,
+            conn_ops: VecDeque::new(),
+            reregister: true,
+            seed: true,
+            preload: true,
+            keys_dirty: true,
+            last_keys: Instant::now(),
+            last_beat: None,
+            quota: HashMap::new(),
+            forwards: HashMap::new(),
+            next_req: 1,
+            last_error_log: None,
+            leaving: false,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Msg>) {
+        let tick = Duration::from_millis(SYNC_MS);
+        let mut next_tick = Instant::now();
+        loop {
+            let Some(shared) = self.shared.upgrade() else {
+                return;
+            };
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(m) => {
+                    self.handle(&shared, m);
+                    while let Ok(m) = rx.try_recv() {
+                        self.handle(&shared, m);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if Instant::now() >= next_tick {
+                self.tick(&shared);
+                next_tick = Instant::now() + tick;
+            }
+            if shared.shutdown.load(Ordering::Relaxed) && !self.leaving {
+                // Stopping: other nodes answer 410 for our connections at once.
+                self.leaving = true;
+                let key = format!("ringgate:alive:{}", self.node);
+                let _ = self.call(|con| redis::cmd("DEL").arg(key).query::<i64>(con));
+            }
+        }
+    }
+
+    fn handle(&mut self, shared: &Shared, m: Msg) {
+        match m {
+            Msg::Key(k, generation) => {
+                if self.keys.len() < MAX_QUEUED {
+                    self.keys.push_back((k, generation));
+                } else {
+                    // Stays a local change only.
+                    eprintln!("ringgate: cluster: too many key changes waiting for redis; one kept on this node only");
+                    self.flushed = self.flushed.max(generation);
+                }
+                self.flush_keys();
+            }
+            Msg::ConnOpened(id) => self.conn_op(id, true),
+            Msg::ConnClosed(id) => self.conn_op(id, false),
+            Msg::Forward {
+                method,
+                id,
+                body,
+                reply,
+            } => {
+                let r = self.forward(&method, &id, &body, &reply);
+                if let Some(r) = r {
+                    let _ = reply.send(r);
+                }
+            }
+            Msg::Invalidate(body) => {
+                let mut p = serde_json::json!({ "t": "cache", "from": self.node })
+                    .to_string()
+                    .into_bytes();
+                p.push(b'\n');
+                p.extend_from_slice(&body);
+                self.call(|con| redis::cmd("PUBLISH").arg(EVENTS).arg(p).query::<i64>(con));
+            }
+            Msg::SyncNow(done) => {
+                self.sync_quotas(shared);
+                let _ = done.send(());
+            }
+            Msg::Inbound(p) => self.inbound(shared, &p),
+            Msg::Resubscribed => self.keys_dirty = true,
+        }
+    }
+
+    /// Runs `f` on the connection; an error drops it (logged once per outage).
+    fn call<T>(
+        &mut self,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Option<T> {
+        let con = self.con.as_mut()?;
+        match f(con) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.failed(e);
+                None
+            }
+        }
+    }
+
+    fn failed(&mut self, e: redis::RedisError) {
+        if e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_unrecoverable_error()
+        {
+            self.con = None;
+            self.next_try = Instant::now() + Duration::from_millis(self.backoff_ms);
+            if !self.outage {
+                eprintln!(
+                    "ringgate: cluster: lost redis at {} ({e}); serving with local state, reconnecting",
+                    self.url
+                );
+                self.outage = true;
+            }
+        } else if self
+            .last_error_log
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+        {
+            eprintln!("ringgate: cluster: redis error: {e}");
+            self.last_error_log = Some(Instant::now());
+        }
+    }
+
+    fn connect(&mut self) {
+        match self.client.get_connection_with_timeout(IO_TIMEOUT) {
+            Ok(c) => {
+                let _ = c.set_read_timeout(Some(IO_TIMEOUT));
+                let _ = c.set_write_timeout(Some(IO_TIMEOUT));
+                self.con = Some(c);
+                self.backoff_ms = 100;
+                if self.outage {
+                    eprintln!(
+                        "ringgate: cluster: redis at {} is back; resyncing",
+                        self.url
+                    );
+                } else if !self.connected_once {
+                    eprintln!(
+                        "ringgate: cluster: node {} joined through redis at {}",
+                        self.node, self.url
+                    );
+                }
+                self.outage = false;
+                self.connected_once = true;
+                // Resync: keys reloaded (and written back if Redis lost them), connections
+                // registered again, every quota share written again.
+                self.keys_dirty = true;
+                self.reregister = true;
+                self.seed = true;
+                self.preload = true;
+                self.last_beat = None;
+                for q in self.quota.values_mut() {
+                    q.written = false;
+                }
+            }
+            Err(e) => {
+                if !self.outage {
+                    eprintln!(
+                        "ringgate: cluster: redis at {} unreachable ({e}); serving with local state, retrying",
+                        self.url
+                    );
+                    self.outage = true;
+                }
+                self.next_try = Instant::now() + Duration::from_millis(self.backoff_ms);
+                self.backoff_ms = (self.backoff_ms * 2).min(BACKOFF_MAX_MS);
+            }
+        }
+    }
+
+    fn tick(&mut self, shared: &Shared) {
+        let now = Instant::now();
+        self.forwards.retain(|_, (tx, deadline)| {
+            if now >= *deadline {
+                let _ = tx.send(timed_out());
+                false
+            } else {
+                true
+            }
+        });
+        if self.con.is_none() && now >= self.next_try {
+            self.connect();
+        }
+        if self.con.is_none() {
+            return;
+        }
+        if !self.leaving
+            && self
+                .last_beat
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(HEARTBEAT_MS))
+        {
+            let key = format!("ringgate:alive:{}", self.node);
+            if self
+                .call(|con| {
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg(1)
+                        .arg("PX")
+                        .arg(ALIVE_TTL_MS)
+                        .query::<()>(con)
+                })
+                .is_some()
+            {
+                self.last_beat = Some(Instant::now());
+            }
+        }
+        if self.seed {
+            self.seed_keys(shared);
+        }
+        self.flush_keys();
+        if self.reregister {
+            self.register_all(shared);
+        }
+        self.flush_conn_ops();
+        if self.keys_dirty || self.last_keys.elapsed() >= Duration::from_millis(KEYS_RELOAD_MS) {
+            self.reload_keys(shared);
+        }
+        if self.preload {
+            self.preload_quotas(shared);
+        }
+        self.sync_quotas(shared);
+    }
+
+    /// After a (re)connect: makes a local counter for every quota counter of the current
+    /// period in Redis, so this node knows keys it has not served yet before their first
+    /// request here (at most [`MAX_PRELOAD`] counters).
+    fn preload_quotas(&mut self, shared: &Shared) {
+        let gw = shared.current();
+        let plans = &gw.config.traffic.plans.plans;
+        if !plans.iter().any(|p| p.quota.is_some()) {
+            self.preload = false;
+            return;
+        }
+        let now = unix_now();
+        let mut cursor = 0u64;
+        let mut seen = 0usize;
+        loop {
+            let Some((next, keys)) = self.call(|con| {
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg("ringgate:quota:*")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query::<(u64, Vec<String>)>(con)
+            }) else {
+                return;
+            };
+            for k in keys {
+                // ringgate:quota:{plan}:{period}:{index}:{key}; key names hold no `:`.
+                let Some(rest) = k.strip_prefix("ringgate:quota:") else {
+                    continue;
+                };
+                let mut it = rest.rsplitn(4, ':');
+                let (Some(key), Some(idx), Some(period), Some(plan)) =
+                    (it.next(), it.next(), it.next(), it.next())
+                else {
+                    continue;
+                };
+                let Some(period) = Period::parse(period) else {
+                    continue;
+                };
+                let known = plans
+                    .iter()
+                    .any(|p| &*p.name == plan && p.quota.is_some_and(|q| q.period == period));
+                if known && idx.parse::<u32>().ok() == Some(period.index(now)) {
+                    shared.usage.counter(plan, key, period);
+                    seen += 1;
+                }
+            }
+            cursor = next;
+            if cursor == 0 || seen >= MAX_PRELOAD {
+                break;
+            }
+        }
+        self.preload = false;
+    }
+
+    /// After a (re)connect: when the key hash is missing (a new cluster, or a Redis that lost
+    /// its data), writes this node's keys to it. Done before the queued changes are written.
+    fn seed_keys(&mut self, shared: &Shared) {
+        let entries = shared.auth.admin_entries();
+        let ok = self.call(|con| {
+            let exists: i64 = redis::cmd("EXISTS").arg(KEYS_HASH).query(con)?;
+            if exists == 0 {
+                let mut p = redis::pipe();
+                p.cmd("HSET")
+                    .arg(KEYS_HASH)
+                    .arg(KEYS_MARKER)
+                    .arg(1)
+                    .ignore();
+                for (name, json) in &entries {
+                    p.cmd("HSETNX").arg(KEYS_HASH).arg(name).arg(json).ignore();
+                }
+                p.query::<()>(con)?;
+            }
+            Ok(())
+        });
+        if ok.is_some() {
+            self.seed = false;
+        }
+    }
+
+    /// Writes the queued key changes, oldest first.
+    fn flush_keys(&mut self) {
+        while let Some((k, generation)) = self.keys.front().cloned() {
+            if self.con.is_none() || self.seed {
+                return;
+            }
+            let node = self.node.clone();
+            let ev = serde_json::json!({ "t": "keys", "from": node }).to_string();
+            let done = match &k {
+                KeyChange::Put { name, json } => self.call(|con| {
+                    let (added, _, cur): (i64, i64, Option<String>) = redis::pipe()
+                        .cmd("HSETNX")
+                        .arg(KEYS_HASH)
+                        .arg(name)
+                        .arg(json)
+                        .cmd("HSET")
+                        .arg(KEYS_HASH)
+                        .arg(KEYS_MARKER)
+                        .arg(1)
+                        .cmd("HGET")
+                        .arg(KEYS_HASH)
+                        .arg(name)
+                        .query(con)?;
+                    if added == 0 && cur.as_deref() != Some(json.as_str()) {
+                        eprintln!(
+                            "ringgate: cluster: key `{name}` was also added on another node; the cluster keeps that one"
+                        );
+                    }
+                    redis::cmd("PUBLISH").arg(EVENTS).arg(&ev).query::<i64>(con)
+                }),
+                KeyChange::Delete(name) => self.call(|con| {
+                    redis::cmd("HDEL").arg(KEYS_HASH).arg(name).query::<i64>(con)?;
+                    redis::cmd("PUBLISH").arg(EVENTS).arg(&ev).query::<i64>(con)
+                }),
+            };
+            if done.is_none() {
+                return;
+            }
+            self.keys.pop_front();
+            self.flushed = self.flushed.max(generation);
+            self.keys_dirty = true;
+        }
+    }
+
+    /// Loads the cluster's keys into this node's key set.
+    fn reload_keys(&mut self, shared: &Shared) {
+        if !self.keys.is_empty() || self.seed {
+            return;
+        }
+        // Only once every local change is in Redis (else the set read could undo one).
+        let generation = shared.auth.admin_generation();
+        if generation != self.flushed {
+            return;
+        }
+        let all = self.call(|con| {
+            redis::cmd("HGETALL")
+                .arg(KEYS_HASH)
+                .query::<HashMap<String, Vec<u8>>>(con)
+        });
+        let Some(all) = all else { return };
+        let values: Vec<Vec<u8>> = all
+            .into_iter()
+            .filter(|(k, _)| k != KEYS_MARKER)
+            .map(|(_, v)| v)
+            .collect();
+        // A local change made meanwhile is on its way to Redis: read again after it.
+        if shared.auth.replace_admin(&values, generation) {
+            self.keys_dirty = false;
+            self.last_keys = Instant::now();
+        }
+    }
+
+    fn conn_op(&mut self, id: u64, open: bool) {
+        if self.conn_ops.len() < MAX_QUEUED {
+            self.conn_ops.push_back((id, open));
+        } else {
+            self.reregister = true;
+        }
+        self.flush_conn_ops();
+    }
+
+    fn flush_conn_ops(&mut self) {
+        if self.con.is_none() || self.conn_ops.is_empty() {
+            return;
+        }
+        let ops: Vec<(u64, bool)> = self.conn_ops.iter().copied().collect();
+        let node = self.node.clone();
+        let ok = self.call(|con| {
+            let mut p = redis::pipe();
+            for (id, open) in &ops {
+                let id = crate::ws::api::id_string(*id);
+                if *open {
+                    p.cmd("HSET").arg(CONNS_HASH).arg(id).arg(&node).ignore();
+                } else {
+                    p.cmd("HDEL").arg(CONNS_HASH).arg(id).ignore();
+                }
+            }
+            p.query::<()>(con)
+        });
+        if ok.is_some() {
+            self.conn_ops.clear();
+        }
+    }
+
+    fn register_all(&mut self, shared: &Shared) {
+        let ids = shared.ws.ids();
+        let node = self.node.clone();
+        let ok = self.call(|con| {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            let mut p = redis::pipe();
+            for id in &ids {
+                p.cmd("HSET")
+                    .arg(CONNS_HASH)
+                    .arg(crate::ws::api::id_string(*id))
+                    .arg(&node)
+                    .ignore();
+            }
+            p.query::<()>(con)
+        });
+        if ok.is_some() {
+            self.reregister = false;
+        }
+    }
+
+    /// Sends a `@connections` call to the node holding `id`; `None` when the answer will come
+    /// later (from that node).
+    fn forward(
+        &mut self,
+        method: &str,
+        id: &str,
+        body: &[u8],
+        reply: &Sender<(u16, String)>,
+    ) -> Option<(u16, String)> {
+        if self.con.is_none() {
+            return Some((
+                503,
+                message("the cluster store is unreachable: cannot find the connection's node"),
+            ));
+        }
+        let owner = self.call(|con| {
+            redis::cmd("HGET")
+                .arg(CONNS_HASH)
+                .arg(id)
+                .query::<Option<String>>(con)
+        });
+        let Some(owner) = owner else {
+            return Some((503, message("the cluster store is unreachable")));
+        };
+        let Some(owner) = owner else {
+            return Some(gone());
+        };
+        let alive = owner != self.node
+            && self
+                .call(|con| {
+                    redis::cmd("EXISTS")
+                        .arg(format!("ringgate:alive:{owner}"))
+                        .query::<i64>(con)
+                })
+                .unwrap_or(0)
+                == 1;
+        if !alive {
+            // A connection of a node that is gone (or a stale entry of ours).
+            let _ = self.call(|con| redis::cmd("HDEL").arg(CONNS_HASH).arg(id).query::<i64>(con));
+            return Some(gone());
+        }
+        let req = self.next_req;
+        self.next_req += 1;
+        let mut p = serde_json::json!({
+            "t": "req", "from": self.node, "req": req, "method": method, "id": id,
+        })
+        .to_string()
+        .into_bytes();
+        p.push(b'\n');
+        p.extend_from_slice(body);
+        let heard = self.call(|con| {
+            redis::cmd("PUBLISH")
+                .arg(format!("ringgate:node:{owner}"))
+                .arg(p)
+                .query::<i64>(con)
+        });
+        match heard {
+            Some(n) if n > 0 => {
+                self.forwards
+                    .insert(req, (reply.clone(), Instant::now() + FORWARD_TIMEOUT));
+                None
+            }
+            _ => Some((
+                503,
+                message("the node holding the connection is not reachable"),
+            )),
+        }
+    }
+
+    fn inbound(&mut self, shared: &Shared, p: &[u8]) {
+        let nl = p.iter().position(|&b| b == b'\n').unwrap_or(p.len());
+        let Ok(head) = serde_json::from_slice::<serde_json::Value>(&p[..nl]) else {
+            return;
+        };
+        let body = p.get(nl + 1..).unwrap_or(&[]);
+        let from = head["from"].as_str().unwrap_or("");
+        match head["t"].as_str() {
+            Some("keys") if from != self.node => self.keys_dirty = true,
+            Some("cache") if from != self.node => {
+                let _ = crate::cache::admin_invalidate(shared, body);
+            }
+            Some("req") => {
+                let (Some(req), Some(method), Some(id)) = (
+                    head["req"].as_u64(),
+                    head["method"].as_str(),
+                    head["id"].as_str(),
+                ) else {
+                    return;
+                };
+                let (status, answer) = crate::ws::api::admin_local(shared, method, id, body);
+                if status == 410 {
+                    let node = self.node.clone();
+                    let _ = self.call(|con| {
+                        // Drop the entry only if it still names this node.
+                        let cur: Option<String> =
+                            redis::cmd("HGET").arg(CONNS_HASH).arg(id).query(con)?;
+                        if cur.as_deref() == Some(node.as_str()) {
+                            redis::cmd("HDEL")
+                                .arg(CONNS_HASH)
+                                .arg(id)
+                                .query::<i64>(con)?;
+                        }
+                        Ok(())
+                    });
+                }
+                let rep = serde_json::json!({
+                    "t": "rep", "from": self.node, "req": req, "status": status, "body": answer,
+                })
+                .to_string();
+                let ch = format!("ringgate:node:{from}");
+                let _ = self.call(|con| redis::cmd("PUBLISH").arg(ch).arg(rep).query::<i64>(con));
+            }
+            Some("rep") => {
+                let (Some(req), Some(status)) = (head["req"].as_u64(), head["status"].as_u64())
+                else {
+                    return;
+                };
+                if let Some((tx, _)) = self.forwards.remove(&req) {
+                    let body = head["body"].as_str().unwrap_or("").to_string();
+                    let _ = tx.send((status.min(599) as u16, body));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Writes this node's share of every quota counter and reads the cluster-wide counts.
+    fn sync_quotas(&mut self, shared: &Shared) {
+        let snap = shared.usage.snapshot();
+        if snap.is_empty() || self.con.is_none() {
+            return;
+        }
+        let now = unix_now();
+        let mut p = redis::pipe();
+        let mut items = Vec::with_capacity(snap.len());
+        for (id, c) in snap {
+            let Some(period) = Period::parse(id.2) else {
+                continue;
+            };
+            let idx = period.index(now);
+            let seen = used_in(c.load(Ordering::Relaxed), idx);
+            let st = self.quota.entry(id.clone()).or_default();
+            if st.idx != idx {
+                *st = QuotaSync {
+                    idx,
+                    ..Default::default()
+                };
+            }
+            let own = st.own + seen.saturating_sub(st.anchor);
+            let rkey = format!("ringgate:quota:{}:{}:{idx}:{}", id.0, id.2, id.1);
+            if own != st.own || (!st.written && own > 0) {
+                let end = (period.bounds(idx).1.max(0) as u64) * 86_400 + 86_400;
+                p.cmd("HSET").arg(&rkey).arg(&self.node).arg(own).ignore();
+                p.cmd("EXPIREAT").arg(&rkey).arg(end).ignore();
+            }
+            p.cmd("HGETALL").arg(&rkey);
+            items.push((id, c, idx, seen, own));
+        }
+        let Some(res) = self.call(|con| p.query::<Vec<HashMap<String, String>>>(con)) else {
+            return;
+        };
+        for ((id, c, idx, seen, own), fields) in items.into_iter().zip(res) {
+            let others: u64 = fields
+                .iter()
+                .filter(|(k, _)| **k != self.node)
+                .filter_map(|(_, v)| v.parse::<u64>().ok())
+                .fold(0u64, |a, b| a.saturating_add(b));
+            let global = own.saturating_add(others);
+            rebase(&c, idx, seen, global);
+            if let Some(st) = self.quota.get_mut(&id) {
+                st.own = own;
+                st.anchor = global;
+                st.written = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("redis://u:secret@h:1/0"), "redis://***@h:1/0");
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+    }
+
+    fn check(url: &str) -> Result<ClusterConfig, ConfigError> {
+        let text = format!("[cluster]\nredis = \"{url}\"\n");
+        let raw: crate::config::raw::RawConfig = toml::from_str(&text).unwrap();
+        let src = Source {
+            path: std::path::Path::new("c.toml"),
+            text: &text,
+        };
+        validate(&src, raw.cluster.as_ref().unwrap())
+    }
+
+    #[test]
+    fn urls_validated() {
+        assert!(check("redis://127.0.0.1:6379").is_ok());
+        assert!(check("redis://127.0.0.1:6379/2").is_ok());
+        assert!(check("unix:///run/redis.sock").is_ok());
+        let e = check("http://x").unwrap_err().to_string();
+        assert!(e.starts_with("c.toml:2: key `cluster.redis`"), "{e}");
+        let e = check("redis://:pw@host:notaport").unwrap_err().to_string();
+        assert!(e.contains("cluster.redis") && !e.contains("pw"), "{e}");
+    }
+}

@@ -1,0 +1,745 @@
+//! `[cluster]` through the real binary: two ringgate nodes share one real `redis-server`
+//! (started by each test on a free port, killed at the end). Shared API keys, quotas counted
+//! across nodes, `@connections` on any node, cache invalidation broadcast, a Redis outage and
+//! restart, and a bad Redis URL.
+//!
+//! redis-server must be installed (`apt-get install -y redis-server`; `.ci/run` does it): a
+//! missing one fails these tests, it never skips them.
+
+mod common;
+
+use common::*;
+use ringgate::ws::frame::{self, op};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+// ---------------------------------------------------------------------------------------------
+// A real redis-server
+// ---------------------------------------------------------------------------------------------
+
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let mut r = Redis {
+            child: None,
+            port: free_port(),
+            dir: temp_dir("redis"),
+        };
+        r.restart();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port, with no persistence: a restart loses every key.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run redis-server ({e}): the cluster tests need a real Redis; \
+                     install it with `apt-get install -y redis-server` (.ci/run does)"
+                )
+            });
+        self.child = Some(child);
+        assert!(
+            wait_until(Duration::from_secs(10), || self.ping()),
+            "redis-server did not answer on port {}",
+            self.port
+        );
+    }
+
+    fn ping(&self) -> bool {
+        self.command(&["PING"])
+            .is_some_and(|r| r.starts_with("+PONG"))
+    }
+
+    /// One command in RESP; the raw answer.
+    fn command(&self, args: &[&str]) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).ok()?;
+        let mut b = [0u8; 4096];
+        let n = s.read(&mut b).ok()?;
+        Some(String::from_utf8_lossy(&b[..n]).to_string())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nodes and helpers
+// ---------------------------------------------------------------------------------------------
+
+const ALICE: &str = "alice-key-0123456789abcdef";
+
+fn node_config(redis: &str, extra: &str) -> String {
+    node_config_with(redis, extra, dead_addr())
+}
+
+fn node_config_with(redis: &str, extra: &str, counter: SocketAddr) -> String {
+    format!(
+        r#"
+[server]
+listen = ["@LISTEN@"]
+workers = 2
+state_dir = "@DIR@/state"
+[admin]
+listen = "@ADMIN@"
+[cluster]
+redis = "{redis}"
+[[upstreams]]
+name = "counter"
+targets = ["{counter}"]
+[[apis]]
+name = "shop"
+[apis.stages.prod]
+cache = {{ enabled = true, ttl_s = 300 }}
+[[apis.routes]]
+route = "GET /x"
+integration = {{ type = "mock", status = 200, body = "ok" }}
+api_key_required = true
+[[apis.routes]]
+route = "GET /counter"
+integration = {{ type = "http", upstream = "counter" }}
+[[usage_plans]]
+name = "basic"
+apis = ["shop/prod"]
+quota = {{ limit = 6, period = "day" }}
+[[usage_plans]]
+name = "free"
+apis = ["shop/prod"]
+[[api_keys]]
+name = "alice"
+value = "{ALICE}"
+plans = ["basic"]
+{extra}
+"#
+    )
+}
+
+fn admin_call(addr: SocketAddr, method: &str, path: &str, body: &str) -> RawResponse {
+    let mut c = Client::connect(addr);
+    c.send(
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    c.read_response().expect("admin response")
+}
+
+fn get_key(gw: &Gateway, path: &str, key: &str) -> RawResponse {
+    gw.request(&format!(
+        "GET {path} HTTP/1.1\r\nHost: t\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n"
+    ))
+}
+
+fn used(gw: &Gateway, key: &str) -> serde_json::Value {
+    gw.admin_get(&format!("/usage-plans/basic/usage?key={key}"))
+        .json()
+}
+
+// ---------------------------------------------------------------------------------------------
+// API keys
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn keys_added_or_deleted_on_one_node_hold_on_every_node() {
+    let redis = Redis::start();
+    let a = Gateway::start(&node_config(&redis.url(), ""));
+    let b = Gateway::start(&node_config(&redis.url(), ""));
+    let r = admin_call(
+        a.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"carol","plans":["free"],"value":"carol-key-0123456789abcdef"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let carol = "carol-key-0123456789abcdef";
+    assert_eq!(get_key(&a, "/prod/x", carol).status, 200);
+    // On node B within the documented time (pub/sub: milliseconds; 5 s reload at worst).
+    assert!(
+        wait_until(Duration::from_secs(3), || get_key(&b, "/prod/x", carol)
+            .status
+            == 200),
+        "node B: {}",
+        b.stderr()
+    );
+    let list = admin_call(b.admin_addr, "GET", "/api-keys", "").text();
+    assert!(
+        list.contains("\"carol\"") && list.contains("\"alice\""),
+        "{list}"
+    );
+    assert!(!list.contains(carol), "values are never listed: {list}");
+    // The same name on B: conflict (B knows the key).
+    assert_eq!(
+        admin_call(b.admin_addr, "POST", "/api-keys", r#"{"name":"carol"}"#).status,
+        409
+    );
+    // A generated key added on B works on A.
+    let r = admin_call(b.admin_addr, "POST", "/api-keys", r#"{"name":"dave"}"#);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let dave = r.json()["value"].as_str().unwrap().to_string();
+    assert!(wait_until(Duration::from_secs(3), || get_key(
+        &a, "/prod/x", &dave
+    )
+    .status
+        == 200));
+    // Delete on B: refused on A too.
+    assert_eq!(
+        admin_call(b.admin_addr, "DELETE", "/api-keys/carol", "").status,
+        200
+    );
+    assert!(wait_until(Duration::from_secs(3), || get_key(
+        &a, "/prod/x", carol
+    )
+    .status
+        == 403));
+    assert_eq!(get_key(&b, "/prod/x", carol).status, 403);
+    let list = admin_call(a.admin_addr, "GET", "/api-keys", "").text();
+    assert!(
+        !list.contains("\"carol\"") && list.contains("\"dave\""),
+        "{list}"
+    );
+    // A third node that joins later gets the cluster's keys.
+    let c = Gateway::start(&node_config(&redis.url(), ""));
+    assert!(wait_until(Duration::from_secs(3), || get_key(
+        &c, "/prod/x", &dave
+    )
+    .status
+        == 200));
+    assert_eq!(get_key(&c, "/prod/x", carol).status, 403);
+    // Config keys stay as they are on every node.
+    for n in [&a, &b, &c] {
+        assert_eq!(get_key(n, "/prod/x", ALICE).status, 200);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quotas
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn quota_is_counted_across_nodes() {
+    let redis = Redis::start();
+    let a = Gateway::start(&node_config(&redis.url(), ""));
+    let b = Gateway::start(&node_config(&redis.url(), ""));
+    for _ in 0..3 {
+        assert_eq!(get_key(&a, "/prod/x", ALICE).status, 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(get_key(&b, "/prod/x", ALICE).status, 200);
+    }
+    // Once synced (every 100 ms), both nodes see 6 of 6 used.
+    for n in [&a, &b] {
+        assert!(
+            wait_until(Duration::from_secs(3), || used(n, "alice")["used"] == 6),
+            "{}",
+            used(n, "alice")
+        );
+        assert_eq!(used(n, "alice")["remaining"], 0);
+    }
+    for n in [&a, &b, &a] {
+        let r = get_key(n, "/prod/x", ALICE);
+        assert_eq!(r.status, 429);
+        assert_eq!(r.message(), "Limit Exceeded");
+    }
+    // Redis holds one share per node, summing to 6.
+    let keys = redis.command(&["KEYS", "ringgate:quota:basic:*"]).unwrap();
+    assert!(keys.contains(":alice"), "{keys}");
+    // A node that never served the key refuses it once it has joined (it loads the period's
+    // counters when it connects), and its usage endpoint reports the cluster's count.
+    let c = Gateway::start(&node_config(&redis.url(), ""));
+    assert!(wait_until(Duration::from_secs(3), || c
+        .stderr()
+        .contains("joined")));
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(get_key(&c, "/prod/x", ALICE).status, 429);
+    assert_eq!(used(&c, "alice")["used"], 6);
+}
+
+#[test]
+fn quota_overshoot_stays_within_one_sync_interval() {
+    // Both nodes serve the same key at once (a request every ~20 ms on each): the total
+    // admitted may pass the limit only by what the other node admits in one sync interval
+    // (100 ms plus a round trip: about 5 here; 20 leaves room for a loaded machine), never by
+    // a whole second quota as with per-node counting.
+    let redis = Redis::start();
+    let extra = r#"
+[[usage_plans]]
+name = "big"
+apis = ["shop/prod"]
+quota = { limit = 40, period = "day" }
+[[api_keys]]
+name = "erin"
+value = "erin-key-0123456789abcdefg"
+plans = ["big"]
+"#;
+    let a = Gateway::start(&node_config(&redis.url(), extra));
+    let b = Gateway::start(&node_config(&redis.url(), extra));
+    let run = |gw: &Gateway| {
+        let addr = gw.addr;
+        thread::spawn(move || {
+            let mut ok = 0;
+            for _ in 0..60 {
+                let r = roundtrip(
+                    addr,
+                    b"GET /prod/x HTTP/1.1\r\nHost: t\r\nx-api-key: erin-key-0123456789abcdefg\r\nConnection: close\r\n\r\n",
+                )
+                .unwrap();
+                if r.status == 200 {
+                    ok += 1;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            ok
+        })
+    };
+    let (ta, tb) = (run(&a), run(&b));
+    let total = ta.join().unwrap() + tb.join().unwrap();
+    eprintln!("admitted {total} of limit 40");
+    assert!((40..=60).contains(&total), "admitted {total} of limit 40");
+    assert!(total < 80, "not counted per node: {total}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// @connections
+// ---------------------------------------------------------------------------------------------
+
+struct Ws {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Ws {
+    fn open(addr: SocketAddr) -> Ws {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET / HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .unwrap();
+        let mut ws = Ws { s, buf: Vec::new() };
+        let end = loop {
+            if let Some(i) = find(&ws.buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut tmp = [0u8; 4096];
+            let n = ws.s.read(&mut tmp).unwrap();
+            assert!(n > 0, "closed during handshake");
+            ws.buf.extend_from_slice(&tmp[..n]);
+        };
+        let head = String::from_utf8_lossy(&ws.buf[..end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        ws.buf.drain(..end);
+        ws
+    }
+
+    fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if let Ok(Some(h)) = frame::parse_header(&self.buf) {
+                let total = h.header_len + h.len as usize;
+                if self.buf.len() >= total {
+                    let p = self.buf[h.header_len..total].to_vec();
+                    self.buf.drain(..total);
+                    return Some((h.opcode, p));
+                }
+            }
+            let mut tmp = [0u8; 65536];
+            match self.s.read(&mut tmp) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+    }
+}
+
+fn ws_config(redis: &str, backend: SocketAddr) -> String {
+    format!(
+        r#"
+[cluster]
+redis = "{redis}"
+[[upstreams]]
+name = "be"
+targets = ["{backend}"]
+[[apis]]
+name = "chat"
+protocol = "websocket"
+route_selection = "$request.body.action"
+[[apis.routes]]
+route = "$connect"
+integration = {{ type = "http", upstream = "be", path = "/connect" }}
+[[apis.routes]]
+route = "$default"
+integration = {{ type = "http", upstream = "be", path = "/default" }}
+"#
+    )
+}
+
+#[test]
+fn connections_are_managed_from_any_node() {
+    let redis = Redis::start();
+    let be = Origin::start(|_| Response::ok(""));
+    let a = Gateway::start(&ws_config(&redis.url(), be.addr));
+    let b = Gateway::start(&ws_config(&redis.url(), be.addr));
+    let mut ws = Ws::open(a.addr);
+    assert!(wait_until(Duration::from_secs(3), || be.request_count() == 1));
+    let id = be.requests()[0]
+        .header("x-connection-id")
+        .unwrap()
+        .to_string();
+    let path = format!("/@connections/{id}");
+    // GET on B, for a client connected to A (registered in Redis within a sync interval).
+    assert!(
+        wait_until(Duration::from_secs(3), || admin_call(
+            b.admin_addr,
+            "GET",
+            &path,
+            ""
+        )
+        .status
+            == 200),
+        "{}",
+        b.stderr()
+    );
+    let v = admin_call(b.admin_addr, "GET", &path, "").json();
+    assert_eq!(v["sourceIp"], "127.0.0.1", "{v}");
+    assert!(v["connectedAt"].as_str().unwrap().ends_with('Z'), "{v}");
+    assert!(v["lastActiveAt"].as_str().is_some(), "{v}");
+    // POST on B reaches the client on A, in order.
+    for k in 0..5 {
+        let r = admin_call(b.admin_addr, "POST", &path, &format!("hello {k}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    for k in 0..5 {
+        let (opc, p) = ws.read_frame().expect("a message from node B");
+        assert_eq!(opc, op::TEXT);
+        assert_eq!(String::from_utf8_lossy(&p), format!("hello {k}"));
+    }
+    // Unknown ids: 410 on either node.
+    for n in [&a, &b] {
+        for m in ["GET", "POST", "DELETE"] {
+            let r = admin_call(n.admin_addr, m, "/@connections/0123456789abcdef", "x");
+            assert_eq!(r.status, 410, "{m}: {}", r.text());
+        }
+    }
+    // DELETE on B closes the client on A; then the id is gone everywhere.
+    assert_eq!(admin_call(b.admin_addr, "DELETE", &path, "").status, 204);
+    let (opc, _) = ws.read_frame().expect("a close frame");
+    assert_eq!(opc, op::CLOSE);
+    for n in [&b, &a] {
+        assert!(wait_until(Duration::from_secs(3), || admin_call(
+            n.admin_addr,
+            "GET",
+            &path,
+            ""
+        )
+        .status
+            == 410));
+    }
+    assert_eq!(admin_call(b.admin_addr, "POST", &path, "late").status, 410);
+}
+
+#[test]
+fn connections_of_a_stopped_node_are_gone_at_once() {
+    let redis = Redis::start();
+    let be = Origin::start(|_| Response::ok(""));
+    let mut a = Gateway::start(&ws_config(&redis.url(), be.addr));
+    let b = Gateway::start(&ws_config(&redis.url(), be.addr));
+    let ws = Ws::open(a.addr);
+    assert!(wait_until(Duration::from_secs(3), || be.request_count() == 1));
+    let id = be.requests()[0]
+        .header("x-connection-id")
+        .unwrap()
+        .to_string();
+    let path = format!("/@connections/{id}");
+    assert!(wait_until(Duration::from_secs(3), || admin_call(
+        b.admin_addr,
+        "GET",
+        &path,
+        ""
+    )
+    .status
+        == 200));
+    // SIGTERM: A stops; B answers 410 well before A's liveness key would have expired.
+    a.terminate();
+    assert!(a.wait_exit(Duration::from_secs(5)).is_some());
+    drop(ws);
+    let t = std::time::Instant::now();
+    assert!(wait_until(Duration::from_secs(3), || admin_call(
+        b.admin_addr,
+        "GET",
+        &path,
+        ""
+    )
+    .status
+        == 410));
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn connections_of_a_dead_node_are_gone() {
+    let redis = Redis::start();
+    let be = Origin::start(|_| Response::ok(""));
+    let mut a = Gateway::start(&ws_config(&redis.url(), be.addr));
+    let b = Gateway::start(&ws_config(&redis.url(), be.addr));
+    let _ws = Ws::open(a.addr);
+    assert!(wait_until(Duration::from_secs(3), || be.request_count() == 1));
+    let id = be.requests()[0]
+        .header("x-connection-id")
+        .unwrap()
+        .to_string();
+    let path = format!("/@connections/{id}");
+    assert!(wait_until(Duration::from_secs(3), || admin_call(
+        b.admin_addr,
+        "GET",
+        &path,
+        ""
+    )
+    .status
+        == 200));
+    // kill -9 node A: its entries stay in Redis, but B answers 410 once A's liveness key has
+    // expired (5 s), and a quick 503 before that; never a hang.
+    let _ = Command::new("kill")
+        .args(["-9", &a.pid.to_string()])
+        .status();
+    assert!(a.wait_exit(Duration::from_secs(5)).is_some());
+    let t = std::time::Instant::now();
+    let r = admin_call(b.admin_addr, "GET", &path, "");
+    assert!([410, 503].contains(&r.status), "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(1));
+    assert!(
+        wait_until(Duration::from_secs(8), || admin_call(
+            b.admin_addr,
+            "GET",
+            &path,
+            ""
+        )
+        .status
+            == 410),
+        "{}",
+        b.stderr()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cache invalidation
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn cache_invalidation_reaches_every_node() {
+    let redis = Redis::start();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    let origin = Origin::start(move |_| {
+        let n = h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Response::ok(format!("v{n}"))
+    });
+    let a = Gateway::start(&node_config_with(&redis.url(), "", origin.addr));
+    let b = Gateway::start(&node_config_with(&redis.url(), "", origin.addr));
+    // One keep-alive connection: the cache is per worker.
+    let mut cb = Client::connect(b.addr);
+    let mut get = || {
+        cb.send(b"GET /prod/counter HTTP/1.1\r\nHost: t\r\n\r\n");
+        let r = cb.read_response().unwrap();
+        assert_eq!(r.status, 200);
+        r.text()
+    };
+    let first_b = get();
+    assert_eq!(get(), first_b, "cached on B");
+    let r = admin_call(
+        a.admin_addr,
+        "POST",
+        "/cache/invalidate",
+        r#"{"api":"shop","stage":"prod"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        wait_until(Duration::from_secs(3), || get() != first_b),
+        "B still serves its cached entry"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outages and config
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn nodes_serve_through_a_redis_outage_and_resync() {
+    let mut redis = Redis::start();
+    let a = Gateway::start(&node_config(&redis.url(), ""));
+    let b = Gateway::start(&node_config(&redis.url(), ""));
+    let r = admin_call(
+        a.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"carol","plans":["free"],"value":"carol-key-0123456789abcdef"}"#,
+    );
+    assert_eq!(r.status, 201);
+    let carol = "carol-key-0123456789abcdef";
+    assert!(wait_until(Duration::from_secs(3), || get_key(
+        &b, "/prod/x", carol
+    )
+    .status
+        == 200));
+    assert_eq!(get_key(&a, "/prod/x", ALICE).status, 200);
+    assert_eq!(get_key(&b, "/prod/x", ALICE).status, 200);
+    assert!(wait_until(Duration::from_secs(3), || used(&a, "alice")
+        ["used"]
+        == 2));
+
+    redis.stop();
+    // Both keep serving with their local state.
+    for _ in 0..5 {
+        assert_eq!(get_key(&a, "/prod/x", carol).status, 200);
+        assert_eq!(get_key(&b, "/prod/x", carol).status, 200);
+    }
+    assert_eq!(get_key(&a, "/prod/x", ALICE).status, 200);
+    // A key added during the outage is live locally at once.
+    let r = admin_call(
+        b.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"frank","plans":["free"],"value":"frank-key-0123456789abcdef"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let frank = "frank-key-0123456789abcdef";
+    assert_eq!(get_key(&b, "/prod/x", frank).status, 200);
+    thread::sleep(Duration::from_millis(500));
+    // One line per outage, not per request.
+    for n in [&a, &b] {
+        let log = n.stderr();
+        assert_eq!(
+            log.matches("lost redis").count() + log.matches("unreachable").count(),
+            1,
+            "{log}"
+        );
+    }
+
+    // Redis comes back empty (no persistence): the nodes write their state back.
+    redis.restart();
+    assert!(
+        wait_until(Duration::from_secs(10), || get_key(&a, "/prod/x", frank)
+            .status
+            == 200),
+        "the key added during the outage reaches A: {}",
+        a.stderr()
+    );
+    assert_eq!(get_key(&a, "/prod/x", carol).status, 200);
+    assert_eq!(get_key(&b, "/prod/x", carol).status, 200);
+    // Quota shares are written again: 3 used so far (2 before, 1 during the outage on A).
+    assert!(
+        wait_until(Duration::from_secs(5), || used(&b, "alice")["used"] == 3),
+        "{}",
+        used(&b, "alice")
+    );
+    for n in [&a, &b] {
+        assert!(n.stderr().contains("is back"), "{}", n.stderr());
+    }
+    // Announcements flow again (well within the 5 s periodic reload).
+    let r = admin_call(a.admin_addr, "POST", "/api-keys", r#"{"name":"hank"}"#);
+    assert_eq!(r.status, 201);
+    let hank = r.json()["value"].as_str().unwrap().to_string();
+    let t = std::time::Instant::now();
+    assert!(wait_until(Duration::from_secs(4), || get_key(
+        &b, "/prod/x", &hank
+    )
+    .status
+        == 200));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
+#[test]
+fn redis_down_at_start_then_up() {
+    let mut redis = Redis::start();
+    let url = redis.url();
+    redis.stop();
+    let a = Gateway::start(&node_config(&url, ""));
+    assert_eq!(get_key(&a, "/prod/x", ALICE).status, 200);
+    assert!(
+        wait_until(Duration::from_secs(3), || a
+            .stderr()
+            .contains("unreachable")),
+        "one clear line: {}",
+        a.stderr()
+    );
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        a.stderr().matches("unreachable").count(),
+        1,
+        "{}",
+        a.stderr()
+    );
+    redis.restart();
+    let b = Gateway::start(&node_config(&url, ""));
+    let r = admin_call(b.admin_addr, "POST", "/api-keys", r#"{"name":"gina"}"#);
+    assert_eq!(r.status, 201);
+    let gina = r.json()["value"].as_str().unwrap().to_string();
+    assert!(
+        wait_until(Duration::from_secs(10), || get_key(&a, "/prod/x", &gina)
+            .status
+            == 200),
+        "{}",
+        a.stderr()
+    );
+}
+
+#[test]
+fn bad_redis_url_is_a_config_error() {
+    for url in [
+        "http://127.0.0.1:6379",
+        "redis://127.0.0.1:notaport",
+        "6379",
+    ] {
+        let (out, path) = check(&format!("[cluster]\nredis = \"{url}\"\n"));
+        assert!(!out.status.success(), "{url}");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        // "FILE:LINE: key `cluster.redis`: ..."
+        let rest = err
+            .split_once(&format!("{}:", path.display()))
+            .map(|x| x.1)
+            .unwrap_or_default();
+        let (line, tail) = rest.split_once(':').unwrap_or_default();
+        assert!(line.parse::<u32>().is_ok(), "{url}: {err}");
+        assert!(tail.starts_with(" key `cluster.redis`"), "{url}: {err}");
+    }
+    let (out, _) = check("[cluster]\nredis = \"redis://127.0.0.1:6379\"\nnodes = 3\n");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nodes"));
+}
