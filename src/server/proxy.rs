@@ -5,7 +5,7 @@
 //! The request head and whatever body the client already sent go upstream in one write; the
 //! response head and the body bytes that came with it go to the client in one write.
 
-use super::{reject, Conn, Outcome, Worker, STREAM_BUF};
+use super::{map_ctx, reject, Conn, Outcome, Worker, STREAM_BUF};
 use crate::config::{PathTemplate, Route};
 use crate::gateway::Gateway;
 use crate::http::encode;
@@ -226,7 +226,8 @@ pub(super) async fn proxy(
             }
             return upgrade(w, c, us, addr, route).await;
         }
-        return respond(w, c, us, addr, up.cfg.keepalive, up.cfg.timeout, cap).await;
+        let rmap = route.response_mapping.as_deref();
+        return respond(w, c, us, addr, up.cfg.keepalive, up.cfg.timeout, cap, rmap).await;
     }
 }
 
@@ -247,12 +248,13 @@ fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
     out.push(b' ');
     let path = head.slice(buf, head.path);
     let query = head.query.map(|q| head.slice(buf, q));
-    match tpl {
+    let sep = match tpl {
         Some(t) => {
             t.render(path, &c.params, out);
-            if let Some(q) = query {
-                out.push(if t.has_query() { b'&' } else { b'?' });
-                out.extend_from_slice(q);
+            if t.has_query() {
+                b'&'
+            } else {
+                b'?'
             }
         }
         None => {
@@ -261,8 +263,15 @@ fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
                 out.push(b'/');
             }
             out.extend_from_slice(rest);
+            b'?'
+        }
+    };
+    let rmap = route.request_mapping.as_deref();
+    match rmap {
+        Some(m) if m.maps_query() => m.push_query(query, sep, &map_ctx!(c), out),
+        _ => {
             if let Some(q) = query {
-                out.push(b'?');
+                out.push(sep);
                 out.extend_from_slice(q);
             }
         }
@@ -284,8 +293,13 @@ fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
             | HeaderKind::XPrincipalId => {}
             // The relay checks frames; no extension (compression sets RSV1) is negotiated.
             HeaderKind::SecWebSocketExtensions if head.upgrade_websocket => {}
+            // Owned by the route's request mapping (written below).
+            HeaderKind::Other if rmap.is_some_and(|m| m.headers.covers(name)) => {}
             _ => encode::push_header(out, name, value),
         }
+    }
+    if let Some(m) = rmap {
+        m.headers.push(&map_ctx!(c), out);
     }
     // X-Forwarded-For: every client-sent value in order, then the peer.
     out.extend_from_slice(b"x-forwarded-for: ");
@@ -484,8 +498,9 @@ async fn upgrade(
     }
 }
 
-/// Sends the upstream's response to the client and returns the upstream connection to the
-/// pool when it can be reused.
+/// Sends the upstream's response to the client (through the route's response mapping) and
+/// returns the upstream connection to the pool when it can be reused.
+#[allow(clippy::too_many_arguments, reason = "the response's whole context")]
 async fn respond(
     w: &Rc<Worker>,
     c: &mut Conn,
@@ -494,6 +509,7 @@ async fn respond(
     keepalive: usize,
     read_timeout: std::time::Duration,
     mut cap: Option<&mut crate::cache::Capture>,
+    rmap: Option<&crate::policy::mapping::HeaderMapping>,
 ) -> Outcome {
     let status = c.b.resp.status;
     let head_len = c.b.resp.head_len;
@@ -510,13 +526,19 @@ async fn respond(
             HeaderKind::XCache if cap.is_some() => {}
             // The gateway's CORS headers replace the upstream's.
             HeaderKind::AccessControl if !c.b.extra.is_empty() => {}
+            // Owned by the route's response mapping (written below).
+            HeaderKind::Other if rmap.is_some_and(|m| m.covers(name)) => {}
             _ => encode::push_header(&mut c.b.out, name, value),
         }
     }
+    if let Some(m) = rmap {
+        m.push(&map_ctx!(c), &mut c.b.out);
+    }
     if let Some(cap) = cap.as_deref_mut() {
-        // A cached route: say it was a miss, and keep the response when it may be stored.
+        // A cached route: say it was a miss, and keep the response when it may be stored
+        // (without the mapped headers: a hit writes them for its own request).
         c.b.out.extend_from_slice(b"x-cache: miss\r\n");
-        cap.begin(&c.b.resp, &c.b.ubuf);
+        cap.begin(&c.b.resp, &c.b.ubuf, rmap);
     }
     c.b.out.extend_from_slice(&c.b.extra);
     match c.b.resp.body {
