@@ -3,6 +3,11 @@
 #
 # Usage (from the project root):
 #   perf/instructions.sh [--skip-build] [--duration S] [--connections C] [--top N]
+#                        [--extra TOML]
+#
+# --extra TOML is added to the proxied route as perf/run.sh's cases do (e.g. a mapping), to
+# count what a feature costs per request. Ports: BACKEND_PORT (18080), PORT (18082) and
+# ADMIN_PORT (19901) in the environment override the defaults when those are taken.
 #
 # Runs the release gateway (one worker, io_uring) under `valgrind --tool=callgrind` in front of
 # the nginx backend of perf/run.sh (port 18080), drives it with `wrk -t1 -cC -dS` on the proxied
@@ -19,12 +24,14 @@ DURATION=6
 CONNECTIONS=16
 TOP=25
 SKIP_BUILD=0
+EXTRA=
 while [[ $# -gt 0 ]]; do
     case $1 in
         --skip-build) SKIP_BUILD=1 ;;
         --duration) DURATION=$2; shift ;;
         --connections) CONNECTIONS=$2; shift ;;
         --top) TOP=$2; shift ;;
+        --extra) EXTRA=$2; shift ;;
         *) die "unknown option $1 (see the head of $0)" ;;
     esac
     shift
@@ -35,16 +42,16 @@ if [[ $SKIP_BUILD == 0 ]]; then
     (cd "$ROOT_DIR" && cargo build --release --quiet) || die "cargo build --release failed"
 fi
 
-BACKEND_PORT=18080
-PORT=18082
-ADMIN_PORT=19901
+BACKEND_PORT=${BACKEND_PORT:-18080}
+PORT=${PORT:-18082}
+ADMIN_PORT=${ADMIN_PORT:-19901}
 require_free_port $BACKEND_PORT
 require_free_port $PORT
 require_free_port $ADMIN_PORT
 perf_setup instructions
 write_nginx_backend backend $BACKEND_PORT
 start_nginx backend
-write_ringgate_config "$OUT/ringgate.toml" $PORT $ADMIN_PORT io_uring "$OUT/state" ''
+write_ringgate_config "$OUT/ringgate.toml" $PORT $ADMIN_PORT io_uring "$OUT/state" "$EXTRA"
 valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
     "$RINGGATE_BIN" --config "$OUT/ringgate.toml" >"$OUT/ringgate.log" 2>&1 &
 RG_PID=$!

@@ -834,6 +834,54 @@ integration = { type = "mock" }
     }
 
     #[test]
+    fn mappings_compile_onto_the_route() {
+        let text = r#"
+[[authorizers]]
+name = "users"
+type = "jwt"
+secret = "0123456789abcdef0123456789abcdef"
+[[upstreams]]
+name = "o"
+targets = ["127.0.0.1:9001"]
+[[apis]]
+name = "a"
+[[apis.routes]]
+route = "GET /claims"
+integration = { type = "http", upstream = "o" }
+auth = "jwt:users"
+request_mapping = { "header.x-mail" = "$context.authorizer.claims.email" }
+[[apis.routes]]
+route = "GET /principal"
+integration = { type = "http", upstream = "o" }
+auth = "jwt:users"
+request_mapping = { "header.x-user" = "$context.principal" }
+[[apis.routes]]
+route = "GET /mock"
+integration = { type = "mock", headers = { "X-Drop" = "1", "x-keep" = "2" } }
+response_mapping = { "header.x-drop" = "remove" }
+[[apis.routes]]
+route = "GET /plain"
+integration = { type = "http", upstream = "o" }
+"#;
+        let c = parse(Path::new("t.toml"), text).unwrap();
+        let r = c.routes.routes();
+        // Claims are kept per request only where a mapping reads them.
+        assert!(r[0].auth.keep_context && r[0].request_mapping.is_some());
+        assert!(!r[1].auth.keep_context);
+        let crate::config::Integration::Mock(m) = &r[2].integration else {
+            panic!()
+        };
+        let head = String::from_utf8_lossy(&m.head).to_ascii_lowercase();
+        assert!(
+            !head.contains("x-drop") && head.contains("x-keep: 2"),
+            "{head}"
+        );
+        assert!(r[2].response_mapping.is_some());
+        assert!(r[3].request_mapping.is_none() && r[3].response_mapping.is_none());
+        assert!(r[3].validate.is_none());
+    }
+
+    #[test]
     fn hosts_and_405() {
         let text = r#"
 [[apis]]

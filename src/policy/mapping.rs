@@ -150,7 +150,12 @@ pub fn parse(s: &str, env: &Env) -> Result<Template, String> {
             }
         };
         match variable(expr, env)? {
-            Seg::Lit(l) => lit.extend_from_slice(&l),
+            Seg::Lit(l) => {
+                if l.iter().any(|&c| c < 0x20 && c != b'\t' || c == 0x7f) {
+                    return Err(format!("`${expr}` holds a control character"));
+                }
+                lit.extend_from_slice(&l)
+            }
             v => {
                 if !lit.is_empty() {
                     segs.push(Seg::Lit(std::mem::take(&mut lit).into()));
@@ -635,7 +640,10 @@ mod tests {
     }
 
     fn vars() -> BTreeMap<String, String> {
-        BTreeMap::from([("backend".to_string(), "orders-$x".to_string())])
+        BTreeMap::from([
+            ("backend".to_string(), "orders-$x".to_string()),
+            ("bad".to_string(), "a\r\nb".to_string()),
+        ])
     }
 
     fn p(s: &str) -> Result<Template, String> {
@@ -725,6 +733,7 @@ mod tests {
             ("${request.header.a:b}", "is not a header name"),
             ("$context.authorizer.claims.", "unknown variable"),
             ("a\r\nb", "control character"),
+            ("${stageVariables.bad}", "control character"),
         ] {
             let e = p(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");

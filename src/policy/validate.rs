@@ -190,6 +190,24 @@ mod tests {
     }
 
     #[test]
+    fn format_asserts_by_draft() {
+        let s = |draft: &str| {
+            schema(serde_json::json!({"$schema": draft, "type": "string", "format": "email"}))
+        };
+        let e = s("http://json-schema.org/draft-04/schema#")
+            .check(br#""not an email""#)
+            .unwrap_err();
+        assert!(e.contains("is not a \"email\""), "{e}");
+        assert!(s("http://json-schema.org/draft-07/schema#")
+            .check(br#""nope""#)
+            .is_err());
+        assert_eq!(
+            s("https://json-schema.org/draft/2020-12/schema").check(br#""nope""#),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn many_failures_are_bounded() {
         let s = schema(serde_json::json!({"type":"array","items":{"type":"string"}}));
         let body = format!("[{}]", vec!["1"; 50].join(","));
