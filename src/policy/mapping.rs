@@ -289,10 +289,17 @@ impl Template {
                     put(out, l, target);
                     true
                 }
+                Seg::Var(v) if target == Target::Header => {
+                    // Literals were checked when the config loaded, and so were (by the
+                    // parser) the request's head and what the auth stage sets; what is
+                    // decoded or comes from a token is checked here.
+                    let mark = out.len();
+                    value_of(v, ctx, out) && (!v.untrusted() || header_safe(&out[mark..]))
+                }
                 Seg::Var(v) => {
                     tmp.clear();
                     value_of(v, ctx, &mut tmp) && {
-                        put(out, &tmp, target);
+                        percent_encode(&tmp, out);
                         true
                     }
                 }
@@ -302,16 +309,26 @@ impl Template {
                 return false;
             }
         }
-        if target == Target::Header
-            && out[start..]
-                .iter()
-                .any(|&c| c < 0x20 && c != b'\t' || c == 0x7f)
-        {
-            out.truncate(start);
-            return false;
-        }
         true
     }
+}
+
+impl Var {
+    /// Whether the value may hold bytes a header value cannot (control characters): decoded
+    /// query and path values, claims and authorizer context.
+    fn untrusted(&self) -> bool {
+        matches!(
+            self,
+            Var::Query(_) | Var::PathParam(_) | Var::Claim(_) | Var::AuthorizerContext(_)
+        )
+    }
+}
+
+/// No control character but HTAB (branch-free, so it runs as a vector loop).
+fn header_safe(v: &[u8]) -> bool {
+    !v.iter().fold(false, |bad, &c| {
+        bad | ((c < 0x20) & (c != b'\t')) | (c == 0x7f)
+    })
 }
 
 fn put(out: &mut Vec<u8>, v: &[u8], target: Target) {

@@ -281,26 +281,15 @@ fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
         // Hop-by-hop, so `forwardable` drops them; a pass-through upgrade puts them back.
         out.extend_from_slice(b"upgrade: websocket\r\nconnection: Upgrade\r\n");
     }
-    let mut client_xff = false;
-    for (kind, name, value) in head.forwardable_kinds(buf) {
-        match kind {
-            // Written below, from the client's values and the peer.
-            HeaderKind::XForwardedFor => client_xff = true,
-            // The gateway's own, replacing any the client sent.
-            HeaderKind::XForwardedProto
-            | HeaderKind::XForwardedHost
-            | HeaderKind::XRequestId
-            | HeaderKind::XPrincipalId => {}
-            // The relay checks frames; no extension (compression sets RSV1) is negotiated.
-            HeaderKind::SecWebSocketExtensions if head.upgrade_websocket => {}
-            // Owned by the route's request mapping (written below).
-            HeaderKind::Other if rmap.is_some_and(|m| m.headers.covers(name)) => {}
-            _ => encode::push_header(out, name, value),
+    // A route without a request mapping gets the loop without the per-header name check.
+    let client_xff = match rmap {
+        None => push_client_headers(out, head, buf, |_| false),
+        Some(m) => {
+            let xff = push_client_headers(out, head, buf, |name| m.headers.covers(name));
+            m.headers.push(&map_ctx!(c), out);
+            xff
         }
-    }
-    if let Some(m) = rmap {
-        m.headers.push(&map_ctx!(c), out);
-    }
+    };
     // X-Forwarded-For: every client-sent value in order, then the peer.
     out.extend_from_slice(b"x-forwarded-for: ");
     if client_xff {
@@ -330,6 +319,35 @@ fn build_request_head(c: &mut Conn, route: &Route, tpl: Option<&PathTemplate>) {
         BodyKind::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the client's forwardable headers but the gateway's own and those `mapped` owns;
+/// returns whether the client sent `X-Forwarded-For` (its values are written later).
+#[inline(always)]
+fn push_client_headers(
+    out: &mut Vec<u8>,
+    head: &crate::http::RequestHead,
+    buf: &[u8],
+    mapped: impl Fn(&[u8]) -> bool,
+) -> bool {
+    let mut client_xff = false;
+    for (kind, name, value) in head.forwardable_kinds(buf) {
+        match kind {
+            // Written later, from the client's values and the peer.
+            HeaderKind::XForwardedFor => client_xff = true,
+            // The gateway's own, replacing any the client sent.
+            HeaderKind::XForwardedProto
+            | HeaderKind::XForwardedHost
+            | HeaderKind::XRequestId
+            | HeaderKind::XPrincipalId => {}
+            // The relay checks frames; no extension (compression sets RSV1) is negotiated.
+            HeaderKind::SecWebSocketExtensions if head.upgrade_websocket => {}
+            // Owned by the route's request mapping.
+            HeaderKind::Other if mapped(name) => {}
+            _ => encode::push_header(out, name, value),
+        }
+    }
+    client_xff
 }
 
 /// Sends the request (head, buffered body, streamed rest) and reads the response head into
@@ -498,6 +516,31 @@ async fn upgrade(
     }
 }
 
+/// Writes the upstream's forwardable response headers but `x-request-id` (the gateway's),
+/// `x-cache` on a cached route, `access-control-*` when the gateway answers CORS, and those
+/// `mapped` owns.
+#[inline(always)]
+fn push_upstream_headers(
+    out: &mut Vec<u8>,
+    resp: &crate::http::ResponseHead,
+    buf: &[u8],
+    cached: bool,
+    gateway_cors: bool,
+    mapped: impl Fn(&[u8]) -> bool,
+) {
+    for (kind, name, value) in resp.forwardable_kinds(buf) {
+        match kind {
+            HeaderKind::XRequestId => {}
+            HeaderKind::XCache if cached => {}
+            // The gateway's CORS headers replace the upstream's.
+            HeaderKind::AccessControl if gateway_cors => {}
+            // Owned by the route's response mapping.
+            HeaderKind::Other if mapped(name) => {}
+            _ => encode::push_header(out, name, value),
+        }
+    }
+}
+
 /// Sends the upstream's response to the client (through the route's response mapping) and
 /// returns the upstream connection to the pool when it can be reused.
 #[allow(clippy::too_many_arguments, reason = "the response's whole context")]
@@ -520,19 +563,15 @@ async fn respond(
     let mut dechunk = false;
     c.b.out.clear();
     encode::push_status_line(&mut c.b.out, status);
-    for (kind, name, value) in c.b.resp.forwardable_kinds(&c.b.ubuf) {
-        match kind {
-            HeaderKind::XRequestId => {}
-            HeaderKind::XCache if cap.is_some() => {}
-            // The gateway's CORS headers replace the upstream's.
-            HeaderKind::AccessControl if !c.b.extra.is_empty() => {}
-            // Owned by the route's response mapping (written below).
-            HeaderKind::Other if rmap.is_some_and(|m| m.covers(name)) => {}
-            _ => encode::push_header(&mut c.b.out, name, value),
+    // A route without a response mapping gets the loop without the per-header name check.
+    let (cached, cors) = (cap.is_some(), !c.b.extra.is_empty());
+    match rmap {
+        None => push_upstream_headers(&mut c.b.out, &c.b.resp, &c.b.ubuf, cached, cors, |_| false),
+        Some(m) => {
+            let covers = |n: &[u8]| m.covers(n);
+            push_upstream_headers(&mut c.b.out, &c.b.resp, &c.b.ubuf, cached, cors, covers);
+            m.push(&map_ctx!(c), &mut c.b.out);
         }
-    }
-    if let Some(m) = rmap {
-        m.push(&map_ctx!(c), &mut c.b.out);
     }
     if let Some(cap) = cap.as_deref_mut() {
         // A cached route: say it was a miss, and keep the response when it may be stored
