@@ -119,12 +119,12 @@ pub fn parse(s: &str, env: &Env) -> Result<Template, String> {
     let mut segs: Vec<Seg> = Vec::new();
     let mut lit: Vec<u8> = Vec::new();
     let b = s.as_bytes();
+    if !header_safe(b) {
+        return Err(format!("`{s}` holds a control character"));
+    }
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
-        if c < 0x20 && c != b'\t' || c == 0x7f {
-            return Err(format!("`{s}` holds a control character"));
-        }
         if c != b'$' {
             lit.push(c);
             i += 1;
@@ -151,7 +151,7 @@ pub fn parse(s: &str, env: &Env) -> Result<Template, String> {
         };
         match variable(expr, env)? {
             Seg::Lit(l) => {
-                if l.iter().any(|&c| c < 0x20 && c != b'\t' || c == 0x7f) {
+                if !header_safe(&l) {
                     return Err(format!("`${expr}` holds a control character"));
                 }
                 lit.extend_from_slice(&l)
@@ -206,7 +206,7 @@ fn variable(expr: &str, env: &Env) -> Result<Seg, String> {
         }
         if let Some(name) = rest.strip_prefix("header.") {
             let name = nonempty(name, unknown)?;
-            if !name.bytes().all(is_token_char) {
+            if !name.bytes().all(crate::http::chunked::is_tchar) {
                 return Err(format!("`{name}` is not a header name"));
             }
             return Ok(Seg::Var(Var::Header(name.to_ascii_lowercase().into())));
@@ -253,10 +253,6 @@ fn variable(expr: &str, env: &Env) -> Result<Seg, String> {
             }
         }
     }))
-}
-
-fn is_token_char(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
 }
 
 /// Parses a rule's value: `remove` or a template.
@@ -626,7 +622,7 @@ pub fn compile_response(
 /// with (hop-by-hop, framing, Host, `x-forwarded-*`, `x-request-id`, `x-principal-id`,
 /// `x-cache`, `access-control-*`, ...).
 fn header_name(name: &str, response: bool) -> Result<Box<str>, String> {
-    if name.is_empty() || !name.bytes().all(is_token_char) {
+    if name.is_empty() || !name.bytes().all(crate::http::chunked::is_tchar) {
         return Err(format!("`{name}` is not a valid header name"));
     }
     let lower = name.to_ascii_lowercase();

@@ -835,21 +835,12 @@ async fn fill_rbuf(c: &mut Conn, want: usize, timeout: Duration) -> Result<(), F
     if c.b.rbuf.len() >= want {
         return Ok(());
     }
+    let deadline = Instant::now() + timeout;
     let mut tmp = Vec::with_capacity(READ_BUF.max((want - c.b.rbuf.len()).min(1 << 16)));
-    fill_rbuf_by(c, want, Instant::now() + timeout, &mut tmp).await
-}
-
-/// [`fill_rbuf`] with an absolute deadline and the caller's read buffer.
-async fn fill_rbuf_by(
-    c: &mut Conn,
-    want: usize,
-    deadline: Instant,
-    tmp: &mut Vec<u8>,
-) -> Result<(), FillError> {
-    c.b.rbuf.reserve(want.saturating_sub(c.b.rbuf.len()));
+    c.b.rbuf.reserve(want - c.b.rbuf.len());
     while c.b.rbuf.len() < want {
-        read_body(c, deadline, tmp).await?;
-        c.b.rbuf.extend_from_slice(tmp);
+        read_body(c, deadline, &mut tmp).await?;
+        c.b.rbuf.extend_from_slice(&tmp);
     }
     Ok(())
 }
