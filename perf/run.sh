@@ -10,7 +10,8 @@
 #   --rounds N       interleaved rounds: nginx, ringgate..., nginx, ringgate... (default 2)
 #   --io MODE        io driver(s) for ringgate: io_uring (default), epoll, or both (one instance each)
 #   --case NAME      proxied case(s) to measure, repeatable or comma-separated (default: core);
-#                    see define_case below ("core", "cache", "throttle", "auth", "auth-off")
+#                    see define_case below ("core", "cache", "throttle", "auth", "auth-off",
+#                    "mapping")
 #   --connections C  wrk connections (default 64)
 #   --pin MODE       CPU affinity of the proxies under test, the same for nginx and ringgate:
 #                    "none" (default: both float; the backend and wrk always float) or "core0"
@@ -123,6 +124,10 @@ secret = "perf-bench-hmac-secret-0123456789abcdef"
 name = "bench"
 value = "perf-bench-key-0123456789abcdef"' "$AUTH_KEY_HDR" "$AUTH_JWT_HDR"
 define_case auth-off /hello '' "$AUTH_KEY_HDR" "$AUTH_JWT_HDR"
+# mapping: the core route with a request mapping (a header from a variable, a literal header, a
+# query removal) and a response mapping (a header set, one removed); compare with core.
+define_case mapping /hello 'request_mapping = { "header.x-rid" = "$context.requestId", "header.x-gw" = "ringgate", "query.debug" = "remove" }
+response_mapping = { "header.x-served-by" = "ringgate", "header.server" = "remove" }'
 
 # ------------------------------------------------------------ arguments ----
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }

@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const KEY: &str = "a-long-random-key-value-0001";
@@ -24,67 +24,6 @@ const SK: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
 // ---------------------------------------------------------------------------------------------
 // The independent peer
 // ---------------------------------------------------------------------------------------------
-
-/// Installs PyJWT, cryptography and botocore once when they are missing.
-fn python_ready() {
-    static READY: OnceLock<()> = OnceLock::new();
-    READY.get_or_init(|| {
-        let ok = |c: &str| {
-            Command::new("python3")
-                .args(["-c", c])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        };
-        if ok("import jwt, cryptography, botocore") {
-            return;
-        }
-        let pip = |extra: &[&str]| {
-            Command::new("python3")
-                .args(["-m", "pip", "install", "--quiet", "pyjwt", "cryptography", "botocore"])
-                .args(extra)
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        };
-        if !pip(&[]) {
-            pip(&["--break-system-packages"]);
-        }
-        assert!(
-            ok("import jwt, cryptography, botocore"),
-            "python3 with pyjwt, cryptography and botocore is needed (pip install pyjwt cryptography botocore)"
-        );
-    });
-}
-
-/// Runs the peer on `jobs` in `dir`; one result per job.
-fn peer(dir: &Path, jobs: Value) -> Vec<Value> {
-    python_ready();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/auth_peer.py");
-    let mut child = Command::new("python3")
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run python3");
-    let input = json!({ "dir": dir, "jobs": jobs }).to_string();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "peer failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap()
-}
 
 /// Unix time `t` as `YYYYMMDDTHHMMSSZ`.
 fn amz_time(t: u64) -> String {

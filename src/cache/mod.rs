@@ -481,8 +481,14 @@ impl Capture {
         }
     }
 
-    /// Looks at the upstream response head and, when it may be stored, copies its head.
-    pub fn begin(&mut self, resp: &crate::http::ResponseHead, buf: &[u8]) {
+    /// Looks at the upstream response head and, when it may be stored, copies its head
+    /// (without the names a response mapping owns).
+    pub fn begin(
+        &mut self,
+        resp: &crate::http::ResponseHead,
+        buf: &[u8],
+        mapped: Option<&crate::policy::mapping::HeaderMapping>,
+    ) {
         use crate::http::{encode, RespBody};
         if !self.store {
             return;
@@ -507,6 +513,7 @@ impl Capture {
                 || (self.strip_cors
                     && name.len() > 15
                     && name[..15].eq_ignore_ascii_case(b"access-control-"))
+                || mapped.is_some_and(|m| m.covers(name))
             {
                 continue;
             }

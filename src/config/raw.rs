@@ -303,6 +303,12 @@ pub struct RawRoute {
     /// Also require a valid `x-api-key`.
     #[serde(default)]
     pub api_key_required: bool,
+    /// `{ schema = "FILE" }`: the request body must be JSON valid against this JSON Schema.
+    pub validate: Option<Spanned<crate::policy::validate::RawValidate>>,
+    /// `header.NAME` / `query.NAME` of the upstream request = `remove`, a literal or variables.
+    pub request_mapping: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
+    /// `header.NAME` of the response = `remove`, a literal or variables.
+    pub response_mapping: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
 }
 
 /// `integration = { type = ..., ... }`.

@@ -5,6 +5,7 @@
 use super::raw::{RawApi, RawIntegration};
 use super::{ConfigError, Source, UpstreamConfig};
 use crate::http::encode;
+use crate::policy::mapping;
 use crate::router::{param_names, Match, Params, Router};
 use ahash::AHashMap;
 use bytes::Bytes;
@@ -90,6 +91,12 @@ pub struct Route {
     pub auth: crate::policy::auth::RouteAuth,
     /// WebSocket limits and timeouts (pass-through on `http` APIs, or the WebSocket API's).
     pub ws: Arc<crate::ws::WsSettings>,
+    /// `validate`: the JSON Schema the request body must satisfy.
+    pub validate: Option<Arc<crate::policy::validate::BodySchema>>,
+    /// `request_mapping` (`http` integrations only).
+    pub request_mapping: Option<Box<crate::policy::mapping::RequestMapping>>,
+    /// `response_mapping`: applied to proxied responses, cache hits and mock answers.
+    pub response_mapping: Option<Box<crate::policy::mapping::HeaderMapping>>,
 }
 
 /// The result of routing a request.
@@ -193,6 +200,12 @@ impl RouteTable {
             };
             if let Some(c) = &r.cache {
                 let _ = write!(target, " (cache {}s)", c.ttl.as_secs());
+            }
+            if let Some(v) = &r.validate {
+                let _ = write!(target, " (validate {})", v.path);
+            }
+            if r.request_mapping.is_some() || r.response_mapping.is_some() {
+                target.push_str(" (mapped)");
             }
             let _ = writeln!(
                 s,
@@ -317,6 +330,28 @@ fn encode_mock(
     })
 }
 
+type RawMapping = toml::Spanned<std::collections::BTreeMap<String, toml::Spanned<String>>>;
+
+/// A mapping table without its spans.
+fn plain(m: &RawMapping) -> std::collections::BTreeMap<String, String> {
+    m.get_ref()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.get_ref().clone()))
+        .collect()
+}
+
+/// A mapping error at the line of the key's value.
+fn map_err(
+    src: &Source,
+    m: &RawMapping,
+    route_key: &str,
+    what: &str,
+    (key, msg): mapping::MapError,
+) -> ConfigError {
+    let span = m.get_ref().get(&key).map(|v| v.span()).unwrap_or(m.span());
+    src.err(span, &format!("{route_key}.{what}.\"{key}\""), msg)
+}
+
 /// Compiles every API's routes for every stage.
 pub(super) fn compile(
     src: &Source,
@@ -386,6 +421,18 @@ pub(super) fn compile(
             &api.stages
         };
         let api_name: Arc<str> = name.into();
+        // Schemas are read and compiled once per route, whatever the number of stages.
+        let mut schemas = Vec::with_capacity(api.routes.len());
+        for (ri, r) in api.routes.iter().enumerate() {
+            schemas.push(match (&r.validate, websocket_api) {
+                (Some(v), false) => Some(crate::policy::validate::compile(
+                    src,
+                    v,
+                    &format!("apis[{ai}].routes[{ri}]"),
+                )?),
+                _ => None,
+            });
+        }
         for (stage_name, stage) in stages {
             if let Some(c) = &stage.cache {
                 crate::cache::config::check_stage(
@@ -455,6 +502,19 @@ pub(super) fn compile(
                             "WebSocket API routes are not cached",
                         ));
                     }
+                    for (k, set) in [
+                        ("validate", r.validate.is_some()),
+                        ("request_mapping", r.request_mapping.is_some()),
+                        ("response_mapping", r.response_mapping.is_some()),
+                    ] {
+                        if set {
+                            return Err(src.err(
+                                r.route.span(),
+                                &format!("{rkey}.{k}"),
+                                "WebSocket API routes do not validate or map messages",
+                            ));
+                        }
+                    }
                 }
                 let id = table.routes.len() as u32;
                 let labels = format!(
@@ -473,6 +533,9 @@ pub(super) fn compile(
                     cache: None,
                     auth: connect_auth,
                     ws: ws_settings.clone(),
+                    validate: None,
+                    request_mapping: None,
+                    response_mapping: None,
                 });
                 let full = if prefix.is_empty() { "/" } else { &prefix };
                 let hosts: Vec<String> = api.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
@@ -542,7 +605,20 @@ pub(super) fn compile(
                         status,
                         headers,
                         body,
-                    } => Integration::Mock(encode_mock(*status, headers, body).map_err(&ierr)?),
+                    } => {
+                        // Mock headers that the response mapping owns are left out here; the
+                        // mapping writes them per request.
+                        let mut headers = headers.clone();
+                        if let Some(m) = &r.response_mapping {
+                            headers.retain(|k, _| {
+                                !m.get_ref().keys().any(|mk| {
+                                    mk.strip_prefix("header.")
+                                        .is_some_and(|n| n.eq_ignore_ascii_case(k))
+                                })
+                            });
+                        }
+                        Integration::Mock(encode_mock(*status, &headers, body).map_err(&ierr)?)
+                    }
                 };
                 let cache = crate::cache::config::compile(
                     src,
@@ -554,7 +630,7 @@ pub(super) fn compile(
                     name,
                     stage_name,
                 )?;
-                let route_auth = crate::policy::auth::resolve_route(
+                let mut route_auth = crate::policy::auth::resolve_route(
                     src,
                     &format!("apis[{ai}].routes[{ri}]"),
                     r.auth.as_ref(),
@@ -562,6 +638,56 @@ pub(super) fn compile(
                     r.api_key_required,
                     auth,
                 )?;
+                let env = mapping::Env {
+                    stage_vars: &stage.variables,
+                    params: &names,
+                    api: name,
+                    stage: stage_name,
+                    route_key: key_str,
+                };
+                let rbase = format!("apis[{ai}].routes[{ri}]");
+                let mut needs = Vec::new();
+                let request_mapping = match &r.request_mapping {
+                    None => None,
+                    Some(m) => {
+                        if !matches!(integration, Integration::Http { .. }) {
+                            return Err(src.err(
+                                m.span(),
+                                &format!("{rbase}.request_mapping"),
+                                "a request mapping needs an `http` integration",
+                            ));
+                        }
+                        let (rm, n) = mapping::compile_request(&plain(m), &env)
+                            .map_err(|e| map_err(src, m, &rbase, "request_mapping", e))?;
+                        needs.push((m, "request_mapping", n));
+                        Some(Box::new(rm))
+                    }
+                };
+                let response_mapping = match &r.response_mapping {
+                    None => None,
+                    Some(m) => {
+                        let (hm, n) = mapping::compile_response(&plain(m), &env)
+                            .map_err(|e| map_err(src, m, &rbase, "response_mapping", e))?;
+                        needs.push((m, "response_mapping", n));
+                        Some(Box::new(hm))
+                    }
+                };
+                for (m, what, n) in needs {
+                    let jwt = matches!(route_auth.kind, crate::policy::auth::AuthKind::Jwt(_));
+                    let authorizer = matches!(
+                        route_auth.kind,
+                        crate::policy::auth::AuthKind::Authorizer(_)
+                    );
+                    let refuse =
+                        |msg: &str| Err(src.err(m.span(), &format!("{rbase}.{what}"), msg));
+                    if n.claims && !jwt {
+                        return refuse("`$context.authorizer.claims.NAME` needs `auth = \"jwt:NAME\"` on the route");
+                    }
+                    if n.authorizer_context && !authorizer {
+                        return refuse("`$context.authorizer.NAME` reads a request authorizer's context: it needs `auth = \"authorizer:NAME\"` on the route (JWT claims are `$context.authorizer.claims.NAME`)");
+                    }
+                    route_auth.keep_context |= n.claims || n.authorizer_context;
+                }
                 let id = table.routes.len() as u32;
                 let labels = format!(
                     "api=\"{}\",stage=\"{}\",route=\"{}\"",
@@ -580,6 +706,9 @@ pub(super) fn compile(
                     cache,
                     auth: route_auth,
                     ws: ws_settings.clone(),
+                    validate: schemas[ri].clone(),
+                    request_mapping,
+                    response_mapping,
                 });
                 let hosts: Vec<String> = api.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
                 let targets: Vec<&mut Table> = if hosts.is_empty() {
@@ -702,6 +831,54 @@ integration = { type = "mock" }
             e.contains("t.toml:8:") && e.contains("routes[1].route"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn mappings_compile_onto_the_route() {
+        let text = r#"
+[[authorizers]]
+name = "users"
+type = "jwt"
+secret = "0123456789abcdef0123456789abcdef"
+[[upstreams]]
+name = "o"
+targets = ["127.0.0.1:9001"]
+[[apis]]
+name = "a"
+[[apis.routes]]
+route = "GET /claims"
+integration = { type = "http", upstream = "o" }
+auth = "jwt:users"
+request_mapping = { "header.x-mail" = "$context.authorizer.claims.email" }
+[[apis.routes]]
+route = "GET /principal"
+integration = { type = "http", upstream = "o" }
+auth = "jwt:users"
+request_mapping = { "header.x-user" = "$context.principal" }
+[[apis.routes]]
+route = "GET /mock"
+integration = { type = "mock", headers = { "X-Drop" = "1", "x-keep" = "2" } }
+response_mapping = { "header.x-drop" = "remove" }
+[[apis.routes]]
+route = "GET /plain"
+integration = { type = "http", upstream = "o" }
+"#;
+        let c = parse(Path::new("t.toml"), text).unwrap();
+        let r = c.routes.routes();
+        // Claims are kept per request only where a mapping reads them.
+        assert!(r[0].auth.keep_context && r[0].request_mapping.is_some());
+        assert!(!r[1].auth.keep_context);
+        let crate::config::Integration::Mock(m) = &r[2].integration else {
+            panic!()
+        };
+        let head = String::from_utf8_lossy(&m.head).to_ascii_lowercase();
+        assert!(
+            !head.contains("x-drop") && head.contains("x-keep: 2"),
+            "{head}"
+        );
+        assert!(r[2].response_mapping.is_some());
+        assert!(r[3].request_mapping.is_none() && r[3].response_mapping.is_none());
+        assert!(r[3].validate.is_none());
     }
 
     #[test]

@@ -75,7 +75,8 @@ pub struct ChunkedDecoder {
     error: ChunkError,
 }
 
-fn is_tchar(b: u8) -> bool {
+/// An RFC 9110 token character (header and trailer field names).
+pub(crate) fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric()
         || matches!(
             b,

@@ -48,6 +48,7 @@ pub(super) async fn run<S: ClientIo>(
         Ok(id) => {
             c.principal = id.principal;
             c.api_key = id.api_key;
+            c.auth_ctx = id.context;
             Ok(())
         }
         Err(d) => {

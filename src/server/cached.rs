@@ -7,7 +7,7 @@
 //! (one `write`); larger ones go out as one `writev` of the stored head, the per-request block
 //! and the stored body, without copying them.
 
-use super::{proxy, write_out, ClientIo, Conn, Outcome, Worker};
+use super::{map_ctx, proxy, write_out, ClientIo, Conn, Outcome, Worker};
 use crate::cache::control::request_wants_refresh;
 use crate::cache::{build_key, push_vary, CachePolicy, Capture, Entry, Invalidation, WorkerCache};
 use crate::config::{PathTemplate, Route};
@@ -74,7 +74,7 @@ pub(super) async fn serve<S: ClientIo>(
     }
     let (primary, hit, _) = lookup(w, gw, c, route, pol, true, false);
     if let Some(h) = hit {
-        return write_hit(w, c, h).await;
+        return write_hit(w, c, h, route).await;
     }
     let pending = w.cache.borrow_mut().pending(primary);
     if let Some(p) = pending {
@@ -84,7 +84,7 @@ pub(super) async fn serve<S: ClientIo>(
             let _ = monoio::time::timeout(gw.upstreams[up].cfg.timeout, p.wait()).await;
             let (_, hit, _) = lookup(w, gw, c, route, pol, true, false);
             if let Some(h) = hit {
-                return write_hit(w, c, h).await;
+                return write_hit(w, c, h, route).await;
             }
         }
         // Not stored (or waited too long): fetch without making others wait on us.
@@ -217,8 +217,8 @@ async fn fetch<S: ClientIo>(
     out
 }
 
-/// Writes a stored answer with its per-request headers.
-async fn write_hit<S: ClientIo>(w: &Worker, c: &mut Conn<S>, h: Hit) -> Outcome {
+/// Writes a stored answer with its per-request headers (the response mapping's among them).
+async fn write_hit<S: ClientIo>(w: &Worker, c: &mut Conn<S>, h: Hit, route: &Route) -> Outcome {
     let keep = c.b.head.keep_alive;
     let small = h.data.len() <= COPY_MAX;
     c.b.out.clear();
@@ -231,6 +231,10 @@ async fn write_hit<S: ClientIo>(w: &Worker, c: &mut Conn<S>, h: Hit) -> Outcome 
     encode::push_header(&mut c.b.out, b"x-request-id", &c.reqid[..c.reqid_len]);
     // Per-request headers of earlier stages (CORS for this request's origin).
     c.b.out.extend_from_slice(&c.b.extra);
+    if let Some(m) = &route.response_mapping {
+        // Stored without the mapped names; their values are this request's.
+        m.push(&map_ctx!(c), &mut c.b.out);
+    }
     if !keep {
         c.b.out.extend_from_slice(b"connection: close\r\n");
     } else if c.b.head.minor_version == 0 {

@@ -10,6 +10,7 @@ mod cached;
 mod park;
 mod proxy;
 mod traffic;
+mod validate_stage;
 
 pub use park::run_parker;
 pub use park::Idle;
@@ -34,6 +35,24 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The parameter-mapping context of the request in `c` (a macro, so that it borrows `c`'s
+/// fields one by one and `c.b.out` stays writable beside it).
+macro_rules! map_ctx {
+    ($c:expr) => {
+        crate::policy::mapping::Ctx {
+            head: &$c.b.head,
+            buf: &$c.b.rbuf,
+            params: &$c.params,
+            request_id: &$c.reqid[..$c.reqid_len],
+            peer: $c.peer.ip(),
+            principal: $c.principal.as_deref(),
+            api_key: $c.api_key.as_deref(),
+            auth_context: $c.auth_ctx.as_deref(),
+        }
+    };
+}
+pub(crate) use map_ctx;
 
 /// Initial capacity of a connection's read buffer.
 const READ_BUF: usize = 4096;
@@ -311,6 +330,8 @@ struct Conn<S> {
     principal: Option<Arc<str>>,
     /// Name of the API key that passed the auth stage (usage plans, access log).
     api_key: Option<Arc<str>>,
+    /// JWT claims or the request authorizer's context, kept for the route's mappings.
+    auth_ctx: Option<Arc<serde_json::Value>>,
     /// Set when the request became a WebSocket connection: the loop hands the socket over.
     takeover: Option<crate::ws::Takeover>,
 }
@@ -427,6 +448,7 @@ pub(crate) async fn run<S: ClientIo>(
         guard,
         principal: None,
         api_key: None,
+        auth_ctx: None,
         takeover: None,
     };
     loop {
@@ -702,6 +724,7 @@ async fn route_and_run<S: ClientIo>(
     }
     c.principal = None;
     c.api_key = None;
+    c.auth_ctx = None;
     if route.auth.active() {
         if let Err(out) = auth_stage::run(w, gw, c, route).await {
             return (out, Some(id));
@@ -710,10 +733,15 @@ async fn route_and_run<S: ClientIo>(
     if let Some(out) = traffic::throttle(w, gw, c, id).await {
         return (out, Some(id));
     }
+    if let Some(schema) = &route.validate {
+        if let Err(out) = validate_stage::run(w, c, schema, limits).await {
+            return (out, Some(id));
+        }
+    }
     let out = match &route.integration {
         Integration::Mock(mock) => {
             let keep = body_skippable(c);
-            respond_mock(w, c, mock, keep).await
+            respond_mock(w, c, mock, route.response_mapping.as_deref(), keep).await
         }
         Integration::Http { upstream, path } => match &route.cache {
             // A WebSocket upgrade is never a cache lookup.
@@ -847,11 +875,16 @@ async fn respond_mock<S: ClientIo>(
     w: &Rc<Worker>,
     c: &mut Conn<S>,
     mock: &crate::config::MockResponse,
+    rmap: Option<&crate::policy::mapping::HeaderMapping>,
     keep: bool,
 ) -> Outcome {
     let keep = keep && c.b.head.keep_alive;
     c.b.out.clear();
     c.b.out.extend_from_slice(&mock.head);
+    if let Some(m) = rmap {
+        // The mapped names were left out of the pre-encoded head when the config loaded.
+        m.push(&map_ctx!(c), &mut c.b.out);
+    }
     push_common(w, c, keep);
     if c.b.head.method != Method::Head {
         c.b.out.extend_from_slice(&mock.body);
@@ -926,6 +959,24 @@ async fn fill_rbuf<S: ClientIo>(
     if c.b.rbuf.len() >= want {
         return Ok(());
     }
+    let deadline = Instant::now() + timeout;
+    let mut tmp = Vec::with_capacity(READ_BUF.max((want - c.b.rbuf.len()).min(1 << 16)));
+    c.b.rbuf.reserve(want - c.b.rbuf.len());
+    while c.b.rbuf.len() < want {
+        read_body(c, deadline, &mut tmp).await?;
+        c.b.rbuf.extend_from_slice(&tmp);
+    }
+    Ok(())
+}
+
+/// One read of request body bytes into `tmp` (replacing its contents; at most its capacity),
+/// by `deadline`, first answering `Expect: 100-continue` when it was not yet. On a timeout
+/// `tmp` is left empty without capacity (the abandoned read took it).
+async fn read_body<S: ClientIo>(
+    c: &mut Conn<S>,
+    deadline: Instant,
+    tmp: &mut Vec<u8>,
+) -> Result<(), FillError> {
     if c.b.head.expect_continue {
         let (res, _) = c
             .stream
@@ -936,23 +987,18 @@ async fn fill_rbuf<S: ClientIo>(
         }
         c.b.head.expect_continue = false;
     }
-    let deadline = Instant::now() + timeout;
-    let mut tmp: Vec<u8> = Vec::with_capacity(READ_BUF.max((want - c.b.rbuf.len()).min(1 << 16)));
-    c.b.rbuf.reserve(want - c.b.rbuf.len());
-    while c.b.rbuf.len() < want {
-        tmp.clear();
-        match monoio::time::timeout_at(deadline.into(), c.stream.read(tmp)).await {
-            Err(_) => return Err(FillError::TimedOut),
-            Ok((res, buf)) => {
-                tmp = buf;
-                match res {
-                    Ok(0) | Err(_) => return Err(FillError::Closed),
-                    Ok(_) => c.b.rbuf.extend_from_slice(&tmp),
-                }
+    let mut buf = std::mem::take(tmp);
+    buf.clear();
+    match monoio::time::timeout_at(deadline.into(), c.stream.read(buf)).await {
+        Err(_) => Err(FillError::TimedOut),
+        Ok((res, buf)) => {
+            *tmp = buf;
+            match res {
+                Ok(0) | Err(_) => Err(FillError::Closed),
+                Ok(_) => Ok(()),
             }
         }
     }
-    Ok(())
 }
 
 /// Writes `c.b.out` to the client.

@@ -5,7 +5,7 @@
 //! The request head and whatever body the client already sent go upstream in one write; the
 //! response head and the body bytes that came with it go to the client in one write.
 
-use super::{reject, ClientIo, Conn, Outcome, Worker, STREAM_BUF};
+use super::{map_ctx, reject, ClientIo, Conn, Outcome, Worker, STREAM_BUF};
 use crate::config::{PathTemplate, Route};
 use crate::gateway::Gateway;
 use crate::http::encode;
@@ -226,7 +226,8 @@ pub(super) async fn proxy<S: ClientIo>(
             }
             return upgrade(w, c, us, addr, route).await;
         }
-        return respond(w, c, us, addr, up.cfg.keepalive, up.cfg.timeout, cap).await;
+        let rmap = route.response_mapping.as_deref();
+        return respond(w, c, us, addr, up.cfg.keepalive, up.cfg.timeout, cap, rmap).await;
     }
 }
 
@@ -247,12 +248,13 @@ fn build_request_head<S: ClientIo>(c: &mut Conn<S>, route: &Route, tpl: Option<&
     out.push(b' ');
     let path = head.slice(buf, head.path);
     let query = head.query.map(|q| head.slice(buf, q));
-    match tpl {
+    let sep = match tpl {
         Some(t) => {
             t.render(path, &c.params, out);
-            if let Some(q) = query {
-                out.push(if t.has_query() { b'&' } else { b'?' });
-                out.extend_from_slice(q);
+            if t.has_query() {
+                b'&'
+            } else {
+                b'?'
             }
         }
         None => {
@@ -261,8 +263,15 @@ fn build_request_head<S: ClientIo>(c: &mut Conn<S>, route: &Route, tpl: Option<&
                 out.push(b'/');
             }
             out.extend_from_slice(rest);
+            b'?'
+        }
+    };
+    let rmap = route.request_mapping.as_deref();
+    match rmap {
+        Some(m) if m.maps_query() => m.push_query(query, sep, &map_ctx!(c), out),
+        _ => {
             if let Some(q) = query {
-                out.push(b'?');
+                out.push(sep);
                 out.extend_from_slice(q);
             }
         }
@@ -272,21 +281,15 @@ fn build_request_head<S: ClientIo>(c: &mut Conn<S>, route: &Route, tpl: Option<&
         // Hop-by-hop, so `forwardable` drops them; a pass-through upgrade puts them back.
         out.extend_from_slice(b"upgrade: websocket\r\nconnection: Upgrade\r\n");
     }
-    let mut client_xff = false;
-    for (kind, name, value) in head.forwardable_kinds(buf) {
-        match kind {
-            // Written below, from the client's values and the peer.
-            HeaderKind::XForwardedFor => client_xff = true,
-            // The gateway's own, replacing any the client sent.
-            HeaderKind::XForwardedProto
-            | HeaderKind::XForwardedHost
-            | HeaderKind::XRequestId
-            | HeaderKind::XPrincipalId => {}
-            // The relay checks frames; no extension (compression sets RSV1) is negotiated.
-            HeaderKind::SecWebSocketExtensions if head.upgrade_websocket => {}
-            _ => encode::push_header(out, name, value),
+    // A route without a request mapping gets the loop without the per-header name check.
+    let client_xff = match rmap {
+        None => push_client_headers(out, head, buf, |_| false),
+        Some(m) => {
+            let xff = push_client_headers(out, head, buf, |name| m.headers.covers(name));
+            m.headers.push(&map_ctx!(c), out);
+            xff
         }
-    }
+    };
     // X-Forwarded-For: every client-sent value in order, then the peer.
     out.extend_from_slice(b"x-forwarded-for: ");
     if client_xff {
@@ -320,6 +323,35 @@ fn build_request_head<S: ClientIo>(c: &mut Conn<S>, route: &Route, tpl: Option<&
         BodyKind::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the client's forwardable headers but the gateway's own and those `mapped` owns;
+/// returns whether the client sent `X-Forwarded-For` (its values are written later).
+#[inline(always)]
+fn push_client_headers(
+    out: &mut Vec<u8>,
+    head: &crate::http::RequestHead,
+    buf: &[u8],
+    mapped: impl Fn(&[u8]) -> bool,
+) -> bool {
+    let mut client_xff = false;
+    for (kind, name, value) in head.forwardable_kinds(buf) {
+        match kind {
+            // Written later, from the client's values and the peer.
+            HeaderKind::XForwardedFor => client_xff = true,
+            // The gateway's own, replacing any the client sent.
+            HeaderKind::XForwardedProto
+            | HeaderKind::XForwardedHost
+            | HeaderKind::XRequestId
+            | HeaderKind::XPrincipalId => {}
+            // The relay checks frames; no extension (compression sets RSV1) is negotiated.
+            HeaderKind::SecWebSocketExtensions if head.upgrade_websocket => {}
+            // Owned by the route's request mapping.
+            HeaderKind::Other if mapped(name) => {}
+            _ => encode::push_header(out, name, value),
+        }
+    }
+    client_xff
 }
 
 /// Sends the request (head, buffered body, streamed rest) and reads the response head into
@@ -488,8 +520,34 @@ async fn upgrade<S: ClientIo>(
     }
 }
 
-/// Sends the upstream's response to the client and returns the upstream connection to the
-/// pool when it can be reused.
+/// Writes the upstream's forwardable response headers but `x-request-id` (the gateway's),
+/// `x-cache` on a cached route, `access-control-*` when the gateway answers CORS, and those
+/// `mapped` owns.
+#[inline(always)]
+fn push_upstream_headers(
+    out: &mut Vec<u8>,
+    resp: &crate::http::ResponseHead,
+    buf: &[u8],
+    cached: bool,
+    gateway_cors: bool,
+    mapped: impl Fn(&[u8]) -> bool,
+) {
+    for (kind, name, value) in resp.forwardable_kinds(buf) {
+        match kind {
+            HeaderKind::XRequestId => {}
+            HeaderKind::XCache if cached => {}
+            // The gateway's CORS headers replace the upstream's.
+            HeaderKind::AccessControl if gateway_cors => {}
+            // Owned by the route's response mapping.
+            HeaderKind::Other if mapped(name) => {}
+            _ => encode::push_header(out, name, value),
+        }
+    }
+}
+
+/// Sends the upstream's response to the client (through the route's response mapping) and
+/// returns the upstream connection to the pool when it can be reused.
+#[allow(clippy::too_many_arguments, reason = "the response's whole context")]
 async fn respond<S: ClientIo>(
     w: &Rc<Worker>,
     c: &mut Conn<S>,
@@ -498,6 +556,7 @@ async fn respond<S: ClientIo>(
     keepalive: usize,
     read_timeout: std::time::Duration,
     mut cap: Option<&mut crate::cache::Capture>,
+    rmap: Option<&crate::policy::mapping::HeaderMapping>,
 ) -> Outcome {
     let status = c.b.resp.status;
     let head_len = c.b.resp.head_len;
@@ -508,19 +567,21 @@ async fn respond<S: ClientIo>(
     let mut dechunk = false;
     c.b.out.clear();
     encode::push_status_line(&mut c.b.out, status);
-    for (kind, name, value) in c.b.resp.forwardable_kinds(&c.b.ubuf) {
-        match kind {
-            HeaderKind::XRequestId => {}
-            HeaderKind::XCache if cap.is_some() => {}
-            // The gateway's CORS headers replace the upstream's.
-            HeaderKind::AccessControl if !c.b.extra.is_empty() => {}
-            _ => encode::push_header(&mut c.b.out, name, value),
+    // A route without a response mapping gets the loop without the per-header name check.
+    let (cached, cors) = (cap.is_some(), !c.b.extra.is_empty());
+    match rmap {
+        None => push_upstream_headers(&mut c.b.out, &c.b.resp, &c.b.ubuf, cached, cors, |_| false),
+        Some(m) => {
+            let covers = |n: &[u8]| m.covers(n);
+            push_upstream_headers(&mut c.b.out, &c.b.resp, &c.b.ubuf, cached, cors, covers);
+            m.push(&map_ctx!(c), &mut c.b.out);
         }
     }
     if let Some(cap) = cap.as_deref_mut() {
-        // A cached route: say it was a miss, and keep the response when it may be stored.
+        // A cached route: say it was a miss, and keep the response when it may be stored
+        // (without the mapped headers: a hit writes them for its own request).
         c.b.out.extend_from_slice(b"x-cache: miss\r\n");
-        cap.begin(&c.b.resp, &c.b.ubuf);
+        cap.begin(&c.b.resp, &c.b.ubuf, rmap);
     }
     c.b.out.extend_from_slice(&c.b.extra);
     match c.b.resp.body {

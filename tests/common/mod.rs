@@ -13,7 +13,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -936,6 +936,71 @@ fn origin_conn(st: &OriginState, s: TcpStream, conn: usize) -> io::Result<()> {
             return Ok(());
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The independent auth peer (tests/peers/auth_peer.py: PyJWT, botocore)
+// ---------------------------------------------------------------------------------------------
+
+/// Installs PyJWT, cryptography and botocore once when they are missing.
+pub fn python_ready() {
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| {
+        let ok = |c: &str| {
+            Command::new("python3")
+                .args(["-c", c])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        if ok("import jwt, cryptography, botocore") {
+            return;
+        }
+        let pip = |extra: &[&str]| {
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "pyjwt", "cryptography", "botocore"])
+                .args(extra)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        if !pip(&[]) {
+            pip(&["--break-system-packages"]);
+        }
+        assert!(
+            ok("import jwt, cryptography, botocore"),
+            "python3 with pyjwt, cryptography and botocore is needed (pip install pyjwt cryptography botocore)"
+        );
+    });
+}
+
+/// Runs the peer on `jobs` in `dir`; one result per job.
+pub fn peer(dir: &Path, jobs: serde_json::Value) -> Vec<serde_json::Value> {
+    python_ready();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/auth_peer.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    let input = serde_json::json!({ "dir": dir, "jobs": jobs }).to_string();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "peer failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------

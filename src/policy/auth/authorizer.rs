@@ -190,7 +190,11 @@ fn query_value<'a>(query: &'a [u8], name: &str) -> Option<&'a [u8]> {
     })
 }
 
-/// Runs the authorizer for `req` (cached); returns the principal when allowed.
+/// What an allow hands on: the principal and, when asked for, the authorizer's `context`.
+type Passed = (Option<Arc<str>>, Option<Arc<serde_json::Value>>);
+
+/// Runs the authorizer for `req` (cached); returns the principal when allowed, and the
+/// answer's `context` when `keep_context` (a mapping reads it).
 pub(super) async fn check(
     w: &WorkerAuth,
     gen: u64,
@@ -198,7 +202,8 @@ pub(super) async fn check(
     a: &RequestAuthorizer,
     req: &Request<'_>,
     reqid: &[u8],
-) -> Result<Option<Arc<str>>, Deny> {
+    keep_context: bool,
+) -> Result<Passed, Deny> {
     // Identity values; a missing one is 401 without a call.
     let query = req
         .head
@@ -222,7 +227,7 @@ pub(super) async fn check(
         let mut c = w.authorizer.borrow_mut();
         if let Some((until, d)) = c.map(gen, idx).get(&key[..]) {
             if now < *until {
-                return decide(d);
+                return decide(d, keep_context);
             }
         }
     }
@@ -243,12 +248,15 @@ pub(super) async fn check(
         }
         m.insert(key.into(), (now + a.ttl, d.clone()));
     }
-    decide(&d)
+    decide(&d, keep_context)
 }
 
-fn decide(d: &Decision) -> Result<Option<Arc<str>>, Deny> {
+fn decide(d: &Decision, keep_context: bool) -> Result<Passed, Deny> {
     if d.allow {
-        Ok(d.principal.clone())
+        Ok((
+            d.principal.clone(),
+            keep_context.then(|| d.context.clone()).flatten(),
+        ))
     } else {
         Err(super::FORBIDDEN)
     }

@@ -212,7 +212,11 @@ fn bearer(v: &[u8]) -> Option<&[u8]> {
     (!t.is_empty() && t.len() <= MAX_TOKEN_BYTES).then_some(t)
 }
 
-/// Checks the bearer token of `req` against authorizer `idx`; returns the principal (`sub`).
+/// What a passed JWT check hands on: the principal (`sub`) and, when asked for, the claims.
+type Passed = (Option<Arc<str>>, Option<Arc<serde_json::Value>>);
+
+/// Checks the bearer token of `req` against authorizer `idx`; returns the principal (`sub`),
+/// and the claims when `keep_claims` (a mapping reads them).
 pub(super) async fn check(
     w: &WorkerAuth,
     gen: u64,
@@ -220,19 +224,21 @@ pub(super) async fn check(
     a: &JwtAuthorizer,
     scopes: &[Box<str>],
     req: &Request<'_>,
-) -> Result<Option<Arc<str>>, Deny> {
+    keep_claims: bool,
+) -> Result<Passed, Deny> {
     let token = req
         .header("authorization")
         .and_then(bearer)
         .ok_or(UNAUTHORIZED)?;
     let now = now_unix();
+    let passed = |v: &Verified| (v.principal.clone(), keep_claims.then(|| v.claims.clone()));
     {
         let mut c = w.jwt.borrow_mut();
         c.sync(gen);
         if let Some(v) = c.map(idx).get(token) {
             if v.valid_at(now, a.leeway) {
                 return if v.has_scopes(scopes) {
-                    Ok(v.principal.clone())
+                    Ok(passed(v))
                 } else {
                     Err(FORBIDDEN)
                 };
@@ -244,14 +250,14 @@ pub(super) async fn check(
     }
     let v = a.verify(token).await.map_err(|_| UNAUTHORIZED)?;
     let ok = v.has_scopes(scopes);
-    let principal = v.principal.clone();
+    let out = passed(&v);
     {
         let mut c = w.jwt.borrow_mut();
         c.sync(gen);
         c.insert(idx, token, v, now, a.leeway);
     }
     if ok {
-        Ok(principal)
+        Ok(out)
     } else {
         Err(FORBIDDEN)
     }

@@ -142,6 +142,9 @@ pub struct RouteAuth {
     pub scopes: Box<[Box<str>]>,
     /// Also require a valid `x-api-key`.
     pub api_key_required: bool,
+    /// A mapping of the route reads the JWT's claims or the request authorizer's context:
+    /// the check hands them on in [`Identity::context`].
+    pub keep_context: bool,
 }
 
 impl Default for RouteAuth {
@@ -150,6 +153,7 @@ impl Default for RouteAuth {
             kind: AuthKind::None,
             scopes: Box::new([]),
             api_key_required: false,
+            keep_context: false,
         }
     }
 }
@@ -315,6 +319,7 @@ pub(crate) fn resolve_route(
         kind,
         scopes: scopes.iter().map(|s| s.as_str().into()).collect(),
         api_key_required,
+        keep_context: false,
     })
 }
 
@@ -359,6 +364,8 @@ pub struct Identity {
     pub principal: Option<Arc<str>>,
     /// The API key that passed (for usage plans).
     pub api_key: Option<Arc<str>>,
+    /// The JWT's claims or the request authorizer's `context`, when the route keeps them.
+    pub context: Option<Arc<serde_json::Value>>,
 }
 
 /// Runs the route's checks. `gen` is the config generation (per-worker caches are dropped when
@@ -377,13 +384,30 @@ pub async fn check(
         AuthKind::ApiKey => {}
         AuthKind::Jwt(i) => {
             if let Authorizer::Jwt(a) = &cfg.authorizers[i as usize] {
-                id.principal = jwt::check(w, gen, i as usize, a, &route.scopes, req).await?;
+                (id.principal, id.context) = jwt::check(
+                    w,
+                    gen,
+                    i as usize,
+                    a,
+                    &route.scopes,
+                    req,
+                    route.keep_context,
+                )
+                .await?;
             }
         }
         AuthKind::Authorizer(i) => {
             if let Authorizer::Request(a) = &cfg.authorizers[i as usize] {
-                id.principal =
-                    authorizer::check(w, gen, i as usize, a, req, req.request_id).await?;
+                (id.principal, id.context) = authorizer::check(
+                    w,
+                    gen,
+                    i as usize,
+                    a,
+                    req,
+                    req.request_id,
+                    route.keep_context,
+                )
+                .await?;
             }
         }
         AuthKind::SigV4 => {

@@ -1,0 +1,221 @@
+//! Request validation: a route's `validate = { schema = "FILE" }` checks the request body
+//! against a JSON Schema before the integration runs (after auth and throttles), as an Amazon
+//! API Gateway request validator checks a body against its model.
+//!
+//! The schema is read and compiled when the config loads (`jsonschema`, drafts 4 to 2020-12,
+//! chosen by the schema's `$schema`, 2020-12 when absent), with no reference resolution over
+//! the network or from files: a `$ref` must point inside the schema itself. Bodies are parsed
+//! with `serde_json` (recursion bounded at 128 levels) and checked against the compiled
+//! validator; the client gets the first few failures, each with the JSON pointer of the value
+//! that failed.
+
+use crate::config::{ConfigError, Source};
+use serde::Deserialize;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use toml::Spanned;
+
+/// `validate = { ... }` on a route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawValidate {
+    /// JSON Schema file, relative to the config file's directory.
+    pub schema: Spanned<String>,
+}
+
+/// Failures reported in one answer at most.
+const MAX_REPORTED: usize = 3;
+/// Characters of one failure's text at most (the text may quote the offending value).
+const MAX_ERROR_CHARS: usize = 200;
+
+/// A compiled request-body schema.
+pub struct BodySchema {
+    /// The file it came from (for `--check` and logs).
+    pub path: Box<str>,
+    validator: jsonschema::Validator,
+}
+
+impl std::fmt::Debug for BodySchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodySchema")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Reads and compiles the schema of a route's `validate`; `key` is the route's config key
+/// (`apis[0].routes[1]`).
+pub(crate) fn compile(
+    src: &Source,
+    raw: &Spanned<RawValidate>,
+    key: &str,
+) -> Result<Arc<BodySchema>, ConfigError> {
+    let file = raw.get_ref().schema.get_ref();
+    let span = raw.get_ref().schema.span();
+    let key = format!("{key}.validate.schema");
+    let err = |msg: String| src.err(span.clone(), &key, msg);
+    if file.is_empty() {
+        return Err(err("the schema file name is empty".into()));
+    }
+    let base = src.path.parent().unwrap_or(Path::new("."));
+    let path = base.join(file);
+    let text = std::fs::read(&path)
+        .map_err(|e| err(format!("cannot read schema `{}`: {e}", path.display())))?;
+    let schema: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
+        err(format!(
+            "schema `{}` is not JSON: line {}, column {}: {e}",
+            path.display(),
+            e.line(),
+            e.column()
+        ))
+    })?;
+    if !(schema.is_object() || schema.is_boolean()) {
+        return Err(err(format!(
+            "schema `{}` must be a JSON object (or true/false)",
+            path.display()
+        )));
+    }
+    let validator = jsonschema::validator_for(&schema).map_err(|e| {
+        err(format!(
+            "schema `{}` is not a valid JSON Schema: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(Arc::new(BodySchema {
+        path: file.as_str().into(),
+        validator,
+    }))
+}
+
+impl BodySchema {
+    /// Checks a whole request body; `Err` holds the client's message
+    /// (`Invalid request body: ...`).
+    pub fn check(&self, body: &[u8]) -> Result<(), String> {
+        if body.iter().all(|b| b.is_ascii_whitespace()) {
+            return Err("Invalid request body: the body is empty; a JSON body is required".into());
+        }
+        let value: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|e| format!("Invalid request body: not valid JSON ({e})"))?;
+        let mut errors = self.validator.iter_errors(&value);
+        let Some(first) = errors.next() else {
+            return Ok(());
+        };
+        let mut msg = String::from("Invalid request body: ");
+        push_error(&mut msg, &first);
+        let mut reported = 1;
+        let mut more = 0usize;
+        for e in errors {
+            if reported < MAX_REPORTED {
+                msg.push_str("; ");
+                push_error(&mut msg, &e);
+                reported += 1;
+            } else {
+                more += 1;
+            }
+        }
+        if more > 0 {
+            let _ = write!(msg, " (and {more} more)");
+        }
+        Err(msg)
+    }
+}
+
+/// `POINTER: reason`, the pointer `/` standing for the whole body; long texts are cut.
+fn push_error(out: &mut String, e: &jsonschema::ValidationError<'_>) {
+    let ptr = e.instance_path().to_string();
+    out.push_str(if ptr.is_empty() { "/" } else { &ptr });
+    out.push_str(": ");
+    let text = e.to_string();
+    match text.char_indices().nth(MAX_ERROR_CHARS) {
+        Some((cut, _)) => {
+            out.push_str(&text[..cut]);
+            out.push_str("...");
+        }
+        None => out.push_str(&text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema(s: serde_json::Value) -> BodySchema {
+        BodySchema {
+            path: "t.json".into(),
+            validator: jsonschema::validator_for(&s).unwrap(),
+        }
+    }
+
+    fn order() -> BodySchema {
+        schema(serde_json::json!({
+            "type": "object",
+            "required": ["id", "qty"],
+            "properties": {
+                "id": {"type": "string"},
+                "qty": {"type": "integer", "minimum": 1},
+                "tags": {"type": "array", "items": {"type": "string"}}
+            },
+            "additionalProperties": false
+        }))
+    }
+
+    #[test]
+    fn valid_body_passes() {
+        assert_eq!(order().check(br#"{"id":"a","qty":2}"#), Ok(()));
+    }
+
+    #[test]
+    fn failures_name_pointer_and_reason() {
+        let e = order().check(br#"{"id":"a","qty":0}"#).unwrap_err();
+        assert!(e.starts_with("Invalid request body: /qty: "), "{e}");
+        assert!(e.contains("minimum of 1"), "{e}");
+        let e = order().check(br#"{"qty":1}"#).unwrap_err();
+        assert!(e.contains("/: \"id\" is a required property"), "{e}");
+        let e = order()
+            .check(br#"{"id":"a","qty":1,"tags":["x",3]}"#)
+            .unwrap_err();
+        assert!(e.contains("/tags/1: 3 is not of type \"string\""), "{e}");
+    }
+
+    #[test]
+    fn not_json_and_empty() {
+        let e = order().check(b"{\"id\":").unwrap_err();
+        assert!(e.starts_with("Invalid request body: not valid JSON"), "{e}");
+        let e = order().check(b"  \r\n").unwrap_err();
+        assert!(e.contains("empty"), "{e}");
+        let deep = "[".repeat(100_000);
+        let e = order().check(deep.as_bytes()).unwrap_err();
+        assert!(e.contains("not valid JSON"), "{e}");
+    }
+
+    #[test]
+    fn format_asserts_by_draft() {
+        let s = |draft: &str| {
+            schema(serde_json::json!({"$schema": draft, "type": "string", "format": "email"}))
+        };
+        let e = s("http://json-schema.org/draft-04/schema#")
+            .check(br#""not an email""#)
+            .unwrap_err();
+        assert!(e.contains("is not a \"email\""), "{e}");
+        assert!(s("http://json-schema.org/draft-07/schema#")
+            .check(br#""nope""#)
+            .is_err());
+        assert_eq!(
+            s("https://json-schema.org/draft/2020-12/schema").check(br#""nope""#),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn many_failures_are_bounded() {
+        let s = schema(serde_json::json!({"type":"array","items":{"type":"string"}}));
+        let body = format!("[{}]", vec!["1"; 50].join(","));
+        let e = s.check(body.as_bytes()).unwrap_err();
+        assert!(e.contains("(and 47 more)"), "{e}");
+        let long = format!("{{\"id\":\"{}\",\"qty\":1,\"x\":1}}", "y".repeat(10_000));
+        let s = schema(serde_json::json!({"type":"object","properties":{"id":{"maxLength":3}}}));
+        let e = s.check(long.as_bytes()).unwrap_err();
+        assert!(e.len() < 400, "{}", e.len());
+    }
+}
