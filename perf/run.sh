@@ -14,9 +14,9 @@
 #                    "mapping")
 #   --connections C  wrk connections (default 64)
 #   --pin MODE       CPU affinity of the proxies under test, the same for nginx and ringgate:
-#                    "none" (default: both float; the backend and wrk always float) or "core0"
-#                    (ringgate's worker pinned by its pin_workers, nginx's proxy worker by
-#                    worker_cpu_affinity, both to core 0)
+#                    "core0" (default) or "none" (both float; the backend and wrk always float):
+#                    core0 pins ringgate's worker by its pin_workers and nginx's proxy worker by
+#                    worker_cpu_affinity, both to core 0
 #   --self-test      put a second nginx reverse proxy in every ringgate slot (checks the harness
 #                    itself: the ratios should come out near 1.00); implies --skip-build
 #   env RINGGATE_BIN path of the gateway binary (default target/release/ringgate)
@@ -43,7 +43,7 @@ IO_MODE=io_uring
 CONNECTIONS=64
 SKIP_BUILD=0
 SELF_TEST=0
-PIN=none
+PIN=core0
 SELECTED_CASES=()
 ORIG_ARGS="$*"
 
