@@ -120,23 +120,41 @@ fn miss_then_hit_with_age_and_own_request_id() {
     let r = get(&mut c, "/prod/items/1", "");
     let age: u64 = r.header("age").unwrap().parse().unwrap();
     assert!((1..=3).contains(&age), "age {age}");
-    // HEAD is its own entry, then hits.
-    c.send(b"HEAD /prod/items/1 HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+    // A HEAD is served from its route's stored GET: the head (Content-Length of the GET body),
+    // no body. (HEAD does not match a `GET` route, so this is the `ANY` route.)
+    let d = get(&mut c, "/prod/docs/1", "");
+    assert_eq!(d.header("x-cache"), Some("miss"));
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+    for _ in 0..2 {
+        c.send(b"HEAD /prod/docs/1 HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+        let h = c.read_response_to("HEAD").unwrap();
+        assert_eq!(h.header("x-cache"), Some("hit"));
+        assert_eq!(h.header("content-length"), Some(&*d.body.len().to_string()));
+        assert!(h.body.is_empty());
+    }
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+    // The connection still works after HEAD hits (no stray body bytes).
+    let r = get(&mut c, "/prod/docs/1", "");
+    assert_eq!(r.header("x-cache"), Some("hit"));
+    assert_eq!(r.body, d.body);
+    // Without a stored GET, a HEAD goes upstream and is its own entry; it never answers a GET.
+    c.send(b"HEAD /prod/docs/2 HTTP/1.1\r\nHost: shop.test\r\n\r\n");
     let h = c.read_response_to("HEAD").unwrap();
     assert_eq!(h.header("x-cache"), Some("miss"));
-    c.send(b"HEAD /prod/items/1 HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+    c.send(b"HEAD /prod/docs/2 HTTP/1.1\r\nHost: shop.test\r\n\r\n");
     let h = c.read_response_to("HEAD").unwrap();
     assert_eq!(h.header("x-cache"), Some("hit"));
     assert!(h.body.is_empty());
-    assert_eq!(n.load(Ordering::SeqCst), 2);
-    // The connection still works after HEAD hits (no stray body bytes).
-    let r = get(&mut c, "/prod/items/1", "");
-    assert_eq!(r.header("x-cache"), Some("hit"));
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+    let r = get(&mut c, "/prod/docs/2", "");
+    assert_eq!(r.header("x-cache"), Some("miss"));
+    assert!(!r.body.is_empty());
+    assert_eq!(n.load(Ordering::SeqCst), 4);
     // Counters (recorded right after each response is written).
     let ok = wait_until(Duration::from_secs(2), || {
         let m = gw.metrics();
-        metric_value(&m, "ringgate_cache_hits_total", &[]) == Some(5.0)
-            && metric_value(&m, "ringgate_cache_misses_total", &[]) == Some(2.0)
+        metric_value(&m, "ringgate_cache_hits_total", &[]) == Some(7.0)
+            && metric_value(&m, "ringgate_cache_misses_total", &[]) == Some(4.0)
     });
     assert!(ok, "{}", gw.metrics());
 }
@@ -560,10 +578,12 @@ fn large_hits_are_written_whole() {
         assert_eq!(b.header("x-cache"), Some("hit"));
         assert_eq!(b.body, a.body);
     }
-    // HEAD of a large entry is its own key.
+    // HEAD of a large entry: the stored GET's head, written without its body.
     c.send(b"HEAD /prod/large HTTP/1.1\r\nHost: shop.test\r\n\r\n");
     let h = c.read_response_to("HEAD").unwrap();
     assert_eq!(h.status, 200);
+    assert_eq!(h.header("x-cache"), Some("hit"));
+    assert_eq!(h.header("content-length"), Some("200000"));
     let r = get(&mut c, "/prod/large", "");
     assert_eq!(r.body.len(), 200_000);
 }

@@ -65,14 +65,28 @@ pub(super) async fn serve<S: ClientIo>(
     if refresh {
         // The client asks for a fresh answer and the route allows it: drop the entry on
         // every worker, then fetch and store a new one.
-        let (_, _, key) = lookup(w, gw, c, route, pol, false, true);
-        w.shared.cache_inval.publish(Invalidation::Key {
-            store_id: pol.store_id.clone(),
-            key: key.into(),
-        });
+        // A HEAD drops the GET answer too, as that one would serve the next HEAD.
+        for as_get in [false, head_req] {
+            let (_, _, key) = lookup(w, gw, c, route, pol, false, true, as_get);
+            w.shared.cache_inval.publish(Invalidation::Key {
+                store_id: pol.store_id.clone(),
+                key: key.into(),
+            });
+            if !head_req {
+                break;
+            }
+        }
         return fetch(w, gw, c, route, pol, up, tpl, None, gateway_cors).await;
     }
-    let (primary, hit, _) = lookup(w, gw, c, route, pol, true, false);
+    if head_req {
+        // A stored GET answer serves a HEAD too (as nginx's proxy_cache_convert_head): the
+        // same head, without the body.
+        let (_, hit, _) = lookup(w, gw, c, route, pol, true, false, true);
+        if let Some(h) = hit {
+            return write_hit(w, c, h, route).await;
+        }
+    }
+    let (primary, hit, _) = lookup(w, gw, c, route, pol, true, false, false);
     if let Some(h) = hit {
         return write_hit(w, c, h, route).await;
     }
@@ -82,7 +96,7 @@ pub(super) async fn serve<S: ClientIo>(
             // Someone on this worker is fetching this key: wait for it, bounded by the
             // integration timeout, then serve what it stored.
             let _ = monoio::time::timeout(gw.upstreams[up].cfg.timeout, p.wait()).await;
-            let (_, hit, _) = lookup(w, gw, c, route, pol, true, false);
+            let (_, hit, _) = lookup(w, gw, c, route, pol, true, false, false);
             if let Some(h) = hit {
                 return write_hit(w, c, h, route).await;
             }
@@ -95,7 +109,9 @@ pub(super) async fn serve<S: ClientIo>(
 }
 
 /// Builds the key (with the learned `Vary` part) and looks it up. Returns the primary key
-/// hash, the hit, and, when `want_key`, a copy of the full key.
+/// hash, the hit, and, when `want_key`, a copy of the full key. `as_get` builds a HEAD
+/// request's key as its GET's.
+#[allow(clippy::too_many_arguments, reason = "the request's whole context")]
 fn lookup<S: ClientIo>(
     w: &Worker,
     gw: &Gateway,
@@ -104,6 +120,7 @@ fn lookup<S: ClientIo>(
     pol: &CachePolicy,
     get: bool,
     want_key: bool,
+    as_get: bool,
 ) -> (u64, Option<Hit>, Vec<u8>) {
     let mut wc = w.cache.borrow_mut();
     let wc = &mut *wc;
@@ -118,6 +135,9 @@ fn lookup<S: ClientIo>(
         &c.params,
         route.prefix_len,
     );
+    if as_get && key.starts_with(b"HEAD\0") {
+        key.splice(0..4, *b"GET");
+    }
     let primary = wc.hash(&key);
     let h = match wc.vary_names(primary) {
         Some(names) => {
@@ -242,7 +262,9 @@ async fn write_hit<S: ClientIo>(w: &Worker, c: &mut Conn<S>, h: Hit, route: &Rou
     }
     c.b.out.extend_from_slice(b"\r\n");
     let ok = if small {
-        c.b.out.extend_from_slice(&h.data[h.head_len..]);
+        if c.b.head.method != Method::Head {
+            c.b.out.extend_from_slice(&h.data[h.head_len..]);
+        }
         write_out(c).await
     } else {
         write_vectored(w, c, h.data, h.head_len).await
