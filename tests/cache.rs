@@ -480,6 +480,32 @@ fn admin_invalidation_needs_the_token() {
 }
 
 #[test]
+fn head_refresh_drops_the_get_answer_too() {
+    let (origin, n) = counting_origin();
+    let extra = r#"
+[[apis.routes]]
+route = "ANY /any-fresh/{id}"
+integration = { type = "http", upstream = "o" }
+cache = { allow_client_invalidate = true }
+"#;
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, extra));
+    let mut c = Client::connect(gw.addr);
+    let a = get(&mut c, "/prod/any-fresh/1", "");
+    assert_eq!(a.header("x-cache"), Some("miss"));
+    // A HEAD asking for a fresh answer goes upstream and drops the stored GET as well.
+    c.send(
+        b"HEAD /prod/any-fresh/1 HTTP/1.1\r\nHost: shop.test\r\nCache-Control: max-age=0\r\n\r\n",
+    );
+    let h = c.read_response_to("HEAD").unwrap();
+    assert_eq!(h.header("x-cache"), Some("miss"));
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+    let b = get(&mut c, "/prod/any-fresh/1", "");
+    assert_eq!(b.header("x-cache"), Some("miss"));
+    assert_ne!(a.body, b.body);
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+}
+
+#[test]
 fn client_max_age_zero_only_where_allowed() {
     let (origin, n) = counting_origin();
     let gw = Gateway::start(&config(origin.addr, 2, 1 << 20, ""));
