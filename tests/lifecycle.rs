@@ -466,3 +466,64 @@ fn missing_config_file_is_one_clear_error() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("/nonexistent/ringgate.toml"), "{err}");
 }
+
+#[test]
+fn a_taken_listen_address_stops_the_start_with_one_line() {
+    // Workers bind with SO_REUSEPORT; a second gateway on the same port must not start and
+    // silently take half of the first one's connections.
+    let mock = r#"
+[[apis]]
+name = "a"
+[[apis.routes]]
+route = "GET /x"
+integration = { type = "mock", status = 200, body = "first" }
+"#;
+    let first = Gateway::start(mock);
+    let dir = temp_dir("taken");
+    let path = dir.join("second.toml");
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = [\"{}\"]\nworkers = 1\n[admin]\nlisten = \"{admin}\"\n{}",
+            first.addr,
+            mock.replace("first", "second")
+        ),
+    )
+    .unwrap();
+    let err_path = dir.join("stderr");
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
+        .arg("--config")
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .expect("run ringgate");
+    let mut status = None;
+    wait_until(Duration::from_secs(10), || {
+        status = second.try_wait().unwrap();
+        status.is_some()
+    });
+    if status.is_none() {
+        let _ = second.kill();
+        let _ = second.wait();
+    }
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "the second gateway must not start; stderr: {err}"
+    );
+    assert!(
+        err.contains(&format!("cannot bind listener {}", first.addr)) && err.contains("in use"),
+        "stderr: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "stderr: {err}");
+    // The first gateway still answers every request itself.
+    for _ in 0..20 {
+        let mut c = Client::connect(first.addr);
+        c.send(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.read_response().unwrap().body, b"first");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -65,6 +65,13 @@ pub fn run(config: Config) -> Result<(), String> {
     ])
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
 
+    // Workers bind with SO_REUSEPORT, which would let a second gateway (or anything else
+    // listening with it) share the port silently. A plain bind first fails as nginx's does
+    // when the address is taken.
+    for a in listen.iter().chain(&tls_listen) {
+        std::net::TcpListener::bind(a).map_err(|e| format!("cannot bind listener {a}: {e}"))?;
+    }
+
     if let Some(a) = &admin_cfg {
         crate::admin::start(a, shared.clone())
             .map_err(|e| format!("cannot bind admin listener {}: {e}", a.listen))?;
