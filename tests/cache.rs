@@ -121,7 +121,7 @@ fn miss_then_hit_with_age_and_own_request_id() {
     let age: u64 = r.header("age").unwrap().parse().unwrap();
     assert!((1..=3).contains(&age), "age {age}");
     // A HEAD is served from its route's stored GET: the head (Content-Length of the GET body),
-    // no body. (HEAD does not match a `GET` route, so this is the `ANY` route.)
+    // no body.
     let d = get(&mut c, "/prod/docs/1", "");
     assert_eq!(d.header("x-cache"), Some("miss"));
     assert_eq!(n.load(Ordering::SeqCst), 2);
@@ -137,6 +137,12 @@ fn miss_then_hit_with_age_and_own_request_id() {
     let r = get(&mut c, "/prod/docs/1", "");
     assert_eq!(r.header("x-cache"), Some("hit"));
     assert_eq!(r.body, d.body);
+    // The same on a `GET` route with key parameters (HEAD is routed to GET routes).
+    c.send(b"HEAD /prod/items/1 HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+    let h = c.read_response_to("HEAD").unwrap();
+    assert_eq!(h.header("x-cache"), Some("hit"));
+    assert_eq!(h.header("content-length"), Some(&*a.body.len().to_string()));
+    assert_eq!(n.load(Ordering::SeqCst), 2);
     // Without a stored GET, a HEAD goes upstream and is its own entry; it never answers a GET.
     c.send(b"HEAD /prod/docs/2 HTTP/1.1\r\nHost: shop.test\r\n\r\n");
     let h = c.read_response_to("HEAD").unwrap();
@@ -153,7 +159,7 @@ fn miss_then_hit_with_age_and_own_request_id() {
     // Counters (recorded right after each response is written).
     let ok = wait_until(Duration::from_secs(2), || {
         let m = gw.metrics();
-        metric_value(&m, "ringgate_cache_hits_total", &[]) == Some(7.0)
+        metric_value(&m, "ringgate_cache_hits_total", &[]) == Some(8.0)
             && metric_value(&m, "ringgate_cache_misses_total", &[]) == Some(4.0)
     });
     assert!(ok, "{}", gw.metrics());

@@ -70,6 +70,39 @@ fn not_found_and_method_not_allowed_are_json() {
 }
 
 #[test]
+fn head_is_answered_by_get_routes_without_a_body() {
+    let origin = Origin::echo_path();
+    let cfg = format!(
+        "[[upstreams]]\nname = \"o\"\ntargets = [\"{}\"]\n[[apis]]\nname = \"r\"\n{}{}[[apis.routes]]\nroute = \"GET /p/{{rest+}}\"\nintegration = {{ type = \"http\", upstream = \"o\" }}\n",
+        origin.addr,
+        mock("GET /a", "hello"),
+        mock("POST /b", "b"),
+    );
+    let gw = Gateway::start(&cfg);
+    let mut c = Client::connect(gw.addr);
+    for _ in 0..2 {
+        c.send(b"HEAD /a HTTP/1.1\r\nHost: t\r\n\r\n");
+        let r = c.read_response_to("HEAD").unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-length"), Some("5"));
+        assert!(r.body.is_empty());
+    }
+    // Proxied: the upstream gets a HEAD (and answers without a body).
+    c.send(b"HEAD /p/x HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.read_response_to("HEAD").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    let seen = origin.requests();
+    assert_eq!(seen.last().map(|q| q.method.as_str()), Some("HEAD"));
+    // The connection is still in step after HEAD answers.
+    c.send(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().body, b"hello");
+    // Only GET routes answer HEAD.
+    c.send(b"HEAD /b HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.read_response_to("HEAD").unwrap().status, 405);
+}
+
+#[test]
 fn errors_keep_the_connection_when_no_body_is_pending() {
     let cfg = format!("[[apis]]\nname = \"r\"\n{}", mock("GET /a", "a"));
     let gw = Gateway::start(&cfg);

@@ -22,7 +22,8 @@
 //! At each segment, a literal child is tried first, then the parameter child,
 //! then the greedy parameter; if a branch dead-ends (no route for this path, or
 //! none for this method) the lookup backtracks and tries the next one. At the
-//! route reached, the exact method is tried first, then the ANY entry. If some
+//! route reached, the exact method is tried first, then (for HEAD) the GET entry, then the
+//! ANY entry. If some
 //! route matched the path but no route matched the method, the result is
 //! [`Match::MethodNotAllowed`]; if no route matched the path, [`Match::NotFound`].
 //!
@@ -477,10 +478,17 @@ impl<T> Methods<T> {
         }
     }
 
-    /// Exact method, then ANY; records in `path_hit` that a route ended here.
+    /// Exact method, then (for HEAD) the GET route, then ANY; records in `path_hit` that a
+    /// route ended here.
     fn get(&self, method: &[u8], path_hit: &mut bool) -> Option<&T> {
         if let Some((_, v)) = self.exact.iter().find(|(k, _)| **k == *method) {
             return Some(v);
+        }
+        // HEAD is GET without the body (RFC 9110 9.3.2): a GET route answers it, as in nginx.
+        if method == b"HEAD" {
+            if let Some((_, v)) = self.exact.iter().find(|(k, _)| **k == *b"GET") {
+                return Some(v);
+            }
         }
         if self.any.is_some() {
             return self.any.as_ref();

@@ -216,6 +216,28 @@ fn method_not_allowed_vs_not_found() {
 }
 
 #[test]
+fn head_is_answered_by_a_get_route() {
+    let r = router(&[
+        (Some("GET"), "/a", 1),
+        (Some("HEAD"), "/b", 2),
+        (Some("GET"), "/b", 3),
+        (None, "/c", 4),
+        (Some("GET"), "/c", 5),
+        (Some("POST"), "/d", 6),
+        (Some("GET"), "/e/{x}", 7),
+        (None, "/e/{rest+}", 8),
+    ]);
+    assert_eq!(get(&r, "HEAD", "/a"), Some((1, vec![])));
+    // An explicit HEAD route wins; GET wins over ANY; GET at a deeper branch wins over ANY.
+    assert_eq!(get(&r, "HEAD", "/b"), Some((2, vec![])));
+    assert_eq!(get(&r, "HEAD", "/c"), Some((5, vec![])));
+    assert_eq!(get(&r, "HEAD", "/e/1"), Some((7, vec!["1"])));
+    assert_eq!(status(&r, "HEAD", "/d"), Match::MethodNotAllowed);
+    // Only HEAD borrows GET's routes.
+    assert_eq!(status(&r, "OPTIONS", "/a"), Match::MethodNotAllowed);
+}
+
+#[test]
 fn method_mismatch_falls_back_to_lower_priority_branch() {
     let r = router(&[(Some("GET"), "/a/{x}", 1), (Some("POST"), "/a/b", 2)]);
     assert_eq!(get(&r, "GET", "/a/b"), Some((1, vec!["b"])));
