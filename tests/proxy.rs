@@ -59,6 +59,18 @@ fn forwarded_headers_are_added() {
     assert_eq!(r.status, 200);
     let req = origin.last_request();
     assert_eq!(req.headers_named("x-forwarded-for"), vec!["127.0.0.1"]);
+
+    // After an idle wait long enough to park the connection (its buffers and record let go),
+    // the next request still carries the client's address.
+    let mut c = Client::connect(gw.addr);
+    for wait in [0, 600] {
+        std::thread::sleep(std::time::Duration::from_millis(wait));
+        c.send(b"GET /d HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.read_response().unwrap().status, 200);
+        let req = origin.last_request();
+        assert_eq!(req.path, "/d");
+        assert_eq!(req.headers_named("x-forwarded-for"), vec!["127.0.0.1"]);
+    }
 }
 
 #[test]

@@ -459,15 +459,11 @@ pub(crate) async fn run<S: ClientIo>(
             HeadRead::Closed => break,
             HeadRead::Park => {
                 let Conn {
-                    stream,
-                    peer,
-                    b,
-                    guard,
-                    ..
+                    stream, b, guard, ..
                 } = c;
                 w.give_bufs(b);
                 if let Some(idle) = stream.into_idle() {
-                    w.parker.park(idle, peer, guard, deadline);
+                    w.parker.park(idle, guard, deadline);
                 }
                 return;
             }

@@ -16,10 +16,9 @@
 use super::{run, ConnGuard, Worker};
 use monoio::net::TcpStream;
 use std::cell::RefCell;
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Events collected per `epoll_wait` call.
 const EVENTS: usize = 256;
@@ -33,19 +32,24 @@ pub enum Idle {
 }
 
 impl Idle {
-    fn fd(&self) -> RawFd {
+    fn tcp(&self) -> &TcpStream {
         match self {
-            Idle::Plain(s) => s.as_raw_fd(),
-            Idle::Tls(s) => s.tcp().as_raw_fd(),
+            Idle::Plain(s) => s,
+            Idle::Tls(s) => s.tcp(),
         }
+    }
+
+    fn fd(&self) -> RawFd {
+        self.tcp().as_raw_fd()
     }
 }
 
 struct Parked {
     stream: Idle,
-    peer: SocketAddr,
     guard: ConnGuard,
-    deadline: Instant,
+    /// Milliseconds after [`Parker::base`] (kept small: one record per idle connection; the
+    /// peer address is read back from the socket when it wakes).
+    deadline_ms: u32,
 }
 
 /// One worker's parked connections.
@@ -53,6 +57,8 @@ pub struct Parker {
     /// The epoll set, wrapped in a monoio socket type only so the driver can wait on it.
     ep: monoio::net::udp::UdpSocket,
     epfd: RawFd,
+    /// Origin of the parked deadlines.
+    base: Instant,
     slots: RefCell<Vec<Option<Parked>>>,
     free: RefCell<Vec<u32>>,
 }
@@ -72,6 +78,7 @@ impl Parker {
         Ok(Parker {
             ep,
             epfd,
+            base: Instant::now(),
             slots: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
         })
@@ -89,7 +96,7 @@ impl Parker {
 
     /// Parks a connection until it has bytes or `deadline` passes. On failure the connection
     /// is closed (dropped).
-    pub fn park(&self, stream: Idle, peer: SocketAddr, guard: ConnGuard, deadline: Instant) {
+    pub fn park(&self, stream: Idle, guard: ConnGuard, deadline: Instant) {
         let fd = stream.fd();
         let mut slots = self.slots.borrow_mut();
         let idx = match self.free.borrow_mut().pop() {
@@ -109,11 +116,11 @@ impl Parker {
             self.free.borrow_mut().push(idx as u32);
             return;
         }
+        let ms = deadline.saturating_duration_since(self.base).as_millis();
         slots[idx] = Some(Parked {
             stream,
-            peer,
             guard,
-            deadline,
+            deadline_ms: u32::try_from(ms).unwrap_or(u32::MAX),
         });
     }
 
@@ -132,6 +139,10 @@ impl Parker {
         Some(p)
     }
 
+    fn deadline(&self, p: &Parked) -> Instant {
+        self.base + Duration::from_millis(p.deadline_ms.into())
+    }
+
     /// Closes parked connections whose deadline has passed.
     pub fn sweep(&self) {
         let now = Instant::now();
@@ -140,7 +151,7 @@ impl Parker {
             .borrow()
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| s.as_ref().filter(|p| p.deadline <= now).map(|_| i))
+            .filter_map(|(i, s)| s.as_ref().filter(|p| self.deadline(p) <= now).map(|_| i))
             .collect();
         for i in expired {
             drop(self.unpark(i));
@@ -173,28 +184,17 @@ pub async fn run_parker(w: Rc<Worker>) {
             let now = Instant::now();
             for ev in &events[..n as usize] {
                 if let Some(p) = w.parker.unpark(ev.u64 as usize) {
+                    let deadline = w.parker.deadline(&p);
+                    // A socket that has no peer any more (reset while parked) is closed.
+                    let Ok(peer) = p.stream.tcp().peer_addr() else {
+                        continue;
+                    };
                     match p.stream {
                         Idle::Plain(s) => {
-                            monoio::spawn(run(
-                                w.clone(),
-                                s,
-                                p.peer,
-                                p.guard,
-                                true,
-                                now,
-                                p.deadline,
-                            ));
+                            monoio::spawn(run(w.clone(), s, peer, p.guard, true, now, deadline));
                         }
                         Idle::Tls(s) => {
-                            monoio::spawn(run(
-                                w.clone(),
-                                *s,
-                                p.peer,
-                                p.guard,
-                                true,
-                                now,
-                                p.deadline,
-                            ));
+                            monoio::spawn(run(w.clone(), *s, peer, p.guard, true, now, deadline));
                         }
                     }
                 }
