@@ -59,8 +59,11 @@ fn not_found_and_method_not_allowed_are_json() {
         .unwrap_or("")
         .contains("application/json"));
     assert_eq!(r.message(), "Method Not Allowed");
+    // RFC 9110: a 405 lists what the path accepts.
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
     let r = gw.get("/b/7");
     assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("POST"));
     let r = gw.request("POST /b/7 HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "b");
@@ -100,6 +103,21 @@ fn head_is_answered_by_get_routes_without_a_body() {
     // Only GET routes answer HEAD.
     c.send(b"HEAD /b HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(c.read_response_to("HEAD").unwrap().status, 405);
+}
+
+#[test]
+fn method_not_allowed_lists_allow_with_the_waf_on() {
+    // With a WAF, unrouted requests take another branch (the IP rules are checked first).
+    let cfg = format!(
+        "[waf]\nip_deny = [\"10.66.0.0/16\"]\n[[apis]]\nname = \"r\"\n{}{}",
+        mock("GET /a", "a"),
+        mock("PUT /a", "put")
+    );
+    let gw = Gateway::start(&cfg);
+    let r = gw.request("DELETE /a HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD, PUT"));
+    assert_eq!(gw.get("/zzz").header("allow"), None);
 }
 
 #[test]

@@ -179,6 +179,21 @@ impl RouteTable {
         self.any_host.find(method, path, params)
     }
 
+    /// For a [`RouteMatch::MethodNotAllowed`] from [`RouteTable::find`]: the methods the
+    /// path's routes accept (the `Allow` of the 405), from the same host table `find` used.
+    pub fn allowed_methods(&self, host: Option<&[u8]>, path: &str) -> Vec<&[u8]> {
+        if let Some(h) = host.map(strip_port) {
+            let h = String::from_utf8_lossy(h).to_ascii_lowercase();
+            if let Some(t) = self.by_host.get(h.as_str()) {
+                let m = t.trie.allowed_methods(path);
+                if !m.is_empty() {
+                    return m;
+                }
+            }
+        }
+        self.any_host.trie.allowed_methods(path)
+    }
+
     /// The compiled route with this id.
     pub fn route(&self, id: u32) -> &Route {
         &self.routes[id as usize]

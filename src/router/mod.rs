@@ -334,6 +334,30 @@ impl<T> Router<T> {
     }
 }
 
+impl<T> Router<T> {
+    /// The methods routes accept for `path` (for a 405's `Allow`): every method of every route
+    /// whose pattern matches, plus HEAD where GET is (a GET route answers HEAD), sorted and
+    /// without repeats; empty when a route for any method (`ANY`) matches. Off the hot path:
+    /// it allocates.
+    pub fn allowed_methods(&self, path: &str) -> Vec<&[u8]> {
+        let path = path.as_bytes();
+        let mut out = Vec::new();
+        if path.first() == Some(&b'/') {
+            let mut any = false;
+            self.root.collect(path, 1, &mut out, &mut any);
+            if any {
+                return Vec::new();
+            }
+        }
+        if out.iter().any(|m| *m == b"GET") {
+            out.push(b"HEAD");
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
 impl<T> fmt::Debug for Router<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Router")
@@ -399,6 +423,35 @@ impl<T> Node<T> {
             }
         }
         None
+    }
+
+    /// Like [`Node::find`] for every branch at once: gathers the methods of all routes whose
+    /// pattern matches `path` (`any` is set when one of them is `ANY`).
+    fn collect<'a>(&'a self, path: &[u8], start: usize, out: &mut Vec<&'a [u8]>, any: &mut bool) {
+        let rest = &path[start..];
+        let seg_len = rest.iter().position(|&b| b == b'/').unwrap_or(rest.len());
+        let end = start + seg_len;
+        if let Some(child) = self.statics.get(&rest[..seg_len]) {
+            child.collect_at(path, end, out, any);
+        }
+        if seg_len > 0 {
+            if let Some(p) = &self.param {
+                p.node.collect_at(path, end, out, any);
+            }
+        }
+        if !rest.is_empty() {
+            if let Some(g) = &self.greedy {
+                g.methods.names(out, any);
+            }
+        }
+    }
+
+    fn collect_at<'a>(&'a self, path: &[u8], end: usize, out: &mut Vec<&'a [u8]>, any: &mut bool) {
+        if end == path.len() {
+            self.methods.names(out, any);
+        } else {
+            self.collect(path, end + 1, out, any);
+        }
     }
 
     /// Continues a match whose current segment ended at `end` in this node.
@@ -469,6 +522,11 @@ impl<T> Methods<T> {
             None => self.any.is_some(),
             Some(m) => self.exact.iter().any(|(k, _)| **k == *m.as_bytes()),
         }
+    }
+
+    fn names<'a>(&'a self, out: &mut Vec<&'a [u8]>, any: &mut bool) {
+        out.extend(self.exact.iter().map(|(k, _)| &**k));
+        *any |= self.any.is_some();
     }
 
     fn add(&mut self, method: Option<&str>, value: T) {

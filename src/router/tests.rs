@@ -238,6 +238,32 @@ fn head_is_answered_by_a_get_route() {
 }
 
 #[test]
+fn allowed_methods_gather_every_matching_route() {
+    let r = router(&[
+        (Some("GET"), "/a", 1),
+        (Some("POST"), "/a", 2),
+        (Some("PUT"), "/a/{x}", 3),
+        (Some("DELETE"), "/a/{rest+}", 4),
+        (Some("PATCH"), "/b", 5),
+        (None, "/c", 6),
+    ]);
+    let names = |p: &str| -> Vec<String> {
+        r.allowed_methods(p)
+            .iter()
+            .map(|m| String::from_utf8_lossy(m).into_owned())
+            .collect()
+    };
+    assert_eq!(names("/a"), ["GET", "HEAD", "POST"]);
+    // Every branch that matches the path: the parameter and the greedy route.
+    assert_eq!(names("/a/1"), ["DELETE", "PUT"]);
+    assert_eq!(names("/a/1/2"), ["DELETE"]);
+    assert_eq!(names("/b"), ["PATCH"]);
+    assert!(names("/c").is_empty(), "ANY accepts every method");
+    assert!(names("/nothing").is_empty());
+    assert!(names("").is_empty());
+}
+
+#[test]
 fn method_mismatch_falls_back_to_lower_priority_branch() {
     let r = router(&[(Some("GET"), "/a/{x}", 1), (Some("POST"), "/a/b", 2)]);
     assert_eq!(get(&r, "GET", "/a/b"), Some((1, vec!["b"])));

@@ -696,12 +696,14 @@ async fn route_and_run<S: ClientIo>(
             if let Some(out) = traffic::unrouted_ip_refused(w, gw, c).await {
                 return (out, None);
             }
-            let keep = body_skippable(c);
             let (st, msg) = if m == RouteMatch::NotFound {
                 (404, "Not Found")
             } else {
+                let allow = allow_header(gw, c);
+                c.b.extra.extend_from_slice(&allow);
                 (405, "Method Not Allowed")
             };
+            let keep = body_skippable(c);
             return (reject(w, c, st, msg, keep).await, None);
         }
         RouteMatch::NotFound => {
@@ -709,6 +711,8 @@ async fn route_and_run<S: ClientIo>(
             return (reject(w, c, 404, "Not Found", keep).await, None);
         }
         RouteMatch::MethodNotAllowed => {
+            let allow = allow_header(gw, c);
+            c.b.extra.extend_from_slice(&allow);
             let keep = body_skippable(c);
             return (reject(w, c, 405, "Method Not Allowed", keep).await, None);
         }
@@ -750,6 +754,28 @@ async fn route_and_run<S: ClientIo>(
         Integration::WebSocket(api) => ws_handshake(w, gw, c, api).await,
     };
     (out, Some(id))
+}
+
+/// The `Allow` header of a 405 (RFC 9110 15.5.6): the methods the path's routes accept.
+fn allow_header<S: ClientIo>(gw: &Gateway, c: &Conn<S>) -> Vec<u8> {
+    let head = &c.b.head;
+    let path = std::str::from_utf8(head.slice(&c.b.rbuf, head.path)).unwrap_or("");
+    let host = head.host.map(|r| head.slice(&c.b.rbuf, r));
+    let mut h = b"allow: ".to_vec();
+    for (i, m) in gw
+        .config
+        .routes
+        .allowed_methods(host, path)
+        .iter()
+        .enumerate()
+    {
+        if i > 0 {
+            h.extend_from_slice(b", ");
+        }
+        h.extend_from_slice(m);
+    }
+    h.extend_from_slice(b"\r\n");
+    h
 }
 
 /// The opening handshake of a WebSocket API route (validation and `$connect`).
