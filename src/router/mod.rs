@@ -22,10 +22,10 @@
 //! At each segment, a literal child is tried first, then the parameter child,
 //! then the greedy parameter; if a branch dead-ends (no route for this path, or
 //! none for this method) the lookup backtracks and tries the next one. At the
-//! route reached, the exact method is tried first, then (for HEAD) the GET entry, then the
-//! ANY entry. If some
-//! route matched the path but no route matched the method, the result is
-//! [`Match::MethodNotAllowed`]; if no route matched the path, [`Match::NotFound`].
+//! route reached, the exact method is tried first, then (for HEAD) the GET entry, then
+//! the ANY entry. If some route matched the path but no route matched the method, the
+//! result is [`Match::MethodNotAllowed`]; if no route matched the path,
+//! [`Match::NotFound`].
 //!
 //! # Conflicts
 //!
@@ -332,9 +332,7 @@ impl<T> Router<T> {
             None => Match::NotFound,
         }
     }
-}
 
-impl<T> Router<T> {
     /// The methods routes accept for `path` (for a 405's `Allow`): every method of every route
     /// whose pattern matches, plus HEAD where GET is (a GET route answers HEAD), sorted and
     /// without repeats; empty when a route for any method (`ANY`) matches. Off the hot path:
