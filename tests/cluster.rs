@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use ringgate::ws::frame::{self, op};
+use ringgate::ws::frame::op;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -341,55 +341,6 @@ plans = ["big"]
 // @connections
 // ---------------------------------------------------------------------------------------------
 
-struct Ws {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Ws {
-    fn open(addr: SocketAddr) -> Ws {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "GET / HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .unwrap();
-        let mut ws = Ws { s, buf: Vec::new() };
-        let end = loop {
-            if let Some(i) = find(&ws.buf, b"\r\n\r\n") {
-                break i + 4;
-            }
-            let mut tmp = [0u8; 4096];
-            let n = ws.s.read(&mut tmp).unwrap();
-            assert!(n > 0, "closed during handshake");
-            ws.buf.extend_from_slice(&tmp[..n]);
-        };
-        let head = String::from_utf8_lossy(&ws.buf[..end]).to_string();
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        ws.buf.drain(..end);
-        ws
-    }
-
-    fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
-        loop {
-            if let Ok(Some(h)) = frame::parse_header(&self.buf) {
-                let total = h.header_len + h.len as usize;
-                if self.buf.len() >= total {
-                    let p = self.buf[h.header_len..total].to_vec();
-                    self.buf.drain(..total);
-                    return Some((h.opcode, p));
-                }
-            }
-            let mut tmp = [0u8; 65536];
-            match self.s.read(&mut tmp) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
-            }
-        }
-    }
-}
-
 fn ws_config(redis: &str, backend: SocketAddr) -> String {
     format!(
         r#"
@@ -418,7 +369,7 @@ fn connections_are_managed_from_any_node() {
     let be = Origin::start(|_| Response::ok(""));
     let a = Gateway::start(&ws_config(&redis.url(), be.addr));
     let b = Gateway::start(&ws_config(&redis.url(), be.addr));
-    let mut ws = Ws::open(a.addr);
+    let mut ws = common::ws::open(a.addr, "/");
     assert!(wait_until(Duration::from_secs(3), || be.request_count() == 1));
     let id = be.requests()[0]
         .header("x-connection-id")
@@ -448,7 +399,7 @@ fn connections_are_managed_from_any_node() {
         assert_eq!(r.status, 200, "{}", r.text());
     }
     for k in 0..5 {
-        let (opc, p) = ws.read_frame().expect("a message from node B");
+        let (_, opc, p) = ws.read_frame().expect("a message from node B");
         assert_eq!(opc, op::TEXT);
         assert_eq!(String::from_utf8_lossy(&p), format!("hello {k}"));
     }
@@ -461,7 +412,7 @@ fn connections_are_managed_from_any_node() {
     }
     // DELETE on B closes the client on A; then the id is gone everywhere.
     assert_eq!(admin_call(b.admin_addr, "DELETE", &path, "").status, 204);
-    let (opc, _) = ws.read_frame().expect("a close frame");
+    let (_, opc, _) = ws.read_frame().expect("a close frame");
     assert_eq!(opc, op::CLOSE);
     for n in [&b, &a] {
         assert!(wait_until(Duration::from_secs(3), || admin_call(
@@ -482,7 +433,7 @@ fn connections_of_a_stopped_node_are_gone_at_once() {
     let be = Origin::start(|_| Response::ok(""));
     let mut a = Gateway::start(&ws_config(&redis.url(), be.addr));
     let b = Gateway::start(&ws_config(&redis.url(), be.addr));
-    let ws = Ws::open(a.addr);
+    let ws = common::ws::open(a.addr, "/");
     assert!(wait_until(Duration::from_secs(3), || be.request_count() == 1));
     let id = be.requests()[0]
         .header("x-connection-id")
@@ -519,7 +470,7 @@ fn connections_of_a_dead_node_are_gone() {
     let be = Origin::start(|_| Response::ok(""));
     let mut a = Gateway::start(&ws_config(&redis.url(), be.addr));
     let b = Gateway::start(&ws_config(&redis.url(), be.addr));
-    let _ws = Ws::open(a.addr);
+    let _ws = common::ws::open(a.addr, "/");
     assert!(wait_until(Duration::from_secs(3), || be.request_count() == 1));
     let id = be.requests()[0]
         .header("x-connection-id")
