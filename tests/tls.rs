@@ -513,6 +513,58 @@ fn sni_picks_the_certificate_by_name() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
+fn verified_client_certificate_goes_upstream_as_xfcc_and_clients_cannot_forge_it() {
+    use sha2::Digest;
+    let pki = Pki::new();
+    let origin = Origin::fixed("ok");
+    let tls = format!(
+        "{}\nclient_ca = \"{}\"",
+        certs_a_b(&pki),
+        pki.path("client-ca.pem")
+    );
+    let g = start("", &tls, &proxy_routes(origin.addr));
+    let der = CertificateDer::from_pem_file(pki.path("client.pem")).unwrap();
+    let want: String = sha2::Sha256::digest(der.as_ref())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let r = resolve("a.test", g.tls);
+    let u = url("a.test", g.tls, "/api/x");
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("client.pem"),
+        pki.path("client.key"),
+    );
+    let c = curl(&[
+        "--cacert",
+        &ca,
+        "--resolve",
+        &r,
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "-H",
+        "x-forwarded-client-cert: Hash=forged",
+        &u,
+    ]);
+    assert_eq!(c.code, 0, "{}", c.stderr);
+    let req = origin.last_request();
+    assert_eq!(
+        req.headers_named("x-forwarded-client-cert"),
+        vec![format!("Hash={want}")]
+    );
+    // On the plain listener a client-sent value is dropped, never passed on.
+    let resp = g.gw.request(
+        "GET /api/y HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-Client-Cert: Hash=forged\r\n\r\n",
+    );
+    assert_eq!(resp.status, 200);
+    let req = origin.last_request();
+    assert_eq!(req.path, "/y");
+    assert!(req.headers_named("x-forwarded-client-cert").is_empty());
+}
+
+#[test]
 fn client_ca_requires_a_client_certificate() {
     let pki = Pki::new();
     let tls = format!(

@@ -79,6 +79,8 @@ pub enum HeaderKind {
     SecWebSocketExtensions,
     /// Any `access-control-*` name.
     AccessControl,
+    /// `x-forwarded-client-cert` (the gateway's own: set from a verified client certificate)
+    XForwardedClientCert,
 }
 
 impl HeaderKind {
@@ -108,6 +110,7 @@ impl HeaderKind {
             (17, b'x') => (b"x-forwarded-proto", XForwardedProto),
             (18, b'p') => (b"proxy-authenticate", HopByHop),
             (19, b'p') => (b"proxy-authorization", HopByHop),
+            (23, b'x') => (b"x-forwarded-client-cert", XForwardedClientCert),
             (24, b's') => (b"sec-websocket-extensions", SecWebSocketExtensions),
             (16.., b'a') if eq_lower(&name[..15], b"access-control-") => return AccessControl,
             _ => return Other,
@@ -536,6 +539,7 @@ mod tests {
             ("proxy-authenticate", HopByHop),
             ("proxy-authorization", HopByHop),
             ("sec-websocket-extensions", SecWebSocketExtensions),
+            ("x-forwarded-client-cert", XForwardedClientCert),
             ("access-control-allow-origin", AccessControl),
             ("Access-Control-Max-Age", AccessControl),
         ];

@@ -270,6 +270,12 @@ pub trait ClientIo:
     /// Ends a connection the gateway closes (TLS: close_notify; plain: nothing, the socket is
     /// closed when dropped).
     fn close(self) -> impl std::future::Future<Output = ()>;
+    /// The `x-forwarded-client-cert` value for a client certificate verified in the handshake
+    /// (mTLS).
+    #[inline]
+    fn xfcc(&self) -> Option<&[u8]> {
+        None
+    }
 }
 
 impl ClientIo for TcpStream {
@@ -304,6 +310,9 @@ impl ClientIo for crate::tls::TlsStream {
         }
         self.release_buffers();
         Some(Idle::Tls(Box::new(self)))
+    }
+    fn xfcc(&self) -> Option<&[u8]> {
+        crate::tls::TlsStream::xfcc(self)
     }
     async fn close(mut self) {
         // Bounded: a client that stopped reading must not hold the task.

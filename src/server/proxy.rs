@@ -306,6 +306,10 @@ fn build_request_head<S: ClientIo>(c: &mut Conn<S>, route: &Route, tpl: Option<&
     } else {
         b"\r\nx-forwarded-proto: http\r\n"
     });
+    if let Some(v) = c.stream.xfcc() {
+        // Envoy's form: the verified client certificate's hash; a client-sent value never passes.
+        encode::push_header(out, b"x-forwarded-client-cert", v);
+    }
     if let Some(h) = head.host {
         encode::push_header(out, b"x-forwarded-host", head.slice(buf, h));
     }
@@ -343,7 +347,8 @@ fn push_client_headers(
             HeaderKind::XForwardedProto
             | HeaderKind::XForwardedHost
             | HeaderKind::XRequestId
-            | HeaderKind::XPrincipalId => {}
+            | HeaderKind::XPrincipalId
+            | HeaderKind::XForwardedClientCert => {}
             // The relay checks frames; no extension (compression sets RSV1) is negotiated.
             HeaderKind::SecWebSocketExtensions if head.upgrade_websocket => {}
             // Owned by the route's request mapping.

@@ -50,6 +50,9 @@ pub struct TlsStream {
     /// A write was dropped half way or failed (part of a record may be on the wire): writes
     /// fail from now on.
     wbroken: bool,
+    /// `x-forwarded-client-cert` value (`Hash=` and the SHA-256 of the client certificate's
+    /// DER, hex) when the client presented a certificate (mTLS); set once the handshake is done.
+    xfcc: Option<Box<[u8]>>,
 }
 
 // SAFETY: the halves of a split stream share it through monoio's `Rc<UnsafeCell>`, as monoio
@@ -77,7 +80,13 @@ impl TlsStream {
             wbuf: Vec::new(),
             rbroken: false,
             wbroken: false,
+            xfcc: None,
         }
+    }
+
+    /// The `x-forwarded-client-cert` value for the verified client certificate (mTLS).
+    pub fn xfcc(&self) -> Option<&[u8]> {
+        self.xfcc.as_deref()
     }
 
     /// The TCP socket underneath.
@@ -324,6 +333,15 @@ pub async fn accept(io: TcpStream, cfg: Arc<rustls::ServerConfig>) -> io::Result
         }
     }
     s.flush_tls().await?;
+    s.xfcc = s
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|der| {
+            use sha2::Digest;
+            let hash = crate::policy::auth::api_key::hex(&sha2::Sha256::digest(der.as_ref()));
+            format!("Hash={hash}").into_bytes().into_boxed_slice()
+        });
     Ok(s)
 }
 
