@@ -363,32 +363,59 @@ integration = {{ type = "http", upstream = "be", path = "/default" }}
     )
 }
 
-#[test]
-fn connections_are_managed_from_any_node() {
+/// Two nodes on one Redis and a WebSocket client connected to node A, once node B can see
+/// the connection: `path` is its `/@connections/{id}`.
+struct WsPair {
+    a: Gateway,
+    b: Gateway,
+    ws: common::ws::Ws,
+    path: String,
+    be: Origin,
+    _redis: Redis,
+}
+
+fn ws_pair() -> WsPair {
     let redis = Redis::start();
     let be = Origin::start(|_| Response::ok(""));
     let a = Gateway::start(&ws_config(&redis.url(), be.addr));
     let b = Gateway::start(&ws_config(&redis.url(), be.addr));
-    let mut ws = common::ws::open(a.addr, "/");
+    let ws = common::ws::open(a.addr, "/");
     assert!(wait_until(Duration::from_secs(3), || be.request_count() == 1));
     let id = be.requests()[0]
         .header("x-connection-id")
         .unwrap()
         .to_string();
     let path = format!("/@connections/{id}");
-    // GET on B, for a client connected to A (registered in Redis within a sync interval).
-    assert!(
-        wait_until(Duration::from_secs(3), || admin_call(
-            b.admin_addr,
-            "GET",
-            &path,
-            ""
-        )
-        .status
-            == 200),
-        "{}",
-        b.stderr()
-    );
+    // Registered in Redis within a sync interval.
+    assert!(status_becomes(&b, "GET", &path, 200, 3), "{}", b.stderr());
+    WsPair {
+        a,
+        b,
+        ws,
+        path,
+        be,
+        _redis: redis,
+    }
+}
+
+/// Whether an admin call on `node` answers `status` within `secs` seconds.
+fn status_becomes(node: &Gateway, method: &str, path: &str, status: u16, secs: u64) -> bool {
+    wait_until(Duration::from_secs(secs), || {
+        admin_call(node.admin_addr, method, path, "").status == status
+    })
+}
+
+#[test]
+fn connections_are_managed_from_any_node() {
+    // GET on B, for a client connected to A.
+    let WsPair {
+        a,
+        b,
+        mut ws,
+        path,
+        be: _be,
+        _redis: _r,
+    } = ws_pair();
     let v = admin_call(b.admin_addr, "GET", &path, "").json();
     assert_eq!(v["sourceIp"], "127.0.0.1", "{v}");
     assert!(v["connectedAt"].as_str().unwrap().ends_with('Z'), "{v}");
@@ -415,97 +442,40 @@ fn connections_are_managed_from_any_node() {
     let (_, opc, _) = ws.read_frame().expect("a close frame");
     assert_eq!(opc, op::CLOSE);
     for n in [&b, &a] {
-        assert!(wait_until(Duration::from_secs(3), || admin_call(
-            n.admin_addr,
-            "GET",
-            &path,
-            ""
-        )
-        .status
-            == 410));
+        assert!(status_becomes(n, "GET", &path, 410, 3));
     }
     assert_eq!(admin_call(b.admin_addr, "POST", &path, "late").status, 410);
 }
 
 #[test]
 fn connections_of_a_stopped_node_are_gone_at_once() {
-    let redis = Redis::start();
-    let be = Origin::start(|_| Response::ok(""));
-    let mut a = Gateway::start(&ws_config(&redis.url(), be.addr));
-    let b = Gateway::start(&ws_config(&redis.url(), be.addr));
-    let ws = common::ws::open(a.addr, "/");
-    assert!(wait_until(Duration::from_secs(3), || be.request_count() == 1));
-    let id = be.requests()[0]
-        .header("x-connection-id")
-        .unwrap()
-        .to_string();
-    let path = format!("/@connections/{id}");
-    assert!(wait_until(Duration::from_secs(3), || admin_call(
-        b.admin_addr,
-        "GET",
-        &path,
-        ""
-    )
-    .status
-        == 200));
+    let mut p = ws_pair();
     // SIGTERM: A stops; B answers 410 well before A's liveness key would have expired.
-    a.terminate();
-    assert!(a.wait_exit(Duration::from_secs(5)).is_some());
-    drop(ws);
+    p.a.terminate();
+    assert!(p.a.wait_exit(Duration::from_secs(5)).is_some());
+    drop(p.ws);
     let t = std::time::Instant::now();
-    assert!(wait_until(Duration::from_secs(3), || admin_call(
-        b.admin_addr,
-        "GET",
-        &path,
-        ""
-    )
-    .status
-        == 410));
+    assert!(status_becomes(&p.b, "GET", &p.path, 410, 3));
     assert!(t.elapsed() < Duration::from_secs(3));
 }
 
 #[test]
 fn connections_of_a_dead_node_are_gone() {
-    let redis = Redis::start();
-    let be = Origin::start(|_| Response::ok(""));
-    let mut a = Gateway::start(&ws_config(&redis.url(), be.addr));
-    let b = Gateway::start(&ws_config(&redis.url(), be.addr));
-    let _ws = common::ws::open(a.addr, "/");
-    assert!(wait_until(Duration::from_secs(3), || be.request_count() == 1));
-    let id = be.requests()[0]
-        .header("x-connection-id")
-        .unwrap()
-        .to_string();
-    let path = format!("/@connections/{id}");
-    assert!(wait_until(Duration::from_secs(3), || admin_call(
-        b.admin_addr,
-        "GET",
-        &path,
-        ""
-    )
-    .status
-        == 200));
+    let mut p = ws_pair();
     // kill -9 node A: its entries stay in Redis, but B answers 410 once A's liveness key has
     // expired (5 s), and a quick 503 before that; never a hang.
     let _ = Command::new("kill")
-        .args(["-9", &a.pid.to_string()])
+        .args(["-9", &p.a.pid.to_string()])
         .status();
-    assert!(a.wait_exit(Duration::from_secs(5)).is_some());
+    assert!(p.a.wait_exit(Duration::from_secs(5)).is_some());
     let t = std::time::Instant::now();
-    let r = admin_call(b.admin_addr, "GET", &path, "");
+    let r = admin_call(p.b.admin_addr, "GET", &p.path, "");
     assert!([410, 503].contains(&r.status), "{}", r.text());
     assert!(t.elapsed() < Duration::from_secs(1));
     assert!(
-        wait_until(Duration::from_secs(8), || admin_call(
-            b.admin_addr,
-            "GET",
-            &path,
-            ""
-        )
-        .status
-            == 410),
+        status_becomes(&p.b, "GET", &p.path, 410, 8),
         "{}",
-        b.stderr()
+        p.b.stderr()
     );
 }
 

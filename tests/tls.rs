@@ -1020,32 +1020,13 @@ fn ws_echo_origin() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
             let heads = h2.clone();
             thread::spawn(move || {
                 let mut buf = Vec::new();
-                let mut tmp = [0u8; 65536];
-                let end = loop {
-                    if let Some(i) = find(&buf, b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                    match s.read(&mut tmp) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                    }
+                let Some(head) = ws::read_upgrade(&mut s, &mut buf) else {
+                    return;
                 };
-                let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                buf.drain(..end);
-                let key = head
-                    .lines()
-                    .find_map(|l| {
-                        let (n, v) = l.split_once(':')?;
-                        n.eq_ignore_ascii_case("sec-websocket-key")
-                            .then(|| v.trim().to_string())
-                    })
-                    .unwrap_or_default();
-                heads.lock().unwrap().push(head);
-                let accept = ringgate::ws::handshake::accept_key(key.as_bytes());
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-                );
+                // Recorded before the answer: the client checks it once it has its 101.
+                heads.lock().unwrap().push(head.clone());
+                ws::answer_upgrade(&mut s, &head, "");
+                let mut tmp = [0u8; 65536];
                 loop {
                     while let Ok(Some(h)) = frame::parse_header(&buf) {
                         let total = h.header_len + h.len as usize;

@@ -573,33 +573,13 @@ fn echo_backend(drop_after: Option<usize>) -> EchoBackend {
             let (heads, closes) = (h2.clone(), c2.clone());
             thread::spawn(move || {
                 let mut buf = Vec::new();
-                let mut tmp = [0u8; 65536];
-                let end = loop {
-                    if let Some(i) = find(&buf, b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                    let n = s.read(&mut tmp).unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&tmp[..n]);
+                let Some(head) = read_upgrade(&mut s, &mut buf) else {
+                    return;
                 };
-                let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                buf.drain(..end);
-                let key = head
-                    .lines()
-                    .find_map(|l| {
-                        let (n, v) = l.split_once(':')?;
-                        n.eq_ignore_ascii_case("sec-websocket-key")
-                            .then(|| v.trim().to_string())
-                    })
-                    .unwrap_or_default();
-                heads.lock().unwrap().push(head);
-                let accept = ringgate::ws::handshake::accept_key(key.as_bytes());
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nX-Backend: echo\r\n\r\n"
-                );
+                // Recorded before the answer: the client checks it once it has its 101.
+                heads.lock().unwrap().push(head.clone());
+                answer_upgrade(&mut s, &head, "X-Backend: echo\r\n");
+                let mut tmp = [0u8; 65536];
                 let mut echoed = 0;
                 loop {
                     while let Ok(Some(h)) = frame::parse_header(&buf) {

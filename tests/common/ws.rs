@@ -135,3 +135,38 @@ impl Ws {
         }
     }
 }
+
+/// The server side of a handshake, for test backends: reads the upgrade request head from `s`
+/// (bytes after it stay in `buf`). `None` when the client went away first.
+pub fn read_upgrade(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let mut tmp = [0u8; 65536];
+    let end = loop {
+        if let Some(i) = find(buf, b"\r\n\r\n") {
+            break i + 4;
+        }
+        match s.read(&mut tmp) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    buf.drain(..end);
+    Some(head)
+}
+
+/// Answers the upgrade request `head` with 101 and `extra` header lines (each ending in CRLF).
+pub fn answer_upgrade(s: &mut TcpStream, head: &str, extra: &str) {
+    let key = head
+        .lines()
+        .find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case("sec-websocket-key")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let accept = ringgate::ws::handshake::accept_key(key.as_bytes());
+    let _ = write!(
+        s,
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{extra}\r\n"
+    );
+}
