@@ -3,7 +3,7 @@
 //! What is shared, and how (every Redis call happens on this module's two threads per process,
 //! never on a worker; workers and the admin listener talk to them through a channel):
 //! - **API keys added at run time**: Redis hash `ringgate:apikeys` (name -> stored key, digest
-//!   only). An admin change is written there and announced on channel `ringgate:events`; every
+//!   only). An admin change is written there and announced on channel `ringgate:events` (`ringgate:events:db{N}` for a database other than 0); every
 //!   node then reloads the hash into its key set ([`crate::policy::auth::AuthState::replace_admin`]).
 //!   Nodes also reload every [`KEYS_RELOAD_MS`] ms and on every reconnect, so a missed
 //!   announcement costs at most that. Keys from the config file stay per node, as without
@@ -68,7 +68,15 @@ const KEYS_HASH: &str = "ringgate:apikeys";
 /// Marker field of [`KEYS_HASH`] (not a valid key name, never parsed as a key).
 const KEYS_MARKER: &str = ".";
 const CONNS_HASH: &str = "ringgate:conns";
-const EVENTS: &str = "ringgate:events";
+
+/// The channel every node of a cluster listens on. Redis channels are global to the server,
+/// not per database: clusters on different databases of one Redis get their own channel.
+fn events_channel(client: &redis::Client) -> String {
+    match client.get_connection_info().redis_settings().db() {
+        0 => "ringgate:events".to_string(),
+        db => format!("ringgate:events:db{db}"),
+    }
+}
 
 /// `[cluster]` as written.
 #[derive(Debug, Deserialize)]
@@ -240,6 +248,7 @@ pub fn start(cfg: &ClusterConfig, shared: &Arc<Shared>) -> Result<(), String> {
 /// thread. Reconnects on its own (the cluster thread logs the outage).
 fn subscriber(client: redis::Client, node: String, tx: Sender<Msg>, shared: Weak<Shared>) {
     let mine = format!("ringgate:node:{node}");
+    let events = events_channel(&client);
     let mut backoff = 100u64;
     loop {
         if shared.strong_count() == 0 {
@@ -250,7 +259,7 @@ fn subscriber(client: redis::Client, node: String, tx: Sender<Msg>, shared: Weak
             let mut con = client.get_connection_with_timeout(IO_TIMEOUT)?;
             con.set_write_timeout(Some(IO_TIMEOUT))?;
             let mut ps = con.as_pubsub();
-            ps.subscribe(&[EVENTS, mine.as_str()])?;
+            ps.subscribe(&[events.as_str(), mine.as_str()])?;
             subscribed = true;
             let _ = tx.send(Msg::Resubscribed);
             ps.set_read_timeout(Some(Duration::from_secs(1)))?;
@@ -302,6 +311,8 @@ struct Worker {
     client: redis::Client,
     url: String,
     node: String,
+    /// [`events_channel`].
+    events: String,
     shared: Weak<Shared>,
     con: Option<redis::Connection>,
     /// An outage was logged and not yet its end.
@@ -333,6 +344,7 @@ struct Worker {
 impl Worker {
     fn new(client: redis::Client, url: String, node: String, shared: Weak<Shared>) -> Worker {
         Worker {
+            events: events_channel(&client),
             client,
             url,
             node,
@@ -421,7 +433,8 @@ impl Worker {
                     .into_bytes();
                 p.push(b'\n');
                 p.extend_from_slice(&body);
-                self.call(|con| redis::cmd("PUBLISH").arg(EVENTS).arg(p).query::<i64>(con));
+                let events = self.events.clone();
+                self.call(|con| redis::cmd("PUBLISH").arg(events).arg(p).query::<i64>(con));
             }
             Msg::SyncNow(done) => {
                 self.sync_quotas(shared);
@@ -657,6 +670,7 @@ impl Worker {
             }
             let node = self.node.clone();
             let ev = serde_json::json!({ "t": "keys", "from": node }).to_string();
+            let events = self.events.clone();
             let done = match &k {
                 KeyChange::Put { name, json } => self.call(|con| {
                     let (added, _, cur): (i64, i64, Option<String>) = redis::pipe()
@@ -677,11 +691,11 @@ impl Worker {
                             "ringgate: cluster: key `{name}` was also added on another node; the cluster keeps that one"
                         );
                     }
-                    redis::cmd("PUBLISH").arg(EVENTS).arg(&ev).query::<i64>(con)
+                    redis::cmd("PUBLISH").arg(&events).arg(&ev).query::<i64>(con)
                 }),
                 KeyChange::Delete(name) => self.call(|con| {
                     redis::cmd("HDEL").arg(KEYS_HASH).arg(name).query::<i64>(con)?;
-                    redis::cmd("PUBLISH").arg(EVENTS).arg(&ev).query::<i64>(con)
+                    redis::cmd("PUBLISH").arg(&events).arg(&ev).query::<i64>(con)
                 }),
             };
             if done.is_none() {

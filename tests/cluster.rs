@@ -517,6 +517,49 @@ fn cache_invalidation_reaches_every_node() {
     );
 }
 
+/// Two clusters on different databases of one Redis are separate: Redis channels are global
+/// to the server, so each database gets its own events channel.
+#[test]
+fn clusters_on_other_databases_of_one_redis_stay_apart() {
+    let redis = Redis::start();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    let origin = Origin::start(move |_| {
+        let n = h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Response::ok(format!("v{n}"))
+    });
+    let a = Gateway::start(&node_config_with(&redis.url(), "", origin.addr));
+    let b = Gateway::start(&node_config_with(&redis.url(), "", origin.addr));
+    let other = Gateway::start(&node_config_with(
+        &format!("{}/1", redis.url()),
+        "",
+        origin.addr,
+    ));
+    let get = |c: &mut Client| {
+        c.send(b"GET /prod/counter HTTP/1.1\r\nHost: t\r\n\r\n");
+        c.read_response().unwrap().text()
+    };
+    let (mut cb, mut co) = (Client::connect(b.addr), Client::connect(other.addr));
+    let (first_b, first_o) = (get(&mut cb), get(&mut co));
+    assert_eq!(get(&mut co), first_o, "cached on the other cluster's node");
+    let r = admin_call(
+        a.admin_addr,
+        "POST",
+        "/cache/invalidate",
+        r#"{"api":"shop","stage":"prod"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // B (same database) drops its entry; by then the other cluster's node has had the same
+    // time to hear of it, and keeps its entry.
+    assert!(wait_until(Duration::from_secs(3), || get(&mut cb) != first_b));
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        get(&mut co),
+        first_o,
+        "another cluster's invalidation was applied"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Outages and config
 // ---------------------------------------------------------------------------------------------
