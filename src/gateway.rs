@@ -30,8 +30,8 @@ pub struct Shared {
     /// Set once every listener is bound.
     pub ready: AtomicBool,
     pub access_log: Option<AccessLog>,
-    /// Cache invalidations for the workers to apply.
-    pub cache_inval: crate::cache::InvalidationLog,
+    /// The response cache's stores (one per API stage, shared by the workers).
+    pub caches: crate::cache::Caches,
     /// Usage-plan quota counters, persisted in `state_dir` (survive reloads and restarts).
     pub usage: Arc<crate::policy::plans::UsageStore>,
     /// API keys (config and admin-added), kept across reloads.
@@ -72,7 +72,7 @@ impl Shared {
             health,
             ready: AtomicBool::new(false),
             access_log,
-            cache_inval: Default::default(),
+            caches: Default::default(),
             usage,
             auth,
             ws: Default::default(),
@@ -141,6 +141,7 @@ impl Shared {
         let upstreams = Upstream::build_all(&new.upstreams, &self.health);
         new.auth.start();
         self.auth.set_config_keys(&new.auth.api_keys);
+        self.caches.prune(&new.routes);
         self.current.store(Arc::new(Gateway {
             config: new,
             upstreams,

@@ -103,6 +103,7 @@ pub(crate) fn compile(
         query_in_key,
         credentials_in_key,
         allow_client_invalidate: rc.is_some_and(|r| r.allow_client_invalidate),
+        stage: Default::default(),
     })))
 }
 

@@ -1,11 +1,11 @@
-//! The response cache: per-worker stores of immutable responses, cache keys, the rules for
+//! The response cache: the stage stores shared by the workers, cache keys, the rules for
 //! what is stored, stampede protection and invalidation.
 //!
 //! Design (see the README's "Response cache" section for the user's view):
-//! - **Per worker.** Each worker owns its stores (one per API stage, each bounded by the
-//!   stage's `max_bytes` divided by the number of workers), so a hit takes no lock and touches
-//!   no shared cache line. A hot key is fetched once per worker rather than once per gateway;
-//!   that is the price of never synchronising on the hit path.
+//! - **One store per API stage for the whole gateway** ([`Caches`], [`StageCache`]), split in
+//!   shards by key hash (one per worker, up to 16), each behind a mutex held only for one
+//!   lookup or insert. Whichever worker a connection lands on, it sees what any worker stored:
+//!   a response is fetched and held once.
 //! - **Entries** are one [`bytes::Bytes`]: status line and headers ready to write, then the
 //!   body. A hit writes those same bytes, with a small per-request block (`x-cache`, `Age`,
 //!   `x-request-id`, connection) between head and body.
@@ -13,9 +13,8 @@
 //!   push out the entries that get hits.
 //! - **Stampede protection** is per worker: concurrent misses for one key on a worker send one
 //!   upstream request; the others wait (bounded) and are served from the stored answer.
-//! - **Invalidation** goes through [`InvalidationLog`] (shared, written rarely): every worker
-//!   applies new records before its next cache lookup, so no later request sees an
-//!   invalidated entry, whichever worker serves it.
+//! - **Invalidation** ([`Caches::invalidate`]) removes entries from the shared store at once;
+//!   a fetch that began before an invalidation does not store its answer.
 
 pub mod config;
 pub mod control;
@@ -25,7 +24,6 @@ use crate::http::RequestHead;
 use crate::router::Params;
 use ahash::AHashMap;
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -57,10 +55,12 @@ pub enum KeyPart {
 /// The compiled cache settings of one route in one stage.
 #[derive(Debug)]
 pub struct CachePolicy {
-    /// Identifies the per-worker store: `api` NUL `stage`.
+    /// Identifies the stage's store: `api` NUL `stage`.
     pub store_id: Arc<str>,
-    /// The stage's `max_bytes` (shared out among workers).
+    /// The stage's `max_bytes`.
     pub max_bytes: u64,
+    /// The stage's store, found in [`Caches`] on first use.
+    pub stage: std::sync::OnceLock<Arc<StageCache>>,
     /// Longest time a response is served (upstream `max-age`/`s-maxage` may shorten it).
     pub ttl: Duration,
     /// The route's `key` parameters.
@@ -190,33 +190,174 @@ pub enum Invalidation {
     Key { store_id: Arc<str>, key: Box<[u8]> },
 }
 
-/// Invalidations waiting to be applied by the workers; shared, written only by admin calls
-/// and client refreshes. Workers compare [`InvalidationLog::seq`] (one relaxed load) before
-/// each cache lookup.
+/// The gateway's stores, one per API stage, shared by every worker (created on first use,
+/// kept across reloads while the stage caches), and the invalidation sequence.
 #[derive(Debug, Default)]
-pub struct InvalidationLog {
+pub struct Caches {
+    /// Bumped by every invalidation before it is applied: a fetch that began before one does
+    /// not store its answer.
     seq: AtomicU64,
-    records: Mutex<VecDeque<(u64, Invalidation)>>,
+    stages: Mutex<AHashMap<Arc<str>, Arc<StageCache>>>,
 }
 
-/// Records kept; a worker further behind than this clears its stores.
-const LOG_KEEP: usize = 1024;
-
-impl InvalidationLog {
-    /// Publishes an invalidation to every worker.
-    pub fn publish(&self, inv: Invalidation) {
-        let mut r = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = self.seq.load(Ordering::Relaxed) + 1;
-        r.push_back((seq, inv));
-        while r.len() > LOG_KEEP {
-            r.pop_front();
-        }
-        self.seq.store(seq, Ordering::Release);
+impl Caches {
+    /// The store of a policy's stage (one lookup of the registry per policy and config
+    /// generation; afterwards a field read). `workers` sets the shard count of a new store.
+    pub fn stage<'a>(&self, pol: &'a CachePolicy, workers: usize) -> &'a StageCache {
+        pol.stage.get_or_init(|| {
+            let mut m = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+            let sc = m
+                .entry(pol.store_id.clone())
+                .or_insert_with(|| Arc::new(StageCache::new(workers, pol.max_bytes)))
+                .clone();
+            sc.resize(pol.max_bytes);
+            sc
+        })
     }
 
-    /// The sequence number of the newest record.
+    /// After a reload: drops the stores of stages that no longer cache anything, so a removed
+    /// stage's entries do not stay in memory.
+    pub fn prune(&self, routes: &crate::config::RouteTable) {
+        let mut m = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|id, _| {
+            routes
+                .routes()
+                .iter()
+                .any(|r| r.cache.as_ref().is_some_and(|c| c.store_id == *id))
+        });
+    }
+
+    /// Applies an invalidation to the stage's store (every worker sees it at once).
+    pub fn invalidate(&self, inv: Invalidation) {
+        self.seq.fetch_add(1, Ordering::SeqCst);
+        let id = match &inv {
+            Invalidation::Prefix { store_id, .. } | Invalidation::Key { store_id, .. } => store_id,
+        };
+        let sc = self
+            .stages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned();
+        let Some(sc) = sc else { return };
+        match inv {
+            Invalidation::Prefix { prefix, .. } => {
+                for sh in sc.shards.iter() {
+                    let mut sh = lock(sh);
+                    sh.store.remove_where(|e| e.rel_path().starts_with(&prefix));
+                }
+            }
+            Invalidation::Key { key, .. } => {
+                let h = sc.hash(&key);
+                for sh in sc.shards.iter() {
+                    lock(sh).store.remove(h, &key);
+                }
+            }
+        }
+    }
+
+    /// The invalidation sequence: read when a fetch begins, compared (under the shard lock)
+    /// before its answer is stored.
     pub fn seq(&self) -> u64 {
-        self.seq.load(Ordering::Acquire)
+        self.seq.load(Ordering::SeqCst)
+    }
+}
+
+fn lock(m: &Mutex<Shard>) -> std::sync::MutexGuard<'_, Shard> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Most shards of a stage's store.
+const MAX_SHARDS: usize = 16;
+
+/// One API stage's store, split in shards by primary key hash (each behind its own mutex,
+/// held only for a lookup or an insert), each bounded by an equal share of `max_bytes`.
+#[derive(Debug)]
+pub struct StageCache {
+    hasher: ahash::RandomState,
+    shards: Box<[Mutex<Shard>]>,
+    max_bytes: AtomicU64,
+}
+
+/// One shard: entries, and the `Vary` names learned for the primary keys that hash here (an
+/// entry with `Vary` lives in the shard of its primary key, beside those names).
+#[derive(Debug)]
+pub struct Shard {
+    pub store: Store,
+    vary: AHashMap<u64, Box<[Box<str>]>>,
+}
+
+impl StageCache {
+    /// A store of `max_bytes` in one shard per worker (a power of two, at most 16).
+    pub fn new(workers: usize, max_bytes: u64) -> StageCache {
+        let n = workers.clamp(1, MAX_SHARDS).next_power_of_two();
+        let cap = (max_bytes / n as u64) as usize;
+        StageCache {
+            hasher: ahash::RandomState::new(),
+            shards: (0..n)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        store: Store::new(cap),
+                        vary: AHashMap::new(),
+                    })
+                })
+                .collect(),
+            max_bytes: AtomicU64::new(max_bytes),
+        }
+    }
+
+    fn resize(&self, max_bytes: u64) {
+        if self.max_bytes.swap(max_bytes, Ordering::Relaxed) == max_bytes {
+            return;
+        }
+        let cap = (max_bytes / self.shards.len() as u64) as usize;
+        for sh in self.shards.iter() {
+            lock(sh).store.set_capacity(cap);
+        }
+    }
+
+    /// Hash of a key.
+    pub fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// The shard of a primary key hash, locked.
+    pub fn shard(&self, primary: u64) -> std::sync::MutexGuard<'_, Shard> {
+        lock(&self.shards[(primary >> 32) as usize & (self.shards.len() - 1)])
+    }
+
+    /// The largest response an entry may hold.
+    pub fn max_entry(&self) -> usize {
+        lock(&self.shards[0]).store.max_entry()
+    }
+
+    /// Entries stored, over every shard.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).store.len()).sum()
+    }
+
+    /// No entry stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Shard {
+    /// `Vary` names learned for a primary key.
+    pub fn vary_names(&self, primary: u64) -> Option<&[Box<str>]> {
+        self.vary.get(&primary).map(|v| &v[..])
+    }
+
+    /// Remembers the `Vary` names of a primary key (an empty list forgets them).
+    pub fn set_vary(&mut self, primary: u64, names: &[Box<str>]) {
+        if names.is_empty() {
+            self.vary.remove(&primary);
+            return;
+        }
+        if self.vary.len() >= 65_536 / MAX_SHARDS {
+            self.vary.clear();
+        }
+        self.vary.insert(primary, names.into());
     }
 }
 
@@ -263,18 +404,10 @@ impl Pending {
     }
 }
 
-/// One worker's cache: its stores, in-flight misses and reused key buffer.
+/// One worker's cache state: its in-flight misses and a reused key buffer.
 #[derive(Debug)]
 pub struct WorkerCache {
-    hasher: ahash::RandomState,
-    stores: AHashMap<Arc<str>, Store>,
-    /// `Vary` names learned per primary key hash (bounded; forgetting only costs a miss).
-    vary: AHashMap<u64, Box<[Box<str>]>>,
     pending: AHashMap<u64, Rc<Pending>>,
-    /// Invalidation records applied so far.
-    applied: u64,
-    /// Config generation the stores were last checked against.
-    generation: u64,
     /// The key of the current request (reused: no allocation per lookup).
     pub key: Vec<u8>,
 }
@@ -282,12 +415,7 @@ pub struct WorkerCache {
 impl Default for WorkerCache {
     fn default() -> Self {
         WorkerCache {
-            hasher: ahash::RandomState::new(),
-            stores: AHashMap::new(),
-            vary: AHashMap::new(),
             pending: AHashMap::new(),
-            applied: 0,
-            generation: 0,
             key: Vec::with_capacity(256),
         }
     }
@@ -316,100 +444,6 @@ impl Drop for Leader {
 }
 
 impl WorkerCache {
-    /// Hash of a key.
-    pub fn hash(&self, key: &[u8]) -> u64 {
-        self.hasher.hash_one(key)
-    }
-
-    /// The store for a policy's stage, created on first use and resized after a reload.
-    pub fn store(&mut self, pol: &CachePolicy, workers: usize) -> &mut Store {
-        let cap = (pol.max_bytes / workers.max(1) as u64) as usize;
-        // Look up by `&str` first: cloning the config's `Arc` on every hit would write a cache
-        // line that every worker shares.
-        if !self.stores.contains_key(&*pol.store_id) {
-            self.stores.insert(pol.store_id.clone(), Store::new(cap));
-        }
-        let s = self.stores.get_mut(&*pol.store_id).expect("inserted above");
-        if s.capacity() != cap {
-            s.set_capacity(cap);
-        }
-        s
-    }
-
-    /// After a reload (`generation` changed), drops the stores of stages that no longer
-    /// cache anything, so a removed stage's entries do not stay in memory.
-    pub fn prune(&mut self, generation: u64, routes: &crate::config::RouteTable) {
-        if generation == self.generation {
-            return;
-        }
-        self.generation = generation;
-        let live: Vec<&Arc<str>> = routes
-            .routes()
-            .iter()
-            .filter_map(|r| r.cache.as_ref().map(|c| &c.store_id))
-            .collect();
-        self.stores.retain(|id, _| live.iter().any(|l| **l == *id));
-        self.vary.clear();
-    }
-
-    /// Applies invalidations published since the last call.
-    pub fn sync(&mut self, log: &InvalidationLog) {
-        let seq = log.seq();
-        if seq == self.applied {
-            return;
-        }
-        let recs = log.records.lock().unwrap_or_else(|e| e.into_inner());
-        let oldest = recs.front().map_or(seq + 1, |r| r.0);
-        if self.applied + 1 < oldest {
-            // Fell too far behind: forget everything rather than serve something stale.
-            for s in self.stores.values_mut() {
-                s.clear();
-            }
-        } else {
-            for (n, inv) in recs.iter() {
-                if *n <= self.applied {
-                    continue;
-                }
-                match inv {
-                    Invalidation::Prefix { store_id, prefix } => {
-                        if let Some(s) = self.stores.get_mut(store_id) {
-                            s.remove_where(|e| e.rel_path().starts_with(prefix));
-                        }
-                    }
-                    Invalidation::Key { store_id, key } => {
-                        let h = self.hasher.hash_one(&**key);
-                        if let Some(s) = self.stores.get_mut(store_id) {
-                            s.remove(h, key);
-                        }
-                    }
-                }
-            }
-        }
-        self.applied = seq;
-    }
-
-    /// The invalidation sequence this worker has applied.
-    pub fn applied(&self) -> u64 {
-        self.applied
-    }
-
-    /// `Vary` names learned for a primary key.
-    pub fn vary_names(&self, primary: u64) -> Option<&[Box<str>]> {
-        self.vary.get(&primary).map(|v| &v[..])
-    }
-
-    /// Remembers the `Vary` names of a primary key (an empty list forgets them).
-    pub fn set_vary(&mut self, primary: u64, names: &[Box<str>]) {
-        if names.is_empty() {
-            self.vary.remove(&primary);
-            return;
-        }
-        if self.vary.len() >= 65_536 {
-            self.vary.clear();
-        }
-        self.vary.insert(primary, names.into());
-    }
-
     /// The in-flight miss for a primary key, if any (a finished one left behind is dropped).
     pub fn pending(&mut self, primary: u64) -> Option<Rc<Pending>> {
         let p = self.pending.get(&primary)?;
@@ -567,8 +601,8 @@ impl Capture {
     }
 }
 
-/// `POST /cache/invalidate` with `{"api","stage","path_prefix"?}`: publishes a prefix
-/// invalidation to every worker. Returns the status and the JSON answer.
+/// `POST /cache/invalidate` with `{"api","stage","path_prefix"?}`: drops the stage's entries
+/// under the prefix. Returns the status and the JSON answer.
 pub fn admin_invalidate(shared: &crate::gateway::Shared, body: &[u8]) -> (u16, String) {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -606,7 +640,7 @@ pub fn admin_invalidate(shared: &crate::gateway::Shared, body: &[u8]) -> (u16, S
             msg(&format!("no stage `{}` in API `{}`", r.stage, r.api)),
         );
     }
-    shared.cache_inval.publish(Invalidation::Prefix {
+    shared.caches.invalidate(Invalidation::Prefix {
         store_id: format!("{}\0{}", r.api, r.stage).into(),
         prefix: prefix.as_bytes().into(),
     });
@@ -637,6 +671,7 @@ mod tests {
             query_in_key,
             credentials_in_key: [false; 3],
             allow_client_invalidate: false,
+            stage: Default::default(),
         }
     }
 
@@ -692,14 +727,14 @@ mod tests {
     }
 
     #[test]
-    fn invalidation_log_applies_and_falls_back_to_clear() {
-        let log = InvalidationLog::default();
-        let mut wc = WorkerCache::default();
+    fn stage_store_is_shared_and_invalidated() {
+        let caches = Caches::default();
         let p = pol(vec![]);
+        let sc = caches.stage(&p, 2);
         let now = std::time::Instant::now();
         for path in ["/a/1", "/b/1"] {
             let k: Box<[u8]> = path.as_bytes().into();
-            let h = wc.hash(&k);
+            let h = sc.hash(&k);
             let e = Entry::new(
                 k,
                 bytes::Bytes::from_static(b"x"),
@@ -709,22 +744,37 @@ mod tests {
                 now + Duration::from_secs(60),
                 (0, path.len() as u32),
             );
-            assert!(wc.store(&p, 1).insert(h, e));
+            assert!(sc.shard(h).store.insert(h, e));
         }
-        log.publish(Invalidation::Prefix {
+        // Another policy of the same stage (another route, or the same after a reload) finds
+        // the same store.
+        let q = pol(vec![]);
+        assert!(std::ptr::eq(caches.stage(&q, 2), sc));
+        assert_eq!(sc.len(), 2);
+        let seq = caches.seq();
+        caches.invalidate(Invalidation::Prefix {
             store_id: p.store_id.clone(),
             prefix: b"/a/".as_slice().into(),
         });
-        wc.sync(&log);
-        assert_eq!(wc.store(&p, 1).len(), 1);
-        // A worker that missed more records than are kept clears everything.
-        for _ in 0..LOG_KEEP + 1 {
-            log.publish(Invalidation::Prefix {
-                store_id: "other".into(),
-                prefix: b"/".as_slice().into(),
-            });
-        }
-        wc.sync(&log);
-        assert_eq!(wc.store(&p, 1).len(), 0);
+        assert_eq!(sc.len(), 1);
+        assert!(
+            caches.seq() > seq,
+            "a fetch that began before must not store"
+        );
+        caches.invalidate(Invalidation::Key {
+            store_id: p.store_id.clone(),
+            key: b"/b/1".as_slice().into(),
+        });
+        assert!(sc.is_empty());
+    }
+
+    #[test]
+    fn stage_store_is_split_and_resized() {
+        let sc = StageCache::new(3, 4 << 20);
+        assert_eq!(sc.shards.len(), 4);
+        assert_eq!(sc.max_entry(), (1 << 20) / 4);
+        sc.resize(8 << 20);
+        assert_eq!(sc.max_entry(), (2 << 20) / 4);
+        assert_eq!(StageCache::new(64, 1 << 20).shards.len(), MAX_SHARDS);
     }
 }

@@ -1,4 +1,4 @@
-//! A cached `http` route: look the request up in the worker's store and answer a hit with the
+//! A cached `http` route: look the request up in the stage's store and answer a hit with the
 //! stored bytes; on a miss, fetch once (concurrent misses for the key wait for that fetch) and
 //! store the answer when the caching rules allow it.
 //!
@@ -63,12 +63,12 @@ pub(super) async fn serve<S: ClientIo>(
             .header(&c.b.rbuf, "cache-control")
             .is_some_and(request_wants_refresh);
     if refresh {
-        // The client asks for a fresh answer and the route allows it: drop the entry on
-        // every worker, then fetch and store a new one.
+        // The client asks for a fresh answer and the route allows it: drop the entry, then
+        // fetch and store a new one.
         // A HEAD drops the GET answer too, as that one would serve the next HEAD.
         for as_get in [false, head_req] {
             let (_, _, key) = lookup(w, gw, c, route, pol, false, true, as_get);
-            w.shared.cache_inval.publish(Invalidation::Key {
+            w.shared.caches.invalidate(Invalidation::Key {
                 store_id: pol.store_id.clone(),
                 key: key.into(),
             });
@@ -122,10 +122,8 @@ fn lookup<S: ClientIo>(
     want_key: bool,
     as_get: bool,
 ) -> (u64, Option<Hit>, Vec<u8>) {
+    let sc = w.shared.caches.stage(pol, gw.config.server.workers);
     let mut wc = w.cache.borrow_mut();
-    let wc = &mut *wc;
-    wc.prune(w.gen.get(), &gw.config.routes);
-    wc.sync(&w.shared.cache_inval);
     let mut key = std::mem::take(&mut wc.key);
     build_key(
         &mut key,
@@ -138,26 +136,29 @@ fn lookup<S: ClientIo>(
     if as_get && key.starts_with(b"HEAD\0") {
         key.splice(0..4, *b"GET");
     }
-    let primary = wc.hash(&key);
-    let h = match wc.vary_names(primary) {
-        Some(names) => {
-            push_vary(&mut key, names, &c.b.head, &c.b.rbuf);
-            wc.hash(&key)
-        }
-        None => primary,
-    };
+    let primary = sc.hash(&key);
     let mut hit = None;
-    if get {
-        let now = Instant::now();
-        let store = wc.store(pol, gw.config.server.workers);
-        if let Some(e) = store.get(h, &key, now) {
-            hit = Some(Hit {
-                data: e.data.clone(),
-                head_len: e.head_len,
-                status: e.status,
-                stored_at: e.stored_at,
-            });
+    {
+        let mut shard = sc.shard(primary);
+        let h = match shard.vary_names(primary) {
+            Some(names) => {
+                push_vary(&mut key, names, &c.b.head, &c.b.rbuf);
+                sc.hash(&key)
+            }
+            None => primary,
+        };
+        if get {
+            if let Some(e) = shard.store.get(h, &key, Instant::now()) {
+                hit = Some(Hit {
+                    data: e.data.clone(),
+                    head_len: e.head_len,
+                    status: e.status,
+                    stored_at: e.stored_at,
+                });
+            }
         }
+    }
+    if get {
         w.cache_event.set(if hit.is_some() {
             super::cached::EVENT_HIT
         } else {
@@ -184,40 +185,34 @@ async fn fetch<S: ClientIo>(
 ) -> Outcome {
     w.cache_event.set(EVENT_MISS);
     let head_req = c.b.head.method == Method::Head;
-    // An invalidation published while we fetch must not be undone by storing the answer.
-    let seq0 = {
-        let mut wc = w.cache.borrow_mut();
-        wc.sync(&w.shared.cache_inval);
-        wc.applied()
-    };
-    let max_entry = w
-        .cache
-        .borrow_mut()
-        .store(pol, gw.config.server.workers)
-        .max_entry();
-    let mut cap = Capture::new(true, pol.ttl, max_entry, head_req);
+    // An invalidation made while we fetch must not be undone by storing the answer.
+    let seq0 = w.shared.caches.seq();
+    let sc = w.shared.caches.stage(pol, gw.config.server.workers);
+    let mut cap = Capture::new(true, pol.ttl, sc.max_entry(), head_req);
     cap.strip_cors = gateway_cors;
     let out = proxy::proxy(w, gw, c, route, up, tpl, Some(&mut cap)).await;
     if let Some((data, head_len)) = cap.finish() {
-        if w.shared.cache_inval.seq() == seq0 {
-            let mut wc = w.cache.borrow_mut();
-            let wc = &mut *wc;
-            let mut key = std::mem::take(&mut wc.key);
-            let rel = build_key(
-                &mut key,
-                pol,
-                &c.b.head,
-                &c.b.rbuf,
-                &c.params,
-                route.prefix_len,
-            );
-            let primary = wc.hash(&key);
-            wc.set_vary(primary, &cap.vary);
+        let mut wc = w.cache.borrow_mut();
+        let mut key = std::mem::take(&mut wc.key);
+        let rel = build_key(
+            &mut key,
+            pol,
+            &c.b.head,
+            &c.b.rbuf,
+            &c.params,
+            route.prefix_len,
+        );
+        let primary = sc.hash(&key);
+        let mut shard = sc.shard(primary);
+        // Checked under the shard lock: an invalidation bumps the sequence before it takes
+        // the lock to remove entries, so it either sees this entry or stops it here.
+        if w.shared.caches.seq() == seq0 {
+            shard.set_vary(primary, &cap.vary);
             let h = if cap.vary.is_empty() {
                 primary
             } else {
                 push_vary(&mut key, &cap.vary, &c.b.head, &c.b.rbuf);
-                wc.hash(&key)
+                sc.hash(&key)
             };
             let now = Instant::now();
             let entry = Entry::new(
@@ -229,9 +224,10 @@ async fn fetch<S: ClientIo>(
                 now + cap.ttl_final,
                 rel,
             );
-            wc.store(pol, gw.config.server.workers).insert(h, entry);
-            wc.key = key;
+            shard.store.insert(h, entry);
         }
+        drop(shard);
+        wc.key = key;
     }
     drop(leader);
     out

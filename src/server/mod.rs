@@ -144,9 +144,6 @@ impl Worker {
         if g != self.gen.get() {
             *self.gw.borrow_mut() = Rc::new(self.shared.current());
             self.gen.set(g);
-            if let Ok(mut c) = self.cache.try_borrow_mut() {
-                c.prune(g, &self.gw.borrow().config.routes);
-            }
         }
         self.gw.borrow().clone()
     }
