@@ -3,8 +3,10 @@
 //! answer `{"allow": bool, "principal": "...", "context": {...}}` decides.
 //!
 //! - A missing (absent or empty) identity source is 401 without calling the authorizer.
-//! - Decisions (allow and deny) are cached per worker per identity-source values for `ttl_s`
-//!   (0 = every request calls); the cache is bounded and dropped when the config changes.
+//! - Decisions (allow and deny) are cached per authorizer per identity-source values for
+//!   `ttl_s` (0 = every request calls), shared by the workers (a mutex held for one lookup or
+//!   insert; calls are made without it); the cache is bounded and dropped when the config
+//!   changes.
 //! - An authorizer that cannot be reached, answers non-2xx or something that is not the
 //!   expected JSON is 500 `{"message":"Authorizer error"}`; one slower than the upstream's
 //!   `timeout_ms` is 504 `{"message":"Authorizer timed out"}`. Never an allow.
@@ -19,10 +21,10 @@ use crate::http::Method;
 use ahash::AHashMap;
 use monoio::net::TcpStream;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Decisions cached per authorizer per worker.
+/// Decisions cached per authorizer.
 pub const CACHE_ENTRIES: usize = 10_000;
 /// Largest authorizer answer.
 const MAX_ANSWER: usize = 64 * 1024;
@@ -67,6 +69,8 @@ pub struct RequestAuthorizer {
     pub ttl: Duration,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    /// Cached decisions (for this config's lifetime).
+    decisions: Mutex<Decisions>,
 }
 
 pub(super) fn validate(
@@ -145,6 +149,7 @@ pub(super) fn validate(
         ttl: Duration::from_secs(ttl),
         connect_timeout: up.connect_timeout,
         timeout: up.timeout,
+        decisions: Mutex::new(AHashMap::new()),
     })
 }
 
@@ -159,25 +164,10 @@ pub struct Decision {
 /// Decisions of one authorizer by identity-source values, with their expiry.
 type Decisions = AHashMap<Box<[u8]>, (Instant, Decision)>;
 
-/// Per-worker decisions, one map per authorizer.
+/// Per-worker authorizer state: where the next call starts among the targets.
 #[derive(Default)]
 pub struct DecisionCache {
-    gen: u64,
-    maps: Vec<Decisions>,
     rr: usize,
-}
-
-impl DecisionCache {
-    fn map(&mut self, gen: u64, idx: usize) -> &mut Decisions {
-        if self.gen != gen {
-            self.maps.clear();
-            self.gen = gen;
-        }
-        if self.maps.len() <= idx {
-            self.maps.resize_with(idx + 1, AHashMap::new);
-        }
-        &mut self.maps[idx]
-    }
 }
 
 fn query_value<'a>(query: &'a [u8], name: &str) -> Option<&'a [u8]> {
@@ -197,8 +187,6 @@ type Passed = (Option<Arc<str>>, Option<Arc<serde_json::Value>>);
 /// answer's `context` when `keep_context` (a mapping reads it).
 pub(super) async fn check(
     w: &WorkerAuth,
-    gen: u64,
-    idx: usize,
     a: &RequestAuthorizer,
     req: &Request<'_>,
     reqid: &[u8],
@@ -224,8 +212,8 @@ pub(super) async fn check(
     }
     let now = Instant::now();
     if !a.ttl.is_zero() {
-        let mut c = w.authorizer.borrow_mut();
-        if let Some((until, d)) = c.map(gen, idx).get(&key[..]) {
+        let m = a.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((until, d)) = m.get(&key[..]) {
             if now < *until {
                 return decide(d, keep_context);
             }
@@ -238,8 +226,7 @@ pub(super) async fn check(
     };
     let d = call(a, req, &values, reqid, start).await?;
     if !a.ttl.is_zero() {
-        let mut c = w.authorizer.borrow_mut();
-        let m = c.map(gen, idx);
+        let mut m = a.decisions.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() >= CACHE_ENTRIES {
             m.retain(|_, (until, _)| *until > now);
             if m.len() >= CACHE_ENTRIES {

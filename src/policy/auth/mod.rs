@@ -398,16 +398,8 @@ pub async fn check(
         }
         AuthKind::Authorizer(i) => {
             if let Authorizer::Request(a) = &cfg.authorizers[i as usize] {
-                (id.principal, id.context) = authorizer::check(
-                    w,
-                    gen,
-                    i as usize,
-                    a,
-                    req,
-                    req.request_id,
-                    route.keep_context,
-                )
-                .await?;
+                (id.principal, id.context) =
+                    authorizer::check(w, a, req, req.request_id, route.keep_context).await?;
             }
         }
         AuthKind::SigV4 => {
