@@ -483,15 +483,19 @@ fn connections_of_a_dead_node_are_gone() {
 // Cache invalidation
 // ---------------------------------------------------------------------------------------------
 
+/// An origin answering `v0`, `v1`, ...: a new body for each upstream request.
+fn counting_origin() -> Origin {
+    let hits = std::sync::atomic::AtomicUsize::new(0);
+    Origin::start(move |_| {
+        let n = hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Response::ok(format!("v{n}"))
+    })
+}
+
 #[test]
 fn cache_invalidation_reaches_every_node() {
     let redis = Redis::start();
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let h = hits.clone();
-    let origin = Origin::start(move |_| {
-        let n = h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Response::ok(format!("v{n}"))
-    });
+    let origin = counting_origin();
     let a = Gateway::start(&node_config_with(&redis.url(), "", origin.addr));
     let b = Gateway::start(&node_config_with(&redis.url(), "", origin.addr));
     // One keep-alive connection: the cache is per worker.
@@ -522,12 +526,7 @@ fn cache_invalidation_reaches_every_node() {
 #[test]
 fn clusters_on_other_databases_of_one_redis_stay_apart() {
     let redis = Redis::start();
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let h = hits.clone();
-    let origin = Origin::start(move |_| {
-        let n = h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Response::ok(format!("v{n}"))
-    });
+    let origin = counting_origin();
     let a = Gateway::start(&node_config_with(&redis.url(), "", origin.addr));
     let b = Gateway::start(&node_config_with(&redis.url(), "", origin.addr));
     let other = Gateway::start(&node_config_with(
