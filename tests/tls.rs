@@ -552,7 +552,9 @@ fn verified_client_certificate_goes_upstream_as_xfcc_and_clients_cannot_forge_it
     let req = origin.last_request();
     assert_eq!(
         req.headers_named("x-forwarded-client-cert"),
-        vec![format!("Hash={want}")]
+        vec![format!(
+            "Hash={want};Subject=\"CN=client.test\";DNS=client.test"
+        )]
     );
     // On the plain listener a client-sent value is dropped, never passed on.
     let resp = g.gw.request(

@@ -245,6 +245,112 @@ fn dns_names(der: &CertificateDer<'_>) -> Result<Vec<String>, String> {
         .collect())
 }
 
+/// Most subjectAltName entries (URI and DNS together) put in `x-forwarded-client-cert`.
+const XFCC_MAX_SANS: usize = 16;
+/// Longest `Subject`, `URI` or `DNS` value put in `x-forwarded-client-cert` (longer ones are
+/// left out rather than cut).
+const XFCC_MAX_VALUE: usize = 1024;
+
+/// The `x-forwarded-client-cert` value for a verified client certificate, in Envoy's form:
+/// `Hash=<SHA-256 of the DER, hex>`, then `Subject="<RFC 4514 name>"` ([`rfc4514`]) and one `URI=` or `DNS=`
+/// for each of those subjectAltName entries (at most [`XFCC_MAX_SANS`]). Values holding `,`,
+/// `;`, `=` or `"` are quoted, `"` and `\` escaped with `\`; bytes outside printable ASCII are
+/// written as `\xHH`, so nothing but visible ASCII and spaces reaches the header. A certificate
+/// the parser cannot read still gets its `Hash`.
+pub fn xfcc(der: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut out = b"Hash=".to_vec();
+    out.extend_from_slice(crate::policy::auth::api_key::hex(&sha2::Sha256::digest(der)).as_bytes());
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return out;
+    };
+    xfcc_pair(&mut out, "Subject", &rfc4514(cert.subject()), true);
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        use x509_parser::extensions::GeneralName;
+        let mut n = 0;
+        for name in &san.value.general_names {
+            let (key, v) = match name {
+                GeneralName::URI(u) => ("URI", *u),
+                GeneralName::DNSName(d) => ("DNS", *d),
+                _ => continue,
+            };
+            if n == XFCC_MAX_SANS {
+                break;
+            }
+            n += 1;
+            xfcc_pair(&mut out, key, v, false);
+        }
+    }
+    out
+}
+
+/// A distinguished name as RFC 4514 writes it: the last RDN first, RDNs joined by `,`, the
+/// attributes of one RDN by `+`, short names (`CN`, `O`, ...) where known, else the dotted
+/// OID, and `,`, `+`, `"`, `\`, `<`, `>`, `;`, a leading `#` or space and a trailing space
+/// escaped with `\`. A value that is not a string is written `#` and its DER content in hex.
+fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let reg = x509_parser::objects::oid_registry();
+    let mut out = String::new();
+    let rdns: Vec<_> = name.iter_rdn().collect();
+    for (i, rdn) in rdns.iter().rev().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        for (j, atv) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push('+');
+            }
+            match x509_parser::objects::oid2abbrev(atv.attr_type(), reg) {
+                Ok(abbrev) => out.push_str(abbrev),
+                Err(_) => out.push_str(&atv.attr_type().to_id_string()),
+            }
+            out.push('=');
+            let Ok(v) = atv.as_str() else {
+                out.push('#');
+                out.push_str(&crate::policy::auth::api_key::hex(atv.attr_value().data));
+                continue;
+            };
+            let last = v.chars().count().saturating_sub(1);
+            for (k, c) in v.chars().enumerate() {
+                let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+                    || (k == 0 && matches!(c, '#' | ' '))
+                    || (k == last && c == ' ');
+                if special {
+                    out.push('\\');
+                }
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+fn xfcc_pair(out: &mut Vec<u8>, key: &str, value: &str, always_quote: bool) {
+    if value.len() > XFCC_MAX_VALUE {
+        return;
+    }
+    let quote = always_quote
+        || value
+            .bytes()
+            .any(|b| matches!(b, b',' | b';' | b'=' | b'"'));
+    out.push(b';');
+    out.extend_from_slice(key.as_bytes());
+    out.push(b'=');
+    if quote {
+        out.push(b'"');
+    }
+    for b in value.bytes() {
+        match b {
+            b'"' | b'\\' => out.extend_from_slice(&[b'\\', b]),
+            0x20..=0x7e => out.push(b),
+            _ => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+        }
+    }
+    if quote {
+        out.push(b'"');
+    }
+}
+
 /// Picks the certificate for the client's SNI name.
 #[derive(Debug)]
 struct SniResolver {
@@ -332,5 +438,30 @@ mod tests {
         assert_eq!(which(Some("Y.B.TEST.")), 1);
         assert_eq!(which(Some("nope.test")), 0);
         assert_eq!(which(None), 0);
+    }
+
+    #[test]
+    fn xfcc_names_subject_and_sans_safely() {
+        use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+        let mut p = CertificateParams::new(vec!["svc.test".to_string()]).unwrap();
+        p.distinguished_name
+            .push(DnType::CommonName, "Doe, \"J\" \u{e9}");
+        p.distinguished_name.push(DnType::OrganizationName, "Acme");
+        p.subject_alt_names
+            .push(SanType::URI("spiffe://acme/ns/a;b".try_into().unwrap()));
+        let cert = p.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let v = String::from_utf8(xfcc(cert.der())).unwrap();
+        let (hash, rest) = v.split_once(';').unwrap();
+        assert_eq!(hash.len(), "Hash=".len() + 64, "{v}");
+        // RFC 4514 inside (last RDN first, `,` and `"` escaped), then quoted for the header
+        // (`\` and `"` escaped again); the non-ASCII letter written as its UTF-8 bytes.
+        assert_eq!(
+            rest,
+            r#"Subject="O=Acme,CN=Doe\\, \\\"J\\\" \xc3\xa9";DNS=svc.test;URI="spiffe://acme/ns/a;b""#
+        );
+        assert!(v.bytes().all(|b| (0x20..0x7f).contains(&b)), "{v}");
+        // Not a certificate: the hash only.
+        let v = xfcc(b"not a certificate");
+        assert!(v.starts_with(b"Hash=") && !v.contains(&b';'));
     }
 }

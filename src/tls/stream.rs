@@ -50,8 +50,8 @@ pub struct TlsStream {
     /// A write was dropped half way or failed (part of a record may be on the wire): writes
     /// fail from now on.
     wbroken: bool,
-    /// `x-forwarded-client-cert` value (`Hash=` and the SHA-256 of the client certificate's
-    /// DER, hex) when the client presented a certificate (mTLS); set once the handshake is done.
+    /// `x-forwarded-client-cert` value ([`super::xfcc`]) when the client presented a
+    /// certificate (mTLS); set once the handshake is done.
     xfcc: Option<Box<[u8]>>,
 }
 
@@ -337,11 +337,7 @@ pub async fn accept(io: TcpStream, cfg: Arc<rustls::ServerConfig>) -> io::Result
         .conn
         .peer_certificates()
         .and_then(|c| c.first())
-        .map(|der| {
-            use sha2::Digest;
-            let hash = crate::policy::auth::api_key::hex(&sha2::Sha256::digest(der.as_ref()));
-            format!("Hash={hash}").into_bytes().into_boxed_slice()
-        });
+        .map(|der| super::xfcc(der.as_ref()).into_boxed_slice());
     Ok(s)
 }
 
