@@ -12,6 +12,7 @@ use crate::gateway::Shared;
 use crate::server::{serve, serve_tls, ConnGuard, Worker};
 use monoio::net::{ListenerOpts, TcpListener};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -287,9 +288,24 @@ async fn accept_loop(w: Rc<Worker>, l: TcpListener, tls: bool) {
     let shared = w.shared.clone();
     let mut stop = std::pin::pin!(wait_shutdown(&shared));
     loop {
+        let canceller = monoio::io::Canceller::new();
+        let mut accept = std::pin::pin!(l.cancelable_accept(canceller.handle()));
         monoio::select! {
-            _ = &mut stop => return,
-            r = l.accept() => match r {
+            _ = &mut stop => {
+                // Stop accepting at once: shutdown() takes a listening socket out of the
+                // kernel's tables (new connections are refused, or go to another process
+                // on the port), whenever the runtime gets to closing its descriptor; then
+                // the pending accept is cancelled.
+                // SAFETY: shutdown() on the listener's own open descriptor; no memory is
+                // passed.
+                unsafe {
+                    libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR);
+                }
+                canceller.cancel();
+                drop(accept.await);
+                return;
+            }
+            r = &mut accept => match r {
                 Ok((stream, peer)) => {
                     let max = shared.current().config.server.limits.max_connections as i64;
                     let active = shared.metrics.connections_active.fetch_add(1, Ordering::Relaxed);

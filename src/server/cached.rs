@@ -235,7 +235,7 @@ async fn fetch<S: ClientIo>(
 
 /// Writes a stored answer with its per-request headers (the response mapping's among them).
 async fn write_hit<S: ClientIo>(w: &Worker, c: &mut Conn<S>, h: Hit, route: &Route) -> Outcome {
-    let keep = c.b.head.keep_alive;
+    let keep = w.keep_alive(&c.b.head);
     let small = h.data.len() <= COPY_MAX;
     c.b.out.clear();
     if small {

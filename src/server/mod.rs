@@ -148,6 +148,14 @@ impl Worker {
         self.gw.borrow().clone()
     }
 
+    /// Whether the connection may stay open after this response: the client's wish, unless
+    /// the gateway is draining (then the response says `connection: close`, as nginx's and
+    /// Envoy's do, so the client does not send another request on a closing connection).
+    #[inline]
+    pub(crate) fn keep_alive(&self, head: &crate::http::RequestHead) -> bool {
+        head.keep_alive && !self.shared.shutdown.load(Ordering::Relaxed)
+    }
+
     /// Hands buffered access-log lines to the writer.
     pub fn flush_log(&self) {
         if let Some(l) = &self.log {
@@ -906,7 +914,7 @@ async fn respond_mock<S: ClientIo>(
     rmap: Option<&crate::policy::mapping::HeaderMapping>,
     keep: bool,
 ) -> Outcome {
-    let keep = keep && c.b.head.keep_alive;
+    let keep = keep && w.keep_alive(&c.b.head);
     c.b.out.clear();
     c.b.out.extend_from_slice(&mock.head);
     if let Some(m) = rmap {
@@ -933,7 +941,7 @@ async fn reject<S: ClientIo>(
     msg: &str,
     keep: bool,
 ) -> Outcome {
-    let keep = keep && c.b.head.keep_alive;
+    let keep = keep && w.keep_alive(&c.b.head);
     let ok = write_error(w, c, status, msg, keep).await;
     Outcome {
         status,

@@ -567,7 +567,7 @@ async fn respond<S: ClientIo>(
     let head_len = c.b.resp.head_len;
     let is_head = c.b.head.method == Method::Head;
     let client_10 = c.b.head.minor_version == 0;
-    let mut keep = c.b.head.keep_alive;
+    let mut keep = w.keep_alive(&c.b.head);
     // How the body is framed toward the client.
     let mut dechunk = false;
     c.b.out.clear();
