@@ -5,6 +5,7 @@
 //! keys are errors), checks every value, resolves upstream names and stage variables, and builds
 //! the [`RouteTable`]. Every error names the file, the line and the key.
 
+mod locate;
 pub mod raw;
 mod routes;
 
@@ -36,7 +37,11 @@ pub(crate) struct Source<'a> {
     pub text: &'a str,
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
+    pub fn new(path: &'a Path, text: &'a str) -> Self {
+        Source { path, text }
+    }
+
     /// 1-based line of a byte offset.
     fn line(&self, offset: usize) -> usize {
         self.text[..offset.min(self.text.len())]
@@ -45,18 +50,77 @@ impl Source<'_> {
             + 1
     }
 
-    /// An error at `span` (an empty span at 0 means "a default value": no line).
+    /// An error about `key` (a path like `upstreams[0].targets`) at `span`. An empty span at 0
+    /// ("a default value", or no span at hand) takes the line of the key in the file, or of its
+    /// nearest enclosing key or table when the key itself is absent.
     pub fn err(&self, span: Range<usize>, key: &str, msg: impl fmt::Display) -> ConfigError {
-        if span == (0..0) {
-            ConfigError(format!("{}: key `{key}`: {msg}", self.path.display()))
+        let at = if span == (0..0) {
+            locate::offset_of(self.text, &locate::split_key(key))
         } else {
-            ConfigError(format!(
-                "{}:{}: key `{key}`: {msg}",
-                self.path.display(),
-                self.line(span.start)
-            ))
+            Some(span.start)
+        };
+        self.err_at(at, key, msg)
+    }
+
+    /// The one format of every config error: `FILE:LINE: key `KEY`: MESSAGE`.
+    fn err_at(&self, offset: Option<usize>, key: &str, msg: impl fmt::Display) -> ConfigError {
+        let file = self.path.display();
+        let msg = msg.to_string().replace('\n', " ");
+        let msg = msg.trim();
+        match (offset, key.is_empty()) {
+            (Some(o), false) => ConfigError(format!("{file}:{}: key `{key}`: {msg}", self.line(o))),
+            (Some(o), true) => ConfigError(format!("{file}:{}: {msg}", self.line(o))),
+            (None, false) => ConfigError(format!("{file}: key `{key}`: {msg}")),
+            (None, true) => ConfigError(format!("{file}: {msg}")),
         }
     }
+
+    /// An error from deserializing the file into the [`raw`] structs: a syntax error (no key),
+    /// a value of the wrong type, a missing or unknown key, an unknown variant.
+    fn serde_err(&self, e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+        let mut path = locate::serde_path(e.path());
+        let inner = e.inner();
+        let mut msg = inner.message().to_string();
+        if path.is_empty() {
+            // Not a TOML document: no key to name, only the line (toml's message spans lines).
+            let parts: Vec<&str> = msg
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            msg = format!("invalid TOML: {}", parts.join("; "));
+        } else if let Some(field) = backticked_after(&msg, "missing field ") {
+            // Name the missing key itself; its line is that of its table.
+            path.push(locate::Segment::Key(field));
+            msg = "required key is missing".to_string();
+        } else if let Some(field) = backticked_after(&msg, "unknown field ") {
+            let rest = &msg["unknown field ``".len() + field.len()..];
+            msg = format!("unknown key{rest}");
+            let field = locate::Segment::Key(field);
+            if path.last() != Some(&field) {
+                path.push(field);
+            }
+        }
+        let key = locate::join_key(&path);
+        // toml's span is the offending value, or for some errors (a missing key, a refused
+        // integration key) the whole enclosing table. The key's own place in the file, or the
+        // nearest enclosing one it has, never lies past the offending value: the later of the
+        // two is the more precise.
+        let at = match (
+            inner.span().map(|s| s.start),
+            locate::offset_of(self.text, &path),
+        ) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.err_at(at, &key, msg)
+    }
+}
+
+/// `NAME` when `msg` starts with `prefix` followed by `` `NAME` ``.
+fn backticked_after(msg: &str, prefix: &str) -> Option<String> {
+    let rest = msg.strip_prefix(prefix)?.strip_prefix('`')?;
+    rest.find('`').map(|end| rest[..end].to_string())
 }
 
 /// The io driver a worker runs on.
@@ -166,12 +230,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Validates and compiles config `text` (which came from `path`).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    let src = Source { path, text };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|s| src.line(s.start)).unwrap_or(0);
-        let msg = e.message().replace('\n', " ");
-        ConfigError(format!("{}:{line}: {msg}", path.display()))
-    })?;
+    let src = Source::new(path, text);
+    let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+        .map_err(|e| src.serde_err(e))?;
 
     let mut server = validate_server(&src, &raw)?;
     let admin = match &raw.admin {
@@ -451,8 +512,10 @@ mod tests {
     #[test]
     fn unknown_key_names_line() {
         let e = p("[server]\nworkers = 1\nbogus = 2\n").unwrap_err().0;
-        assert!(e.starts_with("t.toml:3:"), "{e}");
-        assert!(e.contains("bogus"), "{e}");
+        assert!(
+            e.starts_with("t.toml:3: key `server.bogus`: unknown key"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -470,6 +533,117 @@ mod tests {
             e.contains("t.toml:5") && e.contains("duplicate upstream"),
             "{e}"
         );
+    }
+
+    /// Asserts that config `text` is refused with an error starting with `want`.
+    fn refused(text: &str, want: &str) {
+        let e = p(text).unwrap_err().0;
+        assert!(e.starts_with(want), "got:  {e}\nwant: {want}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    /// A value of the wrong type.
+    #[test]
+    fn type_error_names_key_and_line() {
+        refused(
+            "[server]\nworkers = 1\nshutdown_timeout_ms = \"ten\"\n",
+            "t.toml:3: key `server.shutdown_timeout_ms`: invalid type: string \"ten\", expected u64",
+        );
+    }
+
+    /// A required key that is missing: the line of its table.
+    #[test]
+    fn missing_key_names_key_and_table_line() {
+        refused(
+            "[server]\nworkers = 1\n\n[[upstreams]]\nname = \"u\"\n",
+            "t.toml:4: key `upstreams[0].targets`: required key is missing",
+        );
+    }
+
+    /// An unknown variant, inside `[[apis.routes]]`.
+    #[test]
+    fn unknown_variant_in_routes_names_key_and_line() {
+        refused(
+            "[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /\"\n\
+             integration = { type = \"mock\" }\n[[apis.routes]]\nroute = \"GET /b\"\n\
+             integration = { type = \"mocky\", status = 200 }\n",
+            "t.toml:8: key `apis[0].routes[1].integration.type`: unknown variant `mocky`, expected `http` or `mock`",
+        );
+    }
+
+    /// An unknown nested key: the whole path, not only its last name.
+    #[test]
+    fn unknown_nested_key_names_full_path() {
+        refused(
+            "[server]\nworkers = 1\n[server.limits]\nmax_headers = 10\nbogus_key = 2\n",
+            "t.toml:5: key `server.limits.bogus_key`: unknown key, expected one of",
+        );
+    }
+
+    /// Inside an integration table: the key itself, and its own line.
+    #[test]
+    fn bad_integration_value_names_its_key_and_line() {
+        refused(
+            "[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /\"\n\
+             [apis.routes.integration]\ntype = \"mock\"\n\nstatus = \"x\"\n",
+            "t.toml:8: key `apis[0].routes[0].integration.status`: invalid type: string \"x\", expected u16",
+        );
+    }
+
+    #[test]
+    fn integration_key_of_other_type_names_key_and_line() {
+        refused(
+            "[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /\"\n\
+             [apis.routes.integration]\ntype = \"http\"\nupstream = \"u\"\nbody = \"\"\n",
+            "t.toml:8: key `apis[0].routes[0].integration.body`: unknown key for type `http`",
+        );
+    }
+
+    #[test]
+    fn missing_integration_key_names_key() {
+        refused(
+            "[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /\"\n\
+             integration = { type = \"http\" }\n",
+            "t.toml:5: key `apis[0].routes[0].integration.upstream`: required key is missing",
+        );
+    }
+
+    /// Keys that are not bare are quoted as in TOML.
+    #[test]
+    fn quoted_keys_in_paths() {
+        refused(
+            "[[apis]]\nname = \"a\"\n[apis.stages.\"$default\"]\ncache = { ttl_s = \"x\" }\n",
+            "t.toml:4: key `apis[0].stages.\"$default\".cache.ttl_s`: invalid type",
+        );
+    }
+
+    #[test]
+    fn validation_errors_without_span_find_the_line() {
+        let e = p(
+            "[server]\nworkers = 1\n\n[server.limits]\nmax_headers = 10\nmax_header_bytes = 0\n",
+        )
+        .unwrap_err()
+        .0;
+        assert_eq!(
+            e,
+            "t.toml:6: key `server.limits.max_header_bytes`: must be between 256 and 1048576"
+        );
+        let e = p("[admin]\nlisten = \"127.0.0.1:1\"\n[server]\nlisten = []\n")
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            e,
+            "t.toml:4: key `server.listen`: at least one address is needed"
+        );
+        let e = p("server.workers = 5000\n").unwrap_err().0;
+        assert_eq!(e, "t.toml:1: key `server.workers`: at most 1024 workers");
+    }
+
+    #[test]
+    fn syntax_errors_are_one_line() {
+        let e = p("[server]\nworkers = \n").unwrap_err().0;
+        assert!(e.starts_with("t.toml:2: invalid TOML: "), "{e}");
+        assert!(!e.contains('\n'), "{e}");
     }
 
     #[test]

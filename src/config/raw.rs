@@ -313,7 +313,7 @@ pub struct RawRoute {
 
 /// `integration = { type = ..., ... }`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, tag = "type", rename_all = "lowercase")]
+#[serde(try_from = "FlatIntegration")]
 pub enum RawIntegration {
     /// Proxy to an upstream.
     Http {
@@ -324,15 +324,83 @@ pub enum RawIntegration {
     },
     /// Answer from the config.
     Mock {
-        #[serde(default = "default_mock_status")]
+        /// 200 when absent.
         status: u16,
-        #[serde(default)]
         headers: BTreeMap<String, String>,
-        #[serde(default)]
         body: String,
     },
 }
 
-fn default_mock_status() -> u16 {
-    200
+/// The keys of every integration type side by side. Deserializing through this plain struct
+/// (rather than serde's internally tagged enum, which buffers the table) keeps the key path of an
+/// error: a bad `status` is reported at `...integration.status`. [`RawIntegration::try_from`]
+/// then refuses the keys that do not apply to the `type`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlatIntegration {
+    #[serde(rename = "type")]
+    kind: IntegrationType,
+    upstream: Option<String>,
+    path: Option<String>,
+    status: Option<u16>,
+    headers: Option<BTreeMap<String, String>>,
+    body: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum IntegrationType {
+    Http,
+    Mock,
+}
+
+impl TryFrom<FlatIntegration> for RawIntegration {
+    /// Worded like serde's own errors (`missing field`, `unknown field`), which
+    /// the config loader turns into the full key path.
+    type Error = String;
+
+    fn try_from(f: FlatIntegration) -> Result<Self, String> {
+        let refuse = |kind: &str, present: &[(&str, bool)], expected: &str| match present
+            .iter()
+            .find(|(_, set)| *set)
+        {
+            Some((key, _)) => Err(format!(
+                "unknown field `{key}` for type `{kind}`, expected {expected}"
+            )),
+            None => Ok(()),
+        };
+        match f.kind {
+            IntegrationType::Http => {
+                refuse(
+                    "http",
+                    &[
+                        ("status", f.status.is_some()),
+                        ("headers", f.headers.is_some()),
+                        ("body", f.body.is_some()),
+                    ],
+                    "`upstream` or `path`",
+                )?;
+                let upstream = f.upstream.ok_or("missing field `upstream`")?;
+                Ok(RawIntegration::Http {
+                    upstream,
+                    path: f.path,
+                })
+            }
+            IntegrationType::Mock => {
+                refuse(
+                    "mock",
+                    &[
+                        ("upstream", f.upstream.is_some()),
+                        ("path", f.path.is_some()),
+                    ],
+                    "one of `status`, `headers`, `body`",
+                )?;
+                Ok(RawIntegration::Mock {
+                    status: f.status.unwrap_or(200),
+                    headers: f.headers.unwrap_or_default(),
+                    body: f.body.unwrap_or_default(),
+                })
+            }
+        }
+    }
 }
