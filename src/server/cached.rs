@@ -46,7 +46,6 @@ pub(super) async fn serve<S: ClientIo>(
     pol: &CachePolicy,
     up: usize,
     tpl: Option<&PathTemplate>,
-    gateway_cors: bool,
 ) -> Outcome {
     let head_req = c.b.head.method == Method::Head;
     if c.b.head.upgrade_websocket {
@@ -76,7 +75,7 @@ pub(super) async fn serve<S: ClientIo>(
                 break;
             }
         }
-        return fetch(w, gw, c, route, pol, up, tpl, None, gateway_cors).await;
+        return fetch(w, gw, c, route, pol, up, tpl, None).await;
     }
     if head_req {
         // A stored GET answer serves a HEAD too (as nginx's proxy_cache_convert_head): the
@@ -102,10 +101,10 @@ pub(super) async fn serve<S: ClientIo>(
             }
         }
         // Not stored (or waited too long): fetch without making others wait on us.
-        return fetch(w, gw, c, route, pol, up, tpl, None, gateway_cors).await;
+        return fetch(w, gw, c, route, pol, up, tpl, None).await;
     }
     let leader = WorkerCache::lead(&w.cache, primary);
-    fetch(w, gw, c, route, pol, up, tpl, Some(leader), gateway_cors).await
+    fetch(w, gw, c, route, pol, up, tpl, Some(leader)).await
 }
 
 /// Builds the key (with the learned `Vary` part) and looks it up. Returns the primary key
@@ -181,7 +180,6 @@ async fn fetch<S: ClientIo>(
     up: usize,
     tpl: Option<&PathTemplate>,
     leader: Option<crate::cache::Leader>,
-    gateway_cors: bool,
 ) -> Outcome {
     w.cache_event.set(EVENT_MISS);
     let head_req = c.b.head.method == Method::Head;
@@ -189,7 +187,7 @@ async fn fetch<S: ClientIo>(
     let seq0 = w.shared.caches.seq();
     let sc = w.shared.caches.stage(pol, gw.config.server.workers);
     let mut cap = Capture::new(true, pol.ttl, sc.max_entry(), head_req);
-    cap.strip_cors = gateway_cors;
+    cap.strip_cors = c.gateway_cors;
     let out = proxy::proxy(w, gw, c, route, up, tpl, Some(&mut cap)).await;
     if let Some((data, head_len)) = cap.finish() {
         let mut wc = w.cache.borrow_mut();

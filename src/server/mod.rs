@@ -348,6 +348,9 @@ struct Conn<S> {
     auth_ctx: Option<Arc<serde_json::Value>>,
     /// Set when the request became a WebSocket connection: the loop hands the socket over.
     takeover: Option<crate::ws::Takeover>,
+    /// The matched route's API answers CORS itself: the upstream's `access-control-*`
+    /// response headers never reach the client (whatever the request's `Origin`).
+    gateway_cors: bool,
 }
 
 /// How a request ended, for metrics, the access log and keep-alive.
@@ -464,6 +467,7 @@ pub(crate) async fn run<S: ClientIo>(
         api_key: None,
         auth_ctx: None,
         takeover: None,
+        gateway_cors: false,
     };
     loop {
         let gw = w.gateway();
@@ -732,6 +736,7 @@ async fn route_and_run<S: ClientIo>(
         }
     };
     let route: &Route = gw.config.routes.route(id);
+    c.gateway_cors = gw.config.traffic.routes[id as usize].cors.is_some();
     // Traffic control, in pipeline order: WAF and CORS preflight, (auth,) throttles and quotas.
     if let Some(out) = traffic::before(w, gw, c, id, limits).await {
         return (out, Some(id));
@@ -760,8 +765,7 @@ async fn route_and_run<S: ClientIo>(
         Integration::Http { upstream, path } => match &route.cache {
             // A WebSocket upgrade is never a cache lookup.
             Some(pol) if !c.b.head.upgrade_websocket => {
-                let gateway_cors = gw.config.traffic.routes[id as usize].cors.is_some();
-                cached::serve(w, gw, c, route, pol, *upstream, path.as_ref(), gateway_cors).await
+                cached::serve(w, gw, c, route, pol, *upstream, path.as_ref()).await
             }
             _ => proxy::proxy(w, gw, c, route, *upstream, path.as_ref(), None).await,
         },

@@ -573,7 +573,7 @@ async fn respond<S: ClientIo>(
     c.b.out.clear();
     encode::push_status_line(&mut c.b.out, status);
     // A route without a response mapping gets the loop without the per-header name check.
-    let (cached, cors) = (cap.is_some(), !c.b.extra.is_empty());
+    let (cached, cors) = (cap.is_some(), c.gateway_cors);
     match rmap {
         None => push_upstream_headers(&mut c.b.out, &c.b.resp, &c.b.ubuf, cached, cors, |_| false),
         Some(m) => {
