@@ -529,6 +529,11 @@ fn http10_client_gets_close_by_default_and_keep_alive_on_request() {
     let r = c.read_response().unwrap();
     assert_eq!(r.status, 200);
     assert!(c.is_closed_within(Duration::from_secs(2)));
+    // Without a Host of its own (HTTP/1.0 allows that), the upstream request still has one
+    // (HTTP/1.1 requires it): the target's address, as nginx's `$proxy_host`.
+    let req = origin.last_request();
+    assert_eq!(req.headers_named("host"), vec![origin.addr.to_string()]);
+    assert!(req.headers_named("x-forwarded-host").is_empty());
 }
 
 #[test]

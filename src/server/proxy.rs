@@ -53,7 +53,7 @@ pub(super) async fn proxy<S: ClientIo>(
             return super::reject_ws(w, c, r.status, r.message).await;
         }
     }
-    build_request_head(c, route, tpl);
+    build_request_head(c, route, tpl, up.cfg.targets.first());
 
     // Whatever body the client already sent goes with the head.
     let body_start = c.b.head.head_len;
@@ -238,8 +238,14 @@ fn chunk_error(e: &crate::http::ChunkError) -> (u16, &'static str) {
     }
 }
 
-/// Writes the upstream request head into `c.b.out`.
-fn build_request_head<S: ClientIo>(c: &mut Conn<S>, route: &Route, tpl: Option<&PathTemplate>) {
+/// Writes the upstream request head into `c.b.out`. `target`: the `Host` for a request that
+/// came without one (HTTP/1.0), as nginx's `$proxy_host`: HTTP/1.1 requires it upstream.
+fn build_request_head<S: ClientIo>(
+    c: &mut Conn<S>,
+    route: &Route,
+    tpl: Option<&PathTemplate>,
+    target: Option<&std::net::SocketAddr>,
+) {
     let buf = &c.b.rbuf;
     let head = &c.b.head;
     let out = &mut c.b.out;
@@ -310,8 +316,16 @@ fn build_request_head<S: ClientIo>(c: &mut Conn<S>, route: &Route, tpl: Option<&
         // Envoy's form: the verified client certificate's hash; a client-sent value never passes.
         encode::push_header(out, b"x-forwarded-client-cert", v);
     }
-    if let Some(h) = head.host {
-        encode::push_header(out, b"x-forwarded-host", head.slice(buf, h));
+    match (head.host, target) {
+        (Some(h), _) => encode::push_header(out, b"x-forwarded-host", head.slice(buf, h)),
+        (None, Some(t)) => {
+            out.extend_from_slice(if t.is_ipv6() { b"host: [" } else { b"host: " });
+            encode::push_ip(out, t.ip());
+            out.extend_from_slice(if t.is_ipv6() { b"]:" } else { b":" });
+            encode::push_u64(out, u64::from(t.port()));
+            out.extend_from_slice(b"\r\n");
+        }
+        (None, None) => {}
     }
     encode::push_header(out, b"x-request-id", &c.reqid[..c.reqid_len]);
     if let Some(p) = &c.principal {
