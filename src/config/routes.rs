@@ -554,10 +554,18 @@ pub(super) fn compile(
                 });
                 let full = if prefix.is_empty() { "/" } else { &prefix };
                 let hosts: Vec<String> = api.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+                // With and without the trailing slash, as a stage root of an HTTP API.
+                let slash = format!("{prefix}/");
                 let insert = |t: &mut Table| {
-                    t.trie
-                        .insert(Some("GET"), full, id)
-                        .map_err(|e| src.err(api.name.span(), &akey("name"), e.0))
+                    for p in [full, &slash[..]]
+                        .iter()
+                        .take(if prefix.is_empty() { 1 } else { 2 })
+                    {
+                        t.trie
+                            .insert(Some("GET"), p, id)
+                            .map_err(|e| src.err(api.name.span(), &akey("name"), e.0))?;
+                    }
+                    Ok::<(), ConfigError>(())
                 };
                 if hosts.is_empty() {
                     insert(&mut table.any_host)?;
@@ -758,6 +766,12 @@ pub(super) fn compile(
                                 format!("{prefix}{p}")
                             };
                             t.trie.insert(method, &full, id).map_err(|e| rerr(e.0))?;
+                            if p == "/" && !prefix.is_empty() {
+                                // The stage's root answers with and without the trailing
+                                // slash (`/prod` and `/prod/`), as API Gateway's invoke URL.
+                                let slash = format!("{prefix}/");
+                                t.trie.insert(method, &slash, id).map_err(|e| rerr(e.0))?;
+                            }
                         }
                     }
                 }
@@ -820,6 +834,36 @@ integration = { type = "mock", status = 200, body = "fallback" }
             panic!()
         };
         assert_eq!(&*c.routes.route(id).key, "$default");
+    }
+
+    #[test]
+    fn stage_root_with_and_without_trailing_slash() {
+        let cfg = r#"
+[[apis]]
+name = "b"
+base_path = "/base"
+[apis.stages.prod]
+[[apis.routes]]
+route = "GET /"
+integration = { type = "mock", body = "root" }
+[[apis.routes]]
+route = "GET /a/"
+integration = { type = "mock", body = "a-slash" }
+[[apis.routes]]
+route = "$default"
+integration = { type = "mock", body = "default" }
+"#;
+        let c = parse(Path::new("t.toml"), cfg).unwrap();
+        let mut params = Params::new();
+        let key = |path: &str, params: &mut Params| match c.routes.find(None, "GET", path, params) {
+            RouteMatch::Found(id) => c.routes.route(id).key.to_string(),
+            _ => "none".into(),
+        };
+        assert_eq!(key("/base/prod", &mut params), "GET /");
+        assert_eq!(key("/base/prod/", &mut params), "GET /");
+        // Elsewhere the trailing slash still makes another path.
+        assert_eq!(key("/base/prod/a/", &mut params), "GET /a/");
+        assert_eq!(key("/base/prod/a", &mut params), "$default");
     }
 
     #[test]
