@@ -226,6 +226,19 @@ fn admin_keys_are_live_on_every_worker_and_never_listed_with_values() {
     assert_eq!(short.status, 400);
     let bad = admin_json(gw.admin_addr, "POST", "/api-keys", "{not json");
     assert_eq!(bad.status, 400);
+    // A plan the config does not define is refused, as in the config file (a typo would
+    // leave the key unmetered).
+    let typo = admin_json(
+        gw.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"dan","plans":["basci"]}"#,
+    );
+    assert_eq!(typo.status, 400, "{}", typo.text());
+    assert!(typo.message().contains("`basci`"), "{}", typo.text());
+    assert!(!admin_json(gw.admin_addr, "GET", "/api-keys", "")
+        .text()
+        .contains("\"dan\""));
     assert_eq!(
         admin_json(gw.admin_addr, "DELETE", "/api-keys/alice", "").status,
         409,

@@ -255,7 +255,16 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
             json(405, "Method Not Allowed")
         }
         (_, "/dashboard") | (_, "/dashboard/data") => json(405, "Method Not Allowed"),
-        _ => match crate::policy::auth::admin::handle(&shared.auth, method, path, body) {
+        _ => match crate::policy::auth::admin::handle(
+            &shared.auth,
+            |p| {
+                let gw = shared.current();
+                gw.config.traffic.plans.plans.iter().any(|x| &*x.name == p)
+            },
+            method,
+            path,
+            body,
+        ) {
             Some((status, body)) => Reply {
                 status,
                 ctype: "application/json",

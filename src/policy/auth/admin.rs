@@ -25,8 +25,15 @@ fn msg(status: u16, m: &str) -> (u16, String) {
 }
 
 /// Handles an admin request under `/api-keys`; `None` when `path` is not one of ours.
+/// `plan_exists` tells the usage plans of the live config (a new key may only name those).
 /// Returns the status and a JSON body.
-pub fn handle(state: &AuthState, method: &str, path: &str, body: &[u8]) -> Option<(u16, String)> {
+pub fn handle(
+    state: &AuthState,
+    plan_exists: impl Fn(&str) -> bool,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Option<(u16, String)> {
     let path = path.split('?').next().unwrap_or(path);
     if path == "/api-keys" {
         return Some(match method {
@@ -51,6 +58,12 @@ pub fn handle(state: &AuthState, method: &str, path: &str, body: &[u8]) -> Optio
                     Ok(n) => n,
                     Err(e) => return Some(msg(400, &format!("Bad Request: {e}"))),
                 };
+                if let Some(p) = n.plans.iter().find(|p| !plan_exists(p)) {
+                    return Some(msg(
+                        400,
+                        &format!("Bad Request: usage plan `{p}` is not defined"),
+                    ));
+                }
                 match state.add(&n.name, n.plans.clone(), n.value, n.enabled) {
                     Ok(value) => (
                         201,
