@@ -38,6 +38,29 @@ fn static_beats_param_beats_greedy() {
 }
 
 #[test]
+fn mock_204_has_neither_body_nor_content_length() {
+    let cfg = format!(
+        "[[apis]]\nname = \"r\"\n[[apis.routes]]\nroute = \"DELETE /x\"\nintegration = {{ type = \"mock\", status = 204 }}\n{}",
+        mock("GET /y", "after")
+    );
+    let gw = Gateway::start(&cfg);
+    let mut c = Client::connect(gw.addr);
+    // Pipelined: the second answer must start right after the first's head.
+    c.send(b"DELETE /x HTTP/1.1\r\nHost: t\r\n\r\nGET /y HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("content-length"), None, "{:?}", r.headers);
+    let r = c.read_response().unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "after"));
+    // A body on a 204 mock is a config error.
+    let bad = cfg.replace("status = 204 }", "status = 204, body = \"x\" }");
+    let (out, _) = check(&bad);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot have a body"), "{err}");
+}
+
+#[test]
 fn not_found_and_method_not_allowed_are_json() {
     let cfg = format!(
         "[[apis]]\nname = \"r\"\n{}{}",

@@ -316,6 +316,12 @@ fn encode_mock(
     if !(200..=599).contains(&status) {
         return Err(format!("mock status {status} must be between 200 and 599"));
     }
+    // RFC 9110 8.6 and 15.4.5: a 204 never has a body nor Content-Length; a 304 has no body
+    // (and its Content-Length would describe the unsent representation, so none is sent).
+    let bodiless = status == 204 || status == 304;
+    if bodiless && !body.is_empty() {
+        return Err(format!("a mock with status {status} cannot have a body"));
+    }
     let mut head = Vec::new();
     encode::push_status_line(&mut head, status);
     for (k, v) in headers {
@@ -335,9 +341,11 @@ fn encode_mock(
         }
         encode::push_header(&mut head, k.as_bytes(), v.as_bytes());
     }
-    head.extend_from_slice(b"content-length: ");
-    encode::push_u64(&mut head, body.len() as u64);
-    head.extend_from_slice(b"\r\n");
+    if !bodiless {
+        head.extend_from_slice(b"content-length: ");
+        encode::push_u64(&mut head, body.len() as u64);
+        head.extend_from_slice(b"\r\n");
+    }
     Ok(MockResponse {
         status,
         head: Bytes::from(head),
