@@ -261,6 +261,9 @@ fn admin_token_guards_everything_but_healthz() {
     let r = admin_get(a, "/metrics", Some("Bearer s3cret-token")).unwrap();
     assert_eq!(r.status, 200);
     assert!(r.text().contains("ringgate_connections_active"));
+    // The scheme name is case-insensitive (RFC 9110 11.1).
+    let r = admin_get(a, "/metrics", Some("bearer s3cret-token")).unwrap();
+    assert_eq!(r.status, 200);
     assert_eq!(admin_get(a, "/healthz", None).unwrap().status, 200);
     assert_eq!(
         admin_request(a, "POST", "/reload", None).unwrap().status,

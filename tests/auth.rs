@@ -562,6 +562,9 @@ fn jwt_rejections() {
         401,
         "Basic scheme",
     );
+    // A bare token (no scheme) is taken, as Amazon API Gateway's JWT authorizers do.
+    let r = get_with(&gw, "/jwt", &[("Authorization", ok[0].as_str())]);
+    assert_eq!(r.status, 200, "{}", r.text());
     // A tampered payload of a good (and cached) token.
     let parts: Vec<&str> = ok[0].split('.').collect();
     let mut payload = parts[1].to_string();

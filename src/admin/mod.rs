@@ -130,7 +130,11 @@ fn serve_conn(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
             None => true,
             Some(t) => head
                 .header(&buf, "authorization")
-                .and_then(|v| v.strip_prefix(b"Bearer "))
+                // The scheme name is case-insensitive (RFC 9110 11.1).
+                .and_then(|v| {
+                    (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+                        .then(|| v[7..].trim_ascii())
+                })
                 .map(|v| ct_eq(v, t.as_bytes()))
                 .unwrap_or(false),
         };

@@ -205,10 +205,17 @@ impl TokenCache {
 
 /// The token of `Authorization: Bearer <token>`.
 fn bearer(v: &[u8]) -> Option<&[u8]> {
-    if v.len() < 7 || !v[..7].eq_ignore_ascii_case(b"bearer ") {
-        return None;
-    }
-    let t = v[7..].trim_ascii();
+    let t = if v.len() >= 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
+        v[7..].trim_ascii()
+    } else {
+        // A bare token, as Amazon API Gateway's JWT authorizers also take; anything with
+        // another scheme (`Basic ...`) has a space and is not one.
+        let t = v.trim_ascii();
+        if t.contains(&b' ') {
+            return None;
+        }
+        t
+    };
     (!t.is_empty() && t.len() <= MAX_TOKEN_BYTES).then_some(t)
 }
 
@@ -513,5 +520,7 @@ mod tests {
         assert_eq!(bearer(b"bearer  abc "), Some(&b"abc"[..]));
         assert_eq!(bearer(b"Basic abc"), None);
         assert_eq!(bearer(b"Bearer "), None);
+        assert_eq!(bearer(b"eyJ.a.b"), Some(&b"eyJ.a.b"[..]), "a bare token");
+        assert_eq!(bearer(b"  "), None);
     }
 }
