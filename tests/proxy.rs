@@ -537,6 +537,35 @@ fn http10_client_gets_close_by_default_and_keep_alive_on_request() {
 }
 
 #[test]
+fn absolute_form_targets_are_served_as_their_path() {
+    // RFC 9112 3.2.2: a server must accept absolute-form; its authority must be the Host (a
+    // different one is refused, see tests/strictness.rs).
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr));
+    let r = gw.request("GET HTTP://T/a/b?q=1 HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let req = origin.last_request();
+    assert_eq!(req.path, "/a/b?q=1");
+    assert_eq!(req.headers_named("host"), vec!["t"]);
+    // HTTP/1.0 without Host: the authority stands in for it, upstream too.
+    let r = gw.request("GET http://shop.test:8080/c HTTP/1.0\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let req = origin.last_request();
+    assert_eq!(req.path, "/c");
+    assert_eq!(req.headers_named("host"), vec!["shop.test:8080"]);
+    assert_eq!(
+        req.headers_named("x-forwarded-host"),
+        vec!["shop.test:8080"]
+    );
+    // No path after the authority.
+    assert_eq!(
+        gw.request("GET http://t HTTP/1.1\r\nHost: t\r\n\r\n")
+            .status,
+        400
+    );
+}
+
+#[test]
 fn several_client_forwarded_for_headers_are_all_kept() {
     // Repeated fields are one comma-separated list (RFC 9110 5.3): none may be dropped.
     let origin = Origin::fixed("ok");

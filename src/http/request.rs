@@ -52,6 +52,11 @@ pub struct RequestHead {
     pub upgrade_websocket: bool,
     /// Value range of the (single) Host header.
     pub host: Option<(u32, u32)>,
+    /// The authority of an absolute-form target (equal to `host`, or standing in for a
+    /// missing one in HTTP/1.0).
+    authority: Option<(u32, u32)>,
+    /// `host` is the target's authority: the request had no Host header (HTTP/1.0).
+    pub host_from_target: bool,
     /// Connection carried tokens other than close/keep-alive/upgrade.
     conn_other: bool,
 }
@@ -74,6 +79,8 @@ impl RequestHead {
             expect_continue: false,
             upgrade_websocket: false,
             host: None,
+            authority: None,
+            host_from_target: false,
             conn_other: false,
         }
     }
@@ -92,6 +99,8 @@ impl RequestHead {
         self.expect_continue = false;
         self.upgrade_websocket = false;
         self.host = None;
+        self.authority = None;
+        self.host_from_target = false;
         self.conn_other = false;
     }
 
@@ -208,6 +217,21 @@ impl RequestHead {
         if self.minor_version == 1 && self.host.is_none() {
             return Err(HttpError::BadRequest("missing Host"));
         }
+        if let Some(a) = self.authority {
+            match self.host {
+                Some(h) if range(buf, h).eq_ignore_ascii_case(range(buf, a)) => {}
+                Some(_) => {
+                    return Err(HttpError::BadRequest(
+                        "Host does not match the request-target's authority",
+                    ))
+                }
+                // HTTP/1.0 without Host: the authority is the host.
+                None => {
+                    self.host = Some(a);
+                    self.host_from_target = true;
+                }
+            }
+        }
         self.keep_alive = if self.minor_version == 1 {
             !conn.close
         } else {
@@ -218,8 +242,19 @@ impl RequestHead {
         Ok(Status::Complete(head_len))
     }
 
-    /// Validates the request-target and fills `path` / `query`.
+    /// Validates the request-target and fills `path` / `query`. Absolute-form
+    /// (`http://host/path`, RFC 9112 3.2.2) is taken when its authority is the
+    /// request's `Host` (checked with the headers): routing and the upstream then
+    /// see one host, never two that disagree.
     fn parse_target(&mut self, buf: &[u8], target: &[u8]) -> Result<(), HttpError> {
+        let target = match absolute_form(target) {
+            Some(Ok((authority, origin_form))) => {
+                self.authority = Some(offsets(buf, authority));
+                origin_form
+            }
+            Some(Err(e)) => return Err(e),
+            None => target,
+        };
         match target.first() {
             Some(b'/') => {}
             Some(b'*') if target.len() == 1 && self.method == Method::Options => {
@@ -287,6 +322,32 @@ impl RequestHead {
     pub fn header_kind<'b>(&self, buf: &'b [u8], kind: HeaderKind) -> Option<&'b [u8]> {
         find_kind(&self.headers, buf, kind)
     }
+}
+
+/// Splits an absolute-form target (`http://` or `https://`, any case) into its
+/// authority and the origin-form rest; `None` when the target is not absolute.
+/// Userinfo, an empty or invalid authority, or no path after it is an error.
+fn absolute_form(target: &[u8]) -> Option<Result<(&[u8], &[u8]), HttpError>> {
+    let rest = [&b"http://"[..], b"https://"]
+        .iter()
+        .find(|s| target.len() > s.len() && target[..s.len()].eq_ignore_ascii_case(s))
+        .map(|s| &target[s.len()..])?;
+    let end = rest
+        .iter()
+        .position(|&b| matches!(b, b'/' | b'?' | b'#'))
+        .unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    if authority.is_empty() || authority.contains(&b'@') || !valid_host(authority) {
+        return Some(Err(HttpError::BadRequest(
+            "invalid authority in request-target",
+        )));
+    }
+    if path.first() != Some(&b'/') {
+        return Some(Err(HttpError::BadRequest(
+            "absolute-form request-target without a path",
+        )));
+    }
+    Some(Ok((authority, path)))
 }
 
 /// Host value: `uri-host [ ":" port ]` characters only (no SP, `/`, `@`,

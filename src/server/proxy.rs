@@ -317,7 +317,13 @@ fn build_request_head<S: ClientIo>(
         encode::push_header(out, b"x-forwarded-client-cert", v);
     }
     match (head.host, target) {
-        (Some(h), _) => encode::push_header(out, b"x-forwarded-host", head.slice(buf, h)),
+        (Some(h), _) => {
+            if head.host_from_target {
+                // No Host header came (HTTP/1.0 with an absolute-form target): its authority.
+                encode::push_header(out, b"host", head.slice(buf, h));
+            }
+            encode::push_header(out, b"x-forwarded-host", head.slice(buf, h))
+        }
         (None, Some(t)) => {
             out.extend_from_slice(if t.is_ipv6() { b"host: [" } else { b"host: " });
             encode::push_ip(out, t.ip());
