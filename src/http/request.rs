@@ -247,12 +247,11 @@ impl RequestHead {
     /// request's `Host` (checked with the headers): routing and the upstream then
     /// see one host, never two that disagree.
     fn parse_target(&mut self, buf: &[u8], target: &[u8]) -> Result<(), HttpError> {
-        let target = match absolute_form(target) {
-            Some(Ok((authority, origin_form))) => {
+        let target = match absolute_form(target)? {
+            Some((authority, origin_form)) => {
                 self.authority = Some(offsets(buf, authority));
                 origin_form
             }
-            Some(Err(e)) => return Err(e),
             None => target,
         };
         match target.first() {
@@ -324,30 +323,34 @@ impl RequestHead {
     }
 }
 
+/// The authority of an absolute-form target and its origin-form rest.
+type AuthorityAndPath<'a> = (&'a [u8], &'a [u8]);
+
 /// Splits an absolute-form target (`http://` or `https://`, any case) into its
 /// authority and the origin-form rest; `None` when the target is not absolute.
 /// Userinfo, an empty or invalid authority, or no path after it is an error.
-fn absolute_form(target: &[u8]) -> Option<Result<(&[u8], &[u8]), HttpError>> {
-    let rest = [&b"http://"[..], b"https://"]
+fn absolute_form(target: &[u8]) -> Result<Option<AuthorityAndPath<'_>>, HttpError> {
+    let Some(rest) = [&b"http://"[..], b"https://"]
         .iter()
         .find(|s| target.len() > s.len() && target[..s.len()].eq_ignore_ascii_case(s))
-        .map(|s| &target[s.len()..])?;
+        .map(|s| &target[s.len()..])
+    else {
+        return Ok(None);
+    };
     let end = rest
         .iter()
         .position(|&b| matches!(b, b'/' | b'?' | b'#'))
         .unwrap_or(rest.len());
     let (authority, path) = rest.split_at(end);
     if authority.is_empty() || authority.contains(&b'@') || !valid_host(authority) {
-        return Some(Err(HttpError::BadRequest(
-            "invalid authority in request-target",
-        )));
+        return Err(HttpError::BadRequest("invalid authority in request-target"));
     }
     if path.first() != Some(&b'/') {
-        return Some(Err(HttpError::BadRequest(
+        return Err(HttpError::BadRequest(
             "absolute-form request-target without a path",
-        )));
+        ));
     }
-    Some(Ok((authority, path)))
+    Ok(Some((authority, path)))
 }
 
 /// Host value: `uri-host [ ":" port ]` characters only (no SP, `/`, `@`,
