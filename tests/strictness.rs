@@ -281,6 +281,31 @@ fn encoded_dot_dot_segment_in_path() {
     assert_rejected(b"GET /a/%2e%2E/admin HTTP/1.1\r\nHost: t\r\n\r\n", 400);
 }
 
+/// A refused head still answers with the client's request id when its header fields could be
+/// read, and is counted in `ringgate_requests_total` (no route, method as parsed).
+#[test]
+fn refused_heads_keep_the_request_id_and_are_counted() {
+    let (_origin, gw) = start();
+    for (raw, status, method) in [
+        (&b"GET /a/../b HTTP/1.1\r\nHost: t\r\nx-request-id: rid-dots\r\n\r\n"[..], 400, "GET"),
+        (b"POST /x HTTP/1.1\r\nHost: t\r\nx-request-id: rid-te\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "POST"),
+    ] {
+        let mut c = Client::connect(gw.addr);
+        c.send(raw);
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, status);
+        let want = if method == "GET" { "rid-dots" } else { "rid-te" };
+        assert_eq!(r.header("x-request-id"), Some(want));
+    }
+    let metrics = gw.admin_get("/metrics").text();
+    for method in ["GET", "POST"] {
+        let line = format!(
+            "ringgate_requests_total{{api=\"\",stage=\"\",route=\"\",method=\"{method}\",status=\"400\"}} 1"
+        );
+        assert!(metrics.contains(&line), "no `{line}` in:\n{metrics}");
+    }
+}
+
 #[test]
 fn absolute_form_with_another_authority() {
     // The gateway routes on Host; a target naming another authority is ambiguous.

@@ -142,7 +142,6 @@ impl RequestHead {
         self.method = Method::from_bytes(method);
         self.method_range = offsets(buf, method);
         self.target = offsets(buf, target);
-        self.parse_target(buf, target)?;
 
         // Header fields.
         let mut content_length: Option<u64> = None;
@@ -199,6 +198,10 @@ impl RequestHead {
                 _ => {}
             }
         }
+
+        // After the header fields, so a refused target still leaves them readable (the
+        // client's x-request-id goes on the 400).
+        self.parse_target(buf, target)?;
 
         if te_seen {
             if self.minor_version == 0 {
@@ -739,8 +742,31 @@ mod tests {
     }
 
     #[test]
+    fn absolute_form_targets() {
+        // Accepted when the authority is the Host (any case): path and query as in origin-form.
+        let b = b"GET HTTPS://Example.com:8443/a?b HTTP/1.1\r\nHost: example.com:8443\r\n\r\n";
+        let h = ok(b);
+        assert_eq!(h.slice(b, h.path), b"/a");
+        assert_eq!(h.slice(b, h.query.unwrap()), b"b");
+        assert!(!h.host_from_target);
+        // HTTP/1.0 without Host: the authority is the host.
+        let b = b"GET http://x.test/ HTTP/1.0\r\n\r\n";
+        let h = ok(b);
+        assert_eq!(h.slice(b, h.host.unwrap()), b"x.test");
+        assert!(h.host_from_target);
+        assert_eq!(
+            bad(b"GET http://other.test/ HTTP/1.1\r\nHost: x.test\r\n\r\n"),
+            "Host does not match the request-target's authority"
+        );
+        bad(b"GET http://u@x.test/ HTTP/1.1\r\nHost: x.test\r\n\r\n");
+        bad(b"GET http://x.test HTTP/1.1\r\nHost: x.test\r\n\r\n");
+        bad(b"GET http:///a HTTP/1.1\r\nHost: x.test\r\n\r\n");
+        bad(b"GET http://x.test/../a HTTP/1.1\r\nHost: x.test\r\n\r\n");
+        bad(b"GET ftp://x.test/ HTTP/1.1\r\nHost: x.test\r\n\r\n");
+    }
+
+    #[test]
     fn reject_bad_targets() {
-        bad(&req("GET http://example.com/ HTTP/1.1", ""));
         bad(&req("GET example.com:80 HTTP/1.1", ""));
         bad(&req("GET * HTTP/1.1", ""));
         bad(&req("OPTIONS *x HTTP/1.1", ""));

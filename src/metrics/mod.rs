@@ -111,14 +111,8 @@ impl WorkerMetrics {
         status: u16,
         d: Duration,
     ) {
+        self.count_request(labels, method, status);
         let a = addr(labels);
-        match self.requests.get_mut(&(a, method, status)) {
-            Some(e) => e.1 += 1,
-            None => {
-                self.requests
-                    .insert((a, method, status), (Labels(labels.clone()), 1));
-            }
-        }
         match self.durations.get_mut(&(a, method)) {
             Some(e) => e.1.record(d),
             None => {
@@ -126,6 +120,19 @@ impl WorkerMetrics {
                 h.record(d);
                 self.durations
                     .insert((a, method), (Labels(labels.clone()), h));
+            }
+        }
+    }
+
+    /// Counts one request in `ringgate_requests_total` only: one refused before it could be
+    /// served (a malformed or late head), whose duration means nothing.
+    pub fn count_request(&mut self, labels: &Arc<str>, method: &'static str, status: u16) {
+        let a = addr(labels);
+        match self.requests.get_mut(&(a, method, status)) {
+            Some(e) => e.1 += 1,
+            None => {
+                self.requests
+                    .insert((a, method, status), (Labels(labels.clone()), 1));
             }
         }
     }

@@ -486,8 +486,19 @@ pub(crate) async fn run<S: ClientIo>(
                 return;
             }
             HeadRead::Fail(status, msg) => {
-                c.reqid_len = w.new_request_id(&mut c.reqid);
+                // The header fields read before the fault, if any, give the client's id.
+                set_request_id(&w, &mut c);
                 write_error(&w, &mut c, status, msg, false).await;
+                // Counted like any answered request (no route; no duration: it was not
+                // served), so 400/408/431 show in the metrics and the dashboard.
+                let method = if c.b.head.head_len > 0 {
+                    method_label(c.b.head.method)
+                } else {
+                    "OTHER"
+                };
+                if let Ok(mut m) = w.metrics.lock() {
+                    m.count_request(&w.unmatched.0, method, status);
+                }
                 break;
             }
         }
@@ -623,14 +634,7 @@ async fn handle<S: ClientIo>(
     let t0 = Instant::now();
     let head_len = c.b.head.head_len;
     c.consumed = head_len;
-    // Request id: the client's when it is sane, else a new one.
-    c.reqid_len = match c.b.head.header_kind(&c.b.rbuf, HeaderKind::XRequestId) {
-        Some(v) if !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic()) => {
-            c.reqid[..v.len()].copy_from_slice(v);
-            v.len()
-        }
-        _ => w.new_request_id(&mut c.reqid),
-    };
+    set_request_id(w, c);
     let limits = &gw.config.server.limits;
     let method = c.b.head.method;
     let method_str = method_label(method);
@@ -661,6 +665,17 @@ async fn handle<S: ClientIo>(
         }
     }
     (out.keep_alive, end)
+}
+
+/// The request id: the client's when it is sane (1–128 visible characters), else a new one.
+fn set_request_id<S: ClientIo>(w: &Worker, c: &mut Conn<S>) {
+    c.reqid_len = match c.b.head.header_kind(&c.b.rbuf, HeaderKind::XRequestId) {
+        Some(v) if !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic()) => {
+            c.reqid[..v.len()].copy_from_slice(v);
+            v.len()
+        }
+        _ => w.new_request_id(&mut c.reqid),
+    };
 }
 
 fn method_label(m: Method) -> &'static str {
