@@ -483,6 +483,17 @@ fn connections_of_a_dead_node_are_gone() {
 // Cache invalidation
 // ---------------------------------------------------------------------------------------------
 
+/// Admin `POST /cache/invalidate` of stage `shop/prod` on `node`.
+fn invalidate_stage(node: &Gateway) {
+    let r = admin_call(
+        node.admin_addr,
+        "POST",
+        "/cache/invalidate",
+        r#"{"api":"shop","stage":"prod"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 /// An origin answering `v0`, `v1`, ...: a new body for each upstream request.
 fn counting_origin() -> Origin {
     let hits = std::sync::atomic::AtomicUsize::new(0);
@@ -508,13 +519,7 @@ fn cache_invalidation_reaches_every_node() {
     };
     let first_b = get();
     assert_eq!(get(), first_b, "cached on B");
-    let r = admin_call(
-        a.admin_addr,
-        "POST",
-        "/cache/invalidate",
-        r#"{"api":"shop","stage":"prod"}"#,
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    invalidate_stage(&a);
     assert!(
         wait_until(Duration::from_secs(3), || get() != first_b),
         "B still serves its cached entry"
@@ -541,13 +546,7 @@ fn clusters_on_other_databases_of_one_redis_stay_apart() {
     let (mut cb, mut co) = (Client::connect(b.addr), Client::connect(other.addr));
     let (first_b, first_o) = (get(&mut cb), get(&mut co));
     assert_eq!(get(&mut co), first_o, "cached on the other cluster's node");
-    let r = admin_call(
-        a.admin_addr,
-        "POST",
-        "/cache/invalidate",
-        r#"{"api":"shop","stage":"prod"}"#,
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    invalidate_stage(&a);
     // B (same database) drops its entry; by then the other cluster's node has had the same
     // time to hear of it, and keeps its entry.
     assert!(wait_until(Duration::from_secs(3), || get(&mut cb) != first_b));
