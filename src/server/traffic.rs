@@ -28,7 +28,9 @@ pub(super) fn is_preflight<S: ClientIo>(c: &Conn<S>) -> bool {
 }
 
 /// The route a preflight asks about (routed with the requested method), when its API has
-/// CORS configured: the gateway answers for it.
+/// CORS configured: the gateway answers for it. A method no route of the path takes is still
+/// answered for the path's API (as API Gateway answers every preflight of a CORS API): the
+/// answer lists the allowed methods, and the browser refuses the request itself.
 pub(super) fn preflight_route<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>) -> Option<u32> {
     let m =
         c.b.head
@@ -36,10 +38,26 @@ pub(super) fn preflight_route<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>) -> Opt
     let m = std::str::from_utf8(m).ok()?;
     let path = std::str::from_utf8(c.b.head.slice(&c.b.rbuf, c.b.head.path)).ok()?;
     let host = c.b.head.host.map(|r| c.b.head.slice(&c.b.rbuf, r));
-    match gw.config.routes.find(host, m, path, &mut c.params) {
-        RouteMatch::Found(id) if gw.config.traffic.routes[id as usize].cors.is_some() => Some(id),
-        _ => None,
-    }
+    let id = match gw.config.routes.find(host, m, path, &mut c.params) {
+        RouteMatch::Found(id) => id,
+        RouteMatch::MethodNotAllowed => gw
+            .config
+            .routes
+            .allowed_methods(host, path)
+            .iter()
+            .filter_map(|m| std::str::from_utf8(m).ok())
+            .find_map(
+                |m| match gw.config.routes.find(host, m, path, &mut c.params) {
+                    RouteMatch::Found(id) => Some(id),
+                    _ => None,
+                },
+            )?,
+        RouteMatch::NotFound => return None,
+    };
+    gw.config.traffic.routes[id as usize]
+        .cors
+        .is_some()
+        .then_some(id)
 }
 
 /// A preflight the gateway does not allow: 204 without CORS headers.
