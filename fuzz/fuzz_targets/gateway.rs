@@ -93,6 +93,8 @@ fn one_input(addr: SocketAddr, data: &[u8]) {
                     got.extend_from_slice(&buf[..n]);
                 }
             }
+            // libFuzzer's timer signal.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             // A reset after the gateway refused something with data still unread is a close.
             Err(e)
                 if e.kind() == std::io::ErrorKind::ConnectionReset
