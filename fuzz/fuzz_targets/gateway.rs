@@ -126,7 +126,13 @@ fn one_input(addr: SocketAddr, data: &[u8]) {
         }
     }
     if std::env::var_os("RINGGATE_FUZZ_SHOW").is_some() {
-        eprintln!("--- {} bytes in, {} bytes out in {:?}:\n{}", data.len(), got.len(), start.elapsed(), lossy(&got));
+        eprintln!(
+            "--- {} bytes in, {} bytes out in {:?}:\n{}",
+            data.len(),
+            got.len(),
+            start.elapsed(),
+            lossy(&got)
+        );
     }
     check_responses(data, &got);
 }
@@ -143,13 +149,16 @@ fn check_responses(req: &[u8], mut got: &[u8]) {
             // Cut short (the gateway may drop a connection mid-answer on an upstream
             // failure); what there is must still agree with the prefix.
             let m = got.len().min(prefix.len());
-            assert_eq!(&got[..m], &prefix[..m], "response {n} starts badly: {:?}", lossy(got));
+            assert_eq!(
+                &got[..m],
+                &prefix[..m],
+                "response {n} starts badly: {:?}",
+                lossy(got)
+            );
             return;
         }
         assert!(
-            got.starts_with(prefix)
-                && got[9..12].iter().all(u8::is_ascii_digit)
-                && got[12] == b' ',
+            got.starts_with(prefix) && got[9..12].iter().all(u8::is_ascii_digit) && got[12] == b' ',
             "response {n} does not start with a status line: {:?}",
             lossy(got)
         );
@@ -168,8 +177,14 @@ fn check_responses(req: &[u8], mut got: &[u8]) {
         let mut chunked = false;
         for h in resp.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
-                let v = std::str::from_utf8(h.value).ok().and_then(|v| v.parse::<usize>().ok());
-                assert!(v.is_some(), "response {n}: bad content-length {:?}", lossy(h.value));
+                let v = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok());
+                assert!(
+                    v.is_some(),
+                    "response {n}: bad content-length {:?}",
+                    lossy(h.value)
+                );
                 assert!(
                     cl.is_none() || cl == v,
                     "response {n}: two content-lengths: {:?}",
@@ -257,7 +272,10 @@ fn still_serving(addr: SocketAddr) {
 fn get(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: fuzz\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: fuzz\r\nConnection: close\r\n\r\n"
+    )?;
     let mut out = Vec::new();
     s.read_to_end(&mut out)?;
     let line = out.split(|&b| b == b'\n').next().unwrap_or(&[]);
@@ -292,7 +310,8 @@ fn start() -> SocketAddr {
     let origin = origin::start(free_port(from, to, 0));
     let port = free_port(from, to, origin.port());
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let dir: PathBuf = std::env::temp_dir().join(format!("ringgate-fuzz-gw-{}", std::process::id()));
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("ringgate-fuzz-gw-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     std::fs::write(
@@ -321,10 +340,16 @@ fn start() -> SocketAddr {
         if let Ok(200) = get(addr, "/mock") {
             break;
         }
-        assert!(Instant::now() < deadline, "the gateway did not start on {addr}");
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not start on {addr}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    eprintln!("fuzz gateway on {addr}, origin on {origin}, files in {}", dir.display());
+    eprintln!(
+        "fuzz gateway on {addr}, origin on {origin}, files in {}",
+        dir.display()
+    );
     addr
 }
 
@@ -503,6 +528,12 @@ mod origin {
             let mut chunked = false;
             let mut upgrade = false;
             let mut heads = 0;
+            // `x-resp-NAME: V` headers become `NAME: V` in the answer, `x-status: N` its
+            // status and `x-chunked: 1` a chunked body with a trailer, so inputs reach the
+            // response side too (cache-control, vary, set-cookie, odd statuses ...).
+            let mut extra = String::new();
+            let mut status = 200u16;
+            let mut chunked_reply = false;
             loop {
                 let mut h = String::new();
                 if r.read_line(&mut h)? == 0 {
@@ -527,6 +558,24 @@ mod origin {
                     chunked = value.eq_ignore_ascii_case("chunked");
                 } else if name.eq_ignore_ascii_case("upgrade") {
                     upgrade = value.eq_ignore_ascii_case("websocket");
+                } else if name.eq_ignore_ascii_case("x-status") {
+                    status = value
+                        .parse()
+                        .ok()
+                        .filter(|s| (200..600).contains(s))
+                        .unwrap_or(200);
+                } else if name.eq_ignore_ascii_case("x-chunked") {
+                    chunked_reply = true;
+                } else if name.len() > 7
+                    && name.is_char_boundary(7)
+                    && name[..7].eq_ignore_ascii_case("x-resp-")
+                    && extra.len() < 2048
+                {
+                    let n = &name[7..];
+                    let framing = ["content-length", "transfer-encoding", "connection"];
+                    if !framing.iter().any(|f| n.eq_ignore_ascii_case(f)) {
+                        extra.push_str(&format!("{n}: {value}\r\n"));
+                    }
                 }
             }
             if upgrade {
@@ -573,15 +622,27 @@ mod origin {
                 r.read_exact(&mut body)?;
             }
             let reply = format!("{method} {target} {}", body.len());
+            let bodiless = method == "HEAD" || status == 204 || status == 304;
             let mut out = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nserver: fuzz-origin\r\nx-total: 1\r\ncache-control: max-age=30\r\ncontent-length: {}\r\n\r\n",
-                if method == "HEAD" { 0 } else { reply.len() }
+                "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\nserver: fuzz-origin\r\nx-total: 1\r\n{}{extra}",
+                if extra.contains("ache-control") { "" } else { "cache-control: max-age=30\r\n" }
             );
             if target.starts_with("/connect") {
-                out = "HTTP/1.1 200 OK\r\nsec-websocket-protocol: chat\r\ncontent-length: 0\r\n\r\n"
-                    .to_string();
-            } else if method != "HEAD" {
-                out.push_str(&reply);
+                out =
+                    "HTTP/1.1 200 OK\r\nsec-websocket-protocol: chat\r\ncontent-length: 0\r\n\r\n"
+                        .to_string();
+            } else if bodiless {
+                out.push_str("\r\n");
+            } else if chunked_reply {
+                out.push_str("transfer-encoding: chunked\r\n\r\n");
+                for part in [&reply[..reply.len() / 2], &reply[reply.len() / 2..]] {
+                    if !part.is_empty() {
+                        out.push_str(&format!("{:x}\r\n{part}\r\n", part.len()));
+                    }
+                }
+                out.push_str("0\r\nx-trailer: t\r\n\r\n");
+            } else {
+                out.push_str(&format!("content-length: {}\r\n\r\n{reply}", reply.len()));
             }
             w.write_all(out.as_bytes())?;
         }
