@@ -1126,6 +1126,82 @@ integration = {{ type = "mock", status = 200, body = "pong" }}
         .contains("ringgate_websocket_connections_active 1"));
 }
 
+/// Over mTLS, a WebSocket API's integration calls (`$connect` and message routes) get the
+/// verified client certificate as `x-forwarded-client-cert` and `X-Forwarded-Proto: https`;
+/// the values a client sends in its handshake never pass.
+#[test]
+fn websocket_api_calls_get_the_client_certificate_and_https() {
+    use sha2::Digest;
+    let pki = Pki::new();
+    let origin = Origin::start(|r| match r.header("x-route-key") {
+        Some("$default") => Response::ok(r.body.clone()),
+        _ => Response::ok(""),
+    });
+    let tls = format!(
+        "{}\nclient_ca = \"{}\"",
+        certs_a_b(&pki),
+        pki.path("client-ca.pem")
+    );
+    let rest = format!(
+        r#"
+[[upstreams]]
+name = "be"
+targets = ["{}"]
+
+[[apis]]
+name = "chat"
+protocol = "websocket"
+
+[[apis.routes]]
+route = "$connect"
+integration = {{ type = "http", upstream = "be", path = "/connect" }}
+[[apis.routes]]
+route = "$default"
+integration = {{ type = "http", upstream = "be", path = "/default" }}
+"#,
+        origin.addr
+    );
+    let g = start("", &tls, &rest);
+    let der = CertificateDer::from_pem_file(pki.path("client.pem")).unwrap();
+    let hash: String = sha2::Sha256::digest(der.as_ref())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let want = format!("Hash={hash};Subject=\"CN=client.test\";DNS=client.test");
+    let (cert, key) = (pki.path("client.pem"), pki.path("client.key"));
+    let cfg = client_config(&pki.path("ca.pem"), Some((&cert, &key)));
+    let mut t = tls_connect(g.tls, "a.test", cfg);
+    write!(
+        t,
+        "GET / HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Forwarded-Client-Cert: Hash=forged\r\nX-Forwarded-Proto: http\r\nX-Principal-Id: admin\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut tmp = [0u8; 4096];
+        let n = t.read(&mut tmp).unwrap();
+        assert!(n > 0, "closed during the upgrade");
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    buf.drain(..end);
+    t.write_all(&ws_frame(op::TEXT, b"hello")).unwrap();
+    assert_eq!(ws_read(&mut t, &mut buf), (op::TEXT, b"hello".to_vec()));
+    let calls = origin.requests();
+    assert_eq!(calls.len(), 2);
+    for (r, key) in calls.iter().zip(["$connect", "$default"]) {
+        assert_eq!(r.header("x-route-key"), Some(key));
+        assert_eq!(r.headers_named("x-forwarded-client-cert"), [want.as_str()]);
+        assert_eq!(r.headers_named("x-forwarded-proto"), ["https"], "{key}");
+        assert_eq!(r.headers_named("x-forwarded-host"), ["a.test"], "{key}");
+        assert!(r.headers_named("x-principal-id").is_empty(), "{key}");
+    }
+}
+
 /// Python's `websockets` (over Python's ssl module) as an independent wss client, through a
 /// pass-through route to the echo origin.
 #[test]

@@ -1096,3 +1096,138 @@ plans = ["ws"]
     assert_eq!(u["used"], 2, "{u}");
     assert_eq!(u["remaining"], 0, "{u}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// What integration calls receive: the gateway's forwarding and identity headers, never the
+// client's
+// ---------------------------------------------------------------------------------------------
+
+/// Identity and forwarding headers a client might forge in its handshake.
+const FORGED: &str = "X-Principal-Id: admin\r\nX-Forwarded-Client-Cert: Hash=deadbeef\r\nX-Forwarded-Proto: https\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Host: evil.example\r\nX-Connection-Id: 0000000000000001\r\nX-Route-Key: echo\r\nKeep-Alive: timeout=5\r\n";
+
+/// Opens a connection, sends one `echo` message, closes it, and returns the `$connect`, `echo`
+/// and `$disconnect` calls the integration received.
+fn connect_echo_close(gw: &Gateway, be: &Origin, extra: &str) -> [Request; 3] {
+    let (head, mut ws) = ws_connect(gw.addr, "/", extra);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    ws.text(r#"{"action":"echo","v":1}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo","v":1}"#);
+    ws.send(true, op::CLOSE, &1000u16.to_be_bytes());
+    assert_eq!(ws.expect_close(), 1000);
+    assert!(wait_until(Duration::from_secs(3), || !route_keys(
+        be,
+        "$disconnect"
+    )
+    .is_empty()));
+    let one = |key: &str| {
+        let mut v = route_keys(be, key);
+        assert_eq!(v.len(), 1, "{key}");
+        v.remove(0)
+    };
+    [one("$connect"), one("echo"), one("$disconnect")]
+}
+
+#[test]
+fn integration_calls_get_the_gateways_forwarding_headers_never_forged_ones() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let calls = connect_echo_close(&gw, &be, FORGED);
+    let id = calls[0].header("x-connection-id").unwrap().to_string();
+    for (r, key) in calls.iter().zip(["$connect", "echo", "$disconnect"]) {
+        // No authorizer named a principal, so there is none; a client-sent one never passes.
+        assert!(r.headers_named("x-principal-id").is_empty(), "{key}");
+        // No client certificate (plain listener): a client-sent value never passes.
+        assert!(
+            r.headers_named("x-forwarded-client-cert").is_empty(),
+            "{key}"
+        );
+        assert_eq!(r.headers_named("x-forwarded-proto"), ["http"], "{key}");
+        assert_eq!(
+            r.headers_named("x-forwarded-for"),
+            ["1.2.3.4, 127.0.0.1"],
+            "{key}"
+        );
+        assert_eq!(r.headers_named("x-forwarded-host"), ["chat.test"], "{key}");
+        assert_eq!(r.headers_named("x-connection-id"), [id.as_str()], "{key}");
+        assert_eq!(r.headers_named("x-route-key"), [key], "{key}");
+        assert!(r.headers_named("keep-alive").is_empty(), "{key}");
+    }
+    // `$connect` also gets the handshake's request id and the client's other headers.
+    let rid = calls[0].headers_named("x-request-id");
+    assert_eq!(rid.len(), 1);
+    assert!(!rid[0].is_empty());
+    assert_eq!(calls[0].header("sec-websocket-key"), Some(KEY));
+    // Without a client X-Forwarded-For, the chain is the peer alone.
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let calls = connect_echo_close(&gw, &be, "X-Request-Id: client-rid-1\r\n");
+    for r in &calls {
+        assert_eq!(r.headers_named("x-forwarded-for"), ["127.0.0.1"]);
+    }
+    assert_eq!(calls[0].headers_named("x-request-id"), ["client-rid-1"]);
+}
+
+/// An HS256 token for `sub`, valid for five minutes.
+fn hs256(secret: &str, sub: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({ "sub": sub, "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// The principal `$connect`'s authorizer named goes with every integration call of that
+/// connection (as `$context.authorizer.principalId` does in Amazon API Gateway), replacing a
+/// client-sent one.
+#[test]
+fn connect_principal_goes_with_every_integration_call_of_the_connection() {
+    const SECRET: &str = "websocket-test-secret-0123456789abcdef";
+    let be = api_backend();
+    let cfg = api_config(be.addr, "").replace(
+        "route = \"$connect\"\n",
+        "route = \"$connect\"\nauth = \"jwt:users\"\n",
+    ) + &format!(
+        "\n[[authorizers]]\nname = \"users\"\ntype = \"jwt\"\nsecret = \"{SECRET}\"\n"
+    );
+    let gw = Gateway::start(&cfg);
+    let auth = format!(
+        "Authorization: Bearer {}\r\n{FORGED}",
+        hs256(SECRET, "user-9")
+    );
+    let calls = connect_echo_close(&gw, &be, &auth);
+    for (r, key) in calls.iter().zip(["$connect", "echo", "$disconnect"]) {
+        assert_eq!(r.headers_named("x-principal-id"), ["user-9"], "{key}");
+        assert!(
+            r.headers_named("x-forwarded-client-cert").is_empty(),
+            "{key}"
+        );
+        assert_eq!(r.headers_named("x-forwarded-proto"), ["http"], "{key}");
+        assert_eq!(
+            r.headers_named("x-forwarded-for"),
+            ["1.2.3.4, 127.0.0.1"],
+            "{key}"
+        );
+    }
+    // A token for someone else: each connection keeps its own principal.
+    let (head, mut other) = ws_connect(
+        gw.addr,
+        "/",
+        &format!("Authorization: Bearer {}\r\n", hs256(SECRET, "user-10")),
+    );
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    other.text(r#"{"action":"echo","v":2}"#);
+    assert_eq!(other.recv_text(), r#"{"action":"echo","v":2}"#);
+    let echoes = route_keys(&be, "echo");
+    assert_eq!(echoes.len(), 2);
+    assert_eq!(echoes[1].headers_named("x-principal-id"), ["user-10"]);
+    // No token: refused before the $connect integration.
+    let (head, _) = ws_connect(gw.addr, "/", "X-Principal-Id: admin\r\n");
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert_eq!(route_keys(&be, "$connect").len(), 2);
+}

@@ -819,15 +819,14 @@ async fn ws_handshake<S: ClientIo>(
     api: &Arc<crate::ws::WsApi>,
 ) -> Outcome {
     use crate::ws::api::Handshake;
-    let hs = crate::ws::api::handshake(
-        gw,
-        api,
-        &c.b.head,
-        &c.b.rbuf,
-        c.peer,
-        &c.reqid[..c.reqid_len],
-    )
-    .await;
+    let client = crate::ws::api::ClientInfo {
+        peer: c.peer,
+        tls: S::TLS,
+        xfcc: c.stream.xfcc(),
+        principal: c.principal.as_deref(),
+        request_id: &c.reqid[..c.reqid_len],
+    };
+    let hs = crate::ws::api::handshake(gw, api, &c.b.head, &c.b.rbuf, &client).await;
     match hs {
         Handshake::Accept(head, accepted) => {
             c.b.out.clear();

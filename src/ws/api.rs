@@ -18,7 +18,7 @@ use super::{WsApi, WsSettings, WsTarget};
 use crate::config::raw::{RawApi, RawIntegration, RawStage};
 use crate::config::{ConfigError, Source, UpstreamConfig};
 use crate::gateway::{Gateway, Shared};
-use crate::http::RequestHead;
+use crate::http::{HeaderKind, RequestHead};
 use ahash::AHashMap;
 use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};
@@ -357,6 +357,9 @@ pub struct Accepted {
     gw: Arc<Gateway>,
     id: u64,
     peer: SocketAddr,
+    /// The gateway's own headers for every integration call of this connection (see
+    /// [`conn_headers`]).
+    conn_headers: Box<[u8]>,
 }
 
 /// The handshake outcome: the 101 head to write, or the refusal.
@@ -369,14 +372,61 @@ pub enum Handshake {
     RefuseWith(u16, Vec<u8>),
 }
 
+/// What the gateway knows of the client beyond its handshake head.
+pub struct ClientInfo<'a> {
+    /// The client's address (`X-Forwarded-For`, `sourceIp`).
+    pub peer: SocketAddr,
+    /// Came in over TLS (`X-Forwarded-Proto: https`).
+    pub tls: bool,
+    /// The `x-forwarded-client-cert` value of a client certificate verified in the TLS
+    /// handshake (mTLS).
+    pub xfcc: Option<&'a [u8]>,
+    /// The principal the `$connect` route's authorizer named.
+    pub principal: Option<&'a str>,
+    /// The request id of the handshake request.
+    pub request_id: &'a [u8],
+}
+
+/// The headers the gateway sets itself on every integration call of a connection, by the
+/// same rules as the HTTP proxy path: `X-Forwarded-For` (the client's values, then the peer),
+/// `X-Forwarded-Proto` (by listener), `X-Forwarded-Host` (the client's `Host`),
+/// `x-forwarded-client-cert` (mTLS) and `x-principal-id` (the `$connect` authorizer's). Any
+/// client-sent header of these names is never passed on.
+fn conn_headers(head: &RequestHead, buf: &[u8], client: &ClientInfo<'_>) -> Vec<u8> {
+    use crate::http::encode::push_header;
+    let mut out = Vec::with_capacity(192);
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for (kind, _, value) in head.forwardable_kinds(buf) {
+        if kind == HeaderKind::XForwardedFor {
+            out.extend_from_slice(value);
+            out.extend_from_slice(b", ");
+        }
+    }
+    crate::http::encode::push_ip(&mut out, client.peer.ip());
+    out.extend_from_slice(if client.tls {
+        b"\r\nx-forwarded-proto: https\r\n"
+    } else {
+        b"\r\nx-forwarded-proto: http\r\n"
+    });
+    if let Some(h) = head.host {
+        push_header(&mut out, b"x-forwarded-host", head.slice(buf, h));
+    }
+    if let Some(v) = client.xfcc {
+        push_header(&mut out, b"x-forwarded-client-cert", v);
+    }
+    if let Some(p) = client.principal {
+        push_header(&mut out, b"x-principal-id", p.as_bytes());
+    }
+    out
+}
+
 /// Runs the opening handshake of a WebSocket API: validation, then `$connect`.
 pub async fn handshake(
     gw: &Arc<Gateway>,
     api: &Arc<WsApi>,
     head: &RequestHead,
     buf: &[u8],
-    peer: SocketAddr,
-    request_id: &[u8],
+    client: &ClientInfo<'_>,
 ) -> Handshake {
     let accept = match super::handshake::validate(head, buf, &api.settings.allowed_origins) {
         Ok(a) => a,
@@ -384,33 +434,38 @@ pub async fn handshake(
     };
     // The id is allocated here so `$connect` already sees it.
     let id = next_id();
+    let conn_headers = conn_headers(head, buf, client);
+    let request_id = client.request_id;
     let mut subprotocol: Option<Vec<u8>> = None;
     if let Some(t) = api.routes.get("$connect") {
         let mut hdrs = Vec::with_capacity(512);
-        for (name, value) in head.forwardable(buf) {
-            if name.eq_ignore_ascii_case(b"host")
-                || name.eq_ignore_ascii_case(b"content-length")
-                || name.eq_ignore_ascii_case(b"x-connection-id")
-                || name.eq_ignore_ascii_case(b"x-route-key")
-                || name.eq_ignore_ascii_case(b"x-forwarded-for")
-            {
-                continue;
+        for (kind, name, value) in head.forwardable_kinds(buf) {
+            match kind {
+                // The gateway's own (in `conn_headers` or below), replacing any the client
+                // sent; the call has its own `host` and `content-length`.
+                HeaderKind::Host
+                | HeaderKind::ContentLength
+                | HeaderKind::XForwardedFor
+                | HeaderKind::XForwardedProto
+                | HeaderKind::XForwardedHost
+                | HeaderKind::XForwardedClientCert
+                | HeaderKind::XPrincipalId
+                | HeaderKind::XRequestId => continue,
+                HeaderKind::Other
+                    if name.eq_ignore_ascii_case(b"x-connection-id")
+                        || name.eq_ignore_ascii_case(b"x-route-key") =>
+                {
+                    continue
+                }
+                _ => crate::http::encode::push_header(&mut hdrs, name, value),
             }
-            crate::http::encode::push_header(&mut hdrs, name, value);
         }
-        if let Some(h) = head.host {
-            crate::http::encode::push_header(&mut hdrs, b"x-forwarded-host", head.slice(buf, h));
-        }
-        crate::http::encode::push_header(
-            &mut hdrs,
-            b"x-forwarded-for",
-            peer.ip().to_string().as_bytes(),
-        );
-        if !request_id.is_empty() && head.header(buf, "x-request-id").is_none() {
+        hdrs.extend_from_slice(&conn_headers);
+        if !request_id.is_empty() {
             crate::http::encode::push_header(&mut hdrs, b"x-request-id", request_id);
         }
         let query = head.query.map(|q| head.slice(buf, q)).unwrap_or(b"");
-        match call(gw, t, "$connect", id, &hdrs, b"", query).await {
+        match call(gw, t, "$connect", id, &hdrs, b"", b"", query).await {
             Ok(a) if (200..300).contains(&a.status) => {
                 // The integration may pick one of the subprotocols the client offered.
                 let offered = head.header(buf, "sec-websocket-protocol").unwrap_or(b"");
@@ -448,7 +503,8 @@ pub async fn handshake(
             api: api.clone(),
             gw: gw.clone(),
             id,
-            peer,
+            peer: client.peer,
+            conn_headers: conn_headers.into_boxed_slice(),
         },
     )
 }
@@ -480,13 +536,16 @@ fn next_id() -> u64 {
     mix(base.wrapping_add((t << 52) | (seq & ((1 << 52) - 1))))
 }
 
-/// Calls a route's integration.
+/// Calls a route's integration: `extra_headers` (the call's own) and `conn_headers` (the
+/// connection's, from [`conn_headers`]) are complete `name: value\r\n` lines.
+#[allow(clippy::too_many_arguments)]
 async fn call(
     gw: &Gateway,
     t: &WsTarget,
     route_key: &str,
     id: u64,
     extra_headers: &[u8],
+    conn_headers: &[u8],
     body: &[u8],
     query: &[u8],
 ) -> Result<client::Answer, ()> {
@@ -497,8 +556,9 @@ async fn call(
             subprotocol: None,
         }),
         WsTarget::Http { upstream, path } => {
-            let mut hdrs = Vec::with_capacity(extra_headers.len() + 96);
+            let mut hdrs = Vec::with_capacity(extra_headers.len() + conn_headers.len() + 96);
             hdrs.extend_from_slice(extra_headers);
+            hdrs.extend_from_slice(conn_headers);
             crate::http::encode::push_header(
                 &mut hdrs,
                 b"x-connection-id",
@@ -528,7 +588,13 @@ pub async fn run<S: crate::server::ClientIo>(
     pending: Vec<u8>,
     shared: &Arc<Shared>,
 ) {
-    let Accepted { api, gw, id, peer } = a;
+    let Accepted {
+        api,
+        gw,
+        id,
+        peer,
+        conn_headers,
+    } = a;
     let settings = &api.settings;
     let started = Instant::now();
     let last_active = Arc::new(AtomicU64::new(now_ms()));
@@ -631,6 +697,7 @@ pub async fn run<S: crate::server::ClientIo>(
                                         &gw,
                                         &api,
                                         id,
+                                        &conn_headers,
                                         text,
                                         &data,
                                         &mut scratch,
@@ -756,7 +823,17 @@ pub async fn run<S: crate::server::ClientIo>(
         c.conn_closed(id);
     }
     if let Some(t) = api.routes.get("$disconnect") {
-        let _ = Box::pin(call(&gw, t, "$disconnect", id, b"", b"", b"")).await;
+        let _ = Box::pin(call(
+            &gw,
+            t,
+            "$disconnect",
+            id,
+            b"",
+            &conn_headers,
+            b"",
+            b"",
+        ))
+        .await;
     }
 }
 
@@ -774,6 +851,7 @@ async fn on_message(
     gw: &Gateway,
     api: &WsApi,
     id: u64,
+    conn_headers: &[u8],
     text: bool,
     data: &[u8],
     scratch: &mut Vec<u8>,
@@ -791,7 +869,7 @@ async fn on_message(
     } else {
         b"content-type: application/octet-stream\r\n"
     };
-    match call(gw, t, key, id, hdrs, data, b"").await {
+    match call(gw, t, key, id, hdrs, conn_headers, data, b"").await {
         Ok(a) if a.body.is_empty() => None,
         Ok(a) => Some(message_frame(&a.body)),
         Err(()) => {
