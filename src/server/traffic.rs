@@ -4,18 +4,22 @@
 //! auth stage, [`throttle`] (throttles, usage-plan quota) after it.
 //!
 //! A route with nothing configured costs a branch per stage. Otherwise each stage reads the
-//! clock once and every bucket is one atomic; nothing here allocates or locks.
+//! clock once and every bucket is one atomic; nothing here locks, and nothing allocates but
+//! the WAF's `body` rules, which wait for the first `body_max_bytes` of a body (a chunked one
+//! decoded into a copy for the scan, its raw bytes left in `rbuf` for the upstream).
 
+use super::validate_stage::{self, Failure, CHUNKED_READ};
 use super::{body_skippable, reject, write_out, ClientIo, Conn, Outcome, Worker};
 use crate::config::{Limits, RouteMatch};
 use crate::gateway::Gateway;
-use crate::http::{encode, BodyKind, Method};
+use crate::http::{encode, BodyKind, ChunkedDecoder, Method};
 use crate::policy::plans::{unix_at, KeyDirectory, Refusal};
 use crate::policy::throttle::{now_ns, Wait};
 use crate::policy::waf::{Input, Verdict};
 use crate::policy::Reason;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// `OPTIONS` with `Origin` and `Access-Control-Request-Method`.
 pub(super) fn is_preflight<S: ClientIo>(c: &Conn<S>) -> bool {
@@ -151,8 +155,13 @@ pub(super) async fn before<S: ClientIo>(
             Verdict::Throttled(wait) => return Some(too_many(w, c, rt, Reason::Ip, wait).await),
         }
         if !t.waf.rules.is_empty() {
+            // The payload the `body` rules see: a chunked body's decoded first
+            // `body_max_bytes` (its raw bytes stay in `rbuf` for the upstream).
+            let mut decoded = Vec::new();
             if t.waf.wants_body() {
-                if let Err(out) = buffer_body(w, c, t.waf.body_max_bytes, limits).await {
+                if let Err(out) =
+                    buffer_body(w, c, t.waf.body_max_bytes, limits, &mut decoded).await
+                {
                     return Some(out);
                 }
             }
@@ -162,7 +171,7 @@ pub(super) async fn before<S: ClientIo>(
             let body = match h.body {
                 BodyKind::None => &body[..0],
                 BodyKind::Length(n) => &body[..(n.min(body.len() as u64)) as usize],
-                BodyKind::Chunked => body,
+                BodyKind::Chunked => &decoded[..],
             };
             let mut headers = h
                 .headers
@@ -264,30 +273,86 @@ fn refund(taken: &[(Option<&crate::policy::throttle::Bucket>, Reason)]) {
     }
 }
 
-/// Reads until the first `max` bytes of a `Content-Length` body are buffered after the head,
-/// so the `body` rules see them. (A chunked body is inspected as far as it is buffered.)
+/// Reads until the first `max` payload bytes of the body (or all of it, when shorter) are
+/// buffered after the head, so the `body` rules see them, within `header_timeout` (408).
+/// A `Content-Length` body is scanned where it lies in `rbuf`. A chunked body's raw bytes are
+/// kept in `rbuf` as they came (the proxy sends them on unchanged) and its payload is decoded
+/// into `decoded`, so a match split across chunks is found; bad framing gets 400, a payload
+/// past `max_body_bytes` 413.
 async fn buffer_body<S: ClientIo>(
     w: &Rc<Worker>,
     c: &mut Conn<S>,
     max: usize,
     limits: &Limits,
+    decoded: &mut Vec<u8>,
 ) -> Result<(), Outcome> {
-    let BodyKind::Length(n) = c.b.head.body else {
-        return Ok(());
+    let res = match c.b.head.body {
+        BodyKind::None => return Ok(()),
+        BodyKind::Length(n) => {
+            let want = c.b.head.head_len + (n.min(max as u64) as usize);
+            super::fill_rbuf(c, want, limits.header_timeout)
+                .await
+                .map_err(Failure::Read)
+        }
+        BodyKind::Chunked => buffer_chunked(c, max, limits, decoded).await,
     };
-    let want = c.b.head.head_len + (n.min(max as u64) as usize);
-    match super::fill_rbuf(c, want, limits.header_timeout).await {
-        Ok(()) => {}
-        Err(super::FillError::TimedOut) => {
-            return Err(reject(w, c, 408, "Request Timeout", false).await)
-        }
-        Err(super::FillError::Closed) => {
-            return Err(Outcome {
-                status: 499,
-                keep_alive: false,
-                upstream: None,
-            })
-        }
+    match res {
+        Ok(()) => Ok(()),
+        // As with a Content-Length body: a client gone mid-body gets no answer.
+        Err(Failure::Read(super::FillError::Closed)) => Err(Outcome {
+            status: 499,
+            keep_alive: false,
+            upstream: None,
+        }),
+        Err(f) => Err(validate_stage::answer_failure(w, c, f).await),
     }
-    Ok(())
+}
+
+/// Raw chunked bytes (framing included) held for the WAF at most, beyond the `max` payload
+/// bytes it inspects: `FRAMING_FACTOR × max + FRAMING_SLACK`. Ordinary framing costs a few
+/// bytes per chunk; a body needing more (say, one-byte chunks with long extensions) is refused
+/// rather than held without bound or let through half inspected.
+const FRAMING_FACTOR: usize = 4;
+const FRAMING_SLACK: usize = 64 * 1024;
+
+/// The chunked case of [`buffer_body`]: reads into `rbuf` until the decoder has seen `max`
+/// payload bytes or the end of the body, appending the first `max` payload bytes to `decoded`.
+async fn buffer_chunked<S: ClientIo>(
+    c: &mut Conn<S>,
+    max: usize,
+    limits: &Limits,
+    decoded: &mut Vec<u8>,
+) -> Result<(), Failure> {
+    let head_len = c.b.head.head_len;
+    let deadline = Instant::now() + limits.header_timeout;
+    let raw_max = max
+        .saturating_mul(FRAMING_FACTOR)
+        .saturating_add(FRAMING_SLACK);
+    let mut dec = ChunkedDecoder::new(limits.max_body_bytes);
+    // `rbuf[..fed]` has been through the decoder.
+    let mut fed = head_len.min(c.b.rbuf.len());
+    let mut tmp = Vec::new();
+    decoded.reserve(max.min(64 * 1024));
+    loop {
+        let (used, done) = dec
+            .feed(&c.b.rbuf[fed..], |d| {
+                let room = max.saturating_sub(decoded.len());
+                decoded.extend_from_slice(&d[..d.len().min(room)]);
+            })
+            .map_err(Failure::Chunk)?;
+        fed += used;
+        if done || dec.total() >= max as u64 {
+            return Ok(());
+        }
+        if c.b.rbuf.len() - head_len >= raw_max {
+            return Err(Failure::Framing);
+        }
+        if tmp.capacity() == 0 {
+            tmp.reserve(CHUNKED_READ);
+        }
+        super::read_body(c, deadline, &mut tmp)
+            .await
+            .map_err(Failure::Read)?;
+        c.b.rbuf.extend_from_slice(&tmp);
+    }
 }

@@ -19,8 +19,8 @@ use crate::policy::validate::BodySchema;
 use std::rc::Rc;
 use std::time::Instant;
 
-/// Bytes read at most per read of a chunked body.
-const CHUNKED_READ: usize = 64 * 1024;
+/// Bytes read at most per read of a chunked body (here and by the WAF stage).
+pub(super) const CHUNKED_READ: usize = 64 * 1024;
 
 /// Checks the body; on failure the client has been answered and the outcome is returned.
 pub(super) async fn run<S: ClientIo>(
@@ -36,19 +36,13 @@ pub(super) async fn run<S: ClientIo>(
             // Past `max_body_bytes` was refused (413) before routing.
             let want = head_len + n as usize;
             if let Err(e) = fill_rbuf(c, want, limits.header_timeout).await {
-                return Err(read_failed(w, c, e).await);
+                return Err(answer_failure(w, c, Failure::Read(e)).await);
             }
             n as usize
         }
         BodyKind::Chunked => match dechunk(c, limits).await {
             Ok(n) => n,
-            Err(Failure::Read(e)) => return Err(read_failed(w, c, e).await),
-            Err(Failure::Chunk(ChunkError::TooLarge)) => {
-                return Err(reject(w, c, 413, "Request Entity Too Large", false).await)
-            }
-            Err(Failure::Chunk(ChunkError::Invalid(_))) => {
-                return Err(reject(w, c, 400, "Bad Request: invalid chunked body", false).await)
-            }
+            Err(f) => return Err(answer_failure(w, c, f).await),
         },
     };
     match schema.check(&c.b.rbuf[head_len..head_len + len]) {
@@ -61,16 +55,43 @@ pub(super) async fn run<S: ClientIo>(
     }
 }
 
-enum Failure {
+/// Why a request body could not be read.
+pub(super) enum Failure {
     Read(FillError),
     Chunk(ChunkError),
+    /// Chunked framing too large next to its payload to be held for inspection.
+    Framing,
 }
 
-/// Answers a body that did not arrive: 408 when it was too slow, 400 when it was cut short.
-async fn read_failed<S: ClientIo>(w: &Rc<Worker>, c: &mut Conn<S>, e: FillError) -> Outcome {
-    match e {
-        FillError::TimedOut => reject(w, c, 408, "Request Timeout", false).await,
-        FillError::Closed => reject(w, c, 400, "Bad Request: body ended early", false).await,
+/// Answers a body that could not be read: 408 when it was too slow, 400 when it was cut short
+/// or its chunked framing is invalid (or too heavy for the WAF to hold), 413 when it is past
+/// `max_body_bytes`.
+pub(super) async fn answer_failure<S: ClientIo>(
+    w: &Rc<Worker>,
+    c: &mut Conn<S>,
+    f: Failure,
+) -> Outcome {
+    match f {
+        Failure::Read(FillError::TimedOut) => reject(w, c, 408, "Request Timeout", false).await,
+        Failure::Read(FillError::Closed) => {
+            reject(w, c, 400, "Bad Request: body ended early", false).await
+        }
+        Failure::Chunk(ChunkError::TooLarge) => {
+            reject(w, c, 413, "Request Entity Too Large", false).await
+        }
+        Failure::Chunk(ChunkError::Invalid(_)) => {
+            reject(w, c, 400, "Bad Request: invalid chunked body", false).await
+        }
+        Failure::Framing => {
+            reject(
+                w,
+                c,
+                400,
+                "Bad Request: chunked framing too large to inspect",
+                false,
+            )
+            .await
+        }
     }
 }
 
