@@ -538,7 +538,10 @@ fn next_id() -> u64 {
 
 /// Calls a route's integration: `extra_headers` (the call's own) and `conn_headers` (the
 /// connection's, from [`conn_headers`]) are complete `name: value\r\n` lines.
-#[allow(clippy::too_many_arguments, reason = "one integration call's whole context")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one integration call's whole context"
+)]
 async fn call(
     gw: &Gateway,
     t: &WsTarget,
