@@ -514,7 +514,6 @@ fn sni_picks_the_certificate_by_name() {
 
 #[test]
 fn verified_client_certificate_goes_upstream_as_xfcc_and_clients_cannot_forge_it() {
-    use sha2::Digest;
     let pki = Pki::new();
     let origin = Origin::fixed("ok");
     let tls = format!(
@@ -523,11 +522,6 @@ fn verified_client_certificate_goes_upstream_as_xfcc_and_clients_cannot_forge_it
         pki.path("client-ca.pem")
     );
     let g = start("", &tls, &proxy_routes(origin.addr));
-    let der = CertificateDer::from_pem_file(pki.path("client.pem")).unwrap();
-    let want: String = sha2::Sha256::digest(der.as_ref())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
     let r = resolve("a.test", g.tls);
     let u = url("a.test", g.tls, "/api/x");
     let (ca, cert, key) = (
@@ -552,9 +546,7 @@ fn verified_client_certificate_goes_upstream_as_xfcc_and_clients_cannot_forge_it
     let req = origin.last_request();
     assert_eq!(
         req.headers_named("x-forwarded-client-cert"),
-        vec![format!(
-            "Hash={want};Subject=\"CN=client.test\";DNS=client.test"
-        )]
+        vec![client_xfcc(&pki)]
     );
     // On the plain listener a client-sent value is dropped, never passed on.
     let resp = g.gw.request(
@@ -987,11 +979,32 @@ fn ws_read(t: &mut impl Read, buf: &mut Vec<u8>) -> (u8, Vec<u8>) {
 }
 
 fn wss_open(g: &TlsGateway, pki: &Pki, path: &str) -> (TlsClient, Vec<u8>) {
-    let cfg = client_config(&pki.path("ca.pem"), None);
+    wss_upgrade(g, client_config(&pki.path("ca.pem"), None), path, "")
+}
+
+/// The `x-forwarded-client-cert` the gateway sends for the `client` certificate.
+fn client_xfcc(pki: &Pki) -> String {
+    use sha2::Digest;
+    let der = CertificateDer::from_pem_file(pki.path("client.pem")).unwrap();
+    let hash: String = sha2::Sha256::digest(der.as_ref())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("Hash={hash};Subject=\"CN=client.test\";DNS=client.test")
+}
+
+/// Opens a wss connection to `path` with `cfg`, sending `extra` header lines with the
+/// upgrade; returns the client and the bytes read past the 101 head.
+fn wss_upgrade(
+    g: &TlsGateway,
+    cfg: Arc<rustls::ClientConfig>,
+    path: &str,
+    extra: &str,
+) -> (TlsClient, Vec<u8>) {
     let mut t = tls_connect(g.tls, "a.test", cfg);
     write!(
         t,
-        "GET {path} HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     )
     .unwrap();
     let mut buf = Vec::new();
@@ -1131,7 +1144,6 @@ integration = {{ type = "mock", status = 200, body = "pong" }}
 /// the values a client sends in its handshake never pass.
 #[test]
 fn websocket_api_calls_get_the_client_certificate_and_https() {
-    use sha2::Digest;
     let pki = Pki::new();
     let origin = Origin::start(|r| match r.header("x-route-key") {
         Some("$default") => Response::ok(r.body.clone()),
@@ -1162,33 +1174,15 @@ integration = {{ type = "http", upstream = "be", path = "/default" }}
         origin.addr
     );
     let g = start("", &tls, &rest);
-    let der = CertificateDer::from_pem_file(pki.path("client.pem")).unwrap();
-    let hash: String = sha2::Sha256::digest(der.as_ref())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let want = format!("Hash={hash};Subject=\"CN=client.test\";DNS=client.test");
+    let want = client_xfcc(&pki);
     let (cert, key) = (pki.path("client.pem"), pki.path("client.key"));
     let cfg = client_config(&pki.path("ca.pem"), Some((&cert, &key)));
-    let mut t = tls_connect(g.tls, "a.test", cfg);
-    write!(
-        t,
-        "GET / HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Forwarded-Client-Cert: Hash=forged\r\nX-Forwarded-Proto: http\r\nX-Principal-Id: admin\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = Vec::new();
-    let end = loop {
-        if let Some(i) = find(&buf, b"\r\n\r\n") {
-            break i + 4;
-        }
-        let mut tmp = [0u8; 4096];
-        let n = t.read(&mut tmp).unwrap();
-        assert!(n > 0, "closed during the upgrade");
-        buf.extend_from_slice(&tmp[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    buf.drain(..end);
+    let (mut t, mut buf) = wss_upgrade(
+        &g,
+        cfg,
+        "/",
+        "X-Forwarded-Client-Cert: Hash=forged\r\nX-Forwarded-Proto: http\r\nX-Principal-Id: admin\r\n",
+    );
     t.write_all(&ws_frame(op::TEXT, b"hello")).unwrap();
     assert_eq!(ws_read(&mut t, &mut buf), (op::TEXT, b"hello".to_vec()));
     let calls = origin.requests();
