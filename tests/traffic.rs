@@ -944,6 +944,26 @@ fn send_chunked(gw: &Gateway, pieces: &[&[u8]], gap: Duration) -> u16 {
     c.read_response().expect("response").status
 }
 
+/// A chunked body the WAF read whole and refused is skipped: the connection serves the next
+/// request (pipelined here), as after a refused Content-Length body.
+#[test]
+fn waf_refusal_of_a_whole_chunked_body_keeps_the_connection() {
+    let origin = Origin::start(|r| Response::ok(r.body.clone()));
+    let gw = waf_body_gateway(&origin, "");
+    let mut c = Client::connect(gw.addr);
+    let mut req = CHUNKED_HEAD.to_vec();
+    req.extend_from_slice(b"12\r\nhello DROP TABLE x\r\n0\r\n\r\n");
+    req.extend_from_slice(CHUNKED_HEAD);
+    req.extend_from_slice(b"5\r\nclean\r\n0\r\n\r\n");
+    c.send(&req);
+    assert_eq!(c.read_response().unwrap().status, 403);
+    let r = c
+        .read_response()
+        .expect("the connection was closed after the refusal");
+    assert_eq!((r.status, r.text().as_str()), (200, "clean"));
+    assert_eq!(origin.request_count(), 1);
+}
+
 #[test]
 fn waf_body_rules_read_chunked_bodies_that_arrive_after_the_head() {
     let origin = Origin::start(|r| Response::ok(r.body.clone()));

@@ -348,6 +348,9 @@ struct Conn<S> {
     auth_ctx: Option<Arc<serde_json::Value>>,
     /// Set when the request became a WebSocket connection: the loop hands the socket over.
     takeover: Option<crate::ws::Takeover>,
+    /// Where a chunked body that a stage read whole ends in `rbuf` (so a refusal can skip it
+    /// and keep the connection).
+    chunked_end: Option<usize>,
     /// The matched route's API answers CORS itself: the upstream's `access-control-*`
     /// response headers never reach the client (whatever the request's `Origin`).
     gateway_cors: bool,
@@ -468,6 +471,7 @@ pub(crate) async fn run<S: ClientIo>(
         auth_ctx: None,
         takeover: None,
         gateway_cors: false,
+        chunked_end: None,
     };
     loop {
         let gw = w.gateway();
@@ -634,6 +638,7 @@ async fn handle<S: ClientIo>(
     let t0 = Instant::now();
     let head_len = c.b.head.head_len;
     c.consumed = head_len;
+    c.chunked_end = None;
     set_request_id(w, c);
     let limits = &gw.config.server.limits;
     let method = c.b.head.method;
@@ -908,6 +913,13 @@ fn body_skippable<S: ClientIo>(c: &mut Conn<S>) -> bool {
             c.consumed = c.b.head.head_len + n as usize;
             true
         }
+        BodyKind::Chunked => match c.chunked_end {
+            Some(end) => {
+                c.consumed = end;
+                true
+            }
+            None => false,
+        },
         _ => false,
     }
 }

@@ -341,7 +341,12 @@ async fn buffer_chunked<S: ClientIo>(
             })
             .map_err(Failure::Chunk)?;
         fed += used;
-        if done || dec.total() >= max as u64 {
+        if done {
+            // Read whole: a refusal can skip it and keep the connection.
+            c.chunked_end = Some(fed);
+            return Ok(());
+        }
+        if dec.total() >= max as u64 {
             return Ok(());
         }
         if c.b.rbuf.len() - head_len >= raw_max {
