@@ -387,13 +387,7 @@ fn response_delimited_by_close_is_passed_through() {
 #[test]
 fn streamed_100mb_upload_in_bounded_memory() {
     const SIZE: u64 = 100 * 1024 * 1024;
-    let origin = Origin::start_with(
-        OriginOpts {
-            keep_bodies: false,
-            raw_limit: 64 * 1024,
-        },
-        |r| Response::ok(format!("{}", r.body_len)),
-    );
+    let origin = Origin::body_counter();
     let cfg = format!(
         "{HEADER}\n[server.limits]\nmax_body_bytes = 209715200\n{}",
         config(origin.addr)

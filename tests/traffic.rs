@@ -1127,13 +1127,7 @@ fn waf_chunked_body_too_slow_bad_or_too_big_is_refused_before_the_origin() {
 #[test]
 fn waf_chunked_100mb_upload_streams_in_bounded_memory() {
     const SIZE: u64 = 100 * 1024 * 1024;
-    let origin = Origin::start_with(
-        OriginOpts {
-            keep_bodies: false,
-            raw_limit: 64 * 1024,
-        },
-        |r| Response::ok(format!("{}", r.body_len)),
-    );
+    let origin = Origin::body_counter();
     let gw = waf_body_gateway(&origin, "max_body_bytes = 209715200");
     let start_rss = rss_kib(gw.pid);
     let pid = gw.pid;

@@ -731,6 +731,18 @@ impl Origin {
         Origin::start(|r| Response::ok(r.path.clone()))
     }
 
+    /// An origin for large uploads: keeps no bodies (only their length, which it answers)
+    /// and at most 64 KiB of raw bytes.
+    pub fn body_counter() -> Origin {
+        Origin::start_with(
+            OriginOpts {
+                keep_bodies: false,
+                raw_limit: 64 * 1024,
+            },
+            |r| Response::ok(format!("{}", r.body_len)),
+        )
+    }
+
     pub fn start_with(
         opts: OriginOpts,
         handler: impl Fn(&Request) -> Response + Send + Sync + 'static,
