@@ -656,6 +656,125 @@ fn stale_pooled_upstream_connection_is_replaced_transparently() {
     }
 }
 
+/// A raw origin for the pool tests: answers `GET /slow*` after 100 ms, any other GET with its
+/// path, `GET /nobody204` with a 204 that announces a body and sends it 30 ms later, and HEAD
+/// with a 200 whose body follows 30 ms later (both non-compliant). `cut()` closes every
+/// connection it holds, as a restart of the origin would.
+struct SloppyOrigin {
+    addr: SocketAddr,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl SloppyOrigin {
+    fn start() -> SloppyOrigin {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let all = conns.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                all.lock().unwrap().push(s.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    while let Some((line, _, _)) = read_raw_request(&mut s) {
+                        let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                        let (head, late): (String, &[u8]) = if line.starts_with("HEAD") {
+                            (
+                                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".into(),
+                                b"stray",
+                            )
+                        } else if path == "/nobody204" {
+                            (
+                                "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n".into(),
+                                b"stray",
+                            )
+                        } else {
+                            if path.starts_with("/slow") {
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                            let h = format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
+                                path.len()
+                            );
+                            (h, b"")
+                        };
+                        if s.write_all(head.as_bytes()).is_err() {
+                            return;
+                        }
+                        if !late.is_empty() {
+                            std::thread::sleep(Duration::from_millis(30));
+                            let _ = s.write_all(late);
+                        }
+                    }
+                });
+            }
+        });
+        SloppyOrigin { addr, conns }
+    }
+
+    fn cut(&self) {
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn every_pooled_connection_dead_after_an_upstream_restart_costs_no_request() {
+    // Several pooled connections per worker, all closed at once (an origin restart): the first
+    // request after finds one dead and must not then take another dead one.
+    let origin = SloppyOrigin::start();
+    let gw = Gateway::start(&config(origin.addr));
+    let warm: Vec<_> = (0..8)
+        .map(|i| {
+            let a = gw.addr;
+            std::thread::spawn(move || {
+                let mut c = Client::connect(a);
+                for j in 0..2 {
+                    c.send(format!("GET /slow{i}-{j} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+                    assert_eq!(c.read_response().unwrap().status, 200);
+                }
+            })
+        })
+        .collect();
+    for t in warm {
+        t.join().unwrap();
+    }
+    origin.cut();
+    std::thread::sleep(Duration::from_millis(100));
+    for i in 0..12 {
+        let r = gw.get(&format!("/after{i}"));
+        assert_eq!(r.status, 200, "request {i} after the restart: {}", r.text());
+        assert_eq!(r.text(), format!("/after{i}"));
+    }
+}
+
+#[test]
+fn bytes_left_by_a_bodiless_answer_do_not_fail_the_next_request() {
+    // A 204 that announces a body, and a HEAD answered with one, both sent late: the bytes
+    // must not be read as the next request's response.
+    let origin = SloppyOrigin::start();
+    let gw = Gateway::start(&config(origin.addr));
+    let mut c = Client::connect(gw.addr);
+    for (i, first) in ["GET /nobody204", "HEAD /h", "GET /nobody204", "HEAD /h"]
+        .iter()
+        .enumerate()
+    {
+        c.send(format!("{first} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        let r = if first.starts_with("HEAD") {
+            c.read_response_to("HEAD").unwrap()
+        } else {
+            c.read_response().unwrap()
+        };
+        assert_eq!(r.status, if i % 2 == 0 { 204 } else { 200 }, "{first}");
+        std::thread::sleep(Duration::from_millis(80));
+        c.send(format!("GET /next{i} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 200, "GET after {first}: {}", r.text());
+        assert_eq!(r.text(), format!("/next{i}"));
+    }
+}
+
 #[test]
 fn interim_upstream_response_is_skipped() {
     let origin = Origin::start(|_| {

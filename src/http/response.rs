@@ -154,6 +154,11 @@ impl ResponseHead {
             || status == 204
             || status == 304;
         self.body = if bodyless {
+            if status == 204 && (te_seen || content_length.is_some_and(|n| n > 0)) {
+                // RFC 9110 8.6: a 204 announces no body. One that does may send it anyway,
+                // and stray bytes must not be left on a pooled connection.
+                self.keep_alive = false;
+            }
             RespBody::None
         } else if te_seen {
             if content_length.is_some() {
@@ -303,8 +308,15 @@ mod tests {
             let b = resp(line, "Content-Length: 10\r\n");
             let h = parse_m(&b, m).unwrap();
             assert_eq!(h.body, RespBody::None, "{line}");
-            assert!(h.keep_alive);
+            // A 204 that announces a body is not trusted to be followed by nothing.
+            assert_eq!(h.keep_alive, !line.contains("204"), "{line}");
         }
+        for extra in ["Content-Length: 0\r\n", ""] {
+            let b = resp("HTTP/1.1 204 No Content", extra);
+            assert!(parse_m(&b, Method::Get).unwrap().keep_alive, "{extra}");
+        }
+        let b = resp("HTTP/1.1 204 No Content", "Transfer-Encoding: chunked\r\n");
+        assert!(!parse_m(&b, Method::Get).unwrap().keep_alive);
     }
 
     #[test]

@@ -166,11 +166,21 @@ pub(super) async fn proxy<S: ClientIo>(
             w.pools.borrow_mut().end(addr);
             match r {
                 Ok(()) => break Ok(us),
-                Err(Fail::BeforeResponse) if reused && fresh_tries == 0 && body_done => {
+                // Garbage where a response head should be, on a reused connection: bytes an
+                // earlier answer left behind (a body after a HEAD or 304 response). Safe to
+                // send again only when repeating the request does no harm.
+                Err(Fail::BeforeResponse | Fail::BadResponse)
+                    if reused
+                        && fresh_tries == 0
+                        && body_done
+                        && (idempotent || matches!(r, Err(Fail::BeforeResponse))) =>
+                {
                     // The pooled connection was closed under us: the request never reached
-                    // the upstream's application, so it is safe to send it again.
+                    // the upstream's application, so it is safe to send it again, on a fresh
+                    // connection. The other idle ones are as old (an upstream restart or idle
+                    // timeout closes them all), so they go too.
                     fresh_tries += 1;
-                    pooled = w.pools.borrow_mut().take(addr);
+                    w.pools.borrow_mut().clear(addr);
                     continue;
                 }
                 Err(e) => break Err(e),

@@ -170,6 +170,13 @@ impl WorkerPools {
         self.idle.get_mut(&addr).and_then(|v| v.pop())
     }
 
+    /// Drops every idle pooled connection to `addr`.
+    pub fn clear(&mut self, addr: SocketAddr) {
+        if let Some(v) = self.idle.get_mut(&addr) {
+            v.clear();
+        }
+    }
+
     /// Returns a connection to the pool, unless the pool already holds `max`.
     pub fn put(&mut self, addr: SocketAddr, s: TcpStream, max: usize) {
         let v = self.idle.entry(addr).or_default();
