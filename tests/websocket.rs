@@ -1157,6 +1157,16 @@ fn integration_calls_get_the_gateways_forwarding_headers_never_forged_ones() {
     assert_eq!(rid.len(), 1);
     assert!(!rid[0].is_empty());
     assert_eq!(calls[0].header("sec-websocket-key"), Some(KEY));
+    // Every later call is a request of its own, with an id of its own.
+    let later: Vec<_> = calls[1..]
+        .iter()
+        .map(|r| r.headers_named("x-request-id"))
+        .collect();
+    for ids in &later {
+        assert_eq!(ids.len(), 1, "{later:?}");
+        assert!(ids[0].starts_with(&id) && ids[0] != rid[0], "{later:?}");
+    }
+    assert_ne!(later[0], later[1]);
     // Without a client X-Forwarded-For, the chain is the peer alone.
     let be = api_backend();
     let gw = Gateway::start(&api_config(be.addr, ""));

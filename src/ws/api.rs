@@ -568,6 +568,15 @@ async fn call(
                 id_string(id).as_bytes(),
             );
             crate::http::encode::push_header(&mut hdrs, b"x-route-key", route_key.as_bytes());
+            if route_key != "$connect" {
+                // `$connect` carries the handshake's id; every later call is a request of its
+                // own (API Gateway gives each message a requestId): the connection id and a
+                // sequence number, unique for the process.
+                static SEQ: AtomicU64 = AtomicU64::new(0);
+                let n = SEQ.fetch_add(1, Ordering::Relaxed);
+                let rid = format!("{}-{n:x}", id_string(id));
+                crate::http::encode::push_header(&mut hdrs, b"x-request-id", rid.as_bytes());
+            }
             let full;
             let p = if query.is_empty() {
                 path.as_str()
