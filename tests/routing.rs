@@ -456,6 +456,27 @@ fn check_refuses_unknown_upstream() {
 }
 
 #[test]
+fn check_points_at_the_key_at_fault_not_its_tables_name() {
+    let up = "[[upstreams]]\nname = \"o\"\ntargets = [\"127.0.0.1:1\"]\n";
+    let api = "[[apis]]\nname = \"c\"\n[[apis.routes]]\nroute = \"GET /x\"\nintegration = { type = \"http\", upstream = \"o\" }\n";
+    for (body, line, key) in [
+        ("timeout_ms = 0\n", 4, "upstreams[0].timeout_ms"),
+        (
+            "connect_timeout_ms = 0\n",
+            4,
+            "upstreams[0].connect_timeout_ms",
+        ),
+        (
+            "\n[upstreams.health]\npath = \"x\"\n",
+            6,
+            "upstreams[0].health.path",
+        ),
+    ] {
+        assert_check_fails(&format!("{up}{body}{api}"), line, key);
+    }
+}
+
+#[test]
 fn gateway_refuses_to_start_on_a_bad_config() {
     let cfg = "[[apis]]\nname = \"c\"\n[[apis.routes]]\nroute = \"GET /x/{a}\"\nintegration = { type = \"mock\" }\n[[apis.routes]]\nroute = \"GET /x/{b}\"\nintegration = { type = \"mock\" }\n";
     let err = match Gateway::try_start(cfg) {

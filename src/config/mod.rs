@@ -425,11 +425,7 @@ fn validate_upstream(
         ));
     }
     if u.targets.is_empty() {
-        return Err(src.err(
-            u.name.span(),
-            &key("targets"),
-            "at least one target is needed",
-        ));
+        return Err(src.err(0..0, &key("targets"), "at least one target is needed"));
     }
     let mut targets = Vec::new();
     for t in &u.targets {
@@ -454,8 +450,12 @@ fn validate_upstream(
     };
     if u.connect_timeout_ms == 0 || u.timeout_ms == 0 {
         return Err(src.err(
-            u.name.span(),
-            &key("timeout_ms"),
+            0..0,
+            &key(if u.timeout_ms == 0 {
+                "timeout_ms"
+            } else {
+                "connect_timeout_ms"
+            }),
             "timeouts must be greater than 0",
         ));
     }
@@ -463,11 +463,11 @@ fn validate_upstream(
         None => None,
         Some(h) => {
             if !h.path.starts_with('/') {
-                return Err(src.err(u.name.span(), &key("health.path"), "must start with `/`"));
+                return Err(src.err(0..0, &key("health.path"), "must start with `/`"));
             }
             if h.interval_ms == 0 || h.unhealthy_after == 0 || h.healthy_after == 0 {
                 return Err(src.err(
-                    u.name.span(),
+                    0..0,
                     &key("health"),
                     "interval_ms, unhealthy_after and healthy_after must be greater than 0",
                 ));

@@ -471,7 +471,7 @@ pub(super) fn compile(
                         .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'))
             {
                 return Err(src.err(
-                    api.name.span(),
+                    0..0,
                     &akey(&format!("stages.{stage_name}")),
                     "stage names are letters, digits, `-` and `_` (or `$default`)",
                 ));
@@ -513,14 +513,14 @@ pub(super) fn compile(
                         || r.throttle.is_some()
                     {
                         return Err(src.err(
-                            r.route.span(),
+                            0..0,
                             &format!("{rkey}.auth"),
                             "on a WebSocket API, auth, scopes, api_key_required and throttle apply to the handshake: set them on the `$connect` route",
                         ));
                     }
                     if r.cache.is_some() {
                         return Err(src.err(
-                            r.route.span(),
+                            0..0,
                             &format!("{rkey}.cache"),
                             "WebSocket API routes are not cached",
                         ));
@@ -532,7 +532,7 @@ pub(super) fn compile(
                     ] {
                         if set {
                             return Err(src.err(
-                                r.route.span(),
+                                0..0,
                                 &format!("{rkey}.{k}"),
                                 "WebSocket API routes do not validate or map messages",
                             ));

@@ -348,18 +348,10 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
         let mut stages = Vec::new();
         for a in &p.apis {
             let Some((api, stage)) = a.split_once('/') else {
-                return Err(src.err(
-                    p.name.span(),
-                    &key("apis"),
-                    format!("`{a}` is not `api/stage`"),
-                ));
+                return Err(src.err(0..0, &key("apis"), format!("`{a}` is not `api/stage`")));
             };
             let Some(rapi) = raw.apis.iter().find(|x| x.name.get_ref() == api) else {
-                return Err(src.err(
-                    p.name.span(),
-                    &key("apis"),
-                    format!("API `{api}` is not defined"),
-                ));
+                return Err(src.err(0..0, &key("apis"), format!("API `{api}` is not defined")));
             };
             let has_stage = if rapi.stages.is_empty() {
                 stage == "$default"
@@ -368,7 +360,7 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
             };
             if !has_stage {
                 return Err(src.err(
-                    p.name.span(),
+                    0..0,
                     &key("apis"),
                     format!("API `{api}` has no stage `{stage}`"),
                 ));
@@ -410,7 +402,7 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
         for p in &k.plans {
             if !plans.iter().any(|x: &Plan| *x.name == **p) {
                 return Err(src.err(
-                    k.name.span(),
+                    0..0,
                     &format!("api_keys[{i}].plans"),
                     format!("usage plan `{p}` is not defined"),
                 ));
