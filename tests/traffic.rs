@@ -580,6 +580,60 @@ fn quota_limit_and_usage_survive_kill_9() {
     let _ = std::fs::remove_dir_all(&state);
 }
 
+/// One admin request with a JSON body.
+fn admin_json(gw: &Gateway, method: &str, path: &str, body: &str) -> RawResponse {
+    let mut c = Client::connect(gw.admin_addr);
+    c.send(
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    c.read_response().expect("admin response")
+}
+
+#[test]
+fn a_key_deleted_and_created_again_starts_its_quota_afresh() {
+    let state = temp_dir("quota-recreate");
+    let carol = "x-api-key: carol-key-0123456789abcdef\r\n";
+    let new_key = r#"{"name":"carol","plans":["basic"],"value":"carol-key-0123456789abcdef"}"#;
+    let used = |gw: &Gateway| {
+        gw.admin_get("/usage-plans/basic/usage?key=carol").json()["used"]
+            .as_u64()
+            .unwrap()
+    };
+    {
+        let gw = Gateway::start(&plan_config(&state, 2));
+        assert_eq!(admin_json(&gw, "POST", "/api-keys", new_key).status, 201);
+        let mut c = Client::connect(gw.addr);
+        let st: Vec<u16> = (0..3)
+            .map(|_| get_on(&mut c, "/prod/x", carol).status)
+            .collect();
+        assert_eq!(st, [200, 200, 429]);
+        assert_eq!(used(&gw), 2);
+        assert_eq!(admin_json(&gw, "DELETE", "/api-keys/carol", "").status, 200);
+        assert_eq!(
+            get_on(&mut c, "/prod/x", carol).status,
+            200,
+            "no key: not metered"
+        );
+        // A new key of the same name (even the same value) is a new key, as in API Gateway.
+        assert_eq!(admin_json(&gw, "POST", "/api-keys", new_key).status, 201);
+        assert_eq!(used(&gw), 0);
+        assert_eq!(get_on(&mut c, "/prod/x", carol).status, 200);
+        assert_eq!(used(&gw), 1);
+        thread::sleep(Duration::from_millis(700));
+    }
+    // The new key's count is the one kept across a restart.
+    let gw = Gateway::start(&plan_config(&state, 2));
+    assert_eq!(used(&gw), 1);
+    let mut c = Client::connect(gw.addr);
+    assert_eq!(get_on(&mut c, "/prod/x", carol).status, 200);
+    assert_eq!(get_on(&mut c, "/prod/x", carol).status, 429);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
 #[test]
 fn plan_throttle_per_key() {
     let state = temp_dir("plan-th");

@@ -402,6 +402,8 @@ impl Plan {
 pub struct KeyRef<'a> {
     pub name: &'a str,
     pub plans: &'a [Arc<str>],
+    /// What its quota counts are kept under (see [`crate::policy::auth::ApiKey::usage_id`]).
+    pub usage_id: &'a str,
 }
 
 /// Maps an `x-api-key` value to an enabled key. The one seam between usage plans and the API
@@ -416,6 +418,7 @@ impl KeyDirectory for crate::policy::auth::KeySet {
         self.check(value).map(|k| KeyRef {
             name: &k.name,
             plans: &k.plans,
+            usage_id: &k.usage_id,
         })
     }
 }
@@ -474,7 +477,7 @@ impl Plans {
                 b.check(key.name, now_ns).map_err(Refusal::Throttled)?;
             }
             if let Some(q) = p.quota {
-                let c = p.counter(key.name, self.store());
+                let c = p.counter(key.usage_id, self.store());
                 let idx = q.period.index(unix_s);
                 if consume(&c, idx, q.limit).is_none() {
                     if let Some(b) = &p.buckets {
@@ -505,12 +508,19 @@ impl Plans {
     }
 
     /// `GET /usage-plans/{plan}/usage?key=NAME` for a key of the plan (the caller checked
-    /// that): used and remaining in the current period.
-    pub fn usage(&self, plan: &str, key: &str, unix_s: u64) -> Option<serde_json::Value> {
+    /// that): used and remaining in the current period. `usage_id`: the key's
+    /// [`KeyRef::usage_id`].
+    pub fn usage(
+        &self,
+        plan: &str,
+        key: &str,
+        usage_id: &str,
+        unix_s: u64,
+    ) -> Option<serde_json::Value> {
         let p = self.plans.iter().find(|p| &*p.name == plan)?;
         let v = self
             .store()
-            .counter(plan, key, p.period())
+            .counter(plan, usage_id, p.period())
             .load(Ordering::Relaxed);
         let limit = p.quota.map(|q| q.limit);
         let period = p.period();
@@ -661,6 +671,7 @@ mod tests {
         let k = |name| KeyRef {
             name,
             plans: &names,
+            usage_id: name,
         };
         let s = 1_000_000_000u64;
         assert_eq!(plans.check(k("carol"), &route, 10 * s, 0), Ok(()));
@@ -678,7 +689,7 @@ mod tests {
                 retry_after_s: 86_400
             })
         );
-        let u = plans.usage("basic", "carol", 0).unwrap();
+        let u = plans.usage("basic", "carol", "carol", 0).unwrap();
         assert_eq!(
             (u["used"].as_u64(), u["remaining"].as_u64()),
             (Some(3), Some(0))
@@ -688,6 +699,7 @@ mod tests {
         let eve = KeyRef {
             name: "eve",
             plans: &other,
+            usage_id: "eve",
         };
         for _ in 0..5 {
             assert_eq!(plans.check(eve, &route, 20 * s, 0), Ok(()));

@@ -445,13 +445,13 @@ pub fn admin_usage(
             serde_json::json!({"message": "Bad Request: the query parameter `key` is required"}),
         ));
     };
-    let in_plan = keys
-        .by_name(&key)
-        .is_some_and(|k| k.plans.iter().any(|p| **p == *plan));
-    let found = if in_plan {
-        traffic.plans.usage(&plan, &key, plans::unix_now())
-    } else {
-        None
+    let found = match keys.by_name(&key) {
+        Some(k) if k.plans.iter().any(|p| **p == *plan) => {
+            traffic
+                .plans
+                .usage(&plan, &key, &k.usage_id, plans::unix_now())
+        }
+        _ => None,
     };
     Some(match found {
         Some(v) => (200, v),

@@ -49,6 +49,9 @@ pub struct ApiKey {
     /// SHA-256 of the value.
     pub hash: [u8; 32],
     pub source: KeySource,
+    /// What its quota counts are kept under: the name, or for a key added at run time the name
+    /// and an id of that key (`name~id`), so a key deleted and created again starts afresh.
+    pub usage_id: Arc<str>,
 }
 
 /// SHA-256 of a key value.
@@ -92,6 +95,7 @@ pub(super) fn validate_config_key(
         enabled: k.enabled,
         hash: digest(k.value.get_ref().as_bytes()),
         source: KeySource::Config,
+        usage_id: k.name.get_ref().as_str().into(),
     })
 }
 
@@ -140,6 +144,18 @@ impl KeySet {
     }
 }
 
+/// A fresh id for a new key's quota counts: 12 hex digits from its digest and the time.
+fn usage_id(hash: &[u8; 32]) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut h = Sha256::new();
+    h.update(hash);
+    h.update(nanos.to_le_bytes());
+    hex(&h.finalize()[..6])
+}
+
 fn prefix(h: &[u8; 32]) -> u64 {
     u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
 }
@@ -155,6 +171,10 @@ struct StoredKey {
     sha256: String,
     #[serde(default)]
     created: u64,
+    /// Id of this key for its quota counts (absent in files written before it existed: the
+    /// counts are then kept under the bare name, as they were).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    usage: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -268,7 +288,12 @@ impl AuthState {
         let mut next: Vec<StoredKey> = entries
             .iter()
             .filter_map(|e| serde_json::from_slice::<StoredKey>(e).ok())
-            .filter(|k| valid_name(&k.name) && unhex32(&k.sha256).is_some())
+            .filter(|k| {
+                valid_name(&k.name)
+                    && unhex32(&k.sha256).is_some()
+                    && k.usage.len() <= 32
+                    && k.usage.bytes().all(|c| c.is_ascii_hexdigit())
+            })
             .take(MAX_ADMIN_KEYS)
             .collect();
         let order = |a: &StoredKey, b: &StoredKey| (a.created, &a.name).cmp(&(b.created, &b.name));
@@ -350,6 +375,7 @@ impl AuthState {
             enabled,
             sha256: hex(&hash),
             created: super::now_unix(),
+            usage: usage_id(&hash),
         });
         if let Err(e) = persist(&g) {
             g.admin.pop();
@@ -408,6 +434,11 @@ fn build(inner: &Inner) -> KeySet {
             continue;
         };
         keys.push(ApiKey {
+            usage_id: if s.usage.is_empty() {
+                s.name.as_str().into()
+            } else {
+                format!("{}~{}", s.name, s.usage).into()
+            },
             name: s.name.as_str().into(),
             plans: s.plans.iter().map(|p| p.as_str().into()).collect(),
             enabled: s.enabled,
@@ -480,6 +511,7 @@ mod tests {
             enabled,
             hash: digest(value.as_bytes()),
             source: KeySource::Config,
+            usage_id: name.into(),
         }
     }
 
@@ -514,12 +546,26 @@ mod tests {
         let text = std::fs::read_to_string(dir.join("api_keys.json")).unwrap();
         assert!(!text.contains(&v), "the value must not be stored");
         let st2 = AuthState::new(&dir, &[]).unwrap();
-        assert_eq!(&*st2.keys().check(v.as_bytes()).unwrap().name, "bob");
+        let bob = st2.keys().check(v.as_bytes()).unwrap().clone();
+        assert_eq!(&*bob.name, "bob");
+        // The quota identity of a run-time key is its own, and survives the restart.
+        let id = st.keys().check(v.as_bytes()).unwrap().usage_id.clone();
+        assert!(id.starts_with("bob~") && id.len() == 16, "{id}");
+        assert_eq!(bob.usage_id, id);
+        assert_eq!(&*st.keys().by_name("cfg").unwrap().usage_id, "cfg");
         st2.delete("bob").unwrap();
         assert!(st2.keys().check(v.as_bytes()).is_none());
         assert!(matches!(st2.delete("bob"), Err(KeyError::NotFound)));
         let st3 = AuthState::new(&dir, &[]).unwrap();
         assert!(st3.keys().keys().is_empty());
+        // A key file from before usage ids: the counts stay under the bare name.
+        let old = format!(
+            r#"{{"version":1,"keys":[{{"name":"old","enabled":true,"sha256":"{}"}}]}}"#,
+            hex(&digest(b"old-key-value-0123456789"))
+        );
+        std::fs::write(dir.join("api_keys.json"), old).unwrap();
+        let st4 = AuthState::new(&dir, &[]).unwrap();
+        assert_eq!(&*st4.keys().by_name("old").unwrap().usage_id, "old");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
