@@ -1,7 +1,6 @@
 //! Fuzz target: arbitrary bytes from a client into a whole, running gateway.
 //!
-//! On the first input one in-process ringgate (`ringgate::runtime::run`, one worker) is started
-//! on a background thread, on 127.0.0.1 with a port from `RINGGATE_FUZZ_PORTS` (default
+//! On the first input one in-process ringgate (`ringgate::runtime::start`, one worker) is started, on 127.0.0.1 with a port from `RINGGATE_FUZZ_PORTS` (default
 //! 28100-28199), next to a tiny in-process HTTP/1.1 origin. Its config has most features on:
 //! mock and http integrations, WebSocket pass-through and a WebSocket API, CORS, WAF rules (body
 //! target included), a cached stage, an api-key route with a usage plan, an HS256 JWT route, a
@@ -333,15 +332,11 @@ fn start() -> SocketAddr {
         Ok(c) => c,
         Err(e) => panic!("fuzz config refused: {e}"),
     };
-    std::thread::Builder::new()
-        .name("ringgate-main".into())
-        .spawn(move || {
-            if let Err(e) = ringgate::runtime::run(cfg) {
-                eprintln!("gateway stopped: {e}");
-                std::process::abort();
-            }
-        })
-        .expect("gateway thread");
+    // Serves until the process exits (the handle is leaked on purpose).
+    match ringgate::runtime::start(cfg) {
+        Ok(g) => std::mem::forget(g),
+        Err(e) => panic!("gateway refused to start: {e}"),
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(200) = get(addr, "/mock") {

@@ -27,15 +27,10 @@ const RING_ENTRIES: u32 = 1024;
 /// [`crate::cache::store::resident_bytes`].
 pub const MMAP_THRESHOLD: usize = 1000;
 
-/// Runs the gateway until SIGTERM/SIGINT; returns an error line when it cannot start.
+/// Runs the gateway until SIGTERM/SIGINT (SIGHUP reloads); returns an error line when it
+/// cannot start. This is the `ringgate` command: it also sets process-wide allocator tunables
+/// ([`MMAP_THRESHOLD`]). An embedder that keeps its own signals uses [`start`].
 pub fn run(config: Config) -> Result<(), String> {
-    let access_log = match &config.access_log {
-        None => None,
-        Some(p) => Some(
-            crate::accesslog::AccessLog::open(p.as_deref())
-                .map_err(|e| format!("cannot open access log: {e}"))?,
-        ),
-    };
     // Allocations of 2 KiB and more (connection buffers, the state of an active connection
     // task) are mapped on their own, so when a connection goes idle and gives them back the
     // pages return to the kernel at once instead of being pinned in the heap by the small
@@ -45,6 +40,70 @@ pub fn run(config: Config) -> Result<(), String> {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
     }
+    // Signals first, so an early SIGTERM is not lost.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let gw = start(config)?;
+    for sig in signals.forever() {
+        match sig {
+            signal_hook::consts::SIGHUP => reload_and_log(&gw.shared),
+            _ => {
+                eprintln!("ringgate: draining (signal {sig})");
+                break;
+            }
+        }
+    }
+    gw.shutdown();
+    Ok(())
+}
+
+/// A gateway started by [`start`]: it serves until [`Running::shutdown`].
+pub struct Running {
+    shared: Arc<Shared>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Reloads the config file, as SIGHUP does. `Ok` holds notes on settings that need a
+    /// restart; the error says why the old config stays.
+    pub fn reload(&self) -> Result<Vec<String>, String> {
+        self.shared.reload().map_err(|e| e.0)
+    }
+
+    /// The live state (config, metrics, keys) shared by every thread.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Drains as SIGTERM does: listeners close at once, in-flight requests finish (up to
+    /// `server.shutdown_timeout_ms`), then the workers exit and the usage counts are written.
+    pub fn shutdown(self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        for h in self.workers {
+            let _ = h.join();
+        }
+        if let Err(e) = self.shared.usage.flush() {
+            eprintln!("ringgate: cannot write usage counts: {e}");
+        }
+        eprintln!("ringgate: stopped");
+    }
+}
+
+/// Starts the gateway on `config` and returns once every worker listens: for embedding (no
+/// signal handlers are installed, no process-wide setting is changed). The admin listener and
+/// the health checker run until the process exits.
+pub fn start(config: Config) -> Result<Running, String> {
+    let access_log = match &config.access_log {
+        None => None,
+        Some(p) => Some(
+            crate::accesslog::AccessLog::open(p.as_deref())
+                .map_err(|e| format!("cannot open access log: {e}"))?,
+        ),
+    };
     let workers = config.server.workers;
     let io = config.server.io;
     let pin = config.server.pin_workers;
@@ -57,14 +116,6 @@ pub fn run(config: Config) -> Result<(), String> {
         .unwrap_or_default();
     let admin_cfg = config.admin.clone();
     let shared = Shared::new(config, access_log)?;
-
-    // Signals first, so an early SIGTERM is not lost.
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGHUP,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])
-    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
 
     // Workers bind with SO_REUSEPORT, which would let a second gateway (or anything else
     // listening with it) share the port silently. A plain bind first fails as nginx's does
@@ -124,25 +175,10 @@ pub fn run(config: Config) -> Result<(), String> {
             })
             .map_err(|e| format!("cannot start health checker: {e}"))?;
     }
-
-    for sig in signals.forever() {
-        match sig {
-            signal_hook::consts::SIGHUP => reload_and_log(&shared),
-            _ => {
-                eprintln!("ringgate: draining (signal {sig})");
-                shared.shutdown.store(true, Ordering::Release);
-                break;
-            }
-        }
-    }
-    for h in handles {
-        let _ = h.join();
-    }
-    if let Err(e) = shared.usage.flush() {
-        eprintln!("ringgate: cannot write usage counts: {e}");
-    }
-    eprintln!("ringgate: stopped");
-    Ok(())
+    Ok(Running {
+        shared,
+        workers: handles,
+    })
 }
 
 /// Reloads the config and logs the outcome (SIGHUP).
