@@ -456,6 +456,57 @@ fn connections_management_api() {
 }
 
 #[test]
+fn posts_to_a_client_that_does_not_read_are_refused_never_dropped() {
+    // The client reads nothing while far more than its queue (8 MiB) is posted: every POST is
+    // either refused (429) or delivered, in order, once the client reads; none is answered
+    // 200 and then lost, and the connection stays open.
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be, "$connect"
+    )
+    .len()
+        == 1));
+    let id = route_keys(&be, "$connect")[0]
+        .header("x-connection-id")
+        .unwrap()
+        .to_string();
+    let pad = "p".repeat(64 * 1024);
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for k in 0..400 {
+        let r = admin(
+            &gw,
+            "POST",
+            &format!("/@connections/{id}"),
+            &format!("{k:06}{pad}"),
+        );
+        match r.status {
+            200 => accepted.push(k),
+            429 => {
+                refused += 1;
+                assert!(r.text().contains("not reading"), "{}", r.text());
+            }
+            s => panic!("POST {k}: {s} {}", r.text()),
+        }
+    }
+    assert!(
+        refused > 0,
+        "26 MB were all accepted for a client that reads nothing"
+    );
+    assert!(accepted.len() >= 100, "{} accepted", accepted.len());
+    for k in &accepted {
+        let m = ws.recv_text();
+        assert_eq!(&m[..6], format!("{k:06}"), "message lost or out of order");
+    }
+    // Still open, and taking posts again now that it reads.
+    let r = admin(&gw, "POST", &format!("/@connections/{id}"), "again");
+    assert_eq!(r.status, 200);
+    assert_eq!(ws.recv_text(), "again");
+}
+
+#[test]
 fn messages_reach_the_integration_in_order() {
     let be = api_backend();
     let gw = Gateway::start(&api_config(be.addr, ""));

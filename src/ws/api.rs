@@ -26,7 +26,7 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Splitable};
 use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -126,6 +126,7 @@ pub(crate) fn compile(
 
 /// A management command for one connection.
 enum Cmd {
+    /// An encoded frame, already counted in the connection's queue.
     Send(u64, Vec<u8>),
     Close(u64),
 }
@@ -135,6 +136,17 @@ struct Entry {
     connected_at_ms: u64,
     last_active_ms: Arc<AtomicU64>,
     source_ip: String,
+    /// Bytes queued toward the client and not yet written.
+    queued: Arc<AtomicUsize>,
+}
+
+/// Counts `n` more bytes in a client's queue unless that takes it past [`MAX_QUEUED`].
+fn reserve(queued: &AtomicUsize, n: usize) -> bool {
+    queued
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+            (q + n <= MAX_QUEUED).then_some(q + n)
+        })
+        .is_ok()
 }
 
 /// Where every open WebSocket API connection lives, for the management API.
@@ -254,9 +266,27 @@ pub fn admin_local(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16
     let reg = &shared.ws;
     match method {
         "POST" => {
-            if reg.post(id, Cmd::Send(id, body.to_vec())) {
+            let queued = {
+                let c = reg.conns.lock().unwrap_or_else(|e| e.into_inner());
+                match c.get(&id) {
+                    Some(e) => e.queued.clone(),
+                    None => return gone,
+                }
+            };
+            // Counted here, before the answer: a message is either refused now or queued,
+            // never answered 200 and then dropped because the client does not read.
+            let f = message_frame(body);
+            let n = f.len();
+            if !reserve(&queued, n) {
+                return (
+                    429,
+                    msg("Too Many Requests: the client is not reading; its queue is full"),
+                );
+            }
+            if reg.post(id, Cmd::Send(id, f)) {
                 (200, String::new())
             } else {
+                queued.fetch_sub(n, Ordering::AcqRel);
                 gone
             }
         }
@@ -297,7 +327,7 @@ enum Out {
 struct LocalConn {
     tx: mpsc::UnboundedSender<Out>,
     kill: Option<oneshot::Sender<(u16, &'static str)>>,
-    queued: std::rc::Rc<std::cell::Cell<usize>>,
+    queued: Arc<AtomicUsize>,
 }
 
 thread_local! {
@@ -314,17 +344,12 @@ pub async fn run_mailbox(worker: usize, shared: Arc<Shared>) {
             LOCAL.with(|l| {
                 let mut l = l.borrow_mut();
                 match cmd {
-                    Cmd::Send(id, body) => {
+                    Cmd::Send(id, f) => {
+                        // Counted by the poster ([`admin_local`]); uncounted if not queued.
+                        let n = f.len();
                         if let Some(c) = l.get_mut(&id) {
-                            let f = message_frame(&body);
-                            if c.queued.get() + f.len() > MAX_QUEUED {
-                                // The client does not read: close it rather than queue more.
-                                if let Some(k) = c.kill.take() {
-                                    let _ = k.send((code::POLICY, "client not reading"));
-                                }
-                            } else {
-                                c.queued.set(c.queued.get() + f.len());
-                                let _ = c.tx.unbounded_send(Out::Frame(f));
+                            if c.tx.unbounded_send(Out::Frame(f)).is_err() {
+                                c.queued.fetch_sub(n, Ordering::AcqRel);
                             }
                         }
                     }
@@ -610,6 +635,7 @@ pub async fn run<S: crate::server::ClientIo>(
     let settings = &api.settings;
     let started = Instant::now();
     let last_active = Arc::new(AtomicU64::new(now_ms()));
+    let queued = Arc::new(AtomicUsize::new(0));
     shared
         .ws
         .conns
@@ -622,6 +648,7 @@ pub async fn run<S: crate::server::ClientIo>(
                 connected_at_ms: now_ms(),
                 last_active_ms: last_active.clone(),
                 source_ip: peer.ip().to_string(),
+                queued: queued.clone(),
             },
         );
     if let Some(c) = shared.cluster.get() {
@@ -629,7 +656,6 @@ pub async fn run<S: crate::server::ClientIo>(
     }
     let (tx, rx) = mpsc::unbounded::<Out>();
     let (kill_tx, kill_rx) = oneshot::channel::<(u16, &'static str)>();
-    let queued = std::rc::Rc::new(std::cell::Cell::new(0usize));
     LOCAL.with(|l| {
         l.borrow_mut().insert(
             id,
@@ -662,7 +688,7 @@ pub async fn run<S: crate::server::ClientIo>(
                 Ok((Ok(_), _)) => {}
                 _ => break,
             }
-            queued.set(queued.get().saturating_sub(n));
+            queued.fetch_sub(n, Ordering::AcqRel);
             last_active.store(now_ms(), Ordering::Relaxed);
             last_in.set(Instant::now());
             if close {
@@ -716,14 +742,15 @@ pub async fn run<S: crate::server::ClientIo>(
                                     ))
                                     .await;
                                     if let Some(f) = reply {
-                                        if queued.get() + f.len() > MAX_QUEUED {
+                                        if !reserve(&queued, f.len()) {
+                                            // A reply cannot be refused: the client that
+                                            // does not read is closed instead.
                                             let _ = tx.unbounded_send(Out::Close(
                                                 code::POLICY,
                                                 "client not reading",
                                             ));
                                             return;
                                         }
-                                        queued.set(queued.get() + f.len());
                                         let _ = tx.unbounded_send(Out::Frame(f));
                                     }
                                 }
@@ -731,7 +758,7 @@ pub async fn run<S: crate::server::ClientIo>(
                         }
                     }
                 }
-                if queued.get() > MAX_QUEUED {
+                if queued.load(Ordering::Acquire) > MAX_QUEUED {
                     let _ = tx.unbounded_send(Out::Close(code::POLICY, "client not reading"));
                     return;
                 }
