@@ -161,6 +161,13 @@ fn api_key_missing_unknown_disabled_are_403() {
         );
         let r = get_with(&gw, path, &[("x-api-key", KEY)]);
         assert_eq!(r.status, 200, "{}", r.text());
+        let two = [
+            ("x-api-key", KEY),
+            ("X-Api-Key", "a-long-random-key-value-0002"),
+        ];
+        let r = get_with(&gw, path, &two);
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(r.message(), "Bad Request: more than one x-api-key header");
     }
     assert_eq!(gw.get("/open").status, 200);
     // Refused requests never reach the upstream.
@@ -265,6 +272,8 @@ fn admin_keys_need_the_admin_token() {
     let gw = Gateway::start(&cfg);
     let r = admin_json(gw.admin_addr, "POST", "/api-keys", r#"{"name":"x"}"#);
     assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
     assert_eq!(
         admin_json(gw.admin_addr, "GET", "/api-keys", "").status,
         401
@@ -535,6 +544,11 @@ fn jwt_rejections() {
             "jku elsewhere",
             json!({"alg":"RS256","kid":"rsa2","sign_kid":"rsa2","headers":{"jku":"http://127.0.0.1:1/jwks.json"},"claims":claims(json!({}))}),
         ),
+        // A critical extension the gateway does not understand (RFC 7515 4.1.11).
+        (
+            "crit",
+            json!({"alg":"RS256","kid":"rsa","headers":{"crit":["exp-policy-v9"],"exp-policy-v9":{"deny":true}},"claims":claims(json!({}))}),
+        ),
     ];
     let tokens = j.mint(cases.iter().map(|(_, v)| v.clone()).collect());
     for ((what, _), tok) in cases.iter().zip(&tokens) {
@@ -553,6 +567,12 @@ fn jwt_rejections() {
     assert_denied(&bearer(&gw, "/jwt", &none), 401, "alg none");
     assert_denied(&bearer(&gw, "/jwt", "not.a.jwt"), 401, "garbage");
     assert_denied(&gw.get("/jwt"), 401, "no Authorization");
+    // Each 401 names the scheme (RFC 9110 15.5.2), as Envoy's and API Gateway's JWT checks do.
+    assert_eq!(gw.get("/jwt").header("www-authenticate"), Some("Bearer"));
+    assert_eq!(
+        bearer(&gw, "/jwt", "not.a.jwt").header("www-authenticate"),
+        Some("Bearer error=\"invalid_token\"")
+    );
     assert_denied(
         &get_with(
             &gw,
@@ -572,6 +592,20 @@ fn jwt_rejections() {
     payload.push(if last == 'A' { 'B' } else { 'A' });
     let tampered = format!("{}.{}.{}", parts[0], payload, parts[2]);
     assert_denied(&bearer(&gw, "/jwt", &tampered), 401, "tampered payload");
+    // Two Authorization fields: the checked one and the one an upstream reads could differ.
+    let r = get_with(
+        &gw,
+        "/jwt",
+        &[
+            ("Authorization", &format!("Bearer {}", ok[0])),
+            ("Authorization", &format!("Bearer {tampered}")),
+        ],
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(
+        r.message(),
+        "Bad Request: more than one Authorization header"
+    );
     assert_eq!(
         origin.request_count(),
         2,
@@ -666,7 +700,10 @@ auth = "jwt:users"
         json!({"alg":"RS256","kid":"rsa2","claims":claims(json!({"sub":"new"}))}),
         json!({"alg":"RS256","kid":"nope","sign_kid":"rsa2","claims":claims(json!({"sub":"x"}))}),
     ]);
-    assert_eq!(bearer(&gw, "/jwt", &toks[0]).text(), "old");
+    // Verified (and cached) by both workers: new connections land on either.
+    for _ in 0..6 {
+        assert_eq!(bearer(&gw, "/jwt", &toks[0]).text(), "old");
+    }
     // max-age=1: the refresher fetches again about every second.
     let n0 = idp.request_count();
     std::thread::sleep(Duration::from_millis(2600));
@@ -685,6 +722,14 @@ auth = "jwt:users"
         r.text()
     );
     assert_eq!(r.text(), "new");
+    // The old key left the set: its token is refused by every worker, cached or not.
+    for i in 0..8 {
+        assert_denied(
+            &bearer(&gw, "/jwt", &toks[0]),
+            401,
+            &format!("removed key, try {i}"),
+        );
+    }
     // Unknown kids: at most one early refresh per interval, never a fetch storm.
     let n2 = idp.request_count();
     for _ in 0..20 {
@@ -1034,6 +1079,10 @@ fn sigv4_header_form_accepts_and_detects_tampering() {
         "other region",
     );
     assert_denied(&gw.get("/signed/a"), 401, "unsigned");
+    assert_eq!(
+        gw.get("/signed/a").header("www-authenticate"),
+        Some("AWS4-HMAC-SHA256")
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -130,12 +130,15 @@ fn messages_are_routed_and_answered() {
     assert_eq!(connect.len(), 1);
     assert_eq!(connect[0].method, "POST");
     assert_eq!(connect[0].path, "/connect?room=7");
-    assert!(connect[0].header("host").is_some());
+    // Host: the integration target's address (not the client's, nor the upstream's name).
+    let host = be.addr.to_string();
+    assert_eq!(connect[0].headers_named("host"), [host.as_str()]);
     assert_eq!(connect[0].header("sec-websocket-key"), Some(KEY));
     let id = connect[0].header("x-connection-id").unwrap().to_string();
     let echo = route_keys(&be, "echo");
     assert_eq!(echo[0].header("x-connection-id"), Some(id.as_str()));
     assert_eq!(echo[0].path, "/echo");
+    assert_eq!(echo[0].headers_named("host"), [host.as_str()]);
 }
 
 #[test]

@@ -289,7 +289,11 @@ fn write_reply(s: &mut TcpStream, r: &Reply, keep: bool) -> std::io::Result<()> 
     if !keep {
         out.extend_from_slice(b"connection: close\r\n");
     }
-    out.extend_from_slice(b"\r\n");
+    if r.status == 401 {
+        out.extend_from_slice(b"www-authenticate: Bearer\r\n");
+    }
+    // Admin answers (the dashboard included) are never cached, nor framed by other pages.
+    out.extend_from_slice(b"cache-control: no-store\r\nx-frame-options: DENY\r\nx-content-type-options: nosniff\r\n\r\n");
     out.extend_from_slice(&r.body);
     s.write_all(&out)
 }

@@ -292,6 +292,15 @@ impl RequestHead {
         find_header(&self.headers, buf, name)
     }
 
+    /// How many header fields are named `name` (case-insensitive; pass it lowercase).
+    pub fn header_count(&self, buf: &[u8], name: &str) -> usize {
+        let name = name.as_bytes();
+        self.headers
+            .iter()
+            .filter(|h| range(buf, h.name).eq_ignore_ascii_case(name))
+            .count()
+    }
+
     /// `&buf[r.0..r.1]`; `buf` must be the buffer that was parsed.
     pub fn slice<'b>(&self, buf: &'b [u8], r: (u32, u32)) -> &'b [u8] {
         range(buf, r)

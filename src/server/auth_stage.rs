@@ -5,8 +5,8 @@
 use super::{body_skippable, fill_rbuf, reject, ClientIo, Conn, FillError, Outcome, Worker};
 use crate::config::Route;
 use crate::gateway::Gateway;
-use crate::http::BodyKind;
-use crate::policy::auth::{self, Request};
+use crate::http::{encode, BodyKind};
+use crate::policy::auth::{self, AuthKind, Request};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -20,6 +20,19 @@ pub(super) async fn run<S: ClientIo>(
     c: &mut Conn<S>,
     route: &Route,
 ) -> Result<(), Outcome> {
+    // Credentials are single fields (RFC 9110 11.6.2): with two, the one checked and the one
+    // the upstream reads could differ. Refused, as ambiguous framing is.
+    for name in ["authorization", "x-api-key"] {
+        if c.b.head.header_count(&c.b.rbuf, name) > 1 {
+            let msg = if name == "x-api-key" {
+                "Bad Request: more than one x-api-key header"
+            } else {
+                "Bad Request: more than one Authorization header"
+            };
+            let keep = body_skippable(c);
+            return Err(reject(w, c, 400, msg, keep).await);
+        }
+    }
     let head_len = c.b.head.head_len;
     let body_len = if route.auth.needs_body() {
         match buffer_body(c, gw).await {
@@ -52,6 +65,20 @@ pub(super) async fn run<S: ClientIo>(
             Ok(())
         }
         Err(d) => {
+            if d.status == 401 {
+                // RFC 9110 15.5.2: a 401 names the scheme that would be accepted.
+                let challenge: &[u8] = match route.auth.kind {
+                    AuthKind::Jwt(_) if c.b.head.header(&c.b.rbuf, "authorization").is_some() => {
+                        b"Bearer error=\"invalid_token\""
+                    }
+                    AuthKind::Jwt(_) => b"Bearer",
+                    AuthKind::SigV4 => b"AWS4-HMAC-SHA256",
+                    _ => b"",
+                };
+                if !challenge.is_empty() {
+                    encode::push_header(&mut c.b.extra, b"www-authenticate", challenge);
+                }
+            }
             let keep = body_skippable(c);
             Err(reject(w, c, d.status, d.message, keep).await)
         }

@@ -318,8 +318,10 @@ pub fn admin_local(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16
 
 /// What goes to a connection's writer.
 enum Out {
-    /// An encoded frame.
+    /// An encoded data frame, counted in the connection's queue.
     Frame(Vec<u8>),
+    /// An encoded control frame (pong), not counted.
+    Control(Vec<u8>),
     /// A close frame; the writer stops after it.
     Close(u16, &'static str),
 }
@@ -675,15 +677,16 @@ pub async fn run<S: crate::server::ClientIo>(
         use futures_util_lite::next;
         let mut rx = rx;
         while let Some(o) = next(&mut rx).await {
-            let (buf, close) = match o {
-                Out::Frame(f) => (f, false),
+            let (buf, counted, close) = match o {
+                Out::Frame(f) => (f, true, false),
+                Out::Control(f) => (f, false, false),
                 Out::Close(c, why) => {
                     let mut f = Vec::new();
                     frame::encode_close(&mut f, c, why);
-                    (f, true)
+                    (f, false, true)
                 }
             };
-            let n = buf.len();
+            let n = if counted { buf.len() } else { 0 };
             match monoio::time::timeout(WRITE_TIMEOUT, wr.write_all(buf)).await {
                 Ok((Ok(_), _)) => {}
                 _ => break,
@@ -722,7 +725,7 @@ pub async fn run<S: crate::server::ClientIo>(
                                 Event::Ping(p) => {
                                     let mut f = Vec::with_capacity(p.len() + 2);
                                     frame::encode(&mut f, frame::op::PONG, true, &p);
-                                    let _ = tx.unbounded_send(Out::Frame(f));
+                                    let _ = tx.unbounded_send(Out::Control(f));
                                 }
                                 Event::Pong => {}
                                 Event::Close(c, _) => {

@@ -46,13 +46,6 @@ pub async fn post(
         c.set(v.wrapping_add(1));
         v
     });
-    let req = client::build_request(
-        b"POST",
-        path.as_bytes(),
-        &[(b"host", up.cfg.name.as_bytes())],
-        headers,
-        Some(body),
-    );
     let deadline = Instant::now() + up.cfg.timeout;
     let attempts = (up.cfg.retries as usize + 1).min(n.max(1));
     for a in 0..attempts {
@@ -65,6 +58,16 @@ pub async fn post(
             }
         }
         let addr = up.cfg.targets[ti];
+        // Host: the target's address, as for authorizer calls (the config's upstream name
+        // means nothing to a virtual-host router).
+        let host = addr.to_string();
+        let req = client::build_request(
+            b"POST",
+            path.as_bytes(),
+            &[(b"host", host.as_bytes())],
+            headers,
+            Some(body),
+        );
         // A pooled connection may have been closed by the upstream: one fresh retry.
         let pooled = POOL.with(|p| p.borrow_mut().get_mut(&addr).and_then(|v| v.pop()));
         let mut tries: [Option<TcpStream>; 2] = [pooled, None];

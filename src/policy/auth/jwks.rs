@@ -134,6 +134,11 @@ pub struct JwtKeys {
     current: arc_swap::ArcSwap<Vec<VerKey>>,
     /// Bumped after every fetch attempt (workers waiting on a refresh watch it).
     gen: AtomicU64,
+    /// Bumped when a fetch brings a JWKS different from the last one (tokens verified before
+    /// are verified again: a key taken out of the set stops its tokens on every worker).
+    version: AtomicU64,
+    /// Hash of the last JWKS document fetched.
+    last_body: AtomicU64,
     last_kick_ms: AtomicU64,
     started: AtomicBool,
     wake: (Mutex<bool>, Condvar),
@@ -166,6 +171,8 @@ impl JwtKeys {
             tls,
             current: arc_swap::ArcSwap::from_pointee(keys),
             gen: AtomicU64::new(0),
+            version: AtomicU64::new(0),
+            last_body: AtomicU64::new(0),
             last_kick_ms: AtomicU64::new(0),
             started: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
@@ -185,6 +192,11 @@ impl JwtKeys {
     /// Fetch attempts so far.
     pub fn generation(&self) -> u64 {
         self.gen.load(Ordering::Acquire)
+    }
+
+    /// Changes whenever the key set does.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
     }
 
     /// Fetches the JWKS now (blocking, bounded by [`FETCH_TIMEOUT`]) and starts the background
@@ -230,7 +242,11 @@ impl JwtKeys {
         let next = match fetch(uri, self.tls.as_ref()) {
             Ok((body, max_age)) => match parse_jwks(&body) {
                 Ok(keys) => {
-                    self.current.store(Arc::new(keys));
+                    let h = ahash::RandomState::with_seeds(7, 8, 9, 10).hash_one(&body[..]);
+                    if self.last_body.swap(h, Ordering::AcqRel) != h {
+                        self.current.store(Arc::new(keys));
+                        self.version.fetch_add(1, Ordering::AcqRel);
+                    }
                     max_age
                         .map(|s| Duration::from_secs(s.clamp(1, 86_400)))
                         .unwrap_or(Duration::from_secs(300))

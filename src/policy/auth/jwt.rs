@@ -4,7 +4,8 @@
 //!
 //! A verified token is cached per worker, keyed by the whole token, until its `exp` (plus
 //! leeway): a repeated token costs one hash lookup and a time comparison. The cache is bounded
-//! (entries and bytes) and dropped when the config changes.
+//! (entries and bytes) and dropped when the config changes; an entry verified with an older
+//! key set (the JWKS changed since) is verified again.
 
 use super::jwks::{self, JwtKeys, VerKey};
 use super::UNAUTHORIZED;
@@ -128,6 +129,8 @@ pub struct Verified {
     pub scopes: Box<[Box<str>]>,
     /// Every claim (for mappings).
     pub claims: Arc<serde_json::Value>,
+    /// [`jwks::JwtKeys::version`] of the key set it was verified with.
+    pub keys_version: u64,
 }
 
 impl Verified {
@@ -242,7 +245,15 @@ pub(super) async fn check(
     {
         let mut c = w.jwt.borrow_mut();
         c.sync(gen);
-        if let Some(v) = c.map(idx).get(token) {
+        let stale = c
+            .map(idx)
+            .get(token)
+            .is_some_and(|v| v.keys_version != a.keys.version());
+        if stale {
+            // The key set changed since: verify again (the key may be gone).
+            c.map(idx).remove(token);
+            c.bytes -= token.len();
+        } else if let Some(v) = c.map(idx).get(token) {
             if v.valid_at(now, a.leeway) {
                 return if v.has_scopes(scopes) {
                     Ok(passed(v))
@@ -255,7 +266,9 @@ pub(super) async fn check(
             return Err(UNAUTHORIZED);
         }
     }
-    let v = a.verify(token).await.map_err(|_| UNAUTHORIZED)?;
+    let version = a.keys.version();
+    let mut v = a.verify(token).await.map_err(|_| UNAUTHORIZED)?;
+    v.keys_version = version;
     let ok = v.has_scopes(scopes);
     let out = passed(&v);
     {
@@ -316,6 +329,11 @@ impl JwtAuthorizer {
     /// `kid` is unknown.
     pub async fn verify(&self, token: &[u8]) -> Result<Verified, Reject> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| Reject::Malformed)?;
+        if header.crit.is_some() {
+            // RFC 7515 4.1.11: a token naming critical extensions must be refused by a
+            // verifier that does not understand them, and this one understands none.
+            return Err(Reject::Malformed);
+        }
         let alg = header.alg;
         let kid = header.kid.as_deref();
         let keys = self.keys.current();
@@ -400,6 +418,7 @@ fn claims(c: serde_json::Value) -> Result<Verified, Reject> {
         principal,
         scopes: scopes.into(),
         claims: Arc::new(c),
+        keys_version: 0,
     })
 }
 
@@ -494,6 +513,7 @@ mod tests {
             principal: None,
             scopes: Box::new([]),
             claims: Arc::new(serde_json::Value::Null),
+            keys_version: 0,
         };
         for i in 0..CACHE_ENTRIES + 100 {
             c.insert(0, format!("token-{i}").as_bytes(), v.clone(), 1000, 0);
