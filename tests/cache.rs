@@ -483,6 +483,9 @@ fn a_stored_answer_is_a_hit_on_every_worker() {
     let gw = Gateway::start(&config(origin.addr, 4, 1 << 20, ""));
     let first = get(&mut Client::connect(gw.addr), "/prod/items/7", "");
     assert_eq!(first.header("x-cache"), Some("miss"));
+    // The entry is stored once the whole answer was written: on a loaded machine the client
+    // can have it before the worker has run on. Give that a moment.
+    std::thread::sleep(std::time::Duration::from_millis(200));
     for i in 0..20 {
         let r = get(&mut Client::connect(gw.addr), "/prod/items/7", "");
         assert_eq!(r.header("x-cache"), Some("hit"), "connection {i}");

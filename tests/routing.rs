@@ -485,3 +485,56 @@ fn gateway_refuses_to_start_on_a_bad_config() {
     };
     assert!(err.contains("routes[1].route"), "{err}");
 }
+
+#[test]
+fn doubled_slashes_and_encoded_letters_cannot_route_around_a_protected_route() {
+    // A public greedy route beside a key-protected one and a WAF path rule: `//admin` or
+    // `/%61dmin` (which backends read as `/admin`) must meet the same checks as `/admin`.
+    let origin = Origin::echo_path();
+    let cfg = format!(
+        r#"
+[[upstreams]]
+name = "o"
+targets = ["{}"]
+[[apis]]
+name = "a"
+[[apis.routes]]
+route = "ANY /{{p+}}"
+integration = {{ type = "http", upstream = "o" }}
+[[apis.routes]]
+route = "GET /admin/{{x+}}"
+integration = {{ type = "http", upstream = "o" }}
+api_key_required = true
+[waf]
+rules = [{{ name = "internal", target = "path", pattern = "^/internal", action = "block" }}]
+"#,
+        origin.addr
+    );
+    let gw = Gateway::start(&cfg);
+    for p in [
+        "/admin/users",
+        "//admin/users",
+        "/%61dmin/users",
+        "/%61%64%6D%69%6E//users",
+        "/internal/x",
+        "//internal/x",
+        "/%69nternal/x",
+    ] {
+        let r = gw.get(p);
+        assert_eq!(r.status, 403, "{p}: {}", r.text());
+    }
+    // A separator written encoded could split differently in the backend: refused.
+    for p in ["/admin%2Fusers", "/x/..%2Fadmin", "/x%5Cadmin"] {
+        let r = gw.get(p);
+        assert_eq!(r.status, 400, "{p}: {}", r.text());
+    }
+    assert_eq!(
+        origin.request_count(),
+        0,
+        "nothing refused reached the origin"
+    );
+    // Others are served, and the upstream gets the normal form the checks saw.
+    let r = gw.get("//public//x%2Dy?q=//%61");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "/public/x-y?q=//%61");
+}

@@ -29,7 +29,8 @@ pub struct RequestHead {
     pub method: Method,
     /// Method token range (use it for [`Method::Other`]).
     pub method_range: (u32, u32),
-    /// Full request-target (path and query).
+    /// Full request-target (path and query) as received; after
+    /// [`RequestHead::normalize_path`] use `path` and `query`, which stay exact.
     pub target: (u32, u32),
     /// Path part of the target (without `?query`); `*` for `OPTIONS *`.
     pub path: (u32, u32),
@@ -59,6 +60,9 @@ pub struct RequestHead {
     pub host_from_target: bool,
     /// Connection carried tokens other than close/keep-alive/upgrade.
     conn_other: bool,
+    /// The path has `//` or percent-encoding: [`RequestHead::normalize_path`] must run before
+    /// it is routed.
+    pub path_dirty: bool,
 }
 
 impl RequestHead {
@@ -82,6 +86,7 @@ impl RequestHead {
             authority: None,
             host_from_target: false,
             conn_other: false,
+            path_dirty: false,
         }
     }
 
@@ -282,6 +287,11 @@ impl RequestHead {
         if has_dot_segment(path) {
             return Err(HttpError::BadRequest("dot-segment in path"));
         }
+        self.path_dirty = needs_normalizing(path);
+        if self.path_dirty && has_encoded_separator(path) {
+            // A backend that decodes `%2F` would see other segments than the router did.
+            return Err(HttpError::BadRequest("encoded slash or backslash in path"));
+        }
         self.path = offsets(buf, path);
         self.query = query.map(|q| offsets(buf, q));
         Ok(())
@@ -392,6 +402,74 @@ fn valid_host(v: &[u8]) -> bool {
                     | b'%'
             )
     })
+}
+
+/// Whether `path` holds an empty segment (`//`) or any percent-encoding.
+fn needs_normalizing(path: &[u8]) -> bool {
+    let mut prev = 0u8;
+    for &b in path {
+        if b == b'%' || (b == b'/' && prev == b'/') {
+            return true;
+        }
+        prev = b;
+    }
+    false
+}
+
+/// `%2F` or `%5C` (any case) in `path`.
+fn has_encoded_separator(path: &[u8]) -> bool {
+    path.windows(3).any(|w| {
+        w[0] == b'%'
+            && ((w[1] == b'2' && w[2] | 0x20 == b'f') || (w[1] == b'5' && w[2] | 0x20 == b'c'))
+    })
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+impl RequestHead {
+    /// Rewrites the path in `buf` (the buffer that was parsed) in place to its normal form, as
+    /// a backend would read it: empty segments merged (`//a` is `/a`, as nginx's
+    /// `merge_slashes`) and percent-encoded unreserved characters decoded (`%61` is `a`, RFC
+    /// 3986 6.2.2.2). Routing, auth, WAF rules and the upstream then all see one path. Only
+    /// shortens the path; every other range stays valid.
+    pub fn normalize_path(&mut self, buf: &mut [u8]) {
+        if !self.path_dirty {
+            return;
+        }
+        self.path_dirty = false;
+        let (start, end) = (self.path.0 as usize, self.path.1 as usize);
+        let p = &mut buf[start..end];
+        let (mut r, mut w) = (0, 0);
+        while r < p.len() {
+            let b = p[r];
+            if b == b'/' && w > 0 && p[w - 1] == b'/' {
+                r += 1;
+                continue;
+            }
+            if b == b'%' && r + 2 < p.len() {
+                if let (Some(h), Some(l)) = (hex_val(p[r + 1]), hex_val(p[r + 2])) {
+                    let c = h << 4 | l;
+                    if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                        p[w] = c;
+                        w += 1;
+                        r += 3;
+                        continue;
+                    }
+                }
+            }
+            p[w] = b;
+            w += 1;
+            r += 1;
+        }
+        self.path.1 = (start + w) as u32;
+    }
 }
 
 /// True if any `/`-separated segment of `path` is `.` or `..`, literally or
@@ -831,11 +909,40 @@ mod tests {
             "/a/..b",
             "/a/%2e%2e%2e",
             "/a/%2ex",
-            "/a/%2f",
             "/a?x=/../y",
             "/a//b",
         ] {
             ok(&req(&format!("GET {t} HTTP/1.1"), ""));
+        }
+    }
+
+    #[test]
+    fn paths_are_normalized_as_a_backend_reads_them() {
+        for (t, want) in [
+            ("/a/b", "/a/b"),
+            ("//admin/users", "/admin/users"),
+            ("/a///b//", "/a/b/"),
+            ("/%61dmin/%7Eu%2d%2E%5f", "/admin/~u-._"),
+            // Reserved or unsafe characters stay encoded; a stray `%` stays.
+            ("/a%20b/%3F/%25/%", "/a%20b/%3F/%25/%"),
+            ("/x%4", "/x%4"),
+            ("/x%zz", "/x%zz"),
+        ] {
+            let mut buf = req(&format!("GET {t}?q=//%61 HTTP/1.1"), "X-After: 1\r\n");
+            let mut h = ok(&buf);
+            h.normalize_path(&mut buf);
+            assert_eq!(h.slice(&buf, h.path), want.as_bytes(), "{t}");
+            // The query and the headers are untouched.
+            assert_eq!(h.slice(&buf, h.query.unwrap()), b"q=//%61");
+            assert_eq!(h.header(&buf, "x-after"), Some(&b"1"[..]));
+        }
+        // A separator written encoded would split differently in a backend that decodes it.
+        for t in ["/a/%2f", "/a%2Fb", "/a%5cb", "/a%5C"] {
+            assert_eq!(
+                bad(&req(&format!("GET {t} HTTP/1.1"), "")),
+                "encoded slash or backslash in path",
+                "{t}"
+            );
         }
     }
 

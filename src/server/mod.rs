@@ -569,7 +569,11 @@ async fn read_head<S: ClientIo>(
     loop {
         if !c.b.rbuf.is_empty() {
             match c.b.head.parse(&c.b.rbuf, &hl) {
-                Ok(Status::Complete(_)) => return HeadRead::Ready,
+                Ok(Status::Complete(_)) => {
+                    // `//` or percent-encoding: one normal path for every later stage.
+                    c.b.head.normalize_path(&mut c.b.rbuf);
+                    return HeadRead::Ready;
+                }
                 Ok(Status::Partial) => {}
                 Err(e) => return HeadRead::Fail(e.status(), error_text(&e)),
             }
