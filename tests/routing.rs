@@ -267,6 +267,62 @@ integration = {{ type = "http", upstream = "${{stageVariables.backend}}" }}
 }
 
 #[test]
+fn stage_variables_fill_mock_answers() {
+    let cfg = r#"
+[[apis]]
+name = "s"
+
+[apis.stages."$default"]
+variables = { version = "v1" }
+
+[apis.stages.beta]
+variables = { version = "v2-beta" }
+
+[[apis.routes]]
+route = "GET /ver"
+integration = { type = "mock", status = 200, headers = { "x-stage-ver" = "${stageVariables.version}" }, body = '{"version":"${stageVariables.version}","other":"${literal}"}' }
+"#;
+    let gw = Gateway::start(cfg);
+    for (path, want) in [("/ver", "v1"), ("/beta/ver", "v2-beta")] {
+        let r = gw.get(path);
+        assert_eq!(r.header("x-stage-ver"), Some(want), "{path}");
+        assert_eq!(
+            r.text(),
+            format!(r#"{{"version":"{want}","other":"${{literal}}"}}"#),
+            "{path}"
+        );
+    }
+    // An undefined variable in a mock is refused when the config loads.
+    let bad = cfg.replace("${stageVariables.version}\",", "${stageVariables.nope}\",");
+    assert!(bad != cfg);
+    let (out, _) = check(&bad);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`nope` is not defined"));
+}
+
+#[test]
+fn stage_variables_cannot_put_spaces_or_line_breaks_on_the_request_line() {
+    for (value, what) in [
+        (r#""v1\r\nX-Injected: 1\r\nX-A: ""#, "`\\r`"),
+        (r#""a b""#, "a space"),
+        (r#""a\tb""#, "`\\t`"),
+    ] {
+        let cfg = format!(
+            "[[upstreams]]\nname = \"o\"\ntargets = [\"127.0.0.1:1\"]\n[[apis]]\nname = \"s\"\n\
+             [apis.stages.\"$default\"]\nvariables = {{ ver = {value} }}\n[[apis.routes]]\nroute = \"GET /x\"\n\
+             integration = {{ type = \"http\", upstream = \"o\", path = \"/${{stageVariables.ver}}/x\" }}\n"
+        );
+        let (out, _) = check(&cfg);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{value}: accepted");
+        assert!(
+            err.contains("apis[0].routes[0].integration") && err.contains(what),
+            "{value}: {err}"
+        );
+    }
+}
+
+#[test]
 fn default_route_catches_the_rest() {
     let cfg = format!(
         "[[apis]]\nname = \"r\"\n{}{}",

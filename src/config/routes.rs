@@ -250,6 +250,32 @@ fn json_escape_label(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
+/// Substitutes `${stageVariables.NAME}` in a mock's headers and body; other `${...}` text is
+/// left as written (a mock body may well hold it), an unknown variable is an error.
+fn subst_mock_vars(
+    s: &str,
+    vars: &std::collections::BTreeMap<String, String>,
+) -> Result<String, String> {
+    const OPEN: &str = "${stageVariables.";
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find(OPEN) {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + OPEN.len()..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unterminated `${{stageVariables.` in `{s}`"))?;
+        let name = &after[..end];
+        let v = vars
+            .get(name)
+            .ok_or_else(|| format!("stage variable `{name}` is not defined for this stage"))?;
+        out.push_str(v);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// Substitutes `${stageVariables.NAME}`; unknown names are an error.
 pub(crate) fn subst_stage_vars(
     s: &str,
@@ -280,6 +306,18 @@ pub(crate) fn subst_stage_vars(
 fn compile_template(s: &str, names: &[String]) -> Result<PathTemplate, String> {
     if !s.starts_with('/') {
         return Err(format!("integration path `{s}` must start with `/`"));
+    }
+    // Stage variables are substituted by now: what is left goes on the request line as is.
+    if let Some(c) = s.chars().find(|&c| !c.is_ascii_graphic() || c == '#') {
+        return Err(format!(
+            "integration path `{}` holds {}: percent-encode it (in the stage variable too)",
+            s.escape_debug(),
+            if c == ' ' {
+                "a space".to_string()
+            } else {
+                format!("`{}`", c.escape_debug())
+            }
+        ));
     }
     let mut parts = Vec::new();
     let mut rest = s;
@@ -640,6 +678,11 @@ pub(super) fn compile(
                         // Mock headers that the response mapping owns are left out here; the
                         // mapping writes them per request.
                         let mut headers = headers.clone();
+                        for v in headers.values_mut() {
+                            *v = subst_mock_vars(v, &stage.variables).map_err(&ierr)?;
+                        }
+                        let body = subst_mock_vars(body, &stage.variables).map_err(&ierr)?;
+                        let body = &body;
                         if let Some(m) = &r.response_mapping {
                             headers.retain(|k, _| {
                                 !m.get_ref().keys().any(|mk| {

@@ -87,9 +87,15 @@ pub(crate) fn compile(
                         crate::config::subst_stage_vars(p, &stage.variables).map_err(ierr)?
                     }
                 };
-                if !p.starts_with('/') || p.contains(['{', '}', ' ', '\r', '\n']) {
+                if !p.starts_with('/') || p.contains(['{', '}']) {
                     return Err(ierr(format!(
                         "integration path `{p}` must start with `/` and have no `{{param}}` (WebSocket routes have no path parameters)"
+                    )));
+                }
+                if p.chars().any(|c| !c.is_ascii_graphic() || c == '#') {
+                    return Err(ierr(format!(
+                        "integration path `{}` holds a space or control character: percent-encode it (in the stage variable too)",
+                        p.escape_debug()
                     )));
                 }
                 WsTarget::Http {
