@@ -580,7 +580,13 @@ rules = [{{ name = "internal", target = "path", pattern = "^/internal", action =
         assert_eq!(r.status, 403, "{p}: {}", r.text());
     }
     // A separator written encoded could split differently in the backend: refused.
-    for p in ["/admin%2Fusers", "/x/..%2Fadmin", "/x%5Cadmin"] {
+    // So could a malformed escape that decoding would complete (`%6%31` -> `%61` -> `a`).
+    for p in [
+        "/admin%2Fusers",
+        "/x/..%2Fadmin",
+        "/x%5Cadmin",
+        "/%6%31dmin/users",
+    ] {
         let r = gw.get(p);
         assert_eq!(r.status, 400, "{p}: {}", r.text());
     }

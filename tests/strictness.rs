@@ -297,13 +297,16 @@ fn refused_heads_keep_the_request_id_and_are_counted() {
         let want = if method == "GET" { "rid-dots" } else { "rid-te" };
         assert_eq!(r.header("x-request-id"), Some(want));
     }
-    let metrics = gw.admin_get("/metrics").text();
-    for method in ["GET", "POST"] {
-        let line = format!(
+    // Counted once the answer is written: the worker may get there just after the client.
+    let lines: Vec<String> = ["GET", "POST"].iter().map(|method| format!(
             "ringgate_requests_total{{api=\"\",stage=\"\",route=\"\",method=\"{method}\",status=\"400\"}} 1"
-        );
-        assert!(metrics.contains(&line), "no `{line}` in:\n{metrics}");
-    }
+        )).collect();
+    let mut metrics = String::new();
+    let all = wait_until(Duration::from_secs(3), || {
+        metrics = gw.admin_get("/metrics").text();
+        lines.iter().all(|l| metrics.contains(l))
+    });
+    assert!(all, "no `{lines:?}` in:\n{metrics}");
 }
 
 #[test]

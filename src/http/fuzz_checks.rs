@@ -81,6 +81,7 @@ pub fn request_parser(data: &[u8]) {
                     "prefix {i}"
                 );
             }
+            normalized_path(data, &head);
         }
         Ok(Status::Partial) => assert!(data.len() < limits.max_header_bytes),
         Err(HttpError::HeadTooLarge) => assert!(data.len() >= limits.max_header_bytes),
@@ -95,6 +96,41 @@ pub fn request_parser(data: &[u8]) {
         }
         let _ = resp.forwardable(data).count();
     }
+}
+
+/// [`RequestHead::normalize_path`] on a parsed head: the path only shrinks, keeps its first
+/// byte, has no `//` and no encoded unreserved character left, normalizing again changes
+/// nothing, and no byte outside the path moves.
+fn normalized_path(data: &[u8], head: &RequestHead) {
+    let mut buf = data.to_vec();
+    let mut h = head.clone();
+    let before = h.path;
+    h.normalize_path(&mut buf);
+    assert_eq!(h.path.0, before.0);
+    assert!(h.path.1 <= before.1);
+    let p = h.slice(&buf, h.path).to_vec();
+    assert_eq!(p.first(), data.get(before.0 as usize));
+    if p.first() == Some(&b'/') {
+        assert!(!p.windows(2).any(|w| w == b"//"), "{p:?}");
+        for w in p.windows(3) {
+            if w[0] == b'%' {
+                let v = |b: u8| (b as char).to_digit(16);
+                if let (Some(a), Some(b)) = (v(w[1]), v(w[2])) {
+                    let c = (a * 16 + b) as u8;
+                    assert!(
+                        !(c.is_ascii_alphanumeric() || b"-._~".contains(&c)),
+                        "{p:?}"
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(&buf[..before.0 as usize], &data[..before.0 as usize]);
+    assert_eq!(&buf[before.1 as usize..], &data[before.1 as usize..]);
+    let mut again = h.clone();
+    again.path_dirty = true;
+    again.normalize_path(&mut buf);
+    assert_eq!(again.slice(&buf, again.path), &p[..]);
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -288,9 +288,16 @@ impl RequestHead {
             return Err(HttpError::BadRequest("dot-segment in path"));
         }
         self.path_dirty = needs_normalizing(path);
-        if self.path_dirty && has_encoded_separator(path) {
-            // A backend that decodes `%2F` would see other segments than the router did.
-            return Err(HttpError::BadRequest("encoded slash or backslash in path"));
+        if self.path_dirty {
+            if !percent_encoding_ok(path) {
+                // `%4%31` would turn into `%41` once decoded: a second decoding in a backend
+                // would then see another path than the router.
+                return Err(HttpError::BadRequest("malformed percent-encoding in path"));
+            }
+            if has_encoded_separator(path) {
+                // A backend that decodes `%2F` would see other segments than the router did.
+                return Err(HttpError::BadRequest("encoded slash or backslash in path"));
+            }
         }
         self.path = offsets(buf, path);
         self.query = query.map(|q| offsets(buf, q));
@@ -414,6 +421,22 @@ fn needs_normalizing(path: &[u8]) -> bool {
         prev = b;
     }
     false
+}
+
+/// Every `%` in `path` is followed by two hex digits (RFC 3986 2.1).
+fn percent_encoding_ok(path: &[u8]) -> bool {
+    let mut i = 0;
+    while i < path.len() {
+        if path[i] == b'%' {
+            match (path.get(i + 1), path.get(i + 2)) {
+                (Some(a), Some(b)) if a.is_ascii_hexdigit() && b.is_ascii_hexdigit() => i += 3,
+                _ => return false,
+            }
+        } else {
+            i += 1;
+        }
+    }
+    true
 }
 
 /// `%2F` or `%5C` (any case) in `path`.
@@ -923,10 +946,8 @@ mod tests {
             ("//admin/users", "/admin/users"),
             ("/a///b//", "/a/b/"),
             ("/%61dmin/%7Eu%2d%2E%5f", "/admin/~u-._"),
-            // Reserved or unsafe characters stay encoded; a stray `%` stays.
-            ("/a%20b/%3F/%25/%", "/a%20b/%3F/%25/%"),
-            ("/x%4", "/x%4"),
-            ("/x%zz", "/x%zz"),
+            // Reserved or unsafe characters stay encoded.
+            ("/a%20b/%3F/%25/%2541", "/a%20b/%3F/%25/%2541"),
         ] {
             let mut buf = req(&format!("GET {t}?q=//%61 HTTP/1.1"), "X-After: 1\r\n");
             let mut h = ok(&buf);
@@ -935,6 +956,14 @@ mod tests {
             // The query and the headers are untouched.
             assert_eq!(h.slice(&buf, h.query.unwrap()), b"q=//%61");
             assert_eq!(h.header(&buf, "x-after"), Some(&b"1"[..]));
+        }
+        // Malformed: decoding could assemble a new escape (`%4%31` -> `%41`).
+        for t in ["/x%4", "/x%zz", "/a/%", "/%4%31dmin", "/%%61"] {
+            assert_eq!(
+                bad(&req(&format!("GET {t} HTTP/1.1"), "")),
+                "malformed percent-encoding in path",
+                "{t}"
+            );
         }
         // A separator written encoded would split differently in a backend that decodes it.
         for t in ["/a/%2f", "/a%2Fb", "/a%5cb", "/a%5C"] {
