@@ -3,53 +3,174 @@
 //!
 //! Workers append lines to a local buffer ([`LocalLog`]) and hand full buffers (or every 200 ms)
 //! to the writer thread over a bounded channel. When the writer falls behind, buffers are
-//! dropped and counted rather than blocking a worker.
+//! dropped and their lines counted rather than blocking a worker; lines the writer fails to
+//! write are counted too ([`AccessLog::dropped`], the `ringgate_access_log_dropped_total`
+//! metric), with one stderr line at most every [`REPORT_EVERY`].
+//!
+//! [`AccessLog::reopen`] (SIGUSR1) makes the writer open the file again at its path, so a log
+//! rotated with `mv` goes on in a new file.
 
-use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use std::io::Write;
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Buffers a worker hands over once they hold this much.
 const FLUSH_AT: usize = 32 * 1024;
+
+/// At most one stderr line about failed writes this often.
+pub const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// The writer side shared by all workers.
 #[derive(Clone)]
 pub struct AccessLog {
     tx: Sender<Vec<u8>>,
-    /// Lines lost because the writer could not keep up.
+    /// Lines lost because the writer could not keep up or could not write them.
     pub dropped: Arc<AtomicU64>,
+    /// Set by [`AccessLog::reopen`]; the writer thread clears it.
+    reopen: Arc<AtomicBool>,
+}
+
+/// Opens `path` for appending (created when missing).
+fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+/// Number of lines in `buf`.
+fn lines(buf: &[u8]) -> u64 {
+    buf.iter().filter(|&&b| b == b'\n').count() as u64
 }
 
 impl AccessLog {
-    /// Opens the log (`None` = stdout) and starts the writer thread.
-    pub fn open(path: Option<&Path>) -> std::io::Result<AccessLog> {
-        let mut out: Box<dyn Write + Send> = match path {
+    /// Opens the log (`None` = stdout) and starts the writer thread. The error names the file.
+    pub fn open(path: Option<&Path>) -> Result<AccessLog, String> {
+        let out: Box<dyn Write + Send> = match path {
             None => Box::new(std::io::stdout()),
             Some(p) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)?,
+                open_file(p).map_err(|e| format!("cannot open access log {}: {e}", p.display()))?,
             ),
         };
         let (tx, rx): (Sender<Vec<u8>>, Receiver<Vec<u8>>) = bounded(256);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let reopen = Arc::new(AtomicBool::new(false));
+        let mut writer = Writer {
+            out,
+            path: path.map(Path::to_path_buf),
+            dropped: dropped.clone(),
+            reopen: reopen.clone(),
+            failed: 0,
+            last_error: None,
+            last_report: None,
+        };
         std::thread::Builder::new()
             .name("ringgate-log".into())
-            .spawn(move || {
-                for buf in rx.iter() {
-                    let _ = out.write_all(&buf);
-                    if rx.is_empty() {
-                        let _ = out.flush();
-                    }
-                }
-                let _ = out.flush();
-            })?;
+            .spawn(move || writer.run(rx))
+            .map_err(|e| format!("cannot start the access log writer: {e}"))?;
         Ok(AccessLog {
             tx,
-            dropped: Arc::new(AtomicU64::new(0)),
+            dropped,
+            reopen,
         })
+    }
+
+    /// Asks the writer to open the file again at its path (SIGUSR1, after a rotation); lines
+    /// handed over from then on go to the new file. A file that cannot be opened is reported
+    /// on stderr and the old one is kept. No-op for stdout.
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Release);
+        // Wakes the writer at once; when the channel is full it is busy anyway and sees the
+        // flag after the current buffer.
+        let _ = self.tx.try_send(Vec::new());
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    out: Box<dyn Write + Send>,
+    /// `None` = stdout.
+    path: Option<PathBuf>,
+    dropped: Arc<AtomicU64>,
+    reopen: Arc<AtomicBool>,
+    /// Lines that failed since the last report.
+    failed: u64,
+    last_error: Option<std::io::Error>,
+    last_report: Option<Instant>,
+}
+
+impl Writer {
+    fn run(&mut self, rx: Receiver<Vec<u8>>) {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(buf) => {
+                    self.check_reopen();
+                    if !buf.is_empty() {
+                        self.write(&buf);
+                    }
+                    if rx.is_empty() {
+                        if let Err(e) = self.out.flush() {
+                            self.last_error = Some(e);
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => self.check_reopen(),
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.report();
+        }
+        let _ = self.out.flush();
+        self.last_report = None;
+        self.report();
+    }
+
+    fn write(&mut self, buf: &[u8]) {
+        if let Err(e) = self.out.write_all(buf) {
+            let n = lines(buf);
+            self.dropped.fetch_add(n, Ordering::Relaxed);
+            self.failed += n;
+            self.last_error = Some(e);
+        }
+    }
+
+    fn check_reopen(&mut self) {
+        if !self.reopen.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let Some(path) = &self.path else { return };
+        let _ = self.out.flush();
+        match open_file(path) {
+            Ok(f) => {
+                self.out = Box::new(f);
+                eprintln!("ringgate: access log reopened: {}", path.display());
+            }
+            Err(e) => eprintln!(
+                "ringgate: cannot reopen access log {}: {e} (writing on to the old file)",
+                path.display()
+            ),
+        }
+    }
+
+    /// One stderr line about failed writes, at most every [`REPORT_EVERY`].
+    fn report(&mut self) {
+        let Some(e) = &self.last_error else { return };
+        if self.last_report.is_some_and(|t| t.elapsed() < REPORT_EVERY) {
+            return;
+        }
+        let target = match &self.path {
+            Some(p) => p.display().to_string(),
+            None => "stdout".to_string(),
+        };
+        eprintln!(
+            "ringgate: cannot write access log {target}: {e} ({} line(s) dropped since the last report)",
+            self.failed
+        );
+        self.failed = 0;
+        self.last_error = None;
+        self.last_report = Some(Instant::now());
     }
 }
 
@@ -86,10 +207,10 @@ impl LocalLog {
             return;
         }
         let full = std::mem::replace(&mut self.buf, Vec::with_capacity(FLUSH_AT + 1024));
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+        if let Err(TrySendError::Full(b) | TrySendError::Disconnected(b)) =
             self.sink.tx.try_send(full)
         {
-            self.sink.dropped.fetch_add(1, Ordering::Relaxed);
+            self.sink.dropped.fetch_add(lines(&b), Ordering::Relaxed);
         }
     }
 }

@@ -41,20 +41,56 @@ pub struct Shared {
     /// `[cluster]`: the link to the other nodes (set once at start).
     pub cluster: std::sync::OnceLock<crate::cluster::Cluster>,
     config_path: PathBuf,
+    /// The settings bound at start, which a reload cannot change.
+    started: StartSettings,
     reload_lock: Mutex<()>,
+}
+
+/// The settings read at start only. A reload compares the new config with these (not with the
+/// previous config): a note says which ones differ from what the process runs with.
+#[derive(Debug, PartialEq)]
+struct StartSettings {
+    listen: Vec<std::net::SocketAddr>,
+    workers: usize,
+    io: config::IoMode,
+    tls_listen: Option<Vec<std::net::SocketAddr>>,
+    admin_listen: Option<std::net::SocketAddr>,
+    cluster: Option<crate::cluster::ClusterConfig>,
+    access_log: Option<Option<PathBuf>>,
+    state_dir: PathBuf,
+}
+
+impl StartSettings {
+    fn of(c: &Config) -> StartSettings {
+        StartSettings {
+            listen: c.server.listen.clone(),
+            workers: c.server.workers,
+            io: c.server.io,
+            tls_listen: c.server.tls.as_ref().map(|t| t.listen.clone()),
+            admin_listen: c.admin.as_ref().map(|a| a.listen),
+            cluster: c.cluster.clone(),
+            access_log: c.access_log.clone(),
+            state_dir: c.server.state_dir.clone(),
+        }
+    }
 }
 
 impl Shared {
     /// Builds the shared state around a first, already validated config.
     pub fn new(mut config: Config, access_log: Option<AccessLog>) -> Result<Arc<Shared>, String> {
-        // With `[cluster]` the counts live in Redis (see `crate::cluster`).
+        let dir = &config.server.state_dir;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create state_dir {}: {e}", dir.display()))?;
+        if !dir.is_dir() {
+            return Err(format!("state_dir {} is not a directory", dir.display()));
+        }
+        // With `[cluster]` the counts live in Redis (see `crate::cluster`). A usage file that
+        // cannot be read stops the start, as a bad key file does: starting would set every
+        // quota back to 0.
         let usage = if config.cluster.is_some() {
             crate::policy::plans::UsageStore::in_memory()
         } else {
-            crate::policy::plans::UsageStore::open(&config.server.state_dir).unwrap_or_else(|e| {
-                eprintln!("ringgate: usage counts will not persist: {e}");
-                crate::policy::plans::UsageStore::in_memory()
-            })
+            crate::policy::plans::UsageStore::open(dir)?
         };
         config.traffic.plans.bind(&usage);
         let auth =
@@ -64,6 +100,7 @@ impl Shared {
         let upstreams = Upstream::build_all(&config.upstreams, &health);
         let config_path = config.path.clone();
         let cluster = config.cluster.clone();
+        let started = StartSettings::of(&config);
         let shared = Arc::new(Shared {
             current: ArcSwap::from_pointee(Gateway { config, upstreams }),
             generation: AtomicU64::new(1),
@@ -78,6 +115,7 @@ impl Shared {
             ws: Default::default(),
             cluster: std::sync::OnceLock::new(),
             config_path,
+            started,
             reload_lock: Mutex::new(()),
         });
         if let Some(c) = cluster {
@@ -97,8 +135,9 @@ impl Shared {
     }
 
     /// Reads the config file again and swaps it in; on any error the old config stays.
-    /// Settings bound at start (listeners, workers, io, admin, access log) need a restart; a
-    /// change to them is reported in the returned notes and otherwise ignored.
+    /// Settings bound at start (listeners, workers, io, admin, cluster, access log, state_dir)
+    /// need a restart; a value that differs from the one the process started with is reported
+    /// in the returned notes and otherwise ignored.
     pub fn reload(&self) -> Result<Vec<String>, ConfigError> {
         let _g = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut new = config::load(&self.config_path)?;
@@ -106,22 +145,22 @@ impl Shared {
         new.traffic.inherit(&self.current().config.traffic);
         let old = self.current();
         let mut notes = Vec::new();
-        let o = &old.config.server;
-        let n = &new.server;
-        if o.listen != n.listen || o.workers != n.workers || o.io != n.io {
+        let run = &self.started;
+        let now = StartSettings::of(&new);
+        if run.listen != now.listen || run.workers != now.workers || run.io != now.io {
             notes.push(
                 "server.listen, server.workers and server.io take effect at the next restart"
                     .to_string(),
             );
         }
-        let tls_listen = |c: &crate::config::ServerConfig| c.tls.as_ref().map(|t| t.listen.clone());
-        if tls_listen(o) != tls_listen(n) {
+        if run.tls_listen != now.tls_listen {
             notes.push(
                 "server.tls.listen takes effect at the next restart (certificates apply now)"
                     .to_string(),
             );
         }
-        if n.tls.is_none() && o.tls.is_some() {
+        let o = &old.config.server;
+        if new.server.tls.is_none() && o.tls.is_some() {
             // The TLS listeners stay bound until a restart: they keep the certificates they had.
             notes.push(
                 "[server.tls] was removed: its listeners keep serving with the previous certificates until the next restart"
@@ -129,14 +168,22 @@ impl Shared {
             );
             new.server.tls = o.tls.clone();
         }
-        if old.config.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
+        if run.admin_listen != now.admin_listen {
             notes.push("admin.listen takes effect at the next restart".to_string());
         }
-        if old.config.cluster != new.cluster {
+        if run.cluster != now.cluster {
             notes.push("cluster.redis takes effect at the next restart".to_string());
         }
-        if old.config.access_log != new.access_log {
+        if run.access_log != now.access_log {
             notes.push("access_log.path takes effect at the next restart".to_string());
+            new.access_log = run.access_log.clone();
+        }
+        if run.state_dir != now.state_dir {
+            notes.push(format!(
+                "server.state_dir takes effect at the next restart (keys and quota counts stay in {})",
+                run.state_dir.display()
+            ));
+            new.server.state_dir = run.state_dir.clone();
         }
         let upstreams = Upstream::build_all(&new.upstreams, &self.health);
         new.auth.start();

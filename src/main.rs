@@ -46,6 +46,10 @@ fn main() -> ExitCode {
         }
     };
     if check {
+        if let Err(e) = cfg.check_paths() {
+            eprintln!("ringgate: {e}");
+            return ExitCode::FAILURE;
+        }
         print!("{}", cfg.routes.describe(&cfg.upstreams));
         for a in &cfg.server.listen {
             println!("listener http://{a}");

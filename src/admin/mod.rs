@@ -9,6 +9,7 @@ mod dashboard;
 use crate::config::AdminConfig;
 use crate::gateway::Shared;
 use crate::http::{encode, Limits, RequestHead, Status};
+use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -206,6 +207,12 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
                 let (mut th, mut tail) = (String::new(), String::new());
                 gw.config.traffic.render_throttled(&mut th);
                 gw.config.traffic.waf.render_metrics(&mut tail);
+                let dropped = shared
+                    .access_log
+                    .as_ref()
+                    .map_or(0, |l| l.dropped.load(Ordering::Relaxed));
+                tail.push_str("# HELP ringgate_access_log_dropped_total Access log lines lost: the writer could not keep up or could not write them.\n# TYPE ringgate_access_log_dropped_total counter\n");
+                let _ = writeln!(tail, "ringgate_access_log_dropped_total {dropped}");
                 shared.metrics.render_with(&th, &tail).into_bytes()
             },
         },

@@ -155,6 +155,8 @@ pub struct ServerConfig {
     /// Pin each worker to one core (worker i to core i mod cores).
     pub pin_workers: bool,
     pub shutdown_timeout: Duration,
+    /// Run-time API keys and quota counts; a relative `state_dir` is relative to the config
+    /// file's directory.
     pub state_dir: PathBuf,
     pub limits: Limits,
     /// `[server.tls]`: HTTPS listeners and their certificates.
@@ -209,7 +211,8 @@ pub struct Config {
     pub path: PathBuf,
     pub server: ServerConfig,
     pub admin: Option<AdminConfig>,
-    /// `None` = off; `Some(None)` = stdout; `Some(Some(path))` = a file.
+    /// `None` = off; `Some(None)` = stdout; `Some(Some(path))` = a file (a relative path in the
+    /// file is relative to the config file's directory).
     pub access_log: Option<Option<PathBuf>>,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: RouteTable,
@@ -219,6 +222,74 @@ pub struct Config {
     pub auth: crate::policy::auth::AuthConfig,
     /// `[cluster]`: state shared with other nodes through Redis.
     pub cluster: Option<crate::cluster::ClusterConfig>,
+}
+
+impl Config {
+    /// Read-only checks of what the gateway creates or opens at start (`--check` runs them;
+    /// so does the start, before anything else): `server.state_dir` is a directory or can be
+    /// made one, and the access log file can be opened or made. The error is one line naming
+    /// the config file, the key and the path.
+    pub fn check_paths(&self) -> Result<(), String> {
+        let err = |key: &str, msg: String| format!("{}: key `{key}`: {msg}", self.path.display());
+        let dir = &self.server.state_dir;
+        match std::fs::metadata(dir) {
+            Ok(m) if !m.is_dir() => {
+                return Err(err(
+                    "server.state_dir",
+                    format!("{} is not a directory", dir.display()),
+                ))
+            }
+            Ok(_) => {}
+            Err(_) => {
+                // Made at start with its missing parents: the nearest existing one must be a
+                // directory.
+                if let Some(a) = dir.ancestors().skip(1).find(|a| a.exists()) {
+                    if !a.is_dir() {
+                        return Err(err(
+                            "server.state_dir",
+                            format!(
+                                "cannot create {}: {} is not a directory",
+                                dir.display(),
+                                a.display()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(Some(p)) = &self.access_log {
+            let key = "access_log.path";
+            match std::fs::metadata(p) {
+                Ok(m) if m.is_dir() => {
+                    return Err(err(key, format!("{} is a directory", p.display())))
+                }
+                Ok(_) => {
+                    // Opening an existing file for appending changes nothing in it.
+                    std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(p)
+                        .map_err(|e| err(key, format!("cannot open {}: {e}", p.display())))?;
+                }
+                Err(_) => {
+                    let parent = match p.parent() {
+                        Some(d) if !d.as_os_str().is_empty() => d,
+                        _ => Path::new("."),
+                    };
+                    if !parent.is_dir() {
+                        return Err(err(
+                            key,
+                            format!(
+                                "cannot create {}: {} is not an existing directory",
+                                p.display(),
+                                parent.display()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Reads, validates and compiles the config file at `path`.
@@ -269,13 +340,18 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
         server.tls = Some(crate::tls::build(&src, t, listen)?);
     }
-    let access_log = raw.access_log.as_ref().map(|a| {
-        if a.path == "-" {
-            None
-        } else {
-            Some(PathBuf::from(&a.path))
+    let access_log = match raw.access_log.as_ref() {
+        None => None,
+        Some(a) if a.path == "-" => Some(None),
+        Some(a) if a.path.is_empty() => {
+            return Err(src.err(
+                0..0,
+                "access_log.path",
+                "must be \"-\" (stdout) or a file path",
+            ))
         }
-    });
+        Some(a) => Some(Some(relative_to_config(path, &a.path))),
+    };
     let mut upstreams: Vec<UpstreamConfig> = Vec::with_capacity(raw.upstreams.len());
     for (i, u) in raw.upstreams.iter().enumerate() {
         let up = validate_upstream(&src, i, u)?;
@@ -314,6 +390,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     })
 }
 
+/// `p` as written in the config file at `config`: a relative path is relative to the file's
+/// directory (as TLS files, WAF rule files and schemas are), not to the working directory.
+fn relative_to_config(config: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    config.parent().unwrap_or(Path::new("")).join(p)
+}
+
 fn validate_server(src: &Source, raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
     let s = &raw.server;
     if s.listen.is_empty() {
@@ -344,6 +430,9 @@ fn validate_server(src: &Source, raw: &RawConfig) -> Result<ServerConfig, Config
     };
     if workers > 1024 {
         return Err(src.err(0..0, "server.workers", "at most 1024 workers"));
+    }
+    if s.state_dir.is_empty() {
+        return Err(src.err(0..0, "server.state_dir", "must be a directory path"));
     }
     let l = &s.limits;
     let checks: [(&str, bool); 6] = [
@@ -376,7 +465,7 @@ fn validate_server(src: &Source, raw: &RawConfig) -> Result<ServerConfig, Config
         io,
         pin_workers: s.pin_workers,
         shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
-        state_dir: PathBuf::from(&s.state_dir),
+        state_dir: relative_to_config(src.path, &s.state_dir),
         limits: Limits {
             max_header_bytes: l.max_header_bytes,
             max_headers: l.max_headers,

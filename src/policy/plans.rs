@@ -209,9 +209,20 @@ impl UsageStore {
         let mut map = BTreeMap::new();
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let v: serde_json::Value = serde_json::from_slice(&bytes)
-                    .map_err(|e| format!("{}: not valid JSON: {e}", path.display()))?;
-                for e in v["counters"].as_array().into_iter().flatten() {
+                // A file that cannot be read stops the start (fix or remove it): going on
+                // would set every quota back to 0 and overwrite the counts.
+                let bad = |why: String| {
+                    format!(
+                        "{}: not a valid usage counts file ({why}); fix or remove it",
+                        path.display()
+                    )
+                };
+                let v: serde_json::Value =
+                    serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+                let Some(counters) = v.get("counters").and_then(|c| c.as_array()) else {
+                    return Err(bad("no `counters` array".to_string()));
+                };
+                for e in counters {
                     let (Some(plan), Some(key), Some(period), Some(idx), Some(used)) = (
                         e["plan"].as_str(),
                         e["key"].as_str(),

@@ -27,7 +27,8 @@ const RING_ENTRIES: u32 = 1024;
 /// [`crate::cache::store::resident_bytes`].
 pub const MMAP_THRESHOLD: usize = 1000;
 
-/// Runs the gateway until SIGTERM/SIGINT (SIGHUP reloads); returns an error line when it
+/// Runs the gateway until SIGTERM/SIGINT (SIGHUP reloads, SIGUSR1 reopens the access log file,
+/// as nginx does after a rotation); returns an error line when it
 /// cannot start. This is the `ringgate` command: it also sets process-wide allocator tunables
 /// ([`MMAP_THRESHOLD`]). An embedder that keeps its own signals uses [`start`].
 pub fn run(config: Config) -> Result<(), String> {
@@ -45,12 +46,14 @@ pub fn run(config: Config) -> Result<(), String> {
         signal_hook::consts::SIGHUP,
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGUSR1,
     ])
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let gw = start(config)?;
     for sig in signals.forever() {
         match sig {
             signal_hook::consts::SIGHUP => reload_and_log(&gw.shared),
+            signal_hook::consts::SIGUSR1 => gw.reopen_logs(),
             _ => {
                 eprintln!("ringgate: draining (signal {sig})");
                 break;
@@ -72,6 +75,14 @@ impl Running {
     /// restart; the error says why the old config stays.
     pub fn reload(&self) -> Result<Vec<String>, String> {
         self.shared.reload().map_err(|e| e.0)
+    }
+
+    /// Opens the access log file again at its path (SIGUSR1): after `mv access.log
+    /// access.log.1`, the lines handed to the writer from then on go to a new `access.log`.
+    pub fn reopen_logs(&self) {
+        if let Some(log) = &self.shared.access_log {
+            log.reopen();
+        }
     }
 
     /// The live state (config, metrics, keys) shared by every thread.
@@ -97,12 +108,10 @@ impl Running {
 /// signal handlers are installed, no process-wide setting is changed). The admin listener and
 /// the health checker run until the process exits.
 pub fn start(config: Config) -> Result<Running, String> {
+    config.check_paths()?;
     let access_log = match &config.access_log {
         None => None,
-        Some(p) => Some(
-            crate::accesslog::AccessLog::open(p.as_deref())
-                .map_err(|e| format!("cannot open access log: {e}"))?,
-        ),
+        Some(p) => Some(crate::accesslog::AccessLog::open(p.as_deref())?),
     };
     let workers = config.server.workers;
     let io = config.server.io;

@@ -127,6 +127,12 @@ impl Gateway {
 
     /// Like [`Gateway::start`], but returns the failure (with the captured stderr).
     pub fn try_start(toml: &str) -> Result<Gateway, String> {
+        Gateway::try_start_in(toml, None)
+    }
+
+    /// Like [`Gateway::try_start`], run from the working directory `cwd` (default: the
+    /// gateway's temp dir, which holds the config file).
+    pub fn try_start_in(toml: &str, cwd: Option<&Path>) -> Result<Gateway, String> {
         // A just-freed port can be taken by another test between our probe and the bind:
         // try a few times with new ports.
         let mut last = String::new();
@@ -142,7 +148,7 @@ impl Gateway {
             let child = Command::new(env!("CARGO_BIN_EXE_ringgate"))
                 .arg("--config")
                 .arg(&config_path)
-                .current_dir(&dir)
+                .current_dir(cwd.unwrap_or(&dir))
                 .stdin(Stdio::null())
                 .stdout(stdout)
                 .stderr(stderr)
@@ -200,7 +206,8 @@ impl Gateway {
         std::fs::rename(&tmp, &self.config_path).unwrap();
     }
 
-    fn kill_sig(&self, sig: &str) {
+    /// Sends signal `sig` (a name as `kill` takes it: `HUP`, `USR1`, ...).
+    pub fn kill_sig(&self, sig: &str) {
         let st = Command::new("kill")
             .arg(format!("-{sig}"))
             .arg(self.pid.to_string())
@@ -228,6 +235,11 @@ impl Gateway {
             }
         }
         self.exit
+    }
+
+    /// Whether the process is still running.
+    pub fn is_alive(&mut self) -> bool {
+        self.try_wait().is_none()
     }
 
     /// Waits up to `timeout` for the process to exit.
