@@ -145,9 +145,9 @@ impl Writer {
         match open_file(path) {
             Ok(f) => {
                 self.out = Box::new(f);
-                eprintln!("ringgate: access log reopened: {}", path.display());
+                crate::elog!("ringgate: access log reopened: {}", path.display());
             }
-            Err(e) => eprintln!(
+            Err(e) => crate::elog!(
                 "ringgate: cannot reopen access log {}: {e} (writing on to the old file)",
                 path.display()
             ),
@@ -164,7 +164,7 @@ impl Writer {
             Some(p) => p.display().to_string(),
             None => "stdout".to_string(),
         };
-        eprintln!(
+        crate::elog!(
             "ringgate: cannot write access log {target}: {e} ({} line(s) dropped since the last report)",
             self.failed
         );

@@ -409,7 +409,7 @@ impl Worker {
                     self.keys.push_back((k, generation));
                 } else {
                     // Stays a local change only.
-                    eprintln!("ringgate: cluster: too many key changes waiting for redis; one kept on this node only");
+                    crate::elog!("ringgate: cluster: too many key changes waiting for redis; one kept on this node only");
                     self.flushed = self.flushed.max(generation);
                 }
                 self.flush_keys();
@@ -469,7 +469,7 @@ impl Worker {
             self.con = None;
             self.next_try = Instant::now() + Duration::from_millis(self.backoff_ms);
             if !self.outage {
-                eprintln!(
+                crate::elog!(
                     "ringgate: cluster: lost redis at {} ({e}); serving with local state, reconnecting",
                     self.url
                 );
@@ -479,7 +479,7 @@ impl Worker {
             .last_error_log
             .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
         {
-            eprintln!("ringgate: cluster: redis error: {e}");
+            crate::elog!("ringgate: cluster: redis error: {e}");
             self.last_error_log = Some(Instant::now());
         }
     }
@@ -492,14 +492,15 @@ impl Worker {
                 self.con = Some(c);
                 self.backoff_ms = 100;
                 if self.outage {
-                    eprintln!(
+                    crate::elog!(
                         "ringgate: cluster: redis at {} is back; resyncing",
                         self.url
                     );
                 } else if !self.connected_once {
-                    eprintln!(
+                    crate::elog!(
                         "ringgate: cluster: node {} joined through redis at {}",
-                        self.node, self.url
+                        self.node,
+                        self.url
                     );
                 }
                 self.outage = false;
@@ -517,7 +518,7 @@ impl Worker {
             }
             Err(e) => {
                 if !self.outage {
-                    eprintln!(
+                    crate::elog!(
                         "ringgate: cluster: redis at {} unreachable ({e}); serving with local state, retrying",
                         self.url
                     );
@@ -687,7 +688,7 @@ impl Worker {
                         .arg(name)
                         .query(con)?;
                     if added == 0 && cur.as_deref() != Some(json.as_str()) {
-                        eprintln!(
+                        crate::elog!(
                             "ringgate: cluster: key `{name}` was also added on another node; the cluster keeps that one"
                         );
                     }

@@ -16,6 +16,17 @@
 //! - [`ws`]: WebSocket codec, pass-through and WebSocket APIs;
 //! - [`tls`]: HTTPS listeners (`[server.tls]`): certificates, SNI, mTLS, the TLS stream.
 
+/// Writes one line to stderr in a single write (stderr is unbuffered: `eprintln!` writes each
+/// formatted piece on its own, so lines of different threads could interleave).
+#[macro_export]
+macro_rules! elog {
+    ($($t:tt)*) => {{
+        let mut line = format!($($t)*);
+        line.push('\n');
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }};
+}
+
 pub mod accesslog;
 pub mod admin;
 pub mod cache;

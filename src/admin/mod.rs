@@ -218,7 +218,7 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
         },
         ("POST", "/reload") => match shared.reload() {
             Ok(notes) => {
-                eprintln!("ringgate: config reloaded (admin)");
+                crate::elog!("ringgate: config reloaded (admin)");
                 Reply {
                     status: 200,
                     ctype: "application/json",
@@ -228,7 +228,7 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
                 }
             }
             Err(e) => {
-                eprintln!("ringgate: reload refused, keeping the old config: {e}");
+                crate::elog!("ringgate: reload refused, keeping the old config: {e}");
                 json(400, &e.to_string())
             }
         },

@@ -254,7 +254,7 @@ impl UsageStore {
                 std::thread::sleep(Duration::from_millis(FLUSH_MS));
                 let Some(s) = weak.upgrade() else { return };
                 if let Err(e) = s.flush() {
-                    eprintln!("ringgate: cannot write usage counts: {e}");
+                    crate::elog!("ringgate: cannot write usage counts: {e}");
                 }
             })
             .map_err(|e| format!("cannot start the usage writer: {e}"))?;
@@ -289,13 +289,12 @@ impl UsageStore {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(text.as_bytes())?;
-        // Renamed before the fsync: once renamed, the counts survive the death of this
-        // process (the page cache outlives it); the fsyncs that follow make them survive a
-        // machine crash too, without holding up the rename on a busy disk.
+        // Data on disk before the rename makes it the file: a machine crash leaves either the
+        // old counts or the new ones, never an empty file (which stops the next start).
+        f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         *last = text;
         drop(last);
-        f.sync_all()?;
         if let Some(dir) = path.parent() {
             if let Ok(d) = std::fs::File::open(dir) {
                 let _ = d.sync_all();

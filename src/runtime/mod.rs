@@ -55,7 +55,7 @@ pub fn run(config: Config) -> Result<(), String> {
             signal_hook::consts::SIGHUP => reload_and_log(&gw.shared),
             signal_hook::consts::SIGUSR1 => gw.reopen_logs(),
             _ => {
-                eprintln!("ringgate: draining (signal {sig})");
+                crate::elog!("ringgate: draining (signal {sig})");
                 break;
             }
         }
@@ -98,9 +98,9 @@ impl Running {
             let _ = h.join();
         }
         if let Err(e) = self.shared.usage.flush() {
-            eprintln!("ringgate: cannot write usage counts: {e}");
+            crate::elog!("ringgate: cannot write usage counts: {e}");
         }
-        eprintln!("ringgate: stopped");
+        crate::elog!("ringgate: stopped");
     }
 }
 
@@ -159,7 +159,7 @@ pub fn start(config: Config) -> Result<Running, String> {
     drop(ready_tx);
     for _ in 0..workers {
         match ready_rx.recv() {
-            Ok(Ok(msg)) => eprintln!("ringgate: {msg}"),
+            Ok(Ok(msg)) => crate::elog!("ringgate: {msg}"),
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err("a worker thread died while starting".to_string()),
         }
@@ -170,7 +170,7 @@ pub fn start(config: Config) -> Result<Running, String> {
         .map(|a| a.to_string())
         .chain(tls_listen.iter().map(|a| format!("https://{a}")))
         .collect();
-    eprintln!(
+    crate::elog!(
         "ringgate: listening on {} with {workers} worker(s)",
         addrs.join(", ")
     );
@@ -194,12 +194,12 @@ pub fn start(config: Config) -> Result<Running, String> {
 pub fn reload_and_log(shared: &Shared) {
     match shared.reload() {
         Ok(notes) => {
-            eprintln!("ringgate: config reloaded");
+            crate::elog!("ringgate: config reloaded");
             for n in notes {
-                eprintln!("ringgate: note: {n}");
+                crate::elog!("ringgate: note: {n}");
             }
         }
-        Err(e) => eprintln!("ringgate: reload refused, keeping the old config: {e}"),
+        Err(e) => crate::elog!("ringgate: reload refused, keeping the old config: {e}"),
     }
 }
 
@@ -244,7 +244,9 @@ fn worker_thread(
                 )));
                 return;
             }
-            Err(e) => eprintln!("ringgate: worker {id}: io_uring unavailable ({e}), using epoll"),
+            Err(e) => {
+                crate::elog!("ringgate: worker {id}: io_uring unavailable ({e}), using epoll")
+            }
         }
     }
     match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
@@ -368,7 +370,7 @@ async fn accept_loop(w: Rc<Worker>, l: TcpListener, tls: bool) {
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
-                    eprintln!("ringgate: accept failed: {e}");
+                    crate::elog!("ringgate: accept failed: {e}");
                     monoio::time::sleep(Duration::from_millis(10)).await;
                 }
             }

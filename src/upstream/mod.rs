@@ -241,7 +241,7 @@ pub fn run_health_checker(current: impl Fn() -> Arc<crate::gateway::Gateway>, st
                 if streak >= needed {
                     t.healthy.store(!healthy, Ordering::Relaxed);
                     t.streak.store(0, Ordering::Relaxed);
-                    eprintln!(
+                    crate::elog!(
                         "ringgate: upstream {} target {addr} is now {}",
                         up.cfg.name,
                         if healthy { "unhealthy" } else { "healthy" }

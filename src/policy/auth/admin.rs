@@ -105,7 +105,7 @@ fn error(e: KeyError) -> (u16, String) {
         KeyError::NotFound => msg(404, "Not Found"),
         KeyError::Conflict(m) => msg(409, &m),
         KeyError::Io(m) => {
-            eprintln!("ringgate: api keys: {m}");
+            crate::elog!("ringgate: api keys: {m}");
             msg(500, "cannot persist the change; nothing was changed")
         }
     }

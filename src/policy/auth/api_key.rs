@@ -309,7 +309,7 @@ impl AuthState {
         }
         g.admin = next;
         if let Err(e) = persist(&g) {
-            eprintln!("ringgate: cluster keys: {e}");
+            crate::elog!("ringgate: cluster keys: {e}");
         }
         self.keys.store(Arc::new(build(&g)));
         true

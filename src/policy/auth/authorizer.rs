@@ -296,7 +296,7 @@ async fn call(
         }
     }
     let Some(mut s) = stream else {
-        eprintln!("ringgate: authorizer `{}`: no target reachable", a.name);
+        crate::elog!("ringgate: authorizer `{}`: no target reachable", a.name);
         return Err(AUTHORIZER_ERROR);
     };
     let mut rd = answer_reader();
@@ -306,7 +306,7 @@ async fn call(
         Ok(()) => decision(rd.body()),
     };
     if r.is_err() {
-        eprintln!("ringgate: authorizer `{}`: bad or failed answer", a.name);
+        crate::elog!("ringgate: authorizer `{}`: bad or failed answer", a.name);
     }
     r
 }

@@ -252,12 +252,12 @@ impl JwtKeys {
                         .unwrap_or(Duration::from_secs(300))
                 }
                 Err(e) => {
-                    eprintln!("ringgate: jwks {uri}: {e}");
+                    crate::elog!("ringgate: jwks {uri}: {e}");
                     Duration::from_secs(5)
                 }
             },
             Err(e) => {
-                eprintln!("ringgate: jwks {uri}: {e}");
+                crate::elog!("ringgate: jwks {uri}: {e}");
                 Duration::from_secs(5)
             }
         };
