@@ -533,6 +533,19 @@ fn check_points_at_the_key_at_fault_not_its_tables_name() {
 }
 
 #[test]
+fn check_refuses_route_and_base_paths_no_request_could_match() {
+    // Requests are matched in normal form: no `//`, space or encoded unreserved character.
+    for p in ["/a//b", "/%61dmin", "/a b", "/x%2"] {
+        let cfg = format!(
+            "[[apis]]\nname = \"c\"\n[[apis.routes]]\nroute = \"GET {p}\"\nintegration = {{ type = \"mock\" }}\n"
+        );
+        assert_check_fails(&cfg, 4, "apis[0].routes[0].route");
+    }
+    let cfg = "[[apis]]\nname = \"c\"\nbase_path = \"/sh op\"\n[[apis.routes]]\nroute = \"GET /x\"\nintegration = { type = \"mock\" }\n";
+    assert_check_fails(cfg, 3, "apis[0].base_path");
+}
+
+#[test]
 fn gateway_refuses_to_start_on_a_bad_config() {
     let cfg = "[[apis]]\nname = \"c\"\n[[apis.routes]]\nroute = \"GET /x/{a}\"\nintegration = { type = \"mock\" }\n[[apis.routes]]\nroute = \"GET /x/{b}\"\nintegration = { type = \"mock\" }\n";
     let err = match Gateway::try_start(cfg) {

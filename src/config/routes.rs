@@ -250,6 +250,42 @@ fn json_escape_label(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
+/// Why no request could ever match route or base path `p`: requests arrive with their path in
+/// normal form ([`crate::http::RequestHead::normalize_path`]), without `//`, spaces or
+/// percent-encoded unreserved characters.
+fn unmatchable(p: &str) -> Result<(), String> {
+    if p.chars().any(|c| !c.is_ascii_graphic()) {
+        return Err("holds a space, control or non-ASCII character: percent-encode it".into());
+    }
+    if p.contains("//") {
+        return Err("holds `//`: requests are matched with empty segments merged".into());
+    }
+    let b = p.as_bytes();
+    for (i, w) in b.windows(3).enumerate() {
+        if w[0] != b'%' {
+            continue;
+        }
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (hex(w[1]), hex(w[2])) {
+            (Some(h), Some(l)) => {
+                let c = (h * 16 + l) as u8;
+                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                    return Err(format!(
+                        "holds `{}`: requests are matched with it decoded, write `{}`",
+                        &p[i..i + 3],
+                        c as char
+                    ));
+                }
+            }
+            _ => return Err("holds a `%` not followed by two hex digits".into()),
+        }
+    }
+    if p.ends_with('%') || p.len() >= 2 && p.as_bytes()[p.len() - 2] == b'%' {
+        return Err("holds a `%` not followed by two hex digits".into());
+    }
+    Ok(())
+}
+
 /// Substitutes `${stageVariables.NAME}` in a mock's headers and body; other `${...}` text is
 /// left as written (a mock body may well hold it), an unknown variable is an error.
 fn subst_mock_vars(
@@ -456,6 +492,13 @@ pub(super) fn compile(
             ));
         }
         let base = api.base_path.get_ref().as_str();
+        if let Err(e) = unmatchable(base) {
+            return Err(src.err(
+                api.base_path.span(),
+                &akey("base_path"),
+                format!("`{base}` {e}"),
+            ));
+        }
         if !base.is_empty()
             && (!base.starts_with('/')
                 || base.ends_with('/')
@@ -643,6 +686,7 @@ pub(super) fn compile(
                     if !p.starts_with('/') {
                         return Err(rerr(format!("path `{p}` must start with `/`")));
                     }
+                    unmatchable(p).map_err(|e| rerr(format!("path `{p}` {e}")))?;
                     (if m == "ANY" { None } else { Some(m) }, Some(p))
                 };
                 let names = match path {
