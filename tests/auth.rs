@@ -188,6 +188,123 @@ fn api_key_denial_keeps_connection_alive() {
     assert_eq!(r2.text(), "ok");
 }
 
+/// As Amazon API Gateway: a route that requires a key takes only a key of a usage plan attached
+/// to the route's stage. A key of no plan, or of plans of other stages only, is 403, with
+/// `auth = "api_key"` as with `api_key_required`, for config and run-time keys alike, and the
+/// upstream never sees the request.
+#[test]
+fn a_required_key_must_be_in_a_plan_of_the_stage() {
+    let origin = principal_origin();
+    let cfg = format!(
+        r#"
+[[upstreams]]
+name = "app"
+targets = ["{}"]
+
+[[usage_plans]]
+name = "shop-plan"
+apis = ["shop/prod"]
+
+[[usage_plans]]
+name = "test-plan"
+apis = ["shop/test", "other/$default"]
+
+[[api_keys]]
+name = "member"
+value = "{KEY}"
+plans = ["shop-plan"]
+
+[[api_keys]]
+name = "planless"
+value = "a-key-of-no-plan-at-all-0001"
+plans = []
+
+[[api_keys]]
+name = "elsewhere"
+value = "a-key-of-another-stage-0001"
+plans = ["test-plan"]
+
+[[apis]]
+name = "shop"
+[apis.stages.prod]
+[apis.stages.test]
+
+[[apis.routes]]
+route = "GET /key"
+integration = {{ type = "http", upstream = "app" }}
+auth = "api_key"
+
+[[apis.routes]]
+route = "GET /required"
+integration = {{ type = "http", upstream = "app" }}
+api_key_required = true
+
+[[apis]]
+name = "other"
+[[apis.routes]]
+route = "GET /o"
+integration = {{ type = "http", upstream = "app" }}
+api_key_required = true
+"#,
+        origin.addr
+    );
+    let gw = Gateway::start(&cfg);
+    for path in ["/prod/key", "/prod/required"] {
+        let r = get_with(&gw, path, &[("x-api-key", KEY)]);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        for k in [
+            "a-key-of-no-plan-at-all-0001",
+            "a-key-of-another-stage-0001",
+        ] {
+            assert_denied(&get_with(&gw, path, &[("x-api-key", k)]), 403, path);
+        }
+    }
+    // The stage the other plan covers takes that key, and not the first one.
+    let r = get_with(
+        &gw,
+        "/test/required",
+        &[("x-api-key", "a-key-of-another-stage-0001")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_denied(
+        &get_with(&gw, "/test/required", &[("x-api-key", KEY)]),
+        403,
+        "test",
+    );
+    let r = get_with(&gw, "/o", &[("x-api-key", "a-key-of-another-stage-0001")]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_denied(&get_with(&gw, "/o", &[("x-api-key", KEY)]), 403, "other");
+    assert_eq!(origin.request_count(), 4);
+    // Run-time keys: the same rule.
+    for (name, plans) in [
+        ("rt-none", "[]"),
+        ("rt-test", r#"["test-plan"]"#),
+        ("rt-shop", r#"["shop-plan"]"#),
+    ] {
+        let body =
+            format!(r#"{{"name":"{name}","plans":{plans},"value":"{name}-value-0123456789abc"}}"#);
+        assert_eq!(
+            admin_json(gw.admin_addr, "POST", "/api-keys", &body).status,
+            201
+        );
+    }
+    for name in ["rt-none", "rt-test"] {
+        let v = format!("{name}-value-0123456789abc");
+        assert_denied(
+            &get_with(&gw, "/prod/required", &[("x-api-key", &v)]),
+            403,
+            name,
+        );
+    }
+    let r = get_with(
+        &gw,
+        "/prod/required",
+        &[("x-api-key", "rt-shop-value-0123456789abc")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(origin.request_count(), 5);
+}
+
 #[test]
 fn admin_keys_are_live_on_every_worker_and_never_listed_with_values() {
     let gw = Gateway::start(&key_config(dead_addr()));
@@ -294,7 +411,7 @@ fn admin_keys_survive_kill_9_and_reload() {
         gw.admin_addr,
         "POST",
         "/api-keys",
-        &format!(r#"{{"name":"carol","value":"{mine}"}}"#),
+        &format!(r#"{{"name":"carol","plans":["basic"],"value":"{mine}"}}"#),
     );
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(r.json()["value"], mine);
@@ -401,9 +518,14 @@ issuer = "https://issuer.example.com"
 audience = ["shop"]
 secret = "{SECRET}"
 
+[[usage_plans]]
+name = "basic"
+apis = ["shop/$default"]
+
 [[api_keys]]
 name = "alice"
 value = "{KEY}"
+plans = ["basic"]
 
 [[apis]]
 name = "shop"
