@@ -1316,6 +1316,95 @@ fn auth_config_errors_name_the_key() {
     }
 }
 
+/// A key in two usage plans that cover one API stage (as Amazon API Gateway refuses): a config
+/// error naming the file, the line of the key's `plans` and the key; admin `POST /api-keys`
+/// answers 400 and adds nothing. Plans of different stages are fine.
+#[test]
+fn a_key_in_two_plans_of_one_stage_is_refused() {
+    let plans = r#"
+[[apis]]
+name = "shop"
+[apis.stages.prod]
+[apis.stages.test]
+[[apis.routes]]
+route = "GET /x"
+integration = { type = "mock" }
+api_key_required = true
+[[usage_plans]]
+name = "gold"
+apis = ["shop/prod"]
+[[usage_plans]]
+name = "silver"
+apis = ["shop/test", "shop/prod"]
+[[usage_plans]]
+name = "bronze"
+apis = ["shop/test"]
+[[api_keys]]
+name = "fine"
+value = "a-key-in-two-stages-000001"
+plans = ["gold", "bronze"]
+"#;
+    let bad = format!(
+        "{plans}[[api_keys]]\nname = \"twice\"\nvalue = \"a-key-in-two-plans-0000001\"\nplans = [\"gold\", \"silver\"]\n"
+    );
+    let (out, path) = check(&bad);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = bad
+        .lines()
+        .position(|l| l.starts_with("plans = [\"gold\", \"silver\"]"))
+        .unwrap()
+        + 1
+        // `check` puts the common [server] and [admin] header first.
+        + HEADER.matches('\n').count()
+        + 1;
+    assert!(
+        err.contains(&format!(
+            "{}:{line}: key `api_keys[1].plans`",
+            path.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("`twice`")
+            && err.contains("`gold`")
+            && err.contains("`silver`")
+            && err.contains("`shop/prod`"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let (out, _) = check(plans);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let gw = Gateway::start(plans);
+    let r = admin_json(
+        gw.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"twice","plans":["bronze","silver"]}"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let m = r.message();
+    assert!(
+        m.contains("`bronze`") && m.contains("`silver`") && m.contains("`shop/test`"),
+        "{m}"
+    );
+    assert!(!admin_json(gw.admin_addr, "GET", "/api-keys", "")
+        .text()
+        .contains("twice"));
+    let r = admin_json(
+        gw.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"ok","plans":["gold","bronze"]}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Request authorizers
 // ---------------------------------------------------------------------------------------------

@@ -397,10 +397,12 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
         };
         plans.push(Plan::new(&name, stages, throttle, quota));
     }
-    // `[[api_keys]]` belong to the auth feature; here only their plan names are checked.
+    // `[[api_keys]]` belong to the auth feature; here only their plan names are checked, and
+    // that no two of a key's plans cover one API stage (as Amazon API Gateway refuses).
+    let plans = Plans::new(plans);
     for (i, k) in raw.api_keys.iter().enumerate() {
         for p in &k.plans {
-            if !plans.iter().any(|x: &Plan| *x.name == **p) {
+            if !plans.plans.iter().any(|x: &Plan| *x.name == **p) {
                 return Err(src.err(
                     0..0,
                     &format!("api_keys[{i}].plans"),
@@ -408,9 +410,19 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
                 ));
             }
         }
+        if let Some((a, b, stage)) = plans.overlap(&k.plans) {
+            return Err(src.err(
+                0..0,
+                &format!("api_keys[{i}].plans"),
+                format!(
+                    "API key `{}` is in usage plans `{a}` and `{b}`, which both cover `{stage}`: a key may be in one plan per API stage",
+                    k.name.get_ref()
+                ),
+            ));
+        }
     }
     // Counts go to the persistent store once the config goes live (`Plans::bind`).
-    Ok(Plans::new(plans))
+    Ok(plans)
 }
 
 /// Admin `GET /usage-plans/{plan}/usage?key=NAME`; `None` when the path is not ours.

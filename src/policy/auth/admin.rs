@@ -25,11 +25,12 @@ fn msg(status: u16, m: &str) -> (u16, String) {
 }
 
 /// Handles an admin request under `/api-keys`; `None` when `path` is not one of ours.
-/// `plan_exists` tells the usage plans of the live config (a new key may only name those).
+/// `check_plans` checks a new key's plans against the usage plans of the live config (each
+/// must exist, and no two may cover one API stage); its error is the 400's message.
 /// Returns the status and a JSON body.
 pub fn handle(
     state: &AuthState,
-    plan_exists: impl Fn(&str) -> bool,
+    check_plans: impl Fn(&[String]) -> Result<(), String>,
     method: &str,
     path: &str,
     body: &[u8],
@@ -58,11 +59,8 @@ pub fn handle(
                     Ok(n) => n,
                     Err(e) => return Some(msg(400, &format!("Bad Request: {e}"))),
                 };
-                if let Some(p) = n.plans.iter().find(|p| !plan_exists(p)) {
-                    return Some(msg(
-                        400,
-                        &format!("Bad Request: usage plan `{p}` is not defined"),
-                    ));
+                if let Err(m) = check_plans(&n.plans) {
+                    return Some(msg(400, &format!("Bad Request: {m}")));
                 }
                 match state.add(&n.name, n.plans.clone(), n.value, n.enabled) {
                     Ok(value) => (
