@@ -1641,6 +1641,65 @@ fn access_log_names_the_principal_and_the_key() {
     );
 }
 
+/// A reload whose config adds a key with the name or the value of a run-time (admin) key is
+/// refused, as `POST /api-keys` refuses a duplicate: the old config stays, the answer says why,
+/// and the run-time key keeps working.
+#[test]
+fn a_reload_cannot_shadow_a_run_time_key() {
+    let gw = Gateway::start(&key_config(dead_addr()));
+    let mine = "carol-run-time-key-value-0001";
+    let body = format!(r#"{{"name":"carol","plans":["basic"],"value":"{mine}"}}"#);
+    assert_eq!(
+        admin_json(gw.admin_addr, "POST", "/api-keys", &body).status,
+        201
+    );
+    let with_key = |name: &str, value: &str| {
+        key_config(dead_addr()).replace(
+            "[[apis]]",
+            &format!("[[api_keys]]\nname = \"{name}\"\nvalue = \"{value}\"\nplans = [\"basic\"]\n\n[[apis]]"),
+        ) + "\n[[apis.routes]]\nroute = \"GET /new\"\nintegration = { type = \"mock\", body = \"new\" }\n"
+    };
+    for (cfg, want) in [
+        (
+            with_key("carol", "another-value-entirely-00001"),
+            "`api_keys[2].name`",
+        ),
+        (with_key("dora", mine), "`api_keys[2].value`"),
+    ] {
+        gw.write_config(&cfg);
+        let r = admin_json(gw.admin_addr, "POST", "/reload", "");
+        assert_eq!(r.status, 400, "{}", r.text());
+        let m = r.message();
+        assert!(
+            m.contains(want) && m.contains("carol") && m.contains("run time"),
+            "{m}"
+        );
+        // The old config stays: no new route, the run-time key unchanged.
+        assert_eq!(gw.get("/new").status, 404);
+        let r = get_with(&gw, "/required", &[("x-api-key", mine)]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_denied(
+            &get_with(
+                &gw,
+                "/required",
+                &[("x-api-key", "another-value-entirely-00001")],
+            ),
+            403,
+            "the refused config's key",
+        );
+    }
+    // Once the run-time key is gone, the same config loads.
+    assert_eq!(
+        admin_json(gw.admin_addr, "DELETE", "/api-keys/carol", "").status,
+        200
+    );
+    let r = admin_json(gw.admin_addr, "POST", "/reload", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(gw.get("/new").status, 200);
+    let r = get_with(&gw, "/required", &[("x-api-key", mine)]);
+    assert_eq!(r.status, 200, "now the config's dora: {}", r.text());
+}
+
 #[test]
 fn config_keys_follow_reloads_and_a_corrupt_key_file_stops_the_start() {
     let gw = Gateway::start(&key_config(dead_addr()));
