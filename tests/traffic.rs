@@ -203,6 +203,39 @@ fn waf_rate_per_ip() {
     );
 }
 
+/// Requests that match no route (404, 405) take from the per-IP bucket like routed ones and are
+/// refused with 429 once it is empty: a scanner is limited, and counted with empty labels.
+#[test]
+fn waf_rate_per_ip_limits_unrouted_requests() {
+    let gw = Gateway::start(&format!(
+        "[waf]\nrate_per_ip = {{ rate = 0.2, burst = 3 }}\n[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /x\"\n{MOCK}\n"
+    ));
+    let mut c = Client::connect(gw.addr);
+    let st: Vec<u16> = (0..3)
+        .map(|i| get_on(&mut c, &format!("/scan/{i}"), "").status)
+        .collect();
+    assert_eq!(st, vec![404, 404, 404]);
+    let r = get_on(&mut c, "/scan/again", "");
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.message(), "Too Many Requests");
+    assert!(r.header("retry-after").is_some());
+    assert!(!r.closes());
+    // A wrong method on a known path (405) is refused too, and so is the routed request.
+    c.send(b"DELETE /x HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 429);
+    assert_eq!(get_on(&mut c, "/x", "").status, 429);
+    let m = gw.metrics();
+    assert_eq!(
+        metric_value(
+            &m,
+            "ringgate_throttled_total",
+            &["api=\"\"", "route=\"\"", "reason=\"ip\""]
+        ),
+        Some(2.0),
+        "{m}"
+    );
+}
+
 #[test]
 fn waf_rules_by_target_with_metrics() {
     let origin = Origin::echo_path();

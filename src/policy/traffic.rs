@@ -57,6 +57,8 @@ pub struct Traffic {
     pub waf: Waf,
     pub routes: Vec<RouteTraffic>,
     pub plans: Plans,
+    /// Refusals of requests that matched no route (the per-IP rate), with empty labels.
+    pub unrouted: RouteTraffic,
 }
 
 impl Traffic {
@@ -72,6 +74,7 @@ impl Traffic {
             }
         }
         keep(&mut self.server, &old.server);
+        self.unrouted.throttled = old.unrouted.throttled.clone();
         // A stage bucket is shared by the stage's routes: replace it the same way in all.
         let mut stages: Vec<(*const Bucket, Arc<Bucket>)> = Vec::new();
         for rt in &mut self.routes {
@@ -122,7 +125,7 @@ impl Traffic {
 
     /// Prometheus lines of `ringgate_throttled_total` (without HELP/TYPE).
     pub fn render_throttled(&self, o: &mut String) {
-        for rt in &self.routes {
+        for rt in self.routes.iter().chain([&self.unrouted]) {
             let Some(l) = &rt.labels else { continue };
             for (i, reason) in REASONS.iter().enumerate() {
                 let n = rt.throttled[i].load(Ordering::Relaxed);
@@ -159,7 +162,13 @@ pub(crate) fn build(
     raw: &crate::config::raw::RawConfig,
     routes: &RouteTable,
 ) -> Result<Traffic, ConfigError> {
-    let mut t = Traffic::default();
+    let mut t = Traffic {
+        unrouted: RouteTraffic {
+            labels: Some("api=\"\",stage=\"\",route=\"\"".into()),
+            ..RouteTraffic::default()
+        },
+        ..Traffic::default()
+    };
     if let Some(th) = &raw.server.throttle {
         t.server = Some(Arc::new(Bucket::new(rate(src, th, "server.throttle")?)));
     }
