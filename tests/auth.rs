@@ -380,6 +380,29 @@ fn admin_keys_are_live_on_every_worker_and_never_listed_with_values() {
     }));
 }
 
+/// `GET`/`DELETE /api-keys/{name}` percent-decode the name, as the usage endpoint's `?key=`.
+#[test]
+fn admin_key_names_in_paths_are_percent_decoded() {
+    let gw = Gateway::start(&key_config(dead_addr()));
+    let body = r#"{"name":"u@x.com","plans":["basic"],"value":"an-email-named-key-value-01"}"#;
+    assert_eq!(
+        admin_json(gw.admin_addr, "POST", "/api-keys", body).status,
+        201
+    );
+    let r = admin_json(gw.admin_addr, "GET", "/api-keys/u%40x.com", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["name"], "u@x.com");
+    let r = admin_json(gw.admin_addr, "DELETE", "/api-keys/u%40x.com", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        admin_json(gw.admin_addr, "GET", "/api-keys/u@x.com", "").status,
+        404
+    );
+    let r = admin_json(gw.admin_addr, "GET", "/api-keys/%ff", "");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.message().contains("UTF-8"), "{}", r.text());
+}
+
 #[test]
 fn admin_keys_need_the_admin_token() {
     let cfg = format!(

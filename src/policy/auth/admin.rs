@@ -74,7 +74,13 @@ pub fn handle(
             _ => msg(405, "Method Not Allowed"),
         });
     }
-    let name = path.strip_prefix("/api-keys/")?;
+    let raw = path.strip_prefix("/api-keys/")?;
+    // Percent-decoded, as the usage endpoint's `?key=` (`u%40x.com` is `u@x.com`).
+    let mut buf = Vec::new();
+    crate::policy::waf::percent_decode(raw.as_bytes(), false, &mut buf);
+    let Ok(name) = std::str::from_utf8(&buf) else {
+        return Some(msg(400, "Bad Request: the key name is not UTF-8"));
+    };
     Some(match method {
         "DELETE" => match state.delete(name) {
             Ok(()) => msg(200, "deleted"),
