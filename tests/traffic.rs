@@ -505,6 +505,42 @@ fn cors_preflight_answered_by_gateway() {
     assert_eq!(origin.last_request().method, "OPTIONS");
 }
 
+/// A key metered on a route that does not require one is named in the access log, the
+/// request refused by its quota included.
+#[test]
+fn a_metered_key_is_named_in_the_access_log() {
+    let state = temp_dir("plan-log");
+    let cfg = plan_config(&state, 1).replace(
+        "[admin]",
+        "[access_log]\npath = \"@DIR@/access.log\"\n[admin]",
+    );
+    let gw = Gateway::start(&cfg);
+    let mut c = Client::connect(gw.addr);
+    let key = "x-api-key: alice-key-0123456789abcdef\r\n";
+    assert_eq!(
+        get_on(&mut c, "/prod/x", &format!("{key}x-request-id: m-1\r\n")).status,
+        200
+    );
+    let r = get_on(&mut c, "/prod/x", &format!("{key}x-request-id: m-2\r\n"));
+    assert_eq!(r.status, 429);
+    assert_eq!(r.message(), "Limit Exceeded");
+    let path = gw.dir.join("access.log");
+    let mut lines = Vec::new();
+    assert!(wait_until(Duration::from_secs(3), || {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        lines = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["request_id"] == "m-1" || e["request_id"] == "m-2")
+            .collect();
+        lines.len() == 2
+    }));
+    for l in &lines {
+        assert_eq!(l["api_key"], "alice", "{l}");
+    }
+    let _ = std::fs::remove_dir_all(&state);
+}
+
 fn plan_config(state: &std::path::Path, limit: u64) -> String {
     format!(
         r#"

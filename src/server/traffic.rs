@@ -13,7 +13,7 @@ use super::{body_skippable, reject, write_out, ClientIo, Conn, Outcome, Worker};
 use crate::config::{Limits, RouteMatch};
 use crate::gateway::Gateway;
 use crate::http::{encode, BodyKind, ChunkedDecoder, Method};
-use crate::policy::plans::{unix_at, KeyDirectory, Refusal};
+use crate::policy::plans::{unix_at, KeyRef, Refusal};
 use crate::policy::throttle::{now_ns, Wait};
 use crate::policy::waf::{Input, Verdict};
 use crate::policy::Reason;
@@ -248,11 +248,20 @@ pub(super) async fn throttle<S: ClientIo>(
     }
     if !rt.plans.is_empty() {
         let keys = w.shared.auth.keys();
-        if let Some(key) =
+        if let Some(k) =
             c.b.head
                 .header(&c.b.rbuf, "x-api-key")
-                .and_then(|v| keys.find(v))
+                .and_then(|v| keys.check(v))
         {
+            // A key identified here (a route without key auth) goes to the access log too.
+            if c.api_key.is_none() {
+                c.api_key = Some(k.name.clone());
+            }
+            let key = KeyRef {
+                name: &k.name,
+                plans: &k.plans,
+                usage_id: &k.usage_id,
+            };
             match t.plans.check(key, &rt.plans, now, unix_at(now)) {
                 Ok(()) => {}
                 Err(Refusal::Throttled(wait)) => {
