@@ -52,9 +52,14 @@ issuer = "https://issuer.example.com"
 audience = ["shop"]
 secret = "{SECRET}"
 
+[[usage_plans]]
+name = "bench"
+apis = ["b/$default"]
+
 [[api_keys]]
 name = "bench"
 value = "{KEY}"
+plans = ["bench"]
 
 [[apis]]
 name = "b"
@@ -75,6 +80,11 @@ api_key_required = true
     let worker = WorkerAuth::new();
     let route = |i: usize| cfg.routes.routes()[i].auth.clone();
     let (jwt_route, key_route) = (route(0), route(1));
+    let plans = |i: usize| auth::RoutePlans {
+        plans: &cfg.traffic.plans,
+        covering: &cfg.traffic.routes[i].plans,
+    };
+    let (jwt_plans, key_plans) = (plans(0), plans(1));
 
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -97,7 +107,10 @@ api_key_required = true
         body: b"",
         request_id: b"bench",
     };
-    let id = now(auth::check(&worker, &state, &cfg.auth, 1, &jwt_route, &req)).unwrap();
+    let id = now(auth::check(
+        &worker, &state, &cfg.auth, 1, &jwt_route, jwt_plans, &req,
+    ))
+    .unwrap();
     assert_eq!(id.principal.as_deref(), Some("user-1"));
     c.bench_function("auth/jwt_cached", |b| {
         b.iter(|| {
@@ -107,6 +120,7 @@ api_key_required = true
                 &cfg.auth,
                 1,
                 &jwt_route,
+                jwt_plans,
                 black_box(&req),
             ))
         })
@@ -121,6 +135,7 @@ api_key_required = true
                 &cfg.auth,
                 gen,
                 &jwt_route,
+                jwt_plans,
                 black_box(&req),
             ))
         })
@@ -134,7 +149,10 @@ api_key_required = true
         body: b"",
         request_id: b"bench",
     };
-    assert!(now(auth::check(&worker, &state, &cfg.auth, 1, &key_route, &req)).is_ok());
+    assert!(now(auth::check(
+        &worker, &state, &cfg.auth, 1, &key_route, key_plans, &req
+    ))
+    .is_ok());
     c.bench_function("auth/api_key", |b| {
         b.iter(|| {
             now(auth::check(
@@ -143,6 +161,7 @@ api_key_required = true
                 &cfg.auth,
                 1,
                 &key_route,
+                key_plans,
                 black_box(&req),
             ))
         })

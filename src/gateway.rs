@@ -185,9 +185,12 @@ impl Shared {
             ));
             new.server.state_dir = run.state_dir.clone();
         }
+        // Last check, and the first change: the config's keys may not shadow run-time keys.
+        self.auth
+            .set_config_keys(&new.auth.api_keys)
+            .map_err(|e| ConfigError(format!("{}: {e}", self.config_path.display())))?;
         let upstreams = Upstream::build_all(&new.upstreams, &self.health);
         new.auth.start();
-        self.auth.set_config_keys(&new.auth.api_keys);
         self.caches.prune(&new.routes);
         self.current.store(Arc::new(Gateway {
             config: new,

@@ -188,6 +188,123 @@ fn api_key_denial_keeps_connection_alive() {
     assert_eq!(r2.text(), "ok");
 }
 
+/// As Amazon API Gateway: a route that requires a key takes only a key of a usage plan attached
+/// to the route's stage. A key of no plan, or of plans of other stages only, is 403, with
+/// `auth = "api_key"` as with `api_key_required`, for config and run-time keys alike, and the
+/// upstream never sees the request.
+#[test]
+fn a_required_key_must_be_in_a_plan_of_the_stage() {
+    let origin = principal_origin();
+    let cfg = format!(
+        r#"
+[[upstreams]]
+name = "app"
+targets = ["{}"]
+
+[[usage_plans]]
+name = "shop-plan"
+apis = ["shop/prod"]
+
+[[usage_plans]]
+name = "test-plan"
+apis = ["shop/test", "other/$default"]
+
+[[api_keys]]
+name = "member"
+value = "{KEY}"
+plans = ["shop-plan"]
+
+[[api_keys]]
+name = "planless"
+value = "a-key-of-no-plan-at-all-0001"
+plans = []
+
+[[api_keys]]
+name = "elsewhere"
+value = "a-key-of-another-stage-0001"
+plans = ["test-plan"]
+
+[[apis]]
+name = "shop"
+[apis.stages.prod]
+[apis.stages.test]
+
+[[apis.routes]]
+route = "GET /key"
+integration = {{ type = "http", upstream = "app" }}
+auth = "api_key"
+
+[[apis.routes]]
+route = "GET /required"
+integration = {{ type = "http", upstream = "app" }}
+api_key_required = true
+
+[[apis]]
+name = "other"
+[[apis.routes]]
+route = "GET /o"
+integration = {{ type = "http", upstream = "app" }}
+api_key_required = true
+"#,
+        origin.addr
+    );
+    let gw = Gateway::start(&cfg);
+    for path in ["/prod/key", "/prod/required"] {
+        let r = get_with(&gw, path, &[("x-api-key", KEY)]);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        for k in [
+            "a-key-of-no-plan-at-all-0001",
+            "a-key-of-another-stage-0001",
+        ] {
+            assert_denied(&get_with(&gw, path, &[("x-api-key", k)]), 403, path);
+        }
+    }
+    // The stage the other plan covers takes that key, and not the first one.
+    let r = get_with(
+        &gw,
+        "/test/required",
+        &[("x-api-key", "a-key-of-another-stage-0001")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_denied(
+        &get_with(&gw, "/test/required", &[("x-api-key", KEY)]),
+        403,
+        "test",
+    );
+    let r = get_with(&gw, "/o", &[("x-api-key", "a-key-of-another-stage-0001")]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_denied(&get_with(&gw, "/o", &[("x-api-key", KEY)]), 403, "other");
+    assert_eq!(origin.request_count(), 4);
+    // Run-time keys: the same rule.
+    for (name, plans) in [
+        ("rt-none", "[]"),
+        ("rt-test", r#"["test-plan"]"#),
+        ("rt-shop", r#"["shop-plan"]"#),
+    ] {
+        let body =
+            format!(r#"{{"name":"{name}","plans":{plans},"value":"{name}-value-0123456789abc"}}"#);
+        assert_eq!(
+            admin_json(gw.admin_addr, "POST", "/api-keys", &body).status,
+            201
+        );
+    }
+    for name in ["rt-none", "rt-test"] {
+        let v = format!("{name}-value-0123456789abc");
+        assert_denied(
+            &get_with(&gw, "/prod/required", &[("x-api-key", &v)]),
+            403,
+            name,
+        );
+    }
+    let r = get_with(
+        &gw,
+        "/prod/required",
+        &[("x-api-key", "rt-shop-value-0123456789abc")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(origin.request_count(), 5);
+}
+
 #[test]
 fn admin_keys_are_live_on_every_worker_and_never_listed_with_values() {
     let gw = Gateway::start(&key_config(dead_addr()));
@@ -263,6 +380,29 @@ fn admin_keys_are_live_on_every_worker_and_never_listed_with_values() {
     }));
 }
 
+/// `GET`/`DELETE /api-keys/{name}` percent-decode the name, as the usage endpoint's `?key=`.
+#[test]
+fn admin_key_names_in_paths_are_percent_decoded() {
+    let gw = Gateway::start(&key_config(dead_addr()));
+    let body = r#"{"name":"u@x.com","plans":["basic"],"value":"an-email-named-key-value-01"}"#;
+    assert_eq!(
+        admin_json(gw.admin_addr, "POST", "/api-keys", body).status,
+        201
+    );
+    let r = admin_json(gw.admin_addr, "GET", "/api-keys/u%40x.com", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["name"], "u@x.com");
+    let r = admin_json(gw.admin_addr, "DELETE", "/api-keys/u%40x.com", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        admin_json(gw.admin_addr, "GET", "/api-keys/u@x.com", "").status,
+        404
+    );
+    let r = admin_json(gw.admin_addr, "GET", "/api-keys/%ff", "");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.message().contains("UTF-8"), "{}", r.text());
+}
+
 #[test]
 fn admin_keys_need_the_admin_token() {
     let cfg = format!(
@@ -294,7 +434,7 @@ fn admin_keys_survive_kill_9_and_reload() {
         gw.admin_addr,
         "POST",
         "/api-keys",
-        &format!(r#"{{"name":"carol","value":"{mine}"}}"#),
+        &format!(r#"{{"name":"carol","plans":["basic"],"value":"{mine}"}}"#),
     );
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(r.json()["value"], mine);
@@ -401,9 +541,14 @@ issuer = "https://issuer.example.com"
 audience = ["shop"]
 secret = "{SECRET}"
 
+[[usage_plans]]
+name = "basic"
+apis = ["shop/$default"]
+
 [[api_keys]]
 name = "alice"
 value = "{KEY}"
+plans = ["basic"]
 
 [[apis]]
 name = "shop"
@@ -1194,6 +1339,95 @@ fn auth_config_errors_name_the_key() {
     }
 }
 
+/// A key in two usage plans that cover one API stage (as Amazon API Gateway refuses): a config
+/// error naming the file, the line of the key's `plans` and the key; admin `POST /api-keys`
+/// answers 400 and adds nothing. Plans of different stages are fine.
+#[test]
+fn a_key_in_two_plans_of_one_stage_is_refused() {
+    let plans = r#"
+[[apis]]
+name = "shop"
+[apis.stages.prod]
+[apis.stages.test]
+[[apis.routes]]
+route = "GET /x"
+integration = { type = "mock" }
+api_key_required = true
+[[usage_plans]]
+name = "gold"
+apis = ["shop/prod"]
+[[usage_plans]]
+name = "silver"
+apis = ["shop/test", "shop/prod"]
+[[usage_plans]]
+name = "bronze"
+apis = ["shop/test"]
+[[api_keys]]
+name = "fine"
+value = "a-key-in-two-stages-000001"
+plans = ["gold", "bronze"]
+"#;
+    let bad = format!(
+        "{plans}[[api_keys]]\nname = \"twice\"\nvalue = \"a-key-in-two-plans-0000001\"\nplans = [\"gold\", \"silver\"]\n"
+    );
+    let (out, path) = check(&bad);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = bad
+        .lines()
+        .position(|l| l.starts_with("plans = [\"gold\", \"silver\"]"))
+        .unwrap()
+        + 1
+        // `check` puts the common [server] and [admin] header first.
+        + HEADER.matches('\n').count()
+        + 1;
+    assert!(
+        err.contains(&format!(
+            "{}:{line}: key `api_keys[1].plans`",
+            path.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("`twice`")
+            && err.contains("`gold`")
+            && err.contains("`silver`")
+            && err.contains("`shop/prod`"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let (out, _) = check(plans);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let gw = Gateway::start(plans);
+    let r = admin_json(
+        gw.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"twice","plans":["bronze","silver"]}"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let m = r.message();
+    assert!(
+        m.contains("`bronze`") && m.contains("`silver`") && m.contains("`shop/test`"),
+        "{m}"
+    );
+    assert!(!admin_json(gw.admin_addr, "GET", "/api-keys", "")
+        .text()
+        .contains("twice"));
+    let r = admin_json(
+        gw.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"ok","plans":["gold","bronze"]}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Request authorizers
 // ---------------------------------------------------------------------------------------------
@@ -1428,6 +1662,65 @@ fn access_log_names_the_principal_and_the_key() {
         !std::fs::read_to_string(&path).unwrap().contains(KEY),
         "key values never reach the log"
     );
+}
+
+/// A reload whose config adds a key with the name or the value of a run-time (admin) key is
+/// refused, as `POST /api-keys` refuses a duplicate: the old config stays, the answer says why,
+/// and the run-time key keeps working.
+#[test]
+fn a_reload_cannot_shadow_a_run_time_key() {
+    let gw = Gateway::start(&key_config(dead_addr()));
+    let mine = "carol-run-time-key-value-0001";
+    let body = format!(r#"{{"name":"carol","plans":["basic"],"value":"{mine}"}}"#);
+    assert_eq!(
+        admin_json(gw.admin_addr, "POST", "/api-keys", &body).status,
+        201
+    );
+    let with_key = |name: &str, value: &str| {
+        key_config(dead_addr()).replace(
+            "[[apis]]",
+            &format!("[[api_keys]]\nname = \"{name}\"\nvalue = \"{value}\"\nplans = [\"basic\"]\n\n[[apis]]"),
+        ) + "\n[[apis.routes]]\nroute = \"GET /new\"\nintegration = { type = \"mock\", body = \"new\" }\n"
+    };
+    for (cfg, want) in [
+        (
+            with_key("carol", "another-value-entirely-00001"),
+            "`api_keys[2].name`",
+        ),
+        (with_key("dora", mine), "`api_keys[2].value`"),
+    ] {
+        gw.write_config(&cfg);
+        let r = admin_json(gw.admin_addr, "POST", "/reload", "");
+        assert_eq!(r.status, 400, "{}", r.text());
+        let m = r.message();
+        assert!(
+            m.contains(want) && m.contains("carol") && m.contains("run time"),
+            "{m}"
+        );
+        // The old config stays: no new route, the run-time key unchanged.
+        assert_eq!(gw.get("/new").status, 404);
+        let r = get_with(&gw, "/required", &[("x-api-key", mine)]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_denied(
+            &get_with(
+                &gw,
+                "/required",
+                &[("x-api-key", "another-value-entirely-00001")],
+            ),
+            403,
+            "the refused config's key",
+        );
+    }
+    // Once the run-time key is gone, the same config loads.
+    assert_eq!(
+        admin_json(gw.admin_addr, "DELETE", "/api-keys/carol", "").status,
+        200
+    );
+    let r = admin_json(gw.admin_addr, "POST", "/reload", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(gw.get("/new").status, 200);
+    let r = get_with(&gw, "/required", &[("x-api-key", mine)]);
+    assert_eq!(r.status, 200, "now the config's dora: {}", r.text());
 }
 
 #[test]

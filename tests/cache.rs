@@ -751,9 +751,13 @@ fn client_invalidation_needs_the_routes_auth() {
 [[upstreams]]
 name = "o"
 targets = ["{}"]
+[[usage_plans]]
+name = "basic"
+apis = ["shop/prod"]
 [[api_keys]]
 name = "k"
 value = "cache-test-key-value-000000001"
+plans = ["basic"]
 [[apis]]
 name = "shop"
 [apis.stages.prod]

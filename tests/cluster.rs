@@ -212,7 +212,12 @@ fn keys_added_or_deleted_on_one_node_hold_on_every_node() {
         409
     );
     // A generated key added on B works on A.
-    let r = admin_call(b.admin_addr, "POST", "/api-keys", r#"{"name":"dave"}"#);
+    let r = admin_call(
+        b.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"dave","plans":["free"]}"#,
+    );
     assert_eq!(r.status, 201, "{}", r.text());
     let dave = r.json()["value"].as_str().unwrap().to_string();
     assert!(wait_until(Duration::from_secs(3), || get_key(
@@ -635,7 +640,12 @@ fn nodes_serve_through_a_redis_outage_and_resync() {
         assert!(n.stderr().contains("is back"), "{}", n.stderr());
     }
     // Announcements flow again (well within the 5 s periodic reload).
-    let r = admin_call(a.admin_addr, "POST", "/api-keys", r#"{"name":"hank"}"#);
+    let r = admin_call(
+        a.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"hank","plans":["free"]}"#,
+    );
     assert_eq!(r.status, 201);
     let hank = r.json()["value"].as_str().unwrap().to_string();
     let t = std::time::Instant::now();
@@ -670,7 +680,12 @@ fn redis_down_at_start_then_up() {
     );
     redis.restart();
     let b = Gateway::start(&node_config(&url, ""));
-    let r = admin_call(b.admin_addr, "POST", "/api-keys", r#"{"name":"gina"}"#);
+    let r = admin_call(
+        b.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"gina","plans":["free"]}"#,
+    );
     assert_eq!(r.status, 201);
     let gina = r.json()["value"].as_str().unwrap().to_string();
     assert!(

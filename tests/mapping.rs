@@ -51,9 +51,13 @@ upstream = "authz"
 path = "/authorize"
 identity_sources = ["header.authorization"]
 ttl_s = 0
+[[usage_plans]]
+name = "basic"
+apis = ["shop/prod"]
 [[api_keys]]
 name = "alice-key"
 value = "{KEY}"
+plans = ["basic"]
 [[upstreams]]
 name = "o"
 targets = ["{origin}"]

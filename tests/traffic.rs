@@ -203,6 +203,39 @@ fn waf_rate_per_ip() {
     );
 }
 
+/// Requests that match no route (404, 405) take from the per-IP bucket like routed ones and are
+/// refused with 429 once it is empty: a scanner is limited, and counted with empty labels.
+#[test]
+fn waf_rate_per_ip_limits_unrouted_requests() {
+    let gw = Gateway::start(&format!(
+        "[waf]\nrate_per_ip = {{ rate = 0.2, burst = 3 }}\n[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /x\"\n{MOCK}\n"
+    ));
+    let mut c = Client::connect(gw.addr);
+    let st: Vec<u16> = (0..3)
+        .map(|i| get_on(&mut c, &format!("/scan/{i}"), "").status)
+        .collect();
+    assert_eq!(st, vec![404, 404, 404]);
+    let r = get_on(&mut c, "/scan/again", "");
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.message(), "Too Many Requests");
+    assert!(r.header("retry-after").is_some());
+    assert!(!r.closes());
+    // A wrong method on a known path (405) is refused too, and so is the routed request.
+    c.send(b"DELETE /x HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 429);
+    assert_eq!(get_on(&mut c, "/x", "").status, 429);
+    let m = gw.metrics();
+    assert_eq!(
+        metric_value(
+            &m,
+            "ringgate_throttled_total",
+            &["api=\"\"", "route=\"\"", "reason=\"ip\""]
+        ),
+        Some(2.0),
+        "{m}"
+    );
+}
+
 #[test]
 fn waf_rules_by_target_with_metrics() {
     let origin = Origin::echo_path();
@@ -470,6 +503,42 @@ fn cors_preflight_answered_by_gateway() {
     let r = c.read_response().unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(origin.last_request().method, "OPTIONS");
+}
+
+/// A key metered on a route that does not require one is named in the access log, the
+/// request refused by its quota included.
+#[test]
+fn a_metered_key_is_named_in_the_access_log() {
+    let state = temp_dir("plan-log");
+    let cfg = plan_config(&state, 1).replace(
+        "[admin]",
+        "[access_log]\npath = \"@DIR@/access.log\"\n[admin]",
+    );
+    let gw = Gateway::start(&cfg);
+    let mut c = Client::connect(gw.addr);
+    let key = "x-api-key: alice-key-0123456789abcdef\r\n";
+    assert_eq!(
+        get_on(&mut c, "/prod/x", &format!("{key}x-request-id: m-1\r\n")).status,
+        200
+    );
+    let r = get_on(&mut c, "/prod/x", &format!("{key}x-request-id: m-2\r\n"));
+    assert_eq!(r.status, 429);
+    assert_eq!(r.message(), "Limit Exceeded");
+    let path = gw.dir.join("access.log");
+    let mut lines = Vec::new();
+    assert!(wait_until(Duration::from_secs(3), || {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        lines = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["request_id"] == "m-1" || e["request_id"] == "m-2")
+            .collect();
+        lines.len() == 2
+    }));
+    for l in &lines {
+        assert_eq!(l["api_key"], "alice", "{l}");
+    }
+    let _ = std::fs::remove_dir_all(&state);
 }
 
 fn plan_config(state: &std::path::Path, limit: u64) -> String {

@@ -45,9 +45,13 @@ max_body_bytes = 2048
 header_timeout_ms = 400
 [admin]
 listen = "@ADMIN@"
+[[usage_plans]]
+name = "basic"
+apis = ["shop/$default"]
 [[api_keys]]
 name = "k"
 value = "validate-key-value-00001"
+plans = ["basic"]
 [[upstreams]]
 name = "o"
 targets = ["{origin}"]

@@ -1091,7 +1091,7 @@ fn connect_route_auth_guards_the_handshake() {
     let cfg = api_config(be.addr, "").replace(
         "route = \"$connect\"\n",
         "route = \"$connect\"\nauth = \"api_key\"\n",
-    ) + "\n[[api_keys]]\nname = \"dev\"\nvalue = \"websocket-test-key-000000001\"\n";
+    ) + "\n[[usage_plans]]\nname = \"ws\"\napis = [\"chat/$default\"]\n[[api_keys]]\nname = \"dev\"\nvalue = \"websocket-test-key-000000001\"\nplans = [\"ws\"]\n";
     let gw = Gateway::start(&cfg);
     let (head, _) = ws_connect(gw.addr, "/", "");
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
@@ -1149,6 +1149,35 @@ plans = ["ws"]
     let u = gw.admin_get("/usage-plans/ws/usage?key=dev").json();
     assert_eq!(u["used"], 2, "{u}");
     assert_eq!(u["remaining"], 0, "{u}");
+}
+
+/// `api_key_required` on `$connect` takes only a key of a usage plan of the API's stage (as
+/// Amazon API Gateway): a key of no plan is refused with 403 before `$connect` is called.
+#[test]
+fn websocket_connect_key_must_be_in_a_plan_of_the_stage() {
+    let be = api_backend();
+    let cfg = api_config(be.addr, "").replace(
+        "route = \"$connect\"\n",
+        "route = \"$connect\"\napi_key_required = true\n",
+    ) + r#"
+[[usage_plans]]
+name = "ws"
+apis = ["chat/$default"]
+[[api_keys]]
+name = "dev"
+value = "websocket-test-key-000000001"
+plans = ["ws"]
+[[api_keys]]
+name = "loner"
+value = "websocket-test-key-000000002"
+"#;
+    let gw = Gateway::start(&cfg);
+    let (head, _) = ws_connect(gw.addr, "/", "x-api-key: websocket-test-key-000000002\r\n");
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(route_keys(&be, "$connect").is_empty());
+    let (head, _ws) = ws_connect(gw.addr, "/", "x-api-key: websocket-test-key-000000001\r\n");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(route_keys(&be, "$connect").len(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -268,9 +268,21 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
         (_, "/dashboard") | (_, "/dashboard/data") => json(405, "Method Not Allowed"),
         _ => match crate::policy::auth::admin::handle(
             &shared.auth,
-            |p| {
+            |names| {
                 let gw = shared.current();
-                gw.config.traffic.plans.plans.iter().any(|x| &*x.name == p)
+                let plans = &gw.config.traffic.plans;
+                if let Some(p) = names
+                    .iter()
+                    .find(|p| !plans.plans.iter().any(|x| *x.name == ***p))
+                {
+                    return Err(format!("usage plan `{p}` is not defined"));
+                }
+                match plans.overlap(names) {
+                    Some((a, b, stage)) => Err(format!(
+                        "usage plans `{a}` and `{b}` both cover `{stage}`: a key may be in one plan per API stage"
+                    )),
+                    None => Ok(()),
+                }
             },
             method,
             path,

@@ -504,6 +504,36 @@ impl Plans {
         Ok(())
     }
 
+    /// Whether a key of the plans `key_plans` belongs to one of `route_plans` (the plans
+    /// covering a route: [`Plans::covering`]). What `api_key_required` asks of a key, as Amazon
+    /// API Gateway does: a key outside every plan of the stage is refused.
+    #[inline]
+    pub fn covers(&self, key_plans: &[Arc<str>], route_plans: &[u16]) -> bool {
+        route_plans.iter().any(|&pi| {
+            let name = &*self.plans[pi as usize].name;
+            key_plans.iter().any(|n| **n == *name)
+        })
+    }
+
+    /// The first two of `names` that cover one API stage: `(plan, plan, "api/stage")`. A key
+    /// may be in at most one plan per stage (as in Amazon API Gateway).
+    pub fn overlap<'a>(&self, names: &'a [impl AsRef<str>]) -> Option<(&'a str, &'a str, String)> {
+        let find = |n: &str| self.plans.iter().find(|p| &*p.name == n);
+        for (i, a) in names.iter().enumerate() {
+            let Some(pa) = find(a.as_ref()) else { continue };
+            for b in &names[i + 1..] {
+                if a.as_ref() == b.as_ref() {
+                    continue;
+                }
+                let Some(pb) = find(b.as_ref()) else { continue };
+                if let Some((api, stage)) = pa.stages.iter().find(|s| pb.stages.contains(s)) {
+                    return Some((a.as_ref(), b.as_ref(), format!("{api}/{stage}")));
+                }
+            }
+        }
+        None
+    }
+
     /// Indices of the plans covering `api`/`stage`.
     pub fn covering(&self, api: &str, stage: &str) -> Vec<u16> {
         (0..self.plans.len())

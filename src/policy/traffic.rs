@@ -57,6 +57,8 @@ pub struct Traffic {
     pub waf: Waf,
     pub routes: Vec<RouteTraffic>,
     pub plans: Plans,
+    /// Refusals of requests that matched no route (the per-IP rate), with empty labels.
+    pub unrouted: RouteTraffic,
 }
 
 impl Traffic {
@@ -72,6 +74,7 @@ impl Traffic {
             }
         }
         keep(&mut self.server, &old.server);
+        self.unrouted.throttled = old.unrouted.throttled.clone();
         // A stage bucket is shared by the stage's routes: replace it the same way in all.
         let mut stages: Vec<(*const Bucket, Arc<Bucket>)> = Vec::new();
         for rt in &mut self.routes {
@@ -122,7 +125,7 @@ impl Traffic {
 
     /// Prometheus lines of `ringgate_throttled_total` (without HELP/TYPE).
     pub fn render_throttled(&self, o: &mut String) {
-        for rt in &self.routes {
+        for rt in self.routes.iter().chain([&self.unrouted]) {
             let Some(l) = &rt.labels else { continue };
             for (i, reason) in REASONS.iter().enumerate() {
                 let n = rt.throttled[i].load(Ordering::Relaxed);
@@ -159,7 +162,13 @@ pub(crate) fn build(
     raw: &crate::config::raw::RawConfig,
     routes: &RouteTable,
 ) -> Result<Traffic, ConfigError> {
-    let mut t = Traffic::default();
+    let mut t = Traffic {
+        unrouted: RouteTraffic {
+            labels: Some("api=\"\",stage=\"\",route=\"\"".into()),
+            ..RouteTraffic::default()
+        },
+        ..Traffic::default()
+    };
     if let Some(th) = &raw.server.throttle {
         t.server = Some(Arc::new(Bucket::new(rate(src, th, "server.throttle")?)));
     }
@@ -397,10 +406,12 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
         };
         plans.push(Plan::new(&name, stages, throttle, quota));
     }
-    // `[[api_keys]]` belong to the auth feature; here only their plan names are checked.
+    // `[[api_keys]]` belong to the auth feature; here only their plan names are checked, and
+    // that no two of a key's plans cover one API stage (as Amazon API Gateway refuses).
+    let plans = Plans::new(plans);
     for (i, k) in raw.api_keys.iter().enumerate() {
         for p in &k.plans {
-            if !plans.iter().any(|x: &Plan| *x.name == **p) {
+            if !plans.plans.iter().any(|x: &Plan| *x.name == **p) {
                 return Err(src.err(
                     0..0,
                     &format!("api_keys[{i}].plans"),
@@ -408,9 +419,19 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
                 ));
             }
         }
+        if let Some((a, b, stage)) = plans.overlap(&k.plans) {
+            return Err(src.err(
+                0..0,
+                &format!("api_keys[{i}].plans"),
+                format!(
+                    "API key `{}` is in usage plans `{a}` and `{b}`, which both cover `{stage}`: a key may be in one plan per API stage",
+                    k.name.get_ref()
+                ),
+            ));
+        }
     }
     // Counts go to the persistent store once the config goes live (`Plans::bind`).
-    Ok(Plans::new(plans))
+    Ok(plans)
 }
 
 /// Admin `GET /usage-plans/{plan}/usage?key=NAME`; `None` when the path is not ours.

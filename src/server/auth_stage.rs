@@ -19,6 +19,7 @@ pub(super) async fn run<S: ClientIo>(
     gw: &Arc<Gateway>,
     c: &mut Conn<S>,
     route: &Route,
+    id: u32,
 ) -> Result<(), Outcome> {
     // Credentials are single fields (RFC 9110 11.6.2): with two, the one checked and the one
     // the upstream reads could differ. Refused, as ambiguous framing is.
@@ -54,6 +55,10 @@ pub(super) async fn run<S: ClientIo>(
         &gw.config.auth,
         w.gen.get(),
         &route.auth,
+        auth::RoutePlans {
+            plans: &gw.config.traffic.plans,
+            covering: &gw.config.traffic.routes[id as usize].plans,
+        },
         &req,
     )
     .await;

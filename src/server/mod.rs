@@ -769,7 +769,7 @@ async fn route_and_run<S: ClientIo>(
     c.api_key = None;
     c.auth_ctx = None;
     if route.auth.active() {
-        if let Err(out) = auth_stage::run(w, gw, c, route).await {
+        if let Err(out) = auth_stage::run(w, gw, c, route, id).await {
             return (out, Some(id));
         }
     }

@@ -13,7 +13,7 @@ use super::{body_skippable, reject, write_out, ClientIo, Conn, Outcome, Worker};
 use crate::config::{Limits, RouteMatch};
 use crate::gateway::Gateway;
 use crate::http::{encode, BodyKind, ChunkedDecoder, Method};
-use crate::policy::plans::{unix_at, KeyDirectory, Refusal};
+use crate::policy::plans::{unix_at, KeyRef, Refusal};
 use crate::policy::throttle::{now_ns, Wait};
 use crate::policy::waf::{Input, Verdict};
 use crate::policy::Reason;
@@ -101,19 +101,27 @@ async fn too_many<S: ClientIo>(
     reject(w, c, 429, "Too Many Requests", keep).await
 }
 
-/// The WAF's IP lists for a request that matched no route: a denied address gets 403 whatever
-/// path it asks for (as a WAF in front of the gateway would), not a 404 that maps the API.
+/// The WAF's IP lists and per-IP rate for a request that matched no route: a denied address
+/// gets 403 whatever path it asks for (as a WAF in front of the gateway would), not a 404 that
+/// maps the API; an address past `rate_per_ip` gets 429 (reason `ip`, counted with empty
+/// labels), so a scanner's 404s are limited like any other request.
 pub(super) async fn unrouted_ip_refused<S: ClientIo>(
     w: &Rc<Worker>,
     gw: &Arc<Gateway>,
     c: &mut Conn<S>,
 ) -> Option<Outcome> {
     let t = &gw.config.traffic;
-    if !t.waf.active() || t.waf.check_ip(c.peer.ip(), now_ns()) != Verdict::Forbidden {
+    if !t.waf.active() {
         return None;
     }
-    let keep = body_skippable(c);
-    Some(reject(w, c, 403, "Forbidden", keep).await)
+    match t.waf.check_ip(c.peer.ip(), now_ns()) {
+        Verdict::Pass => None,
+        Verdict::Forbidden => {
+            let keep = body_skippable(c);
+            Some(reject(w, c, 403, "Forbidden", keep).await)
+        }
+        Verdict::Throttled(wait) => Some(too_many(w, c, &t.unrouted, Reason::Ip, wait).await),
+    }
 }
 
 /// The WAF and CORS stages for route `id` (before auth); `Some` when the request was answered
@@ -240,11 +248,20 @@ pub(super) async fn throttle<S: ClientIo>(
     }
     if !rt.plans.is_empty() {
         let keys = w.shared.auth.keys();
-        if let Some(key) =
+        if let Some(k) =
             c.b.head
                 .header(&c.b.rbuf, "x-api-key")
-                .and_then(|v| keys.find(v))
+                .and_then(|v| keys.check(v))
         {
+            // A key identified here (a route without key auth) goes to the access log too.
+            if c.api_key.is_none() {
+                c.api_key = Some(k.name.clone());
+            }
+            let key = KeyRef {
+                name: &k.name,
+                plans: &k.plans,
+                usage_id: &k.usage_id,
+            };
             match t.plans.check(key, &rt.plans, now, unix_at(now)) {
                 Ok(()) => {}
                 Err(Refusal::Throttled(wait)) => {

@@ -25,11 +25,12 @@ fn msg(status: u16, m: &str) -> (u16, String) {
 }
 
 /// Handles an admin request under `/api-keys`; `None` when `path` is not one of ours.
-/// `plan_exists` tells the usage plans of the live config (a new key may only name those).
+/// `check_plans` checks a new key's plans against the usage plans of the live config (each
+/// must exist, and no two may cover one API stage); its error is the 400's message.
 /// Returns the status and a JSON body.
 pub fn handle(
     state: &AuthState,
-    plan_exists: impl Fn(&str) -> bool,
+    check_plans: impl Fn(&[String]) -> Result<(), String>,
     method: &str,
     path: &str,
     body: &[u8],
@@ -58,11 +59,8 @@ pub fn handle(
                     Ok(n) => n,
                     Err(e) => return Some(msg(400, &format!("Bad Request: {e}"))),
                 };
-                if let Some(p) = n.plans.iter().find(|p| !plan_exists(p)) {
-                    return Some(msg(
-                        400,
-                        &format!("Bad Request: usage plan `{p}` is not defined"),
-                    ));
+                if let Err(m) = check_plans(&n.plans) {
+                    return Some(msg(400, &format!("Bad Request: {m}")));
                 }
                 match state.add(&n.name, n.plans.clone(), n.value, n.enabled) {
                     Ok(value) => (
@@ -76,7 +74,13 @@ pub fn handle(
             _ => msg(405, "Method Not Allowed"),
         });
     }
-    let name = path.strip_prefix("/api-keys/")?;
+    let raw = path.strip_prefix("/api-keys/")?;
+    // Percent-decoded, as the usage endpoint's `?key=` (`u%40x.com` is `u@x.com`).
+    let mut buf = Vec::new();
+    crate::policy::waf::percent_decode(raw.as_bytes(), false, &mut buf);
+    let Ok(name) = std::str::from_utf8(&buf) else {
+        return Some(msg(400, "Bad Request: the key name is not UTF-8"));
+    };
     Some(match method {
         "DELETE" => match state.delete(name) {
             Ok(()) => msg(200, "deleted"),

@@ -321,11 +321,30 @@ impl AuthState {
         self.keys.load()
     }
 
-    /// A new config went live: its `[[api_keys]]` replace the old config's.
-    pub fn set_config_keys(&self, keys: &[ApiKey]) {
+    /// A new config goes live: its `[[api_keys]]` replace the old config's. Refused (nothing
+    /// changes) when one has the name or the value of a key added at run time, which it would
+    /// shadow, as `POST /api-keys` refuses a duplicate; the error says which (`api_keys[i]`).
+    pub fn set_config_keys(&self, keys: &[ApiKey]) -> Result<(), String> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, k) in keys.iter().enumerate() {
+            for a in &g.admin {
+                if *a.name == *k.name {
+                    return Err(format!(
+                        "key `api_keys[{i}].name`: `{}` is the name of a key added at run time (admin); delete that one (DELETE /api-keys/{}) or rename this one",
+                        k.name, k.name
+                    ));
+                }
+                if unhex32(&a.sha256) == Some(k.hash) {
+                    return Err(format!(
+                        "key `api_keys[{i}].value`: the value of key `{}` is that of the key `{}` added at run time (admin); a value belongs to one key",
+                        k.name, a.name
+                    ));
+                }
+            }
+        }
         g.config_keys = keys.to_vec();
         self.keys.store(Arc::new(build(&g)));
+        Ok(())
     }
 
     /// Adds a key (`value` generated when absent); returns the value.

@@ -9,7 +9,8 @@
 //! - [`check`]: the stage itself, called once per request of a route that asks for auth.
 //!
 //! Failures answer 401 `{"message":"Unauthorized"}` (no or unverifiable credentials) or 403
-//! `{"message":"Forbidden"}` (API key missing/unknown/disabled, missing scope, bad signature).
+//! `{"message":"Forbidden"}` (API key missing/unknown/disabled or in no usage plan of the route's
+//! stage, missing scope, bad signature).
 
 pub mod admin;
 pub mod api_key;
@@ -368,6 +369,15 @@ pub struct Identity {
     pub context: Option<Arc<serde_json::Value>>,
 }
 
+/// The usage plans of the live config and those covering the route's API stage: a key must
+/// belong to one of them on a route that requires a key.
+#[derive(Clone, Copy)]
+pub struct RoutePlans<'a> {
+    pub plans: &'a crate::policy::plans::Plans,
+    /// Indices into `plans` ([`crate::policy::plans::Plans::covering`]).
+    pub covering: &'a [u16],
+}
+
 /// Runs the route's checks. `gen` is the config generation (per-worker caches are dropped when
 /// it changes); `cfg` the live config's auth part.
 pub async fn check(
@@ -376,6 +386,7 @@ pub async fn check(
     cfg: &AuthConfig,
     gen: u64,
     route: &RouteAuth,
+    plans: RoutePlans<'_>,
     req: &Request<'_>,
 ) -> Result<Identity, Deny> {
     let mut id = Identity::default();
@@ -410,6 +421,10 @@ pub async fn check(
         let v = req.header("x-api-key").ok_or(FORBIDDEN)?;
         let keys = state.keys();
         let k = keys.check(v).ok_or(FORBIDDEN)?;
+        // As Amazon API Gateway: the key must be in a usage plan attached to the stage.
+        if !plans.plans.covers(&k.plans, plans.covering) {
+            return Err(FORBIDDEN);
+        }
         id.api_key = Some(k.name.clone());
     }
     Ok(id)
