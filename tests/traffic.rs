@@ -351,15 +351,31 @@ fn shipped_waf_rule_set_blocks_sqli_and_xss() {
     ] {
         assert_eq!(get_on(&mut c, good, "").status, 200, "{good} refused");
     }
-    let body = "name=x' or 'a'='a";
-    c.send(
-        format!(
-            "POST /form HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    );
-    assert_eq!(c.read_response().unwrap().status, 403);
+    let mut post = |body: &str| {
+        c.send(
+            format!(
+                "POST /form HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        c.read_response().unwrap().status
+    };
+    for bad in [
+        "name=x' or 'a'='a",
+        "id=1; DROP TABLE users",
+        r#"{"q":"1; delete from orders"}"#,
+        "user=admin'--",
+        "user=admin' /* x */",
+    ] {
+        assert_eq!(post(bad), 403, "body {bad} passed");
+    }
+    for good in [
+        r#"{"text":"hello; drop me a line","dash":"--"}"#,
+        "note=it's fine -- really",
+    ] {
+        assert_eq!(post(good), 200, "body {good} refused");
+    }
     // Scanners are only counted.
     assert_eq!(
         get_on(&mut c, "/items", "User-Agent: sqlmap/1.7\r\n").status,
