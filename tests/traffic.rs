@@ -744,6 +744,10 @@ fn plan_throttle_per_key() {
         metric_value(&m, "ringgate_throttled_total", &["reason=\"plan\""]),
         Some(1.0)
     );
+    // A plan without a quota counts nothing, and its usage says so instead of a made-up 0.
+    let u = gw.admin_get("/usage-plans/fast/usage?key=bob").json();
+    assert!(u["used"].is_null() && u["period"].is_null(), "{u}");
+    assert!(u["message"].as_str().unwrap().contains("no quota"), "{u}");
     let _ = std::fs::remove_dir_all(&state);
 }
 

@@ -558,6 +558,18 @@ impl Plans {
         unix_s: u64,
     ) -> Option<serde_json::Value> {
         let p = self.plans.iter().find(|p| &*p.name == plan)?;
+        if p.quota.is_none() {
+            // Only quotas count requests: say so rather than report a made-up 0.
+            return Some(serde_json::json!({
+                "usagePlanId": plan,
+                "key": key,
+                "period": null,
+                "used": null,
+                "remaining": null,
+                "limit": null,
+                "message": "this usage plan has no quota: its requests are not counted",
+            }));
+        }
         let v = self
             .store()
             .counter(plan, usage_id, p.period())
