@@ -238,6 +238,10 @@ impl AuthState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(format!("cannot read {}: {e}", file.display())),
         };
+        // As a reload would be: a config key may not shadow a run-time one.
+        if let Some(e) = shadowing(&admin, config_keys) {
+            return Err(format!("{e} (run-time keys are in {})", file.display()));
+        }
         let inner = Inner {
             config_keys: config_keys.to_vec(),
             admin,
@@ -326,21 +330,8 @@ impl AuthState {
     /// shadow, as `POST /api-keys` refuses a duplicate; the error says which (`api_keys[i]`).
     pub fn set_config_keys(&self, keys: &[ApiKey]) -> Result<(), String> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, k) in keys.iter().enumerate() {
-            for a in &g.admin {
-                if *a.name == *k.name {
-                    return Err(format!(
-                        "key `api_keys[{i}].name`: `{}` is the name of a key added at run time (admin); delete that one (DELETE /api-keys/{}) or rename this one",
-                        k.name, k.name
-                    ));
-                }
-                if unhex32(&a.sha256) == Some(k.hash) {
-                    return Err(format!(
-                        "key `api_keys[{i}].value`: the value of key `{}` is that of the key `{}` added at run time (admin); a value belongs to one key",
-                        k.name, a.name
-                    ));
-                }
-            }
+        if let Some(e) = shadowing(&g.admin, keys) {
+            return Err(e);
         }
         g.config_keys = keys.to_vec();
         self.keys.store(Arc::new(build(&g)));
@@ -440,6 +431,27 @@ impl AuthState {
         self.changed(KeyChange::Delete(name.to_string()), generation);
         Ok(())
     }
+}
+
+/// Why a config key would shadow a key added at run time (same name or same value), if one does.
+fn shadowing(admin: &[StoredKey], keys: &[ApiKey]) -> Option<String> {
+    for (i, k) in keys.iter().enumerate() {
+        for a in admin {
+            if *a.name == *k.name {
+                return Some(format!(
+                    "key `api_keys[{i}].name`: `{}` is the name of a key added at run time (admin); delete that one (DELETE /api-keys/{}) or rename this one",
+                    k.name, k.name
+                ));
+            }
+            if unhex32(&a.sha256) == Some(k.hash) {
+                return Some(format!(
+                    "key `api_keys[{i}].value`: the value of key `{}` is that of the key `{}` added at run time (admin); a value belongs to one key",
+                    k.name, a.name
+                ));
+            }
+        }
+    }
+    None
 }
 
 fn build(inner: &Inner) -> KeySet {
@@ -575,6 +587,20 @@ mod tests {
         st2.delete("bob").unwrap();
         assert!(st2.keys().check(v.as_bytes()).is_none());
         assert!(matches!(st2.delete("bob"), Err(KeyError::NotFound)));
+        // A start whose config key would shadow a run-time key is refused, as a reload is.
+        let v2 = st2.add("eve", vec![], None, true).unwrap();
+        let e = AuthState::new(&dir, &[key("eve", "some-other-value-000000001", true)])
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("api_keys[0].name") && e.contains("api_keys.json"),
+            "{e}"
+        );
+        let e = AuthState::new(&dir, &[key("zed", &v2, true)])
+            .err()
+            .unwrap();
+        assert!(e.contains("api_keys[0].value") && e.contains("eve"), "{e}");
+        st2.delete("eve").unwrap();
         let st3 = AuthState::new(&dir, &[]).unwrap();
         assert!(st3.keys().keys().is_empty());
         // A key file from before usage ids: the counts stay under the bare name.
