@@ -408,6 +408,38 @@ fn waf_config_errors_name_the_key() {
     ));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("waf.rules[0].target"), "{e}");
+    // A bad pattern names its rule's key; a body rule that could read nothing is refused.
+    for (rule, want) in [
+        (
+            r#"{ name = "r", target = "query", pattern = "(unclosed" }"#,
+            "waf.rules[1].pattern",
+        ),
+        (
+            r#"{ name = "r", target = "body", pattern = "x" }"#,
+            "waf.rules[1].target",
+        ),
+    ] {
+        let (out, _) = check(&format!(
+            "[waf]\nbody_max_bytes = 0\nrules = [{{ name = \"ok\", target = \"path\", pattern = \"x\" }}, {rule}]\n[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /x\"\n{MOCK}\n"
+        ));
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && e.contains(want), "{rule}: {e}");
+    }
+    // An error in a rule file names that file, its line and the rule's key there.
+    let dir = temp_dir("waf-rule-file");
+    let rf = dir.join("bad-rules.toml");
+    std::fs::write(
+        &rf,
+        "[[rules]]\nname = \"a\"\ntarget = \"query\"\npattern = \"x\"\n\n[[rules]]\nname = \"b\"\ntarget = \"cookie\"\npattern = \"y\"\n",
+    )
+    .unwrap();
+    let (out, _) = check(&format!(
+        "[waf]\nrule_files = [\"{}\"]\n[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /x\"\n{MOCK}\n",
+        rf.display()
+    ));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("bad-rules.toml:8: key `rules[1].target`"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
     let (out, _) = check(&format!(
         "[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /x\"\n{MOCK}\nthrottle = {{ rate = 0, burst = 1 }}\n"
     ));

@@ -274,38 +274,13 @@ fn build_waf(src: &Source, w: &toml::Spanned<raw::RawWaf>) -> Result<Waf, Config
             w.ip_table_size,
         )),
     };
-    let mut all: Vec<(String, RawRule)> = w
-        .rules
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (format!("waf.rules[{i}]"), r.clone()))
-        .collect();
-    let base = src.path.parent().unwrap_or(std::path::Path::new("."));
-    for f in &w.rule_files {
-        let p = base.join(f);
-        let text = std::fs::read_to_string(&p).map_err(|e| {
-            src.err(
-                span.clone(),
-                "waf.rule_files",
-                format!("cannot read `{}`: {e}", p.display()),
-            )
-        })?;
-        let file: RawRuleFile = toml::from_str(&text).map_err(|e| {
-            src.err(
-                span.clone(),
-                "waf.rule_files",
-                format!("`{}`: {}", p.display(), e.message().replace('\n', " ")),
-            )
-        })?;
-        for (i, r) in file.rules.into_iter().enumerate() {
-            all.push((format!("{}: rules[{i}]", p.display()), r));
-        }
-    }
-    let mut specs = Vec::with_capacity(all.len());
-    for (key, r) in all {
+    // Each rule is checked where it is written: the main file's `waf.rules[i]`, or a rule
+    // file's own `rules[i]` (errors then name that file and its line).
+    let mut specs: Vec<RuleSpec> = Vec::new();
+    let mut add = |src: &Source, key: String, r: RawRule| -> Result<(), ConfigError> {
         let target = Target::parse(&r.target).ok_or_else(|| {
             src.err(
-                span.clone(),
+                0..0,
                 &format!("{key}.target"),
                 format!(
                     "`{}` is not one of path, query, header.NAME, body",
@@ -318,7 +293,7 @@ fn build_waf(src: &Source, w: &toml::Spanned<raw::RawWaf>) -> Result<Waf, Config
             "count" => Action::Count,
             a => {
                 return Err(src.err(
-                    span.clone(),
+                    0..0,
                     &format!("{key}.action"),
                     format!("`{a}` is not one of block, count"),
                 ))
@@ -326,9 +301,23 @@ fn build_waf(src: &Source, w: &toml::Spanned<raw::RawWaf>) -> Result<Waf, Config
         };
         if r.name.is_empty() || specs.iter().any(|s: &RuleSpec| s.name == r.name) {
             return Err(src.err(
-                span.clone(),
+                0..0,
                 &format!("{key}.name"),
                 format!("rule name `{}` is empty or used twice", r.name),
+            ));
+        }
+        if let Err(e) = regex::bytes::Regex::new(&r.pattern) {
+            return Err(src.err(
+                0..0,
+                &format!("{key}.pattern"),
+                format!("not a valid pattern: {e}"),
+            ));
+        }
+        if target == Target::Body && w.body_max_bytes == 0 {
+            return Err(src.err(
+                0..0,
+                &format!("{key}.target"),
+                "a `body` rule needs `waf.body_max_bytes` above 0 (it would read nothing)",
             ));
         }
         specs.push(RuleSpec {
@@ -337,6 +326,27 @@ fn build_waf(src: &Source, w: &toml::Spanned<raw::RawWaf>) -> Result<Waf, Config
             pattern: r.pattern,
             action,
         });
+        Ok(())
+    };
+    for (i, r) in w.rules.iter().enumerate() {
+        add(src, format!("waf.rules[{i}]"), r.clone())?;
+    }
+    let base = src.path.parent().unwrap_or(std::path::Path::new("."));
+    for (fi, f) in w.rule_files.iter().enumerate() {
+        let p = base.join(f);
+        let text = std::fs::read_to_string(&p).map_err(|e| {
+            src.err(
+                0..0,
+                &format!("waf.rule_files[{fi}]"),
+                format!("cannot read `{}`: {e}", p.display()),
+            )
+        })?;
+        let fsrc = Source::new(&p, &text);
+        let file: RawRuleFile = toml::from_str(&text)
+            .map_err(|e| fsrc.err(e.span().unwrap_or(0..0), "", e.message().replace('\n', " ")))?;
+        for (i, r) in file.rules.into_iter().enumerate() {
+            add(&fsrc, format!("rules[{i}]"), r)?;
+        }
     }
     Waf::build(allow, deny, per_ip, specs, w.body_max_bytes)
         .map_err(|e| src.err(span, "waf.rules", e))
