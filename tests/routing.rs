@@ -93,6 +93,18 @@ fn not_found_and_method_not_allowed_are_json() {
     // Routing is on the path: the query string does not matter; case does.
     assert_eq!(gw.get("/a?x=1").text(), "a");
     assert_eq!(gw.get("/A").status, 404);
+    // A 405 is counted under the path's API, stage and route; a 404 has none.
+    let want = [
+        "ringgate_requests_total{api=\"r\",stage=\"$default\",route=\"GET /a\",method=\"DELETE\",status=\"405\"} 1",
+        "ringgate_requests_total{api=\"r\",stage=\"$default\",route=\"POST /b/{id}\",method=\"GET\",status=\"405\"} 1",
+        "ringgate_requests_total{api=\"\",stage=\"\",route=\"\",method=\"GET\",status=\"404\"} 2",
+    ];
+    let mut m = String::new();
+    let seen = wait_until(std::time::Duration::from_secs(3), || {
+        m = gw.metrics();
+        want.iter().all(|l| m.contains(l))
+    });
+    assert!(seen, "{want:?} in:\n{m}");
 }
 
 #[test]

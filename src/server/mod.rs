@@ -738,15 +738,15 @@ async fn route_and_run<S: ClientIo>(
             if let Some(out) = traffic::unrouted_ip_refused(w, gw, c).await {
                 return (out, None);
             }
-            let (st, msg) = if m == RouteMatch::NotFound {
-                (404, "Not Found")
+            let (st, msg, id) = if m == RouteMatch::NotFound {
+                (404, "Not Found", None)
             } else {
                 let allow = allow_header(gw, c);
                 c.b.extra.extend_from_slice(&allow);
-                (405, "Method Not Allowed")
+                (405, "Method Not Allowed", path_route(gw, c))
             };
             let keep = body_skippable(c);
-            return (reject(w, c, st, msg, keep).await, None);
+            return (reject(w, c, st, msg, keep).await, id);
         }
         RouteMatch::NotFound => {
             let keep = body_skippable(c);
@@ -755,8 +755,9 @@ async fn route_and_run<S: ClientIo>(
         RouteMatch::MethodNotAllowed => {
             let allow = allow_header(gw, c);
             c.b.extra.extend_from_slice(&allow);
+            let id = path_route(gw, c);
             let keep = body_skippable(c);
-            return (reject(w, c, 405, "Method Not Allowed", keep).await, None);
+            return (reject(w, c, 405, "Method Not Allowed", keep).await, id);
         }
     };
     let route: &Route = gw.config.routes.route(id);
@@ -799,6 +800,23 @@ async fn route_and_run<S: ClientIo>(
 }
 
 /// The `Allow` header of a 405 (RFC 9110 15.5.6): the methods the path's routes accept.
+/// For a 405: a route of the request's path (under another method), so the answer is counted
+/// and logged under the path's API, stage and route rather than as unrouted.
+fn path_route<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>) -> Option<u32> {
+    let head = &c.b.head;
+    let path = std::str::from_utf8(head.slice(&c.b.rbuf, head.path)).ok()?;
+    let host = head.host.map(|r| head.slice(&c.b.rbuf, r));
+    let routes = &gw.config.routes;
+    routes
+        .allowed_methods(host, path)
+        .iter()
+        .filter_map(|m| std::str::from_utf8(m).ok())
+        .find_map(|m| match routes.find(host, m, path, &mut c.params) {
+            RouteMatch::Found(id) => Some(id),
+            _ => None,
+        })
+}
+
 fn allow_header<S: ClientIo>(gw: &Gateway, c: &Conn<S>) -> Vec<u8> {
     let head = &c.b.head;
     let path = std::str::from_utf8(head.slice(&c.b.rbuf, head.path)).unwrap_or("");
