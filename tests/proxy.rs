@@ -825,3 +825,50 @@ fn large_download_in_bounded_memory() {
         after - start
     );
 }
+
+#[test]
+fn a_slow_upload_does_not_eat_the_upstreams_timeout() {
+    // timeout_ms = 1000; the client takes ~1.5 s to send its body, the origin answers at once
+    // once it has it: the answer goes through (was a 504 after the origin had answered).
+    let origin = Origin::start(|r| Response::ok(format!("got {}", r.body_len)));
+    let cfg = config(origin.addr).replace("timeout_ms = 3000", "timeout_ms = 1000");
+    let gw = Gateway::start(&cfg);
+    let mut c = Client::connect(gw.addr);
+    c.send(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n");
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(300));
+        c.send(b"ab");
+    }
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "got 10");
+}
+
+#[test]
+fn broken_upstream_framing_before_any_byte_out_is_a_502() {
+    // Bad chunked framing in the first bytes, or a transfer coding other than chunked: the
+    // client gets a 502 (not an empty reply), counted as such.
+    for raw in [
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nxyz\r\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+    ] {
+        let origin = Origin::start(move |_| Response::raw(raw).then_close());
+        let gw = Gateway::start(&config(origin.addr));
+        let r = gw.get("/x");
+        assert_eq!(r.status, 502, "{raw:?}: {}", r.text());
+        assert_eq!(r.message(), "Bad Gateway");
+        let mut m = String::new();
+        let counted = wait_until(Duration::from_secs(3), || {
+            m = gw.metrics();
+            metric_value(&m, "ringgate_requests_total", &["status=\"502\""]) == Some(1.0)
+        });
+        assert!(counted, "{raw:?}: {m}");
+        assert!(
+            gw.stderr().contains("upstream"),
+            "{raw:?}: logged: {}",
+            gw.stderr()
+        );
+    }
+}

@@ -99,6 +99,8 @@ pub struct Worker {
     cache_iov: Cell<Option<Box<[libc::iovec; 3]>>>,
     /// Per-worker auth caches (verified JWTs, SigV4 keys).
     auth: crate::policy::auth::WorkerAuth,
+    /// When an upstream error was last logged, and how many were left out since.
+    upstream_log: Cell<(Option<Instant>, u32)>,
 }
 
 impl Worker {
@@ -133,6 +135,7 @@ impl Worker {
             cache_event: Cell::new(0),
             cache_iov: Cell::new(None),
             auth: crate::policy::auth::WorkerAuth::new(),
+            upstream_log: Cell::new((None, 0)),
             shared,
         }
     }
@@ -200,6 +203,23 @@ impl Worker {
             unsafe {
                 libc::malloc_trim(0);
             }
+        }
+    }
+
+    /// Logs an upstream that broke the protocol (answered with 502): at most one line a second
+    /// per worker, saying how many were left out since.
+    fn log_upstream_error(&self, addr: std::net::SocketAddr, what: &str) {
+        let (last, skipped) = self.upstream_log.get();
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            self.upstream_log.set((last, skipped.saturating_add(1)));
+            return;
+        }
+        self.upstream_log.set((Some(now), 0));
+        if skipped > 0 {
+            crate::elog!("ringgate: upstream {addr}: {what} (502; {skipped} more upstream errors in the last second)");
+        } else {
+            crate::elog!("ringgate: upstream {addr}: {what} (502)");
         }
     }
 

@@ -160,6 +160,7 @@ pub(super) async fn proxy<S: ClientIo>(
                 &mut body_done,
                 &mut decoder,
                 deadline,
+                up.cfg.timeout,
                 limits,
             )
             .await;
@@ -212,6 +213,10 @@ pub(super) async fn proxy<S: ClientIo>(
                 return reject(w, c, 504, "Endpoint Request Timed Out", false).await;
             }
             Err(Fail::BadResponse) => {
+                w.log_upstream_error(
+                    addr,
+                    "invalid response head, or one past server.limits (max_headers, or max(max_header_bytes, 16 KiB))",
+                );
                 return reject(w, c, 502, "Bad Gateway", false).await;
             }
             Err(f) => {
@@ -390,14 +395,21 @@ fn push_client_headers(
 }
 
 /// Sends the request (head, buffered body, streamed rest) and reads the response head into
-/// `c.b.ubuf`/`c.b.resp`.
+/// `c.b.ubuf`/`c.b.resp`, by `deadline`; when the body had to be streamed from the client
+/// first, the upstream gets its whole `timeout` from the end of the upload (a slow client is
+/// bounded by the idle timeout, not charged to the upstream), as Envoy's route timeout.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one exchange's whole state, kept by the caller across a retry"
+)]
 async fn exchange<S: ClientIo>(
     c: &mut Conn<S>,
     us: &mut TcpStream,
     remaining: &mut u64,
     body_done: &mut bool,
     decoder: &mut Option<ChunkedDecoder>,
-    deadline: Instant,
+    mut deadline: Instant,
+    timeout: std::time::Duration,
     limits: &crate::config::Limits,
 ) -> Result<(), Fail> {
     let out = std::mem::take(&mut c.b.out);
@@ -409,6 +421,7 @@ async fn exchange<S: ClientIo>(
     if !*body_done {
         stream_request_body(c, us, remaining, decoder, limits).await?;
         *body_done = true;
+        deadline = deadline.max(Instant::now() + timeout);
     }
     // Response head.
     c.b.ubuf.clear();
@@ -664,6 +677,10 @@ async fn respond<S: ClientIo>(
         RespBody::UntilClose => (0, false),
     };
     let mut ok = true;
+    // Whether anything reached the client yet, and whether the upstream broke the framing:
+    // bad framing before the first byte out is still answered with a 502.
+    let mut sent = false;
+    let mut bad_framing = false;
     let mut pos = avail_start;
     // Process the bytes already in ubuf, then keep reading.
     loop {
@@ -701,6 +718,7 @@ async fn respond<S: ClientIo>(
                         Err(_) => {
                             ok = false;
                             up_reusable = false;
+                            bad_framing = true;
                             break;
                         }
                     }
@@ -727,6 +745,7 @@ async fn respond<S: ClientIo>(
                 up_reusable = false;
                 break;
             }
+            sent = true;
         }
         if done {
             break;
@@ -771,6 +790,17 @@ async fn respond<S: ClientIo>(
     }
     if ok && done && up_reusable {
         w.pools.borrow_mut().put(addr, us, keepalive);
+    }
+    if bad_framing {
+        w.log_upstream_error(addr, "invalid chunked body");
+        if !sent {
+            if let Some(cap) = cap {
+                cap.active = false;
+            }
+            let mut o = reject(w, c, 502, "Bad Gateway", false).await;
+            o.upstream = Some(addr);
+            return o;
+        }
     }
     if let Some(cap) = cap {
         if !(ok && done) {
