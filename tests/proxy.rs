@@ -872,3 +872,23 @@ fn broken_upstream_framing_before_any_byte_out_is_a_502() {
         );
     }
 }
+
+#[test]
+fn a_timed_out_request_keeps_the_connection_for_the_ones_behind_it() {
+    let origin = Origin::start(|r| {
+        if r.path == "/slow" {
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        Response::ok(r.path.clone())
+    });
+    let cfg = config(origin.addr).replace("timeout_ms = 3000", "timeout_ms = 500");
+    let gw = Gateway::start(&cfg);
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\nGET /next HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 504);
+    assert!(!r.closes(), "{:?}", r.headers);
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "/next");
+}

@@ -209,15 +209,17 @@ pub(super) async fn proxy<S: ClientIo>(
                     upstream: Some(addr),
                 };
             }
+            // The request was sent whole before the wait for the answer began, so the client
+            // connection is in step: it stays open for the requests behind (as nginx).
             Err(Fail::Timeout) => {
-                return reject(w, c, 504, "Endpoint Request Timed Out", false).await;
+                return reject(w, c, 504, "Endpoint Request Timed Out", body_done).await;
             }
             Err(Fail::BadResponse) => {
                 w.log_upstream_error(
                     addr,
                     "invalid response head, or one past server.limits (max_headers, or max(max_header_bytes, 16 KiB))",
                 );
-                return reject(w, c, 502, "Bad Gateway", false).await;
+                return reject(w, c, 502, "Bad Gateway", body_done).await;
             }
             Err(f) => {
                 let retryable = matches!(f, Fail::Connect)
