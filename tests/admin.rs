@@ -392,3 +392,250 @@ integration = {{ type = "mock", body = "a" }}
     assert!(text.contains(r1.header("x-request-id").unwrap()));
     assert!(!text.contains(r2.header("x-request-id").unwrap()));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Admin connections: limits, timeouts, body framing
+// ---------------------------------------------------------------------------------------------
+
+/// One exchange on a new admin connection: sends `raw`, reads one answer.
+fn admin_raw(gw: &Gateway, raw: &[u8]) -> RawResponse {
+    let mut c = Client::connect(gw.admin_addr);
+    c.send(raw);
+    c.read_response().expect("admin answer")
+}
+
+#[test]
+fn idle_and_slow_clients_do_not_lock_out_the_admin_listener() {
+    let gw = Gateway::start(&config(dead_addr()));
+    let started = std::time::Instant::now();
+    // 600 connections (the listener used to serve 64 and reset the rest for ~10 s): some
+    // send nothing, some a partial head, some stay idle after a request (keep-alive).
+    let mut silent = Vec::new();
+    let mut partial = Vec::new();
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        silent.push(Client::connect(gw.admin_addr));
+    }
+    for _ in 0..150 {
+        let mut c = Client::connect(gw.admin_addr);
+        c.send(b"GET /healthz HTTP/1.1\r\nHost: a\r\n");
+        partial.push(c);
+    }
+    for _ in 0..100 {
+        let mut c = Client::connect(gw.admin_addr);
+        c.send(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(c.read_response().unwrap().status, 200);
+        idle.push(c);
+    }
+    for _ in 0..150 {
+        silent.push(Client::connect(gw.admin_addr));
+    }
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let r = admin_get(gw.admin_addr, "/healthz", None).expect("healthz answers");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "ok");
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert_eq!(
+            admin_get(gw.admin_addr, "/metrics", None).unwrap().status,
+            200
+        );
+    }
+    // Room was made by closing the connections that had waited longest on their clients
+    // (checked while the 5 s head timeout cannot have closed them yet).
+    if started.elapsed() < Duration::from_secs(4) {
+        assert!(silent[0].is_closed_within(Duration::from_millis(500)));
+        assert!(!silent[349].is_closed_within(Duration::from_millis(100)));
+    }
+}
+
+#[test]
+fn admin_times_out_partial_heads_and_idle_keep_alive() {
+    let gw = Gateway::start(&config(dead_addr()));
+    let mut idle = Client::connect(gw.admin_addr);
+    idle.send(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(idle.read_response().unwrap().status, 200);
+    let t = std::time::Instant::now();
+    let mut partial = Client::connect(gw.admin_addr);
+    partial.send(b"GET /healthz HTTP/1.1\r\nHost: a\r\n");
+    partial.set_timeout(Duration::from_secs(8));
+    let r = partial
+        .read_response()
+        .expect("408 for a head not in within 5 s");
+    assert_eq!(r.status, 408);
+    assert_eq!(r.message(), "Request Timeout");
+    assert!(r.closes());
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(4500) && waited < Duration::from_secs(7),
+        "{waited:?}"
+    );
+    // The idle keep-alive connection went the same way (closed, without an answer).
+    assert!(idle.is_closed_within(Duration::from_secs(2)));
+}
+
+#[test]
+fn admin_accepts_chunked_bodies() {
+    let gw = Gateway::start(&config(dead_addr()));
+    // A chunked POST, then a pipelined request on the same connection: the body's end
+    // was found exactly.
+    let mut c = Client::connect(gw.admin_addr);
+    c.send(
+        b"POST /api-keys HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\n{\"nam\r\n7;ext=1\r\ne\":\"k\"}\r\n0\r\nx-trailer: t\r\n\r\n\
+          GET /api-keys/k HTTP/1.1\r\nHost: a\r\n\r\n",
+    );
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["name"], "k");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["name"], "k");
+
+    // Bad framing: 400 with the reason.
+    let r = admin_raw(
+        &gw,
+        b"POST /api-keys HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.message().contains("invalid chunked body"), "{}", r.text());
+    let r = admin_raw(
+        &gw,
+        b"POST /api-keys HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n",
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    // Past 1 MiB of payload: 413.
+    let mut c = Client::connect(gw.admin_addr);
+    c.send(b"POST /api-keys HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
+    for _ in 0..17 {
+        if c.try_send(chunk.as_bytes()).is_err() {
+            break;
+        }
+    }
+    let r = c.read_response().expect("413");
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.message(), "Request Entity Too Large");
+    assert!(r.closes());
+    assert_eq!(
+        gw.admin_get("/api-keys").json()["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn admin_answers_expect_100_continue() {
+    let gw = Gateway::start(&config(dead_addr()));
+    let body = br#"{"name":"k1"}"#;
+    let mut c = Client::connect(gw.admin_addr);
+    c.set_timeout(Duration::from_secs(2));
+    c.send(
+        format!(
+            "POST /api-keys HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let r = c.read_response().expect("100 Continue before the body");
+    assert_eq!(r.status, 100);
+    c.send(body);
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    // Chunked, on the same connection.
+    c.send(b"POST /api-keys HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 100);
+    c.send(b"d\r\n{\"name\":\"k2\"}\r\n0\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["name"], "k2");
+
+    // Too large: 413 at once, no 100.
+    let r = admin_raw(
+        &gw,
+        b"POST /api-keys HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2000000\r\n\r\n",
+    );
+    assert_eq!(r.status, 413);
+    // The body came with the head: no 100 needed.
+    let r = admin_raw(
+        &gw,
+        b"POST /api-keys HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 13\r\n\r\n{\"name\":\"k3\"}",
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+#[test]
+fn admin_refuses_bodies_without_the_token_before_reading_them() {
+    let cfg = format!(
+        "{}\n{}",
+        HEADER.replace(
+            "listen = \"@ADMIN@\"",
+            "listen = \"@ADMIN@\"\ntoken = \"s3cret-token\""
+        ),
+        config(dead_addr())
+    );
+    let gw = Gateway::start(&cfg);
+    // 401 at once: no 100 Continue, and no waiting for the megabyte announced.
+    let mut c = Client::connect(gw.admin_addr);
+    c.set_timeout(Duration::from_secs(2));
+    c.send(b"POST /api-keys HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1000000\r\n\r\n");
+    let r = c.read_response().expect("401 before the body");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.message(), "Unauthorized");
+    assert!(r.closes());
+    // With the token, the same request goes on.
+    let body = r#"{"name":"k"}"#;
+    let r = admin_raw(
+        &gw,
+        format!(
+            "POST /api-keys HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer s3cret-token\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+#[test]
+fn admin_json_bodies_must_be_objects() {
+    let gw = Gateway::start(&config(dead_addr()));
+    let post = |path: &str, body: &str| {
+        admin_raw(
+            &gw,
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+    };
+    // serde's derived structs accept arrays too: `["k",[],null,true]` used to add key "k".
+    for body in [r#"["k",[],null,true]"#, r#" ["k"]"#, "null", r#""k""#, ""] {
+        let r = post("/api-keys", body);
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert_eq!(
+            r.message(),
+            "Bad Request: the body must be a JSON object",
+            "{body}"
+        );
+    }
+    assert_eq!(gw.admin_get("/api-keys/k").status, 404);
+    let r = post("/api-keys", r#" {"name":"k"}"#);
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    for body in [r#"["m","$default",null]"#, "[]", ""] {
+        let r = post("/cache/invalidate", body);
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert!(
+            r.message().contains("the body must be a JSON object"),
+            "{body}: {}",
+            r.text()
+        );
+    }
+    let r = post("/cache/invalidate", r#"{"api":"m","stage":"$default"}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+}

@@ -612,6 +612,12 @@ pub fn admin_invalidate(shared: &crate::gateway::Shared, body: &[u8]) -> (u16, S
         path_prefix: Option<String>,
     }
     let msg = |m: &str| serde_json::json!({ "message": m }).to_string();
+    if !crate::admin::is_json_object(body) {
+        return (
+            400,
+            msg("the body must be a JSON object {\"api\",\"stage\",\"path_prefix\"?}"),
+        );
+    }
     let r: Req = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {

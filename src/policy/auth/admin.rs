@@ -55,6 +55,9 @@ pub fn handle(
                 (200, json!({ "items": items }).to_string())
             }
             "POST" => {
+                if !crate::admin::is_json_object(body) {
+                    return Some(msg(400, "Bad Request: the body must be a JSON object"));
+                }
                 let n: NewKey = match serde_json::from_slice(body) {
                     Ok(n) => n,
                     Err(e) => return Some(msg(400, &format!("Bad Request: {e}"))),
