@@ -265,3 +265,43 @@ fn client_that_stops_reading_is_dropped() {
     );
     drop(c);
 }
+
+/// Connections closed at once over max_connections are counted by reason, and logged (at most
+/// one line a second per worker).
+#[test]
+fn refused_connections_are_counted() {
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr, "max_connections = 2"));
+    let mut a = Client::connect(gw.addr);
+    let mut b = Client::connect(gw.addr);
+    a.send(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n");
+    b.send(b"GET /b HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(a.read_response().unwrap().status, 200);
+    assert_eq!(b.read_response().unwrap().status, 200);
+    for _ in 0..5 {
+        let mut c = Client::connect(gw.addr);
+        assert!(c.is_closed_within(Duration::from_secs(2)));
+    }
+    let refused = |reason: &str| {
+        metric_value(
+            &gw.metrics(),
+            "ringgate_connections_refused_total",
+            &[&format!("reason=\"{reason}\"")],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(2), || refused("max_connections")
+            == Some(5.0)),
+        "{:?}",
+        refused("max_connections")
+    );
+    assert_eq!(refused("accept_error"), Some(0.0));
+    let err = gw.stderr();
+    let lines = err
+        .lines()
+        .filter(|l| l.contains("connection refused: max_connections (2)"))
+        .count();
+    // Two workers: at most one line each within the second.
+    assert!((1..=2).contains(&lines), "{err}");
+    drop((a, b));
+}

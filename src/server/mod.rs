@@ -203,6 +203,18 @@ impl Worker {
         }
     }
 
+    /// Counts a connection refused at accept (`ringgate_connections_refused_total`):
+    /// `accept_error` for a failed accept, else one closed at once over `max_connections`.
+    pub fn count_refused(&self, accept_error: bool) {
+        if let Ok(mut m) = self.metrics.lock() {
+            if accept_error {
+                m.refused_accept_error += 1;
+            } else {
+                m.refused_max_connections += 1;
+            }
+        }
+    }
+
     fn new_request_id(&self, out: &mut [u8; 128]) -> usize {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let seq = self.req_seq.get().wrapping_add(1);
