@@ -325,6 +325,7 @@ async fn worker_main(
     w.parker.close_all();
     // Drain: wait for in-flight requests, up to the shutdown timeout.
     let limit = Instant::now() + shared.current().config.server.shutdown_timeout;
+    w.drain_until.set(Some(limit));
     while w.inflight.get() > 0 && Instant::now() < limit {
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
