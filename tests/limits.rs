@@ -265,3 +265,156 @@ fn client_that_stops_reading_is_dropped() {
     );
     drop(c);
 }
+
+/// Reads once more after a response: `Ok(0)` when the gateway ended the connection with FIN,
+/// an error (ECONNRESET) when it reset it.
+fn read_after_response(c: &mut Client) -> std::io::Result<usize> {
+    use std::io::Read as _;
+    assert!(c.pending().is_empty(), "bytes after the response");
+    c.set_timeout(Duration::from_secs(5));
+    let mut b = [0u8; 64];
+    let mut s = c.stream();
+    s.read(&mut b)
+}
+
+/// A head far over max_header_bytes sent in one large write: the gateway answers 431 and then
+/// closes with FIN after reading (and discarding) what the client still sends — a lingering
+/// close. Closing at once with the rest unread makes the kernel send an RST, which can destroy
+/// the 431 before the client reads it.
+#[test]
+fn oversize_head_in_one_big_write_gets_431_and_a_clean_close() {
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr, "max_header_bytes = 1024"));
+    for _ in 0..3 {
+        let mut c = Client::connect(gw.addr);
+        let head = format!(
+            "GET /x HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(1 << 20)
+        );
+        c.try_send(head.as_bytes())
+            .expect("the gateway reset the connection while the client was sending");
+        let r = c.read_response().expect("no 431");
+        assert_eq!(r.status, 431);
+        match read_after_response(&mut c) {
+            Ok(0) => {}
+            other => panic!("expected FIN after the 431, got {other:?}"),
+        }
+    }
+    assert_eq!(origin.conns(), 0);
+}
+
+/// The same for a body over max_body_bytes sent with its head in one large write (413); the
+/// lingering connection is closed once the client goes quiet, even if it never closes.
+#[test]
+fn oversize_body_in_one_big_write_gets_413_and_a_clean_close() {
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr, "max_body_bytes = 1000"));
+    let mut c = Client::connect(gw.addr);
+    let mut raw = b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 1048576\r\n\r\n".to_vec();
+    raw.resize(raw.len() + (1 << 20), b'b');
+    c.try_send(&raw)
+        .expect("the gateway reset the connection while the client was sending");
+    let r = c.read_response().expect("no 413");
+    assert_eq!(r.status, 413);
+    match read_after_response(&mut c) {
+        Ok(0) => {}
+        other => panic!("expected FIN after the 413, got {other:?}"),
+    }
+    // The client keeps its socket open and silent: the gateway closes within its bounds.
+    let active = || metric_value(&gw.metrics(), "ringgate_connections_active", &[]);
+    assert!(
+        wait_until(Duration::from_secs(4), || active() == Some(0.0)),
+        "a silent client held a lingering connection: {:?}",
+        active()
+    );
+    drop(c);
+    assert_eq!(origin.request_count(), 0);
+}
+
+/// A lingering close does not hold the process past the drain: a client that keeps sending
+/// after its 413 is cut off when `shutdown_timeout_ms` is up, and the gateway exits cleanly.
+#[test]
+fn lingering_close_ends_with_the_drain() {
+    let origin = Origin::fixed("ok");
+    let toml = config(origin.addr, "max_body_bytes = 1000")
+        .replace("shutdown_timeout_ms = 3000", "shutdown_timeout_ms = 1000");
+    assert!(toml.contains("shutdown_timeout_ms = 1000"));
+    let mut gw = Gateway::start(&toml);
+    let mut c = Client::connect(gw.addr);
+    let mut raw = b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 4194304\r\n\r\n".to_vec();
+    raw.resize(raw.len() + (1 << 20), b'b');
+    c.try_send(&raw)
+        .expect("the gateway reset the connection while the client was sending");
+    let r = c.read_response().expect("no 413");
+    assert_eq!(r.status, 413);
+    match read_after_response(&mut c) {
+        Ok(0) => {}
+        other => panic!("expected FIN after the 413, got {other:?}"),
+    }
+    // Keep sending: the linger alone would last seconds more.
+    let stream = c.stream().try_clone().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let trickle = std::thread::spawn(move || {
+        use std::io::Write as _;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            if (&stream).write_all(b"bbbb").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    gw.terminate();
+    let st = gw.wait_exit(Duration::from_secs(4));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = trickle.join();
+    let st = st.expect("the gateway did not exit");
+    assert!(st.success(), "{st}");
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "exit took {:?} with shutdown_timeout_ms = 1000",
+        t0.elapsed()
+    );
+}
+
+/// Connections closed at once over max_connections are counted by reason, and logged (at most
+/// one line a second per worker).
+#[test]
+fn refused_connections_are_counted() {
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr, "max_connections = 2"));
+    let mut a = Client::connect(gw.addr);
+    let mut b = Client::connect(gw.addr);
+    a.send(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n");
+    b.send(b"GET /b HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(a.read_response().unwrap().status, 200);
+    assert_eq!(b.read_response().unwrap().status, 200);
+    for _ in 0..5 {
+        let mut c = Client::connect(gw.addr);
+        assert!(c.is_closed_within(Duration::from_secs(2)));
+    }
+    let refused = |reason: &str| {
+        metric_value(
+            &gw.metrics(),
+            "ringgate_connections_refused_total",
+            &[&format!("reason=\"{reason}\"")],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(2), || refused("max_connections")
+            == Some(5.0)),
+        "{:?}",
+        refused("max_connections")
+    );
+    assert_eq!(refused("accept_error"), Some(0.0));
+    let err = gw.stderr();
+    let lines = err
+        .lines()
+        .filter(|l| l.contains("connection refused: max_connections (2)"))
+        .count();
+    // Two workers: at most one line each within the second.
+    assert!((1..=2).contains(&lines), "{err}");
+    drop((a, b));
+}

@@ -91,6 +91,10 @@ pub struct WorkerMetrics {
     pub cache_hits: u64,
     /// Cacheable requests that went upstream.
     pub cache_misses: u64,
+    /// Connections accepted and closed at once because `max_connections` were open.
+    pub refused_max_connections: u64,
+    /// Failed `accept()` calls (at the file-descriptor limit: EMFILE, ENFILE).
+    pub refused_accept_error: u64,
 }
 
 fn addr(l: &Arc<str>) -> usize {
@@ -173,6 +177,8 @@ pub struct Snapshot {
     pub upstream: BTreeMap<String, Hist>,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    pub refused_max_connections: u64,
+    pub refused_accept_error: u64,
 }
 
 impl Registry {
@@ -194,6 +200,8 @@ impl Registry {
             upstream: BTreeMap::new(),
             cache_hits: 0,
             cache_misses: 0,
+            refused_max_connections: 0,
+            refused_accept_error: 0,
         };
         let workers = self
             .workers
@@ -204,6 +212,8 @@ impl Registry {
             let w = w.lock().unwrap_or_else(|e| e.into_inner());
             s.cache_hits += w.cache_hits;
             s.cache_misses += w.cache_misses;
+            s.refused_max_connections += w.refused_max_connections;
+            s.refused_accept_error += w.refused_accept_error;
             for ((_, m, st), (l, n)) in &w.requests {
                 *s.requests.entry((l.0.to_string(), m, *st)).or_insert(0) += n;
             }
@@ -262,6 +272,11 @@ impl Registry {
             o,
             "# HELP ringgate_connections_active Open client connections.\n# TYPE ringgate_connections_active gauge\nringgate_connections_active {}",
             self.connections_active.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP ringgate_connections_refused_total Connections accepted and closed at once because max_connections were open, and failed accepts (file-descriptor limit).\n# TYPE ringgate_connections_refused_total counter\nringgate_connections_refused_total{{reason=\"max_connections\"}} {}\nringgate_connections_refused_total{{reason=\"accept_error\"}} {}",
+            s.refused_max_connections, s.refused_accept_error
         );
         o.push_str("# HELP ringgate_throttled_total Requests refused by a throttle or quota.\n# TYPE ringgate_throttled_total counter\n");
         o.push_str(throttled);
@@ -327,5 +342,24 @@ mod tests {
         assert!(text.contains("le=\"0.0005\"} 1\n"), "{text}");
         assert!(text.contains("le=\"0.025\"} 3\n"), "{text}");
         assert!(text.contains("ringgate_request_duration_seconds_count{api=\"a\",stage=\"s\",route=\"GET /x\",method=\"GET\"} 3"), "{text}");
+    }
+
+    #[test]
+    fn refused_connections_are_merged_by_reason() {
+        let r = Registry::default();
+        let w1 = r.worker();
+        let w2 = r.worker();
+        w1.lock().unwrap().refused_max_connections += 2;
+        w2.lock().unwrap().refused_max_connections += 1;
+        w2.lock().unwrap().refused_accept_error += 5;
+        let text = r.render();
+        assert!(
+            text.contains("ringgate_connections_refused_total{reason=\"max_connections\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ringgate_connections_refused_total{reason=\"accept_error\"} 5\n"),
+            "{text}"
+        );
     }
 }

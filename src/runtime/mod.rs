@@ -11,6 +11,7 @@ use crate::config::{Config, IoMode};
 use crate::gateway::Shared;
 use crate::server::{serve, serve_tls, ConnGuard, Worker};
 use monoio::net::{ListenerOpts, TcpListener};
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
@@ -288,9 +289,15 @@ async fn worker_main(
     }
     let _ = ready.send(Ok(format!("worker {id}: io driver: {driver}")));
     let w = Rc::new(Worker::new(id, shared.clone()));
+    let refusals = Rc::new(RefCell::new(RefusalLog::default()));
     let mut accept_tasks = Vec::new();
     for (l, tls) in listeners {
-        accept_tasks.push(monoio::spawn(accept_loop(w.clone(), l, tls)));
+        accept_tasks.push(monoio::spawn(accept_loop(
+            w.clone(),
+            l,
+            tls,
+            refusals.clone(),
+        )));
     }
     {
         // Housekeeping off the request path: access-log flushes and heap trimming.
@@ -299,6 +306,7 @@ async fn worker_main(
             let mut tick = 0u32;
             loop {
                 monoio::time::sleep(Duration::from_millis(200)).await;
+                refusals.borrow_mut().report_held(id, Instant::now());
                 w.flush_log();
                 w.parker.sweep();
                 tick = tick.wrapping_add(1);
@@ -317,6 +325,7 @@ async fn worker_main(
     w.parker.close_all();
     // Drain: wait for in-flight requests, up to the shutdown timeout.
     let limit = Instant::now() + shared.current().config.server.shutdown_timeout;
+    w.drain_until.set(Some(limit));
     while w.inflight.get() > 0 && Instant::now() < limit {
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -329,9 +338,113 @@ async fn wait_shutdown(shared: &Shared) {
     }
 }
 
+/// At most one log line per this long for each kind of refused connection, per worker.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// A log line written at most once per [`REFUSAL_LOG_EVERY`]; the ones held back in between
+/// are counted, and the count is reported with the next line or on its own.
+#[derive(Default)]
+struct LogLimit {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl LogLimit {
+    /// A line wants out at `now`: `Some(lines held back before it)` when it may be written,
+    /// `None` when it is held back (and counted).
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < REFUSAL_LOG_EVERY => {
+                self.held += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held))
+            }
+        }
+    }
+
+    /// Lines held back whose count is due for a report at `now` (a period after the last line
+    /// written); the count is reset.
+    fn due(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if self.held > 0 && now.saturating_duration_since(t) >= REFUSAL_LOG_EVERY => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One worker's rate-limited log of refused connections (shared by its accept loops).
+#[derive(Default)]
+struct RefusalLog {
+    accept: LogLimit,
+    /// The errno of the last failed accept, for the report of the held-back ones.
+    accept_errno: Option<i32>,
+    max_conns: LogLimit,
+}
+
+impl RefusalLog {
+    fn accept_failed(&mut self, worker: usize, e: &std::io::Error, now: Instant) {
+        self.accept_errno = e.raw_os_error();
+        if let Some(held) = self.accept.allow(now) {
+            if held > 0 {
+                crate::elog!(
+                    "ringgate: worker {worker}: accept failed: {e} (and {held} more times since the last report)"
+                );
+            } else {
+                crate::elog!("ringgate: worker {worker}: accept failed: {e}");
+            }
+        }
+    }
+
+    fn max_connections(&mut self, worker: usize, max: i64, now: Instant) {
+        if let Some(held) = self.max_conns.allow(now) {
+            let more = if held > 0 {
+                format!(" (and {held} more since the last report)")
+            } else {
+                String::new()
+            };
+            crate::elog!(
+                "ringgate: worker {worker}: connection refused: max_connections ({max}) are open{more}"
+            );
+        }
+    }
+
+    /// Reports the counts of lines held back once their period is over.
+    fn report_held(&mut self, worker: usize, now: Instant) {
+        if let Some(n) = self.accept.due(now) {
+            let last = self
+                .accept_errno
+                .map(|c| std::io::Error::from_raw_os_error(c).to_string())
+                .unwrap_or_else(|| "unknown error".to_string());
+            crate::elog!("ringgate: worker {worker}: accept failed {n} more times (last: {last})");
+        }
+        if let Some(n) = self.max_conns.due(now) {
+            crate::elog!(
+                "ringgate: worker {worker}: {n} more connections refused: max_connections are open"
+            );
+        }
+    }
+}
+
+/// Whether a failed accept means the process or system is out of descriptors or memory: the
+/// next accept would fail the same way, so the loop backs off.
+fn accept_exhausted(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// Accepts on one listener; `tls`: an HTTPS listener (the handshake runs in the connection's
-/// task). TLS connections count toward `max_connections` like any other.
-async fn accept_loop(w: Rc<Worker>, l: TcpListener, tls: bool) {
+/// task). TLS connections count toward `max_connections` like any other. Refused connections
+/// (over `max_connections`, failed accepts) are counted in
+/// `ringgate_connections_refused_total` and logged at most once a second per worker.
+async fn accept_loop(w: Rc<Worker>, l: TcpListener, tls: bool, refusals: Rc<RefCell<RefusalLog>>) {
     let shared = w.shared.clone();
     let mut stop = std::pin::pin!(wait_shutdown(&shared));
     loop {
@@ -359,6 +472,8 @@ async fn accept_loop(w: Rc<Worker>, l: TcpListener, tls: bool) {
                     if active >= max {
                         shared.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
                         drop(stream);
+                        w.count_refused(false);
+                        refusals.borrow_mut().max_connections(w.id, max, Instant::now());
                         continue;
                     }
                     let guard = ConnGuard(shared.clone());
@@ -369,11 +484,39 @@ async fn accept_loop(w: Rc<Worker>, l: TcpListener, tls: bool) {
                     }
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    crate::elog!("ringgate: accept failed: {e}");
-                    monoio::time::sleep(Duration::from_millis(10)).await;
+                    w.count_refused(true);
+                    refusals.borrow_mut().accept_failed(w.id, &e, Instant::now());
+                    // EMFILE and friends: back off instead of spinning (the connection waits
+                    // in the backlog); other errors concern one connection.
+                    let pause = if accept_exhausted(&e) { 100 } else { 10 };
+                    monoio::time::sleep(Duration::from_millis(pause)).await;
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_limit_writes_one_line_a_second_and_counts_the_rest() {
+        let t0 = Instant::now();
+        let mut l = LogLimit::default();
+        assert_eq!(l.allow(t0), Some(0));
+        for i in 1..=100u64 {
+            assert_eq!(l.allow(t0 + Duration::from_millis(i * 5)), None);
+        }
+        // Nothing is due before the period is over.
+        assert_eq!(l.due(t0 + Duration::from_millis(900)), None);
+        // The next line after the period carries the count of those held back.
+        assert_eq!(l.allow(t0 + Duration::from_millis(1000)), Some(100));
+        assert_eq!(l.allow(t0 + Duration::from_millis(1100)), None);
+        assert_eq!(l.allow(t0 + Duration::from_millis(1200)), None);
+        // No further line: the count is reported on its own once due, then reset.
+        assert_eq!(l.due(t0 + Duration::from_millis(1500)), None);
+        assert_eq!(l.due(t0 + Duration::from_millis(2000)), Some(2));
+        assert_eq!(l.due(t0 + Duration::from_millis(3500)), None);
     }
 }

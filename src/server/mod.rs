@@ -79,8 +79,10 @@ pub struct Worker {
     date: RefCell<DateCache>,
     req_seed: u64,
     req_seq: Cell<u64>,
-    /// Requests being processed (drain waits for 0).
+    /// Requests being processed, and lingering closes (drain waits for 0).
     pub inflight: Cell<usize>,
+    /// When the drain gives up (set when it starts): lingering closes end before it.
+    pub drain_until: Cell<Option<Instant>>,
     unmatched: Labels,
     /// Buffers of idle or closed connections, for reuse.
     #[allow(
@@ -127,6 +129,7 @@ impl Worker {
             req_seed: seed,
             req_seq: Cell::new(0),
             inflight: Cell::new(0),
+            drain_until: Cell::new(None),
             unmatched: Labels(Arc::from("api=\"\",stage=\"\",route=\"\"")),
             free: RefCell::new(Vec::new()),
             trim_wanted: Cell::new(false),
@@ -220,6 +223,18 @@ impl Worker {
             crate::elog!("ringgate: upstream {addr}: {what} (502; {skipped} more upstream errors in the last second)");
         } else {
             crate::elog!("ringgate: upstream {addr}: {what} (502)");
+        }
+    }
+
+    /// Counts a connection refused at accept (`ringgate_connections_refused_total`):
+    /// `accept_error` for a failed accept, else one closed at once over `max_connections`.
+    pub fn count_refused(&self, accept_error: bool) {
+        if let Ok(mut m) = self.metrics.lock() {
+            if accept_error {
+                m.refused_accept_error += 1;
+            } else {
+                m.refused_max_connections += 1;
+            }
         }
     }
 
@@ -493,6 +508,9 @@ pub(crate) async fn run<S: ClientIo>(
         gateway_cors: false,
         chunked_end: None,
     };
+    // Set when the gateway closes while the client may still be sending: see
+    // [`lingering_close`].
+    let mut linger = false;
     loop {
         let gw = w.gateway();
         let limits = &gw.config.server.limits;
@@ -512,7 +530,9 @@ pub(crate) async fn run<S: ClientIo>(
             HeadRead::Fail(status, msg) => {
                 // The header fields read before the fault, if any, give the client's id.
                 set_request_id(&w, &mut c);
-                write_error(&w, &mut c, status, msg, false).await;
+                let ok = write_error(&w, &mut c, status, msg, false).await;
+                // The rest of a head that was refused may still be coming.
+                linger = ok;
                 // Counted like any answered request (no route; no duration: it was not
                 // served), so 400/408/431 show in the metrics and the dashboard.
                 let method = if c.b.head.head_len > 0 {
@@ -553,6 +573,7 @@ pub(crate) async fn run<S: ClientIo>(
         }
         c.served = true;
         if !keep || w.shared.shutdown.load(Ordering::Relaxed) {
+            linger = may_still_send(&c);
             break;
         }
         // Drop this request's bytes, keep any pipelined ones.
@@ -567,9 +588,112 @@ pub(crate) async fn run<S: ClientIo>(
         c.consumed = 0;
         deadline = now + limits.idle_timeout;
     }
-    let Conn { b, stream, .. } = c;
+    let Conn {
+        b, stream, guard, ..
+    } = c;
     w.give_bufs(b);
+    if linger {
+        // Its own (small) task: this loop's state is freed while it lingers. Counted as in
+        // flight, so a drain waits for it (it ends before the drain gives up).
+        w.inflight.set(w.inflight.get() + 1);
+        monoio::spawn(async move {
+            lingering_close(&w, stream).await;
+            w.inflight.set(w.inflight.get() - 1);
+            drop(guard);
+        });
+        return;
+    }
     stream.close().await;
+    drop(guard);
+}
+
+/// Whether the client may still be sending when the gateway closes the connection after a
+/// response: a request body not read to its end, bytes read but not used (pipelined), or
+/// bytes waiting in the socket. Evaluated only when closing, never on a kept-alive request.
+fn may_still_send<S: ClientIo>(c: &Conn<S>) -> bool {
+    let h = &c.b.head;
+    let body_unread = match h.body {
+        BodyKind::None => false,
+        BodyKind::Length(n) => (c.consumed as u64) < (h.head_len as u64).saturating_add(n),
+        BodyKind::Chunked => c.chunked_end.is_none(),
+    };
+    body_unread
+        || c.b.rbuf.len() > c.consumed
+        || !c.b.leftover.is_empty()
+        || unread_in_socket(c.stream.tcp())
+}
+
+/// Whether bytes wait unread in the socket's receive queue (closing it then sends an RST).
+fn unread_in_socket(s: &TcpStream) -> bool {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD on the stream's open socket writes one c_int into `n`, which outlives
+    // the call.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) };
+    r == 0 && n > 0
+}
+
+/// A lingering close ends after this long in all (nginx: `lingering_time`, 30 s).
+const LINGER_TIME: Duration = Duration::from_secs(5);
+/// ... or after this long without a byte from the client (nginx: `lingering_timeout`, 5 s).
+const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+/// ... or once this many bytes were discarded.
+const LINGER_MAX_BYTES: usize = 4 << 20;
+/// How often a lingering close looks whether a drain has started.
+const LINGER_TICK: Duration = Duration::from_millis(200);
+
+/// Closes a connection the client may still be sending on, as nginx's `lingering_close on`
+/// does. Closing a socket with unread bytes in its receive queue makes the kernel send an RST,
+/// and an RST can destroy the response still on its way to (or unread by) the client: the 431
+/// or 413 would be lost. So: send FIN after the response (TLS: close_notify first), then read
+/// and discard what the client sends until it closes, goes quiet for [`LINGER_TIMEOUT`],
+/// [`LINGER_TIME`] passes or [`LINGER_MAX_BYTES`] were read, then close. During a drain it
+/// ends before the drain gives up (`shutdown_timeout_ms`).
+async fn lingering_close<S: ClientIo>(w: &Worker, mut stream: S) {
+    let start = Instant::now();
+    // Bounded like `close`: a client that stopped reading must not hold the task.
+    match monoio::time::timeout(Duration::from_secs(1), stream.shutdown()).await {
+        Ok(Ok(())) => {}
+        _ => return,
+    }
+    let end = start + LINGER_TIME;
+    let mut quiet_end = start + LINGER_TIMEOUT;
+    let mut discarded = 0usize;
+    let mut buf = Vec::with_capacity(16 * 1024);
+    let mut canceller = Canceller::new();
+    loop {
+        let now = Instant::now();
+        let mut stop = end.min(quiet_end);
+        if let Some(d) = w.drain_until.get() {
+            // A margin so the connection is closed before the drain's last look.
+            stop = stop.min(d.checked_sub(Duration::from_millis(50)).unwrap_or(d));
+        }
+        if now >= stop || discarded >= LINGER_MAX_BYTES {
+            return;
+        }
+        let wake = stop.min(now + LINGER_TICK);
+        buf.clear();
+        let (res, b) = {
+            let mut read = std::pin::pin!(stream.cancelable_read(buf, canceller.handle()));
+            let timer = monoio::time::sleep_until(wake.into());
+            monoio::select! {
+                r = &mut read => r,
+                _ = timer => {
+                    canceller = std::mem::take(&mut canceller).cancel();
+                    read.await
+                }
+            }
+        };
+        buf = b;
+        match res {
+            Ok(0) => return,
+            Ok(n) => {
+                discarded += n;
+                quiet_end = Instant::now() + LINGER_TIMEOUT;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Reads until `c.rbuf` holds a complete request head, enforcing the size and time limits.
