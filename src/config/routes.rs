@@ -292,48 +292,51 @@ fn subst_mock_vars(
     s: &str,
     vars: &std::collections::BTreeMap<String, String>,
 ) -> Result<String, String> {
-    const OPEN: &str = "${stageVariables.";
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find(OPEN) {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + OPEN.len()..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| format!("unterminated `${{stageVariables.` in `{s}`"))?;
-        let name = &after[..end];
-        let v = vars
-            .get(name)
-            .ok_or_else(|| format!("stage variable `{name}` is not defined for this stage"))?;
-        out.push_str(v);
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
+    subst_vars(s, vars, true)
 }
 
-/// Substitutes `${stageVariables.NAME}`; unknown names are an error.
+/// Substitutes `${stageVariables.NAME}`; unknown names, and any other `${...}`, are an error.
 pub(crate) fn subst_stage_vars(
     s: &str,
     vars: &std::collections::BTreeMap<String, String>,
+) -> Result<String, String> {
+    subst_vars(s, vars, false)
+}
+
+/// The one substitution of both: `keep_other` leaves `${...}` that is not a stage variable as
+/// written instead of refusing it.
+fn subst_vars(
+    s: &str,
+    vars: &std::collections::BTreeMap<String, String>,
+    keep_other: bool,
 ) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find("${") {
         out.push_str(&rest[..i]);
         let after = &rest[i + 2..];
-        let end = after
+        let Some(name) = after.strip_prefix("stageVariables.") else {
+            if keep_other {
+                out.push_str("${");
+                rest = after;
+                continue;
+            }
+            let expr = after.split('}').next().unwrap_or(after);
+            return Err(format!(
+                "`${{{expr}}}`: only ${{stageVariables.NAME}} is supported here"
+            ));
+        };
+        let end = name
             .find('}')
-            .ok_or_else(|| format!("unterminated `${{` in `{s}`"))?;
-        let expr = &after[..end];
-        let name = expr.strip_prefix("stageVariables.").ok_or_else(|| {
-            format!("`${{{expr}}}`: only ${{stageVariables.NAME}} is supported here")
+            .ok_or_else(|| format!("unterminated `${{stageVariables.` in `{s}`"))?;
+        let v = vars.get(&name[..end]).ok_or_else(|| {
+            format!(
+                "stage variable `{}` is not defined for this stage",
+                &name[..end]
+            )
         })?;
-        let v = vars
-            .get(name)
-            .ok_or_else(|| format!("stage variable `{name}` is not defined for this stage"))?;
         out.push_str(v);
-        rest = &after[end + 1..];
+        rest = &name[end + 1..];
     }
     out.push_str(rest);
     Ok(out)
