@@ -892,3 +892,52 @@ fn a_timed_out_request_keeps_the_connection_for_the_ones_behind_it() {
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "/next");
 }
+
+#[test]
+fn an_early_answer_reaches_the_client_while_it_still_uploads() {
+    // The origin refuses after the head (403) and closes without reading the body, as many
+    // do; the gateway, still uploading, must pass that answer on rather than a 502.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = Vec::new();
+            let mut tmp = [0u8; 4096];
+            while find(&buf, b"\r\n\r\n").is_none() {
+                match std::io::Read::read(&mut s, &mut tmp) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                }
+            }
+            let _ = s.write_all(
+                b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\nConnection: close\r\n\r\nnope",
+            );
+            // Dropped with the body unread: the kernel resets the connection.
+        }
+    });
+    let gw = Gateway::start(&config(addr));
+    let mut c = Client::connect(gw.addr);
+    c.send(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 4000000\r\n\r\n");
+    let piece = vec![b'u'; 64 * 1024];
+    let writer = {
+        let mut s = c.stream().try_clone().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..61 {
+                if s.write_all(&piece).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.text(), "nope");
+    assert!(
+        r.closes(),
+        "the rest of the body was not read: {:?}",
+        r.headers
+    );
+    let _ = writer.join();
+}

@@ -396,6 +396,9 @@ fn push_client_headers(
     client_xff
 }
 
+/// How long to look for an early answer once the upstream stopped taking the request body.
+const EARLY_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Sends the request (head, buffered body, streamed rest) and reads the response head into
 /// `c.b.ubuf`/`c.b.resp`, by `deadline`; when the body had to be streamed from the client
 /// first, the upstream gets its whole `timeout` from the end of the upload (a slow client is
@@ -420,10 +423,21 @@ async fn exchange<S: ClientIo>(
     if res.is_err() {
         return Err(Fail::BeforeResponse);
     }
+    // Set when the upstream stopped taking the body: it may have answered early (a 403 or 413
+    // before the upload ended), and that answer is what the client should get.
+    let mut early = false;
     if !*body_done {
-        stream_request_body(c, us, remaining, decoder, limits).await?;
-        *body_done = true;
-        deadline = deadline.max(Instant::now() + timeout);
+        match stream_request_body(c, us, remaining, decoder, limits).await {
+            Ok(()) => {
+                *body_done = true;
+                deadline = deadline.max(Instant::now() + timeout);
+            }
+            Err(Fail::BeforeResponse) => {
+                early = true;
+                deadline = deadline.min(Instant::now() + EARLY_ANSWER_WAIT);
+            }
+            Err(e) => return Err(e),
+        }
     }
     // Response head.
     c.b.ubuf.clear();
@@ -443,6 +457,12 @@ async fn exchange<S: ClientIo>(
                         c.b.ubuf.drain(..n);
                         continue;
                     }
+                    if early {
+                        // The rest of the client's body was never read: neither connection
+                        // can carry another request.
+                        c.b.resp.keep_alive = false;
+                        c.b.head.keep_alive = false;
+                    }
                     return Ok(());
                 }
                 Ok(Status::Partial) => {}
@@ -459,13 +479,17 @@ async fn exchange<S: ClientIo>(
         match monoio::time::timeout_at(deadline.into(), us.read(buf)).await {
             Err(_) => {
                 c.b.ubuf = Vec::with_capacity(4096);
-                return Err(Fail::Timeout);
+                return Err(if early {
+                    Fail::BeforeResponse
+                } else {
+                    Fail::Timeout
+                });
             }
             Ok((res, buf)) => {
                 c.b.ubuf = buf.into_inner();
                 match res {
                     Ok(0) | Err(_) => {
-                        return Err(if c.b.ubuf.is_empty() {
+                        return Err(if c.b.ubuf.is_empty() || early {
                             Fail::BeforeResponse
                         } else {
                             Fail::BadResponse
