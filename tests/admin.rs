@@ -435,7 +435,8 @@ fn idle_and_slow_clients_do_not_lock_out_the_admin_listener() {
         let r = admin_get(gw.admin_addr, "/healthz", None).expect("healthz answers");
         assert_eq!(r.status, 200);
         assert_eq!(r.text(), "ok");
-        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        // Promptly (the old listener reset these outright); generous for a loaded machine.
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
         assert_eq!(
             admin_get(gw.admin_addr, "/metrics", None).unwrap().status,
             200
@@ -443,8 +444,8 @@ fn idle_and_slow_clients_do_not_lock_out_the_admin_listener() {
     }
     // Room was made by closing the connections that had waited longest on their clients
     // (checked while the 5 s head timeout cannot have closed them yet).
-    if started.elapsed() < Duration::from_secs(4) {
-        assert!(silent[0].is_closed_within(Duration::from_millis(500)));
+    if started.elapsed() < Duration::from_secs(3) {
+        assert!(silent[0].is_closed_within(Duration::from_millis(1500)));
         assert!(!silent[349].is_closed_within(Duration::from_millis(100)));
     }
 }
