@@ -9,6 +9,7 @@
 
 use crate::config::{Config, IoMode};
 use crate::gateway::Shared;
+use crate::server::LogLimit;
 use crate::server::{serve, serve_tls, ConnGuard, Worker};
 use monoio::net::{ListenerOpts, TcpListener};
 use std::cell::RefCell;
@@ -335,46 +336,6 @@ async fn worker_main(
 async fn wait_shutdown(shared: &Shared) {
     while !shared.shutdown.load(Ordering::Relaxed) {
         monoio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// At most one log line per this long for each kind of refused connection, per worker.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
-
-/// A log line written at most once per [`REFUSAL_LOG_EVERY`]; the ones held back in between
-/// are counted, and the count is reported with the next line or on its own.
-#[derive(Default)]
-struct LogLimit {
-    last: Option<Instant>,
-    held: u64,
-}
-
-impl LogLimit {
-    /// A line wants out at `now`: `Some(lines held back before it)` when it may be written,
-    /// `None` when it is held back (and counted).
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        match self.last {
-            Some(t) if now.saturating_duration_since(t) < REFUSAL_LOG_EVERY => {
-                self.held += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.held))
-            }
-        }
-    }
-
-    /// Lines held back whose count is due for a report at `now` (a period after the last line
-    /// written); the count is reset.
-    fn due(&mut self, now: Instant) -> Option<u64> {
-        match self.last {
-            Some(t) if self.held > 0 && now.saturating_duration_since(t) >= REFUSAL_LOG_EVERY => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.held))
-            }
-            _ => None,
-        }
     }
 }
 

@@ -101,8 +101,8 @@ pub struct Worker {
     cache_iov: Cell<Option<Box<[libc::iovec; 3]>>>,
     /// Per-worker auth caches (verified JWTs, SigV4 keys).
     auth: crate::policy::auth::WorkerAuth,
-    /// When an upstream error was last logged, and how many were left out since.
-    upstream_log: Cell<(Option<Instant>, u32)>,
+    /// Upstream protocol errors: one log line a second at most.
+    upstream_log: RefCell<LogLimit>,
 }
 
 impl Worker {
@@ -138,7 +138,7 @@ impl Worker {
             cache_event: Cell::new(0),
             cache_iov: Cell::new(None),
             auth: crate::policy::auth::WorkerAuth::new(),
-            upstream_log: Cell::new((None, 0)),
+            upstream_log: RefCell::default(),
             shared,
         }
     }
@@ -212,17 +212,12 @@ impl Worker {
     /// Logs an upstream that broke the protocol (answered with 502): at most one line a second
     /// per worker, saying how many were left out since.
     fn log_upstream_error(&self, addr: std::net::SocketAddr, what: &str) {
-        let (last, skipped) = self.upstream_log.get();
-        let now = Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
-            self.upstream_log.set((last, skipped.saturating_add(1)));
-            return;
-        }
-        self.upstream_log.set((Some(now), 0));
-        if skipped > 0 {
-            crate::elog!("ringgate: upstream {addr}: {what} (502; {skipped} more upstream errors in the last second)");
-        } else {
-            crate::elog!("ringgate: upstream {addr}: {what} (502)");
+        match self.upstream_log.borrow_mut().allow(Instant::now()) {
+            None => {}
+            Some(0) => crate::elog!("ringgate: upstream {addr}: {what} (502)"),
+            Some(held) => crate::elog!(
+                "ringgate: upstream {addr}: {what} (502; and {held} more upstream errors since the last report)"
+            ),
         }
     }
 
@@ -248,6 +243,46 @@ impl Worker {
             }
         }
         32
+    }
+}
+
+/// At most one line per this long from each [`LogLimit`].
+const LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// A log line written at most once per [`LOG_EVERY`]; the ones held back in between
+/// are counted, and the count is reported with the next line or on its own.
+#[derive(Default)]
+pub(crate) struct LogLimit {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl LogLimit {
+    /// A line wants out at `now`: `Some(lines held back before it)` when it may be written,
+    /// `None` when it is held back (and counted).
+    pub(crate) fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < LOG_EVERY => {
+                self.held += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held))
+            }
+        }
+    }
+
+    /// Lines held back whose count is due for a report at `now` (a period after the last line
+    /// written); the count is reset.
+    pub(crate) fn due(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if self.held > 0 && now.saturating_duration_since(t) >= LOG_EVERY => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held))
+            }
+            _ => None,
+        }
     }
 }
 
