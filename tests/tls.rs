@@ -1412,3 +1412,33 @@ fn tls_clients_that_give_up_anywhere() {
     assert!(st.success(), "{st:?}\n{}", g.gw.stderr());
     assert!(!g.gw.stderr().contains("panicked"), "{}", g.gw.stderr());
 }
+
+#[test]
+fn an_oversize_body_over_tls_gets_413_then_a_clean_tls_close() {
+    // As over plain TCP (tests/limits.rs): the gateway answers 413 while the client is still
+    // sending, then closes with close_notify and FIN after draining, never with a reset.
+    let pki = Pki::new();
+    let origin = Origin::fixed("ok");
+    let g = start(
+        "limits = { max_body_bytes = 1000 }",
+        &certs_a_b(&pki),
+        &proxy_routes(origin.addr),
+    );
+    let cfg = client_config(&pki.path("ca.pem"), None);
+    let mut t = tls_connect(g.tls, "a.test", cfg);
+    let mut raw =
+        b"POST /api/up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1048576\r\n\r\n".to_vec();
+    raw.resize(raw.len() + (256 << 10), b'b');
+    t.write_all(&raw)
+        .expect("the gateway reset the connection while the client was sending");
+    t.flush().unwrap();
+    let mut buf = Vec::new();
+    let (status, _, _) = read_response(&mut t, &mut buf);
+    assert_eq!(status, 413);
+    let mut tmp = [0u8; 1024];
+    match t.read(&mut tmp) {
+        Ok(0) => {}
+        other => panic!("expected close_notify and FIN after the 413, got {other:?}"),
+    }
+    assert_eq!(origin.request_count(), 0);
+}
