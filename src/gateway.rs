@@ -185,6 +185,19 @@ impl Shared {
             ));
             new.server.state_dir = run.state_dir.clone();
         }
+        // A run-time key may not end up in two plans of one stage (as a config key may not).
+        for k in self.auth.keys().keys() {
+            if k.source != crate::policy::auth::api_key::KeySource::Admin {
+                continue;
+            }
+            if let Some((a, b, stage)) = new.traffic.plans.overlap(&k.plans) {
+                return Err(ConfigError(format!(
+                    "{}: usage plans `{a}` and `{b}` would both cover `{stage}`, and the key `{}` added at run time is in both; a key may be in one plan per stage (change the plans, or delete the key and create it again)",
+                    self.config_path.display(),
+                    k.name
+                )));
+            }
+        }
         // Last check, and the first change: the config's keys may not shadow run-time keys.
         self.auth
             .set_config_keys(&new.auth.api_keys)

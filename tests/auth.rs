@@ -1426,6 +1426,28 @@ plans = ["gold", "bronze"]
         r#"{"name":"ok","plans":["gold","bronze"]}"#,
     );
     assert_eq!(r.status, 201, "{}", r.text());
+    // A reload that would put that run-time key in two plans of one stage is refused too.
+    gw.write_config(
+        &plans
+            .replace(
+                "name = \"bronze\"\napis = [\"shop/test\"]",
+                "name = \"bronze\"\napis = [\"shop/test\", \"shop/prod\"]",
+            )
+            .replace("plans = [\"gold\", \"bronze\"]", "plans = [\"gold\"]"),
+    );
+    let r = admin_json(gw.admin_addr, "POST", "/reload", "");
+    assert_eq!(r.status, 400, "{}", r.text());
+    let m = r.message();
+    assert!(
+        m.contains("`ok`")
+            && m.contains("`gold`")
+            && m.contains("`bronze`")
+            && m.contains("`shop/prod`"),
+        "{m}"
+    );
+    gw.write_config(plans);
+    let r = admin_json(gw.admin_addr, "POST", "/reload", "");
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 // ---------------------------------------------------------------------------------------------
