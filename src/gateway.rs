@@ -190,9 +190,9 @@ impl Shared {
             if k.source != crate::policy::auth::api_key::KeySource::Admin {
                 continue;
             }
-            if let Some((a, b, stage)) = new.traffic.plans.overlap(&k.plans) {
+            if let Some(e) = new.traffic.plans.overlap_error(&k.plans) {
                 return Err(ConfigError(format!(
-                    "{}: usage plans `{a}` and `{b}` would both cover `{stage}`, and the key `{}` added at run time is in both; a key may be in one plan per stage (change the plans, or delete the key and create it again)",
+                    "{}: key `{}` added at run time: {e} (change the plans, or delete the key and create it again)",
                     self.config_path.display(),
                     k.name
                 )));

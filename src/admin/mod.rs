@@ -522,21 +522,9 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
         (_, "/dashboard") | (_, "/dashboard/data") => json(405, "Method Not Allowed"),
         _ => match crate::policy::auth::admin::handle(
             &shared.auth,
-            |names| {
-                let gw = shared.current();
-                let plans = &gw.config.traffic.plans;
-                if let Some(p) = names
-                    .iter()
-                    .find(|p| !plans.plans.iter().any(|x| *x.name == ***p))
-                {
-                    return Err(format!("usage plan `{p}` is not defined"));
-                }
-                match plans.overlap(names) {
-                    Some((a, b, stage)) => Err(format!(
-                        "usage plans `{a}` and `{b}` both cover `{stage}`: a key may be in one plan per API stage"
-                    )),
-                    None => Ok(()),
-                }
+            |names| match shared.current().config.traffic.plans.key_plans_error(names) {
+                Some(e) => Err(e),
+                None => Ok(()),
             },
             method,
             path,

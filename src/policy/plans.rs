@@ -515,6 +515,25 @@ impl Plans {
         })
     }
 
+    /// Why a key may not have the plans `names`: one is not defined, or two cover one API
+    /// stage (see [`Plans::overlap_error`]). The one check of config, admin and reload.
+    pub fn key_plans_error(&self, names: &[impl AsRef<str>]) -> Option<String> {
+        if let Some(p) = names
+            .iter()
+            .find(|p| !self.plans.iter().any(|x| *x.name == *p.as_ref()))
+        {
+            return Some(format!("usage plan `{}` is not defined", p.as_ref()));
+        }
+        self.overlap_error(names)
+    }
+
+    /// [`Plans::overlap`] as a message.
+    pub fn overlap_error(&self, names: &[impl AsRef<str>]) -> Option<String> {
+        self.overlap(names).map(|(a, b, stage)| {
+            format!("usage plans `{a}` and `{b}` both cover `{stage}`: a key may be in one plan per API stage")
+        })
+    }
+
     /// The first two of `names` that cover one API stage: `(plan, plan, "api/stage")`. A key
     /// may be in at most one plan per stage (as in Amazon API Gateway).
     pub fn overlap<'a>(&self, names: &'a [impl AsRef<str>]) -> Option<(&'a str, &'a str, String)> {

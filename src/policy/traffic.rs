@@ -420,23 +420,11 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
     // that no two of a key's plans cover one API stage (as Amazon API Gateway refuses).
     let plans = Plans::new(plans);
     for (i, k) in raw.api_keys.iter().enumerate() {
-        for p in &k.plans {
-            if !plans.plans.iter().any(|x: &Plan| *x.name == **p) {
-                return Err(src.err(
-                    0..0,
-                    &format!("api_keys[{i}].plans"),
-                    format!("usage plan `{p}` is not defined"),
-                ));
-            }
-        }
-        if let Some((a, b, stage)) = plans.overlap(&k.plans) {
+        if let Some(e) = plans.key_plans_error(&k.plans) {
             return Err(src.err(
                 0..0,
                 &format!("api_keys[{i}].plans"),
-                format!(
-                    "API key `{}` is in usage plans `{a}` and `{b}`, which both cover `{stage}`: a key may be in one plan per API stage",
-                    k.name.get_ref()
-                ),
+                format!("API key `{}`: {e}", k.name.get_ref()),
             ));
         }
     }
