@@ -510,6 +510,32 @@ fn posts_to_a_client_that_does_not_read_are_refused_never_dropped() {
 }
 
 #[test]
+fn a_post_right_after_the_101_reaches_the_client() {
+    // The connection is known to `@connections` before its 101 goes out: a post sent as soon
+    // as the client sees the 101 is delivered, never answered 410.
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    for n in 0..200 {
+        let (head, mut ws) = ws_connect(gw.addr, "/", "");
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let id = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-connection-id: "))
+            .expect("x-connection-id")
+            .trim()
+            .to_string();
+        let r = admin(
+            &gw,
+            "POST",
+            &format!("/@connections/{id}"),
+            &format!("hi {n}"),
+        );
+        assert_eq!(r.status, 200, "connection {n}: {}", r.text());
+        assert_eq!(ws.recv_text(), format!("hi {n}"));
+    }
+}
+
+#[test]
 fn messages_reach_the_integration_in_order() {
     let be = api_backend();
     let gw = Gateway::start(&api_config(be.addr, ""));

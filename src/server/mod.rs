@@ -1034,10 +1034,12 @@ async fn ws_handshake<S: ClientIo>(
     };
     let hs = crate::ws::api::handshake(gw, api, &c.b.head, &c.b.rbuf, &client).await;
     match hs {
-        Handshake::Accept(head, accepted) => {
+        Handshake::Accept(head, mut accepted) => {
+            accepted.register(&w.shared);
             c.b.out.clear();
             c.b.out.extend_from_slice(&head);
             if !write_out(c).await {
+                accepted.abandon(&w.shared);
                 return Outcome {
                     status: 499,
                     keep_alive: false,

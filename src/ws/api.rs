@@ -393,6 +393,89 @@ pub struct Accepted {
     /// The gateway's own headers for every integration call of this connection (see
     /// [`conn_headers`]).
     conn_headers: Box<[u8]>,
+    /// Set by [`Accepted::register`].
+    reg: Option<Registered>,
+}
+
+/// A registered connection's channels and counters.
+struct Registered {
+    tx: mpsc::UnboundedSender<Out>,
+    rx: mpsc::UnboundedReceiver<Out>,
+    kill_rx: oneshot::Receiver<(u16, &'static str)>,
+    last_active: Arc<AtomicU64>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Accepted {
+    /// Makes the connection known to `@connections`, this worker's mailbox and the cluster.
+    /// Called before the 101 is written: a client (or its `$connect` integration) may post to
+    /// the connection as soon as it sees the 101, and that post must find it.
+    pub fn register(&mut self, shared: &Shared) {
+        if self.reg.is_some() {
+            return;
+        }
+        let id = self.id;
+        let last_active = Arc::new(AtomicU64::new(now_ms()));
+        let queued = Arc::new(AtomicUsize::new(0));
+        shared
+            .ws
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                id,
+                Entry {
+                    worker: worker_index(shared),
+                    connected_at_ms: now_ms(),
+                    last_active_ms: last_active.clone(),
+                    source_ip: self.peer.ip().to_string(),
+                    queued: queued.clone(),
+                },
+            );
+        if let Some(c) = shared.cluster.get() {
+            c.conn_opened(id);
+        }
+        let (tx, rx) = mpsc::unbounded::<Out>();
+        let (kill_tx, kill_rx) = oneshot::channel::<(u16, &'static str)>();
+        LOCAL.with(|l| {
+            l.borrow_mut().insert(
+                id,
+                LocalConn {
+                    tx: tx.clone(),
+                    kill: Some(kill_tx),
+                    queued: queued.clone(),
+                },
+            )
+        });
+        self.reg = Some(Registered {
+            tx,
+            rx,
+            kill_rx,
+            last_active,
+            queued,
+        });
+    }
+
+    /// Undoes [`Accepted::register`] for a connection whose 101 could not be written.
+    pub fn abandon(self, shared: &Shared) {
+        if self.reg.is_some() {
+            LOCAL.with(|l| l.borrow_mut().remove(&self.id));
+            unregister(shared, self.id);
+        }
+    }
+}
+
+/// Removes a connection from `@connections` and the cluster.
+fn unregister(shared: &Shared, id: u64) {
+    shared
+        .ws
+        .conns
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
+    if let Some(c) = shared.cluster.get() {
+        c.conn_closed(id);
+    }
 }
 
 /// The handshake outcome: the 101 head to write, or the refusal.
@@ -538,6 +621,7 @@ pub async fn handshake(
             id,
             peer: client.peer,
             conn_headers: conn_headers.into_boxed_slice(),
+            reg: None,
         },
     )
 }
@@ -628,52 +712,32 @@ async fn call(
 
 /// Serves an accepted connection until it closes, then calls `$disconnect`.
 pub async fn run<S: crate::server::ClientIo>(
-    a: Accepted,
+    mut a: Accepted,
     stream: S,
     pending: Vec<u8>,
     shared: &Arc<Shared>,
 ) {
+    a.register(shared);
     let Accepted {
         api,
         gw,
         id,
-        peer,
+        peer: _,
         conn_headers,
+        reg,
     } = a;
+    let Some(Registered {
+        tx,
+        rx,
+        kill_rx,
+        last_active,
+        queued,
+    }) = reg
+    else {
+        unreachable!("registered above")
+    };
     let settings = &api.settings;
     let started = Instant::now();
-    let last_active = Arc::new(AtomicU64::new(now_ms()));
-    let queued = Arc::new(AtomicUsize::new(0));
-    shared
-        .ws
-        .conns
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(
-            id,
-            Entry {
-                worker: worker_index(shared),
-                connected_at_ms: now_ms(),
-                last_active_ms: last_active.clone(),
-                source_ip: peer.ip().to_string(),
-                queued: queued.clone(),
-            },
-        );
-    if let Some(c) = shared.cluster.get() {
-        c.conn_opened(id);
-    }
-    let (tx, rx) = mpsc::unbounded::<Out>();
-    let (kill_tx, kill_rx) = oneshot::channel::<(u16, &'static str)>();
-    LOCAL.with(|l| {
-        l.borrow_mut().insert(
-            id,
-            LocalConn {
-                tx: tx.clone(),
-                kill: Some(kill_tx),
-                queued: queued.clone(),
-            },
-        )
-    });
     let (mut rd, mut wr) = stream.into_split();
     let last_in = std::cell::Cell::new(Instant::now());
     let reading_since = std::cell::Cell::new(None::<Instant>);
@@ -861,15 +925,7 @@ pub async fn run<S: crate::server::ClientIo>(
         drop(tx);
     };
     monoio::join!(main, writer);
-    shared
-        .ws
-        .conns
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&id);
-    if let Some(c) = shared.cluster.get() {
-        c.conn_closed(id);
-    }
+    unregister(shared, id);
     if let Some(t) = api.routes.get("$disconnect") {
         let _ = Box::pin(call(
             &gw,
