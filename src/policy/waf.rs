@@ -307,9 +307,11 @@ impl Waf {
                 self.scan(g, s)
             });
         }
-        if let (Some(g), Some(q)) = (&self.query, inp.query) {
+        if let Some(g) = &self.query {
+            // A request without a query is scanned as an empty one (as its missing body is):
+            // `^$` matches both.
             blocked |= SCRATCH.with_borrow_mut(|s| {
-                percent_decode(q, true, s);
+                percent_decode(inp.query.unwrap_or(b""), true, s);
                 self.scan(g, s)
             });
         }
@@ -497,6 +499,22 @@ mod tests {
             Verdict::Forbidden
         );
         assert_eq!(check(&w, "/admin/x", None, &[], ""), Verdict::Pass);
+        // A missing query or body is scanned as an empty one.
+        let empty = Waf::build(
+            vec![],
+            vec![],
+            None,
+            vec![
+                rule("no-query", "query", r"^$", Action::Block),
+                rule("no-body", "body", r"^$", Action::Count),
+            ],
+            16,
+        )
+        .unwrap();
+        assert_eq!(check(&empty, "/", None, &[], ""), Verdict::Forbidden);
+        assert_eq!(check(&empty, "/", Some(""), &[], ""), Verdict::Forbidden);
+        assert_eq!(check(&empty, "/", Some("a=1"), &[], ""), Verdict::Pass);
+        assert_eq!(empty.rules[1].matches.load(Ordering::Relaxed), 3);
         assert_eq!(w.rules[1].matches.load(Ordering::Relaxed), 1);
         assert_eq!(
             check(&w, "/", None, &[("user-agent", "sqlmap/1.0")], ""),
