@@ -393,3 +393,55 @@ fn random2_uses_every_target() {
     let m = who_answers(&gw, 30);
     assert_eq!(m.len(), 3, "{m:?}");
 }
+
+/// The access log's lines with `"status":N`.
+fn log_statuses(gw: &Gateway, n: u16) -> usize {
+    let log = std::fs::read_to_string(gw.dir.join("access.log")).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains(&format!("\"status\":{n},")))
+        .count()
+}
+
+#[test]
+fn client_gone_during_a_slow_answer_ends_the_exchange_as_499() {
+    // As nginx: a client that closes while the upstream works is logged 499, and the gateway
+    // stops waiting for (and drops) the upstream's answer instead of holding it to the end.
+    let origin = Origin::start(|r| match r.path.as_str() {
+        "/slow" => Response::ok("late").delay(Duration::from_secs(5)),
+        _ => Response::ok(format!("fast {}", r.path)),
+    });
+    let gw = Gateway::start(&format!(
+        "[access_log]\npath = \"@DIR@/access.log\"\n{}",
+        config(&[origin.addr], "timeout_ms = 10000")
+    ));
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    drop(s);
+    let closed = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(3), || log_statuses(&gw, 499) == 1),
+        "no 499 logged: {}",
+        std::fs::read_to_string(gw.dir.join("access.log")).unwrap_or_default()
+    );
+    // Well before the origin would have answered.
+    assert!(closed.elapsed() < Duration::from_millis(3500));
+    assert_eq!(log_statuses(&gw, 200), 0);
+
+    // A client that is still there, with a pipelined request behind the slow one, gets both
+    // answers in order: bytes from it do not count as going away.
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut all = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut all).unwrap();
+    let all = String::from_utf8_lossy(&all);
+    let late = all.find("late").expect("first answer");
+    let next = all.find("fast /next").expect("second answer");
+    assert!(late < next, "{all}");
+    assert_eq!(log_statuses(&gw, 499), 1);
+}

@@ -399,6 +399,82 @@ fn push_client_headers(
 /// How long to look for an early answer once the upstream stopped taking the request body.
 const EARLY_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long an answer may take before the client's socket is watched as well: a client that
+/// goes away while the upstream works ends the exchange (logged as 499, as nginx does). Fast
+/// answers never arm the watch, so the keep-alive path pays nothing for it.
+const CLIENT_WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// How a wait for the upstream's next bytes ended.
+enum Wait<T> {
+    Read(T),
+    Deadline,
+    /// The client closed or reset its connection.
+    ClientGone,
+}
+
+/// The rest of a slow wait for the upstream (past the `watch_at` of [`exchange`]): `read` until
+/// `deadline`, watching the client's socket too. `watching` is cleared when the client turns
+/// out to have sent more (a pipelined request: it is still there, and its bytes stay unread).
+async fn wait_watching_client<F: std::future::Future>(
+    mut read: std::pin::Pin<&mut F>,
+    client: &TcpStream,
+    watching: &mut bool,
+    deadline: Instant,
+) -> Wait<F::Output> {
+    let mut end = std::pin::pin!(monoio::time::sleep_until(deadline.into()));
+    while *watching {
+        monoio::select! {
+            r = &mut read => return Wait::Read(r),
+            _ = &mut end => return Wait::Deadline,
+            ready = client.readable(false) => {
+                match ready.map(|()| client_peek(client)) {
+                    Err(_) | Ok(Peek::Gone) => return Wait::ClientGone,
+                    Ok(Peek::Data) => *watching = false,
+                    Ok(Peek::Nothing) => {}
+                }
+            }
+        }
+    }
+    monoio::select! {
+        r = &mut read => Wait::Read(r),
+        _ = &mut end => Wait::Deadline,
+    }
+}
+
+/// What a client's socket holds, looked at without taking anything.
+enum Peek {
+    /// Bytes (a pipelined request, or TLS records): the client is there.
+    Data,
+    /// End of stream or an error: the client closed or reset the connection.
+    Gone,
+    /// Nothing yet.
+    Nothing,
+}
+
+fn client_peek(client: &TcpStream) -> Peek {
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    // SAFETY: `b` is a valid, writable one-byte buffer for the duration of the call, and the
+    // descriptor belongs to `client`, which is borrowed (open) across it. MSG_PEEK leaves the
+    // byte in the socket; MSG_DONTWAIT keeps the call from blocking.
+    let n = unsafe {
+        libc::recv(
+            client.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => Peek::Gone,
+        n if n > 0 => Peek::Data,
+        _ => match std::io::Error::last_os_error().kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Peek::Nothing,
+            _ => Peek::Gone,
+        },
+    }
+}
+
 /// Sends the request (head, buffered body, streamed rest) and reads the response head into
 /// `c.b.ubuf`/`c.b.resp`, by `deadline`; when the body had to be streamed from the client
 /// first, the upstream gets its whole `timeout` from the end of the upload (a slow client is
@@ -448,6 +524,13 @@ async fn exchange<S: ClientIo>(
         max_header_bytes: limits.max_header_bytes.max(16384),
         max_headers: limits.max_headers,
     };
+    // When the client is watched as well (a slow answer; not a client still uploading, which
+    // is about to be answered early).
+    let watch_at = deadline
+        .checked_sub(timeout)
+        .map(|t| t + CLIENT_WATCH_AFTER)
+        .filter(|&t| !early && t < deadline);
+    let mut watching = watch_at.is_some();
     loop {
         if !c.b.ubuf.is_empty() {
             match c.b.resp.parse(&c.b.ubuf, c.b.head.method, &hl) {
@@ -475,9 +558,23 @@ async fn exchange<S: ClientIo>(
         let len = c.b.ubuf.len();
         let cap = c.b.ubuf.capacity();
         let buf = std::mem::take(&mut c.b.ubuf).slice_mut(len..cap);
-        // An absolute deadline: no clock read to arm the timer.
-        match monoio::time::timeout_at(deadline.into(), us.read(buf)).await {
+        let mut read = std::pin::pin!(us.read(buf));
+        // An absolute deadline: no clock read to arm the timer. The timer drops only the
+        // reference: past `watch_at` the read goes on, the client watched beside it.
+        let first = match watch_at {
+            Some(t) if watching => t,
+            _ => deadline,
+        };
+        let waited = match monoio::time::timeout_at(first.into(), &mut read).await {
+            Ok(r) => Wait::Read(r),
+            Err(_) if first == deadline => Wait::Deadline,
             Err(_) => {
+                let client = c.stream.tcp();
+                Box::pin(wait_watching_client(read, client, &mut watching, deadline)).await
+            }
+        };
+        match waited {
+            Wait::Deadline => {
                 c.b.ubuf = Vec::with_capacity(4096);
                 return Err(if early {
                     Fail::BeforeResponse
@@ -485,7 +582,13 @@ async fn exchange<S: ClientIo>(
                     Fail::Timeout
                 });
             }
-            Ok((res, buf)) => {
+            Wait::ClientGone => {
+                // Nobody waits for the answer: the upstream connection is closed (not pooled)
+                // and the request logged as 499.
+                c.b.ubuf = Vec::with_capacity(4096);
+                return Err(Fail::Client(499));
+            }
+            Wait::Read((res, buf)) => {
                 c.b.ubuf = buf.into_inner();
                 match res {
                     Ok(0) | Err(_) => {
