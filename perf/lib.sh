@@ -4,7 +4,8 @@
 # Provides:
 #   perf_setup NAME            make $OUT (perf/out/NAME-<timestamp>), install the cleanup trap
 #   write_nginx_backend N PORT               nginx, 1 worker, `return 200 "hello world\n"`
-#   write_nginx_proxy N PORT UPSTREAM_PORT   nginx reverse proxy, upstream keepalive 256
+#   write_nginx_proxy N PORT UPSTREAM_PORT [fwd]   nginx reverse proxy, upstream keepalive 256
+#                                            (fwd: with ringgate's forwarding and request-id headers)
 #   write_nginx_proxy_cache N PORT UPSTREAM_PORT   the same with a proxy_cache zone (200 kept 1 h)
 #   start_nginx N              start $OUT/N/nginx.conf (daemon off, background); sets NGINX_MASTER/NGINX_WORKER
 #   write_ringgate_config FILE PORT ADMIN_PORT IO STATE_DIR EXTRA_TOML
@@ -115,7 +116,17 @@ EOF
 }
 
 write_nginx_proxy() {
-    local name=$1 port=$2 upstream_port=$3 dir=$OUT/$1
+    local name=$1 port=$2 upstream_port=$3 dir=$OUT/$1 fwd=
+    # A 4th argument "fwd": the headers ringgate adds by contract, added by nginx too.
+    if [[ ${4:-} == fwd ]]; then
+        fwd='
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Request-Id $request_id;
+            add_header X-Request-Id $request_id;'
+    fi
     mkdir -p "$dir/tmp"
     {
         _nginx_head "$dir" "${PROXY_CPU_AFFINITY:-}"
@@ -131,7 +142,7 @@ write_nginx_proxy() {
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_set_header Connection "";$fwd
         }
     }
 }

@@ -17,6 +17,10 @@
 #                    "core0" (default) or "none" (both float; the backend and wrk always float):
 #                    core0 pins ringgate's worker by its pin_workers and nginx's proxy worker by
 #                    worker_cpu_affinity, both to core 0
+#   --fwd            also measure "nginx-fwd": the nginx proxy made to do what ringgate does by
+#                    contract on every request (X-Forwarded-For/-Proto/-Host and a generated
+#                    X-Request-Id upstream, the request id echoed to the client), port 18089;
+#                    the summary then gives ringgate's ratios against it as well
 #   --self-test      put a second nginx reverse proxy in every ringgate slot (checks the harness
 #                    itself: the ratios should come out near 1.00); implies --skip-build
 #   env RINGGATE_BIN path of the gateway binary (default target/release/ringgate)
@@ -43,6 +47,8 @@ IO_MODE=io_uring
 CONNECTIONS=64
 SKIP_BUILD=0
 SELF_TEST=0
+FWD=0
+NGINX_FWD_PORT=18089
 PIN=core0
 SELECTED_CASES=()
 ORIG_ARGS="$*"
@@ -141,6 +147,7 @@ while [[ $# -gt 0 ]]; do
         --connections) CONNECTIONS=$2; shift ;;
         --pin) PIN=$2; shift ;;
         --self-test) SELF_TEST=1; SKIP_BUILD=1 ;;
+        --fwd) FWD=1 ;;
         -h|--help) usage 0 ;;
         *) echo "unknown argument: $1" >&2; usage 2 ;;
     esac
@@ -187,6 +194,15 @@ start_backends() {
     log "nginx proxy     :$NGINX_PROXY_PORT  master $NGINX_MASTER worker $NGINX_WORKER"
     add_system nginx "$NGINX_WORKER" "http://127.0.0.1:$NGINX_PROXY_PORT/hello" "" \
         "$OUT/nginx/error.log" "nginx (epoll)"
+    if [[ $FWD == 1 ]]; then
+        require_free_port $NGINX_FWD_PORT
+        write_nginx_proxy nginx-fwd $NGINX_FWD_PORT $BACKEND_PORT fwd
+        start_nginx nginx-fwd
+        wait_http "http://127.0.0.1:$NGINX_FWD_PORT/" "$NGINX_MASTER" "$OUT/nginx-fwd/error.log"
+        log "nginx proxy+fwd :$NGINX_FWD_PORT  master $NGINX_MASTER worker $NGINX_WORKER"
+        add_system nginx-fwd "$NGINX_WORKER" "http://127.0.0.1:$NGINX_FWD_PORT/hello" "" \
+            "$OUT/nginx-fwd/error.log" "nginx + forwarding headers (epoll)"
+    fi
     if [[ " ${SELECTED_CASES[*]} " == *" cache "* ]]; then
         require_free_port $NGINX_CACHE_PORT
         write_nginx_proxy_cache nginx-cache $NGINX_CACHE_PORT $BACKEND_PORT

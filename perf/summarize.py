@@ -18,7 +18,23 @@ import statistics
 import sys
 
 REF = "nginx"
+FWD = "nginx-fwd"  # run.sh --fwd: nginx adding ringgate's forwarding headers too
 OTHER_LOAD_WARN = 25  # % of one core used by other processes during a run
+
+
+def ratio_cells(rows, med, s, ref):
+    """The reference's name, then "ratio of medians / median of per-round ratios" of system
+    `s` against it for req/s, CPU per request and p99."""
+    ref_by_round = {r["round"]: r for r in rows if r["system"] == ref}
+    cells = [ref]
+    for k in ("rps", "cpu_us_per_req", "p99_ms"):
+        of_medians = med[s][k] / med[ref][k] if med[ref][k] else float("nan")
+        per_round = [r[k] / ref_by_round[r["round"]][k] for r in rows
+                     if r["system"] == s and r["round"] in ref_by_round
+                     and ref_by_round[r["round"]][k]]
+        pr = statistics.median(per_round) if per_round else float("nan")
+        cells.append(f"{of_medians:.2f} / {pr:.2f}")
+    return cells
 
 
 def main(path):
@@ -63,7 +79,8 @@ def main(path):
         return
     print(f"\n### Ratios vs {REF} (ratio of medians / median of per-round ratios)\n")
     print("A system ringgate/CASE/io is compared with nginx-CASE when that runs (e.g. nginx-cache, "
-          "nginx proxy_cache hits), else with nginx.\n")
+          "nginx proxy_cache hits), else with nginx; with run.sh --fwd, also with nginx-fwd (nginx "
+          "adding the forwarding and request-id headers ringgate adds).\n")
     print("| system | reference | req/s | CPU/req | p99 |")
     print("|---|---|---|---|---|")
     for s in systems:
@@ -71,16 +88,10 @@ def main(path):
             continue
         parts = s.split("/")
         ref = f"{REF}-{parts[1]}" if len(parts) > 1 and f"{REF}-{parts[1]}" in med else REF
-        ref_by_round = {r["round"]: r for r in rows if r["system"] == ref}
-        cells = [ref]
-        for k in ("rps", "cpu_us_per_req", "p99_ms"):
-            of_medians = med[s][k] / med[ref][k] if med[ref][k] else float("nan")
-            per_round = [r[k] / ref_by_round[r["round"]][k] for r in rows
-                         if r["system"] == s and r["round"] in ref_by_round
-                         and ref_by_round[r["round"]][k]]
-            pr = statistics.median(per_round) if per_round else float("nan")
-            cells.append(f"{of_medians:.2f} / {pr:.2f}")
+        cells = ratio_cells(rows, med, s, ref)
         print(f"| {s:<{width}} | " + " | ".join(cells) + " |")
+        if FWD in med and ref == REF:
+            print(f"| {s:<{width}} | " + " | ".join(ratio_cells(rows, med, s, FWD)) + " |")
 
     noisy = [r for r in rows if r["other_load_pct"] > OTHER_LOAD_WARN]
     if noisy:
