@@ -445,3 +445,86 @@ fn client_gone_during_a_slow_answer_ends_the_exchange_as_499() {
     assert!(late < next, "{all}");
     assert_eq!(log_statuses(&gw, 499), 1);
 }
+
+/// Sends `reqs` one after another on one client connection (so one worker, one pool); the
+/// status of each answer.
+fn statuses_on_one_connection(gw: &Gateway, reqs: &[&str]) -> Vec<u16> {
+    let mut c = Client::connect(gw.addr);
+    reqs.iter()
+        .map(|r| {
+            c.send(r.as_bytes());
+            c.read_response().unwrap().status
+        })
+        .collect()
+}
+
+#[test]
+fn a_post_is_never_sent_twice_even_on_a_reused_connection() {
+    // The origin reads the POST and closes without answering, on a connection the pool had
+    // kept from a GET: whether the application acted on it cannot be known, so it is not sent
+    // again (nginx without `non_idempotent`); the client gets 502.
+    let origin = Origin::start(|r| match r.path.as_str() {
+        "/drop" => Response::close(),
+        _ => Response::ok("ok"),
+    });
+    let gw = Gateway::start(&config(&[origin.addr], "retries = 1"));
+    let got = statuses_on_one_connection(
+        &gw,
+        &[
+            "GET /warm HTTP/1.1\r\nHost: t\r\n\r\n",
+            "POST /drop HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nonce",
+        ],
+    );
+    assert_eq!(got, vec![200, 502]);
+    std::thread::sleep(Duration::from_millis(200));
+    let posts = origin
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/drop")
+        .count();
+    assert_eq!(posts, 1, "the POST reached the origin {posts} times");
+    // A GET in the same spot is sent again, on a fresh connection (the origin drops it each
+    // time, so it is seen twice: once per connection).
+    let got = statuses_on_one_connection(
+        &gw,
+        &[
+            "GET /warm HTTP/1.1\r\nHost: t\r\n\r\n",
+            "GET /drop HTTP/1.1\r\nHost: t\r\n\r\n",
+        ],
+    );
+    assert_eq!(got, vec![200, 502]);
+    std::thread::sleep(Duration::from_millis(200));
+    let gets = origin
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/drop")
+        .count()
+        - posts;
+    assert_eq!(gets, 2);
+}
+
+#[test]
+fn a_post_after_the_upstream_closed_an_idle_connection_goes_through() {
+    // The origin closes each connection right after answering, without saying so: the pooled
+    // connection is dead when the POST comes. It is found dead before the POST is written to
+    // it, so the POST goes out once, on a fresh connection, and succeeds.
+    let origin = Origin::start(|r| Response::ok(format!("{} {}", r.method, r.path)).then_close());
+    let gw = Gateway::start(&config(&[origin.addr], "retries = 0"));
+    for _ in 0..3 {
+        let got = statuses_on_one_connection(
+            &gw,
+            &[
+                "GET /warm HTTP/1.1\r\nHost: t\r\n\r\n",
+                "POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nx",
+            ],
+        );
+        assert_eq!(got, vec![200, 200]);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let posts = origin
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST")
+        .count();
+    assert_eq!(posts, 3);
+}

@@ -133,6 +133,18 @@ pub(super) async fn proxy<S: ClientIo>(
 
         // A pooled connection first; a stale one is replaced by a fresh one, once.
         let mut pooled = w.pools.borrow_mut().take(addr);
+        if !idempotent {
+            // A request that must not be sent twice is never sent again after a failure, so
+            // a pooled connection the upstream has closed (or left bytes on) is weeded out
+            // before use: one non-blocking peek, for these methods only.
+            while let Some(s) = pooled.take() {
+                if let Peek::Nothing = peek(&s) {
+                    pooled = Some(s);
+                    break;
+                }
+                pooled = w.pools.borrow_mut().take(addr);
+            }
+        }
         let mut fresh_tries = 0;
         let res = loop {
             let (mut us, reused) = match pooled.take() {
@@ -167,19 +179,17 @@ pub(super) async fn proxy<S: ClientIo>(
             w.pools.borrow_mut().end(addr);
             match r {
                 Ok(()) => break Ok(us),
-                // Garbage where a response head should be, on a reused connection: bytes an
-                // earlier answer left behind (a body after a HEAD or 304 response). Safe to
-                // send again only when repeating the request does no harm.
+                // A reused connection that broke (most often closed by the upstream while it
+                // idled in the pool, before the request arrived), or garbage where a response
+                // head should be (bytes an earlier answer left behind, a body after a HEAD or
+                // 304 response). Whether the upstream's application saw the request cannot be
+                // told, so only a request that does no harm when repeated is sent again (as
+                // nginx without `non_idempotent`).
                 Err(Fail::BeforeResponse | Fail::BadResponse)
-                    if reused
-                        && fresh_tries == 0
-                        && body_done
-                        && (idempotent || matches!(r, Err(Fail::BeforeResponse))) =>
+                    if reused && fresh_tries == 0 && body_done && idempotent =>
                 {
-                    // The pooled connection was closed under us: the request never reached
-                    // the upstream's application, so it is safe to send it again, on a fresh
-                    // connection. The other idle ones are as old (an upstream restart or idle
-                    // timeout closes them all), so they go too.
+                    // On a fresh connection. The other idle ones are as old (an upstream
+                    // restart or idle timeout closes them all), so they go too.
                     fresh_tries += 1;
                     w.pools.borrow_mut().clear(addr);
                     continue;
@@ -427,7 +437,7 @@ async fn wait_watching_client<F: std::future::Future>(
             r = &mut read => return Wait::Read(r),
             _ = &mut end => return Wait::Deadline,
             ready = client.readable(false) => {
-                match ready.map(|()| client_peek(client)) {
+                match ready.map(|()| peek(client)) {
                     Err(_) | Ok(Peek::Gone) => return Wait::ClientGone,
                     Ok(Peek::Data) => *watching = false,
                     Ok(Peek::Nothing) => {}
@@ -441,25 +451,25 @@ async fn wait_watching_client<F: std::future::Future>(
     }
 }
 
-/// What a client's socket holds, looked at without taking anything.
+/// What a socket holds, looked at without taking anything.
 enum Peek {
-    /// Bytes (a pipelined request, or TLS records): the client is there.
+    /// Bytes (from a client: a pipelined request, or TLS records).
     Data,
-    /// End of stream or an error: the client closed or reset the connection.
+    /// End of stream or an error: the peer closed or reset the connection.
     Gone,
     /// Nothing yet.
     Nothing,
 }
 
-fn client_peek(client: &TcpStream) -> Peek {
+fn peek(sock: &TcpStream) -> Peek {
     use std::os::fd::AsRawFd;
     let mut b = [0u8; 1];
     // SAFETY: `b` is a valid, writable one-byte buffer for the duration of the call, and the
-    // descriptor belongs to `client`, which is borrowed (open) across it. MSG_PEEK leaves the
+    // descriptor belongs to `sock`, which is borrowed (open) across it. MSG_PEEK leaves the
     // byte in the socket; MSG_DONTWAIT keeps the call from blocking.
     let n = unsafe {
         libc::recv(
-            client.as_raw_fd(),
+            sock.as_raw_fd(),
             b.as_mut_ptr().cast(),
             1,
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
