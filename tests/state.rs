@@ -286,6 +286,12 @@ fn reload_notes_compare_with_what_the_process_started_with() {
             .any(|n| n.contains("server.state_dir") && n.contains("restart")),
         "{notes:?}"
     );
+    // The admin reload logs its notes, as SIGHUP does.
+    assert!(wait_until(Duration::from_secs(2), || {
+        gw.stderr()
+            .lines()
+            .any(|l| l.contains("note: ") && l.contains("server.state_dir"))
+    }));
     let r = admin_post(gw.admin_addr, "/api-keys", r#"{"name":"rt"}"#);
     assert_eq!(r.status, 201, "{}", r.text());
     assert!(gw.dir.join("state/api_keys.json").is_file());

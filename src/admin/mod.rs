@@ -470,21 +470,15 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
                 shared.metrics.render_with(&th, &tail).into_bytes()
             },
         },
-        ("POST", "/reload") => match shared.reload() {
-            Ok(notes) => {
-                crate::elog!("ringgate: config reloaded (admin)");
-                Reply {
-                    status: 200,
-                    ctype: "application/json",
-                    body: serde_json::json!({ "message": "reloaded", "notes": notes })
-                        .to_string()
-                        .into_bytes(),
-                }
-            }
-            Err(e) => {
-                crate::elog!("ringgate: reload refused, keeping the old config: {e}");
-                json(400, &e.to_string())
-            }
+        ("POST", "/reload") => match crate::runtime::reload_and_log(shared, " (admin)") {
+            Ok(notes) => Reply {
+                status: 200,
+                ctype: "application/json",
+                body: serde_json::json!({ "message": "reloaded", "notes": notes })
+                    .to_string()
+                    .into_bytes(),
+            },
+            Err(e) => json(400, &e.to_string()),
         },
         ("POST", "/cache/invalidate") => {
             let (status, reply) = crate::cache::admin_invalidate(shared, body);

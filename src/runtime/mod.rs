@@ -54,7 +54,9 @@ pub fn run(config: Config) -> Result<(), String> {
     let gw = start(config)?;
     for sig in signals.forever() {
         match sig {
-            signal_hook::consts::SIGHUP => reload_and_log(&gw.shared),
+            signal_hook::consts::SIGHUP => {
+                let _ = reload_and_log(&gw.shared, "");
+            }
             signal_hook::consts::SIGUSR1 => gw.reopen_logs(),
             _ => {
                 crate::elog!("ringgate: draining (signal {sig})");
@@ -192,17 +194,23 @@ pub fn start(config: Config) -> Result<Running, String> {
     })
 }
 
-/// Reloads the config and logs the outcome (SIGHUP).
-pub fn reload_and_log(shared: &Shared) {
-    match shared.reload() {
+/// Reloads the config and logs the outcome with its notes; `by` names who asked (SIGHUP: "",
+/// the admin API: " (admin)").
+pub fn reload_and_log(
+    shared: &Shared,
+    by: &str,
+) -> Result<Vec<String>, crate::config::ConfigError> {
+    let r = shared.reload();
+    match &r {
         Ok(notes) => {
-            crate::elog!("ringgate: config reloaded");
+            crate::elog!("ringgate: config reloaded{by}");
             for n in notes {
                 crate::elog!("ringgate: note: {n}");
             }
         }
-        Err(e) => crate::elog!("ringgate: reload refused, keeping the old config: {e}"),
+        Err(e) => crate::elog!("ringgate: reload refused{by}, keeping the old config: {e}"),
     }
+    r
 }
 
 fn uring_builder() -> io_uring::Builder {
