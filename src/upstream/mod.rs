@@ -11,7 +11,6 @@ use crate::http::Method;
 use crate::metrics::Labels;
 use ahash::AHashMap;
 use monoio::net::TcpStream;
-use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -121,11 +120,15 @@ impl WorkerPools {
                 self.rr = self.rr.wrapping_add(1);
                 nth_healthy(self.rr)
             }
+            // Rendezvous hashing: the value goes to the healthy target with the highest score
+            // for it, so a target going down moves only its own values (as nginx's
+            // `hash ... consistent`), and every worker and node agrees on the choice.
             Balance::HashHeader(_) => match hash_value {
                 Some(v) => {
-                    let mut h = ahash::RandomState::with_seeds(1, 2, 3, 4).build_hasher();
-                    h.write(v);
-                    nth_healthy(h.finish() as usize)
+                    let h = fnv1a(v);
+                    (0..n)
+                        .filter(|&i| ok(i))
+                        .max_by_key(|&i| mix(h ^ mix(addr_key(&up.cfg.targets[i]))))
                 }
                 None => {
                     self.rr = self.rr.wrapping_add(1);
@@ -253,6 +256,33 @@ pub fn run_health_checker(current: impl Fn() -> Arc<crate::gateway::Gateway>, st
     }
 }
 
+/// FNV-1a: the same on every machine and build, so nodes of a cluster pick alike.
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &c| {
+        (h ^ c as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// splitmix64's finalizer: spreads the bits of a key over the whole word.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A target's identity for rendezvous hashing: its address, so the order of `targets` does
+/// not matter.
+fn addr_key(a: &SocketAddr) -> u64 {
+    let ip = match a.ip() {
+        std::net::IpAddr::V4(v4) => u32::from(v4) as u64,
+        std::net::IpAddr::V6(v6) => {
+            let b = u128::from(v6);
+            (b as u64) ^ ((b >> 64) as u64).rotate_left(17)
+        }
+    };
+    ip ^ ((a.port() as u64) << 40)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,6 +342,45 @@ mod tests {
             .map(|i| p.pick(&u, Some(format!("user{i}").as_bytes()), 0))
             .collect();
         assert!(spread.len() > 1);
+    }
+
+    #[test]
+    fn hash_moves_only_the_values_of_a_target_that_goes_down() {
+        let u = up(Balance::HashHeader("x-user".into()), 3);
+        let mut p = WorkerPools::new(7);
+        let keys: Vec<String> = (0..300).map(|i| format!("user{i}")).collect();
+        let pick_all = |p: &mut WorkerPools| -> Vec<usize> {
+            keys.iter()
+                .map(|k| p.pick(&u, Some(k.as_bytes()), 0).unwrap())
+                .collect()
+        };
+        let before = pick_all(&mut p);
+        for t in 0..3 {
+            let share = before.iter().filter(|&&i| i == t).count();
+            assert!((60..=140).contains(&share), "target {t} has {share} of 300");
+        }
+        u.health[1].healthy.store(false, Ordering::Relaxed);
+        let after = pick_all(&mut p);
+        for (b, a) in before.iter().zip(&after) {
+            assert_ne!(*a, 1);
+            if *b != 1 {
+                assert_eq!(a, b, "a value of a healthy target moved");
+            }
+        }
+        // Back up: every value returns where it was.
+        u.health[1].healthy.store(true, Ordering::Relaxed);
+        assert_eq!(pick_all(&mut p), before);
+        // The order of the targets does not matter.
+        let mut cfg = u.cfg.clone();
+        cfg.targets.reverse();
+        let r = Upstream::build_all(&[cfg], &HealthRegistry::default())
+            .pop()
+            .unwrap();
+        let reversed: Vec<usize> = keys
+            .iter()
+            .map(|k| 2 - p.pick(&r, Some(k.as_bytes()), 0).unwrap())
+            .collect();
+        assert_eq!(reversed, before);
     }
 
     #[test]
