@@ -793,3 +793,24 @@ cache = {{ key = ["path.id", "header.x-api-key"], allow_client_invalidate = true
     assert_eq!(n.load(Ordering::SeqCst), before + 1);
     assert_ne!(r.body, a.body);
 }
+
+#[test]
+fn a_body_that_ends_with_the_upstream_connection_is_cached_whole() {
+    // No length, not chunked: the body ends when the origin closes. A hit must give the same
+    // bytes as the miss did.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = calls.clone();
+    let origin = Origin::start(move |_| {
+        n.fetch_add(1, Ordering::SeqCst);
+        Response::raw(&b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\n\r\nuntil close"[..])
+            .then_close()
+    });
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, ""));
+    let miss = gw.get("/prod/items/7");
+    assert_eq!(miss.header("x-cache"), Some("miss"));
+    assert_eq!(miss.text(), "until close");
+    let hit = gw.get("/prod/items/7");
+    assert_eq!(hit.header("x-cache"), Some("hit"));
+    assert_eq!(hit.text(), "until close");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

@@ -941,3 +941,48 @@ fn an_early_answer_reaches_the_client_while_it_still_uploads() {
     );
     let _ = writer.join();
 }
+
+#[test]
+fn a_body_that_ends_with_the_upstream_connection_goes_out_chunked() {
+    // No length and not chunked: the body ends when the origin closes. Toward an HTTP/1.1
+    // client it goes out chunked (as nginx), so the end is marked and the connection stays
+    // open; a reset instead of a close is a cut, and the client sees no last chunk.
+    let origin = Origin::start(|r| match r.path.as_str() {
+        "/cut" => Response::raw(&b"HTTP/1.1 200 OK\r\n\r\npartial-body"[..]).then_reset(),
+        _ => Response::raw(&b"HTTP/1.1 200 OK\r\n\r\nwhole body"[..]).then_close(),
+    });
+    let gw = Gateway::start(&config(origin.addr));
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /whole HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(r.header("connection"), None);
+    assert_eq!(r.text(), "whole body");
+    // Still open.
+    c.send(b"GET /whole HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().text(), "whole body");
+
+    // Cut: the bytes that came, then the connection closes without the last chunk.
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /cut HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut got);
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.contains("transfer-encoding: chunked"), "{got}");
+    assert!(got.contains("partial-body"), "{got}");
+    assert!(
+        !got.ends_with("0\r\n\r\n"),
+        "a cut body looks complete: {got:?}"
+    );
+
+    // An HTTP/1.0 client cannot take chunks: the body ends with the connection.
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /whole HTTP/1.0\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.header("transfer-encoding"), None);
+    assert_eq!(r.text(), "whole body");
+    assert!(c.is_closed_within(Duration::from_secs(2)));
+}

@@ -36,7 +36,9 @@ pub fn decide(resp: &ResponseHead, buf: &[u8], ttl: Duration, head_request: bool
         return Decision::Pass;
     }
     match resp.body {
-        RespBody::Length(_) | RespBody::Chunked => {}
+        // A body that ends with the connection is stored only once that end came as a close,
+        // not a reset (the capture is dropped for a cut body).
+        RespBody::Length(_) | RespBody::Chunked | RespBody::UntilClose => {}
         RespBody::None if head_request => {}
         _ => return Decision::Pass,
     }
@@ -206,10 +208,11 @@ mod tests {
             "HTTP/1.1 200 OK\r\nvary: *\r\ncontent-length: 2\r\n\r\n",
             "HTTP/1.1 500 Oops\r\ncontent-length: 2\r\n\r\n",
             "HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n",
-            "HTTP/1.1 200 OK\r\n\r\n",
         ] {
             assert_eq!(d(r, false), Decision::Pass, "{r}");
         }
+        // A body that ends with the connection may be stored (once it ended with a close).
+        assert_eq!(d("HTTP/1.1 200 OK\r\n\r\n", false), ttl(300));
     }
 
     #[test]

@@ -120,6 +120,27 @@ pub fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends `data` as one chunk of a chunked body (`SIZE-in-hex CRLF data CRLF`); empty
+/// `data` is the last chunk (`0 CRLF CRLF`, no trailers).
+pub fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    let mut tmp = [0u8; 16];
+    let mut i = tmp.len();
+    let mut n = data.len();
+    loop {
+        i -= 1;
+        tmp[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reserve(16 + 4 + data.len());
+    out.extend_from_slice(&tmp[i..]);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends the decimal form of `n`.
 pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut tmp = [0u8; 20];
@@ -298,6 +319,19 @@ fn civil_from_days(days: u64) -> (u32, u32, u32) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn chunks() {
+        let mut o = Vec::new();
+        push_chunk(&mut o, b"hello world");
+        push_chunk(&mut o, &[b'x'; 300]);
+        push_chunk(&mut o, b"");
+        let mut want = b"b\r\nhello world\r\n12c\r\n".to_vec();
+        want.extend_from_slice(&[b'x'; 300]);
+        want.extend_from_slice(b"\r\n0\r\n\r\n");
+        assert_eq!(o, want);
+    }
+
     #[test]
     fn rfc3339_dates() {
         assert_eq!(&super::format_rfc3339(0), b"1970-01-01T00:00:00Z");

@@ -750,8 +750,11 @@ async fn respond<S: ClientIo>(
     let is_head = c.b.head.method == Method::Head;
     let client_10 = c.b.head.minor_version == 0;
     let mut keep = w.keep_alive(&c.b.head);
-    // How the body is framed toward the client.
+    // How the body is framed toward the client: a chunked body is decoded for an HTTP/1.0
+    // client; a body that ends when the upstream closes goes out chunked to an HTTP/1.1 one
+    // (as nginx does), so the client tells the end from a cut and the connection stays open.
     let mut dechunk = false;
+    let mut chunk_out = false;
     c.b.out.clear();
     encode::push_status_line(&mut c.b.out, status);
     // A route without a response mapping gets the loop without the per-header name check.
@@ -792,7 +795,14 @@ async fn respond<S: ClientIo>(
                 c.b.out.extend_from_slice(b"transfer-encoding: chunked\r\n");
             }
         }
-        RespBody::UntilClose => keep = false,
+        RespBody::UntilClose => {
+            if client_10 {
+                keep = false;
+            } else {
+                chunk_out = true;
+                c.b.out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            }
+        }
     }
     encode::push_header(&mut c.b.out, b"x-request-id", &c.reqid[..c.reqid_len]);
     if !keep {
@@ -863,7 +873,14 @@ async fn respond<S: ClientIo>(
                     }
                 }
                 _ => {
-                    c.b.out.extend_from_slice(data);
+                    if chunk_out {
+                        encode::push_chunk(&mut c.b.out, data);
+                    } else {
+                        c.b.out.extend_from_slice(data);
+                    }
+                    if let Some(cap) = cap.as_deref_mut() {
+                        cap.body(data);
+                    }
                     data.len()
                 }
             };
@@ -910,13 +927,20 @@ async fn respond<S: ClientIo>(
             Ok((res, buf)) => {
                 c.b.ubuf = buf.into_inner();
                 match res {
+                    Ok(0) if matches!(c.b.resp.body, RespBody::UntilClose) => {
+                        // The end of the body: the last chunk goes out with the loop's flush.
+                        up_reusable = false;
+                        done = true;
+                        if chunk_out {
+                            encode::push_chunk(&mut c.b.out, b"");
+                            continue;
+                        }
+                        break;
+                    }
+                    // A reset is a cut, never an end.
                     Ok(0) | Err(_) => {
                         up_reusable = false;
-                        if matches!(c.b.resp.body, RespBody::UntilClose) {
-                            done = true;
-                        } else {
-                            ok = false;
-                        }
+                        ok = false;
                         break;
                     }
                     Ok(_) => {}

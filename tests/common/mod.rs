@@ -611,6 +611,8 @@ pub struct Response {
     pub no_length: bool,
     /// Close silently after answering.
     pub close_after: bool,
+    /// Reset (not close) after answering raw bytes.
+    pub reset_after: bool,
 }
 
 impl Response {
@@ -624,6 +626,7 @@ impl Response {
             action: Action::Answer,
             no_length: false,
             close_after: false,
+            reset_after: false,
         }
     }
     pub fn ok(body: impl Into<Vec<u8>>) -> Response {
@@ -653,6 +656,12 @@ impl Response {
     /// `Connection: close`, as an origin whose keep-alive timer fires right after answering.
     pub fn then_close(mut self) -> Response {
         self.close_after = true;
+        self
+    }
+    /// After answering raw bytes, reset the connection (SO_LINGER 0) instead of closing it.
+    pub fn then_reset(mut self) -> Response {
+        self.close_after = true;
+        self.reset_after = true;
         self
     }
     pub fn no_length(mut self) -> Response {
@@ -910,6 +919,11 @@ fn origin_conn(st: &OriginState, s: TcpStream, conn: usize) -> io::Result<()> {
             }
             Action::Raw => {
                 r.stream.write_all(&resp.body)?;
+                if resp.reset_after {
+                    std::thread::sleep(Duration::from_millis(50));
+                    set_linger_zero(&r.stream);
+                    return Ok(());
+                }
                 if resp.close_after {
                     let _ = r.stream.shutdown(Shutdown::Both);
                     return Ok(());
