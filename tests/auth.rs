@@ -1771,3 +1771,162 @@ fn config_keys_follow_reloads_and_a_corrupt_key_file_stops_the_start() {
     assert!(err.contains("api_keys.json"), "{err}");
     let _ = std::fs::remove_dir_all(&state);
 }
+
+/// An authorizer that allows anyone whose identity value is not "deny", as principal
+/// `p-VALUE` (the first identity value it was sent).
+fn echo_authorizer() -> Origin {
+    Origin::start(|r| {
+        let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        let who = v["identity"]
+            .as_object()
+            .and_then(|m| m.values().next())
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        if who == "deny" {
+            return Response::ok(r#"{"allow":false}"#);
+        }
+        Response::ok(json!({"allow": true, "principal": format!("p-{who}")}).to_string())
+    })
+}
+
+fn cached_authorizer_config(origin: SocketAddr, authz: SocketAddr) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "app"
+targets = ["{origin}"]
+
+[[upstreams]]
+name = "authz"
+targets = ["{authz}"]
+
+[[authorizers]]
+name = "session"
+type = "request"
+upstream = "authz"
+path = "/authorize"
+identity_sources = ["header.x-session"]
+ttl_s = 300
+
+[[authorizers]]
+name = "token"
+type = "request"
+upstream = "authz"
+path = "/authorize"
+identity_sources = ["query.t"]
+ttl_s = 300
+
+[[sigv4_credentials]]
+access_key = "AKIDEXAMPLE"
+secret_key = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+region = "us-east-1"
+service = "execute-api"
+principal = "alice"
+
+[[sigv4_credentials]]
+access_key = "AKIDBOB"
+secret_key = "bobsecretbobsecretbobsecretbobsecret0000"
+region = "us-east-1"
+service = "execute-api"
+principal = "bob"
+
+[[apis]]
+name = "shop"
+
+[apis.stages.prod]
+cache = {{ ttl_s = 60, max_bytes = 1048576 }}
+
+[[apis.routes]]
+route = "GET /me"
+integration = {{ type = "http", upstream = "app" }}
+auth = "authorizer:session"
+
+[[apis.routes]]
+route = "GET /q"
+integration = {{ type = "http", upstream = "app" }}
+auth = "authorizer:token"
+cache = {{ key = ["query.lang"] }}
+
+[[apis.routes]]
+route = "GET /sig"
+integration = {{ type = "http", upstream = "app" }}
+auth = "sigv4"
+cache = {{ key = ["query.lang"] }}
+"#
+    )
+}
+
+#[test]
+fn the_cache_never_gives_one_principal_another_ones_answer() {
+    // The README: requests with credentials skip the cache unless the credential is in the
+    // key. An authorizer's own identity sources (a header, a query parameter) and a presigned
+    // SigV4 URL are credentials too.
+    let origin = principal_origin();
+    let authz = echo_authorizer();
+    let gw = Gateway::start(&cached_authorizer_config(origin.addr, authz.addr));
+    for who in ["alice", "bob", "alice"] {
+        let r = get_with(&gw, "/prod/me", &[("x-session", who)]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), format!("p-{who}"));
+    }
+    for who in ["alice", "bob"] {
+        let r = gw.get(&format!("/prod/q?lang=en&t={who}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), format!("p-{who}"));
+    }
+    // The name spelled encoded is the same parameter, to the authorizer and to the cache.
+    let r = gw.get("/prod/q?lang=en&%74=carol");
+    assert_eq!(r.text(), "p-carol");
+
+    // Presigned SigV4 URLs of two principals, same path and `lang`.
+    let job = |ak: &str, sk: &str| {
+        json!({"op": "sign", "method": "GET", "url": format!("http://{}/prod/sig?lang=en", gw.addr),
+               "headers": {}, "body": "", "access_key": ak, "secret_key": sk,
+               "region": "us-east-1", "service": "execute-api", "presign": 300})
+    };
+    let out = peer(
+        &temp_dir("presign-cache"),
+        json!([
+            job("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"),
+            job("AKIDBOB", "bobsecretbobsecretbobsecretbobsecret0000")
+        ]),
+    );
+    for (v, who) in out.iter().zip(["alice", "bob"]) {
+        let u = v["url"].as_str().unwrap();
+        let r = send_signed(
+            &gw,
+            "GET",
+            &u[u.find("/prod").unwrap()..],
+            &json!({"headers": {}}),
+            &[],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), who);
+    }
+}
+
+#[test]
+fn authorizer_identity_sources_are_single_and_decoded() {
+    let origin = principal_origin();
+    let authz = echo_authorizer();
+    let gw = Gateway::start(&cached_authorizer_config(origin.addr, authz.addr));
+    // Twice: the value checked and the one the upstream reads could differ.
+    let r = get_with(
+        &gw,
+        "/prod/me",
+        &[("x-session", "alice"), ("x-session", "deny")],
+    );
+    let q = gw.get("/prod/q?t=alice&t=deny");
+    for r in [r, q] {
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(r.message().contains("more than once"), "{}", r.text());
+    }
+    assert_eq!(authz.request_count(), 0);
+    assert_eq!(origin.request_count(), 0);
+    // Query values reach the authorizer decoded.
+    let r = gw.get("/prod/q?t=abc%2B%2F%3D+x");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "p-abc+/= x");
+}

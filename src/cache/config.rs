@@ -49,6 +49,7 @@ pub(crate) fn compile(
     param_names: &[String],
     api: &str,
     stage_name: &str,
+    auth_credentials: &[crate::policy::auth::authorizer::IdentitySource],
 ) -> Result<Option<Arc<CachePolicy>>, ConfigError> {
     if let Some(rc) = route {
         let r = rc.get_ref();
@@ -89,19 +90,27 @@ pub(crate) fn compile(
         }
     }
     let query_in_key = key.iter().any(|k| matches!(k, KeyPart::Query(_)));
-    let mut credentials_in_key = [false; 3];
-    for (i, h) in CREDENTIAL_HEADERS.iter().enumerate() {
-        credentials_in_key[i] = key
-            .iter()
-            .any(|k| matches!(k, KeyPart::Header(n) if &**n == *h));
-    }
+    // Credential fields outside the key. A query credential is in the key when the whole query
+    // string is (no `query.X` in the key).
+    let credentials: Box<[KeyPart]> = CREDENTIAL_HEADERS
+        .iter()
+        .map(|h| KeyPart::Header((*h).into()))
+        .chain(auth_credentials.iter().map(|s| {
+            use crate::policy::auth::authorizer::IdentitySource;
+            match s {
+                IdentitySource::Header(h) => KeyPart::Header(h.as_str().into()),
+                IdentitySource::Query(q) => KeyPart::Query(q.as_str().into()),
+            }
+        }))
+        .filter(|c| !key.contains(c) && (query_in_key || !matches!(c, KeyPart::Query(_))))
+        .collect();
     Ok(Some(Arc::new(CachePolicy {
         store_id: format!("{api}\0{stage_name}").into(),
         max_bytes: sc.max_bytes,
         ttl: Duration::from_secs(ttl),
         key,
         query_in_key,
-        credentials_in_key,
+        credentials,
         allow_client_invalidate: rc.is_some_and(|r| r.allow_client_invalidate),
         stage: Default::default(),
     })))

@@ -33,9 +33,9 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 pub use store::{Entry, Store};
 
-/// Request headers that carry credentials: requests with one are never served from or stored
-/// in the cache unless the route's `key` contains that header (so each principal has its own
-/// entries).
+/// Request headers that carry credentials on every route: requests with one are never served
+/// from or stored in the cache unless the route's `key` contains that header (so each principal
+/// has its own entries). A route's authorizer adds its own identity sources to these.
 pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "cookie"];
 
 /// Concurrent requests that may wait for one in-flight miss; more go upstream themselves.
@@ -68,8 +68,9 @@ pub struct CachePolicy {
     /// Some `query.X` is in the key: only those query parameters count. Otherwise the whole
     /// query string is part of the key.
     pub query_in_key: bool,
-    /// For each of [`CREDENTIAL_HEADERS`], whether it is part of the key.
-    pub credentials_in_key: [bool; 3],
+    /// Request fields that carry credentials on this route and are not part of the key: a
+    /// request with one of them bypasses the cache.
+    pub credentials: Box<[KeyPart]>,
     /// A client's `Cache-Control: max-age=0` refreshes the entry (`allow_client_invalidate`).
     pub allow_client_invalidate: bool,
 }
@@ -85,12 +86,14 @@ impl CachePolicy {
         if !matches!(head.body, BodyKind::None | BodyKind::Length(0)) {
             return false;
         }
-        for (i, h) in CREDENTIAL_HEADERS.iter().enumerate() {
-            if !self.credentials_in_key[i] && head.header(buf, h).is_some() {
-                return false;
-            }
-        }
-        true
+        let query = head.query.map(|q| head.slice(buf, q)).unwrap_or(b"");
+        !self.credentials.iter().any(|c| match c {
+            KeyPart::Header(h) => head.header(buf, h).is_some(),
+            KeyPart::Query(q) => crate::http::query_values(query, q.as_bytes())
+                .next()
+                .is_some(),
+            KeyPart::Path(_) => false,
+        })
     }
 }
 
@@ -675,7 +678,7 @@ mod tests {
             ttl: Duration::from_secs(1),
             key,
             query_in_key,
-            credentials_in_key: [false; 3],
+            credentials: Box::new([]),
             allow_client_invalidate: false,
             stage: Default::default(),
         }

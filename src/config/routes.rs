@@ -741,6 +741,14 @@ pub(super) fn compile(
                         Integration::Mock(encode_mock(*status, &headers, body).map_err(&ierr)?)
                     }
                 };
+                let mut route_auth = crate::policy::auth::resolve_route(
+                    src,
+                    &format!("apis[{ai}].routes[{ri}]"),
+                    r.auth.as_ref(),
+                    &r.scopes,
+                    r.api_key_required,
+                    auth,
+                )?;
                 let cache = crate::cache::config::compile(
                     src,
                     stage.cache.as_ref(),
@@ -750,14 +758,7 @@ pub(super) fn compile(
                     &names,
                     name,
                     stage_name,
-                )?;
-                let mut route_auth = crate::policy::auth::resolve_route(
-                    src,
-                    &format!("apis[{ai}].routes[{ri}]"),
-                    r.auth.as_ref(),
-                    &r.scopes,
-                    r.api_key_required,
-                    auth,
+                    &route_auth.credential_fields(auth),
                 )?;
                 let env = mapping::Env {
                     stage_vars: &stage.variables,

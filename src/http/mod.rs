@@ -275,6 +275,54 @@ impl std::error::Error for HttpError {}
 // ---------------------------------------------------------------------------
 // Helpers shared by request.rs and response.rs.
 
+/// Percent-decodes `s` into `out` (invalid escapes are kept as they are; `+` becomes a space
+/// when `plus` is set).
+pub fn percent_decode(s: &[u8], plus: bool, out: &mut Vec<u8>) {
+    out.clear();
+    let hex = |c: u8| -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    };
+    let mut i = 0;
+    while i < s.len() {
+        let c = s[i];
+        if c == b'%' && i + 2 < s.len() {
+            if let (Some(a), Some(b)) = (hex(s[i + 1]), hex(s[i + 2])) {
+                out.push(a << 4 | b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if plus && c == b'+' { b' ' } else { c });
+        i += 1;
+    }
+}
+
+/// The raw (still encoded) values of query parameter `name` in `query`, in order; names are
+/// compared percent-decoded, `+` as a space (`%74oken` is `token`).
+pub fn query_values<'a>(query: &'a [u8], name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    query
+        .split(|&c| c == b'&')
+        .filter(|p| !p.is_empty())
+        .filter_map(move |pair| {
+            let (k, v) = match pair.iter().position(|&c| c == b'=') {
+                Some(i) => (&pair[..i], &pair[i + 1..]),
+                None => (pair, &b""[..]),
+            };
+            let same = k == name
+                || (k.iter().any(|&c| c == b'%' || c == b'+') && {
+                    let mut d = Vec::with_capacity(k.len());
+                    percent_decode(k, true, &mut d);
+                    d == name
+                });
+            same.then_some(v)
+        })
+}
+
 /// Maps an httparse error to ours.
 pub(crate) fn map_httparse_err(e: httparse::Error) -> HttpError {
     use httparse::Error as E;
@@ -514,6 +562,16 @@ pub(crate) fn find_kind<'b>(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn query_values_compare_decoded_names() {
+        let q = b"a=1&%74oken=x%2By&token=2&b&token";
+        let v: Vec<&[u8]> = query_values(q, b"token").collect();
+        assert_eq!(v, vec![&b"x%2By"[..], b"2", b""]);
+        assert_eq!(query_values(q, b"b").count(), 1);
+        assert_eq!(query_values(b"", b"a").count(), 0);
+        assert_eq!(query_values(b"a+b=1", b"a b").count(), 1);
+    }
     use super::*;
 
     #[test]

@@ -351,16 +351,15 @@ fn query_param(ctx: &Ctx, name: &[u8], out: &mut Vec<u8>) -> bool {
     let Some(q) = ctx.head.query.map(|q| ctx.head.slice(ctx.buf, q)) else {
         return false;
     };
-    for pair in q.split(|&c| c == b'&') {
-        let (k, v) = split_pair(pair);
-        if decoded_eq(k, name) {
+    match crate::http::query_values(q, name).next() {
+        Some(v) => {
             let mut d = Vec::new();
-            crate::policy::waf::percent_decode(v, true, &mut d);
+            crate::http::percent_decode(v, true, &mut d);
             out.extend_from_slice(&d);
-            return true;
+            true
         }
+        None => false,
     }
-    false
 }
 
 fn split_pair(pair: &[u8]) -> (&[u8], &[u8]) {

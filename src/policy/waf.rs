@@ -371,32 +371,7 @@ impl Waf {
     }
 }
 
-/// Percent-decodes `s` into `out` (invalid escapes are kept as they are; `+` becomes a space
-/// when `plus` is set).
-pub fn percent_decode(s: &[u8], plus: bool, out: &mut Vec<u8>) {
-    out.clear();
-    let hex = |c: u8| -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
-        }
-    };
-    let mut i = 0;
-    while i < s.len() {
-        let c = s[i];
-        if c == b'%' && i + 2 < s.len() {
-            if let (Some(a), Some(b)) = (hex(s[i + 1]), hex(s[i + 2])) {
-                out.push(a << 4 | b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if plus && c == b'+' { b' ' } else { c });
-        i += 1;
-    }
-}
+pub use crate::http::percent_decode;
 
 #[cfg(test)]
 mod tests {

@@ -170,15 +170,11 @@ pub struct DecisionCache {
     rr: usize,
 }
 
-fn query_value<'a>(query: &'a [u8], name: &str) -> Option<&'a [u8]> {
-    query.split(|&b| b == b'&').find_map(|kv| {
-        let (k, v) = match kv.iter().position(|&b| b == b'=') {
-            Some(i) => (&kv[..i], &kv[i + 1..]),
-            None => (kv, &b""[..]),
-        };
-        (k == name.as_bytes()).then_some(v)
-    })
-}
+/// 400: an identity source given twice.
+const REPEATED_SOURCE: Deny = Deny {
+    status: 400,
+    message: "Bad Request: an identity source of the authorizer is given more than once",
+};
 
 /// What an allow hands on: the principal and, when asked for, the authorizer's `context`.
 type Passed = (Option<Arc<str>>, Option<Arc<serde_json::Value>>);
@@ -200,10 +196,29 @@ pub(super) async fn check(
         .unwrap_or(b"");
     let mut key: Vec<u8> = Vec::with_capacity(128);
     let mut values: Vec<(String, String)> = Vec::with_capacity(a.sources.len());
+    let mut decoded = Vec::new();
     for s in &a.sources {
+        // One value per source: with two, the one checked and the one the upstream reads
+        // could differ (as with two Authorization fields). Query values are percent-decoded
+        // (`+` as space), as a mapping's `$request.querystring` reads them.
         let v = match s {
-            IdentitySource::Header(h) => req.header(h),
-            IdentitySource::Query(q) => query_value(query, q),
+            IdentitySource::Header(h) => {
+                if req.head.header_count(req.buf, h) > 1 {
+                    return Err(REPEATED_SOURCE);
+                }
+                req.header(h)
+            }
+            IdentitySource::Query(q) => {
+                let mut it = crate::http::query_values(query, q.as_bytes());
+                let first = it.next();
+                if it.next().is_some() {
+                    return Err(REPEATED_SOURCE);
+                }
+                first.map(|v| {
+                    crate::http::percent_decode(v, true, &mut decoded);
+                    &decoded[..]
+                })
+            }
         };
         let v = v.filter(|v| !v.is_empty()).ok_or(UNAUTHORIZED)?;
         key.extend_from_slice(v);
@@ -380,11 +395,5 @@ mod tests {
         let chunked =
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\ne\r\n{\"allow\":true}\r\n0\r\n\r\n";
         assert!(answer(chunked, false).unwrap().unwrap().allow);
-    }
-
-    #[test]
-    fn query_values() {
-        assert_eq!(query_value(b"a=1&token=xyz", "token"), Some(&b"xyz"[..]));
-        assert_eq!(query_value(b"a=1", "token"), None);
     }
 }

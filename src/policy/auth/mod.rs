@@ -148,6 +148,22 @@ pub struct RouteAuth {
     pub keep_context: bool,
 }
 
+impl RouteAuth {
+    /// The request fields that carry this route's credentials beyond `Authorization`,
+    /// `x-api-key` and `Cookie`: a request authorizer's identity sources, and a presigned
+    /// SigV4 URL's signature. (The response cache keeps requests with them apart.)
+    pub fn credential_fields(&self, cfg: &AuthConfig) -> Vec<authorizer::IdentitySource> {
+        match self.kind {
+            AuthKind::Authorizer(i) => match cfg.authorizers.get(i as usize) {
+                Some(Authorizer::Request(a)) => a.sources.clone(),
+                _ => Vec::new(),
+            },
+            AuthKind::SigV4 => vec![authorizer::IdentitySource::Query("X-Amz-Signature".into())],
+            _ => Vec::new(),
+        }
+    }
+}
+
 impl Default for RouteAuth {
     fn default() -> Self {
         RouteAuth {
