@@ -7,8 +7,11 @@
 //!   node then reloads the hash into its key set ([`crate::policy::auth::AuthState::replace_admin`]).
 //!   Nodes also reload every [`KEYS_RELOAD_MS`] ms and on every reconnect, so a missed
 //!   announcement costs at most that. Keys from the config file stay per node, as without
-//!   `[cluster]`. The hash keeps a marker field, so a hash that is missing means Redis lost its
-//!   data (or is new): the nodes then write their keys back.
+//!   `[cluster]`. The hash keeps a marker field holding an epoch (a random id made by the node
+//!   that initialised the hash); each node remembers the epoch it last synced with. A missing
+//!   marker, or another epoch, means Redis lost its data (or is new): the node then merges its
+//!   keys back (`Worker::seed_keys`); only with its own epoch does a missing key mean a
+//!   deletion.
 //! - **Usage-plan quota counts**: each request counts on the node's local counter (the hot
 //!   path never waits for Redis). Every [`SYNC_MS`] ms this thread writes the node's own share
 //!   of each counter to hash `ringgate:quota:{plan}:{period}:{index}:{key}` (field = node id,
@@ -28,7 +31,8 @@
 //!
 //! Per node: throttles (token buckets), the response cache's entries, health checks, metrics.
 //!
-//! Redis down (at start or later): the node serves with its local state, logs one line when
+//! Redis down (at start or later), or refusing the first command of a connection (a password
+//! missing or wrong: `NOAUTH`, `WRONGPASS`): the node serves with its local state, logs one line when
 //! the outage starts and one when Redis is back, retries with backoff up to
 //! [`BACKOFF_MAX_MS`] ms, and resyncs on reconnect (pending key changes written, keys reloaded,
 //! connections registered again, quota shares rewritten).
