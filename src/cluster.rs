@@ -592,18 +592,26 @@ impl Worker {
                 .is_none_or(|t| t.elapsed() >= Duration::from_millis(HEARTBEAT_MS))
         {
             let key = format!("ringgate:alive:{}", self.node);
-            if self
-                .call(|con| {
-                    redis::cmd("SET")
-                        .arg(&key)
-                        .arg(1)
-                        .arg("PX")
-                        .arg(ALIVE_TTL_MS)
-                        .query::<()>(con)
-                })
-                .is_some()
-            {
+            // With it, the key hash's marker: a Redis that lost its data without dropping the
+            // connection (`FLUSHALL`) is noticed within a heartbeat.
+            let marker = self.call(|con| {
+                let ((), marker): ((), Option<String>) = redis::pipe()
+                    .cmd("SET")
+                    .arg(&key)
+                    .arg(1)
+                    .arg("PX")
+                    .arg(ALIVE_TTL_MS)
+                    .cmd("HGET")
+                    .arg(KEYS_HASH)
+                    .arg(KEYS_MARKER)
+                    .query(con)?;
+                Ok(marker)
+            });
+            if let Some(marker) = marker {
                 self.last_beat = Some(Instant::now());
+                if self.epoch.is_some() && marker != self.epoch {
+                    self.seed = true;
+                }
             }
         }
         if self.seed {

@@ -462,6 +462,46 @@ fn connections_are_managed_from_any_node() {
 }
 
 #[test]
+fn state_is_written_back_when_redis_loses_it_without_a_restart() {
+    let p = ws_pair();
+    let r = admin_call(
+        p.a.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"dora","plans":[]}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let lists_dora = |n: &Gateway| n.admin_get("/api-keys").text().contains("\"dora\"");
+    assert!(wait_until(Duration::from_secs(3), || lists_dora(&p.b)));
+    // Redis loses everything; the nodes stay connected.
+    assert!(p
+        ._redis
+        .command(&["FLUSHALL"])
+        .is_some_and(|r| r.starts_with("+OK")));
+    // Within a heartbeat the nodes notice, register their connections again and write their
+    // keys back.
+    assert!(
+        status_becomes(&p.b, "GET", &p.path, 200, 4),
+        "A: {}",
+        p.a.stderr()
+    );
+    assert!(wait_until(Duration::from_secs(3), || p
+        ._redis
+        .command(&["HGETALL", "ringgate:apikeys"])
+        .is_some_and(|h| h.contains("dora"))));
+    // Both reloaded the hash after writing their keys back: dora is still there.
+    thread::sleep(Duration::from_millis(500));
+    for n in [&p.a, &p.b] {
+        assert!(lists_dora(n), "{}", n.stderr());
+        assert!(
+            n.stderr().contains("lost the cluster's data"),
+            "{}",
+            n.stderr()
+        );
+    }
+}
+
+#[test]
 fn connections_of_a_stopped_node_are_gone_at_once() {
     let mut p = ws_pair();
     // SIGTERM: A stops; B answers 410 well before A's liveness key would have expired.
