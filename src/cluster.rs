@@ -735,7 +735,7 @@ impl Worker {
             // Redis lost its data since this node last synced: everything else is written
             // again too (connections, quota shares, counters of other nodes).
             crate::elog!(
-                "ringgate: cluster: redis at {} lost the cluster's data; wrote this node's {} admin-added keys back",
+                "ringgate: cluster: redis at {} lost the cluster's data; merged this node's {} admin-added keys back into it",
                 self.url,
                 entries.len()
             );
