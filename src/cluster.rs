@@ -7,8 +7,11 @@
 //!   node then reloads the hash into its key set ([`crate::policy::auth::AuthState::replace_admin`]).
 //!   Nodes also reload every [`KEYS_RELOAD_MS`] ms and on every reconnect, so a missed
 //!   announcement costs at most that. Keys from the config file stay per node, as without
-//!   `[cluster]`. The hash keeps a marker field, so a hash that is missing means Redis lost its
-//!   data (or is new): the nodes then write their keys back.
+//!   `[cluster]`. The hash keeps a marker field holding an epoch (a random id made by the node
+//!   that initialised the hash); each node remembers the epoch it last synced with. A missing
+//!   marker, or another epoch, means Redis lost its data (or is new): the node then merges its
+//!   keys back (`Worker::seed_keys`); only with its own epoch does a missing key mean a
+//!   deletion.
 //! - **Usage-plan quota counts**: each request counts on the node's local counter (the hot
 //!   path never waits for Redis). Every [`SYNC_MS`] ms this thread writes the node's own share
 //!   of each counter to hash `ringgate:quota:{plan}:{period}:{index}:{key}` (field = node id,
@@ -28,7 +31,8 @@
 //!
 //! Per node: throttles (token buckets), the response cache's entries, health checks, metrics.
 //!
-//! Redis down (at start or later): the node serves with its local state, logs one line when
+//! Redis down (at start or later), or refusing the first command of a connection (a password
+//! missing or wrong: `NOAUTH`, `WRONGPASS`): the node serves with its local state, logs one line when
 //! the outage starts and one when Redis is back, retries with backoff up to
 //! [`BACKOFF_MAX_MS`] ms, and resyncs on reconnect (pending key changes written, keys reloaded,
 //! connections registered again, quota shares rewritten).
@@ -68,6 +72,22 @@ const KEYS_HASH: &str = "ringgate:apikeys";
 /// Marker field of [`KEYS_HASH`] (not a valid key name, never parsed as a key).
 const KEYS_MARKER: &str = ".";
 const CONNS_HASH: &str = "ringgate:conns";
+
+/// Whether Redis refused this connection's credentials (a connection that cannot run any
+/// command: treated as an unreachable Redis).
+fn refused_auth(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"))
+}
+
+/// A new epoch for the key hash's marker: unique per node and time.
+fn new_epoch(node: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{node}-{nanos:x}")
+}
 
 /// The channel every node of a cluster listens on. Redis channels are global to the server,
 /// not per database: clusters on different databases of one Redis get their own channel.
@@ -326,8 +346,12 @@ struct Worker {
     flushed: u64,
     conn_ops: VecDeque<(u64, bool)>,
     reregister: bool,
-    /// Check, after a (re)connect, whether Redis lost the keys.
+    /// Check, after a (re)connect or when the marker changed, whether Redis lost the keys
+    /// ([`Worker::seed_keys`]).
     seed: bool,
+    /// The key hash's marker (its epoch) this node last synced with; `None` before the first
+    /// sync.
+    epoch: Option<String>,
     /// Load, after a (re)connect, the counters of this period that other nodes made.
     preload: bool,
     keys_dirty: bool,
@@ -359,6 +383,7 @@ impl Worker {
             conn_ops: VecDeque::new(),
             reregister: true,
             seed: true,
+            epoch: None,
             preload: true,
             keys_dirty: true,
             last_keys: Instant::now(),
@@ -465,6 +490,7 @@ impl Worker {
             || e.is_timeout()
             || e.is_connection_dropped()
             || e.is_unrecoverable_error()
+            || refused_auth(&e)
         {
             self.con = None;
             self.next_try = Instant::now() + Duration::from_millis(self.backoff_ms);
@@ -485,10 +511,19 @@ impl Worker {
     }
 
     fn connect(&mut self) {
-        match self.client.get_connection_with_timeout(IO_TIMEOUT) {
+        // A Redis that answers the first command with an error (a password missing from the
+        // URL or wrong, a user without rights) is as unusable as an unreachable one.
+        let con = self
+            .client
+            .get_connection_with_timeout(IO_TIMEOUT)
+            .and_then(|mut c| {
+                c.set_read_timeout(Some(IO_TIMEOUT))?;
+                c.set_write_timeout(Some(IO_TIMEOUT))?;
+                redis::cmd("PING").query::<String>(&mut c)?;
+                Ok(c)
+            });
+        match con {
             Ok(c) => {
-                let _ = c.set_read_timeout(Some(IO_TIMEOUT));
-                let _ = c.set_write_timeout(Some(IO_TIMEOUT));
                 self.con = Some(c);
                 self.backoff_ms = 100;
                 if self.outage {
@@ -518,8 +553,13 @@ impl Worker {
             }
             Err(e) => {
                 if !self.outage {
+                    let hint = if refused_auth(&e) {
+                        " (check the user and password in cluster.redis)"
+                    } else {
+                        ""
+                    };
                     crate::elog!(
-                        "ringgate: cluster: redis at {} unreachable ({e}); serving with local state, retrying",
+                        "ringgate: cluster: redis at {} unreachable ({e}){hint}; serving with local state, retrying",
                         self.url
                     );
                     self.outage = true;
@@ -552,18 +592,26 @@ impl Worker {
                 .is_none_or(|t| t.elapsed() >= Duration::from_millis(HEARTBEAT_MS))
         {
             let key = format!("ringgate:alive:{}", self.node);
-            if self
-                .call(|con| {
-                    redis::cmd("SET")
-                        .arg(&key)
-                        .arg(1)
-                        .arg("PX")
-                        .arg(ALIVE_TTL_MS)
-                        .query::<()>(con)
-                })
-                .is_some()
-            {
+            // With it, the key hash's marker: a Redis that lost its data without dropping the
+            // connection (`FLUSHALL`) is noticed within a heartbeat.
+            let marker = self.call(|con| {
+                let ((), marker): ((), Option<String>) = redis::pipe()
+                    .cmd("SET")
+                    .arg(&key)
+                    .arg(1)
+                    .arg("PX")
+                    .arg(ALIVE_TTL_MS)
+                    .cmd("HGET")
+                    .arg(KEYS_HASH)
+                    .arg(KEYS_MARKER)
+                    .query(con)?;
+                Ok(marker)
+            });
+            if let Some(marker) = marker {
                 self.last_beat = Some(Instant::now());
+                if self.epoch.is_some() && marker != self.epoch {
+                    self.seed = true;
+                }
             }
         }
         if self.seed {
@@ -638,29 +686,68 @@ impl Worker {
         self.preload = false;
     }
 
-    /// After a (re)connect: when the key hash is missing (a new cluster, or a Redis that lost
-    /// its data), writes this node's keys to it. Done before the queued changes are written.
+    /// After a (re)connect, and whenever the key hash's marker is not the epoch this node last
+    /// synced with: decides whether the hash still holds what this node synced with.
+    ///
+    /// The marker field holds an epoch, a random id made by the node that initialised the
+    /// hash. Same epoch: the hash is the one this node knows, and a key missing from it was
+    /// deleted. No marker (a new cluster, or a Redis that lost its data) or another epoch than
+    /// this node's (Redis lost its data and another node initialised the hash again meanwhile):
+    /// this node writes its known keys back without overwriting any field (a merge), then
+    /// adopts the hash's epoch. A node that never synced just adopts the epoch it finds.
+    /// Done before the queued changes are written.
     fn seed_keys(&mut self, shared: &Shared) {
         let entries = shared.auth.admin_entries();
-        let ok = self.call(|con| {
-            let exists: i64 = redis::cmd("EXISTS").arg(KEYS_HASH).query(con)?;
-            if exists == 0 {
-                let mut p = redis::pipe();
-                p.cmd("HSET")
-                    .arg(KEYS_HASH)
-                    .arg(KEYS_MARKER)
-                    .arg(1)
-                    .ignore();
-                for (name, json) in &entries {
-                    p.cmd("HSETNX").arg(KEYS_HASH).arg(name).arg(json).ignore();
-                }
-                p.query::<()>(con)?;
+        let mine = self.epoch.clone();
+        let fresh = new_epoch(&self.node);
+        let res = self.call(|con| {
+            let cur: Option<String> = redis::cmd("HGET")
+                .arg(KEYS_HASH)
+                .arg(KEYS_MARKER)
+                .query(con)?;
+            let write_back = match (&cur, &mine) {
+                (None, _) => true,
+                (Some(c), Some(m)) => c != m,
+                (Some(_), None) => false,
+            };
+            if !write_back {
+                return Ok((cur, false));
             }
-            Ok(())
+            let mut p = redis::pipe();
+            // Two nodes initialising at once: the first marker stays, both merge their keys.
+            p.cmd("HSETNX")
+                .arg(KEYS_HASH)
+                .arg(KEYS_MARKER)
+                .arg(&fresh)
+                .ignore();
+            for (name, json) in &entries {
+                p.cmd("HSETNX").arg(KEYS_HASH).arg(name).arg(json).ignore();
+            }
+            p.cmd("HGET").arg(KEYS_HASH).arg(KEYS_MARKER);
+            let (now,): (Option<String>,) = p.query(con)?;
+            Ok((now, true))
         });
-        if ok.is_some() {
-            self.seed = false;
+        // Unreachable, or emptied again in between: checked again on the next tick.
+        let Some((Some(epoch), wrote)) = res else {
+            return;
+        };
+        if wrote && mine.is_some() {
+            // Redis lost its data since this node last synced: everything else is written
+            // again too (connections, quota shares, counters of other nodes).
+            crate::elog!(
+                "ringgate: cluster: redis at {} lost the cluster's data; merged this node's {} admin-added keys back into it",
+                self.url,
+                entries.len()
+            );
+            self.reregister = true;
+            self.preload = true;
+            for q in self.quota.values_mut() {
+                q.written = false;
+            }
         }
+        self.epoch = Some(epoch);
+        self.seed = false;
+        self.keys_dirty = true;
     }
 
     /// Writes the queued key changes, oldest first.
@@ -674,15 +761,13 @@ impl Worker {
             let events = self.events.clone();
             let done = match &k {
                 KeyChange::Put { name, json } => self.call(|con| {
-                    let (added, _, cur): (i64, i64, Option<String>) = redis::pipe()
+                    // The marker is left alone: a hash emptied meanwhile gets no marker
+                    // here, so every node sees it was emptied and writes its keys back.
+                    let (added, cur): (i64, Option<String>) = redis::pipe()
                         .cmd("HSETNX")
                         .arg(KEYS_HASH)
                         .arg(name)
                         .arg(json)
-                        .cmd("HSET")
-                        .arg(KEYS_HASH)
-                        .arg(KEYS_MARKER)
-                        .arg(1)
                         .cmd("HGET")
                         .arg(KEYS_HASH)
                         .arg(name)
@@ -724,6 +809,15 @@ impl Worker {
                 .query::<HashMap<String, Vec<u8>>>(con)
         });
         let Some(all) = all else { return };
+        // Only a hash of the epoch this node synced with tells deletions by missing keys.
+        let marker = all
+            .get(KEYS_MARKER)
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        if marker.is_none() || marker != self.epoch {
+            self.seed = true;
+            self.seed_keys(shared);
+            return;
+        }
         let values: Vec<Vec<u8>> = all
             .into_iter()
             .filter(|(k, _)| k != KEYS_MARKER)

@@ -24,14 +24,21 @@ struct Redis {
     child: Option<Child>,
     port: u16,
     dir: std::path::PathBuf,
+    /// More redis-server arguments.
+    extra: Vec<String>,
 }
 
 impl Redis {
     fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Redis {
         let mut r = Redis {
             child: None,
             port: free_port(),
             dir: temp_dir("redis"),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         r.restart();
         r
@@ -48,6 +55,7 @@ impl Redis {
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -66,9 +74,10 @@ impl Redis {
         );
     }
 
+    /// Up (a Redis that requires a password answers NOAUTH).
     fn ping(&self) -> bool {
         self.command(&["PING"])
-            .is_some_and(|r| r.starts_with("+PONG"))
+            .is_some_and(|r| r.starts_with("+PONG") || r.starts_with("-NOAUTH"))
     }
 
     /// One command in RESP; the raw answer.
@@ -453,6 +462,46 @@ fn connections_are_managed_from_any_node() {
 }
 
 #[test]
+fn state_is_written_back_when_redis_loses_it_without_a_restart() {
+    let p = ws_pair();
+    let r = admin_call(
+        p.a.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"dora","plans":[]}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let lists_dora = |n: &Gateway| n.admin_get("/api-keys").text().contains("\"dora\"");
+    assert!(wait_until(Duration::from_secs(3), || lists_dora(&p.b)));
+    // Redis loses everything; the nodes stay connected.
+    assert!(p
+        ._redis
+        .command(&["FLUSHALL"])
+        .is_some_and(|r| r.starts_with("+OK")));
+    // Within a heartbeat the nodes notice, register their connections again and write their
+    // keys back.
+    assert!(
+        status_becomes(&p.b, "GET", &p.path, 200, 4),
+        "A: {}",
+        p.a.stderr()
+    );
+    assert!(wait_until(Duration::from_secs(3), || p
+        ._redis
+        .command(&["HGETALL", "ringgate:apikeys"])
+        .is_some_and(|h| h.contains("dora"))));
+    // Both reloaded the hash after writing their keys back: dora is still there.
+    thread::sleep(Duration::from_millis(500));
+    for n in [&p.a, &p.b] {
+        assert!(lists_dora(n), "{}", n.stderr());
+        assert!(
+            n.stderr().contains("lost the cluster's data"),
+            "{}",
+            n.stderr()
+        );
+    }
+}
+
+#[test]
 fn connections_of_a_stopped_node_are_gone_at_once() {
     let mut p = ws_pair();
     // SIGTERM: A stops; B answers 410 well before A's liveness key would have expired.
@@ -655,6 +704,139 @@ fn nodes_serve_through_a_redis_outage_and_resync() {
     .status
         == 200));
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
+#[test]
+fn keys_survive_a_redis_restart_that_a_new_node_reaches_first() {
+    let mut redis = Redis::start();
+    let a = Gateway::start(&node_config(&redis.url(), ""));
+    let b = Gateway::start(&node_config(&redis.url(), ""));
+    let r = admin_call(
+        a.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"carol","plans":["free"],"value":"carol-key-0123456789abcdef"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let carol = "carol-key-0123456789abcdef";
+    assert!(wait_until(Duration::from_secs(3), || get_key(
+        &b, "/prod/x", carol
+    )
+    .status
+        == 200));
+
+    redis.stop();
+    // A and B notice at once (a call that needs Redis), then retry after 0.1, 0.3, 0.7, 1.5,
+    // 3.1 and 6.3 s.
+    for n in [&a, &b] {
+        let r = admin_call(n.admin_addr, "GET", "/@connections/0123456789abcdef", "");
+        assert_eq!(r.status, 503, "{}", r.text());
+    }
+    thread::sleep(Duration::from_millis(3400));
+    // Redis comes back empty, and a new node (no admin-added keys) reaches it first.
+    redis.restart();
+    let c = Gateway::start(&node_config(&redis.url(), ""));
+    assert!(
+        wait_until(Duration::from_secs(2), || redis
+            .command(&["HEXISTS", "ringgate:apikeys", "."])
+            .is_some_and(|r| r.starts_with(":1"))),
+        "C initialised the hash: {}",
+        c.stderr()
+    );
+    assert!(
+        !a.stderr().contains("is back") && !b.stderr().contains("is back"),
+        "C was first: {}\n{}",
+        a.stderr(),
+        b.stderr()
+    );
+    // A and B write their keys back when they come back: every node, C too, has carol.
+    assert!(
+        wait_until(Duration::from_secs(8), || get_key(&c, "/prod/x", carol)
+            .status
+            == 200),
+        "C: {}\nA: {}",
+        c.stderr(),
+        a.stderr()
+    );
+    assert!(wait_until(Duration::from_secs(3), || a
+        .stderr()
+        .contains("is back")
+        && b.stderr().contains("is back")));
+    // Well past A's and B's reload after the reconnect (pub/sub, and the 5 s reload at worst).
+    thread::sleep(Duration::from_millis(500));
+    for n in [&a, &b, &c] {
+        assert_eq!(get_key(n, "/prod/x", carol).status, 200, "{}", n.stderr());
+        let list = n.admin_get("/api-keys").text();
+        assert!(list.contains("\"carol\""), "{list}");
+    }
+    let hash = redis
+        .command(&["HGETALL", "ringgate:apikeys"])
+        .unwrap_or_default();
+    assert!(hash.contains("carol"), "{hash}");
+    // A deletion in the new epoch is still a deletion everywhere.
+    assert_eq!(
+        admin_call(c.admin_addr, "DELETE", "/api-keys/carol", "").status,
+        200
+    );
+    for n in [&a, &b, &c] {
+        assert!(
+            wait_until(Duration::from_secs(3), || get_key(n, "/prod/x", carol)
+                .status
+                == 403),
+            "{}",
+            n.stderr()
+        );
+    }
+}
+
+#[test]
+fn redis_refusing_the_node_counts_as_unreachable() {
+    let redis = Redis::start_with(&["--requirepass", "s3cret-pw"]);
+    let no_pw = redis.url();
+    let wrong = format!("redis://:wrong-pw@127.0.0.1:{}", redis.port);
+    for url in [&no_pw, &wrong] {
+        let n = Gateway::start(&node_config(url, ""));
+        assert!(
+            wait_until(Duration::from_secs(3), || n
+                .stderr()
+                .contains("unreachable")),
+            "{url}: one clear line: {}",
+            n.stderr()
+        );
+        // A connection id it does not hold: it cannot know the owner, 503 (not 410).
+        let r = admin_call(n.admin_addr, "POST", "/@connections/0123456789abcdef", "x");
+        assert_eq!(r.status, 503, "{url}: {}", r.text());
+        // It serves with its local state.
+        assert_eq!(get_key(&n, "/prod/x", ALICE).status, 200);
+        thread::sleep(Duration::from_millis(700));
+        let log = n.stderr();
+        assert_eq!(log.matches("unreachable").count(), 1, "{url}: {log}");
+        assert!(!log.contains("joined"), "{url}: {log}");
+        assert!(
+            !log.contains("wrong-pw") && !log.contains("s3cret"),
+            "{log}"
+        );
+    }
+    // With the password: the nodes join and share keys.
+    let good = format!("redis://:s3cret-pw@127.0.0.1:{}", redis.port);
+    let a = Gateway::start(&node_config(&good, ""));
+    let b = Gateway::start(&node_config(&good, ""));
+    let r = admin_call(
+        a.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"ivy","plans":["free"]}"#,
+    );
+    assert_eq!(r.status, 201);
+    let ivy = r.json()["value"].as_str().unwrap().to_string();
+    assert!(
+        wait_until(Duration::from_secs(3), || get_key(&b, "/prod/x", &ivy)
+            .status
+            == 200),
+        "{}",
+        b.stderr()
+    );
+    assert!(a.stderr().contains("joined"), "{}", a.stderr());
 }
 
 #[test]
