@@ -986,3 +986,21 @@ fn a_body_that_ends_with_the_upstream_connection_goes_out_chunked() {
     assert_eq!(r.text(), "whole body");
     assert!(c.is_closed_within(Duration::from_secs(2)));
 }
+
+#[test]
+fn request_headers_with_underscores_are_not_forwarded() {
+    // As nginx's default: CGI-style backends read `x_principal_id` as `x-principal-id`, so an
+    // underscore name could stand in for a header the gateway owns.
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr));
+    let r = gw.request(
+        "GET /u HTTP/1.1\r\nHost: t\r\nx_principal_id: admin\r\nX_Forwarded_For: 6.6.6.6\r\nx_custom: 1\r\nX-Normal: 2\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    let req = origin.last_request();
+    for n in ["x_principal_id", "x_forwarded_for", "x_custom"] {
+        assert!(req.headers_named(n).is_empty(), "{n} went upstream");
+    }
+    assert_eq!(req.headers_named("x-normal"), vec!["2"]);
+    assert_eq!(req.headers_named("x-forwarded-for"), vec!["127.0.0.1"]);
+}

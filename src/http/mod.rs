@@ -81,6 +81,10 @@ pub enum HeaderKind {
     AccessControl,
     /// `x-forwarded-client-cert` (the gateway's own: set from a verified client certificate)
     XForwardedClientCert,
+    /// A request header whose name has an underscore: never forwarded, as nginx's default
+    /// (`underscores_in_headers off`). CGI-style backends read `x_principal_id` as
+    /// `x-principal-id`, so passing it on would get around the gateway's own headers.
+    Underscore,
 }
 
 impl HeaderKind {
@@ -513,11 +517,11 @@ fn forward_ok(
     buf: &[u8],
     h: &HeaderView,
     conn_other: bool,
-    drop_expect: bool,
+    request: bool,
 ) -> bool {
     if h.kind.is_hop_by_hop()
         || h.kind == HeaderKind::ContentLength
-        || (drop_expect && h.kind == HeaderKind::Expect)
+        || (request && matches!(h.kind, HeaderKind::Expect | HeaderKind::Underscore))
     {
         return false;
     }
@@ -539,11 +543,11 @@ pub(crate) fn forwardable_iter<'b>(
     headers: &'b [HeaderView],
     buf: &'b [u8],
     conn_other: bool,
-    drop_expect: bool,
+    request: bool,
 ) -> impl Iterator<Item = (HeaderKind, &'b [u8], &'b [u8])> {
     headers
         .iter()
-        .filter(move |h| forward_ok(headers, buf, h, conn_other, drop_expect))
+        .filter(move |h| forward_ok(headers, buf, h, conn_other, request))
         .map(move |h| (h.kind, range(buf, h.name), range(buf, h.value)))
 }
 

@@ -157,7 +157,10 @@ impl RequestHead {
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
             let value = h.value;
-            let kind = HeaderKind::of(name);
+            let mut kind = HeaderKind::of(name);
+            if kind == HeaderKind::Other && name.contains(&b'_') {
+                kind = HeaderKind::Underscore;
+            }
             let view = HeaderView {
                 name: offsets(buf, name),
                 value: offsets(buf, value),
