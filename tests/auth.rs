@@ -1930,3 +1930,59 @@ fn authorizer_identity_sources_are_single_and_decoded() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.text(), "p-abc+/= x");
 }
+
+#[test]
+fn sigv4_checks_the_path_as_sent_not_as_routed() {
+    // The gateway routes `/signed/a%7Eb` as `/signed/a~b`, but the client (botocore here)
+    // signed the path it sent, percent-encoding and all.
+    let origin = principal_origin();
+    let gw = Gateway::start(&sigv4_config(origin.addr));
+    let base = format!("http://{}", gw.addr);
+    let paths = [
+        "/signed/a%7Eb",
+        "/signed/%61bc",
+        "/signed/x//y%2Dz",
+        "/signed/plain",
+    ];
+    let jobs: Vec<Value> = paths
+        .iter()
+        .map(|p| sign_job("GET", &format!("{base}{p}"), json!({}), ""))
+        .collect();
+    let res = peer(&temp_dir("sigv4-path"), Value::Array(jobs));
+    for (p, signed) in paths.iter().zip(&res) {
+        let r = send_signed(&gw, "GET", p, signed, &[], "");
+        assert_eq!(r.status, 200, "{p}: {}", r.text());
+        assert_eq!(r.text(), "ci-bot");
+    }
+    // Signed for one spelling, sent with another: refused.
+    let r = send_signed(&gw, "GET", "/signed/a~b", &res[0], &[], "");
+    assert_denied(&r, 403, "another spelling of the signed path");
+
+    // A session token (temporary credentials) with the configured long-term key: refused, in
+    // the header form and presigned.
+    let mut h = sign_job("GET", &format!("{base}/signed/t"), json!({}), "");
+    h["token"] = json!("FQoGZXIvYXdzEXAMPLE");
+    let mut q = h.clone();
+    q["presign"] = json!(300);
+    let res = peer(&temp_dir("sigv4-token"), json!([h, q]));
+    assert!(
+        res[0]["headers"]["X-Amz-Security-Token"].is_string(),
+        "{res:?}"
+    );
+    assert_denied(
+        &send_signed(&gw, "GET", "/signed/t", &res[0], &[], ""),
+        403,
+        "token",
+    );
+    let u = res[1]["url"].as_str().unwrap();
+    assert!(u.contains("X-Amz-Security-Token"), "{u}");
+    let r = send_signed(
+        &gw,
+        "GET",
+        &u[u.find("/signed").unwrap()..],
+        &json!({"headers": {}}),
+        &[],
+        "",
+    );
+    assert_denied(&r, 403, "presigned with a token");
+}

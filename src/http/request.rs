@@ -63,6 +63,9 @@ pub struct RequestHead {
     /// The path has `//` or percent-encoding: [`RequestHead::normalize_path`] must run before
     /// it is routed.
     pub path_dirty: bool,
+    /// When [`RequestHead::normalize_path`] decoded percent-encoding: the path as the client
+    /// sent it, empty segments merged and the encoding kept (what a SigV4 signer signs).
+    pub signed_path: Option<Box<[u8]>>,
 }
 
 impl RequestHead {
@@ -87,6 +90,7 @@ impl RequestHead {
             host_from_target: false,
             conn_other: false,
             path_dirty: false,
+            signed_path: None,
         }
     }
 
@@ -291,6 +295,7 @@ impl RequestHead {
             return Err(HttpError::BadRequest("dot-segment in path"));
         }
         self.path_dirty = needs_normalizing(path);
+        self.signed_path = None;
         if self.path_dirty {
             if !percent_encoding_ok(path) {
                 // `%4%31` would turn into `%41` once decoded: a second decoding in a backend
@@ -472,6 +477,15 @@ impl RequestHead {
         self.path_dirty = false;
         let (start, end) = (self.path.0 as usize, self.path.1 as usize);
         let p = &mut buf[start..end];
+        if p.contains(&b'%') {
+            let mut sp = Vec::with_capacity(p.len());
+            for &b in p.iter() {
+                if !(b == b'/' && sp.last() == Some(&b'/')) {
+                    sp.push(b);
+                }
+            }
+            self.signed_path = Some(sp.into_boxed_slice());
+        }
         let (mut r, mut w) = (0, 0);
         while r < p.len() {
             let b = p[r];

@@ -13,7 +13,7 @@ result per job. Jobs:
   {"op": "jwks", "kids": [...], "out": "file"}  -> writes a JWKS with those kids' public keys
   {"op": "sign", "method": "GET", "url": "...", "headers": {...}, "body": "...",
    "access_key": "...", "secret_key": "...", "region": "...", "service": "...",
-   "time": "20261125T140000Z"?, "presign": 300?}
+   "time": "20261125T140000Z"?, "presign": 300?, "token": "session token"?}
                                       -> {"headers": {...}} or {"url": "..."} (presigned)
 """
 import datetime
@@ -116,7 +116,7 @@ def main():
                 key = load(d, job["sign_kid"] if "sign_kid" in job else job["kid"])
             out.append(jwt.encode(job["claims"], key, algorithm=alg, headers=headers))
         elif op == "sign":
-            creds = Credentials(job["access_key"], job["secret_key"])
+            creds = Credentials(job["access_key"], job["secret_key"], job.get("token"))
             r = AWSRequest(
                 method=job["method"],
                 url=job["url"],

@@ -229,6 +229,13 @@ pub fn verify(
     if p.region != cred.region || p.service != cred.service {
         return Err(FORBIDDEN);
     }
+    // Configured credentials are long-term ones: a session token belongs to temporary
+    // credentials these are not (AWS refuses it too).
+    if req.header("x-amz-security-token").is_some()
+        || query.iter().any(|(k, _)| k == "X-Amz-Security-Token")
+    {
+        return Err(FORBIDDEN);
+    }
     let t = parse_amz_date(p.amz_date).ok_or(FORBIDDEN)?;
     if p.date.len() != 8 || !p.amz_date.starts_with(p.date) {
         return Err(FORBIDDEN);
@@ -250,7 +257,11 @@ pub fn verify(
     let mut cr: Vec<u8> = Vec::with_capacity(512);
     cr.extend_from_slice(head.method_bytes(req.buf));
     cr.push(b'\n');
-    let path = head.slice(req.buf, head.path);
+    // The path as signed: as sent (percent-encoding kept), not as routed.
+    let path = match &head.signed_path {
+        Some(p) => &p[..],
+        None => head.slice(req.buf, head.path),
+    };
     if path.is_empty() {
         cr.push(b'/');
     }
