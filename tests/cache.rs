@@ -814,3 +814,26 @@ fn a_body_that_ends_with_the_upstream_connection_is_cached_whole() {
     assert_eq!(hit.text(), "until close");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn the_upstreams_age_shortens_freshness_and_counts_in_hits() {
+    // `max-age=3` from a response already 2 s old (`Age: 2`, say from a cache upstream): one
+    // second of freshness is left, and hits say how old the answer really is.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = calls.clone();
+    let origin = Origin::start(move |_| {
+        n.fetch_add(1, Ordering::SeqCst);
+        Response::ok("aged")
+            .header("cache-control", "max-age=3")
+            .header("age", "2")
+    });
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, ""));
+    assert_eq!(gw.get("/prod/items/1").header("x-cache"), Some("miss"));
+    let hit = gw.get("/prod/items/1");
+    assert_eq!(hit.header("x-cache"), Some("hit"));
+    let age: u64 = hit.header("age").unwrap().parse().unwrap();
+    assert!((2..=3).contains(&age), "age {age}");
+    std::thread::sleep(Duration::from_millis(1300));
+    assert_eq!(gw.get("/prod/items/1").header("x-cache"), Some("miss"));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}

@@ -19,8 +19,13 @@ pub const MAX_VARY: usize = 8;
 pub enum Decision {
     /// Not stored.
     Pass,
-    /// Stored this long, keyed also by these (lowercase) request headers.
-    Store { ttl: Duration, vary: Vec<Box<str>> },
+    /// Stored this long, keyed also by these (lowercase) request headers; `age` is how old
+    /// the upstream said it already was (its `Age`), counted in the `Age` of hits.
+    Store {
+        ttl: Duration,
+        vary: Vec<Box<str>>,
+        age: Duration,
+    },
 }
 
 /// Whether `status` may be stored without explicit freshness (RFC 9110 §15.1), minus 204 and
@@ -43,6 +48,7 @@ pub fn decide(resp: &ResponseHead, buf: &[u8], ttl: Duration, head_request: bool
         _ => return Decision::Pass,
     }
     let mut smax: Option<u64> = None;
+    let mut age: Option<u64> = None;
     let mut max: Option<u64> = None;
     let mut vary: Vec<Box<str>> = Vec::new();
     for h in &resp.headers {
@@ -76,6 +82,12 @@ pub fn decide(resp: &ResponseHead, buf: &[u8], ttl: Duration, head_request: bool
                 }
             }
         }
+        if name.eq_ignore_ascii_case(b"age") {
+            // RFC 9111 5.1: delta-seconds; an invalid one is ignored.
+            if let Some(n) = parse_secs(trim(value)) {
+                age = Some(age.map_or(n, |o: u64| o.max(n)));
+            }
+        }
         if name.eq_ignore_ascii_case(b"vary") {
             for d in directives(value) {
                 if d == b"*" {
@@ -94,7 +106,11 @@ pub fn decide(resp: &ResponseHead, buf: &[u8], ttl: Duration, head_request: bool
             }
         }
     }
-    let upstream = smax.or(max).map(Duration::from_secs);
+    // What is left of the upstream's freshness once its `Age` is taken off (RFC 9111 4.2).
+    let age = age.unwrap_or(0);
+    let upstream = smax
+        .or(max)
+        .map(|f| Duration::from_secs(f.saturating_sub(age)));
     let ttl = match upstream {
         Some(u) => u.min(ttl),
         None => ttl,
@@ -103,7 +119,11 @@ pub fn decide(resp: &ResponseHead, buf: &[u8], ttl: Duration, head_request: bool
         return Decision::Pass;
     }
     vary.sort();
-    Decision::Store { ttl, vary }
+    Decision::Store {
+        ttl,
+        vary,
+        age: Duration::from_secs(age),
+    }
 }
 
 /// Whether a request's `Cache-Control` asks for a fresh answer (`max-age=0`).
@@ -177,6 +197,7 @@ mod tests {
         Decision::Store {
             ttl: Duration::from_secs(s),
             vary: vec![],
+            age: Duration::ZERO,
         }
     }
 
@@ -216,6 +237,41 @@ mod tests {
     }
 
     #[test]
+    fn upstream_age_is_taken_off_its_freshness() {
+        assert_eq!(
+            d(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\nage: 50\r\ncontent-length: 2\r\n\r\n",
+                false
+            ),
+            Decision::Store {
+                ttl: Duration::from_secs(10),
+                vary: vec![],
+                age: Duration::from_secs(50),
+            }
+        );
+        // Already stale: not stored.
+        assert_eq!(
+            d(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\nage: 60\r\ncontent-length: 2\r\n\r\n",
+                false
+            ),
+            Decision::Pass
+        );
+        // Without the upstream's freshness, the route's TTL; the age still counts in hits.
+        assert_eq!(
+            d(
+                "HTTP/1.1 200 OK\r\nage: 7\r\ncontent-length: 2\r\n\r\n",
+                false
+            ),
+            Decision::Store {
+                ttl: Duration::from_secs(300),
+                vary: vec![],
+                age: Duration::from_secs(7),
+            }
+        );
+    }
+
+    #[test]
     fn max_age_and_s_maxage() {
         assert_eq!(
             d(
@@ -248,7 +304,8 @@ mod tests {
             ),
             Decision::Store {
                 ttl: Duration::from_secs(300),
-                vary: vec!["accept".into(), "accept-language".into()]
+                vary: vec!["accept".into(), "accept-language".into()],
+                age: Duration::ZERO,
             }
         );
     }

@@ -490,6 +490,8 @@ pub struct Capture {
     pub head_length: Option<Vec<u8>>,
     /// TTL and vary names decided for the response.
     pub ttl_final: Duration,
+    /// The upstream's `Age` of the response (see [`control::Decision::Store`]).
+    pub age: Duration,
     /// Vary names of the response.
     pub vary: Vec<Box<str>>,
     /// Status of the response.
@@ -512,6 +514,7 @@ impl Capture {
             body: Vec::new(),
             head_length: None,
             ttl_final: Duration::ZERO,
+            age: Duration::ZERO,
             vary: Vec::new(),
             status: 0,
             strip_cors: false,
@@ -530,7 +533,7 @@ impl Capture {
         if !self.store {
             return;
         }
-        let control::Decision::Store { ttl, vary } =
+        let control::Decision::Store { ttl, vary, age } =
             control::decide(resp, buf, self.ttl, self.head_request)
         else {
             return;
@@ -560,6 +563,7 @@ impl Capture {
             self.head_length = resp.header(buf, "content-length").map(|v| v.to_vec());
         }
         self.ttl_final = ttl;
+        self.age = age;
         self.vary = vary;
         self.status = resp.status;
         self.active = true;

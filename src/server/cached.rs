@@ -218,7 +218,8 @@ async fn fetch<S: ClientIo>(
                 data,
                 head_len,
                 cap.status,
-                now,
+                // Backdated by the upstream's `Age`, so hits count it.
+                now.checked_sub(cap.age).unwrap_or(now),
                 now + cap.ttl_final,
                 rel,
             );
