@@ -141,14 +141,19 @@ pub fn build_key(
                 }
             }
             KeyPart::Query(name) => {
-                // Every value of the parameter, in order; absent and empty differ.
-                for pair in query.split(|&b| b == b'&') {
-                    let (k, v) = match pair.iter().position(|&b| b == b'=') {
-                        Some(i) => (&pair[..i], &pair[i..]),
-                        None => (pair, &b""[..]),
-                    };
-                    if k == name.as_bytes() {
-                        out.push(1);
+                // Every value of the parameter, in order, decoded as a backend reads it (so
+                // `%6Cang=fr` is `lang=fr`, and `lang=%65n` is `lang=en`); absent and empty
+                // differ.
+                // Each value length-prefixed: a decoded one may hold any byte.
+                for v in crate::http::query_values(query, name.as_bytes()) {
+                    out.push(1);
+                    if v.iter().any(|&c| c == b'%' || c == b'+') {
+                        let mut d = Vec::with_capacity(v.len());
+                        crate::http::percent_decode(v, true, &mut d);
+                        out.extend_from_slice(&(d.len() as u32).to_le_bytes());
+                        out.extend_from_slice(&d);
+                    } else {
+                        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
                         out.extend_from_slice(v);
                     }
                 }
@@ -713,6 +718,23 @@ mod tests {
         let a = key(&p, "GET /prod/x?lang=en&u=1 HTTP/1.1\r\nHost: H\r\n\r\n");
         let b = key(&p, "GET /prod/x?u=2&lang=en HTTP/1.1\r\nHost: h\r\n\r\n");
         assert_eq!(a, b);
+        // Names and values as a backend decodes them: no poisoning of the `lang`-less entry
+        // with `%6Cang=fr`, and one entry for two spellings of `en`.
+        let none = key(&p, "GET /prod/x?u=1 HTTP/1.1\r\nHost: h\r\n\r\n");
+        let spelled = key(&p, "GET /prod/x?%6Cang=fr HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_ne!(spelled, none);
+        assert_eq!(
+            spelled,
+            key(&p, "GET /prod/x?lang=fr HTTP/1.1\r\nHost: h\r\n\r\n")
+        );
+        assert_eq!(
+            a,
+            key(&p, "GET /prod/x?lang=%65n HTTP/1.1\r\nHost: h\r\n\r\n")
+        );
+        assert_ne!(
+            key(&p, "GET /prod/x?lang=a%01b HTTP/1.1\r\nHost: h\r\n\r\n"),
+            key(&p, "GET /prod/x?lang=a&lang=b HTTP/1.1\r\nHost: h\r\n\r\n")
+        );
         let c = key(&p, "GET /prod/x?lang=fr HTTP/1.1\r\nHost: h\r\n\r\n");
         assert_ne!(a, c);
         let d = key(
