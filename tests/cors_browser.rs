@@ -191,8 +191,7 @@ integration = {{ type = "http", upstream = "o" }}
     assert_eq!(v["notfound"]["body"], r#"{"message":"Not Found"}"#, "{v}");
     assert_eq!(v["notallowed"]["status"], 405, "{v}");
     assert_eq!(
-        v["notallowed"]["body"],
-        r#"{"message":"Method Not Allowed"}"#,
+        v["notallowed"]["body"], r#"{"message":"Method Not Allowed"}"#,
         "{v}"
     );
     // Disallowed origin: the browser refused to hand over the response.

@@ -1089,7 +1089,13 @@ integration = {{ type = "http", upstream = "o" }}
     }
     // Outside any CORS API's stage: the stage-less shop path, an API without cors, no API at
     // all, and a prefix two APIs share (which one cannot be told).
-    for path in ["/shop/nonexist", "/shop/dev/items/1", "/plain/zz", "/nowhere", "/twin/zz"] {
+    for path in [
+        "/shop/nonexist",
+        "/shop/dev/items/1",
+        "/plain/zz",
+        "/nowhere",
+        "/twin/zz",
+    ] {
         let r = send(&mut c, "GET", path, "t", app);
         assert_eq!(r.status, 404, "{path}");
         assert!(r.header("access-control-allow-origin").is_none(), "{path}");
@@ -1183,9 +1189,9 @@ integration = {{ type = "http", upstream = "o" }}
     ));
     let mut c = Client::connect(gw.addr);
     let origins = [
-        "Origin: https://app.example.com\r\n",
-        "Origin: https://evil.example.com\r\n",
         "",
+        "Origin: https://evil.example.com\r\n",
+        "Origin: https://app.example.com\r\n",
     ];
     // How many times `Origin` is listed over all the answer's Vary fields.
     let origin_tokens = |r: &RawResponse| {

@@ -128,7 +128,8 @@ impl Table {
                 }
             }
             None => {
-                self.scopes.push((prefix.to_string(), api.clone(), Some(id)));
+                self.scopes
+                    .push((prefix.to_string(), api.clone(), Some(id)));
                 self.scopes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
             }
         }

@@ -22,9 +22,7 @@ pub fn vary_lists_origin(value: &[u8]) -> bool {
 /// Whether an encoded response head (`name: value\r\n` lines) has a `Vary` listing `Origin`.
 pub fn head_varies_on_origin(head: &[u8]) -> bool {
     head.split(|&b| b == b'\n').any(|line| {
-        line.len() > 5
-            && line[..5].eq_ignore_ascii_case(b"vary:")
-            && vary_lists_origin(&line[5..])
+        line.len() > 5 && line[..5].eq_ignore_ascii_case(b"vary:") && vary_lists_origin(&line[5..])
     })
 }
 
@@ -32,7 +30,10 @@ pub fn head_varies_on_origin(head: &[u8]) -> bool {
 /// when the upstream's headers already in the answer list `Origin` (`upstream_has`).
 pub fn push_extra(out: &mut Vec<u8>, extra: &[u8], upstream_has: bool) {
     if upstream_has {
-        if let Some(i) = extra.windows(VARY_ORIGIN.len()).position(|w| w == VARY_ORIGIN) {
+        if let Some(i) = extra
+            .windows(VARY_ORIGIN.len())
+            .position(|w| w == VARY_ORIGIN)
+        {
             out.extend_from_slice(&extra[..i]);
             out.extend_from_slice(&extra[i + VARY_ORIGIN.len()..]);
             return;
@@ -241,7 +242,9 @@ mod tests {
         assert!(head_varies_on_origin(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nVary: Accept-Encoding, Origin\r\n"
         ));
-        assert!(!head_varies_on_origin(b"HTTP/1.1 200 OK\r\nx-vary: Origin\r\n"));
+        assert!(!head_varies_on_origin(
+            b"HTTP/1.1 200 OK\r\nx-vary: Origin\r\n"
+        ));
         let mut out = Vec::new();
         push_extra(&mut out, b"a: 1\r\nvary: Origin\r\nb: 2\r\n", true);
         assert_eq!(out, b"a: 1\r\nb: 2\r\n");

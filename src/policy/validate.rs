@@ -101,7 +101,8 @@ impl BodySchema {
         if body.iter().all(|b| b.is_ascii_whitespace()) {
             return Err("Invalid request body: the body is empty; a JSON body is required".into());
         }
-        let value = parse(body).map_err(|e| format!("Invalid request body: not valid JSON ({e})"))?;
+        let value =
+            parse(body).map_err(|e| format!("Invalid request body: not valid JSON ({e})"))?;
         let mut errors = self.validator.iter_errors(&value);
         let Some(first) = errors.next() else {
             return Ok(());
@@ -197,7 +198,11 @@ fn push_cut(out: &mut String, text: &str, max: usize) {
 /// long property names included) are cut.
 fn push_error(out: &mut String, e: &jsonschema::ValidationError<'_>) {
     let ptr = e.instance_path().to_string();
-    push_cut(out, if ptr.is_empty() { "/" } else { &ptr }, MAX_POINTER_CHARS);
+    push_cut(
+        out,
+        if ptr.is_empty() { "/" } else { &ptr },
+        MAX_POINTER_CHARS,
+    );
     out.push_str(": ");
     push_cut(out, &e.to_string(), MAX_ERROR_CHARS);
 }
@@ -285,7 +290,11 @@ mod tests {
         assert!(e.len() < 400, "{}", e.len());
         // A long property name: the pointer is cut too.
         let s = schema(serde_json::json!({"additionalProperties":{"type":"string"}}));
-        let body = format!("{{\"{}\":1,\"{}\":2}}", "n".repeat(100_000), "m".repeat(100_000));
+        let body = format!(
+            "{{\"{}\":1,\"{}\":2}}",
+            "n".repeat(100_000),
+            "m".repeat(100_000)
+        );
         let e = s.check(body.as_bytes()).unwrap_err();
         assert!(e.len() < 1000, "{}", e.len());
         assert!(e.contains(&format!("/{}...: ", "n".repeat(63))), "{e}");
