@@ -1,6 +1,7 @@
 //! CORS in a real browser: headless Chromium loads a page from one port and makes real
 //! cross-origin fetches through ringgate on another: one simple GET, one preflighted PUT (custom
-//! header, JSON body), and one to an API that does not allow the page's origin. The page posts
+//! header, JSON body), a GET the gateway answers 404 and a POST it answers 405 (both readable),
+//! and one to an API that does not allow the page's origin. The page posts
 //! what it saw back to its own server and writes it into the DOM; the test asserts both, and
 //! that the upstream never saw a preflight.
 //!
@@ -36,6 +37,14 @@ fn page(gw: &str) -> String {
       body: JSON.stringify({{ n: 2 }}) }});
     out.preflighted = {{ status: r.status, body: await r.text() }};
   }} catch (e) {{ out.preflighted = {{ error: String(e) }}; }}
+  try {{
+    const r = await fetch("{gw}/shop/nonexist");
+    out.notfound = {{ status: r.status, body: await r.text() }};
+  }} catch (e) {{ out.notfound = {{ error: String(e) }}; }}
+  try {{
+    const r = await fetch("{gw}/shop/items/4", {{ method: "POST", body: "x" }});
+    out.notallowed = {{ status: r.status, body: await r.text() }};
+  }} catch (e) {{ out.notallowed = {{ error: String(e) }}; }}
   try {{
     const r = await fetch("{gw}/other/items/3");
     out.denied = {{ status: r.status }};
@@ -177,6 +186,14 @@ integration = {{ type = "http", upstream = "o" }}
     // Preflighted request: the preflight passed and the PUT went through.
     assert_eq!(v["preflighted"]["status"], 200, "{v}");
     assert_eq!(v["preflighted"]["body"], "PUT /items/2", "{v}");
+    // The gateway's own 404 and 405 (a simple POST, no preflight) are readable too.
+    assert_eq!(v["notfound"]["status"], 404, "{v}");
+    assert_eq!(v["notfound"]["body"], r#"{"message":"Not Found"}"#, "{v}");
+    assert_eq!(v["notallowed"]["status"], 405, "{v}");
+    assert_eq!(
+        v["notallowed"]["body"], r#"{"message":"Method Not Allowed"}"#,
+        "{v}"
+    );
     // Disallowed origin: the browser refused to hand over the response.
     assert!(v["denied"]["error"].is_string(), "{v}");
     // What the page wrote into its DOM is what it reported.

@@ -1005,6 +1005,227 @@ integration = {{ type = "http", upstream = "o" }}
     assert!(r.header("access-control-allow-origin").is_none());
 }
 
+/// The gateway's own 404 (no route) and 405 (path routed under other methods) carry the CORS
+/// headers of the API the request addressed (host, base path and stage), as its other
+/// refusals do, so a browser app can read them; nothing when no API with `cors` (or more than
+/// one API) claims the path.
+#[test]
+fn gateway_404_and_405_carry_the_addressed_apis_cors() {
+    let origin = Origin::start(|_| Response::ok("up"));
+    let gw = Gateway::start(&format!(
+        r#"
+[waf]
+ip_deny = ["192.0.2.0/24"]
+[[upstreams]]
+name = "o"
+targets = ["{}"]
+[[apis]]
+name = "shop"
+base_path = "/shop"
+cors = {{ allow_origins = ["https://app.example.com"], expose_headers = ["x-total"] }}
+[apis.stages.prod]
+[[apis.routes]]
+route = "GET /items/{{id}}"
+integration = {{ type = "http", upstream = "o" }}
+[[apis]]
+name = "plain"
+base_path = "/plain"
+[[apis.routes]]
+route = "GET /x"
+integration = {{ type = "http", upstream = "o" }}
+[[apis]]
+name = "hosted"
+hosts = ["h.example"]
+cors = {{ allow_origins = ["https://h.example.com"] }}
+[[apis.routes]]
+route = "GET /y"
+integration = {{ type = "http", upstream = "o" }}
+[[apis]]
+name = "twin1"
+base_path = "/twin"
+[[apis.routes]]
+route = "GET /a"
+integration = {{ type = "http", upstream = "o" }}
+[[apis]]
+name = "twin2"
+base_path = "/twin"
+cors = {{ allow_origins = ["https://app.example.com"] }}
+[[apis.routes]]
+route = "GET /b"
+integration = {{ type = "http", upstream = "o" }}
+"#,
+        origin.addr
+    ));
+    let mut c = Client::connect(gw.addr);
+    let app = "Origin: https://app.example.com\r\n";
+    let send = |c: &mut Client, method: &str, path: &str, host: &str, extra: &str| {
+        c.send(format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n").as_bytes());
+        c.read_response().expect("response")
+    };
+    // 404 inside the shop's prod stage: readable by the allowed origin.
+    let r = send(&mut c, "GET", "/shop/prod/nonexist", "t", app);
+    assert_eq!(r.status, 404);
+    assert_eq!(r.text(), r#"{"message":"Not Found"}"#);
+    assert_eq!(
+        r.headers_named("access-control-allow-origin"),
+        vec!["https://app.example.com"]
+    );
+    assert_eq!(r.header("access-control-expose-headers"), Some("x-total"));
+    assert_eq!(r.headers_named("vary"), vec!["Origin"]);
+    // 405: the path's API; the Allow header is kept.
+    let r = send(&mut c, "POST", "/shop/prod/items/2", "t", app);
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    // A disallowed origin, or none: no CORS header, but Vary (the answer depends on Origin).
+    for extra in ["Origin: https://evil.example.com\r\n", ""] {
+        let r = send(&mut c, "GET", "/shop/prod/nonexist", "t", extra);
+        assert_eq!(r.status, 404);
+        assert!(r.header("access-control-allow-origin").is_none());
+        assert_eq!(r.headers_named("vary"), vec!["Origin"]);
+    }
+    // Outside any CORS API's stage: the stage-less shop path, an API without cors, no API at
+    // all, and a prefix two APIs share (which one cannot be told).
+    for path in [
+        "/shop/nonexist",
+        "/shop/dev/items/1",
+        "/plain/zz",
+        "/nowhere",
+        "/twin/zz",
+    ] {
+        let r = send(&mut c, "GET", path, "t", app);
+        assert_eq!(r.status, 404, "{path}");
+        assert!(r.header("access-control-allow-origin").is_none(), "{path}");
+        assert!(r.header("vary").is_none(), "{path}");
+    }
+    // By host: the host's API (no base path, `$default` stage) claims every path of it.
+    let h = "Origin: https://h.example.com\r\n";
+    let r = send(&mut c, "GET", "/zz", "h.example:80", h);
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://h.example.com")
+    );
+    let r = send(&mut c, "DELETE", "/y", "H.Example", h);
+    assert_eq!(r.status, 405);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://h.example.com")
+    );
+    let r = send(&mut c, "GET", "/zz", "other.example", h);
+    assert_eq!(r.status, 404);
+    assert!(r.header("access-control-allow-origin").is_none());
+    // A preflight to a path without routes is not answered as a CORS preflight.
+    let r = send(
+        &mut c,
+        "OPTIONS",
+        "/shop/prod/nonexist",
+        "t",
+        "Origin: https://app.example.com\r\nAccess-Control-Request-Method: GET\r\n",
+    );
+    assert_eq!(r.status, 404);
+    assert!(r.header("access-control-allow-origin").is_none());
+    // Routed requests are unchanged, and the connection lived through every refusal.
+    let r = send(&mut c, "GET", "/shop/prod/items/1", "t", app);
+    assert_eq!((r.status, r.text().as_str()), (200, "up"));
+    assert_eq!(
+        r.headers_named("access-control-allow-origin"),
+        vec!["https://app.example.com"]
+    );
+    assert_eq!(origin.request_count(), 1);
+}
+
+/// The origin-dependent CORS headers make every answer of a CORS API vary on `Origin`: a
+/// shared cache must not give an allowed origin the variant stored for another (or for none).
+/// Exactly one `Origin` in the answer's `Vary`, also when the upstream lists it itself, on
+/// misses and cache hits; nothing added on an API without `cors`.
+#[test]
+fn every_cors_answer_varies_on_origin_once() {
+    let origin = Origin::start(|r| {
+        let resp = Response::ok("up");
+        if r.path.contains("dup") {
+            resp.header("Vary", "origin")
+        } else if r.path.contains("enc") {
+            resp.header("Vary", "Accept-Encoding")
+        } else {
+            resp
+        }
+    });
+    let gw = Gateway::start(&format!(
+        r#"
+[[upstreams]]
+name = "o"
+targets = ["{}"]
+[[apis]]
+name = "a"
+base_path = "/a"
+cors = {{ allow_origins = ["https://app.example.com"] }}
+[[apis.routes]]
+route = "GET /r/{{id}}"
+integration = {{ type = "http", upstream = "o" }}
+[[apis.routes]]
+route = "GET /m"
+integration = {{ type = "mock", status = 200, body = "mocked" }}
+[[apis]]
+name = "c"
+base_path = "/c"
+cors = {{ allow_origins = ["https://app.example.com"] }}
+[apis.stages."$default"]
+cache = {{ enabled = true, ttl_s = 60 }}
+[[apis.routes]]
+route = "GET /r/{{id}}"
+integration = {{ type = "http", upstream = "o" }}
+[[apis]]
+name = "plain"
+base_path = "/plain"
+[[apis.routes]]
+route = "GET /r/{{id}}"
+integration = {{ type = "http", upstream = "o" }}
+"#,
+        origin.addr
+    ));
+    let mut c = Client::connect(gw.addr);
+    let origins = [
+        "",
+        "Origin: https://evil.example.com\r\n",
+        "Origin: https://app.example.com\r\n",
+    ];
+    // How many times `Origin` is listed over all the answer's Vary fields.
+    let origin_tokens = |r: &RawResponse| {
+        r.headers_named("vary")
+            .iter()
+            .flat_map(|v| v.split(','))
+            .filter(|t| t.trim().eq_ignore_ascii_case("origin"))
+            .count()
+    };
+    for o in origins {
+        for path in ["/a/r/1", "/a/r/dup", "/a/m"] {
+            let r = get_on(&mut c, path, o);
+            assert_eq!(r.status, 200, "{path} {o:?}");
+            assert_eq!(origin_tokens(&r), 1, "{path} {o:?}: {:?}", r.headers);
+        }
+        let r = get_on(&mut c, "/a/r/enc", o);
+        assert_eq!(origin_tokens(&r), 1, "{o:?}: {:?}", r.headers);
+        assert!(r.headers_named("vary").contains(&"Accept-Encoding"));
+        let r = get_on(&mut c, "/plain/r/1", o);
+        assert!(r.header("vary").is_none(), "{o:?}: {:?}", r.headers);
+    }
+    // Cached: the stored answer lists Origin (so entries are kept per origin); misses and
+    // hits still list it once.
+    for o in origins {
+        for want in ["miss", "hit"] {
+            let r = get_on(&mut c, "/c/r/dup", o);
+            assert_eq!(r.header("x-cache"), Some(want), "{o:?}");
+            assert_eq!(origin_tokens(&r), 1, "{want} {o:?}: {:?}", r.headers);
+        }
+        let r = get_on(&mut c, "/c/r/1", o);
+        assert_eq!(origin_tokens(&r), 1, "{o:?}: {:?}", r.headers);
+    }
+}
+
 #[test]
 fn slow_body_under_waf_or_sigv4_buffering_gets_408_and_the_worker_lives() {
     // A body that stops arriving while the gateway buffers it (to scan it, or to hash a signed

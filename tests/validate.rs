@@ -422,3 +422,86 @@ fn check_prints_validated_routes() {
         "{table}"
     );
 }
+
+/// A gateway whose one route `POST /v` checks bodies against `schema` (bodies up to 1 MiB).
+fn open_schema_gateway(origin: &Origin, schema: &str) -> (Gateway, PathBuf) {
+    let d = temp_dir("schema-open");
+    std::fs::write(d.join("s.json"), schema).unwrap();
+    let gw = Gateway::start(&format!(
+        r#"
+[server]
+listen = ["@LISTEN@"]
+workers = 1
+state_dir = "@DIR@/state"
+[server.limits]
+max_body_bytes = 1048576
+[admin]
+listen = "@ADMIN@"
+[[upstreams]]
+name = "o"
+targets = ["{}"]
+[[apis]]
+name = "a"
+[[apis.routes]]
+route = "POST /v"
+integration = {{ type = "http", upstream = "o" }}
+validate = {{ schema = "{}" }}
+"#,
+        origin.addr,
+        d.join("s.json").display()
+    ));
+    (gw, d)
+}
+
+/// The README's limit: 128 levels of nesting are JSON, 129 are not (arrays and objects).
+#[test]
+fn nesting_of_128_levels_passes_and_129_is_refused() {
+    let origin = Origin::start(|r| Response::ok(format!("got {} bytes", r.body.len())));
+    let (gw, _d) = open_schema_gateway(&origin, "{}");
+    let arrays = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    let objects = |n: usize| format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n));
+    for deep in [arrays, objects] {
+        let r = gw.request(&post("/v", &deep(128), ""));
+        assert_eq!(r.status, 200, "128 levels: {}", r.text());
+        let r = gw.request(&post("/v", &deep(129), ""));
+        assert_eq!(r.status, 400, "129 levels: {}", r.text());
+        assert!(r.message().contains("not valid JSON"), "{}", r.message());
+        let r = gw.request(&post("/v", &deep(127), ""));
+        assert_eq!(r.status, 200, "127 levels: {}", r.text());
+    }
+    // Exactly 128 levels followed by garbage is still not JSON.
+    let r = gw.request(&post("/v", &format!("{} x", arrays(128)), ""));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(origin.request_count(), 4);
+}
+
+/// Property names come from the client: the pointers in the message are cut, and the whole
+/// answer stays small however long the names are.
+#[test]
+fn long_property_names_are_cut_in_the_message() {
+    let origin = Origin::start(|_| Response::ok("up"));
+    let (gw, _d) = open_schema_gateway(
+        &origin,
+        r#"{"type":"object","additionalProperties":{"type":"string"}}"#,
+    );
+    let names: Vec<String> = ["n", "m", "o", "p"]
+        .iter()
+        .map(|c| c.repeat(100_000))
+        .collect();
+    let body = format!(
+        "{{{}}}",
+        names
+            .iter()
+            .map(|n| format!("\"{n}\":1"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let r = gw.request(&post("/v", &body, ""));
+    assert_eq!(r.status, 400, "{}", r.text().len());
+    assert!(r.body.len() < 2048, "a {}-byte answer", r.body.len());
+    let m = r.message();
+    assert!(m.starts_with("Invalid request body: /"), "{m}");
+    assert!(m.contains(&format!("/{}...: ", "n".repeat(63))), "{m}");
+    assert!(m.contains("(and 1 more)"), "{m}");
+    assert_eq!(origin.request_count(), 0);
+}

@@ -112,9 +112,37 @@ struct Table {
     trie: Router<u32>,
     /// `$default` routes: (prefix, route), longest prefix first.
     defaults: Vec<(String, u32)>,
+    /// Each API stage's path prefix (base path + stage) with one of its routes, longest
+    /// first: which API a request that matched no route addressed. `None` when two APIs
+    /// share the prefix (it cannot be told which).
+    scopes: Vec<(String, Arc<str>, Option<u32>)>,
 }
 
 impl Table {
+    /// Records that `prefix` belongs to API `api` (route `id` is one of that stage's).
+    fn add_scope(&mut self, prefix: &str, api: &Arc<str>, id: u32) {
+        match self.scopes.iter_mut().find(|(p, _, _)| p == prefix) {
+            Some((_, a, slot)) => {
+                if a != api {
+                    *slot = None;
+                }
+            }
+            None => {
+                self.scopes
+                    .push((prefix.to_string(), api.clone(), Some(id)));
+                self.scopes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+            }
+        }
+    }
+
+    /// The scope (longest prefix) `path` falls in: `Some(None)` when its API is ambiguous.
+    fn scope(&self, path: &str) -> Option<Option<u32>> {
+        self.scopes.iter().find_map(|(prefix, _, id)| {
+            let rest = path.strip_prefix(prefix.as_str())?;
+            (prefix.is_empty() || rest.is_empty() || rest.starts_with('/')).then_some(*id)
+        })
+    }
+
     fn find(&self, method: &str, path: &str, params: &mut Params) -> RouteMatch {
         params.clear();
         match self.trie.lookup(method, path, params) {
@@ -192,6 +220,19 @@ impl RouteTable {
             }
         }
         self.any_host.trie.allowed_methods(path)
+    }
+
+    /// For a request that matched no route: a route of the API (and stage) its host and path
+    /// prefix address, so its answer can carry that API's CORS headers; `None` when no API,
+    /// or more than one, claims the prefix. Not on the path of a routed request.
+    pub fn scope(&self, host: Option<&[u8]>, path: &str) -> Option<u32> {
+        if let Some(h) = host.map(strip_port) {
+            let h = String::from_utf8_lossy(h).to_ascii_lowercase();
+            if let Some(found) = self.by_host.get(h.as_str()).and_then(|t| t.scope(path)) {
+                return found;
+            }
+        }
+        self.any_host.scope(path).flatten()
     }
 
     /// The compiled route with this id.
@@ -649,6 +690,7 @@ pub(super) fn compile(
                 // With and without the trailing slash, as a stage root of an HTTP API.
                 let slash = format!("{prefix}/");
                 let insert = |t: &mut Table| {
+                    t.add_scope(&prefix, &api_name, id);
                     for p in [full, &slash[..]]
                         .iter()
                         .take(if prefix.is_empty() { 1 } else { 2 })
@@ -848,6 +890,7 @@ pub(super) fn compile(
                     v
                 };
                 for t in targets {
+                    t.add_scope(&prefix, &api_name, id);
                     match path {
                         None => {
                             if t.defaults.iter().any(|(p, _)| *p == prefix) {

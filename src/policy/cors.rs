@@ -1,10 +1,46 @@
 //! CORS per API: the gateway answers preflight requests itself (they never reach the
 //! upstream) and adds the CORS headers to actual responses. An allowed origin is echoed with
-//! `Vary: Origin`; a disallowed origin gets no CORS header at all, so the browser refuses.
+//! `Vary: Origin`; a disallowed origin gets no CORS header at all, so the browser refuses. Every
+//! response of a CORS API carries `Vary: Origin` (whether the CORS headers are there depends on
+//! the request's `Origin`), so a shared cache never serves one origin's variant to another.
 //!
 //! Everything but the echoed origin is encoded once when the config is compiled.
 
 use crate::http::encode;
+
+/// The `Vary` line every response of a CORS API carries (written once per response).
+pub const VARY_ORIGIN: &[u8] = b"vary: Origin\r\n";
+
+/// Whether a `Vary` field value already lists `Origin` (or is `*`, which covers it).
+pub fn vary_lists_origin(value: &[u8]) -> bool {
+    value.split(|&b| b == b',').any(|t| {
+        let t = t.trim_ascii();
+        t == b"*" || t.eq_ignore_ascii_case(b"origin")
+    })
+}
+
+/// Whether an encoded response head (`name: value\r\n` lines) has a `Vary` listing `Origin`.
+pub fn head_varies_on_origin(head: &[u8]) -> bool {
+    head.split(|&b| b == b'\n').any(|line| {
+        line.len() > 5 && line[..5].eq_ignore_ascii_case(b"vary:") && vary_lists_origin(&line[5..])
+    })
+}
+
+/// Appends the gateway's per-request headers `extra` to `out`, leaving out its `Vary: Origin`
+/// when the upstream's headers already in the answer list `Origin` (`upstream_has`).
+pub fn push_extra(out: &mut Vec<u8>, extra: &[u8], upstream_has: bool) {
+    if upstream_has {
+        if let Some(i) = extra
+            .windows(VARY_ORIGIN.len())
+            .position(|w| w == VARY_ORIGIN)
+        {
+            out.extend_from_slice(&extra[..i]);
+            out.extend_from_slice(&extra[i + VARY_ORIGIN.len()..]);
+            return;
+        }
+    }
+    out.extend_from_slice(extra);
+}
 
 /// The compiled `cors = { ... }` of an API.
 #[derive(Debug, Clone)]
@@ -61,8 +97,7 @@ impl Cors {
                 }
             }
         }
-        let mut common = Vec::new();
-        encode::push_header(&mut common, b"vary", b"Origin");
+        let mut common = VARY_ORIGIN.to_vec();
         if s.allow_credentials {
             encode::push_header(&mut common, b"access-control-allow-credentials", b"true");
         }
@@ -133,6 +168,15 @@ impl Cors {
         out.extend_from_slice(&self.actual);
     }
 
+    /// The CORS headers of an actual (non-preflight) response: the allowed `origin`'s, or
+    /// `Vary: Origin` alone when the request has no `Origin` or one not allowed.
+    pub fn push_for(&self, origin: Option<&[u8]>, out: &mut Vec<u8>) {
+        match origin {
+            Some(o) if self.allowed(o) => self.push_actual(o, out),
+            _ => out.extend_from_slice(VARY_ORIGIN),
+        }
+    }
+
     /// Headers of a preflight answer to an allowed `origin`.
     pub fn push_preflight(&self, origin: &[u8], out: &mut Vec<u8>) {
         self.push_origin(origin, out);
@@ -185,6 +229,28 @@ mod tests {
             "{s}"
         );
         assert!(!s.contains("max-age"));
+        assert_eq!(s.matches("vary: Origin\r\n").count(), 1, "{s}");
+    }
+
+    #[test]
+    fn vary_tokens() {
+        assert!(vary_lists_origin(b"Origin"));
+        assert!(vary_lists_origin(b"accept-encoding, ORIGIN"));
+        assert!(vary_lists_origin(b" * "));
+        assert!(!vary_lists_origin(b"accept-encoding"));
+        assert!(!vary_lists_origin(b"x-origin"));
+        assert!(head_varies_on_origin(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nVary: Accept-Encoding, Origin\r\n"
+        ));
+        assert!(!head_varies_on_origin(
+            b"HTTP/1.1 200 OK\r\nx-vary: Origin\r\n"
+        ));
+        let mut out = Vec::new();
+        push_extra(&mut out, b"a: 1\r\nvary: Origin\r\nb: 2\r\n", true);
+        assert_eq!(out, b"a: 1\r\nb: 2\r\n");
+        out.clear();
+        push_extra(&mut out, b"vary: Origin\r\n", false);
+        assert_eq!(out, b"vary: Origin\r\n");
     }
 
     #[test]

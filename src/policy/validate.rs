@@ -5,7 +5,7 @@
 //! The schema is read and compiled when the config loads (`jsonschema`, drafts 4 to 2020-12,
 //! chosen by the schema's `$schema`, 2020-12 when absent), with no reference resolution over
 //! the network or from files: a `$ref` must point inside the schema itself. Bodies are parsed
-//! with `serde_json` (recursion bounded at 128 levels) and checked against the compiled
+//! with `serde_json` (nesting bounded at 128 levels) and checked against the compiled
 //! validator; the client gets the first few failures, each with the JSON pointer of the value
 //! that failed.
 
@@ -28,6 +28,12 @@ pub struct RawValidate {
 const MAX_REPORTED: usize = 3;
 /// Characters of one failure's text at most (the text may quote the offending value).
 const MAX_ERROR_CHARS: usize = 200;
+/// Characters of one failure's JSON pointer at most (property names come from the client).
+const MAX_POINTER_CHARS: usize = 64;
+/// Bytes of the whole message at most (before JSON escaping).
+const MAX_MESSAGE_BYTES: usize = 2048;
+/// Nesting levels a body may have (arrays and objects); one more is not JSON.
+const MAX_DEPTH: usize = 128;
 
 /// A compiled request-body schema.
 pub struct BodySchema {
@@ -95,8 +101,8 @@ impl BodySchema {
         if body.iter().all(|b| b.is_ascii_whitespace()) {
             return Err("Invalid request body: the body is empty; a JSON body is required".into());
         }
-        let value: serde_json::Value = serde_json::from_slice(body)
-            .map_err(|e| format!("Invalid request body: not valid JSON ({e})"))?;
+        let value =
+            parse(body).map_err(|e| format!("Invalid request body: not valid JSON ({e})"))?;
         let mut errors = self.validator.iter_errors(&value);
         let Some(first) = errors.next() else {
             return Ok(());
@@ -117,23 +123,88 @@ impl BodySchema {
         if more > 0 {
             let _ = write!(msg, " (and {more} more)");
         }
+        if msg.len() > MAX_MESSAGE_BYTES {
+            let mut cut = MAX_MESSAGE_BYTES;
+            while !msg.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            msg.truncate(cut);
+            msg.push_str("...");
+        }
         Err(msg)
     }
 }
 
-/// `POINTER: reason`, the pointer `/` standing for the whole body; long texts are cut.
-fn push_error(out: &mut String, e: &jsonschema::ValidationError<'_>) {
-    let ptr = e.instance_path().to_string();
-    out.push_str(if ptr.is_empty() { "/" } else { &ptr });
-    out.push_str(": ");
-    let text = e.to_string();
-    match text.char_indices().nth(MAX_ERROR_CHARS) {
+/// Parses a body as JSON with nesting up to [`MAX_DEPTH`] levels. `serde_json` refuses the
+/// 128th level already; only a body it refused for depth is measured and, when it is exactly
+/// [`MAX_DEPTH`] deep, parsed again without its limit (the depth is known to be bounded).
+fn parse(body: &[u8]) -> Result<serde_json::Value, serde_json::Error> {
+    use serde::Deserialize as _;
+    match serde_json::from_slice(body) {
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => {
+            if max_depth(body) > MAX_DEPTH {
+                return Err(e);
+            }
+            let mut de = serde_json::Deserializer::from_slice(body);
+            de.disable_recursion_limit();
+            let v = serde_json::Value::deserialize(&mut de)?;
+            de.end()?;
+            Ok(v)
+        }
+        r => r,
+    }
+}
+
+/// The deepest nesting of arrays and objects in `body` (strings skipped). For a body that is
+/// not JSON this is at least the depth a parser reaches before its first error.
+fn max_depth(body: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_str, mut esc) = (0usize, 0usize, false, false);
+    for &b in body {
+        if in_str {
+            if esc {
+                esc = false;
+            } else if b == b'\\' {
+                esc = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// `text` cut to `max` characters, `...` marking a cut.
+fn push_cut(out: &mut String, text: &str, max: usize) {
+    match text.char_indices().nth(max) {
         Some((cut, _)) => {
             out.push_str(&text[..cut]);
             out.push_str("...");
         }
-        None => out.push_str(&text),
+        None => out.push_str(text),
     }
+}
+
+/// `POINTER: reason`, the pointer `/` standing for the whole body; long texts (pointers with
+/// long property names included) are cut.
+fn push_error(out: &mut String, e: &jsonschema::ValidationError<'_>) {
+    let ptr = e.instance_path().to_string();
+    push_cut(
+        out,
+        if ptr.is_empty() { "/" } else { &ptr },
+        MAX_POINTER_CHARS,
+    );
+    out.push_str(": ");
+    push_cut(out, &e.to_string(), MAX_ERROR_CHARS);
 }
 
 #[cfg(test)]
@@ -217,5 +288,31 @@ mod tests {
         let s = schema(serde_json::json!({"type":"object","properties":{"id":{"maxLength":3}}}));
         let e = s.check(long.as_bytes()).unwrap_err();
         assert!(e.len() < 400, "{}", e.len());
+        // A long property name: the pointer is cut too.
+        let s = schema(serde_json::json!({"additionalProperties":{"type":"string"}}));
+        let body = format!(
+            "{{\"{}\":1,\"{}\":2}}",
+            "n".repeat(100_000),
+            "m".repeat(100_000)
+        );
+        let e = s.check(body.as_bytes()).unwrap_err();
+        assert!(e.len() < 1000, "{}", e.len());
+        assert!(e.contains(&format!("/{}...: ", "n".repeat(63))), "{e}");
+    }
+
+    #[test]
+    fn nesting_limit_is_128_levels() {
+        let s = schema(serde_json::json!({}));
+        let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        assert_eq!(s.check(deep(128).as_bytes()), Ok(()));
+        let e = s.check(deep(129).as_bytes()).unwrap_err();
+        assert!(e.contains("recursion limit exceeded"), "{e}");
+        let obj = |n: usize| format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n));
+        assert_eq!(s.check(obj(128).as_bytes()), Ok(()));
+        assert!(s.check(obj(129).as_bytes()).is_err());
+        // Brackets inside strings do not count; trailing garbage is still refused.
+        let strs = format!("{}\"[[[{{\\\"\"{}", "[".repeat(128), "]".repeat(128));
+        assert_eq!(s.check(strs.as_bytes()), Ok(()));
+        assert!(s.check(format!("{} x", deep(128)).as_bytes()).is_err());
     }
 }

@@ -244,8 +244,10 @@ async fn write_hit<S: ClientIo>(w: &Worker, c: &mut Conn<S>, h: Hit, route: &Rou
     encode::push_u64(&mut c.b.out, h.stored_at.elapsed().as_secs());
     c.b.out.extend_from_slice(b"\r\n");
     encode::push_header(&mut c.b.out, b"x-request-id", &c.reqid[..c.reqid_len]);
-    // Per-request headers of earlier stages (CORS for this request's origin).
-    c.b.out.extend_from_slice(&c.b.extra);
+    // Per-request headers of earlier stages (CORS for this request's origin), with one
+    // `Vary: Origin` when the stored answer lists it already.
+    let dup = c.gateway_cors && crate::policy::cors::head_varies_on_origin(&h.data[..h.head_len]);
+    crate::policy::cors::push_extra(&mut c.b.out, &c.b.extra, dup);
     if let Some(m) = &route.response_mapping {
         // Stored without the mapped names; their values are this request's.
         m.push(&map_ctx!(c), &mut c.b.out);

@@ -913,30 +913,29 @@ async fn route_and_run<S: ClientIo>(
             };
             return (out, Some(id));
         }
-        RouteMatch::NotFound | RouteMatch::MethodNotAllowed if gw.config.traffic.waf.active() => {
-            if let Some(out) = traffic::unrouted_ip_refused(w, gw, c).await {
-                return (out, None);
+        // No route: 404, or 405 when the path has routes under other methods. Both carry the
+        // CORS headers of the API the request addressed, as the gateway's other refusals do.
+        RouteMatch::NotFound | RouteMatch::MethodNotAllowed => {
+            let id = if m == RouteMatch::NotFound {
+                None
+            } else {
+                path_route(gw, c)
+            };
+            traffic::push_unrouted_cors(gw, c, id);
+            if gw.config.traffic.waf.active() {
+                if let Some(out) = traffic::unrouted_ip_refused(w, gw, c).await {
+                    return (out, None);
+                }
             }
-            let (st, msg, id) = if m == RouteMatch::NotFound {
-                (404, "Not Found", None)
+            let (st, msg) = if m == RouteMatch::NotFound {
+                (404, "Not Found")
             } else {
                 let allow = allow_header(gw, c);
                 c.b.extra.extend_from_slice(&allow);
-                (405, "Method Not Allowed", path_route(gw, c))
+                (405, "Method Not Allowed")
             };
             let keep = body_skippable(c);
             return (reject(w, c, st, msg, keep).await, id);
-        }
-        RouteMatch::NotFound => {
-            let keep = body_skippable(c);
-            return (reject(w, c, 404, "Not Found", keep).await, None);
-        }
-        RouteMatch::MethodNotAllowed => {
-            let allow = allow_header(gw, c);
-            c.b.extra.extend_from_slice(&allow);
-            let id = path_route(gw, c);
-            let keep = body_skippable(c);
-            return (reject(w, c, 405, "Method Not Allowed", keep).await, id);
         }
     };
     let route: &Route = gw.config.routes.route(id);

@@ -773,7 +773,15 @@ async fn respond<S: ClientIo>(
         c.b.out.extend_from_slice(b"x-cache: miss\r\n");
         cap.begin(&c.b.resp, &c.b.ubuf, rmap);
     }
-    c.b.out.extend_from_slice(&c.b.extra);
+    if cors {
+        // One `Vary: Origin` in the answer, the upstream's or the gateway's.
+        let dup = c.b.resp.forwardable(&c.b.ubuf).any(|(n, v)| {
+            n.eq_ignore_ascii_case(b"vary") && crate::policy::cors::vary_lists_origin(v)
+        });
+        crate::policy::cors::push_extra(&mut c.b.out, &c.b.extra, dup);
+    } else {
+        c.b.out.extend_from_slice(&c.b.extra);
+    }
     match c.b.resp.body {
         RespBody::None => {
             if is_head || status == 304 {

@@ -13,6 +13,7 @@ use super::{body_skippable, reject, write_out, ClientIo, Conn, Outcome, Worker};
 use crate::config::{Limits, RouteMatch};
 use crate::gateway::Gateway;
 use crate::http::{encode, BodyKind, ChunkedDecoder, Method};
+use crate::policy::cors::{Cors, VARY_ORIGIN};
 use crate::policy::plans::{unix_at, KeyRef, Refusal};
 use crate::policy::throttle::{now_ns, Wait};
 use crate::policy::waf::{Input, Verdict};
@@ -124,6 +125,40 @@ pub(super) async fn unrouted_ip_refused<S: ClientIo>(
     }
 }
 
+/// The CORS headers of an actual request's answer (into `extra`): the allowed origin's, or
+/// `Vary: Origin` alone.
+fn push_cors<S: ClientIo>(c: &mut Conn<S>, cors: &Cors) {
+    let origin = c.b.head.header(&c.b.rbuf, "origin");
+    cors.push_for(origin, &mut c.b.extra);
+}
+
+/// For a request that matched no route (404) or whose path matched under other methods (405):
+/// the CORS headers of the API that `id` (a route of the path, for a 405) or else the host and
+/// path prefix select, so a browser app can read the answer as it reads the other refusals.
+/// Nothing when no API with `cors` can be told apart, or for a preflight (answered elsewhere).
+pub(super) fn push_unrouted_cors<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>, id: Option<u32>) {
+    if is_preflight(c) {
+        return;
+    }
+    let id = match id {
+        Some(id) => id,
+        None => {
+            let head = &c.b.head;
+            let Ok(path) = std::str::from_utf8(head.slice(&c.b.rbuf, head.path)) else {
+                return;
+            };
+            let host = head.host.map(|r| head.slice(&c.b.rbuf, r));
+            match gw.config.routes.scope(host, path) {
+                Some(id) => id,
+                None => return,
+            }
+        }
+    };
+    if let Some(cors) = &gw.config.traffic.routes[id as usize].cors {
+        push_cors(c, cors);
+    }
+}
+
 /// The WAF and CORS stages for route `id` (before auth); `Some` when the request was answered
 /// (refused, or a preflight).
 pub(super) async fn before<S: ClientIo>(
@@ -144,11 +179,7 @@ pub(super) async fn before<S: ClientIo>(
     // gateway's own refusals included, so a browser app can read a WAF 403 or a 429.
     if let Some(cors) = &rt.cors {
         if !is_preflight(c) {
-            if let Some(origin) = c.b.head.header(&c.b.rbuf, "origin") {
-                if cors.allowed(origin) {
-                    cors.push_actual(origin, &mut c.b.extra);
-                }
-            }
+            push_cors(c, cors);
         }
     }
 
@@ -207,6 +238,8 @@ pub(super) async fn before<S: ClientIo>(
                 if allowed {
                     let origin = c.b.head.header(&c.b.rbuf, "origin").unwrap_or_default();
                     cors.push_preflight(origin, &mut c.b.extra);
+                } else {
+                    c.b.extra.extend_from_slice(VARY_ORIGIN);
                 }
                 return Some(respond_204(w, c).await);
             }
