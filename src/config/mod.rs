@@ -586,6 +586,20 @@ fn validate_upstream(
 mod tests {
     use super::*;
 
+    #[test]
+    fn every_toml_example_of_the_readme_is_valid_toml() {
+        let readme = include_str!("../../README.md");
+        let mut n = 0;
+        for (i, block) in readme.split("```toml\n").skip(1).enumerate() {
+            let body = block.split("```").next().unwrap_or("");
+            if let Err(e) = toml::from_str::<toml::Value>(body) {
+                panic!("README toml example {i} is not valid TOML: {e}\n{body}");
+            }
+            n += 1;
+        }
+        assert!(n > 10, "only {n} examples found");
+    }
+
     fn p(text: &str) -> Result<Config, ConfigError> {
         parse(Path::new("t.toml"), text)
     }
