@@ -25,6 +25,10 @@ use std::time::{Duration, Instant};
 fn api_backend() -> Origin {
     Origin::start(|r| match r.header("x-route-key") {
         Some("$connect") if r.path.contains("deny=1") => Response::new(403).body("denied by test"),
+        Some("$connect") if r.path.contains("status=") => {
+            let st: u16 = r.path.rsplit("status=").next().unwrap().parse().unwrap();
+            Response::new(st).header("Location", "https://elsewhere.example/")
+        }
         Some("$connect") => match r.header("sec-websocket-protocol") {
             Some(p) if p.contains("chat.v2") => {
                 Response::ok("").header("Sec-WebSocket-Protocol", "chat.v2")
@@ -1349,4 +1353,18 @@ fn connect_principal_goes_with_every_integration_call_of_the_connection() {
     let (head, _) = ws_connect(gw.addr, "/", "X-Principal-Id: admin\r\n");
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
     assert_eq!(route_keys(&be, "$connect").len(), 2);
+}
+
+#[test]
+fn connect_refusals_keep_their_status_redirects_included() {
+    // CONTRACT: a non-2xx `$connect` refuses the handshake "with that status".
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    for st in [301u16, 302, 307, 304, 404, 503] {
+        let (head, _) = ws_connect(gw.addr, &format!("/?status={st}"), "");
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {st} ")),
+            "$connect {st}: {head}"
+        );
+    }
 }

@@ -1054,16 +1054,25 @@ async fn ws_handshake<S: ClientIo>(
         }
         Handshake::Refuse(status, msg) => reject_ws(w, c, status, msg).await,
         Handshake::RefuseWith(status, body) => {
-            if body.is_empty() {
-                return reject(w, c, status, "Forbidden: refused by $connect", false).await;
+            if body.is_empty() && status != 304 {
+                let msg = if status < 400 {
+                    "Refused by $connect"
+                } else {
+                    "Forbidden: refused by $connect"
+                };
+                return reject(w, c, status, msg, false).await;
             }
             c.b.out.clear();
             encode::push_status_line(&mut c.b.out, status);
-            c.b.out.extend_from_slice(b"content-length: ");
-            encode::push_u64(&mut c.b.out, body.len() as u64);
-            c.b.out.extend_from_slice(b"\r\n");
+            // A 304 has no body (RFC 9110 15.4.5).
+            let body = if status == 304 { &[][..] } else { &body[..] };
+            if status != 304 {
+                c.b.out.extend_from_slice(b"content-length: ");
+                encode::push_u64(&mut c.b.out, body.len() as u64);
+                c.b.out.extend_from_slice(b"\r\n");
+            }
             push_common(w, c, false);
-            c.b.out.extend_from_slice(&body);
+            c.b.out.extend_from_slice(body);
             write_out(c).await;
             Outcome {
                 status,

@@ -592,7 +592,9 @@ pub async fn handshake(
                             .any(|o| o.trim_ascii().eq_ignore_ascii_case(p))
                 });
             }
-            Ok(a) if a.status >= 400 && a.status <= 599 => {
+            // Any other final status refuses the handshake with that status (the contract),
+            // a redirect included.
+            Ok(a) if (300..=599).contains(&a.status) => {
                 return Handshake::RefuseWith(a.status, a.body);
             }
             Ok(_) => return Handshake::Refuse(502, "Bad Gateway"),
