@@ -297,10 +297,24 @@ fn refused_heads_keep_the_request_id_and_are_counted() {
         let want = if method == "GET" { "rid-dots" } else { "rid-te" };
         assert_eq!(r.header("x-request-id"), Some(want));
     }
+    // Heads that never parsed whole count under the request line's method too: obs-fold (400)
+    // and too many header fields (431) after `DELETE ...`, garbage (400) as OTHER.
+    let many: String = (0..120).map(|i| format!("x-h{i}: v\r\n")).collect();
+    for raw in [
+        "DELETE /x HTTP/1.1\r\nHost: t\r\nx-a: 1\r\n folded\r\n\r\n".to_string(),
+        format!("DELETE /x HTTP/1.1\r\nHost: t\r\n{many}\r\n"),
+        "\x01\x02garbage\r\n\r\n".to_string(),
+    ] {
+        let mut c = Client::connect(gw.addr);
+        c.send(raw.as_bytes());
+        let r = c.read_response().unwrap();
+        assert!(matches!(r.status, 400 | 431), "{}", r.status);
+    }
     // Counted once the answer is written: the worker may get there just after the client.
-    let lines: Vec<String> = ["GET", "POST"].iter().map(|method| format!(
+    let mut lines: Vec<String> = ["GET", "POST", "DELETE", "OTHER"].iter().map(|method| format!(
             "ringgate_requests_total{{api=\"\",stage=\"\",route=\"\",method=\"{method}\",status=\"400\"}} 1"
         )).collect();
+    lines.push("ringgate_requests_total{api=\"\",stage=\"\",route=\"\",method=\"DELETE\",status=\"431\"} 1".into());
     let mut metrics = String::new();
     let all = wait_until(Duration::from_secs(3), || {
         metrics = gw.admin_get("/metrics").text();

@@ -573,7 +573,15 @@ pub(crate) async fn run<S: ClientIo>(
                 let method = if c.b.head.head_len > 0 {
                     method_label(c.b.head.method)
                 } else {
-                    "OTHER"
+                    // The head did not parse whole: the request line's method, when at least
+                    // that much arrived.
+                    c.b.rbuf
+                        .iter()
+                        .take(16)
+                        .position(|&b| b == b' ')
+                        .map_or("OTHER", |i| {
+                            method_label(crate::http::Method::from_bytes(&c.b.rbuf[..i]))
+                        })
                 };
                 if let Ok(mut m) = w.metrics.lock() {
                     m.count_request(&w.unmatched.0, method, status);
