@@ -1118,12 +1118,27 @@ integration = {{ type = "http", upstream = "o" }}
     let r = send(&mut c, "GET", "/zz", "other.example", h);
     assert_eq!(r.status, 404);
     assert!(r.header("access-control-allow-origin").is_none());
-    // A preflight to a path without routes is not answered as a CORS preflight.
+    // A preflight to a path without routes is answered for the API it addresses (as API
+    // Gateway answers every preflight of a CORS API): the browser then reads the 404.
     let r = send(
         &mut c,
         "OPTIONS",
         "/shop/prod/nonexist",
         "t",
+        "Origin: https://app.example.com\r\nAccess-Control-Request-Method: GET\r\n",
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert!(r.header("vary").is_some_and(|v| v.contains("Origin")));
+    // Outside every CORS API: no preflight answer, a plain 404.
+    let r = send(
+        &mut c,
+        "OPTIONS",
+        "/zz",
+        "other.example",
         "Origin: https://app.example.com\r\nAccess-Control-Request-Method: GET\r\n",
     );
     assert_eq!(r.status, 404);

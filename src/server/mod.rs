@@ -913,13 +913,14 @@ async fn route_and_run<S: ClientIo>(
         RouteMatch::NotFound | RouteMatch::MethodNotAllowed
             if traffic::is_preflight(c) && traffic::preflight_route(gw, c).is_some() =>
         {
-            // A CORS preflight for a route of an API with `cors`: answered by the gateway.
-            let id = traffic::preflight_route(gw, c).unwrap_or_default();
+            // A CORS preflight for a path of an API with `cors`: answered by the gateway
+            // (counted under the route when the path has one).
+            let (id, routed) = traffic::preflight_route(gw, c).unwrap_or_default();
             let out = match traffic::before(w, gw, c, id, limits).await {
                 Some(out) => out,
                 None => traffic::answer_preflight_denied(w, c).await,
             };
-            return (out, Some(id));
+            return (out, routed.then_some(id));
         }
         // No route: 404, or 405 when the path has routes under other methods. Both carry the
         // CORS headers of the API the request addressed, as the gateway's other refusals do.

@@ -33,10 +33,12 @@ pub(super) fn is_preflight<S: ClientIo>(c: &Conn<S>) -> bool {
 }
 
 /// The route a preflight asks about (routed with the requested method), when its API has
-/// CORS configured: the gateway answers for it. A method no route of the path takes is still
-/// answered for the path's API (as API Gateway answers every preflight of a CORS API): the
-/// answer lists the allowed methods, and the browser refuses the request itself.
-pub(super) fn preflight_route<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>) -> Option<u32> {
+/// CORS configured: the gateway answers for it. A method no route of the path takes, or a
+/// path no route takes, is still answered for the API the request addresses (as API Gateway
+/// answers every preflight of a CORS API): the answer lists the allowed methods, and the
+/// browser then gets the 404 or 405 with CORS headers. The flag says whether the path has a
+/// route (else the id only names the API whose CORS answers).
+pub(super) fn preflight_route<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>) -> Option<(u32, bool)> {
     let m =
         c.b.head
             .header(&c.b.rbuf, "access-control-request-method")?;
@@ -57,12 +59,18 @@ pub(super) fn preflight_route<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>) -> Opt
                     _ => None,
                 },
             )?,
-        RouteMatch::NotFound => return None,
+        RouteMatch::NotFound => {
+            let id = gw.config.routes.scope(host, path)?;
+            return gw.config.traffic.routes[id as usize]
+                .cors
+                .is_some()
+                .then_some((id, false));
+        }
     };
     gw.config.traffic.routes[id as usize]
         .cors
         .is_some()
-        .then_some(id)
+        .then_some((id, true))
 }
 
 /// A preflight the gateway does not allow: 204 without CORS headers.
