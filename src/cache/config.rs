@@ -185,6 +185,24 @@ integration = { type = "http", upstream = "o" }
     }
 
     #[test]
+    fn the_route_table_shows_the_cache_on_get_routes_only() {
+        let cfg = format!(
+            "{BASE}[[apis.routes]]\nroute = \"POST /q\"\nintegration = {{ type = \"http\", upstream = \"o\" }}\n"
+        );
+        let c = parse(Path::new("t.toml"), &cfg).unwrap();
+        let table = c.routes.describe(&c.upstreams);
+        let line = |k: &str| {
+            table
+                .lines()
+                .find(|l| l.contains("prod") && l.contains(k))
+                .unwrap_or_else(|| panic!("no {k} in {table}"))
+                .to_string()
+        };
+        assert!(line("GET /q").contains("(cache 60s)"), "{table}");
+        assert!(!line("POST /q").contains("cache"), "{table}");
+    }
+
+    #[test]
     fn errors_name_line_and_key() {
         let bad = BASE.replace("\"path.id\"", "\"path.nope\"");
         let e = parse(Path::new("t.toml"), &bad).unwrap_err().0;

@@ -254,7 +254,13 @@ impl RouteTable {
                 Integration::Http { upstream, .. } => format!("http {}", upstreams[*upstream].name),
                 Integration::WebSocket(w) => format!("websocket ({} routes)", w.routes.len()),
             };
-            if let Some(c) = &r.cache {
+            // Only GET and HEAD use the cache: a route of another method shows none.
+            let method = r.key.split(' ').next().unwrap_or("");
+            if let Some(c) = r
+                .cache
+                .as_ref()
+                .filter(|_| matches!(method, "GET" | "HEAD" | "ANY" | "$default"))
+            {
                 let _ = write!(target, " (cache {}s)", c.ttl.as_secs());
             }
             if let Some(v) = &r.validate {
