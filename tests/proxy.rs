@@ -1004,3 +1004,18 @@ fn request_headers_with_underscores_are_not_forwarded() {
     assert_eq!(req.headers_named("x-normal"), vec!["2"]);
     assert_eq!(req.headers_named("x-forwarded-for"), vec!["127.0.0.1"]);
 }
+
+#[test]
+fn connection_cannot_take_the_host_away() {
+    // `Connection: Host` would have the upstream get an HTTP/1.1 request without Host (a
+    // default virtual host behind a gateway that routed by Host). Host is for every hop.
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&config(origin.addr));
+    let r = gw.request(
+        "GET /h HTTP/1.1\r\nHost: x.test\r\nConnection: Host, x-drop\r\nx-drop: 1\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    let req = origin.last_request();
+    assert_eq!(req.headers_named("host"), vec!["x.test"]);
+    assert!(req.headers_named("x-drop").is_empty());
+}

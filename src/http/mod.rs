@@ -525,7 +525,9 @@ fn forward_ok(
     {
         return false;
     }
-    if conn_other {
+    // `Connection: Host` cannot take the Host away: it is for every recipient (RFC 9110
+    // 7.6.1), and an HTTP/1.1 request must carry it.
+    if conn_other && h.kind != HeaderKind::Host {
         let name = range(buf, h.name);
         let named = headers
             .iter()

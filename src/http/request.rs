@@ -304,7 +304,14 @@ impl RequestHead {
             }
             if has_encoded_separator(path) {
                 // A backend that decodes `%2F` would see other segments than the router did.
-                return Err(HttpError::BadRequest("encoded slash or backslash in path"));
+                return Err(HttpError::BadRequest(
+                    "encoded slash, backslash or NUL in path",
+                ));
+            }
+            if path.contains(&b'\\') {
+                // Not a URI character (RFC 3986 2); WHATWG URL parsers and IIS read it as `/`,
+                // so `/x\..\admin` would reach another path than the router saw.
+                return Err(HttpError::BadRequest("backslash in path"));
             }
         }
         self.path = offsets(buf, path);
@@ -390,9 +397,31 @@ fn absolute_form(target: &[u8]) -> Result<Option<AuthorityAndPath<'_>>, HttpErro
     Ok(Some((authority, path)))
 }
 
-/// Host value: `uri-host [ ":" port ]` characters only (no SP, `/`, `@`,
-/// `?`, `#`, ...). Empty is allowed (RFC 9112 §3.2).
+/// Host value: `uri-host [ ":" port ]` characters only (no SP, `/`, `@`, `?`, `#`, ...), a
+/// host that is not empty (an `http` URI has one, RFC 9110 4.2.1) and a port of digits only.
 fn valid_host(v: &[u8]) -> bool {
+    let port_at = match v.first() {
+        None => return false,
+        // An IP literal: the port follows its `]`.
+        Some(b'[') => v.iter().position(|&b| b == b']').map(|i| i + 1),
+        Some(_) => v.iter().position(|&b| b == b':'),
+    };
+    if let Some(i) = port_at {
+        let (host, port) = v.split_at(i);
+        if host.is_empty() || host == b"[]" {
+            return false;
+        }
+        match port.split_first() {
+            None => {}
+            Some((b':', digits)) if digits.iter().all(u8::is_ascii_digit) => {}
+            Some(_) => return false,
+        }
+    }
+    valid_host_chars(v)
+}
+
+/// `uri-host [ ":" port ]` characters only.
+fn valid_host_chars(v: &[u8]) -> bool {
     v.iter().all(|&b| {
         b.is_ascii_alphanumeric()
             || matches!(
@@ -423,7 +452,8 @@ fn valid_host(v: &[u8]) -> bool {
 fn needs_normalizing(path: &[u8]) -> bool {
     let mut prev = 0u8;
     for &b in path {
-        if b == b'%' || (b == b'/' && prev == b'/') {
+        // A backslash too: refused with the encoded separators (one pass for both).
+        if b == b'%' || b == b'\\' || (b == b'/' && prev == b'/') {
             return true;
         }
         prev = b;
@@ -447,11 +477,14 @@ fn percent_encoding_ok(path: &[u8]) -> bool {
     true
 }
 
-/// `%2F` or `%5C` (any case) in `path`.
+/// `%2F`, `%5C` (any case) or `%00` in `path`: a separator a backend would decode, or a NUL
+/// that ends a C string early (`/secret%00.png`), as nginx refuses it.
 fn has_encoded_separator(path: &[u8]) -> bool {
     path.windows(3).any(|w| {
         w[0] == b'%'
-            && ((w[1] == b'2' && w[2] | 0x20 == b'f') || (w[1] == b'5' && w[2] | 0x20 == b'c'))
+            && ((w[1] == b'2' && w[2] | 0x20 == b'f')
+                || (w[1] == b'5' && w[2] | 0x20 == b'c')
+                || (w[1] == b'0' && w[2] == b'0'))
     })
 }
 
@@ -983,11 +1016,51 @@ mod tests {
             );
         }
         // A separator written encoded would split differently in a backend that decodes it.
-        for t in ["/a/%2f", "/a%2Fb", "/a%5cb", "/a%5C"] {
+        // So would a NUL cut it short.
+        for t in ["/a/%2f", "/a%2Fb", "/a%5cb", "/a%5C", "/secret%00.png"] {
             assert_eq!(
                 bad(&req(&format!("GET {t} HTTP/1.1"), "")),
-                "encoded slash or backslash in path",
+                "encoded slash, backslash or NUL in path",
                 "{t}"
+            );
+        }
+        // A raw backslash is no URI character, and some backends read it as `/`.
+        for t in ["/a\\..\\admin", "/x\\y", "/\\"] {
+            assert_eq!(
+                bad(&req(&format!("GET {t} HTTP/1.1"), "")),
+                "backslash in path",
+                "{t}"
+            );
+        }
+        // %01 and the like are not refused (only NUL is, as in nginx).
+        ok(&req("GET /a%01b HTTP/1.1", ""));
+    }
+
+    #[test]
+    fn host_values_must_name_a_host_and_digits_for_a_port() {
+        for h in ["", ":80", "x.test:abc", "x.test:8a", "[::1]x", "[]:80"] {
+            let raw = format!("GET / HTTP/1.1\r\nHost: {h}\r\n\r\n");
+            assert!(
+                RequestHead::new(32)
+                    .parse(raw.as_bytes(), &Limits::default())
+                    .is_err(),
+                "Host {h:?} accepted"
+            );
+        }
+        for h in [
+            "x.test",
+            "x.test:",
+            "x.test:8080",
+            "[::1]",
+            "[::1]:80",
+            "127.0.0.1:1",
+        ] {
+            let raw = format!("GET / HTTP/1.1\r\nHost: {h}\r\n\r\n");
+            assert!(
+                RequestHead::new(32)
+                    .parse(raw.as_bytes(), &Limits::default())
+                    .is_ok(),
+                "Host {h:?} refused"
             );
         }
     }
