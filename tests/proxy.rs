@@ -1019,3 +1019,51 @@ fn connection_cannot_take_the_host_away() {
     assert_eq!(req.headers_named("host"), vec!["x.test"]);
     assert!(req.headers_named("x-drop").is_empty());
 }
+
+#[test]
+fn trailer_fields_that_could_stand_in_for_headers_are_not_passed_on() {
+    // A backend that merges trailers into the headers (Apache's MergeTrailers, CVE-2013-5704)
+    // would otherwise take `x-principal-id` or `Host` from the trailer as the gateway's.
+    let origin = Origin::start(|r| {
+        match r.path.as_str() {
+        "/resp" => Response::raw(
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-sum: 7\r\nSet-Cookie: s=1\r\nContent-Length: 5\r\n\r\n"[..],
+        ),
+        _ => Response::ok("up"),
+    }
+    });
+    let gw = Gateway::start(&config(origin.addr));
+    let trailers = "x-sum: 42\r\nx-principal-id: admin\r\nX_User: a\r\nHost: evil\r\nContent-Length: 99\r\nAuthorization: Bearer x\r\n\r\n";
+    // With the head (one read), and streamed after it.
+    for streamed in [false, true] {
+        let mut c = Client::connect(gw.addr);
+        let head = "POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let body = format!("5\r\nhello\r\n0\r\n{trailers}");
+        if streamed {
+            c.send(head.as_bytes());
+            std::thread::sleep(Duration::from_millis(50));
+            c.send(body.as_bytes());
+        } else {
+            c.send(format!("{head}{body}").as_bytes());
+        }
+        assert_eq!(c.read_response().unwrap().status, 200);
+    }
+    let raw = String::from_utf8_lossy(&origin.raw()).to_string();
+    assert_eq!(
+        raw.matches("5\r\nhello\r\n0\r\nx-sum: 42\r\n\r\n").count(),
+        2,
+        "{raw}"
+    );
+    for bad in ["admin", "X_User", "evil", "99", "Bearer x"] {
+        assert!(!raw.contains(bad), "{bad} went upstream:\n{raw}");
+    }
+    // Response trailers alike.
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /resp HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut got);
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.ends_with("2\r\nok\r\n0\r\nx-sum: 7\r\n\r\n"), "{got:?}");
+}

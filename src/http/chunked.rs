@@ -30,6 +30,65 @@ impl fmt::Display for ChunkError {
 
 impl std::error::Error for ChunkError {}
 
+/// The end of a trailer section (an empty line).
+const EMPTY_TRAILERS: &[u8] = b"\r\n";
+
+/// Fields never passed on in a trailer section (RFC 9110 6.5.1: framing, routing, request
+/// modifiers, authentication, response controls, cookies), beside every name the gateway
+/// writes or frames with ([`crate::http::HeaderKind`]) and names with `_`: a recipient that
+/// merges trailers into the header section would otherwise take them for headers the gateway
+/// checked or owns.
+const TRAILER_DENIED: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "cookie",
+    "set-cookie",
+    "proxy-authorization",
+    "www-authenticate",
+    "content-type",
+    "content-encoding",
+    "content-range",
+    "content-location",
+    "cache-control",
+    "expires",
+    "age",
+    "date",
+    "location",
+    "retry-after",
+    "vary",
+    "max-forwards",
+    "pragma",
+    "range",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+    "if-range",
+    "forwarded",
+];
+
+/// Appends the fields of a raw trailer section (`name: value` CRLF lines, then CRLF, as the
+/// decoder checked it) that may be passed on, then the final CRLF.
+pub fn push_allowed_trailers(section: &[u8], out: &mut Vec<u8>) {
+    for line in section.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let name = &line[..colon];
+        let denied = crate::http::HeaderKind::of(name) != crate::http::HeaderKind::Other
+            || name.contains(&b'_')
+            || TRAILER_DENIED
+                .iter()
+                .any(|d| name.eq_ignore_ascii_case(d.as_bytes()));
+        if !denied {
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(EMPTY_TRAILERS);
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     /// Reading chunk-size hex digits.
@@ -73,6 +132,10 @@ pub struct ChunkedDecoder {
     /// Digits in the size / bytes in the extension or trailer section.
     count: u32,
     error: ChunkError,
+    /// Where, in the input of the last [`ChunkedDecoder::feed`], the trailer section began.
+    trailer_from: Option<usize>,
+    /// The raw trailer section seen by [`ChunkedDecoder::feed_without_trailers`].
+    trailers: Vec<u8>,
 }
 
 /// An RFC 9110 token character (header and trailer field names).
@@ -107,6 +170,8 @@ impl ChunkedDecoder {
             remaining: 0,
             count: 0,
             error: ChunkError::Invalid("unused"),
+            trailer_from: None,
+            trailers: Vec::new(),
         }
     }
 
@@ -123,6 +188,42 @@ impl ChunkedDecoder {
     /// True once the whole body, trailers included, has been consumed.
     pub fn is_done(&self) -> bool {
         self.state == State::Done
+    }
+
+    /// [`ChunkedDecoder::feed`] for a body passed on as it came up to its trailer section,
+    /// which the caller collects and filters ([`push_allowed_trailers`]): fields there could
+    /// stand in for headers the gateway checked or owns. Returns `(consumed, done, keep)`:
+    /// `input[..keep]` goes on unchanged, `input[keep..consumed]` is trailer section.
+    pub fn feed_without_trailers(
+        &mut self,
+        input: &[u8],
+        on_data: impl FnMut(&[u8]),
+    ) -> Result<(usize, bool, usize), ChunkError> {
+        let in_trailers = matches!(
+            self.state,
+            State::TrailerStart
+                | State::TrailerName
+                | State::TrailerValue
+                | State::TrailerLf
+                | State::FinalLf
+                | State::Done
+        );
+        let (used, done) = self.feed(input, on_data)?;
+        let keep = if in_trailers {
+            0
+        } else {
+            self.trailer_from.unwrap_or(used)
+        };
+        // Bounded: the decoder refuses a trailer section past MAX_TRAILER_LEN.
+        self.trailers.extend_from_slice(&input[keep..used]);
+        Ok((used, done, keep))
+    }
+
+    /// Once done: appends the trailer section's fields that may be passed on, then the final
+    /// CRLF ([`push_allowed_trailers`]).
+    pub fn push_trailers(&mut self, out: &mut Vec<u8>) {
+        push_allowed_trailers(&self.trailers, out);
+        self.trailers = Vec::new();
     }
 
     fn fail(&mut self, e: ChunkError) -> ChunkError {
@@ -145,6 +246,7 @@ impl ChunkedDecoder {
         use State::*;
         let inv = |r| Err(ChunkError::Invalid(r));
         let mut i = 0;
+        self.trailer_from = None;
         while i < input.len() {
             if self.state == Data {
                 let avail = input.len() - i;
@@ -206,6 +308,7 @@ impl ChunkedDecoder {
                         self.count = 0;
                         let size = self.remaining;
                         if size == 0 {
+                            self.trailer_from = Some(i);
                             Ok(TrailerStart)
                         } else if size > self.max_body - self.total {
                             Err(ChunkError::TooLarge)
@@ -281,6 +384,50 @@ impl ChunkedDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_harmless_trailer_fields_pass() {
+        let mut out = Vec::new();
+        push_allowed_trailers(
+            b"x-checksum: abc\r\nx-principal-id: admin\r\nX_User: a\r\nHost: evil\r\nContent-Length: 9\r\nAuthorization: x\r\nServer-Timing: db;dur=3\r\n\r\n",
+            &mut out,
+        );
+        assert_eq!(out, b"x-checksum: abc\r\nServer-Timing: db;dur=3\r\n\r\n");
+        let mut out = Vec::new();
+        push_allowed_trailers(b"\r\n", &mut out);
+        assert_eq!(out, b"\r\n");
+    }
+
+    #[test]
+    fn trailers_are_left_out_whatever_the_splits() {
+        let body =
+            b"5;ext=1\r\nhello\r\n0\r\nx-principal-id: admin\r\nx-sum: 1\r\nHost: evil\r\n\r\nNEXT";
+        for split in 0..body.len() {
+            let mut d = ChunkedDecoder::new(1 << 20);
+            let mut out = Vec::new();
+            let mut after = Vec::new();
+            let mut done = false;
+            for p in [&body[..split], &body[split..]] {
+                if done {
+                    after.extend_from_slice(p);
+                    continue;
+                }
+                let (used, fin, keep) = d.feed_without_trailers(p, |_| {}).unwrap();
+                out.extend_from_slice(&p[..keep]);
+                if fin {
+                    d.push_trailers(&mut out);
+                    after.extend_from_slice(&p[used..]);
+                    done = true;
+                }
+            }
+            assert!(done, "split {split}");
+            assert_eq!(
+                out, b"5;ext=1\r\nhello\r\n0\r\nx-sum: 1\r\n\r\n",
+                "split {split}"
+            );
+            assert_eq!(after, b"NEXT", "split {split}");
+        }
+    }
 
     /// Feeds `input` in pieces at the given split points; returns payload,
     /// consumed, done.

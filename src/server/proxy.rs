@@ -66,9 +66,15 @@ pub(super) async fn proxy<S: ClientIo>(
             (take, n - take as u64, take as u64 == n)
         }
         BodyKind::Chunked => {
+            // Passed on as it came, but for its trailer fields (filtered: see
+            // `push_allowed_trailers`).
             let mut d = ChunkedDecoder::new(limits.max_body_bytes);
-            match d.feed(avail, |_| {}) {
-                Ok((used, done)) => {
+            match d.feed_without_trailers(avail, |_| {}) {
+                Ok((used, done, keep)) => {
+                    c.b.out.extend_from_slice(&avail[..keep]);
+                    if done {
+                        d.push_trailers(&mut c.b.out);
+                    }
                     decoder = Some(d);
                     (used, 0, done)
                 }
@@ -79,8 +85,10 @@ pub(super) async fn proxy<S: ClientIo>(
             }
         }
     };
-    c.b.out
-        .extend_from_slice(&c.b.rbuf[body_start..body_start + buffered]);
+    if decoder.is_none() {
+        c.b.out
+            .extend_from_slice(&c.b.rbuf[body_start..body_start + buffered]);
+    }
     c.consumed = body_start + buffered;
 
     if c.b.head.expect_continue && !body_done {
@@ -636,30 +644,39 @@ async fn stream_request_body<S: ClientIo>(
             Ok(0) | Err(_) => return Err(Fail::Client(499)),
             Ok(_) => {}
         }
-        let (send, done) = match decoder {
+        let (used, done, keep) = match decoder {
             None => {
                 let n = (*remaining).min(bbuf.len() as u64) as usize;
                 *remaining -= n as u64;
-                (n, *remaining == 0)
+                (n, *remaining == 0, n)
             }
-            Some(d) => match d.feed(&bbuf, |_| {}) {
-                Ok((used, done)) => (used, done),
+            Some(d) => match d.feed_without_trailers(&bbuf, |_| {}) {
+                Ok(r) => r,
                 Err(e) => return Err(Fail::Client(chunk_error(&e).0)),
             },
         };
-        let chunk = monoio::buf::IoBuf::slice(bbuf, 0..send);
-        let (res, chunk) = us.write_all(chunk).await;
-        bbuf = chunk.into_inner();
+        if done {
+            // Bytes after the body are the next pipelined request; the head stays in rbuf
+            // until this request is logged.
+            c.b.leftover.extend_from_slice(&bbuf[used..]);
+            c.consumed = c.b.rbuf.len();
+        }
+        // What goes on: the bytes as they came, up to a chunked body's trailer section, which
+        // ends the body filtered.
+        bbuf.truncate(keep);
+        if done {
+            if let Some(d) = decoder {
+                d.push_trailers(&mut bbuf);
+            }
+        }
+        let (res, b) = us.write_all(bbuf).await;
+        bbuf = b;
         if res.is_err() {
             // The upstream stopped reading (it may have answered early): not retryable,
             // since the body is gone; the caller answers 502.
             return Err(Fail::BeforeResponse);
         }
         if done {
-            // Bytes after the body are the next pipelined request; the head stays in rbuf
-            // until this request is logged.
-            c.b.leftover.extend_from_slice(&bbuf[send..]);
-            c.consumed = c.b.rbuf.len();
             return Ok(());
         }
         bbuf.clear();
@@ -857,7 +874,7 @@ async fn respond<S: ClientIo>(
                 (Some(d), _) => {
                     let out = &mut c.b.out;
                     let mut cap = cap.as_deref_mut();
-                    match d.feed(data, |chunk| {
+                    match d.feed_without_trailers(data, |chunk| {
                         if dechunk {
                             out.extend_from_slice(chunk)
                         }
@@ -865,9 +882,13 @@ async fn respond<S: ClientIo>(
                             cap.body(chunk);
                         }
                     }) {
-                        Ok((used, fin)) => {
+                        Ok((used, fin, keep)) => {
                             if !dechunk {
-                                out.extend_from_slice(&data[..used]);
+                                // As it came, but for the trailer fields (filtered).
+                                out.extend_from_slice(&data[..keep]);
+                                if fin {
+                                    d.push_trailers(out);
+                                }
                             }
                             done = fin;
                             used
