@@ -181,7 +181,11 @@ impl RequestHead {
                     }
                     self.host = Some(view.value);
                 }
-                HeaderKind::Expect if value.eq_ignore_ascii_case(b"100-continue") => {
+                // An HTTP/1.0 client's expectation is ignored (RFC 9110 10.1.1): it would read
+                // a 1xx as the final answer.
+                HeaderKind::Expect
+                    if value.eq_ignore_ascii_case(b"100-continue") && self.minor_version == 1 =>
+                {
                     self.expect_continue = true;
                 }
                 HeaderKind::Upgrade
@@ -1034,6 +1038,12 @@ mod tests {
         }
         // %01 and the like are not refused (only NUL is, as in nginx).
         ok(&req("GET /a%01b HTTP/1.1", ""));
+    }
+
+    #[test]
+    fn an_http10_expectation_is_ignored() {
+        assert!(ok(&req("POST / HTTP/1.1", "Expect: 100-continue\r\n")).expect_continue);
+        assert!(!ok(&req("POST / HTTP/1.0", "Expect: 100-continue\r\n")).expect_continue);
     }
 
     #[test]
