@@ -529,3 +529,31 @@ fn a_post_after_the_upstream_closed_an_idle_connection_goes_through() {
         .count();
     assert_eq!(posts, 3);
 }
+
+#[test]
+fn an_invalid_answer_is_not_asked_for_again() {
+    // The upstream answered (badly): sending the request again would run it twice, even for
+    // an idempotent method (nginx's default leaves `invalid_header` out of its retries too).
+    let origin = Origin::start(|r| match r.path.as_str() {
+        "/bad" => Response::raw(
+            &b"HTTP/1.1 200 OK\r\nX-A: a\r\n folded\r\nContent-Length: 2\r\n\r\nok"[..],
+        ),
+        _ => Response::ok("ok"),
+    });
+    let gw = Gateway::start(&config(&[origin.addr], "retries = 1"));
+    let got = statuses_on_one_connection(
+        &gw,
+        &[
+            "GET /warm HTTP/1.1\r\nHost: t\r\n\r\n",
+            "DELETE /bad HTTP/1.1\r\nHost: t\r\n\r\n",
+        ],
+    );
+    assert_eq!(got, vec![200, 502]);
+    std::thread::sleep(Duration::from_millis(200));
+    let n = origin
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/bad")
+        .count();
+    assert_eq!(n, 1, "the DELETE reached the origin {n} times");
+}

@@ -28,6 +28,10 @@ enum Fail {
     Timeout,
     /// The upstream sent something that is not HTTP/1.1.
     BadResponse,
+    /// Bytes that are no response at all (not even `HTTP/`) where a response head should be,
+    /// on a reused connection: left behind by an earlier answer (a late body after a HEAD or
+    /// 204), so the request was not answered.
+    Leftover,
     /// The client went away or sent a bad body while we streamed it; already answered or
     /// not answerable.
     Client(u16),
@@ -187,13 +191,16 @@ pub(super) async fn proxy<S: ClientIo>(
             w.pools.borrow_mut().end(addr);
             match r {
                 Ok(()) => break Ok(us),
-                // A reused connection that broke (most often closed by the upstream while it
-                // idled in the pool, before the request arrived), or garbage where a response
-                // head should be (bytes an earlier answer left behind, a body after a HEAD or
-                // 304 response). Whether the upstream's application saw the request cannot be
-                // told, so only a request that does no harm when repeated is sent again (as
-                // nginx without `non_idempotent`).
-                Err(Fail::BeforeResponse | Fail::BadResponse)
+                // A reused connection that broke before any byte of an answer (most often
+                // closed by the upstream while it idled in the pool, before the request
+                // arrived). Whether the upstream's application saw the request cannot be told,
+                // so only a request that does no harm when repeated is sent again (as nginx
+                // without `non_idempotent`). An invalid answer is not retried: the upstream
+                // did answer (nginx's default `proxy_next_upstream` leaves out
+                // `invalid_header` too). Bytes an earlier bodiless answer left behind are no
+                // answer: mostly caught before the connection is pooled (see `respond`), else
+                // told apart by not starting like a status line.
+                Err(Fail::BeforeResponse | Fail::Leftover)
                     if reused && fresh_tries == 0 && body_done && idempotent =>
                 {
                     // On a fresh connection. The other idle ones are as old (an upstream
@@ -232,7 +239,7 @@ pub(super) async fn proxy<S: ClientIo>(
             Err(Fail::Timeout) => {
                 return reject(w, c, 504, "Endpoint Request Timed Out", body_done).await;
             }
-            Err(Fail::BadResponse) => {
+            Err(Fail::BadResponse | Fail::Leftover) => {
                 w.log_upstream_error(
                     addr,
                     "invalid response head, or one past server.limits (max_headers, or max(max_header_bytes, 16 KiB))",
@@ -567,6 +574,7 @@ async fn exchange<S: ClientIo>(
                     return Ok(());
                 }
                 Ok(Status::Partial) => {}
+                Err(_) if !c.b.ubuf.starts_with(b"HTTP/") && !early => return Err(Fail::Leftover),
                 Err(_) => return Err(Fail::BadResponse),
             }
         }
@@ -980,7 +988,14 @@ async fn respond<S: ClientIo>(
     if c.b.ubuf.capacity() > 4 * 4096 {
         c.b.ubuf = Vec::with_capacity(4096);
     }
-    if ok && done && up_reusable {
+    // After an answer without a body (HEAD, 204, 304) an upstream may wrongly have sent one:
+    // bytes already waiting would be read as the next answer's head. One non-blocking look,
+    // for these answers only.
+    if ok
+        && done
+        && up_reusable
+        && (!matches!(c.b.resp.body, RespBody::None) || matches!(peek(&us), Peek::Nothing))
+    {
         w.pools.borrow_mut().put(addr, us, keepalive);
     }
     if bad_framing {
