@@ -465,3 +465,14 @@ fn overlong_chunk_after_head_was_forwarded() {
     }
     assert!(closed);
 }
+
+#[test]
+fn another_major_version_gets_505() {
+    let (origin, gw) = start();
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /x HTTP/2.0\r\nHost: t\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 505);
+    assert_eq!(r.message(), "HTTP Version Not Supported");
+    assert_eq!(origin.request_count(), 0);
+}

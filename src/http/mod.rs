@@ -251,6 +251,8 @@ pub enum HttpError {
     HeadTooLarge,
     /// More than `max_headers` header fields.
     TooManyHeaders,
+    /// A request line naming another major version than HTTP/1 (`HTTP/2.0`, `HTTP/3`).
+    VersionNotSupported,
 }
 
 impl HttpError {
@@ -260,6 +262,7 @@ impl HttpError {
         match self {
             HttpError::BadRequest(_) => 400,
             HttpError::HeadTooLarge | HttpError::TooManyHeaders => 431,
+            HttpError::VersionNotSupported => 505,
         }
     }
 }
@@ -270,6 +273,7 @@ impl fmt::Display for HttpError {
             HttpError::BadRequest(r) => write!(f, "bad request: {r}"),
             HttpError::HeadTooLarge => f.write_str("header section too large"),
             HttpError::TooManyHeaders => f.write_str("too many header fields"),
+            HttpError::VersionNotSupported => f.write_str("HTTP version not supported"),
         }
     }
 }

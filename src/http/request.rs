@@ -136,6 +136,10 @@ impl RequestHead {
                     Ok(Status::Partial)
                 };
             }
+            // Another major version (`HTTP/2.0` sent as text): 505, as RFC 9110 15.6.6 says.
+            Err(httparse::Error::Version) if other_major_version(window) => {
+                return Err(HttpError::VersionNotSupported)
+            }
             Err(e) => return Err(map_httparse_err(e)),
         };
         if !crlf_only(&window[..head_len]) {
@@ -450,6 +454,16 @@ fn valid_host_chars(v: &[u8]) -> bool {
                     | b'%'
             )
     })
+}
+
+/// Whether the request line ends in `HTTP/D` with a major version `D` other than 1.
+fn other_major_version(buf: &[u8]) -> bool {
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or(buf);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some(at) = line.windows(6).rposition(|w| w == b" HTTP/") else {
+        return false;
+    };
+    matches!(line.get(at + 6), Some(d) if d.is_ascii_digit() && *d != b'1')
 }
 
 /// Whether `path` holds an empty segment (`//`) or any percent-encoding.
@@ -948,9 +962,13 @@ mod tests {
 
     #[test]
     fn reject_versions() {
-        bad(&req("GET / HTTP/2.0", ""));
+        for v in ["HTTP/2.0", "HTTP/0.9"] {
+            let e = RequestHead::new(32)
+                .parse(&req(&format!("GET / {v}"), ""), &Limits::default())
+                .unwrap_err();
+            assert_eq!(e, HttpError::VersionNotSupported, "{v}");
+        }
         bad(&req("GET / HTTP/1.2", ""));
-        bad(&req("GET / HTTP/0.9", ""));
         bad(&req("GET / http/1.1", ""));
         bad(b"GET /\r\n\r\n");
         assert_eq!(ok(&req("GET / HTTP/1.0", "")).minor_version, 0);
@@ -1038,6 +1056,24 @@ mod tests {
         }
         // %01 and the like are not refused (only NUL is, as in nginx).
         ok(&req("GET /a%01b HTTP/1.1", ""));
+    }
+
+    #[test]
+    fn another_major_version_is_505() {
+        let mut h = RequestHead::new(32);
+        for v in ["HTTP/2.0", "HTTP/3", "HTTP/2"] {
+            let raw = format!("GET / {v}\r\nHost: t\r\n\r\n");
+            assert_eq!(
+                h.parse(raw.as_bytes(), &Limits::default()),
+                Err(HttpError::VersionNotSupported),
+                "{v}"
+            );
+        }
+        for v in ["HTTP/1.2", "HTTX/1.1"] {
+            let raw = format!("GET / {v}\r\nHost: t\r\n\r\n");
+            let e = h.parse(raw.as_bytes(), &Limits::default()).unwrap_err();
+            assert_eq!(e.status(), 400, "{v}");
+        }
     }
 
     #[test]

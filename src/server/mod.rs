@@ -816,6 +816,7 @@ fn error_text(e: &HttpError) -> &'static str {
         HttpError::BadRequest(m) => m,
         HttpError::HeadTooLarge => "Request Header Fields Too Large",
         HttpError::TooManyHeaders => "Request Header Fields Too Large: too many headers",
+        HttpError::VersionNotSupported => "HTTP Version Not Supported",
     }
 }
 
