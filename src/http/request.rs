@@ -241,8 +241,11 @@ impl RequestHead {
             return Err(HttpError::BadRequest("missing Host"));
         }
         if let Some(a) = self.authority {
+            let https = range(buf, self.target)
+                .get(..5)
+                .is_some_and(|s| s.eq_ignore_ascii_case(b"https"));
             match self.host {
-                Some(h) if range(buf, h).eq_ignore_ascii_case(range(buf, a)) => {}
+                Some(h) if same_authority(range(buf, h), range(buf, a), https) => {}
                 Some(_) => {
                     return Err(HttpError::BadRequest(
                         "Host does not match the request-target's authority",
@@ -403,6 +406,20 @@ fn absolute_form(target: &[u8]) -> Result<Option<AuthorityAndPath<'_>>, HttpErro
         ));
     }
     Ok(Some((authority, path)))
+}
+
+/// Whether a Host value and an absolute-form authority name the same authority: equal but for
+/// case and the scheme's default port (`x.test` and `x.test:80` for http, RFC 9110 4.2.3).
+fn same_authority(host: &[u8], authority: &[u8], https: bool) -> bool {
+    let default: &[u8] = if https { b":443" } else { b":80" };
+    let strip = |v: &'_ [u8]| -> usize {
+        if v.len() > default.len() && v.ends_with(default) {
+            v.len() - default.len()
+        } else {
+            v.len()
+        }
+    };
+    host[..strip(host)].eq_ignore_ascii_case(&authority[..strip(authority)])
 }
 
 /// Host value: `uri-host [ ":" port ]` characters only (no SP, `/`, `@`, `?`, `#`, ...), a
@@ -927,6 +944,17 @@ mod tests {
         assert_eq!(h.slice(b, h.path), b"/a");
         assert_eq!(h.slice(b, h.query.unwrap()), b"b");
         assert!(!h.host_from_target);
+        // The scheme's default port spelled out on one side only: the same authority.
+        ok(b"GET http://x.test:80/p HTTP/1.1\r\nHost: x.test\r\n\r\n");
+        ok(b"GET https://x.test/p HTTP/1.1\r\nHost: X.test:443\r\n\r\n");
+        assert_eq!(
+            bad(b"GET http://x.test:443/p HTTP/1.1\r\nHost: x.test\r\n\r\n"),
+            "Host does not match the request-target's authority"
+        );
+        assert_eq!(
+            bad(b"GET http://x.test:8080/p HTTP/1.1\r\nHost: x.test:80\r\n\r\n"),
+            "Host does not match the request-target's authority"
+        );
         // HTTP/1.0 without Host: the authority is the host.
         let b = b"GET http://x.test/ HTTP/1.0\r\n\r\n";
         let h = ok(b);
