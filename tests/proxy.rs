@@ -1067,3 +1067,18 @@ fn trailer_fields_that_could_stand_in_for_headers_are_not_passed_on() {
     let got = String::from_utf8_lossy(&got);
     assert!(got.ends_with("2\r\nok\r\n0\r\nx-sum: 7\r\n\r\n"), "{got:?}");
 }
+
+#[test]
+fn options_asterisk_is_forwarded_as_asterisk() {
+    // RFC 9112 3.2.4: the asterisk form asks about the server; `/*` would name a resource.
+    // It has no path: only a `$default` route takes it.
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&format!(
+        "[[upstreams]]\nname = \"o\"\ntargets = [\"{}\"]\n[[apis]]\nname = \"d\"\n[[apis.routes]]\nroute = \"$default\"\nintegration = {{ type = \"http\", upstream = \"o\" }}\n",
+        origin.addr
+    ));
+    let r = gw.request("OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let req = origin.last_request();
+    assert_eq!((req.method.as_str(), req.path.as_str()), ("OPTIONS", "*"));
+}

@@ -305,6 +305,12 @@ fn build_request_head<S: ClientIo>(
                 b'?'
             }
         }
+        // `OPTIONS *` asks about the server, not a resource: forwarded as `*` (RFC 9112
+        // 3.2.4), never as the resource `/*`.
+        None if path == b"*" => {
+            out.push(b'*');
+            b'?'
+        }
         None => {
             let rest = &path[route.prefix_len.min(path.len())..];
             if !rest.starts_with(b"/") {
