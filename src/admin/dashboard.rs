@@ -55,7 +55,7 @@ pub fn query_token_ok(path: &str, query: Option<&[u8]>, token: &str) -> bool {
     for pair in q.split(|&b| b == b'&') {
         if let Some(raw) = pair.strip_prefix(b"token=") {
             // `+` stays literal (as with JS decodeURIComponent), so a pasted token works as is.
-            crate::policy::waf::percent_decode(raw, false, &mut v);
+            crate::http::percent_decode(raw, false, &mut v);
             return super::ct_eq(&v, token.as_bytes());
         }
     }

@@ -321,14 +321,21 @@ pub fn query_values<'a>(query: &'a [u8], name: &'a [u8]) -> impl Iterator<Item =
                 Some(i) => (&pair[..i], &pair[i + 1..]),
                 None => (pair, &b""[..]),
             };
-            let same = k == name
-                || (k.iter().any(|&c| c == b'%' || c == b'+') && {
-                    let mut d = Vec::with_capacity(k.len());
-                    percent_decode(k, true, &mut d);
-                    d == name
-                });
-            same.then_some(v)
+            query_name_is(k, name).then_some(v)
         })
+}
+
+/// Whether the raw (percent-encoded, `+` for space) query name `raw` decodes to `name`.
+pub fn query_name_is(raw: &[u8], name: &[u8]) -> bool {
+    if raw == name {
+        return true;
+    }
+    if !raw.iter().any(|&c| c == b'%' || c == b'+') {
+        return false;
+    }
+    let mut d = Vec::with_capacity(raw.len());
+    percent_decode(raw, true, &mut d);
+    d == name
 }
 
 /// Maps an httparse error to ours.

@@ -369,19 +369,6 @@ fn split_pair(pair: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-/// Whether the raw (percent-encoded, `+` for space) query name `raw` decodes to `name`.
-fn decoded_eq(raw: &[u8], name: &[u8]) -> bool {
-    if raw == name {
-        return true;
-    }
-    if !raw.iter().any(|&c| c == b'%' || c == b'+') {
-        return false;
-    }
-    let mut d = Vec::with_capacity(raw.len());
-    crate::policy::waf::percent_decode(raw, true, &mut d);
-    d == name
-}
-
 /// Appends a variable's value; false when it has none for this request.
 fn value_of(v: &Var, ctx: &Ctx, out: &mut Vec<u8>) -> bool {
     let h = ctx.head;
@@ -425,7 +412,7 @@ fn value_of(v: &Var, ctx: &Ctx, out: &mut Vec<u8>) -> bool {
             Some((a, b)) => {
                 let raw = &h.slice(ctx.buf, h.path)[a as usize..b as usize];
                 let mut d = Vec::new();
-                crate::policy::waf::percent_decode(raw, false, &mut d);
+                crate::http::percent_decode(raw, false, &mut d);
                 out.extend_from_slice(&d);
             }
             None => return false,
@@ -509,7 +496,11 @@ impl RequestMapping {
                 continue;
             }
             let (k, _) = split_pair(pair);
-            if self.query.iter().any(|q| decoded_eq(k, &q.name)) {
+            if self
+                .query
+                .iter()
+                .any(|q| crate::http::query_name_is(k, &q.name))
+            {
                 continue;
             }
             lead(out);

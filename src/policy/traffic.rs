@@ -7,7 +7,7 @@ use super::cors::{Cors, CorsSpec};
 use super::plans::{self, Period, Plan, Plans, Quota};
 use super::raw::{self, RawRule, RawRuleFile, RawThrottle};
 use super::throttle::{Bucket, KeyedBuckets, Rate};
-use super::waf::{self, Action, Cidr, RuleSpec, Target, Waf};
+use super::waf::{Action, Cidr, RuleSpec, Target, Waf};
 use crate::config::{ConfigError, RouteTable, Source};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -451,12 +451,12 @@ pub fn admin_usage(
     let mut buf = Vec::new();
     for part in query.unwrap_or(b"").split(|&c| c == b'&') {
         if let Some(v) = part.strip_prefix(b"key=") {
-            waf::percent_decode(v, true, &mut buf);
+            crate::http::percent_decode(v, true, &mut buf);
             key = String::from_utf8(buf.clone()).ok();
         }
     }
     let mut pbuf = Vec::new();
-    waf::percent_decode(plan.as_bytes(), false, &mut pbuf);
+    crate::http::percent_decode(plan.as_bytes(), false, &mut pbuf);
     let plan = String::from_utf8_lossy(&pbuf);
     let Some(key) = key else {
         return Some((

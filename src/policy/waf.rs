@@ -371,7 +371,7 @@ impl Waf {
     }
 }
 
-pub use crate::http::percent_decode;
+use crate::http::percent_decode;
 
 #[cfg(test)]
 mod tests {

@@ -80,7 +80,7 @@ pub fn handle(
     let raw = path.strip_prefix("/api-keys/")?;
     // Percent-decoded, as the usage endpoint's `?key=` (`u%40x.com` is `u@x.com`).
     let mut buf = Vec::new();
-    crate::policy::waf::percent_decode(raw.as_bytes(), false, &mut buf);
+    crate::http::percent_decode(raw.as_bytes(), false, &mut buf);
     let Ok(name) = std::str::from_utf8(&buf) else {
         return Some(msg(400, "Bad Request: the key name is not UTF-8"));
     };
