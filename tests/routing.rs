@@ -184,6 +184,39 @@ fn any_method_route() {
 }
 
 #[test]
+fn trace_reaches_only_a_trace_route() {
+    // TRACE echoes the request, credentials included: ANY and `$default` do not take it
+    // (nginx refuses it too); a route that names TRACE does.
+    let cfg = format!(
+        "[[apis]]\nname = \"r\"\n{}{}{}",
+        mock("ANY /any", "any"),
+        mock("TRACE /t", "traced"),
+        mock("$default", "default")
+    );
+    let gw = Gateway::start(&cfg);
+    let all = "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT";
+    for path in ["/any", "/elsewhere"] {
+        let r = gw.request(&format!("TRACE {path} HTTP/1.1\r\nHost: t\r\n\r\n"));
+        assert_eq!(r.status, 405, "{path}");
+        assert_eq!(r.message(), "Method Not Allowed");
+        assert_eq!(r.header("allow"), Some(all), "{path}");
+        // Every other method still reaches them.
+        let r = gw.request(&format!("DELETE {path} HTTP/1.1\r\nHost: t\r\n\r\n"));
+        assert_eq!(r.status, 200, "{path}");
+    }
+    let r = gw.request("TRACE /t HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(r.text(), "traced");
+    // The 405 is counted under the ANY route it would have reached.
+    let want = "route=\"ANY /any\",method=\"TRACE\",status=\"405\"} 1";
+    let mut m = String::new();
+    let seen = wait_until(std::time::Duration::from_secs(3), || {
+        m = gw.metrics();
+        m.contains(want)
+    });
+    assert!(seen, "{want} in:\n{m}");
+}
+
+#[test]
 fn stages_base_path_variables_and_templates() {
     let origin = Origin::echo_path();
     let cfg = format!(

@@ -6,7 +6,7 @@ use super::raw::{RawApi, RawIntegration};
 use super::{ConfigError, Source, UpstreamConfig};
 use crate::http::encode;
 use crate::policy::mapping;
-use crate::router::{param_names, Match, Params, Router};
+use crate::router::{param_names, Match, Params, Router, ANY_METHODS};
 use ahash::AHashMap;
 use bytes::Bytes;
 use std::fmt::Write as _;
@@ -143,20 +143,38 @@ impl Table {
         })
     }
 
+    /// The `$default` route whose prefix holds `path`, the longest prefix first.
+    fn default_for(&self, path: &str) -> Option<u32> {
+        self.defaults.iter().find_map(|(prefix, id)| {
+            let rest = path.strip_prefix(prefix.as_str())?;
+            (rest.is_empty() || rest.starts_with('/') || prefix.is_empty()).then_some(*id)
+        })
+    }
+
+    /// The methods `path`'s routes accept, `$default` routes included (see
+    /// [`Router::allowed_methods`]).
+    fn allowed_methods(&self, path: &str) -> Vec<&[u8]> {
+        let mut m = self.trie.allowed_methods(path);
+        if self.default_for(path).is_some() {
+            m.extend(ANY_METHODS);
+            m.sort_unstable();
+            m.dedup();
+        }
+        m
+    }
+
     fn find(&self, method: &str, path: &str, params: &mut Params) -> RouteMatch {
         params.clear();
         match self.trie.lookup(method, path, params) {
             Match::Found(id) => RouteMatch::Found(*id),
             m => {
-                for (prefix, id) in &self.defaults {
-                    let rest = match path.strip_prefix(prefix.as_str()) {
-                        Some(r) => r,
-                        None => continue,
-                    };
-                    if rest.is_empty() || rest.starts_with('/') || prefix.is_empty() {
-                        params.clear();
-                        return RouteMatch::Found(*id);
+                if let Some(id) = self.default_for(path) {
+                    params.clear();
+                    // A `$default` route takes every method but TRACE, as ANY does.
+                    if method == "TRACE" {
+                        return RouteMatch::MethodNotAllowed;
                     }
+                    return RouteMatch::Found(id);
                 }
                 if matches!(m, Match::MethodNotAllowed) {
                     RouteMatch::MethodNotAllowed
@@ -213,13 +231,13 @@ impl RouteTable {
         if let Some(h) = host.map(strip_port) {
             let h = String::from_utf8_lossy(h).to_ascii_lowercase();
             if let Some(t) = self.by_host.get(h.as_str()) {
-                let m = t.trie.allowed_methods(path);
+                let m = t.allowed_methods(path);
                 if !m.is_empty() {
                     return m;
                 }
             }
         }
-        self.any_host.trie.allowed_methods(path)
+        self.any_host.allowed_methods(path)
     }
 
     /// For a request that matched no route: a route of the API (and stage) its host and path

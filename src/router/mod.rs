@@ -23,7 +23,9 @@
 //! then the greedy parameter; if a branch dead-ends (no route for this path, or
 //! none for this method) the lookup backtracks and tries the next one. At the
 //! route reached, the exact method is tried first, then (for HEAD) the GET entry, then
-//! the ANY entry. If some route matched the path but no route matched the method, the
+//! the ANY entry. ANY does not take `TRACE` (which would echo the request, credentials
+//! included, back to the caller; nginx refuses it too): only a `TRACE` route does. If some
+//! route matched the path but no route matched the method, the
 //! result is [`Match::MethodNotAllowed`]; if no route matched the path,
 //! [`Match::NotFound`].
 //!
@@ -46,6 +48,12 @@ use std::fmt;
 
 /// Maximum number of parameters in one pattern (and captures in [`Params`]).
 pub const MAX_PARAMS: usize = 16;
+
+/// What a 405's `Allow` lists for an `ANY` route (every method but `TRACE` reaches it;
+/// these are the ones API Gateway's `ANY` stands for).
+pub const ANY_METHODS: [&[u8]; 7] = [
+    b"DELETE", b"GET", b"HEAD", b"OPTIONS", b"PATCH", b"POST", b"PUT",
+];
 
 /// Literal children count above which a node switches from a vec to a hash map.
 const WIDE: usize = 8;
@@ -335,8 +343,8 @@ impl<T> Router<T> {
 
     /// The methods routes accept for `path` (for a 405's `Allow`): every method of every route
     /// whose pattern matches, plus HEAD where GET is (a GET route answers HEAD), sorted and
-    /// without repeats; empty when a route for any method (`ANY`) matches. Off the hot path:
-    /// it allocates.
+    /// without repeats; where an `ANY` route matches, the usual methods it stands for
+    /// ([`ANY_METHODS`]). Off the hot path: it allocates.
     pub fn allowed_methods(&self, path: &str) -> Vec<&[u8]> {
         let path = path.as_bytes();
         let mut out = Vec::new();
@@ -344,7 +352,7 @@ impl<T> Router<T> {
             let mut any = false;
             self.root.collect(path, 1, &mut out, &mut any);
             if any {
-                return Vec::new();
+                out.extend(ANY_METHODS);
             }
         }
         if out.iter().any(|m| *m == b"GET") {
@@ -546,10 +554,10 @@ impl<T> Methods<T> {
                 return Some(v);
             }
         }
-        if self.any.is_some() {
+        if self.any.is_some() && method != b"TRACE" {
             return self.any.as_ref();
         }
-        if !self.exact.is_empty() {
+        if !self.exact.is_empty() || self.any.is_some() {
             *path_hit = true;
         }
         None
