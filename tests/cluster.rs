@@ -928,7 +928,11 @@ fn a_node_restarted_on_the_epoch_it_knows_keeps_deletions_made_while_it_was_down
         admin_call(b.admin_addr, "DELETE", "/api-keys/carol", "").status,
         200
     );
-    assert!(!hexists(&redis, "carol"));
+    assert!(
+        wait_until(Duration::from_secs(3), || !hexists(&redis, "carol")),
+        "{}",
+        b.stderr()
+    );
     // A comes back: same epoch, so carol's absence is a deletion, not a loss.
     let a = Gateway::start(&node_config_in(&redis.url(), &sa));
     assert!(

@@ -30,7 +30,8 @@ pub fn free_port() -> u16 {
 
 /// A listener on 127.0.0.1: any free port, or with `RINGGATE_TEST_PORTS=LOW-HIGH` set, a free
 /// port of that range (for machines where each job gets its own ports), searched from a
-/// per-process offset.
+/// per-process offset. Ports are not reserved across test processes: with a small range, run
+/// one test at a time (`cargo nextest run -j 1`, `cargo test -- --test-threads 1`).
 pub fn local_listener() -> TcpListener {
     let Ok(range) = std::env::var("RINGGATE_TEST_PORTS") else {
         return TcpListener::bind("127.0.0.1:0").unwrap();
