@@ -103,8 +103,8 @@ fn load_epoch(path: &Path) -> Result<Option<String>, String> {
     };
     let bad = |why: String| {
         format!(
-            "{}: not a valid cluster epoch file ({why}); it is written by ringgate: delete it \
-             only if this node's admin-added keys need not be merged back into the cluster",
+            "{}: not a valid cluster epoch file ({why}); fix or remove it (without it, this \
+             node adopts the cluster's keys as a new node does, without merging its own back)",
             path.display()
         )
     };
