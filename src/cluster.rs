@@ -8,10 +8,12 @@
 //!   Nodes also reload every [`KEYS_RELOAD_MS`] ms and on every reconnect, so a missed
 //!   announcement costs at most that. Keys from the config file stay per node, as without
 //!   `[cluster]`. The hash keeps a marker field holding an epoch (a random id made by the node
-//!   that initialised the hash); each node remembers the epoch it last synced with. A missing
-//!   marker, or another epoch, means Redis lost its data (or is new): the node then merges its
-//!   keys back (`Worker::seed_keys`); only with its own epoch does a missing key mean a
-//!   deletion.
+//!   that initialised the hash); each node remembers the epoch it last synced with, in memory
+//!   and in `state_dir/cluster-epoch.json` ([`EPOCH_FILE`], loaded at start), so a restarted
+//!   node knows it too. A missing marker, or another epoch, means Redis lost its data (or is
+//!   new): the node then merges its keys back (`Worker::seed_keys`); only with its own epoch
+//!   does a missing key mean a deletion. A node with no epoch file (a new one) adopts the hash
+//!   it finds.
 //! - **Usage-plan quota counts**: each request counts on the node's local counter (the hot
 //!   path never waits for Redis). Every [`SYNC_MS`] ms this thread writes the node's own share
 //!   of each counter to hash `ringgate:quota:{plan}:{period}:{index}:{key}` (field = node id,
@@ -42,8 +44,10 @@ use crate::gateway::Shared;
 use crate::policy::auth::KeyChange;
 use crate::policy::plans::{rebase, unix_now, used_in, CounterId, Period};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -72,6 +76,67 @@ const KEYS_HASH: &str = "ringgate:apikeys";
 /// Marker field of [`KEYS_HASH`] (not a valid key name, never parsed as a key).
 const KEYS_MARKER: &str = ".";
 const CONNS_HASH: &str = "ringgate:conns";
+/// File in `state_dir` holding the epoch of the key hash this node last synced with.
+pub const EPOCH_FILE: &str = "cluster-epoch.json";
+/// Longest epoch kept in [`EPOCH_FILE`] (those made by [`new_epoch`] are about 30 bytes).
+const MAX_EPOCH_LEN: usize = 256;
+
+/// [`EPOCH_FILE`]'s content.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EpochFile {
+    version: u32,
+    epoch: String,
+}
+
+/// Whether `e` can be an epoch kept in [`EPOCH_FILE`].
+fn valid_epoch(e: &str) -> bool {
+    !e.is_empty() && e.len() <= MAX_EPOCH_LEN && e.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// The epoch kept in `path`; `None` when there is no such file (a node that never synced).
+fn load_epoch(path: &Path) -> Result<Option<String>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let bad = |why: String| {
+        format!(
+            "{}: not a valid cluster epoch file ({why}); fix or remove it (without it, this \
+             node adopts the cluster's keys as a new node does, without merging its own back)",
+            path.display()
+        )
+    };
+    let f: EpochFile = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    if f.version != 1 {
+        return Err(bad(format!("version {}, expected 1", f.version)));
+    }
+    if !valid_epoch(&f.epoch) {
+        return Err(bad(format!(
+            "`epoch` must be 1-{MAX_EPOCH_LEN} visible ASCII characters"
+        )));
+    }
+    Ok(Some(f.epoch))
+}
+
+/// Writes `epoch` to `path`: temporary file, fsync, rename over the old one, fsync the
+/// directory (a crash leaves the old epoch or the new one, never a broken file).
+fn save_epoch(path: &Path, epoch: &str) -> std::io::Result<()> {
+    let body = serde_json::to_vec(&EpochFile {
+        version: 1,
+        epoch: epoch.to_string(),
+    })?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&body)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
 
 /// Whether Redis refused this connection's credentials (a connection that cannot run any
 /// command: treated as an unreachable Redis).
@@ -231,6 +296,8 @@ fn timed_out() -> (u16, String) {
 pub fn start(cfg: &ClusterConfig, shared: &Arc<Shared>) -> Result<(), String> {
     let client =
         redis::Client::open(cfg.redis.as_str()).map_err(|e| format!("cluster.redis: {e}"))?;
+    let epoch_file = shared.current().config.server.state_dir.join(EPOCH_FILE);
+    let epoch = load_epoch(&epoch_file)?;
     let mut b = [0u8; 8];
     getrandom::getrandom(&mut b).map_err(|e| format!("cluster: no random node id: {e}"))?;
     let node = format!("{:016x}", u64::from_le_bytes(b));
@@ -259,7 +326,7 @@ pub fn start(cfg: &ClusterConfig, shared: &Arc<Shared>) -> Result<(), String> {
     let weak = Arc::downgrade(shared);
     std::thread::Builder::new()
         .name("ringgate-cluster".into())
-        .spawn(move || Worker::new(client, url, node, weak).run(rx))
+        .spawn(move || Worker::new(client, url, node, weak, epoch_file, epoch).run(rx))
         .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
     Ok(())
 }
@@ -350,8 +417,14 @@ struct Worker {
     /// ([`Worker::seed_keys`]).
     seed: bool,
     /// The key hash's marker (its epoch) this node last synced with; `None` before the first
-    /// sync.
+    /// sync of a node that never synced (no [`EPOCH_FILE`]).
     epoch: Option<String>,
+    /// [`EPOCH_FILE`] in `state_dir`.
+    epoch_file: PathBuf,
+    /// The epoch last written to (or read from) [`EPOCH_FILE`].
+    saved_epoch: Option<String>,
+    /// Writing [`EPOCH_FILE`] failed and was logged (once until it works again).
+    epoch_unsaved: bool,
     /// Load, after a (re)connect, the counters of this period that other nodes made.
     preload: bool,
     keys_dirty: bool,
@@ -366,7 +439,14 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(client: redis::Client, url: String, node: String, shared: Weak<Shared>) -> Worker {
+    fn new(
+        client: redis::Client,
+        url: String,
+        node: String,
+        shared: Weak<Shared>,
+        epoch_file: PathBuf,
+        epoch: Option<String>,
+    ) -> Worker {
         Worker {
             events: events_channel(&client),
             client,
@@ -383,7 +463,10 @@ impl Worker {
             conn_ops: VecDeque::new(),
             reregister: true,
             seed: true,
-            epoch: None,
+            saved_epoch: epoch.clone(),
+            epoch_unsaved: false,
+            epoch,
+            epoch_file,
             preload: true,
             keys_dirty: true,
             last_keys: Instant::now(),
@@ -609,6 +692,8 @@ impl Worker {
             });
             if let Some(marker) = marker {
                 self.last_beat = Some(Instant::now());
+                // A write of the epoch file that failed is retried once a heartbeat.
+                self.save_epoch();
                 if self.epoch.is_some() && marker != self.epoch {
                     self.seed = true;
                 }
@@ -694,12 +779,15 @@ impl Worker {
     /// deleted. No marker (a new cluster, or a Redis that lost its data) or another epoch than
     /// this node's (Redis lost its data and another node initialised the hash again meanwhile):
     /// this node writes its known keys back without overwriting any field (a merge), then
-    /// adopts the hash's epoch. A node that never synced just adopts the epoch it finds.
-    /// Done before the queued changes are written.
+    /// adopts the hash's epoch. The epoch is kept in [`EPOCH_FILE`] too, so a node restarted
+    /// meanwhile merges the keys of its `state_dir` alike. A node that never synced (no epoch
+    /// file) just adopts the epoch it finds. Done before the queued changes are written.
     fn seed_keys(&mut self, shared: &Shared) {
         let entries = shared.auth.admin_entries();
         let mine = self.epoch.clone();
         let fresh = new_epoch(&self.node);
+        let events = self.events.clone();
+        let ev = serde_json::json!({ "t": "keys", "from": self.node }).to_string();
         let res = self.call(|con| {
             let cur: Option<String> = redis::cmd("HGET")
                 .arg(KEYS_HASH)
@@ -722,6 +810,10 @@ impl Worker {
                 .ignore();
             for (name, json) in &entries {
                 p.cmd("HSETNX").arg(KEYS_HASH).arg(name).arg(json).ignore();
+            }
+            if !entries.is_empty() {
+                // The other nodes reload at once rather than at their next periodic reload.
+                p.cmd("PUBLISH").arg(&events).arg(&ev).ignore();
             }
             p.cmd("HGET").arg(KEYS_HASH).arg(KEYS_MARKER);
             let (now,): (Option<String>,) = p.query(con)?;
@@ -748,6 +840,36 @@ impl Worker {
         self.epoch = Some(epoch);
         self.seed = false;
         self.keys_dirty = true;
+        self.save_epoch();
+    }
+
+    /// Keeps the epoch this node synced with in [`EPOCH_FILE`] (when it changed). A failure is
+    /// logged once and retried every heartbeat; the node carries on with the epoch in memory.
+    fn save_epoch(&mut self) {
+        let Some(epoch) = self.epoch.clone() else {
+            return;
+        };
+        if self.saved_epoch.as_ref() == Some(&epoch) || !valid_epoch(&epoch) {
+            return;
+        }
+        match save_epoch(&self.epoch_file, &epoch) {
+            Ok(()) => {
+                if self.epoch_unsaved {
+                    crate::elog!("ringgate: cluster: wrote {}", self.epoch_file.display());
+                }
+                self.saved_epoch = Some(epoch);
+                self.epoch_unsaved = false;
+            }
+            Err(e) => {
+                if !self.epoch_unsaved {
+                    crate::elog!(
+                        "ringgate: cluster: cannot write {}: {e}; retrying (until it is written, a restart of this node forgets the epoch it synced with)",
+                        self.epoch_file.display()
+                    );
+                }
+                self.epoch_unsaved = true;
+            }
+        }
     }
 
     /// Writes the queued key changes, oldest first.
@@ -1080,6 +1202,49 @@ mod tests {
             text: &text,
         };
         validate(&src, raw.cluster.as_ref().unwrap())
+    }
+
+    #[test]
+    fn epoch_file_round_trip_and_bad_files() {
+        let dir = std::env::temp_dir().join(format!(
+            "ringgate-epoch-unit-{}-{:x}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        let path = dir.join(EPOCH_FILE);
+        assert_eq!(load_epoch(&path).unwrap(), None, "no file: a new node");
+        let e = new_epoch("0123456789abcdef");
+        save_epoch(&path, &e).unwrap();
+        assert_eq!(load_epoch(&path).unwrap(), Some(e.clone()));
+        assert!(!dir.join("cluster-epoch.json.tmp").exists());
+        save_epoch(&path, "other-epoch").unwrap();
+        assert_eq!(load_epoch(&path).unwrap().as_deref(), Some("other-epoch"));
+        for bad in [
+            "{ not json",
+            "",
+            r#"{"version":2,"epoch":"x"}"#,
+            r#"{"version":1,"epoch":""}"#,
+            r#"{"version":1,"epoch":"a b"}"#,
+            r#"{"version":1}"#,
+            r#"{"version":1,"epoch":"x","more":1}"#,
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let err = load_epoch(&path).unwrap_err();
+            assert!(
+                err.contains(&path.display().to_string()) && err.contains("epoch"),
+                "{bad}: {err}"
+            );
+        }
+        let long = format!(
+            r#"{{"version":1,"epoch":"{}"}}"#,
+            "x".repeat(MAX_EPOCH_LEN + 1)
+        );
+        std::fs::write(&path, long).unwrap();
+        assert!(load_epoch(&path).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -789,6 +789,180 @@ fn keys_survive_a_redis_restart_that_a_new_node_reaches_first() {
     }
 }
 
+/// A directory that outlives the nodes started on it (removed at the end of the test).
+struct StateDir(std::path::PathBuf);
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// [`node_config`] with `state_dir` at `state` (a node restarted on the same state).
+fn node_config_in(redis: &str, state: &StateDir) -> String {
+    node_config(redis, "").replace("@DIR@/state", &state.0.display().to_string())
+}
+
+/// Stops `node` (SIGTERM) and waits for it to exit.
+fn stop_node(mut node: Gateway) {
+    node.terminate();
+    assert!(
+        node.wait_exit(Duration::from_secs(10)).is_some(),
+        "the node did not stop: {}",
+        node.stderr()
+    );
+}
+
+fn hexists(redis: &Redis, field: &str) -> bool {
+    redis
+        .command(&["HEXISTS", "ringgate:apikeys", field])
+        .is_some_and(|r| r.starts_with(":1"))
+}
+
+#[test]
+fn a_restarted_node_merges_its_keys_into_a_hash_another_node_made_meanwhile() {
+    let redis = Redis::start();
+    let (sa, sb) = (StateDir(temp_dir("state-a")), StateDir(temp_dir("state-b")));
+    let a = Gateway::start(&node_config_in(&redis.url(), &sa));
+    let b = Gateway::start(&node_config_in(&redis.url(), &sb));
+    let bob = "bob-key-0123456789abcdefgh";
+    let r = admin_call(
+        b.admin_addr,
+        "POST",
+        "/api-keys",
+        &format!(r#"{{"name":"bob","plans":["free"],"value":"{bob}"}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(
+        wait_until(Duration::from_secs(3), || get_key(&a, "/prod/x", bob)
+            .status
+            == 200),
+        "A: {}",
+        a.stderr()
+    );
+    // B stops; carol is added on A: only A (and its state_dir) and Redis know it.
+    stop_node(b);
+    let carol = "carol-key-0123456789abcdef";
+    let r = admin_call(
+        a.admin_addr,
+        "POST",
+        "/api-keys",
+        &format!(r#"{{"name":"carol","plans":["free"],"value":"{carol}"}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(
+        wait_until(Duration::from_secs(3), || hexists(&redis, "carol")),
+        "{}",
+        a.stderr()
+    );
+    stop_node(a);
+    // Redis loses its data while both nodes are down.
+    assert!(redis
+        .command(&["FLUSHALL"])
+        .is_some_and(|r| r.starts_with("+OK")));
+    // B comes back first: it finds no marker and initialises the hash with the keys it knows.
+    let b = Gateway::start(&node_config_in(&redis.url(), &sb));
+    assert!(
+        wait_until(Duration::from_secs(3), || hexists(&redis, ".")
+            && hexists(&redis, "bob")),
+        "B initialised the hash: {}",
+        b.stderr()
+    );
+    assert!(!hexists(&redis, "carol"), "B never knew carol");
+    // A comes back on its state_dir: the hash has another epoch than the one A synced with,
+    // so A merges its keys back, as a node that stayed up does.
+    let a = Gateway::start(&node_config_in(&redis.url(), &sa));
+    assert!(
+        wait_until(Duration::from_secs(8), || get_key(&b, "/prod/x", carol)
+            .status
+            == 200),
+        "carol is back on B\nA: {}\nB: {}",
+        a.stderr(),
+        b.stderr()
+    );
+    assert!(hexists(&redis, "carol") && hexists(&redis, "bob"));
+    assert!(
+        a.stderr()
+            .contains("merged this node's 2 admin-added keys back"),
+        "{}",
+        a.stderr()
+    );
+    // Well past A's reload (pub/sub, and the 5 s reload at worst).
+    thread::sleep(Duration::from_millis(500));
+    for n in [&a, &b] {
+        for k in [bob, carol] {
+            assert_eq!(get_key(n, "/prod/x", k).status, 200, "{k}: {}", n.stderr());
+        }
+    }
+    let stored = std::fs::read_to_string(sa.0.join("api_keys.json")).unwrap();
+    assert!(
+        stored.contains("\"carol\"") && stored.contains("\"bob\""),
+        "{stored}"
+    );
+}
+
+#[test]
+fn a_node_restarted_on_the_epoch_it_knows_keeps_deletions_made_while_it_was_down() {
+    let redis = Redis::start();
+    let sa = StateDir(temp_dir("state-a"));
+    let a = Gateway::start(&node_config_in(&redis.url(), &sa));
+    let b = Gateway::start(&node_config(&redis.url(), ""));
+    let carol = "carol-key-0123456789abcdef";
+    let r = admin_call(
+        a.admin_addr,
+        "POST",
+        "/api-keys",
+        &format!(r#"{{"name":"carol","plans":["free"],"value":"{carol}"}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(wait_until(Duration::from_secs(3), || get_key(
+        &b, "/prod/x", carol
+    )
+    .status
+        == 200));
+    // The epoch A synced with is in its state_dir (no secret in it).
+    let epoch_file = std::fs::read_to_string(sa.0.join("cluster-epoch.json")).unwrap();
+    assert!(!epoch_file.contains(carol), "{epoch_file}");
+    stop_node(a);
+    assert_eq!(
+        admin_call(b.admin_addr, "DELETE", "/api-keys/carol", "").status,
+        200
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || !hexists(&redis, "carol")),
+        "{}",
+        b.stderr()
+    );
+    // A comes back: same epoch, so carol's absence is a deletion, not a loss.
+    let a = Gateway::start(&node_config_in(&redis.url(), &sa));
+    assert!(
+        wait_until(Duration::from_secs(3), || get_key(&a, "/prod/x", carol)
+            .status
+            == 403),
+        "{}",
+        a.stderr()
+    );
+    thread::sleep(Duration::from_millis(500));
+    assert!(!hexists(&redis, "carol"), "{}", a.stderr());
+    assert_eq!(get_key(&b, "/prod/x", carol).status, 403);
+    assert!(!a.stderr().contains("merged"), "{}", a.stderr());
+    let stored = std::fs::read_to_string(sa.0.join("api_keys.json")).unwrap();
+    assert!(!stored.contains("\"carol\""), "{stored}");
+}
+
+#[test]
+fn a_bad_epoch_file_stops_the_start_with_one_clear_line() {
+    let state = StateDir(temp_dir("state"));
+    std::fs::write(state.0.join("cluster-epoch.json"), "{ not json").unwrap();
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let err = match Gateway::try_start(&node_config_in(&url, &state)) {
+        Ok(g) => panic!("started: {}", g.stderr()),
+        Err(e) => e,
+    };
+    assert!(err.contains("cluster-epoch.json"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn redis_refusing_the_node_counts_as_unreachable() {
     let redis = Redis::start_with(&["--requirepass", "s3cret-pw"]);

@@ -23,13 +23,39 @@ use std::time::{Duration, Instant};
 // Small helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A port that was free a moment ago (bind 127.0.0.1:0, read it, drop the listener).
+/// A port that was free a moment ago (bind it, read it, drop the listener).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    local_listener().local_addr().unwrap().port()
+}
+
+/// A listener on 127.0.0.1: any free port, or with `RINGGATE_TEST_PORTS=LOW-HIGH` set, a free
+/// port of that range (for machines where each job gets its own ports), searched from a
+/// per-process offset. Ports are not reserved across test processes: with a small range, run
+/// one test at a time (`cargo nextest run -j 1`, `cargo test -- --test-threads 1`).
+pub fn local_listener() -> TcpListener {
+    let Ok(range) = std::env::var("RINGGATE_TEST_PORTS") else {
+        return TcpListener::bind("127.0.0.1:0").unwrap();
+    };
+    let parsed = range.split_once('-').and_then(|(lo, hi)| {
+        let (lo, hi) = (
+            lo.trim().parse::<u16>().ok()?,
+            hi.trim().parse::<u16>().ok()?,
+        );
+        (lo > 0 && lo <= hi).then_some((lo, hi))
+    });
+    let Some((lo, hi)) = parsed else {
+        panic!("RINGGATE_TEST_PORTS={range:?}: expected LOW-HIGH, e.g. 21100-21199");
+    };
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let span = usize::from(hi - lo) + 1;
+    let base = std::process::id() as usize * 7;
+    for _ in 0..span {
+        let i = (base + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", lo + i as u16)) {
+            return l;
+        }
+    }
+    panic!("RINGGATE_TEST_PORTS={range}: no free port left in the range");
 }
 
 /// An address nothing listens on.
@@ -768,7 +794,7 @@ impl Origin {
         opts: OriginOpts,
         handler: impl Fn(&Request) -> Response + Send + Sync + 'static,
     ) -> Origin {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l = local_listener();
         let addr = l.local_addr().unwrap();
         let state = Arc::new(OriginState {
             raw: Arc::new(Mutex::new(Vec::new())),
