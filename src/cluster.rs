@@ -46,7 +46,6 @@ use crate::policy::plans::{rebase, unix_now, used_in, CounterId, Period};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -120,22 +119,13 @@ fn load_epoch(path: &Path) -> Result<Option<String>, String> {
     Ok(Some(f.epoch))
 }
 
-/// Writes `epoch` to `path`: temporary file, fsync, rename over the old one, fsync the
-/// directory (a crash leaves the old epoch or the new one, never a broken file).
+/// Writes `epoch` to `path` (see [`crate::statefile::write_atomic`]).
 fn save_epoch(path: &Path, epoch: &str) -> std::io::Result<()> {
     let body = serde_json::to_vec(&EpochFile {
         version: 1,
         epoch: epoch.to_string(),
     })?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&body)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::statefile::write_atomic(path, &body)
 }
 
 /// Whether Redis refused this connection's credentials (a connection that cannot run any

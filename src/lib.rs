@@ -13,6 +13,7 @@
 //! - [`metrics`], [`accesslog`], [`admin`]: observability and management;
 //! - [`gateway`]: the live state shared by all threads;
 //! - [`cluster`]: state shared between nodes through Redis (`[cluster]`);
+//! - [`statefile`]: durable replacement of the files in `server.state_dir`;
 //! - [`ws`]: WebSocket codec, pass-through and WebSocket APIs;
 //! - [`tls`]: HTTPS listeners (`[server.tls]`): certificates, SNI, mTLS, the TLS stream.
 
@@ -39,6 +40,7 @@ pub mod policy;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod statefile;
 pub mod tls;
 pub mod upstream;
 pub mod ws;

@@ -285,21 +285,10 @@ impl UsageStore {
         if *last == text {
             return Ok(());
         }
-        let tmp = path.with_extension("json.tmp");
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        // Data on disk before the rename makes it the file: a machine crash leaves either the
-        // old counts or the new ones, never an empty file (which stops the next start).
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        // Replaced whole and durably: a machine crash leaves either the old counts or the new
+        // ones, never an empty file (which stops the next start).
+        crate::statefile::write_atomic(path, text.as_bytes())?;
         *last = text;
-        drop(last);
-        if let Some(dir) = path.parent() {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
         Ok(())
     }
 }

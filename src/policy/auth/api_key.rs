@@ -19,7 +19,6 @@ use ahash::AHashMap;
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -480,25 +479,15 @@ fn build(inner: &Inner) -> KeySet {
     KeySet::new(keys)
 }
 
-/// Writes the admin keys: temporary file, fsync, rename over the old one, fsync the directory.
+/// Writes the admin keys (see [`crate::statefile::write_atomic`]).
 fn persist(inner: &Inner) -> Result<(), String> {
-    let dir = inner.file.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let body = serde_json::to_vec_pretty(&StoredFile {
         version: 1,
         keys: inner.admin.clone(),
     })
     .map_err(|e| e.to_string())?;
-    let tmp = inner.file.with_extension("json.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&body)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, &inner.file)?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| format!("cannot write {}: {e}", inner.file.display()))
+    crate::statefile::write_atomic(&inner.file, &body)
+        .map_err(|e| format!("cannot write {}: {e}", inner.file.display()))
 }
 
 fn generate_value() -> Result<String, getrandom::Error> {
