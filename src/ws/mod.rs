@@ -58,14 +58,18 @@ impl WsSettings {
         }
     }
 
-    /// Applies the keys of a `websocket = {...}` table over `self`.
-    pub fn apply(mut self, raw: &RawWebSocket) -> Result<WsSettings, String> {
+    /// Applies the keys of a `websocket = {...}` table over `self`. An error names the key
+    /// of the table at fault (`""`: the table as a whole) and what is wrong.
+    pub fn apply(mut self, raw: &RawWebSocket) -> Result<WsSettings, (&'static str, String)> {
         self.allowed_origins = raw.allowed_origins.clone();
-        if let Some(v) = raw.max_frame_bytes {
-            self.limits.max_frame = v;
-        }
         if let Some(v) = raw.max_message_bytes {
             self.limits.max_message = v;
+            // A frame is part of one message: an unset frame limit never exceeds the message
+            // limit set here.
+            self.limits.max_frame = self.limits.max_frame.min(v);
+        }
+        if let Some(v) = raw.max_frame_bytes {
+            self.limits.max_frame = v;
         }
         if let Some(v) = raw.idle_timeout_ms {
             self.idle_timeout = Duration::from_millis(v);
@@ -74,13 +78,32 @@ impl WsSettings {
             self.max_lifetime = Duration::from_millis(v);
         }
         if self.limits.max_frame == 0 || self.limits.max_message == 0 {
-            return Err("max_frame_bytes and max_message_bytes must be above 0".into());
+            return Err((
+                "",
+                "max_frame_bytes and max_message_bytes must be above 0".into(),
+            ));
         }
         if self.limits.max_frame > 1 << 30 || self.limits.max_message > 1 << 30 {
-            return Err("max_frame_bytes and max_message_bytes are at most 1 GiB".into());
+            return Err((
+                "",
+                "max_frame_bytes and max_message_bytes are at most 1 GiB".into(),
+            ));
+        }
+        if self.limits.max_frame > self.limits.max_message {
+            return Err((
+                "max_frame_bytes",
+                format!(
+                    "{} is larger than max_message_bytes ({}): a frame is part of one message, \
+                     so it can never be larger than the message",
+                    self.limits.max_frame, self.limits.max_message
+                ),
+            ));
         }
         if self.idle_timeout.is_zero() || self.max_lifetime.is_zero() {
-            return Err("idle_timeout_ms and max_duration_ms must be above 0".into());
+            return Err((
+                "",
+                "idle_timeout_ms and max_duration_ms must be above 0".into(),
+            ));
         }
         Ok(self)
     }
@@ -153,7 +176,11 @@ pub fn parse_selection(s: &str) -> Result<Vec<String>, String> {
 }
 
 /// The WebSocket settings of an API: the `websocket` table over the protocol's defaults.
-pub fn settings_for(api: &RawApi, websocket_api: bool) -> Result<Arc<WsSettings>, String> {
+/// An error names the key of the `websocket` table at fault (`""`: the table) and what is wrong.
+pub fn settings_for(
+    api: &RawApi,
+    websocket_api: bool,
+) -> Result<Arc<WsSettings>, (&'static str, String)> {
     let base = if websocket_api {
         WsSettings::api_defaults()
     } else {
