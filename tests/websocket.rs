@@ -667,6 +667,20 @@ fn frame_limit_above_message_limit_is_refused() {
             );
         }
     }
+    // A frame limit alone above the default message limit of a WebSocket API (128 KiB).
+    let (out, _) = check(
+        "\n[[apis]]\nname = \"h\"\nprotocol = \"websocket\"\nwebsocket = { max_frame_bytes = 200000 }\n\
+         [[apis.routes]]\nroute = \"$default\"\nintegration = { type = \"mock\" }\n",
+    );
+    let e = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success()
+            && e.contains(&format!(
+                ":{}: key `apis[0].websocket.max_frame_bytes`: 200000 is larger than max_message_bytes (131072, the default)",
+                head + 6
+            )),
+        "{e}"
+    );
     // Equal limits, and a message limit below the default frame limit: both accepted.
     for table in [
         "websocket = { max_frame_bytes = 4096, max_message_bytes = 4096 }\n",

@@ -90,11 +90,16 @@ impl WsSettings {
             ));
         }
         if self.limits.max_frame > self.limits.max_message {
+            let default = if raw.max_message_bytes.is_none() {
+                ", the default"
+            } else {
+                ""
+            };
             return Err((
                 "max_frame_bytes",
                 format!(
-                    "{} is larger than max_message_bytes ({}): a frame is part of one message, \
-                     so it can never be larger than the message",
+                    "{} is larger than max_message_bytes ({}{default}): a frame is part of one \
+                     message, so it can never be larger than the message",
                     self.limits.max_frame, self.limits.max_message
                 ),
             ));
@@ -253,6 +258,50 @@ pub async fn run_takeover<S: crate::server::ClientIo>(
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn frame_limit_never_above_message_limit() {
+        let raw = |frame: Option<usize>, message: Option<usize>| RawWebSocket {
+            max_frame_bytes: frame,
+            max_message_bytes: message,
+            ..RawWebSocket::default()
+        };
+        // A message limit set alone lowers the default frame limit to it, never raises it.
+        let s = WsSettings::api_defaults()
+            .apply(&raw(None, Some(100)))
+            .unwrap();
+        assert_eq!((s.limits.max_frame, s.limits.max_message), (100, 100));
+        let s = WsSettings::api_defaults()
+            .apply(&raw(None, Some(1 << 20)))
+            .unwrap();
+        assert_eq!(
+            (s.limits.max_frame, s.limits.max_message),
+            (32 << 10, 1 << 20)
+        );
+        let s = WsSettings::passthrough_defaults()
+            .apply(&raw(Some(10), Some(10)))
+            .unwrap();
+        assert_eq!((s.limits.max_frame, s.limits.max_message), (10, 10));
+        // A frame limit above the message limit, set or default, names max_frame_bytes.
+        let (key, msg) = WsSettings::api_defaults()
+            .apply(&raw(Some(11), Some(10)))
+            .unwrap_err();
+        assert_eq!(key, "max_frame_bytes");
+        assert!(
+            msg.starts_with("11 is larger than max_message_bytes (10):"),
+            "{msg}"
+        );
+        let (key, msg) = WsSettings::api_defaults()
+            .apply(&raw(Some(200_000), None))
+            .unwrap_err();
+        assert_eq!(key, "max_frame_bytes");
+        assert!(msg.contains("(131072, the default)"), "{msg}");
+        // The other checks name the table.
+        let (key, _) = WsSettings::api_defaults()
+            .apply(&raw(Some(0), None))
+            .unwrap_err();
+        assert_eq!(key, "");
+    }
 
     #[test]
     fn watchdog_sleeps_until_the_nearest_deadline() {
