@@ -111,6 +111,10 @@ impl RequestHead {
         self.authority = None;
         self.host_from_target = false;
         self.conn_other = false;
+        // Targets that return early from `parse_target` (`*`, an absolute-form empty path)
+        // set neither: the previous request's must not stay.
+        self.path_dirty = false;
+        self.signed_path = None;
     }
 
     /// Parses the request head at the start of `buf`.
@@ -1009,6 +1013,33 @@ mod tests {
         bad(b"GET http:///a HTTP/1.1\r\nHost: x.test\r\n\r\n");
         bad(b"GET http://x.test/../a HTTP/1.1\r\nHost: x.test\r\n\r\n");
         bad(b"GET ftp://x.test/ HTTP/1.1\r\nHost: x.test\r\n\r\n");
+    }
+
+    /// A request whose target sets no path of its own to normalize (`*`, an absolute-form
+    /// empty path) keeps nothing of the previous request's path on the same head.
+    #[test]
+    fn reused_head_forgets_the_previous_path() {
+        let limits = Limits::default();
+        for next in [
+            &b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n"[..],
+            b"GET http://t HTTP/1.1\r\nHost: t\r\n\r\n",
+        ] {
+            let mut h = RequestHead::new(32);
+            let mut b = b"GET //a%41 HTTP/1.1\r\nHost: t\r\n\r\n".to_vec();
+            assert!(matches!(h.parse(&b, &limits), Ok(Status::Complete(_))));
+            h.normalize_path(&mut b);
+            assert_eq!(h.signed_path.as_deref(), Some(&b"/a%41"[..]));
+            assert!(matches!(h.parse(next, &limits), Ok(Status::Complete(_))));
+            assert_eq!(h.signed_path, None);
+            assert!(!h.path_dirty);
+            // A refused path (bad percent-encoding) is marked dirty; the next one is not.
+            assert!(h
+                .parse(b"GET //x%2 HTTP/1.1\r\nHost: t\r\n\r\n", &limits)
+                .is_err());
+            assert!(h.path_dirty);
+            assert!(matches!(h.parse(next, &limits), Ok(Status::Complete(_))));
+            assert!(!h.path_dirty);
+        }
     }
 
     #[test]
