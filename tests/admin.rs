@@ -676,7 +676,7 @@ fn raise_nofile(want: u64) {
 fn admin_refuses_with_503_when_512_connections_are_busy() {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    raise_nofile(4096);
+    raise_nofile(2048);
     let gw = Gateway::start(&config(dead_addr()));
     let real = std::fs::read_to_string(&gw.config_path).unwrap();
     let fifo = gw.dir.join("config.fifo");
@@ -701,7 +701,9 @@ fn admin_refuses_with_503_when_512_connections_are_busy() {
         c.send(b"x");
         busy.push(c);
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Time for the last connections to read their byte (were one still waiting on its client,
+    // the next connection would close it to make room: the test would then fail, not pass).
+    std::thread::sleep(Duration::from_secs(1));
     let refused = |what: &str| {
         let mut c = Client::connect(gw.admin_addr);
         c.set_timeout(Duration::from_secs(5));
