@@ -640,3 +640,120 @@ fn admin_json_bodies_must_be_objects() {
     let r = post("/cache/invalidate", r#"{"api":"m","stage":"$default"}"#);
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// Raises this process's open-file limit to at least `want` (children inherit it): the
+/// connection-limit tests hold over a thousand sockets between the test and the gateway.
+fn raise_nofile(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable `rlimit` for the call's duration.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    assert_eq!(got, 0, "getrlimit: {}", std::io::Error::last_os_error());
+    if lim.rlim_cur >= want {
+        return;
+    }
+    assert!(
+        lim.rlim_max >= want,
+        "this test needs `ulimit -n` of at least {want} (the hard limit is {})",
+        lim.rlim_max
+    );
+    lim.rlim_cur = want;
+    // SAFETY: `lim` is a valid `rlimit`; only the soft limit changes, within the hard one.
+    let set = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    assert_eq!(set, 0, "setrlimit: {}", std::io::Error::last_os_error());
+}
+
+/// At 512 admin connections that all compute an answer (none waits on its client, so none
+/// can be closed to make room; idle ones would be, see the test above), a new connection gets
+/// 503 with a JSON message and is closed. Once the answers are out, new connections are served
+/// again.
+///
+/// The 512 connections are `POST /reload`s held on a config file that is a FIFO: the first
+/// blocks opening it until the test writes it, the others wait for the reload lock.
+#[test]
+fn admin_refuses_with_503_when_512_connections_are_busy() {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    raise_nofile(2048);
+    let gw = Gateway::start(&config(dead_addr()));
+    let real = std::fs::read_to_string(&gw.config_path).unwrap();
+    let fifo = gw.dir.join("config.fifo");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(st.success());
+    let link = gw.dir.join("config.link");
+    std::fs::hard_link(&fifo, &link).unwrap();
+    std::fs::rename(&link, &gw.config_path).unwrap();
+
+    let mut busy = Vec::with_capacity(512);
+    for i in 0..512 {
+        let mut c = Client::connect(gw.admin_addr);
+        c.set_timeout(Duration::from_secs(10));
+        c.send(b"POST /reload HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
+        // The 100 comes once the head is parsed, right before the body is read; once the
+        // one-byte body is in, the connection computes its answer (the reload).
+        let r = c.read_response().expect("100 Continue");
+        assert_eq!(r.status, 100, "connection {i}");
+        c.send(b"x");
+        busy.push(c);
+    }
+    // Time for the last connections to read their byte (were one still waiting on its client,
+    // the next connection would close it to make room: the test would then fail, not pass).
+    std::thread::sleep(Duration::from_secs(1));
+    let refused = |what: &str| {
+        let mut c = Client::connect(gw.admin_addr);
+        c.set_timeout(Duration::from_secs(5));
+        let r = c.read_response().expect("503 answer");
+        assert_eq!(r.status, 503, "{what}: {}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/json"), "{what}");
+        assert_eq!(
+            r.message(),
+            "Service Unavailable: too many admin connections",
+            "{what}"
+        );
+        assert!(r.closes(), "{what}");
+        assert!(c.is_closed_within(Duration::from_secs(2)), "{what}");
+    };
+    for i in 0..3 {
+        refused(&format!("connection {}", 513 + i));
+    }
+    // A client closing its connection frees no slot while its answer is being computed.
+    busy.truncate(500);
+    refused("after 12 clients closed");
+
+    // Release: the config is a regular file again, and the reload blocked on the FIFO reads
+    // it from there (a reader is waiting, so the non-blocking open succeeds).
+    let tmp = gw.dir.join("config.tmp");
+    std::fs::write(&tmp, &real).unwrap();
+    std::fs::rename(&tmp, &gw.config_path).unwrap();
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .expect("the first reload waits on the FIFO");
+    w.write_all(real.as_bytes()).unwrap();
+    drop(w);
+    for (i, c) in busy.iter_mut().enumerate() {
+        let r = c.read_response().expect("reload answer");
+        assert_eq!(r.status, 200, "connection {i}: {}", r.text());
+        assert_eq!(r.json()["message"], "reloaded", "connection {i}");
+    }
+    // Served again: the 500 connections now wait on their clients (the one idle longest is
+    // closed for a newcomer at the cap), and the 12 closed ones are gone.
+    for _ in 0..20 {
+        let r = admin_get(gw.admin_addr, "/healthz", None).expect("healthz answers");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "ok");
+    }
+    busy.truncate(100);
+    for _ in 0..20 {
+        assert_eq!(
+            admin_get(gw.admin_addr, "/metrics", None).unwrap().status,
+            200
+        );
+    }
+}

@@ -98,6 +98,11 @@ response_mapping = {{ "header.x-drop" = "remove", "header.x-served-by" = "ringga
 route = "GET /plain"
 integration = {{ type = "http", upstream = "o" }}
 
+[[apis.routes]]
+route = "ANY /u/{{id}}"
+integration = {{ type = "http", upstream = "o" }}
+request_mapping = {{ "header.x-id" = "$request.path.id", "header.x-other" = "static" }}
+
 [[apis]]
 name = "cached"
 [apis.stages."$default"]
@@ -233,16 +238,17 @@ fn no_crlf_injection_through_any_value() {
     )[0];
     let r = jwt_post(
         &s,
-        "/prod/jwt/%0D%0AX-Evil:%202?q=a%0D%0AX-Evil:%203%0D%0A%0D%0AGET%20/x",
+        "/prod/jwt/7?q=a%0D%0AX-Evil:%203%0D%0A%0D%0AGET%20/x",
         tok,
         "",
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let got = s.origin.last_request();
-    // Header values holding CR/LF are not sent; in the query they are percent-encoded.
+    // Header values holding CR/LF are not sent; in the query they are percent-encoded. (A
+    // path parameter holding one is refused with 400: see the next test.)
     assert_eq!(got.header("x-email"), None);
     assert_eq!(got.header("x-q"), None);
-    assert_eq!(got.header("x-item"), None);
+    assert_eq!(got.header("x-item"), Some("7"));
     assert!(
         got.headers
             .iter()
@@ -267,6 +273,45 @@ fn no_crlf_injection_through_any_value() {
         "POST /prod/jwt/1 HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {tok}\r\nX-Echo: a\nX-Evil: 1\r\nContent-Length: 2\r\n\r\n{{}}"
     ));
     assert_eq!(r.status, 400);
+}
+
+/// A path parameter decoding to a control character cannot be put in a header: the request
+/// is refused with 400 and a JSON message, never forwarded with the header silently left out.
+#[test]
+fn path_parameter_decoding_to_a_control_character_is_refused() {
+    let s = setup();
+    let mut c = Client::connect(s.gw.addr);
+    for id in ["a%0Ab", "%0D%0AX-Evil:%201", "x%01", "del%7F", "%1B%5B31m"] {
+        c.send(format!("GET /prod/u/{id} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 400, "{id}: {}", r.text());
+        assert_eq!(
+            r.message(),
+            "Path parameter `id` cannot be put in header `x-id`: it decodes to a control character",
+            "{id}"
+        );
+        assert_eq!(r.header("content-type"), Some("application/json"), "{id}");
+    }
+    // A body read whole keeps the connection, and nothing reached the origin.
+    c.send(b"POST /prod/u/a%0Ab HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc");
+    assert_eq!(c.read_response().unwrap().status, 400);
+    assert_eq!(s.origin.request_count(), 0);
+    // On the same connection: printable values (and HTAB, which a header value may hold)
+    // are sent as before.
+    for (id, want) in [("a%20b", "a b"), ("caf%C3%A9", "café"), ("a%09b", "a\tb")] {
+        c.send(format!("GET /prod/u/{id} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 200, "{id}: {}", r.text());
+        let got = s.origin.last_request();
+        assert_eq!(got.header("x-id"), Some(want), "{id}");
+        assert_eq!(got.header("x-other"), Some("static"), "{id}");
+    }
+    // Counted as the route's 400s.
+    let m = s.gw.metrics();
+    assert!(
+        m.contains("route=\"ANY /u/{id}\",method=\"GET\",status=\"400\"} 5"),
+        "{m}"
+    );
 }
 
 #[test]

@@ -551,12 +551,60 @@ fn absolute_form_targets_are_served_as_their_path() {
         req.headers_named("x-forwarded-host"),
         vec!["shop.test:8080"]
     );
-    // No path after the authority.
-    assert_eq!(
-        gw.request("GET http://t HTTP/1.1\r\nHost: t\r\n\r\n")
-            .status,
-        400
-    );
+}
+
+/// RFC 9112 3.2.2 and RFC 3986 6.2.3: an empty path in absolute-form is `/` (nginx reads it
+/// so too): `http://t` is routed and forwarded as `/`, `http://t?q=1` as `/?q=1`. The
+/// authority must still be the Host.
+#[test]
+fn absolute_form_with_an_empty_path_is_the_root() {
+    let origin = Origin::fixed("root");
+    let gw = Gateway::start(&format!(
+        r#"
+[[upstreams]]
+name = "o"
+targets = ["{}"]
+timeout_ms = 3000
+
+[[apis]]
+name = "p"
+
+[[apis.routes]]
+route = "GET /"
+integration = {{ type = "http", upstream = "o" }}
+
+[[apis.routes]]
+route = "ANY /{{p+}}"
+integration = {{ type = "mock", status = 200, body = "not the root" }}
+"#,
+        origin.addr
+    ));
+    for (target, want) in [
+        ("http://t", "/"),
+        ("HTTP://T?q=1", "/?q=1"),
+        ("http://t:80?", "/?"),
+    ] {
+        let r = gw.request(&format!("GET {target} HTTP/1.1\r\nHost: t\r\n\r\n"));
+        assert_eq!(r.status, 200, "{target}: {}", r.text());
+        assert_eq!(r.text(), "root", "{target}");
+        let req = origin.last_request();
+        assert_eq!(req.path, want, "{target}");
+        assert_eq!(req.headers_named("host"), vec!["t"], "{target}");
+    }
+    // HTTP/1.0 without Host: the authority stands in for it.
+    let r = gw.request("GET http://shop.test:8080?a=b HTTP/1.0\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let req = origin.last_request();
+    assert_eq!(req.path, "/?a=b");
+    assert_eq!(req.headers_named("host"), vec!["shop.test:8080"]);
+    // Every other rule holds: another authority, userinfo, a fragment.
+    let before = origin.request_count();
+    for target in ["http://other", "http://u@t", "http://t#f", "http://t?q#f"] {
+        let r = gw.request(&format!("GET {target} HTTP/1.1\r\nHost: t\r\n\r\n"));
+        assert_eq!(r.status, 400, "{target}: {}", r.text());
+        assert!(r.text().contains("\"message\""), "{target}: {}", r.text());
+    }
+    assert_eq!(origin.request_count(), before);
 }
 
 #[test]

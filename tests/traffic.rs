@@ -451,6 +451,45 @@ fn waf_config_errors_name_the_key() {
     );
 }
 
+/// A rule file is read like the config: an unknown key, a missing key or a value of the wrong
+/// type names the rule file, the line and the key path in it.
+#[test]
+fn waf_rule_file_errors_name_the_key_path() {
+    let dir = temp_dir("waf-rule-file-keys");
+    let rf = dir.join("bad-rules.toml");
+    let ok = "[[rules]]\nname = \"a\"\ntarget = \"query\"\npattern = \"x\"\n\n";
+    for (rules, want) in [
+        (
+            "[[rules]]\nname = \"b\"\ntarget = \"path\"\npatern = \"y\"\n",
+            "bad-rules.toml:9: key `rules[1].patern`: unknown key",
+        ),
+        (
+            "[[rules]]\nname = \"b\"\ntarget = \"path\"\npattern = \"y\"\n\n[extra]\nx = 1\n",
+            "bad-rules.toml:11: key `extra`: unknown key",
+        ),
+        (
+            "[[rules]]\nname = \"b\"\ntarget = \"path\"\npattern = \"y\"\naction = 3\n",
+            "bad-rules.toml:10: key `rules[1].action`: ",
+        ),
+        (
+            "[[rules]]\nname = \"b\"\ntarget = \"path\"\n",
+            "bad-rules.toml:6: key `rules[1].pattern`: required key is missing",
+        ),
+    ] {
+        std::fs::write(&rf, format!("{ok}{rules}")).unwrap();
+        let (out, _) = check(&format!(
+            "[waf]\nrule_files = [\"{}\"]\n[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /x\"\n{MOCK}\n",
+            rf.display()
+        ));
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && e.contains(want),
+            "want {want}, got {e}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn cors_config(origin: std::net::SocketAddr) -> String {
     format!(
         r#"

@@ -633,6 +633,73 @@ integration = { type = "mock" }
     assert!(!out.status.success() && e.contains("websocket"), "{e}");
 }
 
+/// A frame is part of one message: a frame limit above the message limit is refused at load,
+/// naming the file, the line and the key. A message limit alone lowers the default frame limit.
+#[test]
+fn frame_limit_above_message_limit_is_refused() {
+    // The harness puts HEADER and an empty line before the config; the config starts with
+    // an empty line too, then `[[apis]]`, `name`, `protocol` and the websocket keys.
+    let head = HEADER.lines().count();
+    for (table, line) in [
+        (
+            "[apis.websocket]\nmax_message_bytes = 1000\nmax_frame_bytes = 2000\n",
+            head + 8,
+        ),
+        (
+            "websocket = { max_frame_bytes = 4096, max_message_bytes = 4095 }\n",
+            head + 6,
+        ),
+    ] {
+        for protocol in ["http", "websocket"] {
+            let (out, path) = check(&format!(
+                "\n[[apis]]\nname = \"h\"\nprotocol = \"{protocol}\"\n{table}\
+                 [[apis.routes]]\nroute = \"$default\"\nintegration = {{ type = \"mock\" }}\n"
+            ));
+            let e = String::from_utf8_lossy(&out.stderr).to_string();
+            let want = format!(
+                "{}:{line}: key `apis[0].websocket.max_frame_bytes`: ",
+                path.display()
+            );
+            assert!(!out.status.success(), "{protocol} {table}: {e}");
+            assert!(
+                e.contains(&want) && e.contains("larger than max_message_bytes"),
+                "{protocol} {table}: want {want}, got {e}"
+            );
+        }
+    }
+    // A frame limit alone above the default message limit of a WebSocket API (128 KiB).
+    let (out, _) = check(
+        "\n[[apis]]\nname = \"h\"\nprotocol = \"websocket\"\nwebsocket = { max_frame_bytes = 200000 }\n\
+         [[apis.routes]]\nroute = \"$default\"\nintegration = { type = \"mock\" }\n",
+    );
+    let e = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success()
+            && e.contains(&format!(
+                ":{}: key `apis[0].websocket.max_frame_bytes`: 200000 is larger than max_message_bytes (131072, the default)",
+                head + 6
+            )),
+        "{e}"
+    );
+    // Equal limits, and a message limit below the default frame limit: both accepted.
+    for table in [
+        "websocket = { max_frame_bytes = 4096, max_message_bytes = 4096 }\n",
+        "websocket = { max_message_bytes = 100 }\n",
+    ] {
+        for protocol in ["http", "websocket"] {
+            let (out, _) = check(&format!(
+                "\n[[apis]]\nname = \"h\"\nprotocol = \"{protocol}\"\n{table}\
+                 [[apis.routes]]\nroute = \"$default\"\nintegration = {{ type = \"mock\" }}\n"
+            ));
+            assert!(
+                out.status.success(),
+                "{protocol} {table}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Pass-through on an http API
 // ---------------------------------------------------------------------------------------------

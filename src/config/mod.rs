@@ -75,6 +75,14 @@ impl<'a> Source<'a> {
         }
     }
 
+    /// Deserializes the whole file into `T` (the [`raw`] structs of the config, or of a file
+    /// it names, like a WAF rule file); errors name the key path and its line as
+    /// [`Source::serde_err`] does.
+    pub fn deserialize<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        serde_path_to_error::deserialize(toml::Deserializer::new(self.text))
+            .map_err(|e| self.serde_err(e))
+    }
+
     /// An error from deserializing the file into the [`raw`] structs: a syntax error (no key),
     /// a value of the wrong type, a missing or unknown key, an unknown variant.
     fn serde_err(&self, e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
@@ -302,8 +310,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Validates and compiles config `text` (which came from `path`).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let src = Source::new(path, text);
-    let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
-        .map_err(|e| src.serde_err(e))?;
+    let raw: RawConfig = src.deserialize()?;
 
     let mut server = validate_server(&src, &raw)?;
     let admin = match &raw.admin {

@@ -548,9 +548,14 @@ pub(super) fn compile(
                 ))
             }
         };
-        let ws_settings = crate::ws::settings_for(api, websocket_api).map_err(|m| {
-            let span = api.websocket.as_ref().map(|w| w.span()).unwrap_or(0..0);
-            src.err(span, &akey("websocket"), m)
+        let ws_settings = crate::ws::settings_for(api, websocket_api).map_err(|(k, m)| {
+            if k.is_empty() {
+                let span = api.websocket.as_ref().map(|w| w.span()).unwrap_or(0..0);
+                src.err(span, &akey("websocket"), m)
+            } else {
+                // No span of its own: the key's line is found in the file.
+                src.err(0..0, &akey(&format!("websocket.{k}")), m)
+            }
         })?;
         if let (false, Some(rs)) = (websocket_api, &api.route_selection) {
             return Err(src.err(

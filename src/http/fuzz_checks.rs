@@ -53,7 +53,9 @@ pub fn request_parser(data: &[u8]) {
             for r in [head.method_range, head.target, head.path] {
                 in_head(r, n);
             }
-            assert!(head.path.0 == head.target.0 && head.path.1 <= head.target.1);
+            // Origin-form: the path starts the target. Absolute-form: it lies within it (an
+            // empty path is the `/` of `://`).
+            assert!(head.target.0 <= head.path.0 && head.path.1 <= head.target.1);
             for r in head.query.iter().chain(head.host.iter()) {
                 in_head(*r, n);
             }

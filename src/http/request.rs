@@ -111,6 +111,10 @@ impl RequestHead {
         self.authority = None;
         self.host_from_target = false;
         self.conn_other = false;
+        // Targets that return early from `parse_target` (`*`, an absolute-form empty path)
+        // set neither: the previous request's must not stay.
+        self.path_dirty = false;
+        self.signed_path = None;
     }
 
     /// Parses the request head at the start of `buf`.
@@ -274,9 +278,25 @@ impl RequestHead {
     /// see one host, never two that disagree.
     fn parse_target(&mut self, buf: &[u8], target: &[u8]) -> Result<(), HttpError> {
         let target = match absolute_form(target)? {
-            Some((authority, origin_form)) => {
+            Some((authority, rest)) if rest.first() == Some(&b'/') => {
                 self.authority = Some(offsets(buf, authority));
-                origin_form
+                rest
+            }
+            Some((authority, rest)) => {
+                // An empty path is `/` (RFC 9112 3.2.2, RFC 3986 6.2.3), as nginx reads it:
+                // `http://h` is `/` and `http://h?q` is `/?q`. The path is then the `/` just
+                // before the authority (`://h`); what follows the authority is the query.
+                let a = offsets(buf, authority);
+                self.authority = Some(a);
+                if self.method == Method::Connect {
+                    return Err(HttpError::BadRequest("CONNECT not supported"));
+                }
+                if rest.contains(&b'#') {
+                    return Err(HttpError::BadRequest("fragment in request-target"));
+                }
+                self.path = (a.0 - 1, a.0);
+                self.query = rest.strip_prefix(b"?").map(|q| offsets(buf, q));
+                return Ok(());
             }
             None => target,
         };
@@ -382,8 +402,9 @@ impl RequestHead {
 type AuthorityAndPath<'a> = (&'a [u8], &'a [u8]);
 
 /// Splits an absolute-form target (`http://` or `https://`, any case) into its
-/// authority and the origin-form rest; `None` when the target is not absolute.
-/// Userinfo, an empty or invalid authority, or no path after it is an error.
+/// authority and the rest after it (`/path?query`, or `?query` or nothing when the path is
+/// empty); `None` when the target is not absolute. Userinfo or an empty or invalid authority
+/// is an error.
 fn absolute_form(target: &[u8]) -> Result<Option<AuthorityAndPath<'_>>, HttpError> {
     let Some(rest) = [&b"http://"[..], b"https://"]
         .iter()
@@ -399,11 +420,6 @@ fn absolute_form(target: &[u8]) -> Result<Option<AuthorityAndPath<'_>>, HttpErro
     let (authority, path) = rest.split_at(end);
     if authority.is_empty() || authority.contains(&b'@') || !valid_host(authority) {
         return Err(HttpError::BadRequest("invalid authority in request-target"));
-    }
-    if path.first() != Some(&b'/') {
-        return Err(HttpError::BadRequest(
-            "absolute-form request-target without a path",
-        ));
     }
     Ok(Some((authority, path)))
 }
@@ -965,10 +981,65 @@ mod tests {
             "Host does not match the request-target's authority"
         );
         bad(b"GET http://u@x.test/ HTTP/1.1\r\nHost: x.test\r\n\r\n");
-        bad(b"GET http://x.test HTTP/1.1\r\nHost: x.test\r\n\r\n");
+        // An empty path is `/` (RFC 9112 3.2.2), with or without a query; the authority is
+        // still checked against Host, and a fragment is still refused.
+        let b = b"GET http://x.test HTTP/1.1\r\nHost: x.test\r\n\r\n";
+        let h = ok(b);
+        assert_eq!(h.slice(b, h.path), b"/");
+        assert_eq!(h.query, None);
+        let b = b"GET HTTPS://x.test:443?q=1&r HTTP/1.1\r\nHost: x.test\r\n\r\n";
+        let h = ok(b);
+        assert_eq!(h.slice(b, h.path), b"/");
+        assert_eq!(h.slice(b, h.query.unwrap()), b"q=1&r");
+        let b = b"GET http://x.test? HTTP/1.0\r\n\r\n";
+        let h = ok(b);
+        assert_eq!(h.slice(b, h.path), b"/");
+        assert_eq!(h.slice(b, h.query.unwrap()), b"");
+        assert_eq!(h.slice(b, h.host.unwrap()), b"x.test");
+        assert_eq!(
+            bad(b"GET http://other.test HTTP/1.1\r\nHost: x.test\r\n\r\n"),
+            "Host does not match the request-target's authority"
+        );
+        assert_eq!(
+            bad(b"GET http://x.test?a#f HTTP/1.1\r\nHost: x.test\r\n\r\n"),
+            "fragment in request-target"
+        );
+        assert_eq!(
+            bad(b"CONNECT http://x.test HTTP/1.1\r\nHost: x.test\r\n\r\n"),
+            "CONNECT not supported"
+        );
+        bad(b"GET http:// HTTP/1.1\r\nHost: x.test\r\n\r\n");
+        bad(b"GET http://u@x.test HTTP/1.1\r\nHost: x.test\r\n\r\n");
         bad(b"GET http:///a HTTP/1.1\r\nHost: x.test\r\n\r\n");
         bad(b"GET http://x.test/../a HTTP/1.1\r\nHost: x.test\r\n\r\n");
         bad(b"GET ftp://x.test/ HTTP/1.1\r\nHost: x.test\r\n\r\n");
+    }
+
+    /// A request whose target sets no path of its own to normalize (`*`, an absolute-form
+    /// empty path) keeps nothing of the previous request's path on the same head.
+    #[test]
+    fn reused_head_forgets_the_previous_path() {
+        let limits = Limits::default();
+        for next in [
+            &b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n"[..],
+            b"GET http://t HTTP/1.1\r\nHost: t\r\n\r\n",
+        ] {
+            let mut h = RequestHead::new(32);
+            let mut b = b"GET //a%41 HTTP/1.1\r\nHost: t\r\n\r\n".to_vec();
+            assert!(matches!(h.parse(&b, &limits), Ok(Status::Complete(_))));
+            h.normalize_path(&mut b);
+            assert_eq!(h.signed_path.as_deref(), Some(&b"/a%41"[..]));
+            assert!(matches!(h.parse(next, &limits), Ok(Status::Complete(_))));
+            assert_eq!(h.signed_path, None);
+            assert!(!h.path_dirty);
+            // A refused path (bad percent-encoding) is marked dirty; the next one is not.
+            assert!(h
+                .parse(b"GET //x%2 HTTP/1.1\r\nHost: t\r\n\r\n", &limits)
+                .is_err());
+            assert!(h.path_dirty);
+            assert!(matches!(h.parse(next, &limits), Ok(Status::Complete(_))));
+            assert!(!h.path_dirty);
+        }
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //! name is owned by its rule: the client's (or upstream's) fields of that name are dropped and
 //! the rule's value sent instead, or nothing when the rule is `remove` or one of its variables
 //! has no value for the request (no principal, an absent header, ...), or when the value would
-//! hold a control character (nothing can inject CR/LF into a head).
+//! hold a control character (nothing can inject CR/LF into a head). A path parameter the
+//! client sent that decodes to a control character is not dropped silently: the request is
+//! refused with 400 before its integration ([`RequestMapping::refusal`]).
 
 use crate::http::{HeaderKind, RequestHead};
 use crate::router::Params;
@@ -408,16 +410,21 @@ fn value_of(v: &Var, ctx: &Ctx, out: &mut Vec<u8>) -> bool {
             None => return false,
         },
         Var::Query(name) => return query_param(ctx, name, out),
-        Var::PathParam(i) => match ctx.params.get(*i) {
-            Some((a, b)) => {
-                let raw = &h.slice(ctx.buf, h.path)[a as usize..b as usize];
-                let mut d = Vec::new();
-                crate::http::percent_decode(raw, false, &mut d);
-                out.extend_from_slice(&d);
-            }
-            None => return false,
-        },
+        Var::PathParam(i) => return path_param(ctx, *i, out),
     }
+    true
+}
+
+/// Appends path parameter `i` of the request, percent-decoded; false when it has none.
+fn path_param(ctx: &Ctx, i: usize, out: &mut Vec<u8>) -> bool {
+    let Some((a, b)) = ctx.params.get(i) else {
+        return false;
+    };
+    let h = ctx.head;
+    let raw = &h.slice(ctx.buf, h.path)[a as usize..b as usize];
+    let mut d = Vec::new();
+    crate::http::percent_decode(raw, false, &mut d);
+    out.extend_from_slice(&d);
     true
 }
 
@@ -467,7 +474,12 @@ impl HeaderMapping {
 pub struct RequestMapping {
     pub headers: HeaderMapping,
     query: Box<[QueryRule]>,
+    /// The path parameters header rules read.
+    header_params: Box<[HeaderParam]>,
 }
+
+/// A path parameter a header rule reads: `(capture index, parameter name, header name)`.
+type HeaderParam = (usize, Box<str>, Box<str>);
 
 /// A rule for one query parameter.
 #[derive(Debug, Clone)]
@@ -480,6 +492,24 @@ struct QueryRule {
 }
 
 impl RequestMapping {
+    /// Why the request cannot be mapped, as the message of a 400: a path parameter that a
+    /// header rule reads decodes to a control character, which no header value may hold.
+    /// Dropping the header instead would lose the client's value without a word. `None`:
+    /// every rule can be written.
+    pub fn refusal(&self, ctx: &Ctx) -> Option<String> {
+        let mut d = Vec::new();
+        for (i, param, header) in self.header_params.iter() {
+            d.clear();
+            if path_param(ctx, *i, &mut d) && !header_safe(&d) {
+                return Some(format!(
+                    "Path parameter `{param}` cannot be put in header `{header}`: \
+                     it decodes to a control character"
+                ));
+            }
+        }
+        None
+    }
+
     /// Whether the mapping changes the query string.
     pub fn maps_query(&self) -> bool {
         !self.query.is_empty()
@@ -530,6 +560,7 @@ pub fn compile_request(
 ) -> Result<(RequestMapping, Needs), MapError> {
     let mut headers: Vec<(Box<str>, Action)> = Vec::new();
     let mut query: Vec<QueryRule> = Vec::new();
+    let mut header_params = Vec::new();
     let mut needs = Needs::default();
     for (k, v) in table {
         let e = |m: String| (k.clone(), m);
@@ -541,6 +572,14 @@ pub fn compile_request(
             let name = header_name(name, false).map_err(e)?;
             if headers.iter().any(|(n, _)| *n == name) {
                 return Err(e(format!("header `{name}` is mapped twice")));
+            }
+            if let Action::Set(t) = &action {
+                for seg in t.segs.iter() {
+                    if let Seg::Var(Var::PathParam(i)) = seg {
+                        let param = env.params.get(*i).map_or("", String::as_str);
+                        header_params.push((*i, param.into(), name.clone()));
+                    }
+                }
             }
             headers.push((name, action));
         } else if let Some(name) = k.strip_prefix("query.") {
@@ -571,6 +610,7 @@ pub fn compile_request(
                 rules: headers.into(),
             },
             query: query.into(),
+            header_params: header_params.into(),
         },
         needs,
     ))

@@ -342,8 +342,7 @@ fn build_waf(src: &Source, w: &toml::Spanned<raw::RawWaf>) -> Result<Waf, Config
             )
         })?;
         let fsrc = Source::new(&p, &text);
-        let file: RawRuleFile = toml::from_str(&text)
-            .map_err(|e| fsrc.err(e.span().unwrap_or(0..0), "", e.message().replace('\n', " ")))?;
+        let file: RawRuleFile = fsrc.deserialize()?;
         for (i, r) in file.rules.into_iter().enumerate() {
             add(&fsrc, format!("rules[{i}]"), r)?;
         }

@@ -970,6 +970,14 @@ async fn route_and_run<S: ClientIo>(
             return (out, Some(id));
         }
     }
+    if let Some(m) = &route.request_mapping {
+        // A value the mapping cannot send (a path parameter decoding to a control character
+        // for a header) is refused here, before the cache and the integration.
+        if let Some(msg) = m.refusal(&map_ctx!(c)) {
+            let keep = body_skippable(c);
+            return (reject(w, c, 400, &msg, keep).await, Some(id));
+        }
+    }
     let out = match &route.integration {
         Integration::Mock(mock) => {
             let keep = body_skippable(c);

@@ -58,14 +58,18 @@ impl WsSettings {
         }
     }
 
-    /// Applies the keys of a `websocket = {...}` table over `self`.
-    pub fn apply(mut self, raw: &RawWebSocket) -> Result<WsSettings, String> {
+    /// Applies the keys of a `websocket = {...}` table over `self`. An error names the key
+    /// of the table at fault (`""`: the table as a whole) and what is wrong.
+    pub fn apply(mut self, raw: &RawWebSocket) -> Result<WsSettings, (&'static str, String)> {
         self.allowed_origins = raw.allowed_origins.clone();
-        if let Some(v) = raw.max_frame_bytes {
-            self.limits.max_frame = v;
-        }
         if let Some(v) = raw.max_message_bytes {
             self.limits.max_message = v;
+            // A frame is part of one message: an unset frame limit never exceeds the message
+            // limit set here.
+            self.limits.max_frame = self.limits.max_frame.min(v);
+        }
+        if let Some(v) = raw.max_frame_bytes {
+            self.limits.max_frame = v;
         }
         if let Some(v) = raw.idle_timeout_ms {
             self.idle_timeout = Duration::from_millis(v);
@@ -74,13 +78,37 @@ impl WsSettings {
             self.max_lifetime = Duration::from_millis(v);
         }
         if self.limits.max_frame == 0 || self.limits.max_message == 0 {
-            return Err("max_frame_bytes and max_message_bytes must be above 0".into());
+            return Err((
+                "",
+                "max_frame_bytes and max_message_bytes must be above 0".into(),
+            ));
         }
         if self.limits.max_frame > 1 << 30 || self.limits.max_message > 1 << 30 {
-            return Err("max_frame_bytes and max_message_bytes are at most 1 GiB".into());
+            return Err((
+                "",
+                "max_frame_bytes and max_message_bytes are at most 1 GiB".into(),
+            ));
+        }
+        if self.limits.max_frame > self.limits.max_message {
+            let default = if raw.max_message_bytes.is_none() {
+                ", the default"
+            } else {
+                ""
+            };
+            return Err((
+                "max_frame_bytes",
+                format!(
+                    "{} is larger than max_message_bytes ({}{default}): a frame is part of one \
+                     message, so it can never be larger than the message",
+                    self.limits.max_frame, self.limits.max_message
+                ),
+            ));
         }
         if self.idle_timeout.is_zero() || self.max_lifetime.is_zero() {
-            return Err("idle_timeout_ms and max_duration_ms must be above 0".into());
+            return Err((
+                "",
+                "idle_timeout_ms and max_duration_ms must be above 0".into(),
+            ));
         }
         Ok(self)
     }
@@ -153,7 +181,11 @@ pub fn parse_selection(s: &str) -> Result<Vec<String>, String> {
 }
 
 /// The WebSocket settings of an API: the `websocket` table over the protocol's defaults.
-pub fn settings_for(api: &RawApi, websocket_api: bool) -> Result<Arc<WsSettings>, String> {
+/// An error names the key of the `websocket` table at fault (`""`: the table) and what is wrong.
+pub fn settings_for(
+    api: &RawApi,
+    websocket_api: bool,
+) -> Result<Arc<WsSettings>, (&'static str, String)> {
     let base = if websocket_api {
         WsSettings::api_defaults()
     } else {
@@ -226,6 +258,50 @@ pub async fn run_takeover<S: crate::server::ClientIo>(
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn frame_limit_never_above_message_limit() {
+        let raw = |frame: Option<usize>, message: Option<usize>| RawWebSocket {
+            max_frame_bytes: frame,
+            max_message_bytes: message,
+            ..RawWebSocket::default()
+        };
+        // A message limit set alone lowers the default frame limit to it, never raises it.
+        let s = WsSettings::api_defaults()
+            .apply(&raw(None, Some(100)))
+            .unwrap();
+        assert_eq!((s.limits.max_frame, s.limits.max_message), (100, 100));
+        let s = WsSettings::api_defaults()
+            .apply(&raw(None, Some(1 << 20)))
+            .unwrap();
+        assert_eq!(
+            (s.limits.max_frame, s.limits.max_message),
+            (32 << 10, 1 << 20)
+        );
+        let s = WsSettings::passthrough_defaults()
+            .apply(&raw(Some(10), Some(10)))
+            .unwrap();
+        assert_eq!((s.limits.max_frame, s.limits.max_message), (10, 10));
+        // A frame limit above the message limit, set or default, names max_frame_bytes.
+        let (key, msg) = WsSettings::api_defaults()
+            .apply(&raw(Some(11), Some(10)))
+            .unwrap_err();
+        assert_eq!(key, "max_frame_bytes");
+        assert!(
+            msg.starts_with("11 is larger than max_message_bytes (10):"),
+            "{msg}"
+        );
+        let (key, msg) = WsSettings::api_defaults()
+            .apply(&raw(Some(200_000), None))
+            .unwrap_err();
+        assert_eq!(key, "max_frame_bytes");
+        assert!(msg.contains("(131072, the default)"), "{msg}");
+        // The other checks name the table.
+        let (key, _) = WsSettings::api_defaults()
+            .apply(&raw(Some(0), None))
+            .unwrap_err();
+        assert_eq!(key, "");
+    }
 
     #[test]
     fn watchdog_sleeps_until_the_nearest_deadline() {
