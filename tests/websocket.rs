@@ -146,6 +146,44 @@ fn messages_are_routed_and_answered() {
 }
 
 #[test]
+fn messages_never_select_reserved_routes_or_exhaust_the_stack() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    // `$connect` and `$disconnect` run on the handshake and the close only.
+    for k in ["$connect", "$disconnect"] {
+        let m = format!(r#"{{"action":"{k}"}}"#);
+        ws.text(&m);
+        assert_eq!(ws.recv_text(), format!("default:{m}"));
+    }
+    assert_eq!(route_keys(&be, "$connect").len(), 1);
+    assert!(route_keys(&be, "$disconnect").is_empty());
+    // Deep nesting (30 KB, within the 32 KB frame limit) goes to `$default`; it used to
+    // overflow the worker's stack and abort the whole gateway.
+    let deep = format!(
+        r#"{{"action":"echo","x":{}1{}}}"#,
+        "[".repeat(15_000),
+        "]".repeat(15_000)
+    );
+    ws.text(&deep);
+    assert_eq!(ws.recv_text(), format!("default:{deep}"));
+    ws.text(r#"{"action":"echo","v":3}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo","v":3}"#);
+    assert_eq!(
+        gw.get("/healthz-is-not-a-route").status,
+        404,
+        "the gateway still answers"
+    );
+    drop(ws);
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be,
+        "$disconnect"
+    )
+    .len()
+        == 1));
+}
+
+#[test]
 fn fragmented_message_with_interleaved_control_frames() {
     let be = api_backend();
     let gw = Gateway::start(&api_config(be.addr, ""));

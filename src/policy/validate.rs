@@ -33,7 +33,7 @@ const MAX_POINTER_CHARS: usize = 64;
 /// Bytes of the whole message at most (before JSON escaping).
 const MAX_MESSAGE_BYTES: usize = 2048;
 /// Nesting levels a body may have (arrays and objects); one more is not JSON.
-const MAX_DEPTH: usize = 128;
+pub const MAX_DEPTH: usize = 128;
 
 /// A compiled request-body schema.
 pub struct BodySchema {
@@ -157,7 +157,7 @@ fn parse(body: &[u8]) -> Result<serde_json::Value, serde_json::Error> {
 
 /// The deepest nesting of arrays and objects in `body` (strings skipped). For a body that is
 /// not JSON this is at least the depth a parser reaches before its first error.
-fn max_depth(body: &[u8]) -> usize {
+pub fn max_depth(body: &[u8]) -> usize {
     let (mut depth, mut max, mut in_str, mut esc) = (0usize, 0usize, false, false);
     for &b in body {
         if in_str {

@@ -140,11 +140,16 @@ pub struct WsApi {
 
 impl WsApi {
     /// The route key for a message: the selected field when it names a route, else `$default`
-    /// (`None` when there is no `$default` either).
+    /// (`None` when there is no `$default` either). A message never selects `$connect` or
+    /// `$disconnect`: those run on the handshake and the close only.
     pub fn select<'a>(&'a self, text: bool, data: &[u8], scratch: &mut Vec<u8>) -> Option<&'a str> {
         if text && !self.selection.is_empty() {
             if let Some(k) = selection_key(data, &self.selection, scratch) {
-                if let Some((key, _)) = self.routes.get_key_value(k.as_str()) {
+                if let Some((key, _)) = self
+                    .routes
+                    .get_key_value(k.as_str())
+                    .filter(|(key, _)| !key.starts_with('$'))
+                {
                     return Some(key.as_str());
                 }
             }
@@ -155,9 +160,15 @@ impl WsApi {
     }
 }
 
-/// Reads the string at `path` in a JSON text message with simd-json.
+/// Reads the value at `path` in a JSON text message with simd-json: a string as it is, a
+/// number or boolean as its JSON text (`123`, `true`, as API Gateway selects them). A message
+/// nested deeper than [`MAX_JSON_DEPTH`] selects nothing: the parser recurses per level, so a
+/// few thousand levels would exhaust the worker's stack.
 fn selection_key(data: &[u8], path: &[String], scratch: &mut Vec<u8>) -> Option<String> {
     use simd_json::prelude::*;
+    if crate::policy::validate::max_depth(data) > MAX_JSON_DEPTH {
+        return None;
+    }
     scratch.clear();
     scratch.extend_from_slice(data);
     let v = simd_json::to_borrowed_value(scratch).ok()?;
@@ -165,8 +176,15 @@ fn selection_key(data: &[u8], path: &[String], scratch: &mut Vec<u8>) -> Option<
     for p in path {
         cur = cur.get(p.as_str())?;
     }
-    cur.as_str().map(str::to_string)
+    match cur.as_str() {
+        Some(s) => Some(s.to_string()),
+        None if cur.is_number() || cur.is_bool() => Some(cur.encode()),
+        None => None,
+    }
 }
+
+/// Deepest nesting of a message whose JSON route selection reads (as request validation).
+pub const MAX_JSON_DEPTH: usize = crate::policy::validate::MAX_DEPTH;
 
 /// Parses `route_selection` (`$request.body.a.b`) into a field path.
 pub fn parse_selection(s: &str) -> Result<Vec<String>, String> {
@@ -336,7 +354,15 @@ mod tests {
     #[test]
     fn route_selection_reads_json_field() {
         let mut routes = AHashMap::new();
-        for k in ["$default", "sendmessage", "join"] {
+        for k in [
+            "$default",
+            "$connect",
+            "$disconnect",
+            "sendmessage",
+            "join",
+            "7",
+            "true",
+        ] {
             routes.insert(
                 k.to_string(),
                 WsTarget::Mock {
@@ -363,7 +389,45 @@ mod tests {
             Some("$default")
         );
         assert_eq!(sel(br#"not json"#, &mut s).as_deref(), Some("$default"));
+        // Numbers and booleans select by their JSON text, as in API Gateway.
         assert_eq!(sel(br#"{"action":3}"#, &mut s).as_deref(), Some("$default"));
+        assert_eq!(sel(br#"{"action":7}"#, &mut s).as_deref(), Some("7"));
+        assert_eq!(sel(br#"{"action":true}"#, &mut s).as_deref(), Some("true"));
+        assert_eq!(
+            sel(br#"{"action":null}"#, &mut s).as_deref(),
+            Some("$default")
+        );
+        // A reserved key is never selected by a message.
+        for k in ["$connect", "$disconnect", "$default"] {
+            let m = format!(r#"{{"action":"{k}"}}"#);
+            assert_eq!(
+                sel(m.as_bytes(), &mut s).as_deref(),
+                Some("$default"),
+                "{k}"
+            );
+        }
+        // Nesting past the limit selects nothing (and must not exhaust the stack).
+        let top = |n: usize| {
+            format!(
+                r#"{{"action":"join","x":{}1{}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        assert_eq!(
+            sel(top(MAX_JSON_DEPTH - 1).as_bytes(), &mut s).as_deref(),
+            Some("join")
+        );
+        assert_eq!(
+            sel(top(MAX_JSON_DEPTH).as_bytes(), &mut s).as_deref(),
+            Some("$default")
+        );
+        assert_eq!(
+            sel(top(100_000).as_bytes(), &mut s).as_deref(),
+            Some("$default")
+        );
+        let open = "[".repeat(200_000);
+        assert_eq!(sel(open.as_bytes(), &mut s).as_deref(), Some("$default"));
         assert_eq!(
             api.select(false, br#"{"action":"join"}"#, &mut s),
             Some("$default")
