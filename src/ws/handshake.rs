@@ -50,6 +50,15 @@ pub fn validate(
             message: "Bad Request: a WebSocket handshake has no body",
         });
     }
+    // RFC 6455 11.3.1 and 11.3.5: each appears once in a request; two could disagree.
+    for name in ["sec-websocket-key", "sec-websocket-version"] {
+        if head.header_count(buf, name) > 1 {
+            return Err(Refusal {
+                status: 400,
+                message: "Bad Request: Sec-WebSocket-Key and Sec-WebSocket-Version appear once",
+            });
+        }
+    }
     match head.header(buf, "sec-websocket-version") {
         Some(v) if v.trim_ascii() == b"13" => {}
         _ => {
@@ -141,6 +150,9 @@ mod tests {
             st(format!("{UP}{ver}Sec-WebSocket-Key: c2hvcnQ=\r\n"), &[]),
             Err(400)
         );
+        // Each once (RFC 6455 11.3.1, 11.3.5), even when the copies agree.
+        assert_eq!(st(format!("{UP}{key}{key}{ver}"), &[]), Err(400));
+        assert_eq!(st(format!("{UP}{key}{ver}{ver}"), &[]), Err(400));
         let allowed = vec!["https://app.example.com".to_string()];
         assert_eq!(
             st(
