@@ -661,32 +661,45 @@ pub(super) fn compile(
                             r.api_key_required,
                             auth,
                         )?;
-                    } else if r.auth.is_some()
-                        || !r.scopes.is_empty()
-                        || r.api_key_required
-                        || r.throttle.is_some()
-                    {
-                        return Err(src.err(
-                            0..0,
-                            &format!("{rkey}.auth"),
-                            "on a WebSocket API, auth, scopes, api_key_required and throttle apply to the handshake: set them on the `$connect` route",
-                        ));
+                    } else {
+                        // The key at fault, at its own line where the TOML keeps a span.
+                        let set = [
+                            ("auth", r.auth.as_ref().map(|a| a.span())),
+                            ("scopes", (!r.scopes.is_empty()).then_some(0..0)),
+                            ("api_key_required", r.api_key_required.then_some(0..0)),
+                            ("throttle", r.throttle.as_ref().map(|t| t.span())),
+                        ];
+                        if let Some((k, span)) =
+                            set.into_iter().find_map(|(k, s)| s.map(|s| (k, s)))
+                        {
+                            return Err(src.err(
+                                span,
+                                &format!("{rkey}.{k}"),
+                                "on a WebSocket API, auth, scopes, api_key_required and throttle apply to the handshake: set them on the `$connect` route",
+                            ));
+                        }
                     }
-                    if r.cache.is_some() {
+                    if let Some(c) = &r.cache {
                         return Err(src.err(
-                            0..0,
+                            c.span(),
                             &format!("{rkey}.cache"),
                             "WebSocket API routes are not cached",
                         ));
                     }
-                    for (k, set) in [
-                        ("validate", r.validate.is_some()),
-                        ("request_mapping", r.request_mapping.is_some()),
-                        ("response_mapping", r.response_mapping.is_some()),
+                    for (k, span) in [
+                        ("validate", r.validate.as_ref().map(|v| v.span())),
+                        (
+                            "request_mapping",
+                            r.request_mapping.as_ref().map(|m| m.span()),
+                        ),
+                        (
+                            "response_mapping",
+                            r.response_mapping.as_ref().map(|m| m.span()),
+                        ),
                     ] {
-                        if set {
+                        if let Some(span) = span {
                             return Err(src.err(
-                                0..0,
+                                span,
                                 &format!("{rkey}.{k}"),
                                 "WebSocket API routes do not validate or map messages",
                             ));

@@ -1122,4 +1122,35 @@ integration = { type = "mock" }
         let e = parse(Path::new("t.toml"), text).unwrap_err().0;
         assert!(e.contains("routes[1].route") && e.contains("twice"), "{e}");
     }
+
+    #[test]
+    fn handshake_only_settings_on_message_routes_name_their_key_and_line() {
+        for (key, value, line) in [
+            ("throttle", "{ rate = 1, burst = 1 }", 11),
+            ("auth", "\"api_key\"", 11),
+            ("cache", "{ ttl = 5 }", 11),
+            ("request_mapping", "{ \"header.x\" = \"y\" }", 11),
+        ] {
+            let text = format!(
+                r#"
+[[apis]]
+name = "c"
+protocol = "websocket"
+[[apis.routes]]
+route = "$connect"
+integration = {{ type = "mock" }}
+[[apis.routes]]
+route = "join"
+integration = {{ type = "mock" }}
+{key} = {value}
+"#
+            );
+            let e = parse(Path::new("t.toml"), &text).unwrap_err().0;
+            assert!(
+                e.contains(&format!("t.toml:{line}:"))
+                    && e.contains(&format!("apis[0].routes[1].{key}")),
+                "{key}: {e}"
+            );
+        }
+    }
 }
