@@ -1249,6 +1249,53 @@ fn connect_route_auth_guards_the_handshake() {
     assert!(e.contains("$connect") && e.contains(".auth"), "{e}");
 }
 
+/// A handshake that would be refused anyway (an Origin not allowed, a bad key) is refused
+/// before auth, throttles and quotas: it spends nothing, and says why.
+#[test]
+fn refused_handshakes_spend_no_quota_and_name_their_reason() {
+    let be = api_backend();
+    let cfg = api_config(
+        be.addr,
+        r#"websocket = { allowed_origins = ["https://app.example.com"] }"#,
+    )
+    .replace(
+        "route = \"$connect\"\n",
+        "route = \"$connect\"\napi_key_required = true\n",
+    ) + r#"
+[[usage_plans]]
+name = "ws"
+apis = ["chat/$default"]
+quota = { limit = 1, period = "day" }
+[[api_keys]]
+name = "dev"
+value = "websocket-test-key-000000001"
+plans = ["ws"]
+"#;
+    let gw = Gateway::start(&cfg);
+    let key = "x-api-key: websocket-test-key-000000001\r\n";
+    let handshake = |extra: &str| {
+        gw.request(&format!(
+            "GET / HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        ))
+    };
+    // With a valid key, or none (the Origin is checked first), the reason is the Origin.
+    for extra in [key, "", key] {
+        let r = handshake(&format!("{extra}Origin: https://evil.example.com\r\n"));
+        assert_eq!(r.status, 403);
+        assert_eq!(r.message(), "Forbidden: origin not allowed");
+    }
+    let (head, _ws) = ws_connect(
+        gw.addr,
+        "/",
+        &format!("{key}Origin: https://app.example.com\r\n"),
+    );
+    assert!(
+        head.starts_with("HTTP/1.1 101"),
+        "the quota of 1 is unspent: {head}"
+    );
+    assert_eq!(route_keys(&be, "$connect").len(), 1);
+}
+
 /// Usage plans meet WebSocket APIs at the handshake: a key's quota counts `$connect`s (a
 /// connection, not its messages), a spent quota refuses the handshake with 429 before the
 /// `$connect` integration is called, and messages on an open connection are not counted.

@@ -954,6 +954,14 @@ async fn route_and_run<S: ClientIo>(
     if let Some(out) = traffic::before(w, gw, c, id, limits).await {
         return (out, Some(id));
     }
+    if let Integration::WebSocket(api) = &route.integration {
+        // A handshake refused anyway (not an upgrade, a bad key, an Origin not allowed) is
+        // refused before it can call an authorizer or spend a throttle token or quota.
+        let allowed = &api.settings.allowed_origins;
+        if let Err(r) = crate::ws::handshake::validate(&c.b.head, &c.b.rbuf, allowed) {
+            return (reject_ws(w, c, r.status, r.message).await, Some(id));
+        }
+    }
     c.principal = None;
     c.api_key = None;
     c.auth_ctx = None;
