@@ -1519,4 +1519,16 @@ fn connect_refusals_keep_their_status_redirects_included() {
             "$connect {st}: {head}"
         );
     }
+    // An empty refusal is explained in the status's own words.
+    for (st, words) in [
+        (401u16, "Unauthorized"),
+        (429, "Too Many Requests"),
+        (500, "Internal Server Error"),
+    ] {
+        let r = gw.request(&format!(
+            "GET /?status={st} HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ));
+        assert_eq!(r.status, st);
+        assert_eq!(r.message(), format!("{words}: refused by $connect"));
+    }
 }

@@ -1081,12 +1081,9 @@ async fn ws_handshake<S: ClientIo>(
         Handshake::Refuse(status, msg) => reject_ws(w, c, status, msg).await,
         Handshake::RefuseWith(status, body) => {
             if body.is_empty() && status != 304 {
-                let msg = if status < 400 {
-                    "Refused by $connect"
-                } else {
-                    "Forbidden: refused by $connect"
-                };
-                return reject(w, c, status, msg, false).await;
+                // The status's own words: a 401 or 429 from `$connect` is no "Forbidden".
+                let msg = format!("{}: refused by $connect", encode::reason(status));
+                return reject(w, c, status, &msg, false).await;
             }
             c.b.out.clear();
             encode::push_status_line(&mut c.b.out, status);
