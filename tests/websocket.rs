@@ -99,14 +99,20 @@ fn admin(gw: &Gateway, method: &str, path: &str, body: &str) -> RawResponse {
     let _ = c.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).to_string();
     let status: u16 = text[9..12].parse().unwrap();
-    let body = text
+    let (head, body) = text
         .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
+        .map(|(h, b)| (h.to_string(), b.to_string()))
         .unwrap_or_default();
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
     RawResponse {
         version: "HTTP/1.1".into(),
         status,
-        headers: Vec::new(),
+        headers,
         body: body.into_bytes(),
         chunked: false,
         head: Vec::new(),
@@ -532,6 +538,7 @@ fn posts_to_a_client_that_does_not_read_are_refused_never_dropped() {
             429 => {
                 refused += 1;
                 assert!(r.text().contains("not reading"), "{}", r.text());
+                assert_eq!(r.header("retry-after"), Some("1"));
             }
             s => panic!("POST {k}: {s} {}", r.text()),
         }

@@ -551,6 +551,10 @@ fn reply_bytes(r: &Reply, keep: bool) -> Vec<u8> {
     if r.status == 401 {
         out.extend_from_slice(b"www-authenticate: Bearer\r\n");
     }
+    if r.status == 429 {
+        // `@connections`: the client's queue is full; it drains as the client reads.
+        out.extend_from_slice(b"retry-after: 1\r\n");
+    }
     // Admin answers (the dashboard included) are never cached, nor framed by other pages.
     out.extend_from_slice(b"cache-control: no-store\r\nx-frame-options: DENY\r\nx-content-type-options: nosniff\r\n\r\n");
     out.extend_from_slice(&r.body);
