@@ -408,6 +408,28 @@ fn disconnect_called_once_on_every_kind_of_close() {
 }
 
 #[test]
+fn connections_posts_keep_the_message_limit() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(
+        be.addr,
+        "websocket = { max_message_bytes = 1000, max_frame_bytes = 1000 }",
+    ));
+    let mut ws = open(gw.addr, "/");
+    let id = route_keys(&be, "$connect")[0]
+        .header("x-connection-id")
+        .unwrap()
+        .to_string();
+    let path = format!("/@connections/{id}");
+    let r = admin(&gw, "POST", &path, &"a".repeat(1001));
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(r.text().contains("at most 1000 bytes"), "{}", r.text());
+    let r = admin(&gw, "POST", &path, &"b".repeat(1000));
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Only the message within the limit reached the client.
+    assert_eq!(ws.recv_text(), "b".repeat(1000));
+}
+
+#[test]
 fn max_duration_closes() {
     let be = api_backend();
     let gw = Gateway::start(&api_config(

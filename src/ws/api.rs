@@ -144,6 +144,8 @@ struct Entry {
     source_ip: String,
     /// Bytes queued toward the client and not yet written.
     queued: Arc<AtomicUsize>,
+    /// The API's `max_message_bytes`: the largest message `@connections` sends.
+    max_message: usize,
 }
 
 /// Counts `n` more bytes in a client's queue unless that takes it past [`MAX_QUEUED`].
@@ -272,13 +274,22 @@ pub fn admin_local(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16
     let reg = &shared.ws;
     match method {
         "POST" => {
-            let queued = {
+            let (queued, max) = {
                 let c = reg.conns.lock().unwrap_or_else(|e| e.into_inner());
                 match c.get(&id) {
-                    Some(e) => e.queued.clone(),
+                    Some(e) => (e.queued.clone(), e.max_message),
                     None => return gone,
                 }
             };
+            // The API's message limit holds both ways (API Gateway: 413 past 128 KB).
+            if body.len() > max {
+                return (
+                    413,
+                    msg(&format!(
+                        "Payload Too Large: a message of this API is at most {max} bytes (max_message_bytes)"
+                    )),
+                );
+            }
             // Counted here, before the answer: a message is either refused now or queued,
             // never answered 200 and then dropped because the client does not read.
             let f = message_frame(body);
@@ -430,6 +441,7 @@ impl Accepted {
                     last_active_ms: last_active.clone(),
                     source_ip: self.peer.ip().to_string(),
                     queued: queued.clone(),
+                    max_message: self.api.settings.limits.max_message,
                 },
             );
         if let Some(c) = shared.cluster.get() {
