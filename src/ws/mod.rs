@@ -186,6 +186,51 @@ fn selection_key(data: &[u8], path: &[String], scratch: &mut Vec<u8>) -> Option<
 /// Deepest nesting of a message whose JSON route selection reads (as request validation).
 pub const MAX_JSON_DEPTH: usize = crate::policy::validate::MAX_DEPTH;
 
+/// The check the `ws_select` fuzz target runs: route selection on arbitrary message bytes (the
+/// first byte picks text or binary) must never panic or exhaust the stack, and must only name a
+/// route of the API that a message may reach: never `$connect` or `$disconnect`. Returns the
+/// selected key.
+#[doc(hidden)]
+pub fn fuzz_select(data: &[u8]) -> Option<String> {
+    thread_local! {
+        static API: WsApi = {
+            let mut routes = AHashMap::new();
+            for k in ["$connect", "$disconnect", "$default", "join", "7", "true", "a.b"] {
+                routes.insert(
+                    k.to_string(),
+                    WsTarget::Mock { status: 200, body: Bytes::new() },
+                );
+            }
+            WsApi {
+                api: "fuzz".into(),
+                stage: "s".into(),
+                routes,
+                selection: parse_selection("$request.body.meta.action").expect("valid"),
+                settings: WsSettings::api_defaults(),
+            }
+        };
+    }
+    let (text, msg) = match data.split_first() {
+        Some((b, rest)) => (b & 1 == 1, rest),
+        None => (true, data),
+    };
+    let mut scratch = Vec::new();
+    API.with(|api| {
+        let key = api.select(text, msg, &mut scratch).map(str::to_string);
+        if let Some(k) = &key {
+            assert!(
+                api.routes.contains_key(k.as_str()),
+                "selected an unknown route {k}"
+            );
+            assert!(
+                k != "$connect" && k != "$disconnect",
+                "a message selected {k}"
+            );
+        }
+        key
+    })
+}
+
 /// Parses `route_selection` (`$request.body.a.b`) into a field path.
 pub fn parse_selection(s: &str) -> Result<Vec<String>, String> {
     let rest = s
@@ -349,6 +394,25 @@ mod tests {
             watch_interval(now, None, now, started, &s),
             Duration::from_millis(10)
         );
+    }
+
+    #[test]
+    fn fuzz_select_holds_on_shaped_inputs() {
+        let deep = format!("\x01{}", "{\"a\":".repeat(50_000));
+        let cases: [&[u8]; 7] = [
+            b"\x01{\"meta\":{\"action\":\"join\"}}",
+            b"\x01{\"meta\":{\"action\":\"$disconnect\"}}",
+            b"\x01{\"meta\":{\"action\":7}}",
+            b"\x00{\"meta\":{\"action\":\"join\"}}",
+            b"\x01not json",
+            b"",
+            deep.as_bytes(),
+        ];
+        let got: Vec<_> = cases.iter().map(|c| fuzz_select(c)).collect();
+        let want = [
+            "join", "$default", "7", "$default", "$default", "$default", "$default",
+        ];
+        assert_eq!(got, want.map(|k| Some(k.to_string())));
     }
 
     #[test]
