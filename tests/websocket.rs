@@ -20,11 +20,15 @@ use std::time::{Duration, Instant};
 // WebSocket API set-up
 // ---------------------------------------------------------------------------------------------
 
-/// The integration backend: `$connect` refuses `?deny=1`, `echo` echoes, `$default` prefixes,
-/// `silent` answers nothing.
+/// The integration backend: `$connect` refuses `?deny=1` and answers 200 after N ms with
+/// `?sleep=N`, `echo` echoes, `$default` prefixes, `silent` answers nothing.
 fn api_backend() -> Origin {
     Origin::start(|r| match r.header("x-route-key") {
         Some("$connect") if r.path.contains("deny=1") => Response::new(403).body("denied by test"),
+        Some("$connect") if r.path.contains("sleep=") => {
+            let ms: u64 = r.path.rsplit("sleep=").next().unwrap().parse().unwrap();
+            Response::ok("").delay(Duration::from_millis(ms))
+        }
         Some("$connect") if r.path.contains("status=") => {
             let st: u16 = r.path.rsplit("status=").next().unwrap().parse().unwrap();
             Response::new(st).header("Location", "https://elsewhere.example/")
@@ -1560,4 +1564,36 @@ fn connect_refusals_keep_their_status_redirects_included() {
         assert_eq!(r.status, st);
         assert_eq!(r.message(), format!("{words}: refused by $connect"));
     }
+}
+
+/// The raw upgrade request of a WebSocket API client, with `query` after `/`.
+fn upgrade_request(query: &str) -> String {
+    format!(
+        "GET /{query} HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+#[test]
+fn connect_slower_than_its_timeout_is_504() {
+    // CONTRACT: an upstream slower than its timeout is a 504 `Endpoint Request Timed Out`, on
+    // `$connect` as on HTTP routes; an unreachable one stays a 502.
+    let be = api_backend();
+    let gw =
+        Gateway::start(&api_config(be.addr, "").replace("timeout_ms = 3000", "timeout_ms = 300"));
+    let t = Instant::now();
+    let r = gw.request(&upgrade_request("?sleep=1500"));
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.message(), "Endpoint Request Timed Out");
+    assert!(
+        t.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        t.elapsed()
+    );
+    // A fast one still connects.
+    let (head, _) = ws_connect(gw.addr, "/?sleep=10", "");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let dead = Gateway::start(&api_config(dead_addr(), ""));
+    let r = dead.request(&upgrade_request(""));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.message(), "Bad Gateway");
 }

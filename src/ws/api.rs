@@ -609,8 +609,11 @@ pub async fn handshake(
             Ok(a) if (300..=599).contains(&a.status) => {
                 return Handshake::RefuseWith(a.status, a.body);
             }
-            Ok(_) => return Handshake::Refuse(502, "Bad Gateway"),
-            Err(()) => return Handshake::Refuse(502, "Bad Gateway"),
+            Ok(_) | Err(client::CallError::Failed) => return Handshake::Refuse(502, "Bad Gateway"),
+            // Slower than the upstream's `timeout_ms`: as on HTTP routes.
+            Err(client::CallError::Timeout) => {
+                return Handshake::Refuse(504, "Endpoint Request Timed Out")
+            }
         }
     }
     let mut out = Vec::with_capacity(256);
@@ -682,7 +685,7 @@ async fn call(
     conn_headers: &[u8],
     body: &[u8],
     query: &[u8],
-) -> Result<client::Answer, ()> {
+) -> Result<client::Answer, client::CallError> {
     match t {
         WsTarget::Mock { status, body } => Ok(client::Answer {
             status: *status,
@@ -990,7 +993,7 @@ async fn on_message(
     match call(gw, t, key, id, hdrs, conn_headers, data, b"").await {
         Ok(a) if a.body.is_empty() => None,
         Ok(a) => Some(message_frame(&a.body)),
-        Err(()) => {
+        Err(_) => {
             let m = format!(
                 "{{\"message\":\"Internal server error\",\"connectionId\":\"{}\"}}",
                 id_string(id)
