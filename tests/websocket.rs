@@ -1597,3 +1597,61 @@ fn connect_slower_than_its_timeout_is_504() {
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.message(), "Bad Gateway");
 }
+
+/// `$disconnect` calls the backend got for connection `id`.
+fn disconnects_of(be: &Origin, id: &str) -> usize {
+    route_keys(be, "$disconnect")
+        .iter()
+        .filter(|r| r.header("x-connection-id") == Some(id))
+        .count()
+}
+
+#[test]
+fn disconnect_follows_a_connect_whose_client_went_away_even_by_reset() {
+    // Once `$connect` succeeded the integration holds the connection: `$disconnect` is called
+    // exactly once, whether the client left with a FIN or a reset while `$connect` ran.
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    for (n, reset) in [(1, false), (2, true)] {
+        let mut s = TcpStream::connect(gw.addr).unwrap();
+        s.write_all(upgrade_request("?sleep=700").as_bytes())
+            .unwrap();
+        assert!(wait_until(Duration::from_secs(5), || route_keys(
+            &be, "$connect"
+        )
+        .len()
+            == n));
+        let id = route_keys(&be, "$connect")[n - 1]
+            .header("x-connection-id")
+            .unwrap()
+            .to_string();
+        if reset {
+            use std::os::fd::AsRawFd;
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt on the stream's own open descriptor with a `linger` of the
+            // size passed; closing it then sends an RST instead of a FIN.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    &linger as *const libc::linger as *const libc::c_void,
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0);
+        }
+        drop(s);
+        assert!(
+            wait_until(Duration::from_secs(5), || disconnects_of(&be, &id) == 1),
+            "reset={reset}: no $disconnect for {id}"
+        );
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(disconnects_of(&be, &id), 1, "reset={reset}");
+        let r = admin(&gw, "GET", &format!("/@connections/{id}"), "");
+        assert_eq!(r.status, 410, "reset={reset}: {}", r.text());
+    }
+}

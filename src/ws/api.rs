@@ -468,12 +468,15 @@ impl Accepted {
         });
     }
 
-    /// Undoes [`Accepted::register`] for a connection whose 101 could not be written.
-    pub fn abandon(self, shared: &Shared) {
+    /// Undoes [`Accepted::register`] for a connection whose 101 could not be written (the
+    /// client went away, a reset included, while `$connect` ran), then calls `$disconnect`:
+    /// `$connect` succeeded, so the integration has its connection and must hear of its end.
+    pub async fn abandon(self, shared: &Shared) {
         if self.reg.is_some() {
             LOCAL.with(|l| l.borrow_mut().remove(&self.id));
             unregister(shared, self.id);
         }
+        disconnect(&self.gw, &self.api, self.id, &self.conn_headers).await;
     }
 }
 
@@ -943,18 +946,13 @@ pub async fn run<S: crate::server::ClientIo>(
     };
     monoio::join!(main, writer);
     unregister(shared, id);
+    disconnect(&gw, &api, id, &conn_headers).await;
+}
+
+/// Calls `$disconnect`, when the API has one, for a connection whose `$connect` succeeded.
+async fn disconnect(gw: &Gateway, api: &WsApi, id: u64, conn_headers: &[u8]) {
     if let Some(t) = api.routes.get("$disconnect") {
-        let _ = Box::pin(call(
-            &gw,
-            t,
-            "$disconnect",
-            id,
-            b"",
-            &conn_headers,
-            b"",
-            b"",
-        ))
-        .await;
+        let _ = Box::pin(call(gw, t, "$disconnect", id, b"", conn_headers, b"", b"")).await;
     }
 }
 
