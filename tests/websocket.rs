@@ -1655,3 +1655,38 @@ fn disconnect_follows_a_connect_whose_client_went_away_even_by_reset() {
         assert_eq!(r.status, 410, "reset={reset}: {}", r.text());
     }
 }
+
+#[test]
+fn shutdown_calls_disconnect_for_a_client_that_does_not_read() {
+    // README: on SIGTERM `$disconnect` is called for every connection, within the drain
+    // (`shutdown_timeout_ms` = 3000), even for a client that cannot be written to.
+    let be = api_backend();
+    let mut gw = Gateway::start(&api_config(be.addr, ""));
+    let _ws = open(gw.addr, "/");
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be, "$connect"
+    )
+    .len()
+        == 1));
+    let id = route_keys(&be, "$connect")[0]
+        .header("x-connection-id")
+        .unwrap()
+        .to_string();
+    // Posts until its queue is full: the gateway's writes to it block.
+    let pad = "p".repeat(64 * 1024);
+    let full =
+        (0..400).any(|_| admin(&gw, "POST", &format!("/@connections/{id}"), &pad).status == 429);
+    assert!(full, "the queue never filled");
+    let t = Instant::now();
+    gw.terminate();
+    let st = gw
+        .wait_exit(Duration::from_secs(8))
+        .expect("still running 8 s after SIGTERM");
+    assert!(st.success(), "{st:?}");
+    assert!(
+        t.elapsed() < Duration::from_millis(3500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(disconnects_of(&be, &id), 1, "{}", gw.stderr());
+}

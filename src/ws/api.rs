@@ -3,6 +3,11 @@
 //! goes back to that client), `$disconnect` once on every kind of close, and the
 //! `@connections` management API.
 //!
+//! A drain (SIGTERM) reaches each connection from its worker's mailbox task: the connection
+//! closes with 1001 and calls `$disconnect`. Whatever is still running at [`drain_stop`] (a call, a write to a
+//! client that does not read) is dropped then, so `$disconnect` is always called before the
+//! drain ends.
+//!
 //! Connections live on worker threads. The admin thread finds a connection's worker in the
 //! [`Registry`] and posts to that worker's mailbox (a crossbeam channel); a task on each worker
 //! drains its mailbox on a short timer (2 ms while the worker holds WebSocket connections) and
@@ -351,6 +356,33 @@ struct LocalConn {
 
 thread_local! {
     static LOCAL: RefCell<AHashMap<u64, LocalConn>> = RefCell::new(AHashMap::new());
+    /// This worker's connections waiting to hear of a drain, by id: each gets its
+    /// [`drain_stop`] time.
+    static DRAIN: RefCell<AHashMap<u64, oneshot::Sender<Instant>>> =
+        RefCell::new(AHashMap::new());
+}
+
+/// When a connection must have stopped everything but its `$disconnect` call during a drain:
+/// the last quarter of `shutdown_timeout_ms` (at most 1 s) is left for that call, which must
+/// be made before the worker stops waiting.
+fn drain_stop(shared: &Shared) -> Instant {
+    let t = shared.current().config.server.shutdown_timeout;
+    let end = shared
+        .drain_deadline()
+        .unwrap_or_else(|| Instant::now() + t);
+    let reserve = (t / 4).min(Duration::from_secs(1));
+    end.checked_sub(reserve).unwrap_or(end)
+}
+
+/// Tells connection `id` of a drain (at once when one has begun), through `tx`.
+fn watch_drain(shared: &Shared, id: u64, tx: oneshot::Sender<Instant>) {
+    // The flag is checked on this worker's thread, where the mailbox task hands the drain out
+    // once it saw the flag: a connection either finds the flag or is in the map by then.
+    if shared.shutdown.load(Ordering::Acquire) {
+        let _ = tx.send(drain_stop(shared));
+    } else {
+        DRAIN.with(|d| d.borrow_mut().insert(id, tx));
+    }
 }
 
 /// Drains this worker's mailbox until shutdown (one task per worker).
@@ -380,6 +412,11 @@ pub async fn run_mailbox(worker: usize, shared: Arc<Shared>) {
                 }
             });
         }
+    }
+    // A drain: every connection of this worker hears of it now, not at its next timer.
+    let stop = drain_stop(&shared);
+    for (_, tx) in DRAIN.with(|d| std::mem::take(&mut *d.borrow_mut())) {
+        let _ = tx.send(stop);
     }
 }
 
@@ -730,7 +767,8 @@ async fn call(
     }
 }
 
-/// Serves an accepted connection until it closes, then calls `$disconnect`.
+/// Serves an accepted connection until it closes, then calls `$disconnect` (during a drain:
+/// by [`drain_stop`] at the latest).
 pub async fn run<S: crate::server::ClientIo>(
     mut a: Accepted,
     stream: S,
@@ -762,6 +800,18 @@ pub async fn run<S: crate::server::ClientIo>(
     let last_in = std::cell::Cell::new(Instant::now());
     let reading_since = std::cell::Cell::new(None::<Instant>);
     let canceller = RefCell::new(monoio::io::Canceller::new());
+    let (drain_tx, drain_rx) = oneshot::channel::<Instant>();
+    watch_drain(shared, id, drain_tx);
+    let (soft_tx, soft_rx) = oneshot::channel::<()>();
+    // A drain: first the connection closes by itself (`soft_rx`), then whatever still runs at
+    // the stop time is dropped.
+    let guard = async {
+        let Ok(stop) = drain_rx.await else {
+            return std::future::pending().await;
+        };
+        let _ = soft_tx.send(());
+        monoio::time::sleep_until(stop.into()).await;
+    };
 
     let writer = async {
         use futures_util_lite::next;
@@ -928,10 +978,17 @@ pub async fn run<S: crate::server::ClientIo>(
                 }
             }
         };
+        let drain = async {
+            match soft_rx.await {
+                Ok(()) => (code::GOING_AWAY, "server shutting down"),
+                Err(_) => std::future::pending().await,
+            }
+        };
         let watch = async {
             monoio::select! {
                 why = kill => why,
                 why = timers => why,
+                why = drain => why,
             }
         };
         monoio::select! {
@@ -944,7 +1001,12 @@ pub async fn run<S: crate::server::ClientIo>(
         LOCAL.with(|l| l.borrow_mut().remove(&id));
         drop(tx);
     };
-    monoio::join!(main, writer);
+    monoio::select! {
+        _ = async { monoio::join!(main, writer) } => {}
+        _ = guard => {}
+    }
+    LOCAL.with(|l| l.borrow_mut().remove(&id));
+    DRAIN.with(|d| d.borrow_mut().remove(&id));
     unregister(shared, id);
     disconnect(&gw, &api, id, &conn_headers).await;
 }
