@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 // ---------------------------------------------------------------------------------------------
 
 /// The integration backend: `$connect` refuses `?deny=1` and answers 200 after N ms with
-/// `?sleep=N`, `echo` echoes, `$default` prefixes, `silent` answers nothing.
+/// `?sleep=N`, `echo` echoes (`slow` after 30 ms, `nap` after 1 s), `$default` prefixes,
+/// `silent` answers nothing.
 fn api_backend() -> Origin {
     Origin::start(|r| match r.header("x-route-key") {
         Some("$connect") if r.path.contains("deny=1") => Response::new(403).body("denied by test"),
@@ -43,6 +44,7 @@ fn api_backend() -> Origin {
         Some("echo") => Response::ok(r.body.clone()),
         Some("$default") => Response::ok(format!("default:{}", String::from_utf8_lossy(&r.body))),
         Some("slow") => Response::ok(r.body.clone()).delay(Duration::from_millis(30)),
+        Some("nap") => Response::ok(r.body.clone()).delay(Duration::from_millis(1000)),
         _ => Response::ok(""),
     })
 }
@@ -76,6 +78,9 @@ integration = {{ type = "http", upstream = "be", path = "/echo" }}
 [[apis.routes]]
 route = "slow"
 integration = {{ type = "http", upstream = "be", path = "/slow" }}
+[[apis.routes]]
+route = "nap"
+integration = {{ type = "http", upstream = "be", path = "/nap" }}
 [[apis.routes]]
 route = "silent"
 integration = {{ type = "http", upstream = "be", path = "/silent" }}
@@ -1689,4 +1694,45 @@ fn shutdown_calls_disconnect_for_a_client_that_does_not_read() {
         t.elapsed()
     );
     assert_eq!(disconnects_of(&be, &id), 1, "{}", gw.stderr());
+}
+
+#[test]
+fn shutdown_lets_the_message_call_in_flight_answer_before_the_1001() {
+    // CONTRACT: SIGTERM finishes in-flight work within `shutdown_timeout_ms` (3000): the
+    // message call answers (1 s), its reply reaches the client, then the 1001 close, then
+    // `$disconnect`.
+    let be = api_backend();
+    let mut gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    ws.text(r#"{"action":"nap","n":1}"#);
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be, "nap"
+    )
+    .len()
+        == 1));
+    let t = Instant::now();
+    gw.terminate();
+    thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        route_keys(&be, "$disconnect").len(),
+        0,
+        "$disconnect before the message call answered"
+    );
+    assert_eq!(ws.recv_text(), r#"{"action":"nap","n":1}"#);
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(ws.expect_close(), 1001);
+    let st = gw
+        .wait_exit(Duration::from_secs(5))
+        .expect("still running 5 s after SIGTERM");
+    assert!(st.success(), "{st:?}");
+    assert!(
+        t.elapsed() < Duration::from_millis(3000),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(route_keys(&be, "$disconnect").len(), 1);
 }

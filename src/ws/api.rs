@@ -4,7 +4,8 @@
 //! `@connections` management API.
 //!
 //! A drain (SIGTERM) reaches each connection from its worker's mailbox task: the connection
-//! closes with 1001 and calls `$disconnect`. Whatever is still running at [`drain_stop`] (a call, a write to a
+//! stops reading, lets a message call in flight finish and its reply go out, closes with 1001
+//! and calls `$disconnect`. Whatever is still running at [`drain_stop`] (a call, a write to a
 //! client that does not read) is dropped then, so `$disconnect` is always called before the
 //! drain ends.
 //!
@@ -800,6 +801,9 @@ pub async fn run<S: crate::server::ClientIo>(
     let last_in = std::cell::Cell::new(Instant::now());
     let reading_since = std::cell::Cell::new(None::<Instant>);
     let canceller = RefCell::new(monoio::io::Canceller::new());
+    // A message call in flight; set by a drain: return once its reply is queued.
+    let busy = std::cell::Cell::new(false);
+    let stop_after_message = std::cell::Cell::new(false);
     let (drain_tx, drain_rx) = oneshot::channel::<Instant>();
     watch_drain(shared, id, drain_tx);
     let (soft_tx, soft_rx) = oneshot::channel::<()>();
@@ -874,6 +878,7 @@ pub async fn run<S: crate::server::ClientIo>(
                                     return;
                                 }
                                 Event::Message { text, data } => {
+                                    busy.set(true);
                                     let reply = Box::pin(on_message(
                                         &gw,
                                         &api,
@@ -884,6 +889,7 @@ pub async fn run<S: crate::server::ClientIo>(
                                         &mut scratch,
                                     ))
                                     .await;
+                                    busy.set(false);
                                     if let Some(f) = reply {
                                         if !reserve(&queued, f.len()) {
                                             // A reply cannot be refused: the client that
@@ -895,6 +901,9 @@ pub async fn run<S: crate::server::ClientIo>(
                                             return;
                                         }
                                         let _ = tx.unbounded_send(Out::Frame(f));
+                                    }
+                                    if stop_after_message.get() {
+                                        return;
                                     }
                                 }
                             }
@@ -991,9 +1000,19 @@ pub async fn run<S: crate::server::ClientIo>(
                 why = drain => why,
             }
         };
-        monoio::select! {
-            _ = reader => {}
-            (c, why) = watch => {
+        {
+            let mut reader = std::pin::pin!(reader);
+            let end = monoio::select! {
+                _ = &mut reader => None,
+                why = watch => Some(why),
+            };
+            if let Some((c, why)) = end {
+                if busy.get() && shared.shutdown.load(Ordering::Relaxed) {
+                    // A drain finishes the message call in flight: its reply goes out before
+                    // the close (the guard bounds the wait).
+                    stop_after_message.set(true);
+                    (&mut reader).await;
+                }
                 let _ = tx.unbounded_send(Out::Close(c, why));
             }
         }
