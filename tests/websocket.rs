@@ -1736,3 +1736,93 @@ fn shutdown_lets_the_message_call_in_flight_answer_before_the_1001() {
     );
     assert_eq!(route_keys(&be, "$disconnect").len(), 1);
 }
+
+#[test]
+fn pings_and_close_are_answered_while_a_message_call_runs() {
+    // RFC 6455 5.5.2: a ping is answered as soon as practical, not after the message call in
+    // flight (1 s); messages still go one at a time, in order.
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    ws.text(r#"{"action":"nap","n":1}"#);
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be, "nap"
+    )
+    .len()
+        == 1));
+    let t = Instant::now();
+    ws.send(true, op::PING, b"are-you-there");
+    let (_, opc, p) = ws.read_frame().expect("a pong");
+    assert_eq!((opc, &p[..]), (op::PONG, &b"are-you-there"[..]));
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    // The next message waits for the answer to the first.
+    ws.text(r#"{"action":"echo","n":2}"#);
+    thread::sleep(Duration::from_millis(200));
+    assert!(route_keys(&be, "echo").is_empty(), "two calls at once");
+    assert_eq!(ws.recv_text(), r#"{"action":"nap","n":1}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo","n":2}"#);
+    // A close during a call is answered at once.
+    ws.text(r#"{"action":"nap","n":3}"#);
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be, "nap"
+    )
+    .len()
+        == 2));
+    // A message sent before the close is still called, after the one in flight, then
+    // `$disconnect`.
+    ws.text(r#"{"action":"echo","n":4}"#);
+    let t = Instant::now();
+    ws.send(true, op::CLOSE, &1000u16.to_be_bytes());
+    assert_eq!(ws.expect_close(), 1000);
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be,
+        "$disconnect"
+    )
+    .len()
+        == 1));
+    let echoes: Vec<_> = route_keys(&be, "echo")
+        .into_iter()
+        .map(|r| r.body)
+        .collect();
+    assert_eq!(
+        echoes,
+        [
+            &br#"{"action":"echo","n":2}"#[..],
+            br#"{"action":"echo","n":4}"#
+        ]
+    );
+}
+
+#[test]
+fn messages_read_during_a_call_past_the_waiting_limit_all_arrive_in_order() {
+    // 40 messages behind a 1 s call: 16 wait their turn, reading pauses for the rest, and every
+    // one is called and answered, in order, once the call is done.
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    ws.text(r#"{"action":"nap","n":0}"#);
+    for n in 1..=40 {
+        ws.text(&format!(r#"{{"action":"echo","n":{n}}}"#));
+    }
+    assert_eq!(ws.recv_text(), r#"{"action":"nap","n":0}"#);
+    for n in 1..=40 {
+        assert_eq!(ws.recv_text(), format!(r#"{{"action":"echo","n":{n}}}"#));
+    }
+    let bodies: Vec<String> = route_keys(&be, "echo")
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).to_string())
+        .collect();
+    let expected: Vec<String> = (1..=40)
+        .map(|n| format!(r#"{{"action":"echo","n":{n}}}"#))
+        .collect();
+    assert_eq!(bodies, expected);
+}

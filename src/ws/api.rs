@@ -3,6 +3,9 @@
 //! goes back to that client), `$disconnect` once on every kind of close, and the
 //! `@connections` management API.
 //!
+//! Each connection reads frames while a message call runs: pings are answered and a close is
+//! seen at once, and the messages read meanwhile wait their turn ([`MAX_WAITING`]).
+//!
 //! A drain (SIGTERM) reaches each connection from its worker's mailbox task: the connection
 //! stops reading, lets a message call in flight finish and its reply go out, closes with 1001
 //! and calls `$disconnect`. Whatever is still running at [`drain_stop`] (a call, a write to a
@@ -42,6 +45,39 @@ const MAX_ANSWER: usize = 10 << 20;
 const MAX_QUEUED: usize = 8 << 20;
 /// A write to the client that takes longer than this closes the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Messages read while a call runs, waiting their turn: past this many (or [`MAX_WAITING_BYTES`])
+/// the connection stops reading until the calls catch up (the client's sends then block).
+const MAX_WAITING: usize = 16;
+/// Bytes of the messages waiting their turn past which reading stops (one message always fits).
+const MAX_WAITING_BYTES: usize = 1 << 20;
+
+/// A wake-up between two futures of one connection's task: [`Signal::notify`] sets it,
+/// [`Signal::wait`] returns once it is set and clears it. One waiter.
+#[derive(Default)]
+struct Signal {
+    set: std::cell::Cell<bool>,
+    waker: std::cell::Cell<Option<std::task::Waker>>,
+}
+
+impl Signal {
+    fn notify(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    fn wait(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.set.replace(false) {
+                std::task::Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                std::task::Poll::Pending
+            }
+        })
+    }
+}
 
 /// Compiles one stage of a WebSocket API.
 #[allow(clippy::too_many_arguments)]
@@ -804,6 +840,13 @@ pub async fn run<S: crate::server::ClientIo>(
     // A message call in flight; set by a drain: return once its reply is queued.
     let busy = std::cell::Cell::new(false);
     let stop_after_message = std::cell::Cell::new(false);
+    // Messages read and not yet called, in order, with their bytes; `arrived` wakes the
+    // caller, `room` the reader when it waits for the queue to shrink.
+    let waiting = RefCell::new(std::collections::VecDeque::<(bool, Vec<u8>)>::new());
+    let waiting_bytes = std::cell::Cell::new(0usize);
+    let reading_done = std::cell::Cell::new(false);
+    let arrived = Signal::default();
+    let room = Signal::default();
     let (drain_tx, drain_rx) = oneshot::channel::<Instant>();
     watch_drain(shared, id, drain_tx);
     let (soft_tx, soft_rx) = oneshot::channel::<()>();
@@ -846,10 +889,49 @@ pub async fn run<S: crate::server::ClientIo>(
     };
 
     let main = async {
+        // Calls the integration for each message, one at a time, in order.
+        let caller = async {
+            let mut scratch = Vec::new();
+            loop {
+                let next = waiting.borrow_mut().pop_front();
+                let Some((text, data)) = next else {
+                    if reading_done.get() {
+                        return;
+                    }
+                    arrived.wait().await;
+                    continue;
+                };
+                waiting_bytes.set(waiting_bytes.get() - data.len());
+                room.notify();
+                busy.set(true);
+                let reply = Box::pin(on_message(
+                    &gw,
+                    &api,
+                    id,
+                    &conn_headers,
+                    text,
+                    &data,
+                    &mut scratch,
+                ))
+                .await;
+                busy.set(false);
+                if let Some(f) = reply {
+                    if !reserve(&queued, f.len()) {
+                        // A reply cannot be refused: the client that does not read is
+                        // closed instead.
+                        let _ = tx.unbounded_send(Out::Close(code::POLICY, "client not reading"));
+                        return;
+                    }
+                    let _ = tx.unbounded_send(Out::Frame(f));
+                }
+                if stop_after_message.get() {
+                    return;
+                }
+            }
+        };
         let reader = async {
             let mut dec = Decoder::new(settings.limits);
             let mut buf: Vec<u8> = pending;
-            let mut scratch = Vec::new();
             loop {
                 // Decode what is buffered.
                 loop {
@@ -878,33 +960,17 @@ pub async fn run<S: crate::server::ClientIo>(
                                     return;
                                 }
                                 Event::Message { text, data } => {
-                                    busy.set(true);
-                                    let reply = Box::pin(on_message(
-                                        &gw,
-                                        &api,
-                                        id,
-                                        &conn_headers,
-                                        text,
-                                        &data,
-                                        &mut scratch,
-                                    ))
-                                    .await;
-                                    busy.set(false);
-                                    if let Some(f) = reply {
-                                        if !reserve(&queued, f.len()) {
-                                            // A reply cannot be refused: the client that
-                                            // does not read is closed instead.
-                                            let _ = tx.unbounded_send(Out::Close(
-                                                code::POLICY,
-                                                "client not reading",
-                                            ));
-                                            return;
-                                        }
-                                        let _ = tx.unbounded_send(Out::Frame(f));
+                                    // Full: wait for the caller to take one (frames behind
+                                    // stay unread until then).
+                                    while !waiting.borrow().is_empty()
+                                        && (waiting.borrow().len() >= MAX_WAITING
+                                            || waiting_bytes.get() + data.len() > MAX_WAITING_BYTES)
+                                    {
+                                        room.wait().await;
                                     }
-                                    if stop_after_message.get() {
-                                        return;
-                                    }
+                                    waiting_bytes.set(waiting_bytes.get() + data.len());
+                                    waiting.borrow_mut().push_back((text, data));
+                                    arrived.notify();
                                 }
                             }
                         }
@@ -1001,17 +1067,34 @@ pub async fn run<S: crate::server::ClientIo>(
             }
         };
         {
-            let mut reader = std::pin::pin!(reader);
+            let mut caller = std::pin::pin!(caller);
+            let mut watch = std::pin::pin!(watch);
             let end = monoio::select! {
-                _ = &mut reader => None,
-                why = watch => Some(why),
+                _ = reader => None,
+                _ = &mut caller => Some(None),
+                why = &mut watch => Some(Some(why)),
+            };
+            let end = match end {
+                Some(end) => end,
+                None => {
+                    // The client closed or left: the messages it sent before are still called,
+                    // in order (after a close frame their replies go nowhere), unless the watch
+                    // ends the connection first.
+                    reading_done.set(true);
+                    arrived.notify();
+                    monoio::select! {
+                        _ = &mut caller => None,
+                        why = &mut watch => Some(why),
+                    }
+                }
             };
             if let Some((c, why)) = end {
                 if busy.get() && shared.shutdown.load(Ordering::Relaxed) {
-                    // A drain finishes the message call in flight: its reply goes out before
-                    // the close (the guard bounds the wait).
+                    // A drain stops reading but finishes the message call in flight: its reply
+                    // goes out before the close (the guard bounds the wait). The messages
+                    // waiting their turn are not called.
                     stop_after_message.set(true);
-                    (&mut reader).await;
+                    (&mut caller).await;
                 }
                 let _ = tx.unbounded_send(Out::Close(c, why));
             }
