@@ -23,8 +23,10 @@ pub struct Gateway {
 pub struct Shared {
     current: ArcSwap<Gateway>,
     generation: AtomicU64,
-    /// Set on SIGTERM/SIGINT: stop accepting, drain, exit.
+    /// Set on SIGTERM/SIGINT: stop accepting, drain, exit (see [`Shared::begin_shutdown`]).
     pub shutdown: AtomicBool,
+    /// When the drain ends: set just before `shutdown` is raised.
+    drain_deadline: std::sync::OnceLock<std::time::Instant>,
     pub metrics: Registry,
     pub health: HealthRegistry,
     /// Set once every listener is bound.
@@ -105,6 +107,7 @@ impl Shared {
             current: ArcSwap::from_pointee(Gateway { config, upstreams }),
             generation: AtomicU64::new(1),
             shutdown: AtomicBool::new(false),
+            drain_deadline: std::sync::OnceLock::new(),
             metrics: Registry::default(),
             health,
             ready: AtomicBool::new(false),
@@ -122,6 +125,19 @@ impl Shared {
             crate::cluster::start(&c, &shared)?;
         }
         Ok(shared)
+    }
+
+    /// Starts the drain (SIGTERM): it ends `server.shutdown_timeout_ms` from now, then
+    /// raises `shutdown`.
+    pub fn begin_shutdown(&self) {
+        let t = self.current().config.server.shutdown_timeout;
+        let _ = self.drain_deadline.set(std::time::Instant::now() + t);
+        self.shutdown.store(true, Ordering::Release);
+    }
+
+    /// When the drain ends (the workers stop waiting for in-flight work), once it began.
+    pub fn drain_deadline(&self) -> Option<std::time::Instant> {
+        self.drain_deadline.get().copied()
     }
 
     /// The live gateway.

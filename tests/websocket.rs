@@ -20,11 +20,16 @@ use std::time::{Duration, Instant};
 // WebSocket API set-up
 // ---------------------------------------------------------------------------------------------
 
-/// The integration backend: `$connect` refuses `?deny=1`, `echo` echoes, `$default` prefixes,
+/// The integration backend: `$connect` refuses `?deny=1` and answers 200 after N ms with
+/// `?sleep=N`, `echo` echoes (`slow` after 30 ms, `nap` after 1 s), `$default` prefixes,
 /// `silent` answers nothing.
 fn api_backend() -> Origin {
     Origin::start(|r| match r.header("x-route-key") {
         Some("$connect") if r.path.contains("deny=1") => Response::new(403).body("denied by test"),
+        Some("$connect") if r.path.contains("sleep=") => {
+            let ms: u64 = r.path.rsplit("sleep=").next().unwrap().parse().unwrap();
+            Response::ok("").delay(Duration::from_millis(ms))
+        }
         Some("$connect") if r.path.contains("status=") => {
             let st: u16 = r.path.rsplit("status=").next().unwrap().parse().unwrap();
             Response::new(st).header("Location", "https://elsewhere.example/")
@@ -39,6 +44,7 @@ fn api_backend() -> Origin {
         Some("echo") => Response::ok(r.body.clone()),
         Some("$default") => Response::ok(format!("default:{}", String::from_utf8_lossy(&r.body))),
         Some("slow") => Response::ok(r.body.clone()).delay(Duration::from_millis(30)),
+        Some("nap") => Response::ok(r.body.clone()).delay(Duration::from_millis(1000)),
         _ => Response::ok(""),
     })
 }
@@ -72,6 +78,9 @@ integration = {{ type = "http", upstream = "be", path = "/echo" }}
 [[apis.routes]]
 route = "slow"
 integration = {{ type = "http", upstream = "be", path = "/slow" }}
+[[apis.routes]]
+route = "nap"
+integration = {{ type = "http", upstream = "be", path = "/nap" }}
 [[apis.routes]]
 route = "silent"
 integration = {{ type = "http", upstream = "be", path = "/silent" }}
@@ -1560,4 +1569,260 @@ fn connect_refusals_keep_their_status_redirects_included() {
         assert_eq!(r.status, st);
         assert_eq!(r.message(), format!("{words}: refused by $connect"));
     }
+}
+
+/// The raw upgrade request of a WebSocket API client, with `query` after `/`.
+fn upgrade_request(query: &str) -> String {
+    format!(
+        "GET /{query} HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+#[test]
+fn connect_slower_than_its_timeout_is_504() {
+    // CONTRACT: an upstream slower than its timeout is a 504 `Endpoint Request Timed Out`, on
+    // `$connect` as on HTTP routes; an unreachable one stays a 502.
+    let be = api_backend();
+    let gw =
+        Gateway::start(&api_config(be.addr, "").replace("timeout_ms = 3000", "timeout_ms = 300"));
+    let t = Instant::now();
+    let r = gw.request(&upgrade_request("?sleep=1500"));
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.message(), "Endpoint Request Timed Out");
+    assert!(
+        t.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        t.elapsed()
+    );
+    // A fast one still connects.
+    let (head, _) = ws_connect(gw.addr, "/?sleep=10", "");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let dead = Gateway::start(&api_config(dead_addr(), ""));
+    let r = dead.request(&upgrade_request(""));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.message(), "Bad Gateway");
+}
+
+/// `$disconnect` calls the backend got for connection `id`.
+fn disconnects_of(be: &Origin, id: &str) -> usize {
+    route_keys(be, "$disconnect")
+        .iter()
+        .filter(|r| r.header("x-connection-id") == Some(id))
+        .count()
+}
+
+#[test]
+fn disconnect_follows_a_connect_whose_client_went_away_even_by_reset() {
+    // Once `$connect` succeeded the integration holds the connection: `$disconnect` is called
+    // exactly once, whether the client left with a FIN or a reset while `$connect` ran.
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    for (n, reset) in [(1, false), (2, true)] {
+        let mut s = TcpStream::connect(gw.addr).unwrap();
+        s.write_all(upgrade_request("?sleep=700").as_bytes())
+            .unwrap();
+        assert!(wait_until(Duration::from_secs(5), || route_keys(
+            &be, "$connect"
+        )
+        .len()
+            == n));
+        let id = route_keys(&be, "$connect")[n - 1]
+            .header("x-connection-id")
+            .unwrap()
+            .to_string();
+        if reset {
+            use std::os::fd::AsRawFd;
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt on the stream's own open descriptor with a `linger` of the
+            // size passed; closing it then sends an RST instead of a FIN.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    &linger as *const libc::linger as *const libc::c_void,
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0);
+        }
+        drop(s);
+        assert!(
+            wait_until(Duration::from_secs(5), || disconnects_of(&be, &id) == 1),
+            "reset={reset}: no $disconnect for {id}"
+        );
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(disconnects_of(&be, &id), 1, "reset={reset}");
+        let r = admin(&gw, "GET", &format!("/@connections/{id}"), "");
+        assert_eq!(r.status, 410, "reset={reset}: {}", r.text());
+    }
+}
+
+#[test]
+fn shutdown_calls_disconnect_for_a_client_that_does_not_read() {
+    // README: on SIGTERM `$disconnect` is called for every connection, within the drain
+    // (`shutdown_timeout_ms` = 3000), even for a client that cannot be written to.
+    let be = api_backend();
+    let mut gw = Gateway::start(&api_config(be.addr, ""));
+    let _ws = open(gw.addr, "/");
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be, "$connect"
+    )
+    .len()
+        == 1));
+    let id = route_keys(&be, "$connect")[0]
+        .header("x-connection-id")
+        .unwrap()
+        .to_string();
+    // Posts until its queue is full: the gateway's writes to it block.
+    let pad = "p".repeat(64 * 1024);
+    let full =
+        (0..400).any(|_| admin(&gw, "POST", &format!("/@connections/{id}"), &pad).status == 429);
+    assert!(full, "the queue never filled");
+    let t = Instant::now();
+    gw.terminate();
+    let st = gw
+        .wait_exit(Duration::from_secs(8))
+        .expect("still running 8 s after SIGTERM");
+    assert!(st.success(), "{st:?}");
+    assert!(
+        t.elapsed() < Duration::from_millis(3500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(disconnects_of(&be, &id), 1, "{}", gw.stderr());
+}
+
+#[test]
+fn shutdown_lets_the_message_call_in_flight_answer_before_the_1001() {
+    // CONTRACT: SIGTERM finishes in-flight work within `shutdown_timeout_ms` (3000): the
+    // message call answers (1 s), its reply reaches the client, then the 1001 close, then
+    // `$disconnect`.
+    let be = api_backend();
+    let mut gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    ws.text(r#"{"action":"nap","n":1}"#);
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be, "nap"
+    )
+    .len()
+        == 1));
+    let t = Instant::now();
+    gw.terminate();
+    thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        route_keys(&be, "$disconnect").len(),
+        0,
+        "$disconnect before the message call answered"
+    );
+    assert_eq!(ws.recv_text(), r#"{"action":"nap","n":1}"#);
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(ws.expect_close(), 1001);
+    let st = gw
+        .wait_exit(Duration::from_secs(5))
+        .expect("still running 5 s after SIGTERM");
+    assert!(st.success(), "{st:?}");
+    assert!(
+        t.elapsed() < Duration::from_millis(3000),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(route_keys(&be, "$disconnect").len(), 1);
+}
+
+#[test]
+fn pings_and_close_are_answered_while_a_message_call_runs() {
+    // RFC 6455 5.5.2: a ping is answered as soon as practical, not after the message call in
+    // flight (1 s); messages still go one at a time, in order.
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    ws.text(r#"{"action":"nap","n":1}"#);
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be, "nap"
+    )
+    .len()
+        == 1));
+    let t = Instant::now();
+    ws.send(true, op::PING, b"are-you-there");
+    let (_, opc, p) = ws.read_frame().expect("a pong");
+    assert_eq!((opc, &p[..]), (op::PONG, &b"are-you-there"[..]));
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    // The next message waits for the answer to the first.
+    ws.text(r#"{"action":"echo","n":2}"#);
+    thread::sleep(Duration::from_millis(200));
+    assert!(route_keys(&be, "echo").is_empty(), "two calls at once");
+    assert_eq!(ws.recv_text(), r#"{"action":"nap","n":1}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo","n":2}"#);
+    // A close during a call is answered at once.
+    ws.text(r#"{"action":"nap","n":3}"#);
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be, "nap"
+    )
+    .len()
+        == 2));
+    // A message sent before the close is still called, after the one in flight, then
+    // `$disconnect`.
+    ws.text(r#"{"action":"echo","n":4}"#);
+    let t = Instant::now();
+    ws.send(true, op::CLOSE, &1000u16.to_be_bytes());
+    assert_eq!(ws.expect_close(), 1000);
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be,
+        "$disconnect"
+    )
+    .len()
+        == 1));
+    let echoes: Vec<_> = route_keys(&be, "echo")
+        .into_iter()
+        .map(|r| r.body)
+        .collect();
+    assert_eq!(
+        echoes,
+        [
+            &br#"{"action":"echo","n":2}"#[..],
+            br#"{"action":"echo","n":4}"#
+        ]
+    );
+}
+
+#[test]
+fn messages_read_during_a_call_past_the_waiting_limit_all_arrive_in_order() {
+    // 40 messages behind a 1 s call: 16 wait their turn, reading pauses for the rest, and every
+    // one is called and answered, in order, once the call is done.
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    ws.text(r#"{"action":"nap","n":0}"#);
+    for n in 1..=40 {
+        ws.text(&format!(r#"{{"action":"echo","n":{n}}}"#));
+    }
+    assert_eq!(ws.recv_text(), r#"{"action":"nap","n":0}"#);
+    for n in 1..=40 {
+        assert_eq!(ws.recv_text(), format!(r#"{{"action":"echo","n":{n}}}"#));
+    }
+    let bodies: Vec<String> = route_keys(&be, "echo")
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).to_string())
+        .collect();
+    let expected: Vec<String> = (1..=40)
+        .map(|n| format!(r#"{{"action":"echo","n":{n}}}"#))
+        .collect();
+    assert_eq!(bodies, expected);
 }

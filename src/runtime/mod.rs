@@ -97,7 +97,7 @@ impl Running {
     /// Drains as SIGTERM does: listeners close at once, in-flight requests finish (up to
     /// `server.shutdown_timeout_ms`), then the workers exit and the usage counts are written.
     pub fn shutdown(self) {
-        self.shared.shutdown.store(true, Ordering::Release);
+        self.shared.begin_shutdown();
         for h in self.workers {
             let _ = h.join();
         }
@@ -333,7 +333,9 @@ async fn worker_main(
     }
     w.parker.close_all();
     // Drain: wait for in-flight requests, up to the shutdown timeout.
-    let limit = Instant::now() + shared.current().config.server.shutdown_timeout;
+    let limit = shared
+        .drain_deadline()
+        .unwrap_or_else(|| Instant::now() + shared.current().config.server.shutdown_timeout);
     w.drain_until.set(Some(limit));
     while w.inflight.get() > 0 && Instant::now() < limit {
         monoio::time::sleep(Duration::from_millis(10)).await;

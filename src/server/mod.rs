@@ -1064,7 +1064,7 @@ async fn ws_handshake<S: ClientIo>(
             c.b.out.clear();
             c.b.out.extend_from_slice(&head);
             if !write_out(c).await {
-                accepted.abandon(&w.shared);
+                accepted.abandon(&w.shared).await;
                 return Outcome {
                     status: 499,
                     keep_alive: false,

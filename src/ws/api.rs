@@ -3,6 +3,15 @@
 //! goes back to that client), `$disconnect` once on every kind of close, and the
 //! `@connections` management API.
 //!
+//! Each connection reads frames while a message call runs: pings are answered and a close is
+//! seen at once, and the messages read meanwhile wait their turn ([`MAX_WAITING`]).
+//!
+//! A drain (SIGTERM) reaches each connection from its worker's mailbox task: the connection
+//! stops reading, lets a message call in flight finish and its reply go out, closes with 1001
+//! and calls `$disconnect`. Whatever is still running at [`drain_stop`] (a call, a write to a
+//! client that does not read) is dropped then, so `$disconnect` is always called before the
+//! drain ends.
+//!
 //! Connections live on worker threads. The admin thread finds a connection's worker in the
 //! [`Registry`] and posts to that worker's mailbox (a crossbeam channel); a task on each worker
 //! drains its mailbox on a short timer (2 ms while the worker holds WebSocket connections) and
@@ -36,6 +45,39 @@ const MAX_ANSWER: usize = 10 << 20;
 const MAX_QUEUED: usize = 8 << 20;
 /// A write to the client that takes longer than this closes the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Messages read while a call runs, waiting their turn: past this many (or [`MAX_WAITING_BYTES`])
+/// the connection stops reading until the calls catch up (the client's sends then block).
+const MAX_WAITING: usize = 16;
+/// Bytes of the messages waiting their turn past which reading stops (one message always fits).
+const MAX_WAITING_BYTES: usize = 1 << 20;
+
+/// A wake-up between two futures of one connection's task: [`Signal::notify`] sets it,
+/// [`Signal::wait`] returns once it is set and clears it. One waiter.
+#[derive(Default)]
+struct Signal {
+    set: std::cell::Cell<bool>,
+    waker: std::cell::Cell<Option<std::task::Waker>>,
+}
+
+impl Signal {
+    fn notify(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    fn wait(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.set.replace(false) {
+                std::task::Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                std::task::Poll::Pending
+            }
+        })
+    }
+}
 
 /// Compiles one stage of a WebSocket API.
 #[allow(clippy::too_many_arguments)]
@@ -351,6 +393,33 @@ struct LocalConn {
 
 thread_local! {
     static LOCAL: RefCell<AHashMap<u64, LocalConn>> = RefCell::new(AHashMap::new());
+    /// This worker's connections waiting to hear of a drain, by id: each gets its
+    /// [`drain_stop`] time.
+    static DRAIN: RefCell<AHashMap<u64, oneshot::Sender<Instant>>> =
+        RefCell::new(AHashMap::new());
+}
+
+/// When a connection must have stopped everything but its `$disconnect` call during a drain:
+/// the last quarter of `shutdown_timeout_ms` (at most 1 s) is left for that call, which must
+/// be made before the worker stops waiting.
+fn drain_stop(shared: &Shared) -> Instant {
+    let t = shared.current().config.server.shutdown_timeout;
+    let end = shared
+        .drain_deadline()
+        .unwrap_or_else(|| Instant::now() + t);
+    let reserve = (t / 4).min(Duration::from_secs(1));
+    end.checked_sub(reserve).unwrap_or(end)
+}
+
+/// Tells connection `id` of a drain (at once when one has begun), through `tx`.
+fn watch_drain(shared: &Shared, id: u64, tx: oneshot::Sender<Instant>) {
+    // The flag is checked on this worker's thread, where the mailbox task hands the drain out
+    // once it saw the flag: a connection either finds the flag or is in the map by then.
+    if shared.shutdown.load(Ordering::Acquire) {
+        let _ = tx.send(drain_stop(shared));
+    } else {
+        DRAIN.with(|d| d.borrow_mut().insert(id, tx));
+    }
 }
 
 /// Drains this worker's mailbox until shutdown (one task per worker).
@@ -380,6 +449,11 @@ pub async fn run_mailbox(worker: usize, shared: Arc<Shared>) {
                 }
             });
         }
+    }
+    // A drain: every connection of this worker hears of it now, not at its next timer.
+    let stop = drain_stop(&shared);
+    for (_, tx) in DRAIN.with(|d| std::mem::take(&mut *d.borrow_mut())) {
+        let _ = tx.send(stop);
     }
 }
 
@@ -468,12 +542,15 @@ impl Accepted {
         });
     }
 
-    /// Undoes [`Accepted::register`] for a connection whose 101 could not be written.
-    pub fn abandon(self, shared: &Shared) {
+    /// Undoes [`Accepted::register`] for a connection whose 101 could not be written (the
+    /// client went away, a reset included, while `$connect` ran), then calls `$disconnect`:
+    /// `$connect` succeeded, so the integration has its connection and must hear of its end.
+    pub async fn abandon(self, shared: &Shared) {
         if self.reg.is_some() {
             LOCAL.with(|l| l.borrow_mut().remove(&self.id));
             unregister(shared, self.id);
         }
+        disconnect(&self.gw, &self.api, self.id, &self.conn_headers).await;
     }
 }
 
@@ -609,8 +686,11 @@ pub async fn handshake(
             Ok(a) if (300..=599).contains(&a.status) => {
                 return Handshake::RefuseWith(a.status, a.body);
             }
-            Ok(_) => return Handshake::Refuse(502, "Bad Gateway"),
-            Err(()) => return Handshake::Refuse(502, "Bad Gateway"),
+            Ok(_) | Err(client::CallError::Failed) => return Handshake::Refuse(502, "Bad Gateway"),
+            // Slower than the upstream's `timeout_ms`: as on HTTP routes.
+            Err(client::CallError::Timeout) => {
+                return Handshake::Refuse(504, "Endpoint Request Timed Out")
+            }
         }
     }
     let mut out = Vec::with_capacity(256);
@@ -682,7 +762,7 @@ async fn call(
     conn_headers: &[u8],
     body: &[u8],
     query: &[u8],
-) -> Result<client::Answer, ()> {
+) -> Result<client::Answer, client::CallError> {
     match t {
         WsTarget::Mock { status, body } => Ok(client::Answer {
             status: *status,
@@ -724,7 +804,8 @@ async fn call(
     }
 }
 
-/// Serves an accepted connection until it closes, then calls `$disconnect`.
+/// Serves an accepted connection until it closes, then calls `$disconnect` (during a drain:
+/// by [`drain_stop`] at the latest).
 pub async fn run<S: crate::server::ClientIo>(
     mut a: Accepted,
     stream: S,
@@ -756,6 +837,28 @@ pub async fn run<S: crate::server::ClientIo>(
     let last_in = std::cell::Cell::new(Instant::now());
     let reading_since = std::cell::Cell::new(None::<Instant>);
     let canceller = RefCell::new(monoio::io::Canceller::new());
+    // A message call in flight; set by a drain: return once its reply is queued.
+    let busy = std::cell::Cell::new(false);
+    let stop_after_message = std::cell::Cell::new(false);
+    // Messages read and not yet called, in order, with their bytes; `arrived` wakes the
+    // caller, `room` the reader when it waits for the queue to shrink.
+    let waiting = RefCell::new(std::collections::VecDeque::<(bool, Vec<u8>)>::new());
+    let waiting_bytes = std::cell::Cell::new(0usize);
+    let reading_done = std::cell::Cell::new(false);
+    let arrived = Signal::default();
+    let room = Signal::default();
+    let (drain_tx, drain_rx) = oneshot::channel::<Instant>();
+    watch_drain(shared, id, drain_tx);
+    let (soft_tx, soft_rx) = oneshot::channel::<()>();
+    // A drain: first the connection closes by itself (`soft_rx`), then whatever still runs at
+    // the stop time is dropped.
+    let guard = async {
+        let Ok(stop) = drain_rx.await else {
+            return std::future::pending().await;
+        };
+        let _ = soft_tx.send(());
+        monoio::time::sleep_until(stop.into()).await;
+    };
 
     let writer = async {
         use futures_util_lite::next;
@@ -786,10 +889,49 @@ pub async fn run<S: crate::server::ClientIo>(
     };
 
     let main = async {
+        // Calls the integration for each message, one at a time, in order.
+        let caller = async {
+            let mut scratch = Vec::new();
+            loop {
+                let next = waiting.borrow_mut().pop_front();
+                let Some((text, data)) = next else {
+                    if reading_done.get() {
+                        return;
+                    }
+                    arrived.wait().await;
+                    continue;
+                };
+                waiting_bytes.set(waiting_bytes.get() - data.len());
+                room.notify();
+                busy.set(true);
+                let reply = Box::pin(on_message(
+                    &gw,
+                    &api,
+                    id,
+                    &conn_headers,
+                    text,
+                    &data,
+                    &mut scratch,
+                ))
+                .await;
+                busy.set(false);
+                if let Some(f) = reply {
+                    if !reserve(&queued, f.len()) {
+                        // A reply cannot be refused: the client that does not read is
+                        // closed instead.
+                        let _ = tx.unbounded_send(Out::Close(code::POLICY, "client not reading"));
+                        return;
+                    }
+                    let _ = tx.unbounded_send(Out::Frame(f));
+                }
+                if stop_after_message.get() {
+                    return;
+                }
+            }
+        };
         let reader = async {
             let mut dec = Decoder::new(settings.limits);
             let mut buf: Vec<u8> = pending;
-            let mut scratch = Vec::new();
             loop {
                 // Decode what is buffered.
                 loop {
@@ -818,28 +960,17 @@ pub async fn run<S: crate::server::ClientIo>(
                                     return;
                                 }
                                 Event::Message { text, data } => {
-                                    let reply = Box::pin(on_message(
-                                        &gw,
-                                        &api,
-                                        id,
-                                        &conn_headers,
-                                        text,
-                                        &data,
-                                        &mut scratch,
-                                    ))
-                                    .await;
-                                    if let Some(f) = reply {
-                                        if !reserve(&queued, f.len()) {
-                                            // A reply cannot be refused: the client that
-                                            // does not read is closed instead.
-                                            let _ = tx.unbounded_send(Out::Close(
-                                                code::POLICY,
-                                                "client not reading",
-                                            ));
-                                            return;
-                                        }
-                                        let _ = tx.unbounded_send(Out::Frame(f));
+                                    // Full: wait for the caller to take one (frames behind
+                                    // stay unread until then).
+                                    while !waiting.borrow().is_empty()
+                                        && (waiting.borrow().len() >= MAX_WAITING
+                                            || waiting_bytes.get() + data.len() > MAX_WAITING_BYTES)
+                                    {
+                                        room.wait().await;
                                     }
+                                    waiting_bytes.set(waiting_bytes.get() + data.len());
+                                    waiting.borrow_mut().push_back((text, data));
+                                    arrived.notify();
                                 }
                             }
                         }
@@ -922,15 +1053,49 @@ pub async fn run<S: crate::server::ClientIo>(
                 }
             }
         };
+        let drain = async {
+            match soft_rx.await {
+                Ok(()) => (code::GOING_AWAY, "server shutting down"),
+                Err(_) => std::future::pending().await,
+            }
+        };
         let watch = async {
             monoio::select! {
                 why = kill => why,
                 why = timers => why,
+                why = drain => why,
             }
         };
-        monoio::select! {
-            _ = reader => {}
-            (c, why) = watch => {
+        {
+            let mut caller = std::pin::pin!(caller);
+            let mut watch = std::pin::pin!(watch);
+            let end = monoio::select! {
+                _ = reader => None,
+                _ = &mut caller => Some(None),
+                why = &mut watch => Some(Some(why)),
+            };
+            let end = match end {
+                Some(end) => end,
+                None => {
+                    // The client closed or left: the messages it sent before are still called,
+                    // in order (after a close frame their replies go nowhere), unless the watch
+                    // ends the connection first.
+                    reading_done.set(true);
+                    arrived.notify();
+                    monoio::select! {
+                        _ = &mut caller => None,
+                        why = &mut watch => Some(why),
+                    }
+                }
+            };
+            if let Some((c, why)) = end {
+                if busy.get() && shared.shutdown.load(Ordering::Relaxed) {
+                    // A drain stops reading but finishes the message call in flight: its reply
+                    // goes out before the close (the guard bounds the wait). The messages
+                    // waiting their turn are not called.
+                    stop_after_message.set(true);
+                    (&mut caller).await;
+                }
                 let _ = tx.unbounded_send(Out::Close(c, why));
             }
         }
@@ -938,20 +1103,20 @@ pub async fn run<S: crate::server::ClientIo>(
         LOCAL.with(|l| l.borrow_mut().remove(&id));
         drop(tx);
     };
-    monoio::join!(main, writer);
+    monoio::select! {
+        _ = async { monoio::join!(main, writer) } => {}
+        _ = guard => {}
+    }
+    LOCAL.with(|l| l.borrow_mut().remove(&id));
+    DRAIN.with(|d| d.borrow_mut().remove(&id));
     unregister(shared, id);
+    disconnect(&gw, &api, id, &conn_headers).await;
+}
+
+/// Calls `$disconnect`, when the API has one, for a connection whose `$connect` succeeded.
+async fn disconnect(gw: &Gateway, api: &WsApi, id: u64, conn_headers: &[u8]) {
     if let Some(t) = api.routes.get("$disconnect") {
-        let _ = Box::pin(call(
-            &gw,
-            t,
-            "$disconnect",
-            id,
-            b"",
-            &conn_headers,
-            b"",
-            b"",
-        ))
-        .await;
+        let _ = Box::pin(call(gw, t, "$disconnect", id, b"", conn_headers, b"", b"")).await;
     }
 }
 
@@ -990,7 +1155,7 @@ async fn on_message(
     match call(gw, t, key, id, hdrs, conn_headers, data, b"").await {
         Ok(a) if a.body.is_empty() => None,
         Ok(a) => Some(message_frame(&a.body)),
-        Err(()) => {
+        Err(_) => {
             let m = format!(
                 "{{\"message\":\"Internal server error\",\"connectionId\":\"{}\"}}",
                 id_string(id)

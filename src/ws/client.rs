@@ -28,18 +28,28 @@ pub struct Answer {
     pub subprotocol: Option<Vec<u8>>,
 }
 
+/// Why an integration call got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallError {
+    /// The upstream's `timeout_ms` passed before a whole answer (as the HTTP proxy's 504).
+    Timeout,
+    /// No target could be reached, or the answer was not valid HTTP (as the proxy's 502).
+    Failed,
+}
+
 /// Sends `POST path` with `headers` (complete `name: value\r\n` lines) and `body`; the answer's
-/// body may be at most `max_body` bytes. `Err` when no target answered in time.
+/// body may be at most `max_body` bytes. [`CallError::Timeout`] when the upstream's timeout
+/// passed first, else [`CallError::Failed`].
 pub async fn post(
     up: &Upstream,
     path: &str,
     headers: &[u8],
     body: &[u8],
     max_body: usize,
-) -> Result<Answer, ()> {
+) -> Result<Answer, CallError> {
     let n = up.cfg.targets.len();
     if n == 0 {
-        return Err(());
+        return Err(CallError::Failed);
     }
     let start = NEXT.with(|c| {
         let v = c.get();
@@ -74,7 +84,7 @@ pub async fn post(
         for slot in tries.iter_mut() {
             let reused = slot.is_some();
             if !reused && Instant::now() >= deadline {
-                return Err(());
+                return Err(CallError::Timeout);
             }
             let mut s = match slot.take() {
                 Some(s) => s,
@@ -112,9 +122,19 @@ pub async fn post(
                     });
                 }
                 Err(e) if e.unanswered() && reused => continue,
-                Err(_) => return Err(()),
+                Err(client::ClientError::Timeout) => return Err(CallError::Timeout),
+                Err(_) => return Err(failure(deadline)),
             }
         }
     }
-    Err(())
+    Err(failure(deadline))
+}
+
+/// A failed call past the deadline counts as timed out (as the proxy's retries do).
+fn failure(deadline: Instant) -> CallError {
+    if Instant::now() >= deadline {
+        CallError::Timeout
+    } else {
+        CallError::Failed
+    }
 }
