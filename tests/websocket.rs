@@ -44,6 +44,7 @@ fn api_backend() -> Origin {
         Some("echo") => Response::ok(r.body.clone()),
         Some("$default") => Response::ok(format!("default:{}", String::from_utf8_lossy(&r.body))),
         Some("slow") => Response::ok(r.body.clone()).delay(Duration::from_millis(30)),
+        Some("slower") => Response::ok(r.body.clone()).delay(Duration::from_millis(800)),
         Some("nap") => Response::ok(r.body.clone()).delay(Duration::from_millis(1000)),
         _ => Response::ok(""),
     })
@@ -196,6 +197,24 @@ fn messages_never_select_reserved_routes_or_exhaust_the_stack() {
     )
     .len()
         == 1));
+}
+
+#[test]
+fn a_message_call_slower_than_its_timeout_says_so() {
+    let be = api_backend();
+    let cfg = api_config(be.addr, "").replace("timeout_ms = 3000", "timeout_ms = 300")
+        + "[[apis.routes]]\nroute = \"slower\"\nintegration = { type = \"http\", upstream = \"be\", path = \"/slower\" }\n";
+    let gw = Gateway::start(&cfg);
+    let mut ws = open(gw.addr, "/");
+    ws.text(r#"{"action":"slower"}"#);
+    let m = ws.recv_text();
+    assert!(
+        m.starts_with(r#"{"message":"Endpoint request timed out","connectionId":""#),
+        "{m}"
+    );
+    // The connection goes on.
+    ws.text(r#"{"action":"echo","v":1}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo","v":1}"#);
 }
 
 #[test]

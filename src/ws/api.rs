@@ -1155,9 +1155,14 @@ async fn on_message(
     match call(gw, t, key, id, hdrs, conn_headers, data, b"").await {
         Ok(a) if a.body.is_empty() => None,
         Ok(a) => Some(message_frame(&a.body)),
-        Err(_) => {
+        Err(e) => {
+            // API Gateway's words for the two failures.
+            let what = match e {
+                client::CallError::Timeout => "Endpoint request timed out",
+                client::CallError::Failed => "Internal server error",
+            };
             let m = format!(
-                "{{\"message\":\"Internal server error\",\"connectionId\":\"{}\"}}",
+                "{{\"message\":\"{what}\",\"connectionId\":\"{}\"}}",
                 id_string(id)
             );
             Some(message_frame(m.as_bytes()))
