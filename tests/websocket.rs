@@ -457,6 +457,44 @@ fn connections_posts_keep_the_message_limit() {
     assert_eq!(ws.recv_text(), "b".repeat(1000));
 }
 
+/// A client that stops reading with megabytes queued toward it still meets its idle timeout:
+/// the frames stuck behind a full socket get a short grace, not 30 s per write, and
+/// `$disconnect` follows on time.
+#[test]
+fn idle_timeout_holds_for_a_client_that_stopped_reading() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(
+        be.addr,
+        "websocket = { idle_timeout_ms = 1000 }",
+    ));
+    let ws = open(gw.addr, "/");
+    let id = route_keys(&be, "$connect")[0]
+        .header("x-connection-id")
+        .unwrap()
+        .to_string();
+    let pad = "p".repeat(64 * 1024);
+    let mut full = false;
+    for _ in 0..200 {
+        let r = admin(&gw, "POST", &format!("/@connections/{id}"), &pad);
+        if r.status == 429 {
+            full = true;
+            break;
+        }
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert!(full, "the queue never filled");
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(15), || route_keys(&be, "$disconnect")
+            .len()
+            == 1),
+        "no $disconnect"
+    );
+    // Idle 1 s after the last frame went out, then at most the 2 s grace (30 s before).
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    drop(ws);
+}
+
 #[test]
 fn max_duration_closes() {
     let be = api_backend();

@@ -45,6 +45,8 @@ const MAX_ANSWER: usize = 10 << 20;
 const MAX_QUEUED: usize = 8 << 20;
 /// A write to the client that takes longer than this closes the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long frames still queued toward a client are written after its connection ended.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Messages read while a call runs, waiting their turn: past this many (or [`MAX_WAITING_BYTES`])
 /// the connection stops reading until the calls catch up (the client's sends then block).
 const MAX_WAITING: usize = 16;
@@ -850,6 +852,7 @@ pub async fn run<S: crate::server::ClientIo>(
     let (drain_tx, drain_rx) = oneshot::channel::<Instant>();
     watch_drain(shared, id, drain_tx);
     let (soft_tx, soft_rx) = oneshot::channel::<()>();
+    let ended = Signal::default();
     // A drain: first the connection closes by itself (`soft_rx`), then whatever still runs at
     // the stop time is dropped.
     let guard = async {
@@ -1102,10 +1105,19 @@ pub async fn run<S: crate::server::ClientIo>(
         // No more commands for this connection: the writer ends once its queue is written.
         LOCAL.with(|l| l.borrow_mut().remove(&id));
         drop(tx);
+        ended.notify();
+    };
+    // Once the connection is over, what is still queued toward a client that does not read
+    // gets [`CLOSE_GRACE`], not a [`WRITE_TIMEOUT`] per frame: the idle timeout, the maximum
+    // duration and a kill end the connection (and call `$disconnect`) on time.
+    let grace = async {
+        ended.wait().await;
+        monoio::time::sleep(CLOSE_GRACE).await;
     };
     monoio::select! {
         _ = async { monoio::join!(main, writer) } => {}
         _ = guard => {}
+        _ = grace => {}
     }
     LOCAL.with(|l| l.borrow_mut().remove(&id));
     DRAIN.with(|d| d.borrow_mut().remove(&id));
