@@ -217,6 +217,39 @@ fn a_message_call_slower_than_its_timeout_says_so() {
     assert_eq!(ws.recv_text(), r#"{"action":"echo","v":1}"#);
 }
 
+/// Every integration call says which event it is and the stage, as API Gateway's
+/// `requestContext.eventType` and `stage`; a client cannot set either.
+#[test]
+fn integration_calls_carry_event_type_and_stage() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let (head, mut ws) = ws_connect(
+        gw.addr,
+        "/",
+        "X-Event-Type: MESSAGE\r\nX-Stage: prod\r\nx-route-key: echo\r\n",
+    );
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    ws.text(r#"{"action":"echo"}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo"}"#);
+    drop(ws);
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be,
+        "$disconnect"
+    )
+    .len()
+        == 1));
+    for (key, event) in [
+        ("$connect", "CONNECT"),
+        ("echo", "MESSAGE"),
+        ("$disconnect", "DISCONNECT"),
+    ] {
+        let r = &route_keys(&be, key)[0];
+        assert_eq!(r.headers_named("x-event-type"), [event], "{key}");
+        assert_eq!(r.headers_named("x-stage"), ["$default"], "{key}");
+        assert_eq!(r.headers_named("x-route-key"), [key], "{key}");
+    }
+}
+
 #[test]
 fn fragmented_message_with_interleaved_control_frames() {
     let be = api_backend();

@@ -597,11 +597,13 @@ pub struct ClientInfo<'a> {
 /// The headers the gateway sets itself on every integration call of a connection, by the
 /// same rules as the HTTP proxy path: `X-Forwarded-For` (the client's values, then the peer),
 /// `X-Forwarded-Proto` (by listener), `X-Forwarded-Host` (the client's `Host`),
-/// `x-forwarded-client-cert` (mTLS) and `x-principal-id` (the `$connect` authorizer's). Any
-/// client-sent header of these names is never passed on.
-fn conn_headers(head: &RequestHead, buf: &[u8], client: &ClientInfo<'_>) -> Vec<u8> {
+/// `x-forwarded-client-cert` (mTLS) and `x-principal-id` (the `$connect` authorizer's), and
+/// `x-stage` (the API's stage, as `requestContext.stage`). Any client-sent header of these
+/// names is never passed on.
+fn conn_headers(head: &RequestHead, buf: &[u8], client: &ClientInfo<'_>, stage: &str) -> Vec<u8> {
     use crate::http::encode::push_header;
     let mut out = Vec::with_capacity(192);
+    push_header(&mut out, b"x-stage", stage.as_bytes());
     out.extend_from_slice(b"x-forwarded-for: ");
     for (kind, _, value) in head.forwardable_kinds(buf) {
         if kind == HeaderKind::XForwardedFor {
@@ -641,7 +643,7 @@ pub async fn handshake(
     };
     // The id is allocated here so `$connect` already sees it.
     let id = next_id();
-    let conn_headers = conn_headers(head, buf, client);
+    let conn_headers = conn_headers(head, buf, client, &api.stage);
     let request_id = client.request_id;
     let mut subprotocol: Option<Vec<u8>> = None;
     if let Some(t) = api.routes.get("$connect") {
@@ -659,8 +661,14 @@ pub async fn handshake(
                 | HeaderKind::XPrincipalId
                 | HeaderKind::XRequestId => continue,
                 HeaderKind::Other
-                    if name.eq_ignore_ascii_case(b"x-connection-id")
-                        || name.eq_ignore_ascii_case(b"x-route-key") =>
+                    if [
+                        &b"x-connection-id"[..],
+                        b"x-route-key",
+                        b"x-event-type",
+                        b"x-stage",
+                    ]
+                    .iter()
+                    .any(|n| name.eq_ignore_ascii_case(n)) =>
                 {
                     continue
                 }
@@ -781,6 +789,13 @@ async fn call(
                 id_string(id).as_bytes(),
             );
             crate::http::encode::push_header(&mut hdrs, b"x-route-key", route_key.as_bytes());
+            // As API Gateway's `requestContext.eventType`.
+            let event: &[u8] = match route_key {
+                "$connect" => b"CONNECT",
+                "$disconnect" => b"DISCONNECT",
+                _ => b"MESSAGE",
+            };
+            crate::http::encode::push_header(&mut hdrs, b"x-event-type", event);
             if route_key != "$connect" {
                 // `$connect` carries the handshake's id; every later call is a request of its
                 // own (API Gateway gives each message a requestId): the connection id and a
