@@ -1377,38 +1377,42 @@ fn connect_route_auth_guards_the_handshake() {
     assert!(e.contains("$connect") && e.contains(".auth"), "{e}");
 }
 
+/// [`api_config`] with `api_key_required` on `$connect` and key `dev`
+/// (`websocket-test-key-000000001`) in plan `ws` of the API, `quota` handshakes a day.
+fn keyed_api_config(backend: SocketAddr, websocket: &str, quota: u32) -> String {
+    api_config(backend, websocket).replace(
+        "route = \"$connect\"\n",
+        "route = \"$connect\"\napi_key_required = true\n",
+    ) + &format!(
+        r#"
+[[usage_plans]]
+name = "ws"
+apis = ["chat/$default"]
+quota = {{ limit = {quota}, period = "day" }}
+[[api_keys]]
+name = "dev"
+value = "websocket-test-key-000000001"
+plans = ["ws"]
+"#
+    )
+}
+
 /// A handshake that would be refused anyway (an Origin not allowed, a bad key) is refused
 /// before auth, throttles and quotas: it spends nothing, and says why.
 #[test]
 fn refused_handshakes_spend_no_quota_and_name_their_reason() {
     let be = api_backend();
-    let cfg = api_config(
+    let cfg = keyed_api_config(
         be.addr,
         r#"websocket = { allowed_origins = ["https://app.example.com"] }"#,
-    )
-    .replace(
-        "route = \"$connect\"\n",
-        "route = \"$connect\"\napi_key_required = true\n",
-    ) + r#"
-[[usage_plans]]
-name = "ws"
-apis = ["chat/$default"]
-quota = { limit = 1, period = "day" }
-[[api_keys]]
-name = "dev"
-value = "websocket-test-key-000000001"
-plans = ["ws"]
-"#;
+        1,
+    );
     let gw = Gateway::start(&cfg);
     let key = "x-api-key: websocket-test-key-000000001\r\n";
-    let handshake = |extra: &str| {
-        gw.request(&format!(
-            "GET / HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
-        ))
-    };
     // With a valid key, or none (the Origin is checked first), the reason is the Origin.
     for extra in [key, "", key] {
-        let r = handshake(&format!("{extra}Origin: https://evil.example.com\r\n"));
+        let origin = format!("{extra}Origin: https://evil.example.com\r\n");
+        let r = gw.request(&upgrade_request("", &origin));
         assert_eq!(r.status, 403);
         assert_eq!(r.message(), "Forbidden: origin not allowed");
     }
@@ -1430,19 +1434,7 @@ plans = ["ws"]
 #[test]
 fn usage_plan_quota_counts_websocket_handshakes() {
     let be = api_backend();
-    let cfg = api_config(be.addr, "").replace(
-        "route = \"$connect\"\n",
-        "route = \"$connect\"\napi_key_required = true\n",
-    ) + r#"
-[[usage_plans]]
-name = "ws"
-apis = ["chat/$default"]
-quota = { limit = 2, period = "day" }
-[[api_keys]]
-name = "dev"
-value = "websocket-test-key-000000001"
-plans = ["ws"]
-"#;
+    let cfg = keyed_api_config(be.addr, "", 2);
     let gw = Gateway::start(&cfg);
     let key = "x-api-key: websocket-test-key-000000001\r\n";
     let (head, mut ws) = ws_connect(gw.addr, "/", key);
@@ -1653,18 +1645,17 @@ fn connect_refusals_keep_their_status_redirects_included() {
         (429, "Too Many Requests"),
         (500, "Internal Server Error"),
     ] {
-        let r = gw.request(&format!(
-            "GET /?status={st} HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ));
+        let r = gw.request(&upgrade_request(&format!("?status={st}"), ""));
         assert_eq!(r.status, st);
         assert_eq!(r.message(), format!("{words}: refused by $connect"));
     }
 }
 
-/// The raw upgrade request of a WebSocket API client, with `query` after `/`.
-fn upgrade_request(query: &str) -> String {
+/// The raw upgrade request of a WebSocket API client, with `query` after `/` and `extra`
+/// header lines.
+fn upgrade_request(query: &str, extra: &str) -> String {
     format!(
-        "GET /{query} HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        "GET /{query} HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     )
 }
 
@@ -1676,7 +1667,7 @@ fn connect_slower_than_its_timeout_is_504() {
     let gw =
         Gateway::start(&api_config(be.addr, "").replace("timeout_ms = 3000", "timeout_ms = 300"));
     let t = Instant::now();
-    let r = gw.request(&upgrade_request("?sleep=1500"));
+    let r = gw.request(&upgrade_request("?sleep=1500", ""));
     assert_eq!(r.status, 504, "{}", r.text());
     assert_eq!(r.message(), "Endpoint Request Timed Out");
     assert!(
@@ -1688,7 +1679,7 @@ fn connect_slower_than_its_timeout_is_504() {
     let (head, _) = ws_connect(gw.addr, "/?sleep=10", "");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let dead = Gateway::start(&api_config(dead_addr(), ""));
-    let r = dead.request(&upgrade_request(""));
+    let r = dead.request(&upgrade_request("", ""));
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.message(), "Bad Gateway");
 }
@@ -1709,7 +1700,7 @@ fn disconnect_follows_a_connect_whose_client_went_away_even_by_reset() {
     let gw = Gateway::start(&api_config(be.addr, ""));
     for (n, reset) in [(1, false), (2, true)] {
         let mut s = TcpStream::connect(gw.addr).unwrap();
-        s.write_all(upgrade_request("?sleep=700").as_bytes())
+        s.write_all(upgrade_request("?sleep=700", "").as_bytes())
             .unwrap();
         assert!(wait_until(Duration::from_secs(5), || route_keys(
             &be, "$connect"
