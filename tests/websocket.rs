@@ -423,6 +423,34 @@ fn handshake_refusals() {
     assert_eq!(route_keys(&be, "$connect").len(), 2);
 }
 
+/// Opens a WebSocket API connection; returns its `x-connection-id` with the client.
+fn open_with_id(addr: SocketAddr) -> (String, Ws) {
+    let (head, ws) = ws_connect(addr, "/", "");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-connection-id: "))
+        .unwrap_or_else(|| panic!("no connection id: {head}"))
+        .trim()
+        .to_string();
+    (id, ws)
+}
+
+/// The `$disconnect` call of connection `id`, once it came.
+fn disconnect_of(be: &Origin, id: &str) -> Request {
+    let mut found = None;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            found = route_keys(be, "$disconnect")
+                .into_iter()
+                .find(|r| r.header("x-connection-id") == Some(id));
+            found.is_some()
+        }),
+        "no $disconnect for {id}"
+    );
+    found.unwrap()
+}
+
 #[test]
 fn disconnect_called_once_on_every_kind_of_close() {
     let be = api_backend();
@@ -431,18 +459,18 @@ fn disconnect_called_once_on_every_kind_of_close() {
         "websocket = { idle_timeout_ms = 700 }",
     ));
     // 1: client close handshake.
-    let mut ws = open(gw.addr, "/");
+    let (id1, mut ws) = open_with_id(gw.addr);
     ws.send(true, op::CLOSE, &1000u16.to_be_bytes());
     assert_eq!(ws.expect_close(), 1000);
     // 2: dropped TCP connection.
-    let ws2 = open(gw.addr, "/");
+    let (id2, ws2) = open_with_id(gw.addr);
     drop(ws2);
     // 3: protocol error.
-    let mut ws3 = open(gw.addr, "/");
+    let (id3, mut ws3) = open_with_id(gw.addr);
     ws3.send_raw(&Ws::frame(true, op::TEXT, b"x", false));
     assert_eq!(ws3.expect_close(), 1002);
     // 4: idle timeout, with a 1001 close.
-    let mut ws4 = open(gw.addr, "/");
+    let (id4, mut ws4) = open_with_id(gw.addr);
     let t = Instant::now();
     assert_eq!(ws4.expect_close(), 1001);
     assert!(
@@ -450,22 +478,128 @@ fn disconnect_called_once_on_every_kind_of_close() {
         "{:?}",
         t.elapsed()
     );
-    assert!(wait_until(Duration::from_secs(3), || route_keys(
-        &be,
-        "$disconnect"
-    )
-    .len()
-        == 4));
+    // 5: a client close with no code, and one with an application code and a UTF-8 reason.
+    let (id5, mut ws5) = open_with_id(gw.addr);
+    ws5.send(true, op::CLOSE, b"");
+    assert_eq!(ws5.expect_close(), 1000);
+    let (id6, mut ws6) = open_with_id(gw.addr);
+    let mut close = 4001u16.to_be_bytes().to_vec();
+    close.extend_from_slice("bye 100% \u{e9}".as_bytes());
+    ws6.send(true, op::CLOSE, &close);
+    assert_eq!(ws6.expect_close(), 4001);
+    // Each `$disconnect` says how its connection ended, as API Gateway's
+    // `disconnectStatusCode` and `disconnectReason`.
+    for (id, code, reason) in [
+        (&id1, "1000", ""),
+        (&id2, "1006", "connection lost"),
+        (&id3, "1002", "protocol error"),
+        (&id4, "1001", "idle timeout"),
+        (&id5, "1005", ""),
+        (&id6, "4001", "bye 100%25 %C3%A9"),
+    ] {
+        let d = disconnect_of(&be, id);
+        assert_eq!(d.headers_named("x-disconnect-status-code"), [code], "{id}");
+        assert_eq!(d.headers_named("x-disconnect-reason"), [reason], "{id}");
+    }
     thread::sleep(Duration::from_millis(300));
     let d = route_keys(&be, "$disconnect");
-    assert_eq!(d.len(), 4);
+    assert_eq!(d.len(), 6);
     let mut ids: Vec<_> = d
         .iter()
         .map(|r| r.header("x-connection-id").unwrap().to_string())
         .collect();
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), 4, "each connection once");
+    assert_eq!(ids.len(), 6, "each connection once");
+}
+
+#[test]
+fn messages_and_disconnects_are_counted_and_logged() {
+    let be = api_backend();
+    let cfg = format!(
+        "[access_log]\npath = \"@DIR@/access.log\"\n{}",
+        api_config(be.addr, "")
+    );
+    let gw = Gateway::start(&cfg);
+    let (id, mut ws) = open_with_id(gw.addr);
+    ws.text(r#"{"action":"echo","n":1}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo","n":1}"#);
+    ws.text("plain words");
+    assert_eq!(ws.recv_text(), "default:plain words");
+    let mut close = 4000u16.to_be_bytes().to_vec();
+    close.extend_from_slice(b"done");
+    ws.send(true, op::CLOSE, &close);
+    assert_eq!(ws.expect_close(), 4000);
+    let disc = disconnect_of(&be, &id);
+    // A text message that is JSON goes as JSON, any other text as text.
+    let echo = &route_keys(&be, "echo")[0];
+    assert_eq!(echo.headers_named("content-type"), ["application/json"]);
+    let dflt = &route_keys(&be, "$default")[0];
+    assert_eq!(
+        dflt.headers_named("content-type"),
+        ["text/plain; charset=utf-8"]
+    );
+
+    // Metrics: each event under its route key, with the event as the method.
+    let m = gw.metrics();
+    for (route, method) in [
+        ("echo", "MESSAGE"),
+        ("$default", "MESSAGE"),
+        ("$disconnect", "DISCONNECT"),
+    ] {
+        let route = format!("route=\"{route}\"");
+        let method = format!("method=\"{method}\"");
+        let labels = [route.as_str(), method.as_str(), "api=\"chat\""];
+        let mut with_status = labels.to_vec();
+        with_status.push("status=\"200\"");
+        assert_eq!(
+            metric_value(&m, "ringgate_requests_total", &with_status),
+            Some(1.0),
+            "{route} {method}\n{m}"
+        );
+        assert_eq!(
+            metric_value(&m, "ringgate_request_duration_seconds_count", &labels),
+            Some(1.0),
+            "{route} {method}\n{m}"
+        );
+    }
+
+    // The access log: the handshake's line, then one per message and the disconnect.
+    let path = gw.dir.join("access.log");
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    assert!(wait_until(Duration::from_secs(3), || lines().len() >= 4));
+    let l = lines();
+    assert_eq!(l.len(), 4, "{l:?}");
+    assert_eq!(l[0]["method"], "GET");
+    assert_eq!(l[0]["status"], 101);
+    assert_eq!(l[0]["route"], "$connect");
+    let rid = |r: &Request| r.header("x-request-id").unwrap().to_string();
+    for (line, route, method, request_id) in [
+        (&l[1], "echo", "MESSAGE", rid(echo)),
+        (&l[2], "$default", "MESSAGE", rid(dflt)),
+        (&l[3], "$disconnect", "DISCONNECT", rid(&disc)),
+    ] {
+        assert_eq!(line["route"], route, "{line}");
+        assert_eq!(line["method"], method, "{line}");
+        assert_eq!(line["event"], method, "{line}");
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["api"], "chat", "{line}");
+        assert_eq!(line["stage"], "$default", "{line}");
+        assert_eq!(line["path"], "/", "{line}");
+        assert_eq!(line["remote"], "127.0.0.1", "{line}");
+        assert_eq!(line["connection_id"], id.as_str(), "{line}");
+        assert_eq!(line["request_id"], request_id.as_str(), "{line}");
+        assert!(line["duration_ms"].is_number(), "{line}");
+    }
+    assert_eq!(l[3]["close_code"], 4000);
+    assert_eq!(l[3]["close_reason"], "done");
+    assert!(l[1].get("close_code").is_none());
 }
 
 #[test]

@@ -9,7 +9,7 @@ mod locate;
 pub mod raw;
 mod routes;
 
-pub(crate) use routes::subst_stage_vars;
+pub(crate) use routes::{route_labels, subst_stage_vars};
 pub use routes::{Integration, MockResponse, PathTemplate, Route, RouteMatch, RouteTable};
 
 use raw::{RawConfig, RawUpstream};

@@ -311,6 +311,16 @@ fn strip_port(h: &[u8]) -> &[u8] {
     }
 }
 
+/// Prometheus labels of a route: `api="..",stage="..",route=".."`.
+pub(crate) fn route_labels(api: &str, stage: &str, key: &str) -> String {
+    format!(
+        "api=\"{}\",stage=\"{}\",route=\"{}\"",
+        json_escape_label(api),
+        json_escape_label(stage),
+        json_escape_label(key)
+    )
+}
+
 fn json_escape_label(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
 }
@@ -707,11 +717,7 @@ pub(super) fn compile(
                     }
                 }
                 let id = table.routes.len() as u32;
-                let labels = format!(
-                    "api=\"{}\",stage=\"{}\",route=\"$connect\"",
-                    json_escape_label(name),
-                    json_escape_label(stage_name)
-                );
+                let labels = route_labels(name, stage_name, "$connect");
                 table.routes.push(Route {
                     api: api_name.clone(),
                     stage: stage_arc.clone(),
@@ -895,12 +901,7 @@ pub(super) fn compile(
                     route_auth.keep_context |= n.claims || n.authorizer_context;
                 }
                 let id = table.routes.len() as u32;
-                let labels = format!(
-                    "api=\"{}\",stage=\"{}\",route=\"{}\"",
-                    json_escape_label(name),
-                    json_escape_label(stage_name),
-                    json_escape_label(key_str)
-                );
+                let labels = route_labels(name, stage_name, key_str);
                 table.routes.push(Route {
                     api: api_name.clone(),
                     stage: stage_arc.clone(),

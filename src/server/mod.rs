@@ -608,7 +608,7 @@ pub(crate) async fn run<S: ClientIo>(
             w.inflight.set(w.inflight.get() + 1);
             let w2 = w.clone();
             monoio::spawn(async move {
-                crate::ws::run_takeover(t, stream, pending, w2.shared.clone()).await;
+                crate::ws::run_takeover(t, stream, pending, &w2).await;
                 w2.inflight.set(w2.inflight.get() - 1);
                 drop(guard);
             });
@@ -1055,6 +1055,7 @@ async fn ws_handshake<S: ClientIo>(
         tls: S::TLS,
         xfcc: c.stream.xfcc(),
         principal: c.principal.as_deref(),
+        api_key: c.api_key.as_deref(),
         request_id: &c.reqid[..c.reqid_len],
     };
     let hs = crate::ws::api::handshake(gw, api, &c.b.head, &c.b.rbuf, &client).await;
@@ -1064,7 +1065,7 @@ async fn ws_handshake<S: ClientIo>(
             c.b.out.clear();
             c.b.out.extend_from_slice(&head);
             if !write_out(c).await {
-                accepted.abandon(&w.shared).await;
+                accepted.abandon(&w.shared, &**w).await;
                 return Outcome {
                     status: 499,
                     keep_alive: false,
@@ -1319,22 +1320,43 @@ fn write_log_line<S: ClientIo>(
 ) {
     use std::io::Write as _;
     let b = log.buf();
+    log_line_start(w, b, &c.reqid[..c.reqid_len], c.peer.ip(), S::TLS);
+    push_json_str(b, c.b.head.slice(&c.b.rbuf, c.b.head.method_range));
+    b.extend_from_slice(b"\",\"path\":\"");
+    push_json_str(b, c.b.head.slice(&c.b.rbuf, c.b.head.path));
+    log_status_and_duration(b, out.status, dur);
+    if let Some(r) = route {
+        log_route(b, &r.api, &r.stage, &r.key);
+    }
+    log_identity(b, c.principal.as_deref(), c.api_key.as_deref());
+    if let Some(u) = out.upstream {
+        b.extend_from_slice(b",\"upstream\":\"");
+        let _ = write!(b, "{u}");
+        b.push(b'"');
+    }
+    b.extend_from_slice(b"}\n");
+    log.line_done();
+}
+
+/// An access log line up to the method's value: `time`, `request_id`, `remote`, `scheme`.
+fn log_line_start(w: &Worker, b: &mut Vec<u8>, request_id: &[u8], ip: std::net::IpAddr, tls: bool) {
     b.extend_from_slice(b"{\"time\":\"");
     b.extend_from_slice(w.date.borrow_mut().get_rfc3339());
     b.extend_from_slice(b"\",\"request_id\":\"");
-    push_json_str(b, &c.reqid[..c.reqid_len]);
+    push_json_str(b, request_id);
     b.extend_from_slice(b"\",\"remote\":\"");
-    encode::push_ip(b, c.peer.ip());
-    b.extend_from_slice(if S::TLS {
+    encode::push_ip(b, ip);
+    b.extend_from_slice(if tls {
         b"\",\"scheme\":\"https\",\"method\":\""
     } else {
         b"\",\"scheme\":\"http\",\"method\":\""
     });
-    push_json_str(b, c.b.head.slice(&c.b.rbuf, c.b.head.method_range));
-    b.extend_from_slice(b"\",\"path\":\"");
-    push_json_str(b, c.b.head.slice(&c.b.rbuf, c.b.head.path));
+}
+
+/// `status` and `duration_ms` (three decimals), after the path's value.
+fn log_status_and_duration(b: &mut Vec<u8>, status: u16, dur: Duration) {
     b.extend_from_slice(b"\",\"status\":");
-    encode::push_u64(b, out.status as u64);
+    encode::push_u64(b, status as u64);
     b.extend_from_slice(b",\"duration_ms\":");
     let us = dur.as_micros() as u64;
     encode::push_u64(b, us / 1000);
@@ -1343,18 +1365,24 @@ fn write_log_line<S: ClientIo>(
     b.push(b'0' + (frac / 100) as u8);
     b.push(b'0' + (frac / 10 % 10) as u8);
     b.push(b'0' + (frac % 10) as u8);
-    if let Some(r) = route {
-        b.extend_from_slice(b",\"api\":\"");
-        push_json_str(b, r.api.as_bytes());
-        b.extend_from_slice(b"\",\"stage\":\"");
-        push_json_str(b, r.stage.as_bytes());
-        b.extend_from_slice(b"\",\"route\":\"");
-        push_json_str(b, r.key.as_bytes());
-        b.push(b'"');
-    }
+}
+
+/// `api`, `stage` and `route`.
+fn log_route(b: &mut Vec<u8>, api: &str, stage: &str, key: &str) {
+    b.extend_from_slice(b",\"api\":\"");
+    push_json_str(b, api.as_bytes());
+    b.extend_from_slice(b"\",\"stage\":\"");
+    push_json_str(b, stage.as_bytes());
+    b.extend_from_slice(b"\",\"route\":\"");
+    push_json_str(b, key.as_bytes());
+    b.push(b'"');
+}
+
+/// `principal` and `api_key` (the key's name), when known.
+fn log_identity(b: &mut Vec<u8>, principal: Option<&str>, api_key: Option<&str>) {
     for (k, v) in [
-        (&b",\"principal\":\""[..], &c.principal),
-        (b",\"api_key\":\"", &c.api_key),
+        (&b",\"principal\":\""[..], principal),
+        (b",\"api_key\":\"", api_key),
     ] {
         if let Some(v) = v {
             b.extend_from_slice(k);
@@ -1362,11 +1390,47 @@ fn write_log_line<S: ClientIo>(
             b.push(b'"');
         }
     }
-    if let Some(u) = out.upstream {
-        b.extend_from_slice(b",\"upstream\":\"");
-        let _ = write!(b, "{u}");
+}
+
+/// A WebSocket API connection's messages and disconnect: counted under their route key with
+/// the event as the method (`MESSAGE`, `DISCONNECT`), and logged like requests, with the
+/// handshake's path, client and identity, plus `event`, `connection_id` and, for a disconnect,
+/// `close_code` and `close_reason`.
+impl crate::ws::api::Events for Worker {
+    fn ws_event(
+        &self,
+        api: &crate::ws::WsApi,
+        who: &crate::ws::api::Who,
+        ev: &crate::ws::api::ConnEvent<'_>,
+    ) {
+        if let (Some(labels), Ok(mut m)) = (ev.labels, self.metrics.lock()) {
+            m.request_for(labels, ev.kind, ev.status, ev.duration);
+        }
+        let Some(log) = self.log.as_ref().filter(|_| api.access_log) else {
+            return;
+        };
+        let mut log = log.borrow_mut();
+        let b = log.buf();
+        log_line_start(self, b, ev.request_id.as_bytes(), who.peer.ip(), who.tls);
+        b.extend_from_slice(ev.kind.as_bytes());
+        b.extend_from_slice(b"\",\"path\":\"");
+        push_json_str(b, who.path.as_bytes());
+        log_status_and_duration(b, ev.status, ev.duration);
+        log_route(b, &api.api, &api.stage, ev.route);
+        log_identity(b, who.principal.as_deref(), who.api_key.as_deref());
+        b.extend_from_slice(b",\"event\":\"");
+        b.extend_from_slice(ev.kind.as_bytes());
+        b.extend_from_slice(b"\",\"connection_id\":\"");
+        b.extend_from_slice(crate::ws::api::id_string(ev.connection_id).as_bytes());
         b.push(b'"');
+        if let Some((code, reason)) = ev.close {
+            b.extend_from_slice(b",\"close_code\":");
+            encode::push_u64(b, code as u64);
+            b.extend_from_slice(b",\"close_reason\":\"");
+            push_json_str(b, reason.as_bytes());
+            b.push(b'"');
+        }
+        b.extend_from_slice(b"}\n");
+        log.line_done();
     }
-    b.extend_from_slice(b"}\n");
-    log.line_done();
 }

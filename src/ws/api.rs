@@ -23,7 +23,7 @@
 
 use super::client;
 use super::frame::{self, code, Decoder, Event};
-use super::{WsApi, WsSettings, WsTarget};
+use super::{WsApi, WsRoute, WsSettings, WsTarget};
 use crate::config::raw::{RawApi, RawIntegration, RawStage};
 use crate::config::{ConfigError, Source, UpstreamConfig};
 use crate::gateway::{Gateway, Shared};
@@ -157,7 +157,12 @@ pub(crate) fn compile(
                 }
             }
         };
-        if routes.insert(key.to_string(), target).is_some() {
+        let labels = crate::config::route_labels(api_name, stage_name, key);
+        let route = WsRoute {
+            target,
+            labels: labels.into(),
+        };
+        if routes.insert(key.to_string(), route).is_some() {
             return Err(src.err(
                 r.route.span(),
                 &rkey,
@@ -169,6 +174,7 @@ pub(crate) fn compile(
         api: api_name.clone(),
         stage: stage_name.clone(),
         routes,
+        access_log: stage.access_log,
         selection,
         settings: (*settings).clone(),
     }))
@@ -471,12 +477,55 @@ fn message_frame(body: &[u8]) -> Vec<u8> {
     f
 }
 
+/// Who a connection's client is, for the access log lines of its events (as its handshake's).
+pub struct Who {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Came in over TLS.
+    pub tls: bool,
+    /// The handshake's path.
+    pub path: Box<str>,
+    /// The `$connect` authorizer's principal.
+    pub principal: Option<Box<str>>,
+    /// The name of the API key the handshake presented.
+    pub api_key: Option<Box<str>>,
+}
+
+/// One event of a connection after its handshake (`$connect` is the handshake's own request
+/// in the metrics and the access log): a message, or the disconnect.
+pub struct ConnEvent<'a> {
+    /// `MESSAGE` or `DISCONNECT` (the `method` label and field).
+    pub kind: &'static str,
+    /// The route key (`$default` for a message no route takes, when there is none either).
+    pub route: &'a str,
+    /// The route's Prometheus labels (`None`: the API has no such route).
+    pub labels: Option<&'a Arc<str>>,
+    /// The integration's status; 502 or 504 when the call failed or timed out; 403 for a
+    /// message no route takes; 200 for a disconnect with no `$disconnect` route.
+    pub status: u16,
+    /// How long the route's integration took.
+    pub duration: Duration,
+    /// The id the integration call carried as `x-request-id`.
+    pub request_id: &'a str,
+    /// The connection's id.
+    pub connection_id: u64,
+    /// For a disconnect: the close code and reason.
+    pub close: Option<(u16, &'a str)>,
+}
+
+/// Where a worker counts and logs its connections' events.
+pub trait Events {
+    /// Counts `ev` in the metrics and, when the stage logs, writes its access log line.
+    fn ws_event(&self, api: &WsApi, who: &Who, ev: &ConnEvent<'_>);
+}
+
 /// A connection that passed its handshake and `$connect`.
 pub struct Accepted {
     api: Arc<WsApi>,
     gw: Arc<Gateway>,
     id: u64,
     peer: SocketAddr,
+    who: Who,
     /// The gateway's own headers for every integration call of this connection (see
     /// [`conn_headers`]).
     conn_headers: Box<[u8]>,
@@ -547,12 +596,19 @@ impl Accepted {
     /// Undoes [`Accepted::register`] for a connection whose 101 could not be written (the
     /// client went away, a reset included, while `$connect` ran), then calls `$disconnect`:
     /// `$connect` succeeded, so the integration has its connection and must hear of its end.
-    pub async fn abandon(self, shared: &Shared) {
+    pub async fn abandon(self, shared: &Shared, events: &impl Events) {
         if self.reg.is_some() {
             LOCAL.with(|l| l.borrow_mut().remove(&self.id));
             unregister(shared, self.id);
         }
-        disconnect(&self.gw, &self.api, self.id, &self.conn_headers).await;
+        let c = ConnCtx {
+            gw: &self.gw,
+            api: &self.api,
+            id: self.id,
+            conn_headers: &self.conn_headers,
+            who: &self.who,
+        };
+        disconnect(&c, events, (code::ABNORMAL, "connection lost")).await;
     }
 }
 
@@ -590,6 +646,8 @@ pub struct ClientInfo<'a> {
     pub xfcc: Option<&'a [u8]>,
     /// The principal the `$connect` route's authorizer named.
     pub principal: Option<&'a str>,
+    /// The name of the API key the handshake presented (for the access log).
+    pub api_key: Option<&'a str>,
     /// The request id of the handshake request.
     pub request_id: &'a [u8],
 }
@@ -680,7 +738,7 @@ pub async fn handshake(
             crate::http::encode::push_header(&mut hdrs, b"x-request-id", request_id);
         }
         let query = head.query.map(|q| head.slice(buf, q)).unwrap_or(b"");
-        match call(gw, t, "$connect", id, &hdrs, b"", b"", query).await {
+        match call(gw, &t.target, "$connect", id, "", &hdrs, b"", b"", query).await {
             Ok(a) if (200..300).contains(&a.status) => {
                 // The integration may pick one of the subprotocols the client offered.
                 let offered = head.header(buf, "sec-websocket-protocol").unwrap_or(b"");
@@ -724,6 +782,13 @@ pub async fn handshake(
             gw: gw.clone(),
             id,
             peer: client.peer,
+            who: Who {
+                peer: client.peer,
+                tls: client.tls,
+                path: String::from_utf8_lossy(head.slice(buf, head.path)).into(),
+                principal: client.principal.map(Into::into),
+                api_key: client.api_key.map(Into::into),
+            },
             conn_headers: conn_headers.into_boxed_slice(),
             reg: None,
         },
@@ -768,6 +833,7 @@ async fn call(
     t: &WsTarget,
     route_key: &str,
     id: u64,
+    request_id: &str,
     extra_headers: &[u8],
     conn_headers: &[u8],
     body: &[u8],
@@ -796,14 +862,8 @@ async fn call(
                 _ => b"MESSAGE",
             };
             crate::http::encode::push_header(&mut hdrs, b"x-event-type", event);
-            if route_key != "$connect" {
-                // `$connect` carries the handshake's id; every later call is a request of its
-                // own (API Gateway gives each message a requestId): the connection id and a
-                // sequence number, unique for the process.
-                static SEQ: AtomicU64 = AtomicU64::new(0);
-                let n = SEQ.fetch_add(1, Ordering::Relaxed);
-                let rid = format!("{}-{n:x}", id_string(id));
-                crate::http::encode::push_header(&mut hdrs, b"x-request-id", rid.as_bytes());
+            if !request_id.is_empty() {
+                crate::http::encode::push_header(&mut hdrs, b"x-request-id", request_id.as_bytes());
             }
             let full;
             let p = if query.is_empty() {
@@ -828,6 +888,7 @@ pub async fn run<S: crate::server::ClientIo>(
     stream: S,
     pending: Vec<u8>,
     shared: &Arc<Shared>,
+    events: &impl Events,
 ) {
     a.register(shared);
     let Accepted {
@@ -835,9 +896,25 @@ pub async fn run<S: crate::server::ClientIo>(
         gw,
         id,
         peer: _,
+        who,
         conn_headers,
         reg,
     } = a;
+    let ctx = ConnCtx {
+        gw: &gw,
+        api: &api,
+        id,
+        conn_headers: &conn_headers,
+        who: &who,
+    };
+    // How the connection ended, for `$disconnect`: the first cause seen.
+    let end = RefCell::new(None::<(u16, String)>);
+    let ended_by = |c: u16, why: &str| {
+        let mut e = end.borrow_mut();
+        if e.is_none() {
+            *e = Some((c, why.to_string()));
+        }
+    };
     let Some(Registered {
         tx,
         rx,
@@ -922,21 +999,13 @@ pub async fn run<S: crate::server::ClientIo>(
                 waiting_bytes.set(waiting_bytes.get() - data.len());
                 room.notify();
                 busy.set(true);
-                let reply = Box::pin(on_message(
-                    &gw,
-                    &api,
-                    id,
-                    &conn_headers,
-                    text,
-                    &data,
-                    &mut scratch,
-                ))
-                .await;
+                let reply = Box::pin(on_message(&ctx, events, text, &data, &mut scratch)).await;
                 busy.set(false);
                 if let Some(f) = reply {
                     if !reserve(&queued, f.len()) {
                         // A reply cannot be refused: the client that does not read is
                         // closed instead.
+                        ended_by(code::POLICY, "client not reading");
                         let _ = tx.unbounded_send(Out::Close(code::POLICY, "client not reading"));
                         return;
                     }
@@ -955,6 +1024,7 @@ pub async fn run<S: crate::server::ClientIo>(
                 loop {
                     match dec.decode(&mut buf) {
                         Err(c) => {
+                            ended_by(c, close_reason(c));
                             let _ = tx.unbounded_send(Out::Close(c, close_reason(c)));
                             return;
                         }
@@ -972,7 +1042,11 @@ pub async fn run<S: crate::server::ClientIo>(
                                     let _ = tx.unbounded_send(Out::Control(f));
                                 }
                                 Event::Pong => {}
-                                Event::Close(c, _) => {
+                                Event::Close(c, why) => {
+                                    ended_by(
+                                        c.unwrap_or(code::NO_STATUS),
+                                        &String::from_utf8_lossy(&why),
+                                    );
                                     let c = c.unwrap_or(code::NORMAL);
                                     let _ = tx.unbounded_send(Out::Close(c, ""));
                                     return;
@@ -995,6 +1069,7 @@ pub async fn run<S: crate::server::ClientIo>(
                     }
                 }
                 if queued.load(Ordering::Acquire) > MAX_QUEUED {
+                    ended_by(code::POLICY, "client not reading");
                     let _ = tx.unbounded_send(Out::Close(code::POLICY, "client not reading"));
                     return;
                 }
@@ -1015,7 +1090,10 @@ pub async fn run<S: crate::server::ClientIo>(
                 reading_since.set(None);
                 buf = b.into_inner();
                 match r {
-                    Ok(0) => return,
+                    Ok(0) => {
+                        ended_by(code::ABNORMAL, "connection lost");
+                        return;
+                    }
                     Ok(_) => {}
                     Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
                         // Idle: wait for bytes without holding a buffer (unless a partial
@@ -1029,10 +1107,14 @@ pub async fn run<S: crate::server::ClientIo>(
                         // socket read, so nothing waits above the socket.)
                         let stream: &S = unsafe { &*rd.0.get() };
                         if stream.tcp().readable(false).await.is_err() {
+                            ended_by(code::ABNORMAL, "connection lost");
                             return;
                         }
                     }
-                    Err(_) => return,
+                    Err(_) => {
+                        ended_by(code::ABNORMAL, "connection lost");
+                        return;
+                    }
                 }
             }
         };
@@ -1107,6 +1189,7 @@ pub async fn run<S: crate::server::ClientIo>(
                 }
             };
             if let Some((c, why)) = end {
+                ended_by(c, why);
                 if busy.get() && shared.shutdown.load(Ordering::Relaxed) {
                     // A drain stops reading but finishes the message call in flight: its reply
                     // goes out before the close (the guard bounds the wait). The messages
@@ -1137,14 +1220,105 @@ pub async fn run<S: crate::server::ClientIo>(
     LOCAL.with(|l| l.borrow_mut().remove(&id));
     DRAIN.with(|d| d.borrow_mut().remove(&id));
     unregister(shared, id);
-    disconnect(&gw, &api, id, &conn_headers).await;
+    // Ended by the drain's stop time or the close grace before a cause was set: a drain's.
+    let (c, why) = end
+        .take()
+        .unwrap_or((code::GOING_AWAY, "server shutting down".to_string()));
+    disconnect(&ctx, events, (c, &why)).await;
 }
 
-/// Calls `$disconnect`, when the API has one, for a connection whose `$connect` succeeded.
-async fn disconnect(gw: &Gateway, api: &WsApi, id: u64, conn_headers: &[u8]) {
-    if let Some(t) = api.routes.get("$disconnect") {
-        let _ = Box::pin(call(gw, t, "$disconnect", id, b"", conn_headers, b"", b"")).await;
+/// What an event's integration call needs of its connection.
+struct ConnCtx<'a> {
+    gw: &'a Gateway,
+    api: &'a WsApi,
+    id: u64,
+    conn_headers: &'a [u8],
+    who: &'a Who,
+}
+
+/// A request id for a call after `$connect` (which carries the handshake's): API Gateway gives
+/// each message a requestId of its own. The connection id and a sequence number, unique for
+/// the process.
+fn event_request_id(id: u64) -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("{}-{n:x}", id_string(id))
+}
+
+/// The status an event is counted and logged with when its call failed.
+fn failed_status(e: &client::CallError) -> u16 {
+    match e {
+        client::CallError::Timeout => 504,
+        client::CallError::Failed => 502,
     }
+}
+
+/// Calls `$disconnect`, when the API has one, for a connection whose `$connect` succeeded,
+/// telling it how the connection ended (`x-disconnect-status-code`, `x-disconnect-reason`, as
+/// API Gateway's `disconnectStatusCode` and `disconnectReason`), then counts and logs it.
+async fn disconnect(c: &ConnCtx<'_>, events: &impl Events, (code, reason): (u16, &str)) {
+    let rid = event_request_id(c.id);
+    let route = c.api.routes.get("$disconnect");
+    let t0 = Instant::now();
+    let status = match route {
+        None => 200,
+        Some(r) => {
+            let mut hdrs = Vec::with_capacity(96);
+            crate::http::encode::push_header(
+                &mut hdrs,
+                b"x-disconnect-status-code",
+                code.to_string().as_bytes(),
+            );
+            crate::http::encode::push_header(
+                &mut hdrs,
+                b"x-disconnect-reason",
+                &header_safe(reason.as_bytes()),
+            );
+            let call = call(
+                c.gw,
+                &r.target,
+                "$disconnect",
+                c.id,
+                &rid,
+                &hdrs,
+                c.conn_headers,
+                b"",
+                b"",
+            );
+            match Box::pin(call).await {
+                Ok(a) => a.status,
+                Err(e) => failed_status(&e),
+            }
+        }
+    };
+    events.ws_event(
+        c.api,
+        c.who,
+        &ConnEvent {
+            kind: "DISCONNECT",
+            route: "$disconnect",
+            labels: route.map(|r| &r.labels),
+            status,
+            duration: t0.elapsed(),
+            request_id: &rid,
+            connection_id: c.id,
+            close: Some((code, reason)),
+        },
+    );
+}
+
+/// A close reason as a header value: visible ASCII and spaces as they are, every other byte
+/// (control characters, UTF-8) percent-encoded, and `%` itself.
+fn header_safe(reason: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(reason.len());
+    for &b in reason {
+        if (b == b' ' || b.is_ascii_graphic()) && b != b'%' {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    out
 }
 
 fn close_reason(c: u16) -> &'static str {
@@ -1156,45 +1330,77 @@ fn close_reason(c: u16) -> &'static str {
     }
 }
 
-/// Routes one message and calls its integration; returns the frame to send back, if any.
+/// Routes one message and calls its integration, then counts and logs it; returns the frame
+/// to send back, if any.
 async fn on_message(
-    gw: &Gateway,
-    api: &WsApi,
-    id: u64,
-    conn_headers: &[u8],
+    c: &ConnCtx<'_>,
+    events: &impl Events,
     text: bool,
     data: &[u8],
     scratch: &mut Vec<u8>,
 ) -> Option<Vec<u8>> {
-    let Some(key) = api.select(text, data, scratch) else {
-        let m = format!(
-            "{{\"message\":\"Forbidden\",\"connectionId\":\"{}\"}}",
-            id_string(id)
-        );
-        return Some(message_frame(m.as_bytes()));
-    };
-    let t = api.routes.get(key)?;
-    let hdrs: &[u8] = if text {
-        b"content-type: application/json\r\n"
-    } else {
-        b"content-type: application/octet-stream\r\n"
-    };
-    match call(gw, t, key, id, hdrs, conn_headers, data, b"").await {
-        Ok(a) if a.body.is_empty() => None,
-        Ok(a) => Some(message_frame(&a.body)),
-        Err(e) => {
-            // API Gateway's words for the two failures.
-            let what = match e {
-                client::CallError::Timeout => "Endpoint request timed out",
-                client::CallError::Failed => "Internal server error",
-            };
+    let t0 = Instant::now();
+    let rid = event_request_id(c.id);
+    let sel = c.api.select(text, data, scratch);
+    let route = sel.key.and_then(|k| c.api.routes.get(k).map(|r| (k, r)));
+    let (status, reply) = match route {
+        None => {
             let m = format!(
-                "{{\"message\":\"{what}\",\"connectionId\":\"{}\"}}",
-                id_string(id)
+                "{{\"message\":\"Forbidden\",\"connectionId\":\"{}\"}}",
+                id_string(c.id)
             );
-            Some(message_frame(m.as_bytes()))
+            (403, Some(message_frame(m.as_bytes())))
         }
-    }
+        Some((key, r)) => {
+            let hdrs: &[u8] = match (text, sel.json) {
+                (true, true) => b"content-type: application/json\r\n",
+                (true, false) => b"content-type: text/plain; charset=utf-8\r\n",
+                (false, _) => b"content-type: application/octet-stream\r\n",
+            };
+            let call = call(
+                c.gw,
+                &r.target,
+                key,
+                c.id,
+                &rid,
+                hdrs,
+                c.conn_headers,
+                data,
+                b"",
+            );
+            match call.await {
+                Ok(a) if a.body.is_empty() => (a.status, None),
+                Ok(a) => (a.status, Some(message_frame(&a.body))),
+                Err(e) => {
+                    // API Gateway's words for the two failures.
+                    let what = match e {
+                        client::CallError::Timeout => "Endpoint request timed out",
+                        client::CallError::Failed => "Internal server error",
+                    };
+                    let m = format!(
+                        "{{\"message\":\"{what}\",\"connectionId\":\"{}\"}}",
+                        id_string(c.id)
+                    );
+                    (failed_status(&e), Some(message_frame(m.as_bytes())))
+                }
+            }
+        }
+    };
+    events.ws_event(
+        c.api,
+        c.who,
+        &ConnEvent {
+            kind: "MESSAGE",
+            route: route.map(|(k, _)| k).unwrap_or("$default"),
+            labels: route.map(|(_, r)| &r.labels),
+            status,
+            duration: t0.elapsed(),
+            request_id: &rid,
+            connection_id: c.id,
+            close: None,
+        },
+    );
+    reply
 }
 
 fn worker_index(_shared: &Shared) -> usize {
@@ -1287,7 +1493,7 @@ integration = { type = "http", upstream = "be", path = "${stageVariables.p}" }
             };
             assert_eq!(&*api.stage, stage);
             assert!(matches!(
-                api.routes.get("$default"),
+                api.routes.get("$default").map(|r| &r.target),
                 Some(crate::ws::WsTarget::Http { path, .. }) if path == hook
             ));
             assert_eq!(api.settings.limits.max_message, 128 * 1024);

@@ -2,7 +2,7 @@
 //! between fragments, UTF-8 of text, close codes, size limits checked from the header before
 //! any payload is buffered) and an encoder for server frames.
 
-/// Close codes the gateway sends.
+/// Close codes the gateway sends (and two it only reports to `$disconnect`).
 pub mod code {
     /// Normal closure.
     pub const NORMAL: u16 = 1000;
@@ -10,6 +10,10 @@ pub mod code {
     pub const GOING_AWAY: u16 = 1001;
     /// Protocol error.
     pub const PROTOCOL: u16 = 1002;
+    /// Reported only: the client's close frame carried no code (RFC 6455 §7.1.5).
+    pub const NO_STATUS: u16 = 1005;
+    /// Reported only: the connection ended without a close frame (RFC 6455 §7.1.5).
+    pub const ABNORMAL: u16 = 1006;
     /// Text that is not UTF-8.
     pub const INVALID_DATA: u16 = 1007;
     /// Policy violation (e.g. closed by the management API).

@@ -123,6 +123,16 @@ pub enum WsTarget {
     Mock { status: u16, body: Bytes },
 }
 
+/// One route of a WebSocket API: its integration and its Prometheus labels (made once, so each
+/// message is counted without an allocation).
+#[derive(Debug)]
+pub struct WsRoute {
+    /// Where the route's calls go.
+    pub target: WsTarget,
+    /// `api="..",stage="..",route="KEY"`.
+    pub labels: Arc<str>,
+}
+
 /// One stage of a WebSocket API, compiled.
 #[derive(Debug)]
 pub struct WsApi {
@@ -131,56 +141,85 @@ pub struct WsApi {
     /// Stage name.
     pub stage: Arc<str>,
     /// Route key (`$connect`, `$disconnect`, `$default`, or a selected key) to its target.
-    pub routes: AHashMap<String, WsTarget>,
+    pub routes: AHashMap<String, WsRoute>,
+    /// Whether the stage's events (messages, disconnects) go to the access log.
+    pub access_log: bool,
     /// The field path of `route_selection` (`$request.body.action` -> `["action"]`).
     pub selection: Vec<String>,
     /// Limits and timeouts.
     pub settings: WsSettings,
 }
 
+/// What route selection makes of a message.
+#[derive(Debug, Clone, Copy)]
+pub struct Selected<'a> {
+    /// The route key (`None`: no route takes it, not even `$default`).
+    pub key: Option<&'a str>,
+    /// A text message that is valid JSON: sent to the integration as `application/json`;
+    /// other text as `text/plain; charset=utf-8`.
+    pub json: bool,
+}
+
 impl WsApi {
     /// The route key for a message: the selected field when it names a route, else `$default`
     /// (`None` when there is no `$default` either). A message never selects `$connect` or
     /// `$disconnect`: those run on the handshake and the close only.
-    pub fn select<'a>(&'a self, text: bool, data: &[u8], scratch: &mut Vec<u8>) -> Option<&'a str> {
-        if text && !self.selection.is_empty() {
-            if let Some(k) = selection_key(data, &self.selection, scratch) {
-                if let Some((key, _)) = self
-                    .routes
-                    .get_key_value(k.as_str())
-                    .filter(|(key, _)| !key.starts_with('$'))
-                {
-                    return Some(key.as_str());
-                }
+    pub fn select<'a>(&'a self, text: bool, data: &[u8], scratch: &mut Vec<u8>) -> Selected<'a> {
+        let (json, k) = if text {
+            selection_key(data, &self.selection, scratch)
+        } else {
+            (false, None)
+        };
+        if let Some(k) = k.filter(|_| !self.selection.is_empty()) {
+            if let Some((key, _)) = self
+                .routes
+                .get_key_value(k.as_str())
+                .filter(|(key, _)| !key.starts_with('$'))
+            {
+                return Selected {
+                    key: Some(key.as_str()),
+                    json,
+                };
             }
         }
-        self.routes
-            .get_key_value("$default")
-            .map(|(k, _)| k.as_str())
+        Selected {
+            key: self
+                .routes
+                .get_key_value("$default")
+                .map(|(k, _)| k.as_str()),
+            json,
+        }
     }
 }
 
-/// Reads the value at `path` in a JSON text message with simd-json: a string as it is, a
-/// number or boolean as its JSON text (`123`, `true`, as API Gateway selects them). A message
-/// nested deeper than [`MAX_JSON_DEPTH`] selects nothing: the parser recurses per level, so a
-/// few thousand levels would exhaust the worker's stack.
-fn selection_key(data: &[u8], path: &[String], scratch: &mut Vec<u8>) -> Option<String> {
+/// Parses a text message with simd-json: whether it is JSON, and the value at `path` in it: a
+/// string as it is, a number or boolean as its JSON text (`123`, `true`, as API Gateway
+/// selects them). A message nested deeper than [`MAX_JSON_DEPTH`] is not parsed (and counts
+/// as not JSON): the parser recurses per level, so a few thousand levels would exhaust the
+/// worker's stack.
+fn selection_key(data: &[u8], path: &[String], scratch: &mut Vec<u8>) -> (bool, Option<String>) {
     use simd_json::prelude::*;
     if crate::policy::validate::max_depth(data) > MAX_JSON_DEPTH {
-        return None;
+        return (false, None);
     }
     scratch.clear();
     scratch.extend_from_slice(data);
-    let v = simd_json::to_borrowed_value(scratch).ok()?;
+    let Ok(v) = simd_json::to_borrowed_value(scratch) else {
+        return (false, None);
+    };
     let mut cur = &v;
     for p in path {
-        cur = cur.get(p.as_str())?;
+        match cur.get(p.as_str()) {
+            Some(c) => cur = c,
+            None => return (true, None),
+        }
     }
-    match cur.as_str() {
+    let key = match cur.as_str() {
         Some(s) => Some(s.to_string()),
         None if cur.is_number() || cur.is_bool() => Some(cur.encode()),
         None => None,
-    }
+    };
+    (true, key)
 }
 
 /// Deepest nesting of a message whose JSON route selection reads (as request validation).
@@ -198,13 +237,17 @@ pub fn fuzz_select(data: &[u8]) -> Option<String> {
             for k in ["$connect", "$disconnect", "$default", "join", "7", "true", "a.b"] {
                 routes.insert(
                     k.to_string(),
-                    WsTarget::Mock { status: 200, body: Bytes::new() },
+                    WsRoute {
+                        target: WsTarget::Mock { status: 200, body: Bytes::new() },
+                        labels: Arc::from(""),
+                    },
                 );
             }
             WsApi {
                 api: "fuzz".into(),
                 stage: "s".into(),
                 routes,
+                access_log: false,
                 selection: parse_selection("$request.body.meta.action").expect("valid"),
                 settings: WsSettings::api_defaults(),
             }
@@ -216,7 +259,7 @@ pub fn fuzz_select(data: &[u8]) -> Option<String> {
     };
     let mut scratch = Vec::new();
     API.with(|api| {
-        let key = api.select(text, msg, &mut scratch).map(str::to_string);
+        let key = api.select(text, msg, &mut scratch).key.map(str::to_string);
         if let Some(k) = &key {
             assert!(
                 api.routes.contains_key(k.as_str()),
@@ -302,17 +345,18 @@ pub async fn run_takeover<S: crate::server::ClientIo>(
     t: Takeover,
     client: S,
     pending: Vec<u8>,
-    shared: Arc<crate::gateway::Shared>,
+    w: &crate::server::Worker,
 ) {
+    let shared = &w.shared;
     let m = &shared.metrics.ws_connections_active;
     m.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // Each kind boxed on its own: a connection's memory is the size of its own state machine,
     // not of the larger of the two.
     match t {
         Takeover::Relay { upstream, settings } => {
-            Box::pin(relay::run(client, upstream, pending, &settings, &shared)).await
+            Box::pin(relay::run(client, upstream, pending, &settings, shared)).await
         }
-        Takeover::Api(a) => Box::pin(api::run(a, client, pending, &shared)).await,
+        Takeover::Api(a) => Box::pin(api::run(a, client, pending, shared, w)).await,
     }
     m.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
@@ -429,9 +473,12 @@ mod tests {
         ] {
             routes.insert(
                 k.to_string(),
-                WsTarget::Mock {
-                    status: 200,
-                    body: Bytes::new(),
+                WsRoute {
+                    target: WsTarget::Mock {
+                        status: 200,
+                        body: Bytes::new(),
+                    },
+                    labels: Arc::from(""),
                 },
             );
         }
@@ -439,11 +486,24 @@ mod tests {
             api: "a".into(),
             stage: "s".into(),
             routes,
+            access_log: false,
             selection: parse_selection("$request.body.action").unwrap(),
             settings: WsSettings::api_defaults(),
         };
         let mut s = Vec::new();
-        let sel = |d: &[u8], s: &mut Vec<u8>| api.select(true, d, s).map(str::to_string);
+        let sel = |d: &[u8], s: &mut Vec<u8>| api.select(true, d, s).key.map(str::to_string);
+        // Whether a text message is JSON decides its content type toward the integration.
+        for (m, json) in [
+            (&br#"{"action":"join"}"#[..], true),
+            (b"[1,2]", true),
+            (b"\"just a string\"", true),
+            (b"not json", false),
+            (b"{\"action\":", false),
+            (b"", false),
+        ] {
+            assert_eq!(api.select(true, m, &mut s).json, json, "{m:?}");
+        }
+        assert!(!api.select(false, b"{}", &mut s).json);
         assert_eq!(
             sel(br#"{"action":"join","x":1}"#, &mut s).as_deref(),
             Some("join")
@@ -493,14 +553,14 @@ mod tests {
         let open = "[".repeat(200_000);
         assert_eq!(sel(open.as_bytes(), &mut s).as_deref(), Some("$default"));
         assert_eq!(
-            api.select(false, br#"{"action":"join"}"#, &mut s),
+            api.select(false, br#"{"action":"join"}"#, &mut s).key,
             Some("$default")
         );
         assert!(parse_selection("$request.header.x").is_err());
         let nested = parse_selection("$request.body.meta.kind").unwrap();
         assert_eq!(
-            selection_key(br#"{"meta":{"kind":"join"}}"#, &nested, &mut s).as_deref(),
-            Some("join")
+            selection_key(br#"{"meta":{"kind":"join"}}"#, &nested, &mut s),
+            (true, Some("join".to_string()))
         );
     }
 }
