@@ -209,9 +209,15 @@ fn selection_key(data: &[u8], path: &[String], scratch: &mut Vec<u8>) -> (bool, 
     };
     let mut cur = &v;
     for p in path {
-        match cur.get(p.as_str()) {
-            Some(c) => cur = c,
-            None => return (true, None),
+        // A field named twice on the way is ambiguous (backends disagree on which one counts:
+        // most parsers keep the last): the message selects nothing.
+        let Some(obj) = cur.as_object() else {
+            return (true, None);
+        };
+        let mut found = obj.iter().filter(|(k, _)| *k == p.as_str()).map(|(_, v)| v);
+        match (found.next(), found.next()) {
+            (Some(c), None) => cur = c,
+            _ => return (true, None),
         }
     }
     let key = match cur.as_str() {
@@ -513,6 +519,24 @@ mod tests {
             Some("$default")
         );
         assert_eq!(sel(br#"not json"#, &mut s).as_deref(), Some("$default"));
+        // A selection field given twice is ambiguous, in small and large objects alike.
+        assert_eq!(
+            sel(br#"{"action":"join","action":"7"}"#, &mut s).as_deref(),
+            Some("$default")
+        );
+        let many: String = (0..100).map(|i| format!(r#""k{i}":{i},"#)).collect();
+        for m in [
+            format!(r#"{{{many}"action":"join","action":"7"}}"#),
+            format!(r#"{{"action":"join",{many}"action":"join"}}"#),
+        ] {
+            assert_eq!(
+                sel(m.as_bytes(), &mut s).as_deref(),
+                Some("$default"),
+                "{m}"
+            );
+        }
+        let one = format!(r#"{{{many}"action":"join"}}"#);
+        assert_eq!(sel(one.as_bytes(), &mut s).as_deref(), Some("join"));
         // Numbers and booleans select by their JSON text, as in API Gateway.
         assert_eq!(sel(br#"{"action":3}"#, &mut s).as_deref(), Some("$default"));
         assert_eq!(sel(br#"{"action":7}"#, &mut s).as_deref(), Some("7"));
