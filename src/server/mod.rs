@@ -361,7 +361,7 @@ impl ClientIo for TcpStream {
     }
     #[inline]
     fn into_idle(self) -> Option<Idle> {
-        Some(Idle::Plain(self))
+        Idle::plain(self)
     }
     #[inline]
     fn close(self) -> impl std::future::Future<Output = ()> {

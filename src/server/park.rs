@@ -2,8 +2,10 @@
 //!
 //! A connection that has waited [`super::IDLE_GRACE`] for its next request gives its buffers
 //! back and its socket goes into the worker's park table and the worker's own epoll set. No
-//! task, no timer and no buffer stays behind: only the table slot (about 100 bytes) and the
-//! kernel's epoll item. One task per worker waits for the epoll fd to become readable (through
+//! task, no timer and no buffer stays behind: only the table slot (32 bytes) and the kernel's
+//! epoll item. A plain socket is parked as a bare descriptor: the runtime's stream record (a
+//! small heap object of its own) goes, so nothing long-lived is left scattered among the
+//! connection's freed allocations to keep their pages resident. One task per worker waits for the epoll fd to become readable (through
 //! the worker's io driver, io_uring or epoll alike), collects the sockets that have bytes, and
 //! starts their connection loops again. Deadlines (idle timeout, or header timeout for a new
 //! connection) are enforced by a sweep every 200 ms.
@@ -16,7 +18,7 @@
 use super::{run, ConnGuard, Worker};
 use monoio::net::TcpStream;
 use std::cell::RefCell;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -25,22 +27,33 @@ const EVENTS: usize = 256;
 
 /// An idle connection's stream.
 pub enum Idle {
-    /// Plain HTTP.
-    Plain(TcpStream),
+    /// Plain HTTP: the socket alone (a runtime stream again when it wakes).
+    Plain(OwnedFd),
     /// HTTPS.
     Tls(Box<crate::tls::TlsStream>),
 }
 
 impl Idle {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Idle::Plain(s) => s,
-            Idle::Tls(s) => s.tcp(),
+    /// Parks a plain stream as its bare descriptor: a duplicate, since the runtime's stream
+    /// owns the original (closed when it drops; the socket stays open through the duplicate).
+    /// `None` when no descriptor is left.
+    pub fn plain(s: TcpStream) -> Option<Idle> {
+        // SAFETY: duplicating a descriptor the stream holds open; the result is checked and
+        // then owned by the `OwnedFd` alone.
+        let fd = unsafe { libc::fcntl(s.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return None;
         }
+        drop(s);
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        Some(Idle::Plain(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
     fn fd(&self) -> RawFd {
-        self.tcp().as_raw_fd()
+        match self {
+            Idle::Plain(fd) => fd.as_raw_fd(),
+            Idle::Tls(s) => s.tcp().as_raw_fd(),
+        }
     }
 }
 
@@ -186,14 +199,21 @@ pub async fn run_parker(w: Rc<Worker>) {
                 if let Some(p) = w.parker.unpark(ev.u64 as usize) {
                     let deadline = w.parker.deadline(&p);
                     // A socket that has no peer any more (reset while parked) is closed.
-                    let Ok(peer) = p.stream.tcp().peer_addr() else {
-                        continue;
-                    };
                     match p.stream {
-                        Idle::Plain(s) => {
+                        Idle::Plain(fd) => {
+                            let std = std::net::TcpStream::from(fd);
+                            let Ok(peer) = std.peer_addr() else {
+                                continue;
+                            };
+                            let Ok(s) = TcpStream::from_std(std) else {
+                                continue;
+                            };
                             monoio::spawn(run(w.clone(), s, peer, p.guard, true, now, deadline));
                         }
                         Idle::Tls(s) => {
+                            let Ok(peer) = s.tcp().peer_addr() else {
+                                continue;
+                            };
                             monoio::spawn(run(w.clone(), *s, peer, p.guard, true, now, deadline));
                         }
                     }
@@ -203,5 +223,19 @@ pub async fn run_parker(w: Rc<Worker>) {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parked_connection_costs_one_32_byte_slot() {
+        assert!(
+            std::mem::size_of::<Option<Parked>>() <= 32,
+            "{}",
+            std::mem::size_of::<Option<Parked>>()
+        );
     }
 }
