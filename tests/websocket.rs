@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 /// The integration backend: `$connect` refuses `?deny=1` and answers 200 after N ms with
 /// `?sleep=N`, `echo` echoes (`slow` after 30 ms, `nap` after 1 s), `$default` prefixes,
-/// `silent` answers nothing.
+/// `silent` answers nothing, `big` answers 2000 bytes.
 fn api_backend() -> Origin {
     Origin::start(|r| match r.header("x-route-key") {
         Some("$connect") if r.path.contains("deny=1") => Response::new(403).body("denied by test"),
@@ -46,6 +46,7 @@ fn api_backend() -> Origin {
         Some("slow") => Response::ok(r.body.clone()).delay(Duration::from_millis(30)),
         Some("slower") => Response::ok(r.body.clone()).delay(Duration::from_millis(800)),
         Some("nap") => Response::ok(r.body.clone()).delay(Duration::from_millis(1000)),
+        Some("big") => Response::ok("b".repeat(2000)),
         _ => Response::ok(""),
     })
 }
@@ -85,6 +86,9 @@ integration = {{ type = "http", upstream = "be", path = "/nap" }}
 [[apis.routes]]
 route = "silent"
 integration = {{ type = "http", upstream = "be", path = "/silent" }}
+[[apis.routes]]
+route = "big"
+integration = {{ type = "http", upstream = "be", path = "/big" }}
 "#
     )
 }
@@ -200,6 +204,31 @@ fn messages_never_select_reserved_routes_or_exhaust_the_stack() {
 }
 
 #[test]
+fn an_answer_larger_than_the_message_limit_is_not_sent() {
+    // The limit holds both ways (as for `@connections` posts): the client hears why, the
+    // connection stays open, and the event counts as a 502.
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(
+        be.addr,
+        "websocket = { max_message_bytes = 1000 }",
+    ));
+    let mut ws = open(gw.addr, "/");
+    ws.text(r#"{"action":"big"}"#);
+    let m: serde_json::Value = serde_json::from_str(&ws.recv_text()).unwrap();
+    assert_eq!(
+        m["message"],
+        "Integration response larger than the message limit"
+    );
+    ws.text(r#"{"action":"echo"}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo"}"#);
+    let labels = ["route=\"big\"", "method=\"MESSAGE\"", "status=\"502\""];
+    assert_eq!(
+        metric_value(&gw.metrics(), "ringgate_requests_total", &labels),
+        Some(1.0)
+    );
+}
+
+#[test]
 fn a_message_call_slower_than_its_timeout_says_so() {
     let be = api_backend();
     let cfg = api_config(be.addr, "").replace("timeout_ms = 3000", "timeout_ms = 300")
@@ -300,11 +329,17 @@ fn oversize_closes_with_1009() {
     ws.send(false, op::TEXT, &[b'a'; 100]);
     ws.send(true, op::CONT, &[b'a'; 51]);
     assert_eq!(ws.expect_close(), 1009);
-    // At the limits: fine.
+    // At the limits: fine. The answer (`default:` and the 150 bytes) is over the limit,
+    // which holds both ways: it is not sent, and the client hears why.
     let mut ws = open(gw.addr, "/");
     ws.send(false, op::TEXT, &[b'a'; 100]);
     ws.send(true, op::CONT, &[b'a'; 50]);
-    assert_eq!(ws.recv_text(), format!("default:{}", "a".repeat(150)));
+    assert!(ws
+        .recv_text()
+        .contains("Integration response larger than the message limit"));
+    let d = route_keys(&be, "$default");
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].body, vec![b'a'; 150]);
 }
 
 #[test]
@@ -1914,8 +1949,8 @@ fn shutdown_calls_disconnect_for_a_client_that_does_not_read() {
 #[test]
 fn shutdown_lets_the_message_call_in_flight_answer_before_the_1001() {
     // CONTRACT: SIGTERM finishes in-flight work within `shutdown_timeout_ms` (3000): the
-    // message call answers (1 s), its reply reaches the client, then the 1001 close, then
-    // `$disconnect`.
+    // message call answers (1 s), then the message read meanwhile is called, their replies
+    // reach the client, then the 1001 close, then `$disconnect`.
     let be = api_backend();
     let mut gw = Gateway::start(&api_config(be.addr, ""));
     let mut ws = open(gw.addr, "/");
@@ -1925,6 +1960,9 @@ fn shutdown_lets_the_message_call_in_flight_answer_before_the_1001() {
     )
     .len()
         == 1));
+    // Read by the gateway, waiting its turn behind the call in flight: it is called too.
+    ws.text(r#"{"action":"echo","n":2}"#);
+    thread::sleep(Duration::from_millis(100));
     let t = Instant::now();
     gw.terminate();
     thread::sleep(Duration::from_millis(400));
@@ -1934,6 +1972,7 @@ fn shutdown_lets_the_message_call_in_flight_answer_before_the_1001() {
         "$disconnect before the message call answered"
     );
     assert_eq!(ws.recv_text(), r#"{"action":"nap","n":1}"#);
+    assert_eq!(ws.recv_text(), r#"{"action":"echo","n":2}"#);
     assert!(
         t.elapsed() >= Duration::from_millis(500),
         "{:?}",

@@ -39,7 +39,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Largest integration answer accepted (it becomes one message to the client).
+/// Largest `$connect` or `$disconnect` answer accepted. A message route's answer goes to the
+/// client as one message: it may be at most the API's `max_message_bytes` (and [`MAX_QUEUED`]).
 const MAX_ANSWER: usize = 10 << 20;
 /// Bytes queued toward one client before it counts as not reading (the connection closes).
 const MAX_QUEUED: usize = 8 << 20;
@@ -738,7 +739,10 @@ pub async fn handshake(
             crate::http::encode::push_header(&mut hdrs, b"x-request-id", request_id);
         }
         let query = head.query.map(|q| head.slice(buf, q)).unwrap_or(b"");
-        match call(gw, &t.target, "$connect", id, "", &hdrs, b"", b"", query).await {
+        let call = call(
+            gw, &t.target, "$connect", id, "", &hdrs, b"", b"", query, MAX_ANSWER,
+        );
+        match call.await {
             Ok(a) if (200..300).contains(&a.status) => {
                 // The integration may pick one of the subprotocols the client offered.
                 let offered = head.header(buf, "sec-websocket-protocol").unwrap_or(b"");
@@ -754,7 +758,9 @@ pub async fn handshake(
             Ok(a) if (300..=599).contains(&a.status) => {
                 return Handshake::RefuseWith(a.status, a.body);
             }
-            Ok(_) | Err(client::CallError::Failed) => return Handshake::Refuse(502, "Bad Gateway"),
+            Ok(_) | Err(client::CallError::Failed | client::CallError::TooLarge) => {
+                return Handshake::Refuse(502, "Bad Gateway")
+            }
             // Slower than the upstream's `timeout_ms`: as on HTTP routes.
             Err(client::CallError::Timeout) => {
                 return Handshake::Refuse(504, "Endpoint Request Timed Out")
@@ -838,6 +844,7 @@ async fn call(
     conn_headers: &[u8],
     body: &[u8],
     query: &[u8],
+    max_answer: usize,
 ) -> Result<client::Answer, client::CallError> {
     match t {
         WsTarget::Mock { status, body } => Ok(client::Answer {
@@ -876,7 +883,7 @@ async fn call(
                 );
                 full.as_str()
             };
-            client::post(&gw.upstreams[*upstream], p, &hdrs, body, MAX_ANSWER).await
+            client::post(&gw.upstreams[*upstream], p, &hdrs, body, max_answer).await
         }
     }
 }
@@ -931,9 +938,8 @@ pub async fn run<S: crate::server::ClientIo>(
     let last_in = std::cell::Cell::new(Instant::now());
     let reading_since = std::cell::Cell::new(None::<Instant>);
     let canceller = RefCell::new(monoio::io::Canceller::new());
-    // A message call in flight; set by a drain: return once its reply is queued.
+    // A message call in flight.
     let busy = std::cell::Cell::new(false);
-    let stop_after_message = std::cell::Cell::new(false);
     // Messages read and not yet called, in order, with their bytes; `arrived` wakes the
     // caller, `room` the reader when it waits for the queue to shrink.
     let waiting = RefCell::new(std::collections::VecDeque::<(bool, Vec<u8>)>::new());
@@ -1010,9 +1016,6 @@ pub async fn run<S: crate::server::ClientIo>(
                         return;
                     }
                     let _ = tx.unbounded_send(Out::Frame(f));
-                }
-                if stop_after_message.get() {
-                    return;
                 }
             }
         };
@@ -1190,11 +1193,14 @@ pub async fn run<S: crate::server::ClientIo>(
             };
             if let Some((c, why)) = end {
                 ended_by(c, why);
-                if busy.get() && shared.shutdown.load(Ordering::Relaxed) {
-                    // A drain stops reading but finishes the message call in flight: its reply
-                    // goes out before the close (the guard bounds the wait). The messages
-                    // waiting their turn are not called.
-                    stop_after_message.set(true);
+                if shared.shutdown.load(Ordering::Relaxed)
+                    && (busy.get() || !waiting.borrow().is_empty())
+                {
+                    // A drain stops reading but finishes the messages already read, the one in
+                    // flight and those waiting their turn: their replies go out before the
+                    // close (the guard bounds the wait by `shutdown_timeout_ms`).
+                    reading_done.set(true);
+                    arrived.notify();
                     (&mut caller).await;
                 }
                 let _ = tx.unbounded_send(Out::Close(c, why));
@@ -1249,7 +1255,7 @@ fn event_request_id(id: u64) -> String {
 fn failed_status(e: &client::CallError) -> u16 {
     match e {
         client::CallError::Timeout => 504,
-        client::CallError::Failed => 502,
+        client::CallError::Failed | client::CallError::TooLarge => 502,
     }
 }
 
@@ -1284,6 +1290,7 @@ async fn disconnect(c: &ConnCtx<'_>, events: &impl Events, (code, reason): (u16,
                 c.conn_headers,
                 b"",
                 b"",
+                MAX_ANSWER,
             );
             match Box::pin(call).await {
                 Ok(a) => a.status,
@@ -1367,6 +1374,7 @@ async fn on_message(
                 c.conn_headers,
                 data,
                 b"",
+                c.api.settings.limits.max_message.min(MAX_QUEUED),
             );
             match call.await {
                 Ok(a) if a.body.is_empty() => (a.status, None),
@@ -1376,6 +1384,10 @@ async fn on_message(
                     let what = match e {
                         client::CallError::Timeout => "Endpoint request timed out",
                         client::CallError::Failed => "Internal server error",
+                        // The limit holds both ways, as for `@connections` posts.
+                        client::CallError::TooLarge => {
+                            "Integration response larger than the message limit"
+                        }
                     };
                     let m = format!(
                         "{{\"message\":\"{what}\",\"connectionId\":\"{}\"}}",

@@ -35,11 +35,13 @@ pub enum CallError {
     Timeout,
     /// No target could be reached, or the answer was not valid HTTP (as the proxy's 502).
     Failed,
+    /// The answer was larger than the call allows (its head, or a body over `max_body`).
+    TooLarge,
 }
 
 /// Sends `POST path` with `headers` (complete `name: value\r\n` lines) and `body`; the answer's
 /// body may be at most `max_body` bytes. [`CallError::Timeout`] when the upstream's timeout
-/// passed first, else [`CallError::Failed`].
+/// passed first, [`CallError::TooLarge`] for a larger answer, else [`CallError::Failed`].
 pub async fn post(
     up: &Upstream,
     path: &str,
@@ -123,6 +125,7 @@ pub async fn post(
                 }
                 Err(e) if e.unanswered() && reused => continue,
                 Err(client::ClientError::Timeout) => return Err(CallError::Timeout),
+                Err(client::ClientError::TooLarge) => return Err(CallError::TooLarge),
                 Err(_) => return Err(failure(deadline)),
             }
         }
