@@ -1213,3 +1213,59 @@ fn parked_connections_wake_serve_and_close_with_either_driver() {
         );
     }
 }
+
+/// Reads from `s` until `end` has arrived (or 5 s pass); returns everything read.
+fn read_until_text(s: &mut std::net::TcpStream, end: &str) -> String {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    let mut tmp = [0u8; 4096];
+    while !String::from_utf8_lossy(&out).ends_with(end) {
+        match s.read(&mut tmp) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&tmp[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn interim_answers_are_passed_on_to_http11_clients() {
+    // RFC 9110 15.2: a proxy forwards 1xx answers (103 Early Hints here) to an HTTP/1.1
+    // client, its hop-by-hop headers removed; never to an HTTP/1.0 client; and not 100
+    // Continue, which the gateway answers itself.
+    let origin = Origin::start(|_| {
+        Response::raw(
+            &b"HTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload\r\nConnection: x-hop\r\nX-Hop: 1\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"[..],
+        )
+    });
+    let gw = Gateway::start(&config(origin.addr));
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.write_all(b"GET /page HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let text = read_until_text(&mut s, "final");
+    let (interim, rest) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        interim.starts_with("HTTP/1.1 103 Early Hints\r\n"),
+        "{text}"
+    );
+    assert!(
+        interim.contains("\r\nlink: </app.css>; rel=preload")
+            || interim.contains("\r\nLink: </app.css>; rel=preload"),
+        "{text}"
+    );
+    assert!(!interim.to_ascii_lowercase().contains("x-hop"), "{text}");
+    assert!(rest.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(!text.contains(" 100 "), "{text}");
+    // The connection goes on.
+    s.write_all(b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let text = read_until_text(&mut s, "final");
+    assert!(text.starts_with("HTTP/1.1 103 "), "{text}");
+    // HTTP/1.0: the final answer only.
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.write_all(b"GET /old HTTP/1.0\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let text = read_until_text(&mut s, "final");
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+}

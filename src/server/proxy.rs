@@ -19,6 +19,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Why one attempt at an upstream failed.
+/// Interim (1xx) answers passed on per request; later ones are dropped.
+const MAX_INTERIM: usize = 8;
+
 enum Fail {
     /// Could not connect: always safe to try another target.
     Connect,
@@ -562,12 +565,31 @@ async fn exchange<S: ClientIo>(
         .map(|t| t + CLIENT_WATCH_AFTER)
         .filter(|&t| !early && t < deadline);
     let mut watching = watch_at.is_some();
+    // Interim answers passed on to the client: once one is, the request cannot go to another
+    // target.
+    let mut interim = 0usize;
     loop {
         if !c.b.ubuf.is_empty() {
             match c.b.resp.parse(&c.b.ubuf, c.b.head.method, &hl) {
                 Ok(Status::Complete(n)) => {
-                    // Skip interim responses (the gateway answers Expect itself).
-                    if (100..200).contains(&c.b.resp.status) && c.b.resp.status != 101 {
+                    let status = c.b.resp.status;
+                    if (100..200).contains(&status) && status != 101 {
+                        // RFC 9110 15.2: a proxy passes interim answers on (103 Early Hints,
+                        // 102 Processing), to HTTP/1.1 clients only; not 100 Continue (the
+                        // gateway answers `Expect` itself), and not past a bound.
+                        if status != 100 && c.b.head.minor_version == 1 && interim < MAX_INTERIM {
+                            interim += 1;
+                            let mut out = Vec::with_capacity(n + 32);
+                            encode::push_status_line(&mut out, status);
+                            for (name, value) in c.b.resp.forwardable(&c.b.ubuf) {
+                                encode::push_header(&mut out, name, value);
+                            }
+                            out.extend_from_slice(b"\r\n");
+                            let (res, _) = c.stream.write_all(out).await;
+                            if res.is_err() {
+                                return Err(Fail::Client(499));
+                            }
+                        }
                         c.b.ubuf.drain(..n);
                         continue;
                     }
@@ -624,7 +646,7 @@ async fn exchange<S: ClientIo>(
                 c.b.ubuf = buf.into_inner();
                 match res {
                     Ok(0) | Err(_) => {
-                        return Err(if c.b.ubuf.is_empty() || early {
+                        return Err(if (c.b.ubuf.is_empty() && interim == 0) || early {
                             Fail::BeforeResponse
                         } else {
                             Fail::BadResponse
