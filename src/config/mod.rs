@@ -315,10 +315,34 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let mut server = validate_server(&src, &raw)?;
     let admin = match &raw.admin {
         None => None,
-        Some(a) => Some(AdminConfig {
-            listen: parse_addr(&src, &a.listen, "admin.listen")?,
-            token: a.token.clone().filter(|t| !t.is_empty()),
-        }),
+        Some(a) => {
+            let listen = parse_addr(&src, &a.listen, "admin.listen")?;
+            // Both would bind the port: the start would fail with "address in use".
+            if let Some(s) = server.listen.iter().find(|s| {
+                s.port() == listen.port()
+                    && (s.ip() == listen.ip()
+                        || s.ip().is_unspecified()
+                        || listen.ip().is_unspecified())
+            }) {
+                return Err(src.err(
+                    a.listen.span(),
+                    "admin.listen",
+                    format!("{listen} is already used by server.listen ({s})"),
+                ));
+            }
+            let token =
+                match &a.token {
+                    // An unset template variable must not open the admin API.
+                    Some(t) if t.get_ref().is_empty() => return Err(src.err(
+                        t.span(),
+                        "admin.token",
+                        "is empty: set a token, or remove the key to run the admin API without one",
+                    )),
+                    Some(t) => Some(t.get_ref().clone()),
+                    None => None,
+                };
+            Some(AdminConfig { listen, token })
+        }
     };
     if let Some(t) = &raw.server.tls {
         let mut listen: Vec<SocketAddr> = Vec::new();
@@ -414,7 +438,11 @@ fn validate_server(src: &Source, raw: &RawConfig) -> Result<ServerConfig, Config
     }
     let mut listen = Vec::new();
     for a in &s.listen {
-        listen.push(parse_addr(src, a, "server.listen")?);
+        let addr = parse_addr(src, a, "server.listen")?;
+        if listen.contains(&addr) {
+            return Err(src.err(a.span(), "server.listen", format!("{addr} is listed twice")));
+        }
+        listen.push(addr);
     }
     let io = match s.io.get_ref().as_str() {
         "auto" => IoMode::Auto,
@@ -643,6 +671,34 @@ mod tests {
             e.contains("t.toml:5") && e.contains("duplicate upstream"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn listener_clashes_and_an_empty_admin_token_are_refused() {
+        refused(
+            "[server]\nlisten = [\"127.0.0.1:9000\", \"127.0.0.1:9000\"]\n",
+            "t.toml:2: key `server.listen`: 127.0.0.1:9000 is listed twice",
+        );
+        refused(
+            "[server]\nlisten = [\"127.0.0.1:9000\"]\n[admin]\nlisten = \"127.0.0.1:9000\"\n",
+            "t.toml:4: key `admin.listen`: 127.0.0.1:9000 is already used by server.listen",
+        );
+        refused(
+            "[server]\nlisten = [\"0.0.0.0:9000\"]\n[admin]\nlisten = \"127.0.0.1:9000\"\n",
+            "t.toml:4: key `admin.listen`",
+        );
+        refused(
+            "[admin]\nlisten = \"127.0.0.1:9901\"\ntoken = \"\"\n",
+            "t.toml:3: key `admin.token`: is empty",
+        );
+        assert!(p("[server]\nlisten = [\"127.0.0.1:9000\"]\n[admin]\nlisten = \"127.0.0.1:9001\"\ntoken = \"t\"\n").is_ok());
+        // A plan's usage is read at `/usage-plans/{plan}/usage`: its name is a path segment.
+        for name in ["a/b", "..", ""] {
+            refused(
+                &format!("[[usage_plans]]\nname = \"{name}\"\n"),
+                "t.toml:2: key `usage_plans[0].name`",
+            );
+        }
     }
 
     /// Asserts that config `text` is refused with an error starting with `want`.

@@ -119,7 +119,7 @@ impl Default for RawLimits {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Spanned<String>,
-    pub token: Option<String>,
+    pub token: Option<Spanned<String>>,
 }
 
 /// `[access_log]`.

@@ -315,14 +315,10 @@ fn strip_port(h: &[u8]) -> &[u8] {
 pub(crate) fn route_labels(api: &str, stage: &str, key: &str) -> String {
     format!(
         "api=\"{}\",stage=\"{}\",route=\"{}\"",
-        json_escape_label(api),
-        json_escape_label(stage),
-        json_escape_label(key)
+        crate::metrics::escape_label(api),
+        crate::metrics::escape_label(stage),
+        crate::metrics::escape_label(key)
     )
-}
-
-fn json_escape_label(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
 /// Why no request could ever match route or base path `p`: requests arrive with their path in

@@ -17,6 +17,21 @@ const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// A Prometheus label value: backslash, `"` and line feeds escaped, as the text format asks (a raw
+/// line feed would break the whole scrape).
+pub fn escape_label(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => o.push_str("\\\\"),
+            '"' => o.push_str("\\\""),
+            '\n' => o.push_str("\\n"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
 /// A label set (`api="..",stage="..",route=".."` or an upstream name), interned once per
 /// config: workers find their metric entries by its address.
 #[derive(Clone, Debug)]
@@ -264,7 +279,7 @@ impl Registry {
             write_hist(
                 &mut o,
                 "ringgate_upstream_duration_seconds",
-                &format!("upstream=\"{l}\""),
+                &format!("upstream=\"{}\"", escape_label(l)),
                 h,
             );
         }
@@ -319,6 +334,11 @@ fn write_hist(o: &mut String, name: &str, labels: &str, h: &Hist) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 
     #[test]
     fn merges_workers_and_renders_buckets() {

@@ -219,18 +219,26 @@ impl UsageStore {
                 };
                 let v: serde_json::Value =
                     serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+                if v.get("version").and_then(|v| v.as_u64()) != Some(1) {
+                    return Err(bad("`version` is not 1".to_string()));
+                }
                 let Some(counters) = v.get("counters").and_then(|c| c.as_array()) else {
                     return Err(bad("no `counters` array".to_string()));
                 };
-                for e in counters {
+                for (i, e) in counters.iter().enumerate() {
+                    // An entry that cannot be read would set its key's quota back to 0.
                     let (Some(plan), Some(key), Some(period), Some(idx), Some(used)) = (
                         e["plan"].as_str(),
                         e["key"].as_str(),
                         e["period"].as_str().and_then(Period::parse),
-                        e["index"].as_u64(),
-                        e["used"].as_u64(),
+                        e["index"]
+                            .as_u64()
+                            .filter(|&i| i < (1 << (64 - USED_BITS)) - 1),
+                        e["used"].as_u64().filter(|&u| u <= USED_MASK),
                     ) else {
-                        continue;
+                        return Err(bad(format!(
+                            "counters[{i}] needs `plan` and `key` (strings), `period` (day, week or month), and `index` and `used` (whole numbers)"
+                        )));
                     };
                     map.insert(
                         (plan.to_string(), key.to_string(), period.as_str()),
@@ -259,6 +267,13 @@ impl UsageStore {
             })
             .map_err(|e| format!("cannot start the usage writer: {e}"))?;
         Ok(store)
+    }
+
+    /// Writes `text` as the counts file in `dir`, then opens it (tests).
+    #[cfg(test)]
+    fn open_file_for_test(dir: &Path, text: &str) -> Result<Arc<UsageStore>, String> {
+        std::fs::write(dir.join("usage-plans.json"), text).unwrap();
+        UsageStore::open(dir)
     }
 
     /// The counter of `key` in `plan` (created at 0 when new).
@@ -781,6 +796,24 @@ mod tests {
         let s = UsageStore::open(&dir).unwrap();
         let c = s.counter("basic", "alice", Period::Day);
         assert_eq!(used_in(c.load(Ordering::Relaxed), 100), 5);
+        drop(s);
+        // An entry that cannot be read stops the start: skipping it would reset that quota.
+        let entry = |used: &str| {
+            format!(
+                r#"{{"version":1,"counters":[{{"plan":"basic","key":"alice","period":"day","index":100,"used":{used}}}]}}"#
+            )
+        };
+        assert!(UsageStore::open_file_for_test(&dir, &entry("7")).is_ok());
+        for bad in [
+            entry("\"90\""),
+            entry("-90"),
+            entry("9e1"),
+            r#"{"version":1,"counters":[{"bogus":1}]}"#.to_string(),
+            r#"{"version":99,"counters":[]}"#.to_string(),
+        ] {
+            let e = UsageStore::open_file_for_test(&dir, &bad).err().unwrap();
+            assert!(e.contains("fix or remove it"), "{bad}: {e}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

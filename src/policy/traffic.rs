@@ -356,11 +356,19 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
     for (i, p) in raw.usage_plans.iter().enumerate() {
         let key = |k: &str| format!("usage_plans[{i}].{k}");
         let name = p.name.get_ref().clone();
-        if name.is_empty() || plans.iter().any(|o: &Plan| *o.name == *name) {
+        if !crate::policy::auth::api_key::valid_name(&name) {
+            // Its usage is read at `/usage-plans/{plan}/usage`: the name must be a path segment.
             return Err(src.err(
                 p.name.span(),
                 &key("name"),
-                format!("plan name `{name}` is empty or used twice"),
+                format!("plan name `{name}`: 1-128 letters, digits, `-`, `_`, `.` or `@`, not dots only"),
+            ));
+        }
+        if plans.iter().any(|o: &Plan| *o.name == *name) {
+            return Err(src.err(
+                p.name.span(),
+                &key("name"),
+                format!("plan name `{name}` is used twice"),
             ));
         }
         let mut stages = Vec::new();

@@ -358,7 +358,7 @@ impl Waf {
             let _ = writeln!(
                 o,
                 "ringgate_waf_rule_matches_total{{rule=\"{}\",action=\"{}\"}} {}",
-                r.name.replace('\\', "\\\\").replace('"', "\\\""),
+                crate::metrics::escape_label(&r.name),
                 r.action.as_str(),
                 r.matches.load(Ordering::Relaxed)
             );

@@ -58,12 +58,18 @@ pub fn digest(value: &[u8]) -> [u8; 32] {
     Sha256::digest(value).into()
 }
 
-fn valid_name(n: &str) -> bool {
+/// What a key (or usage plan) name may be: [`NAME_RULE`].
+pub(crate) fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 128
         && n.bytes()
             .all(|c| c.is_ascii_alphanumeric() || b"-_.@".contains(&c))
+        // `.` and `..` could never be named in an admin path (`/api-keys/..`).
+        && n.bytes().any(|c| c != b'.')
 }
+
+/// The key name rule, as error messages state it.
+const NAME_RULE: &str = "a key name is 1-128 letters, digits, `-`, `_`, `.` or `@`, not dots only";
 
 fn valid_value(v: &str) -> bool {
     (MIN_KEY_LEN..=MAX_KEY_LEN).contains(&v.len()) && v.bytes().all(|c| c.is_ascii_graphic())
@@ -75,11 +81,7 @@ pub(super) fn validate_config_key(
     k: &RawApiKey,
 ) -> Result<ApiKey, ConfigError> {
     if !valid_name(k.name.get_ref()) {
-        return Err(src.err(
-            k.name.span(),
-            &format!("api_keys[{i}].name"),
-            "a key name is 1-128 letters, digits, `-`, `_`, `.` or `@`",
-        ));
+        return Err(src.err(k.name.span(), &format!("api_keys[{i}].name"), NAME_RULE));
     }
     if !valid_value(k.value.get_ref()) {
         return Err(src.err(
@@ -232,6 +234,27 @@ impl AuthState {
             Ok(b) => {
                 let f: StoredFile = serde_json::from_slice(&b)
                     .map_err(|e| format!("{}: not a valid key file: {e}", file.display()))?;
+                // An entry that cannot be used would make its key vanish without a word.
+                let bad = |why: String| {
+                    format!(
+                        "{}: not a valid key file ({why}); fix or remove it",
+                        file.display()
+                    )
+                };
+                if f.version != 1 {
+                    return Err(bad(format!(
+                        "version {} (this gateway writes 1)",
+                        f.version
+                    )));
+                }
+                for (i, k) in f.keys.iter().enumerate() {
+                    if unhex32(&k.sha256).is_none() {
+                        return Err(bad(format!("keys[{i}].sha256 is not a hex SHA-256 digest")));
+                    }
+                    if !valid_name(&k.name) {
+                        return Err(bad(format!("keys[{i}].name: {NAME_RULE}")));
+                    }
+                }
                 f.keys
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -346,9 +369,7 @@ impl AuthState {
         enabled: bool,
     ) -> Result<String, KeyError> {
         if !valid_name(name) {
-            return Err(KeyError::Invalid(
-                "name: 1-128 letters, digits, `-`, `_`, `.` or `@`".into(),
-            ));
+            return Err(KeyError::Invalid(format!("name: {NAME_RULE}")));
         }
         if plans.iter().any(|p| p.is_empty() || p.len() > 128) || plans.len() > 64 {
             return Err(KeyError::Invalid(
@@ -600,6 +621,33 @@ mod tests {
         std::fs::write(dir.join("api_keys.json"), old).unwrap();
         let st4 = AuthState::new(&dir, &[]).unwrap();
         assert_eq!(&*st4.keys().by_name("old").unwrap().usage_id, "old");
+        // An entry that cannot be used stops the start rather than vanishing quietly.
+        for (file, want) in [
+            (
+                r#"{"version":1,"keys":[{"name":"x","enabled":true,"sha256":"not-a-digest"}]}"#,
+                "keys[0].sha256",
+            ),
+            (r#"{"version":99,"keys":[]}"#, "version 99"),
+        ] {
+            std::fs::write(dir.join("api_keys.json"), file).unwrap();
+            let e = AuthState::new(&dir, &[]).err().unwrap();
+            assert!(e.contains(want) && e.contains("fix or remove it"), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn dot_only_names_are_refused() {
+        let dir = std::env::temp_dir().join(format!("rg-keys-dots-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let st = AuthState::new(&dir, &[]).unwrap();
+        for n in [".", "..", "..."] {
+            assert!(
+                matches!(st.add(n, vec![], None, true), Err(KeyError::Invalid(_))),
+                "{n}"
+            );
+        }
+        assert!(st.add("a.b", vec![], None, true).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
