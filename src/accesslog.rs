@@ -215,21 +215,30 @@ impl LocalLog {
     }
 }
 
-/// Appends `s` to `out` as the inside of a JSON string.
+/// Appends `s` to `out` as the inside of a JSON string: UTF-8 text as it is (`"`, backslash and
+/// control characters escaped); a byte that is not part of valid UTF-8 as `\u00XX`, so the
+/// line stays valid JSON.
 pub fn push_json_str(out: &mut Vec<u8>, s: &[u8]) {
-    for &c in s {
-        match c {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0x00..=0x1f | 0x7f..=0xff => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[(c >> 4) as usize]);
-                out.push(HEX[(c & 15) as usize]);
+    for chunk in s.utf8_chunks() {
+        for &c in chunk.valid().as_bytes() {
+            match c {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                0x00..=0x1f | 0x7f => push_u00(out, c),
+                _ => out.push(c),
             }
-            _ => out.push(c),
+        }
+        for &c in chunk.invalid() {
+            push_u00(out, c);
         }
     }
+}
+
+fn push_u00(out: &mut Vec<u8>, c: u8) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.extend_from_slice(b"\\u00");
+    out.push(HEX[(c >> 4) as usize]);
+    out.push(HEX[(c & 15) as usize]);
 }
 
 #[cfg(test)]
@@ -241,5 +250,13 @@ mod tests {
         let mut o = Vec::new();
         push_json_str(&mut o, b"a\"b\\c\n\xff");
         assert_eq!(o, br#"a\"b\\c\u000a\u00ff"#);
+        // UTF-8 text stays as it is (no mojibake); a stray byte in it is escaped.
+        o.clear();
+        push_json_str(&mut o, "caf\u{e9} \u{2603}\x7f".as_bytes());
+        assert_eq!(o, "caf\u{e9} \u{2603}\\u007f".as_bytes());
+        o.clear();
+        push_json_str(&mut o, b"a\xc3b\xe2\x98\x83");
+        assert_eq!(o, "a\\u00c3b\u{2603}".as_bytes());
+        assert!(serde_json::from_slice::<String>(&[b"\"", &o[..], b"\""].concat()).is_ok());
     }
 }
