@@ -758,3 +758,43 @@ fn admin_refuses_with_503_when_512_connections_are_busy() {
         );
     }
 }
+
+#[test]
+fn admin_405_names_the_allowed_methods_and_two_authorization_fields_are_refused() {
+    let cfg = format!(
+        "{}\n{}",
+        HEADER.replace(
+            "listen = \"@ADMIN@\"",
+            "listen = \"@ADMIN@\"\ntoken = \"s3cret-token\""
+        ),
+        config(dead_addr())
+    );
+    let gw = Gateway::start(&cfg);
+    let a = gw.admin_addr;
+    let auth = Some("Bearer s3cret-token");
+    for (method, path, allow) in [
+        ("POST", "/metrics", "GET"),
+        ("GET", "/reload", "POST"),
+        ("PUT", "/api-keys", "GET, POST"),
+        ("POST", "/api-keys/bob", "DELETE, GET"),
+        ("PUT", "/@connections/0123456789abcdef", "DELETE, GET, POST"),
+        ("POST", "/dashboard", "GET"),
+    ] {
+        let r = admin_request(a, method, path, auth).unwrap();
+        assert_eq!(r.status, 405, "{method} {path}");
+        assert_eq!(r.header("allow"), Some(allow), "{method} {path}");
+    }
+    // The right token, then a wrong one (or the other way round): ambiguous, refused.
+    for two in [
+        "Bearer s3cret-token\r\nAuthorization: Bearer wrong",
+        "Bearer wrong\r\nAuthorization: Bearer s3cret-token",
+    ] {
+        let r = admin_request(a, "GET", "/metrics", Some(two)).unwrap();
+        assert_eq!(r.status, 400, "{two}");
+        assert!(r.message().contains("more than one Authorization"), "{two}");
+    }
+    assert_eq!(
+        admin_request(a, "GET", "/metrics", auth).unwrap().status,
+        200
+    );
+}

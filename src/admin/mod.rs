@@ -175,7 +175,7 @@ fn refuse(mut s: TcpStream) {
         }
     }
     let r = json(503, "Service Unavailable: too many admin connections");
-    let _ = s.write_all(&reply_bytes(&r, false));
+    let _ = s.write_all(&reply_bytes(&r, false, None));
     let _ = s.shutdown(Shutdown::Write);
 }
 
@@ -242,7 +242,7 @@ fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> io::Res
 /// Writes an error answer and closes; the client's unread bytes are read (for a moment)
 /// so that the close does not reset the connection before the client reads the answer.
 fn fail(s: &mut TcpStream, r: &Reply) -> io::Result<()> {
-    write_reply(s, r, false)?;
+    write_reply(s, r, false, None)?;
     let _ = s.shutdown(Shutdown::Write);
     let deadline = Instant::now() + Duration::from_secs(1);
     let mut sink = Vec::with_capacity(8192);
@@ -322,6 +322,13 @@ fn serve_conn(mut s: TcpStream, shared: &Shared, slot: &Slot) -> io::Result<()> 
                 .map(|v| ct_eq(v, t.as_bytes()))
                 .unwrap_or(false),
         };
+        // Two `Authorization` fields: which one counts is ambiguous (proxy routes refuse it too).
+        if head.header_count(&buf, "authorization") > 1 {
+            return fail(
+                &mut s,
+                &json(400, "Bad Request: more than one Authorization field"),
+            );
+        }
         // The dashboard page may carry the token as `?token=` (a browser cannot set a header).
         let authorized = authorized
             || dashboard::page_authorized(shared, &path, head.query.map(|q| head.slice(&buf, q)));
@@ -424,7 +431,12 @@ fn serve_conn(mut s: TcpStream, shared: &Shared, slot: &Slot) -> io::Result<()> 
         };
         let keep = head.keep_alive;
         slot.waiting();
-        write_reply(&mut s, &reply, keep)?;
+        let allow = if reply.status == 405 {
+            allowed_methods(&path)
+        } else {
+            None
+        };
+        write_reply(&mut s, &reply, keep, allow)?;
         if !keep {
             return Ok(());
         }
@@ -534,11 +546,29 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
     }
 }
 
-fn write_reply(s: &mut TcpStream, r: &Reply, keep: bool) -> io::Result<()> {
-    s.write_all(&reply_bytes(r, keep))
+fn write_reply(
+    s: &mut TcpStream,
+    r: &Reply,
+    keep: bool,
+    allow: Option<&'static str>,
+) -> io::Result<()> {
+    s.write_all(&reply_bytes(r, keep, allow))
 }
 
-fn reply_bytes(r: &Reply, keep: bool) -> Vec<u8> {
+/// The methods an admin path takes, for the `Allow` field of a 405 (RFC 9110 15.5.6).
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    Some(match path {
+        "/healthz" | "/metrics" | "/dashboard" | "/dashboard/data" => "GET",
+        "/reload" | "/cache/invalidate" => "POST",
+        "/api-keys" => "GET, POST",
+        p if p.starts_with("/api-keys/") => "DELETE, GET",
+        p if p.starts_with("/@connections/") => "DELETE, GET, POST",
+        p if p.starts_with("/usage-plans/") => "GET",
+        _ => return None,
+    })
+}
+
+fn reply_bytes(r: &Reply, keep: bool, allow: Option<&'static str>) -> Vec<u8> {
     let mut out = Vec::with_capacity(r.body.len() + 256);
     encode::push_status_line(&mut out, r.status);
     encode::push_header(&mut out, b"content-type", r.ctype.as_bytes());
@@ -550,6 +580,9 @@ fn reply_bytes(r: &Reply, keep: bool) -> Vec<u8> {
     }
     if r.status == 401 {
         out.extend_from_slice(b"www-authenticate: Bearer\r\n");
+    }
+    if let Some(a) = allow {
+        encode::push_header(&mut out, b"allow", a.as_bytes());
     }
     if r.status == 429 {
         // `@connections`: the client's queue is full; it drains as the client reads.
