@@ -132,6 +132,47 @@ route = "GET /t"
 }
 
 #[test]
+fn server_throttle_counts_requests_that_match_no_route() {
+    // As nginx's limit_req in the server block or an account-level throttle: 404s and 405s
+    // spend the gateway's tokens too, so a scan cannot run past it.
+    let gw = Gateway::start(&format!(
+        r#"
+[server]
+listen = ["@LISTEN@"]
+workers = 1
+state_dir = "@DIR@/state"
+throttle = {{ rate = 0.5, burst = 3 }}
+[admin]
+listen = "@ADMIN@"
+[[apis]]
+name = "a"
+[[apis.routes]]
+route = "GET /t"
+{MOCK}
+"#
+    ));
+    let mut c = Client::connect(gw.addr);
+    assert_eq!(get_on(&mut c, "/nowhere", "").status, 404);
+    c.send(b"POST /t HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 405);
+    assert_eq!(get_on(&mut c, "/t", "").status, 200);
+    let r = get_on(&mut c, "/nowhere", "");
+    assert_eq!(r.status, 429);
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(get_on(&mut c, "/t", "").status, 429);
+    let m = gw.metrics();
+    assert_eq!(
+        metric_value(
+            &m,
+            "ringgate_throttled_total",
+            &["api=\"\"", "reason=\"server\""]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[test]
 fn stage_throttle_is_shared_by_its_routes() {
     let gw = Gateway::start(&format!(
         r#"

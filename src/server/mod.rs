@@ -932,8 +932,8 @@ async fn route_and_run<S: ClientIo>(
                 path_route(gw, c)
             };
             traffic::push_unrouted_cors(gw, c, id);
-            if gw.config.traffic.waf.active() {
-                if let Some(out) = traffic::unrouted_ip_refused(w, gw, c).await {
+            if gw.config.traffic.any {
+                if let Some(out) = traffic::unrouted_refused(w, gw, c).await {
                     return (out, None);
                 }
             }

@@ -110,27 +110,37 @@ async fn too_many<S: ClientIo>(
     reject(w, c, 429, "Too Many Requests", keep).await
 }
 
-/// The WAF's IP lists and per-IP rate for a request that matched no route: a denied address
-/// gets 403 whatever path it asks for (as a WAF in front of the gateway would), not a 404 that
-/// maps the API; an address past `rate_per_ip` gets 429 (reason `ip`, counted with empty
-/// labels), so a scanner's 404s are limited like any other request.
-pub(super) async fn unrouted_ip_refused<S: ClientIo>(
+/// The gateway-wide stages for a request that matched no route: the WAF's IP lists and
+/// per-IP rate, then `server.throttle`. A denied address gets 403 whatever path it asks for
+/// (as a WAF in front of the gateway would), not a 404 that maps the API; an address past
+/// `rate_per_ip` gets 429 (reason `ip`), and so does any request past the gateway's own
+/// throttle (reason `server`), both counted with empty labels: a scanner's 404s are limited
+/// like any other request.
+pub(super) async fn unrouted_refused<S: ClientIo>(
     w: &Rc<Worker>,
     gw: &Arc<Gateway>,
     c: &mut Conn<S>,
 ) -> Option<Outcome> {
     let t = &gw.config.traffic;
-    if !t.waf.active() {
-        return None;
-    }
-    match t.waf.check_ip(c.peer.ip(), now_ns()) {
-        Verdict::Pass => None,
-        Verdict::Forbidden => {
-            let keep = body_skippable(c);
-            Some(reject(w, c, 403, "Forbidden", keep).await)
+    let now = now_ns();
+    if t.waf.active() {
+        match t.waf.check_ip(c.peer.ip(), now) {
+            Verdict::Pass => {}
+            Verdict::Forbidden => {
+                let keep = body_skippable(c);
+                return Some(reject(w, c, 403, "Forbidden", keep).await);
+            }
+            Verdict::Throttled(wait) => {
+                return Some(too_many(w, c, &t.unrouted, Reason::Ip, wait).await)
+            }
         }
-        Verdict::Throttled(wait) => Some(too_many(w, c, &t.unrouted, Reason::Ip, wait).await),
     }
+    if let Some(b) = &t.server {
+        if let Err(wait) = b.check(now) {
+            return Some(too_many(w, c, &t.unrouted, Reason::Server, wait).await);
+        }
+    }
+    None
 }
 
 /// The CORS headers of an actual request's answer (into `extra`): the allowed origin's, or
