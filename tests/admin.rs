@@ -314,6 +314,14 @@ fn access_log_writes_one_json_object_per_request() {
         405,
         r.header("x-request-id").unwrap().to_string(),
     ));
+    // Refused while the head was read (as nginx logs its 400s): the target as sent.
+    for (target, id) in [("/x/../etc/passwd", "refused-1"), ("/a%2fb", "refused-2")] {
+        let r = gw.request(&format!(
+            "GET {target} HTTP/1.1\r\nHost: t\r\nX-Request-Id: {id}\r\n\r\n"
+        ));
+        assert_eq!(r.status, 400, "{target}");
+        expected.push(("GET", target.to_string(), 400, id.to_string()));
+    }
 
     let path = gw.dir.join("access.log");
     let mut text = String::new();

@@ -586,6 +586,11 @@ pub(crate) async fn run<S: ClientIo>(
                 if let Ok(mut m) = w.metrics.lock() {
                     m.count_request(&w.unmatched.0, method, status);
                 }
+                // And logged, as nginx logs its 400s: what was sent matters to whoever
+                // watches for attacks.
+                if let Some(log) = &w.log {
+                    write_refused_log_line(&w, &mut log.borrow_mut(), &c, method, status);
+                }
                 break;
             }
         }
@@ -1334,6 +1339,33 @@ fn write_log_line<S: ClientIo>(
         let _ = write!(b, "{u}");
         b.push(b'"');
     }
+    b.extend_from_slice(b"}\n");
+    log.line_done();
+}
+
+/// The access log line of a request refused before its head could be served (400, 408, 431):
+/// the method label and the request-target as sent on the request line (cut at 2 KiB), no
+/// route and no duration.
+fn write_refused_log_line<S: ClientIo>(
+    w: &Worker,
+    log: &mut LocalLog,
+    c: &Conn<S>,
+    method: &str,
+    status: u16,
+) {
+    let line_end =
+        c.b.rbuf
+            .iter()
+            .position(|&b| b == b'\n')
+            .unwrap_or(c.b.rbuf.len());
+    let line = &c.b.rbuf[..line_end];
+    let target = line.split(|&b| b == b' ').nth(1).unwrap_or(b"");
+    let b = log.buf();
+    log_line_start(w, b, &c.reqid[..c.reqid_len], c.peer.ip(), S::TLS);
+    b.extend_from_slice(method.as_bytes());
+    b.extend_from_slice(b"\",\"path\":\"");
+    push_json_str(b, &target[..target.len().min(2048)]);
+    log_status_and_duration(b, status, Duration::ZERO);
     b.extend_from_slice(b"}\n");
     log.line_done();
 }
