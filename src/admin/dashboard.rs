@@ -101,13 +101,21 @@ impl Ring {
     }
 
     /// Records `snap` taken at `now` and returns the baseline to compare it with: the newest
-    /// sample at least [`WINDOW`] old, else the oldest one (None on the first call).
+    /// sample at least [`WINDOW`] old, else the oldest one (None on the first call). A
+    /// baseline much older than the window (nobody polled for a while) is not used: the next
+    /// sample after it is, else none, so traffic that ended long ago never shows as recent.
     fn push(&self, now: Instant, cur: &Sample) -> Option<Sample> {
         let mut r = self.samples.lock().unwrap_or_else(|e| e.into_inner());
         while r.len() >= 2 && now.saturating_duration_since(r[1].at) >= WINDOW {
             r.pop_front();
         }
-        let base = r.front().filter(|s| s.at < now).cloned();
+        let stale = |s: &Sample| now.saturating_duration_since(s.at) > WINDOW * 3 / 2;
+        let base = match r.front() {
+            Some(f) if stale(f) => r.get(1),
+            f => f,
+        }
+        .filter(|s| s.at < now)
+        .cloned();
         let due = r
             .back()
             .is_none_or(|b| now.saturating_duration_since(b.at) >= MIN_GAP);
@@ -121,7 +129,8 @@ impl Ring {
     }
 }
 
-/// Splits `api="..",stage="..",route=".."` into its three values (unescaping `\"` and `\\`).
+/// Splits `api="..",stage="..",route=".."` into its three values (undoing
+/// [`crate::metrics::escape_label`]).
 fn parse_labels(s: &str) -> (String, String, String) {
     let mut vals: [String; 3] = Default::default();
     let mut rest = s;
@@ -133,11 +142,11 @@ fn parse_labels(s: &str) -> (String, String, String) {
         let mut end = rest.len();
         while let Some((j, c)) = chars.next() {
             match c {
-                '\\' => {
-                    if let Some((_, n)) = chars.next() {
-                        out.push(n);
-                    }
-                }
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => out.push('\n'),
+                    Some((_, n)) => out.push(n),
+                    None => {}
+                },
                 '"' => {
                     end = j + 1;
                     break;
@@ -381,10 +390,22 @@ mod tests {
             .unwrap();
         assert_eq!(b_doc["rate_per_s"], 2.0, "{d}");
 
-        // Much later, the baseline moves up but stays at least one sample behind.
+        // Much later (nobody polled for 28 s): the old baseline is not used, so the 4
+        // requests of long ago do not show as recent; the next poll compares with this one.
         let d = build(&reg.snapshot(), t0 + Duration::from_secs(30), &ring, 0, 0);
+        assert!(d["recent"].is_null(), "{d}");
+        let d = build(&reg.snapshot(), t0 + Duration::from_secs(31), &ring, 0, 0);
         assert_eq!(d["recent"]["requests"], 0, "{d}");
-        assert_eq!(d["recent"]["seconds"], 28.0, "{d}");
+        assert_eq!(d["recent"]["seconds"], 1.0, "{d}");
+        // Polled every second from then on: the window grows back to ~10 s.
+        for i in 32..=45 {
+            let d = build(&reg.snapshot(), t0 + Duration::from_secs(i), &ring, 0, 0);
+            let secs = d["recent"]["seconds"].as_f64().unwrap();
+            assert!(secs <= 15.0, "{i}: {d}");
+            if i == 45 {
+                assert!((10.0..=11.0).contains(&secs), "{d}");
+            }
+        }
     }
 
     #[test]
