@@ -536,3 +536,33 @@ integration = { type = "mock", status = 200, body = "first" }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sigusr2_is_ignored_and_sigquit_drains_as_nginx_users_expect() {
+    // nginx: USR2 upgrades the binary (not done here: it must not kill the gateway, as the
+    // default action would), QUIT stops gracefully (a drain, as SIGTERM).
+    let origin = Origin::start(|r| {
+        if r.path.starts_with("/p/slow") {
+            Response::ok("slow done").delay(Duration::from_millis(600))
+        } else {
+            Response::ok("fast")
+        }
+    });
+    let mut gw = Gateway::start(&drain_config(origin.addr, 3000));
+    gw.kill_sig("USR2");
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(gw.get("/p/fast").status, 200, "{}", gw.stderr());
+    assert!(gw.stderr().contains("SIGUSR2 ignored"), "{}", gw.stderr());
+    let addr = gw.addr;
+    let slow = thread::spawn(move || roundtrip(addr, b"GET /p/slow HTTP/1.1\r\nHost: t\r\n\r\n"));
+    assert!(wait_until(Duration::from_secs(2), || origin
+        .request_count()
+        == 2));
+    gw.kill_sig("QUIT");
+    let r = slow.join().unwrap().expect("the in-flight request failed");
+    assert_eq!(r.text(), "slow done");
+    let st = gw
+        .wait_exit(Duration::from_secs(4))
+        .expect("did not exit within shutdown_timeout");
+    assert_eq!(st.code(), Some(0), "{}", gw.stderr());
+}

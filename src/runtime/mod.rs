@@ -29,8 +29,8 @@ const RING_ENTRIES: u32 = 1024;
 /// [`crate::cache::store::resident_bytes`].
 pub const MMAP_THRESHOLD: usize = 1000;
 
-/// Runs the gateway until SIGTERM/SIGINT (SIGHUP reloads, SIGUSR1 reopens the access log file,
-/// as nginx does after a rotation); returns an error line when it
+/// Runs the gateway until SIGTERM/SIGINT/SIGQUIT (SIGHUP reloads, SIGUSR1 reopens the access
+/// log file, as nginx does after a rotation; SIGUSR2 is ignored); returns an error line when it
 /// cannot start. This is the `ringgate` command: it also sets process-wide allocator tunables
 /// ([`MMAP_THRESHOLD`]). An embedder that keeps its own signals uses [`start`].
 pub fn run(config: Config) -> Result<(), String> {
@@ -48,7 +48,12 @@ pub fn run(config: Config) -> Result<(), String> {
         signal_hook::consts::SIGHUP,
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        // nginx's graceful stop: drains here too.
+        signal_hook::consts::SIGQUIT,
         signal_hook::consts::SIGUSR1,
+        // nginx's binary upgrade, which ringgate does not do: said and ignored, rather than
+        // the default action (an exit with no drain, losing the last quota counts).
+        signal_hook::consts::SIGUSR2,
     ])
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let gw = start(config)?;
@@ -58,6 +63,9 @@ pub fn run(config: Config) -> Result<(), String> {
                 let _ = reload_and_log(&gw.shared, "");
             }
             signal_hook::consts::SIGUSR1 => gw.reopen_logs(),
+            signal_hook::consts::SIGUSR2 => crate::elog!(
+                "ringgate: SIGUSR2 ignored (no binary upgrade: start the new binary beside this one, then SIGTERM this one)"
+            ),
             _ => {
                 crate::elog!("ringgate: draining (signal {sig})");
                 break;
