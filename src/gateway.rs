@@ -77,6 +77,28 @@ impl StartSettings {
     }
 }
 
+/// Why `config` cannot serve the keys added at run time: a key's plan is not defined (the key
+/// would be refused everywhere, still listing it), or two of its plans cover one API stage.
+fn runtime_key_plans_error(
+    auth: &crate::policy::auth::AuthState,
+    config: &Config,
+) -> Option<String> {
+    for k in auth.keys().keys() {
+        if k.source != crate::policy::auth::api_key::KeySource::Admin {
+            continue;
+        }
+        if let Some(e) = config.traffic.plans.key_plans_error(&k.plans) {
+            return Some(format!(
+                "{}: key `{}` added at run time: {e} (adjust the plans, or delete the key first with DELETE /api-keys/{})",
+                config.path.display(),
+                k.name,
+                k.name
+            ));
+        }
+    }
+    None
+}
+
 impl Shared {
     /// Builds the shared state around a first, already validated config.
     pub fn new(mut config: Config, access_log: Option<AccessLog>) -> Result<Arc<Shared>, String> {
@@ -97,6 +119,10 @@ impl Shared {
         config.traffic.plans.bind(&usage);
         let auth =
             crate::policy::auth::AuthState::new(&config.server.state_dir, &config.auth.api_keys)?;
+        // As a reload would be: a run-time key's plans must all exist, one per API stage.
+        if let Some(e) = runtime_key_plans_error(&auth, &config) {
+            return Err(e);
+        }
         config.auth.start();
         let health = HealthRegistry::default();
         let upstreams = Upstream::build_all(&config.upstreams, &health);
@@ -201,18 +227,10 @@ impl Shared {
             ));
             new.server.state_dir = run.state_dir.clone();
         }
-        // A run-time key may not end up in two plans of one stage (as a config key may not).
-        for k in self.auth.keys().keys() {
-            if k.source != crate::policy::auth::api_key::KeySource::Admin {
-                continue;
-            }
-            if let Some(e) = new.traffic.plans.overlap_error(&k.plans) {
-                return Err(ConfigError(format!(
-                    "{}: key `{}` added at run time: {e} (change the plans, or delete the key and create it again)",
-                    self.config_path.display(),
-                    k.name
-                )));
-            }
+        // A run-time key may not lose a plan, nor end up in two plans of one stage (as a
+        // config key may not).
+        if let Some(e) = runtime_key_plans_error(&self.auth, &new) {
+            return Err(ConfigError(e));
         }
         // Last check, and the first change: the config's keys may not shadow run-time keys.
         self.auth

@@ -1445,6 +1445,25 @@ plans = ["gold", "bronze"]
             && m.contains("`shop/prod`"),
         "{m}"
     );
+    // So is one that drops a plan the run-time key holds (it would be refused everywhere,
+    // still listing the plan), and so would a start be.
+    gw.write_config(
+        &plans
+            .replace(
+                "[[usage_plans]]\nname = \"bronze\"\napis = [\"shop/test\"]\n",
+                "",
+            )
+            .replace("plans = [\"gold\", \"bronze\"]", "plans = [\"gold\"]"),
+    );
+    let r = admin_json(gw.admin_addr, "POST", "/reload", "");
+    assert_eq!(r.status, 400, "{}", r.text());
+    let m = r.message();
+    assert!(
+        m.contains("`ok`")
+            && m.contains("`bronze` is not defined")
+            && m.contains("DELETE /api-keys/ok"),
+        "{m}"
+    );
     gw.write_config(plans);
     let r = admin_json(gw.admin_addr, "POST", "/reload", "");
     assert_eq!(r.status, 200, "{}", r.text());
