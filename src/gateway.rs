@@ -118,7 +118,15 @@ impl Shared {
         };
         config.traffic.plans.bind(&usage);
         let auth =
-            crate::policy::auth::AuthState::new(&config.server.state_dir, &config.auth.api_keys)?;
+            crate::policy::auth::AuthState::new(&config.server.state_dir, &config.auth.api_keys)
+                .map_err(|e| {
+                    // A config key that would shadow a run-time one: named as a config error.
+                    if e.starts_with("key `") {
+                        crate::config::locate_message(&config.path, &e)
+                    } else {
+                        e
+                    }
+                })?;
         // As a reload would be: a run-time key's plans must all exist, one per API stage.
         if let Some(e) = runtime_key_plans_error(&auth, &config) {
             return Err(e);
@@ -235,7 +243,7 @@ impl Shared {
         // Last check, and the first change: the config's keys may not shadow run-time keys.
         self.auth
             .set_config_keys(&new.auth.api_keys)
-            .map_err(|e| ConfigError(format!("{}: {e}", self.config_path.display())))?;
+            .map_err(|e| ConfigError(crate::config::locate_message(&self.config_path, &e)))?;
         let upstreams = Upstream::build_all(&new.upstreams, &self.health);
         new.auth.start();
         self.caches.prune(&new.routes);

@@ -1738,6 +1738,14 @@ fn a_reload_cannot_shadow_a_run_time_key() {
             m.contains(want) && m.contains("carol") && m.contains("run time"),
             "{m}"
         );
+        // Named as every config error: file, line, key (the line of that key's table).
+        let line = m
+            .split_once(".toml:")
+            .and_then(|(_, r)| r.split_once(": key `"))
+            .map(|(n, _)| n.to_string())
+            .unwrap_or_default();
+        let cfg_line = cfg.lines().position(|l| l == "[[api_keys]]").unwrap();
+        assert!(line.parse::<usize>().is_ok_and(|n| n > cfg_line), "{m}");
         // The old config stays: no new route, the run-time key unchanged.
         assert_eq!(gw.get("/new").status, 404);
         let r = get_with(&gw, "/required", &[("x-api-key", mine)]);

@@ -165,12 +165,14 @@ fn a_bad_access_log_path_stops_the_start_with_one_line_naming_it() {
     let l = lines(&err);
     assert_eq!(l.len(), 1, "stderr:\n{err}");
     assert!(l[0].contains("/no/such/dir/access.log"), "{err}");
+    // With the line of the key, as every config error.
+    assert!(l[0].contains(":9: key `access_log.path`"), "{err}");
     // --check says so too.
     let (out, _) = check(&cfg);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {err}");
     assert!(err.contains("/no/such/dir/access.log"), "{err}");
-    assert!(err.contains("access_log.path"), "{err}");
+    assert!(err.contains(":9: key `access_log.path`"), "{err}");
     assert_eq!(lines(&err).len(), 1, "{err}");
 }
 

@@ -107,6 +107,23 @@ pub(crate) fn serde_path(path: &serde_path_to_error::Path) -> Vec<Segment> {
         .collect()
 }
 
+/// A message about a key (`key `K`: ...`), made after the config was loaded (a path check at
+/// start, a reload refused for the run-time keys), as config errors are: `FILE:LINE: key ...`,
+/// the line found by reading the file again (`FILE: ...` when it cannot be).
+pub fn locate_message(file: &std::path::Path, msg: &str) -> String {
+    let line = msg
+        .strip_prefix("key `")
+        .and_then(|r| r.split_once('`'))
+        .and_then(|(key, _)| {
+            let text = std::fs::read_to_string(file).ok()?;
+            offset_of(&text, &split_key(key)).map(|o| text[..o].matches('\n').count() + 1)
+        });
+    match line {
+        Some(l) => format!("{}:{l}: {msg}", file.display()),
+        None => format!("{}: {msg}", file.display()),
+    }
+}
+
 /// Byte offset in `text` of the key at `path`, or of the nearest enclosing key or table that
 /// the file has. `None` when the file does not parse or holds none of the path.
 pub(crate) fn offset_of(text: &str, path: &[Segment]) -> Option<usize> {

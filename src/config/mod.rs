@@ -6,6 +6,7 @@
 //! the [`RouteTable`]. Every error names the file, the line and the key.
 
 mod locate;
+pub use locate::locate_message;
 pub mod raw;
 mod routes;
 
@@ -238,7 +239,8 @@ impl Config {
     /// made one, and the access log file can be opened or made. The error is one line naming
     /// the config file, the key and the path.
     pub fn check_paths(&self) -> Result<(), String> {
-        let err = |key: &str, msg: String| format!("{}: key `{key}`: {msg}", self.path.display());
+        let err =
+            |key: &str, msg: String| locate_message(&self.path, &format!("key `{key}`: {msg}"));
         let dir = &self.server.state_dir;
         match std::fs::metadata(dir) {
             Ok(m) if !m.is_dir() => {
