@@ -124,15 +124,8 @@ pub(super) async fn unrouted_refused<S: ClientIo>(
     let t = &gw.config.traffic;
     let now = now_ns();
     if t.waf.active() {
-        match t.waf.check_ip(c.peer.ip(), now) {
-            Verdict::Pass => {}
-            Verdict::Forbidden => {
-                let keep = body_skippable(c);
-                return Some(reject(w, c, 403, "Forbidden", keep).await);
-            }
-            Verdict::Throttled(wait) => {
-                return Some(too_many(w, c, &t.unrouted, Reason::Ip, wait).await)
-            }
+        if let Some(out) = ip_refused(w, c, t, &t.unrouted, now).await {
+            return Some(out);
         }
     }
     if let Some(b) = &t.server {
@@ -141,6 +134,25 @@ pub(super) async fn unrouted_refused<S: ClientIo>(
         }
     }
     None
+}
+
+/// The WAF's IP lists and per-IP rate: 403 for a denied address, 429 (reason `ip`, counted
+/// under `rt`) past the rate.
+async fn ip_refused<S: ClientIo>(
+    w: &Rc<Worker>,
+    c: &mut Conn<S>,
+    t: &crate::policy::Traffic,
+    rt: &crate::policy::RouteTraffic,
+    now: u64,
+) -> Option<Outcome> {
+    match t.waf.check_ip(c.peer.ip(), now) {
+        Verdict::Pass => None,
+        Verdict::Forbidden => {
+            let keep = body_skippable(c);
+            Some(reject(w, c, 403, "Forbidden", keep).await)
+        }
+        Verdict::Throttled(wait) => Some(too_many(w, c, rt, Reason::Ip, wait).await),
+    }
 }
 
 /// The CORS headers of an actual request's answer (into `extra`): the allowed origin's, or
@@ -203,13 +215,8 @@ pub(super) async fn before<S: ClientIo>(
 
     // WAF: IP lists, per-IP rate, rules.
     if t.waf.active() {
-        match t.waf.check_ip(c.peer.ip(), now) {
-            Verdict::Pass => {}
-            Verdict::Forbidden => {
-                let keep = body_skippable(c);
-                return Some(reject(w, c, 403, "Forbidden", keep).await);
-            }
-            Verdict::Throttled(wait) => return Some(too_many(w, c, rt, Reason::Ip, wait).await),
+        if let Some(out) = ip_refused(w, c, t, rt, now).await {
+            return Some(out);
         }
         if !t.waf.rules.is_empty() {
             // The payload the `body` rules see: a chunked body's decoded first
