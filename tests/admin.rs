@@ -213,17 +213,21 @@ fn connections_active_gauge_follows_open_connections() {
     assert!(wait_until(Duration::from_secs(2), || value(&gw) == 0.0));
 }
 
-#[test]
-fn admin_token_guards_everything_but_healthz() {
-    let cfg = format!(
+/// [`config`] with the admin token `s3cret-token`.
+fn token_config() -> String {
+    format!(
         "{}\n{}",
         HEADER.replace(
             "listen = \"@ADMIN@\"",
             "listen = \"@ADMIN@\"\ntoken = \"s3cret-token\""
         ),
         config(dead_addr())
-    );
-    let gw = Gateway::start(&cfg);
+    )
+}
+
+#[test]
+fn admin_token_guards_everything_but_healthz() {
+    let gw = Gateway::start(&token_config());
     let a = gw.admin_addr;
     let r = admin_get(a, "/metrics", None).unwrap();
     assert_eq!(r.status, 401);
@@ -579,15 +583,7 @@ fn admin_answers_expect_100_continue() {
 
 #[test]
 fn admin_refuses_bodies_without_the_token_before_reading_them() {
-    let cfg = format!(
-        "{}\n{}",
-        HEADER.replace(
-            "listen = \"@ADMIN@\"",
-            "listen = \"@ADMIN@\"\ntoken = \"s3cret-token\""
-        ),
-        config(dead_addr())
-    );
-    let gw = Gateway::start(&cfg);
+    let gw = Gateway::start(&token_config());
     // 401 at once: no 100 Continue, and no waiting for the megabyte announced.
     let mut c = Client::connect(gw.admin_addr);
     c.set_timeout(Duration::from_secs(2));
@@ -769,15 +765,7 @@ fn admin_refuses_with_503_when_512_connections_are_busy() {
 
 #[test]
 fn admin_405_names_the_allowed_methods_and_two_authorization_fields_are_refused() {
-    let cfg = format!(
-        "{}\n{}",
-        HEADER.replace(
-            "listen = \"@ADMIN@\"",
-            "listen = \"@ADMIN@\"\ntoken = \"s3cret-token\""
-        ),
-        config(dead_addr())
-    );
-    let gw = Gateway::start(&cfg);
+    let gw = Gateway::start(&token_config());
     let a = gw.admin_addr;
     let auth = Some("Bearer s3cret-token");
     for (method, path, allow) in [

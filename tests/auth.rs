@@ -1426,18 +1426,18 @@ plans = ["gold", "bronze"]
         r#"{"name":"ok","plans":["gold","bronze"]}"#,
     );
     assert_eq!(r.status, 201, "{}", r.text());
+    // The message of a reload of `cfg` (with the config key `fine` in gold only), refused.
+    let refused_reload = |cfg: &str| {
+        gw.write_config(&cfg.replace("plans = [\"gold\", \"bronze\"]", "plans = [\"gold\"]"));
+        let r = admin_json(gw.admin_addr, "POST", "/reload", "");
+        assert_eq!(r.status, 400, "{}", r.text());
+        r.message()
+    };
     // A reload that would put that run-time key in two plans of one stage is refused too.
-    gw.write_config(
-        &plans
-            .replace(
-                "name = \"bronze\"\napis = [\"shop/test\"]",
-                "name = \"bronze\"\napis = [\"shop/test\", \"shop/prod\"]",
-            )
-            .replace("plans = [\"gold\", \"bronze\"]", "plans = [\"gold\"]"),
-    );
-    let r = admin_json(gw.admin_addr, "POST", "/reload", "");
-    assert_eq!(r.status, 400, "{}", r.text());
-    let m = r.message();
+    let m = refused_reload(&plans.replace(
+        "name = \"bronze\"\napis = [\"shop/test\"]",
+        "name = \"bronze\"\napis = [\"shop/test\", \"shop/prod\"]",
+    ));
     assert!(
         m.contains("`ok`")
             && m.contains("`gold`")
@@ -1447,17 +1447,10 @@ plans = ["gold", "bronze"]
     );
     // So is one that drops a plan the run-time key holds (it would be refused everywhere,
     // still listing the plan), and so would a start be.
-    gw.write_config(
-        &plans
-            .replace(
-                "[[usage_plans]]\nname = \"bronze\"\napis = [\"shop/test\"]\n",
-                "",
-            )
-            .replace("plans = [\"gold\", \"bronze\"]", "plans = [\"gold\"]"),
-    );
-    let r = admin_json(gw.admin_addr, "POST", "/reload", "");
-    assert_eq!(r.status, 400, "{}", r.text());
-    let m = r.message();
+    let m = refused_reload(&plans.replace(
+        "[[usage_plans]]\nname = \"bronze\"\napis = [\"shop/test\"]\n",
+        "",
+    ));
     assert!(
         m.contains("`ok`")
             && m.contains("`bronze` is not defined")
