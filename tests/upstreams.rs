@@ -557,3 +557,57 @@ fn an_invalid_answer_is_not_asked_for_again() {
         .count();
     assert_eq!(n, 1, "the DELETE reached the origin {n} times");
 }
+
+/// An origin that answers each request on a connection with its path, then 30 ms later sends
+/// a second, unrequested answer (`POISONED`) on the same connection, and keeps it open.
+fn stray_answer_origin() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                loop {
+                    while find(&buf, b"\r\n\r\n").is_none() {
+                        match s.read(&mut tmp) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    }
+                    let end = find(&buf, b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let body = format!("answer-for-{path}");
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    std::thread::sleep(Duration::from_millis(30));
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED");
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_answer_nobody_asked_for_never_reaches_the_next_client() {
+    // A stray answer left on a pooled upstream connection (a buggy upstream, or one answering
+    // a request smuggled in a body it did not read) must not be read as the next request's
+    // answer: nginx closes such idle connections; here they are dropped before reuse.
+    let addr = stray_answer_origin();
+    let gw = Gateway::start(&config(&[addr], "").replace("workers = 2", "workers = 1"));
+    for i in 0..10 {
+        let r = gw.get(&format!("/victim{i}"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), format!("answer-for-/victim{i}"), "request {i}");
+        // The stray answer arrives while the connection idles in the pool.
+        std::thread::sleep(Duration::from_millis(60));
+    }
+}

@@ -297,6 +297,9 @@ impl RouteTable {
     }
 }
 
+/// The host name of a `Host` value as routing compares it: without the port, and without the
+/// trailing dot of a fully qualified name (`api.example.com.` is `api.example.com`, as nginx
+/// takes it): otherwise that spelling would slip past an API bound to `hosts`.
 fn strip_port(h: &[u8]) -> &[u8] {
     if h.first() == Some(&b'[') {
         // [v6]:port
@@ -305,10 +308,11 @@ fn strip_port(h: &[u8]) -> &[u8] {
             None => h,
         };
     }
-    match h.iter().rposition(|&c| c == b':') {
+    let h = match h.iter().rposition(|&c| c == b':') {
         Some(i) => &h[..i],
         None => h,
-    }
+    };
+    h.strip_suffix(b".").unwrap_or(h)
 }
 
 /// Prometheus labels of a route: `api="..",stage="..",route=".."`.
@@ -730,7 +734,11 @@ pub(super) fn compile(
                     response_mapping: None,
                 });
                 let full = if prefix.is_empty() { "/" } else { &prefix };
-                let hosts: Vec<String> = api.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+                let hosts: Vec<String> = api
+                    .hosts
+                    .iter()
+                    .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+                    .collect();
                 // With and without the trailing slash, as a stage root of an HTTP API.
                 let slash = format!("{prefix}/");
                 let insert = |t: &mut Table| {
@@ -913,7 +921,11 @@ pub(super) fn compile(
                     request_mapping,
                     response_mapping,
                 });
-                let hosts: Vec<String> = api.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+                let hosts: Vec<String> = api
+                    .hosts
+                    .iter()
+                    .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+                    .collect();
                 let targets: Vec<&mut Table> = if hosts.is_empty() {
                     vec![&mut table.any_host]
                 } else {
@@ -1155,5 +1167,16 @@ integration = { type = "mock", body = "b" }
             c.routes.find(None, "POST", "/y", &mut p),
             RouteMatch::MethodNotAllowed
         );
+        // The fully qualified spelling (trailing dot) is the same host, port or not.
+        for h in [&b"a.example.com."[..], b"A.EXAMPLE.COM.:443"] {
+            assert!(
+                matches!(
+                    c.routes.find(Some(h), "GET", "/x", &mut p),
+                    RouteMatch::Found(_)
+                ),
+                "{}",
+                String::from_utf8_lossy(h)
+            );
+        }
     }
 }

@@ -157,6 +157,18 @@ impl RequestHead {
         let target = req.path.unwrap_or_default().as_bytes();
         self.minor_version = req.version.unwrap_or(1);
         self.method = Method::from_bytes(method);
+        // Methods are case-sensitive (RFC 9110 9.1): `get` is not GET, but backends that
+        // upper-case it would serve it as GET, past the GET route's auth. Like nginx, only
+        // upper-case letters, `_` and `-` are taken (the known methods already are).
+        if self.method == Method::Other
+            && !method
+                .iter()
+                .all(|&b| b.is_ascii_uppercase() || b == b'_' || b == b'-')
+        {
+            return Err(HttpError::BadRequest(
+                "the method is not in upper case (methods are case-sensitive)",
+            ));
+        }
         self.method_range = offsets(buf, method);
         self.target = offsets(buf, target);
 
@@ -635,6 +647,20 @@ mod tests {
         let mut h = RequestHead::new(64);
         let s = h.parse(buf, &LIM)?;
         Ok((h, s))
+    }
+
+    #[test]
+    fn methods_are_upper_case_only() {
+        for m in ["get", "Get", "delete", "trace", "PATCh", "GET2"] {
+            let req = format!("{m} / HTTP/1.1\r\nHost: a\r\n\r\n");
+            assert!(
+                matches!(parse(req.as_bytes()), Err(HttpError::BadRequest(_))),
+                "{m}"
+            );
+        }
+        for m in ["GET", "PROPFIND", "M-SEARCH", "VERSION_CONTROL"] {
+            ok(format!("{m} / HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes());
+        }
     }
 
     fn ok(buf: &[u8]) -> RequestHead {

@@ -10,6 +10,7 @@ use crate::config::{PathTemplate, Route};
 use crate::gateway::Gateway;
 use crate::http::encode;
 use crate::http::{BodyKind, ChunkedDecoder, HeaderKind, Method, RespBody, Status};
+use crate::upstream::{peek, Peek};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
@@ -146,20 +147,9 @@ pub(super) async fn proxy<S: ClientIo>(
         let addr = up.cfg.targets[ti];
         tried |= 1 << ti.min(63);
 
-        // A pooled connection first; a stale one is replaced by a fresh one, once.
+        // A pooled connection first (one with nothing waiting on it: see `take`); a stale
+        // one is replaced by a fresh one, once.
         let mut pooled = w.pools.borrow_mut().take(addr);
-        if !idempotent {
-            // A request that must not be sent twice is never sent again after a failure, so
-            // a pooled connection the upstream has closed (or left bytes on) is weeded out
-            // before use: one non-blocking peek, for these methods only.
-            while let Some(s) = pooled.take() {
-                if let Peek::Nothing = peek(&s) {
-                    pooled = Some(s);
-                    break;
-                }
-                pooled = w.pools.borrow_mut().take(addr);
-            }
-        }
         let mut fresh_tries = 0;
         let res = loop {
             let (mut us, reused) = match pooled.take() {
@@ -472,40 +462,6 @@ async fn wait_watching_client<F: std::future::Future>(
     monoio::select! {
         r = &mut read => Wait::Read(r),
         _ = &mut end => Wait::Deadline,
-    }
-}
-
-/// What a socket holds, looked at without taking anything.
-enum Peek {
-    /// Bytes (from a client: a pipelined request, or TLS records).
-    Data,
-    /// End of stream or an error: the peer closed or reset the connection.
-    Gone,
-    /// Nothing yet.
-    Nothing,
-}
-
-fn peek(sock: &TcpStream) -> Peek {
-    use std::os::fd::AsRawFd;
-    let mut b = [0u8; 1];
-    // SAFETY: `b` is a valid, writable one-byte buffer for the duration of the call, and the
-    // descriptor belongs to `sock`, which is borrowed (open) across it. MSG_PEEK leaves the
-    // byte in the socket; MSG_DONTWAIT keeps the call from blocking.
-    let n = unsafe {
-        libc::recv(
-            sock.as_raw_fd(),
-            b.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    match n {
-        0 => Peek::Gone,
-        n if n > 0 => Peek::Data,
-        _ => match std::io::Error::last_os_error().kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Peek::Nothing,
-            _ => Peek::Gone,
-        },
     }
 }
 

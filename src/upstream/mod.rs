@@ -168,9 +168,19 @@ impl WorkerPools {
         }
     }
 
-    /// An idle pooled connection to `addr`, most recently used first.
+    /// An idle pooled connection to `addr`, most recently used first, with nothing waiting on
+    /// it. One that the upstream closed, or that holds bytes nobody asked for (a stray answer,
+    /// or one to a request smuggled in a body the upstream did not read), is dropped: its
+    /// bytes would be read as the next client's answer. nginx closes such connections as soon
+    /// as they turn readable; here one non-blocking peek per reuse does it.
     pub fn take(&mut self, addr: SocketAddr) -> Option<TcpStream> {
-        self.idle.get_mut(&addr).and_then(|v| v.pop())
+        let v = self.idle.get_mut(&addr)?;
+        while let Some(s) = v.pop() {
+            if let Peek::Nothing = peek(&s) {
+                return Some(s);
+            }
+        }
+        None
     }
 
     /// Drops every idle pooled connection to `addr`.
@@ -186,6 +196,40 @@ impl WorkerPools {
         if v.len() < max {
             v.push(s);
         }
+    }
+}
+
+/// What a socket holds, looked at without taking anything.
+pub enum Peek {
+    /// Bytes (from a client: a pipelined request, or TLS records).
+    Data,
+    /// End of stream or an error: the peer closed or reset the connection.
+    Gone,
+    /// Nothing yet.
+    Nothing,
+}
+
+pub fn peek(sock: &TcpStream) -> Peek {
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    // SAFETY: `b` is a valid, writable one-byte buffer for the duration of the call, and the
+    // descriptor belongs to `sock`, which is borrowed (open) across it. MSG_PEEK leaves the
+    // byte in the socket; MSG_DONTWAIT keeps the call from blocking.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => Peek::Gone,
+        n if n > 0 => Peek::Data,
+        _ => match std::io::Error::last_os_error().kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Peek::Nothing,
+            _ => Peek::Gone,
+        },
     }
 }
 

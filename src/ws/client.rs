@@ -80,8 +80,19 @@ pub async fn post(
             headers,
             Some(body),
         );
-        // A pooled connection may have been closed by the upstream: one fresh retry.
-        let pooled = POOL.with(|p| p.borrow_mut().get_mut(&addr).and_then(|v| v.pop()));
+        // A pooled connection may have been closed by the upstream: one fresh retry. One with
+        // bytes waiting (an answer nobody asked for) is dropped, as the proxy's pool does:
+        // they would be read as this call's answer.
+        let pooled = POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            let v = p.get_mut(&addr)?;
+            while let Some(s) = v.pop() {
+                if let crate::upstream::Peek::Nothing = crate::upstream::peek(&s) {
+                    return Some(s);
+                }
+            }
+            None
+        });
         let mut tries: [Option<TcpStream>; 2] = [pooled, None];
         for slot in tries.iter_mut() {
             let reused = slot.is_some();
