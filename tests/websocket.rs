@@ -803,16 +803,7 @@ fn posts_to_a_client_that_does_not_read_are_refused_never_dropped() {
     // 200 and then lost, and the connection stays open.
     let be = api_backend();
     let gw = Gateway::start(&api_config(be.addr, ""));
-    let mut ws = open(gw.addr, "/");
-    assert!(wait_until(Duration::from_secs(3), || route_keys(
-        &be, "$connect"
-    )
-    .len()
-        == 1));
-    let id = route_keys(&be, "$connect")[0]
-        .header("x-connection-id")
-        .unwrap()
-        .to_string();
+    let (id, mut ws) = open_with_id(gw.addr);
     let pad = "p".repeat(64 * 1024);
     let mut accepted = Vec::new();
     let mut refused = 0;
@@ -1917,16 +1908,7 @@ fn shutdown_calls_disconnect_for_a_client_that_does_not_read() {
     // (`shutdown_timeout_ms` = 3000), even for a client that cannot be written to.
     let be = api_backend();
     let mut gw = Gateway::start(&api_config(be.addr, ""));
-    let _ws = open(gw.addr, "/");
-    assert!(wait_until(Duration::from_secs(3), || route_keys(
-        &be, "$connect"
-    )
-    .len()
-        == 1));
-    let id = route_keys(&be, "$connect")[0]
-        .header("x-connection-id")
-        .unwrap()
-        .to_string();
+    let (id, _ws) = open_with_id(gw.addr);
     // Posts until its queue is full: the gateway's writes to it block.
     let pad = "p".repeat(64 * 1024);
     let full =
