@@ -559,14 +559,19 @@ fn an_invalid_answer_is_not_asked_for_again() {
 }
 
 /// An origin that answers each request on a connection with its path, then 30 ms later sends
-/// a second, unrequested answer (`POISONED`) on the same connection, and keeps it open.
-fn stray_answer_origin() -> std::net::SocketAddr {
+/// a second, unrequested answer (`POISONED`) on the same connection, and keeps it open; the
+/// counter tells how many of those were written (on loopback, then already in the gateway's
+/// socket).
+fn stray_answer_origin() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     use std::io::{Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent.clone();
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
+            let counter = counter.clone();
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
                 let mut tmp = [0u8; 4096];
@@ -589,11 +594,12 @@ fn stray_answer_origin() -> std::net::SocketAddr {
                     );
                     std::thread::sleep(Duration::from_millis(30));
                     let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED");
+                    counter.fetch_add(1, Ordering::SeqCst);
                 }
             });
         }
     });
-    addr
+    (addr, sent)
 }
 
 #[test]
@@ -601,13 +607,16 @@ fn an_answer_nobody_asked_for_never_reaches_the_next_client() {
     // A stray answer left on a pooled upstream connection (a buggy upstream, or one answering
     // a request smuggled in a body it did not read) must not be read as the next request's
     // answer: nginx closes such idle connections; here they are dropped before reuse.
-    let addr = stray_answer_origin();
+    let (addr, strays) = stray_answer_origin();
     let gw = Gateway::start(&config(&[addr], "").replace("workers = 2", "workers = 1"));
     for i in 0..10 {
         let r = gw.get(&format!("/victim{i}"));
         assert_eq!(r.status, 200);
         assert_eq!(r.text(), format!("answer-for-/victim{i}"), "request {i}");
         // The stray answer arrives while the connection idles in the pool.
-        std::thread::sleep(Duration::from_millis(60));
+        assert!(wait_until(Duration::from_secs(5), || strays
+            .load(Ordering::SeqCst)
+            > i));
+        std::thread::sleep(Duration::from_millis(5));
     }
 }

@@ -1944,7 +1944,7 @@ fn shutdown_lets_the_message_call_in_flight_answer_before_the_1001() {
         == 1));
     // Read by the gateway, waiting its turn behind the call in flight: it is called too.
     ws.text(r#"{"action":"echo","n":2}"#);
-    thread::sleep(Duration::from_millis(100));
+    thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
     gw.terminate();
     thread::sleep(Duration::from_millis(400));
