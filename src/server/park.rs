@@ -5,10 +5,10 @@
 //! task, no timer and no buffer stays behind: only the table slot (32 bytes) and the kernel's
 //! epoll item. A plain socket is parked as a bare descriptor: the runtime's stream record (a
 //! small heap object of its own) goes, so nothing long-lived is left scattered among the
-//! connection's freed allocations to keep their pages resident. One task per worker waits for the epoll fd to become readable (through
-//! the worker's io driver, io_uring or epoll alike), collects the sockets that have bytes, and
-//! starts their connection loops again. Deadlines (idle timeout, or header timeout for a new
-//! connection) are enforced by a sweep every 200 ms.
+//! connection's freed allocations to keep their pages resident. One task per worker waits for
+//! the epoll fd to become readable (through the worker's io driver, io_uring or epoll alike),
+//! collects the sockets that have bytes, and starts their connection loops again. Deadlines
+//! (idle timeout, or header timeout for a new connection) are enforced by a sweep every 200 ms.
 //!
 //! TLS connections park too: the idle read is cancelled inside the socket read, which only
 //! starts when rustls holds no plaintext and every byte received was handed to it, so the

@@ -19,10 +19,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Why one attempt at an upstream failed.
 /// Interim (1xx) answers passed on per request; later ones are dropped.
 const MAX_INTERIM: usize = 8;
 
+/// Why one attempt at an upstream failed.
 enum Fail {
     /// Could not connect: always safe to try another target.
     Connect,

@@ -525,7 +525,6 @@ pub struct Accepted {
     api: Arc<WsApi>,
     gw: Arc<Gateway>,
     id: u64,
-    peer: SocketAddr,
     who: Who,
     /// The gateway's own headers for every integration call of this connection (see
     /// [`conn_headers`]).
@@ -565,7 +564,7 @@ impl Accepted {
                     worker: worker_index(shared),
                     connected_at_ms: now_ms(),
                     last_active_ms: last_active.clone(),
-                    source_ip: self.peer.ip().to_string(),
+                    source_ip: self.who.peer.ip().to_string(),
                     queued: queued.clone(),
                     max_message: self.api.settings.limits.max_message,
                 },
@@ -787,7 +786,6 @@ pub async fn handshake(
             api: api.clone(),
             gw: gw.clone(),
             id,
-            peer: client.peer,
             who: Who {
                 peer: client.peer,
                 tls: client.tls,
@@ -902,7 +900,6 @@ pub async fn run<S: crate::server::ClientIo>(
         api,
         gw,
         id,
-        peer: _,
         who,
         conn_headers,
         reg,
@@ -990,6 +987,11 @@ pub async fn run<S: crate::server::ClientIo>(
     };
 
     let main = async {
+        // Ends the connection with a close frame, and keeps why for `$disconnect`.
+        let close_with = |c: u16, why: &'static str| {
+            ended_by(c, why);
+            let _ = tx.unbounded_send(Out::Close(c, why));
+        };
         // Calls the integration for each message, one at a time, in order.
         let caller = async {
             let mut scratch = Vec::new();
@@ -1011,8 +1013,7 @@ pub async fn run<S: crate::server::ClientIo>(
                     if !reserve(&queued, f.len()) {
                         // A reply cannot be refused: the client that does not read is
                         // closed instead.
-                        ended_by(code::POLICY, "client not reading");
-                        let _ = tx.unbounded_send(Out::Close(code::POLICY, "client not reading"));
+                        close_with(code::POLICY, "client not reading");
                         return;
                     }
                     let _ = tx.unbounded_send(Out::Frame(f));
@@ -1027,8 +1028,7 @@ pub async fn run<S: crate::server::ClientIo>(
                 loop {
                     match dec.decode(&mut buf) {
                         Err(c) => {
-                            ended_by(c, close_reason(c));
-                            let _ = tx.unbounded_send(Out::Close(c, close_reason(c)));
+                            close_with(c, close_reason(c));
                             return;
                         }
                         Ok((ev, used)) => {
@@ -1072,8 +1072,7 @@ pub async fn run<S: crate::server::ClientIo>(
                     }
                 }
                 if queued.load(Ordering::Acquire) > MAX_QUEUED {
-                    ended_by(code::POLICY, "client not reading");
-                    let _ = tx.unbounded_send(Out::Close(code::POLICY, "client not reading"));
+                    close_with(code::POLICY, "client not reading");
                     return;
                 }
                 if buf.is_empty() && buf.capacity() > 64 * 1024 {
@@ -1093,10 +1092,7 @@ pub async fn run<S: crate::server::ClientIo>(
                 reading_since.set(None);
                 buf = b.into_inner();
                 match r {
-                    Ok(0) => {
-                        ended_by(code::ABNORMAL, "connection lost");
-                        return;
-                    }
+                    Ok(0) => return,
                     Ok(_) => {}
                     Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
                         // Idle: wait for bytes without holding a buffer (unless a partial
@@ -1110,14 +1106,10 @@ pub async fn run<S: crate::server::ClientIo>(
                         // socket read, so nothing waits above the socket.)
                         let stream: &S = unsafe { &*rd.0.get() };
                         if stream.tcp().readable(false).await.is_err() {
-                            ended_by(code::ABNORMAL, "connection lost");
                             return;
                         }
                     }
-                    Err(_) => {
-                        ended_by(code::ABNORMAL, "connection lost");
-                        return;
-                    }
+                    Err(_) => return,
                 }
             }
         };
@@ -1180,6 +1172,9 @@ pub async fn run<S: crate::server::ClientIo>(
             let end = match end {
                 Some(end) => end,
                 None => {
+                    // The reader ended: a close frame or a bad one (the cause is set), else
+                    // the connection ended without a close frame.
+                    ended_by(code::ABNORMAL, "connection lost");
                     // The client closed or left: the messages it sent before are still called,
                     // in order (after a close frame their replies go nowhere), unless the watch
                     // ends the connection first.
