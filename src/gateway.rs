@@ -167,6 +167,7 @@ impl Shared {
         let t = self.current().config.server.shutdown_timeout;
         let _ = self.drain_deadline.set(std::time::Instant::now() + t);
         self.shutdown.store(true, Ordering::Release);
+        self.ws.ring_all();
     }
 
     /// When the drain ends (the workers stop waiting for in-flight work), once it began.

@@ -13,9 +13,9 @@
 //! drain ends.
 //!
 //! Connections live on worker threads. The admin thread finds a connection's worker in the
-//! [`Registry`] and posts to that worker's mailbox (a crossbeam channel); a task on each worker
-//! drains its mailbox on a short timer (2 ms while the worker holds WebSocket connections) and
-//! hands each command to the connection's writer queue, in the order they were posted.
+//! [`Registry`] and posts to that worker's mailbox (a crossbeam channel), then rings the
+//! mailbox's bell (an eventfd the worker's io driver waits on); the worker's mailbox task wakes,
+//! and hands each command to the connection's writer queue, in the order they were posted.
 //!
 //! With `[cluster]`, each connection is also registered in Redis under its id, and a
 //! `@connections` call for an id this node does not hold goes to the node that does
@@ -35,6 +35,7 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Splitable};
 use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -212,7 +213,28 @@ fn reserve(queued: &AtomicUsize, n: usize) -> bool {
 #[derive(Default)]
 pub struct Registry {
     conns: Mutex<AHashMap<u64, Entry>>,
-    mailboxes: Mutex<Vec<Option<crossbeam_channel::Sender<Cmd>>>>,
+    mailboxes: Mutex<Vec<Option<Mailbox>>>,
+}
+
+/// A worker's mailbox: commands, and the bell that wakes the worker's mailbox task.
+struct Mailbox {
+    tx: crossbeam_channel::Sender<Cmd>,
+    bell: OwnedFd,
+}
+
+/// Adds one to an eventfd's counter, which makes it readable. A full counter (never reached in
+/// practice) is already readable, so a failed write loses nothing.
+fn ring(bell: &OwnedFd) {
+    let one = 1u64;
+    // SAFETY: writes 8 bytes from a live u64 to a descriptor this mailbox owns.
+    unsafe { libc::write(bell.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// Resets an eventfd's counter (non-blocking; nothing to read is fine).
+fn silence(bell: RawFd) {
+    let mut n = 0u64;
+    // SAFETY: reads at most 8 bytes into a live u64; the descriptor is non-blocking.
+    unsafe { libc::read(bell, (&mut n as *mut u64).cast(), 8) };
 }
 
 fn now_ms() -> u64 {
@@ -236,14 +258,35 @@ pub fn id_string(id: u64) -> String {
 }
 
 impl Registry {
-    fn mailbox(&self, worker: usize) -> crossbeam_channel::Receiver<Cmd> {
+    /// Opens worker `worker`'s mailbox: its commands, and a descriptor of its bell for the
+    /// worker's io driver to wait on.
+    fn mailbox(
+        &self,
+        worker: usize,
+    ) -> std::io::Result<(crossbeam_channel::Receiver<Cmd>, OwnedFd)> {
+        // SAFETY: plain system call; the result is checked and then owned.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let bell = unsafe { OwnedFd::from_raw_fd(fd) };
+        let waiter = bell.try_clone()?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut m = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() <= worker {
             m.resize_with(worker + 1, || None);
         }
-        m[worker] = Some(tx);
-        rx
+        m[worker] = Some(Mailbox { tx, bell });
+        Ok((rx, waiter))
+    }
+
+    /// Wakes every worker's mailbox task (a drain has begun).
+    pub fn ring_all(&self) {
+        let m = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
+        for mb in m.iter().flatten() {
+            ring(&mb.bell);
+        }
     }
 
     fn post(&self, id: u64, cmd: Cmd) -> bool {
@@ -256,8 +299,11 @@ impl Registry {
         };
         let m = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
         match m.get(worker).and_then(|t| t.as_ref()) {
-            Some(tx) => tx.send(cmd).is_ok(),
-            None => false,
+            Some(mb) if mb.tx.send(cmd).is_ok() => {
+                ring(&mb.bell);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -431,12 +477,19 @@ fn watch_drain(shared: &Shared, id: u64, tx: oneshot::Sender<Instant>) {
     }
 }
 
-/// Drains this worker's mailbox until shutdown (one task per worker).
+/// Drains this worker's mailbox until shutdown (one task per worker), waking when its bell
+/// rings.
 pub async fn run_mailbox(worker: usize, shared: Arc<Shared>) {
-    let rx = shared.ws.mailbox(worker);
-    while !shared.shutdown.load(Ordering::Relaxed) {
-        let busy = LOCAL.with(|l| !l.borrow().is_empty());
-        monoio::time::sleep(Duration::from_millis(if busy { 2 } else { 50 })).await;
+    let (rx, waiter) = match open_mailbox(&shared, worker) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("ringgate: worker {worker}: cannot open the WebSocket mailbox: {e}");
+            return;
+        }
+    };
+    loop {
+        // Silenced before the commands are taken: a post after this rings again.
+        silence(waiter.as_raw_fd());
         while let Ok(cmd) = rx.try_recv() {
             LOCAL.with(|l| {
                 let mut l = l.borrow_mut();
@@ -458,12 +511,29 @@ pub async fn run_mailbox(worker: usize, shared: Arc<Shared>) {
                 }
             });
         }
+        if shared.shutdown.load(Ordering::Acquire) || waiter.readable(false).await.is_err() {
+            break;
+        }
     }
     // A drain: every connection of this worker hears of it now, not at its next timer.
     let stop = drain_stop(&shared);
     for (_, tx) in DRAIN.with(|d| std::mem::take(&mut *d.borrow_mut())) {
         let _ = tx.send(stop);
     }
+}
+
+/// This worker's mailbox, and its bell wrapped in a monoio socket type only so the io driver
+/// can wait for it to turn readable (no socket call is ever made on it).
+fn open_mailbox(
+    shared: &Shared,
+    worker: usize,
+) -> std::io::Result<(
+    crossbeam_channel::Receiver<Cmd>,
+    monoio::net::udp::UdpSocket,
+)> {
+    let (rx, bell) = shared.ws.mailbox(worker)?;
+    let waiter = monoio::net::udp::UdpSocket::from_std(std::net::UdpSocket::from(bell))?;
+    Ok((rx, waiter))
 }
 
 /// A text frame when `body` is UTF-8, else a binary one.
