@@ -14,9 +14,10 @@
 #                    "mapping")
 #   --connections C  wrk connections (default 64)
 #   --pin MODE       CPU affinity of the proxies under test, the same for nginx and ringgate:
-#                    "core0" (default) or "none" (both float; the backend and wrk always float):
-#                    core0 pins ringgate's worker by its pin_workers and nginx's proxy worker by
-#                    worker_cpu_affinity, both to core 0
+#                    "core0" (default) or "none" (both float; the backend and wrk float), or
+#                    "split" (the proxies on core 0, the backend and wrk pinned to core 1, so
+#                    they never share the proxy's core): core0 and split pin ringgate's worker by
+#                    its pin_workers and nginx's proxy worker by worker_cpu_affinity
 #   --fwd            also measure "nginx-fwd": the nginx proxy made to do what ringgate does by
 #                    contract on every request (X-Forwarded-For/-Proto/-Host and a generated
 #                    X-Request-Id upstream, the request id echoed to the client), port 18089;
@@ -160,9 +161,12 @@ case $IO_MODE in
 esac
 case $PIN in
     none) export RINGGATE_PIN=false PROXY_CPU_AFFINITY= ;;
-    core0) export RINGGATE_PIN=true PROXY_CPU_AFFINITY=01 ;;
-    *) die "--pin must be none or core0" ;;
+    core0|split) export RINGGATE_PIN=true PROXY_CPU_AFFINITY=01 ;;
+    *) die "--pin must be none, core0 or split" ;;
 esac
+# With --pin split, wrk runs under `taskset -c 1` and the backend's worker is moved to core 1.
+WRK_PREFIX=()
+[[ $PIN == split ]] && WRK_PREFIX=(taskset -c 1)
 [[ ${#SELECTED_CASES[@]} -gt 0 ]] || SELECTED_CASES=(core)
 for c in "${SELECTED_CASES[@]}"; do
     [[ -n ${CASE_PATH[$c]+x} ]] || die "unknown case '$c' (known: ${CASE_ORDER[*]})"
@@ -185,6 +189,7 @@ start_backends() {
     write_nginx_backend backend $BACKEND_PORT
     start_nginx backend
     BACKEND_WORKER=$NGINX_WORKER
+    if [[ $PIN == split ]]; then taskset -pc 1 "$BACKEND_WORKER" >/dev/null; fi
     wait_http "http://127.0.0.1:$BACKEND_PORT/" "$NGINX_MASTER" "$OUT/backend/error.log"
     log "nginx backend   :$BACKEND_PORT  master $NGINX_MASTER worker $NGINX_WORKER"
 
@@ -296,7 +301,7 @@ measure() {
     p0=$(proc_cpu_ticks "$pid")
     b0=$(proc_cpu_ticks "$BACKEND_WORKER")
     children_cpu_ticks; w0=$CHILD_TICKS   # right around wrk: the probes are children too
-    wrk -t1 -c"$CONNECTIONS" -d"${secs}s" --latency "${hdr[@]}" "${SYS_URL[$i]}" >"$outf" 2>&1 \
+    "${WRK_PREFIX[@]}" wrk -t1 -c"$CONNECTIONS" -d"${secs}s" --latency "${hdr[@]}" "${SYS_URL[$i]}" >"$outf" 2>&1 \
         || die "wrk failed against ${SYS_NAME[$i]}: $(tail -n3 "$outf")"
     children_cpu_ticks; w1=$CHILD_TICKS
     p1=$(proc_cpu_ticks "$pid")
