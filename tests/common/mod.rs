@@ -137,9 +137,15 @@ fn fill(toml: &str, addr: SocketAddr, admin: SocketAddr, dir: &Path) -> String {
     } else {
         format!("{HEADER}\n{toml}")
     };
-    body.replace("@LISTEN@", &addr.to_string())
+    let body = body
+        .replace("@LISTEN@", &addr.to_string())
         .replace("@ADMIN@", &admin.to_string())
-        .replace("@DIR@", &dir.display().to_string())
+        .replace("@DIR@", &dir.display().to_string());
+    // `RINGGATE_TEST_IO=epoll` runs every test that uses `io = "auto"` on that driver.
+    match std::env::var("RINGGATE_TEST_IO") {
+        Ok(io) if !io.is_empty() => body.replace("io = \"auto\"", &format!("io = \"{io}\"")),
+        _ => body,
+    }
 }
 
 impl Gateway {
