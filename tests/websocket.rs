@@ -911,6 +911,66 @@ fn websocket_gauge_counts_open_connections() {
 }
 
 #[test]
+fn a_message_no_route_takes_is_counted_and_logged_without_a_route() {
+    let gw = Gateway::start(
+        r#"
+[access_log]
+path = "@DIR@/access.log"
+[[apis]]
+name = "chat"
+protocol = "websocket"
+[[apis.routes]]
+route = "echo"
+integration = { type = "mock", body = "hi" }
+"#,
+    );
+    let (id, mut ws) = open_with_id(gw.addr);
+    ws.text(r#"{"action":"nothing"}"#);
+    assert_eq!(
+        ws.recv_text(),
+        format!(r#"{{"message":"Forbidden","connectionId":"{id}"}}"#)
+    );
+    ws.text(r#"{"action":"echo"}"#);
+    assert_eq!(ws.recv_text(), "hi");
+    let m = gw.metrics();
+    let unrouted = [
+        "api=\"chat\"",
+        "route=\"\"",
+        "method=\"MESSAGE\"",
+        "status=\"403\"",
+    ];
+    assert_eq!(
+        metric_value(&m, "ringgate_requests_total", &unrouted),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "ringgate_request_duration_seconds_count",
+            &unrouted[..3]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    // Logged without a route: there is no `$default` for it to be logged under.
+    let path = gw.dir.join("access.log");
+    let lines = || std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(wait_until(Duration::from_secs(3), || lines()
+        .lines()
+        .count()
+        >= 3));
+    let l: Vec<serde_json::Value> = lines()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(l[1]["status"], 403, "{l:?}");
+    assert_eq!(l[1]["route"], "", "{l:?}");
+    assert_eq!(l[1]["event"], "MESSAGE", "{l:?}");
+    assert_eq!(l[2]["route"], "echo", "{l:?}");
+}
+
+#[test]
 fn websocket_config_errors_name_the_key() {
     let (out, _) = check(
         r#"

@@ -176,6 +176,7 @@ pub(crate) fn compile(
         api: api_name.clone(),
         stage: stage_name.clone(),
         routes,
+        unrouted: crate::config::route_labels(api_name, stage_name, "").into(),
         access_log: stage.access_log,
         selection,
         settings: (*settings).clone(),
@@ -1468,8 +1469,8 @@ async fn on_message(
         c.who,
         &ConnEvent {
             kind: "MESSAGE",
-            route: route.map(|(k, _)| k).unwrap_or("$default"),
-            labels: route.map(|(_, r)| &r.labels),
+            route: route.map(|(k, _)| k).unwrap_or(""),
+            labels: Some(route.map(|(_, r)| &r.labels).unwrap_or(&c.api.unrouted)),
             status,
             duration: t0.elapsed(),
             request_id: &rid,

@@ -142,6 +142,8 @@ pub struct WsApi {
     pub stage: Arc<str>,
     /// Route key (`$connect`, `$disconnect`, `$default`, or a selected key) to its target.
     pub routes: AHashMap<String, WsRoute>,
+    /// `api="..",stage="..",route=""`: messages that no route takes (no `$default`).
+    pub unrouted: Arc<str>,
     /// Whether the stage's events (messages, disconnects) go to the access log.
     pub access_log: bool,
     /// The field path of `route_selection` (`$request.body.action` -> `["action"]`).
@@ -253,6 +255,7 @@ pub fn fuzz_select(data: &[u8]) -> Option<String> {
                 api: "fuzz".into(),
                 stage: "s".into(),
                 routes,
+                unrouted: Arc::from(""),
                 access_log: false,
                 selection: parse_selection("$request.body.meta.action").expect("valid"),
                 settings: WsSettings::api_defaults(),
@@ -492,6 +495,7 @@ mod tests {
             api: "a".into(),
             stage: "s".into(),
             routes,
+            unrouted: Arc::from(""),
             access_log: false,
             selection: parse_selection("$request.body.action").unwrap(),
             settings: WsSettings::api_defaults(),
