@@ -20,7 +20,10 @@
 //!   expiring a day after the period ends), reads the other nodes' shares back, and sets the
 //!   local counter to the cluster-wide sum plus what was counted meanwhile. Each node writes an
 //!   absolute value for its own field, so a resync after an outage or a Redis restart is
-//!   idempotent. Overshoot: between two syncs each node admits requests against the count it
+//!   idempotent. A node that starts counting a key announces it on the events channel at that
+//!   sync, so the other nodes sync that counter too before their own first request for it
+//!   (after a connect they load every counter of the period: [`Worker::preload_quotas`]).
+//!   Overshoot: between two syncs each node admits requests against the count it
 //!   last read, so a quota can be exceeded by at most what the *other* nodes admit in one sync
 //!   interval (bounded by their throttles).
 //! - **WebSocket `@connections`**: hash `ringgate:conns` (connection id -> node id). A call
@@ -381,6 +384,8 @@ struct QuotaSync {
     anchor: u64,
     /// Whether `own` was written since the last (re)connect.
     written: bool,
+    /// Whether the other nodes were told of this counter in this period.
+    announced: bool,
 }
 
 /// The cluster thread's state.
@@ -1077,6 +1082,28 @@ impl Worker {
             Some("cache") if from != self.node => {
                 let _ = crate::cache::admin_invalidate(shared, body);
             }
+            Some("quota") if from != self.node => {
+                // Another node counts a key this node may not have served yet: sync it from
+                // now on (as [`Worker::preload_quotas`] does after a connect).
+                let (Some(plan), Some(key), Some(period)) = (
+                    head["plan"].as_str(),
+                    head["key"].as_str(),
+                    head["period"].as_str().and_then(Period::parse),
+                ) else {
+                    return;
+                };
+                let gw = shared.current();
+                let known = gw
+                    .config
+                    .traffic
+                    .plans
+                    .plans
+                    .iter()
+                    .any(|p| &*p.name == plan && p.quota.is_some_and(|q| q.period == period));
+                if known && shared.usage.len() < MAX_PRELOAD {
+                    shared.usage.counter(plan, key, period);
+                }
+            }
             Some("req") => {
                 let (Some(req), Some(method), Some(id)) = (
                     head["req"].as_u64(),
@@ -1150,6 +1177,16 @@ impl Worker {
                 let end = (period.bounds(idx).1.max(0) as u64) * 86_400 + 86_400;
                 p.cmd("HSET").arg(&rkey).arg(&self.node).arg(own).ignore();
                 p.cmd("EXPIREAT").arg(&rkey).arg(end).ignore();
+            }
+            if own > 0 && !st.announced {
+                // The other nodes start syncing this counter now, before their own first
+                // request for the key: else they would admit against a count of 0.
+                st.announced = true;
+                let msg = serde_json::json!({
+                    "t": "quota", "from": self.node, "plan": &*id.0, "key": &*id.1, "period": id.2,
+                })
+                .to_string();
+                p.cmd("PUBLISH").arg(&self.events).arg(msg).ignore();
             }
             p.cmd("HGETALL").arg(&rkey);
             items.push((id, c, idx, seen, own));

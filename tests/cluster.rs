@@ -308,6 +308,30 @@ fn quota_is_counted_across_nodes() {
 }
 
 #[test]
+fn a_node_learns_a_key_used_up_elsewhere_before_its_first_request_for_it() {
+    // Both nodes are up before the key is used: the second one cannot have loaded its counter
+    // at connect time. It must still refuse the key's first request it sees (no usage call on
+    // it first: that would sync the key).
+    let redis = Redis::start();
+    let a = Gateway::start(&node_config(&redis.url(), ""));
+    let b = Gateway::start(&node_config(&redis.url(), ""));
+    for n in [&a, &b] {
+        assert!(wait_until(Duration::from_secs(3), || n
+            .stderr()
+            .contains("joined")));
+    }
+    for _ in 0..6 {
+        assert_eq!(get_key(&a, "/prod/x", ALICE).status, 200);
+    }
+    assert_eq!(get_key(&a, "/prod/x", ALICE).status, 429);
+    // A's share is written within a sync interval and B syncs the key within its next one.
+    thread::sleep(Duration::from_millis(600));
+    let r = get_key(&b, "/prod/x", ALICE);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(used(&b, "alice")["used"], 6);
+}
+
+#[test]
 fn quota_overshoot_stays_within_one_sync_interval() {
     // Both nodes serve the same key at once (a request every ~20 ms on each): the total
     // admitted may pass the limit only by what the other node admits in one sync interval

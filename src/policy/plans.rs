@@ -284,6 +284,16 @@ impl UsageStore {
             .clone()
     }
 
+    /// Number of counters.
+    pub fn len(&self) -> usize {
+        self.counters.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether there is no counter.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Every counter with its plan, key and period (for the cluster's sync).
     pub fn snapshot(&self) -> Vec<(CounterId, Arc<AtomicU64>)> {
         let m = self.counters.lock().unwrap_or_else(|e| e.into_inner());
