@@ -191,10 +191,35 @@ impl Table {
 pub struct RouteTable {
     routes: Vec<Route>,
     by_host: AHashMap<String, Table>,
+    /// `*.example.com` patterns, keyed by `.example.com`.
+    by_wildcard: AHashMap<String, Table>,
     any_host: Table,
 }
 
 impl RouteTable {
+    /// The table of a `hosts` entry ([`host_pattern`] form), made when new.
+    fn host_table(&mut self, pattern: &str) -> &mut Table {
+        match pattern.strip_prefix('*') {
+            Some(suffix) => self.by_wildcard.entry(suffix.to_string()).or_default(),
+            None => self.by_host.entry(pattern.to_string()).or_default(),
+        }
+    }
+
+    /// The tables for host `h` (lower case, no port, no trailing dot), most specific first:
+    /// the exact name's, then the `*.` pattern's that covers its first label.
+    fn tables_for<'a>(&'a self, h: &str) -> impl Iterator<Item = &'a Table> {
+        let wild = h
+            .find('.')
+            .filter(|_| !self.by_wildcard.is_empty())
+            .and_then(|i| self.by_wildcard.get(&h[i..]));
+        self.by_host.get(h).into_iter().chain(wild)
+    }
+
+    /// Whether any API is bound to `hosts`.
+    fn has_hosts(&self) -> bool {
+        !self.by_host.is_empty() || !self.by_wildcard.is_empty()
+    }
+
     /// Finds the route for a request. `host` is the Host header (a port is ignored).
     pub fn find(
         &self,
@@ -203,7 +228,7 @@ impl RouteTable {
         path: &str,
         params: &mut Params,
     ) -> RouteMatch {
-        if !self.by_host.is_empty() {
+        if self.has_hosts() {
             if let Some(h) = host {
                 let h = strip_port(h);
                 let mut lower = [0u8; 256];
@@ -212,7 +237,7 @@ impl RouteTable {
                         *d = s.to_ascii_lowercase();
                     }
                     if let Ok(h) = std::str::from_utf8(&lower[..h.len()]) {
-                        if let Some(t) = self.by_host.get(h) {
+                        for t in self.tables_for(h) {
                             let m = t.find(method, path, params);
                             if m != RouteMatch::NotFound {
                                 return m;
@@ -230,7 +255,7 @@ impl RouteTable {
     pub fn allowed_methods(&self, host: Option<&[u8]>, path: &str) -> Vec<&[u8]> {
         if let Some(h) = host.map(strip_port) {
             let h = String::from_utf8_lossy(h).to_ascii_lowercase();
-            if let Some(t) = self.by_host.get(h.as_str()) {
+            for t in self.tables_for(&h) {
                 let m = t.allowed_methods(path);
                 if !m.is_empty() {
                     return m;
@@ -246,7 +271,7 @@ impl RouteTable {
     pub fn scope(&self, host: Option<&[u8]>, path: &str) -> Option<u32> {
         if let Some(h) = host.map(strip_port) {
             let h = String::from_utf8_lossy(h).to_ascii_lowercase();
-            if let Some(found) = self.by_host.get(h.as_str()).and_then(|t| t.scope(path)) {
+            if let Some(found) = self.tables_for(&h).find_map(|t| t.scope(path)) {
                 return found;
             }
         }
@@ -313,6 +338,38 @@ fn strip_port(h: &[u8]) -> &[u8] {
         None => h,
     };
     h.strip_suffix(b".").unwrap_or(h)
+}
+
+/// A `hosts` entry in the form routing compares: lower case, without a trailing dot. A host
+/// name (letters, digits, `-`, `_`, dots between labels), an IPv4 address, a bracketed IPv6
+/// address, or `*.` and a host name (any name one label under it). Else why not.
+fn host_pattern(h: &str) -> Result<String, String> {
+    let p = h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase();
+    let bad = |why: &str| Err(format!("`{}` {why}", h.escape_debug()));
+    if p.starts_with('[') {
+        let inner = p.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
+        return match inner {
+            Some(a) if a.parse::<std::net::Ipv6Addr>().is_ok() => Ok(p),
+            _ => bad("is not a bracketed IPv6 address"),
+        };
+    }
+    let name = p.strip_prefix("*.").unwrap_or(&p);
+    if name.contains(':') {
+        return bad("holds a port: give the host alone (the Host header's port is ignored)");
+    }
+    if name.contains('*') {
+        return bad("has a `*` that is not a leading `*.` (one label under a name)");
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return bad("is not a host name (letters, digits, `-` and `_`, with dots between labels)");
+    }
+    Ok(p)
 }
 
 /// Prometheus labels of a route: `api="..",stage="..",route=".."`.
@@ -608,6 +665,15 @@ pub(super) fn compile(
             &api.stages
         };
         let api_name: Arc<str> = name.into();
+        let hosts = api
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(hi, h)| {
+                host_pattern(h)
+                    .map_err(|m| src.err(api.name.span(), &akey(&format!("hosts[{hi}]")), m))
+            })
+            .collect::<Result<Vec<String>, ConfigError>>()?;
         // Schemas are read and compiled once per route, whatever the number of stages.
         let mut schemas = Vec::with_capacity(api.routes.len());
         for (ri, r) in api.routes.iter().enumerate() {
@@ -734,11 +800,6 @@ pub(super) fn compile(
                     response_mapping: None,
                 });
                 let full = if prefix.is_empty() { "/" } else { &prefix };
-                let hosts: Vec<String> = api
-                    .hosts
-                    .iter()
-                    .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
-                    .collect();
                 // With and without the trailing slash, as a stage root of an HTTP API.
                 let slash = format!("{prefix}/");
                 let insert = |t: &mut Table| {
@@ -756,8 +817,8 @@ pub(super) fn compile(
                 if hosts.is_empty() {
                     insert(&mut table.any_host)?;
                 } else {
-                    for h in hosts {
-                        insert(table.by_host.entry(h).or_default())?;
+                    for h in &hosts {
+                        insert(table.host_table(h))?;
                     }
                 }
                 continue;
@@ -921,26 +982,13 @@ pub(super) fn compile(
                     request_mapping,
                     response_mapping,
                 });
-                let hosts: Vec<String> = api
-                    .hosts
-                    .iter()
-                    .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
-                    .collect();
-                let targets: Vec<&mut Table> = if hosts.is_empty() {
-                    vec![&mut table.any_host]
-                } else {
-                    let mut v = Vec::new();
-                    for h in &hosts {
-                        table.by_host.entry(h.clone()).or_default();
-                    }
-                    for (h, t) in table.by_host.iter_mut() {
-                        if hosts.contains(h) {
-                            v.push(t);
-                        }
-                    }
-                    v
-                };
-                for t in targets {
+                let none = [String::new()];
+                for h in if hosts.is_empty() { &none[..] } else { &hosts } {
+                    let t = if h.is_empty() {
+                        &mut table.any_host
+                    } else {
+                        table.host_table(h)
+                    };
                     t.add_scope(&prefix, &api_name, id);
                     match path {
                         None => {
@@ -1176,6 +1224,72 @@ integration = { type = "mock", body = "b" }
                 ),
                 "{}",
                 String::from_utf8_lossy(h)
+            );
+        }
+    }
+
+    #[test]
+    fn wildcard_hosts_cover_one_label_and_exact_names_win() {
+        let text = r#"
+[[apis]]
+name = "wild"
+hosts = ["*.Example.com", "[::1]", "10.0.0.1"]
+[[apis.routes]]
+route = "GET /x"
+integration = { type = "mock", body = "wild" }
+[[apis]]
+name = "exact"
+hosts = ["api.example.com"]
+[[apis.routes]]
+route = "GET /x"
+integration = { type = "mock", body = "exact" }
+[[apis]]
+name = "any"
+[[apis.routes]]
+route = "GET /x"
+integration = { type = "mock", body = "any" }
+"#;
+        let c = parse(Path::new("t.toml"), text).unwrap();
+        let api_of = |host: &[u8]| {
+            let mut p = Params::new();
+            match c.routes.find(Some(host), "GET", "/x", &mut p) {
+                RouteMatch::Found(id) => c.routes.route(id).api.to_string(),
+                m => panic!("{m:?}"),
+            }
+        };
+        assert_eq!(api_of(b"api.example.com"), "exact");
+        for h in [
+            &b"www.example.com"[..],
+            b"SHOP.example.com.:8080",
+            b"[::1]:80",
+            b"10.0.0.1",
+        ] {
+            assert_eq!(api_of(h), "wild", "{}", String::from_utf8_lossy(h));
+        }
+        // Not the bare name, not two labels under it.
+        for h in [&b"example.com"[..], b"a.b.example.com", b"xexample.com"] {
+            assert_eq!(api_of(h), "any", "{}", String::from_utf8_lossy(h));
+        }
+    }
+
+    #[test]
+    fn hosts_that_are_not_host_names_are_refused() {
+        for (bad, why) in [
+            ("not a host!", "is not a host name"),
+            ("a.*.example.com", "leading `*.`"),
+            ("*", "leading `*.`"),
+            ("api.example.com:8080", "holds a port"),
+            ("[::zz]", "IPv6"),
+            ("a..b", "is not a host name"),
+            ("", "is not a host name"),
+        ] {
+            let text = format!(
+                "[[apis]]\nname = \"a\"\nhosts = [\"ok.example\", \"{bad}\"]\n[[apis.routes]]\nroute = \"GET /x\"\nintegration = {{ type = \"mock\" }}\n"
+            );
+            let e = parse(Path::new("t.toml"), &text).unwrap_err().to_string();
+            assert!(
+                e.contains("t.toml:2") && e.contains("apis[0].hosts[1]") && e.contains(why),
+                "{bad}: {e}"
             );
         }
     }
