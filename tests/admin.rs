@@ -28,6 +28,24 @@ integration = {{ type = "http", upstream = "o" }}
 }
 
 #[test]
+fn head_is_answered_as_get_without_the_body_on_a_kept_alive_connection() {
+    let gw = Gateway::start(&config(dead_addr()));
+    let mut c = Client::connect(gw.admin_addr);
+    for path in ["/healthz", "/metrics", "/api-keys"] {
+        c.send(format!("HEAD {path} HTTP/1.1\r\nHost: admin\r\n\r\n").as_bytes());
+        let r = c.read_response_to("HEAD").unwrap();
+        assert_eq!(r.status, 200, "{path}");
+        assert!(r.body.is_empty(), "{path}");
+        let len: usize = r.header("content-length").unwrap().parse().unwrap();
+        assert!(len > 0, "{path}: the length GET would have");
+    }
+    // Nothing was left on the connection: the next answer parses from its first byte.
+    c.send(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+}
+
+#[test]
 fn healthz_answers_ok() {
     let gw = Gateway::start(&config(dead_addr()));
     let r = gw.admin_get("/healthz");
@@ -769,12 +787,16 @@ fn admin_405_names_the_allowed_methods_and_two_authorization_fields_are_refused(
     let a = gw.admin_addr;
     let auth = Some("Bearer s3cret-token");
     for (method, path, allow) in [
-        ("POST", "/metrics", "GET"),
+        ("POST", "/metrics", "GET, HEAD"),
         ("GET", "/reload", "POST"),
-        ("PUT", "/api-keys", "GET, POST"),
-        ("POST", "/api-keys/bob", "DELETE, GET"),
-        ("PUT", "/@connections/0123456789abcdef", "DELETE, GET, POST"),
-        ("POST", "/dashboard", "GET"),
+        ("PUT", "/api-keys", "GET, HEAD, POST"),
+        ("POST", "/api-keys/bob", "DELETE, GET, HEAD"),
+        (
+            "PUT",
+            "/@connections/0123456789abcdef",
+            "DELETE, GET, HEAD, POST",
+        ),
+        ("POST", "/dashboard", "GET, HEAD"),
     ] {
         let r = admin_request(a, method, path, auth).unwrap();
         assert_eq!(r.status, 405, "{method} {path}");

@@ -242,7 +242,7 @@ fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> io::Res
 /// Writes an error answer and closes; the client's unread bytes are read (for a moment)
 /// so that the close does not reset the connection before the client reads the answer.
 fn fail(s: &mut TcpStream, r: &Reply) -> io::Result<()> {
-    write_reply(s, r, false, None)?;
+    write_reply(s, r, false, None, false)?;
     let _ = s.shutdown(Shutdown::Write);
     let deadline = Instant::now() + Duration::from_secs(1);
     let mut sink = Vec::with_capacity(8192);
@@ -303,6 +303,9 @@ fn serve_conn(mut s: TcpStream, shared: &Shared, slot: &Slot) -> io::Result<()> 
             }
         };
         let method = String::from_utf8_lossy(head.slice(&buf, head.method_range)).into_owned();
+        // HEAD is served as GET, and answered without the body (RFC 9110 9.3.2).
+        let head_only = method == "HEAD";
+        let method = if head_only { "GET".to_string() } else { method };
         let path = String::from_utf8_lossy(head.slice(&buf, head.path)).into_owned();
         let authorized = match shared
             .current()
@@ -436,7 +439,7 @@ fn serve_conn(mut s: TcpStream, shared: &Shared, slot: &Slot) -> io::Result<()> 
         } else {
             None
         };
-        write_reply(&mut s, &reply, keep, allow)?;
+        write_reply(&mut s, &reply, keep, allow, head_only)?;
         if !keep {
             return Ok(());
         }
@@ -551,19 +554,24 @@ fn write_reply(
     r: &Reply,
     keep: bool,
     allow: Option<&'static str>,
+    head_only: bool,
 ) -> io::Result<()> {
-    s.write_all(&reply_bytes(r, keep, allow))
+    let mut out = reply_bytes(r, keep, allow);
+    if head_only {
+        out.truncate(out.len() - r.body.len());
+    }
+    s.write_all(&out)
 }
 
 /// The methods an admin path takes, for the `Allow` field of a 405 (RFC 9110 15.5.6).
 fn allowed_methods(path: &str) -> Option<&'static str> {
     Some(match path {
-        "/healthz" | "/metrics" | "/dashboard" | "/dashboard/data" => "GET",
+        "/metrics" | "/dashboard" | "/dashboard/data" => "GET, HEAD",
         "/reload" | "/cache/invalidate" => "POST",
-        "/api-keys" => "GET, POST",
-        p if p.starts_with("/api-keys/") => "DELETE, GET",
-        p if p.starts_with("/@connections/") => "DELETE, GET, POST",
-        p if p.starts_with("/usage-plans/") => "GET",
+        "/api-keys" => "GET, HEAD, POST",
+        p if p.starts_with("/api-keys/") => "DELETE, GET, HEAD",
+        p if p.starts_with("/@connections/") => "DELETE, GET, HEAD, POST",
+        p if p.starts_with("/usage-plans/") => "GET, HEAD",
         _ => return None,
     })
 }
