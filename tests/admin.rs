@@ -344,6 +344,15 @@ fn access_log_writes_one_json_object_per_request() {
         assert_eq!(r.status, 400, "{target}");
         expected.push(("GET", target.to_string(), 400, id.to_string()));
     }
+    // A method refused for its spelling is logged as sent (the metrics count it as OTHER).
+    let r = gw.request("get /low HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(r.status, 400);
+    expected.push((
+        "get",
+        "/low".to_string(),
+        400,
+        r.header("x-request-id").unwrap().to_string(),
+    ));
 
     let path = gw.dir.join("access.log");
     let mut text = String::new();

@@ -589,7 +589,7 @@ pub(crate) async fn run<S: ClientIo>(
                 // And logged, as nginx logs its 400s: what was sent matters to whoever
                 // watches for attacks.
                 if let Some(log) = &w.log {
-                    write_refused_log_line(&w, &mut log.borrow_mut(), &c, method, status);
+                    write_refused_log_line(&w, &mut log.borrow_mut(), &c, status);
                 }
                 break;
             }
@@ -1346,13 +1346,7 @@ fn write_log_line<S: ClientIo>(
 /// The access log line of a request refused before its head could be served (400, 408, 431):
 /// the method label and the request-target as sent on the request line (cut at 2 KiB), no
 /// route and no duration.
-fn write_refused_log_line<S: ClientIo>(
-    w: &Worker,
-    log: &mut LocalLog,
-    c: &Conn<S>,
-    method: &str,
-    status: u16,
-) {
+fn write_refused_log_line<S: ClientIo>(w: &Worker, log: &mut LocalLog, c: &Conn<S>, status: u16) {
     let line_end =
         c.b.rbuf
             .iter()
@@ -1360,9 +1354,15 @@ fn write_refused_log_line<S: ClientIo>(
             .unwrap_or(c.b.rbuf.len());
     let line = &c.b.rbuf[..line_end];
     let target = line.split(|&b| b == b' ').nth(1).unwrap_or(b"");
+    // The method as sent (`get`, `PROPFIND`), up to 32 bytes; `OTHER` when no request line
+    // could be read. The metrics keep their bounded label.
+    let method = match line.iter().take(33).position(|&b| b == b' ') {
+        Some(i) if i > 0 => &line[..i],
+        _ => &b"OTHER"[..],
+    };
     let b = log.buf();
     log_line_start(w, b, &c.reqid[..c.reqid_len], c.peer.ip(), S::TLS);
-    b.extend_from_slice(method.as_bytes());
+    push_json_str(b, method);
     b.extend_from_slice(b"\",\"path\":\"");
     push_json_str(b, &target[..target.len().min(2048)]);
     log_status_and_duration(b, status, Duration::ZERO);
