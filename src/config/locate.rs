@@ -25,6 +25,12 @@ fn is_bare(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// One key of a path as error messages write it: bare when it can be, else quoted as in TOML
+/// (`"$default"`, `"a.b"`).
+pub(crate) fn key_part(key: &str) -> String {
+    join_key(&[Segment::Key(key.to_string())])
+}
+
 /// Writes a path the way error messages name keys: `apis[0].stages."$default".cache`.
 pub(crate) fn join_key(path: &[Segment]) -> String {
     let mut out = String::new();

@@ -5,7 +5,7 @@
 //! keys are errors), checks every value, resolves upstream names and stage variables, and builds
 //! the [`RouteTable`]. Every error names the file, the line and the key.
 
-mod locate;
+pub(crate) mod locate;
 pub use locate::locate_message;
 pub mod raw;
 mod routes;
@@ -782,6 +782,11 @@ mod tests {
         refused(
             "[[apis]]\nname = \"a\"\n[apis.stages.\"$default\"]\ncache = { ttl_s = \"x\" }\n",
             "t.toml:4: key `apis[0].stages.\"$default\".cache.ttl_s`: invalid type",
+        );
+        // Also in the checks made after parsing: `a.b` is one stage, not two tables.
+        refused(
+            "[[apis]]\nname = \"a\"\n[apis.stages.\"a.b\"]\n[[apis.routes]]\nroute = \"GET /\"\nintegration = { type = \"mock\" }\n",
+            "t.toml:3: key `apis[0].stages.\"a.b\"`: stage names are",
         );
     }
 

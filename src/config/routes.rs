@@ -2,6 +2,7 @@
 //! variables substituted, path templates pre-split, mock responses pre-encoded, and conflicts
 //! refused with the line that caused them.
 
+use super::locate::key_part;
 use super::raw::{RawApi, RawIntegration};
 use super::{ConfigError, Source, UpstreamConfig};
 use crate::http::encode;
@@ -691,7 +692,7 @@ pub(super) fn compile(
                 crate::cache::config::check_stage(
                     src,
                     c,
-                    &akey(&format!("stages.{stage_name}.cache")),
+                    &akey(&format!("stages.{}.cache", key_part(stage_name))),
                 )?;
             }
             if stage_name != "$default"
@@ -702,7 +703,7 @@ pub(super) fn compile(
             {
                 return Err(src.err(
                     0..0,
-                    &akey(&format!("stages.{stage_name}")),
+                    &akey(&format!("stages.{}", key_part(stage_name))),
                     "stage names are letters, digits, `-` and `_` (or `$default`)",
                 ));
             }

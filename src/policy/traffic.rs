@@ -203,7 +203,14 @@ pub(crate) fn build(
         cors_by_api.push((name.clone(), cors));
         for (sname, st) in &api.stages {
             if let Some(th) = &st.throttle {
-                let r = rate(src, th, &format!("apis[{ai}].stages.{sname}.throttle"))?;
+                let r = rate(
+                    src,
+                    th,
+                    &format!(
+                        "apis[{ai}].stages.{}.throttle",
+                        crate::config::locate::key_part(sname)
+                    ),
+                )?;
                 stage_buckets.push(((name.clone(), sname.clone()), Arc::new(Bucket::new(r))));
             }
         }
