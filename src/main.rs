@@ -17,7 +17,7 @@ fn main() -> ExitCode {
                 Some(f) => config = PathBuf::from(f),
                 None => {
                     eprintln!("ringgate: --config needs a file. {USAGE}");
-                    return ExitCode::from(2);
+                    return ExitCode::FAILURE;
                 }
             },
             "--help" | "-h" => {
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
                     config = PathBuf::from(f);
                 } else {
                     eprintln!("ringgate: unknown argument `{other}`. {USAGE}");
-                    return ExitCode::from(2);
+                    return ExitCode::FAILURE;
                 }
             }
         }

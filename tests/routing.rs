@@ -533,6 +533,24 @@ fn assert_check_fails(cfg: &str, line: usize, key: &str) {
 }
 
 #[test]
+fn command_line_errors_exit_1_with_one_line() {
+    for args in [
+        &["--check", "--config"][..],
+        &["--check", "--bogus"],
+        &["--nope"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains("usage: ringgate"), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn check_refuses_conflicting_routes_with_file_line_and_key() {
     let cfg = "[[apis]]\nname = \"c\"\n\n[[apis.routes]]\nroute = \"GET /x/{a}\"\nintegration = { type = \"mock\" }\n\n[[apis.routes]]\nroute = \"GET /x/{b}\"\nintegration = { type = \"mock\" }\n";
     assert_check_fails(cfg, 9, "apis[0].routes[1].route");
