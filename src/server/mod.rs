@@ -12,6 +12,7 @@ mod proxy;
 mod traffic;
 mod validate_stage;
 
+pub(crate) use park::readiness_carrier;
 pub use park::run_parker;
 pub use park::Idle;
 

@@ -76,6 +76,14 @@ pub struct Parker {
     free: RefCell<Vec<u32>>,
 }
 
+/// Wraps a descriptor that is not a socket (an epoll set, an eventfd) in a monoio socket type,
+/// only so the worker's io driver (io_uring or epoll) can wait for it to turn readable with
+/// `readable(false)`. No socket call is ever made on it; it closes the descriptor when dropped.
+/// Must run inside the worker's runtime.
+pub(crate) fn readiness_carrier(fd: OwnedFd) -> std::io::Result<monoio::net::udp::UdpSocket> {
+    monoio::net::udp::UdpSocket::from_std(std::net::UdpSocket::from(fd))
+}
+
 impl Parker {
     /// Creates the worker's epoll set; must run inside the worker's runtime.
     pub fn new() -> std::io::Result<Parker> {
@@ -84,10 +92,8 @@ impl Parker {
         if epfd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // SAFETY: `epfd` is a fresh descriptor that nothing else owns. The UdpSocket type is
-        // only a carrier for readiness waits: no socket call is ever made on it.
-        let std_sock = unsafe { std::net::UdpSocket::from_raw_fd(epfd) };
-        let ep = monoio::net::udp::UdpSocket::from_std(std_sock)?;
+        // SAFETY: `epfd` is a fresh descriptor that nothing else owns.
+        let ep = readiness_carrier(unsafe { OwnedFd::from_raw_fd(epfd) })?;
         Ok(Parker {
             ep,
             epfd,

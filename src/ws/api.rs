@@ -523,8 +523,7 @@ pub async fn run_mailbox(worker: usize, shared: Arc<Shared>) {
     }
 }
 
-/// This worker's mailbox, and its bell wrapped in a monoio socket type only so the io driver
-/// can wait for it to turn readable (no socket call is ever made on it).
+/// This worker's mailbox, and its bell in a form the io driver can wait on.
 fn open_mailbox(
     shared: &Shared,
     worker: usize,
@@ -533,8 +532,7 @@ fn open_mailbox(
     monoio::net::udp::UdpSocket,
 )> {
     let (rx, bell) = shared.ws.mailbox(worker)?;
-    let waiter = monoio::net::udp::UdpSocket::from_std(std::net::UdpSocket::from(bell))?;
-    Ok((rx, waiter))
+    Ok((rx, crate::server::readiness_carrier(bell)?))
 }
 
 /// A text frame when `body` is UTF-8, else a binary one.
