@@ -324,8 +324,19 @@ fn a_node_learns_a_key_used_up_elsewhere_before_its_first_request_for_it() {
         assert_eq!(get_key(&a, "/prod/x", ALICE).status, 200);
     }
     assert_eq!(get_key(&a, "/prod/x", ALICE).status, 429);
-    // A's share is written within a sync interval and B syncs the key within its next one.
-    thread::sleep(Duration::from_millis(600));
+    // A writes its share (and announces the key) at its next sync; B syncs the key at its
+    // next one after the announcement (every 100 ms).
+    assert!(wait_until(Duration::from_secs(3), || {
+        redis
+            .command(&["KEYS", "ringgate:quota:basic:*:alice"])
+            .and_then(|k| {
+                // RESP: the key is the answer's line that is not a length.
+                let k = k.lines().find(|l| l.starts_with("ringgate:"))?.to_string();
+                redis.command(&["HVALS", &k])
+            })
+            .is_some_and(|v| v.lines().any(|l| l.trim() == "6"))
+    }));
+    thread::sleep(Duration::from_millis(400));
     let r = get_key(&b, "/prod/x", ALICE);
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(used(&b, "alice")["used"], 6);
