@@ -1170,6 +1170,61 @@ fn echo_backend(drop_after: Option<usize>) -> EchoBackend {
     }
 }
 
+/// A pass-through backend that answers the upgrade with its 101 and `after` in one write, then
+/// holds the connection open for 3 s without reading.
+fn push_backend(after: Vec<u8>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let after = after.clone();
+            thread::spawn(move || {
+                let mut buf = Vec::new();
+                let Some(head) = read_upgrade(&mut s, &mut buf) else {
+                    return;
+                };
+                let mut out = Vec::new();
+                answer_upgrade(&mut out, &head, "");
+                out.extend_from_slice(&after);
+                let _ = s.write_all(&out);
+                thread::sleep(Duration::from_secs(3));
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn passthrough_relays_frames_that_came_with_the_101() {
+    // A first message larger than the gateway's first upstream read, in the 101's write.
+    let big = vec![b'w'; 10_000];
+    let mut after = Vec::new();
+    frame::encode(&mut after, op::TEXT, true, &big);
+    frame::encode(&mut after, op::TEXT, true, b"second");
+    let gw = Gateway::start(&passthrough_config(push_backend(after), ""));
+    let (head, mut ws) = ws_connect(gw.addr, "/live/r", "");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(ws.read_frame(), Some((true, op::TEXT, big)));
+    assert_eq!(ws.recv_text(), "second");
+}
+
+#[test]
+fn passthrough_sends_no_second_close_frame() {
+    // The upstream closed (1000) and then went quiet: the idle timeout ends the connection
+    // without another close frame to a client that already has one.
+    let mut after = Vec::new();
+    frame::encode(&mut after, op::CLOSE, true, &1000u16.to_be_bytes());
+    let gw = Gateway::start(&passthrough_config(
+        push_backend(after),
+        "websocket = { idle_timeout_ms = 300 }",
+    ));
+    let (head, mut ws) = ws_connect(gw.addr, "/live/r", "");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(ws.expect_close(), 1000);
+    assert_eq!(ws.read_frame(), None, "a second frame after the close");
+}
+
 fn passthrough_config(backend: SocketAddr, websocket: &str) -> String {
     format!(
         r#"

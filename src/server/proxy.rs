@@ -675,8 +675,8 @@ async fn stream_request_body<S: ClientIo>(
     }
 }
 
-/// The upstream accepted a WebSocket upgrade: relays its 101 (and any frame bytes that came
-/// with it) and hands both connections to the WebSocket relay.
+/// The upstream accepted a WebSocket upgrade: relays its 101 and hands both connections (and
+/// any frame bytes that came with the 101) to the WebSocket relay.
 async fn upgrade<S: ClientIo>(
     w: &Rc<Worker>,
     c: &mut Conn<S>,
@@ -696,7 +696,9 @@ async fn upgrade<S: ClientIo>(
     }
     encode::push_header(&mut c.b.out, b"x-request-id", &c.reqid[..c.reqid_len]);
     c.b.out.extend_from_slice(b"\r\n");
-    c.b.out.extend_from_slice(&c.b.ubuf[head_len..]);
+    // Frame bytes that came with the 101 go through the relay, whose frame scanner must see
+    // the stream from its first byte.
+    let from_upstream = c.b.ubuf[head_len..].to_vec();
     c.b.ubuf.clear();
     if c.b.ubuf.capacity() > 4 * 4096 {
         c.b.ubuf = Vec::new();
@@ -706,6 +708,7 @@ async fn upgrade<S: ClientIo>(
     if ok {
         c.takeover = Some(crate::ws::Takeover::Relay {
             upstream: us,
+            from_upstream,
             settings: route.ws.clone(),
         });
     }

@@ -341,6 +341,8 @@ pub enum Takeover {
     Relay {
         /// The upstream connection that answered 101.
         upstream: monoio::net::TcpStream,
+        /// Bytes the upstream sent after its 101 head (the start of its first frames).
+        from_upstream: Vec<u8>,
         /// The route's limits and timeouts.
         settings: Arc<WsSettings>,
     },
@@ -362,8 +364,16 @@ pub async fn run_takeover<S: crate::server::ClientIo>(
     // Each kind boxed on its own: a connection's memory is the size of its own state machine,
     // not of the larger of the two.
     match t {
-        Takeover::Relay { upstream, settings } => {
-            Box::pin(relay::run(client, upstream, pending, &settings, shared)).await
+        Takeover::Relay {
+            upstream,
+            from_upstream,
+            settings,
+        } => {
+            let first = relay::First {
+                from_client: pending,
+                from_upstream,
+            };
+            Box::pin(relay::run(client, upstream, first, &settings, shared)).await
         }
         Takeover::Api(a) => Box::pin(api::run(a, client, pending, shared, w)).await,
     }

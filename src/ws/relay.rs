@@ -256,11 +256,19 @@ fn server_close(code: u16, reason: &str) -> Vec<u8> {
     f
 }
 
+/// Bytes read past the handshake on either side, to be relayed first.
+pub struct First {
+    /// Sent by the client after its upgrade request.
+    pub from_client: Vec<u8>,
+    /// Sent by the upstream after its 101 head.
+    pub from_upstream: Vec<u8>,
+}
+
 /// Relays between `client` and `upstream` until either closes, a rule is broken, or a timeout.
 pub async fn run<S: ClientIo>(
     client: S,
     upstream: TcpStream,
-    pending: Vec<u8>,
+    first: First,
     settings: &WsSettings,
     shared: &Shared,
 ) {
@@ -272,15 +280,8 @@ pub async fn run<S: ClientIo>(
     let started = Instant::now();
     // What to do once the select below is done: (close to client, close to upstream).
     let (to_client, to_upstream): (Option<(u16, &str)>, Option<u16>) = {
-        let first = pending;
-        let c2u = pump(&mut cr, &mut uw, first, &up_side, &last);
-        let u2c = pump(
-            &mut ur,
-            &mut cw,
-            Vec::with_capacity(SMALL_BUF),
-            &down_side,
-            &last,
-        );
+        let c2u = pump(&mut cr, &mut uw, first.from_client, &up_side, &last);
+        let u2c = pump(&mut ur, &mut cw, first.from_upstream, &down_side, &last);
         let watch = async {
             loop {
                 let holding = match (up_side.reading_since.get(), down_side.reading_since.get()) {
@@ -306,19 +307,22 @@ pub async fn run<S: ClientIo>(
         };
         monoio::select! {
             e = c2u => match e {
-                // The client left: tell the upstream unless a close handshake is under way.
-                End::Closed => (None, (!up_side.scan.borrow().saw_close).then_some(code::GOING_AWAY)),
+                End::Closed => (None, Some(code::GOING_AWAY)),
                 End::WriteFailed => (Some((code::GOING_AWAY, "upstream went away")), None),
                 End::Violation(c) => (Some((c, "frame refused")), Some(code::GOING_AWAY)),
             },
             e = u2c => match e {
-                End::Closed => ((!down_side.scan.borrow().saw_close).then_some((code::GOING_AWAY, "upstream went away")), None),
+                End::Closed => (Some((code::GOING_AWAY, "upstream went away")), None),
                 End::WriteFailed => (None, Some(code::GOING_AWAY)),
                 End::Violation(c) => (Some((c, "frame refused")), None),
             },
             why = watch => (Some((code::GOING_AWAY, why)), Some(code::GOING_AWAY)),
         }
     };
+    // A side that already got a close frame gets no second one (RFC 6455 5.5.1): the close
+    // handshake is under way, whichever side then dropped its connection first.
+    let to_client = to_client.filter(|_| !down_side.scan.borrow().saw_close);
+    let to_upstream = to_upstream.filter(|_| !up_side.scan.borrow().saw_close);
     let t = Duration::from_secs(1);
     if let Some((c, why)) = to_client {
         if down_side.clean() {

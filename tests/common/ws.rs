@@ -155,7 +155,7 @@ pub fn read_upgrade(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
 }
 
 /// Answers the upgrade request `head` with 101 and `extra` header lines (each ending in CRLF).
-pub fn answer_upgrade(s: &mut TcpStream, head: &str, extra: &str) {
+pub fn answer_upgrade(s: &mut impl Write, head: &str, extra: &str) {
     let key = head
         .lines()
         .find_map(|l| {
