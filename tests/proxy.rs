@@ -1269,3 +1269,62 @@ fn interim_answers_are_passed_on_to_http11_clients() {
     let text = read_until_text(&mut s, "final");
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
 }
+
+/// Sends one byte as TCP urgent data (`MSG_OOB`): it leaves the normal byte stream, and a
+/// reader's `recv` stops short at its mark although the bytes behind it are there.
+fn send_urgent(s: &std::net::TcpStream, byte: u8) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sends one byte from a live stack variable on an open socket.
+    let n = unsafe { libc::send(s.as_raw_fd(), (&byte as *const u8).cast(), 1, libc::MSG_OOB) };
+    assert_eq!(n, 1, "send(MSG_OOB)");
+}
+
+#[test]
+fn urgent_data_stalls_neither_a_request_nor_a_response_with_either_driver() {
+    // An origin that puts an urgent byte in the middle of its 100-byte body.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                while find(&buf, b"\r\n\r\n").is_none() {
+                    match std::io::Read::read(&mut s, &mut tmp) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n");
+                let _ = s.write_all(&[b'a'; 50]);
+                send_urgent(&s, b'!');
+                let _ = s.write_all(&[b'b'; 50]);
+                std::thread::sleep(Duration::from_secs(3));
+            });
+        }
+    });
+    for io in ["io_uring", "epoll"] {
+        let cfg = format!(
+            "{}\n{}",
+            HEADER.replace("io = \"auto\"", &format!("io = \"{io}\"")),
+            config(origin)
+        );
+        let gw = Gateway::start(&cfg);
+        // A request head with an urgent byte inside, all of it sent before the gateway reads.
+        let mut c = Client::connect(gw.addr);
+        c.stream()
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        c.send(b"GET /mock HTTP/1.1\r\nHost: t\r\nX-A: a");
+        send_urgent(c.stream(), b'!');
+        c.send(b"\r\n\r\n");
+        let r = c.read_response().expect(io);
+        assert_eq!((r.status, r.text().as_str()), (200, "mocked"), "{io}");
+        // A response body with an urgent byte inside: all 100 bytes, at once.
+        c.send(b"GET /body HTTP/1.1\r\nHost: t\r\n\r\n");
+        let r = c.read_response().expect(io);
+        assert_eq!(r.status, 200, "{io}");
+        assert_eq!(r.body, [[b'a'; 50], [b'b'; 50]].concat(), "{io}");
+    }
+}

@@ -9,6 +9,8 @@ const READ_CLOSED: u8 = 0b0_0100;
 const WRITE_CLOSED: u8 = 0b0_1000;
 const READ_CANCELED: u8 = 0b01_0000;
 const WRITE_CANCELED: u8 = 0b10_0000;
+// ringgate: TCP urgent data is pending (EPOLLPRI); see `Ready::PRIORITY`.
+const PRIORITY: u8 = 0b100_0000;
 
 /// Describes the readiness state of an I/O resources.
 ///
@@ -42,7 +44,12 @@ impl Ready {
     /// Returns a `Ready` representing read or write canceled readiness.
     pub(crate) const CANCELED: Ready = Ready(READ_CANCELED | WRITE_CANCELED);
 
-    pub(crate) const READ_ALL: Ready = Ready(READABLE | READ_CLOSED | READ_CANCELED);
+    /// ringgate: TCP urgent data is pending (EPOLLPRI). A read stops short at the urgent mark
+    /// with more bytes behind it, so while this is set a short read does not mean "drained";
+    /// it is cleared with the rest of the read readiness by `EAGAIN`.
+    pub(crate) const PRIORITY: Ready = Ready(PRIORITY);
+
+    pub(crate) const READ_ALL: Ready = Ready(READABLE | READ_CLOSED | READ_CANCELED | PRIORITY);
     pub(crate) const WRITE_ALL: Ready = Ready(WRITABLE | WRITE_CLOSED | WRITE_CANCELED);
 
     #[cfg(windows)]
@@ -98,6 +105,11 @@ impl Ready {
 
         if event.is_write_closed() {
             ready |= Ready::WRITE_CLOSED;
+        }
+
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if event.is_priority() {
+            ready |= Ready::PRIORITY | Ready::READABLE;
         }
 
         ready
@@ -238,11 +250,20 @@ pub(crate) enum Direction {
 impl Direction {
     pub(crate) fn mask(self) -> Ready {
         match self {
-            Direction::Read => Ready::READABLE | Ready::READ_CLOSED | Ready::READ_CANCELED,
+            Direction::Read => {
+                Ready::READABLE | Ready::READ_CLOSED | Ready::READ_CANCELED | Ready::PRIORITY
+            }
             Direction::Write => Ready::WRITABLE | Ready::WRITE_CLOSED | Ready::WRITE_CANCELED,
         }
     }
 }
 
 #[allow(dead_code)]
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
 pub(crate) const RW_INTERESTS: mio::Interest = mio::Interest::READABLE.add(mio::Interest::WRITABLE);
+/// ringgate: with `PRIORITY` (EPOLLPRI), so that TCP urgent data is seen (`Ready::PRIORITY`).
+#[allow(dead_code)]
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) const RW_INTERESTS: mio::Interest = mio::Interest::READABLE
+    .add(mio::Interest::WRITABLE)
+    .add(mio::Interest::PRIORITY);

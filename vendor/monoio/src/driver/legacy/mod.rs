@@ -299,8 +299,9 @@ impl LegacyInner {
 
         match OpAble::legacy_call(data) {
             Ok(n) => {
-                if data.legacy_drained(n) {
-                    // Only READABLE: a close already reported stays visible.
+                // Only READABLE: a close already reported stays visible. Not while urgent
+                // data is pending: the read stopped at its mark, with bytes behind it.
+                if data.legacy_drained(n) && (readiness & Ready::PRIORITY).is_empty() {
                     ref_mut.clear_readiness(Ready::READABLE);
                 }
                 Poll::Ready(CompletionMeta {
