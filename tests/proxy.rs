@@ -950,14 +950,7 @@ fn an_early_answer_reaches_the_client_while_it_still_uploads() {
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
-            let mut buf = Vec::new();
-            let mut tmp = [0u8; 4096];
-            while find(&buf, b"\r\n\r\n").is_none() {
-                match std::io::Read::read(&mut s, &mut tmp) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                }
-            }
+            let _ = read_head(&mut s, &mut Vec::new());
             let _ = s.write_all(
                 b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\nConnection: close\r\n\r\nnope",
             );
@@ -1288,13 +1281,8 @@ fn urgent_data_stalls_neither_a_request_nor_a_response_with_either_driver() {
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
             std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut tmp = [0u8; 4096];
-                while find(&buf, b"\r\n\r\n").is_none() {
-                    match std::io::Read::read(&mut s, &mut tmp) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                    }
+                if read_head(&mut s, &mut Vec::new()).is_none() {
+                    return;
                 }
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n");
                 let _ = s.write_all(&[b'a'; 50]);

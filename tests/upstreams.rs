@@ -563,7 +563,7 @@ fn an_invalid_answer_is_not_asked_for_again() {
 /// counter tells how many of those were written (on loopback, then already in the gateway's
 /// socket).
 fn stray_answer_origin() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -574,17 +574,10 @@ fn stray_answer_origin() -> (std::net::SocketAddr, Arc<std::sync::atomic::Atomic
             let counter = counter.clone();
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
-                let mut tmp = [0u8; 4096];
                 loop {
-                    while find(&buf, b"\r\n\r\n").is_none() {
-                        match s.read(&mut tmp) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                        }
-                    }
-                    let end = find(&buf, b"\r\n\r\n").unwrap() + 4;
-                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    buf.drain(..end);
+                    let Some(head) = read_head(&mut s, &mut buf) else {
+                        return;
+                    };
                     let path = head.split(' ').nth(1).unwrap_or("").to_string();
                     let body = format!("answer-for-{path}");
                     let _ = write!(

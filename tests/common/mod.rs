@@ -541,6 +541,24 @@ pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// For raw test origins: reads from `s` until `buf` holds a whole head, and returns it (bytes
+/// after it stay in `buf`). `None` when the peer went away first.
+pub fn read_head(s: &mut impl Read, buf: &mut Vec<u8>) -> Option<String> {
+    let mut tmp = [0u8; 65536];
+    let end = loop {
+        if let Some(i) = find(buf, b"\r\n\r\n") {
+            break i + 4;
+        }
+        match s.read(&mut tmp) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    buf.drain(..end);
+    Some(head)
+}
+
 /// Splits a head into its first line and `(name, value)` pairs (values trimmed).
 fn parse_head(head: &[u8]) -> (String, Vec<(String, String)>) {
     let text = String::from_utf8_lossy(head);

@@ -139,19 +139,7 @@ impl Ws {
 /// The server side of a handshake, for test backends: reads the upgrade request head from `s`
 /// (bytes after it stay in `buf`). `None` when the client went away first.
 pub fn read_upgrade(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    let mut tmp = [0u8; 65536];
-    let end = loop {
-        if let Some(i) = find(buf, b"\r\n\r\n") {
-            break i + 4;
-        }
-        match s.read(&mut tmp) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-    buf.drain(..end);
-    Some(head)
+    super::read_head(s, buf)
 }
 
 /// Answers the upgrade request `head` with 101 and `extra` header lines (each ending in CRLF).
