@@ -80,6 +80,27 @@ impl Redis {
             .is_some_and(|r| r.starts_with("+PONG") || r.starts_with("-NOAUTH"))
     }
 
+    /// One command in RESP after `AUTH password` on the same connection; the raw answer.
+    fn command_as(&self, password: &str, args: &[&str]) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut answer = String::new();
+        for cmd in [&["AUTH", password][..], args] {
+            let mut req = format!("*{}\r\n", cmd.len());
+            for a in cmd {
+                req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+            }
+            s.write_all(req.as_bytes()).ok()?;
+            let mut b = [0u8; 4096];
+            let n = s.read(&mut b).ok()?;
+            answer = String::from_utf8_lossy(&b[..n]).to_string();
+            if cmd[0] == "AUTH" && !answer.starts_with("+OK") {
+                return None;
+            }
+        }
+        Some(answer)
+    }
+
     /// One command in RESP; the raw answer.
     fn command(&self, args: &[&str]) -> Option<String> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
@@ -768,12 +789,16 @@ fn keys_survive_a_redis_restart_that_a_new_node_reaches_first() {
         assert_eq!(r.status, 503, "{}", r.text());
     }
     thread::sleep(Duration::from_millis(3400));
-    // Redis comes back empty, and a new node (no admin-added keys) reaches it first.
+    // Redis comes back empty, and a new node (no admin-added keys) reaches it first: until C
+    // has initialised the hash, Redis takes only C's password (A and B get NOAUTH and retry),
+    // so the order does not depend on how fast C starts.
+    redis.extra = vec!["--requirepass".into(), "c-only".into()];
     redis.restart();
-    let c = Gateway::start(&node_config(&redis.url(), ""));
+    let c_url = format!("redis://:c-only@127.0.0.1:{}", redis.port);
+    let c = Gateway::start(&node_config(&c_url, ""));
     assert!(
-        wait_until(Duration::from_secs(2), || redis
-            .command(&["HEXISTS", "ringgate:apikeys", "."])
+        wait_until(Duration::from_secs(5), || redis
+            .command_as("c-only", &["HEXISTS", "ringgate:apikeys", "."])
             .is_some_and(|r| r.starts_with(":1"))),
         "C initialised the hash: {}",
         c.stderr()
@@ -784,6 +809,8 @@ fn keys_survive_a_redis_restart_that_a_new_node_reaches_first() {
         a.stderr(),
         b.stderr()
     );
+    let r = redis.command_as("c-only", &["CONFIG", "SET", "requirepass", ""]);
+    assert!(r.as_deref().is_some_and(|r| r.starts_with("+OK")), "{r:?}");
     // A and B write their keys back when they come back: every node, C too, has carol.
     assert!(
         wait_until(Duration::from_secs(8), || get_key(&c, "/prod/x", carol)
