@@ -204,6 +204,47 @@ fn messages_never_select_reserved_routes_or_exhaust_the_stack() {
 }
 
 #[test]
+fn route_selection_expressions_in_api_gateway_syntax() {
+    // `${...}` marks where a field ends, several fields and text make one key, as in API
+    // Gateway's selection expressions; the backend sees the key it was selected by.
+    let be = api_backend();
+    let cfg = api_config(be.addr, "").replace(
+        r#"route_selection = "$request.body.action""#,
+        r#"route_selection = "${request.body.service}/${request.body.action}-v$request.body.v""#,
+    );
+    let cfg = cfg.replace(r#"route = "echo""#, r#"route = "chat/echo-v2""#);
+    let gw = Gateway::start(&cfg);
+    let mut ws = open(gw.addr, "/");
+    // The route's backend path answers nothing to this key: the call itself is the proof.
+    let m = r#"{"service":"chat","action":"echo","v":2}"#;
+    ws.text(m);
+    assert!(wait_until(Duration::from_secs(3), || {
+        route_keys(&be, "chat/echo-v2").len() == 1
+    }));
+    assert_eq!(route_keys(&be, "chat/echo-v2")[0].body, m.as_bytes());
+    // A field missing, or a key no route has: `$default`.
+    for m in [
+        r#"{"service":"chat","action":"echo"}"#,
+        r#"{"service":"chat","action":"echo","v":3}"#,
+        r#"{"action":"echo","v":2}"#,
+    ] {
+        ws.text(m);
+        assert_eq!(ws.recv_text(), format!("default:{m}"));
+    }
+    // A bare field name running into text is refused at load, with the way to write it.
+    let (out, _) = check(&api_config(be.addr, "").replace(
+        r#"route_selection = "$request.body.action""#,
+        r#"route_selection = "$request.body.action-beta""#,
+    ));
+    let e = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success());
+    assert!(
+        e.contains("route_selection") && e.contains("${request.body.action}-"),
+        "{e}"
+    );
+}
+
+#[test]
 fn an_answer_larger_than_the_message_limit_is_not_sent() {
     // The limit holds both ways (as for `@connections` posts): the client hears why, the
     // connection stays open, and the event counts as a 502.

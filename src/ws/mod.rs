@@ -146,8 +146,8 @@ pub struct WsApi {
     pub unrouted: Arc<str>,
     /// Whether the stage's events (messages, disconnects) go to the access log.
     pub access_log: bool,
-    /// The field path of `route_selection` (`$request.body.action` -> `["action"]`).
-    pub selection: Vec<String>,
+    /// The compiled `route_selection` expression.
+    pub selection: Selection,
     /// Limits and timeouts.
     pub settings: WsSettings,
 }
@@ -170,9 +170,9 @@ impl WsApi {
         let (json, k) = if text {
             selection_key(data, &self.selection, scratch)
         } else {
-            (false, None)
+            (false, self.selection.constant())
         };
-        if let Some(k) = k.filter(|_| !self.selection.is_empty()) {
+        if let Some(k) = k {
             if let Some((key, _)) = self
                 .routes
                 .get_key_value(k.as_str())
@@ -194,40 +194,52 @@ impl WsApi {
     }
 }
 
-/// Parses a text message with simd-json: whether it is JSON, and the value at `path` in it: a
-/// string as it is, a number or boolean as its JSON text (`123`, `true`, as API Gateway
-/// selects them). A message nested deeper than [`MAX_JSON_DEPTH`] is not parsed (and counts
-/// as not JSON): the parser recurses per level, so a few thousand levels would exhaust the
-/// worker's stack.
-fn selection_key(data: &[u8], path: &[String], scratch: &mut Vec<u8>) -> (bool, Option<String>) {
+/// Parses a text message with simd-json: whether it is JSON, and the route key that `sel`
+/// makes of it. A field's value counts as a string as it is, a number or boolean as its JSON
+/// text (`123`, `true`, as API Gateway selects them); a field that is missing, named twice on
+/// the way or of another type gives no key. A message nested deeper than [`MAX_JSON_DEPTH`] is
+/// not parsed (and counts as not JSON): the parser recurses per level, so a few thousand
+/// levels would exhaust the worker's stack. Text that is not JSON gets the key of an expression
+/// without fields, and no key otherwise.
+fn selection_key(data: &[u8], sel: &Selection, scratch: &mut Vec<u8>) -> (bool, Option<String>) {
     use simd_json::prelude::*;
     if crate::policy::validate::max_depth(data) > MAX_JSON_DEPTH {
-        return (false, None);
+        return (false, sel.constant());
     }
     scratch.clear();
     scratch.extend_from_slice(data);
     let Ok(v) = simd_json::to_borrowed_value(scratch) else {
-        return (false, None);
+        return (false, sel.constant());
     };
-    let mut cur = &v;
-    for p in path {
-        // A field named twice on the way is ambiguous (backends disagree on which one counts:
-        // most parsers keep the last): the message selects nothing.
-        let Some(obj) = cur.as_object() else {
-            return (true, None);
+    let mut key = String::new();
+    for part in &sel.0 {
+        let path = match part {
+            SelPart::Text(t) => {
+                key.push_str(t);
+                continue;
+            }
+            SelPart::Field(path) => path,
         };
-        let mut found = obj.iter().filter(|(k, _)| *k == p.as_str()).map(|(_, v)| v);
-        match (found.next(), found.next()) {
-            (Some(c), None) => cur = c,
-            _ => return (true, None),
+        let mut cur = &v;
+        for p in path {
+            // A field named twice on the way is ambiguous (backends disagree on which one
+            // counts: most parsers keep the last): the message selects nothing.
+            let Some(obj) = cur.as_object() else {
+                return (true, None);
+            };
+            let mut found = obj.iter().filter(|(k, _)| *k == p.as_str()).map(|(_, v)| v);
+            match (found.next(), found.next()) {
+                (Some(c), None) => cur = c,
+                _ => return (true, None),
+            }
+        }
+        match cur.as_str() {
+            Some(s) => key.push_str(s),
+            None if cur.is_number() || cur.is_bool() => key.push_str(&cur.encode()),
+            None => return (true, None),
         }
     }
-    let key = match cur.as_str() {
-        Some(s) => Some(s.to_string()),
-        None if cur.is_number() || cur.is_bool() => Some(cur.encode()),
-        None => None,
-    };
-    (true, key)
+    (true, Some(key))
 }
 
 /// Deepest nesting of a message whose JSON route selection reads (as request validation).
@@ -283,16 +295,101 @@ pub fn fuzz_select(data: &[u8]) -> Option<String> {
     })
 }
 
-/// Parses `route_selection` (`$request.body.a.b`) into a field path.
-pub fn parse_selection(s: &str) -> Result<Vec<String>, String> {
-    let rest = s
-        .strip_prefix("$request.body.")
-        .ok_or_else(|| format!("`{s}` must be `$request.body.FIELD`"))?;
-    let parts: Vec<String> = rest.split('.').map(str::to_string).collect();
-    if parts.iter().any(|p| p.is_empty()) {
-        return Err(format!("`{s}` has an empty field name"));
+/// A compiled `route_selection` expression: text and message fields, in order. The route key
+/// of a message is the expression with each field replaced by its value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selection(Vec<SelPart>);
+
+#[derive(Debug, Clone, PartialEq)]
+enum SelPart {
+    /// Text as written (`\$` unescaped).
+    Text(String),
+    /// A field path in the JSON message (`$request.body.a.b` -> `["a", "b"]`).
+    Field(Vec<String>),
+}
+
+impl Selection {
+    /// The key of an expression without fields (the same for every message).
+    fn constant(&self) -> Option<String> {
+        let mut key = String::new();
+        for part in &self.0 {
+            match part {
+                SelPart::Text(t) => key.push_str(t),
+                SelPart::Field(_) => return None,
+            }
+        }
+        Some(key)
     }
-    Ok(parts)
+}
+
+/// Parses `route_selection` in API Gateway's selection-expression syntax: text with variables
+/// `$request.body.FIELD` or `${request.body.FIELD}` (a dotted path into the JSON message);
+/// braces end a field name where text follows (`${request.body.version}-beta`), and `\$` is a
+/// literal `$` (`\$default`). A bare variable running straight into other text is refused rather
+/// than guessed at (`$request.body.my-field`: `my` then `-field`, or `my-field`?).
+pub fn parse_selection(s: &str) -> Result<Selection, String> {
+    let mut parts = Vec::new();
+    let mut text = String::new();
+    let mut rest = s;
+    while let Some(c) = rest.chars().next() {
+        if let Some(r) = rest.strip_prefix("\\$") {
+            text.push('$');
+            rest = r;
+            continue;
+        }
+        if c != '$' {
+            text.push(c);
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        let (var, after, braced) = match rest.strip_prefix("${") {
+            Some(r) => {
+                let end = r
+                    .find('}')
+                    .ok_or_else(|| format!("`{s}`: `${{` without its closing `}}`"))?;
+                (&r[..end], &r[end + 1..], true)
+            }
+            None => {
+                let r = &rest[1..];
+                let end = r
+                    .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
+                    .unwrap_or(r.len());
+                (&r[..end], &r[end..], false)
+            }
+        };
+        let field = var.strip_prefix("request.body.").ok_or_else(|| {
+            format!(
+                "`{s}`: variables must be `$request.body.FIELD` or `${{request.body.FIELD}}` \
+                 (route selection reads the JSON message; `\\$` is a literal `$`)"
+            )
+        })?;
+        let path: Vec<String> = field.split('.').map(str::to_string).collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(format!("`{s}` has an empty field name"));
+        }
+        if let Some(next) = after
+            .chars()
+            .next()
+            .filter(|c| !braced && *c != '$' && *c != '\\')
+        {
+            return Err(format!(
+                "`{s}`: where does the field name end? Write `${{request.body.{field}}}{next}...` \
+                 for the field `{field}`, or put the whole name in braces"
+            ));
+        }
+        if !text.is_empty() {
+            parts.push(SelPart::Text(std::mem::take(&mut text)));
+        }
+        parts.push(SelPart::Field(path));
+        rest = after;
+    }
+    if !text.is_empty() {
+        parts.push(SelPart::Text(text));
+    }
+    if parts.is_empty() {
+        return Err("the expression is empty".to_string());
+    }
+    Ok(Selection(parts))
 }
 
 /// The WebSocket settings of an API: the `websocket` table over the protocol's defaults.
@@ -600,5 +697,56 @@ mod tests {
             selection_key(br#"{"meta":{"kind":"join"}}"#, &nested, &mut s),
             (true, Some("join".to_string()))
         );
+    }
+
+    #[test]
+    fn route_selection_expressions_combine_fields_and_text() {
+        let mut s = Vec::new();
+        let key = |expr: &str, msg: &[u8], s: &mut Vec<u8>| {
+            selection_key(msg, &parse_selection(expr).unwrap(), s).1
+        };
+        let m = br#"{"service":"chat","action":"join","v":2,"odd-name":"x"}"#;
+        for (expr, want) in [
+            ("${request.body.action}", Some("join")),
+            ("$request.body.action", Some("join")),
+            (
+                "${request.body.service}/${request.body.action}",
+                Some("chat/join"),
+            ),
+            (
+                "$request.body.service$request.body.action",
+                Some("chatjoin"),
+            ),
+            ("${request.body.action}-beta", Some("join-beta")),
+            ("v${request.body.v}:$request.body.action", Some("v2:join")),
+            ("${request.body.odd-name}", Some("x")),
+            ("\\$default", Some("$default")),
+            ("\\$${request.body.action}", Some("$join")),
+            ("fixed", Some("fixed")),
+            // One missing field: the message selects nothing (it goes to `$default`).
+            ("${request.body.service}/${request.body.missing}", None),
+        ] {
+            assert_eq!(key(expr, m, &mut s).as_deref(), want, "{expr}");
+        }
+        // Without fields the key is the same for every message, JSON or not.
+        assert_eq!(key("fixed", b"not json", &mut s).as_deref(), Some("fixed"));
+        assert_eq!(key("${request.body.action}", b"not json", &mut s), None);
+        for bad in [
+            "",
+            "$request.body.",
+            "${request.body.a..b}",
+            "${request.body.action",
+            "$request.header.x",
+            "${request.querystring.x}",
+            "$context.routeKey",
+            "$request.body.my-field",
+            "$request.body.action}",
+            "$",
+        ] {
+            let e = parse_selection(bad).unwrap_err();
+            assert!(!e.is_empty(), "{bad}");
+        }
+        let e = parse_selection("$request.body.my-field").unwrap_err();
+        assert!(e.contains("${request.body.my}-"), "{e}");
     }
 }
