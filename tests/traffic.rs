@@ -1032,6 +1032,17 @@ fn waf_refusal_carries_cors_headers() {
     let r = c.read_response().unwrap();
     assert_eq!(r.status, 403);
     assert!(r.header("access-control-allow-origin").is_none());
+    assert_eq!(r.header("vary"), Some("Origin"));
+    // A preflight the WAF refuses is a refusal like the others: CORS headers and Vary.
+    c.send(b"OPTIONS /r/1?q=evil HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\nAccess-Control-Request-Method: PUT\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(r.header("vary"), Some("Origin"));
+    assert!(r.header("access-control-allow-methods").is_none());
     // Allowed requests keep their CORS headers, once.
     c.send(b"GET /r/1 HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\n\r\n");
     let r = c.read_response().unwrap();
@@ -1042,6 +1053,99 @@ fn waf_refusal_carries_cors_headers() {
         .filter(|(n, _)| n.eq_ignore_ascii_case("access-control-allow-origin"))
         .count();
     assert_eq!(n, 1);
+}
+
+#[test]
+fn body_over_the_limit_is_refused_as_its_routes_answer() {
+    // The 413 for a declared length over `max_body_bytes` comes once the route is known: it
+    // carries the API's CORS headers and counts under the route, as the chunked body's does.
+    let origin = Origin::start(|_| Response::ok("up"));
+    let cfg = format!(
+        "{HEADER}\n[server.limits]\nmax_body_bytes = 100\n{}",
+        cors_config(origin.addr)
+    );
+    let gw = Gateway::start(&cfg);
+    let mut c = Client::connect(gw.addr);
+    c.send(b"PUT /r/1 HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\nContent-Length: 101\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 413);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(r.header("vary"), Some("Origin"));
+    assert!(c.is_closed_within(Duration::from_secs(2)));
+    let m = gw.metrics();
+    assert_eq!(
+        metric_value(
+            &m,
+            "ringgate_requests_total",
+            &["api=\"a\"", "route=\"PUT /r/{id}\"", "status=\"413\""]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(origin.request_count(), 0);
+}
+
+#[test]
+fn mock_headers_cannot_take_the_gateways_own() {
+    // On an API with `cors` the gateway's CORS answer is the only one; everywhere, the
+    // headers the gateway writes (request id, date, cache status, framing, hop-by-hop) would be
+    // sent twice. Both are config errors that name the header.
+    let origin = Origin::start(|_| Response::ok("up"));
+    let mock = |h: &str| {
+        cors_config(origin.addr).replace(
+            r#"route = "PUT /r/{id}"
+integration = { type = "http", upstream = "o" }"#,
+            &format!(
+                r#"route = "PUT /r/{{id}}"
+integration = {{ type = "mock", headers = {{ "{h}" = "x" }} }}"#
+            ),
+        )
+    };
+    for h in [
+        "Access-Control-Allow-Origin",
+        "access-control-allow-credentials",
+        "x-request-id",
+        "Date",
+        "x-cache",
+        "upgrade",
+        "keep-alive",
+        "trailer",
+        "proxy-authenticate",
+        "content-length",
+        "age",
+    ] {
+        let (out, _) = check(&mock(h));
+        let e = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{h}");
+        assert!(
+            e.contains("check.toml:") && e.contains(&format!("mock header `{h}`")),
+            "{h}: {e}"
+        );
+    }
+    let (out, _) = check(&mock("x-custom"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without `cors` a mock may answer CORS itself.
+    let plain = mock("x-custom").replace(
+        r#"cors = { allow_origins = ["https://app.example.com"], allow_methods = ["GET", "PUT"], allow_headers = ["content-type", "x-api-key"], expose_headers = ["x-total"], max_age_s = 600, allow_credentials = true }"#,
+        "",
+    );
+    let plain = plain.replace(
+        r#"headers = { "x-custom" = "x" }"#,
+        r#"headers = { "access-control-allow-origin" = "*" }"#,
+    );
+    let gw = Gateway::start(&plain);
+    let r = gw.request(
+        "PUT /r/1 HTTP/1.1\r\nHost: t\r\nOrigin: https://a.example\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
 }
 
 /// Cache hits carry the CORS headers of the request they answer (the stored entry does not).

@@ -518,10 +518,14 @@ fn compile_template(s: &str, names: &[String]) -> Result<PathTemplate, String> {
     })
 }
 
+/// A mock's response, encoded once. Its headers may not be ones the gateway writes itself
+/// (framing, hop-by-hop, `x-request-id`, `date`, `x-cache`, ...: they would be sent twice), nor
+/// `access-control-*` on an API with `cors` (the gateway's CORS answer is the only one then).
 fn encode_mock(
     status: u16,
     headers: &std::collections::BTreeMap<String, String>,
     body: &str,
+    cors: bool,
 ) -> Result<MockResponse, String> {
     if !(200..=599).contains(&status) {
         return Err(format!("mock status {status} must be between 200 and 599"));
@@ -536,8 +540,19 @@ fn encode_mock(
     encode::push_status_line(&mut head, status);
     for (k, v) in headers {
         let lk = k.to_ascii_lowercase();
-        if lk == "content-length" || lk == "transfer-encoding" || lk == "connection" {
-            return Err(format!("mock header `{k}` is set by the gateway"));
+        match crate::http::HeaderKind::of(lk.as_bytes()) {
+            crate::http::HeaderKind::AccessControl if cors => {
+                return Err(format!(
+                    "mock header `{k}`: the API has `cors`, which writes the access-control-* headers"
+                ));
+            }
+            crate::http::HeaderKind::AccessControl => {}
+            _ if crate::policy::mapping::gateway_response_header(&lk) => {
+                return Err(format!(
+                    "mock header `{k}` is set by the gateway (framing, hop-by-hop or its own)"
+                ));
+            }
+            _ => {}
         }
         if !k
             .bytes()
@@ -894,7 +909,10 @@ pub(super) fn compile(
                                 })
                             });
                         }
-                        Integration::Mock(encode_mock(*status, &headers, body).map_err(&ierr)?)
+                        Integration::Mock(
+                            encode_mock(*status, &headers, body, api.cors.is_some())
+                                .map_err(&ierr)?,
+                        )
                     }
                 };
                 let mut route_auth = crate::policy::auth::resolve_route(

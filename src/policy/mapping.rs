@@ -648,6 +648,14 @@ pub fn compile_response(
     ))
 }
 
+/// Whether a response header (lowercase name) is one the gateway writes or frames with:
+/// framing, hop-by-hop, `x-request-id`, `x-cache`, `access-control-*`, `date`, `age`, ...
+/// Neither a response mapping nor a mock may set one.
+pub(crate) fn gateway_response_header(lower: &str) -> bool {
+    HeaderKind::of(lower.as_bytes()) != HeaderKind::Other
+        || matches!(lower, "age" | "date" | "forwarded")
+}
+
 /// A mappable header name, lowercased: a token, and not one the gateway writes or frames
 /// with (hop-by-hop, framing, Host, `x-forwarded-*`, `x-request-id`, `x-principal-id`,
 /// `x-cache`, `access-control-*`, ...).
@@ -656,9 +664,11 @@ fn header_name(name: &str, response: bool) -> Result<Box<str>, String> {
         return Err(format!("`{name}` is not a valid header name"));
     }
     let lower = name.to_ascii_lowercase();
-    let reserved = HeaderKind::of(lower.as_bytes()) != HeaderKind::Other
-        || (response && matches!(lower.as_str(), "age" | "date"))
-        || lower == "forwarded";
+    let reserved = if response {
+        gateway_response_header(&lower)
+    } else {
+        HeaderKind::of(lower.as_bytes()) != HeaderKind::Other || lower == "forwarded"
+    };
     if reserved {
         return Err(format!(
             "header `{lower}` is set by the gateway (framing, hop-by-hop or its own) and cannot be mapped"

@@ -894,15 +894,6 @@ async fn route_and_run<S: ClientIo>(
     c: &mut Conn<S>,
     limits: &Limits,
 ) -> (Outcome, Option<u32>) {
-    // Body size limit before anything else reads the body.
-    if let BodyKind::Length(n) = c.b.head.body {
-        if n > limits.max_body_bytes {
-            return (
-                reject(w, c, 413, "Request Entity Too Large", false).await,
-                None,
-            );
-        }
-    }
     let path_b = c.b.head.slice(&c.b.rbuf, c.b.head.path);
     let (Ok(path), Ok(method_str)) = (
         std::str::from_utf8(path_b),
@@ -954,6 +945,17 @@ async fn route_and_run<S: ClientIo>(
             return (reject(w, c, st, msg, keep).await, id);
         }
     };
+    // Body size limit once the route is known (its CORS headers and labels go on the 413),
+    // before anything reads the body.
+    if let BodyKind::Length(n) = c.b.head.body {
+        if n > limits.max_body_bytes {
+            traffic::push_unrouted_cors(gw, c, Some(id));
+            return (
+                reject(w, c, 413, "Request Entity Too Large", false).await,
+                Some(id),
+            );
+        }
+    }
     let route: &Route = gw.config.routes.route(id);
     c.gateway_cors = gw.config.traffic.routes[id as usize].cors.is_some();
     // Traffic control, in pipeline order: WAF and CORS preflight, (auth,) throttles and quotas.

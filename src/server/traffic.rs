@@ -162,8 +162,9 @@ fn push_cors<S: ClientIo>(c: &mut Conn<S>, cors: &Cors) {
     cors.push_for(origin, &mut c.b.extra);
 }
 
-/// For a request that matched no route (404) or whose path matched under other methods (405):
-/// the CORS headers of the API that `id` (a route of the path, for a 405) or else the host and
+/// For a request refused before the traffic stages: one that matched no route (404), whose
+/// path matched under other methods (405), or whose body is over the limit (413, `id` its
+/// route): the CORS headers of the API that `id` (a route of the path, for a 405) or else the host and
 /// path prefix select, so a browser app can read the answer as it reads the other refusals.
 /// Nothing when no API with `cors` can be told apart, or for a preflight (answered elsewhere).
 pub(super) fn push_unrouted_cors<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>, id: Option<u32>) {
@@ -205,12 +206,11 @@ pub(super) async fn before<S: ClientIo>(
     }
     let now = now_ns();
 
-    // CORS headers of an actual (non-preflight) request go on whatever answers it, the
-    // gateway's own refusals included, so a browser app can read a WAF 403 or a 429.
+    // CORS headers go on whatever answers the request, the gateway's own refusals included,
+    // so a browser app can read a WAF 403 or a 429; a preflight refused by the WAF gets them
+    // too (its `Vary: Origin` above all). An allowed preflight's answer replaces them below.
     if let Some(cors) = &rt.cors {
-        if !is_preflight(c) {
-            push_cors(c, cors);
-        }
+        push_cors(c, cors);
     }
 
     // WAF: IP lists, per-IP rate, rules.
