@@ -1013,6 +1013,33 @@ integration = { type = "mock", body = "hi" }
 
 #[test]
 fn websocket_config_errors_name_the_key() {
+    // Keys that mean nothing on a WebSocket API are refused, never accepted and ignored:
+    // `cors` (the handshake's Origin is checked by `allowed_origins`) and a stage cache.
+    for (extra, key) in [
+        (
+            r#"cors = { allow_origins = ["https://app.example.com"] }"#,
+            "apis[0].cors",
+        ),
+        (
+            "[apis.stages.prod]\ncache = { ttl_s = 60 }",
+            "apis[0].stages.prod.cache",
+        ),
+    ] {
+        let (out, _) = check(&format!(
+            r#"
+[[apis]]
+name = "chat"
+protocol = "websocket"
+{extra}
+[[apis.routes]]
+route = "$default"
+integration = {{ type = "mock" }}
+"#
+        ));
+        let e = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{extra}");
+        assert!(e.contains(key) && e.contains("check.toml:"), "{e}");
+    }
     let (out, _) = check(
         r#"
 [[apis]]

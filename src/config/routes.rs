@@ -647,6 +647,14 @@ pub(super) fn compile(
                 "only WebSocket APIs (protocol = \"websocket\") select routes from messages",
             ));
         }
+        if let (true, Some(cors)) = (websocket_api, &api.cors) {
+            return Err(src.err(
+                cors.span(),
+                &akey("cors"),
+                "`cors` is for HTTP APIs; a WebSocket API restricts the handshake's Origin with \
+                 [apis.websocket] allowed_origins",
+            ));
+        }
         let base = api.base_path.get_ref().as_str();
         if let Err(e) = unmatchable(base) {
             return Err(src.err(
@@ -729,6 +737,13 @@ pub(super) fn compile(
             };
             let stage_arc: Arc<str> = stage_name.as_str().into();
             if websocket_api {
+                if let Some(cache) = &stage.cache {
+                    return Err(src.err(
+                        cache.span(),
+                        &akey(&format!("stages.{}.cache", key_part(stage_name))),
+                        "WebSocket API stages are not cached",
+                    ));
+                }
                 let wsapi = crate::ws::api::compile(
                     src,
                     ai,
