@@ -117,6 +117,10 @@ struct Table {
     /// first: which API a request that matched no route addressed. `None` when two APIs
     /// share the prefix (it cannot be told which).
     scopes: Vec<(String, Arc<str>, Option<u32>)>,
+    /// Whether a stage's prefix lies under another stage's of the same API here (a named
+    /// stage beside `$default`): a match must then be checked against the stage the path
+    /// names ([`Table::named_stage`]).
+    nested_stages: bool,
 }
 
 impl Table {
@@ -136,12 +140,37 @@ impl Table {
         }
     }
 
+    /// API Gateway picks the stage by the path before it routes within the stage: a route
+    /// found under a shorter prefix of its API (`$default`'s `/{proxy+}`) than the stage the
+    /// path names (`/beta/...`) does not take the request. `None` when `r` is of that stage;
+    /// else that stage's `$default` route, if it has one.
+    fn named_stage(&self, path: &str, r: &Route) -> Option<Option<u32>> {
+        let (prefix, _, _) = self
+            .scopes
+            .iter()
+            .find(|(p, api, _)| *api == r.api && holds(p, path))?;
+        (prefix.len() > r.prefix_len).then(|| {
+            self.defaults
+                .iter()
+                .find(|(p, _)| p == prefix)
+                .map(|(_, id)| *id)
+        })
+    }
+
+    /// Sets [`Table::nested_stages`] once every scope is known.
+    fn finish(&mut self) {
+        self.nested_stages = self.scopes.iter().any(|(p, api, _)| {
+            self.scopes
+                .iter()
+                .any(|(q, other, _)| other == api && q.len() > p.len() && holds(p, q))
+        });
+    }
+
     /// The scope (longest prefix) `path` falls in: `Some(None)` when its API is ambiguous.
     fn scope(&self, path: &str) -> Option<Option<u32>> {
-        self.scopes.iter().find_map(|(prefix, _, id)| {
-            let rest = path.strip_prefix(prefix.as_str())?;
-            (prefix.is_empty() || rest.is_empty() || rest.starts_with('/')).then_some(*id)
-        })
+        self.scopes
+            .iter()
+            .find_map(|(prefix, _, id)| holds(prefix, path).then_some(*id))
     }
 
     /// The `$default` route whose prefix holds `path`, the longest prefix first.
@@ -164,12 +193,34 @@ impl Table {
         m
     }
 
-    fn find(&self, method: &str, path: &str, params: &mut Params) -> RouteMatch {
+    fn find(&self, routes: &[Route], method: &str, path: &str, params: &mut Params) -> RouteMatch {
         params.clear();
         match self.trie.lookup(method, path, params) {
-            Match::Found(id) => RouteMatch::Found(*id),
+            Match::Found(&id) => {
+                if !self.nested_stages {
+                    return RouteMatch::Found(id);
+                }
+                match self.named_stage(path, &routes[id as usize]) {
+                    None => RouteMatch::Found(id),
+                    Some(d) => {
+                        params.clear();
+                        match d {
+                            Some(_) if method == "TRACE" => RouteMatch::MethodNotAllowed,
+                            Some(d) => RouteMatch::Found(d),
+                            None => RouteMatch::NotFound,
+                        }
+                    }
+                }
+            }
             m => {
-                if let Some(id) = self.default_for(path) {
+                if let Some(mut id) = self.default_for(path) {
+                    if self.nested_stages {
+                        match self.named_stage(path, &routes[id as usize]) {
+                            None => {}
+                            Some(Some(d)) => id = d,
+                            Some(None) => return RouteMatch::NotFound,
+                        }
+                    }
                     params.clear();
                     // A `$default` route takes every method but TRACE, as ANY does.
                     if method == "TRACE" {
@@ -185,6 +236,13 @@ impl Table {
             }
         }
     }
+}
+
+/// Whether `path` lies under `prefix` (equal, or the prefix then `/`; every path lies under
+/// the empty prefix).
+fn holds(prefix: &str, path: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| prefix.is_empty() || rest.is_empty() || rest.starts_with('/'))
 }
 
 /// All routes of all APIs and stages, by host.
@@ -239,7 +297,7 @@ impl RouteTable {
                     }
                     if let Ok(h) = std::str::from_utf8(&lower[..h.len()]) {
                         for t in self.tables_for(h) {
-                            let m = t.find(method, path, params);
+                            let m = t.find(&self.routes, method, path, params);
                             if m != RouteMatch::NotFound {
                                 return m;
                             }
@@ -248,7 +306,7 @@ impl RouteTable {
                 }
             }
         }
-        self.any_host.find(method, path, params)
+        self.any_host.find(&self.routes, method, path, params)
     }
 
     /// For a [`RouteMatch::MethodNotAllowed`] from [`RouteTable::find`]: the methods the
@@ -876,6 +934,17 @@ pub(super) fn compile(
                         return Err(rerr(format!("path `{p}` must start with `/`")));
                     }
                     unmatchable(p).map_err(|e| rerr(format!("path `{p}` {e}")))?;
+                    // A path under a named stage's prefix belongs to that stage: in the
+                    // `$default` stage this route could never be reached.
+                    let first = p[1..].split('/').next().unwrap_or_default();
+                    if stage_name == "$default" && first != "$default" && stages.contains_key(first)
+                    {
+                        return Err(rerr(format!(
+                            "path `{p}` starts with `/{first}`, the prefix of stage `{first}`: \
+                             requests there go to that stage, never to this route in stage \
+                             `$default`"
+                        )));
+                    }
                     (if m == "ANY" { None } else { Some(m) }, Some(p))
                 };
                 let names = match path {
@@ -1053,6 +1122,14 @@ pub(super) fn compile(
             }
         }
     }
+    for t in table
+        .by_host
+        .values_mut()
+        .chain(table.by_wildcard.values_mut())
+        .chain([&mut table.any_host])
+    {
+        t.finish();
+    }
     Ok(table)
 }
 
@@ -1109,6 +1186,64 @@ integration = { type = "mock", status = 200, body = "fallback" }
             panic!()
         };
         assert_eq!(&*c.routes.route(id).key, "$default");
+    }
+
+    #[test]
+    fn the_path_names_the_stage_before_routes_compete() {
+        // As API Gateway: `/beta/...` belongs to stage `beta` even where a `$default`-stage
+        // route (a parameter, a greedy one, `$default`) would match it too.
+        let cfg = |routes: &str| {
+            format!(
+                r#"
+[[apis]]
+name = "st"
+[apis.stages."$default"]
+[apis.stages.beta]
+{routes}
+[[apis]]
+name = "other"
+base_path = "/other"
+[[apis.routes]]
+route = "GET /x"
+integration = {{ type = "mock" }}
+"#
+            )
+        };
+        let route = |k: &str| {
+            format!("[[apis.routes]]\nroute = \"{k}\"\nintegration = {{ type = \"mock\" }}\n")
+        };
+        let with_default =
+            cfg(&[route("GET /{p}/y"), route("GET /items"), route("$default")].concat());
+        let without = cfg(&[route("GET /{p}/y"), route("ANY /{p+}"), route("GET /items")].concat());
+        let c = parse(Path::new("t.toml"), &with_default).unwrap();
+        let mut params = Params::new();
+        let mut at = |c: &crate::config::Config, m: &str, path: &str| match c.routes.find(
+            None,
+            m,
+            path,
+            &mut params,
+        ) {
+            RouteMatch::Found(id) => {
+                let r = c.routes.route(id);
+                format!("{} {}", r.stage, r.key)
+            }
+            other => format!("{other:?}"),
+        };
+        assert_eq!(at(&c, "GET", "/beta/items"), "beta GET /items");
+        assert_eq!(at(&c, "GET", "/beta/y"), "beta $default");
+        assert_eq!(at(&c, "GET", "/beta/x/y"), "beta GET /{p}/y");
+        assert_eq!(at(&c, "GET", "/x/y"), "$default GET /{p}/y");
+        assert_eq!(at(&c, "GET", "/nothing"), "$default $default");
+        assert_eq!(at(&c, "TRACE", "/beta/y"), "MethodNotAllowed");
+        assert_eq!(at(&c, "GET", "/other/x"), "$default GET /x");
+        let c = parse(Path::new("t.toml"), &without).unwrap();
+        assert_eq!(at(&c, "GET", "/beta/y"), "beta ANY /{p+}");
+        assert_eq!(at(&c, "GET", "/beta/zz"), "beta ANY /{p+}");
+        assert_eq!(at(&c, "GET", "/beta"), "NotFound");
+        assert_eq!(at(&c, "GET", "/zz"), "$default ANY /{p+}");
+        // A `$default`-stage route under a stage's prefix could never be reached: refused.
+        let e = parse(Path::new("t.toml"), &cfg(&route("GET /beta/x"))).unwrap_err();
+        assert!(e.to_string().contains("prefix of stage `beta`"), "{e}");
     }
 
     #[test]
