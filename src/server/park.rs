@@ -34,10 +34,18 @@ pub enum Idle {
 }
 
 impl Idle {
-    /// Parks a plain stream as its bare descriptor: a duplicate, since the runtime's stream
-    /// owns the original (closed when it drops; the socket stays open through the duplicate).
-    /// `None` when no descriptor is left.
+    /// Parks a plain stream as its bare descriptor, taken from the runtime's stream. Parking
+    /// needs no new descriptor, so it works at the open-files limit: with a duplicate, each
+    /// parking connection held two until the io_uring driver's asynchronous close of the
+    /// original ran, and a burst of them near the limit closed connections. Should an
+    /// operation still hold the stream, a duplicate is the fallback (`None` when no
+    /// descriptor is left for it).
     pub fn plain(s: TcpStream) -> Option<Idle> {
+        let s = match s.try_into_raw_fd() {
+            // SAFETY: the stream gave the descriptor up: nothing else owns or closes it.
+            Ok(fd) => return Some(Idle::Plain(unsafe { OwnedFd::from_raw_fd(fd) })),
+            Err(s) => s,
+        };
         // SAFETY: duplicating a descriptor the stream holds open; the result is checked and
         // then owned by the `OwnedFd` alone.
         let fd = unsafe { libc::fcntl(s.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };

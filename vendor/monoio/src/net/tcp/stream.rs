@@ -76,6 +76,15 @@ pub struct TcpStream {
 unsafe impl Split for TcpStream {}
 
 impl TcpStream {
+    /// (Added by ringgate, see RINGGATE.md.) Gives the descriptor up without closing it,
+    /// unless an operation still in flight holds the stream: then it comes back unchanged.
+    /// Unlike `into_raw_fd` it never panics, and unlike a `dup` it needs no descriptor.
+    #[cfg(unix)]
+    pub fn try_into_raw_fd(self) -> Result<RawFd, Self> {
+        let TcpStream { fd, meta } = self;
+        fd.try_unwrap().map_err(|fd| TcpStream { fd, meta })
+    }
+
     pub(crate) fn from_shared_fd(fd: SharedFd) -> Self {
         #[cfg(unix)]
         let meta = StreamMeta::new(fd.raw_fd());
