@@ -198,11 +198,22 @@ impl Shared {
         let mut notes = Vec::new();
         let run = &self.started;
         let now = StartSettings::of(&new);
-        if run.listen != now.listen || run.workers != now.workers || run.io != now.io {
-            notes.push(
-                "server.listen, server.workers and server.io take effect at the next restart"
-                    .to_string(),
-            );
+        let changed: Vec<&str> = [
+            ("server.listen", run.listen != now.listen),
+            ("server.workers", run.workers != now.workers),
+            ("server.io", run.io != now.io),
+        ]
+        .into_iter()
+        .filter_map(|(k, differs)| differs.then_some(k))
+        .collect();
+        match changed[..] {
+            [] => {}
+            [k] => notes.push(format!("{k} takes effect at the next restart")),
+            ref ks => notes.push(format!(
+                "{} and {} take effect at the next restart",
+                ks[..ks.len() - 1].join(", "),
+                ks[ks.len() - 1]
+            )),
         }
         if run.tls_listen != now.tls_listen {
             notes.push(

@@ -286,6 +286,10 @@ fn sigterm_drains_in_flight_requests_and_exits_0() {
             .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
         "a new connection was accepted during the drain: {fresh:?}"
     );
+    // ... and readiness says so, so that a load balancer stops sending traffic here.
+    let h = admin_get(gw.admin_addr, "/healthz", None).unwrap();
+    assert_eq!(h.status, 503, "{}", h.text());
+    assert!(h.text().contains("draining"), "{}", h.text());
     let r = slow.join().unwrap().expect("the in-flight request failed");
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "slow done");

@@ -317,9 +317,25 @@ fn reload_notes_compare_with_what_the_process_started_with() {
     let other = SocketAddr::from(([127, 0, 0, 1], free_port()));
     gw.write_config(&base.replace("@LISTEN@", &other.to_string()));
     let notes = reload_notes(&gw);
-    assert!(
-        notes.iter().any(|n| n.contains("server.listen")),
+    assert_eq!(
+        notes,
+        ["server.listen takes effect at the next restart"],
         "{notes:?}"
+    );
+    // Each note names what changed: only the keys that differ.
+    gw.write_config(&base.replace("workers = 1", "workers = 2"));
+    assert_eq!(
+        reload_notes(&gw),
+        ["server.workers takes effect at the next restart"]
+    );
+    gw.write_config(
+        &base
+            .replace("workers = 1", "workers = 2")
+            .replace("@LISTEN@", &other.to_string()),
+    );
+    assert_eq!(
+        reload_notes(&gw),
+        ["server.listen and server.workers take effect at the next restart"]
     );
     gw.write_config(&base);
     assert_eq!(reload_notes(&gw), Vec::<String>::new());

@@ -829,6 +829,12 @@ fn connections_management_api() {
         410
     );
     assert_eq!(admin(&gw, "GET", "/@connections/nope", "").status, 410);
+    // A method the path never takes is 405 with `Allow`, for a known id or not.
+    for id in [id.as_str(), "0123456789abcdef", "nope"] {
+        let r = admin(&gw, "PUT", &format!("/@connections/{id}"), "x");
+        assert_eq!(r.status, 405, "{id}: {}", r.text());
+        assert_eq!(r.header("allow"), Some("DELETE, GET, HEAD, POST"));
+    }
     assert!(wait_until(Duration::from_secs(3), || route_keys(
         &be,
         "$disconnect"

@@ -454,6 +454,10 @@ fn serve_conn(mut s: TcpStream, shared: &Shared, slot: &Slot) -> io::Result<()> 
 
 fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8]) -> Reply {
     if path == "/healthz" {
+        // Not ready before every listener is bound, nor once a drain closed them.
+        if shared.shutdown.load(Ordering::Acquire) {
+            return json(503, "Service Unavailable: draining");
+        }
         return if shared.ready.load(Ordering::Acquire) {
             Reply {
                 status: 200,

@@ -362,6 +362,10 @@ pub fn admin(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16, Stri
 /// `@connections` on this node's connections only.
 pub fn admin_local(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16, String) {
     let msg = |m: &str| serde_json::json!({ "message": m }).to_string();
+    // A method the path never takes is 405 whatever the id (the listener adds `Allow`).
+    if !matches!(method, "POST" | "DELETE" | "GET" | "HEAD") {
+        return (405, msg("Method Not Allowed"));
+    }
     let gone = (410, msg("Gone: no such connection"));
     let Some(id) = (id.len() == 16)
         .then(|| u64::from_str_radix(id, 16).ok())
