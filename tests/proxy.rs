@@ -464,6 +464,27 @@ fn expect_100_continue_gets_interim_then_final_response() {
 }
 
 #[test]
+fn a_refused_request_gets_no_100_continue() {
+    // 100 Continue invites the upload; a request refused before its body is needed (here by
+    // an API key check) gets its answer at once instead.
+    let origin = Origin::fixed("ok");
+    let gw = Gateway::start(&format!(
+        "[[api_keys]]\nname = \"k\"\nvalue = \"0123456789abcdef0123\"\n{}",
+        config(origin.addr).replace(
+            "integration = { type = \"http\", upstream = \"o\" }",
+            "integration = { type = \"http\", upstream = \"o\" }\napi_key_required = true",
+        )
+    ));
+    let mut c = Client::connect(gw.addr);
+    c.send(
+        b"POST /e HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\nExpect: 100-continue\r\n\r\n",
+    );
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(origin.request_count(), 0);
+}
+
+#[test]
 fn head_responses_have_no_body() {
     let origin = Origin::start(|_| Response::ok("twelve bytes"));
     let gw = Gateway::start(&config(origin.addr));
