@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: ringgate [--check] [--config FILE]";
+const USAGE: &str = "usage: ringgate [--check] [--config|-c FILE]";
 
 fn main() -> ExitCode {
     let mut config = PathBuf::from("config/ringgate.toml");
