@@ -1692,6 +1692,24 @@ fn access_log_names_the_principal_and_the_key() {
     }));
     assert_eq!(line["principal"], "logged-user", "{line}");
     assert_eq!(line["api_key"], "alice", "{line}");
+    // A valid token without the key the route requires: refused, and logged with the
+    // principal the token named.
+    let r = get_with(
+        &gw,
+        "/both",
+        &[
+            ("Authorization", &format!("Bearer {}", tok[0])),
+            ("x-request-id", "no-key"),
+        ],
+    );
+    assert_eq!(r.status, 403);
+    assert!(wait_until(Duration::from_secs(3), || {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|e| e["request_id"] == "no-key" && e["principal"] == "logged-user")
+    }));
     assert!(
         !std::fs::read_to_string(&path).unwrap().contains(KEY),
         "key values never reach the log"

@@ -49,6 +49,7 @@ pub(super) async fn run<S: ClientIo>(
         body: &c.b.rbuf[head_len..head_len + body_len],
         request_id: &c.reqid[..c.reqid_len],
     };
+    let mut ident = auth::Identity::default();
     let res = auth::check(
         &w.auth,
         &w.shared.auth,
@@ -60,15 +61,14 @@ pub(super) async fn run<S: ClientIo>(
             covering: &gw.config.traffic.routes[id as usize].plans,
         },
         &req,
+        &mut ident,
     )
     .await;
+    c.principal = ident.principal;
+    c.api_key = ident.api_key;
+    c.auth_ctx = ident.context;
     match res {
-        Ok(id) => {
-            c.principal = id.principal;
-            c.api_key = id.api_key;
-            c.auth_ctx = id.context;
-            Ok(())
-        }
+        Ok(()) => Ok(()),
         Err(d) => {
             if d.status == 401 {
                 // RFC 9110 15.5.2: a 401 names the scheme that would be accepted.

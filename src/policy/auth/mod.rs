@@ -394,8 +394,10 @@ pub struct RoutePlans<'a> {
     pub covering: &'a [u16],
 }
 
-/// Runs the route's checks. `gen` is the config generation (per-worker caches are dropped when
-/// it changes); `cfg` the live config's auth part.
+/// Runs the route's checks, filling `id` as they pass: a request refused by a later check (a
+/// valid JWT without the required API key) keeps the principal found so far, for the access
+/// log. `gen` is the config generation (per-worker caches are dropped when it changes); `cfg`
+/// the live config's auth part.
 pub async fn check(
     w: &WorkerAuth,
     state: &AuthState,
@@ -404,8 +406,8 @@ pub async fn check(
     route: &RouteAuth,
     plans: RoutePlans<'_>,
     req: &Request<'_>,
-) -> Result<Identity, Deny> {
-    let mut id = Identity::default();
+    id: &mut Identity,
+) -> Result<(), Deny> {
     match route.kind {
         AuthKind::None => {}
         AuthKind::ApiKey => {}
@@ -443,7 +445,7 @@ pub async fn check(
         }
         id.api_key = Some(k.name.clone());
     }
-    Ok(id)
+    Ok(())
 }
 
 /// Per-worker auth caches. Owned by one worker thread; never locked.
