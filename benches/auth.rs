@@ -29,6 +29,23 @@ fn now<F: Future>(f: F) -> F::Output {
     }
 }
 
+/// `auth::check` into a fresh identity (what the gateway does per request).
+#[allow(clippy::too_many_arguments, reason = "auth::check's arguments")]
+async fn check(
+    w: &WorkerAuth,
+    state: &AuthState,
+    cfg: &auth::AuthConfig,
+    gen: u64,
+    route: &auth::RouteAuth,
+    plans: auth::RoutePlans<'_>,
+    req: &Request<'_>,
+) -> Result<auth::Identity, auth::Deny> {
+    let mut id = auth::Identity::default();
+    auth::check(w, state, cfg, gen, route, plans, req, &mut id)
+        .await
+        .map(|()| id)
+}
+
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 const KEY: &str = "perf-bench-key-0123456789abcdef";
 
@@ -107,14 +124,14 @@ api_key_required = true
         body: b"",
         request_id: b"bench",
     };
-    let id = now(auth::check(
+    let id = now(check(
         &worker, &state, &cfg.auth, 1, &jwt_route, jwt_plans, &req,
     ))
     .unwrap();
     assert_eq!(id.principal.as_deref(), Some("user-1"));
     c.bench_function("auth/jwt_cached", |b| {
         b.iter(|| {
-            now(auth::check(
+            now(check(
                 &worker,
                 &state,
                 &cfg.auth,
@@ -129,7 +146,7 @@ api_key_required = true
     c.bench_function("auth/jwt_uncached_hs256", |b| {
         b.iter(|| {
             gen += 1; // a new generation empties the worker's cache
-            now(auth::check(
+            now(check(
                 &worker,
                 &state,
                 &cfg.auth,
@@ -149,13 +166,13 @@ api_key_required = true
         body: b"",
         request_id: b"bench",
     };
-    assert!(now(auth::check(
+    assert!(now(check(
         &worker, &state, &cfg.auth, 1, &key_route, key_plans, &req
     ))
     .is_ok());
     c.bench_function("auth/api_key", |b| {
         b.iter(|| {
-            now(auth::check(
+            now(check(
                 &worker,
                 &state,
                 &cfg.auth,

@@ -398,7 +398,10 @@ pub struct RoutePlans<'a> {
 /// valid JWT without the required API key) keeps the principal found so far, for the access
 /// log. `gen` is the config generation (per-worker caches are dropped when it changes); `cfg`
 /// the live config's auth part.
-#[allow(clippy::too_many_arguments, reason = "the request's whole auth context")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the request's whole auth context"
+)]
 pub async fn check(
     w: &WorkerAuth,
     state: &AuthState,
