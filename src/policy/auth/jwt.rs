@@ -303,14 +303,39 @@ impl JwtAuthorizer {
             v.set_issuer(&[i]);
             req.push("iss");
         }
-        if self.audience.is_empty() {
-            v.validate_aud = false;
-        } else {
-            v.set_audience(&self.audience);
-            req.push("aud");
-        }
+        // The audience is checked in `claims_ok` (`aud`, or `client_id` without `aud`).
+        v.validate_aud = false;
         v.set_required_spec_claims(&req);
         v
+    }
+
+    /// The checks `jsonwebtoken` does not make, as API Gateway makes them: with `audience`
+    /// set, `aud` must hold one of its values, or, only when the token has no `aud` (Cognito
+    /// access tokens), `client_id` must be one; `iat`, when present, must not be in the
+    /// future (beyond the leeway).
+    fn claims_ok(&self, c: &serde_json::Value, now: u64) -> Result<(), Reject> {
+        if !self.audience.is_empty() {
+            let ok = |v: &serde_json::Value| {
+                v.as_str()
+                    .is_some_and(|s| self.audience.iter().any(|a| a == s))
+            };
+            let fits = match (c.get("aud"), c.get("client_id")) {
+                (Some(serde_json::Value::Array(a)), _) => a.iter().any(ok),
+                (Some(aud), _) => ok(aud),
+                (None, Some(id)) => ok(id),
+                (None, None) => false,
+            };
+            if !fits {
+                return Err(Reject::Claims("aud".into()));
+            }
+        }
+        if let Some(iat) = c.get("iat") {
+            match num(Some(iat)) {
+                Some(t) if t <= now.saturating_add(self.leeway) => {}
+                _ => return Err(Reject::Claims("iat".into())),
+            }
+        }
+        Ok(())
     }
 
     fn candidates<'k>(keys: &'k [VerKey], kid: Option<&str>, alg: Algorithm) -> Vec<&'k VerKey> {
@@ -370,7 +395,10 @@ impl JwtAuthorizer {
         let mut last = Reject::BadSignature;
         for k in cands {
             match jsonwebtoken::decode::<serde_json::Value>(token, &k.key, &validation) {
-                Ok(d) => return claims(d.claims),
+                Ok(d) => {
+                    self.claims_ok(&d.claims, super::now_unix())?;
+                    return claims(d.claims);
+                }
                 Err(e) => {
                     use jsonwebtoken::errors::ErrorKind as K;
                     match e.kind() {
@@ -478,11 +506,35 @@ mod tests {
             json!({"iss":"iss","aud":"shop","exp":now+60,"nbf":now+60}),
             json!({"iss":"iss","aud":"shop"}),
             json!({"iss":"iss","aud":"shop","exp":now+60,"sub":"a\r\nx: y"}),
+            // No audience at all; a client_id does not count beside an `aud` that misses.
+            json!({"iss":"iss","exp":now+60}),
+            json!({"iss":"iss","aud":"nope","client_id":"shop","exp":now+60}),
+            json!({"iss":"iss","client_id":"nope","exp":now+60}),
+            json!({"iss":"iss","aud":[],"exp":now+60}),
+            // Issued in the future (past the leeway), or an `iat` that is not a time.
+            json!({"iss":"iss","aud":"shop","exp":now+600,"iat":now+60}),
+            json!({"iss":"iss","aud":"shop","exp":now+600,"iat":"soon"}),
         ] {
             assert!(verify(&a, &tok(c.clone())).is_err(), "{c}");
         }
         // Inside the leeway.
         assert!(verify(&a, &tok(json!({"iss":"iss","aud":"shop","exp":now-2}))).is_ok());
+        assert!(verify(
+            &a,
+            &tok(json!({"iss":"iss","aud":"shop","exp":now+60,"iat":now+3}))
+        )
+        .is_ok());
+        assert!(verify(
+            &a,
+            &tok(json!({"iss":"iss","aud":"shop","exp":now+60,"iat":now-60}))
+        )
+        .is_ok());
+        // Cognito access tokens carry `client_id` and no `aud`: checked as API Gateway does.
+        assert!(verify(
+            &a,
+            &tok(json!({"iss":"iss","client_id":"shop","exp":now+60}))
+        )
+        .is_ok());
     }
 
     #[test]
