@@ -1024,6 +1024,7 @@ pub(super) fn compile(
                     api: name,
                     stage: stage_name,
                     route_key: key_str,
+                    prefix_len: prefix.len(),
                 };
                 let rbase = format!("apis[{ai}].routes[{ri}]");
                 let mut needs = Vec::new();

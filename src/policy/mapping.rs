@@ -35,6 +35,8 @@ enum Var {
     HttpMethod,
     /// The request path as received (without the query).
     Path,
+    /// The request path without the API's base path and stage prefix (the first N bytes).
+    RequestPath(usize),
     /// The Host header.
     DomainName,
     /// Milliseconds since the Unix epoch.
@@ -78,6 +80,8 @@ pub struct Env<'a> {
     pub api: &'a str,
     pub stage: &'a str,
     pub route_key: &'a str,
+    /// Length of the route's base path + stage prefix (`$request.path` leaves it out).
+    pub prefix_len: usize,
 }
 
 /// What a request offers to the variables.
@@ -204,7 +208,7 @@ fn variable(expr: &str, env: &Env) -> Result<Seg, String> {
     }
     if let Some(rest) = expr.strip_prefix("request.") {
         if rest == "path" {
-            return Ok(Seg::Var(Var::Path));
+            return Ok(Seg::Var(Var::RequestPath(env.prefix_len)));
         }
         if let Some(name) = rest.strip_prefix("header.") {
             let name = nonempty(name, unknown)?;
@@ -353,15 +357,19 @@ fn query_param(ctx: &Ctx, name: &[u8], out: &mut Vec<u8>) -> bool {
     let Some(q) = ctx.head.query.map(|q| ctx.head.slice(ctx.buf, q)) else {
         return false;
     };
-    match crate::http::query_values(q, name).next() {
-        Some(v) => {
-            let mut d = Vec::new();
-            crate::http::percent_decode(v, true, &mut d);
-            out.extend_from_slice(&d);
-            true
+    // A parameter given several times: its values joined with commas, as API Gateway does.
+    let mut found = false;
+    let mut d = Vec::new();
+    for v in crate::http::query_values(q, name) {
+        if found {
+            out.push(b',');
         }
-        None => false,
+        d.clear();
+        crate::http::percent_decode(v, true, &mut d);
+        out.extend_from_slice(&d);
+        found = true;
     }
+    found
 }
 
 fn split_pair(pair: &[u8]) -> (&[u8], &[u8]) {
@@ -387,6 +395,13 @@ fn value_of(v: &Var, ctx: &Ctx, out: &mut Vec<u8>) -> bool {
         },
         Var::HttpMethod => out.extend_from_slice(h.method_bytes(ctx.buf)),
         Var::Path => out.extend_from_slice(h.slice(ctx.buf, h.path)),
+        Var::RequestPath(n) => {
+            let p = h.slice(ctx.buf, h.path);
+            match p.get(*n..) {
+                Some(rest) if !rest.is_empty() => out.extend_from_slice(rest),
+                _ => out.push(b'/'),
+            }
+        }
         Var::DomainName => match h.host {
             Some(r) => out.extend_from_slice(h.slice(ctx.buf, r)),
             None => return false,
@@ -689,6 +704,7 @@ mod tests {
             api: "shop",
             stage: "prod",
             route_key: "GET /items/{id}",
+            prefix_len: "/prod".len(),
         }
     }
 
@@ -898,6 +914,35 @@ mod tests {
         let mut out = Vec::new();
         m.headers.push(&ctx(&r, None), &mut out);
         assert!(!String::from_utf8(out).unwrap().contains("x-user"));
+    }
+
+    #[test]
+    fn request_path_and_repeated_query_values_as_api_gateway() {
+        // `$request.path` leaves the stage out (`$context.path` keeps it); a query parameter
+        // given several times maps to its values joined with commas.
+        let v = vars();
+        let env = env(&v, &[]);
+        let table = BTreeMap::from([
+            ("header.x-p".to_string(), "$request.path".to_string()),
+            ("header.x-c".to_string(), "$context.path".to_string()),
+            (
+                "header.x-q".to_string(),
+                "$request.querystring.q".to_string(),
+            ),
+        ]);
+        let (m, _) = compile_request(&table, &env).unwrap();
+        for (line, want) in [
+            (
+                "GET /prod/items/7?q=a&x=1&q=b%2Cc HTTP/1.1",
+                "x-c: /prod/items/7\r\nx-p: /items/7\r\nx-q: a,b,c\r\n",
+            ),
+            ("GET /prod?q= HTTP/1.1", "x-c: /prod\r\nx-p: /\r\nx-q: \r\n"),
+        ] {
+            let r = req(&format!("{line}\r\nHost: h\r\n\r\n"));
+            let mut out = Vec::new();
+            m.headers.push(&ctx(&r, None), &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), want, "{line}");
+        }
     }
 
     #[test]
