@@ -655,6 +655,9 @@ fn messages_and_disconnects_are_counted_and_logged() {
     assert_eq!(l[0]["method"], "GET");
     assert_eq!(l[0]["status"], 101);
     assert_eq!(l[0]["route"], "$connect");
+    // The handshake's line names the connection, as the later lines do.
+    assert_eq!(l[0]["event"], "CONNECT", "{}", l[0]);
+    assert_eq!(l[0]["connection_id"], id.as_str(), "{}", l[0]);
     let rid = |r: &Request| r.header("x-request-id").unwrap().to_string();
     for (line, route, method, request_id) in [
         (&l[1], "echo", "MESSAGE", rid(echo)),
@@ -973,9 +976,16 @@ integration = { type = "mock", body = "hi" }
     );
     let (id, mut ws) = open_with_id(gw.addr);
     ws.text(r#"{"action":"nothing"}"#);
-    assert_eq!(
-        ws.recv_text(),
-        format!(r#"{{"message":"Forbidden","connectionId":"{id}"}}"#)
+    // API Gateway's shape: the message, the connection, and the request id of the event
+    // (the one its access-log line carries).
+    let m: serde_json::Value = serde_json::from_str(&ws.recv_text()).unwrap();
+    assert_eq!(m["message"], "Forbidden");
+    assert_eq!(m["connectionId"], id.as_str());
+    assert!(
+        m["requestId"]
+            .as_str()
+            .is_some_and(|r| r.starts_with(&format!("{id}-"))),
+        "{m}"
     );
     ws.text(r#"{"action":"echo"}"#);
     assert_eq!(ws.recv_text(), "hi");

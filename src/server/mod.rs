@@ -1342,6 +1342,13 @@ fn write_log_line<S: ClientIo>(
         let _ = write!(b, "{u}");
         b.push(b'"');
     }
+    if let Some(crate::ws::Takeover::Api(a)) = &c.takeover {
+        // An accepted WebSocket API handshake: the connection's first event, tied to its
+        // later MESSAGE and DISCONNECT lines by the id.
+        b.extend_from_slice(b",\"event\":\"CONNECT\",\"connection_id\":\"");
+        b.extend_from_slice(crate::ws::api::id_string(a.id()).as_bytes());
+        b.push(b'"');
+    }
     b.extend_from_slice(b"}\n");
     log.line_done();
 }

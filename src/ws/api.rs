@@ -616,6 +616,11 @@ struct Registered {
 }
 
 impl Accepted {
+    /// The connection id (`x-connection-id`, `@connections/{id}` in hex).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Makes the connection known to `@connections`, this worker's mailbox and the cluster.
     /// Called before the 101 is written: a client (or its `$connect` integration) may post to
     /// the connection as soon as it sees the 101, and that post must find it.
@@ -1421,7 +1426,7 @@ async fn on_message(
     let (status, reply) = match route {
         None => {
             let m = format!(
-                "{{\"message\":\"Forbidden\",\"connectionId\":\"{}\"}}",
+                "{{\"message\":\"Forbidden\",\"connectionId\":\"{}\",\"requestId\":\"{rid}\"}}",
                 id_string(c.id)
             );
             (403, Some(message_frame(m.as_bytes())))
@@ -1458,7 +1463,7 @@ async fn on_message(
                         }
                     };
                     let m = format!(
-                        "{{\"message\":\"{what}\",\"connectionId\":\"{}\"}}",
+                        "{{\"message\":\"{what}\",\"connectionId\":\"{}\",\"requestId\":\"{rid}\"}}",
                         id_string(c.id)
                     );
                     (failed_status(&e), Some(message_frame(m.as_bytes())))
