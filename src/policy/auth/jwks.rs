@@ -10,7 +10,7 @@
 
 use crate::http::client::{self, ResponseReader};
 use crate::http::Method;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -77,8 +77,20 @@ pub fn secret_key(secret: &[u8]) -> VerKey {
     }
 }
 
-/// Parses a JWKS document; keys that cannot be used for signatures are skipped.
-pub fn parse_jwks(text: &[u8]) -> Result<Vec<VerKey>, String> {
+/// Which keys a JWKS may hold, by where it comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwksSource {
+    /// `jwks_uri`: a published document, readable by anyone, so a symmetric (`oct`) key in it
+    /// would let anyone sign tokens: such keys are never used.
+    Published,
+    /// `jwks_file`: a private file; `oct` keys of at least [`super::jwt::MIN_SECRET`] bytes.
+    File,
+}
+
+/// Parses a JWKS document; keys that cannot be used to verify signatures are skipped: keys
+/// for another use (`use`, `key_ops` without `verify`), RSA keys under 2048 bits, symmetric
+/// keys from a published document or shorter than `secret` allows.
+pub fn parse_jwks(text: &[u8], from: JwksSource) -> Result<Vec<VerKey>, String> {
     let v: serde_json::Value =
         serde_json::from_slice(text).map_err(|e| format!("not JSON: {e}"))?;
     let arr = v
@@ -93,7 +105,14 @@ pub fn parse_jwks(text: &[u8]) -> Result<Vec<VerKey>, String> {
         if matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
             continue;
         }
+        if let Some(ops) = &jwk.common.key_operations {
+            if !ops.contains(&KeyOperations::Verify) {
+                continue;
+            }
+        }
+        let b64len = |s: &str| s.trim_end_matches('=').len() * 3 / 4;
         let (family, curve) = match &jwk.algorithm {
+            AlgorithmParameters::RSA(p) if b64len(&p.n) < 2048 / 8 => continue,
             AlgorithmParameters::RSA(_) => (AlgorithmFamily::Rsa, None),
             AlgorithmParameters::EllipticCurve(p) => (AlgorithmFamily::Ec, Some(p.curve.clone())),
             AlgorithmParameters::OctetKeyPair(p) => {
@@ -102,7 +121,12 @@ pub fn parse_jwks(text: &[u8]) -> Result<Vec<VerKey>, String> {
                 }
                 (AlgorithmFamily::Ed, None)
             }
-            AlgorithmParameters::OctetKey(_) => (AlgorithmFamily::Hmac, None),
+            AlgorithmParameters::OctetKey(k)
+                if from == JwksSource::File && b64len(&k.value) >= super::jwt::MIN_SECRET =>
+            {
+                (AlgorithmFamily::Hmac, None)
+            }
+            AlgorithmParameters::OctetKey(_) => continue,
             _ => continue,
         };
         let alg = match jwk.common.key_algorithm {
@@ -240,7 +264,7 @@ impl JwtKeys {
     /// One fetch; returns when to fetch next.
     fn refresh(&self, uri: &str) -> Duration {
         let next = match fetch(uri, self.tls.as_ref()) {
-            Ok((body, max_age)) => match parse_jwks(&body) {
+            Ok((body, max_age)) => match parse_jwks(&body, JwksSource::Published) {
                 Ok(keys) => {
                     let h = ahash::RandomState::with_seeds(7, 8, 9, 10).hash_one(&body[..]);
                     if self.last_body.swap(h, Ordering::AcqRel) != h {
@@ -475,11 +499,20 @@ mod tests {
             {"kty":"oct","k":"AAAA","kid":"enc","use":"enc"},
             {"kty":"weird","kid":"w"}
         ]}"#;
-        let keys = parse_jwks(text).unwrap();
+        let keys = parse_jwks(text, JwksSource::File).unwrap();
         assert_eq!(keys.len(), 1);
         assert!(keys[0].fits(Algorithm::HS256));
         assert!(!keys[0].fits(Algorithm::HS384), "alg pinned by the JWK");
         assert!(!keys[0].fits(Algorithm::RS256));
-        assert!(parse_jwks(b"[]").is_err());
+        assert!(parse_jwks(b"[]", JwksSource::File).is_err());
+        // A published JWKS is public: a symmetric key in it would let anyone sign tokens.
+        assert!(parse_jwks(text, JwksSource::Published).unwrap().is_empty());
+        // Too short for an HMAC secret, or not for verifying.
+        let weak = br#"{"keys":[
+            {"kty":"oct","k":"","kid":"empty"},
+            {"kty":"oct","k":"c2VjcmV0","kid":"short"},
+            {"kty":"oct","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA","kid":"ops","key_ops":["encrypt"]}
+        ]}"#;
+        assert!(parse_jwks(weak, JwksSource::File).unwrap().is_empty());
     }
 }

@@ -23,6 +23,8 @@ pub const MAX_TOKEN_BYTES: usize = 8192;
 pub const CACHE_ENTRIES: usize = 10_000;
 /// Token bytes per worker in the cache.
 pub const CACHE_BYTES: usize = 16 << 20;
+/// The shortest HMAC secret taken (`secret`, or an `oct` key of a `jwks_file`), in bytes.
+pub const MIN_SECRET: usize = 32;
 /// How long a request with an unknown `kid` waits for the early JWKS refresh.
 const KICK_WAIT: Duration = Duration::from_millis(2500);
 
@@ -95,14 +97,15 @@ pub(super) fn validate(
     } else if let Some(f) = &a.jwks_file {
         let text = std::fs::read(base.join(f.get_ref()))
             .map_err(|e| src.err(f.span(), &key("jwks_file"), format!("cannot read: {e}")))?;
-        let keys = jwks::parse_jwks(&text).map_err(|e| src.err(f.span(), &key("jwks_file"), e))?;
+        let keys = jwks::parse_jwks(&text, jwks::JwksSource::File)
+            .map_err(|e| src.err(f.span(), &key("jwks_file"), e))?;
         if keys.is_empty() {
             return Err(src.err(f.span(), &key("jwks_file"), "no usable signing key"));
         }
         JwtKeys::fixed(keys)
     } else {
         let s = a.secret.as_ref().expect("one source");
-        if s.get_ref().len() < 32 {
+        if s.get_ref().len() < MIN_SECRET {
             return Err(src.err(
                 s.span(),
                 &key("secret"),
@@ -309,11 +312,15 @@ impl JwtAuthorizer {
         v
     }
 
-    /// The checks `jsonwebtoken` does not make, as API Gateway makes them: with `audience`
+    /// The checks `jsonwebtoken` does not make, as API Gateway makes them: `iss` a string; with `audience`
     /// set, `aud` must hold one of its values, or, only when the token has no `aud` (Cognito
     /// access tokens), `client_id` must be one; `iat`, when present, must not be in the
     /// future (beyond the leeway).
     fn claims_ok(&self, c: &serde_json::Value, now: u64) -> Result<(), Reject> {
+        // RFC 7519 4.1.1: `iss` is one string (`jsonwebtoken` also takes an array holding it).
+        if self.issuer.is_some() && !c.get("iss").is_some_and(|v| v.is_string()) {
+            return Err(Reject::Claims("iss".into()));
+        }
         if !self.audience.is_empty() {
             let ok = |v: &serde_json::Value| {
                 v.as_str()
@@ -511,6 +518,8 @@ mod tests {
             json!({"iss":"iss","aud":"nope","client_id":"shop","exp":now+60}),
             json!({"iss":"iss","client_id":"nope","exp":now+60}),
             json!({"iss":"iss","aud":[],"exp":now+60}),
+            // `iss` as an array holding the right one.
+            json!({"iss":["evil","iss"],"aud":"shop","exp":now+60}),
             // Issued in the future (past the leeway), or an `iat` that is not a time.
             json!({"iss":"iss","aud":"shop","exp":now+600,"iat":now+60}),
             json!({"iss":"iss","aud":"shop","exp":now+600,"iat":"soon"}),
