@@ -1083,6 +1083,30 @@ fn connection_cannot_take_the_host_away() {
 }
 
 #[test]
+fn trailers_cannot_stand_in_for_what_the_route_checked_or_set() {
+    // The route maps `x-tenant` and the WAF checks `x-test`; SigV4 signs `x-amz-*`: a trailer
+    // of one of those names would hand a backend that merges trailers a second, unchecked value.
+    let origin = Origin::start(|_| Response::ok("up"));
+    let cfg = format!(
+        "[waf]\nrules = [{{ name = \"t\", target = \"header.X-Test\", pattern = \"evil\", action = \"block\" }}]\n{}",
+        config(origin.addr).replace(
+            "integration = { type = \"http\", upstream = \"o\" }",
+            "integration = { type = \"http\", upstream = \"o\" }\nrequest_mapping = { \"header.x-tenant\" = \"tenant-a\" }",
+        )
+    );
+    let gw = Gateway::start(&cfg);
+    let mut c = Client::connect(gw.addr);
+    c.send(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-tenant: tenant-b\r\nx-test: evil\r\nX-Amz-Date: 1\r\nx-sum: 1\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 200);
+    let raw = String::from_utf8_lossy(&origin.raw()).to_string();
+    assert!(raw.contains("x-tenant: tenant-a\r\n"), "{raw}");
+    assert!(raw.contains("0\r\nx-sum: 1\r\n\r\n"), "{raw}");
+    for bad in ["tenant-b", "evil", "X-Amz-Date"] {
+        assert!(!raw.contains(bad), "{bad} went upstream:\n{raw}");
+    }
+}
+
+#[test]
 fn trailer_fields_that_could_stand_in_for_headers_are_not_passed_on() {
     // A backend that merges trailers into the headers (Apache's MergeTrailers, CVE-2013-5704)
     // would otherwise take `x-principal-id` or `Host` from the trailer as the gateway's.

@@ -68,8 +68,15 @@ const TRAILER_DENIED: &[&str] = &[
 ];
 
 /// Appends the fields of a raw trailer section (`name: value` CRLF lines, then CRLF, as the
-/// decoder checked it) that may be passed on, then the final CRLF.
-pub fn push_allowed_trailers(section: &[u8], out: &mut Vec<u8>) {
+/// decoder checked it) that may be passed on, then the final CRLF. Besides the names every
+/// trailer section loses (the gateway's own, credentials, representation metadata, `x-amz-*`
+/// that SigV4 signs), `also_denied` names those this request's route checked or set (its
+/// request mapping's headers, its authorizer's identity headers, WAF header targets).
+pub fn push_allowed_trailers(
+    section: &[u8],
+    out: &mut Vec<u8>,
+    also_denied: &dyn Fn(&[u8]) -> bool,
+) {
     for line in section.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let Some(colon) = line.iter().position(|&b| b == b':') else {
@@ -78,9 +85,13 @@ pub fn push_allowed_trailers(section: &[u8], out: &mut Vec<u8>) {
         let name = &line[..colon];
         let denied = crate::http::HeaderKind::of(name) != crate::http::HeaderKind::Other
             || name.contains(&b'_')
+            || name
+                .get(..6)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"x-amz-"))
             || TRAILER_DENIED
                 .iter()
-                .any(|d| name.eq_ignore_ascii_case(d.as_bytes()));
+                .any(|d| name.eq_ignore_ascii_case(d.as_bytes()))
+            || also_denied(name);
         if !denied {
             out.extend_from_slice(line);
             out.extend_from_slice(b"\r\n");
@@ -136,6 +147,8 @@ pub struct ChunkedDecoder {
     trailer_from: Option<usize>,
     /// The raw trailer section seen by [`ChunkedDecoder::feed_without_trailers`].
     trailers: Vec<u8>,
+    /// Lowercase trailer names left out besides the fixed ones ([`ChunkedDecoder::deny`]).
+    denied: Vec<Box<[u8]>>,
 }
 
 /// An RFC 9110 token character (header and trailer field names).
@@ -172,7 +185,14 @@ impl ChunkedDecoder {
             error: ChunkError::Invalid("unused"),
             trailer_from: None,
             trailers: Vec::new(),
+            denied: Vec::new(),
         }
+    }
+
+    /// Trailer names to leave out besides the fixed ones: those the request's route checked
+    /// or set (its mapping's headers, its authorizer's identity headers, WAF header targets).
+    pub fn deny(&mut self, names: impl IntoIterator<Item = Box<[u8]>>) {
+        self.denied.extend(names);
     }
 
     /// Prepares for a new body (same `max_body`).
@@ -222,7 +242,10 @@ impl ChunkedDecoder {
     /// Once done: appends the trailer section's fields that may be passed on, then the final
     /// CRLF ([`push_allowed_trailers`]).
     pub fn push_trailers(&mut self, out: &mut Vec<u8>) {
-        push_allowed_trailers(&self.trailers, out);
+        let denied = &self.denied;
+        push_allowed_trailers(&self.trailers, out, &|n| {
+            denied.iter().any(|d| n.eq_ignore_ascii_case(d))
+        });
         self.trailers = Vec::new();
     }
 
@@ -389,12 +412,13 @@ mod tests {
     fn only_harmless_trailer_fields_pass() {
         let mut out = Vec::new();
         push_allowed_trailers(
-            b"x-checksum: abc\r\nx-principal-id: admin\r\nX_User: a\r\nHost: evil\r\nContent-Length: 9\r\nAuthorization: x\r\nServer-Timing: db;dur=3\r\n\r\n",
+            b"x-checksum: abc\r\nx-principal-id: admin\r\nX_User: a\r\nHost: evil\r\nContent-Length: 9\r\nAuthorization: x\r\nServer-Timing: db;dur=3\r\nX-Amz-Date: 1\r\nx-tenant: b\r\n\r\n",
             &mut out,
+            &|n: &[u8]| n.eq_ignore_ascii_case(b"x-tenant"),
         );
         assert_eq!(out, b"x-checksum: abc\r\nServer-Timing: db;dur=3\r\n\r\n");
         let mut out = Vec::new();
-        push_allowed_trailers(b"\r\n", &mut out);
+        push_allowed_trailers(b"\r\n", &mut out, &|_| false);
         assert_eq!(out, b"\r\n");
     }
 

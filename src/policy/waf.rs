@@ -203,6 +203,11 @@ thread_local! {
 }
 
 impl Waf {
+    /// The header names (lowercase) the rules look at.
+    pub fn header_targets(&self) -> impl Iterator<Item = &str> {
+        self.headers.iter().map(|(h, _)| h.as_str())
+    }
+
     /// Compiles the rules (an error names the rule whose pattern is bad).
     pub fn build(
         allow: Vec<Cidr>,

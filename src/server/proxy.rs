@@ -77,6 +77,7 @@ pub(super) async fn proxy<S: ClientIo>(
             // Passed on as it came, but for its trailer fields (filtered: see
             // `push_allowed_trailers`).
             let mut d = ChunkedDecoder::new(limits.max_body_bytes);
+            d.deny(route_checked_headers(gw, route));
             match d.feed_without_trailers(avail, |_| {}) {
                 Ok((used, done, keep)) => {
                     c.b.out.extend_from_slice(&avail[..keep]);
@@ -264,6 +265,26 @@ pub(super) async fn proxy<S: ClientIo>(
         let rmap = route.response_mapping.as_deref();
         return respond(w, c, us, addr, up.cfg.keepalive, up.cfg.timeout, cap, rmap).await;
     }
+}
+
+/// The header names this request's route checked or set: a trailer field of one of these
+/// names is left out, so a backend that merges trailers into headers cannot be handed a
+/// second value for it (its request mapping's headers, its authorizer's identity headers,
+/// the WAF's header targets). Made only for chunked requests.
+fn route_checked_headers(gw: &Gateway, route: &Route) -> Vec<Box<[u8]>> {
+    use crate::policy::auth::authorizer::IdentitySource;
+    let sources = route.auth.credential_fields(&gw.config.auth);
+    let identity = sources.iter().filter_map(|s| match s {
+        IdentitySource::Header(h) => Some(h.as_str()),
+        IdentitySource::Query(_) => None,
+    });
+    let mapped = route.request_mapping.iter().flat_map(|m| m.headers.names());
+    let waf = gw.config.traffic.waf.header_targets();
+    mapped
+        .chain(waf)
+        .chain(identity)
+        .map(|n| n.as_bytes().to_ascii_lowercase().into_boxed_slice())
+        .collect()
 }
 
 fn chunk_error(e: &crate::http::ChunkError) -> (u16, &'static str) {
