@@ -136,6 +136,7 @@ rules = [
                 query: None,
                 headers: &mut it,
                 body: b"",
+                content_type: None,
             }))
         })
     });
@@ -161,6 +162,7 @@ rules = [
                 query: None,
                 headers: &mut it,
                 body: b"",
+                content_type: None,
             });
             let _ = rt.route.as_ref().unwrap().check(now);
             let k = keys.find(b"perf-bench-key-0123456789abcdef").unwrap();

@@ -195,6 +195,65 @@ pub struct Input<'a> {
     pub query: Option<&'a [u8]>,
     pub headers: &'a mut dyn Iterator<Item = (&'a [u8], &'a [u8])>,
     pub body: &'a [u8],
+    /// The request's `Content-Type`: form and JSON bodies are also scanned decoded.
+    pub content_type: Option<&'a [u8]>,
+}
+
+/// `body` with JSON string escapes undone (`\"`, `\\`, `\/`, `\n`..., `\uXXXX`, surrogate
+/// pairs joined; an escape that is not valid is kept as it is), into `out`. Not a JSON
+/// parser: it only makes what an escaped payload means visible to the body rules.
+fn json_unescape(body: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    let hex4 = |b: &[u8]| -> Option<u32> {
+        let s = std::str::from_utf8(b.get(..4)?).ok()?;
+        u32::from_str_radix(s, 16).ok()
+    };
+    let mut i = 0;
+    while i < body.len() {
+        let c = body[i];
+        if c != b'\\' || i + 1 >= body.len() {
+            out.push(c);
+            i += 1;
+            continue;
+        }
+        let simple = match body[i + 1] {
+            b'"' => Some(b'"'),
+            b'\\' => Some(b'\\'),
+            b'/' => Some(b'/'),
+            b'b' => Some(8),
+            b'f' => Some(12),
+            b'n' => Some(b'\n'),
+            b'r' => Some(b'\r'),
+            b't' => Some(b'\t'),
+            _ => None,
+        };
+        if let Some(b) = simple {
+            out.push(b);
+            i += 2;
+            continue;
+        }
+        if body[i + 1] == b'u' {
+            if let Some(mut cp) = hex4(&body[i + 2..]) {
+                let mut len = 6;
+                if (0xD800..0xDC00).contains(&cp) && body.get(i + 6..i + 8) == Some(b"\\u") {
+                    if let Some(lo) =
+                        hex4(&body[i + 8..]).filter(|lo| (0xDC00..0xE000).contains(lo))
+                    {
+                        cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+                        len = 12;
+                    }
+                }
+                if let Some(ch) = char::from_u32(cp) {
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                    i += len;
+                    continue;
+                }
+            }
+        }
+        out.push(c);
+        i += 1;
+    }
 }
 
 thread_local! {
@@ -331,7 +390,23 @@ impl Waf {
         }
         if let Some(g) = &self.body {
             let n = inp.body.len().min(self.body_max_bytes);
-            blocked |= self.scan(g, &inp.body[..n]);
+            let body = &inp.body[..n];
+            blocked |= self.scan(g, body);
+            // As the query is: a form body percent-decoded, a JSON body with its string
+            // escapes undone (`\u0027` is `'`), so an encoding does not get a payload past.
+            let ct = inp.content_type.unwrap_or_default();
+            let has = |t: &[u8]| ct.windows(t.len()).any(|w| w.eq_ignore_ascii_case(t));
+            if has(b"x-www-form-urlencoded") {
+                blocked |= SCRATCH.with_borrow_mut(|s| {
+                    percent_decode(body, true, s);
+                    self.scan(g, s)
+                });
+            } else if has(b"json") && body.contains(&b'\\') {
+                blocked |= SCRATCH.with_borrow_mut(|s| {
+                    json_unescape(body, s);
+                    self.scan(g, s)
+                });
+            }
         }
         if blocked {
             Verdict::Forbidden
@@ -404,6 +479,10 @@ mod tests {
             query: query.map(|q| q.as_bytes()),
             headers: &mut it,
             body: body.as_bytes(),
+            content_type: headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+                .map(|(_, v)| v.as_bytes()),
         })
     }
 
@@ -517,6 +596,56 @@ mod tests {
             m.contains("ringgate_waf_rule_matches_total{rule=\"probe\",action=\"count\"} 1"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn encoded_bodies_are_scanned_decoded_too() {
+        let w = Waf::build(
+            vec![],
+            vec![],
+            None,
+            vec![
+                rule(
+                    "sqli",
+                    "body",
+                    r"(?i)union\s+select|'\s*or\s*'",
+                    Action::Block,
+                ),
+                rule("xss", "body", r"(?i)<script", Action::Block),
+            ],
+            1 << 16,
+        )
+        .unwrap();
+        let form = [(
+            "Content-Type",
+            "application/x-www-form-urlencoded; charset=utf-8",
+        )];
+        let json = [("content-type", "application/json")];
+        for (headers, body) in [
+            (&form[..], "user=1+union+select+password"),
+            (&form[..], "u=admin%27+or+%271%27%3D%271"),
+            (&form[..], "c=%3Cscript%3Ealert(1)%3C%2Fscript%3E"),
+            (&json[..], r#"{"u":"admin\u0027 or \u00271\u0027=\u00271"}"#),
+            (&json[..], r#"{"c":"\u003cscript\u003e"}"#),
+            (&json[..], r#"{"c":"\u003CSCRIPT>"}"#),
+        ] {
+            assert_eq!(
+                check(&w, "/", None, headers, body),
+                Verdict::Forbidden,
+                "{body}"
+            );
+        }
+        // Harmless bodies stay harmless once decoded; other types are scanned as they are.
+        for (headers, body) in [
+            (&form[..], "q=union%2Bselected"),
+            (&json[..], r#"{"a":"\\u0027","b":"\"quoted\""}"#),
+            (&[][..], "c=%3Cscript%3E"),
+        ] {
+            assert_eq!(check(&w, "/", None, headers, body), Verdict::Pass, "{body}");
+        }
+        let mut out = Vec::new();
+        json_unescape(br#"a\"b\\c\/d\n\ud83d\ude00\u00e9\uzzzz\"#, &mut out);
+        assert_eq!(out, "a\"b\\c/d\n\u{1F600}\u{e9}\\uzzzz\\".as_bytes());
     }
 
     #[test]

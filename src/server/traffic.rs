@@ -246,6 +246,7 @@ pub(super) async fn before<S: ClientIo>(
                 query: h.query.map(|q| h.slice(buf, q)),
                 headers: &mut headers,
                 body,
+                content_type: h.header(buf, "content-type"),
             });
             if v == Verdict::Forbidden {
                 let keep = body_skippable(c);
