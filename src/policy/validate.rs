@@ -155,6 +155,61 @@ fn parse(body: &[u8]) -> Result<serde_json::Value, serde_json::Error> {
     }
 }
 
+/// Whether `json` is one JSON value in which no object names a member twice (at any depth;
+/// names compared after unescaping, so `"a"` and `"\u0061"` are the same). Parsers disagree on
+/// a repeated member (most keep the last), so a credential or a decision that repeats one is
+/// refused rather than read either way.
+pub fn json_without_duplicate_keys(json: &[u8]) -> bool {
+    use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+    struct Unique;
+    impl<'de> DeserializeSeed<'de> for Unique {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Unique {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = m.next_key::<String>()? {
+                if !seen.insert(k) {
+                    return Err(serde::de::Error::custom("a member named twice"));
+                }
+                m.next_value_seed(Unique)?;
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+            while s.next_element_seed(Unique)?.is_some() {}
+            Ok(())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    Unique.deserialize(&mut de).is_ok() && de.end().is_ok()
+}
+
 /// The deepest nesting of arrays and objects in `body` (strings skipped). For a body that is
 /// not JSON this is at least the depth a parser reaches before its first error.
 pub fn max_depth(body: &[u8]) -> usize {

@@ -332,6 +332,10 @@ fn answer_reader() -> ResponseReader {
 }
 
 fn decision(body: &[u8]) -> Result<Decision, Deny> {
+    // `{"allow":false,"allow":true}` is an authorizer error, not a decision either way.
+    if !crate::policy::validate::json_without_duplicate_keys(body) {
+        return Err(AUTHORIZER_ERROR);
+    }
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| AUTHORIZER_ERROR)?;
     let allow = v
         .get("allow")
@@ -379,6 +383,19 @@ mod tests {
         assert!(answer(&ok[..ok.len() - 3], true).is_err(), "truncated");
         let deny = b"HTTP/1.1 200 OK\r\ncontent-length: 15\r\n\r\n{\"allow\":false}";
         assert!(!answer(deny, false).unwrap().unwrap().allow);
+        // A member named twice is no decision either way: an authorizer error.
+        for body in [
+            r#"{"allow":false,"allow":true}"#,
+            r#"{"allow":true,"principal":"a","principal":"admin"}"#,
+            r#"{"allow":true,"context":{"role":"u","r\u006fle":"admin"}}"#,
+        ] {
+            assert_eq!(
+                decision(body.as_bytes()).err(),
+                Some(AUTHORIZER_ERROR),
+                "{body}"
+            );
+        }
+        assert!(decision(br#"{"allow":true,"context":{"a":[{"x":1},{"x":2}]}}"#).is_ok());
         assert_eq!(
             answer(b"HTTP/1.1 500 X\r\ncontent-length: 0\r\n\r\n", false).unwrap_err(),
             AUTHORIZER_ERROR

@@ -403,6 +403,9 @@ impl JwtAuthorizer {
         for k in cands {
             match jsonwebtoken::decode::<serde_json::Value>(token, &k.key, &validation) {
                 Ok(d) => {
+                    if !claims_unique(token) {
+                        return Err(Reject::Claims("a claim named twice".into()));
+                    }
                     self.claims_ok(&d.claims, super::now_unix())?;
                     return claims(d.claims);
                 }
@@ -419,6 +422,18 @@ impl JwtAuthorizer {
         }
         Err(last)
     }
+}
+
+/// Whether the token's payload names no claim twice (`scope` twice would be read "last
+/// wins" by the JSON parser, and another reader could take the first).
+fn claims_unique(token: &[u8]) -> bool {
+    use base64::Engine as _;
+    let Some(payload) = token.split(|&b| b == b'.').nth(1) else {
+        return false;
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .is_ok_and(|json| crate::policy::validate::json_without_duplicate_keys(&json))
 }
 
 fn num(v: Option<&serde_json::Value>) -> Option<u64> {
@@ -538,6 +553,31 @@ mod tests {
             &tok(json!({"iss":"iss","aud":"shop","exp":now+60,"iat":now-60}))
         )
         .is_ok());
+        // A claim named twice is refused (`scope` read "last wins" would pass the check).
+        let dup = |payload: &str| {
+            use base64::Engine as _;
+            let good = tok(json!({"iss":"iss","aud":"shop","exp":now+60}));
+            let parts: Vec<&str> = good.split('.').collect();
+            let p = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(payload);
+            let signing = format!("{}.{p}", parts[0]);
+            let sig = jsonwebtoken::crypto::sign(
+                signing.as_bytes(),
+                &EncodingKey::from_secret(SECRET),
+                Algorithm::HS256,
+            )
+            .unwrap();
+            format!("{signing}.{sig}")
+        };
+        let once = format!(
+            r#"{{"iss":"iss","aud":"shop","exp":{},"scope":"admin"}}"#,
+            now + 60
+        );
+        assert!(verify(&a, &dup(&once)).is_ok());
+        let twice = format!(
+            r#"{{"iss":"iss","aud":"shop","exp":{},"scope":"read","scope":"admin"}}"#,
+            now + 60
+        );
+        assert!(verify(&a, &dup(&twice)).is_err());
         // Cognito access tokens carry `client_id` and no `aud`: checked as API Gateway does.
         assert!(verify(
             &a,

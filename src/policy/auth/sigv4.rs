@@ -191,12 +191,13 @@ pub fn verify(
         parse_header(&h[ALGO.len()..], amz_date).ok_or(FORBIDDEN)?
     } else if query.iter().any(|(k, _)| k == "X-Amz-Algorithm") {
         owned_q = &query;
+        // Each parameter once: a second value is not "the last one wins" but a refusal.
         let get = |name: &str| {
-            owned_q
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-                .ok_or(FORBIDDEN)
+            let mut it = owned_q.iter().filter(|(k, _)| k == name);
+            match (it.next(), it.next()) {
+                (Some((_, v)), None) => Ok(v.as_str()),
+                _ => Err(FORBIDDEN),
+            }
         };
         if get("X-Amz-Algorithm")? != ALGO {
             return Err(FORBIDDEN);
@@ -369,11 +370,15 @@ fn parse_header<'a>(rest: &'a str, amz_date: &'a str) -> Option<Params<'a>> {
     let (mut cred, mut sh, mut sig) = (None, None, None);
     for part in rest.split(',') {
         let (k, v) = part.trim().split_once('=')?;
-        match k {
-            "Credential" => cred = Some(v),
-            "SignedHeaders" => sh = Some(v),
-            "Signature" => sig = Some(v),
+        // Each component once (a second `Credential=` is refused, not read either way).
+        let slot = match k {
+            "Credential" => &mut cred,
+            "SignedHeaders" => &mut sh,
+            "Signature" => &mut sig,
             _ => return None,
+        };
+        if slot.replace(v).is_some() {
+            return None;
         }
     }
     let (access_key, date, region, service) = parse_scope(cred?)?;
@@ -560,6 +565,15 @@ mod tests {
             "p",
         )];
         assert_eq!(verify(&mut cache, 2, &other, &req, t), Err(FORBIDDEN));
+        // A component given twice is refused, whichever copy a reader would take.
+        let amz = "20150830T123600Z";
+        for (rest, ok) in [
+            (" Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, SignedHeaders=host, Signature=ab", true),
+            (" Credential=EVIL/20150830/us-east-1/service/aws4_request, Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, SignedHeaders=host, Signature=ab", false),
+            (" Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, SignedHeaders=host, Signature=ab, Signature=cd", false),
+        ] {
+            assert_eq!(parse_header(rest, amz).is_some(), ok, "{rest}");
+        }
     }
 
     #[test]
