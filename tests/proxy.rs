@@ -84,6 +84,22 @@ fn client_forwarded_proto_and_host_are_replaced() {
     let req = origin.last_request();
     assert_eq!(req.headers_named("x-forwarded-proto"), vec!["http"]);
     assert_eq!(req.headers_named("x-forwarded-host"), vec!["real.test"]);
+    // What else a proxy would say about the client is not taken from the client either.
+    let r = gw.request(
+        "GET /a HTTP/1.1\r\nHost: real.test\r\nForwarded: for=1.2.3.4;proto=https\r\nX-Forwarded-Port: 443\r\nX-Forwarded-Prefix: /admin\r\nX-Real-IP: 1.2.3.4\r\nX-Forwarded-Server: evil\r\nX-Forwardedish: kept\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    let req = origin.last_request();
+    for name in [
+        "forwarded",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-real-ip",
+        "x-forwarded-server",
+    ] {
+        assert!(req.headers_named(name).is_empty(), "{name} went upstream");
+    }
+    assert_eq!(req.headers_named("x-forwardedish"), vec!["kept"]);
 }
 
 #[test]

@@ -81,6 +81,10 @@ pub enum HeaderKind {
     AccessControl,
     /// `x-forwarded-client-cert` (the gateway's own: set from a verified client certificate)
     XForwardedClientCert,
+    /// `forwarded`, `x-real-ip` and the other `x-forwarded-*` names (`-port`, `-prefix`, ...):
+    /// what a proxy says about the client. A client's own are not passed on: they would
+    /// stand beside the gateway's `X-Forwarded-*` as if a proxy had written them.
+    ClientForwarding,
     /// A request header whose name has an underscore: never forwarded, as nginx's default
     /// (`underscores_in_headers off`). CGI-style backends read `x_principal_id` as
     /// `x-principal-id`, so passing it on would get around the gateway's own headers.
@@ -97,6 +101,8 @@ impl HeaderKind {
         };
         let (lit, kind): (&[u8], HeaderKind) = match (name.len(), first | 0x20) {
             (2, b't') => (b"te", HopByHop),
+            (9, b'f') => (b"forwarded", ClientForwarding),
+            (9, b'x') => (b"x-real-ip", ClientForwarding),
             (4, b'h') => (b"host", Host),
             (6, b'e') => (b"expect", Expect),
             (7, b'u') => (b"upgrade", Upgrade),
@@ -117,12 +123,22 @@ impl HeaderKind {
             (23, b'x') => (b"x-forwarded-client-cert", XForwardedClientCert),
             (24, b's') => (b"sec-websocket-extensions", SecWebSocketExtensions),
             (16.., b'a') if eq_lower(&name[..15], b"access-control-") => return AccessControl,
-            _ => return Other,
+            _ => return Self::other(name),
         };
         if eq_lower(name, lit) {
             kind
         } else {
-            Other
+            Self::other(name)
+        }
+    }
+
+    /// A name that is none of the fixed ones: the other `x-forwarded-*`, or [`HeaderKind::Other`].
+    #[inline]
+    fn other(name: &[u8]) -> HeaderKind {
+        if name.len() > 12 && name[0] | 0x20 == b'x' && eq_lower(&name[..12], b"x-forwarded-") {
+            HeaderKind::ClientForwarding
+        } else {
+            HeaderKind::Other
         }
     }
 
@@ -617,6 +633,11 @@ mod tests {
             ("x-forwarded-client-cert", XForwardedClientCert),
             ("access-control-allow-origin", AccessControl),
             ("Access-Control-Max-Age", AccessControl),
+            ("forwarded", ClientForwarding),
+            ("x-real-ip", ClientForwarding),
+            ("x-forwarded-port", ClientForwarding),
+            ("X-Forwarded-Prefix", ClientForwarding),
+            ("x-forwarded-server", ClientForwarding),
         ];
         for (name, kind) in known {
             assert_eq!(HeaderKind::of(name.as_bytes()), *kind, "{name}");
@@ -634,7 +655,8 @@ mod tests {
                     }
                     n[i] = b;
                     let k = HeaderKind::of(&n);
-                    let prefix = i >= 15 && *kind == AccessControl;
+                    let prefix =
+                        (i >= 15 && *kind == AccessControl) || (i >= 12 && k == ClientForwarding);
                     assert!(
                         k == Other || prefix,
                         "{:?} -> {k:?}",
@@ -652,6 +674,8 @@ mod tests {
             "access-control-",
             "hosts",
             "x-forwarded",
+            "x-forwarded-",
+            "forwarded-for",
         ] {
             assert_eq!(HeaderKind::of(other.as_bytes()), Other, "{other}");
         }

@@ -430,7 +430,8 @@ fn push_client_headers(
             | HeaderKind::XForwardedHost
             | HeaderKind::XRequestId
             | HeaderKind::XPrincipalId
-            | HeaderKind::XForwardedClientCert => {}
+            | HeaderKind::XForwardedClientCert
+            | HeaderKind::ClientForwarding => {}
             // The relay checks frames; no extension (compression sets RSV1) is negotiated.
             HeaderKind::SecWebSocketExtensions if head.upgrade_websocket => {}
             // Owned by the route's request mapping.

@@ -795,7 +795,8 @@ pub async fn handshake(
                 | HeaderKind::XForwardedHost
                 | HeaderKind::XForwardedClientCert
                 | HeaderKind::XPrincipalId
-                | HeaderKind::XRequestId => continue,
+                | HeaderKind::XRequestId
+                | HeaderKind::ClientForwarding => continue,
                 HeaderKind::Other
                     if [
                         &b"x-connection-id"[..],
