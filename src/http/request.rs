@@ -356,6 +356,12 @@ impl RequestHead {
                 // so `/x\..\admin` would reach another path than the router saw.
                 return Err(HttpError::BadRequest("backslash in path"));
             }
+            if path.contains(&b';') {
+                // Path parameters: Tomcat, Jetty and Spring drop `;...` from a segment, so
+                // `/admin;x/users` would reach their `/admin/users` past the route that
+                // guards it.
+                return Err(HttpError::BadRequest("`;` in path"));
+            }
         }
         self.path = offsets(buf, path);
         self.query = query.map(|q| offsets(buf, q));
@@ -515,8 +521,8 @@ fn other_major_version(buf: &[u8]) -> bool {
 fn needs_normalizing(path: &[u8]) -> bool {
     let mut prev = 0u8;
     for &b in path {
-        // A backslash too: refused with the encoded separators (one pass for both).
-        if b == b'%' || b == b'\\' || (b == b'/' && prev == b'/') {
+        // A backslash or `;` too: refused with the encoded separators (one pass for all).
+        if b == b'%' || b == b'\\' || b == b';' || (b == b'/' && prev == b'/') {
             return true;
         }
         prev = b;
@@ -1164,6 +1170,14 @@ mod tests {
         }
         // A separator written encoded would split differently in a backend that decodes it.
         // So would a NUL cut it short.
+        // Path parameters, which Java servers drop from a segment.
+        for t in ["/admin;x/users", "/a/b;jsessionid=1", "/;"] {
+            assert_eq!(
+                bad(&req(&format!("GET {t} HTTP/1.1"), "")),
+                "`;` in path",
+                "{t}"
+            );
+        }
         for t in ["/a/%2f", "/a%2Fb", "/a%5cb", "/a%5C", "/secret%00.png"] {
             assert_eq!(
                 bad(&req(&format!("GET {t} HTTP/1.1"), "")),
