@@ -470,6 +470,17 @@ fn valid_host(v: &[u8]) -> bool {
         if host.is_empty() || host == b"[]" {
             return false;
         }
+        // An IP literal holds an IPv6 address (hex digits, `:`, `.` for an embedded IPv4)
+        // or an `IPvFuture` (`v...`, RFC 3986 3.2.2): `[shop.example.com]` is neither.
+        if let Some(inner) = host.strip_prefix(b"[").and_then(|h| h.strip_suffix(b"]")) {
+            let ipv6 = inner
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+                && inner.contains(&b':');
+            if !ipv6 && !matches!(inner.first(), Some(b'v' | b'V')) {
+                return false;
+            }
+        }
         match port.split_first() {
             None => {}
             Some((b':', digits)) if digits.iter().all(u8::is_ascii_digit) => {}
@@ -1223,7 +1234,17 @@ mod tests {
 
     #[test]
     fn host_values_must_name_a_host_and_digits_for_a_port() {
-        for h in ["", ":80", "x.test:abc", "x.test:8a", "[::1]x", "[]:80"] {
+        for h in [
+            "",
+            ":80",
+            "x.test:abc",
+            "x.test:8a",
+            "[::1]x",
+            "[]:80",
+            "[shop.example.com]",
+            "[shop.example.com]:80",
+            "[1.2.3.4]",
+        ] {
             let raw = format!("GET / HTTP/1.1\r\nHost: {h}\r\n\r\n");
             assert!(
                 RequestHead::new(32)
@@ -1238,6 +1259,8 @@ mod tests {
             "x.test:8080",
             "[::1]",
             "[::1]:80",
+            "[::ffff:1.2.3.4]",
+            "[v1.fe80::a+en1]",
             "127.0.0.1:1",
         ] {
             let raw = format!("GET / HTTP/1.1\r\nHost: {h}\r\n\r\n");
