@@ -216,13 +216,16 @@ impl Shared {
             )),
         }
         if run.tls_listen != now.tls_listen {
-            notes.push(
+            notes.push(if run.tls_listen.is_some() {
                 "server.tls.listen takes effect at the next restart (certificates apply now)"
-                    .to_string(),
-            );
+                    .to_string()
+            } else {
+                // Started without TLS: there is no listener for the certificates yet.
+                "[server.tls] takes effect at the next restart (no TLS listener runs)".to_string()
+            });
         }
         let o = &old.config.server;
-        if new.server.tls.is_none() && o.tls.is_some() {
+        if new.server.tls.is_none() && o.tls.is_some() && run.tls_listen.is_some() {
             // The TLS listeners stay bound until a restart: they keep the certificates they had.
             notes.push(
                 "[server.tls] was removed: its listeners keep serving with the previous certificates until the next restart"

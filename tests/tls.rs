@@ -831,6 +831,43 @@ fn reload_serves_new_certificates_to_new_connections() {
     assert_eq!(get("ca2.pem").code, 0);
 }
 
+#[test]
+fn reload_notes_for_tls_on_a_gateway_started_without_it() {
+    // No TLS listener runs: adding [server.tls] waits for a restart (no certificate "applies
+    // now"), and taking it out again is no change at all.
+    let pki = Pki::new();
+    let plain = format!(
+        "[server]\nlisten = [\"@LISTEN@\"]\nworkers = 1\n[admin]\nlisten = \"@ADMIN@\"\n{}",
+        proxy_routes(SocketAddr::from(([127, 0, 0, 1], 9)))
+    );
+    let gw = Gateway::start(&plain);
+    let notes = |gw: &Gateway| -> Vec<String> {
+        let r = admin_request(gw.admin_addr, "POST", "/reload", None).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap().to_string())
+            .collect()
+    };
+    let tls_port = free_port();
+    let with_tls = plain.replace(
+        "[admin]",
+        &format!(
+            "[server.tls]\n{}\n[admin]",
+            certs_a_b(&pki).replace("@TLS@", &format!("127.0.0.1:{tls_port}"))
+        ),
+    );
+    gw.write_config(&with_tls);
+    assert_eq!(
+        notes(&gw),
+        ["[server.tls] takes effect at the next restart (no TLS listener runs)"]
+    );
+    gw.write_config(&plain);
+    assert_eq!(notes(&gw), Vec::<String>::new());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Config errors and --check
 // ---------------------------------------------------------------------------------------------

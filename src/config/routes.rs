@@ -596,8 +596,30 @@ fn encode_mock(
     }
     let mut head = Vec::new();
     encode::push_status_line(&mut head, status);
+    let mut seen = std::collections::BTreeSet::new();
     for (k, v) in headers {
         let lk = k.to_ascii_lowercase();
+        if !seen.insert(lk.clone()) {
+            return Err(format!(
+                "mock header `{k}` is given twice (names are case-insensitive)"
+            ));
+        }
+        // On a CORS API the gateway writes `Vary: Origin` itself: the mock's `vary` keeps its
+        // other names, so `Origin` is listed once.
+        let v = if cors && lk == "vary" {
+            let rest: Vec<&str> = v
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.eq_ignore_ascii_case("origin"))
+                .collect();
+            if rest.iter().all(|t| t.is_empty()) {
+                continue;
+            }
+            rest.join(", ")
+        } else {
+            v.clone()
+        };
+        let v = &v;
         match crate::http::HeaderKind::of(lk.as_bytes()) {
             crate::http::HeaderKind::AccessControl if cors => {
                 return Err(format!(

@@ -461,8 +461,13 @@ fn same_authority(host: &[u8], authority: &[u8], https: bool) -> bool {
 fn valid_host(v: &[u8]) -> bool {
     let port_at = match v.first() {
         None => return false,
-        // An IP literal: the port follows its `]`.
-        Some(b'[') => v.iter().position(|&b| b == b']').map(|i| i + 1),
+        // An IP literal: the port follows its `]`, which must be there.
+        Some(b'[') => match v.iter().position(|&b| b == b']') {
+            Some(i) => Some(i + 1),
+            None => return false,
+        },
+        // Brackets only around an IP literal.
+        Some(_) if v.iter().any(|&b| b == b'[' || b == b']') => return false,
         Some(_) => v.iter().position(|&b| b == b':'),
     };
     if let Some(i) = port_at {
@@ -1244,6 +1249,10 @@ mod tests {
             "[shop.example.com]",
             "[shop.example.com]:80",
             "[1.2.3.4]",
+            "[::1",
+            "a[b]",
+            "x.test]",
+            "[::1]:80]",
         ] {
             let raw = format!("GET / HTTP/1.1\r\nHost: {h}\r\n\r\n");
             assert!(

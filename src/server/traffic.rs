@@ -222,6 +222,14 @@ pub(super) async fn before<S: ClientIo>(
             // The payload the `body` rules see: a chunked body's decoded first
             // `body_max_bytes` (its raw bytes stay in `rbuf` for the upstream).
             let mut decoded = Vec::new();
+            if t.waf.wants_body() && c.b.head.header_count(&c.b.rbuf, "content-type") > 1 {
+                // The body is scanned decoded by its type: with two types, the one a backend
+                // reads could be the one the scan did not decode by.
+                let keep = body_skippable(c);
+                return Some(
+                    reject(w, c, 400, "Bad Request: Content-Type given twice", keep).await,
+                );
+            }
             if t.waf.wants_body() {
                 if let Err(out) =
                     buffer_body(w, c, t.waf.body_max_bytes, limits, &mut decoded).await

@@ -389,6 +389,15 @@ pub fn parse_selection(s: &str) -> Result<Selection, String> {
     if parts.is_empty() {
         return Err("the expression is empty".to_string());
     }
+    // Route keys that start with `$` are the reserved three: an expression that always makes
+    // such a key could only select `$default`.
+    if let Some(SelPart::Text(t)) = parts.first() {
+        if t.starts_with('$') && !(parts.len() == 1 && t == "$default") {
+            return Err(format!(
+                "`{s}` makes keys that start with `$`, which only the reserved routes have"
+            ));
+        }
+    }
     Ok(Selection(parts))
 }
 
@@ -721,7 +730,7 @@ mod tests {
             ("v${request.body.v}:$request.body.action", Some("v2:join")),
             ("${request.body.odd-name}", Some("x")),
             ("\\$default", Some("$default")),
-            ("\\$${request.body.action}", Some("$join")),
+            ("x\\$${request.body.action}", Some("x$join")),
             ("fixed", Some("fixed")),
             // One missing field: the message selects nothing (it goes to `$default`).
             ("${request.body.service}/${request.body.missing}", None),
@@ -742,6 +751,8 @@ mod tests {
             "$request.body.my-field",
             "$request.body.action}",
             "$",
+            "\\$v/${request.body.action}",
+            "\\$defaults",
         ] {
             let e = parse_selection(bad).unwrap_err();
             assert!(!e.is_empty(), "{bad}");
