@@ -258,17 +258,6 @@ fn a_state_dir_that_is_a_file_is_one_clear_error_and_a_missing_parent_is_created
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
-fn reload_notes(gw: &Gateway) -> Vec<String> {
-    let r = admin_request(gw.admin_addr, "POST", "/reload", None).unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()["notes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_str().unwrap().to_string())
-        .collect()
-}
-
 #[test]
 fn reload_notes_compare_with_what_the_process_started_with() {
     let base = server_config(

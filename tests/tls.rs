@@ -841,16 +841,6 @@ fn reload_notes_for_tls_on_a_gateway_started_without_it() {
         proxy_routes(SocketAddr::from(([127, 0, 0, 1], 9)))
     );
     let gw = Gateway::start(&plain);
-    let notes = |gw: &Gateway| -> Vec<String> {
-        let r = admin_request(gw.admin_addr, "POST", "/reload", None).unwrap();
-        assert_eq!(r.status, 200, "{}", r.text());
-        r.json()["notes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| n.as_str().unwrap().to_string())
-            .collect()
-    };
     let tls_port = free_port();
     let with_tls = plain.replace(
         "[admin]",
@@ -861,11 +851,11 @@ fn reload_notes_for_tls_on_a_gateway_started_without_it() {
     );
     gw.write_config(&with_tls);
     assert_eq!(
-        notes(&gw),
+        reload_notes(&gw),
         ["[server.tls] takes effect at the next restart (no TLS listener runs)"]
     );
     gw.write_config(&plain);
-    assert_eq!(notes(&gw), Vec::<String>::new());
+    assert_eq!(reload_notes(&gw), Vec::<String>::new());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -362,6 +362,18 @@ pub fn admin_get(addr: SocketAddr, path: &str, auth: Option<&str>) -> io::Result
     admin_request(addr, "GET", path, auth)
 }
 
+/// Admin `POST /reload` (must answer 200): the notes on settings that need a restart.
+pub fn reload_notes(gw: &Gateway) -> Vec<String> {
+    let r = admin_request(gw.admin_addr, "POST", "/reload", None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect()
+}
+
 /// One admin request on a new connection.
 pub fn admin_request(
     addr: SocketAddr,
