@@ -396,7 +396,8 @@ impl Waf {
             // escapes undone (`\u0027` is `'`), so an encoding does not get a payload past.
             let ct = inp.content_type.unwrap_or_default();
             let has = |t: &[u8]| ct.windows(t.len()).any(|w| w.eq_ignore_ascii_case(t));
-            if has(b"x-www-form-urlencoded") {
+            // (Only when there is something to undo: otherwise the bytes were just scanned.)
+            if has(b"x-www-form-urlencoded") && body.iter().any(|&b| b == b'%' || b == b'+') {
                 blocked |= SCRATCH.with_borrow_mut(|s| {
                     percent_decode(body, true, s);
                     self.scan(g, s)

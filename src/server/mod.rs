@@ -928,7 +928,7 @@ async fn route_and_run<S: ClientIo>(
             } else {
                 path_route(gw, c)
             };
-            traffic::push_unrouted_cors(gw, c, id);
+            traffic::push_refusal_cors(gw, c, id);
             if gw.config.traffic.any {
                 if let Some(out) = traffic::unrouted_refused(w, gw, c).await {
                     return (out, None);
@@ -949,7 +949,7 @@ async fn route_and_run<S: ClientIo>(
     // before anything reads the body.
     if let BodyKind::Length(n) = c.b.head.body {
         if n > limits.max_body_bytes {
-            traffic::push_unrouted_cors(gw, c, Some(id));
+            traffic::push_refusal_cors(gw, c, Some(id));
             return (
                 reject(w, c, 413, "Request Entity Too Large", false).await,
                 Some(id),

@@ -167,7 +167,7 @@ fn push_cors<S: ClientIo>(c: &mut Conn<S>, cors: &Cors) {
 /// route): the CORS headers of the API that `id` (a route of the path, for a 405) or else the host and
 /// path prefix select, so a browser app can read the answer as it reads the other refusals.
 /// Nothing when no API with `cors` can be told apart, or for a preflight (answered elsewhere).
-pub(super) fn push_unrouted_cors<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>, id: Option<u32>) {
+pub(super) fn push_refusal_cors<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>, id: Option<u32>) {
     if is_preflight(c) {
         return;
     }
