@@ -10,7 +10,7 @@ use crate::config::{PathTemplate, Route};
 use crate::gateway::Gateway;
 use crate::http::encode;
 use crate::http::{BodyKind, ChunkedDecoder, HeaderKind, Method, RespBody, Status};
-use crate::upstream::{peek, Peek};
+use crate::upstream::{peek, NextRead, Peek};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
@@ -153,8 +153,8 @@ pub(super) async fn proxy<S: ClientIo>(
         let mut pooled = w.pools.borrow_mut().take(addr);
         let mut fresh_tries = 0;
         let res = loop {
-            let (mut us, reused) = match pooled.take() {
-                Some(s) => (s, true),
+            let (mut us, next, reused) = match pooled.take() {
+                Some(p) => (p.stream, Some(p.next), true),
                 None => {
                     match monoio::time::timeout(
                         up.cfg.connect_timeout,
@@ -164,7 +164,7 @@ pub(super) async fn proxy<S: ClientIo>(
                     {
                         Ok(Ok(s)) => {
                             let _ = s.set_nodelay(true);
-                            (s, false)
+                            (s, None, false)
                         }
                         _ => break Err(Fail::Connect),
                     }
@@ -174,6 +174,7 @@ pub(super) async fn proxy<S: ClientIo>(
             let r = exchange(
                 c,
                 &mut us,
+                next,
                 &mut remaining,
                 &mut body_done,
                 &mut decoder,
@@ -498,6 +499,7 @@ async fn wait_watching_client<F: std::future::Future>(
 async fn exchange<S: ClientIo>(
     c: &mut Conn<S>,
     us: &mut TcpStream,
+    mut next: Option<NextRead>,
     remaining: &mut u64,
     body_done: &mut bool,
     decoder: &mut Option<ChunkedDecoder>,
@@ -527,9 +529,10 @@ async fn exchange<S: ClientIo>(
             Err(e) => return Err(e),
         }
     }
-    // Response head.
+    // Response head: into the buffer of the read a pooled connection has in flight, else
+    // into `ubuf`.
     c.b.ubuf.clear();
-    if c.b.ubuf.capacity() < 4096 {
+    if next.is_none() && c.b.ubuf.capacity() < 4096 {
         c.b.ubuf.reserve(4096);
     }
     let hl = crate::http::Limits {
@@ -584,13 +587,19 @@ async fn exchange<S: ClientIo>(
                 Err(_) => return Err(Fail::BadResponse),
             }
         }
-        if c.b.ubuf.len() == c.b.ubuf.capacity() {
-            c.b.ubuf.reserve(4096);
-        }
-        let len = c.b.ubuf.len();
-        let cap = c.b.ubuf.capacity();
-        let buf = std::mem::take(&mut c.b.ubuf).slice_mut(len..cap);
-        let mut read = std::pin::pin!(us.read(buf));
+        let read = match next.take() {
+            Some(r) => r,
+            None => {
+                if c.b.ubuf.len() == c.b.ubuf.capacity() {
+                    c.b.ubuf.reserve(4096);
+                }
+                let len = c.b.ubuf.len();
+                let cap = c.b.ubuf.capacity();
+                // Nothing read yet: the answer to a request just sent is not there yet.
+                us.recv_detached(std::mem::take(&mut c.b.ubuf).slice_mut(len..cap), len == 0)
+            }
+        };
+        let mut read = std::pin::pin!(read);
         // An absolute deadline: no clock read to arm the timer. The timer drops only the
         // reference: past `watch_at` the read goes on, the client watched beside it.
         let first = match watch_at {
@@ -995,17 +1004,20 @@ async fn respond<S: ClientIo>(
         }
     }
     if c.b.ubuf.capacity() > 4 * 4096 {
-        c.b.ubuf = Vec::with_capacity(4096);
+        c.b.ubuf = Vec::new();
     }
     // After an answer without a body (HEAD, 204, 304) an upstream may wrongly have sent one:
     // bytes already waiting would be read as the next answer's head. One non-blocking look,
-    // for these answers only.
+    // for these answers only (later arrivals end the pooled connection's read: see `take`).
     if ok
         && done
         && up_reusable
         && (!matches!(c.b.resp.body, RespBody::None) || matches!(peek(&us), Peek::Nothing))
     {
-        w.pools.borrow_mut().put(addr, us, keepalive);
+        // The buffer goes with the connection, for its next answer; a client connection
+        // gets one back with the next pooled connection it takes.
+        let buf = std::mem::take(&mut c.b.ubuf);
+        w.pools.borrow_mut().put(addr, us, buf, keepalive);
     }
     if bad_framing {
         w.log_upstream_error(addr, "invalid chunked body");

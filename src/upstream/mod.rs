@@ -10,7 +10,9 @@ use crate::http::client::{self, ResponseReader};
 use crate::http::Method;
 use crate::metrics::Labels;
 use ahash::AHashMap;
-use monoio::net::TcpStream;
+use monoio::buf::{IoBufMut, SliceMut};
+use monoio::net::{DetachedRecv, TcpStream};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -73,10 +75,27 @@ impl Upstream {
     }
 }
 
+/// The read of an upstream connection's next answer, started before the request is sent.
+pub type NextRead = DetachedRecv<SliceMut<Vec<u8>>>;
+
+/// An idle pooled upstream connection and the read of its next answer, started when it was
+/// pooled. Whatever arrives while it idles (a stray answer, the upstream closing it) ends
+/// that read, which [`WorkerPools::take`] sees without a system call; the answer to the next
+/// request lands in it otherwise.
+pub struct Pooled {
+    /// The connection.
+    pub stream: TcpStream,
+    /// Its next read, into the buffer it was pooled with.
+    pub next: NextRead,
+}
+
+/// The smallest buffer an idle pooled connection's read is given.
+const POOLED_READ_BUF: usize = 4096;
+
 /// One worker's view of the upstreams: idle pooled connections and balancing state.
 #[derive(Default)]
 pub struct WorkerPools {
-    idle: AHashMap<SocketAddr, Vec<TcpStream>>,
+    idle: AHashMap<SocketAddr, Vec<Pooled>>,
     inflight: AHashMap<SocketAddr, u32>,
     rr: usize,
     rng: u64,
@@ -172,12 +191,16 @@ impl WorkerPools {
     /// it. One that the upstream closed, or that holds bytes nobody asked for (a stray answer,
     /// or one to a request smuggled in a body the upstream did not read), is dropped: its
     /// bytes would be read as the next client's answer. nginx closes such connections as soon
-    /// as they turn readable; here one non-blocking peek per reuse does it.
-    pub fn take(&mut self, addr: SocketAddr) -> Option<TcpStream> {
+    /// as they turn readable; here the read each one keeps in flight while it idles has
+    /// ended then, which one poll shows without a system call.
+    pub fn take(&mut self, addr: SocketAddr) -> Option<Pooled> {
         let v = self.idle.get_mut(&addr)?;
-        while let Some(s) = v.pop() {
-            if let Peek::Nothing = peek(&s) {
-                return Some(s);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        while let Some(mut p) = v.pop() {
+            // Pending: nothing arrived. The next poll, with the request's waker, replaces
+            // this one's no-op waker.
+            if std::pin::Pin::new(&mut p.next).poll(&mut cx).is_pending() {
+                return Some(p);
             }
         }
         None
@@ -190,11 +213,16 @@ impl WorkerPools {
         }
     }
 
-    /// Returns a connection to the pool, unless the pool already holds `max`.
-    pub fn put(&mut self, addr: SocketAddr, s: TcpStream, max: usize) {
+    /// Returns a connection to the pool, unless the pool already holds `max`, and starts the
+    /// read of its next answer into `buf` (emptied; at least 4 KiB).
+    pub fn put(&mut self, addr: SocketAddr, stream: TcpStream, mut buf: Vec<u8>, max: usize) {
         let v = self.idle.entry(addr).or_default();
         if v.len() < max {
-            v.push(s);
+            buf.clear();
+            buf.reserve(POOLED_READ_BUF);
+            let cap = buf.capacity();
+            let next = stream.recv_detached(buf.slice_mut(0..cap), true);
+            v.push(Pooled { stream, next });
         }
     }
 }

@@ -49,11 +49,28 @@ pub(crate) struct Recv<T> {
 
     /// Reference to the in-flight buffer.
     pub(crate) buf: T,
+
+    /// (ringgate) No data is expected yet: io_uring waits for readiness before the first
+    /// attempt (`IORING_RECVSEND_POLL_FIRST`) instead of trying one that would fail.
+    poll_first: bool,
 }
 
 impl<T: IoBufMut> Op<Recv<T>> {
     pub(crate) fn recv(fd: SharedFd, buf: T) -> io::Result<Self> {
-        Op::submit_with(Recv { fd, buf })
+        Op::submit_with(Recv {
+            fd,
+            buf,
+            poll_first: false,
+        })
+    }
+
+    /// (ringgate) A receive for data not expected yet (see `Recv::poll_first`).
+    pub(crate) fn recv_poll_first(fd: SharedFd, buf: T) -> io::Result<Self> {
+        Op::submit_with(Recv {
+            fd,
+            buf,
+            poll_first: true,
+        })
     }
 
     #[allow(unused)]
@@ -61,6 +78,7 @@ impl<T: IoBufMut> Op<Recv<T>> {
         Recv {
             fd: fd.clone(),
             buf,
+            poll_first: false,
         }
     }
 
@@ -79,15 +97,59 @@ impl<T: IoBufMut> Op<Recv<T>> {
     }
 }
 
+/// `IORING_RECVSEND_POLL_FIRST` (io_uring ABI; the io-uring crate does not expose it).
+#[cfg(all(target_os = "linux", feature = "iouring"))]
+const IORING_RECVSEND_POLL_FIRST: u16 = 1;
+
+/// (ringgate) Whether the kernel takes `IORING_RECVSEND_POLL_FIRST` (Linux 5.19 and later);
+/// older ones refuse a receive that carries it. Read once.
+#[cfg(all(target_os = "linux", feature = "iouring"))]
+fn poll_first_supported() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        // SAFETY: `uname` fills the zeroed struct it is given; `release` is NUL-terminated
+        // after a successful call.
+        let release = unsafe {
+            let mut u: libc::utsname = std::mem::zeroed();
+            if libc::uname(&mut u) != 0 {
+                return false;
+            }
+            std::ffi::CStr::from_ptr(u.release.as_ptr())
+                .to_string_lossy()
+                .into_owned()
+        };
+        let mut nums = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|p| p.parse::<u32>().ok());
+        match (nums.next().flatten(), nums.next().flatten()) {
+            (Some(major), Some(minor)) => (major, minor) >= (5, 19),
+            _ => false,
+        }
+    })
+}
+
 impl<T: IoBufMut> OpAble for Recv<T> {
     #[cfg(all(target_os = "linux", feature = "iouring"))]
     fn uring_op(&mut self) -> io_uring::squeue::Entry {
-        opcode::Recv::new(
+        let mut entry = opcode::Recv::new(
             types::Fd(self.fd.raw_fd()),
             self.buf.write_ptr(),
             self.buf.bytes_total() as _,
         )
-        .build()
+        .build();
+        if self.poll_first && poll_first_supported() {
+            // SAFETY: `Entry` is `#[repr(C)]` around the kernel's `io_uring_sqe`, whose layout
+            // is the kernel ABI: `opcode: u8`, `flags: u8`, then `ioprio: u16` at byte offset
+            // 2, which a receive reads as its `IORING_RECVSEND_*` flags. The write stays inside
+            // the 64-byte entry; `write_unaligned` needs no alignment.
+            unsafe {
+                (&mut entry as *mut io_uring::squeue::Entry as *mut u8)
+                    .add(2)
+                    .cast::<u16>()
+                    .write_unaligned(IORING_RECVSEND_POLL_FIRST);
+            }
+        }
+        entry
     }
 
     #[cfg(any(feature = "legacy", feature = "poll-io"))]

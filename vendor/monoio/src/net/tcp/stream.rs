@@ -72,6 +72,30 @@ pub struct TcpStream {
     meta: StreamMeta,
 }
 
+/// A receive started by [`TcpStream::recv_detached`]; resolves like `read`. It must not be
+/// polled again once it has resolved.
+pub struct DetachedRecv<T: IoBufMut + Unpin + 'static> {
+    op: Op<crate::driver::op::recv::Recv<T>>,
+}
+
+impl<T: IoBufMut + Unpin + 'static> Future for DetachedRecv<T> {
+    type Output = BufResult<usize, T>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let complete = std::task::ready!(std::pin::Pin::new(&mut self.op).poll(cx));
+        let res = complete.meta.result.map(|v| v as usize);
+        let mut buf = complete.data.buf;
+        if let Ok(n) = res {
+            // SAFETY: the kernel wrote `n` bytes to the buffer (as in `Op::read`).
+            unsafe { buf.set_init(n) };
+        }
+        std::task::Poll::Ready((res, buf))
+    }
+}
+
 /// TcpStream is safe to split to two parts
 unsafe impl Split for TcpStream {}
 
@@ -83,6 +107,21 @@ impl TcpStream {
     pub fn try_into_raw_fd(self) -> Result<RawFd, Self> {
         let TcpStream { fd, meta } = self;
         fd.try_unwrap().map_err(|fd| TcpStream { fd, meta })
+    }
+
+    /// (Added by ringgate, see RINGGATE.md.) Starts a receive into `buf` that does not borrow
+    /// the stream, so it can be kept beside it (an idle pooled connection's next read). With
+    /// io_uring it is submitted at once; with epoll it reads when first polled. Dropping it
+    /// before it completes cancels it. `expect_wait`: no data is expected yet (the answer to a
+    /// request not sent yet), so io_uring waits for readiness before the first attempt.
+    pub fn recv_detached<T: IoBufMut + Unpin>(&self, buf: T, expect_wait: bool) -> DetachedRecv<T> {
+        let fd = self.fd.clone();
+        let op = if expect_wait {
+            Op::recv_poll_first(fd, buf)
+        } else {
+            Op::recv(fd, buf)
+        };
+        DetachedRecv { op: op.unwrap() }
     }
 
     pub(crate) fn from_shared_fd(fd: SharedFd) -> Self {
