@@ -1,3 +1,5 @@
+//! Unit tests of the router: matching precedence, parameters, methods, conflicts.
+
 use super::*;
 
 fn router(routes: &[(Option<&str>, &str, u32)]) -> Router<u32> {
