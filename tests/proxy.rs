@@ -255,6 +255,50 @@ fn upstream_connections_are_reused() {
     );
 }
 
+/// A reused upstream connection reads its answer first into the 4 KiB buffer it idled with:
+/// answers whose head alone is larger, and bodies of every size around it, arrive whole.
+#[test]
+fn answers_larger_than_a_pooled_connections_read_buffer_arrive_whole() {
+    let origin = Origin::start(|req| {
+        let n: usize = req.path_only().trim_start_matches("/big/").parse().unwrap();
+        let mut r = Response::ok(vec![b'a' + (n % 26) as u8; n * 997]);
+        // About 10 KiB of head: 20 fields of 500 bytes.
+        for i in 0..20 {
+            r = r.header(
+                &format!("x-f{i}"),
+                &format!("{i}").repeat(500 / (1 + i / 10)),
+            );
+        }
+        r
+    });
+    let gw = Gateway::start(&config(origin.addr));
+    let mut c = Client::connect(gw.addr);
+    for n in 0..12 {
+        c.send(format!("GET /big/{n} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 200, "answer {n}");
+        assert_eq!(
+            r.body,
+            vec![b'a' + (n % 26) as u8; n * 997],
+            "body of answer {n}"
+        );
+        for i in 0..20 {
+            let want = format!("{i}").repeat(500 / (1 + i / 10));
+            assert_eq!(
+                r.header(&format!("x-f{i}")),
+                Some(want.as_str()),
+                "answer {n}"
+            );
+        }
+    }
+    assert_eq!(origin.request_count(), 12);
+    assert!(
+        origin.conns() <= 2,
+        "12 answers used {} upstream connections",
+        origin.conns()
+    );
+}
+
 #[test]
 fn pipelined_requests_are_answered_in_order() {
     let origin = Origin::start(|r| {
