@@ -9,12 +9,21 @@ const USAGE: &str = "usage: ringgate [--check] [--config|-c FILE]";
 fn main() -> ExitCode {
     let mut config = PathBuf::from("config/ringgate.toml");
     let mut check = false;
+    let mut config_given = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--check" => check = true,
+            "--config" | "-c" if config_given => {
+                // Which one should count is a guess: refused, as an unknown argument is.
+                eprintln!("ringgate: --config is given twice. {USAGE}");
+                return ExitCode::FAILURE;
+            }
             "--config" | "-c" => match args.next() {
-                Some(f) => config = PathBuf::from(f),
+                Some(f) => {
+                    config = PathBuf::from(f);
+                    config_given = true;
+                }
                 None => {
                     eprintln!("ringgate: --config needs a file. {USAGE}");
                     return ExitCode::FAILURE;
@@ -30,7 +39,12 @@ fn main() -> ExitCode {
             }
             other => {
                 if let Some(f) = other.strip_prefix("--config=") {
+                    if config_given {
+                        eprintln!("ringgate: --config is given twice. {USAGE}");
+                        return ExitCode::FAILURE;
+                    }
                     config = PathBuf::from(f);
+                    config_given = true;
                 } else {
                     eprintln!("ringgate: unknown argument `{other}`. {USAGE}");
                     return ExitCode::FAILURE;

@@ -1419,6 +1419,28 @@ plans = ["gold", "bronze"]
     assert!(!admin_json(gw.admin_addr, "GET", "/api-keys", "")
         .text()
         .contains("twice"));
+    // One plan listed twice: a typo to name, in the config and in the admin API alike.
+    let r = admin_json(
+        gw.admin_addr,
+        "POST",
+        "/api-keys",
+        r#"{"name":"dup","plans":["gold","gold"]}"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.message().contains("`gold` is listed twice"),
+        "{}",
+        r.text()
+    );
+    let (out, _) = check(&format!(
+        "{plans}[[api_keys]]\nname = \"dup\"\nvalue = \"a-key-in-one-plan-twice-01\"\nplans = [\"gold\", \"gold\"]\n"
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("key `api_keys[1].plans`: API key `dup`: usage plan `gold` is listed twice"),
+        "{err}"
+    );
     let r = admin_json(
         gw.admin_addr,
         "POST",

@@ -538,6 +538,20 @@ fn command_line_errors_exit_1_with_one_line() {
         &["--check", "--config"][..],
         &["--check", "--bogus"],
         &["--nope"],
+        // Which file would count is a guess.
+        &[
+            "--check",
+            "-c",
+            "config/ringgate.toml",
+            "--config",
+            "config/ringgate.toml",
+        ],
+        &[
+            "--check",
+            "--config=config/ringgate.toml",
+            "-c",
+            "config/ringgate.toml",
+        ],
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
             .args(args)
@@ -547,6 +561,10 @@ fn command_line_errors_exit_1_with_one_line() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains("usage: ringgate"), "{args:?}: {err}");
+        assert!(
+            args.len() < 4 || err.contains("--config is given twice"),
+            "{args:?}: {err}"
+        );
     }
 }
 

@@ -330,3 +330,82 @@ fn reload_notes_compare_with_what_the_process_started_with() {
     assert_eq!(reload_notes(&gw), Vec::<String>::new());
     assert_eq!(gw.get("/still").status, 200);
 }
+
+/// Runs the binary with `args` as an unprivileged user (`nobody`, through `setpriv`, when the
+/// tests run as root; as the test's own user otherwise), so that permissions apply.
+fn run_unprivileged(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    // SAFETY: `geteuid` has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let bin = std::ffi::OsStr::new(env!("CARGO_BIN_EXE_ringgate"));
+    let mut cmd = if root {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(bin);
+        c
+    } else {
+        std::process::Command::new(bin)
+    };
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run ringgate (setpriv comes with util-linux)")
+}
+
+#[test]
+fn a_state_dir_or_access_log_in_a_directory_the_user_cannot_write_fails_check_and_start_alike() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = temp_dir("unwritable");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ro = tmp.join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let writable = tmp.join("rw");
+    std::fs::create_dir(&writable).unwrap();
+    std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let cases = [
+        // Missing, under a directory it cannot create entries in.
+        (
+            format!("state_dir = \"{}/state\"", ro.display()),
+            String::new(),
+            "server.state_dir",
+        ),
+        // Existing, but the gateway could not make its files in it.
+        (
+            format!("state_dir = \"{}\"", ro.display()),
+            String::new(),
+            "server.state_dir",
+        ),
+        (
+            format!("state_dir = \"{}/state\"", writable.display()),
+            format!("[access_log]\npath = \"{}/access.log\"", ro.display()),
+            "access_log.path",
+        ),
+    ];
+    for (i, (server, extra, key)) in cases.iter().enumerate() {
+        let path = tmp.join(format!("gw{i}.toml"));
+        let text = server_config(server, extra)
+            .replace("@LISTEN@", &format!("127.0.0.1:{}", free_port()))
+            .replace("@ADMIN@", &format!("127.0.0.1:{}", free_port()));
+        std::fs::write(&path, text).unwrap();
+        for check in [true, false] {
+            let mut args = vec![std::ffi::OsStr::new("--config"), path.as_os_str()];
+            if check {
+                args.insert(0, std::ffi::OsStr::new("--check"));
+            }
+            let out = run_unprivileged(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "case {i}, check {check}: {err}");
+            assert_eq!(lines(&err).len(), 1, "case {i}, check {check}: {err}");
+            assert!(
+                err.contains(&format!("key `{key}`")) && err.contains(&ro.display().to_string()),
+                "case {i}, check {check}: {err}"
+            );
+            assert!(err.contains("ermission denied"), "case {i}: {err}");
+        }
+    }
+    assert!(
+        !writable.join("state").exists(),
+        "--check or a failed start made state_dir"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}

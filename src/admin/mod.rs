@@ -535,7 +535,13 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
         (_, "/dashboard") | (_, "/dashboard/data") => json(405, "Method Not Allowed"),
         _ => match crate::policy::auth::admin::handle(
             &shared.auth,
-            |names| match shared.current().config.traffic.plans.key_plans_error(names) {
+            |names| match shared
+                .current()
+                .config
+                .traffic
+                .plans
+                .new_key_plans_error(names)
+            {
                 Some(e) => Err(e),
                 None => Ok(()),
             },

@@ -249,19 +249,28 @@ impl Config {
                     format!("{} is not a directory", dir.display()),
                 ))
             }
-            Ok(_) => {}
+            Ok(_) => {
+                // The gateway makes its state files in it.
+                if let Err(e) = may_create_in(dir) {
+                    return Err(err(
+                        "server.state_dir",
+                        format!("cannot write in {}: {e}", dir.display()),
+                    ));
+                }
+            }
             Err(_) => {
                 // Made at start with its missing parents: the nearest existing one must be a
-                // directory.
+                // directory the gateway may create entries in.
                 if let Some(a) = dir.ancestors().skip(1).find(|a| a.exists()) {
-                    if !a.is_dir() {
+                    let why = if a.is_dir() {
+                        may_create_in(a).err().map(|e| e.to_string())
+                    } else {
+                        Some(format!("{} is not a directory", a.display()))
+                    };
+                    if let Some(why) = why {
                         return Err(err(
                             "server.state_dir",
-                            format!(
-                                "cannot create {}: {} is not a directory",
-                                dir.display(),
-                                a.display()
-                            ),
+                            format!("cannot create {}: {why}", dir.display()),
                         ));
                     }
                 }
@@ -295,10 +304,28 @@ impl Config {
                             ),
                         ));
                     }
+                    if let Err(e) = may_create_in(parent) {
+                        return Err(err(key, format!("cannot create {}: {e}", p.display())));
+                    }
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// Whether this process may create entries in directory `dir` (write and search permission,
+/// as `access(2)` judges them for the real user), without creating anything.
+fn may_create_in(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call; `access` only
+    // reads it.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -339,6 +366,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                         t.span(),
                         "admin.token",
                         "is empty: set a token, or remove the key to run the admin API without one",
+                    )),
+                    // A header value is trimmed and has no control characters: a token with
+                    // spaces around it (a template's trailing newline) could never match.
+                    Some(t) if !t.get_ref().bytes().all(|b| b.is_ascii_graphic()) => return Err(src.err(
+                        t.span(),
+                        "admin.token",
+                        "must be visible ASCII characters only (no spaces, newlines or control characters): no Authorization header could carry it",
                     )),
                     Some(t) => Some(t.get_ref().clone()),
                     None => None,
@@ -521,19 +555,36 @@ fn parse_addr(
     key: &str,
 ) -> Result<SocketAddr, ConfigError> {
     let s = a.get_ref();
-    if let Ok(addr) = s.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    match s.to_socket_addrs() {
-        Ok(mut it) => it
-            .next()
-            .ok_or_else(|| src.err(a.span(), key, format!("`{s}` resolves to no address"))),
-        Err(e) => Err(src.err(
+    let addr = match s.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => match s.to_socket_addrs() {
+            Ok(mut it) => it
+                .next()
+                .ok_or_else(|| src.err(a.span(), key, format!("`{s}` resolves to no address")))?,
+            Err(e) => {
+                return Err(src.err(
+                    a.span(),
+                    key,
+                    format!("`{s}` is not a host:port address ({e})"),
+                ))
+            }
+        },
+    };
+    if addr.port() == 0 {
+        // A listener on port 0 would get a kernel-chosen port per worker (each binds its own
+        // SO_REUSEPORT socket), none of them known to clients; nothing answers on port 0.
+        let why = if key.ends_with("listen") {
+            "each worker binds its own listener, so a port the kernel chooses would differ per worker"
+        } else {
+            "nothing can be reached on port 0"
+        };
+        return Err(src.err(
             a.span(),
             key,
-            format!("`{s}` is not a host:port address ({e})"),
-        )),
+            format!("`{s}`: port 0 is not allowed ({why})"),
+        ));
     }
+    Ok(addr)
 }
 
 fn validate_upstream(
@@ -693,7 +744,20 @@ mod tests {
             "[admin]\nlisten = \"127.0.0.1:9901\"\ntoken = \"\"\n",
             "t.toml:3: key `admin.token`: is empty",
         );
-        assert!(p("[server]\nlisten = [\"127.0.0.1:9000\"]\n[admin]\nlisten = \"127.0.0.1:9001\"\ntoken = \"t\"\n").is_ok());
+        for bad in ["t\\n", " t", "t ", "a b", "x\\u0001y", "caf\\u00e9"] {
+            refused(
+                &format!("[admin]\nlisten = \"127.0.0.1:9901\"\ntoken = \"{bad}\"\n"),
+                "t.toml:3: key `admin.token`: must be visible ASCII characters only",
+            );
+        }
+        for (text, key) in [
+            ("[server]\nlisten = [\"127.0.0.1:0\"]\n", "t.toml:2: key `server.listen`: `127.0.0.1:0`: port 0 is not allowed (each worker"),
+            ("[admin]\nlisten = \"127.0.0.1:0\"\n", "t.toml:2: key `admin.listen`: `127.0.0.1:0`: port 0 is not allowed"),
+            ("[[upstreams]]\nname = \"u\"\ntargets = [\"127.0.0.1:0\"]\n", "t.toml:3: key `upstreams[0].targets`: `127.0.0.1:0`: port 0 is not allowed (nothing"),
+        ] {
+            refused(text, key);
+        }
+        assert!(p("[server]\nlisten = [\"127.0.0.1:9000\"]\n[admin]\nlisten = \"127.0.0.1:9001\"\ntoken = \"t+&=%#/~!\"\n").is_ok());
         // A plan's usage is read at `/usage-plans/{plan}/usage`: its name is a path segment.
         for name in ["a/b", "..", ""] {
             refused(

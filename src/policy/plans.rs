@@ -529,8 +529,22 @@ impl Plans {
         })
     }
 
-    /// Why a key may not have the plans `names`: one is not defined, or two cover one API
-    /// stage (see [`Plans::overlap_error`]). The one check of config, admin and reload.
+    /// Why a key being defined (in the config or by `POST /api-keys`) may not have the plans
+    /// `names`: one is listed twice, or [`Plans::key_plans_error`].
+    pub fn new_key_plans_error(&self, names: &[impl AsRef<str>]) -> Option<String> {
+        let twice = names
+            .iter()
+            .enumerate()
+            .find(|(i, p)| names[..*i].iter().any(|q| q.as_ref() == p.as_ref()));
+        if let Some((_, p)) = twice {
+            return Some(format!("usage plan `{}` is listed twice", p.as_ref()));
+        }
+        self.key_plans_error(names)
+    }
+
+    /// Why a key in `names` could not be metered: a plan not defined, or two plans that cover
+    /// one API stage. Keys already stored are checked with this on reload (a name listed twice
+    /// there stays harmless: the key is metered once).
     pub fn key_plans_error(&self, names: &[impl AsRef<str>]) -> Option<String> {
         if let Some(p) = names
             .iter()

@@ -434,7 +434,7 @@ fn build_plans(src: &Source, raw: &crate::config::raw::RawConfig) -> Result<Plan
     // that no two of a key's plans cover one API stage (as Amazon API Gateway refuses).
     let plans = Plans::new(plans);
     for (i, k) in raw.api_keys.iter().enumerate() {
-        if let Some(e) = plans.key_plans_error(&k.plans) {
+        if let Some(e) = plans.new_key_plans_error(&k.plans) {
             return Err(src.err(
                 0..0,
                 &format!("api_keys[{i}].plans"),

@@ -1354,8 +1354,8 @@ fn write_log_line<S: ClientIo>(
 }
 
 /// The access log line of a request refused before its head could be served (400, 408, 431):
-/// the method label and the request-target as sent on the request line (cut at 2 KiB), no
-/// route and no duration.
+/// the method label and the request-target as sent on the request line without its query
+/// and userinfo (cut at 2 KiB), no route and no duration.
 fn write_refused_log_line<S: ClientIo>(w: &Worker, log: &mut LocalLog, c: &Conn<S>, status: u16) {
     let line_end =
         c.b.rbuf
@@ -1374,10 +1374,35 @@ fn write_refused_log_line<S: ClientIo>(w: &Worker, log: &mut LocalLog, c: &Conn<
     log_line_start(w, b, &c.reqid[..c.reqid_len], c.peer.ip(), S::TLS);
     push_json_str(b, method);
     b.extend_from_slice(b"\",\"path\":\"");
-    push_json_str(b, &target[..target.len().min(2048)]);
+    let (before, after) = loggable_target(target);
+    push_json_str(b, &before[..before.len().min(2048)]);
+    push_json_str(b, &after[..after.len().min(2048 - before.len().min(2048))]);
     log_status_and_duration(b, status, Duration::ZERO);
     b.extend_from_slice(b"}\n");
     log.line_done();
+}
+
+/// A refused request-target as it may be logged, in two parts to write one after the other:
+/// without its query and fragment (where `access_token=`, SigV4's `X-Amz-Signature=` or a
+/// request authorizer's `query.NAME` source travel; a served request's `path` has no query
+/// either) and, in an absolute-form target, without the userinfo before `@`.
+fn loggable_target(target: &[u8]) -> (&[u8], &[u8]) {
+    let end = target
+        .iter()
+        .position(|&b| b == b'?' || b == b'#')
+        .unwrap_or(target.len());
+    let t = &target[..end];
+    if let Some(i) = t.windows(3).position(|w| w == b"://") {
+        let auth_start = i + 3;
+        let auth_end = t[auth_start..]
+            .iter()
+            .position(|&b| b == b'/')
+            .map_or(t.len(), |j| auth_start + j);
+        if let Some(at) = t[auth_start..auth_end].iter().rposition(|&b| b == b'@') {
+            return (&t[..auth_start], &t[auth_start + at + 1..]);
+        }
+    }
+    (t, b"")
 }
 
 /// An access log line up to the method's value: `time`, `request_id`, `remote`, `scheme`.
@@ -1474,5 +1499,27 @@ impl crate::ws::api::Events for Worker {
         }
         b.extend_from_slice(b"}\n");
         log.line_done();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loggable_target;
+
+    fn joined(t: &[u8]) -> String {
+        let (a, b) = loggable_target(t);
+        String::from_utf8([a, b].concat()).unwrap()
+    }
+
+    #[test]
+    fn refused_targets_are_logged_without_query_fragment_or_userinfo() {
+        assert_eq!(joined(b"/a/../b"), "/a/../b");
+        assert_eq!(joined(b"/a?access_token=s"), "/a");
+        assert_eq!(joined(b"/a#f?x"), "/a");
+        assert_eq!(joined(b"?x"), "");
+        assert_eq!(joined(b"http://u:p@h:8/x?y"), "http://h:8/x");
+        assert_eq!(joined(b"http://u@h"), "http://h");
+        assert_eq!(joined(b"http://h/a@b"), "http://h/a@b");
+        assert_eq!(joined(b""), "");
     }
 }
