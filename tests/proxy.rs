@@ -1222,6 +1222,42 @@ fn trailer_fields_that_could_stand_in_for_headers_are_not_passed_on() {
 }
 
 #[test]
+fn a_response_trailer_section_past_the_limits_leaves_the_body_visibly_cut() {
+    // The body is on its way when the trailer section turns out too large (16 KiB, or
+    // more fields than max_headers): the client must not get the last chunk, which would
+    // make the answer look complete to a lenient client.
+    let big = format!("x-t: {}\r\n", "v".repeat(20_000));
+    let many: String = (0..200).map(|i| format!("x-t{i}: v\r\n")).collect();
+    let origin = Origin::start(move |r| {
+        let trailers = if r.path == "/big" { &big } else { &many };
+        Response::raw(
+            format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n{trailers}\r\n"
+            )
+            .as_bytes(),
+        )
+    });
+    let gw = Gateway::start(&config(origin.addr));
+    for path in ["/big", "/many"] {
+        let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut got = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut got);
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 "), "{path}: {got:?}");
+        if got.starts_with("HTTP/1.1 200") {
+            assert!(got.ends_with("5\r\nhello\r\n"), "{path}: {got:?}");
+        } else {
+            // Refused before the first byte went out.
+            assert!(got.starts_with("HTTP/1.1 502"), "{path}: {got:?}");
+        }
+        assert!(!got.contains("x-t"), "{path}: {got:?}");
+    }
+}
+
+#[test]
 fn options_asterisk_is_forwarded_as_asterisk() {
     // RFC 9112 3.2.4: the asterisk form asks about the server; `/*` would name a resource.
     // It has no path: only a `$default` route takes it.

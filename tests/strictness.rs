@@ -162,6 +162,58 @@ fn chunk_size_overflowing_u64() {
     );
 }
 
+/// Chunk extensions outside RFC 9112 7.1.1's grammar: relayed as they came, another parser
+/// could end the size line elsewhere (an unclosed quote, a bare `=`).
+#[test]
+fn chunk_extensions_outside_the_grammar() {
+    for ext in [
+        "3;",
+        "3;a=\"x",
+        "3;a=\"x\\",
+        "3;a=b c",
+        "3;;;",
+        "3;=",
+        "3;\"",
+        "3;a=",
+    ] {
+        let raw = format!(
+            "POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n{ext}\r\nabc\r\n0\r\n\r\n"
+        );
+        assert_rejected(raw.as_bytes(), 400);
+    }
+}
+
+/// A request's trailer section is held to the head's limits (`max_headers = 20`,
+/// `max_header_bytes = 4096` here): 431, as for a head.
+#[test]
+fn trailer_sections_past_the_head_limits() {
+    let many: String = (0..21).map(|i| format!("x-t{i}: v\r\n")).collect();
+    let raw =
+        format!("POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n{many}\r\n");
+    assert_rejected(raw.as_bytes(), 431);
+    // Past max_header_bytes the head may already be upstream (the section arrives in more
+    // than one read), but never the last chunk or a trailer field: the origin holds no
+    // complete request.
+    let (origin, gw) = start();
+    let mut c = Client::connect(gw.addr);
+    c.send(
+        format!(
+            "POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-t: {}\r\n\r\n",
+            "v".repeat(5000)
+        )
+        .as_bytes(),
+    );
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 431, "{}", r.text());
+    assert!(c.is_closed_within(Duration::from_secs(2)));
+    std::thread::sleep(Duration::from_millis(100));
+    let seen = String::from_utf8_lossy(&origin.raw()).into_owned();
+    assert!(
+        !seen.contains("\r\n0\r\n") && !seen.contains("x-t"),
+        "{seen:?}"
+    );
+}
+
 #[test]
 fn chunk_data_not_followed_by_crlf() {
     assert_rejected(

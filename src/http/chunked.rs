@@ -17,6 +17,9 @@ pub enum ChunkError {
     Invalid(&'static str),
     /// Payload exceeds the configured maximum.
     TooLarge,
+    /// The trailer section has more fields or bytes than [`ChunkedDecoder::limit_trailers`]
+    /// allows (the head limits: a request gets 431, as for its head).
+    TrailersTooLarge,
 }
 
 impl fmt::Display for ChunkError {
@@ -24,6 +27,7 @@ impl fmt::Display for ChunkError {
         match self {
             ChunkError::Invalid(r) => write!(f, "invalid chunked body: {r}"),
             ChunkError::TooLarge => f.write_str("chunked body too large"),
+            ChunkError::TrailersTooLarge => f.write_str("trailer section too large"),
         }
     }
 }
@@ -106,8 +110,22 @@ enum State {
     Size,
     /// BWS between the size and `;`.
     SizeWs,
-    /// Inside chunk extensions, up to CR.
+    /// After a `;` of the chunk extensions: BWS, then a name's first character.
     Ext,
+    /// Inside an extension's name.
+    ExtName,
+    /// BWS after an extension's name: `=`, `;` or the end of the line next.
+    ExtAfterName,
+    /// After `=`: BWS, then a token or a quoted string.
+    ExtValueStart,
+    /// Inside an extension's token value.
+    ExtToken,
+    /// Inside an extension's quoted-string value.
+    ExtQuoted,
+    /// After `\` in a quoted-string value.
+    ExtQuotedPair,
+    /// After an extension's value: BWS, then `;` or the end of the line.
+    ExtAfterValue,
     /// Expecting LF after the size line's CR.
     SizeLf,
     /// Inside chunk data (`remaining` bytes left).
@@ -149,6 +167,44 @@ pub struct ChunkedDecoder {
     trailers: Vec<u8>,
     /// Lowercase trailer names left out besides the fixed ones ([`ChunkedDecoder::deny`]).
     denied: Vec<Box<[u8]>>,
+    /// Where, in the input of the last [`ChunkedDecoder::feed`], the current chunk-size line
+    /// began (`None`: in an earlier input).
+    line_from: Option<usize>,
+    /// Where, in that input, the last-chunk line (`0...CRLF`) began, when it began there.
+    last_chunk_from: Option<usize>,
+    /// Whether [`ChunkedDecoder::feed_without_trailers`] held the last-chunk line back: it
+    /// goes out with the trailer section, so a section refused later does not follow a
+    /// last chunk the recipient already has (a cut body must not look complete).
+    last_chunk_held: bool,
+    /// Most bytes and fields in the trailer section.
+    max_trailer_bytes: u32,
+    max_trailer_fields: u32,
+    /// Fields seen in the trailer section.
+    trailer_fields: u32,
+}
+
+/// The next state inside a chunk-size line's extensions after byte `b`.
+fn ext_step(state: State, b: u8) -> Result<State, ChunkError> {
+    use State::*;
+    let ws = b == b' ' || b == b'\t';
+    let next = match (state, b) {
+        (Ext, _) if ws => Ext,
+        (Ext, _) if is_tchar(b) => ExtName,
+        (ExtName, _) if is_tchar(b) => ExtName,
+        (ExtName | ExtAfterName, _) if ws => ExtAfterName,
+        (ExtName | ExtAfterName, b'=') => ExtValueStart,
+        (ExtName | ExtAfterName | ExtToken | ExtAfterValue, b';') => Ext,
+        (ExtName | ExtAfterName | ExtToken | ExtAfterValue, b'\r') => SizeLf,
+        (ExtValueStart, _) if ws => ExtValueStart,
+        (ExtValueStart, b'"') => ExtQuoted,
+        (ExtValueStart | ExtToken, _) if is_tchar(b) => ExtToken,
+        (ExtToken | ExtAfterValue, _) if ws => ExtAfterValue,
+        (ExtQuoted, b'"') => ExtAfterValue,
+        (ExtQuoted, b'\\') => ExtQuotedPair,
+        (ExtQuoted | ExtQuotedPair, b'\t' | b' '..=b'~') => ExtQuoted,
+        _ => return Err(ChunkError::Invalid("invalid chunk extension")),
+    };
+    Ok(next)
 }
 
 /// An RFC 9110 token character (header and trailer field names).
@@ -186,7 +242,20 @@ impl ChunkedDecoder {
             trailer_from: None,
             trailers: Vec::new(),
             denied: Vec::new(),
+            line_from: None,
+            last_chunk_from: None,
+            last_chunk_held: false,
+            max_trailer_bytes: MAX_TRAILER_LEN,
+            max_trailer_fields: u32::MAX,
+            trailer_fields: 0,
         }
+    }
+
+    /// Limits the trailer section to `max_bytes` (at most the built-in 16 KiB) and
+    /// `max_fields` fields: past either, [`ChunkError::TrailersTooLarge`]. Kept by `reset`.
+    pub fn limit_trailers(&mut self, max_bytes: usize, max_fields: usize) {
+        self.max_trailer_bytes = max_bytes.min(MAX_TRAILER_LEN as usize) as u32;
+        self.max_trailer_fields = u32::try_from(max_fields).unwrap_or(u32::MAX);
     }
 
     /// Trailer names to leave out besides the fixed ones: those the request's route checked
@@ -197,7 +266,10 @@ impl ChunkedDecoder {
 
     /// Prepares for a new body (same `max_body`).
     pub fn reset(&mut self) {
+        let (bytes, fields) = (self.max_trailer_bytes, self.max_trailer_fields);
         *self = ChunkedDecoder::new(self.max_body);
+        self.max_trailer_bytes = bytes;
+        self.max_trailer_fields = fields;
     }
 
     /// Payload bytes seen so far (framing excluded).
@@ -213,7 +285,8 @@ impl ChunkedDecoder {
     /// [`ChunkedDecoder::feed`] for a body passed on as it came up to its trailer section,
     /// which the caller collects and filters ([`push_allowed_trailers`]): fields there could
     /// stand in for headers the gateway checked or owns. Returns `(consumed, done, keep)`:
-    /// `input[..keep]` goes on unchanged, `input[keep..consumed]` is trailer section.
+    /// `input[..keep]` goes on unchanged, `input[keep..consumed]` is the last-chunk line and
+    /// trailer section, which [`ChunkedDecoder::push_trailers`] writes once done.
     pub fn feed_without_trailers(
         &mut self,
         input: &[u8],
@@ -229,19 +302,28 @@ impl ChunkedDecoder {
                 | State::Done
         );
         let (used, done) = self.feed(input, on_data)?;
-        let keep = if in_trailers {
-            0
-        } else {
-            self.trailer_from.unwrap_or(used)
+        let (keep, section_from) = match (in_trailers, self.trailer_from) {
+            (true, _) => (0, 0),
+            (false, None) => (used, used),
+            (false, Some(t)) => {
+                // The last-chunk line goes out with the section (when it began in this input;
+                // split across two reads, its first bytes are already gone).
+                self.last_chunk_held = self.last_chunk_from.is_some();
+                (self.last_chunk_from.unwrap_or(t), t)
+            }
         };
-        // Bounded: the decoder refuses a trailer section past MAX_TRAILER_LEN.
-        self.trailers.extend_from_slice(&input[keep..used]);
+        // Bounded: the decoder refuses a trailer section past its limit.
+        self.trailers.extend_from_slice(&input[section_from..used]);
         Ok((used, done, keep))
     }
 
-    /// Once done: appends the trailer section's fields that may be passed on, then the final
-    /// CRLF ([`push_allowed_trailers`]).
+    /// Once done: appends the last-chunk line when it was held back (as `0` CRLF: its
+    /// extensions are dropped), the trailer section's fields that may be passed on, then the
+    /// final CRLF ([`push_allowed_trailers`]).
     pub fn push_trailers(&mut self, out: &mut Vec<u8>) {
+        if std::mem::take(&mut self.last_chunk_held) {
+            out.extend_from_slice(b"0\r\n");
+        }
         let denied = &self.denied;
         push_allowed_trailers(&self.trailers, out, &|n| {
             denied.iter().any(|d| n.eq_ignore_ascii_case(d))
@@ -270,6 +352,9 @@ impl ChunkedDecoder {
         let inv = |r| Err(ChunkError::Invalid(r));
         let mut i = 0;
         self.trailer_from = None;
+        self.last_chunk_from = None;
+        // A size line begins here when the last input ended right after the previous one.
+        self.line_from = (self.state == State::Size && self.count == 0).then_some(0);
         while i < input.len() {
             if self.state == Data {
                 let avail = input.len() - i;
@@ -314,24 +399,26 @@ impl ChunkedDecoder {
                     }
                     _ => inv("invalid chunk size line"),
                 },
-                Ext => match b {
-                    b'\r' => Ok(SizeLf),
-                    b'\t' | b' '..=b'~' => {
-                        self.count += 1;
-                        if self.count > MAX_EXT_LEN {
-                            inv("chunk extension too long")
-                        } else {
-                            Ok(Ext)
-                        }
+                // RFC 9112 7.1.1: chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] ),
+                // value = token / quoted-string. Extensions are relayed as they came, so one
+                // that another parser could end elsewhere (an unclosed quote, a bare `=`) is
+                // refused rather than passed on. No obs-text, not even quoted.
+                Ext | ExtName | ExtAfterName | ExtValueStart | ExtToken | ExtQuoted
+                | ExtQuotedPair | ExtAfterValue => {
+                    self.count += 1;
+                    if self.count > MAX_EXT_LEN {
+                        inv("chunk extension too long")
+                    } else {
+                        ext_step(self.state, b)
                     }
-                    _ => inv("invalid byte in chunk extension"),
-                },
+                }
                 SizeLf => match b {
                     b'\n' => {
                         self.count = 0;
                         let size = self.remaining;
                         if size == 0 {
                             self.trailer_from = Some(i);
+                            self.last_chunk_from = self.line_from;
                             Ok(TrailerStart)
                         } else if size > self.max_body - self.total {
                             Err(ChunkError::TooLarge)
@@ -350,6 +437,7 @@ impl ChunkedDecoder {
                     b'\n' => {
                         self.remaining = 0;
                         self.count = 0;
+                        self.line_from = Some(i);
                         Ok(Size)
                     }
                     _ => inv("expected CRLF after chunk data"),
@@ -371,7 +459,14 @@ impl ChunkedDecoder {
                     _ => inv("invalid trailer field value"),
                 },
                 TrailerLf => match b {
-                    b'\n' => Ok(TrailerStart),
+                    b'\n' => {
+                        self.trailer_fields += 1;
+                        if self.trailer_fields > self.max_trailer_fields {
+                            Err(ChunkError::TrailersTooLarge)
+                        } else {
+                            Ok(TrailerStart)
+                        }
+                    }
                     _ => inv("expected LF in trailer"),
                 },
                 FinalLf => match b {
@@ -388,8 +483,8 @@ impl ChunkedDecoder {
                 Ok(s) => {
                     if matches!(s, TrailerName | TrailerValue | TrailerLf | FinalLf) {
                         self.count += 1;
-                        if self.count > MAX_TRAILER_LEN {
-                            return Err(self.fail(ChunkError::Invalid("trailer section too large")));
+                        if self.count > self.max_trailer_bytes {
+                            return Err(self.fail(ChunkError::TrailersTooLarge));
                         }
                     }
                     self.state = s;
@@ -562,6 +657,18 @@ mod tests {
             b"5;a\0\r\nhello\r\n",
             b"5;a\x7f\r\nhello\r\n",
             b"5;\xff\r\nhello\r\n",
+            // Extensions outside the grammar (RFC 9112 7.1.1).
+            b"3;\r\nabc\r\n0\r\n\r\n",
+            b"3;a=\"x\r\nabc\r\n0\r\n\r\n",
+            b"3;a=\"x\\\"\r\nabc\r\n0\r\n\r\n",
+            b"3;a=b c\r\nabc\r\n0\r\n\r\n",
+            b"3;;;\r\nabc\r\n0\r\n\r\n",
+            b"3;=\r\nabc\r\n0\r\n\r\n",
+            b"3;\"\r\nabc\r\n0\r\n\r\n",
+            b"3;a=\r\nabc\r\n0\r\n\r\n",
+            b"3;a=\"\xff\"\r\nabc\r\n0\r\n\r\n",
+            b"3;a=b\"c\r\nabc\r\n0\r\n\r\n",
+            b"3;a b\r\nabc\r\n0\r\n\r\n",
             b"10000000000000000\r\n",
             b"00000000000000005\r\n",
             b"0\r\n\n",
@@ -579,7 +686,68 @@ mod tests {
         let long_ext = [&b"1;"[..], &[b'a'; 5000], b"\r\nx\r\n0\r\n\r\n"].concat();
         assert!(matches!(err(&long_ext, 100), ChunkError::Invalid(_)));
         let long_trailer = [&b"0\r\nX: "[..], &[b'a'; 20000], b"\r\n\r\n"].concat();
-        assert!(matches!(err(&long_trailer, 100), ChunkError::Invalid(_)));
+        assert_eq!(err(&long_trailer, 100), ChunkError::TrailersTooLarge);
+    }
+
+    #[test]
+    fn trailer_limits_count_fields_and_bytes_and_survive_reset() {
+        let mut d = ChunkedDecoder::new(100);
+        d.limit_trailers(64, 2);
+        let two = b"0\r\na: 1\r\nb: 2\r\n\r\n";
+        assert_eq!(d.feed(two, |_| {}), Ok((two.len(), true)));
+        d.reset();
+        let three = b"0\r\na: 1\r\nb: 2\r\nc: 3\r\n\r\n";
+        assert_eq!(d.feed(three, |_| {}), Err(ChunkError::TrailersTooLarge));
+        d.reset();
+        let long = [&b"0\r\na: "[..], &[b'v'; 70], b"\r\n\r\n"].concat();
+        assert_eq!(d.feed(&long, |_| {}), Err(ChunkError::TrailersTooLarge));
+        // The built-in 16 KiB stays the most.
+        d.limit_trailers(1 << 20, 1000);
+        d.reset();
+        let long = [&b"0\r\na: "[..], &[b'v'; 17000], b"\r\n\r\n"].concat();
+        assert_eq!(d.feed(&long, |_| {}), Err(ChunkError::TrailersTooLarge));
+    }
+
+    #[test]
+    fn the_last_chunk_line_goes_out_only_with_a_whole_trailer_section() {
+        let body = b"5\r\nhello\r\n0;e=1\r\nx-sum: 1\r\n\r\n";
+        for split in 0..=body.len() {
+            let mut d = ChunkedDecoder::new(100);
+            let mut out = Vec::new();
+            for p in [&body[..split], &body[split..]] {
+                let (_, fin, keep) = d.feed_without_trailers(p, |_| {}).unwrap();
+                out.extend_from_slice(&p[..keep]);
+                if fin {
+                    d.push_trailers(&mut out);
+                    break;
+                }
+            }
+            // Held back and written as `0` CRLF, unless a read ended inside that line.
+            let want: &[u8] = if (11..17).contains(&split) {
+                b"5\r\nhello\r\n0;e=1\r\nx-sum: 1\r\n\r\n"
+            } else {
+                b"5\r\nhello\r\n0\r\nx-sum: 1\r\n\r\n"
+            };
+            assert_eq!(
+                out,
+                want,
+                "split {split}: {}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+        // A trailer section refused: what went on has no last chunk, so it reads as cut.
+        let mut d = ChunkedDecoder::new(100);
+        d.limit_trailers(16, 10);
+        let cut = b"5\r\nhello\r\n0\r\nx-long: 0123456789abcdef\r\n\r\n";
+        let mut d2 = d.clone();
+        assert_eq!(
+            d.feed_without_trailers(&cut[..14], |_| {}),
+            Ok((14, false, 10))
+        );
+        assert_eq!(
+            d2.feed_without_trailers(cut, |_| {}),
+            Err(ChunkError::TrailersTooLarge)
+        );
     }
 
     #[test]
@@ -609,5 +777,33 @@ mod tests {
         assert_eq!(d.feed(b"", |_| {}), Ok((0, true)));
         let mut d = ChunkedDecoder::new(10);
         assert_eq!(d.feed(b"", |_| {}), Ok((0, false)));
+    }
+
+    #[test]
+    fn extensions_within_the_grammar_pass_whatever_the_splits() {
+        for ext in [
+            &b";a"[..],
+            b"; a ; b",
+            b";a=1;b=tok-en",
+            b";a = 1 ",
+            b";name=\"quoted ; \\\" = value\"",
+            b";q=\"\";r",
+            b" ;a=\"x\" ;b",
+        ] {
+            let input = [&b"3"[..], ext, b"\r\nabc\r\n0\r\n\r\n"].concat();
+            let mut d = ChunkedDecoder::new(10);
+            let r = run(&mut d, &input, &[]);
+            assert_eq!(
+                r,
+                Ok((b"abc".to_vec(), input.len(), true)),
+                "{}",
+                String::from_utf8_lossy(ext)
+            );
+            for at in 1..input.len() {
+                let mut d = ChunkedDecoder::new(10);
+                let r = run(&mut d, &input, &[at]);
+                assert_eq!(r, Ok((b"abc".to_vec(), input.len(), true)), "split at {at}");
+            }
+        }
     }
 }

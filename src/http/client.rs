@@ -256,6 +256,9 @@ impl ResponseReader {
                     .map_err(|e| match e {
                         ChunkError::TooLarge => ClientError::TooLarge,
                         ChunkError::Invalid(r) => ClientError::Malformed(r),
+                        ChunkError::TrailersTooLarge => {
+                            ClientError::Malformed("trailer section too large")
+                        }
                     })?;
                 if done {
                     self.phase = Phase::Done;

@@ -530,7 +530,14 @@ fn other_major_version(buf: &[u8]) -> bool {
     let Some(at) = line.windows(6).rposition(|w| w == b" HTTP/") else {
         return false;
     };
-    matches!(line.get(at + 6), Some(d) if d.is_ascii_digit() && *d != b'1')
+    // `DIGIT "." DIGIT` (RFC 9112 2.3), or a bare major (`HTTP/2`); `HTTP/01.1` and
+    // `HTTP/2.00` are syntax errors (400).
+    let major = |d: &u8| d.is_ascii_digit() && *d != b'1';
+    match &line[at + 6..] {
+        [d] => major(d),
+        [d, b'.', m] => major(d) && m.is_ascii_digit(),
+        _ => false,
+    }
 }
 
 /// Whether `path` holds an empty segment (`//`) or any percent-encoding.
@@ -1224,7 +1231,14 @@ mod tests {
                 "{v}"
             );
         }
-        for v in ["HTTP/1.2", "HTTX/1.1"] {
+        for v in [
+            "HTTP/1.2",
+            "HTTX/1.1",
+            "HTTP/01.1",
+            "HTTP/00.9",
+            "HTTP/2.00",
+            "HTTP/2.",
+        ] {
             let raw = format!("GET / {v}\r\nHost: t\r\n\r\n");
             let e = h.parse(raw.as_bytes(), &Limits::default()).unwrap_err();
             assert_eq!(e.status(), 400, "{v}");

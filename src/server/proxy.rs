@@ -77,6 +77,7 @@ pub(super) async fn proxy<S: ClientIo>(
             // Passed on as it came, but for its trailer fields (filtered: see
             // `push_allowed_trailers`).
             let mut d = ChunkedDecoder::new(limits.max_body_bytes);
+            d.limit_trailers(limits.max_header_bytes, limits.max_headers);
             d.deny(route_checked_headers(gw, route));
             match d.feed_without_trailers(avail, |_| {}) {
                 Ok((used, done, keep)) => {
@@ -216,6 +217,7 @@ pub(super) async fn proxy<S: ClientIo>(
                     400 => Some("Bad Request: invalid chunked body"),
                     408 => Some("Request Timeout"),
                     413 => Some("Request Entity Too Large"),
+                    431 => Some("Request Header Fields Too Large"),
                     _ => None,
                 };
                 if let Some(msg) = msg {
@@ -264,7 +266,8 @@ pub(super) async fn proxy<S: ClientIo>(
             return upgrade(w, c, us, addr, route).await;
         }
         let rmap = route.response_mapping.as_deref();
-        return respond(w, c, us, addr, up.cfg.keepalive, up.cfg.timeout, cap, rmap).await;
+        let ctx = (up.cfg.keepalive, up.cfg.timeout, limits.max_headers);
+        return respond(w, c, us, addr, ctx, cap, rmap).await;
     }
 }
 
@@ -292,6 +295,8 @@ fn chunk_error(e: &crate::http::ChunkError) -> (u16, &'static str) {
     match e {
         crate::http::ChunkError::TooLarge => (413, "Request Entity Too Large"),
         crate::http::ChunkError::Invalid(m) => (400, m),
+        // The head's limits hold for the trailer section too (where nginx has no trailers).
+        crate::http::ChunkError::TrailersTooLarge => (431, "Request Header Fields Too Large"),
     }
 }
 
@@ -783,8 +788,7 @@ async fn respond<S: ClientIo>(
     c: &mut Conn<S>,
     mut us: TcpStream,
     addr: SocketAddr,
-    keepalive: usize,
-    read_timeout: std::time::Duration,
+    (keepalive, read_timeout, max_headers): (usize, std::time::Duration, usize),
     mut cap: Option<&mut crate::cache::Capture>,
     rmap: Option<&crate::policy::mapping::HeaderMapping>,
 ) -> Outcome {
@@ -871,7 +875,10 @@ async fn respond<S: ClientIo>(
         RespBody::None => (0u64, true),
         RespBody::Length(n) => (n, n == 0),
         RespBody::Chunked => {
-            decoder = Some(ChunkedDecoder::new(u64::MAX));
+            // Trailers within the limits of a response head (16 KiB, max_headers fields).
+            let mut d = ChunkedDecoder::new(u64::MAX);
+            d.limit_trailers(16384, max_headers);
+            decoder = Some(d);
             (0, false)
         }
         RespBody::UntilClose => (0, false),

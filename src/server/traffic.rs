@@ -413,6 +413,7 @@ async fn buffer_chunked<S: ClientIo>(
         .saturating_mul(FRAMING_FACTOR)
         .saturating_add(FRAMING_SLACK);
     let mut dec = ChunkedDecoder::new(limits.max_body_bytes);
+    dec.limit_trailers(limits.max_header_bytes, limits.max_headers);
     // `rbuf[..fed]` has been through the decoder.
     let mut fed = head_len.min(c.b.rbuf.len());
     let mut tmp = Vec::new();

@@ -65,7 +65,7 @@ pub(super) enum Failure {
 
 /// Answers a body that could not be read: 408 when it was too slow, 400 when it was cut short
 /// or its chunked framing is invalid (or too heavy for the WAF to hold), 413 when it is past
-/// `max_body_bytes`.
+/// `max_body_bytes`, 431 when its trailer section is past the head's limits.
 pub(super) async fn answer_failure<S: ClientIo>(
     w: &Rc<Worker>,
     c: &mut Conn<S>,
@@ -78,6 +78,9 @@ pub(super) async fn answer_failure<S: ClientIo>(
         }
         Failure::Chunk(ChunkError::TooLarge) => {
             reject(w, c, 413, "Request Entity Too Large", false).await
+        }
+        Failure::Chunk(ChunkError::TrailersTooLarge) => {
+            reject(w, c, 431, "Request Header Fields Too Large", false).await
         }
         Failure::Chunk(ChunkError::Invalid(_)) => {
             reject(w, c, 400, "Bad Request: invalid chunked body", false).await
@@ -103,6 +106,7 @@ async fn dechunk<S: ClientIo>(c: &mut Conn<S>, limits: &Limits) -> Result<usize,
     let head_len = c.b.head.head_len;
     let deadline = Instant::now() + limits.header_timeout;
     let mut dec = ChunkedDecoder::new(limits.max_body_bytes);
+    dec.limit_trailers(limits.max_header_bytes, limits.max_headers);
     // What arrived with the head (or was read by the WAF) is decoded first.
     let mut raw = c.b.rbuf.split_off(head_len);
     raw.reserve(CHUNKED_READ.saturating_sub(raw.capacity()));
