@@ -193,6 +193,40 @@ fn decode(input: &[u8], max_body: u64, pieces: &mut dyn Iterator<Item = usize>) 
     out
 }
 
+/// Relays `input` as the proxy does ([`ChunkedDecoder::feed_without_trailers`], pieces from
+/// `pieces`): the bytes passed on, and whether the body ended (or how it failed).
+fn relay(
+    input: &[u8],
+    max_body: u64,
+    trailer_limits: Option<(usize, usize)>,
+    pieces: &mut dyn Iterator<Item = usize>,
+) -> (Vec<u8>, Result<bool, ChunkError>) {
+    let mut d = ChunkedDecoder::new(max_body);
+    if let Some((bytes, fields)) = trailer_limits {
+        d.limit_trailers(bytes, fields);
+    }
+    let mut out = Vec::new();
+    let mut pos = 0;
+    loop {
+        let len = pieces.next().unwrap_or(usize::MAX).min(input.len() - pos);
+        let piece = &input[pos..pos + len];
+        match d.feed_without_trailers(piece, |_| {}) {
+            Ok((_, done, keep)) => {
+                out.extend_from_slice(&piece[..keep]);
+                if done {
+                    d.push_trailers(&mut out);
+                    return (out, Ok(true));
+                }
+            }
+            Err(e) => return (out, Err(e)),
+        }
+        pos += len;
+        if pos == input.len() {
+            return (out, Ok(false));
+        }
+    }
+}
+
 /// Decodes `data[2..]` in one piece and in pieces whose sizes come from a
 /// generator seeded by `data[..2]`; both must give the same payload,
 /// consumed count, completion and error. Also checks `total()` and the
@@ -224,6 +258,24 @@ pub fn chunked_decoder(data: &[u8]) {
         // The consumed prefix alone is a complete body.
         let again = decode(&input[..whole.consumed], max_body, &mut std::iter::empty());
         assert_eq!(again, whole);
+    }
+    // Relayed as the proxy does, in pieces: a body that ended goes on as a complete body
+    // with the same payload; one that failed never goes on looking complete.
+    let limits = (seed & 4 == 4).then_some((64, 2));
+    let mut rng = XorShift(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
+    let mut sizes = std::iter::from_fn(|| Some(rng.below(if small { 4 } else { 40 }) as usize));
+    let (relayed, end) = relay(input, max_body, limits, &mut sizes);
+    let again = decode(&relayed, u64::MAX, &mut std::iter::empty());
+    match end {
+        Ok(true) => {
+            assert!(again.done && again.err.is_none(), "{again:?}");
+            assert_eq!(again.consumed, relayed.len());
+            if limits.is_none() {
+                assert!(whole.done);
+                assert_eq!(again.data, whole.data);
+            }
+        }
+        Ok(false) | Err(_) => assert!(!again.done, "an unfinished body relayed as complete"),
     }
 }
 
