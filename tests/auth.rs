@@ -1404,12 +1404,8 @@ plans = ["gold", "bronze"]
     );
 
     let gw = Gateway::start(plans);
-    let r = admin_json(
-        gw.admin_addr,
-        "POST",
-        "/api-keys",
-        r#"{"name":"twice","plans":["bronze","silver"]}"#,
-    );
+    let post_key = |body: &str| admin_json(gw.admin_addr, "POST", "/api-keys", body);
+    let r = post_key(r#"{"name":"twice","plans":["bronze","silver"]}"#);
     assert_eq!(r.status, 400, "{}", r.text());
     let m = r.message();
     assert!(
@@ -1420,12 +1416,7 @@ plans = ["gold", "bronze"]
         .text()
         .contains("twice"));
     // One plan listed twice: a typo to name, in the config and in the admin API alike.
-    let r = admin_json(
-        gw.admin_addr,
-        "POST",
-        "/api-keys",
-        r#"{"name":"dup","plans":["gold","gold"]}"#,
-    );
+    let r = post_key(r#"{"name":"dup","plans":["gold","gold"]}"#);
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(
         r.message().contains("`gold` is listed twice"),
@@ -1441,12 +1432,7 @@ plans = ["gold", "bronze"]
         err.contains("key `api_keys[1].plans`: API key `dup`: usage plan `gold` is listed twice"),
         "{err}"
     );
-    let r = admin_json(
-        gw.admin_addr,
-        "POST",
-        "/api-keys",
-        r#"{"name":"ok","plans":["gold","bronze"]}"#,
-    );
+    let r = post_key(r#"{"name":"ok","plans":["gold","bronze"]}"#);
     assert_eq!(r.status, 201, "{}", r.text());
     // The message of a reload of `cfg` (with the config key `fine` in gold only), refused.
     let refused_reload = |cfg: &str| {
