@@ -133,6 +133,16 @@ fn save_epoch(path: &Path, epoch: &str) -> std::io::Result<()> {
 
 /// Whether Redis refused this connection's credentials (a connection that cannot run any
 /// command: treated as an unreachable Redis).
+/// `e` for the log: a socket timeout says so (the OS's text for it is "Resource temporarily
+/// unavailable").
+fn describe(e: &redis::RedisError) -> String {
+    if e.is_timeout() {
+        format!("no answer within {} s", IO_TIMEOUT.as_secs())
+    } else {
+        e.to_string()
+    }
+}
+
 fn refused_auth(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::AuthenticationFailed
         || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"))
@@ -319,7 +329,11 @@ pub fn start(cfg: &ClusterConfig, shared: &Arc<Shared>) -> Result<(), String> {
     let weak = Arc::downgrade(shared);
     std::thread::Builder::new()
         .name("ringgate-cluster".into())
-        .spawn(move || Worker::new(client, url, node, weak, epoch_file, epoch).run(rx))
+        .spawn(move || {
+            let mut w = Worker::new(client, url, node, weak, epoch_file, epoch);
+            w.anchor_loaded_counts();
+            w.run(rx)
+        })
         .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
     Ok(())
 }
@@ -399,6 +413,8 @@ struct Worker {
     con: Option<redis::Connection>,
     /// An outage was logged and not yet its end.
     outage: bool,
+    /// In this outage, Redis refusing the node's credentials was logged.
+    refusal_logged: bool,
     connected_once: bool,
     next_try: Instant,
     backoff_ms: u64,
@@ -450,6 +466,7 @@ impl Worker {
             shared,
             con: None,
             outage: false,
+            refusal_logged: false,
             connected_once: false,
             next_try: Instant::now(),
             backoff_ms: 100,
@@ -471,6 +488,31 @@ impl Worker {
             next_req: 1,
             last_error_log: None,
             leaving: false,
+        }
+    }
+
+    /// The counts loaded from `state_dir` at start are cluster-wide counts a sync read
+    /// (this node's earlier process wrote them; its share is in Redis under its old node id):
+    /// they count as already synced, so only what this process counts is written as its share.
+    fn anchor_loaded_counts(&mut self) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let now = unix_now();
+        for (id, c) in shared.usage.snapshot() {
+            let Some(period) = Period::parse(id.2) else {
+                continue;
+            };
+            let idx = period.index(now);
+            let anchor = used_in(c.load(Ordering::Relaxed), idx);
+            self.quota.insert(
+                id,
+                QuotaSync {
+                    idx,
+                    anchor,
+                    ..Default::default()
+                },
+            );
         }
     }
 
@@ -574,8 +616,9 @@ impl Worker {
             self.next_try = Instant::now() + Duration::from_millis(self.backoff_ms);
             if !self.outage {
                 crate::elog!(
-                    "ringgate: cluster: lost redis at {} ({e}); serving with local state, reconnecting",
-                    self.url
+                    "ringgate: cluster: lost redis at {} ({}); serving with local state, reconnecting",
+                    self.url,
+                    describe(&e)
                 );
                 self.outage = true;
             }
@@ -617,6 +660,7 @@ impl Worker {
                     );
                 }
                 self.outage = false;
+                self.refusal_logged = false;
                 self.connected_once = true;
                 // Resync: keys reloaded (and written back if Redis lost them), connections
                 // registered again, every quota share written again.
@@ -630,17 +674,29 @@ impl Worker {
                 }
             }
             Err(e) => {
+                let refused = refused_auth(&e);
+                let hint = if refused {
+                    " (check the user and password in cluster.redis)"
+                } else {
+                    ""
+                };
                 if !self.outage {
-                    let hint = if refused_auth(&e) {
-                        " (check the user and password in cluster.redis)"
-                    } else {
-                        ""
-                    };
                     crate::elog!(
-                        "ringgate: cluster: redis at {} unreachable ({e}){hint}; serving with local state, retrying",
-                        self.url
+                        "ringgate: cluster: redis at {} unreachable ({}){hint}; serving with local state, retrying",
+                        self.url,
+                        describe(&e)
                     );
                     self.outage = true;
+                    self.refusal_logged = refused;
+                } else if refused && !self.refusal_logged {
+                    // An outage that began as a lost connection (Redis restarted with a new
+                    // password): say once why the node still cannot get back.
+                    crate::elog!(
+                        "ringgate: cluster: redis at {} refuses this node ({}){hint}; still retrying",
+                        self.url,
+                        describe(&e)
+                    );
+                    self.refusal_logged = true;
                 }
                 self.next_try = Instant::now() + Duration::from_millis(self.backoff_ms);
                 self.backoff_ms = (self.backoff_ms * 2).min(BACKOFF_MAX_MS);

@@ -108,14 +108,11 @@ impl Shared {
         if !dir.is_dir() {
             return Err(format!("state_dir {} is not a directory", dir.display()));
         }
-        // With `[cluster]` the counts live in Redis (see `crate::cluster`). A usage file that
-        // cannot be read stops the start, as a bad key file does: starting would set every
-        // quota back to 0.
-        let usage = if config.cluster.is_some() {
-            crate::policy::plans::UsageStore::in_memory()
-        } else {
-            crate::policy::plans::UsageStore::open(dir)?
-        };
+        // A usage file that cannot be read stops the start, as a bad key file does: starting
+        // would set every quota back to 0. With `[cluster]` the counts live in Redis (see
+        // `crate::cluster`) and the file keeps the cluster-wide counts last synced, which a
+        // node started while Redis is down goes on from.
+        let usage = crate::policy::plans::UsageStore::open(dir)?;
         config.traffic.plans.bind(&usage);
         let auth =
             crate::policy::auth::AuthState::new(&config.server.state_dir, &config.auth.api_keys)

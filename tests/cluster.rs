@@ -881,6 +881,52 @@ fn hexists(redis: &Redis, field: &str) -> bool {
         .is_some_and(|r| r.starts_with(":1"))
 }
 
+/// A restarted node goes on from the cluster-wide counts its `state_dir` holds: with Redis up
+/// they are not counted twice (its earlier share stays in Redis under its old id), and with
+/// Redis down it still refuses a key whose quota was used up.
+#[test]
+fn a_restarted_node_goes_on_from_the_counts_it_synced_last() {
+    let mut redis = Redis::start();
+    let (sa, sb) = (StateDir(temp_dir("state-a")), StateDir(temp_dir("state-b")));
+    let a = Gateway::start(&node_config_in(&redis.url(), &sa));
+    let b = Gateway::start(&node_config_in(&redis.url(), &sb));
+    for _ in 0..3 {
+        assert_eq!(get_key(&a, "/prod/x", ALICE).status, 200);
+    }
+    assert_eq!(get_key(&b, "/prod/x", ALICE).status, 200);
+    assert!(
+        wait_until(Duration::from_secs(3), || used(&a, "alice")["used"] == 4),
+        "{}",
+        used(&a, "alice")
+    );
+    stop_node(a);
+    // Redis up: 4 used, not 4 + the 4 in the file.
+    let a = Gateway::start(&node_config_in(&redis.url(), &sa));
+    assert!(wait_until(Duration::from_secs(3), || a
+        .stderr()
+        .contains("joined")));
+    assert_eq!(used(&a, "alice")["used"], 4, "{}", a.stderr());
+    for _ in 0..2 {
+        assert_eq!(get_key(&a, "/prod/x", ALICE).status, 200);
+    }
+    assert_eq!(get_key(&a, "/prod/x", ALICE).status, 429);
+    assert!(
+        wait_until(Duration::from_secs(3), || used(&b, "alice")["used"] == 6),
+        "{}",
+        used(&b, "alice")
+    );
+    stop_node(a);
+    // Redis down: the file's 6 of 6 still hold (before, a node kept them in memory only).
+    redis.stop();
+    let a = Gateway::start(&node_config_in(&redis.url(), &sa));
+    assert!(wait_until(Duration::from_secs(3), || a
+        .stderr()
+        .contains("unreachable")));
+    let r = get_key(&a, "/prod/x", ALICE);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(used(&a, "alice")["used"], 6);
+}
+
 #[test]
 fn a_restarted_node_merges_its_keys_into_a_hash_another_node_made_meanwhile() {
     let redis = Redis::start();
@@ -1073,6 +1119,53 @@ fn redis_refusing_the_node_counts_as_unreachable() {
         b.stderr()
     );
     assert!(a.stderr().contains("joined"), "{}", a.stderr());
+}
+
+/// The outage lines say why: a Redis that stops answering is a timeout, and one restarted with
+/// a new password is said to refuse the node (once), not only "lost".
+#[test]
+fn outage_lines_name_a_timeout_and_a_changed_password() {
+    let mut redis = Redis::start_with(&["--requirepass", "first-pw"]);
+    let url = format!("redis://:first-pw@127.0.0.1:{}", redis.port);
+    let n = Gateway::start(&node_config(&url, ""));
+    assert!(wait_until(Duration::from_secs(3), || n
+        .stderr()
+        .contains("joined")));
+    // Frozen: the sync's read times out.
+    let pid = redis.child.as_ref().unwrap().id() as i32;
+    // SAFETY: signals to the test's own redis-server child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let said = wait_until(Duration::from_secs(8), || {
+        n.stderr().contains("lost redis") && n.stderr().contains("no answer within 2 s")
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(said, "{}", n.stderr());
+    assert!(
+        wait_until(Duration::from_secs(10), || n.stderr().contains("is back")),
+        "{}",
+        n.stderr()
+    );
+    // Restarted with another password: lost, then refused, said once.
+    redis.stop();
+    redis.extra = vec!["--requirepass".into(), "second-pw".into()];
+    redis.restart();
+    assert!(
+        wait_until(Duration::from_secs(15), || n
+            .stderr()
+            .contains("refuses this node")),
+        "{}",
+        n.stderr()
+    );
+    thread::sleep(Duration::from_millis(1500));
+    let log = n.stderr();
+    assert_eq!(log.matches("refuses this node").count(), 1, "{log}");
+    assert!(log.contains("check the user and password"), "{log}");
+    assert!(
+        !log.contains("first-pw") && !log.contains("second-pw"),
+        "{log}"
+    );
+    assert_eq!(get_key(&n, "/prod/x", ALICE).status, 200);
 }
 
 #[test]

@@ -457,6 +457,50 @@ fn keep_alive_case(io: &str) {
     assert_eq!(t.read_to_end(&mut rest).unwrap(), 0, "clean close_notify");
 }
 
+/// Connections the gateway closes while they idle (parked) end with close_notify too: at the
+/// idle timeout, a client that sent nothing after its handshake, and at shutdown.
+#[test]
+fn idle_tls_connections_are_closed_with_close_notify() {
+    for io in ["io_uring", "epoll"] {
+        let pki = Pki::new();
+        let origin = Origin::start(|r| Response::ok(r.path.clone()));
+        let g = start(
+            &format!(
+                "io = \"{io}\"\n[server.limits]\nidle_timeout_ms = 1200\nheader_timeout_ms = 1200"
+            ),
+            &certs_a_b(&pki),
+            &proxy_routes(origin.addr),
+        );
+        let cfg = client_config(&pki.path("ca.pem"), None);
+        let mut buf = Vec::new();
+        // Idle after a request, and silent after the handshake.
+        let mut served = tls_connect(g.tls, "a.test", cfg.clone());
+        write!(served, "GET /api/x HTTP/1.1\r\nHost: a.test\r\n\r\n").unwrap();
+        assert_eq!(read_response(&mut served, &mut buf).0, 200);
+        let mut silent = tls_connect(g.tls, "a.test", cfg.clone());
+        silent.flush().unwrap();
+        for (what, t) in [("idle", &mut served), ("silent", &mut silent)] {
+            let mut rest = Vec::new();
+            let r = t.read_to_end(&mut rest);
+            assert!(
+                matches!(r, Ok(0)),
+                "{io}, {what}: {r:?} (an error is an end without close_notify)"
+            );
+        }
+        // Shutdown: an idle keep-alive connection is closed cleanly too.
+        let mut idle = tls_connect(g.tls, "a.test", cfg);
+        write!(idle, "GET /api/y HTTP/1.1\r\nHost: a.test\r\n\r\n").unwrap();
+        assert_eq!(read_response(&mut idle, &mut buf).0, 200);
+        thread::sleep(Duration::from_millis(700));
+        let TlsGateway { mut gw, .. } = g;
+        gw.terminate();
+        let mut rest = Vec::new();
+        let r = idle.read_to_end(&mut rest);
+        assert!(matches!(r, Ok(0)), "{io}, shutdown: {r:?}");
+        assert!(gw.wait_exit(Duration::from_secs(10)).is_some());
+    }
+}
+
 #[test]
 fn keep_alive_over_tls_io_auto() {
     keep_alive_case("auto");
@@ -908,6 +952,9 @@ fn check_shows_tls_listeners_with_relative_paths() {
 fn bad_certificates_are_config_errors_naming_file_line_and_key() {
     let pki = Pki::new();
     std::fs::write(pki.dir.join("junk.pem"), "hello\n").unwrap();
+    // A certificate file cut short (a copy that did not finish).
+    let whole = std::fs::read_to_string(pki.dir.join("a.pem")).unwrap();
+    std::fs::write(pki.dir.join("cut.pem"), &whole[..whole.len() / 2]).unwrap();
     let cases: &[(&str, &[&str])] = &[
         (
             "listen = [\"127.0.0.1:18443\"]\ncerts = [{ cert = \"missing.pem\", key = \"a.key\" }]",
@@ -920,6 +967,10 @@ fn bad_certificates_are_config_errors_naming_file_line_and_key() {
         (
             "listen = [\"127.0.0.1:18443\"]\ncerts = [{ cert = \"junk.pem\", key = \"a.key\" }]",
             &["check.toml:6:", "server.tls.certs[0].cert", "junk.pem", "no PEM certificate"],
+        ),
+        (
+            "listen = [\"127.0.0.1:18443\"]\ncerts = [{ cert = \"cut.pem\", key = \"a.key\" }]",
+            &["check.toml:6:", "server.tls.certs[0].cert", "cut.pem", "bad PEM: a `CERTIFICATE` section has no END line (is the file cut short?)"],
         ),
         (
             "listen = [\"127.0.0.1:18443\"]\ncerts = [{ cert = \"a.pem\", key = \"junk.pem\" }]",
@@ -954,21 +1005,30 @@ fn bad_certificates_are_config_errors_naming_file_line_and_key() {
             assert!(err.contains(w), "{tls}\n-> {err}\n(missing {w:?})");
         }
     }
-    // A TLS address that is also the plain listener.
-    let path = pki.dir.join("dup.toml");
-    std::fs::write(
-        &path,
-        "[server]\nlisten = [\"127.0.0.1:18080\"]\n[server.tls]\nlisten = [\"127.0.0.1:18080\"]\ncerts = [{ cert = \"a.pem\", key = \"a.key\" }]\n",
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ringgate"))
-        .args(["--check", "--config"])
-        .arg(&path)
-        .output()
+    // A TLS address that is also the plain listener, or overlaps it through a wildcard.
+    for (plain, tls) in [
+        ("127.0.0.1:18080", "127.0.0.1:18080"),
+        ("127.0.0.1:18080", "0.0.0.0:18080"),
+        ("0.0.0.0:18080", "127.0.0.1:18080"),
+    ] {
+        let path = pki.dir.join("dup.toml");
+        std::fs::write(
+            &path,
+            format!("[server]\nlisten = [\"{plain}\"]\n[server.tls]\nlisten = [\"{tls}\"]\ncerts = [{{ cert = \"a.pem\", key = \"a.key\" }}]\n"),
+        )
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(err.contains("dup.toml:4: key `server.tls.listen`"), "{err}");
+        let out = Command::new(env!("CARGO_BIN_EXE_ringgate"))
+            .args(["--check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{plain} {tls}: {err}");
+        assert!(
+            err.contains("dup.toml:4: key `server.tls.listen`") && err.contains("already used"),
+            "{err}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -314,6 +314,12 @@ impl Config {
     }
 }
 
+/// Whether listeners on `a` and `b` would take each other's connections: one port, and the
+/// same address or a wildcard on either side.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// Whether this process may create entries in directory `dir` (write and search permission,
 /// as `access(2)` judges them for the real user), without creating anything.
 fn may_create_in(dir: &Path) -> std::io::Result<()> {
@@ -347,12 +353,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         Some(a) => {
             let listen = parse_addr(&src, &a.listen, "admin.listen")?;
             // Both would bind the port: the start would fail with "address in use".
-            if let Some(s) = server.listen.iter().find(|s| {
-                s.port() == listen.port()
-                    && (s.ip() == listen.ip()
-                        || s.ip().is_unspecified()
-                        || listen.ip().is_unspecified())
-            }) {
+            if let Some(s) = server.listen.iter().find(|s| overlap(**s, listen)) {
                 return Err(src.err(
                     a.listen.span(),
                     "admin.listen",
@@ -392,10 +393,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         for a in addrs {
             let addr = parse_addr(&src, a, "server.tls.listen")?;
             // The same address twice would share one SO_REUSEPORT group: connections would
-            // land on either protocol at random.
-            let taken = server.listen.contains(&addr)
-                || listen.contains(&addr)
-                || admin.as_ref().map(|a| a.listen) == Some(addr);
+            // land on either protocol at random. A wildcard address overlaps every address of
+            // its port: clients of one would reach the other.
+            let taken = server
+                .listen
+                .iter()
+                .chain(&listen)
+                .chain(admin.as_ref().map(|a| &a.listen))
+                .any(|l| overlap(*l, addr));
             if taken {
                 return Err(src.err(
                     a.span(),

@@ -57,6 +57,14 @@ impl Idle {
         Some(Idle::Plain(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
+    /// Closes the connection (HTTPS: with close_notify, [`crate::tls::TlsStream::close_now`]).
+    fn close(self) {
+        match self {
+            Idle::Plain(fd) => drop(fd),
+            Idle::Tls(s) => s.close_now(),
+        }
+    }
+
     fn fd(&self) -> RawFd {
         match self {
             Idle::Plain(fd) => fd.as_raw_fd(),
@@ -181,7 +189,9 @@ impl Parker {
             .filter_map(|(i, s)| s.as_ref().filter(|p| self.deadline(p) <= now).map(|_| i))
             .collect();
         for i in expired {
-            drop(self.unpark(i));
+            if let Some(p) = self.unpark(i) {
+                p.stream.close();
+            }
         }
     }
 
@@ -189,7 +199,9 @@ impl Parker {
     pub fn close_all(&self) {
         let n = self.slots.borrow().len();
         for i in 0..n {
-            drop(self.unpark(i));
+            if let Some(p) = self.unpark(i) {
+                p.stream.close();
+            }
         }
     }
 }

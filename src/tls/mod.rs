@@ -231,7 +231,15 @@ fn pem_error(e: &rustls::pki_types::pem::Error, what: &str) -> String {
     match e {
         E::Io(e) => format!("cannot read: {e}"),
         E::NoItemsFound => format!("no PEM {what} in the file"),
-        e => format!("bad PEM: {e:?}"),
+        E::MissingSectionEnd { end_marker } => format!(
+            "bad PEM: a `{}` section has no END line (is the file cut short?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        // The line itself is not shown: in a key file it may be key material.
+        E::IllegalSectionStart { .. } => "bad PEM: a malformed `-----BEGIN` line".to_string(),
+        E::Base64Decode(_) => "bad PEM: a section's base64 does not decode".to_string(),
+        E::SectionTooLarge => "bad PEM: a section is over 256 MB".to_string(),
+        _ => "bad PEM".to_string(),
     }
 }
 

@@ -69,6 +69,35 @@ fn broken(what: &str) -> io::Error {
 }
 
 impl TlsStream {
+    /// Ends an idle connection without waiting: queues close_notify and hands it to the
+    /// socket in one non-blocking send (an idle connection's send buffer is empty, so the
+    /// alert fits), then closes the socket. For parked connections closed at their deadline
+    /// or at shutdown, outside any task; a client that reads on is told the end was meant.
+    pub fn close_now(mut self) {
+        if self.wbroken {
+            return;
+        }
+        self.conn.send_close_notify();
+        let mut out = Vec::new();
+        while self.conn.wants_write() {
+            if self.conn.write_tls(&mut out).is_err() {
+                return;
+            }
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: `out` is valid for `out.len()` bytes during the call; the descriptor is
+        // this stream's open socket. MSG_DONTWAIT: never blocks; MSG_NOSIGNAL: no SIGPIPE
+        // from a peer that is gone. What is not sent is lost, as with any close.
+        unsafe {
+            libc::send(
+                self.io.as_raw_fd(),
+                out.as_ptr().cast(),
+                out.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+        }
+    }
+
     fn new(io: TcpStream, conn: ServerConnection) -> TlsStream {
         TlsStream {
             io,
@@ -419,6 +448,7 @@ impl AsyncWriteRent for TlsStream {
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {
+        // (`close_now` below is the same without waiting, for parked connections.)
         if !self.wbroken {
             self.conn.send_close_notify();
             let _ = self.flush_tls().await;
