@@ -355,6 +355,60 @@ fn credentials_bypass_unless_in_key() {
     assert_eq!(k.header("x-cache"), Some("miss"));
 }
 
+/// A request mapping that copies a client header or query parameter upstream makes the answer
+/// depend on it: requests carrying one bypass the cache unless it is in the key, so one
+/// client's value is never served to others from the cache.
+#[test]
+fn fields_a_request_mapping_copies_bypass_the_cache_unless_in_key() {
+    let origin = Origin::start(|r| {
+        let h = r.header("x-h").unwrap_or("-").to_string();
+        let q = r.path.split_once('?').map_or("", |x| x.1).to_string();
+        Response::ok(format!("x-h={h} q={q}"))
+    });
+    let routes = r#"
+[[apis.routes]]
+route = "GET /mapped/{id}"
+integration = { type = "http", upstream = "o" }
+request_mapping = { "header.x-h" = "$request.header.x-in", "query.up" = "$request.querystring.sel" }
+
+[[apis.routes]]
+route = "GET /keyed/{id}"
+integration = { type = "http", upstream = "o" }
+cache = { key = ["header.x-in"] }
+request_mapping = { "header.x-h" = "$request.header.x-in" }
+"#;
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, routes));
+    let mut c = Client::connect(gw.addr);
+    let poisoned = get(&mut c, "/prod/mapped/1", "x-in: ATTACKER\r\n");
+    assert_eq!(poisoned.text(), "x-h=ATTACKER q=");
+    let clean = get(&mut c, "/prod/mapped/1", "");
+    assert_eq!(clean.text(), "x-h=- q=", "{:?}", clean.header("x-cache"));
+    let again = get(&mut c, "/prod/mapped/1", "");
+    assert_eq!(
+        (again.header("x-cache"), again.text().as_str()),
+        (Some("hit"), "x-h=- q=")
+    );
+    let other = get(&mut c, "/prod/mapped/1", "x-in: OTHER\r\n");
+    assert_eq!(
+        (other.header("x-cache"), other.text().as_str()),
+        (Some("miss"), "x-h=OTHER q=")
+    );
+    // The whole query string is in the key here: a mapped query parameter is keyed already.
+    let q = get(&mut c, "/prod/mapped/2?sel=a", "");
+    assert_eq!(q.text(), "x-h=- q=sel=a&up=a");
+    let q2 = get(&mut c, "/prod/mapped/2?sel=a", "");
+    assert_eq!(q2.header("x-cache"), Some("hit"));
+    // In the key: one entry per value.
+    let a = get(&mut c, "/prod/keyed/1", "x-in: a\r\n");
+    let b = get(&mut c, "/prod/keyed/1", "x-in: b\r\n");
+    let a2 = get(&mut c, "/prod/keyed/1", "x-in: a\r\n");
+    assert_eq!((a.text(), b.text()), ("x-h=a q=".into(), "x-h=b q=".into()));
+    assert_eq!(
+        (a2.header("x-cache"), a2.text().as_str()),
+        (Some("hit"), "x-h=a q=")
+    );
+}
+
 #[test]
 fn stampede_sends_one_upstream_request() {
     let n = Arc::new(AtomicUsize::new(0));

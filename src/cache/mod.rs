@@ -68,14 +68,35 @@ pub struct CachePolicy {
     /// Some `query.X` is in the key: only those query parameters count. Otherwise the whole
     /// query string is part of the key.
     pub query_in_key: bool,
-    /// Request fields that carry credentials on this route and are not part of the key: a
-    /// request with one of them bypasses the cache.
+    /// Request fields that carry credentials on this route, or that its request mapping copies
+    /// upstream, and are not part of the key: a request with one of them bypasses the cache.
     pub credentials: Box<[KeyPart]>,
     /// A client's `Cache-Control: max-age=0` refreshes the entry (`allow_client_invalidate`).
     pub allow_client_invalidate: bool,
 }
 
 impl CachePolicy {
+    /// Adds request fields that a route's request mapping copies upstream to those a request
+    /// may not carry to use the cache unless they are in the key (as credentials): else one
+    /// client's value would shape the answer stored for every client.
+    pub fn add_unkeyed_inputs(&mut self, inputs: &[crate::policy::mapping::ClientInput]) {
+        use crate::policy::mapping::ClientInput;
+        let mut all = self.credentials.to_vec();
+        for i in inputs {
+            let part = match i {
+                ClientInput::Header(h) => KeyPart::Header(h.clone()),
+                ClientInput::Query(q) => KeyPart::Query(String::from_utf8_lossy(q).into()),
+            };
+            // A query parameter is in the key when the whole query string is.
+            let keyed = self.key.contains(&part)
+                || (matches!(part, KeyPart::Query(_)) && !self.query_in_key);
+            if !keyed && !all.contains(&part) {
+                all.push(part);
+            }
+        }
+        self.credentials = all.into();
+    }
+
     /// Whether this request may use the cache: GET or HEAD, no body, no WebSocket upgrade, and
     /// every credential header it carries is part of the key.
     pub fn eligible(&self, head: &RequestHead, buf: &[u8]) -> bool {

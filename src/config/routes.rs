@@ -1029,7 +1029,7 @@ pub(super) fn compile(
                     r.api_key_required,
                     auth,
                 )?;
-                let cache = crate::cache::config::compile(
+                let mut cache = crate::cache::config::compile(
                     src,
                     stage.cache.as_ref(),
                     r.cache.as_ref(),
@@ -1063,6 +1063,9 @@ pub(super) fn compile(
                         let (rm, n) = mapping::compile_request(&plain(m), &env)
                             .map_err(|e| map_err(src, m, &rbase, "request_mapping", e))?;
                         needs.push((m, "request_mapping", n));
+                        if let Some(pol) = cache.as_mut().and_then(Arc::get_mut) {
+                            pol.add_unkeyed_inputs(&rm.client_inputs());
+                        }
                         Some(Box::new(rm))
                     }
                 };

@@ -506,7 +506,42 @@ struct QueryRule {
     action: Action,
 }
 
+/// A request field a mapping copies from the client: what the response may then depend on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientInput {
+    /// `$request.header.NAME` (lowercase).
+    Header(Box<str>),
+    /// `$request.querystring.NAME` (decoded name).
+    Query(Box<[u8]>),
+}
+
 impl RequestMapping {
+    /// The client's headers and query parameters this mapping copies upstream (a response
+    /// cache must key on them or not serve requests that carry them).
+    pub fn client_inputs(&self) -> Vec<ClientInput> {
+        let templates = self
+            .headers
+            .rules
+            .iter()
+            .map(|(_, a)| a)
+            .chain(self.query.iter().map(|q| &q.action));
+        let mut out = Vec::new();
+        for a in templates {
+            let Action::Set(t) = a else { continue };
+            for s in t.segs.iter() {
+                let input = match s {
+                    Seg::Var(Var::Header(h)) => ClientInput::Header(h.clone()),
+                    Seg::Var(Var::Query(q)) => ClientInput::Query(q.clone()),
+                    _ => continue,
+                };
+                if !out.contains(&input) {
+                    out.push(input);
+                }
+            }
+        }
+        out
+    }
+
     /// Why the request cannot be mapped, as the message of a 400: a path parameter that a
     /// header rule reads decodes to a control character, which no header value may hold.
     /// Dropping the header instead would lose the client's value without a word. `None`:
