@@ -150,6 +150,8 @@ fn invalid_bodies_are_400_and_never_reach_the_origin() {
         ("id=a&qty=1", &["not valid JSON"]),
         ("", &["empty"]),
         ("   ", &["empty"]),
+        // The last `id` is valid; a backend that reads the first gets a number.
+        (r#"{"id":5,"id":"a","qty":1}"#, &["names a member twice"]),
     ];
     for (body, want) in cases {
         let r = s.gw.request(&post("/orders", body, ""));

@@ -103,6 +103,10 @@ impl BodySchema {
         }
         let value =
             parse(body).map_err(|e| format!("Invalid request body: not valid JSON ({e})"))?;
+        // The schema sees the last of a repeated member; a backend may read the first.
+        if !json_without_duplicate_keys(body) {
+            return Err("Invalid request body: an object names a member twice (which value counts differs between parsers)".into());
+        }
         let mut errors = self.validator.iter_errors(&value);
         let Some(first) = errors.next() else {
             return Ok(());
@@ -206,7 +210,12 @@ pub fn json_without_duplicate_keys(json: &[u8]) -> bool {
             Ok(())
         }
     }
+    // Nesting up to MAX_DEPTH, as bodies are validated with (serde_json alone stops at 127).
+    if max_depth(json) > MAX_DEPTH {
+        return false;
+    }
     let mut de = serde_json::Deserializer::from_slice(json);
+    de.disable_recursion_limit();
     Unique.deserialize(&mut de).is_ok() && de.end().is_ok()
 }
 
@@ -302,6 +311,21 @@ mod tests {
             .check(br#"{"id":"a","qty":1,"tags":["x",3]}"#)
             .unwrap_err();
         assert!(e.contains("/tags/1: 3 is not of type \"string\""), "{e}");
+    }
+
+    #[test]
+    fn a_member_named_twice_is_refused_whichever_value_is_valid() {
+        for body in [
+            &br#"{"id":5,"id":"a","qty":2}"#[..],
+            br#"{"id":"a","id":5,"qty":2}"#,
+            br#"{"id":"a","qty":2,"tags":[{"k":1,"\u006b":2}]}"#,
+        ] {
+            let e = order().check(body).unwrap_err();
+            assert!(e.contains("names a member twice"), "{e}");
+        }
+        // The same name in different objects is fine.
+        let s = schema(serde_json::json!({}));
+        assert_eq!(s.check(br#"{"a":{"a":1},"b":[{"a":1},{"a":2}]}"#), Ok(()));
     }
 
     #[test]
