@@ -376,6 +376,17 @@ route = "GET /keyed/{id}"
 integration = { type = "http", upstream = "o" }
 cache = { key = ["header.x-in"] }
 request_mapping = { "header.x-h" = "$request.header.x-in" }
+
+[[apis.routes]]
+route = "GET /cred/{id}"
+integration = { type = "http", upstream = "o" }
+cache = { key = ["path.id", "query.lang"] }
+request_mapping = { "header.x-h" = "Bearer $request.querystring.tok" }
+
+[[apis.routes]]
+route = "GET /ip/{id}"
+integration = { type = "http", upstream = "o" }
+request_mapping = { "header.x-h" = "$context.identity.sourceIp" }
 "#;
     let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, routes));
     let mut c = Client::connect(gw.addr);
@@ -407,6 +418,59 @@ request_mapping = { "header.x-h" = "$request.header.x-in" }
         (a2.header("x-cache"), a2.text().as_str()),
         (Some("hit"), "x-h=a q=")
     );
+    // A credential built from a query parameter the key leaves out: each caller goes upstream.
+    let alice = get(&mut c, "/prod/cred/1?tok=alice", "");
+    let bob = get(&mut c, "/prod/cred/1?tok=bob", "");
+    assert_eq!(alice.text(), "x-h=Bearer alice q=tok=alice");
+    assert_eq!(
+        (bob.header("x-cache"), bob.text().as_str()),
+        (Some("miss"), "x-h=Bearer bob q=tok=bob")
+    );
+    // The caller's address: no key holds it, so the route is not cached.
+    get(&mut c, "/prod/ip/1", "");
+    let ip = get(&mut c, "/prod/ip/1", "");
+    assert_eq!(
+        (ip.header("x-cache"), ip.text().as_str()),
+        (None, "x-h=127.0.0.1 q=")
+    );
+}
+
+/// A chunked answer with trailer fields is not stored: an entry is framed by its length and
+/// could not give hits the trailers. Without trailer fields it is stored as before.
+#[test]
+fn answers_with_trailer_fields_are_not_stored() {
+    let origin = Origin::start(|r| {
+        let trailer = if r.path.contains("trailed") {
+            "x-sum: 7\r\n"
+        } else {
+            ""
+        };
+        Response::raw(format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n{trailer}\r\n"
+        ))
+    });
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, ""));
+    let raw_get = |path: &str| {
+        let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        std::io::Write::write_all(
+            &mut s,
+            format!("GET {path} HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut got);
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    for _ in 0..2 {
+        let got = raw_get("/prod/trailed");
+        assert!(got.contains("x-cache: miss"), "{got}");
+        assert!(got.ends_with("0\r\nx-sum: 7\r\n\r\n"), "{got:?}");
+    }
+    raw_get("/prod/plain");
+    let got = raw_get("/prod/plain");
+    assert!(got.contains("x-cache: hit"), "{got}");
 }
 
 #[test]

@@ -86,6 +86,8 @@ impl CachePolicy {
             let part = match i {
                 ClientInput::Header(h) => KeyPart::Header(h.clone()),
                 ClientInput::Query(q) => KeyPart::Query(String::from_utf8_lossy(q).into()),
+                // The route is not cached at all (see config::routes).
+                ClientInput::SourceIp => continue,
             };
             // A query parameter is in the key when the whole query string is.
             let keyed = self.key.contains(&part)
@@ -593,6 +595,12 @@ impl Capture {
         self.vary = vary;
         self.status = resp.status;
         self.active = true;
+    }
+
+    /// Gives up storing this response (it has parts a stored entry cannot replay).
+    pub fn abandon(&mut self) {
+        self.active = false;
+        self.body = Vec::new();
     }
 
     /// Adds body bytes; gives up when the entry grows past the bound.

@@ -1063,8 +1063,13 @@ pub(super) fn compile(
                         let (rm, n) = mapping::compile_request(&plain(m), &env)
                             .map_err(|e| map_err(src, m, &rbase, "request_mapping", e))?;
                         needs.push((m, "request_mapping", n));
-                        if let Some(pol) = cache.as_mut().and_then(Arc::get_mut) {
-                            pol.add_unkeyed_inputs(&rm.client_inputs());
+                        let inputs = rm.client_inputs();
+                        if inputs.contains(&mapping::ClientInput::SourceIp) {
+                            // The answer may depend on the caller's address, which no key
+                            // holds: one caller's answer would be served to every other.
+                            cache = None;
+                        } else if let Some(pol) = cache.as_mut().and_then(Arc::get_mut) {
+                            pol.add_unkeyed_inputs(&inputs);
                         }
                         Some(Box::new(rm))
                     }

@@ -317,6 +317,12 @@ impl ChunkedDecoder {
         Ok((used, done, keep))
     }
 
+    /// Whether the trailer section collected by [`ChunkedDecoder::feed_without_trailers`] holds
+    /// a field (before [`ChunkedDecoder::push_trailers`] takes it).
+    pub fn has_trailer_fields(&self) -> bool {
+        self.trailers.contains(&b':')
+    }
+
     /// Once done: appends the last-chunk line when it was held back (as `0` CRLF: its
     /// extensions are dropped), the trailer section's fields that may be passed on, then the
     /// final CRLF ([`push_allowed_trailers`]).

@@ -513,6 +513,8 @@ pub enum ClientInput {
     Header(Box<str>),
     /// `$request.querystring.NAME` (decoded name).
     Query(Box<[u8]>),
+    /// `$context.identity.sourceIp`: no cache key holds it.
+    SourceIp,
 }
 
 impl RequestMapping {
@@ -532,6 +534,7 @@ impl RequestMapping {
                 let input = match s {
                     Seg::Var(Var::Header(h)) => ClientInput::Header(h.clone()),
                     Seg::Var(Var::Query(q)) => ClientInput::Query(q.clone()),
+                    Seg::Var(Var::SourceIp) => ClientInput::SourceIp,
                     _ => continue,
                 };
                 if !out.contains(&input) {

@@ -916,6 +916,13 @@ async fn respond<S: ClientIo>(
                         }
                     }) {
                         Ok((used, fin, keep)) => {
+                            if fin && d.has_trailer_fields() {
+                                // A stored entry is framed by length: its trailer fields
+                                // could not be replayed on hits.
+                                if let Some(cap) = cap.as_deref_mut() {
+                                    cap.abandon();
+                                }
+                            }
                             if !dechunk {
                                 // As it came, but for the trailer fields (filtered).
                                 out.extend_from_slice(&data[..keep]);
