@@ -919,7 +919,7 @@ async fn respond<S: ClientIo>(
                             if fin && d.has_trailer_fields() {
                                 // A stored entry is framed by length: its trailer fields
                                 // could not be replayed on hits.
-                                if let Some(cap) = cap.as_deref_mut() {
+                                if let Some(cap) = cap.as_mut() {
                                     cap.abandon();
                                 }
                             }
