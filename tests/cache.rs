@@ -473,6 +473,41 @@ fn answers_with_trailer_fields_are_not_stored() {
     assert!(got.contains("x-cache: hit"), "{got}");
 }
 
+/// An upstream slower than `timeout_ms`: the waiters of a stampede get the fetch's 504 when
+/// it times out, within their own `timeout_ms`, and do not each ask the upstream again.
+#[test]
+fn a_stampede_on_a_timed_out_fetch_shares_its_504() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let origin = Origin::start(move |_| {
+        n2.fetch_add(1, Ordering::SeqCst);
+        Response::ok("too late").delay(Duration::from_millis(1500))
+    });
+    let extra = format!(
+        "[[upstreams]]\nname = \"slow\"\ntargets = [\"{}\"]\ntimeout_ms = 600\n\n[[apis.routes]]\nroute = \"GET /slow/{{id}}\"\nintegration = {{ type = \"http\", upstream = \"slow\" }}\n",
+        origin.addr
+    );
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, &extra));
+    let addr = gw.addr;
+    let t0 = std::time::Instant::now();
+    let threads: Vec<_> = (0..6)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                let r = get(&mut c, "/prod/slow/1", "");
+                (r.status, std::time::Instant::now())
+            })
+        })
+        .collect();
+    for t in threads {
+        let (status, at) = t.join().unwrap();
+        assert_eq!(status, 504);
+        // Not a second timeout_ms after the first.
+        assert!(at - t0 < Duration::from_millis(1100), "{:?}", at - t0);
+    }
+    assert_eq!(n.load(Ordering::SeqCst), 1, "asked at the origin");
+}
+
 #[test]
 fn stampede_sends_one_upstream_request() {
     let n = Arc::new(AtomicUsize::new(0));
@@ -582,6 +617,9 @@ fn admin_invalidation_holds_for_every_worker() {
     assert!(r.message().contains("stage"), "{}", r.text());
     let r = admin_post(&gw, "/cache/invalidate", r#"{"api":"shop","stage":"nope"}"#);
     assert_eq!(r.status, 404);
+    assert_eq!(r.message(), "no stage `nope` in API `shop`");
+    let r = admin_post(&gw, "/cache/invalidate", r#"{"api":"nope","stage":"prod"}"#);
+    assert_eq!((r.status, r.message()), (404, "no API `nope`".to_string()));
     let r = admin_post(
         &gw,
         "/cache/invalidate",

@@ -396,6 +396,8 @@ impl Shard {
 #[derive(Debug, Default)]
 pub struct Pending {
     done: Cell<bool>,
+    /// The upstream did not answer the fetch within its `timeout_ms`.
+    timed_out: Cell<bool>,
     waiters: Cell<usize>,
     wakers: RefCell<Vec<Waker>>,
 }
@@ -433,6 +435,12 @@ impl Pending {
     pub fn waiters(&self) -> usize {
         self.waiters.get()
     }
+
+    /// Whether the fetch ended because the upstream did not answer in time: its waiters
+    /// get that answer too (504) rather than asking the same upstream again one by one.
+    pub fn timed_out(&self) -> bool {
+        self.timed_out.get()
+    }
 }
 
 /// One worker's cache state: its in-flight misses and a reused key buffer.
@@ -458,6 +466,13 @@ pub struct Leader {
     cache: Rc<RefCell<WorkerCache>>,
     hash: u64,
     p: Rc<Pending>,
+}
+
+impl Leader {
+    /// The fetch ended with the upstream's timeout (see [`Pending::timed_out`]).
+    pub fn set_timed_out(&self) {
+        self.p.timed_out.set(true);
+    }
 }
 
 impl Drop for Leader {
@@ -682,10 +697,13 @@ pub fn admin_invalidate(shared: &crate::gateway::Shared, body: &[u8]) -> (u16, S
         .iter()
         .any(|rt| *rt.api == *r.api && *rt.stage == *r.stage);
     if !known {
-        return (
-            404,
-            msg(&format!("no stage `{}` in API `{}`", r.stage, r.api)),
-        );
+        let api_known = gw.config.routes.routes().iter().any(|rt| *rt.api == *r.api);
+        let m = if api_known {
+            format!("no stage `{}` in API `{}`", r.stage, r.api)
+        } else {
+            format!("no API `{}`", r.api)
+        };
+        return (404, msg(&m));
     }
     shared.caches.invalidate(Invalidation::Prefix {
         store_id: format!("{}\0{}", r.api, r.stage).into(),

@@ -7,7 +7,7 @@
 //! (one `write`); larger ones go out as one `writev` of the stored head, the per-request block
 //! and the stored body, without copying them.
 
-use super::{map_ctx, proxy, write_out, ClientIo, Conn, Outcome, Worker};
+use super::{map_ctx, proxy, reject, write_out, ClientIo, Conn, Outcome, Worker};
 use crate::cache::control::request_wants_refresh;
 use crate::cache::{build_key, push_vary, CachePolicy, Capture, Entry, Invalidation, WorkerCache};
 use crate::config::{PathTemplate, Route};
@@ -94,11 +94,20 @@ pub(super) async fn serve<S: ClientIo>(
         if p.waiters() < crate::cache::MAX_WAITERS {
             // Someone on this worker is fetching this key: wait for it, bounded by the
             // integration timeout, then serve what it stored.
-            let _ = monoio::time::timeout(gw.upstreams[up].cfg.timeout, p.wait()).await;
+            let by = Instant::now() + gw.upstreams[up].cfg.timeout;
+            let _ = monoio::time::timeout_at(by.into(), p.wait()).await;
             let (_, hit, _) = lookup(w, gw, c, route, pol, true, false, false);
             if let Some(h) = hit {
                 return write_hit(w, c, h, route).await;
             }
+            if p.timed_out() {
+                // The upstream did not answer the fetch in time: so is this request answered,
+                // rather than every waiter asking the same upstream again.
+                return reject(w, c, 504, "Endpoint Request Timed Out", false).await;
+            }
+            // Nothing stored: what is left of this request's own `timeout_ms` goes upstream
+            // (none left: 504), so a failed fetch does not double every waiter's wait.
+            c.upstream_by = Some(by);
         }
         // Not stored (or waited too long): fetch without making others wait on us.
         return fetch(w, gw, c, route, pol, up, tpl, None).await;
@@ -227,6 +236,11 @@ async fn fetch<S: ClientIo>(
         }
         drop(shard);
         wc.key = key;
+    }
+    if let Some(l) = &leader {
+        if out.status == 504 {
+            l.set_timed_out();
+        }
     }
     drop(leader);
     out

@@ -422,6 +422,10 @@ struct Conn<S> {
     /// Where a chunked body that a stage read whole ends in `rbuf` (so a refusal can skip it
     /// and keep the connection).
     chunked_end: Option<usize>,
+    /// An earlier end for the upstream exchange than `timeout_ms` from its start: a request
+    /// that waited for another's fetch of the same cache key has only what is left of its
+    /// own `timeout_ms`.
+    upstream_by: Option<Instant>,
     /// The matched route's API answers CORS itself: the upstream's `access-control-*`
     /// response headers never reach the client (whatever the request's `Origin`).
     gateway_cors: bool,
@@ -543,6 +547,7 @@ pub(crate) async fn run<S: ClientIo>(
         takeover: None,
         gateway_cors: false,
         chunked_end: None,
+        upstream_by: None,
     };
     // Set when the gateway closes while the client may still be sending: see
     // [`lingering_close`].
@@ -837,6 +842,7 @@ async fn handle<S: ClientIo>(
     let head_len = c.b.head.head_len;
     c.consumed = head_len;
     c.chunked_end = None;
+    c.upstream_by = None;
     set_request_id(w, c);
     let limits = &gw.config.server.limits;
     let method = c.b.head.method;

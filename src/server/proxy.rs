@@ -129,7 +129,14 @@ pub(super) async fn proxy<S: ClientIo>(
     let mut retries_left = up.cfg.retries;
     let mut any_target = false;
     let started = Instant::now();
-    let deadline = started + up.cfg.timeout;
+    let deadline = match c.upstream_by.take() {
+        Some(by) => by.min(started + up.cfg.timeout),
+        None => started + up.cfg.timeout,
+    };
+    if started >= deadline {
+        // Its whole `timeout_ms` went on waiting for another request's fetch.
+        return reject(w, c, 504, "Endpoint Request Timed Out", false).await;
+    }
 
     loop {
         let pick = w
