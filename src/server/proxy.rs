@@ -273,8 +273,18 @@ pub(super) async fn proxy<S: ClientIo>(
             return upgrade(w, c, us, addr, route).await;
         }
         let rmap = route.response_mapping.as_deref();
-        let ctx = (up.cfg.keepalive, up.cfg.timeout, limits.max_headers);
-        return respond(w, c, us, addr, ctx, cap, rmap).await;
+        return respond(
+            w,
+            c,
+            us,
+            addr,
+            up.cfg.keepalive,
+            up.cfg.timeout,
+            limits.max_headers,
+            cap,
+            rmap,
+        )
+        .await;
     }
 }
 
@@ -795,7 +805,9 @@ async fn respond<S: ClientIo>(
     c: &mut Conn<S>,
     mut us: TcpStream,
     addr: SocketAddr,
-    (keepalive, read_timeout, max_headers): (usize, std::time::Duration, usize),
+    keepalive: usize,
+    read_timeout: std::time::Duration,
+    max_headers: usize,
     mut cap: Option<&mut crate::cache::Capture>,
     rmap: Option<&crate::policy::mapping::HeaderMapping>,
 ) -> Outcome {
