@@ -777,6 +777,15 @@ fn quota_limit_and_usage_survive_kill_9() {
         .status,
         200
     );
+    // Two keys on a metered route (no key auth): the one metered and the one the upstream
+    // reads could differ, so the request is refused, not served unmetered.
+    let r = get_on(
+        &mut c,
+        "/prod/x",
+        &format!("x-api-key: not-a-key-0123456789abcdef\r\n{alice}"),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.message(), "Bad Request: more than one x-api-key header");
     let m = gw.metrics();
     assert_eq!(
         metric_value(&m, "ringgate_throttled_total", &["reason=\"quota\""]),
@@ -1383,6 +1392,107 @@ integration = {{ type = "http", upstream = "o" }}
         vec!["https://app.example.com"]
     );
     assert_eq!(origin.request_count(), 1);
+}
+
+/// A request whose path is refused while its head is read (`%2F`, `;`, a dot segment) gets
+/// its 400 with the CORS headers of the API it addressed, so a browser app reads the message
+/// instead of a network error; an `https://*` entry allows any https origin.
+#[test]
+fn path_refusals_carry_the_addressed_apis_cors() {
+    let gw = Gateway::start(&format!(
+        r#"
+[[apis]]
+name = "shop"
+base_path = "/shop"
+cors = {{ allow_origins = ["https://*"] }}
+[apis.stages.prod]
+[[apis.routes]]
+route = "GET /items/{{id}}"
+{MOCK}
+[[apis]]
+name = "plain"
+base_path = "/plain"
+[[apis.routes]]
+route = "GET /x/{{id}}"
+{MOCK}
+"#
+    ));
+    for path in [
+        "/shop/prod/items/a%2Fb",
+        "/shop/prod/items/a;b",
+        "/shop/prod/items/../x",
+    ] {
+        let mut c = Client::connect(gw.addr);
+        c.send(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nOrigin: https://any.example\r\n\r\n")
+                .as_bytes(),
+        );
+        let r = c.read_response().expect("response");
+        assert_eq!(r.status, 400, "{path}");
+        assert_eq!(
+            r.header("access-control-allow-origin"),
+            Some("https://any.example"),
+            "{path}"
+        );
+        assert_eq!(r.headers_named("vary"), vec!["Origin"], "{path}");
+    }
+    // An http origin is not covered by `https://*`; an API without cors gets none.
+    for (path, origin) in [
+        ("/shop/prod/items/a%2Fb", "http://any.example"),
+        ("/plain/x/a%2Fb", "https://any.example"),
+    ] {
+        let mut c = Client::connect(gw.addr);
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: t\r\nOrigin: {origin}\r\n\r\n").as_bytes());
+        let r = c.read_response().expect("response");
+        assert_eq!(r.status, 400, "{path}");
+        assert!(
+            r.header("access-control-allow-origin").is_none(),
+            "{path} {origin}"
+        );
+    }
+    // Routed requests of the shop: any https origin is echoed.
+    let mut c = Client::connect(gw.addr);
+    let r = get_on(
+        &mut c,
+        "/shop/prod/items/1",
+        "Origin: https://other.example:8443\r\n",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://other.example:8443")
+    );
+}
+
+/// CORS entries no browser could ever match are config errors naming the API's `cors` key.
+#[test]
+fn cors_entries_no_browser_matches_are_refused() {
+    for (cors, want) in [
+        (r#"allow_origins = ["https://*.example.com"]"#, "wildcard"),
+        (r#"allow_origins = ["http://h:80"]"#, "write `http://h`"),
+        (
+            r#"allow_origins = ["https://a.example.com/app"]"#,
+            "without a path",
+        ),
+        (
+            r#"allow_origins = ["https://a.example"], allow_methods = ["get"]"#,
+            "`GET`",
+        ),
+        (
+            r#"allow_origins = ["https://a.example"], allow_headers = ["*"], allow_credentials = true"#,
+            "allow_headers",
+        ),
+    ] {
+        let (out, _) = check(&format!(
+            "[[apis]]\nname = \"a\"\ncors = {{ {cors} }}\n[[apis.routes]]\nroute = \"GET /x\"\n{MOCK}\n"
+        ));
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cors}");
+        assert!(
+            e.contains("key `apis[0].cors`") && e.contains(want),
+            "{cors}: {e}"
+        );
+    }
 }
 
 /// The origin-dependent CORS headers make every answer of a CORS API vary on `Origin`: a

@@ -123,7 +123,9 @@ impl RequestHead {
     /// `buf.len() >= limits.max_header_bytes` without a complete head (a head
     /// of exactly `max_header_bytes` bytes is accepted). Pipelined requests:
     /// parse the next one from `buf[head_len + body_len..]`. After an error
-    /// or `Partial` the fields are unspecified.
+    /// or `Partial` the fields are unspecified, except after a path refused by
+    /// its checks (dot segment, encoded separator, `;`, ...): then the header
+    /// fields, `host` and `path` are those of the refused request.
     pub fn parse(&mut self, buf: &[u8], limits: &Limits) -> Result<Status, HttpError> {
         self.reset();
         let max = limits.max_header_bytes.min(u32::MAX as usize);
@@ -334,6 +336,9 @@ impl RequestHead {
             Some(q) => (&target[..q], Some(&target[q + 1..])),
             None => (target, None),
         };
+        // A path refused below stays in `path`, so the refusal can carry the CORS headers of
+        // the API it addressed (the header fields are already read).
+        self.path = offsets(buf, path);
         if has_dot_segment(path) {
             return Err(HttpError::BadRequest("dot-segment in path"));
         }
@@ -363,7 +368,6 @@ impl RequestHead {
                 return Err(HttpError::BadRequest("`;` in path"));
             }
         }
-        self.path = offsets(buf, path);
         self.query = query.map(|q| offsets(buf, q));
         Ok(())
     }

@@ -69,34 +69,139 @@ fn token_ok(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
 }
 
+/// Checks one `allow_origins` entry: `*`, `http://*` or `https://*` (any origin of that
+/// scheme, as Amazon API Gateway's HTTP APIs allow), or an origin as a browser sends it in
+/// `Origin` (RFC 6454 serialization): `scheme://host[:port]`, with no path, query, userinfo or
+/// wildcard, and no port when it is the scheme's default (browsers leave that out). An entry
+/// no browser could ever send would silently never match, so it is refused.
+fn check_origin(o: &str) -> Result<(), String> {
+    if o == "*" {
+        return Ok(());
+    }
+    let lower = o.to_ascii_lowercase();
+    let (rest, default_port) = if let Some(r) = lower.strip_prefix("http://") {
+        (r, "80")
+    } else if let Some(r) = lower.strip_prefix("https://") {
+        (r, "443")
+    } else {
+        return Err(format!(
+            "origin `{o}` must be `http://host[:port]` or `https://host[:port]`, or `*`"
+        ));
+    };
+    if rest == "*" {
+        return Ok(());
+    }
+    if rest.contains('*') {
+        return Err(format!(
+            "origin `{o}`: a wildcard stands only for a whole origin (`*`) or for every origin of a scheme (`https://*`); list the origins"
+        ));
+    }
+    if let Some(c) = rest.chars().find(|c| matches!(c, '/' | '?' | '#' | '@')) {
+        return Err(format!(
+            "origin `{o}` must be `scheme://host[:port]` without a path, query or user (`{c}`): browsers send only that"
+        ));
+    }
+    let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+        // An IPv6 literal: `[...]` then an optional port.
+        let Some((ip, after)) = r.split_once(']') else {
+            return Err(format!("origin `{o}`: `[` without `]`"));
+        };
+        if ip.is_empty()
+            || !ip
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return Err(format!("origin `{o}`: `[{ip}]` is not an IPv6 address"));
+        }
+        match after.strip_prefix(':') {
+            Some(p) => (ip, Some(p)),
+            None if after.is_empty() => (ip, None),
+            None => return Err(format!("origin `{o}`: `{after}` after the IPv6 address")),
+        }
+    } else {
+        match rest.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'))
+    {
+        return Err(format!(
+            "origin `{o}`: host `{host}` is not a DNS name or IP address (write international names in punycode, `xn--...`)"
+        ));
+    }
+    if let Some(p) = port {
+        let valid = !p.is_empty()
+            && !p.starts_with('0')
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok();
+        if !valid {
+            return Err(format!(
+                "origin `{o}`: port `{p}` is not a number from 1 to 65535"
+            ));
+        }
+        if p == default_port {
+            // The port ends the entry (nothing may follow it).
+            let short = &o[..o.len() - p.len() - 1];
+            return Err(format!(
+                "origin `{o}`: browsers leave the default port out of `Origin`; write `{short}`"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the method and header lists: tokens; methods in upper case (they are
+/// case-sensitive, and browsers compare them so); `*` only without credentials (with
+/// credentials, browsers read `*` as a literal name).
+fn check_lists(s: &CorsSpec<'_>) -> Result<(), String> {
+    for (key, list) in [
+        ("allow_methods", s.allow_methods),
+        ("allow_headers", s.allow_headers),
+        ("expose_headers", s.expose_headers),
+    ] {
+        for t in list {
+            if !token_ok(t) {
+                return Err(format!("{key}: `{t}` is not a valid method or header name"));
+            }
+            if t == "*" && s.allow_credentials {
+                return Err(format!(
+                    "{key} = [\"*\"] cannot be combined with allow_credentials = true (browsers then read `*` as a name); list them"
+                ));
+            }
+            if key == "allow_methods" && t.bytes().any(|b| b.is_ascii_lowercase()) {
+                return Err(format!(
+                    "allow_methods: `{t}` must be written in upper case (`{}`): methods are case-sensitive",
+                    t.to_ascii_uppercase()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Cors {
     /// Validates and pre-encodes; the error says what is wrong.
     pub fn build(s: &CorsSpec<'_>) -> Result<Cors, String> {
         let any_origin = s.allow_origins.iter().any(|o| o == "*");
-        if any_origin && s.allow_credentials {
-            return Err(
-                "allow_origins = [\"*\"] cannot be combined with allow_credentials = true; list the origins"
-                    .into(),
-            );
-        }
-        for o in s.allow_origins {
-            if o != "*"
-                && (!(o.starts_with("http://") || o.starts_with("https://"))
-                    || o.ends_with('/')
-                    || o.bytes().any(|c| !c.is_ascii_graphic()))
+        if s.allow_credentials {
+            if let Some(o) = s
+                .allow_origins
+                .iter()
+                .find(|o| *o == "*" || o.ends_with("://*"))
             {
                 return Err(format!(
-                    "origin `{o}` must be `scheme://host[:port]` without a path, or `*`"
+                    "allow_origins = [\"{o}\"] cannot be combined with allow_credentials = true; list the origins"
                 ));
             }
         }
-        for list in [s.allow_methods, s.allow_headers, s.expose_headers] {
-            for t in list {
-                if !token_ok(t) {
-                    return Err(format!("`{t}` is not a valid method or header name"));
-                }
-            }
+        for o in s.allow_origins {
+            check_origin(o)?;
         }
+        check_lists(s)?;
         let mut common = VARY_ORIGIN.to_vec();
         if s.allow_credentials {
             encode::push_header(&mut common, b"access-control-allow-credentials", b"true");
@@ -148,10 +253,17 @@ impl Cors {
     /// Whether `origin` may call this API.
     pub fn allowed(&self, origin: &[u8]) -> bool {
         self.any_origin
-            || self
-                .origins
-                .iter()
-                .any(|o| o.as_bytes().eq_ignore_ascii_case(origin))
+            || self.origins.iter().any(|o| {
+                let o = o.as_bytes();
+                match o.strip_suffix(b"*") {
+                    // `https://*`: any origin of that scheme with a host.
+                    Some(scheme) => {
+                        origin.len() > scheme.len()
+                            && origin[..scheme.len()].eq_ignore_ascii_case(scheme)
+                    }
+                    None => o.eq_ignore_ascii_case(origin),
+                }
+            })
     }
 
     fn push_origin(&self, origin: &[u8], out: &mut Vec<u8>) {
@@ -276,5 +388,97 @@ mod tests {
             allow_credentials: false,
         })
         .is_err());
+    }
+
+    fn build_err(origins: &[&str], methods: &[&str], headers: &[&str], creds: bool) -> String {
+        let (o, m, h) = (v(origins), v(methods), v(headers));
+        Cors::build(&CorsSpec {
+            allow_origins: &o,
+            allow_methods: &m,
+            allow_headers: &h,
+            expose_headers: &[],
+            max_age_s: None,
+            allow_credentials: creds,
+        })
+        .err()
+        .unwrap_or_default()
+    }
+
+    #[test]
+    fn origins_no_browser_sends_are_refused() {
+        for (o, want) in [
+            ("https://*.example.com", "wildcard"),
+            ("https://a.example.com/path", "without a path"),
+            ("http://h?x", "without a path"),
+            ("http://user@h", "without a path"),
+            ("http://h:*", "wildcard"),
+            ("http://h:80", "write `http://h`"),
+            ("https://h:443", "write `https://h`"),
+            ("http://h:080", "port `080`"),
+            ("http://h:70000", "port `70000`"),
+            ("http://h:", "port ``"),
+            ("http://", "host ``"),
+            ("http://[::1", "without `]`"),
+            ("http://[zz]", "not an IPv6 address"),
+            ("http://exämple.com", "punycode"),
+            ("ftp://h", "must be `http://host[:port]`"),
+        ] {
+            let e = build_err(&[o], &[], &[], false);
+            assert!(e.contains(want), "{o}: {e}");
+        }
+        for o in [
+            "*",
+            "http://*",
+            "https://*",
+            "http://h:8080",
+            "https://App.Example.com",
+            "http://[::1]:3000",
+            "http://127.0.0.1",
+            "https://xn--exmple-cua.com",
+        ] {
+            assert_eq!(build_err(&[o], &[], &[], false), "", "{o}");
+        }
+    }
+
+    #[test]
+    fn scheme_wildcard_matches_that_scheme_only() {
+        let o = v(&["https://*", "http://localhost:3000"]);
+        let c = Cors::build(&CorsSpec {
+            allow_origins: &o,
+            allow_methods: &[],
+            allow_headers: &[],
+            expose_headers: &[],
+            max_age_s: None,
+            allow_credentials: false,
+        })
+        .unwrap();
+        assert!(c.allowed(b"https://anything.example"));
+        assert!(c.allowed(b"HTTPS://x"));
+        assert!(!c.allowed(b"https://"));
+        assert!(!c.allowed(b"http://anything.example"));
+        assert!(c.allowed(b"http://localhost:3000"));
+        assert!(!c.allowed(b"null"));
+        let e = build_err(&["https://*"], &[], &[], true);
+        assert!(e.contains("allow_credentials"), "{e}");
+    }
+
+    #[test]
+    fn method_case_and_star_with_credentials() {
+        let e = build_err(&["https://a.example"], &["get", "PUT"], &[], false);
+        assert!(
+            e.contains("`get` must be written in upper case (`GET`)"),
+            "{e}"
+        );
+        let e = build_err(&["https://a.example"], &["*"], &[], true);
+        assert!(
+            e.contains("allow_methods") && e.contains("allow_credentials"),
+            "{e}"
+        );
+        let e = build_err(&["https://a.example"], &["GET"], &["*"], true);
+        assert!(
+            e.contains("allow_headers") && e.contains("allow_credentials"),
+            "{e}"
+        );
+        assert_eq!(build_err(&["https://a.example"], &["*"], &["*"], false), "");
     }
 }

@@ -571,6 +571,12 @@ pub(crate) async fn run<S: ClientIo>(
             HeadRead::Fail(status, msg) => {
                 // The header fields read before the fault, if any, give the client's id.
                 set_request_id(&w, &mut c);
+                c.b.extra.clear();
+                if status == 400 && c.b.head.head_len > 0 && c.b.head.path.1 > c.b.head.path.0 {
+                    // A path refused by its checks (`%2F`, `;`, ...): a browser app reads the
+                    // 400 through the CORS headers of the API it addressed.
+                    traffic::push_refusal_cors(&gw, &mut c, None);
+                }
                 let ok = write_error(&w, &mut c, status, msg, false).await;
                 // The rest of a head that was refused may still be coming.
                 linger = ok;

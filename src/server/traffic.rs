@@ -314,6 +314,22 @@ pub(super) async fn throttle<S: ClientIo>(
         }
     }
     if !rt.plans.is_empty() {
+        // Two keys: the one metered here and the one the upstream reads (it gets both) could
+        // differ. Refused, as on routes with key auth.
+        if c.b.head.header_count(&c.b.rbuf, "x-api-key") > 1 {
+            refund(&buckets);
+            let keep = body_skippable(c);
+            return Some(
+                reject(
+                    w,
+                    c,
+                    400,
+                    "Bad Request: more than one x-api-key header",
+                    keep,
+                )
+                .await,
+            );
+        }
         let keys = w.shared.auth.keys();
         if let Some(k) =
             c.b.head
