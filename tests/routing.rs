@@ -615,8 +615,26 @@ fn check_points_at_the_key_at_fault_not_its_tables_name() {
 
 #[test]
 fn check_refuses_route_and_base_paths_no_request_could_match() {
-    // Requests are matched in normal form: no `//`, space or encoded unreserved character.
-    for p in ["/a//b", "/%61dmin", "/a b", "/x%2"] {
+    // Requests are matched in normal form: no `//`, space, encoding of a character a path holds
+    // raw, or lower-case hex; and requests whose path holds a dot segment, an encoded `/`, `\`
+    // or NUL, a raw `\` or `;`, or `?`/`#` (which end it) never reach routing.
+    for p in [
+        "/a//b",
+        "/%61dmin",
+        "/a b",
+        "/x%2",
+        "/v1/jobs%3Arun",
+        "/caf%c3%a9",
+        "/a/../b",
+        "/a/%2e/b",
+        "/c%2Fd",
+        "/n%00m",
+        "/e;f",
+        "/g?h",
+        "/f#x",
+        "/a\\\\b",
+        "/a<b>",
+    ] {
         let cfg = format!(
             "[[apis]]\nname = \"c\"\n[[apis.routes]]\nroute = \"GET {p}\"\nintegration = {{ type = \"mock\" }}\n"
         );
@@ -655,6 +673,14 @@ integration = {{ type = "http", upstream = "o" }}
 route = "GET /admin/{{x+}}"
 integration = {{ type = "http", upstream = "o" }}
 api_key_required = true
+[[apis.routes]]
+route = "GET /caf%C3%A9/{{x+}}"
+integration = {{ type = "http", upstream = "o" }}
+api_key_required = true
+[[apis.routes]]
+route = "GET /v1/jobs:run"
+integration = {{ type = "http", upstream = "o" }}
+api_key_required = true
 [waf]
 rules = [{{ name = "internal", target = "path", pattern = "^/internal", action = "block" }}]
 "#,
@@ -669,6 +695,14 @@ rules = [{{ name = "internal", target = "path", pattern = "^/internal", action =
         "/internal/x",
         "//internal/x",
         "/%69nternal/x",
+        // Percent-encodings compare with upper-case hex; characters allowed raw in a
+        // segment (`:`) match decoded, as a backend reads them.
+        "/caf%C3%A9/x",
+        "/caf%c3%a9/x",
+        "/caf%C3%a9/x",
+        "/v1/jobs:run",
+        "/v1/jobs%3Arun",
+        "/v1/jobs%3arun",
     ] {
         let r = gw.get(p);
         assert_eq!(r.status, 403, "{p}: {}", r.text());
@@ -680,6 +714,8 @@ rules = [{{ name = "internal", target = "path", pattern = "^/internal", action =
         "/x/..%2Fadmin",
         "/x%5Cadmin",
         "/%6%31dmin/users",
+        // Raw non-ASCII (browsers send it encoded): a second spelling of `/caf%C3%A9`.
+        "/caf\u{e9}/x",
     ] {
         let r = gw.get(p);
         assert_eq!(r.status, 400, "{p}: {}", r.text());
@@ -693,4 +729,7 @@ rules = [{{ name = "internal", target = "path", pattern = "^/internal", action =
     let r = gw.get("//public//x%2Dy?q=//%61");
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "/public/x-y?q=//%61");
+    let r = gw.get("/public/%c3%a9%3b%3a");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "/public/%C3%A9%3B:");
 }

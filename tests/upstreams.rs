@@ -129,6 +129,119 @@ fn idempotent_get_is_retried_after_close_without_answer() {
     reset_then_retry(Response::close);
 }
 
+/// A PUT whose body did not all come with its head is streamed upstream. After a reset before
+/// any answer byte it is sent again whole when it is small enough to be kept (64 KiB in all),
+/// and not at all (502) when larger: never with fewer body bytes than its framing declares.
+#[test]
+fn a_streamed_body_is_retried_whole_or_not_at_all() {
+    let bad = Origin::start(|_| Response::reset());
+    let good = Origin::start(|r| Response::ok(r.body.len().to_string()));
+    let gw = Gateway::start(&config(
+        &[bad.addr, good.addr],
+        "retries = 1\ntimeout_ms = 5000",
+    ));
+    let mut refused_large = 0;
+    for (len, chunked) in [
+        (20_000, false),
+        (20_000, true),
+        (200_000, false),
+        (200_000, true),
+    ] {
+        for i in 0..4u8 {
+            let body = vec![b'a' + i; len];
+            let (first, rest) = body.split_at(1000);
+            let mut c = Client::connect(gw.addr);
+            if chunked {
+                c.send(b"PUT /u HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n");
+                c.send(first);
+            } else {
+                c.send(
+                    format!("PUT /u HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n")
+                        .as_bytes(),
+                );
+                c.send(first);
+            }
+            // The rest comes later: it is streamed, not sent with the head.
+            std::thread::sleep(Duration::from_millis(30));
+            if chunked {
+                c.send(format!("\r\n{:x}\r\n", rest.len()).as_bytes());
+                c.send(rest);
+                c.send(b"\r\n0\r\n\r\n");
+            } else {
+                c.send(rest);
+            }
+            let r = c.read_response().expect("response");
+            match r.status {
+                200 => assert_eq!(r.text(), len.to_string(), "{len} chunked={chunked}"),
+                502 => {
+                    assert!(len > 65536, "a {len}-byte PUT was not retried");
+                    assert_eq!(r.message(), "Bad Gateway");
+                    refused_large += 1;
+                }
+                s => panic!("PUT {len} chunked={chunked}: {s} {}", r.text()),
+            }
+        }
+    }
+    // Round robin sends every other request to the resetting target first.
+    assert!(
+        refused_large > 0,
+        "no large PUT reached the resetting target"
+    );
+    // The good target got only whole bodies.
+    for r in good.requests() {
+        assert!(
+            r.body.len() == 20_000 || r.body.len() == 200_000,
+            "the good target got a {}-byte body",
+            r.body.len()
+        );
+    }
+    assert_eq!(
+        good.request_count() + refused_large,
+        16,
+        "each PUT reached the good target once, or was refused"
+    );
+}
+
+/// `timeout_ms` runs from the start of the request, connects included: a target that never
+/// completes the handshake gives a 504 within `timeout_ms`, not after `connect_timeout_ms`.
+#[test]
+fn timeout_ms_bounds_a_hanging_connect() {
+    use std::os::fd::AsRawFd;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: `listen` on a descriptor this test owns; it only shrinks the accept queue.
+    let rc = unsafe { libc::listen(l.as_raw_fd(), 0) };
+    assert_eq!(rc, 0);
+    let addr = l.local_addr().unwrap();
+    // Fill the queue nobody accepts from: the next handshakes get no answer.
+    let _held: Vec<_> = (0..3)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+        })
+        .collect();
+    let gw = Gateway::start(&format!(
+        r#"
+[[upstreams]]
+name = "o"
+targets = ["{addr}"]
+connect_timeout_ms = 3000
+timeout_ms = 400
+retries = 1
+[[apis]]
+name = "p"
+[[apis.routes]]
+route = "ANY /{{p+}}"
+integration = {{ type = "http", upstream = "o" }}
+"#
+    ));
+    let t0 = Instant::now();
+    let r = gw.get("/x");
+    let took = t0.elapsed();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.message(), "Endpoint Request Timed Out");
+    assert!(took < Duration::from_millis(1500), "504 after {took:?}");
+    drop(l);
+}
+
 #[test]
 fn post_is_not_retried_after_reset() {
     let bad = Origin::start(|_| Response::reset());

@@ -442,8 +442,10 @@ pub(crate) fn route_labels(api: &str, stage: &str, key: &str) -> String {
 }
 
 /// Why no request could ever match route or base path `p`: requests arrive with their path in
-/// normal form ([`crate::http::RequestHead::normalize_path`]), without `//`, spaces or
-/// percent-encoded unreserved characters.
+/// normal form ([`crate::http::RequestHead::normalize_path`]), without `//`, spaces, raw
+/// non-ASCII, or percent-encodings that have a raw form, and with upper-case hex digits; and a
+/// request whose path holds a dot segment, an encoded `/`, `\\` or NUL, a raw `\\` or `;`, or
+/// one of `"<>`` ` `` raw is refused before routing.
 fn unmatchable(p: &str) -> Result<(), String> {
     if p.chars().any(|c| !c.is_ascii_graphic()) {
         return Err("holds a space, control or non-ASCII character: percent-encode it".into());
@@ -451,28 +453,57 @@ fn unmatchable(p: &str) -> Result<(), String> {
     if p.contains("//") {
         return Err("holds `//`: requests are matched with empty segments merged".into());
     }
+    if let Some(c) = p.chars().find(|c| matches!(c, '?' | '#')) {
+        return Err(format!(
+            "holds `{c}`, which ends a request's path (percent-encode it if it is data)"
+        ));
+    }
+    if let Some(c) = p
+        .chars()
+        .find(|c| matches!(c, '\\' | ';' | '"' | '<' | '>' | '`'))
+    {
+        return Err(format!(
+            "holds `{c}`: requests with it raw in their path are refused (400)"
+        ));
+    }
+    let dot = |seg: &str| {
+        let d = seg.replace("%2E", ".").replace("%2e", ".");
+        d == "." || d == ".."
+    };
+    if p.split('/').any(dot) {
+        return Err("holds a `.` or `..` segment: requests with one are refused (400)".into());
+    }
     let b = p.as_bytes();
-    for (i, w) in b.windows(3).enumerate() {
-        if w[0] != b'%' {
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'%' {
+            i += 1;
             continue;
         }
-        let hex = |c: u8| (c as char).to_digit(16);
-        match (hex(w[1]), hex(w[2])) {
-            (Some(h), Some(l)) => {
-                let c = (h * 16 + l) as u8;
-                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
-                    return Err(format!(
-                        "holds `{}`: requests are matched with it decoded, write `{}`",
-                        &p[i..i + 3],
-                        c as char
-                    ));
-                }
-            }
-            _ => return Err("holds a `%` not followed by two hex digits".into()),
+        let hex = |c: Option<&u8>| c.and_then(|c| (*c as char).to_digit(16));
+        let (Some(h), Some(l)) = (hex(b.get(i + 1)), hex(b.get(i + 2))) else {
+            return Err("holds a `%` not followed by two hex digits".into());
+        };
+        let c = (h * 16 + l) as u8;
+        let enc = &p[i..i + 3];
+        if matches!(c, b'/' | b'\\' | 0) {
+            return Err(format!(
+                "holds `{enc}`: requests with an encoded `/`, `\\` or NUL in their path are refused (400)"
+            ));
         }
-    }
-    if p.ends_with('%') || p.len() >= 2 && p.as_bytes()[p.len() - 2] == b'%' {
-        return Err("holds a `%` not followed by two hex digits".into());
+        if crate::http::request::decoded_in_normal_form(c) {
+            return Err(format!(
+                "holds `{enc}`: requests are matched with it decoded, write `{}`",
+                c as char
+            ));
+        }
+        if enc.bytes().any(|x| x.is_ascii_lowercase()) {
+            return Err(format!(
+                "holds `{enc}`: requests are matched with upper-case hex digits, write `{}`",
+                enc.to_ascii_uppercase()
+            ));
+        }
+        i += 3;
     }
     Ok(())
 }

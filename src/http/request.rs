@@ -367,6 +367,11 @@ impl RequestHead {
                 // guards it.
                 return Err(HttpError::BadRequest("`;` in path"));
             }
+            if path.iter().any(|&b| refused_raw(b)) {
+                return Err(HttpError::BadRequest(
+                    "non-ASCII byte or one of `\"<>`{}` in path: percent-encode it",
+                ));
+            }
         }
         self.query = query.map(|q| offsets(buf, q));
         Ok(())
@@ -544,17 +549,36 @@ fn other_major_version(buf: &[u8]) -> bool {
     }
 }
 
-/// Whether `path` holds an empty segment (`//`) or any percent-encoding.
+/// Whether `path` holds an empty segment (`//`), any percent-encoding, or a byte refused raw
+/// (`\\`, `;`, and those of [`refused_raw`]): the rare paths that get a closer look.
 fn needs_normalizing(path: &[u8]) -> bool {
     let mut prev = 0u8;
     for &b in path {
-        // A backslash or `;` too: refused with the encoded separators (one pass for all).
-        if b == b'%' || b == b'\\' || b == b';' || (b == b'/' && prev == b'/') {
+        if b == b'%' || (b == b'/' && prev == b'/') || b == b'\\' || b == b';' || refused_raw(b) {
             return true;
         }
         prev = b;
     }
     false
+}
+
+/// Bytes a path may not hold raw: non-ASCII and `"`, `<`, `>`, `` ` ``, `{`, `}` (RFC 3986
+/// allows none of them; browsers percent-encode every one). Taken raw, a path would have two
+/// spellings (`/café` and `/caf%C3%A9`) that routing tells apart and a backend does not.
+#[inline]
+fn refused_raw(b: u8) -> bool {
+    b >= 0x80 || matches!(b, b'"' | b'<' | b'>' | b'`' | b'{' | b'}')
+}
+
+/// Characters a path holds raw in its normal form, decoded when they come percent-encoded: the
+/// unreserved ones (RFC 3986 6.2.2.2) and those allowed raw in a segment that mean nothing to a
+/// backend's path parsing (`:` `@` `!` `$` `&` `'` `(` `)` `*` `+` `,` `=`, and `|` `^`, which
+/// browsers send raw). A backend decodes `%3A` and `:` alike, so routing must too. `%3B`,
+/// `%3F`, `%23`, `%25`, `%20` and the others stay encoded (decoded, they would change the path's
+/// structure), with upper-case hex digits (RFC 3986 6.2.2.1).
+#[inline]
+pub(crate) fn decoded_in_normal_form(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"-._~:@!$&'()*+,=|^".contains(&c)
 }
 
 /// Every `%` in `path` is followed by two hex digits (RFC 3986 2.1).
@@ -596,9 +620,10 @@ fn hex_val(b: u8) -> Option<u8> {
 impl RequestHead {
     /// Rewrites the path in `buf` (the buffer that was parsed) in place to its normal form, as
     /// a backend would read it: empty segments merged (`//a` is `/a`, as nginx's
-    /// `merge_slashes`) and percent-encoded unreserved characters decoded (`%61` is `a`, RFC
-    /// 3986 6.2.2.2). Routing, auth, WAF rules and the upstream then all see one path. Only
-    /// shortens the path; every other range stays valid.
+    /// `merge_slashes`), percent-encoded characters of [`decoded_in_normal_form`] decoded (`%61`
+    /// is `a`, `%3A` is `:`) and the other encodings in upper case (`%c3%a9` is `%C3%A9`).
+    /// Routing, auth, WAF rules and the upstream then all see one path. Only shortens the path;
+    /// every other range stays valid.
     pub fn normalize_path(&mut self, buf: &mut [u8]) {
         if !self.path_dirty {
             return;
@@ -625,12 +650,18 @@ impl RequestHead {
             if b == b'%' && r + 2 < p.len() {
                 if let (Some(h), Some(l)) = (hex_val(p[r + 1]), hex_val(p[r + 2])) {
                     let c = h << 4 | l;
-                    if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    if decoded_in_normal_form(c) {
                         p[w] = c;
                         w += 1;
                         r += 3;
                         continue;
                     }
+                    p[w] = b'%';
+                    p[w + 1] = p[r + 1].to_ascii_uppercase();
+                    p[w + 2] = p[r + 2].to_ascii_uppercase();
+                    w += 3;
+                    r += 3;
+                    continue;
                 }
             }
             p[w] = b;
@@ -1176,8 +1207,16 @@ mod tests {
             ("//admin/users", "/admin/users"),
             ("/a///b//", "/a/b/"),
             ("/%61dmin/%7Eu%2d%2E%5f", "/admin/~u-._"),
-            // Reserved or unsafe characters stay encoded.
+            // Characters that would change the path's structure, or may not be raw, stay
+            // encoded, with upper-case hex digits.
             ("/a%20b/%3F/%25/%2541", "/a%20b/%3F/%25/%2541"),
+            ("/caf%c3%a9/x%3b%23%7b", "/caf%C3%A9/x%3B%23%7B"),
+            // Those allowed raw in a segment are decoded, as a backend decodes them.
+            (
+                "/v1/jobs%3arun/%40me/%2B%26%3D%7C%5E",
+                "/v1/jobs:run/@me/+&=|^",
+            ),
+            ("/v1/jobs:run|x^y", "/v1/jobs:run|x^y"),
         ] {
             let mut buf = req(&format!("GET {t}?q=//%61 HTTP/1.1"), "X-After: 1\r\n");
             let mut h = ok(&buf);
@@ -1220,6 +1259,17 @@ mod tests {
                 "{t}"
             );
         }
+        // Non-ASCII bytes and the characters browsers always encode are refused raw: with
+        // them, one path would have two spellings.
+        for t in ["/caf\u{e9}/secret", "/a\"b", "/a<b>", "/a{b}", "/a`b"] {
+            assert_eq!(
+                bad(&req(&format!("GET {t} HTTP/1.1"), "")),
+                "non-ASCII byte or one of `\"<>`{}` in path: percent-encode it",
+                "{t}"
+            );
+        }
+        // In the query they pass as they came.
+        ok(&req("GET /a?q=caf\u{e9}{x} HTTP/1.1", ""));
         // %01 and the like are not refused (only NUL is, as in nginx).
         ok(&req("GET /a%01b HTTP/1.1", ""));
     }

@@ -41,6 +41,11 @@ enum Fail {
     Client(u16),
 }
 
+/// The most of a request (head and body) kept to be sent again after a failure before any
+/// answer byte: a larger body is streamed through and not kept, so such a request is not
+/// retried (as Envoy stops retrying a request whose body outgrew its buffer limit).
+const REPLAY_MAX: usize = 64 << 10;
+
 /// Proxies the request in `c` to `upstreams[up_idx]`.
 pub(super) async fn proxy<S: ClientIo>(
     w: &Rc<Worker>,
@@ -125,6 +130,11 @@ pub(super) async fn proxy<S: ClientIo>(
         _ => None,
     };
     let idempotent = c.b.head.method.is_idempotent();
+    // The request can be sent again (to a fresh connection or another target) only while all
+    // of it that was taken from the client is still in `c.b.out`: the body bytes streamed
+    // upstream are copied there too, up to `REPLAY_MAX` in all; past that, `lost` is set and
+    // a failure after the upload began is final (502), since the body is gone.
+    let mut lost = false;
     let mut tried: u64 = 0;
     let mut retries_left = up.cfg.retries;
     let mut any_target = false;
@@ -164,8 +174,11 @@ pub(super) async fn proxy<S: ClientIo>(
             let (mut us, next, reused) = match pooled.take() {
                 Some(p) => (p.stream, Some(p.next), true),
                 None => {
+                    // Bounded by the request's own deadline too: `timeout_ms` runs from the
+                    // start of the request, connects and retries included.
+                    let left = deadline.saturating_duration_since(Instant::now());
                     match monoio::time::timeout(
-                        up.cfg.connect_timeout,
+                        up.cfg.connect_timeout.min(left),
                         TcpStream::connect_addr(addr),
                     )
                     .await
@@ -185,6 +198,7 @@ pub(super) async fn proxy<S: ClientIo>(
                 next,
                 &mut remaining,
                 &mut body_done,
+                &mut lost,
                 &mut decoder,
                 deadline,
                 up.cfg.timeout,
@@ -204,7 +218,7 @@ pub(super) async fn proxy<S: ClientIo>(
                 // answer: mostly caught before the connection is pooled (see `respond`), else
                 // told apart by not starting like a status line.
                 Err(Fail::BeforeResponse | Fail::Leftover)
-                    if reused && fresh_tries == 0 && body_done && idempotent =>
+                    if reused && fresh_tries == 0 && !lost && idempotent =>
                 {
                     // On a fresh connection. The other idle ones are as old (an upstream
                     // restart or idle timeout closes them all), so they go too.
@@ -252,7 +266,7 @@ pub(super) async fn proxy<S: ClientIo>(
             }
             Err(f) => {
                 let retryable = matches!(f, Fail::Connect)
-                    || (matches!(f, Fail::BeforeResponse) && idempotent && body_done);
+                    || (matches!(f, Fail::BeforeResponse) && idempotent && !lost);
                 if retryable && retries_left > 0 && Instant::now() < deadline {
                     retries_left -= 1;
                     continue;
@@ -510,8 +524,8 @@ async fn wait_watching_client<F: std::future::Future>(
     }
 }
 
-/// Sends the request (head, buffered body, streamed rest) and reads the response head into
-/// `c.b.ubuf`/`c.b.resp`, by `deadline`; when the body had to be streamed from the client
+/// Sends the request (head, buffered body, streamed rest: see `stream_request_body` for
+/// `lost`) and reads the response head into `c.b.ubuf`/`c.b.resp`, by `deadline`; when the body had to be streamed from the client
 /// first, the upstream gets its whole `timeout` from the end of the upload (a slow client is
 /// bounded by the idle timeout, not charged to the upstream), as Envoy's route timeout.
 #[allow(
@@ -524,6 +538,7 @@ async fn exchange<S: ClientIo>(
     mut next: Option<NextRead>,
     remaining: &mut u64,
     body_done: &mut bool,
+    lost: &mut bool,
     decoder: &mut Option<ChunkedDecoder>,
     mut deadline: Instant,
     timeout: std::time::Duration,
@@ -539,7 +554,7 @@ async fn exchange<S: ClientIo>(
     // before the upload ended), and that answer is what the client should get.
     let mut early = false;
     if !*body_done {
-        match stream_request_body(c, us, remaining, decoder, limits).await {
+        match stream_request_body(c, us, remaining, lost, decoder, limits).await {
             Ok(()) => {
                 *body_done = true;
                 deadline = deadline.max(Instant::now() + timeout);
@@ -668,11 +683,14 @@ async fn exchange<S: ClientIo>(
     }
 }
 
-/// Streams the rest of the request body from the client to the upstream.
+/// Streams the rest of the request body from the client to the upstream. While `lost` is unset
+/// each piece is also appended to `c.b.out` (after the head and the body that came with it), so
+/// the request can be sent again whole; a piece that would take it past `REPLAY_MAX` sets `lost`.
 async fn stream_request_body<S: ClientIo>(
     c: &mut Conn<S>,
     us: &mut TcpStream,
     remaining: &mut u64,
+    lost: &mut bool,
     decoder: &mut Option<ChunkedDecoder>,
     limits: &crate::config::Limits,
 ) -> Result<(), Fail> {
@@ -714,11 +732,19 @@ async fn stream_request_body<S: ClientIo>(
                 d.push_trailers(&mut bbuf);
             }
         }
+        // Kept after what was sent before, so the request can be sent again whole.
+        if !*lost {
+            if c.b.out.len() + bbuf.len() <= REPLAY_MAX {
+                c.b.out.extend_from_slice(&bbuf);
+            } else {
+                *lost = true;
+            }
+        }
         let (res, b) = us.write_all(bbuf).await;
         bbuf = b;
         if res.is_err() {
-            // The upstream stopped reading (it may have answered early): not retryable,
-            // since the body is gone; the caller answers 502.
+            // The upstream stopped reading (it may have answered early); sent again only if
+            // all of it is still in `c.b.out` (`lost` unset), else the caller answers 502.
             return Err(Fail::BeforeResponse);
         }
         if done {
