@@ -58,6 +58,12 @@ fn mock_204_has_neither_body_nor_content_length() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot have a body"), "{err}");
+    // So is one on a 205 (Reset Content has no content either).
+    let bad = cfg.replace("status = 204 }", "status = 205, body = \"x\" }");
+    let (out, _) = check(&bad);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("status 205 cannot have a body"), "{err}");
 }
 
 #[test]
@@ -233,7 +239,7 @@ base_path = "/shop"
 variables = {{ version = "v1" }}
 
 [apis.stages.prod]
-variables = {{ version = "v2" }}
+variables = {{ version = "v2{{id}}" }}
 
 [[apis.routes]]
 route = "GET /items/{{id}}"
@@ -257,8 +263,9 @@ integration = {{ type = "http", upstream = "o" }}
     for (path, want) in [
         ("/shop/items/7", "/v1/things/7"),
         ("/shop/items/7?x=1&y=2", "/v1/things/7?x=1&y=2"),
-        ("/shop/prod/items/8", "/v2/things/8"),
-        ("/shop/prod/items/8?x=1", "/v2/things/8?x=1"),
+        // A stage variable's value is literal text: its `{id}` is no parameter.
+        ("/shop/prod/items/8", "/v2{id}/things/8"),
+        ("/shop/prod/items/8?x=1", "/v2{id}/things/8?x=1"),
         ("/shop/files/d1/a/b/c.txt", "/store/a/b/c.txt/in/d1"),
         ("/shop/prod/q/5?lang=en", "/query/5?fixed=1&lang=en"),
         ("/shop/q/5", "/query/5?fixed=1"),
@@ -420,6 +427,37 @@ fn hosts_select_the_api() {
     assert_eq!(get("127.0.0.1"), "ANY");
 }
 
+/// A host's API that has a path only under other methods does not hide another tier's route
+/// for the method asked: the request goes on to the wildcard and host-less APIs, as one for a
+/// path the host's API lacks does; 405 only when no tier serves it, with every tier's methods.
+#[test]
+fn a_method_a_hosts_api_lacks_goes_on_to_the_next_tier() {
+    let cfg = format!(
+        "[[apis]]\nname = \"exact\"\nhosts = [\"e.w.com\"]\n{}{}\
+         [[apis]]\nname = \"wild\"\nhosts = [\"*.w.com\"]\n{}\
+         [[apis]]\nname = \"any\"\n{}{}",
+        mock("POST /z", "EXACT"),
+        mock("PUT /w", "EXACT"),
+        mock("POST /w", "WILD"),
+        mock("GET /z", "ANY"),
+        mock("GET /x", "ANY"),
+    );
+    let gw = Gateway::start(&cfg);
+    let send =
+        |m: &str, path: &str| gw.request(&format!("{m} {path} HTTP/1.1\r\nHost: e.w.com\r\n\r\n"));
+    assert_eq!(send("GET", "/x").text(), "ANY");
+    assert_eq!(send("GET", "/z").text(), "ANY");
+    assert_eq!(send("POST", "/z").text(), "EXACT");
+    assert_eq!(send("POST", "/w").text(), "WILD");
+    assert_eq!(send("PUT", "/w").text(), "EXACT");
+    let r = send("DELETE", "/z");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD, POST"));
+    let r = send("DELETE", "/w");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("POST, PUT"));
+}
+
 #[test]
 fn host_only_api_does_not_answer_other_hosts() {
     let cfg = format!(
@@ -470,6 +508,8 @@ targets = ["127.0.0.1:9"]
 
 [[apis]]
 name = "shop"
+hosts = ["shop.example.com"]
+base_path = "/v1"
 
 [apis.stages.prod]
 variables = { backend = "orders" }
@@ -496,6 +536,12 @@ integration = { type = "mock", body = "hi" }
         .unwrap_or_else(|| panic!("route missing from the table:\n{stdout}"));
     assert!(
         line.contains("shop") && line.contains("prod") && line.contains("orders"),
+        "{line}"
+    );
+    // Where requests reach it (hosts, base path and stage), and the integration path.
+    assert!(
+        line.contains("shop.example.com/v1/prod/products/{id}")
+            && line.contains("-> http orders /items/{id}"),
         "{line}"
     );
     assert!(
@@ -578,6 +624,15 @@ fn check_refuses_conflicting_routes_with_file_line_and_key() {
 fn check_refuses_duplicate_routes() {
     let cfg = "[[apis]]\nname = \"c\"\n[[apis.routes]]\nroute = \"GET /x\"\nintegration = { type = \"mock\" }\n[[apis.routes]]\nroute = \"GET /x\"\nintegration = { type = \"mock\" }\n";
     assert_check_fails(cfg, 7, "apis[0].routes[1].route");
+    // Across APIs (here through a base path) the error names the route already there.
+    let cfg = "[[apis]]\nname = \"a\"\nbase_path = \"/x\"\n[[apis.routes]]\nroute = \"GET /y\"\nintegration = { type = \"mock\" }\n[[apis]]\nname = \"b\"\n[[apis.routes]]\nroute = \"GET /x/y\"\nintegration = { type = \"mock\" }\n";
+    assert_check_fails(cfg, 10, "apis[1].routes[0].route");
+    let (out, _) = check(cfg);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already defined by API `a`, stage `$default`, route `GET /y`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -598,6 +653,8 @@ fn check_points_at_the_key_at_fault_not_its_tables_name() {
     let api = "[[apis]]\nname = \"c\"\n[[apis.routes]]\nroute = \"GET /x\"\nintegration = { type = \"http\", upstream = \"o\" }\n";
     for (body, line, key) in [
         ("timeout_ms = 0\n", 4, "upstreams[0].timeout_ms"),
+        // A header name with a space never arrives: balancing would never hash.
+        ("balance = \"hash:header.a b\"\n", 4, "upstreams[0].balance"),
         (
             "connect_timeout_ms = 0\n",
             4,

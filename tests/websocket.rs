@@ -1040,6 +1040,19 @@ fn websocket_config_errors_name_the_key() {
             "[apis.stages.prod]\ncache = { ttl_s = 60 }",
             "apis[0].stages.prod.cache",
         ),
+        // A limit out of range names its own key.
+        (
+            "websocket = { max_message_bytes = 0 }",
+            "apis[0].websocket.max_message_bytes",
+        ),
+        (
+            "websocket = { max_frame_bytes = 2147483648 }",
+            "apis[0].websocket.max_frame_bytes",
+        ),
+        (
+            "websocket = { idle_timeout_ms = 0 }",
+            "apis[0].websocket.idle_timeout_ms",
+        ),
     ] {
         let (out, _) = check(&format!(
             r#"
@@ -1257,6 +1270,11 @@ fn echo_backend(drop_after: Option<usize>) -> EchoBackend {
 /// A pass-through backend that answers the upgrade with its 101 and `after` in one write, then
 /// holds the connection open for 3 s without reading.
 fn push_backend(after: Vec<u8>) -> SocketAddr {
+    push_backend_with("", after)
+}
+
+/// [`push_backend`] with `extra` header lines in its 101.
+fn push_backend_with(extra: &'static str, after: Vec<u8>) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     thread::spawn(move || {
@@ -1269,7 +1287,7 @@ fn push_backend(after: Vec<u8>) -> SocketAddr {
                     return;
                 };
                 let mut out = Vec::new();
-                answer_upgrade(&mut out, &head, "");
+                answer_upgrade(&mut out, &head, extra);
                 out.extend_from_slice(&after);
                 let _ = s.write_all(&out);
                 thread::sleep(Duration::from_secs(3));
@@ -1291,6 +1309,46 @@ fn passthrough_relays_frames_that_came_with_the_101() {
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(ws.read_frame(), Some((true, op::TEXT, big)));
     assert_eq!(ws.recv_text(), "second");
+}
+
+/// The upstream's frames meet the same rules as the client's, but the mask: the size limits
+/// (1009) and RFC 6455 5.1's "a server MUST NOT mask" (1002); the upstream is told too.
+#[test]
+fn passthrough_checks_the_upstreams_frames() {
+    let mut big = Vec::new();
+    frame::encode(&mut big, op::BINARY, true, &[b'u'; 5000]);
+    let mut masked = Ws::frame(true, op::TEXT, b"masked", true);
+    let mut small = Vec::new();
+    frame::encode(&mut small, op::TEXT, true, b"fine");
+    for (after, code) in [(big, 1009), (std::mem::take(&mut masked), 1002)] {
+        let mut all = small.clone();
+        all.extend_from_slice(&after);
+        let gw = Gateway::start(&passthrough_config(
+            push_backend(all),
+            "websocket = { max_frame_bytes = 1024 }",
+        ));
+        let (head, mut ws) = ws_connect(gw.addr, "/live/r", "");
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert_eq!(ws.recv_text(), "fine");
+        assert_eq!(ws.expect_close(), code);
+    }
+}
+
+/// An upstream whose 101 names an extension that was not offered (the client's offer is
+/// removed) fails the handshake with 502: the client would otherwise turn compression on.
+#[test]
+fn passthrough_refuses_an_extension_the_upstream_was_not_offered() {
+    let be = push_backend_with(
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+        Vec::new(),
+    );
+    let gw = Gateway::start(&passthrough_config(be, ""));
+    let (head, _ws) = ws_connect(
+        gw.addr,
+        "/live/r",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    );
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
 }
 
 #[test]
@@ -2170,6 +2228,54 @@ fn shutdown_lets_the_message_call_in_flight_answer_before_the_1001() {
         t.elapsed()
     );
     assert_eq!(route_keys(&be, "$disconnect").len(), 1);
+}
+
+/// A client that floods pings and reads nothing costs one owed pong, not one queued pong per
+/// ping: the gateway's memory stays flat (RFC 6455 5.5.3 lets it answer only the latest ping),
+/// and the pong it finally sends carries the latest ping's payload.
+#[test]
+fn a_ping_flood_from_a_client_that_does_not_read_is_bounded() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let mut ws = open(gw.addr, "/");
+    // Warm up, then measure.
+    ws.send(true, op::PING, b"warm");
+    let (_, opc, _) = ws.read_frame().expect("a pong");
+    assert_eq!(opc, op::PONG);
+    let rss0 = rss_kib(gw.pid);
+    // 64 MiB of pings in 1 MiB writes, none of their pongs read meanwhile.
+    let payload = [b'p'; 125];
+    let one = Ws::frame(true, op::PING, &payload, true);
+    let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 8000).collect();
+    let mut sent = 0usize;
+    while sent < 64 << 20 {
+        ws.send_raw(&batch);
+        sent += batch.len();
+    }
+    ws.send(true, op::PING, b"last");
+    // The gateway has read them all once it answers a message sent after them.
+    ws.text(r#"{"action":"echo","n":1}"#);
+    let mut pongs = 0usize;
+    let mut last_pong = Vec::new();
+    loop {
+        let (_, opc, p) = ws.read_frame().expect("a frame");
+        match opc {
+            op::PONG => {
+                pongs += 1;
+                last_pong = p;
+            }
+            op::TEXT => break,
+            o => panic!("unexpected opcode {o}"),
+        }
+    }
+    let rss1 = rss_kib(gw.pid);
+    assert_eq!(last_pong, b"last", "the latest ping's pong is sent");
+    let pings = sent / one.len();
+    assert!(pongs < pings, "{pongs} pongs for {pings} pings");
+    assert!(
+        rss1 < rss0 + 24 * 1024,
+        "RSS grew from {rss0} KiB to {rss1} KiB"
+    );
 }
 
 #[test]

@@ -618,13 +618,20 @@ fn validate_upstream(
         "least_conn" => Balance::LeastConn,
         "random2" => Balance::Random2,
         b => match b.strip_prefix("hash:header.") {
-            Some(h) if !h.is_empty() => Balance::HashHeader(h.to_ascii_lowercase()),
+            Some(h)
+                if !h.is_empty()
+                    && h.bytes().all(|c| {
+                        c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
+                    }) =>
+            {
+                Balance::HashHeader(h.to_ascii_lowercase())
+            }
             _ => {
                 return Err(src.err(
                     u.balance.span(),
                     &key("balance"),
                     format!(
-                        "`{b}` is not one of round_robin, least_conn, random2, hash:header.NAME"
+                        "`{b}` is not one of round_robin, least_conn, random2, hash:header.NAME (NAME a header field name)"
                     ),
                 ))
             }

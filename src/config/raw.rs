@@ -198,7 +198,7 @@ pub struct RawApi {
     #[serde(default = "default_protocol")]
     pub protocol: Spanned<String>,
     #[serde(default)]
-    pub hosts: Vec<String>,
+    pub hosts: Option<Spanned<Vec<String>>>,
     #[serde(default = "default_empty")]
     pub base_path: Spanned<String>,
     #[serde(default)]

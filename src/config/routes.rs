@@ -27,6 +27,8 @@ pub struct PathTemplate {
     parts: Vec<Part>,
     /// The template has its own query string.
     has_query: bool,
+    /// As written, stage variables substituted (for `--check`).
+    text: Box<str>,
 }
 
 impl PathTemplate {
@@ -84,6 +86,8 @@ pub struct Route {
     pub labels: Arc<str>,
     /// Length of base path + stage prefix, stripped when forwarding the path as is.
     pub prefix_len: usize,
+    /// Where requests reach it: hosts (if any), then the full path pattern (for `--check`).
+    pub served_at: Box<str>,
     pub integration: Integration,
     pub access_log: bool,
     /// Response caching for this route in this stage (`None`: not cached).
@@ -296,12 +300,21 @@ impl RouteTable {
                         *d = s.to_ascii_lowercase();
                     }
                     if let Ok(h) = std::str::from_utf8(&lower[..h.len()]) {
+                        // The most specific host's route wins; a path that one host tier
+                        // has only under other methods goes on to the next tier, as a path
+                        // it does not have at all does (405 only when none serves it).
+                        let mut not_allowed = false;
                         for t in self.tables_for(h) {
-                            let m = t.find(&self.routes, method, path, params);
-                            if m != RouteMatch::NotFound {
-                                return m;
+                            match t.find(&self.routes, method, path, params) {
+                                RouteMatch::NotFound => {}
+                                RouteMatch::MethodNotAllowed => not_allowed = true,
+                                m => return m,
                             }
                         }
+                        return match self.any_host.find(&self.routes, method, path, params) {
+                            RouteMatch::NotFound if not_allowed => RouteMatch::MethodNotAllowed,
+                            m => m,
+                        };
                     }
                 }
             }
@@ -310,18 +323,18 @@ impl RouteTable {
     }
 
     /// For a [`RouteMatch::MethodNotAllowed`] from [`RouteTable::find`]: the methods the
-    /// path's routes accept (the `Allow` of the 405), from the same host table `find` used.
+    /// path's routes accept (the `Allow` of the 405), from every host table `find` tried.
     pub fn allowed_methods(&self, host: Option<&[u8]>, path: &str) -> Vec<&[u8]> {
+        let mut m = self.any_host.allowed_methods(path);
         if let Some(h) = host.map(strip_port) {
             let h = String::from_utf8_lossy(h).to_ascii_lowercase();
             for t in self.tables_for(&h) {
-                let m = t.allowed_methods(path);
-                if !m.is_empty() {
-                    return m;
-                }
+                m.extend(t.allowed_methods(path));
             }
+            m.sort_unstable();
+            m.dedup();
         }
-        self.any_host.allowed_methods(path)
+        m
     }
 
     /// For a request that matched no route: a route of the API (and stage) its host and path
@@ -353,7 +366,14 @@ impl RouteTable {
         for r in &self.routes {
             let mut target = match &r.integration {
                 Integration::Mock(m) => format!("mock {}", m.status),
-                Integration::Http { upstream, .. } => format!("http {}", upstreams[*upstream].name),
+                Integration::Http {
+                    upstream,
+                    path: None,
+                } => format!("http {}", upstreams[*upstream].name),
+                Integration::Http {
+                    upstream,
+                    path: Some(t),
+                } => format!("http {} {}", upstreams[*upstream].name, t.text),
                 Integration::WebSocket(w) => format!("websocket ({} routes)", w.routes.len()),
             };
             // Only GET and HEAD use the cache: a route of another method shows none.
@@ -373,11 +393,20 @@ impl RouteTable {
             }
             let _ = writeln!(
                 s,
-                "{:<12} {:<10} {:<40} -> {}",
-                r.api, r.stage, r.key, target
+                "{:<12} {:<10} {:<28} {:<36} -> {}",
+                r.api, r.stage, r.key, r.served_at, target
             );
         }
         s
+    }
+}
+
+/// `--check`'s view of where a route is reached: `host/path`, `{a,b}/path`, or `/path`.
+fn served_at(hosts: &[String], path: &str) -> Box<str> {
+    match hosts {
+        [] => path.into(),
+        [h] => format!("{h}{path}").into(),
+        hs => format!("{{{}}}{path}", hs.join(",")).into(),
     }
 }
 
@@ -564,7 +593,16 @@ fn subst_vars(
     Ok(out)
 }
 
-fn compile_template(s: &str, names: &[String]) -> Result<PathTemplate, String> {
+/// Compiles an integration path as written: `{param}` become the request's captures and
+/// `${stageVariables.NAME}` the stage's value, as literal text (a `{id}` in a value is no
+/// parameter).
+fn compile_template(
+    raw: &str,
+    names: &[String],
+    vars: &std::collections::BTreeMap<String, String>,
+) -> Result<PathTemplate, String> {
+    let full = subst_stage_vars(raw, vars)?;
+    let s = full.as_str();
     if !s.starts_with('/') {
         return Err(format!("integration path `{s}` must start with `/`"));
     }
@@ -581,29 +619,41 @@ fn compile_template(s: &str, names: &[String]) -> Result<PathTemplate, String> {
         ));
     }
     let mut parts = Vec::new();
-    let mut rest = s;
+    let mut lit = String::new();
+    let mut rest = raw;
     while let Some(i) = rest.find('{') {
-        if i > 0 {
-            parts.push(Part::Lit(rest[..i].into()));
-        }
         let after = &rest[i + 1..];
         let end = after
             .find('}')
-            .ok_or_else(|| format!("unterminated `{{` in `{s}`"))?;
-        let name = after[..end].trim_end_matches('+');
-        let idx = names
-            .iter()
-            .position(|n| n == name)
-            .ok_or_else(|| format!("`{{{name}}}` is not a parameter of the route"))?;
-        parts.push(Part::Param(idx));
+            .ok_or_else(|| format!("unterminated `{{` in `{raw}`"))?;
+        let name = &after[..end];
+        if i > 0 && rest.as_bytes()[i - 1] == b'$' {
+            // `${stageVariables.NAME}` (checked by the substitution above).
+            lit.push_str(&rest[..i - 1]);
+            let var = name.strip_prefix("stageVariables.").unwrap_or(name);
+            lit.push_str(vars.get(var).map_or("", |v| v.as_str()));
+        } else {
+            lit.push_str(&rest[..i]);
+            if !lit.is_empty() {
+                parts.push(Part::Lit(std::mem::take(&mut lit).into()));
+            }
+            let name = name.trim_end_matches('+');
+            let idx = names
+                .iter()
+                .position(|n| n == name)
+                .ok_or_else(|| format!("`{{{name}}}` is not a parameter of the route"))?;
+            parts.push(Part::Param(idx));
+        }
         rest = &after[end + 1..];
     }
-    if !rest.is_empty() {
-        parts.push(Part::Lit(rest.into()));
+    lit.push_str(rest);
+    if !lit.is_empty() {
+        parts.push(Part::Lit(lit.into()));
     }
     Ok(PathTemplate {
         parts,
         has_query: s.contains('?'),
+        text: s.into(),
     })
 }
 
@@ -622,7 +672,8 @@ fn encode_mock(
     // RFC 9110 8.6 and 15.4.5: a 204 never has a body nor Content-Length; a 304 has no body
     // (and its Content-Length would describe the unsent representation, so none is sent).
     let bodiless = status == 204 || status == 304;
-    if bodiless && !body.is_empty() {
+    // RFC 9110 15.3.6: a 205 has no content either (it is sent with `content-length: 0`).
+    if (bodiless || status == 205) && !body.is_empty() {
         return Err(format!("a mock with status {status} cannot have a body"));
     }
     let mut head = Vec::new();
@@ -800,13 +851,25 @@ pub(super) fn compile(
             &api.stages
         };
         let api_name: Arc<str> = name.into();
-        let hosts = api
-            .hosts
+        let hosts: &[String] = match &api.hosts {
+            None => &[],
+            Some(h) if h.get_ref().is_empty() => {
+                return Err(src.err(
+                    h.span(),
+                    &akey("hosts"),
+                    "is empty: list the host names, or leave `hosts` out to serve every host",
+                ))
+            }
+            Some(h) => h.get_ref(),
+        };
+        let hosts = hosts
             .iter()
             .enumerate()
             .map(|(hi, h)| {
-                host_pattern(h)
-                    .map_err(|m| src.err(api.name.span(), &akey(&format!("hosts[{hi}]")), m))
+                host_pattern(h).map_err(|m| {
+                    let span = api.hosts.as_ref().map_or(api.name.span(), |s| s.span());
+                    src.err(span, &akey(&format!("hosts[{hi}]")), m)
+                })
             })
             .collect::<Result<Vec<String>, ConfigError>>()?;
         // Schemas are read and compiled once per route, whatever the number of stages.
@@ -932,6 +995,7 @@ pub(super) fn compile(
                     key: "$connect".into(),
                     labels: labels.into(),
                     prefix_len: prefix.len(),
+                    served_at: served_at(&hosts, if prefix.is_empty() { "/" } else { &prefix }),
                     integration: Integration::WebSocket(wsapi),
                     access_log: stage.access_log,
                     cache: None,
@@ -1016,8 +1080,7 @@ pub(super) fn compile(
                         let tpl = match ipath {
                             None => None,
                             Some(p) => {
-                                let p = subst_stage_vars(p, &stage.variables).map_err(&ierr)?;
-                                Some(compile_template(&p, &names).map_err(&ierr)?)
+                                Some(compile_template(p, &names, &stage.variables).map_err(&ierr)?)
                             }
                         };
                         Integration::Http {
@@ -1138,6 +1201,14 @@ pub(super) fn compile(
                     key: key_str.into(),
                     labels: labels.into(),
                     prefix_len: prefix.len(),
+                    served_at: served_at(
+                        &hosts,
+                        &match path {
+                            None => format!("{prefix}/*"),
+                            Some("/") if !prefix.is_empty() => prefix.clone(),
+                            Some(p) => format!("{prefix}{p}"),
+                        },
+                    ),
                     integration,
                     access_log: stage.access_log,
                     cache,
@@ -1171,7 +1242,25 @@ pub(super) fn compile(
                             } else {
                                 format!("{prefix}{p}")
                             };
-                            t.trie.insert(method, &full, id).map_err(|e| rerr(e.0))?;
+                            if let Err(e) = t.trie.insert(method, &full, id) {
+                                // Name the route already there (often another API's, through
+                                // its base path, stage or hosts).
+                                let mut ps = crate::router::Params::default();
+                                let other =
+                                    match t.trie.lookup(method.unwrap_or("ANY"), &full, &mut ps) {
+                                        crate::router::Match::Found(&o)
+                                            if e.0.ends_with("already defined") =>
+                                        {
+                                            let o = &table.routes[o as usize];
+                                            format!(
+                                                " by API `{}`, stage `{}`, route `{}`",
+                                                o.api, o.stage, o.key
+                                            )
+                                        }
+                                        _ => String::new(),
+                                    };
+                                return Err(rerr(format!("{}{other}", e.0)));
+                            }
                             if p == "/" && !prefix.is_empty() {
                                 // The stage's root answers with and without the trailing
                                 // slash (`/prod` and `/prod/`), as API Gateway's invoke URL.
@@ -1519,9 +1608,16 @@ integration = { type = "mock", body = "any" }
             );
             let e = parse(Path::new("t.toml"), &text).unwrap_err().to_string();
             assert!(
-                e.contains("t.toml:2") && e.contains("apis[0].hosts[1]") && e.contains(why),
+                e.contains("t.toml:3") && e.contains("apis[0].hosts[1]") && e.contains(why),
                 "{bad}: {e}"
             );
         }
+        // An empty list would serve every host, as no `hosts` does: refused as a likely slip.
+        let text = "[[apis]]\nname = \"a\"\nhosts = []\n[[apis.routes]]\nroute = \"GET /x\"\nintegration = { type = \"mock\" }\n";
+        let e = parse(Path::new("t.toml"), text).unwrap_err().to_string();
+        assert!(
+            e.contains("t.toml:3") && e.contains("apis[0].hosts") && e.contains("is empty"),
+            "{e}"
+        );
     }
 }

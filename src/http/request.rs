@@ -501,6 +501,16 @@ fn valid_host(v: &[u8]) -> bool {
             Some(_) => return false,
         }
     }
+    // A name has no empty label (`.`, `.a`, `a..b`; one trailing dot is the root's) and no
+    // `*`, which only a wildcard pattern holds, never a host.
+    let name = &v[..port_at.unwrap_or(v.len())];
+    if name.first() != Some(&b'[')
+        && (name.first() == Some(&b'.')
+            || name.windows(2).any(|w| w == b"..")
+            || name.contains(&b'*'))
+    {
+        return false;
+    }
     valid_host_chars(v)
 }
 
@@ -1321,6 +1331,12 @@ mod tests {
             "a[b]",
             "x.test]",
             "[::1]:80]",
+            ".",
+            "..",
+            ".example.org",
+            "a..example.org",
+            "*.example.org",
+            "a.*.org:80",
         ] {
             let raw = format!("GET / HTTP/1.1\r\nHost: {h}\r\n\r\n");
             assert!(
@@ -1339,6 +1355,8 @@ mod tests {
             "[::ffff:1.2.3.4]",
             "[v1.fe80::a+en1]",
             "127.0.0.1:1",
+            "example.org.",
+            "example.org.:443",
         ] {
             let raw = format!("GET / HTTP/1.1\r\nHost: {h}\r\n\r\n");
             assert!(

@@ -764,6 +764,20 @@ async fn upgrade<S: ClientIo>(
     route: &Route,
 ) -> Outcome {
     let head_len = c.b.resp.head_len;
+    // No extension was offered to the upstream (the client's offer is removed), so one in its
+    // answer breaks RFC 6455 4.1: the client would turn compression on, and the relay cannot
+    // carry it. The handshake fails, as a client fails it.
+    let ext =
+        c.b.resp
+            .forwardable_kinds(&c.b.ubuf)
+            .any(|(_, name, _)| name.eq_ignore_ascii_case(b"sec-websocket-extensions"));
+    if ext {
+        w.log_upstream_error(
+            addr,
+            "WebSocket 101 names an extension that was not offered",
+        );
+        return super::reject(w, c, 502, "Bad Gateway", false).await;
+    }
     c.b.out.clear();
     encode::push_status_line(&mut c.b.out, 101);
     c.b.out
@@ -782,7 +796,6 @@ async fn upgrade<S: ClientIo>(
     if c.b.ubuf.capacity() > 4 * 4096 {
         c.b.ubuf = Vec::new();
     }
-    let _ = w;
     let ok = super::write_out(c).await;
     if ok {
         c.takeover = Some(crate::ws::Takeover::Relay {

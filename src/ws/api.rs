@@ -439,8 +439,8 @@ pub fn admin_local(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16
 enum Out {
     /// An encoded data frame, counted in the connection's queue.
     Frame(Vec<u8>),
-    /// An encoded control frame (pong), not counted.
-    Control(Vec<u8>),
+    /// Send the pong waiting in the connection's one pong slot, if it is still there.
+    Pong,
     /// A close frame; the writer stops after it.
     Close(u16, &'static str),
 }
@@ -1027,6 +1027,10 @@ pub async fn run<S: crate::server::ClientIo>(
     watch_drain(shared, id, drain_tx);
     let (soft_tx, soft_rx) = oneshot::channel::<()>();
     let ended = Signal::default();
+    // The payload of the pong owed to the latest ping not yet answered: one slot, so a client
+    // that floods pings and reads nothing costs one pong (RFC 6455 5.5.3 lets an endpoint
+    // answer only the most recent ping).
+    let pong = RefCell::new(None::<Vec<u8>>);
     // A drain: first the connection closes by itself (`soft_rx`), then whatever still runs at
     // the stop time is dropped.
     let guard = async {
@@ -1043,7 +1047,14 @@ pub async fn run<S: crate::server::ClientIo>(
         while let Some(o) = next(&mut rx).await {
             let (buf, counted, close) = match o {
                 Out::Frame(f) => (f, true, false),
-                Out::Control(f) => (f, false, false),
+                Out::Pong => {
+                    let Some(p) = pong.borrow_mut().take() else {
+                        continue;
+                    };
+                    let mut f = Vec::with_capacity(p.len() + 2);
+                    frame::encode(&mut f, frame::op::PONG, true, &p);
+                    (f, false, false)
+                }
                 Out::Close(c, why) => {
                     let mut f = Vec::new();
                     frame::encode_close(&mut f, c, why);
@@ -1119,9 +1130,11 @@ pub async fn run<S: crate::server::ClientIo>(
                             last_active.store(now_ms(), Ordering::Relaxed);
                             match ev {
                                 Event::Ping(p) => {
-                                    let mut f = Vec::with_capacity(p.len() + 2);
-                                    frame::encode(&mut f, frame::op::PONG, true, &p);
-                                    let _ = tx.unbounded_send(Out::Control(f));
+                                    // A pong already owed is not sent twice: it carries this
+                                    // (latest) ping's payload instead.
+                                    if pong.borrow_mut().replace(p).is_none() {
+                                        let _ = tx.unbounded_send(Out::Pong);
+                                    }
                                 }
                                 Event::Pong => {}
                                 Event::Close(c, why) => {

@@ -77,17 +77,20 @@ impl WsSettings {
         if let Some(v) = raw.max_duration_ms {
             self.max_lifetime = Duration::from_millis(v);
         }
-        if self.limits.max_frame == 0 || self.limits.max_message == 0 {
-            return Err((
-                "",
-                "max_frame_bytes and max_message_bytes must be above 0".into(),
-            ));
-        }
-        if self.limits.max_frame > 1 << 30 || self.limits.max_message > 1 << 30 {
-            return Err((
-                "",
-                "max_frame_bytes and max_message_bytes are at most 1 GiB".into(),
-            ));
+        for (key, v) in [
+            ("max_frame_bytes", raw.max_frame_bytes),
+            ("max_message_bytes", raw.max_message_bytes),
+        ] {
+            match v {
+                Some(0) => return Err((key, "must be above 0".into())),
+                Some(v) if v > 1 << 30 => {
+                    return Err((
+                        key,
+                        format!("{v} is over the most allowed, 1 GiB (1073741824)"),
+                    ))
+                }
+                _ => {}
+            }
         }
         if self.limits.max_frame > self.limits.max_message {
             let default = if raw.max_message_bytes.is_none() {
@@ -104,11 +107,13 @@ impl WsSettings {
                 ),
             ));
         }
-        if self.idle_timeout.is_zero() || self.max_lifetime.is_zero() {
-            return Err((
-                "",
-                "idle_timeout_ms and max_duration_ms must be above 0".into(),
-            ));
+        for (key, v) in [
+            ("idle_timeout_ms", raw.idle_timeout_ms),
+            ("max_duration_ms", raw.max_duration_ms),
+        ] {
+            if v == Some(0) {
+                return Err((key, "must be above 0".into()));
+            }
         }
         Ok(self)
     }
@@ -528,11 +533,11 @@ mod tests {
             .unwrap_err();
         assert_eq!(key, "max_frame_bytes");
         assert!(msg.contains("(131072, the default)"), "{msg}");
-        // The other checks name the table.
-        let (key, _) = WsSettings::api_defaults()
+        // The range checks name their own key.
+        let (key, msg) = WsSettings::api_defaults()
             .apply(&raw(Some(0), None))
             .unwrap_err();
-        assert_eq!(key, "");
+        assert_eq!((key, msg.as_str()), ("max_frame_bytes", "must be above 0"));
     }
 
     #[test]

@@ -31,22 +31,23 @@ pub struct Scanner {
     hdr_len: usize,
     /// Bytes of data frames in the current message.
     msg_len: u64,
-    /// Client frames must be masked.
-    require_mask: bool,
+    /// Client frames must be masked (`true`); an upstream's must not be (`false`).
+    from_client: bool,
     limits: Option<SizeLimits>,
     /// A close frame went by.
     pub saw_close: bool,
 }
 
 impl Scanner {
-    /// A scanner; `limits` None = no size checks.
-    pub fn new(require_mask: bool, limits: Option<SizeLimits>) -> Scanner {
+    /// A scanner of the client's frames (`from_client`: they must be masked) or of the
+    /// upstream's (they must not be); `limits` None = no size checks.
+    pub fn new(from_client: bool, limits: Option<SizeLimits>) -> Scanner {
         Scanner {
             remaining: 0,
             hdr: [0; 14],
             hdr_len: 0,
             msg_len: 0,
-            require_mask,
+            from_client,
             limits,
             saw_close: false,
         }
@@ -58,7 +59,19 @@ impl Scanner {
     }
 
     /// Scans `data`; `Err(close code)` when a frame breaks a rule.
-    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), u16> {
+    pub fn feed(&mut self, data: &[u8]) -> Result<(), u16> {
+        self.feed_upto(data).map_err(|(_, c)| c)
+    }
+
+    /// [`Scanner::feed`], whose error also says how many bytes of `data` come before the frame
+    /// at fault: those may still go on (whole frames), and the scanner is then at that
+    /// boundary when the frame began in `data`.
+    pub fn feed_upto(&mut self, data: &[u8]) -> Result<(), (usize, u16)> {
+        let total = data.len();
+        let mut data = data;
+        // Where the frame whose header is being read began in `data` (None: in an earlier
+        // chunk).
+        let mut frame_start = None;
         while !data.is_empty() {
             if self.remaining > 0 {
                 let n = self.remaining.min(data.len() as u64);
@@ -66,10 +79,24 @@ impl Scanner {
                 data = &data[n as usize..];
                 continue;
             }
+            if self.hdr_len == 0 {
+                frame_start = Some(total - data.len());
+            }
             let take = (14 - self.hdr_len).min(data.len());
             self.hdr[self.hdr_len..self.hdr_len + take].copy_from_slice(&data[..take]);
             let have = self.hdr_len + take;
-            match frame::parse_header(&self.hdr[..have])? {
+            // At fault: what came before the frame may go on; the scanner is at its start.
+            let fault = |sc: &mut Scanner, c: u16| {
+                if frame_start.is_some() {
+                    sc.hdr_len = 0;
+                }
+                Err((frame_start.unwrap_or(0), c))
+            };
+            let parsed = match frame::parse_header(&self.hdr[..have]) {
+                Ok(p) => p,
+                Err(c) => return fault(self, c),
+            };
+            match parsed {
                 None => {
                     self.hdr_len = have;
                     data = &data[take..];
@@ -78,20 +105,21 @@ impl Scanner {
                     let used = h.header_len - self.hdr_len;
                     self.hdr_len = 0;
                     data = &data[used..];
-                    if self.require_mask && h.mask.is_none() {
-                        return Err(code::PROTOCOL);
+                    // RFC 6455 5.1: clients mask every frame, servers none.
+                    if self.from_client != h.mask.is_some() {
+                        return fault(self, code::PROTOCOL);
                     }
                     if h.opcode & 0x08 == 0 {
                         if let Some(l) = self.limits {
                             if h.len > l.max_frame as u64 {
-                                return Err(code::TOO_BIG);
+                                return fault(self, code::TOO_BIG);
                             }
                             if h.opcode != frame::op::CONT {
                                 self.msg_len = 0;
                             }
                             self.msg_len += h.len;
                             if self.msg_len > l.max_message as u64 {
-                                return Err(code::TOO_BIG);
+                                return fault(self, code::TOO_BIG);
                             }
                         }
                     } else if h.opcode == frame::op::CLOSE {
@@ -194,7 +222,18 @@ async fn pump<R: ClientIo, W: ClientIo>(
     let mut buf = first;
     loop {
         if !buf.is_empty() {
-            if let Err(c) = side.scan.borrow_mut().feed(&buf) {
+            let fed = side.scan.borrow_mut().feed_upto(&buf);
+            if let Err((good, c)) = fed {
+                // The whole frames before the one at fault still go on.
+                if good > 0 {
+                    buf.truncate(good);
+                    side.writing.set(true);
+                    let (res, _) = w.write_all(buf).await;
+                    side.writing.set(false);
+                    if res.is_err() {
+                        return End::WriteFailed;
+                    }
+                }
                 return End::Violation(c);
             }
             side.writing.set(true);
@@ -240,13 +279,21 @@ async fn pump<R: ClientIo, W: ClientIo>(
     }
 }
 
-/// A close frame from the gateway toward the upstream: clients mask their frames (a zero key
-/// leaves the payload as is).
+/// A close frame from the gateway toward the upstream: clients mask their frames, with a key
+/// from a strong source of randomness (RFC 6455 5.3).
 fn masked_close(code: u16) -> Vec<u8> {
+    let mut key = [0u8; 4];
+    if getrandom::getrandom(&mut key).is_err() {
+        // No randomness (never on Linux): a fixed key still makes a valid frame.
+        key = [0x5a, 0xc3, 0x96, 0x3c];
+    }
     let mut f = Vec::new();
     frame::encode_close(&mut f, code, "");
     f[1] |= 0x80;
-    f.splice(2..2, [0u8; 4]);
+    let mut payload = f.split_off(2);
+    frame::unmask_bytewise(&mut payload, key);
+    f.extend_from_slice(&key);
+    f.extend_from_slice(&payload);
     f
 }
 
@@ -274,8 +321,9 @@ pub async fn run<S: ClientIo>(
 ) {
     let (mut cr, mut cw) = client.into_split();
     let (mut ur, mut uw) = upstream.into_split();
+    // The limits hold both ways: a client is not sent what it could not send itself.
     let up_side = Side::new(Scanner::new(true, Some(settings.limits)));
-    let down_side = Side::new(Scanner::new(false, None));
+    let down_side = Side::new(Scanner::new(false, Some(settings.limits)));
     let last = Cell::new(Instant::now());
     let started = Instant::now();
     // What to do once the select below is done: (close to client, close to upstream).
@@ -314,7 +362,7 @@ pub async fn run<S: ClientIo>(
             e = u2c => match e {
                 End::Closed => (Some((code::GOING_AWAY, "upstream went away")), None),
                 End::WriteFailed => (None, Some(code::GOING_AWAY)),
-                End::Violation(c) => (Some((c, "frame refused")), None),
+                End::Violation(c) => (Some((c, "frame refused")), Some(c)),
             },
             why = watch => (Some((code::GOING_AWAY, why)), Some(code::GOING_AWAY)),
         }
@@ -352,6 +400,17 @@ mod tests {
     }
 
     #[test]
+    fn the_gateways_close_toward_the_upstream_is_masked_with_a_random_key() {
+        let (a, b) = (masked_close(1001), masked_close(1001));
+        assert_eq!(a.len(), 2 + 4 + 2);
+        assert_eq!((a[0], a[1]), (0x88, 0x82));
+        assert_ne!(a[2..6], b[2..6], "the same key twice");
+        let mut p = a[6..].to_vec();
+        frame::unmask_bytewise(&mut p, [a[2], a[3], a[4], a[5]]);
+        assert_eq!(p, 1001u16.to_be_bytes());
+    }
+
+    #[test]
     fn scanner_tracks_boundaries_in_any_split() {
         let mut s = masked(frame::op::TEXT, true, &[b'x'; 300]);
         s.extend(masked(frame::op::PING, true, b""));
@@ -384,6 +443,12 @@ mod tests {
         frame::encode(&mut f, frame::op::TEXT, true, b"hi");
         assert_eq!(Scanner::new(true, lim).feed(&f), Err(1002));
         assert_eq!(Scanner::new(false, lim).feed(&f), Ok(()));
+        // An upstream (a server) never masks; and the size limits hold its way too.
+        let m = masked(frame::op::TEXT, true, b"hi");
+        assert_eq!(Scanner::new(false, lim).feed(&m), Err(1002));
+        let mut big = Vec::new();
+        frame::encode(&mut big, frame::op::BINARY, true, &[0; 101]);
+        assert_eq!(Scanner::new(false, lim).feed(&big[..4]), Err(1009));
         let big = masked(frame::op::BINARY, true, &[0; 101]);
         assert_eq!(Scanner::new(true, lim).feed(&big[..8]), Err(1009));
         let mut m = masked(frame::op::BINARY, false, &[0; 100]);
