@@ -501,25 +501,37 @@ fn valid_host(v: &[u8]) -> bool {
             Some(_) => return false,
         }
     }
-    // A name has no empty label (`.`, `.a`, `a..b`; one trailing dot is the root's) and no
-    // `*`, which only a wildcard pattern holds, never a host.
-    let name = &v[..port_at.unwrap_or(v.len())];
-    if name.first() != Some(&b'[')
-        && (name.first() == Some(&b'.')
-            || name.windows(2).any(|w| w == b"..")
-            || name.contains(&b'*'))
-    {
-        return false;
+    // One pass: `uri-host [ ":" port ]` characters only, and a name (not an IP literal) has
+    // no empty label (`.`, `.a`, `a..b`; one trailing dot is the root's) and no `*`, which
+    // only a wildcard pattern holds, never a host.
+    let name_len = if v[0] == b'[' {
+        0
+    } else {
+        port_at.unwrap_or(v.len())
+    };
+    let mut prev = b'.';
+    for (i, &b) in v.iter().enumerate() {
+        if !HOST_CHAR[b as usize] {
+            return false;
+        }
+        if i < name_len && (b == b'*' || (b == b'.' && prev == b'.')) {
+            return false;
+        }
+        prev = b;
     }
-    valid_host_chars(v)
+    true
 }
 
-/// `uri-host [ ":" port ]` characters only.
-fn valid_host_chars(v: &[u8]) -> bool {
-    v.iter().all(|&b| {
-        b.is_ascii_alphanumeric()
+/// Characters of `uri-host [ ":" port ]` (RFC 3986 3.2.2: unreserved, sub-delims, `%`, and
+/// `:` `[` `]` for the port and IP literals).
+const HOST_CHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
             || matches!(
-                b,
+                c,
                 b'-' | b'.'
                     | b'_'
                     | b'~'
@@ -538,9 +550,11 @@ fn valid_host_chars(v: &[u8]) -> bool {
                     | b'['
                     | b']'
                     | b'%'
-            )
-    })
-}
+            );
+        b += 1;
+    }
+    t
+};
 
 /// Whether the request line ends in `HTTP/D` with a major version `D` other than 1.
 fn other_major_version(buf: &[u8]) -> bool {
@@ -562,10 +576,29 @@ fn other_major_version(buf: &[u8]) -> bool {
 /// Whether `path` holds an empty segment (`//`), any percent-encoding, or a byte refused raw
 /// (`\\`, `;`, and those of [`refused_raw`]): the rare paths that get a closer look.
 fn needs_normalizing(path: &[u8]) -> bool {
+    // One table load per byte: 1 for `/` (only a second one in a row counts), 2 for the rest.
+    const CLASS: [u8; 256] = {
+        let mut t = [0u8; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            t[b] = if c == b'/' {
+                1
+            } else if c == b'%' || c == b'\\' || c == b';' || refused_raw(c) {
+                2
+            } else {
+                0
+            };
+            b += 1;
+        }
+        t
+    };
     let mut prev = 0u8;
     for &b in path {
-        if b == b'%' || (b == b'/' && prev == b'/') || b == b'\\' || b == b';' || refused_raw(b) {
-            return true;
+        match CLASS[b as usize] {
+            0 => {}
+            1 if prev != b'/' => {}
+            _ => return true,
         }
         prev = b;
     }
@@ -576,7 +609,7 @@ fn needs_normalizing(path: &[u8]) -> bool {
 /// allows none of them; browsers percent-encode every one). Taken raw, a path would have two
 /// spellings (`/café` and `/caf%C3%A9`) that routing tells apart and a backend does not.
 #[inline]
-fn refused_raw(b: u8) -> bool {
+const fn refused_raw(b: u8) -> bool {
     b >= 0x80 || matches!(b, b'"' | b'<' | b'>' | b'`' | b'{' | b'}')
 }
 
