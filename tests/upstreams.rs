@@ -242,6 +242,51 @@ integration = {{ type = "http", upstream = "o" }}
     drop(l);
 }
 
+/// A pooled connection its upstream closed while it idled is closed by the gateway within
+/// about a second (the pools are swept), not left in CLOSE_WAIT until a request takes it.
+#[test]
+fn pooled_connections_the_upstream_closed_are_swept() {
+    // An origin that answers with keep-alive and closes each connection 100 ms later.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if read_head(&mut s, &mut buf).is_none() {
+                    return;
+                }
+                let _ = std::io::Write::write_all(
+                    &mut s,
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            });
+        }
+    });
+    let gw = Gateway::start(&config(&[addr], "retries = 0"));
+    let fds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let base = fds(gw.pid);
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 200);
+    // The origin closes its end at 100 ms; the next sweep (within 1 s) closes the pooled one,
+    // leaving the client connection's descriptor only.
+    assert!(
+        wait_until(Duration::from_secs(3), || fds(gw.pid) == base + 1),
+        "{} descriptors, {base} at the start",
+        fds(gw.pid)
+    );
+    // The pool still works: the next request opens a fresh connection.
+    c.send(b"GET /y HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 200);
+}
+
 #[test]
 fn post_is_not_retried_after_reset() {
     let bad = Origin::start(|_| Response::reset());

@@ -329,6 +329,7 @@ async fn worker_main(
                 tick = tick.wrapping_add(1);
                 if tick.is_multiple_of(5) {
                     w.trim_heap();
+                    w.sweep_pools();
                 }
             }
         });

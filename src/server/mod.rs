@@ -198,6 +198,12 @@ impl Worker {
         free.push(b);
     }
 
+    /// Closes pooled upstream connections that their upstream closed or that idled too long
+    /// (see [`crate::upstream::WorkerPools::sweep`]); called once a second.
+    pub fn sweep_pools(&self) {
+        self.pools.borrow_mut().sweep();
+    }
+
     /// Returns freed heap pages to the kernel after many buffers were dropped, so idle
     /// connections cost little RSS (called from a periodic task, never per request).
     pub fn trim_heap(&self) {

@@ -87,7 +87,13 @@ pub struct Pooled {
     pub stream: TcpStream,
     /// Its next read, into the buffer it was pooled with.
     pub next: NextRead,
+    /// The pool's sweep count when it was pooled (its age, without a clock read).
+    swept: u32,
 }
+
+/// Idle pooled connections older than this many sweeps (one a second) are closed, as nginx's
+/// upstream `keepalive_timeout` (60 s) does.
+const POOL_IDLE_SWEEPS: u32 = 60;
 
 /// The smallest buffer an idle pooled connection's read is given.
 const POOLED_READ_BUF: usize = 4096;
@@ -99,6 +105,8 @@ pub struct WorkerPools {
     inflight: AHashMap<SocketAddr, u32>,
     rr: usize,
     rng: u64,
+    /// Sweeps so far ([`WorkerPools::sweep`]).
+    sweeps: u32,
 }
 
 impl WorkerPools {
@@ -222,7 +230,26 @@ impl WorkerPools {
             buf.reserve(POOLED_READ_BUF);
             let cap = buf.capacity();
             let next = stream.recv_detached(buf.slice_mut(0..cap), true);
-            v.push(Pooled { stream, next });
+            v.push(Pooled {
+                stream,
+                next,
+                swept: self.sweeps,
+            });
+        }
+    }
+
+    /// Closes the idle connections the upstream has closed (or sent stray bytes on) since
+    /// they were pooled, so none waits in CLOSE_WAIT for a request to find it, and those idle
+    /// for [`POOL_IDLE_SWEEPS`] sweeps. Called once a second, off the request path.
+    pub fn sweep(&mut self) {
+        self.sweeps = self.sweeps.wrapping_add(1);
+        let now = self.sweeps;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for v in self.idle.values_mut() {
+            v.retain_mut(|p| {
+                now.wrapping_sub(p.swept) < POOL_IDLE_SWEEPS
+                    && std::pin::Pin::new(&mut p.next).poll(&mut cx).is_pending()
+            });
         }
     }
 }
