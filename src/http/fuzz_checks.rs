@@ -101,8 +101,9 @@ pub fn request_parser(data: &[u8]) {
 }
 
 /// [`RequestHead::normalize_path`] on a parsed head: the path only shrinks, keeps its first
-/// byte, has no `//` and no encoded unreserved character left, normalizing again changes
-/// nothing, and no byte outside the path moves.
+/// byte, has no `//`, no encoding of a character the normal form holds raw and no lower-case
+/// hex left, holds no byte that must be encoded, normalizing again changes nothing, and no
+/// byte outside the path moves.
 fn normalized_path(data: &[u8], head: &RequestHead) {
     let mut buf = data.to_vec();
     let mut h = head.clone();
@@ -119,13 +120,19 @@ fn normalized_path(data: &[u8], head: &RequestHead) {
                 let v = |b: u8| (b as char).to_digit(16);
                 if let (Some(a), Some(b)) = (v(w[1]), v(w[2])) {
                     let c = (a * 16 + b) as u8;
-                    assert!(
-                        !(c.is_ascii_alphanumeric() || b"-._~".contains(&c)),
-                        "{p:?}"
-                    );
+                    // No encoding of a character the normal form holds raw, and upper-case
+                    // hex digits in the others.
+                    assert!(!super::request::decoded_in_normal_form(c), "{p:?}");
+                    assert!(!w[1].is_ascii_lowercase() && !w[2].is_ascii_lowercase(), "{p:?}");
                 }
             }
         }
+        // An accepted path holds no byte that must be percent-encoded.
+        assert!(
+            !p.iter()
+                .any(|&b| b >= 0x80 || b"\"<>`{}".contains(&b)),
+            "{p:?}"
+        );
     }
     assert_eq!(&buf[..before.0 as usize], &data[..before.0 as usize]);
     assert_eq!(&buf[before.1 as usize..], &data[before.1 as usize..]);
