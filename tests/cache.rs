@@ -993,3 +993,49 @@ fn the_upstreams_age_shortens_freshness_and_counts_in_hits() {
     assert_eq!(gw.get("/prod/items/1").header("x-cache"), Some("miss"));
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+/// The hit and miss counters match the `x-cache` answers when many connections share a
+/// worker: each request's hit or miss is kept with its connection, not in a per-worker slot
+/// that other requests overwrite while one is being answered.
+#[test]
+fn hit_and_miss_counters_are_exact_under_concurrency() {
+    let (origin, _) = counting_origin();
+    let gw = Gateway::start(&config(origin.addr, 1, 64 << 20, ""));
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let addr = gw.addr;
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                let (mut hits, mut misses) = (0u64, 0u64);
+                for i in 0..300 {
+                    let r = get(&mut c, &format!("/prod/fresh/{}", (i * 7 + t) % 20), "");
+                    match r.header("x-cache") {
+                        Some("hit") => hits += 1,
+                        Some("miss") => misses += 1,
+                        other => panic!("x-cache {other:?}"),
+                    }
+                }
+                (hits, misses)
+            })
+        })
+        .collect();
+    let (mut hits, mut misses) = (0u64, 0u64);
+    for t in threads {
+        let (h, m) = t.join().unwrap();
+        hits += h;
+        misses += m;
+    }
+    assert!(hits > 0 && misses > 0);
+    let ok = wait_until(Duration::from_secs(3), || {
+        let m = gw.metrics();
+        metric_value(&m, "ringgate_cache_hits_total", &[]) == Some(hits as f64)
+            && metric_value(&m, "ringgate_cache_misses_total", &[]) == Some(misses as f64)
+    });
+    let m = gw.metrics();
+    assert!(
+        ok,
+        "x-cache: {hits} hits, {misses} misses; counters: {:?} hits, {:?} misses",
+        metric_value(&m, "ringgate_cache_hits_total", &[]),
+        metric_value(&m, "ringgate_cache_misses_total", &[])
+    );
+}

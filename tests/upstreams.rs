@@ -287,6 +287,60 @@ fn pooled_connections_the_upstream_closed_are_swept() {
     assert_eq!(c.read_response().unwrap().status, 200);
 }
 
+/// A target that resets as soon as it has read a head, before the body the client sends
+/// after it: the request goes to the next target with its whole body (kept), and its answer
+/// reaches the client, with a pipelined request behind it answered too; the gateway does not
+/// wait for more body from a client that has sent it all.
+#[test]
+fn a_request_sent_again_after_its_body_was_taken_is_answered() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bad = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = Vec::new();
+            if read_head(&mut s, &mut buf).is_some() {
+                // Reset before the body comes.
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: setsockopt on a socket this thread owns, with a valid `linger`.
+                unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        &linger as *const libc::linger as *const libc::c_void,
+                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                    );
+                }
+            }
+        }
+    });
+    let good = Origin::start(|r| Response::ok(format!("{} {}", r.method, r.body.len())));
+    let gw = Gateway::start(&config(&[bad, good.addr], "retries = 1\ntimeout_ms = 5000"));
+    for i in 0..4 {
+        let mut c = Client::connect(gw.addr);
+        c.send(b"PUT /u HTTP/1.1\r\nHost: t\r\nContent-Length: 3000\r\n\r\n");
+        std::thread::sleep(Duration::from_millis(100));
+        let mut rest = vec![b'b'; 3000];
+        rest.extend_from_slice(b"GET /after HTTP/1.1\r\nHost: t\r\n\r\n");
+        c.send(&rest);
+        let t = Instant::now();
+        let r = c.read_response().expect("response");
+        assert_eq!((r.status, r.text().as_str()), (200, "PUT 3000"), "PUT {i}");
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "PUT {i} took {:?}",
+            t.elapsed()
+        );
+        let r = c.read_response().expect("the pipelined request's response");
+        assert_eq!((r.status, r.text().as_str()), (200, "GET 0"), "GET {i}");
+    }
+}
+
 #[test]
 fn post_is_not_retried_after_reset() {
     let bad = Origin::start(|_| Response::reset());

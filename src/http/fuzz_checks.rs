@@ -123,14 +123,16 @@ fn normalized_path(data: &[u8], head: &RequestHead) {
                     // No encoding of a character the normal form holds raw, and upper-case
                     // hex digits in the others.
                     assert!(!super::request::decoded_in_normal_form(c), "{p:?}");
-                    assert!(!w[1].is_ascii_lowercase() && !w[2].is_ascii_lowercase(), "{p:?}");
+                    assert!(
+                        !w[1].is_ascii_lowercase() && !w[2].is_ascii_lowercase(),
+                        "{p:?}"
+                    );
                 }
             }
         }
         // An accepted path holds no byte that must be percent-encoded.
         assert!(
-            !p.iter()
-                .any(|&b| b >= 0x80 || b"\"<>`{}".contains(&b)),
+            !p.iter().any(|&b| b >= 0x80 || b"\"<>`{}".contains(&b)),
             "{p:?}"
         );
     }

@@ -24,7 +24,7 @@ use std::time::Instant;
 /// a few KB costs less than the kernel's per-iovec work.
 const COPY_MAX: usize = 8 * 1024;
 
-/// `Worker::cache_event` values, for the hit/miss counters.
+/// `Conn::cache_event` values, for the hit/miss counters.
 pub(super) const EVENT_HIT: u8 = 1;
 pub(super) const EVENT_MISS: u8 = 2;
 
@@ -123,7 +123,7 @@ pub(super) async fn serve<S: ClientIo>(
 fn lookup<S: ClientIo>(
     w: &Worker,
     gw: &Gateway,
-    c: &Conn<S>,
+    c: &mut Conn<S>,
     route: &Route,
     pol: &CachePolicy,
     get: bool,
@@ -167,11 +167,11 @@ fn lookup<S: ClientIo>(
         }
     }
     if get {
-        w.cache_event.set(if hit.is_some() {
+        c.cache_event = if hit.is_some() {
             super::cached::EVENT_HIT
         } else {
             super::cached::EVENT_MISS
-        });
+        };
     }
     let copy = if want_key { key.clone() } else { Vec::new() };
     wc.key = key;
@@ -190,7 +190,7 @@ async fn fetch<S: ClientIo>(
     tpl: Option<&PathTemplate>,
     leader: Option<crate::cache::Leader>,
 ) -> Outcome {
-    w.cache_event.set(EVENT_MISS);
+    c.cache_event = EVENT_MISS;
     let head_req = c.b.head.method == Method::Head;
     // An invalidation made while we fetch must not be undone by storing the answer.
     let seq0 = w.shared.caches.seq();

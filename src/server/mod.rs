@@ -96,8 +96,6 @@ pub struct Worker {
     pub parker: park::Parker,
     /// This worker's response cache.
     cache: Rc<RefCell<crate::cache::WorkerCache>>,
-    /// Whether the current request was a cache hit or miss (for the counters).
-    cache_event: Cell<u8>,
     /// A reused iovec array for writing large cache hits.
     cache_iov: Cell<Option<Box<[libc::iovec; 3]>>>,
     /// Per-worker auth caches (verified JWTs, SigV4 keys).
@@ -136,7 +134,6 @@ impl Worker {
             trim_wanted: Cell::new(false),
             parker: park::Parker::new().expect("epoll_create1"),
             cache: Rc::default(),
-            cache_event: Cell::new(0),
             cache_iov: Cell::new(None),
             auth: crate::policy::auth::WorkerAuth::new(),
             upstream_log: RefCell::default(),
@@ -432,6 +429,9 @@ struct Conn<S> {
     /// that waited for another's fetch of the same cache key has only what is left of its
     /// own `timeout_ms`.
     upstream_by: Option<Instant>,
+    /// Whether this request was a cache hit or miss (for the counters): kept with the
+    /// connection, since other requests of the worker run while it is answered.
+    cache_event: u8,
     /// The matched route's API answers CORS itself: the upstream's `access-control-*`
     /// response headers never reach the client (whatever the request's `Origin`).
     gateway_cors: bool,
@@ -554,6 +554,7 @@ pub(crate) async fn run<S: ClientIo>(
         gateway_cors: false,
         chunked_end: None,
         upstream_by: None,
+        cache_event: 0,
     };
     // Set when the gateway closes while the client may still be sending: see
     // [`lingering_close`].
@@ -873,7 +874,7 @@ async fn handle<S: ClientIo>(
     };
     if let Ok(mut m) = w.metrics.lock() {
         m.request_for(labels, method_str, out.status, dur);
-        match w.cache_event.replace(0) {
+        match std::mem::take(&mut c.cache_event) {
             cached::EVENT_HIT => m.cache_hits += 1,
             cached::EVENT_MISS => m.cache_misses += 1,
             _ => {}

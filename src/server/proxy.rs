@@ -554,9 +554,8 @@ async fn exchange<S: ClientIo>(
     // before the upload ended), and that answer is what the client should get.
     let mut early = false;
     if !*body_done {
-        match stream_request_body(c, us, remaining, lost, decoder, limits).await {
+        match stream_request_body(c, us, remaining, body_done, lost, decoder, limits).await {
             Ok(()) => {
-                *body_done = true;
                 deadline = deadline.max(Instant::now() + timeout);
             }
             Err(Fail::BeforeResponse) => {
@@ -690,6 +689,7 @@ async fn stream_request_body<S: ClientIo>(
     c: &mut Conn<S>,
     us: &mut TcpStream,
     remaining: &mut u64,
+    body_done: &mut bool,
     lost: &mut bool,
     decoder: &mut Option<ChunkedDecoder>,
     limits: &crate::config::Limits,
@@ -720,9 +720,11 @@ async fn stream_request_body<S: ClientIo>(
         };
         if done {
             // Bytes after the body are the next pipelined request; the head stays in rbuf
-            // until this request is logged.
+            // until this request is logged. The body is all taken from the client now, even
+            // if the write below fails: a request sent again must not wait for more of it.
             c.b.leftover.extend_from_slice(&bbuf[used..]);
             c.consumed = c.b.rbuf.len();
+            *body_done = true;
         }
         // What goes on: the bytes as they came, up to a chunked body's trailer section, which
         // ends the body filtered.
