@@ -2004,6 +2004,16 @@ fn sigv4_checks_the_path_as_sent_not_as_routed() {
     let r = send_signed(&gw, "GET", "/signed/a~b", &res[0], &[], "");
     assert_denied(&r, 403, "another spelling of the signed path");
 
+    // Query parameters as botocore sends them: it signs a space as `%20` and sends `+` (a
+    // literal plus as `%2B`), as AWS reads them.
+    let mut job = sign_job("GET", &format!("{base}/signed/q"), json!({}), "");
+    job["params"] = json!({"q": "a b", "p": "x+y", "e": ""});
+    let res = peer(&temp_dir("sigv4-query"), json!([job]));
+    let u = res[0]["url"].as_str().unwrap();
+    assert!(u.contains("q=a+b") && u.contains("p=x%2By"), "{u}");
+    let r = send_signed(&gw, "GET", &u[u.find("/signed").unwrap()..], &res[0], &[], "");
+    assert_eq!(r.status, 200, "{u}: {}", r.text());
+
     // A session token (temporary credentials) with the configured long-term key: refused, in
     // the header form and presigned.
     let mut h = sign_job("GET", &format!("{base}/signed/t"), json!({}), "");

@@ -122,6 +122,7 @@ def main():
                 url=job["url"],
                 headers=job.get("headers") or {},
                 data=job.get("body", "").encode(),
+                params=job.get("params") or {},
             )
             if "time" in job:
                 t = datetime.datetime.strptime(job["time"], "%Y%m%dT%H%M%SZ").replace(
@@ -137,7 +138,8 @@ def main():
             else:
                 signer = botocore.auth.SigV4Auth(creds, job["service"], job["region"])
                 signer.add_auth(r)
-                out.append({"headers": dict(r.headers.items())})
+                # The URL as botocore sends it (its `params` form-encoded: a space as `+`).
+                out.append({"headers": dict(r.headers.items()), "url": r.prepare().url})
         else:
             raise SystemExit("unknown op " + op)
     json.dump(out, sys.stdout)

@@ -428,7 +428,9 @@ fn parse_amz_date(s: &str) -> Option<u64> {
     u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
 }
 
-/// Percent-decodes the raw query into pairs (`None` on bad escapes or non-UTF-8).
+/// Percent-decodes the raw query into pairs (`None` on bad escapes or non-UTF-8). A raw `+` is
+/// a space, as in every form-encoded query and as AWS reads it: botocore signs a space as
+/// `%20` and sends it as `+` (a literal plus comes as `%2B`).
 fn parse_query(q: &[u8]) -> Option<Vec<(String, String)>> {
     let mut out = Vec::new();
     for part in q.split(|&b| b == b'&') {
@@ -439,7 +441,7 @@ fn parse_query(q: &[u8]) -> Option<Vec<(String, String)>> {
             Some(i) => (&part[..i], &part[i + 1..]),
             None => (part, &b""[..]),
         };
-        out.push((pct_decode(k)?, pct_decode(v)?));
+        out.push((pct_decode(k, true)?, pct_decode(v, true)?));
         if out.len() > 256 {
             return None;
         }
@@ -447,11 +449,15 @@ fn parse_query(q: &[u8]) -> Option<Vec<(String, String)>> {
     Some(out)
 }
 
-fn pct_decode(s: &[u8]) -> Option<String> {
+/// Percent-decodes `s` (`plus_space`: a raw `+` is a space).
+fn pct_decode(s: &[u8], plus_space: bool) -> Option<String> {
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
-        if s[i] == b'%' {
+        if s[i] == b'+' && plus_space {
+            out.push(b' ');
+            i += 1;
+        } else if s[i] == b'%' {
             let h = s.get(i + 1..i + 3)?;
             let v = u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()?;
             out.push(v);
@@ -584,7 +590,9 @@ mod tests {
         let mut o = Vec::new();
         push_trimmed(&mut o, b"  a   b  ");
         assert_eq!(o, b"a b");
-        assert_eq!(pct_decode(b"a%20b").unwrap(), "a b");
-        assert!(pct_decode(b"a%2").is_none());
+        assert_eq!(pct_decode(b"a%20b", false).unwrap(), "a b");
+        assert_eq!(pct_decode(b"a+b%2B", true).unwrap(), "a b+");
+        assert_eq!(pct_decode(b"a+b", false).unwrap(), "a+b");
+        assert!(pct_decode(b"a%2", true).is_none());
     }
 }
