@@ -1330,6 +1330,12 @@ fn auth_config_errors_name_the_key() {
             "[[api_keys]]\nname = \"k\"\nvalue = \"short\"\n".to_string(),
             "api_keys[0].value",
         ),
+        // An empty audience list would check no audience (every token's `aud` passes).
+        (
+            "[[authorizers]]\nname = \"x\"\ntype = \"jwt\"\nsecret = \"0123456789abcdef0123456789abcdef\"\naudience = []\n"
+                .to_string(),
+            "authorizers[0].audience",
+        ),
     ];
     for (toml, key) in cases {
         let (out, _) = check(&toml);

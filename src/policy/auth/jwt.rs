@@ -114,10 +114,23 @@ pub(super) fn validate(
         }
         JwtKeys::fixed(vec![jwks::secret_key(s.get_ref().as_bytes())])
     };
+    // An empty list would check no audience at all, as no `audience` does: likely a template
+    // variable left unset, so refused rather than letting every audience in.
+    let audience = match &a.audience {
+        None => Vec::new(),
+        Some(l) if l.get_ref().is_empty() || l.get_ref().iter().any(|x| x.is_empty()) => {
+            return Err(src.err(
+                l.span(),
+                &key("audience"),
+                "lists no audience (or an empty one): list the accepted `aud` values, or leave `audience` out to accept any",
+            ))
+        }
+        Some(l) => l.get_ref().clone(),
+    };
     Ok(JwtAuthorizer {
         name: a.name.get_ref().clone(),
         issuer: a.issuer.clone(),
-        audience: a.audience.clone(),
+        audience,
         leeway: a.leeway_s,
         keys,
     })

@@ -38,8 +38,7 @@ pub struct RawAuthorizer {
     pub kind: Spanned<String>,
     // jwt
     pub issuer: Option<String>,
-    #[serde(default)]
-    pub audience: Vec<String>,
+    pub audience: Option<Spanned<Vec<String>>>,
     pub jwks_uri: Option<Spanned<String>>,
     pub jwks_file: Option<Spanned<String>>,
     /// PEM certificates trusted (alone) for an `https://` `jwks_uri`.
