@@ -2017,7 +2017,14 @@ fn sigv4_checks_the_path_as_sent_not_as_routed() {
     let res = peer(&temp_dir("sigv4-query"), json!([job]));
     let u = res[0]["url"].as_str().unwrap();
     assert!(u.contains("q=a+b") && u.contains("p=x%2By"), "{u}");
-    let r = send_signed(&gw, "GET", &u[u.find("/signed").unwrap()..], &res[0], &[], "");
+    let r = send_signed(
+        &gw,
+        "GET",
+        &u[u.find("/signed").unwrap()..],
+        &res[0],
+        &[],
+        "",
+    );
     assert_eq!(r.status, 200, "{u}: {}", r.text());
 
     // A session token (temporary credentials) with the configured long-term key: refused, in

@@ -1436,6 +1436,15 @@ route = "GET /x/{{id}}"
         );
         assert_eq!(r.headers_named("vary"), vec!["Origin"], "{path}");
     }
+    // A preflight for such a path gets them too (its 400 is the answer).
+    let mut c = Client::connect(gw.addr);
+    c.send(b"OPTIONS /shop/prod/items/a%2Fb HTTP/1.1\r\nHost: t\r\nOrigin: https://any.example\r\nAccess-Control-Request-Method: PUT\r\n\r\n");
+    let r = c.read_response().expect("response");
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://any.example")
+    );
     // An http origin is not covered by `https://*`; an API without cors gets none.
     for (path, origin) in [
         ("/shop/prod/items/a%2Fb", "http://any.example"),
@@ -1921,4 +1930,72 @@ fn waf_chunked_100mb_upload_streams_in_bounded_memory() {
         "gateway RSS grew by {} KiB during a 100 MB chunked upload",
         max_rss - start_rss
     );
+}
+
+/// Host tiers and overlapping APIs: the API a request addressed answers its preflight and puts
+/// its CORS headers on its 405, whatever a less specific tier serves; a preflight that another
+/// API's catch-all matches is answered by the API with `cors` whose route takes the method.
+#[test]
+fn preflights_and_405s_belong_to_the_addressed_api() {
+    let app = "Origin: https://app.example.com\r\n";
+    let gw = Gateway::start(&format!(
+        r#"
+[[apis]]
+name = "a"
+hosts = ["shop.example.com"]
+cors = {{ allow_origins = ["https://app.example.com"] }}
+[[apis.routes]]
+route = "GET /a"
+{MOCK}
+[[apis]]
+name = "n"
+[[apis.routes]]
+route = "DELETE /a"
+{MOCK}
+"#
+    ));
+    let mut c = Client::connect(gw.addr);
+    let send = |c: &mut Client, m: &str, extra: &str| {
+        c.send(format!("{m} /a HTTP/1.1\r\nHost: shop.example.com\r\n{app}{extra}\r\n").as_bytes());
+        c.read_response().expect("response")
+    };
+    let r = send(&mut c, "OPTIONS", "Access-Control-Request-Method: PUT\r\n");
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    let r = send(&mut c, "PATCH", "");
+    assert_eq!(r.status, 405);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(r.headers_named("vary"), vec!["Origin"]);
+    drop(gw);
+
+    let gw = Gateway::start(&format!(
+        r#"
+[[apis]]
+name = "app"
+base_path = "/app"
+cors = {{ allow_origins = ["https://app.example.com"], allow_methods = ["POST"] }}
+[[apis.routes]]
+route = "POST /orders"
+{MOCK}
+[[apis]]
+name = "proxy"
+[[apis.routes]]
+route = "ANY /{{p+}}"
+integration = {{ type = "mock", status = 200, body = "catch-all" }}
+"#
+    ));
+    let mut c = Client::connect(gw.addr);
+    c.send(format!("OPTIONS /app/orders HTTP/1.1\r\nHost: t\r\n{app}Access-Control-Request-Method: POST\r\n\r\n").as_bytes());
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(r.header("access-control-allow-methods"), Some("POST"));
+    // A plain OPTIONS (no preflight) still goes to the catch-all.
+    c.send(b"OPTIONS /app/orders HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().text(), "catch-all");
 }

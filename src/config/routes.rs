@@ -337,6 +337,30 @@ impl RouteTable {
         m
     }
 
+    /// For a [`RouteMatch::MethodNotAllowed`]: a route of the path in the most specific host
+    /// tier that has the path under any method: the API the request addressed (its CORS and
+    /// labels go on the 405 or the preflight's answer).
+    pub fn path_route(&self, host: Option<&[u8]>, path: &str, params: &mut Params) -> Option<u32> {
+        let of = |t: &Table, params: &mut Params| {
+            t.allowed_methods(path)
+                .iter()
+                .filter_map(|m| std::str::from_utf8(m).ok())
+                .find_map(|m| match t.find(&self.routes, m, path, params) {
+                    RouteMatch::Found(id) => Some(id),
+                    _ => None,
+                })
+        };
+        if let Some(h) = host.map(strip_port) {
+            let h = String::from_utf8_lossy(h).to_ascii_lowercase();
+            for t in self.tables_for(&h) {
+                if let Some(id) = of(t, params) {
+                    return Some(id);
+                }
+            }
+        }
+        of(&self.any_host, params)
+    }
+
     /// For a request that matched no route: a route of the API (and stage) its host and path
     /// prefix address, so its answer can carry that API's CORS headers; `None` when no API,
     /// or more than one, claims the prefix. Not on the path of a routed request.

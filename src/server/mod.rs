@@ -582,7 +582,7 @@ pub(crate) async fn run<S: ClientIo>(
                 if status == 400 && c.b.head.head_len > 0 && c.b.head.path.1 > c.b.head.path.0 {
                     // A path refused by its checks (`%2F`, `;`, ...): a browser app reads the
                     // 400 through the CORS headers of the API it addressed.
-                    traffic::push_refusal_cors(&gw, &mut c, None);
+                    traffic::push_addressed_cors(&gw, &mut c, None);
                 }
                 let ok = write_error(&w, &mut c, status, msg, false).await;
                 // The rest of a head that was refused may still be coming.
@@ -925,9 +925,16 @@ async fn route_and_run<S: ClientIo>(
     };
     let host = c.b.head.host.map(|r| c.b.head.slice(&c.b.rbuf, r));
     let m = gw.config.routes.find(host, method_str, path, &mut c.params);
+    // A preflight matched by a route without `cors` (another API's catch-all, say) while the
+    // method it asks about has a route with `cors`: that API answers it.
+    let cors_preflight_elsewhere = |gw: &Gateway, c: &mut Conn<S>, id: u32| {
+        gw.config.traffic.routes[id as usize].cors.is_none()
+            && traffic::is_preflight(c)
+            && traffic::preflight_route(gw, c).is_some_and(|(p, _)| p != id)
+    };
     let id = match m {
-        RouteMatch::Found(id) => id,
-        RouteMatch::NotFound | RouteMatch::MethodNotAllowed
+        RouteMatch::Found(id) if !cors_preflight_elsewhere(gw, c, id) => id,
+        RouteMatch::Found(_) | RouteMatch::NotFound | RouteMatch::MethodNotAllowed
             if traffic::is_preflight(c) && traffic::preflight_route(gw, c).is_some() =>
         {
             // A CORS preflight for a path of an API with `cors`: answered by the gateway
@@ -939,6 +946,7 @@ async fn route_and_run<S: ClientIo>(
             };
             return (out, routed.then_some(id));
         }
+        RouteMatch::Found(id) => id,
         // No route: 404, or 405 when the path has routes under other methods. Both carry the
         // CORS headers of the API the request addressed, as the gateway's other refusals do.
         RouteMatch::NotFound | RouteMatch::MethodNotAllowed => {
@@ -1037,15 +1045,7 @@ fn path_route<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>) -> Option<u32> {
     let head = &c.b.head;
     let path = std::str::from_utf8(head.slice(&c.b.rbuf, head.path)).ok()?;
     let host = head.host.map(|r| head.slice(&c.b.rbuf, r));
-    let routes = &gw.config.routes;
-    routes
-        .allowed_methods(host, path)
-        .iter()
-        .filter_map(|m| std::str::from_utf8(m).ok())
-        .find_map(|m| match routes.find(host, m, path, &mut c.params) {
-            RouteMatch::Found(id) => Some(id),
-            _ => None,
-        })
+    gw.config.routes.path_route(host, path, &mut c.params)
 }
 
 fn allow_header<S: ClientIo>(gw: &Gateway, c: &Conn<S>) -> Vec<u8> {

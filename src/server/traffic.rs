@@ -47,18 +47,7 @@ pub(super) fn preflight_route<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>) -> Opt
     let host = c.b.head.host.map(|r| c.b.head.slice(&c.b.rbuf, r));
     let id = match gw.config.routes.find(host, m, path, &mut c.params) {
         RouteMatch::Found(id) => id,
-        RouteMatch::MethodNotAllowed => gw
-            .config
-            .routes
-            .allowed_methods(host, path)
-            .iter()
-            .filter_map(|m| std::str::from_utf8(m).ok())
-            .find_map(
-                |m| match gw.config.routes.find(host, m, path, &mut c.params) {
-                    RouteMatch::Found(id) => Some(id),
-                    _ => None,
-                },
-            )?,
+        RouteMatch::MethodNotAllowed => gw.config.routes.path_route(host, path, &mut c.params)?,
         RouteMatch::NotFound => {
             let id = gw.config.routes.scope(host, path)?;
             return gw.config.traffic.routes[id as usize]
@@ -171,6 +160,12 @@ pub(super) fn push_refusal_cors<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>, id: 
     if is_preflight(c) {
         return;
     }
+    push_addressed_cors(gw, c, id);
+}
+
+/// [`push_refusal_cors`] for a preflight too: for a request refused before it could be routed
+/// (its path, while the head was read), where no preflight answer is made.
+pub(super) fn push_addressed_cors<S: ClientIo>(gw: &Gateway, c: &mut Conn<S>, id: Option<u32>) {
     let id = match id {
         Some(id) => id,
         None => {
