@@ -689,6 +689,23 @@ pub fn admin_invalidate(shared: &crate::gateway::Shared, body: &[u8]) -> (u16, S
     if !prefix.is_empty() && !prefix.starts_with('/') {
         return (400, msg("path_prefix must start with `/`"));
     }
+    // Entries are keyed by the normal form of their path: `/c/a%3Ab` and `//c/a:b` purge what
+    // `/c/a:b` does.
+    let prefix = if prefix.is_empty() {
+        prefix
+    } else {
+        match crate::http::request::normal_form(&prefix) {
+            Ok(p) => p,
+            Err(why) => {
+                return (
+                    400,
+                    msg(&format!(
+                        "path_prefix `{prefix}`: requests with it are refused ({why})"
+                    )),
+                )
+            }
+        }
+    };
     let gw = shared.current();
     let known = gw
         .config

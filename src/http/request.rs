@@ -715,6 +715,24 @@ impl RequestHead {
     }
 }
 
+/// `path` (starting with `/`, no query) in the normal form requests are routed and cached by
+/// (see [`RequestHead::normalize_path`]), or why a request with it would be refused: for paths
+/// given elsewhere than in a request line (the admin API's cache `path_prefix`).
+pub fn normal_form(path: &str) -> Result<String, &'static str> {
+    if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+        return Err("not a path (it must start with `/` and hold no `?`, `#` or space)");
+    }
+    let mut buf = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").into_bytes();
+    let mut h = RequestHead::new(4);
+    match h.parse(&buf, &Limits::default()) {
+        Ok(Status::Complete(_)) => {}
+        Err(HttpError::BadRequest(m)) => return Err(m),
+        _ => return Err("not a path"),
+    }
+    h.normalize_path(&mut buf);
+    String::from_utf8(h.slice(&buf, h.path).to_vec()).map_err(|_| "not a path")
+}
+
 /// True if any `/`-separated segment of `path` is `.` or `..`, literally or
 /// with dots written as `%2e` / `%2E`.
 fn has_dot_segment(path: &[u8]) -> bool {
