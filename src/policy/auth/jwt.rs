@@ -21,8 +21,31 @@ use std::time::Duration;
 pub const MAX_TOKEN_BYTES: usize = 8192;
 /// Entries per authorizer per worker in the verified-token cache.
 pub const CACHE_ENTRIES: usize = 10_000;
-/// Token bytes per worker in the cache.
+/// Bytes per worker in the cache, each entry counted with its token, its parsed claims and its
+/// bookkeeping ([`entry_cost`]).
 pub const CACHE_BYTES: usize = 16 << 20;
+
+/// The heap an entry holds, estimated: the token (the key), the claims as parsed (every string
+/// and node, with allocator and map overhead), the scopes and principal, and the map's slot.
+fn entry_cost(token: &[u8], v: &Verified) -> usize {
+    fn value(v: &serde_json::Value) -> usize {
+        use serde_json::Value as V;
+        match v {
+            V::Null | V::Bool(_) | V::Number(_) => 32,
+            V::String(s) => 48 + s.len(),
+            V::Array(a) => 48 + a.iter().map(value).sum::<usize>(),
+            V::Object(o) => {
+                64 + o
+                    .iter()
+                    .map(|(k, v)| 64 + k.len() + value(v))
+                    .sum::<usize>()
+            }
+        }
+    }
+    let scopes: usize = v.scopes.iter().map(|s| 32 + s.len()).sum();
+    let principal = v.principal.as_ref().map_or(0, |p| 48 + p.len());
+    192 + token.len() + value(&v.claims) + scopes + principal
+}
 /// The shortest HMAC secret taken (`secret`, or an `oct` key of a `jwks_file`), in bytes.
 pub const MIN_SECRET: usize = 32;
 /// How long a request with an unknown `kid` waits for the early JWKS refresh.
@@ -163,7 +186,8 @@ impl Verified {
 #[derive(Default)]
 pub struct TokenCache {
     gen: u64,
-    maps: Vec<AHashMap<Box<[u8]>, Verified>>,
+    /// Per authorizer: token -> (verified token, its [`entry_cost`]).
+    maps: Vec<AHashMap<Box<[u8]>, (Verified, usize)>>,
     bytes: usize,
 }
 
@@ -176,7 +200,7 @@ impl TokenCache {
         }
     }
 
-    fn map(&mut self, idx: usize) -> &mut AHashMap<Box<[u8]>, Verified> {
+    fn map(&mut self, idx: usize) -> &mut AHashMap<Box<[u8]>, (Verified, usize)> {
         if self.maps.len() <= idx {
             self.maps.resize_with(idx + 1, AHashMap::new);
         }
@@ -184,13 +208,18 @@ impl TokenCache {
     }
 
     fn insert(&mut self, idx: usize, token: &[u8], v: Verified, now: u64, leeway: u64) {
-        if self.map(idx).len() >= CACHE_ENTRIES || self.bytes + token.len() > CACHE_BYTES {
+        let cost = entry_cost(token, &v);
+        if cost > CACHE_BYTES / 64 {
+            // One entry never takes a large share of the cache (a token with huge claims).
+            return;
+        }
+        if self.map(idx).len() >= CACHE_ENTRIES || self.bytes + cost > CACHE_BYTES {
             // Drop what expired; if that is not enough, start over (bounded work, rare).
             let mut bytes = 0;
             for m in &mut self.maps {
-                m.retain(|k, e| {
+                m.retain(|_, (e, c)| {
                     e.valid_at(now, leeway) && {
-                        bytes += k.len();
+                        bytes += *c;
                         true
                     }
                 });
@@ -201,13 +230,20 @@ impl TokenCache {
                 self.bytes = self
                     .maps
                     .iter()
-                    .flat_map(|m| m.keys())
-                    .map(|k| k.len())
+                    .flat_map(|m| m.values())
+                    .map(|(_, c)| c)
                     .sum();
             }
         }
-        if self.map(idx).insert(token.into(), v).is_none() {
-            self.bytes += token.len();
+        match self.map(idx).insert(token.into(), (v, cost)) {
+            None => self.bytes += cost,
+            Some((_, old)) => self.bytes = self.bytes + cost - old,
+        }
+    }
+
+    fn remove(&mut self, idx: usize, token: &[u8]) {
+        if let Some((_, cost)) = self.map(idx).remove(token) {
+            self.bytes -= cost;
         }
     }
 
@@ -264,12 +300,11 @@ pub(super) async fn check(
         let stale = c
             .map(idx)
             .get(token)
-            .is_some_and(|v| v.keys_version != a.keys.version());
+            .is_some_and(|(v, _)| v.keys_version != a.keys.version());
         if stale {
             // The key set changed since: verify again (the key may be gone).
-            c.map(idx).remove(token);
-            c.bytes -= token.len();
-        } else if let Some(v) = c.map(idx).get(token) {
+            c.remove(idx, token);
+        } else if let Some((v, _)) = c.map(idx).get(token) {
             if v.valid_at(now, a.leeway) {
                 return if v.has_scopes(scopes) {
                     Ok(passed(v))
@@ -277,8 +312,7 @@ pub(super) async fn check(
                     Err(FORBIDDEN)
                 };
             }
-            c.map(idx).remove(token);
-            c.bytes -= token.len();
+            c.remove(idx, token);
             return Err(UNAUTHORIZED);
         }
     }
@@ -615,6 +649,33 @@ mod tests {
         // Tampered payload.
         let forged = format!("{}.{}x.{}", parts[0], parts[1], parts[2]);
         assert!(verify(&a, &forged).is_err());
+    }
+
+    #[test]
+    fn token_cache_counts_claims_too() {
+        // Tokens of 4 KB whose claims hold 3 KB: the bound holds for what the entries hold,
+        // not only for the token bytes.
+        let mut c = TokenCache::default();
+        c.sync(1);
+        let v = Verified {
+            exp: u64::MAX / 2,
+            nbf: 0,
+            principal: Some("alice".into()),
+            scopes: Box::new([]),
+            claims: Arc::new(serde_json::json!({"sub": "alice", "pad": "p".repeat(3000)})),
+            keys_version: 0,
+        };
+        let token = vec![b't'; 4000];
+        let cost = entry_cost(&token, &v);
+        assert!(cost > 7000, "{cost}");
+        for i in 0..6000u32 {
+            let mut t = token.clone();
+            t[..4].copy_from_slice(&i.to_be_bytes());
+            c.insert(0, &t, v.clone(), 1000, 0);
+            assert!(c.bytes <= CACHE_BYTES);
+        }
+        assert!(c.len() <= CACHE_BYTES / cost, "{}", c.len());
+        assert_eq!(c.bytes, c.len() * cost);
     }
 
     #[test]
