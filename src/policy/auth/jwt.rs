@@ -182,12 +182,15 @@ impl Verified {
     }
 }
 
+/// One authorizer's cached tokens: token -> (verified token, its [`entry_cost`]).
+type TokenMap = AHashMap<Box<[u8]>, (Verified, usize)>;
+
 /// Per-worker verified tokens, one map per authorizer.
 #[derive(Default)]
 pub struct TokenCache {
     gen: u64,
     /// Per authorizer: token -> (verified token, its [`entry_cost`]).
-    maps: Vec<AHashMap<Box<[u8]>, (Verified, usize)>>,
+    maps: Vec<TokenMap>,
     bytes: usize,
 }
 
@@ -200,7 +203,7 @@ impl TokenCache {
         }
     }
 
-    fn map(&mut self, idx: usize) -> &mut AHashMap<Box<[u8]>, (Verified, usize)> {
+    fn map(&mut self, idx: usize) -> &mut TokenMap {
         if self.maps.len() <= idx {
             self.maps.resize_with(idx + 1, AHashMap::new);
         }
