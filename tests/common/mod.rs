@@ -23,9 +23,25 @@ use std::time::{Duration, Instant};
 // Small helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A port that was free a moment ago (bind it, read it, drop the listener).
+/// A port that was free a moment ago (bind it, read it, drop the listener), and not handed
+/// out before in this process: two calls in a row can get the same port back from the
+/// kernel, and a gateway given it for two listeners refuses its config.
 pub fn free_port() -> u16 {
-    local_listener().local_addr().unwrap().port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..100 {
+        let p = local_listener().local_addr().unwrap().port();
+        if !given.contains(&p) {
+            given.push(p);
+            return p;
+        }
+    }
+    panic!("no port that was not handed out already");
+}
+
+/// Two different ports that were free a moment ago (see [`free_port`]).
+pub fn free_port_pair() -> (u16, u16) {
+    (free_port(), free_port())
 }
 
 /// A listener on 127.0.0.1: any free port, or with `RINGGATE_TEST_PORTS=LOW-HIGH` set, a free
@@ -169,8 +185,9 @@ impl Gateway {
         // try a few times with new ports.
         let mut last = String::new();
         for _ in 0..3 {
-            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let (p, ap) = free_port_pair();
+            let addr = SocketAddr::from(([127, 0, 0, 1], p));
+            let admin_addr = SocketAddr::from(([127, 0, 0, 1], ap));
             let dir = temp_dir("gw");
             let config_path = dir.join("ringgate.toml");
             std::fs::write(&config_path, fill(toml, addr, admin_addr, &dir)).unwrap();
@@ -339,10 +356,11 @@ impl Drop for Gateway {
 pub fn check(toml: &str) -> (Output, PathBuf) {
     let dir = temp_dir("check");
     let path = dir.join("check.toml");
+    let ports = free_port_pair();
     let text = fill(
         toml,
-        SocketAddr::from(([127, 0, 0, 1], free_port())),
-        SocketAddr::from(([127, 0, 0, 1], free_port())),
+        SocketAddr::from(([127, 0, 0, 1], ports.0)),
+        SocketAddr::from(([127, 0, 0, 1], ports.1)),
         &dir,
     );
     std::fs::write(&path, text).unwrap();
