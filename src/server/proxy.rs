@@ -133,8 +133,9 @@ pub(super) async fn proxy<S: ClientIo>(
     // The request can be sent again (to a fresh connection or another target) only while all
     // of it that was taken from the client is still in `c.b.out`: the body bytes streamed
     // upstream are copied there too, up to `REPLAY_MAX` in all; past that, `lost` is set and
-    // a failure after the upload began is final (502), since the body is gone.
-    let mut lost = false;
+    // a failure after the upload began is final (502), since the body is gone. A request that
+    // is never sent again once sent (not idempotent) keeps no copy.
+    let mut lost = !idempotent;
     let mut tried: u64 = 0;
     let mut retries_left = up.cfg.retries;
     let mut any_target = false;
