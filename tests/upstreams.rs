@@ -1,5 +1,5 @@
 //! Upstreams: connect failures (502), retries on another target, timeouts (504), resets,
-//! active health checks (and 503 when none is healthy), balancing modes.
+//! active health checks (and 503 when none is healthy), passive checks, balancing modes.
 
 mod common;
 
@@ -523,6 +523,137 @@ fn all_targets_unhealthy_gives_503() {
     // Recovery.
     sick.store(false, Ordering::SeqCst);
     assert!(wait_until(Duration::from_secs(3), || gw.get("/x").status == 200));
+}
+
+/// Statuses and bodies of `n` GETs, one after another.
+fn answers(gw: &Gateway, n: usize) -> Vec<(u16, String)> {
+    (0..n)
+        .map(|i| {
+            let r = gw.get(&format!("/q/{i}"));
+            (r.status, r.text())
+        })
+        .collect()
+}
+
+fn target_up(gw: &Gateway, target: std::net::SocketAddr) -> Option<f64> {
+    metric_value(
+        &gw.metrics(),
+        "ringgate_upstream_target_up",
+        &["upstream=\"o\"", &format!("target=\"{target}\"")],
+    )
+}
+
+#[test]
+fn passive_checks_keep_a_target_that_refuses_connections_out() {
+    let live = named("live");
+    let dead = dead_addr();
+    // Without passive checks, every other request goes to the dead target (no retry here).
+    let gw = Gateway::start(&config(&[dead, live.addr], "retries = 0"));
+    let failed = answers(&gw, 20).iter().filter(|a| a.0 == 502).count();
+    assert!(failed >= 5, "{failed} of 20 failed without passive checks");
+    drop(gw);
+
+    let gw = Gateway::start(&config(
+        &[dead, live.addr],
+        "retries = 0\npassive = { max_fails = 1, fail_timeout_ms = 60000 }",
+    ));
+    assert_eq!(target_up(&gw, dead), Some(1.0));
+    let got = answers(&gw, 20);
+    let failed = got.iter().filter(|a| a.0 == 502).count();
+    assert_eq!(
+        failed, 1,
+        "one failure takes the target out, for every worker: {got:?}"
+    );
+    assert!(got.iter().all(|a| a.0 == 502 || a.1 == "live"), "{got:?}");
+    assert_eq!(target_up(&gw, dead), Some(0.0));
+    assert_eq!(target_up(&gw, live.addr), Some(1.0));
+    assert!(
+        gw.stderr().contains(&format!(
+            "target {dead} is out for 60000 ms after 1 failed request(s) in a row (passive)"
+        )),
+        "{}",
+        gw.stderr()
+    );
+    drop(gw);
+
+    // The only target: still tried (502, not 503), since refusing everything helps nobody.
+    let gw = Gateway::start(&config(
+        &[dead],
+        "retries = 0\npassive = { max_fails = 1, fail_timeout_ms = 60000 }",
+    ));
+    for _ in 0..3 {
+        assert_eq!(gw.get("/x").status, 502);
+    }
+}
+
+#[test]
+fn passive_checks_bring_a_target_back_after_its_time() {
+    // `a` resets every connection while `sick` is set.
+    let sick = Arc::new(AtomicBool::new(true));
+    let s2 = sick.clone();
+    let a = Origin::start(move |_| {
+        if s2.load(Ordering::SeqCst) {
+            Response::reset()
+        } else {
+            Response::ok("a")
+        }
+    });
+    let b = named("b");
+    let gw = Gateway::start(&config(
+        &[a.addr, b.addr],
+        "retries = 0\npassive = { max_fails = 2, fail_timeout_ms = 500 }",
+    ));
+    // Two failures in a row take `a` out; until then, half the requests fail.
+    let mut failed = 0;
+    for _ in 0..40 {
+        if gw.get("/x").status == 502 {
+            failed += 1;
+        }
+        if failed == 2 {
+            break;
+        }
+    }
+    assert_eq!(failed, 2);
+    let t0 = Instant::now();
+    let before = a.conns();
+    let got = answers(&gw, 10);
+    if t0.elapsed() < Duration::from_millis(450) {
+        assert!(got.iter().all(|r| *r == (200, "b".to_string())), "{got:?}");
+        assert_eq!(a.conns(), before, "traffic reached a target that is out");
+    }
+    // Healed, and its time over: it gets traffic again, and stays in.
+    sick.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(600));
+    let got = answers(&gw, 10);
+    assert!(got.iter().all(|r| r.0 == 200), "{got:?}");
+    assert!(got.iter().any(|r| r.1 == "a"), "{got:?}");
+    assert_eq!(target_up(&gw, a.addr), Some(1.0));
+}
+
+#[test]
+fn passive_config_errors_name_the_key() {
+    for (extra, key, msg) in [
+        (
+            "passive = { max_fails = 0 }",
+            "upstreams[0].passive.max_fails",
+            "must be greater than 0",
+        ),
+        (
+            "passive = { fail_timeout_ms = 0 }",
+            "upstreams[0].passive.fail_timeout_ms",
+            "must be between 1 and 3600000",
+        ),
+        (
+            "passive = { max_fail = 2 }",
+            "max_fail",
+            "unknown key, expected `max_fails` or `fail_timeout_ms`",
+        ),
+    ] {
+        let (out, _dir) = check(&config(&[dead_addr()], extra));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra} was accepted");
+        assert!(err.contains(key) && err.contains(msg), "{extra}: {err}");
+    }
 }
 
 #[test]

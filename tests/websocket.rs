@@ -2101,6 +2101,33 @@ fn connect_slower_than_its_timeout_is_504() {
     assert_eq!(r.message(), "Bad Gateway");
 }
 
+#[test]
+fn integration_calls_keep_out_a_target_that_failed() {
+    // Passive checks on the integration's upstream: after one refused connect, `$connect`
+    // calls go to the live target only (without them, about every other one would fail).
+    let be = api_backend();
+    let dead = dead_addr();
+    let cfg = api_config(be.addr, "").replace(
+        &format!("targets = [\"{}\"]", be.addr),
+        &format!(
+            "targets = [\"{dead}\", \"{}\"]\nretries = 0\npassive = {{ max_fails = 1, fail_timeout_ms = 60000 }}",
+            be.addr
+        ),
+    );
+    let gw = Gateway::start(&cfg);
+    let mut failed = 0;
+    for _ in 0..12 {
+        let (head, _ws) = ws_connect(gw.addr, "/", "");
+        if head.starts_with("HTTP/1.1 502") {
+            failed += 1;
+        } else {
+            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        }
+    }
+    assert!(failed <= 1, "{failed} of 12 handshakes failed");
+    assert!(gw.stderr().contains("(passive)"), "{}", gw.stderr());
+}
+
 /// `$disconnect` calls the backend got for connection `id`.
 fn disconnects_of(be: &Origin, id: &str) -> usize {
     route_keys(be, "$disconnect")

@@ -480,6 +480,7 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
                 let (mut th, mut tail) = (String::new(), String::new());
                 gw.config.traffic.render_throttled(&mut th);
                 gw.config.traffic.waf.render_metrics(&mut tail);
+                crate::upstream::render_metrics(&gw.upstreams, &mut tail);
                 let dropped = shared
                     .access_log
                     .as_ref()

@@ -200,6 +200,14 @@ pub struct HealthConfig {
     pub healthy_after: u32,
 }
 
+/// Passive health checking: a target that fails `max_fails` requests in a row (connect
+/// errors, timeouts, resets or invalid answers) gets no traffic for `fail_timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct PassiveConfig {
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+}
+
 /// `[[upstreams]]`, validated.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
@@ -211,6 +219,7 @@ pub struct UpstreamConfig {
     pub retries: u32,
     pub keepalive: usize,
     pub health: Option<HealthConfig>,
+    pub passive: Option<PassiveConfig>,
 }
 
 /// The whole validated configuration.
@@ -670,6 +679,29 @@ fn validate_upstream(
             })
         }
     };
+    let passive = match &u.passive {
+        None => None,
+        Some(p) => {
+            if p.max_fails == 0 {
+                return Err(src.err(
+                    0..0,
+                    &key("passive.max_fails"),
+                    "must be greater than 0 (leave `passive` out to turn passive checks off)",
+                ));
+            }
+            if !(1..=3_600_000).contains(&p.fail_timeout_ms) {
+                return Err(src.err(
+                    0..0,
+                    &key("passive.fail_timeout_ms"),
+                    "must be between 1 and 3600000 (an hour)",
+                ));
+            }
+            Some(PassiveConfig {
+                max_fails: p.max_fails,
+                fail_timeout: Duration::from_millis(p.fail_timeout_ms),
+            })
+        }
+    };
     Ok(UpstreamConfig {
         name,
         targets,
@@ -679,6 +711,7 @@ fn validate_upstream(
         retries: u.retries,
         keepalive: u.keepalive,
         health,
+        passive,
     })
 }
 

@@ -147,6 +147,7 @@ pub struct RawUpstream {
     #[serde(default = "default_keepalive")]
     pub keepalive: usize,
     pub health: Option<RawHealth>,
+    pub passive: Option<RawPassive>,
 }
 
 fn default_balance() -> Spanned<String> {
@@ -178,6 +179,23 @@ pub struct RawHealth {
     pub healthy_after: u32,
     /// Per-probe timeout; defaults to the smaller of interval_ms and 1000.
     pub timeout_ms: Option<u64>,
+}
+
+/// `passive = { ... }` on an upstream (nginx's `max_fails` and `fail_timeout`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPassive {
+    #[serde(default = "default_max_fails")]
+    pub max_fails: u32,
+    #[serde(default = "default_fail_timeout_ms")]
+    pub fail_timeout_ms: u64,
+}
+
+fn default_max_fails() -> u32 {
+    1
+}
+fn default_fail_timeout_ms() -> u64 {
+    10_000
 }
 
 fn default_interval_ms() -> u64 {

@@ -188,7 +188,10 @@ pub(super) async fn proxy<S: ClientIo>(
                             let _ = s.set_nodelay(true);
                             (s, None, false)
                         }
-                        _ => break Err(Fail::Connect),
+                        _ => {
+                            up.failed(ti);
+                            break Err(Fail::Connect);
+                        }
                     }
                 }
             };
@@ -208,7 +211,10 @@ pub(super) async fn proxy<S: ClientIo>(
             .await;
             w.pools.borrow_mut().end(addr);
             match r {
-                Ok(()) => break Ok(us),
+                Ok(()) => {
+                    up.succeeded(ti);
+                    break Ok(us);
+                }
                 // A reused connection that broke before any byte of an answer (most often
                 // closed by the upstream while it idled in the pool, before the request
                 // arrived). Whether the upstream's application saw the request cannot be told,
@@ -227,7 +233,16 @@ pub(super) async fn proxy<S: ClientIo>(
                     w.pools.borrow_mut().clear(addr);
                     continue;
                 }
-                Err(e) => break Err(e),
+                Err(e) => {
+                    // The target's fault, for passive checks: not a pooled connection that
+                    // went stale while it idled, nor bytes an earlier answer left behind.
+                    if matches!(e, Fail::Timeout | Fail::BadResponse)
+                        || (matches!(e, Fail::BeforeResponse) && !reused)
+                    {
+                        up.failed(ti);
+                    }
+                    break Err(e);
+                }
             }
         };
         let us = match res {

@@ -1,20 +1,21 @@
-//! Upstreams: target health shared by all workers, per-worker keep-alive pools, balancing, and
-//! the active health checker.
+//! Upstreams: target health shared by all workers (active and passive checks), per-worker
+//! keep-alive pools, balancing, and the active health checker.
 //!
-//! Health is the only upstream state shared across threads (one `AtomicBool` per target, kept
-//! across reloads by address). Pools, round-robin cursors and in-flight counts are per worker:
+//! Health is the only upstream state shared across threads (atomics per target, kept across
+//! reloads by address). Pools, round-robin cursors and in-flight counts are per worker:
 //! nothing here takes a lock on the request path.
 
-use crate::config::{Balance, UpstreamConfig};
+use crate::config::{Balance, PassiveConfig, UpstreamConfig};
 use crate::http::client::{self, ResponseReader};
 use crate::http::Method;
 use crate::metrics::Labels;
+use crate::policy::throttle::now_ns;
 use ahash::AHashMap;
 use monoio::buf::{IoBufMut, SliceMut};
 use monoio::net::{DetachedRecv, TcpStream};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,12 @@ pub struct TargetHealth {
     healthy: AtomicBool,
     /// Consecutive probe failures (or successes while unhealthy).
     streak: AtomicU32,
+    /// Passive checks: requests failed in a row (connect errors, timeouts, resets, invalid
+    /// answers), by every worker.
+    fails: AtomicU32,
+    /// Passive checks: the target is out until this time ([`now_ns`]); 0 = never was, or back
+    /// in since. Past it, one more failure puts the target out again (nginx's probation).
+    out_until: AtomicU64,
 }
 
 impl TargetHealth {
@@ -31,12 +38,62 @@ impl TargetHealth {
         TargetHealth {
             healthy: AtomicBool::new(true),
             streak: AtomicU32::new(0),
+            fails: AtomicU32::new(0),
+            out_until: AtomicU64::new(0),
         }
     }
 
-    /// Whether requests may go to this target.
+    /// Whether the active health checker lets requests go to this target.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Whether passive checks keep the target out now. Reads the clock only for a target
+    /// that has been out.
+    pub fn is_out(&self) -> bool {
+        let until = self.out_until.load(Ordering::Relaxed);
+        until != 0 && now_ns() < until
+    }
+
+    /// Counts a failed request (passive checks). Returns true when it puts the target out.
+    pub fn failed(&self, p: &PassiveConfig) -> bool {
+        let n = self.fails.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if n < p.max_fails {
+            return false;
+        }
+        // Not past `max_fails` again and again: the count only needs to say "enough".
+        self.fails.store(p.max_fails, Ordering::Relaxed);
+        let now = now_ns();
+        let until = self.out_until.load(Ordering::Relaxed);
+        if until != 0 && now < until {
+            return false; // already out (another worker's failure, or one in flight)
+        }
+        let next = now.saturating_add(p.fail_timeout.as_nanos() as u64);
+        self.out_until
+            .compare_exchange(until, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Counts a successful exchange (passive checks): the failure streak ends, and a target
+    /// whose time out is over is back for good. An answer from a target still out (a request
+    /// that was in flight, or every target out) changes nothing.
+    pub fn succeeded(&self) {
+        let until = self.out_until.load(Ordering::Relaxed);
+        if until != 0 {
+            if now_ns() < until {
+                return;
+            }
+            self.out_until.store(0, Ordering::Relaxed);
+        }
+        if self.fails.load(Ordering::Relaxed) != 0 {
+            self.fails.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets passive failures (the active checker saw the target come back).
+    fn reset_passive(&self) {
+        self.fails.store(0, Ordering::Relaxed);
+        self.out_until.store(0, Ordering::Relaxed);
     }
 }
 
@@ -72,6 +129,51 @@ impl Upstream {
                 cfg: c.clone(),
             })
             .collect()
+    }
+
+    /// Whether target `i` gets traffic: the active checker passes it and passive checks do
+    /// not keep it out.
+    pub fn available(&self, i: usize) -> bool {
+        self.health[i].is_healthy() && !(self.cfg.passive.is_some() && self.health[i].is_out())
+    }
+
+    /// Counts a failed request to target `i` when passive checks are on, and says so on
+    /// stderr when that puts the target out.
+    pub fn failed(&self, i: usize) {
+        let Some(p) = &self.cfg.passive else { return };
+        if self.health[i].failed(p) {
+            crate::elog!(
+                "ringgate: upstream {} target {} is out for {} ms after {} failed request(s) in a row (passive)",
+                self.cfg.name,
+                self.cfg.targets[i],
+                p.fail_timeout.as_millis(),
+                p.max_fails
+            );
+        }
+    }
+
+    /// Counts an answered request from target `i` when passive checks are on.
+    pub fn succeeded(&self, i: usize) {
+        if self.cfg.passive.is_some() {
+            self.health[i].succeeded();
+        }
+    }
+}
+
+/// Writes `ringgate_upstream_target_up` (Prometheus text): 1 for a target that gets traffic,
+/// 0 for one the active checker holds unhealthy or passive checks keep out.
+pub fn render_metrics(ups: &[Upstream], o: &mut String) {
+    use std::fmt::Write as _;
+    o.push_str("# HELP ringgate_upstream_target_up Whether a target gets traffic (0: failing its health check, or out after failed requests).\n# TYPE ringgate_upstream_target_up gauge\n");
+    for up in ups {
+        for (t, h) in up.cfg.targets.iter().zip(&up.health) {
+            let _ = writeln!(
+                o,
+                "ringgate_upstream_target_up{{upstream=\"{}\",target=\"{t}\"}} {}",
+                crate::metrics::escape_label(&up.cfg.name),
+                u8::from(h.is_healthy() && !(up.cfg.passive.is_some() && h.is_out()))
+            );
+        }
     }
 }
 
@@ -134,13 +236,27 @@ impl WorkerPools {
 
     /// Picks a healthy target index, avoiding `tried` (a bit set of indexes already tried).
     /// `hash_value` is the value of the header named by `hash:header.NAME`, if present.
+    /// Targets that passive checks keep out are avoided too, unless every target the active
+    /// checker passes is out: then they are all tried (as Envoy's panic threshold), since
+    /// refusing every request would be a worse outage than trying a target that failed.
     pub fn pick(&mut self, up: &Upstream, hash_value: Option<&[u8]>, tried: u64) -> Option<usize> {
         let n = up.cfg.targets.len();
-        let ok = |i: usize| i < 64 && tried & (1 << i) == 0 && up.health[i].is_healthy();
-        let healthy = (0..n).filter(|&i| ok(i)).count();
+        let mut passive = up.cfg.passive.is_some();
+        let ok = |i: usize, passive: bool| {
+            i < 64
+                && tried & (1 << i) == 0
+                && up.health[i].is_healthy()
+                && !(passive && up.health[i].is_out())
+        };
+        let mut healthy = (0..n).filter(|&i| ok(i, passive)).count();
+        if healthy == 0 && passive {
+            passive = false;
+            healthy = (0..n).filter(|&i| ok(i, false)).count();
+        }
         if healthy == 0 {
             return None;
         }
+        let ok = |i: usize| ok(i, passive);
         let nth_healthy = |k: usize| (0..n).filter(|&i| ok(i)).nth(k % healthy);
         match &up.cfg.balance {
             Balance::RoundRobin => {
@@ -343,6 +459,10 @@ pub fn run_health_checker(current: impl Fn() -> Arc<crate::gateway::Gateway>, st
                 if streak >= needed {
                     t.healthy.store(!healthy, Ordering::Relaxed);
                     t.streak.store(0, Ordering::Relaxed);
+                    if !healthy {
+                        // Back: what passive checks saw before it went down is stale.
+                        t.reset_passive();
+                    }
                     crate::elog!(
                         "ringgate: upstream {} target {addr} is now {}",
                         up.cfg.name,
@@ -398,6 +518,7 @@ mod tests {
             retries: 1,
             keepalive: 4,
             health: None,
+            passive: None,
         };
         Upstream::build_all(&[cfg], &HealthRegistry::default())
             .pop()
@@ -417,6 +538,54 @@ mod tests {
         }
         u.health[0].healthy.store(false, Ordering::Relaxed);
         assert_eq!(p.pick(&u, None, 0b100), None);
+    }
+
+    #[test]
+    fn passive_checks_take_a_failing_target_out_for_its_time() {
+        let mut u = up(Balance::RoundRobin, 2);
+        let p = PassiveConfig {
+            max_fails: 2,
+            fail_timeout: Duration::from_millis(200),
+        };
+        u.cfg.passive = Some(p);
+        let mut pools = WorkerPools::new(7);
+        // One failure is not enough; a success ends the streak.
+        assert!(!u.health[0].failed(&p));
+        u.succeeded(0);
+        assert!(!u.health[0].failed(&p));
+        assert!(u.available(0));
+        // Two in a row: out, and every pick avoids it.
+        assert!(u.health[0].failed(&p));
+        assert!(!u.available(0));
+        assert!((0..10).all(|_| pools.pick(&u, None, 0) == Some(1)));
+        // Further failures while out do not restart its time (nor log again).
+        assert!(!u.health[0].failed(&p));
+        // An answer from it while it is out (a request in flight) does not bring it back.
+        u.succeeded(0);
+        assert!(!u.available(0));
+        // Both out: both are tried anyway rather than refusing every request.
+        u.health[1].failed(&p);
+        assert!(u.health[1].failed(&p));
+        let both: std::collections::HashSet<_> = (0..10).map(|_| pools.pick(&u, None, 0)).collect();
+        assert_eq!(both.len(), 2);
+        // The active checker still decides alone: an unhealthy target is never picked.
+        u.health[1].healthy.store(false, Ordering::Relaxed);
+        assert!((0..10).all(|_| pools.pick(&u, None, 0) == Some(0)));
+        u.health[1].healthy.store(true, Ordering::Relaxed);
+        // Its time over, it is back; one more failure puts it out again at once.
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(u.available(0) && u.available(1));
+        assert!(u.health[0].failed(&p));
+        assert!(!u.available(0));
+        // A success after its time ends it for good, and a new streak is needed.
+        u.health[1].succeeded();
+        assert!(!u.health[1].failed(&p));
+        assert!(u.available(1));
+        // Without `passive`, what was recorded is ignored.
+        u.cfg.passive = None;
+        assert!(u.available(0));
+        let set: std::collections::HashSet<_> = (0..10).map(|_| pools.pick(&u, None, 0)).collect();
+        assert_eq!(set.len(), 2);
     }
 
     #[test]

@@ -61,14 +61,14 @@ pub async fn post(
     let deadline = Instant::now() + up.cfg.timeout;
     let attempts = (up.cfg.retries as usize + 1).min(n.max(1));
     for a in 0..attempts {
-        let mut ti = (start + a) % n;
-        for k in 0..n {
-            let i = (start + a + k) % n;
-            if up.health[i].is_healthy() {
-                ti = i;
-                break;
-            }
-        }
+        // The next target that gets traffic; else the next one the active checker passes
+        // (every target out after failed requests: they are all tried, as by the proxy).
+        let from = |k: usize| (start + a + k) % n;
+        let ti = (0..n)
+            .map(from)
+            .find(|&i| up.available(i))
+            .or_else(|| (0..n).map(from).find(|&i| up.health[i].is_healthy()))
+            .unwrap_or(from(0));
         let addr = up.cfg.targets[ti];
         // Host: the target's address, as for authorizer calls (the config's upstream name
         // means nothing to a virtual-host router).
@@ -111,12 +111,16 @@ pub async fn post(
                         let _ = s.set_nodelay(true);
                         s
                     }
-                    _ => break,
+                    _ => {
+                        up.failed(ti);
+                        break;
+                    }
                 },
             };
             let mut rd = ResponseReader::new(Method::Post, max_body);
             match client::exchange(&mut s, req.clone(), &mut rd, deadline).await {
                 Ok(()) => {
+                    up.succeeded(ti);
                     if rd.reusable() {
                         POOL.with(|p| {
                             let mut p = p.borrow_mut();
@@ -135,9 +139,15 @@ pub async fn post(
                     });
                 }
                 Err(e) if e.unanswered() && reused => continue,
-                Err(client::ClientError::Timeout) => return Err(CallError::Timeout),
+                Err(client::ClientError::Timeout) => {
+                    up.failed(ti);
+                    return Err(CallError::Timeout);
+                }
                 Err(client::ClientError::TooLarge) => return Err(CallError::TooLarge),
-                Err(_) => return Err(failure(deadline)),
+                Err(_) => {
+                    up.failed(ti);
+                    return Err(failure(deadline));
+                }
             }
         }
     }
