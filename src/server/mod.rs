@@ -814,9 +814,19 @@ async fn read_head<S: ClientIo>(
         } else {
             now = Instant::now();
             let d = *head_deadline.get_or_insert_with(|| now + limits.header_timeout);
-            match monoio::time::timeout_at(d.into(), c.stream.read(buf)).await {
-                Ok(r) => r,
-                Err(_) => return HeadRead::Fail(408, "Request Timeout"),
+            let mut read = std::pin::pin!(c.stream.cancelable_read(buf, c.canceller.handle()));
+            let timer = monoio::time::sleep_until(d.into());
+            monoio::select! {
+                r = &mut read => r,
+                _ = timer => {
+                    // The read is cancelled and awaited, so the part of the head that came
+                    // stays in `rbuf`: the 408 is counted and logged with its method, path
+                    // and request id, as the other refusals are.
+                    c.canceller = std::mem::take(&mut c.canceller).cancel();
+                    let (_, buf) = read.await;
+                    c.b.rbuf = buf.into_inner();
+                    return HeadRead::Fail(408, "Request Timeout");
+                }
             }
         };
         c.b.rbuf = buf.into_inner();

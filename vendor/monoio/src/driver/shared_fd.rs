@@ -325,17 +325,17 @@ impl SharedFd {
     /// Try unwrap Rc, then deregister if registered and return rawfd.
     /// Note: this action will consume self and return rawfd without closing it.
     pub(crate) fn try_unwrap(self) -> Result<RawFd, Self> {
-        use std::mem::{ManuallyDrop, MaybeUninit};
+        use std::mem::ManuallyDrop;
 
         let fd = self.inner.fd;
         match Rc::try_unwrap(self.inner) {
             Ok(inner) => {
-                // Only drop Inner's state, skip its drop impl.
-                let mut inner_skip_drop = ManuallyDrop::new(inner);
-                #[allow(invalid_value)]
-                #[allow(clippy::uninit_assumed_init)]
-                let mut state = unsafe { MaybeUninit::uninit().assume_init() };
-                std::mem::swap(&mut inner_skip_drop.state, &mut state);
+                // Only drop Inner's state, skip its drop impl (which would close the fd).
+                let inner_skip_drop = ManuallyDrop::new(inner);
+                // SAFETY: `inner_skip_drop` is never dropped nor used again, so its `state` is
+                // moved out exactly once here. (ringgate: this replaces a swap with an
+                // uninitialised `State`, which was undefined behaviour.)
+                let state = unsafe { std::ptr::read(&inner_skip_drop.state) };
 
                 #[cfg(feature = "legacy")]
                 let state = unsafe { &*state.get() };

@@ -53,6 +53,11 @@ pub(crate) struct Recv<T> {
     /// (ringgate) No data is expected yet: io_uring waits for readiness before the first
     /// attempt (`IORING_RECVSEND_POLL_FIRST`) instead of trying one that would fail.
     poll_first: bool,
+
+    /// (ringgate) A byte-stream socket: on the legacy driver, a read shorter than the buffer
+    /// means the socket is drained (see `legacy_drained`). Not so for datagram sockets, where
+    /// a short read is one datagram and more may be queued.
+    stream: bool,
 }
 
 impl<T: IoBufMut> Op<Recv<T>> {
@@ -61,15 +66,28 @@ impl<T: IoBufMut> Op<Recv<T>> {
             fd,
             buf,
             poll_first: false,
+            stream: false,
         })
     }
 
-    /// (ringgate) A receive for data not expected yet (see `Recv::poll_first`).
+    /// (ringgate) A receive on a byte-stream socket (TCP, Unix stream): see `Recv::stream`.
+    pub(crate) fn recv_stream(fd: SharedFd, buf: T) -> io::Result<Self> {
+        Op::submit_with(Recv {
+            fd,
+            buf,
+            poll_first: false,
+            stream: true,
+        })
+    }
+
+    /// (ringgate) A receive on a byte-stream socket for data not expected yet (see
+    /// `Recv::poll_first`).
     pub(crate) fn recv_poll_first(fd: SharedFd, buf: T) -> io::Result<Self> {
         Op::submit_with(Recv {
             fd,
             buf,
             poll_first: true,
+            stream: true,
         })
     }
 
@@ -79,6 +97,7 @@ impl<T: IoBufMut> Op<Recv<T>> {
             fd: fd.clone(),
             buf,
             poll_first: false,
+            stream: true,
         }
     }
 
@@ -171,7 +190,7 @@ impl<T: IoBufMut> OpAble for Recv<T> {
 
     #[cfg(any(feature = "legacy", feature = "poll-io"))]
     fn legacy_drained(&mut self, n: u32) -> bool {
-        n > 0 && (n as usize) < self.buf.bytes_total().min(u32::MAX as usize)
+        self.stream && n > 0 && (n as usize) < self.buf.bytes_total().min(u32::MAX as usize)
     }
 
     #[cfg(all(any(feature = "legacy", feature = "poll-io"), windows))]
