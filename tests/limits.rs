@@ -75,7 +75,11 @@ fn head_growing_past_max_header_bytes_without_end_gets_431() {
     // before the deadline is kept for that).
     let m = gw.metrics();
     assert_eq!(
-        metric_value(&m, "ringgate_requests_total", &["method=\"GET\"", "status=\"408\""]),
+        metric_value(
+            &m,
+            "ringgate_requests_total",
+            &["method=\"GET\"", "status=\"408\""]
+        ),
         Some(1.0),
         "{m}"
     );

@@ -1404,6 +1404,89 @@ fn interim_answers_are_passed_on_to_http11_clients() {
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
 }
 
+#[test]
+fn a_request_whose_interim_answer_went_out_is_not_sent_again() {
+    // On a reused connection, a 103 that wrongly carries a body: what follows it is no
+    // answer, but the upstream has the request, and the client has the 103. 502, once.
+    let origin = Origin::start(|r| {
+        if r.path == "/two" {
+            Response::raw(
+                &b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\nContent-Length: 3\r\n\r\nabcHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"[..],
+            )
+        } else {
+            Response::ok("one")
+        }
+    });
+    let gw = Gateway::start(&config(origin.addr));
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.write_all(b"GET /one HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    read_until_text(&mut s, "one");
+    s.write_all(b"GET /two HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let text = read_until_text(&mut s, "Bad Gateway\"}");
+    assert!(text.starts_with("HTTP/1.1 103 "), "{text}");
+    assert_eq!(text.matches(" 103 ").count(), 1, "{text}");
+    assert!(text.contains("HTTP/1.1 502 "), "{text}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        origin
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/two")
+            .count(),
+        1,
+        "the request was sent again after its interim answer went out"
+    );
+}
+
+#[test]
+fn a_101_to_a_request_without_upgrade_is_a_502_that_keeps_the_connection() {
+    let origin = Origin::start(|_| {
+        Response::raw(
+            &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"[..],
+        )
+    });
+    let gw = Gateway::start(&config(origin.addr));
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    // Pipelined: the request behind is still answered.
+    s.write_all(b"GET /up HTTP/1.1\r\nHost: t\r\n\r\nGET /mock HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let text = read_until_text(&mut s, "mocked");
+    assert!(text.starts_with("HTTP/1.1 502 "), "{text}");
+    assert!(
+        !text[..text.find("\r\n\r\n").unwrap()].contains("connection: close"),
+        "{text}"
+    );
+    assert!(text.contains("HTTP/1.1 200 "), "{text}");
+}
+
+#[test]
+fn a_date_is_added_when_the_origin_sends_none() {
+    // RFC 9110 6.6.1, as nginx: the origin's own Date is kept, a missing one is added.
+    let origin = Origin::start(|r| {
+        if r.path == "/dated" {
+            Response::raw(&b"HTTP/1.1 200 OK\r\nDate: Tue, 01 Jan 2030 00:00:00 GMT\r\nContent-Length: 2\r\n\r\nok"[..])
+        } else {
+            Response::raw(&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"[..])
+        }
+    });
+    let gw = Gateway::start(&config(origin.addr));
+    let r = gw.get("/undated");
+    assert_eq!(r.status, 200);
+    let dates = r.headers_named("date");
+    assert_eq!(dates.len(), 1, "{dates:?}");
+    assert!(
+        dates[0].ends_with(" GMT") && dates[0].len() == 29,
+        "{dates:?}"
+    );
+    let r = gw.get("/dated");
+    assert_eq!(
+        r.headers_named("date"),
+        vec!["Tue, 01 Jan 2030 00:00:00 GMT"]
+    );
+}
+
 /// Sends one byte as TCP urgent data (`MSG_OOB`): it leaves the normal byte stream, and a
 /// reader's `recv` stops short at its mark although the bytes behind it are there.
 fn send_urgent(s: &std::net::TcpStream, byte: u8) {

@@ -393,10 +393,33 @@ fn post_is_not_retried_after_reset() {
 #[test]
 fn malformed_upstream_response_gives_502() {
     let origin = Origin::start(|_| Response::raw("NOT HTTP AT ALL\r\n\r\n"));
-    let gw = Gateway::start(&config(&[origin.addr], "retries = 0"));
+    let dead = dead_addr();
+    let gw = Gateway::start(&format!(
+        "[access_log]\npath = \"@DIR@/access.log\"\n{}",
+        config(&[origin.addr], "retries = 0")
+    ));
     let r = gw.get("/x");
     assert_eq!(r.status, 502);
     assert_eq!(r.message(), "Bad Gateway");
+    // The access log names the upstream that failed, as for an answered request; and the
+    // target of a failed connect too.
+    let gw2 = Gateway::start(&format!(
+        "[access_log]\npath = \"@DIR@/access.log\"\n{}",
+        config(&[dead], "retries = 0")
+    ));
+    assert_eq!(gw2.get("/y").status, 502);
+    for (g, target) in [(&gw, origin.addr), (&gw2, dead)] {
+        let want = format!("\"upstream\":\"{target}\"");
+        assert!(
+            wait_until(Duration::from_secs(3), || {
+                std::fs::read_to_string(g.dir.join("access.log"))
+                    .unwrap_or_default()
+                    .contains(&want)
+            }),
+            "{want} not in {}",
+            std::fs::read_to_string(g.dir.join("access.log")).unwrap_or_default()
+        );
+    }
 }
 
 #[test]

@@ -1351,6 +1351,33 @@ fn passthrough_refuses_an_extension_the_upstream_was_not_offered() {
     assert!(head.starts_with("HTTP/1.1 502"), "{head}");
 }
 
+/// An upstream that switches to another protocol, or whose accept key is not the client's,
+/// fails the handshake with 502 (RFC 6455 4.1: the client would fail it); nothing is relayed.
+#[test]
+fn passthrough_refuses_a_101_that_is_no_websocket_handshake() {
+    for answer in [
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: bm90IHRoZSBrZXk=\r\n\r\n",
+    ] {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let be = l.local_addr().unwrap();
+        thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut buf = Vec::new();
+                if read_upgrade(&mut s, &mut buf).is_some() {
+                    let _ = s.write_all(answer.as_bytes());
+                    thread::sleep(Duration::from_secs(2));
+                }
+            }
+        });
+        let gw = Gateway::start(&passthrough_config(be, ""));
+        let (head, _ws) = ws_connect(gw.addr, "/live/r", "");
+        assert!(head.starts_with("HTTP/1.1 502"), "{answer}: {head}");
+        assert!(gw.stderr().contains("Sec-WebSocket-Accept"), "{}", gw.stderr());
+    }
+}
+
 #[test]
 fn passthrough_sends_no_second_close_frame() {
     // The upstream closed (1000) and then went quiet: the idle timeout ends the connection

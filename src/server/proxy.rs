@@ -245,8 +245,8 @@ pub(super) async fn proxy<S: ClientIo>(
                 }
             }
         };
-        let us = match res {
-            Ok(us) => us,
+        let res = match res {
+            Ok(us) => Ok(us),
             Err(Fail::Client(status)) => {
                 // The client's body was bad, too big or too slow: tell it (nothing has been
                 // sent to it yet). A client that went away gets nothing.
@@ -271,14 +271,14 @@ pub(super) async fn proxy<S: ClientIo>(
             // The request was sent whole before the wait for the answer began, so the client
             // connection is in step: it stays open for the requests behind (as nginx).
             Err(Fail::Timeout) => {
-                return reject(w, c, 504, "Endpoint Request Timed Out", body_done).await;
+                Err(reject(w, c, 504, "Endpoint Request Timed Out", body_done).await)
             }
             Err(Fail::BadResponse | Fail::Leftover) => {
                 w.log_upstream_error(
                     addr,
                     "invalid response head, or one past server.limits (max_headers, or max(max_header_bytes, 16 KiB))",
                 );
-                return reject(w, c, 502, "Bad Gateway", body_done).await;
+                Err(reject(w, c, 502, "Bad Gateway", body_done).await)
             }
             Err(f) => {
                 let retryable = matches!(f, Fail::Connect)
@@ -287,10 +287,19 @@ pub(super) async fn proxy<S: ClientIo>(
                     retries_left -= 1;
                     continue;
                 }
-                if Instant::now() >= deadline {
-                    return reject(w, c, 504, "Endpoint Request Timed Out", false).await;
-                }
-                return reject(w, c, 502, "Bad Gateway", body_done).await;
+                Err(if Instant::now() >= deadline {
+                    reject(w, c, 504, "Endpoint Request Timed Out", false).await
+                } else {
+                    reject(w, c, 502, "Bad Gateway", body_done).await
+                })
+            }
+        };
+        // A failure's answer names the target that failed (the access log's `upstream`).
+        let us = match res {
+            Ok(us) => us,
+            Err(mut o) => {
+                o.upstream = Some(addr);
+                return o;
             }
         };
         if let Ok(mut m) = w.metrics.lock() {
@@ -298,7 +307,12 @@ pub(super) async fn proxy<S: ClientIo>(
         }
         if c.b.resp.status == 101 {
             if !c.b.head.upgrade_websocket {
-                return reject(w, c, 502, "Bad Gateway", false).await;
+                // Switching protocols unasked: the upstream connection is dropped, the
+                // client's stays in step (the request was sent whole), as for a bad head.
+                w.log_upstream_error(addr, "101 Switching Protocols to a request without Upgrade");
+                let mut o = reject(w, c, 502, "Bad Gateway", body_done).await;
+                o.upstream = Some(addr);
+                return o;
             }
             return upgrade(w, c, us, addr, route).await;
         }
@@ -601,12 +615,16 @@ async fn exchange<S: ClientIo>(
     // Interim answers passed on to the client: once one is, the request cannot go to another
     // target.
     let mut interim = 0usize;
+    // Any interim answer came (passed on or not): the upstream has the request, so what
+    // follows is its answer, never an earlier answer's leftover, and never sent again.
+    let mut answered = false;
     loop {
         if !c.b.ubuf.is_empty() {
             match c.b.resp.parse(&c.b.ubuf, c.b.head.method, &hl) {
                 Ok(Status::Complete(n)) => {
                     let status = c.b.resp.status;
                     if (100..200).contains(&status) && status != 101 {
+                        answered = true;
                         // RFC 9110 15.2: a proxy passes interim answers on (103 Early Hints,
                         // 102 Processing), to HTTP/1.1 clients only; not 100 Continue (the
                         // gateway answers `Expect` itself), and not past a bound.
@@ -635,7 +653,9 @@ async fn exchange<S: ClientIo>(
                     return Ok(());
                 }
                 Ok(Status::Partial) => {}
-                Err(_) if !c.b.ubuf.starts_with(b"HTTP/") && !early => return Err(Fail::Leftover),
+                Err(_) if !c.b.ubuf.starts_with(b"HTTP/") && !early && !answered => {
+                    return Err(Fail::Leftover)
+                }
                 Err(_) => return Err(Fail::BadResponse),
             }
         }
@@ -685,7 +705,7 @@ async fn exchange<S: ClientIo>(
                 c.b.ubuf = buf.into_inner();
                 match res {
                     Ok(0) | Err(_) => {
-                        return Err(if (c.b.ubuf.is_empty() && interim == 0) || early {
+                        return Err(if (c.b.ubuf.is_empty() && !answered) || early {
                             Fail::BeforeResponse
                         } else {
                             Fail::BadResponse
@@ -796,6 +816,32 @@ async fn upgrade<S: ClientIo>(
         );
         return super::reject(w, c, 502, "Bad Gateway", false).await;
     }
+    // A 101 to another protocol, or one whose accept key is not the client's (RFC 6455 4.1:
+    // the client fails such a handshake), is not relayed as a WebSocket.
+    let upgrade_ok =
+        c.b.resp
+            .header_kind(&c.b.ubuf, HeaderKind::Upgrade)
+            .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"websocket"));
+    let accept_ok = match (
+        c.b.head.header(&c.b.rbuf, "sec-websocket-key"),
+        c.b.resp
+            .forwardable(&c.b.ubuf)
+            .find(|(n, _)| n.eq_ignore_ascii_case(b"sec-websocket-accept")),
+    ) {
+        (Some(key), Some((_, v))) => {
+            v.trim_ascii() == crate::ws::handshake::accept_key(key.trim_ascii()).as_bytes()
+        }
+        _ => false,
+    };
+    if !upgrade_ok || !accept_ok {
+        w.log_upstream_error(
+            addr,
+            "101 without `Upgrade: websocket` and the client's Sec-WebSocket-Accept",
+        );
+        let mut o = super::reject(w, c, 502, "Bad Gateway", false).await;
+        o.upstream = Some(addr);
+        return o;
+    }
     c.b.out.clear();
     encode::push_status_line(&mut c.b.out, 101);
     c.b.out
@@ -831,7 +877,7 @@ async fn upgrade<S: ClientIo>(
 
 /// Writes the upstream's forwardable response headers but `x-request-id` (the gateway's),
 /// `x-cache` on a cached route, `access-control-*` when the gateway answers CORS, and those
-/// `mapped` owns.
+/// `mapped` owns. Returns whether the upstream sent a `Date` (or `mapped` owns it).
 #[inline(always)]
 fn push_upstream_headers(
     out: &mut Vec<u8>,
@@ -840,8 +886,12 @@ fn push_upstream_headers(
     cached: bool,
     gateway_cors: bool,
     mapped: impl Fn(&[u8]) -> bool,
-) {
+) -> bool {
+    let mut date = false;
     for (kind, name, value) in resp.forwardable_kinds(buf) {
+        if kind == HeaderKind::Other && name.len() == 4 && name.eq_ignore_ascii_case(b"date") {
+            date = true;
+        }
         match kind {
             HeaderKind::XRequestId => {}
             HeaderKind::XCache if cached => {}
@@ -852,6 +902,7 @@ fn push_upstream_headers(
             _ => encode::push_header(out, name, value),
         }
     }
+    date || mapped(b"date")
 }
 
 /// Sends the upstream's response to the client (through the route's response mapping) and
@@ -882,13 +933,20 @@ async fn respond<S: ClientIo>(
     encode::push_status_line(&mut c.b.out, status);
     // A route without a response mapping gets the loop without the per-header name check.
     let (cached, cors) = (cap.is_some(), c.gateway_cors);
-    match rmap {
+    let date = match rmap {
         None => push_upstream_headers(&mut c.b.out, &c.b.resp, &c.b.ubuf, cached, cors, |_| false),
         Some(m) => {
             let covers = |n: &[u8]| m.covers(n);
-            push_upstream_headers(&mut c.b.out, &c.b.resp, &c.b.ubuf, cached, cors, covers);
+            let date =
+                push_upstream_headers(&mut c.b.out, &c.b.resp, &c.b.ubuf, cached, cors, covers);
             m.push(&map_ctx!(c), &mut c.b.out);
+            date
         }
+    };
+    if !date {
+        // RFC 9110 6.6.1: a recipient with a clock adds the `Date` an origin left out (as
+        // nginx does).
+        encode::push_header(&mut c.b.out, b"date", w.date.borrow_mut().get());
     }
     if let Some(cap) = cap.as_deref_mut() {
         // A cached route: say it was a miss, and keep the response when it may be stored
