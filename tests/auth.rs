@@ -1242,7 +1242,9 @@ fn sigv4_presigned_urls() {
     let mut p2 = sign_job("GET", &format!("{base}/signed/file"), json!({}), "");
     p2["presign"] = json!(60);
     p2["time"] = json!(amz_time(now() - 120));
-    let res = peer(&dir, json!([p1, p2]));
+    let mut p3 = sign_job("GET", &format!("{base}/signed/file"), json!({}), "");
+    p3["presign"] = json!(0);
+    let res = peer(&dir, json!([p1, p2, p3]));
     let target = |v: &Value| {
         let url = v["url"].as_str().unwrap();
         url[url.find("/signed").unwrap()..].to_string()
@@ -1287,6 +1289,20 @@ fn sigv4_presigned_urls() {
         ),
         403,
         "expired presigned URL",
+    );
+    // Valid for 0 s (AWS takes 1 s to 7 days), even used in the second it was signed.
+    assert!(res[2]["url"].as_str().unwrap().contains("X-Amz-Expires=0"));
+    assert_denied(
+        &send_signed(
+            &gw,
+            "GET",
+            &target(&res[2]),
+            &json!({"headers":{}}),
+            &[],
+            "",
+        ),
+        403,
+        "presigned URL valid for 0 s",
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

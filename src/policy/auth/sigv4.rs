@@ -203,7 +203,8 @@ pub fn verify(
             return Err(FORBIDDEN);
         }
         let expires: u64 = get("X-Amz-Expires")?.parse().map_err(|_| FORBIDDEN)?;
-        if expires > MAX_EXPIRES_S {
+        // 1 s to 7 days, as AWS: an URL valid for no time at all is no presigned URL.
+        if expires == 0 || expires > MAX_EXPIRES_S {
             return Err(FORBIDDEN);
         }
         let (access_key, date, region, service) =
