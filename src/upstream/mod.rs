@@ -241,6 +241,10 @@ impl WorkerPools {
     /// refusing every request would be a worse outage than trying a target that failed.
     pub fn pick(&mut self, up: &Upstream, hash_value: Option<&[u8]>, tried: u64) -> Option<usize> {
         let n = up.cfg.targets.len();
+        if n == 1 {
+            // Every balance picks the one target; passive checks never refuse the last one.
+            return (tried & 1 == 0 && up.health[0].is_healthy()).then_some(0);
+        }
         let mut passive = up.cfg.passive.is_some();
         let ok = |i: usize, passive: bool| {
             i < 64
@@ -586,6 +590,24 @@ mod tests {
         assert!(u.available(0));
         let set: std::collections::HashSet<_> = (0..10).map(|_| pools.pick(&u, None, 0)).collect();
         assert_eq!(set.len(), 2);
+    }
+
+    #[test]
+    fn a_single_target_is_picked_unless_tried_or_unhealthy() {
+        let mut u = up(Balance::LeastConn, 1);
+        u.cfg.passive = Some(PassiveConfig {
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(60),
+        });
+        let mut p = WorkerPools::new(7);
+        assert_eq!(p.pick(&u, None, 0), Some(0));
+        assert_eq!(p.pick(&u, None, 1), None);
+        // Out after a failure, but the only one: still tried.
+        u.failed(0);
+        assert!(!u.available(0));
+        assert_eq!(p.pick(&u, None, 0), Some(0));
+        u.health[0].healthy.store(false, Ordering::Relaxed);
+        assert_eq!(p.pick(&u, None, 0), None);
     }
 
     #[test]
