@@ -3,7 +3,8 @@
 //! parsers is violated for the given input. Not part of the stable API.
 
 use super::{
-    ChunkError, ChunkedDecoder, HttpError, Limits, Method, RequestHead, ResponseHead, Status,
+    list_items, ChunkError, ChunkedDecoder, HeaderKind, HttpError, Limits, Method, RequestHead,
+    RespBody, ResponseHead, Status,
 };
 
 /// Small xorshift64 generator (deterministic, no dependencies).
@@ -97,6 +98,136 @@ pub fn request_parser(data: &[u8]) {
             in_head(h.value, n);
         }
         let _ = resp.forwardable(data).count();
+    }
+}
+
+/// Feeds `data[1..]` to the response head parser as an answer to a request whose method (and
+/// limits) `data[0]` picks. Checks, beyond not panicking: a complete head is what
+/// `head_len` says, ends with an empty line, holds only CRLF line ends, and parses alike
+/// alone and in a longer buffer; every shorter prefix is `Partial`; the body framing is the
+/// one RFC 9112 6.3 gives (none for HEAD, 1xx, 204 and 304; chunked only when the last
+/// coding is; a length only without Transfer-Encoding and equal to every Content-Length; a
+/// connection that cannot be reused when the framing is by close or ambiguous); and
+/// nothing forwardable is hop-by-hop, a length, or named in `Connection`.
+pub fn response_parser(data: &[u8]) {
+    let Some((&sel, data)) = data.split_first() else {
+        return;
+    };
+    let method = [Method::Get, Method::Head, Method::Post, Method::Other][(sel & 3) as usize];
+    let limits = Limits {
+        max_header_bytes: 256 + ((sel >> 2) as usize) * 64,
+        max_headers: 1 + (sel >> 4) as usize * 4,
+    };
+    let mut resp = ResponseHead::new(limits.max_headers);
+    let n = match resp.parse(data, method, &limits) {
+        Ok(Status::Complete(n)) => n,
+        Ok(Status::Partial) => {
+            assert!(data.len() < limits.max_header_bytes);
+            return;
+        }
+        Err(HttpError::HeadTooLarge) => {
+            assert!(data.len() >= limits.max_header_bytes);
+            return;
+        }
+        Err(_) => return,
+    };
+    assert_eq!(n, resp.head_len);
+    assert!(n <= data.len() && n <= limits.max_header_bytes);
+    assert!(data[..n].ends_with(b"\r\n\r\n"), "{:?}", &data[..n]);
+    assert!(super::crlf_only(&data[..n]));
+    assert!((100..=999).contains(&resp.status), "{}", resp.status);
+    assert!(resp.headers.len() <= limits.max_headers);
+    for h in &resp.headers {
+        in_head(h.name, n);
+        in_head(h.value, n);
+    }
+    // The head alone parses alike, and no prefix of it is complete (or an error).
+    let mut alone = ResponseHead::new(limits.max_headers);
+    assert_eq!(
+        alone.parse(&data[..n], method, &limits),
+        Ok(Status::Complete(n))
+    );
+    assert_eq!(
+        (
+            alone.status,
+            alone.body,
+            alone.keep_alive,
+            alone.headers.len()
+        ),
+        (resp.status, resp.body, resp.keep_alive, resp.headers.len())
+    );
+    for k in [n - 1, n / 2, n.saturating_sub(3)] {
+        assert_eq!(
+            alone.parse(&data[..k], method, &limits),
+            Ok(Status::Partial),
+            "prefix {k} of {n}"
+        );
+    }
+    // Framing.
+    let values = |kind: HeaderKind| {
+        resp.headers
+            .iter()
+            .filter(move |h| h.kind == kind)
+            .map(|h| resp.slice(data, h.value))
+    };
+    let te: Vec<&[u8]> = values(HeaderKind::TransferEncoding)
+        .flat_map(list_items)
+        .collect();
+    let has_cl = values(HeaderKind::ContentLength).next().is_some();
+    let bodyless = method == Method::Head
+        || (100..200).contains(&resp.status)
+        || resp.status == 204
+        || resp.status == 304;
+    match resp.body {
+        RespBody::None => assert!(bodyless),
+        RespBody::Chunked => {
+            assert!(!bodyless);
+            assert!(te
+                .last()
+                .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
+            assert_eq!(
+                te.iter()
+                    .filter(|c| c.eq_ignore_ascii_case(b"chunked"))
+                    .count(),
+                1
+            );
+            if has_cl {
+                assert!(!resp.keep_alive, "Content-Length with chunked kept alive");
+            }
+        }
+        RespBody::Length(len) => {
+            assert!(!bodyless && te.is_empty() && has_cl);
+            for v in values(HeaderKind::ContentLength) {
+                for item in v.split(|&b| b == b',') {
+                    assert_eq!(
+                        std::str::from_utf8(item.trim_ascii())
+                            .ok()
+                            .and_then(|t| t.parse().ok()),
+                        Some(len)
+                    );
+                }
+            }
+        }
+        RespBody::UntilClose => {
+            assert!(!bodyless);
+            assert!(
+                !resp.keep_alive,
+                "a body delimited by close on a reused connection"
+            );
+        }
+    }
+    if resp.minor_version == 0 && resp.keep_alive {
+        assert!(values(HeaderKind::Connection)
+            .flat_map(list_items)
+            .any(|t| t.eq_ignore_ascii_case(b"keep-alive")));
+    }
+    let named: Vec<Vec<u8>> = values(HeaderKind::Connection)
+        .flat_map(list_items)
+        .map(|t| t.to_ascii_lowercase())
+        .collect();
+    for (kind, name, _) in resp.forwardable_kinds(data) {
+        assert!(!kind.is_hop_by_hop() && kind != HeaderKind::ContentLength);
+        assert!(!named.contains(&name.to_ascii_lowercase()), "{name:?}");
     }
 }
 
@@ -301,6 +432,16 @@ mod tests {
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok",
     ];
 
+    const RESP_SEEDS: &[&[u8]] = &[
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: x-hop\r\nX-Hop: 1\r\nDate: d\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1, 1\r\n\r\nx",
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\nKeep-Alive: timeout=5\r\n\r\n",
+        b"HTTP/1.1 599 Odd\r\nUpgrade: h2c\r\nConnection: close, upgrade\r\n\r\n",
+    ];
+
     const CHUNK_SEEDS: &[&[u8]] = &[
         b"5;a=b\r\nhello\r\n1a\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: v\r\n\r\nNEXT",
         b"3 ;x\r\nabc\r\n0\r\n\r\n",
@@ -353,6 +494,28 @@ mod tests {
             let v: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
             request_parser(&v);
         }
+    }
+
+    #[test]
+    fn randomized_response_parser() {
+        let mut rng = XorShift(0x5eed_0f4e);
+        let mut complete = 0;
+        for _ in 0..40_000 {
+            let seed = RESP_SEEDS[rng.below(RESP_SEEDS.len() as u64) as usize];
+            let sel = rng.next_u64() as u8;
+            let v = [&[sel][..], &mutate(&mut rng, seed)].concat();
+            response_parser(&v);
+            let lim = Limits {
+                max_header_bytes: 256 + ((sel >> 2) as usize) * 64,
+                max_headers: 1 + (sel >> 4) as usize * 4,
+            };
+            if let Ok(Status::Complete(_)) = ResponseHead::new(64).parse(&v[1..], Method::Get, &lim)
+            {
+                complete += 1;
+            }
+        }
+        // The mutations keep a fair share of heads valid, so the checks on them run.
+        assert!(complete > 5000, "{complete}");
     }
 
     #[test]
