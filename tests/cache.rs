@@ -111,6 +111,10 @@ fn miss_then_hit_with_age_and_own_request_id() {
     assert_eq!(b.header("content-type"), Some("text/plain"));
     assert_eq!(b.body, a.body);
     assert_eq!(n.load(Ordering::SeqCst), 1);
+    // The origin sends no Date: the miss gets one, and the hit the same (kept with the entry:
+    // the time the response was made, with Age beside it).
+    assert_eq!(a.headers_named("date").len(), 1, "{:?}", a.headers);
+    assert_eq!(b.headers_named("date"), a.headers_named("date"));
     // A new connection is served from the cache too (one worker).
     let r = get(&mut Client::connect(gw.addr), "/prod/items/1", "");
     assert_eq!(r.header("x-cache"), Some("hit"));
@@ -131,6 +135,7 @@ fn miss_then_hit_with_age_and_own_request_id() {
         assert_eq!(h.header("x-cache"), Some("hit"));
         assert_eq!(h.header("content-length"), Some(&*d.body.len().to_string()));
         assert!(h.body.is_empty());
+        assert_eq!(h.headers_named("date").len(), 1);
     }
     assert_eq!(n.load(Ordering::SeqCst), 2);
     // The connection still works after HEAD hits (no stray body bytes).

@@ -654,6 +654,57 @@ fn passive_checks_bring_a_target_back_after_its_time() {
 }
 
 #[test]
+fn passive_checks_count_an_answer_that_is_no_http() {
+    let live = named("live");
+    let junk = Origin::start(|_| Response::raw("XYZZY garbage\r\n\r\n"));
+    let gw = Gateway::start(&config(
+        &[junk.addr, live.addr],
+        "retries = 0\npassive = { max_fails = 1, fail_timeout_ms = 60000 }",
+    ));
+    let got = answers(&gw, 20);
+    assert_eq!(got.iter().filter(|a| a.0 == 502).count(), 1, "{got:?}");
+}
+
+#[test]
+fn passive_checks_let_back_the_first_target_that_answers_when_all_were_out() {
+    // Both targets reset every connection while sick: both go out, and are still tried
+    // (502, not 503). The one that heals answers, and is back at once; the other stays out.
+    let sick_a = Arc::new(AtomicBool::new(true));
+    let sick_b = Arc::new(AtomicBool::new(true));
+    let resetting = |name: &'static str, sick: Arc<AtomicBool>| {
+        Origin::start(move |_| {
+            if sick.load(Ordering::SeqCst) {
+                Response::reset()
+            } else {
+                Response::ok(name)
+            }
+        })
+    };
+    let a = resetting("a", sick_a.clone());
+    let b = resetting("b", sick_b.clone());
+    let gw = Gateway::start(&config(
+        &[a.addr, b.addr],
+        "retries = 0\npassive = { max_fails = 1, fail_timeout_ms = 60000 }",
+    ));
+    let got = answers(&gw, 6);
+    assert!(got.iter().all(|r| r.0 == 502), "{got:?}");
+    assert_eq!(target_up(&gw, a.addr), Some(0.0));
+    assert_eq!(target_up(&gw, b.addr), Some(0.0));
+    sick_b.store(false, Ordering::SeqCst);
+    let got = answers(&gw, 12);
+    let first_ok = got
+        .iter()
+        .position(|r| r.0 == 200)
+        .expect("b never answered");
+    assert!(
+        got[first_ok..].iter().all(|r| *r == (200, "b".to_string())),
+        "{got:?}"
+    );
+    assert_eq!(target_up(&gw, b.addr), Some(1.0));
+    assert_eq!(target_up(&gw, a.addr), Some(0.0));
+}
+
+#[test]
 fn passive_config_errors_name_the_key() {
     for (extra, key, msg) in [
         (

@@ -2155,6 +2155,54 @@ fn integration_calls_keep_out_a_target_that_failed() {
     assert!(gw.stderr().contains("(passive)"), "{}", gw.stderr());
 }
 
+#[test]
+fn a_message_call_dropped_on_a_reused_connection_is_not_sent_again() {
+    // A backend that answers the first request on each connection and closes the connection
+    // on a later message call without answering: the upstream may have acted on the POST, so
+    // the gateway must not send it again on a fresh connection (as the proxy's POSTs).
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let be = l.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let seen = seen2.clone();
+            thread::spawn(move || {
+                let mut first = true;
+                while let Some((line, _, _)) = read_raw_request(&mut s) {
+                    let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                    seen.lock().unwrap().push(path.clone());
+                    if path == "/default" && !first {
+                        return; // dropped, unanswered
+                    }
+                    first = false;
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                }
+            });
+        }
+    });
+    // One worker: the message call reuses the connection `$connect` went on.
+    let gw = Gateway::start(&format!(
+        "{}\n{}",
+        HEADER.replace("workers = 2", "workers = 1"),
+        api_config(be, "").replace("timeout_ms = 3000", "timeout_ms = 3000\nretries = 0")
+    ));
+    let (head, mut ws) = ws_connect(gw.addr, "/", "");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    ws.text(r#"{"action":"nope","n":1}"#);
+    // Whatever the client is told, the backend sees the message once.
+    let _ = ws.read_frame();
+    thread::sleep(Duration::from_millis(300));
+    let defaults = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| p.as_str() == "/default")
+        .count();
+    assert_eq!(defaults, 1, "{:?}", seen.lock().unwrap());
+}
+
 /// `$disconnect` calls the backend got for connection `id`.
 fn disconnects_of(be: &Origin, id: &str) -> usize {
     route_keys(be, "$disconnect")

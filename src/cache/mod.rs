@@ -565,12 +565,14 @@ impl Capture {
     }
 
     /// Looks at the upstream response head and, when it may be stored, copies its head
-    /// (without the names a response mapping owns).
+    /// (without the names a response mapping owns). `date`: the `Date` the gateway added
+    /// because the upstream sent none (RFC 9110 6.6.1: it is kept with a stored response).
     pub fn begin(
         &mut self,
         resp: &crate::http::ResponseHead,
         buf: &[u8],
         mapped: Option<&crate::policy::mapping::HeaderMapping>,
+        date: Option<&[u8]>,
     ) {
         use crate::http::{encode, RespBody};
         if !self.store {
@@ -601,6 +603,9 @@ impl Capture {
                 continue;
             }
             encode::push_header(&mut self.head, name, value);
+        }
+        if let Some(d) = date {
+            encode::push_header(&mut self.head, b"date", d);
         }
         if self.head_request {
             self.head_length = resp.header(buf, "content-length").map(|v| v.to_vec());

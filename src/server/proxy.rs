@@ -235,9 +235,10 @@ pub(super) async fn proxy<S: ClientIo>(
                 }
                 Err(e) => {
                     // The target's fault, for passive checks: not a pooled connection that
-                    // went stale while it idled, nor bytes an earlier answer left behind.
+                    // went stale while it idled, nor bytes an earlier answer left behind on
+                    // it (on a fresh connection, bytes that are no answer are the target's).
                     if matches!(e, Fail::Timeout | Fail::BadResponse)
-                        || (matches!(e, Fail::BeforeResponse) && !reused)
+                        || (matches!(e, Fail::BeforeResponse | Fail::Leftover) && !reused)
                     {
                         up.failed(ti);
                     }
@@ -945,14 +946,15 @@ async fn respond<S: ClientIo>(
     };
     if !date {
         // RFC 9110 6.6.1: a recipient with a clock adds the `Date` an origin left out (as
-        // nginx does).
+        // nginx does), and keeps it with the response when it is stored.
         encode::push_header(&mut c.b.out, b"date", w.date.borrow_mut().get());
     }
     if let Some(cap) = cap.as_deref_mut() {
         // A cached route: say it was a miss, and keep the response when it may be stored
         // (without the mapped headers: a hit writes them for its own request).
         c.b.out.extend_from_slice(b"x-cache: miss\r\n");
-        cap.begin(&c.b.resp, &c.b.ubuf, rmap);
+        let mut dc = w.date.borrow_mut();
+        cap.begin(&c.b.resp, &c.b.ubuf, rmap, (!date).then(|| dc.get()));
     }
     if cors {
         // One `Vary: Origin` in the answer, the upstream's or the gateway's.

@@ -48,14 +48,38 @@ impl TargetHealth {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Whether passive checks keep the target out now. Reads the clock only for a target
-    /// that has been out.
+    /// Whether passive checks keep the target out now (its time out not over). Reads the
+    /// clock only for a target that has been out.
     pub fn is_out(&self) -> bool {
         let until = self.out_until.load(Ordering::Relaxed);
         until != 0 && now_ns() < until
     }
 
-    /// Counts a failed request (passive checks). Returns true when it puts the target out.
+    /// Whether a request may go to this target under passive checks: it is in, or its time
+    /// out is over and this request is the one that tries it (nginx lets one request per
+    /// `fail_timeout` try a failed server). Taking the trial starts a new time out, so the
+    /// other requests keep away until the trial's answer brings the target back (or its
+    /// failure keeps it out).
+    pub fn admit(&self, p: &PassiveConfig) -> bool {
+        let until = self.out_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        let now = now_ns();
+        now >= until
+            && self
+                .out_until
+                .compare_exchange(
+                    until,
+                    now.saturating_add(p.fail_timeout.as_nanos() as u64),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// Counts a failed request (passive checks). Returns true when it puts the target out
+    /// (not when it was out already, as after a failed trial).
     pub fn failed(&self, p: &PassiveConfig) -> bool {
         let n = self.fails.fetch_add(1, Ordering::Relaxed).saturating_add(1);
         if n < p.max_fails {
@@ -65,24 +89,23 @@ impl TargetHealth {
         self.fails.store(p.max_fails, Ordering::Relaxed);
         let now = now_ns();
         let until = self.out_until.load(Ordering::Relaxed);
-        if until != 0 && now < until {
-            return false; // already out (another worker's failure, or one in flight)
-        }
         let next = now.saturating_add(p.fail_timeout.as_nanos() as u64);
+        if until != 0 {
+            // Out already (another worker's failure, one in flight, or a failed trial):
+            // its time out runs from this failure.
+            let _ = self.out_until.fetch_max(next, Ordering::Relaxed);
+            return false;
+        }
         self.out_until
-            .compare_exchange(until, next, Ordering::Relaxed, Ordering::Relaxed)
+            .compare_exchange(0, next, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
     }
 
-    /// Counts a successful exchange (passive checks): the failure streak ends, and a target
-    /// whose time out is over is back for good. An answer from a target still out (a request
-    /// that was in flight, or every target out) changes nothing.
+    /// Counts an answered request (passive checks): the failure streak ends, and a target
+    /// that was out is back (the trial after its time out, or a request sent to it when every
+    /// target was out, or one that was in flight: it answers).
     pub fn succeeded(&self) {
-        let until = self.out_until.load(Ordering::Relaxed);
-        if until != 0 {
-            if now_ns() < until {
-                return;
-            }
+        if self.out_until.load(Ordering::Relaxed) != 0 {
             self.out_until.store(0, Ordering::Relaxed);
         }
         if self.fails.load(Ordering::Relaxed) != 0 {
@@ -120,11 +143,20 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds the runtime upstreams of a config, reusing known health state.
+    /// Builds the runtime upstreams of a config, reusing the active checker's view of known
+    /// targets. Passive checks start afresh: the new config may count failures otherwise.
     pub fn build_all(cfgs: &[UpstreamConfig], reg: &HealthRegistry) -> Vec<Upstream> {
         cfgs.iter()
             .map(|c| Upstream {
-                health: c.targets.iter().map(|a| reg.get(&c.name, *a)).collect(),
+                health: c
+                    .targets
+                    .iter()
+                    .map(|a| {
+                        let h = reg.get(&c.name, *a);
+                        h.reset_passive();
+                        h
+                    })
+                    .collect(),
                 labels: Labels(Arc::from(c.name.as_str())),
                 cfg: c.clone(),
             })
@@ -135,6 +167,18 @@ impl Upstream {
     /// not keep it out.
     pub fn available(&self, i: usize) -> bool {
         self.health[i].is_healthy() && !(self.cfg.passive.is_some() && self.health[i].is_out())
+    }
+
+    /// Whether a request may go to target `i` now: the active checker passes it and passive
+    /// checks admit it ([`TargetHealth::admit`]: taking the trial of a target whose time out
+    /// is over).
+    pub fn admits(&self, i: usize) -> bool {
+        self.health[i].is_healthy()
+            && self
+                .cfg
+                .passive
+                .as_ref()
+                .is_none_or(|p| self.health[i].admit(p))
     }
 
     /// Counts a failed request to target `i` when passive checks are on, and says so on
@@ -236,36 +280,58 @@ impl WorkerPools {
 
     /// Picks a healthy target index, avoiding `tried` (a bit set of indexes already tried).
     /// `hash_value` is the value of the header named by `hash:header.NAME`, if present.
-    /// Targets that passive checks keep out are avoided too, unless every target the active
-    /// checker passes is out: then they are all tried (as Envoy's panic threshold), since
-    /// refusing every request would be a worse outage than trying a target that failed.
+    /// Targets that passive checks keep out are avoided too (one whose time out is over is
+    /// picked by one request at a time: see [`TargetHealth::admit`]), unless every target the
+    /// active checker passes is out: then they are all tried (as Envoy's panic threshold),
+    /// since refusing every request would be a worse outage than trying a target that failed.
     pub fn pick(&mut self, up: &Upstream, hash_value: Option<&[u8]>, tried: u64) -> Option<usize> {
         let n = up.cfg.targets.len();
         if n == 1 {
             // Every balance picks the one target; passive checks never refuse the last one.
             return (tried & 1 == 0 && up.health[0].is_healthy()).then_some(0);
         }
-        let mut passive = up.cfg.passive.is_some();
-        let ok = |i: usize, passive: bool| {
-            i < 64
-                && tried & (1 << i) == 0
-                && up.health[i].is_healthy()
-                && !(passive && up.health[i].is_out())
-        };
-        let mut healthy = (0..n).filter(|&i| ok(i, passive)).count();
-        if healthy == 0 && passive {
-            passive = false;
-            healthy = (0..n).filter(|&i| ok(i, false)).count();
-        }
+        let healthy = (0..n.min(64))
+            .filter(|&i| tried & (1 << i) == 0 && up.health[i].is_healthy())
+            .fold(0u64, |m, i| m | 1 << i);
         if healthy == 0 {
             return None;
         }
-        let ok = |i: usize| ok(i, passive);
-        let nth_healthy = |k: usize| (0..n).filter(|&i| ok(i)).nth(k % healthy);
+        let Some(p) = &up.cfg.passive else {
+            return self.choose(up, hash_value, healthy);
+        };
+        let mut cands = healthy;
+        for i in 0..n.min(64) {
+            if cands & (1 << i) != 0 && up.health[i].is_out() {
+                cands &= !(1 << i);
+            }
+        }
+        while cands != 0 {
+            let i = self.choose(up, hash_value, cands)?;
+            if up.health[i].admit(p) {
+                return Some(i);
+            }
+            // Another request took the trial of this target (or it just went out).
+            cands &= !(1 << i);
+        }
+        self.choose(up, hash_value, healthy)
+    }
+
+    /// One of the targets in `mask` (a bit set, not empty) by the upstream's balance mode.
+    fn choose(&mut self, up: &Upstream, hash_value: Option<&[u8]>, mask: u64) -> Option<usize> {
+        let count = mask.count_ones() as usize;
+        let in_mask = move |i: usize| i < 64 && mask & (1 << i) != 0;
+        let nth = |k: usize| -> Option<usize> {
+            let mut m = mask;
+            for _ in 0..k % count {
+                m &= m - 1;
+            }
+            (m != 0).then(|| m.trailing_zeros() as usize)
+        };
+        let n = up.cfg.targets.len();
         match &up.cfg.balance {
             Balance::RoundRobin => {
                 self.rr = self.rr.wrapping_add(1);
-                nth_healthy(self.rr)
+                nth(self.rr)
             }
             // Rendezvous hashing: the value goes to the healthy target with the highest score
             // for it, so a target going down moves only its own values (as nginx's
@@ -274,12 +340,12 @@ impl WorkerPools {
                 Some(v) => {
                     let h = fnv1a(v);
                     (0..n)
-                        .filter(|&i| ok(i))
+                        .filter(|&i| in_mask(i))
                         .max_by_key(|&i| mix(h ^ mix(addr_key(&up.cfg.targets[i]))))
                 }
                 None => {
                     self.rr = self.rr.wrapping_add(1);
-                    nth_healthy(self.rr)
+                    nth(self.rr)
                 }
             },
             Balance::LeastConn => {
@@ -288,12 +354,12 @@ impl WorkerPools {
                 let start = self.rr;
                 (0..n)
                     .map(|k| (start + k) % n)
-                    .filter(|&i| ok(i))
+                    .filter(|&i| in_mask(i))
                     .min_by_key(|&i| self.load(&up.cfg.targets[i]))
             }
             Balance::Random2 => {
-                let a = nth_healthy(self.next_rand() as usize)?;
-                let b = nth_healthy(self.next_rand() as usize)?;
+                let a = nth(self.next_rand() as usize)?;
+                let b = nth(self.next_rand() as usize)?;
                 if self.load(&up.cfg.targets[b]) < self.load(&up.cfg.targets[a]) {
                     Some(b)
                 } else {
@@ -562,29 +628,46 @@ mod tests {
         assert!(u.health[0].failed(&p));
         assert!(!u.available(0));
         assert!((0..10).all(|_| pools.pick(&u, None, 0) == Some(1)));
-        // Further failures while out do not restart its time (nor log again).
+        // Further failures while out do not say it went out again (nor log).
         assert!(!u.health[0].failed(&p));
-        // An answer from it while it is out (a request in flight) does not bring it back.
-        u.succeeded(0);
-        assert!(!u.available(0));
-        // Both out: both are tried anyway rather than refusing every request.
+        // Both out: both are tried anyway rather than refusing every request...
         u.health[1].failed(&p);
         assert!(u.health[1].failed(&p));
         let both: std::collections::HashSet<_> = (0..10).map(|_| pools.pick(&u, None, 0)).collect();
         assert_eq!(both.len(), 2);
+        // ...and one that answers is back at once.
+        u.succeeded(1);
+        assert!(u.available(1));
+        assert!((0..10).all(|_| pools.pick(&u, None, 0) == Some(1)));
         // The active checker still decides alone: an unhealthy target is never picked.
         u.health[1].healthy.store(false, Ordering::Relaxed);
         assert!((0..10).all(|_| pools.pick(&u, None, 0) == Some(0)));
         u.health[1].healthy.store(true, Ordering::Relaxed);
-        // Its time over, it is back; one more failure puts it out again at once.
+        // Its time over, one request at a time tries it: the trial starts a new time out.
         std::thread::sleep(Duration::from_millis(250));
-        assert!(u.available(0) && u.available(1));
-        assert!(u.health[0].failed(&p));
+        assert!(u.available(0));
+        let picks: Vec<_> = (0..10).map(|_| pools.pick(&u, None, 0).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 1, "{picks:?}");
         assert!(!u.available(0));
-        // A success after its time ends it for good, and a new streak is needed.
-        u.health[1].succeeded();
-        assert!(!u.health[1].failed(&p));
-        assert!(u.available(1));
+        // The trial fails: out again, without a new "went out".
+        assert!(!u.health[0].failed(&p));
+        assert!(!u.available(0));
+        // Next time the trial answers: back for good, and a new streak is needed.
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(u.admits(0));
+        u.succeeded(0);
+        assert!(u.available(0) && u.admits(0) && u.admits(0));
+        assert!(!u.health[0].failed(&p));
+        assert!(u.available(0));
+        // A reload starts afresh.
+        u.health[0].failed(&p);
+        assert!(!u.available(0));
+        let reg = HealthRegistry::default();
+        let h = reg.get("u", u.cfg.targets[0]);
+        h.failed(&PassiveConfig { max_fails: 1, ..p });
+        assert!(h.is_out());
+        let rebuilt = Upstream::build_all(std::slice::from_ref(&u.cfg), &reg);
+        assert!(rebuilt[0].available(0));
         // Without `passive`, what was recorded is ignored.
         u.cfg.passive = None;
         assert!(u.available(0));

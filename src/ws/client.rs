@@ -61,12 +61,12 @@ pub async fn post(
     let deadline = Instant::now() + up.cfg.timeout;
     let attempts = (up.cfg.retries as usize + 1).min(n.max(1));
     for a in 0..attempts {
-        // The next target that gets traffic; else the next one the active checker passes
-        // (every target out after failed requests: they are all tried, as by the proxy).
+        // The next target that takes traffic (passive checks admit it); else the next one
+        // the active checker passes (every target out: they are all tried, as by the proxy).
         let from = |k: usize| (start + a + k) % n;
         let ti = (0..n)
             .map(from)
-            .find(|&i| up.available(i))
+            .find(|&i| up.admits(i))
             .or_else(|| (0..n).map(from).find(|&i| up.health[i].is_healthy()))
             .unwrap_or(from(0));
         let addr = up.cfg.targets[ti];
@@ -80,9 +80,9 @@ pub async fn post(
             headers,
             Some(body),
         );
-        // A pooled connection may have been closed by the upstream: one fresh retry. One with
-        // bytes waiting (an answer nobody asked for) is dropped, as the proxy's pool does:
-        // they would be read as this call's answer.
+        // A pooled connection with bytes waiting (an answer nobody asked for), or closed by
+        // the upstream, is dropped, as the proxy's pool does: the bytes would be read as this
+        // call's answer.
         let pooled = POOL.with(|p| {
             let mut p = p.borrow_mut();
             let v = p.get_mut(&addr)?;
@@ -93,19 +93,15 @@ pub async fn post(
             }
             None
         });
-        let mut tries: [Option<TcpStream>; 2] = [pooled, None];
-        for slot in tries.iter_mut() {
-            let reused = slot.is_some();
-            if !reused && Instant::now() >= deadline {
-                return Err(CallError::Timeout);
-            }
-            let mut s = match slot.take() {
-                Some(s) => s,
-                None => match monoio::time::timeout(
-                    up.cfg.connect_timeout,
-                    TcpStream::connect_addr(addr),
-                )
-                .await
+        let reused = pooled.is_some();
+        if !reused && Instant::now() >= deadline {
+            return Err(CallError::Timeout);
+        }
+        let mut s = match pooled {
+            Some(s) => s,
+            None => {
+                match monoio::time::timeout(up.cfg.connect_timeout, TcpStream::connect_addr(addr))
+                    .await
                 {
                     Ok(Ok(s)) => {
                         let _ = s.set_nodelay(true);
@@ -113,41 +109,46 @@ pub async fn post(
                     }
                     _ => {
                         up.failed(ti);
-                        break;
+                        continue;
                     }
-                },
-            };
-            let mut rd = ResponseReader::new(Method::Post, max_body);
-            match client::exchange(&mut s, req.clone(), &mut rd, deadline).await {
-                Ok(()) => {
-                    up.succeeded(ti);
-                    if rd.reusable() {
-                        POOL.with(|p| {
-                            let mut p = p.borrow_mut();
-                            let v = p.entry(addr).or_default();
-                            if v.len() < KEEP {
-                                v.push(s);
-                            }
-                        });
-                    }
-                    return Ok(Answer {
-                        status: rd.status().unwrap_or(0),
-                        subprotocol: rd
-                            .header("sec-websocket-protocol")
-                            .map(|v| v.trim_ascii().to_vec()),
-                        body: rd.take_body(),
+                }
+            }
+        };
+        let mut rd = ResponseReader::new(Method::Post, max_body);
+        match client::exchange(&mut s, req.clone(), &mut rd, deadline).await {
+            Ok(()) => {
+                up.succeeded(ti);
+                if rd.reusable() {
+                    POOL.with(|p| {
+                        let mut p = p.borrow_mut();
+                        let v = p.entry(addr).or_default();
+                        if v.len() < KEEP {
+                            v.push(s);
+                        }
                     });
                 }
-                Err(e) if e.unanswered() && reused => continue,
-                Err(client::ClientError::Timeout) => {
-                    up.failed(ti);
-                    return Err(CallError::Timeout);
-                }
-                Err(client::ClientError::TooLarge) => return Err(CallError::TooLarge),
-                Err(_) => {
-                    up.failed(ti);
-                    return Err(failure(deadline));
-                }
+                return Ok(Answer {
+                    status: rd.status().unwrap_or(0),
+                    subprotocol: rd
+                        .header("sec-websocket-protocol")
+                        .map(|v| v.trim_ascii().to_vec()),
+                    body: rd.take_body(),
+                });
+            }
+            // A reused connection that broke before any answer byte: the upstream may
+            // have read the message first, so it is not sent again (a POST, as the
+            // proxy's; the pooled connection was checked just before, so this is a race
+            // with the upstream closing it, or the upstream dropping the call). Not the
+            // target's fault for passive checks either.
+            Err(e) if e.unanswered() && reused => return Err(failure(deadline)),
+            Err(client::ClientError::Timeout) => {
+                up.failed(ti);
+                return Err(CallError::Timeout);
+            }
+            Err(client::ClientError::TooLarge) => return Err(CallError::TooLarge),
+            Err(_) => {
+                up.failed(ti);
+                return Err(failure(deadline));
             }
         }
     }
