@@ -644,6 +644,22 @@ fn passive_checks_bring_a_target_back_after_its_time() {
         assert!(got.iter().all(|r| *r == (200, "b".to_string())), "{got:?}");
         assert_eq!(a.conns(), before, "traffic reached a target that is out");
     }
+    // Its time over, one request tries it (and fails): the others keep to `b`.
+    std::thread::sleep(Duration::from_millis(550));
+    let t1 = Instant::now();
+    let got = answers(&gw, 6);
+    let trials = got.iter().filter(|r| r.0 == 502).count();
+    assert!(trials >= 1, "{got:?}");
+    if t1.elapsed() < Duration::from_millis(450) {
+        assert_eq!(trials, 1, "{got:?}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(2), || gw.stderr().contains(
+            "failed the request that tried it again: out for another 500 ms"
+        )),
+        "{}",
+        gw.stderr()
+    );
     // Healed, and its time over: it gets traffic again, and stays in.
     sick.store(false, Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(600));

@@ -29,8 +29,21 @@ pub struct TargetHealth {
     /// answers), by every worker.
     fails: AtomicU32,
     /// Passive checks: the target is out until this time ([`now_ns`]); 0 = never was, or back
-    /// in since. Past it, one more failure puts the target out again (nginx's probation).
+    /// in since. Past it, one request tries the target ([`TargetHealth::admit`]).
     out_until: AtomicU64,
+    /// Passive checks: a request is trying the target after its time out.
+    trial: AtomicBool,
+}
+
+/// What a failed request did to a target's passive state ([`TargetHealth::failed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failed {
+    /// Not enough failures in a row yet, or out already.
+    Counted,
+    /// The failure put the target out.
+    WentOut,
+    /// The request that tried the target after its time out failed: out again.
+    TrialFailed,
 }
 
 impl TargetHealth {
@@ -40,6 +53,7 @@ impl TargetHealth {
             streak: AtomicU32::new(0),
             fails: AtomicU32::new(0),
             out_until: AtomicU64::new(0),
+            trial: AtomicBool::new(false),
         }
     }
 
@@ -66,7 +80,7 @@ impl TargetHealth {
             return true;
         }
         let now = now_ns();
-        now >= until
+        let taken = now >= until
             && self
                 .out_until
                 .compare_exchange(
@@ -75,15 +89,18 @@ impl TargetHealth {
                     Ordering::Relaxed,
                     Ordering::Relaxed,
                 )
-                .is_ok()
+                .is_ok();
+        if taken {
+            self.trial.store(true, Ordering::Relaxed);
+        }
+        taken
     }
 
-    /// Counts a failed request (passive checks). Returns true when it puts the target out
-    /// (not when it was out already, as after a failed trial).
-    pub fn failed(&self, p: &PassiveConfig) -> bool {
+    /// Counts a failed request (passive checks), and says what it did.
+    pub fn failed(&self, p: &PassiveConfig) -> Failed {
         let n = self.fails.fetch_add(1, Ordering::Relaxed).saturating_add(1);
         if n < p.max_fails {
-            return false;
+            return Failed::Counted;
         }
         // Not past `max_fails` again and again: the count only needs to say "enough".
         self.fails.store(p.max_fails, Ordering::Relaxed);
@@ -94,11 +111,19 @@ impl TargetHealth {
             // Out already (another worker's failure, one in flight, or a failed trial):
             // its time out runs from this failure.
             let _ = self.out_until.fetch_max(next, Ordering::Relaxed);
-            return false;
+            return if self.trial.swap(false, Ordering::Relaxed) {
+                Failed::TrialFailed
+            } else {
+                Failed::Counted
+            };
         }
-        self.out_until
+        match self
+            .out_until
             .compare_exchange(0, next, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
+        {
+            Ok(_) => Failed::WentOut,
+            Err(_) => Failed::Counted,
+        }
     }
 
     /// Counts an answered request (passive checks): the failure streak ends, and a target
@@ -107,6 +132,7 @@ impl TargetHealth {
     pub fn succeeded(&self) {
         if self.out_until.load(Ordering::Relaxed) != 0 {
             self.out_until.store(0, Ordering::Relaxed);
+            self.trial.store(false, Ordering::Relaxed);
         }
         if self.fails.load(Ordering::Relaxed) != 0 {
             self.fails.store(0, Ordering::Relaxed);
@@ -117,6 +143,7 @@ impl TargetHealth {
     fn reset_passive(&self) {
         self.fails.store(0, Ordering::Relaxed);
         self.out_until.store(0, Ordering::Relaxed);
+        self.trial.store(false, Ordering::Relaxed);
     }
 }
 
@@ -185,14 +212,21 @@ impl Upstream {
     /// stderr when that puts the target out.
     pub fn failed(&self, i: usize) {
         let Some(p) = &self.cfg.passive else { return };
-        if self.health[i].failed(p) {
-            crate::elog!(
+        match self.health[i].failed(p) {
+            Failed::Counted => {}
+            Failed::WentOut => crate::elog!(
                 "ringgate: upstream {} target {} is out for {} ms after {} failed request(s) in a row (passive)",
                 self.cfg.name,
                 self.cfg.targets[i],
                 p.fail_timeout.as_millis(),
                 p.max_fails
-            );
+            ),
+            Failed::TrialFailed => crate::elog!(
+                "ringgate: upstream {} target {} failed the request that tried it again: out for another {} ms (passive)",
+                self.cfg.name,
+                self.cfg.targets[i],
+                p.fail_timeout.as_millis()
+            ),
         }
     }
 
@@ -620,19 +654,19 @@ mod tests {
         u.cfg.passive = Some(p);
         let mut pools = WorkerPools::new(7);
         // One failure is not enough; a success ends the streak.
-        assert!(!u.health[0].failed(&p));
+        assert_eq!(u.health[0].failed(&p), Failed::Counted);
         u.succeeded(0);
-        assert!(!u.health[0].failed(&p));
+        assert_eq!(u.health[0].failed(&p), Failed::Counted);
         assert!(u.available(0));
         // Two in a row: out, and every pick avoids it.
-        assert!(u.health[0].failed(&p));
+        assert_eq!(u.health[0].failed(&p), Failed::WentOut);
         assert!(!u.available(0));
         assert!((0..10).all(|_| pools.pick(&u, None, 0) == Some(1)));
         // Further failures while out do not say it went out again (nor log).
-        assert!(!u.health[0].failed(&p));
+        assert_eq!(u.health[0].failed(&p), Failed::Counted);
         // Both out: both are tried anyway rather than refusing every request...
         u.health[1].failed(&p);
-        assert!(u.health[1].failed(&p));
+        assert_eq!(u.health[1].failed(&p), Failed::WentOut);
         let both: std::collections::HashSet<_> = (0..10).map(|_| pools.pick(&u, None, 0)).collect();
         assert_eq!(both.len(), 2);
         // ...and one that answers is back at once.
@@ -649,15 +683,15 @@ mod tests {
         let picks: Vec<_> = (0..10).map(|_| pools.pick(&u, None, 0).unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 1, "{picks:?}");
         assert!(!u.available(0));
-        // The trial fails: out again, without a new "went out".
-        assert!(!u.health[0].failed(&p));
+        // The trial fails: out again, said as such.
+        assert_eq!(u.health[0].failed(&p), Failed::TrialFailed);
         assert!(!u.available(0));
         // Next time the trial answers: back for good, and a new streak is needed.
         std::thread::sleep(Duration::from_millis(250));
         assert!(u.admits(0));
         u.succeeded(0);
         assert!(u.available(0) && u.admits(0) && u.admits(0));
-        assert!(!u.health[0].failed(&p));
+        assert_eq!(u.health[0].failed(&p), Failed::Counted);
         assert!(u.available(0));
         // A reload starts afresh.
         u.health[0].failed(&p);
