@@ -64,3 +64,31 @@ fn embedded_gateway_serves_reloads_and_shuts_down() {
     std::net::TcpListener::bind(addr).expect("the port is free after shutdown");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn shutdown_frees_the_admin_port_too_so_a_gateway_can_start_again() {
+    let dir = temp_dir("embed-admin");
+    let path = dir.join("ringgate.toml");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let cfg = config(addr, "one").replacen(
+        "[[apis]]",
+        &format!("[admin]\nlisten = \"{admin}\"\n\n[[apis]]"),
+        1,
+    );
+    std::fs::write(&path, cfg).unwrap();
+    for round in 0..2 {
+        let gw = ringgate::runtime::start(ringgate::config::load(&path).unwrap())
+            .unwrap_or_else(|e| panic!("start {round}: {e}"));
+        let r = admin_get(admin, "/healthz", None).unwrap();
+        assert_eq!(r.status, 200, "round {round}");
+        gw.shutdown();
+        // Every port is free once shutdown returns: nothing is left listening.
+        assert!(
+            TcpStream::connect_timeout(&admin, Duration::from_millis(500)).is_err(),
+            "round {round}: the admin listener still accepts"
+        );
+        std::net::TcpListener::bind(admin).expect("the admin port is free after shutdown");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

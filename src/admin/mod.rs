@@ -88,13 +88,19 @@ impl Drop for Slot {
 }
 
 /// Binds the admin listener and serves it on a background thread.
-pub fn start(cfg: &AdminConfig, shared: Arc<Shared>) -> std::io::Result<()> {
+pub fn start(cfg: &AdminConfig, shared: Arc<Shared>) -> std::io::Result<AdminHandle> {
     let l = TcpListener::bind(cfg.listen)?;
+    let addr = l.local_addr()?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reg = Registry::default();
-    std::thread::Builder::new()
+    let stopping = stop.clone();
+    let thread = std::thread::Builder::new()
         .name("ringgate-admin".into())
         .spawn(move || {
             for s in l.incoming() {
+                if stopping.load(std::sync::atomic::Ordering::Acquire) {
+                    break;
+                }
                 match s {
                     Ok(s) => admit(&reg, s, &shared),
                     // Out of file descriptors, say: do not spin.
@@ -102,7 +108,33 @@ pub fn start(cfg: &AdminConfig, shared: Arc<Shared>) -> std::io::Result<()> {
                 }
             }
         })?;
-    Ok(())
+    Ok(AdminHandle { addr, stop, thread })
+}
+
+/// The running admin listener, for [`AdminHandle::stop`].
+pub struct AdminHandle {
+    addr: std::net::SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl AdminHandle {
+    /// Stops accepting and closes the listener (its port is free when this returns).
+    /// Connections already accepted end on their own (end of stream, or their timeouts).
+    pub fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        // Wake the blocking accept with a connection of our own.
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        if TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok() {
+            let _ = self.thread.join();
+        }
+    }
 }
 
 /// Serves `s` on a thread of its own, making room at the cap.

@@ -80,6 +80,8 @@ pub fn run(config: Config) -> Result<(), String> {
 pub struct Running {
     shared: Arc<Shared>,
     workers: Vec<std::thread::JoinHandle<()>>,
+    admin: Option<crate::admin::AdminHandle>,
+    health: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
@@ -103,7 +105,9 @@ impl Running {
     }
 
     /// Drains as SIGTERM does: listeners close at once, in-flight requests finish (up to
-    /// `server.shutdown_timeout_ms`), then the workers exit and the usage counts are written.
+    /// `server.shutdown_timeout_ms`), then the workers exit and the usage counts are written;
+    /// last, the health checker and the admin listener stop (`/healthz` says `draining`
+    /// meanwhile), so every port is free when this returns.
     pub fn shutdown(self) {
         self.shared.begin_shutdown();
         for h in self.workers {
@@ -112,13 +116,19 @@ impl Running {
         if let Err(e) = self.shared.usage.flush() {
             crate::elog!("ringgate: cannot write usage counts: {e}");
         }
+        if let Some(h) = self.health {
+            let _ = h.join();
+        }
+        if let Some(a) = self.admin {
+            a.stop();
+        }
         crate::elog!("ringgate: stopped");
     }
 }
 
 /// Starts the gateway on `config` and returns once every worker listens: for embedding (no
-/// signal handlers are installed, no process-wide setting is changed). The admin listener and
-/// the health checker run until the process exits.
+/// signal handlers are installed, no process-wide setting is changed). Everything it started
+/// (workers, admin listener, health checker) stops in [`Running::shutdown`].
 pub fn start(config: Config) -> Result<Running, String> {
     config.check_paths()?;
     let access_log = match &config.access_log {
@@ -145,10 +155,13 @@ pub fn start(config: Config) -> Result<Running, String> {
         std::net::TcpListener::bind(a).map_err(|e| format!("cannot bind listener {a}: {e}"))?;
     }
 
-    if let Some(a) = &admin_cfg {
-        crate::admin::start(a, shared.clone())
-            .map_err(|e| format!("cannot bind admin listener {}: {e}", a.listen))?;
-    }
+    let admin = match &admin_cfg {
+        Some(a) => Some(
+            crate::admin::start(a, shared.clone())
+                .map_err(|e| format!("cannot bind admin listener {}: {e}", a.listen))?,
+        ),
+        None => None,
+    };
 
     let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
     let cores = std::thread::available_parallelism()
@@ -170,11 +183,24 @@ pub fn start(config: Config) -> Result<Running, String> {
     }
     drop(ready_tx);
     for _ in 0..workers {
-        match ready_rx.recv() {
-            Ok(Ok(msg)) => crate::elog!("ringgate: {msg}"),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err("a worker thread died while starting".to_string()),
+        let failed = match ready_rx.recv() {
+            Ok(Ok(msg)) => {
+                crate::elog!("ringgate: {msg}");
+                continue;
+            }
+            Ok(Err(e)) => e,
+            Err(_) => "a worker thread died while starting".to_string(),
+        };
+        // Nothing started stays behind: the workers that listen already stop, and so does
+        // the admin listener (an embedder may try again on the same ports).
+        shared.begin_shutdown();
+        for h in handles {
+            let _ = h.join();
         }
+        if let Some(a) = admin {
+            a.stop();
+        }
+        return Err(failed);
     }
     shared.ready.store(true, Ordering::Release);
     let addrs: Vec<String> = listen
@@ -187,18 +213,20 @@ pub fn start(config: Config) -> Result<Running, String> {
         addrs.join(", ")
     );
 
-    {
+    let health = {
         let shared = shared.clone();
         std::thread::Builder::new()
             .name("ringgate-health".into())
             .spawn(move || {
                 crate::upstream::run_health_checker(|| shared.current(), &shared.shutdown)
             })
-            .map_err(|e| format!("cannot start health checker: {e}"))?;
-    }
+            .map_err(|e| format!("cannot start health checker: {e}"))?
+    };
     Ok(Running {
         shared,
         workers: handles,
+        admin,
+        health: Some(health),
     })
 }
 
