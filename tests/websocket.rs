@@ -1307,6 +1307,12 @@ fn passthrough_relays_frames_that_came_with_the_101() {
     let gw = Gateway::start(&passthrough_config(push_backend(after), ""));
     let (head, mut ws) = ws_connect(gw.addr, "/live/r", "");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // The backend's 101 has no Date: the gateway adds one (RFC 9110 6.6.1).
+    assert_eq!(
+        head.to_ascii_lowercase().matches("\r\ndate: ").count(),
+        1,
+        "{head}"
+    );
     assert_eq!(ws.read_frame(), Some((true, op::TEXT, big)));
     assert_eq!(ws.recv_text(), "second");
 }
@@ -2149,6 +2155,7 @@ fn integration_calls_keep_out_a_target_that_failed() {
             failed += 1;
         } else {
             assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            assert_eq!(head.matches("\r\ndate: ").count(), 1, "{head}");
         }
     }
     assert!(failed <= 1, "{failed} of 12 handshakes failed");

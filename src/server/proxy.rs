@@ -847,10 +847,15 @@ async fn upgrade<S: ClientIo>(
     encode::push_status_line(&mut c.b.out, 101);
     c.b.out
         .extend_from_slice(b"upgrade: websocket\r\nconnection: Upgrade\r\n");
+    let mut date = false;
     for (kind, name, value) in c.b.resp.forwardable_kinds(&c.b.ubuf) {
         if kind != HeaderKind::XRequestId {
+            date |= name.eq_ignore_ascii_case(b"date");
             encode::push_header(&mut c.b.out, name, value);
         }
+    }
+    if !date {
+        encode::push_header(&mut c.b.out, b"date", w.date.borrow_mut().get());
     }
     encode::push_header(&mut c.b.out, b"x-request-id", &c.reqid[..c.reqid_len]);
     c.b.out.extend_from_slice(b"\r\n");

@@ -69,6 +69,12 @@ impl TargetHealth {
         until != 0 && now_ns() < until
     }
 
+    /// Whether passive checks put the target out and no answer has brought it back yet (its
+    /// time out may be over, waiting for a request to try it).
+    pub fn out_or_untried(&self) -> bool {
+        self.out_until.load(Ordering::Relaxed) != 0
+    }
+
     /// Whether a request may go to this target under passive checks: it is in, or its time
     /// out is over and this request is the one that tries it (nginx lets one request per
     /// `fail_timeout` try a failed server). Taking the trial starts a new time out, so the
@@ -239,7 +245,8 @@ impl Upstream {
 }
 
 /// Writes `ringgate_upstream_target_up` (Prometheus text): 1 for a target that gets traffic,
-/// 0 for one the active checker holds unhealthy or passive checks keep out.
+/// 0 for one the active checker holds unhealthy or passive checks keep out (until a request
+/// it gets after its time out is answered).
 pub fn render_metrics(ups: &[Upstream], o: &mut String) {
     use std::fmt::Write as _;
     o.push_str("# HELP ringgate_upstream_target_up Whether a target gets traffic (0: failing its health check, or out after failed requests).\n# TYPE ringgate_upstream_target_up gauge\n");
@@ -249,7 +256,7 @@ pub fn render_metrics(ups: &[Upstream], o: &mut String) {
                 o,
                 "ringgate_upstream_target_up{{upstream=\"{}\",target=\"{t}\"}} {}",
                 crate::metrics::escape_label(&up.cfg.name),
-                u8::from(h.is_healthy() && !(up.cfg.passive.is_some() && h.is_out()))
+                u8::from(h.is_healthy() && !(up.cfg.passive.is_some() && h.out_or_untried()))
             );
         }
     }
@@ -680,6 +687,8 @@ mod tests {
         // Its time over, one request at a time tries it: the trial starts a new time out.
         std::thread::sleep(Duration::from_millis(250));
         assert!(u.available(0));
+        // Not back until an answer says so (the gauge stays 0).
+        assert!(u.health[0].out_or_untried());
         let picks: Vec<_> = (0..10).map(|_| pools.pick(&u, None, 0).unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 1, "{picks:?}");
         assert!(!u.available(0));
@@ -691,6 +700,7 @@ mod tests {
         assert!(u.admits(0));
         u.succeeded(0);
         assert!(u.available(0) && u.admits(0) && u.admits(0));
+        assert!(!u.health[0].out_or_untried());
         assert_eq!(u.health[0].failed(&p), Failed::Counted);
         assert!(u.available(0));
         // A reload starts afresh.

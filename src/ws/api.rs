@@ -858,6 +858,8 @@ pub async fn handshake(
     out.extend_from_slice(id_string(id).as_bytes());
     out.extend_from_slice(b"\r\nx-request-id: ");
     out.extend_from_slice(request_id);
+    out.extend_from_slice(b"\r\ndate: ");
+    out.extend_from_slice(crate::http::encode::DateCache::new().get());
     out.extend_from_slice(b"\r\n\r\n");
     Handshake::Accept(
         out,

@@ -74,8 +74,26 @@ pub fn local_listener() -> TcpListener {
     panic!("RINGGATE_TEST_PORTS={range}: no free port left in the range");
 }
 
-/// An address nothing listens on.
+/// An address nothing listens on: a port below the kernel's ephemeral range (1024 up to its
+/// start), free when handed out. A port inside the range is not reliably dead: a connect to it
+/// can be given that same port as its own source port and connect to itself (TCP simultaneous
+/// open), which under load made the gateway read its own request as the answer.
 pub fn dead_addr() -> SocketAddr {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let lo = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if std::env::var("RINGGATE_TEST_PORTS").is_err() && lo > 2048 {
+        let span = usize::from(lo - 1024);
+        let base = std::process::id() as usize * 131;
+        for _ in 0..span {
+            let p = 1024 + ((base + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+            if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                return SocketAddr::from(([127, 0, 0, 1], p));
+            }
+        }
+    }
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
