@@ -127,8 +127,10 @@ impl Running {
 }
 
 /// Starts the gateway on `config` and returns once every worker listens: for embedding (no
-/// signal handlers are installed, no process-wide setting is changed). Everything it started
-/// (workers, admin listener, health checker) stops in [`Running::shutdown`].
+/// signal handlers are installed, no process-wide setting is changed). The workers, the
+/// admin listener and the health checker stop in [`Running::shutdown`]; dropping the
+/// [`Running`] handle without it leaves the gateway serving. Connections still open when the
+/// workers stop are not closed (see the README's embedding notes).
 pub fn start(config: Config) -> Result<Running, String> {
     config.check_paths()?;
     let access_log = match &config.access_log {
