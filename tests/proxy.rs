@@ -1441,6 +1441,84 @@ fn a_request_whose_interim_answer_went_out_is_not_sent_again() {
 }
 
 #[test]
+fn a_request_whose_interim_answer_went_out_is_not_sent_again_after_an_early_reset() {
+    // Two targets, `retries = 1`: each reads the head of a PUT (not its body, which comes
+    // later), sends a 103, and resets. The client has the 103, so the request must not go to
+    // the other target.
+    use std::io::Read;
+    let heads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut targets = Vec::new();
+    for _ in 0..2 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        targets.push(l.local_addr().unwrap());
+        let heads = heads.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 1024];
+                while find(&buf, b"\r\n\r\n").is_none() {
+                    match s.read(&mut tmp) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                }
+                heads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = s.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n");
+                std::thread::sleep(Duration::from_millis(50));
+                // A reset: linger 0, then close.
+                let lg = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: `lg` is a valid linger value for the duration of the call, on the
+                // open socket `s`.
+                unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&s),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&lg as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as u32,
+                    )
+                };
+                drop(s);
+            }
+        });
+    }
+    let gw = Gateway::start(&format!(
+        r#"
+[[upstreams]]
+name = "o"
+targets = ["{}", "{}"]
+retries = 1
+timeout_ms = 3000
+
+[[apis]]
+name = "p"
+
+[[apis.routes]]
+route = "ANY /{{p+}}"
+integration = {{ type = "http", upstream = "o" }}
+"#,
+        targets[0], targets[1]
+    ));
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.write_all(b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n01234")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = s.write_all(b"56789");
+    let text = read_until_text(&mut s, "\"}");
+    assert!(text.starts_with("HTTP/1.1 103 "), "{text}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        heads.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the request went to another target after its 103 went out: {text}"
+    );
+}
+
+#[test]
 fn a_101_to_a_request_without_upgrade_is_a_502_that_keeps_the_connection() {
     let origin = Origin::start(|_| {
         Response::raw(

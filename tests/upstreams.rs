@@ -721,6 +721,52 @@ fn passive_checks_let_back_the_first_target_that_answers_when_all_were_out() {
 }
 
 #[test]
+fn passive_checks_do_not_blame_a_target_for_a_wait_on_another_requests_fetch() {
+    // Two requests for one cached key: the second waits for the first's fetch and has only
+    // what is left of its `timeout_ms` when it goes upstream itself; running out of that is
+    // not the target's fault.
+    // Uncacheable answers: the waiter gets nothing stored and goes upstream itself.
+    let slow = |name: &'static str| {
+        Origin::start(move |_| {
+            Response::ok(name)
+                .header("cache-control", "no-store")
+                .delay(Duration::from_millis(700))
+        })
+    };
+    let (a, b) = (slow("a"), slow("b"));
+    // One worker: the fetch to wait for is per worker.
+    let gw = Gateway::start(&format!(
+        "{}\n{}\n[apis.stages.prod]\ncache = {{ ttl_s = 60 }}\n",
+        HEADER.replace("workers = 2", "workers = 1"),
+        config(
+            &[a.addr, b.addr],
+            "timeout_ms = 1000\nretries = 0\npassive = { max_fails = 1, fail_timeout_ms = 60000 }",
+        )
+    ));
+    let addr = gw.addr;
+    let get = move || {
+        let mut c = Client::connect(addr);
+        c.send(b"GET /prod/k HTTP/1.1\r\nHost: t\r\n\r\n");
+        c.read_response().map(|r| r.status).unwrap_or(0)
+    };
+    let t = std::thread::spawn(get);
+    std::thread::sleep(Duration::from_millis(100));
+    let second = get();
+    let first = t.join().unwrap();
+    assert_eq!(first, 200);
+    // The second waited 600 ms, then went upstream with 400 ms left: a 504.
+    assert_eq!(second, 504);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !gw.stderr().contains("(passive)"),
+        "{second}: {}",
+        gw.stderr()
+    );
+    assert_eq!(target_up(&gw, a.addr), Some(1.0));
+    assert_eq!(target_up(&gw, b.addr), Some(1.0));
+}
+
+#[test]
 fn passive_config_errors_name_the_key() {
     for (extra, key, msg) in [
         (

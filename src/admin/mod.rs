@@ -90,7 +90,7 @@ impl Drop for Slot {
 /// Binds the admin listener and serves it on a background thread.
 pub fn start(cfg: &AdminConfig, shared: Arc<Shared>) -> std::io::Result<AdminHandle> {
     let l = TcpListener::bind(cfg.listen)?;
-    let addr = l.local_addr()?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reg = Registry::default();
     let stopping = stop.clone();
@@ -108,12 +108,13 @@ pub fn start(cfg: &AdminConfig, shared: Arc<Shared>) -> std::io::Result<AdminHan
                 }
             }
         })?;
-    Ok(AdminHandle { addr, stop, thread })
+    Ok(AdminHandle { fd, stop, thread })
 }
 
 /// The running admin listener, for [`AdminHandle::stop`].
 pub struct AdminHandle {
-    addr: std::net::SocketAddr,
+    /// The listening socket's descriptor (owned by the accept thread, open until it exits).
+    fd: std::os::fd::RawFd,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<()>,
 }
@@ -122,18 +123,12 @@ impl AdminHandle {
     /// Stops accepting and closes the listener (its port is free when this returns).
     /// Connections already accepted end on their own (end of stream, or their timeouts).
     pub fn stop(self) {
+        // SAFETY: the descriptor is the listener's, which the accept thread holds open until
+        // it sees `stop`, set only below: it cannot have been closed (or reused) yet. On
+        // Linux, `shutdown` on a listening socket makes the blocked `accept` fail at once.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
         self.stop.store(true, std::sync::atomic::Ordering::Release);
-        // Wake the blocking accept with a connection of our own.
-        let mut wake = self.addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake {
-                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
-        }
-        if TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok() {
-            let _ = self.thread.join();
-        }
+        let _ = self.thread.join();
     }
 }
 

@@ -9,7 +9,7 @@ use super::{map_ctx, reject, ClientIo, Conn, Outcome, Worker, STREAM_BUF};
 use crate::config::{PathTemplate, Route};
 use crate::gateway::Gateway;
 use crate::http::encode;
-use crate::http::{BodyKind, ChunkedDecoder, HeaderKind, Method, RespBody, Status};
+use crate::http::{BodyKind, ChunkedDecoder, HeaderKind, HttpError, Method, RespBody, Status};
 use crate::upstream::{peek, NextRead, Peek};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
@@ -32,6 +32,8 @@ enum Fail {
     Timeout,
     /// The upstream sent something that is not HTTP/1.1.
     BadResponse,
+    /// The upstream's response head is past the gateway's limits (502, as a bad one).
+    OverLimits,
     /// Bytes that are no response at all (not even `HTTP/`) where a response head should be,
     /// on a reused connection: left behind by an earlier answer (a late body after a HEAD or
     /// 204), so the request was not answered.
@@ -140,6 +142,11 @@ pub(super) async fn proxy<S: ClientIo>(
     let mut retries_left = up.cfg.retries;
     let mut any_target = false;
     let started = Instant::now();
+    // A request that waited for another request's cache fetch has less than `timeout_ms`
+    // left: running out of it is then no fault of the target, for passive checks.
+    let shortened = c
+        .upstream_by
+        .is_some_and(|by| by < started + up.cfg.timeout);
     let deadline = match c.upstream_by.take() {
         Some(by) => by.min(started + up.cfg.timeout),
         None => started + up.cfg.timeout,
@@ -178,18 +185,21 @@ pub(super) async fn proxy<S: ClientIo>(
                     // Bounded by the request's own deadline too: `timeout_ms` runs from the
                     // start of the request, connects and retries included.
                     let left = deadline.saturating_duration_since(Instant::now());
-                    match monoio::time::timeout(
-                        up.cfg.connect_timeout.min(left),
-                        TcpStream::connect_addr(addr),
-                    )
-                    .await
-                    {
+                    let limit = up.cfg.connect_timeout.min(left);
+                    match monoio::time::timeout(limit, TcpStream::connect_addr(addr)).await {
                         Ok(Ok(s)) => {
                             let _ = s.set_nodelay(true);
                             (s, None, false)
                         }
-                        _ => {
+                        Ok(Err(_)) => {
                             up.failed(ti);
+                            break Err(Fail::Connect);
+                        }
+                        // A connect cut short by the request's own deadline is not counted.
+                        Err(_) => {
+                            if limit == up.cfg.connect_timeout {
+                                up.failed(ti);
+                            }
                             break Err(Fail::Connect);
                         }
                     }
@@ -237,7 +247,8 @@ pub(super) async fn proxy<S: ClientIo>(
                     // The target's fault, for passive checks: not a pooled connection that
                     // went stale while it idled, nor bytes an earlier answer left behind on
                     // it (on a fresh connection, bytes that are no answer are the target's).
-                    if matches!(e, Fail::Timeout | Fail::BadResponse)
+                    if (matches!(e, Fail::Timeout) && !shortened)
+                        || matches!(e, Fail::BadResponse)
                         || (matches!(e, Fail::BeforeResponse | Fail::Leftover) && !reused)
                     {
                         up.failed(ti);
@@ -274,7 +285,7 @@ pub(super) async fn proxy<S: ClientIo>(
             Err(Fail::Timeout) => {
                 Err(reject(w, c, 504, "Endpoint Request Timed Out", body_done).await)
             }
-            Err(Fail::BadResponse | Fail::Leftover) => {
+            Err(Fail::BadResponse | Fail::Leftover | Fail::OverLimits) => {
                 w.log_upstream_error(
                     addr,
                     "invalid response head, or one past server.limits (max_headers, or max(max_header_bytes, 16 KiB))",
@@ -657,6 +668,11 @@ async fn exchange<S: ClientIo>(
                 Err(_) if !c.b.ubuf.starts_with(b"HTTP/") && !early && !answered => {
                     return Err(Fail::Leftover)
                 }
+                // Over the gateway's own limits: the answer may be fine for another client,
+                // so it is no failure of the target for passive checks (nor for nginx).
+                Err(HttpError::HeadTooLarge | HttpError::TooManyHeaders) => {
+                    return Err(Fail::OverLimits)
+                }
                 Err(_) => return Err(Fail::BadResponse),
             }
         }
@@ -690,7 +706,7 @@ async fn exchange<S: ClientIo>(
         match waited {
             Wait::Deadline => {
                 c.b.ubuf = Vec::with_capacity(4096);
-                return Err(if early {
+                return Err(if early && !answered {
                     Fail::BeforeResponse
                 } else {
                     Fail::Timeout
@@ -706,7 +722,7 @@ async fn exchange<S: ClientIo>(
                 c.b.ubuf = buf.into_inner();
                 match res {
                     Ok(0) | Err(_) => {
-                        return Err(if (c.b.ubuf.is_empty() && !answered) || early {
+                        return Err(if (c.b.ubuf.is_empty() || early) && !answered {
                             Fail::BeforeResponse
                         } else {
                             Fail::BadResponse

@@ -548,6 +548,10 @@ pub fn run_health_checker(current: impl Fn() -> Arc<crate::gateway::Gateway>, st
         for up in &gw.upstreams {
             let Some(h) = &up.cfg.health else { continue };
             for (i, addr) in up.cfg.targets.iter().enumerate() {
+                // A drain waits for this thread: at most the probe under way, not a round.
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
                 let key = (up.cfg.name.clone(), *addr);
                 let due = next_due.entry(key).or_insert(now);
                 if *due > now {
