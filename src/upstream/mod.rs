@@ -197,8 +197,9 @@ impl Upstream {
     }
 
     /// Whether target `i` gets traffic: the active checker passes it and passive checks do
-    /// not keep it out.
-    pub fn available(&self, i: usize) -> bool {
+    /// not keep it out (the tests' view; requests go through [`Upstream::admits`]).
+    #[cfg(test)]
+    fn available(&self, i: usize) -> bool {
         self.health[i].is_healthy() && !(self.cfg.passive.is_some() && self.health[i].is_out())
     }
 
