@@ -1486,22 +1486,13 @@ fn a_request_whose_interim_answer_went_out_is_not_sent_again_after_an_early_rese
             }
         });
     }
-    let gw = Gateway::start(&format!(
-        r#"
-[[upstreams]]
-name = "o"
-targets = ["{}", "{}"]
-retries = 1
-timeout_ms = 3000
-
-[[apis]]
-name = "p"
-
-[[apis.routes]]
-route = "ANY /{{p+}}"
-integration = {{ type = "http", upstream = "o" }}
-"#,
-        targets[0], targets[1]
+    // The file's usual config, with both targets and a retry.
+    let gw = Gateway::start(&config(targets[0]).replace(
+        &format!("targets = [\"{}\"]", targets[0]),
+        &format!(
+            "targets = [\"{}\", \"{}\"]\nretries = 1",
+            targets[0], targets[1]
+        ),
     ));
     let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
     s.write_all(b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n01234")
