@@ -4,16 +4,32 @@
 mod common;
 
 use common::*;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One test of this file at a time (`cargo test` runs them as threads of one process): the
+/// teardown test counts the process's descriptors and threads.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn config(addr: SocketAddr, body: &str) -> String {
+    // `io = "auto"`, or the driver `RINGGATE_TEST_IO` asks for (as the other tests' configs).
+    let io = std::env::var("RINGGATE_TEST_IO")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "auto".into());
     format!(
         r#"
 [server]
 listen = ["{addr}"]
 workers = 1
 shutdown_timeout_ms = 2000
+io = "{io}"
 
 [[apis]]
 name = "e"
@@ -27,6 +43,7 @@ integration = {{ type = "mock", status = 200, body = "{body}" }}
 
 #[test]
 fn embedded_gateway_serves_reloads_and_shuts_down() {
+    let _one = one_at_a_time();
     let dir = temp_dir("embed");
     let path = dir.join("ringgate.toml");
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -67,6 +84,7 @@ fn embedded_gateway_serves_reloads_and_shuts_down() {
 
 #[test]
 fn shutdown_frees_the_admin_port_too_so_a_gateway_can_start_again() {
+    let _one = one_at_a_time();
     let dir = temp_dir("embed-admin");
     let path = dir.join("ringgate.toml");
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -90,5 +108,120 @@ fn shutdown_frees_the_admin_port_too_so_a_gateway_can_start_again() {
         );
         std::net::TcpListener::bind(admin).expect("the admin port is free after shutdown");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The process's open descriptors and its threads whose names start with `ringgate`.
+fn fds_and_threads() -> (usize, usize) {
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let threads = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("ringgate"))
+        .count();
+    (fds, threads)
+}
+
+/// Reads until the end of the stream, up to `limit`: what the peer sent before closing, or
+/// `None` if it did not close in time.
+fn read_to_close(s: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(got),
+            Err(_) => return None,
+        }
+    }
+}
+
+#[test]
+fn shutdown_closes_open_connections_and_leaves_nothing_behind() {
+    let _one = one_at_a_time();
+    let origin = Origin::start(|r| {
+        if r.path_only() == "/slow" {
+            // Past the drain (300 ms), and short enough for the origin to let go of its
+            // sockets within the final wait.
+            Response::ok("late").delay(Duration::from_millis(1500))
+        } else {
+            Response::ok("from origin")
+        }
+    });
+    let dir = temp_dir("embed-teardown");
+    let path = dir.join("ringgate.toml");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let cfg = config(addr, "one")
+        .replace("shutdown_timeout_ms = 2000", "shutdown_timeout_ms = 300")
+        .replacen(
+            "[[apis]]",
+            &format!(
+                "[admin]\nlisten = \"{admin}\"\n\n[[upstreams]]\nname = \"o\"\ntargets = [\"{}\"]\n\n[[apis]]",
+                origin.addr
+            ),
+            1,
+        )
+        + "\n[[apis.routes]]\nroute = \"GET /{p+}\"\nintegration = { type = \"http\", upstream = \"o\" }\n";
+    std::fs::write(&path, cfg).unwrap();
+    let base = fds_and_threads();
+    for round in 0..3 {
+        let gw = ringgate::runtime::start(ringgate::config::load(&path).unwrap())
+            .unwrap_or_else(|e| panic!("start {round}: {e}"));
+        // A keep-alive client that got its answer, through a pooled upstream connection.
+        let mut idle = TcpStream::connect(addr).unwrap();
+        idle.write_all(b"GET /p HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let mut buf = Vec::new();
+        let head = read_head(&mut idle, &mut buf).expect("an answer");
+        assert!(head.starts_with("HTTP/1.1 200"), "round {round}: {head}");
+        // A request still running when the drain gives up.
+        let mut cut = TcpStream::connect(addr).unwrap();
+        cut.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        // A keep-alive admin client.
+        let mut adm = TcpStream::connect(admin).unwrap();
+        adm.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let mut abuf = Vec::new();
+        let ahead = read_head(&mut adm, &mut abuf).expect("an admin answer");
+        assert!(ahead.starts_with("HTTP/1.1 200"), "round {round}: {ahead}");
+        std::thread::sleep(Duration::from_millis(50));
+
+        let t = Instant::now();
+        gw.shutdown();
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "round {round}: {:?}",
+            t.elapsed()
+        );
+        // Every client connection is closed by the time shutdown returns: the idle one and
+        // the admin one at once, the cut one without an answer.
+        let short = Duration::from_millis(200);
+        let rest = read_to_close(&mut idle, short);
+        assert!(
+            rest.is_some(),
+            "round {round}: the keep-alive connection is still open"
+        );
+        assert_eq!(
+            read_to_close(&mut adm, short).map(|b| b.len()),
+            Some(0),
+            "round {round}: admin"
+        );
+        assert_eq!(
+            read_to_close(&mut cut, short),
+            Some(vec![]),
+            "round {round}: the cut request"
+        );
+    }
+    // Nothing stays behind: no descriptor (driver rings, epoll sets, sockets, the access
+    // log) and no thread, after three start/shutdown cycles.
+    assert!(
+        wait_until(Duration::from_secs(3), || fds_and_threads() == base),
+        "descriptors and ringgate threads before: {base:?}, after: {:?}",
+        fds_and_threads()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -32,6 +32,8 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for writing an answer to a client that does not read.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`AdminHandle::stop`] waits for the connection threads it closed to end.
+const STOP_WAIT: Duration = Duration::from_secs(1);
 /// Largest admin request body (Content-Length, or the payload of a chunked body).
 const MAX_ADMIN_BODY: usize = 1 << 20;
 /// Most bytes (framing included) a chunked admin body may take on the wire.
@@ -93,6 +95,7 @@ pub fn start(cfg: &AdminConfig, shared: Arc<Shared>) -> std::io::Result<AdminHan
     let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reg = Registry::default();
+    let conns = reg.clone();
     let stopping = stop.clone();
     let thread = std::thread::Builder::new()
         .name("ringgate-admin".into())
@@ -108,7 +111,12 @@ pub fn start(cfg: &AdminConfig, shared: Arc<Shared>) -> std::io::Result<AdminHan
                 }
             }
         })?;
-    Ok(AdminHandle { fd, stop, thread })
+    Ok(AdminHandle {
+        fd,
+        stop,
+        thread,
+        conns,
+    })
 }
 
 /// The running admin listener, for [`AdminHandle::stop`].
@@ -117,11 +125,14 @@ pub struct AdminHandle {
     fd: std::os::fd::RawFd,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<()>,
+    /// The open connections, closed by `stop`.
+    conns: Registry,
 }
 
 impl AdminHandle {
-    /// Stops accepting and closes the listener (its port is free when this returns).
-    /// Connections already accepted end on their own (end of stream, or their timeouts).
+    /// Stops accepting and closes the listener (its port is free when this returns), then
+    /// closes the open connections (a keep-alive client sees the end of the stream) and waits,
+    /// up to [`STOP_WAIT`], for their threads to end.
     pub fn stop(self) {
         // SAFETY: the descriptor is the listener's, which the accept thread holds open until
         // it sees `stop`, set only below: it cannot have been closed (or reused) yet. On
@@ -129,6 +140,15 @@ impl AdminHandle {
         unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
         self.stop.store(true, std::sync::atomic::Ordering::Release);
         let _ = self.thread.join();
+        // No connection is added any more. Each thread sees the end of its stream (or a
+        // failed write) and removes its entry as it exits.
+        for c in &lock(&self.conns).list {
+            let _ = c.stream.shutdown(Shutdown::Both);
+        }
+        let until = Instant::now() + STOP_WAIT;
+        while !lock(&self.conns).list.is_empty() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 }
 

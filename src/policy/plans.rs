@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
 /// How often changed counts are written to disk (the most a crash can lose).
@@ -189,7 +189,12 @@ pub struct UsageStore {
     counters: Mutex<BTreeMap<CounterId, Arc<AtomicU64>>>,
     /// The file's content as last written (or read).
     last_written: Mutex<String>,
+    /// The writer thread and its stop flag, taken by [`UsageStore::stop_writer`].
+    writer: Mutex<Option<(StopFlag, std::thread::JoinHandle<()>)>>,
 }
+
+/// A flag that a sleeping thread wakes up for.
+type StopFlag = Arc<(Mutex<bool>, Condvar)>;
 
 impl UsageStore {
     /// A store without a file (tests).
@@ -198,6 +203,7 @@ impl UsageStore {
             path: None,
             counters: Mutex::new(BTreeMap::new()),
             last_written: Mutex::new(String::new()),
+            writer: Mutex::new(None),
         })
     }
 
@@ -254,19 +260,42 @@ impl UsageStore {
             path: Some(path),
             counters: Mutex::new(map),
             last_written: Mutex::new(text),
+            writer: Mutex::new(None),
         });
         let weak: Weak<UsageStore> = Arc::downgrade(&store);
-        std::thread::Builder::new()
+        let stop: StopFlag = Arc::new((Mutex::new(false), Condvar::new()));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
             .name("ringgate-usage".into())
             .spawn(move || loop {
-                std::thread::sleep(Duration::from_millis(FLUSH_MS));
+                let (flag, cv) = &*stopped;
+                let g = flag.lock().unwrap_or_else(|e| e.into_inner());
+                let (g, _) = cv
+                    .wait_timeout_while(g, Duration::from_millis(FLUSH_MS), |stop| !*stop)
+                    .unwrap_or_else(|e| e.into_inner());
+                if *g {
+                    return;
+                }
+                drop(g);
                 let Some(s) = weak.upgrade() else { return };
                 if let Err(e) = s.flush() {
                     crate::elog!("ringgate: cannot write usage counts: {e}");
                 }
             })
             .map_err(|e| format!("cannot start the usage writer: {e}"))?;
+        *store.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some((stop, thread));
         Ok(store)
+    }
+
+    /// Stops the writer thread and waits for it (the gateway stops; a last [`UsageStore::flush`]
+    /// follows).
+    pub fn stop_writer(&self) {
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((stop, thread)) = w {
+            *stop.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            stop.1.notify_all();
+            let _ = thread.join();
+        }
     }
 
     /// Writes `text` as the counts file in `dir`, then opens it (tests).

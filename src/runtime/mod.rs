@@ -77,6 +77,7 @@ pub fn run(config: Config) -> Result<(), String> {
 }
 
 /// A gateway started by [`start`]: it serves until [`Running::shutdown`].
+#[must_use = "dropping it leaves the gateway serving, with no way left to stop it"]
 pub struct Running {
     shared: Arc<Shared>,
     workers: Vec<std::thread::JoinHandle<()>>,
@@ -107,12 +108,14 @@ impl Running {
     /// Drains as SIGTERM does: listeners close at once, in-flight requests finish (up to
     /// `server.shutdown_timeout_ms`), then the workers exit and the usage counts are written;
     /// last, the health checker and the admin listener stop (`/healthz` says `draining`
-    /// meanwhile), so every port is free when this returns.
+    /// meanwhile), so every port is free when this returns. Connections still open then are
+    /// closed and every thread and descriptor the gateway had is gone.
     pub fn shutdown(self) {
         self.shared.begin_shutdown();
         for h in self.workers {
             let _ = h.join();
         }
+        self.shared.usage.stop_writer();
         if let Err(e) = self.shared.usage.flush() {
             crate::elog!("ringgate: cannot write usage counts: {e}");
         }
@@ -129,8 +132,7 @@ impl Running {
 /// Starts the gateway on `config` and returns once every worker listens: for embedding (no
 /// signal handlers are installed, no process-wide setting is changed). The workers, the
 /// admin listener and the health checker stop in [`Running::shutdown`]; dropping the
-/// [`Running`] handle without it leaves the gateway serving. Connections still open when the
-/// workers stop are not closed (see the README's embedding notes).
+/// [`Running`] handle without it leaves the gateway serving.
 pub fn start(config: Config) -> Result<Running, String> {
     config.check_paths()?;
     let access_log = match &config.access_log {
@@ -348,8 +350,9 @@ async fn worker_main(
     }
     {
         // Housekeeping off the request path: access-log flushes and heap trimming.
-        let w = w.clone();
-        monoio::spawn(async move {
+        let w2 = w.clone();
+        w.tasks.spawn(async move {
+            let w = w2;
             let mut tick = 0u32;
             loop {
                 monoio::time::sleep(Duration::from_millis(200)).await;
@@ -364,9 +367,10 @@ async fn worker_main(
             }
         });
     }
-    monoio::spawn(crate::server::run_parker(w.clone()));
+    w.tasks.spawn(crate::server::run_parker(w.clone()));
     crate::ws::api::set_worker(id);
-    monoio::spawn(crate::ws::api::run_mailbox(id, shared.clone()));
+    w.tasks
+        .spawn(crate::ws::api::run_mailbox(id, shared.clone()));
     for t in accept_tasks {
         t.await;
     }
@@ -380,6 +384,7 @@ async fn worker_main(
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
     w.flush_log();
+    w.stop_tasks().await;
 }
 
 async fn wait_shutdown(shared: &Shared) {
@@ -488,9 +493,9 @@ async fn accept_loop(w: Rc<Worker>, l: TcpListener, tls: bool, refusals: Rc<RefC
                     }
                     let guard = ConnGuard(shared.clone());
                     if tls {
-                        monoio::spawn(serve_tls(w.clone(), stream, peer, guard));
+                        w.tasks.spawn(serve_tls(w.clone(), stream, peer, guard));
                     } else {
-                        monoio::spawn(serve(w.clone(), stream, peer, guard));
+                        w.tasks.spawn(serve(w.clone(), stream, peer, guard));
                     }
                 }
                 Err(e) => {

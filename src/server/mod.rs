@@ -9,6 +9,7 @@ mod auth_stage;
 mod cached;
 mod park;
 mod proxy;
+pub mod tasks;
 mod traffic;
 mod validate_stage;
 
@@ -94,6 +95,8 @@ pub struct Worker {
     trim_wanted: Cell<bool>,
     /// Idle connections waiting without buffers.
     pub parker: park::Parker,
+    /// Every task this worker spawned, ended when it stops.
+    pub tasks: Rc<tasks::TaskSet>,
     /// This worker's response cache.
     cache: Rc<RefCell<crate::cache::WorkerCache>>,
     /// A reused iovec array for writing large cache hits.
@@ -133,6 +136,7 @@ impl Worker {
             free: RefCell::new(Vec::new()),
             trim_wanted: Cell::new(false),
             parker: park::Parker::new().expect("epoll_create1"),
+            tasks: Rc::default(),
             cache: Rc::default(),
             cache_iov: Cell::new(None),
             auth: crate::policy::auth::WorkerAuth::new(),
@@ -199,6 +203,24 @@ impl Worker {
     /// (see [`crate::upstream::WorkerPools::sweep`]); called once a second.
     pub fn sweep_pools(&self) {
         self.pools.borrow_mut().sweep();
+    }
+
+    /// Ends every task of this worker that is still running (a request cut by the drain
+    /// deadline, an idle keep-alive connection, the worker's own loops) and closes the pooled
+    /// upstream connections, so nothing is left behind when its runtime is dropped: every
+    /// socket is closed and the driver freed. Returns when they are gone.
+    pub async fn stop_tasks(&self) {
+        self.tasks.stop();
+        while self.tasks.live() > 0 {
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.parker.close_all();
+        self.pools.borrow_mut().close_all();
+        // The cancellations and closes of the dropped operations complete at the next turns
+        // of the driver; wait for them here, while it still runs.
+        for _ in 0..3 {
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// Returns freed heap pages to the kernel after many buffers were dropped, so idle
@@ -631,7 +653,7 @@ pub(crate) async fn run<S: ClientIo>(
             // Its own task: this loop's (large) state is freed for the connection's lifetime.
             w.inflight.set(w.inflight.get() + 1);
             let w2 = w.clone();
-            monoio::spawn(async move {
+            w.tasks.spawn(async move {
                 crate::ws::run_takeover(t, stream, pending, &w2).await;
                 w2.inflight.set(w2.inflight.get() - 1);
                 drop(guard);
@@ -663,7 +685,7 @@ pub(crate) async fn run<S: ClientIo>(
         // Its own (small) task: this loop's state is freed while it lingers. Counted as in
         // flight, so a drain waits for it (it ends before the drain gives up).
         w.inflight.set(w.inflight.get() + 1);
-        monoio::spawn(async move {
+        w.tasks.clone().spawn(async move {
             lingering_close(&w, stream).await;
             w.inflight.set(w.inflight.get() - 1);
             drop(guard);

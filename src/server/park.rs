@@ -234,13 +234,15 @@ pub async fn run_parker(w: Rc<Worker>) {
                             let Ok(s) = TcpStream::from_std(std) else {
                                 continue;
                             };
-                            monoio::spawn(run(w.clone(), s, peer, p.guard, true, now, deadline));
+                            w.tasks
+                                .spawn(run(w.clone(), s, peer, p.guard, true, now, deadline));
                         }
                         Idle::Tls(s) => {
                             let Ok(peer) = s.tcp().peer_addr() else {
                                 continue;
                             };
-                            monoio::spawn(run(w.clone(), *s, peer, p.guard, true, now, deadline));
+                            w.tasks
+                                .spawn(run(w.clone(), *s, peer, p.guard, true, now, deadline));
                         }
                     }
                 }

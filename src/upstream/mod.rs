@@ -480,6 +480,11 @@ impl WorkerPools {
             });
         }
     }
+
+    /// Closes every idle pooled connection (the worker stops).
+    pub fn close_all(&mut self) {
+        self.idle.clear();
+    }
 }
 
 /// What a socket holds, looked at without taking anything.
