@@ -159,7 +159,8 @@ fn shutdown_closes_open_connections_and_leaves_nothing_behind() {
         .replacen(
             "[[apis]]",
             &format!(
-                "[admin]\nlisten = \"{admin}\"\n\n[[upstreams]]\nname = \"o\"\ntargets = [\"{}\"]\n\n[[apis]]",
+                "[admin]\nlisten = \"{admin}\"\n\n[access_log]\npath = \"access.log\"\n\n\
+                 [[upstreams]]\nname = \"o\"\ntargets = [\"{}\"]\n\n[[apis]]",
                 origin.addr
             ),
             1,
@@ -216,6 +217,9 @@ fn shutdown_closes_open_connections_and_leaves_nothing_behind() {
             "round {round}: the cut request"
         );
     }
+    // Every answered request was logged (the writer ended after writing).
+    let log = std::fs::read_to_string(dir.join("access.log")).unwrap();
+    assert_eq!(log.matches("\"path\":\"/p\"").count(), 3, "{log}");
     // Nothing stays behind: no descriptor (driver rings, epoll sets, sockets, the access
     // log) and no thread, after three start/shutdown cycles.
     assert!(

@@ -201,6 +201,7 @@ pub fn start(config: Config) -> Result<Running, String> {
         for h in handles {
             let _ = h.join();
         }
+        shared.usage.stop_writer();
         if let Some(a) = admin {
             a.stop();
         }
