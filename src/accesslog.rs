@@ -31,6 +31,10 @@ pub struct AccessLog {
     pub dropped: Arc<AtomicU64>,
     /// Set by [`AccessLog::reopen`]; the writer thread clears it.
     reopen: Arc<AtomicBool>,
+    /// Set by [`AccessLog::finish`]: the writer writes what it was handed and exits.
+    finishing: Arc<AtomicBool>,
+    /// The writer thread, joined by [`AccessLog::finish`].
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 /// Opens `path` for appending (created when missing).
@@ -58,16 +62,18 @@ impl AccessLog {
         let (tx, rx): (Sender<Vec<u8>>, Receiver<Vec<u8>>) = bounded(256);
         let dropped = Arc::new(AtomicU64::new(0));
         let reopen = Arc::new(AtomicBool::new(false));
+        let finishing = Arc::new(AtomicBool::new(false));
         let mut writer = Writer {
             out,
             path: path.map(Path::to_path_buf),
             dropped: dropped.clone(),
             reopen: reopen.clone(),
+            finishing: finishing.clone(),
             failed: 0,
             last_error: None,
             last_report: None,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("ringgate-log".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| format!("cannot start the access log writer: {e}"))?;
@@ -75,7 +81,21 @@ impl AccessLog {
             tx,
             dropped,
             reopen,
+            finishing,
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
         })
+    }
+
+    /// Writes every line handed over so far, closes the file and stops the writer thread;
+    /// returns when it is done (the gateway stops, after its workers). Lines handed over
+    /// later are counted as dropped.
+    pub fn finish(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(thread) = thread else { return };
+        self.finishing.store(true, Ordering::Release);
+        // Queued behind the lines already handed over; blocks only while the channel is full.
+        let _ = self.tx.send(Vec::new());
+        let _ = thread.join();
     }
 
     /// Asks the writer to open the file again at its path (SIGUSR1, after a rotation); lines
@@ -96,6 +116,7 @@ struct Writer {
     path: Option<PathBuf>,
     dropped: Arc<AtomicU64>,
     reopen: Arc<AtomicBool>,
+    finishing: Arc<AtomicBool>,
     /// Lines that failed since the last report.
     failed: u64,
     last_error: Option<std::io::Error>,
@@ -121,6 +142,13 @@ impl Writer {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             self.report();
+            if self.finishing.load(Ordering::Acquire) {
+                // Whatever else was queued, then stop (the receiver's drop refuses the rest).
+                for buf in rx.try_iter() {
+                    self.write(&buf);
+                }
+                break;
+            }
         }
         let _ = self.out.flush();
         self.last_report = None;

@@ -50,8 +50,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use toml::Spanned;
 
@@ -228,12 +228,18 @@ enum Msg {
     Inbound(Vec<u8>),
     /// The subscriber (re)subscribed: something may have been missed.
     Resubscribed,
+    /// The gateway stops: sync the quota counts a last time, leave, and exit.
+    Stop,
 }
 
 /// This node's link to the cluster (in [`Shared::cluster`]).
 pub struct Cluster {
     node: String,
     tx: Sender<Msg>,
+    /// Tells the subscriber thread to exit.
+    stopping: Arc<AtomicBool>,
+    /// The cluster thread and the subscriber thread, joined by [`Cluster::stop`].
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Cluster {
@@ -263,6 +269,29 @@ impl Cluster {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let _ = self.tx.send(Msg::SyncNow(tx));
         let _ = rx.recv_timeout(IO_TIMEOUT);
+    }
+
+    /// Stops the cluster threads (the gateway stops): the quota counts are synced a last
+    /// time and the node leaves (each Redis call bounded by its timeout); then the
+    /// subscriber, woken by a message on this node's channel, exits. Waits for both (the
+    /// subscriber at most a second more: it may be waiting to reconnect).
+    pub fn stop(&self) {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        if threads.is_empty() {
+            return;
+        }
+        self.stopping.store(true, Ordering::Release);
+        let _ = self.tx.send(Msg::Stop);
+        let until = Instant::now() + Duration::from_secs(1);
+        for (i, t) in threads.into_iter().enumerate() {
+            // The cluster thread first (unbounded: its calls are), then the subscriber.
+            while i > 0 && !t.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if i == 0 || t.is_finished() {
+                let _ = t.join();
+            }
+        }
     }
 
     /// Runs `@connections/{id}` on the node holding `id` (blocks the admin thread for at most
@@ -305,9 +334,12 @@ pub fn start(cfg: &ClusterConfig, shared: &Arc<Shared>) -> Result<(), String> {
     getrandom::getrandom(&mut b).map_err(|e| format!("cluster: no random node id: {e}"))?;
     let node = format!("{:016x}", u64::from_le_bytes(b));
     let (tx, rx) = crossbeam_channel::unbounded();
+    let stopping = Arc::new(AtomicBool::new(false));
     let cluster = Cluster {
         node: node.clone(),
         tx: tx.clone(),
+        stopping: stopping.clone(),
+        threads: Mutex::new(Vec::new()),
     };
     if shared.cluster.set(cluster).is_err() {
         return Err("cluster: started twice".into());
@@ -316,18 +348,18 @@ pub fn start(cfg: &ClusterConfig, shared: &Arc<Shared>) -> Result<(), String> {
     shared.auth.on_change(Box::new(move |k, generation| {
         let _ = keys_tx.send(Msg::Key(k, generation));
     }));
-    {
+    let sub = {
         let client = client.clone();
         let node = node.clone();
         let weak = Arc::downgrade(shared);
         std::thread::Builder::new()
             .name("ringgate-cluster-sub".into())
-            .spawn(move || subscriber(client, node, tx, weak))
-            .map_err(|e| format!("cannot start the cluster subscriber: {e}"))?;
-    }
+            .spawn(move || subscriber(client, node, tx, weak, &stopping))
+            .map_err(|e| format!("cannot start the cluster subscriber: {e}"))?
+    };
     let url = redact(&cfg.redis);
     let weak = Arc::downgrade(shared);
-    std::thread::Builder::new()
+    let worker = std::thread::Builder::new()
         .name("ringgate-cluster".into())
         .spawn(move || {
             let mut w = Worker::new(client, url, node, weak, epoch_file, epoch);
@@ -335,17 +367,26 @@ pub fn start(cfg: &ClusterConfig, shared: &Arc<Shared>) -> Result<(), String> {
             w.run(rx)
         })
         .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
+    if let Some(c) = shared.cluster.get() {
+        *c.threads.lock().unwrap_or_else(|e| e.into_inner()) = vec![worker, sub];
+    }
     Ok(())
 }
 
 /// The subscriber thread: `ringgate:events` and this node's channel, handed to the cluster
 /// thread. Reconnects on its own (the cluster thread logs the outage).
-fn subscriber(client: redis::Client, node: String, tx: Sender<Msg>, shared: Weak<Shared>) {
+fn subscriber(
+    client: redis::Client,
+    node: String,
+    tx: Sender<Msg>,
+    shared: Weak<Shared>,
+    stopping: &AtomicBool,
+) {
     let mine = format!("ringgate:node:{node}");
     let events = events_channel(&client);
     let mut backoff = 100u64;
     loop {
-        if shared.strong_count() == 0 {
+        if shared.strong_count() == 0 || stopping.load(Ordering::Acquire) {
             return;
         }
         let mut subscribed = false;
@@ -359,6 +400,8 @@ fn subscriber(client: redis::Client, node: String, tx: Sender<Msg>, shared: Weak
             ps.set_read_timeout(Some(Duration::from_secs(1)))?;
             loop {
                 match ps.get_message() {
+                    // The cluster thread's last message wakes this thread to exit.
+                    Ok(_) if stopping.load(Ordering::Acquire) => return Ok(()),
                     Ok(m) => {
                         if tx
                             .send(Msg::Inbound(m.get_payload_bytes().to_vec()))
@@ -368,7 +411,7 @@ fn subscriber(client: redis::Client, node: String, tx: Sender<Msg>, shared: Weak
                         }
                     }
                     Err(e) if e.is_timeout() => {
-                        if shared.strong_count() == 0 {
+                        if shared.strong_count() == 0 || stopping.load(Ordering::Acquire) {
                             return Ok(());
                         }
                     }
@@ -447,6 +490,8 @@ struct Worker {
     last_error_log: Option<Instant>,
     /// The process is stopping (its liveness key was deleted).
     leaving: bool,
+    /// [`Msg::Stop`] came: exit after a last sync.
+    stop: bool,
 }
 
 impl Worker {
@@ -488,6 +533,7 @@ impl Worker {
             next_req: 1,
             last_error_log: None,
             leaving: false,
+            stop: false,
         }
     }
 
@@ -533,6 +579,24 @@ impl Worker {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if self.stop {
+                // The last counts of this node, then leave; the message on this node's
+                // channel wakes the subscriber, which sees it is stopping.
+                self.tick(&shared);
+                if !self.leaving {
+                    self.leaving = true;
+                    let key = format!("ringgate:alive:{}", self.node);
+                    let _ = self.call(|con| redis::cmd("DEL").arg(key).query::<i64>(con));
+                }
+                let mine = format!("ringgate:node:{}", self.node);
+                let _ = self.call(|con| {
+                    redis::cmd("PUBLISH")
+                        .arg(mine)
+                        .arg("stop")
+                        .query::<i64>(con)
+                });
+                return;
             }
             if Instant::now() >= next_tick {
                 self.tick(&shared);
@@ -587,6 +651,7 @@ impl Worker {
             }
             Msg::Inbound(p) => self.inbound(shared, &p),
             Msg::Resubscribed => self.keys_dirty = true,
+            Msg::Stop => self.stop = true,
         }
     }
 

@@ -165,7 +165,13 @@ fn shutdown_closes_open_connections_and_leaves_nothing_behind() {
             ),
             1,
         )
-        + "\n[[apis.routes]]\nroute = \"GET /{p+}\"\nintegration = { type = \"http\", upstream = \"o\" }\n";
+        + "\n[[apis.routes]]\nroute = \"GET /{p+}\"\nintegration = { type = \"http\", upstream = \"o\" }\n"
+        // A JWKS refresher thread (the origin's answer is no JWKS: it retries in the
+        // background).
+        + &format!(
+            "\n[[authorizers]]\nname = \"idp\"\ntype = \"jwt\"\njwks_uri = \"http://{}/jwks\"\n",
+            origin.addr
+        );
     std::fs::write(&path, cfg).unwrap();
     let base = fds_and_threads();
     for round in 0..3 {
@@ -215,6 +221,12 @@ fn shutdown_closes_open_connections_and_leaves_nothing_behind() {
             read_to_close(&mut cut, short),
             Some(vec![]),
             "round {round}: the cut request"
+        );
+        // Every thread the gateway started has ended (or is ending) by then.
+        assert!(
+            wait_until(Duration::from_millis(200), || fds_and_threads().1 == base.1),
+            "round {round}: ringgate threads left: {:?}",
+            fds_and_threads()
         );
     }
     // Every answered request was logged (the writer ended after writing).

@@ -115,9 +115,16 @@ impl Running {
         for h in self.workers {
             let _ = h.join();
         }
+        if let Some(c) = self.shared.cluster.get() {
+            c.stop();
+        }
         self.shared.usage.stop_writer();
         if let Err(e) = self.shared.usage.flush() {
             crate::elog!("ringgate: cannot write usage counts: {e}");
+        }
+        // Every worker has handed over its last lines: they are on disk when this returns.
+        if let Some(log) = &self.shared.access_log {
+            log.finish();
         }
         if let Some(h) = self.health {
             let _ = h.join();
@@ -125,6 +132,8 @@ impl Running {
         if let Some(a) = self.admin {
             a.stop();
         }
+        // After the admin listener: a reload it ran may have started refreshers.
+        self.shared.current().config.auth.stop();
         crate::elog!("ringgate: stopped");
     }
 }
@@ -201,7 +210,13 @@ pub fn start(config: Config) -> Result<Running, String> {
         for h in handles {
             let _ = h.join();
         }
+        if let Some(c) = shared.cluster.get() {
+            c.stop();
+        }
         shared.usage.stop_writer();
+        if let Some(log) = &shared.access_log {
+            log.finish();
+        }
         if let Some(a) = admin {
             a.stop();
         }

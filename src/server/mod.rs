@@ -216,6 +216,7 @@ impl Worker {
         }
         self.parker.close_all();
         self.pools.borrow_mut().close_all();
+        crate::ws::client::close_idle();
         // The cancellations and closes of the dropped operations complete at the next turns
         // of the driver; wait for them here, while it still runs.
         for _ in 0..3 {

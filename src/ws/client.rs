@@ -18,6 +18,12 @@ thread_local! {
     static NEXT: Cell<usize> = const { Cell::new(0) };
 }
 
+/// Closes this worker's idle integration connections (the worker stops: its runtime is
+/// about to go, and the sockets close while it still runs).
+pub fn close_idle() {
+    POOL.with(|p| p.borrow_mut().clear());
+}
+
 /// An integration answer.
 pub struct Answer {
     /// HTTP status.

@@ -4,7 +4,7 @@
 //! API ([`api`]).
 
 pub mod api;
-mod client;
+pub(crate) mod client;
 pub mod frame;
 pub mod handshake;
 pub mod relay;
@@ -470,8 +470,17 @@ pub async fn run_takeover<S: crate::server::ClientIo>(
     w: &crate::server::Worker,
 ) {
     let shared = &w.shared;
+    /// Counts the connection in the gauge while it lives (also when a stopping worker drops
+    /// it mid-await).
+    struct Active<'a>(&'a std::sync::atomic::AtomicI64);
+    impl Drop for Active<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let m = &shared.metrics.ws_connections_active;
     m.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _active = Active(m);
     // Each kind boxed on its own: a connection's memory is the size of its own state machine,
     // not of the larger of the two.
     match t {
@@ -488,7 +497,6 @@ pub async fn run_takeover<S: crate::server::ClientIo>(
         }
         Takeover::Api(a) => Box::pin(api::run(a, client, pending, shared, w)).await,
     }
-    m.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 #[cfg(test)]

@@ -165,7 +165,27 @@ pub struct JwtKeys {
     last_body: AtomicU64,
     last_kick_ms: AtomicU64,
     started: AtomicBool,
-    wake: (Mutex<bool>, Condvar),
+    /// The refresher waits on this, without holding the keys: a kick wakes it to fetch,
+    /// and a stop (or the keys' drop, when a reload replaced them) to exit.
+    wake: Arc<(Mutex<Wake>, Condvar)>,
+    /// The refresher thread, joined by [`JwtKeys::stop`].
+    refresher: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// What the refresher thread is woken for.
+#[derive(Default)]
+struct Wake {
+    /// Fetch now (a token named an unknown `kid`).
+    kicked: bool,
+    /// Exit.
+    stopped: bool,
+}
+
+impl Drop for JwtKeys {
+    /// A reload replaced these keys: their refresher exits now, not at its next fetch.
+    fn drop(&mut self) {
+        self.tell_stop();
+    }
 }
 
 impl std::fmt::Debug for JwtKeys {
@@ -199,7 +219,8 @@ impl JwtKeys {
             last_body: AtomicU64::new(0),
             last_kick_ms: AtomicU64::new(0),
             started: AtomicBool::new(false),
-            wake: (Mutex::new(false), Condvar::new()),
+            wake: Arc::default(),
+            refresher: Mutex::new(None),
         }
     }
 
@@ -232,33 +253,53 @@ impl JwtKeys {
         }
         let mut next = self.refresh(&uri);
         let weak: Weak<JwtKeys> = Arc::downgrade(self);
-        let _ = std::thread::Builder::new()
+        let wake = self.wake.clone();
+        let thread = std::thread::Builder::new()
             .name("ringgate-jwks".into())
             .spawn(move || loop {
                 let due = Instant::now() + next;
-                // Wait until due or kicked, checking now and then whether the config is gone.
-                loop {
-                    let Some(me) = weak.upgrade() else { return };
-                    let g = me.wake.0.lock().unwrap_or_else(|e| e.into_inner());
-                    let left = due.saturating_duration_since(Instant::now());
-                    if *g || left.is_zero() {
-                        drop(g);
-                        break;
-                    }
-                    let (mut g, _) = me
-                        .wake
-                        .1
-                        .wait_timeout(g, left.min(Duration::from_secs(1)))
-                        .unwrap_or_else(|e| e.into_inner());
-                    if *g {
-                        *g = false;
-                        break;
+                {
+                    let (state, cv) = &*wake;
+                    let mut g = state.lock().unwrap_or_else(|e| e.into_inner());
+                    loop {
+                        if g.stopped {
+                            return;
+                        }
+                        let left = due.saturating_duration_since(Instant::now());
+                        if g.kicked || left.is_zero() {
+                            g.kicked = false;
+                            break;
+                        }
+                        g = cv
+                            .wait_timeout(g, left)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
                     }
                 }
                 let Some(me) = weak.upgrade() else { return };
-                *me.wake.0.lock().unwrap_or_else(|e| e.into_inner()) = false;
                 next = me.refresh(&uri);
             });
+        *self.refresher.lock().unwrap_or_else(|e| e.into_inner()) = thread.ok();
+    }
+
+    /// Stops the background refresher and waits for it (the gateway stops); a fetch under
+    /// way ends first (at most [`FETCH_TIMEOUT`]).
+    pub fn stop(&self) {
+        self.tell_stop();
+        let thread = self
+            .refresher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+
+    fn tell_stop(&self) {
+        let (state, cv) = &*self.wake;
+        state.lock().unwrap_or_else(|e| e.into_inner()).stopped = true;
+        cv.notify_all();
     }
 
     /// One fetch; returns when to fetch next.
@@ -307,7 +348,7 @@ impl JwtKeys {
         {
             return false;
         }
-        *self.wake.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.wake.0.lock().unwrap_or_else(|e| e.into_inner()).kicked = true;
         self.wake.1.notify_one();
         true
     }

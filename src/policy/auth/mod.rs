@@ -120,6 +120,15 @@ impl AuthConfig {
             }
         }
     }
+
+    /// Stops the background JWKS refreshers and waits for them (the gateway stops).
+    pub fn stop(&self) {
+        for a in &self.authorizers {
+            if let Authorizer::Jwt(j) = a {
+                j.keys.stop();
+            }
+        }
+    }
 }
 
 /// What a route asks for.
