@@ -13,6 +13,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// Why a reload asked for during the drain is refused.
+pub const DRAINING: &str = "the gateway is draining (stopping): the config is not reloaded";
+
 /// One compiled config with its runtime upstreams.
 pub struct Gateway {
     pub config: Config,
@@ -167,6 +170,15 @@ impl Shared {
         self.ws.ring_all();
     }
 
+    /// A reload is refused once the drain began (SIGHUP then is not a reload): the gateway
+    /// is stopping with the config it had.
+    fn refuse_when_draining(&self) -> Result<(), ConfigError> {
+        if self.shutdown.load(Ordering::Acquire) {
+            return Err(ConfigError(DRAINING.to_string()));
+        }
+        Ok(())
+    }
+
     /// When the drain ends (the workers stop waiting for in-flight work), once it began.
     pub fn drain_deadline(&self) -> Option<std::time::Instant> {
         self.drain_deadline.get().copied()
@@ -188,6 +200,7 @@ impl Shared {
     /// in the returned notes and otherwise ignored.
     pub fn reload(&self) -> Result<Vec<String>, ConfigError> {
         let _g = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.refuse_when_draining()?;
         let mut new = config::load(&self.config_path)?;
         new.traffic.plans.bind(&self.usage);
         new.traffic.inherit(&self.current().config.traffic);
@@ -252,6 +265,8 @@ impl Shared {
         if let Some(e) = runtime_key_plans_error(&self.auth, &new) {
             return Err(ConfigError(e));
         }
+        // A drain that began while the new config was read and compiled.
+        self.refuse_when_draining()?;
         // Last check, and the first change: the config's keys may not shadow run-time keys.
         self.auth
             .set_config_keys(&new.auth.api_keys)

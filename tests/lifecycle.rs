@@ -570,3 +570,83 @@ fn sigusr2_is_ignored_and_sigquit_drains_as_nginx_users_expect() {
         .expect("did not exit within shutdown_timeout");
     assert_eq!(st.code(), Some(0), "{}", gw.stderr());
 }
+
+/// A TCP listener that accepts and never answers (a JWKS endpoint that hangs), kept open
+/// while the value lives.
+fn silent_listener() -> (std::net::TcpListener, SocketAddr) {
+    let l = local_listener();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
+#[test]
+fn sigterm_during_a_long_sighup_reload_drains_at_once_and_the_reload_is_dropped() {
+    let origin = Origin::fixed("proxied");
+    let mut gw = Gateway::start(&versioned(1, origin.addr));
+    let addr = gw.addr;
+    // Each of these authorizers' first JWKS fetch waits for its timeout (2 s) during the
+    // reload: about 6 s in all.
+    let (_idp, idp) = silent_listener();
+    let mut next = versioned(2, origin.addr);
+    for i in 0..3 {
+        next.push_str(&format!(
+            "\n[[authorizers]]\nname = \"hang{i}\"\ntype = \"jwt\"\njwks_uri = \"http://{idp}/jwks{i}\"\n"
+        ));
+    }
+    gw.write_config(&next);
+    gw.reload_signal();
+    thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    gw.terminate();
+    // The drain starts at once, not after the reload: new connections are refused...
+    assert!(
+        wait_until(Duration::from_secs(1), || std::net::TcpStream::connect(
+            addr
+        )
+        .is_err()),
+        "still accepting 1 s after SIGTERM:\n{}",
+        gw.stderr()
+    );
+    // ... and the process exits long before the reload could have finished.
+    let st = gw
+        .wait_exit(Duration::from_secs(3))
+        .unwrap_or_else(|| panic!("no exit 3 s after SIGTERM:\n{}", gw.stderr()));
+    assert_eq!(st.code(), Some(0), "{}", gw.stderr());
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    // The reload never applied.
+    assert!(!gw.stderr().contains("config reloaded"), "{}", gw.stderr());
+}
+
+#[test]
+fn admin_reload_during_the_drain_is_refused_with_503() {
+    let origin = Origin::start(|r| {
+        if r.path.starts_with("/p/slow") {
+            Response::ok("slow done").delay(Duration::from_millis(1500))
+        } else {
+            Response::ok("fast")
+        }
+    });
+    let mut gw = Gateway::start(&drain_config(origin.addr, 3000));
+    let addr = gw.addr;
+    let slow = thread::spawn(move || roundtrip(addr, b"GET /p/slow HTTP/1.1\r\nHost: t\r\n\r\n"));
+    assert!(wait_until(Duration::from_secs(2), || origin
+        .request_count()
+        == 1));
+    gw.write_config(&drain_config(origin.addr, 3000).replace("body = \"v1\"", "body = \"v2\""));
+    gw.terminate();
+    assert!(wait_until(Duration::from_secs(1), || admin_get(
+        gw.admin_addr,
+        "/healthz",
+        None
+    )
+    .is_ok_and(|h| h.status == 503)));
+    let r = admin_request(gw.admin_addr, "POST", "/reload", None).unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.message().contains("draining"), "{}", r.text());
+    // The in-flight request still finishes, and the process exits as usual.
+    let r = slow.join().unwrap().expect("the in-flight request failed");
+    assert_eq!(r.text(), "slow done");
+    let st = gw.wait_exit(Duration::from_secs(4)).expect("no exit");
+    assert_eq!(st.code(), Some(0), "{}", gw.stderr());
+    assert!(!gw.stderr().contains("config reloaded"), "{}", gw.stderr());
+}

@@ -545,6 +545,8 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
                     .to_string()
                     .into_bytes(),
             },
+            // Draining: not the config's fault (a 503, as `/healthz` then).
+            Err(e) if e.0 == crate::gateway::DRAINING => json(503, &e.0),
             Err(e) => json(400, &e.to_string()),
         },
         ("POST", "/cache/invalidate") => {

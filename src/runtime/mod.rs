@@ -57,10 +57,25 @@ pub fn run(config: Config) -> Result<(), String> {
     ])
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let gw = start(config)?;
+    // Reloads run on their own thread, so a SIGTERM during a long one (a large config, a JWKS
+    // that does not answer) starts the drain at once; the reload then sees the drain and is
+    // dropped. SIGHUPs that come while one waits are one reload (it reads the latest file).
+    let (reload_tx, reload_rx) = crossbeam_channel::bounded::<()>(1);
+    {
+        let shared = gw.shared.clone();
+        std::thread::Builder::new()
+            .name("ringgate-reload".into())
+            .spawn(move || {
+                for () in reload_rx {
+                    let _ = reload_and_log(&shared, "");
+                }
+            })
+            .map_err(|e| format!("cannot start the reload thread: {e}"))?;
+    }
     for sig in signals.forever() {
         match sig {
             signal_hook::consts::SIGHUP => {
-                let _ = reload_and_log(&gw.shared, "");
+                let _ = reload_tx.try_send(());
             }
             signal_hook::consts::SIGUSR1 => gw.reopen_logs(),
             signal_hook::consts::SIGUSR2 => crate::elog!(
@@ -72,6 +87,9 @@ pub fn run(config: Config) -> Result<(), String> {
             }
         }
     }
+    // A reload under way is not waited for: it is refused once it sees the drain, and the
+    // process exits after the drain.
+    drop(reload_tx);
     gw.shutdown();
     Ok(())
 }
