@@ -2339,6 +2339,34 @@ fn shutdown_lets_the_message_call_in_flight_answer_before_the_1001() {
     assert_eq!(route_keys(&be, "$disconnect").len(), 1);
 }
 
+#[test]
+fn a_message_call_cut_by_the_drain_still_gets_the_1001_close() {
+    // With `shutdown_timeout_ms` = 800, the drain stops what still runs at 600 ms (the last
+    // quarter is kept for `$disconnect`): the 1 s `nap` call is cut, and the client, which
+    // reads, still gets a close frame (1001) before the connection ends, then `$disconnect`.
+    let be = api_backend();
+    let cfg = format!(
+        "{}{}",
+        HEADER.replace("shutdown_timeout_ms = 3000", "shutdown_timeout_ms = 800"),
+        api_config(be.addr, "")
+    );
+    let mut gw = Gateway::start(&cfg);
+    let mut ws = open(gw.addr, "/");
+    ws.text(r#"{"action":"nap","n":1}"#);
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be, "nap"
+    )
+    .len()
+        == 1));
+    gw.terminate();
+    assert_eq!(ws.expect_close(), 1001);
+    let st = gw
+        .wait_exit(Duration::from_secs(5))
+        .expect("still running 5 s after SIGTERM");
+    assert!(st.success(), "{st:?}");
+    assert_eq!(route_keys(&be, "$disconnect").len(), 1);
+}
+
 /// A client that floods pings and reads nothing costs one owed pong, not one queued pong per
 /// ping: the gateway's memory stays flat (RFC 6455 5.5.3 lets it answer only the latest ping),
 /// and the pong it finally sends carries the latest ping's payload.

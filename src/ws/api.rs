@@ -10,7 +10,7 @@
 //! stops reading, lets a message call in flight finish and its reply go out, closes with 1001
 //! and calls `$disconnect`. Whatever is still running at [`drain_stop`] (a call, a write to a
 //! client that does not read) is dropped then, so `$disconnect` is always called before the
-//! drain ends.
+//! drain ends; a client cut between frames still gets the 1001 close.
 //!
 //! Connections live on worker threads. The admin thread finds a connection's worker in the
 //! [`Registry`] and posts to that worker's mailbox (a crossbeam channel), then rings the
@@ -49,6 +49,8 @@ const MAX_QUEUED: usize = 8 << 20;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long frames still queued toward a client are written after its connection ended.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long a connection cut by the drain's stop time may take to write its close frame.
+const CUT_CLOSE_WRITE: Duration = Duration::from_millis(100);
 /// Messages read while a call runs, waiting their turn: past this many (or [`MAX_WAITING_BYTES`])
 /// the connection stops reading until the calls catch up (the client's sends then block).
 const MAX_WAITING: usize = 16;
@@ -1043,6 +1045,9 @@ pub async fn run<S: crate::server::ClientIo>(
         monoio::time::sleep_until(stop.into()).await;
     };
 
+    // A frame is being written (a cut then leaves it partial), and the close frame went out.
+    let writing = std::cell::Cell::new(false);
+    let close_sent = std::cell::Cell::new(false);
     let writer = async {
         use futures_util_lite::next;
         let mut rx = rx;
@@ -1064,10 +1069,13 @@ pub async fn run<S: crate::server::ClientIo>(
                 }
             };
             let n = if counted { buf.len() } else { 0 };
+            writing.set(true);
             match monoio::time::timeout(WRITE_TIMEOUT, wr.write_all(buf)).await {
                 Ok((Ok(_), _)) => {}
                 _ => break,
             }
+            writing.set(false);
+            close_sent.set(close);
             queued.fetch_sub(n, Ordering::AcqRel);
             last_active.store(now_ms(), Ordering::Relaxed);
             last_in.set(Instant::now());
@@ -1307,11 +1315,11 @@ pub async fn run<S: crate::server::ClientIo>(
         ended.wait().await;
         monoio::time::sleep(CLOSE_GRACE).await;
     };
-    monoio::select! {
-        _ = async { monoio::join!(main, writer) } => {}
-        _ = guard => {}
-        _ = grace => {}
-    }
+    let cut = monoio::select! {
+        _ = async { monoio::join!(main, writer) } => false,
+        _ = guard => true,
+        _ = grace => false,
+    };
     LOCAL.with(|l| l.borrow_mut().remove(&id));
     DRAIN.with(|d| d.borrow_mut().remove(&id));
     unregister(shared, id);
@@ -1319,6 +1327,14 @@ pub async fn run<S: crate::server::ClientIo>(
     let (c, why) = end
         .take()
         .unwrap_or((code::GOING_AWAY, "server shutting down".to_string()));
+    if cut && !close_sent.get() && !writing.get() {
+        // The drain's stop time cut a message call (or its reply's turn): the client, between
+        // frames, still hears the close, briefly (the `$disconnect` call's time is kept).
+        let mut f = Vec::new();
+        frame::encode_close(&mut f, c, &why);
+        let _ = monoio::time::timeout(CUT_CLOSE_WRITE, wr.write_all(f)).await;
+        let _ = monoio::time::timeout(CUT_CLOSE_WRITE, wr.shutdown()).await;
+    }
     disconnect(&ctx, events, (c, &why)).await;
 }
 
