@@ -650,3 +650,24 @@ fn admin_reload_during_the_drain_is_refused_with_503() {
     assert_eq!(st.code(), Some(0), "{}", gw.stderr());
     assert!(!gw.stderr().contains("config reloaded"), "{}", gw.stderr());
 }
+
+#[test]
+fn a_request_whose_head_is_arriving_at_sigterm_is_answered() {
+    // nginx's graceful stop answers a request whose head was partly in; so does the drain.
+    let origin = Origin::fixed("proxied");
+    let mut gw = Gateway::start(&drain_config(origin.addr, 3000));
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /v HTTP/1.1\r\nHo");
+    thread::sleep(Duration::from_millis(150));
+    gw.terminate();
+    thread::sleep(Duration::from_millis(300));
+    c.send(b"st: t\r\n\r\n");
+    let r = c
+        .read_response()
+        .expect("no answer to the request under way");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "v1");
+    assert_eq!(r.header("connection"), Some("close"));
+    let st = gw.wait_exit(Duration::from_secs(4)).expect("no exit");
+    assert_eq!(st.code(), Some(0), "{}", gw.stderr());
+}

@@ -585,7 +585,7 @@ pub(crate) async fn run<S: ClientIo>(
     loop {
         let gw = w.gateway();
         let limits = &gw.config.server.limits;
-        match read_head(&mut c, limits, now, deadline).await {
+        match read_head(&mut c, limits, now, deadline, &w.inflight).await {
             HeadRead::Ready => {}
             HeadRead::Closed => break,
             HeadRead::Park => {
@@ -794,6 +794,7 @@ async fn read_head<S: ClientIo>(
     limits: &Limits,
     mut now: Instant,
     deadline: Instant,
+    inflight: &Cell<usize>,
 ) -> HeadRead {
     let mut head_deadline: Option<Instant> = None;
     let hl = crate::http::Limits {
@@ -835,6 +836,9 @@ async fn read_head<S: ClientIo>(
                 }
             }
         } else {
+            // Part of a head is in: a request in flight, which a drain waits for (as nginx
+            // does), up to the header timeout.
+            let _counted = InFlight::new(inflight);
             now = Instant::now();
             let d = *head_deadline.get_or_insert_with(|| now + limits.header_timeout);
             let mut read = std::pin::pin!(c.stream.cancelable_read(buf, c.canceller.handle()));
@@ -865,6 +869,22 @@ async fn read_head<S: ClientIo>(
             }
             Err(_) => return HeadRead::Closed,
         }
+    }
+}
+
+/// Counts as in flight (for the drain) while it lives.
+struct InFlight<'a>(&'a Cell<usize>);
+
+impl<'a> InFlight<'a> {
+    fn new(n: &'a Cell<usize>) -> Self {
+        n.set(n.get() + 1);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
     }
 }
 
