@@ -215,27 +215,35 @@ pub(crate) fn build(
             }
         }
     }
+    // Each API by name, and each of its routes by key (the first one written), so that
+    // matching the compiled routes back to the raw ones is linear in the number of routes.
+    let mut api_index: ahash::AHashMap<&str, usize> = ahash::AHashMap::new();
+    let mut route_index: Vec<ahash::AHashMap<&str, usize>> = Vec::with_capacity(raw.apis.len());
+    for (ai, api) in raw.apis.iter().enumerate() {
+        api_index.entry(api.name.get_ref().as_str()).or_insert(ai);
+        let mut by_key = ahash::AHashMap::with_capacity(api.routes.len());
+        for (ri, rr) in api.routes.iter().enumerate() {
+            by_key.entry(rr.route.get_ref().trim()).or_insert(ri);
+        }
+        route_index.push(by_key);
+    }
     for r in routes.routes() {
         let mut rt = RouteTraffic {
             labels: Some(r.labels.clone()),
             ..RouteTraffic::default()
         };
-        let (ai, api) = raw
-            .apis
-            .iter()
-            .enumerate()
-            .find(|(_, a)| a.name.get_ref().as_str() == &*r.api)
+        let ai = *api_index
+            .get(&*r.api)
             .expect("compiled route of a known API");
+        let api = &raw.apis[ai];
         rt.cors = cors_by_api[ai].1.clone();
         rt.stage = stage_buckets
             .iter()
             .find(|((a, s), _)| a.as_str() == &*r.api && s.as_str() == &*r.stage)
             .map(|(_, b)| b.clone());
-        if let Some((ri, rr)) = api
-            .routes
-            .iter()
-            .enumerate()
-            .find(|(_, rr)| rr.route.get_ref().trim() == &*r.key)
+        if let Some((ri, rr)) = route_index[ai]
+            .get(&*r.key)
+            .map(|&ri| (ri, &api.routes[ri]))
         {
             if let Some(th) = &rr.throttle {
                 let key = format!("apis[{ai}].routes[{ri}].throttle");
