@@ -2367,6 +2367,31 @@ fn a_message_call_cut_by_the_drain_still_gets_the_1001_close() {
     assert_eq!(route_keys(&be, "$disconnect").len(), 1);
 }
 
+#[test]
+fn connections_api_says_a_draining_connection_is_closing() {
+    // During a drain a connection finishing its call takes no more messages: a POST is 410
+    // saying so (not "no such connection"), while GET still describes it until it is gone.
+    let be = api_backend();
+    let mut gw = Gateway::start(&api_config(be.addr, ""));
+    let (id, mut ws) = open_with_id(gw.addr);
+    ws.text(r#"{"action":"nap","n":1}"#);
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be, "nap"
+    )
+    .len()
+        == 1));
+    gw.terminate();
+    thread::sleep(Duration::from_millis(200));
+    let r = admin(&gw, "POST", &format!("/@connections/{id}"), "late");
+    assert_eq!(r.status, 410, "{}", r.text());
+    assert!(r.text().contains("draining"), "{}", r.text());
+    let r = admin(&gw, "GET", &format!("/@connections/{id}"), "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(ws.recv_text(), r#"{"action":"nap","n":1}"#);
+    assert_eq!(ws.expect_close(), 1001);
+    assert!(gw.wait_exit(Duration::from_secs(5)).is_some());
+}
+
 /// A client that floods pings and reads nothing costs one owed pong, not one queued pong per
 /// ping: the gateway's memory stays flat (RFC 6455 5.5.3 lets it answer only the latest ping),
 /// and the pong it finally sends carries the latest ping's payload.

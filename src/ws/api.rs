@@ -356,9 +356,19 @@ fn iso8601(ms: u64) -> String {
 pub fn admin(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16, String) {
     let r = admin_local(shared, method, id, body);
     match shared.cluster.get() {
-        Some(c) if r.0 == 410 && id.len() == 16 => c.forward(method, id, body),
+        Some(c) if r.0 == 410 && id.len() == 16 && !holds(shared, id) => {
+            c.forward(method, id, body)
+        }
         _ => r,
     }
+}
+
+/// Whether connection `id` (16 hex digits) is one of this node's (closing ones included).
+fn holds(shared: &Shared, id: &str) -> bool {
+    u64::from_str_radix(id, 16).is_ok_and(|id| {
+        let c = shared.ws.conns.lock().unwrap_or_else(|e| e.into_inner());
+        c.contains_key(&id)
+    })
 }
 
 /// `@connections` on this node's connections only.
@@ -369,6 +379,17 @@ pub fn admin_local(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16
         return (405, msg("Method Not Allowed"));
     }
     let gone = (410, msg("Gone: no such connection"));
+    // During a drain, connections stop taking messages (they are closing with 1001).
+    let not_taking = || {
+        if shared.shutdown.load(Ordering::Acquire) {
+            (
+                410,
+                msg("Gone: the connection is closing (the gateway is draining)"),
+            )
+        } else {
+            (410, msg("Gone: no such connection"))
+        }
+    };
     let Some(id) = (id.len() == 16)
         .then(|| u64::from_str_radix(id, 16).ok())
         .flatten()
@@ -408,14 +429,14 @@ pub fn admin_local(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16
                 (200, String::new())
             } else {
                 queued.fetch_sub(n, Ordering::AcqRel);
-                gone
+                not_taking()
             }
         }
         "DELETE" => {
             if reg.post(id, Cmd::Close(id)) {
                 (204, String::new())
             } else {
-                gone
+                not_taking()
             }
         }
         "GET" => {
