@@ -259,21 +259,34 @@ fn drain_config(origin: SocketAddr, shutdown_ms: u64) -> String {
     )
 }
 
-#[test]
-fn sigterm_drains_in_flight_requests_and_exits_0() {
-    let origin = Origin::start(|r| {
+/// A gateway (drain of 3 s) with `GET /p/slow` under way: its origin answers after `delay`.
+fn slow_request_under_way(
+    delay: Duration,
+) -> (
+    Origin,
+    Gateway,
+    thread::JoinHandle<std::io::Result<RawResponse>>,
+) {
+    let origin = Origin::start(move |r| {
         if r.path.starts_with("/p/slow") {
-            Response::ok("slow done").delay(Duration::from_secs(1))
+            Response::ok("slow done").delay(delay)
         } else {
             Response::ok("fast")
         }
     });
-    let mut gw = Gateway::start(&drain_config(origin.addr, 3000));
+    let gw = Gateway::start(&drain_config(origin.addr, 3000));
     let addr = gw.addr;
     let slow = thread::spawn(move || roundtrip(addr, b"GET /p/slow HTTP/1.1\r\nHost: t\r\n\r\n"));
     assert!(wait_until(Duration::from_secs(2), || origin
         .request_count()
         == 1));
+    (origin, gw, slow)
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_and_exits_0() {
+    let (_origin, mut gw, slow) = slow_request_under_way(Duration::from_secs(1));
+    let addr = gw.addr;
     let t0 = Instant::now();
     gw.terminate();
     // New connections are refused while the slow request drains (the listeners are closed,
@@ -619,19 +632,7 @@ fn sigterm_during_a_long_sighup_reload_drains_at_once_and_the_reload_is_dropped(
 
 #[test]
 fn admin_reload_during_the_drain_is_refused_with_503() {
-    let origin = Origin::start(|r| {
-        if r.path.starts_with("/p/slow") {
-            Response::ok("slow done").delay(Duration::from_millis(1500))
-        } else {
-            Response::ok("fast")
-        }
-    });
-    let mut gw = Gateway::start(&drain_config(origin.addr, 3000));
-    let addr = gw.addr;
-    let slow = thread::spawn(move || roundtrip(addr, b"GET /p/slow HTTP/1.1\r\nHost: t\r\n\r\n"));
-    assert!(wait_until(Duration::from_secs(2), || origin
-        .request_count()
-        == 1));
+    let (origin, mut gw, slow) = slow_request_under_way(Duration::from_millis(1500));
     gw.write_config(&drain_config(origin.addr, 3000).replace("body = \"v1\"", "body = \"v2\""));
     gw.terminate();
     assert!(wait_until(Duration::from_secs(1), || admin_get(

@@ -500,6 +500,14 @@ fn handshake_refusals() {
 }
 
 /// Opens a WebSocket API connection; returns its `x-connection-id` with the client.
+/// Sends the 1 s `nap` message and waits until the backend has its call.
+fn start_nap(be: &Origin, ws: &mut Ws) {
+    ws.text(r#"{"action":"nap","n":1}"#);
+    assert!(wait_until(Duration::from_secs(3), || route_keys(be, "nap")
+        .len()
+        == 1));
+}
+
 fn open_with_id(addr: SocketAddr) -> (String, Ws) {
     let (head, ws) = ws_connect(addr, "/", "");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
@@ -2302,12 +2310,7 @@ fn shutdown_lets_the_message_call_in_flight_answer_before_the_1001() {
     let be = api_backend();
     let mut gw = Gateway::start(&api_config(be.addr, ""));
     let mut ws = open(gw.addr, "/");
-    ws.text(r#"{"action":"nap","n":1}"#);
-    assert!(wait_until(Duration::from_secs(3), || route_keys(
-        &be, "nap"
-    )
-    .len()
-        == 1));
+    start_nap(&be, &mut ws);
     // Read by the gateway, waiting its turn behind the call in flight: it is called too.
     ws.text(r#"{"action":"echo","n":2}"#);
     thread::sleep(Duration::from_millis(200));
@@ -2352,12 +2355,7 @@ fn a_message_call_cut_by_the_drain_still_gets_the_1001_close() {
     );
     let mut gw = Gateway::start(&cfg);
     let mut ws = open(gw.addr, "/");
-    ws.text(r#"{"action":"nap","n":1}"#);
-    assert!(wait_until(Duration::from_secs(3), || route_keys(
-        &be, "nap"
-    )
-    .len()
-        == 1));
+    start_nap(&be, &mut ws);
     gw.terminate();
     assert_eq!(ws.expect_close(), 1001);
     let st = gw
@@ -2374,12 +2372,7 @@ fn connections_api_says_a_draining_connection_is_closing() {
     let be = api_backend();
     let mut gw = Gateway::start(&api_config(be.addr, ""));
     let (id, mut ws) = open_with_id(gw.addr);
-    ws.text(r#"{"action":"nap","n":1}"#);
-    assert!(wait_until(Duration::from_secs(3), || route_keys(
-        &be, "nap"
-    )
-    .len()
-        == 1));
+    start_nap(&be, &mut ws);
     gw.terminate();
     thread::sleep(Duration::from_millis(200));
     let r = admin(&gw, "POST", &format!("/@connections/{id}"), "late");
@@ -2447,12 +2440,7 @@ fn pings_and_close_are_answered_while_a_message_call_runs() {
     let be = api_backend();
     let gw = Gateway::start(&api_config(be.addr, ""));
     let mut ws = open(gw.addr, "/");
-    ws.text(r#"{"action":"nap","n":1}"#);
-    assert!(wait_until(Duration::from_secs(3), || route_keys(
-        &be, "nap"
-    )
-    .len()
-        == 1));
+    start_nap(&be, &mut ws);
     let t = Instant::now();
     ws.send(true, op::PING, b"are-you-there");
     let (_, opc, p) = ws.read_frame().expect("a pong");
