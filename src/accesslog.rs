@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 /// Buffers a worker hands over once they hold this much.
 const FLUSH_AT: usize = 32 * 1024;
 
+/// How long [`AccessLog::finish`] waits for the writer.
+pub const FINISH_WAIT: Duration = Duration::from_secs(2);
+
 /// At most one stderr line about failed writes this often.
 pub const REPORT_EVERY: Duration = Duration::from_secs(10);
 
@@ -87,15 +90,24 @@ impl AccessLog {
     }
 
     /// Writes every line handed over so far, closes the file and stops the writer thread;
-    /// returns when it is done (the gateway stops, after its workers). Lines handed over
-    /// later are counted as dropped.
+    /// returns when it is done (the gateway stops, after its workers), or after
+    /// [`FINISH_WAIT`] when the output blocks (stdout into a pipe nobody reads): the writer
+    /// is then left to finish on its own. Lines handed over later are counted as dropped.
     pub fn finish(&self) {
         let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(thread) = thread else { return };
         self.finishing.store(true, Ordering::Release);
-        // Queued behind the lines already handed over; blocks only while the channel is full.
-        let _ = self.tx.send(Vec::new());
-        let _ = thread.join();
+        let until = Instant::now() + FINISH_WAIT;
+        // Queued behind the lines already handed over.
+        let _ = self.tx.send_timeout(Vec::new(), FINISH_WAIT);
+        while !thread.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            crate::elog!("ringgate: the access log writer is blocked; not waiting for it");
+        }
     }
 
     /// Asks the writer to open the file again at its path (SIGUSR1, after a rotation); lines

@@ -49,6 +49,9 @@ pub struct Shared {
     /// The settings bound at start, which a reload cannot change.
     started: StartSettings,
     reload_lock: Mutex<()>,
+    /// Held by a reload from its last drain check through the swap, and by the start of the
+    /// drain: a reload either swaps before the drain begins or is refused.
+    swap_lock: Mutex<()>,
 }
 
 /// The settings read at start only. A reload compares the new config with these (not with the
@@ -154,6 +157,7 @@ impl Shared {
             config_path,
             started,
             reload_lock: Mutex::new(()),
+            swap_lock: Mutex::new(()),
         });
         if let Some(c) = cluster {
             crate::cluster::start(&c, &shared)?;
@@ -164,9 +168,11 @@ impl Shared {
     /// Starts the drain (SIGTERM): it ends `server.shutdown_timeout_ms` from now, then
     /// raises `shutdown`.
     pub fn begin_shutdown(&self) {
+        let swap = self.swap_lock.lock().unwrap_or_else(|e| e.into_inner());
         let t = self.current().config.server.shutdown_timeout;
         let _ = self.drain_deadline.set(std::time::Instant::now() + t);
         self.shutdown.store(true, Ordering::Release);
+        drop(swap);
         self.ws.ring_all();
     }
 
@@ -265,14 +271,18 @@ impl Shared {
         if let Some(e) = runtime_key_plans_error(&self.auth, &new) {
             return Err(ConfigError(e));
         }
-        // A drain that began while the new config was read and compiled.
+        // The JWKS fetches (blocking, up to their timeout each) before the last checks: a
+        // refused reload drops `new`, and with it the refreshers just started.
+        new.auth.start();
+        // A drain that began while the new config was read, compiled and its keys fetched;
+        // from here to the swap nothing blocks, and the drain cannot begin meanwhile.
+        let _swap = self.swap_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.refuse_when_draining()?;
         // Last check, and the first change: the config's keys may not shadow run-time keys.
         self.auth
             .set_config_keys(&new.auth.api_keys)
             .map_err(|e| ConfigError(crate::config::locate_message(&self.config_path, &e)))?;
         let upstreams = Upstream::build_all(&new.upstreams, &self.health);
-        new.auth.start();
         self.caches.prune(&new.routes);
         self.current.store(Arc::new(Gateway {
             config: new,

@@ -241,3 +241,55 @@ fn shutdown_closes_open_connections_and_leaves_nothing_behind() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_reload_still_fetching_keys_when_the_drain_begins_is_refused() {
+    let _one = one_at_a_time();
+    let dir = temp_dir("embed-reload-drain");
+    let path = dir.join("ringgate.toml");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    std::fs::write(&path, config(addr, "one")).unwrap();
+    let gw = ringgate::runtime::start(ringgate::config::load(&path).unwrap()).unwrap();
+    // The next config's JWKS URI accepts and never answers: its first fetch waits for its
+    // timeout (2 s) inside the reload.
+    let idp = local_listener();
+    let next = config(addr, "two")
+        + &format!(
+            "\n[[authorizers]]\nname = \"idp\"\ntype = \"jwt\"\njwks_uri = \"http://{}/jwks\"\n",
+            idp.local_addr().unwrap()
+        );
+    std::fs::write(&path, next).unwrap();
+    let shared = gw.shared().clone();
+    let reload = std::thread::spawn(move || shared.reload());
+    std::thread::sleep(Duration::from_millis(300));
+    gw.shutdown();
+    let r = reload.join().unwrap();
+    let err = r.expect_err("a reload finished after the drain began");
+    assert!(err.0.contains("draining"), "{}", err.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_start_refused_for_a_taken_port_leaves_no_thread() {
+    let _one = one_at_a_time();
+    let dir = temp_dir("embed-taken");
+    let path = dir.join("ringgate.toml");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    // With an access log: its writer thread starts before the bind fails.
+    let cfg =
+        config(addr, "one").replacen("[[apis]]", "[access_log]\npath = \"a.log\"\n\n[[apis]]", 1);
+    std::fs::write(&path, cfg).unwrap();
+    let base = fds_and_threads().1;
+    let err = ringgate::runtime::start(ringgate::config::load(&path).unwrap())
+        .err()
+        .expect("started on a taken port");
+    assert!(err.contains("cannot bind listener"), "{err}");
+    assert!(
+        // Joined before `start` returns (a thread left to end on its own takes longer).
+        wait_until(Duration::from_millis(50), || fds_and_threads().1 == base),
+        "ringgate threads left after a failed start: {:?}",
+        fds_and_threads()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

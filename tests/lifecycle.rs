@@ -632,7 +632,8 @@ fn sigterm_during_a_long_sighup_reload_drains_at_once_and_the_reload_is_dropped(
 
 #[test]
 fn admin_reload_during_the_drain_is_refused_with_503() {
-    let (origin, mut gw, slow) = slow_request_under_way(Duration::from_millis(1500));
+    // Slow enough for the reload below to come well within it.
+    let (origin, mut gw, slow) = slow_request_under_way(Duration::from_millis(2500));
     gw.write_config(&drain_config(origin.addr, 3000).replace("body = \"v1\"", "body = \"v2\""));
     gw.terminate();
     assert!(wait_until(Duration::from_secs(1), || admin_get(
@@ -659,7 +660,8 @@ fn a_request_whose_head_is_arriving_at_sigterm_is_answered() {
     let mut gw = Gateway::start(&drain_config(origin.addr, 3000));
     let mut c = Client::connect(gw.addr);
     c.send(b"GET /v HTTP/1.1\r\nHo");
-    thread::sleep(Duration::from_millis(150));
+    // Time for the gateway to read it (it counts as in flight from then).
+    thread::sleep(Duration::from_millis(500));
     gw.terminate();
     thread::sleep(Duration::from_millis(300));
     c.send(b"st: t\r\n\r\n");
@@ -671,4 +673,58 @@ fn a_request_whose_head_is_arriving_at_sigterm_is_answered() {
     assert_eq!(r.header("connection"), Some("close"));
     let st = gw.wait_exit(Duration::from_secs(4)).expect("no exit");
     assert_eq!(st.code(), Some(0), "{}", gw.stderr());
+}
+
+#[test]
+fn sigterm_exits_even_when_the_access_log_pipe_is_not_read() {
+    // Access log on stdout, into a pipe nobody reads: once the pipe is full the writer blocks.
+    // The drain still ends and the process exits (the writer is waited for 2 s at most).
+    let dir = temp_dir("log-pipe");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let cfg = format!(
+        "[server]\nlisten = [\"{addr}\"]\nworkers = 1\nshutdown_timeout_ms = 1000\n\
+         state_dir = \"{}\"\n\n[admin]\nlisten = \"{admin}\"\n\n[access_log]\npath = \"-\"\n\n\
+         [[apis]]\nname = \"a\"\n\n[[apis.routes]]\nroute = \"GET /hello\"\n\
+         integration = {{ type = \"mock\", body = \"hi\" }}\n",
+        dir.join("state").display()
+    );
+    let path = dir.join("ringgate.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
+        .arg("--config")
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _unread = child.stdout.take();
+    assert!(wait_until(Duration::from_secs(10), || admin_get(
+        admin, "/healthz", None
+    )
+    .is_ok_and(|r| r.status == 200)));
+    // Far more log lines than a pipe holds (64 KiB).
+    let mut c = Client::connect(addr);
+    for _ in 0..3000 {
+        c.send(b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.read_response().unwrap().status, 200);
+    }
+    thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    let exited = wait_until(Duration::from_secs(8), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    assert!(
+        exited,
+        "no exit 8 s after SIGTERM with a blocked access log"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(8));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -499,7 +499,6 @@ fn handshake_refusals() {
     assert_eq!(route_keys(&be, "$connect").len(), 2);
 }
 
-/// Opens a WebSocket API connection; returns its `x-connection-id` with the client.
 /// Sends the 1 s `nap` message and waits until the backend has its call.
 fn start_nap(be: &Origin, ws: &mut Ws) {
     ws.text(r#"{"action":"nap","n":1}"#);
@@ -508,6 +507,7 @@ fn start_nap(be: &Origin, ws: &mut Ws) {
         == 1));
 }
 
+/// Opens a WebSocket API connection; returns its `x-connection-id` with the client.
 fn open_with_id(addr: SocketAddr) -> (String, Ws) {
     let (head, ws) = ws_connect(addr, "/", "");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");

@@ -124,36 +124,62 @@ impl Running {
     }
 
     /// Drains as SIGTERM does: listeners close at once, in-flight requests finish (up to
-    /// `server.shutdown_timeout_ms`), then the workers exit and the usage counts are written;
-    /// last, the health checker and the admin listener stop (`/healthz` says `draining`
-    /// meanwhile), so every port is free when this returns. Connections still open then are
-    /// closed and every thread and descriptor the gateway had is gone.
+    /// `server.shutdown_timeout_ms`), then the workers exit; then the health checker and the
+    /// admin listener stop (`/healthz` says `draining` until then), the cluster link syncs a
+    /// last time, and the usage counts and the access log's last lines are written. Every
+    /// port is free when this returns, connections still open then are closed, and every
+    /// thread and descriptor the gateway had is gone.
     pub fn shutdown(self) {
         self.shared.begin_shutdown();
         for h in self.workers {
             let _ = h.join();
         }
-        if let Some(c) = self.shared.cluster.get() {
-            c.stop();
-        }
-        self.shared.usage.stop_writer();
-        if let Err(e) = self.shared.usage.flush() {
-            crate::elog!("ringgate: cannot write usage counts: {e}");
-        }
-        // Every worker has handed over its last lines: they are on disk when this returns.
-        if let Some(log) = &self.shared.access_log {
-            log.finish();
-        }
         if let Some(h) = self.health {
             let _ = h.join();
         }
+        // Before the writers stop: nothing changes keys or counts after their last write.
         if let Some(a) = self.admin {
             a.stop();
         }
-        // After the admin listener: a reload it ran may have started refreshers.
-        self.shared.current().config.auth.stop();
+        stop_side_threads(&self.shared);
+        if let Err(e) = self.shared.usage.flush() {
+            crate::elog!("ringgate: cannot write usage counts: {e}");
+        }
         crate::elog!("ringgate: stopped");
     }
+}
+
+/// Stops the threads beside the workers, once nothing feeds them any more: the cluster link
+/// (its last sync), the usage writer, the access log writer (every line handed over is
+/// written) and the JWKS refreshers.
+/// Undoes a `start` that failed with `why` (returned): the workers started so far stop, then
+/// the admin listener and the side threads; nothing stays behind for an embedder to retry.
+fn abort_start(
+    shared: &Shared,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    admin: Option<crate::admin::AdminHandle>,
+    why: String,
+) -> String {
+    shared.begin_shutdown();
+    for h in workers {
+        let _ = h.join();
+    }
+    if let Some(a) = admin {
+        a.stop();
+    }
+    stop_side_threads(shared);
+    why
+}
+
+fn stop_side_threads(shared: &Shared) {
+    if let Some(c) = shared.cluster.get() {
+        c.stop();
+    }
+    shared.usage.stop_writer();
+    if let Some(log) = &shared.access_log {
+        log.finish();
+    }
+    shared.current().config.auth.stop();
 }
 
 /// Starts the gateway on `config` and returns once every worker listens: for embedding (no
@@ -183,14 +209,21 @@ pub fn start(config: Config) -> Result<Running, String> {
     // listening with it) share the port silently. A plain bind first fails as nginx's does
     // when the address is taken.
     for a in listen.iter().chain(&tls_listen) {
-        std::net::TcpListener::bind(a).map_err(|e| format!("cannot bind listener {a}: {e}"))?;
+        std::net::TcpListener::bind(a).map_err(|e| {
+            abort_start(
+                &shared,
+                Vec::new(),
+                None,
+                format!("cannot bind listener {a}: {e}"),
+            )
+        })?;
     }
 
     let admin = match &admin_cfg {
-        Some(a) => Some(
-            crate::admin::start(a, shared.clone())
-                .map_err(|e| format!("cannot bind admin listener {}: {e}", a.listen))?,
-        ),
+        Some(a) => Some(crate::admin::start(a, shared.clone()).map_err(|e| {
+            let why = format!("cannot bind admin listener {}: {e}", a.listen);
+            abort_start(&shared, Vec::new(), None, why)
+        })?),
         None => None,
     };
 
@@ -200,7 +233,7 @@ pub fn start(config: Config) -> Result<Running, String> {
         .unwrap_or(1);
     let mut handles = Vec::new();
     for id in 0..workers {
-        let shared = shared.clone();
+        let worker_shared = shared.clone();
         let listen = Listen {
             plain: listen.clone(),
             tls: tls_listen.clone(),
@@ -208,13 +241,20 @@ pub fn start(config: Config) -> Result<Running, String> {
         let tx = ready_tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("ringgate-w{id}"))
-            .spawn(move || worker_thread(id, pin.then_some(id % cores), shared, listen, io, tx))
-            .map_err(|e| format!("cannot start worker thread: {e}"))?;
-        handles.push(h);
+            .spawn(move || {
+                worker_thread(id, pin.then_some(id % cores), worker_shared, listen, io, tx)
+            });
+        match h {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                let why = format!("cannot start worker thread: {e}");
+                return Err(abort_start(&shared, handles, admin, why));
+            }
+        }
     }
     drop(ready_tx);
     for _ in 0..workers {
-        let failed = match ready_rx.recv() {
+        let why = match ready_rx.recv() {
             Ok(Ok(msg)) => {
                 crate::elog!("ringgate: {msg}");
                 continue;
@@ -224,21 +264,7 @@ pub fn start(config: Config) -> Result<Running, String> {
         };
         // Nothing started stays behind: the workers that listen already stop, and so does
         // the admin listener (an embedder may try again on the same ports).
-        shared.begin_shutdown();
-        for h in handles {
-            let _ = h.join();
-        }
-        if let Some(c) = shared.cluster.get() {
-            c.stop();
-        }
-        shared.usage.stop_writer();
-        if let Some(log) = &shared.access_log {
-            log.finish();
-        }
-        if let Some(a) = admin {
-            a.stop();
-        }
-        return Err(failed);
+        return Err(abort_start(&shared, handles, admin, why));
     }
     shared.ready.store(true, Ordering::Release);
     let addrs: Vec<String> = listen
@@ -258,7 +284,13 @@ pub fn start(config: Config) -> Result<Running, String> {
             .spawn(move || {
                 crate::upstream::run_health_checker(|| shared.current(), &shared.shutdown)
             })
-            .map_err(|e| format!("cannot start health checker: {e}"))?
+    };
+    let health = match health {
+        Ok(h) => h,
+        Err(e) => {
+            let why = format!("cannot start health checker: {e}");
+            return Err(abort_start(&shared, handles, admin, why));
+        }
     };
     Ok(Running {
         shared,

@@ -381,7 +381,7 @@ pub fn admin_local(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16
     let gone = (410, msg("Gone: no such connection"));
     // During a drain, connections stop taking messages (they are closing with 1001).
     let not_taking = || {
-        if shared.shutdown.load(Ordering::Acquire) {
+        if shared.shutdown.load(Ordering::Acquire) && holds(shared, id) {
             (
                 410,
                 msg("Gone: the connection is closing (the gateway is draining)"),
@@ -1351,10 +1351,15 @@ pub async fn run<S: crate::server::ClientIo>(
     if cut && !close_sent.get() && !writing.get() {
         // The drain's stop time cut a message call (or its reply's turn): the client, between
         // frames, still hears the close, briefly (the `$disconnect` call's time is kept).
+        // At most a quarter of what is left of the drain each: `$disconnect` keeps the rest.
+        let left = shared.drain_deadline().map_or(CUT_CLOSE_WRITE, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        let t = CUT_CLOSE_WRITE.min(left / 4);
         let mut f = Vec::new();
         frame::encode_close(&mut f, c, &why);
-        let _ = monoio::time::timeout(CUT_CLOSE_WRITE, wr.write_all(f)).await;
-        let _ = monoio::time::timeout(CUT_CLOSE_WRITE, wr.shutdown()).await;
+        let _ = monoio::time::timeout(t, wr.write_all(f)).await;
+        let _ = monoio::time::timeout(t, wr.shutdown()).await;
     }
     disconnect(&ctx, events, (c, &why)).await;
 }
