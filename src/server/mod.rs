@@ -599,6 +599,8 @@ pub(crate) async fn run<S: ClientIo>(
                 return;
             }
             HeadRead::Fail(status, msg) => {
+                // An answer under way: a drain lets it go out.
+                let _answering = InFlight::new(&w.inflight);
                 // The header fields read before the fault, if any, give the client's id.
                 set_request_id(&w, &mut c);
                 c.b.extra.clear();
