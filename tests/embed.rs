@@ -293,3 +293,43 @@ fn a_start_refused_for_a_taken_port_leaves_no_thread() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_reload_replacing_a_jwks_uri_stops_fetching_the_old_one() {
+    // Even on a worker that serves nothing (so never looks at the new config for a request),
+    // the replaced config is let go and its refresher stops.
+    let _one = one_at_a_time();
+    let old_fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = old_fetches.clone();
+    let idp = Origin::start(move |r| {
+        if r.path_only() == "/jwks-a" {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        Response::ok(r#"{"keys":[]}"#).header("cache-control", "max-age=1")
+    });
+    let dir = temp_dir("embed-jwks-reload");
+    let path = dir.join("ringgate.toml");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let with_uri = |p: &str| {
+        config(addr, "one")
+            + &format!(
+                "\n[[authorizers]]\nname = \"idp\"\ntype = \"jwt\"\njwks_uri = \"http://{}/{p}\"\n",
+                idp.addr
+            )
+    };
+    std::fs::write(&path, with_uri("jwks-a")).unwrap();
+    let gw = ringgate::runtime::start(ringgate::config::load(&path).unwrap()).unwrap();
+    // Refreshed every second.
+    assert!(wait_until(Duration::from_secs(5), || old_fetches
+        .load(std::sync::atomic::Ordering::SeqCst)
+        >= 2));
+    std::fs::write(&path, with_uri("jwks-b")).unwrap();
+    gw.reload().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let at_reload = old_fetches.load(std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(2500));
+    let after = old_fetches.load(std::sync::atomic::Ordering::SeqCst);
+    gw.shutdown();
+    assert_eq!(after, at_reload, "the replaced jwks_uri is still fetched");
+    let _ = std::fs::remove_dir_all(&dir);
+}

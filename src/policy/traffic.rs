@@ -77,8 +77,14 @@ impl Traffic {
         self.unrouted.throttled = old.unrouted.throttled.clone();
         // A stage bucket is shared by the stage's routes: replace it the same way in all.
         let mut stages: Vec<(*const Bucket, Arc<Bucket>)> = Vec::new();
+        // The old routes by their labels (the first one, as a search in order would find).
+        let mut by_labels: ahash::AHashMap<Option<&str>, &RouteTraffic> =
+            ahash::AHashMap::with_capacity(old.routes.len());
+        for o in &old.routes {
+            by_labels.entry(o.labels.as_deref()).or_insert(o);
+        }
         for rt in &mut self.routes {
-            let Some(o) = old.routes.iter().find(|o| o.labels == rt.labels) else {
+            let Some(o) = by_labels.get(&rt.labels.as_deref()).copied() else {
                 if let Some(s) = rt.stage.clone() {
                     match stages.iter().find(|(p, _)| *p == Arc::as_ptr(&s)) {
                         Some((_, c)) => rt.stage = Some(c.clone()),

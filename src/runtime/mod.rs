@@ -424,6 +424,9 @@ async fn worker_main(
                 monoio::time::sleep(Duration::from_millis(200)).await;
                 refusals.borrow_mut().report_held(id, Instant::now());
                 w.flush_log();
+                // An idle worker lets go of a replaced config too (its JWKS refreshers, its
+                // upstream pools' targets): requests pick up a reload by themselves.
+                drop(w.gateway());
                 w.parker.sweep();
                 tick = tick.wrapping_add(1);
                 if tick.is_multiple_of(5) {

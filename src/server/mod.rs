@@ -147,7 +147,7 @@ impl Worker {
 
     /// The live config, refreshed when a reload happened (one atomic load otherwise).
     #[allow(clippy::redundant_allocation, reason = "see the `gw` field")]
-    fn gateway(&self) -> Rc<Arc<Gateway>> {
+    pub(crate) fn gateway(&self) -> Rc<Arc<Gateway>> {
         let g = self.shared.generation();
         if g != self.gen.get() {
             *self.gw.borrow_mut() = Rc::new(self.shared.current());
