@@ -69,6 +69,8 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 pub const BACKOFF_MAX_MS: u64 = 5_000;
 /// Connect, read and write timeout of a Redis call.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long [`Cluster::stop`] waits for the last sync and the threads' exit.
+const STOP_WAIT: Duration = Duration::from_secs(1);
 /// Most quota counters loaded from Redis at a (re)connect.
 pub const MAX_PRELOAD: usize = 100_000;
 /// Most key changes and registry updates queued while Redis is unreachable.
@@ -272,9 +274,9 @@ impl Cluster {
     }
 
     /// Stops the cluster threads (the gateway stops): the quota counts are synced a last
-    /// time and the node leaves (each Redis call bounded by its timeout); then the
-    /// subscriber, woken by a message on this node's channel, exits. Waits for both (the
-    /// subscriber at most a second more: it may be waiting to reconnect).
+    /// time and the node leaves; then the subscriber, woken by a message on this node's
+    /// channel, exits. Waits for both at most [`STOP_WAIT`] (a Redis that does not answer
+    /// must not hold the exit past the drain): they are then left to end on their own.
     pub fn stop(&self) {
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         if threads.is_empty() {
@@ -282,14 +284,18 @@ impl Cluster {
         }
         self.stopping.store(true, Ordering::Release);
         let _ = self.tx.send(Msg::Stop);
-        let until = Instant::now() + Duration::from_secs(1);
-        for (i, t) in threads.into_iter().enumerate() {
-            // The cluster thread first (unbounded: its calls are), then the subscriber.
-            while i > 0 && !t.is_finished() && Instant::now() < until {
+        let until = Instant::now() + STOP_WAIT;
+        for t in threads {
+            while !t.is_finished() && Instant::now() < until {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            if i == 0 || t.is_finished() {
+            if t.is_finished() {
                 let _ = t.join();
+            } else {
+                crate::elog!(
+                    "ringgate: cluster: redis did not answer the last sync in time; not waiting for it"
+                );
+                return;
             }
         }
     }

@@ -1529,3 +1529,45 @@ fn an_oversize_body_over_tls_gets_413_then_a_clean_tls_close() {
     }
     assert_eq!(origin.request_count(), 0);
 }
+
+#[test]
+fn a_handshake_under_way_at_sigterm_finishes_and_its_request_is_answered() {
+    // As a partly read plain head: the ClientHello is in when the drain begins; the handshake
+    // and the request that follows it are served (with `connection: close`).
+    let pki = Pki::new();
+    let origin = Origin::start(|_| Response::ok("through"));
+    let mut g = start("", &certs_a_b(&pki), &proxy_routes(origin.addr));
+    let s = TcpStream::connect(g.tls).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut conn = rustls::ClientConnection::new(
+        client_config(&pki.path("ca.pem"), None),
+        ServerName::try_from("a.test".to_string()).unwrap(),
+    )
+    .unwrap();
+    let mut sock = s;
+    // The ClientHello only.
+    while conn.wants_write() {
+        conn.write_tls(&mut sock).unwrap();
+    }
+    thread::sleep(Duration::from_millis(500));
+    g.gw.terminate();
+    thread::sleep(Duration::from_millis(300));
+    let mut t = rustls::StreamOwned::new(conn, sock);
+    while t.conn.is_handshaking() {
+        t.conn
+            .complete_io(&mut t.sock)
+            .expect("TLS handshake during the drain");
+    }
+    t.write_all(b"GET /api/x HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    let (status, head, body) = read_response(&mut t, &mut buf);
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(body, b"through");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    let st = g.gw.wait_exit(Duration::from_secs(5)).expect("no exit");
+    assert_eq!(st.code(), Some(0), "{}", g.gw.stderr());
+}

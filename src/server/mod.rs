@@ -492,6 +492,7 @@ pub async fn serve(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, guard: Co
         peer,
         guard,
         false,
+        false,
         now,
         now + limits.header_timeout,
     )
@@ -513,7 +514,15 @@ pub async fn serve_tls(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, guard
         };
         (tls.server.clone(), limits.header_timeout)
     };
-    let hs = monoio::time::timeout(header_timeout, crate::tls::accept(stream, server)).await;
+    let hs = monoio::time::timeout(header_timeout, async {
+        // Waiting for the ClientHello is idle (a drain closes the connection); from its
+        // first byte the handshake counts as in flight, as a partly read head does, so a
+        // drain lets it finish (its request, sent with the client's last flight, then counts).
+        let _ = stream.readable(false).await;
+        let _handshaking = InFlight::new(&w.inflight);
+        crate::tls::accept(stream, server).await
+    })
+    .await;
     let m = &w.shared.metrics;
     let stream = match hs {
         Ok(Ok(s)) => s,
@@ -527,7 +536,17 @@ pub async fn serve_tls(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, guard
         }
     };
     let now = Instant::now();
-    run(w, stream, peer, guard, false, now, now + header_timeout).await
+    run(
+        w,
+        stream,
+        peer,
+        guard,
+        false,
+        true,
+        now,
+        now + header_timeout,
+    )
+    .await
 }
 
 /// A client that stops reading (a full send buffer, zero window) or vanishes is dropped by the
@@ -549,15 +568,22 @@ fn set_user_timeout(stream: &TcpStream, t: Duration) {
 }
 
 /// The connection loop: one request after another until close or park.
+///
+/// `handshaken`: the connection just finished its TLS handshake, and counts as in flight
+/// until its first read of a head ends (the request follows the client's last handshake
+/// flight; a drain must not close the connection in between).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run<S: ClientIo>(
     w: Rc<Worker>,
     stream: S,
     peer: SocketAddr,
     guard: ConnGuard,
     served: bool,
+    handshaken: bool,
     mut now: Instant,
     mut deadline: Instant,
 ) {
+    let mut first_head = handshaken.then(|| OwnedInFlight::new(w.clone()));
     let b = w.take_bufs();
     let mut c = Conn {
         stream,
@@ -585,7 +611,9 @@ pub(crate) async fn run<S: ClientIo>(
     loop {
         let gw = w.gateway();
         let limits = &gw.config.server.limits;
-        match read_head(&mut c, limits, now, deadline, &w.inflight).await {
+        let read = read_head(&mut c, limits, now, deadline, &w.inflight).await;
+        drop(first_head.take());
+        match read {
             HeadRead::Ready => {}
             HeadRead::Closed => break,
             HeadRead::Park => {
@@ -871,6 +899,22 @@ async fn read_head<S: ClientIo>(
             }
             Err(_) => return HeadRead::Closed,
         }
+    }
+}
+
+/// [`InFlight`] holding its worker (it lives beside uses that move the worker's `Rc`).
+struct OwnedInFlight(Rc<Worker>);
+
+impl OwnedInFlight {
+    fn new(w: Rc<Worker>) -> Self {
+        w.inflight.set(w.inflight.get() + 1);
+        OwnedInFlight(w)
+    }
+}
+
+impl Drop for OwnedInFlight {
+    fn drop(&mut self) {
+        self.0.inflight.set(self.0.inflight.get() - 1);
     }
 }
 

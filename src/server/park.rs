@@ -234,15 +234,31 @@ pub async fn run_parker(w: Rc<Worker>) {
                             let Ok(s) = TcpStream::from_std(std) else {
                                 continue;
                             };
-                            w.tasks
-                                .spawn(run(w.clone(), s, peer, p.guard, true, now, deadline));
+                            w.tasks.spawn(run(
+                                w.clone(),
+                                s,
+                                peer,
+                                p.guard,
+                                true,
+                                false,
+                                now,
+                                deadline,
+                            ));
                         }
                         Idle::Tls(s) => {
                             let Ok(peer) = s.tcp().peer_addr() else {
                                 continue;
                             };
-                            w.tasks
-                                .spawn(run(w.clone(), *s, peer, p.guard, true, now, deadline));
+                            w.tasks.spawn(run(
+                                w.clone(),
+                                *s,
+                                peer,
+                                p.guard,
+                                true,
+                                false,
+                                now,
+                                deadline,
+                            ));
                         }
                     }
                 }
