@@ -149,9 +149,6 @@ impl Running {
     }
 }
 
-/// Stops the threads beside the workers, once nothing feeds them any more: the cluster link
-/// (its last sync), the usage writer, the access log writer (every line handed over is
-/// written) and the JWKS refreshers.
 /// Undoes a `start` that failed with `why` (returned): the workers started so far stop, then
 /// the admin listener and the side threads; nothing stays behind for an embedder to retry.
 fn abort_start(
@@ -171,6 +168,9 @@ fn abort_start(
     why
 }
 
+/// Stops the threads beside the workers, once nothing feeds them any more: the cluster link
+/// (its last sync), the usage writer, the access log writer (every line handed over is
+/// written) and the JWKS refreshers.
 fn stop_side_threads(shared: &Shared) {
     if let Some(c) = shared.cluster.get() {
         c.stop();
