@@ -111,6 +111,11 @@ fn shutdown_frees_the_admin_port_too_so_a_gateway_can_start_again() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A `jwt` authorizer named `idp` whose keys come from `uri` (a background refresher).
+fn jwt_authorizer(uri: &str) -> String {
+    format!("\n[[authorizers]]\nname = \"idp\"\ntype = \"jwt\"\njwks_uri = \"{uri}\"\n")
+}
+
 /// The process's open descriptors and its threads whose names start with `ringgate`.
 fn fds_and_threads() -> (usize, usize) {
     let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
@@ -168,10 +173,7 @@ fn shutdown_closes_open_connections_and_leaves_nothing_behind() {
         + "\n[[apis.routes]]\nroute = \"GET /{p+}\"\nintegration = { type = \"http\", upstream = \"o\" }\n"
         // A JWKS refresher thread (the origin's answer is no JWKS: it retries in the
         // background).
-        + &format!(
-            "\n[[authorizers]]\nname = \"idp\"\ntype = \"jwt\"\njwks_uri = \"http://{}/jwks\"\n",
-            origin.addr
-        );
+        + &jwt_authorizer(&format!("http://{}/jwks", origin.addr));
     std::fs::write(&path, cfg).unwrap();
     let base = fds_and_threads();
     for round in 0..3 {
@@ -254,10 +256,7 @@ fn a_reload_still_fetching_keys_when_the_drain_begins_is_refused() {
     // timeout (2 s) inside the reload.
     let idp = local_listener();
     let next = config(addr, "two")
-        + &format!(
-            "\n[[authorizers]]\nname = \"idp\"\ntype = \"jwt\"\njwks_uri = \"http://{}/jwks\"\n",
-            idp.local_addr().unwrap()
-        );
+        + &jwt_authorizer(&format!("http://{}/jwks", idp.local_addr().unwrap()));
     std::fs::write(&path, next).unwrap();
     let shared = gw.shared().clone();
     let reload = std::thread::spawn(move || shared.reload());
@@ -310,13 +309,8 @@ fn a_reload_replacing_a_jwks_uri_stops_fetching_the_old_one() {
     let dir = temp_dir("embed-jwks-reload");
     let path = dir.join("ringgate.toml");
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let with_uri = |p: &str| {
-        config(addr, "one")
-            + &format!(
-                "\n[[authorizers]]\nname = \"idp\"\ntype = \"jwt\"\njwks_uri = \"http://{}/{p}\"\n",
-                idp.addr
-            )
-    };
+    let with_uri =
+        |p: &str| config(addr, "one") + &jwt_authorizer(&format!("http://{}/{p}", idp.addr));
     std::fs::write(&path, with_uri("jwks-a")).unwrap();
     let gw = ringgate::runtime::start(ringgate::config::load(&path).unwrap()).unwrap();
     // Refreshed every second.
