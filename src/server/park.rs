@@ -15,9 +15,10 @@
 //! socket's readiness is the only thing to wait for. A parked TLS connection drops its socket
 //! buffers and keeps only rustls' session state.
 
-use super::{run, ConnGuard, Worker};
+use super::{run, ClientIo, ConnGuard, Worker};
 use monoio::net::TcpStream;
 use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -206,6 +207,19 @@ impl Parker {
     }
 }
 
+/// Serves a parked connection again, on a task of its own (it was served before).
+fn resume<S: ClientIo + 'static>(
+    w: &Rc<Worker>,
+    s: S,
+    peer: SocketAddr,
+    guard: ConnGuard,
+    now: Instant,
+    deadline: Instant,
+) {
+    w.tasks
+        .spawn(run(w.clone(), s, peer, guard, true, false, now, deadline));
+}
+
 /// The worker's park loop: wakes when parked sockets have bytes and resumes them.
 pub async fn run_parker(w: Rc<Worker>) {
     let mut events: Vec<libc::epoll_event> = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
@@ -234,31 +248,13 @@ pub async fn run_parker(w: Rc<Worker>) {
                             let Ok(s) = TcpStream::from_std(std) else {
                                 continue;
                             };
-                            w.tasks.spawn(run(
-                                w.clone(),
-                                s,
-                                peer,
-                                p.guard,
-                                true,
-                                false,
-                                now,
-                                deadline,
-                            ));
+                            resume(&w, s, peer, p.guard, now, deadline);
                         }
                         Idle::Tls(s) => {
                             let Ok(peer) = s.tcp().peer_addr() else {
                                 continue;
                             };
-                            w.tasks.spawn(run(
-                                w.clone(),
-                                *s,
-                                peer,
-                                p.guard,
-                                true,
-                                false,
-                                now,
-                                deadline,
-                            ));
+                            resume(&w, *s, peer, p.guard, now, deadline);
                         }
                     }
                 }
