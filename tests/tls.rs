@@ -55,7 +55,7 @@ fn leaf(dir: &Path, file: &str, names: &[&str], by: &Issuer, client: bool) {
 
 /// A temp dir with: `ca.pem` (signs `a` for a.test, *.wild.test and IP 127.0.0.1, `b` for
 /// b.test),
-/// `client-ca.pem` (signs `client`), `other-ca.pem` (signs `rogue`, a client certificate
+/// `client-ca.pem` (signs `client` and `client2`), `other-ca.pem` (signs `rogue`, a client certificate
 /// client_ca does not vouch for), and `ca2.pem` (signs `a2`, another a.test).
 struct Pki {
     dir: PathBuf,
@@ -77,6 +77,7 @@ impl Pki {
         let client_ca = ca("ringgate client CA");
         std::fs::write(dir.join("client-ca.pem"), client_ca.cert.pem()).unwrap();
         leaf(&dir, "client", &["client.test"], &client_ca, true);
+        leaf(&dir, "client2", &["client2.test"], &client_ca, true);
         let other = ca("someone else's CA");
         std::fs::write(dir.join("other-ca.pem"), other.cert.pem()).unwrap();
         leaf(&dir, "rogue", &["rogue.test"], &other, true);
@@ -600,6 +601,73 @@ fn verified_client_certificate_goes_upstream_as_xfcc_and_clients_cannot_forge_it
     let req = origin.last_request();
     assert_eq!(req.path, "/y");
     assert!(req.headers_named("x-forwarded-client-cert").is_empty());
+}
+
+/// The cache keeps apart what the upstream may answer differently: plain and https requests
+/// (it learns the scheme from `X-Forwarded-Proto`), and each verified client certificate (it
+/// learns it from `x-forwarded-client-cert`).
+#[test]
+fn cached_answers_are_kept_apart_by_scheme_and_client_certificate() {
+    let pki = Pki::new();
+    let origin = Origin::start(|r| {
+        let proto = r.headers_named("x-forwarded-proto").join(",");
+        let cert = r.headers_named("x-forwarded-client-cert").join(",");
+        let subject = cert.split(';').nth(1).unwrap_or("none").to_string();
+        Response::ok(format!("{proto} {subject}"))
+    });
+    let tls = format!(
+        "{}\nclient_ca = \"{}\"",
+        certs_a_b(&pki),
+        pki.path("client-ca.pem")
+    );
+    let rest = proxy_routes(origin.addr).replacen(
+        "[[apis.routes]]",
+        "[apis.stages.\"$default\"]\ncache = { ttl_s = 60 }\n\n[[apis.routes]]",
+        1,
+    );
+    let g = start("", &tls, &rest);
+    // Plain first: stored for plain requests only.
+    let r = g.gw.request("GET /api/c HTTP/1.1\r\nHost: a.test\r\n\r\n");
+    assert_eq!(r.text(), "http none");
+    assert_eq!(r.header("x-cache"), Some("miss"));
+    let r = g.gw.request("GET /api/c HTTP/1.1\r\nHost: a.test\r\n\r\n");
+    assert_eq!(r.header("x-cache"), Some("hit"), "the route is cached");
+    let get = |who: &str| {
+        let (ca, cert, key) = (
+            pki.path("ca.pem"),
+            pki.path(&format!("{who}.pem")),
+            pki.path(&format!("{who}.key")),
+        );
+        let c = curl(&[
+            "-i",
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve("a.test", g.tls),
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            &url("a.test", g.tls, "/api/c"),
+        ]);
+        assert_eq!(c.code, 0, "{}", c.stderr);
+        let hit = c.stdout.to_ascii_lowercase().contains("x-cache: hit");
+        (c.stdout.lines().last().unwrap_or("").to_string(), hit)
+    };
+    let alice = get("client");
+    assert_eq!(
+        alice,
+        ("https Subject=\"CN=client.test\"".to_string(), false)
+    );
+    let bob = get("client2");
+    assert_eq!(bob.0, "https Subject=\"CN=client2.test\"");
+    assert!(
+        !bob.1,
+        "another certificate's answer was served from the cache"
+    );
+    // Each certificate is served its own entry.
+    assert_eq!(get("client"), (alice.0.clone(), true));
+    assert_eq!(get("client2"), (bob.0, true));
 }
 
 #[test]

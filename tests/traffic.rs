@@ -807,6 +807,16 @@ fn quota_limit_and_usage_survive_kill_9() {
     );
     assert_eq!(gw.admin_get("/usage-plans/basic/usage?key=bob").status, 404);
     assert_eq!(gw.admin_get("/usage-plans/basic/usage").status, 400);
+    // A key that is not UTF-8, or given twice, is refused saying so (not "required").
+    let r = gw.admin_get("/usage-plans/basic/usage?key=%FF");
+    assert_eq!(r.status, 400);
+    assert!(r.json()["message"].as_str().unwrap().contains("not UTF-8"));
+    let r = gw.admin_get("/usage-plans/basic/usage?key=alice&key=bob");
+    assert_eq!(r.status, 400);
+    assert!(r.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("more than once"));
     let _ = std::fs::remove_dir_all(&state);
 }
 

@@ -121,8 +121,13 @@ impl CachePolicy {
 }
 
 /// Builds the primary cache key into `out` (cleared first): method, host, API and stage, the
-/// stage-relative path, then the route's key parameters (or the whole query string). Returns
-/// the range of the stage-relative path within `out`.
+/// stage-relative path, then the route's key parameters (or the whole query string), the
+/// scheme, and the client's verified certificate (`x-forwarded-client-cert`'s value), if any.
+/// Returns the range of the stage-relative path within `out`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the request's parts that make its key"
+)]
 pub fn build_key(
     out: &mut Vec<u8>,
     pol: &CachePolicy,
@@ -130,6 +135,8 @@ pub fn build_key(
     buf: &[u8],
     params: &Params,
     prefix_len: usize,
+    https: bool,
+    client_cert: Option<&[u8]>,
 ) -> (u32, u32) {
     out.clear();
     out.extend_from_slice(head.method_bytes(buf));
@@ -183,6 +190,16 @@ pub fn build_key(
             }
             KeyPart::Header(name) => push_header_values(out, head, buf, name),
         }
+    }
+    // The upstream is told the scheme (`X-Forwarded-Proto`) and may answer each differently
+    // (a redirect to https): nginx's default key has the scheme too.
+    out.push(0);
+    out.extend_from_slice(if https { b"https" } else { b"http" });
+    // A verified client certificate is a credential the upstream reads
+    // (`x-forwarded-client-cert`): each certificate has its own entries.
+    if let Some(cert) = client_cert {
+        out.push(0);
+        out.extend_from_slice(cert);
     }
     (start, end)
 }
@@ -773,9 +790,55 @@ mod tests {
             Ok(Status::Complete(_))
         ));
         let mut out = Vec::new();
-        let r = build_key(&mut out, p, &h, req.as_bytes(), &Params::new(), 5);
+        let r = build_key(
+            &mut out,
+            p,
+            &h,
+            req.as_bytes(),
+            &Params::new(),
+            5,
+            false,
+            None,
+        );
         assert_eq!(&out[r.0 as usize..r.1 as usize], b"/x");
         out
+    }
+
+    #[test]
+    fn scheme_and_client_certificate_are_in_the_key() {
+        let p = pol(vec![]);
+        let req = "GET /prod/x HTTP/1.1\r\nHost: h\r\n\r\n";
+        let mut h = RequestHead::new(32);
+        let lim = Limits {
+            max_header_bytes: 8192,
+            max_headers: 32,
+        };
+        assert!(matches!(
+            h.parse(req.as_bytes(), &lim),
+            Ok(Status::Complete(_))
+        ));
+        let k = |https: bool, cert: Option<&[u8]>| {
+            let mut out = Vec::new();
+            build_key(
+                &mut out,
+                &p,
+                &h,
+                req.as_bytes(),
+                &Params::new(),
+                5,
+                https,
+                cert,
+            );
+            out
+        };
+        // A plain request's answer (a redirect to https, say) is never an https one's.
+        assert_ne!(k(false, None), k(true, None));
+        // Each verified certificate has its own entries, apart from requests without one.
+        let alice: &[u8] = b"Hash=aa;Subject=\"CN=alice\"";
+        let bob: &[u8] = b"Hash=bb;Subject=\"CN=bob\"";
+        assert_ne!(k(true, Some(alice)), k(true, Some(bob)));
+        assert_ne!(k(true, Some(alice)), k(true, None));
+        assert_eq!(k(true, Some(alice)), k(true, Some(alice)));
     }
 
     #[test]

@@ -475,22 +475,33 @@ pub fn admin_usage(
     if method != "GET" {
         return Some((405, serde_json::json!({"message": "Method Not Allowed"})));
     }
+    let bad = |m: &str| {
+        Some((
+            400,
+            serde_json::json!({ "message": format!("Bad Request: {m}") }),
+        ))
+    };
     let mut key = None;
-    let mut buf = Vec::new();
     for part in query.unwrap_or(b"").split(|&c| c == b'&') {
         if let Some(v) = part.strip_prefix(b"key=") {
+            if key.is_some() {
+                return bad("the query parameter `key` is given more than once");
+            }
+            let mut buf = Vec::new();
             crate::http::percent_decode(v, true, &mut buf);
-            key = String::from_utf8(buf.clone()).ok();
+            match String::from_utf8(buf) {
+                Ok(k) => key = Some(k),
+                Err(_) => return bad("the query parameter `key` is not UTF-8"),
+            }
         }
     }
     let mut pbuf = Vec::new();
     crate::http::percent_decode(plan.as_bytes(), false, &mut pbuf);
-    let plan = String::from_utf8_lossy(&pbuf);
+    let Ok(plan) = String::from_utf8(pbuf) else {
+        return bad("the usage plan name is not UTF-8");
+    };
     let Some(key) = key else {
-        return Some((
-            400,
-            serde_json::json!({"message": "Bad Request: the query parameter `key` is required"}),
-        ));
+        return bad("the query parameter `key` is required");
     };
     let found = match keys.by_name(&key) {
         Some(k) if k.plans.iter().any(|p| **p == *plan) => {

@@ -140,6 +140,8 @@ fn lookup<S: ClientIo>(
         &c.b.rbuf,
         &c.params,
         route.prefix_len,
+        S::TLS,
+        c.stream.xfcc(),
     );
     if as_get && key.starts_with(b"HEAD\0") {
         key.splice(0..4, *b"GET");
@@ -208,6 +210,8 @@ async fn fetch<S: ClientIo>(
             &c.b.rbuf,
             &c.params,
             route.prefix_len,
+            S::TLS,
+            c.stream.xfcc(),
         );
         let primary = sc.hash(&key);
         let mut shard = sc.shard(primary);
