@@ -1609,3 +1609,117 @@ fn urgent_data_stalls_neither_a_request_nor_a_response_with_either_driver() {
         assert_eq!(r.body, [[b'a'; 50], [b'b'; 50]].concat(), "{io}");
     }
 }
+
+/// A client whose upload the upstream does not read yet keeps sending; with io_uring the
+/// gateway's multishot receive takes those bytes into the worker's shared receive buffers until
+/// they run out. Other connections on that worker must still be served (their reads go on
+/// without those buffers), and the held upload must arrive whole and in order once the
+/// upstream reads it.
+#[test]
+fn a_held_upload_that_fills_the_receive_buffers_stops_no_one_and_arrives_whole() {
+    use std::io::Read;
+    const SIZE: usize = 24 << 20;
+    let l = local_listener();
+    let addr = l.local_addr().unwrap();
+    let release = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rel = release.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let rel = rel.clone();
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(head) = read_head(&mut s, &mut buf) else {
+                        return;
+                    };
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    if head.starts_with("PUT /hold") {
+                        // Read nothing more until released: the gateway's writes stall.
+                        while !rel.load(std::sync::atomic::Ordering::Relaxed) {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                    // The body: its length and a position-weighted checksum (order matters).
+                    let mut body = std::mem::take(&mut buf);
+                    let mut chunk = vec![0u8; 64 * 1024];
+                    while body.len() < len {
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => body.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf = body.split_off(len);
+                    let sum = body.iter().enumerate().fold(0u64, |a, (i, &b)| {
+                        a.wrapping_add((i as u64 % 1009 + 1) * b as u64)
+                    });
+                    let text = format!("{} {sum}", body.len());
+                    let out = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                        text.len()
+                    );
+                    if s.write_all(out.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let cfg = format!(
+        "{}\n[server.limits]\nmax_body_bytes = 67108864\n{}",
+        HEADER.replace("workers = 2", "workers = 1"),
+        config(addr)
+    );
+    let gw = Gateway::start(&cfg);
+    let body: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+    let want = body.iter().enumerate().fold(0u64, |a, (i, &b)| {
+        a.wrapping_add((i as u64 % 1009 + 1) * b as u64)
+    });
+    let gaddr = gw.addr;
+    let uploader = std::thread::spawn(move || {
+        let mut c = Client::connect(gaddr);
+        c.set_timeout(Duration::from_secs(30));
+        c.send(
+            format!("PUT /hold HTTP/1.1\r\nHost: t\r\nContent-Length: {SIZE}\r\n\r\n").as_bytes(),
+        );
+        c.stream().write_all(&body).expect("upload write");
+        c.read_response().expect("upload response")
+    });
+    // Let the upload fill every buffer on its way (socket buffers, the gateway's).
+    std::thread::sleep(Duration::from_millis(800));
+    for i in 0..40 {
+        let mut c = Client::connect(gw.addr);
+        c.set_timeout(Duration::from_secs(5));
+        let body = format!("small {i}");
+        c.send(
+            format!(
+                "POST /small HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        let r = c
+            .read_response()
+            .expect("a small request during the held upload");
+        assert_eq!(r.status, 200);
+        assert!(
+            r.text().starts_with(&format!("{} ", body.len())),
+            "{}",
+            r.text()
+        );
+        // And a second one on the same connection (its next read).
+        c.send(b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.read_response().unwrap().status, 200);
+    }
+    release.store(true, std::sync::atomic::Ordering::Relaxed);
+    let r = uploader.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), format!("{SIZE} {want}"));
+}

@@ -1055,7 +1055,11 @@ fn an_invalid_answer_is_not_asked_for_again() {
 /// a second, unrequested answer (`POISONED`) on the same connection, and keeps it open; the
 /// counter tells how many of those were written (on loopback, then already in the gateway's
 /// socket).
-fn stray_answer_origin() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+/// An origin that follows each answer with a stray one, `delay` later (`None`: in the same
+/// write as the answer).
+fn stray_answer_origin(
+    delay: Option<Duration>,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     use std::io::Write;
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -1073,13 +1077,21 @@ fn stray_answer_origin() -> (std::net::SocketAddr, Arc<std::sync::atomic::Atomic
                     };
                     let path = head.split(' ').nth(1).unwrap_or("").to_string();
                     let body = format!("answer-for-{path}");
-                    let _ = write!(
-                        s,
+                    let answer = format!(
                         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
                         body.len()
                     );
-                    std::thread::sleep(Duration::from_millis(30));
-                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED");
+                    let stray = "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED";
+                    match delay {
+                        Some(d) => {
+                            let _ = s.write_all(answer.as_bytes());
+                            std::thread::sleep(d);
+                            let _ = s.write_all(stray.as_bytes());
+                        }
+                        None => {
+                            let _ = s.write_all(format!("{answer}{stray}").as_bytes());
+                        }
+                    }
                     counter.fetch_add(1, Ordering::SeqCst);
                 }
             });
@@ -1089,11 +1101,25 @@ fn stray_answer_origin() -> (std::net::SocketAddr, Arc<std::sync::atomic::Atomic
 }
 
 #[test]
+fn bytes_right_behind_an_answer_never_reach_the_next_client() {
+    // The stray answer comes in the same segment as the real one: already received with it
+    // (into the read buffer, or held by the connection's multishot receive), so the
+    // connection must not go back to the pool.
+    let (addr, _) = stray_answer_origin(None);
+    let gw = Gateway::start(&config(&[addr], "").replace("workers = 2", "workers = 1"));
+    for i in 0..10 {
+        let r = gw.get(&format!("/victim{i}"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), format!("answer-for-/victim{i}"), "request {i}");
+    }
+}
+
+#[test]
 fn an_answer_nobody_asked_for_never_reaches_the_next_client() {
     // A stray answer left on a pooled upstream connection (a buggy upstream, or one answering
     // a request smuggled in a body it did not read) must not be read as the next request's
     // answer: nginx closes such idle connections; here they are dropped before reuse.
-    let (addr, strays) = stray_answer_origin();
+    let (addr, strays) = stray_answer_origin(Some(Duration::from_millis(30)));
     let gw = Gateway::start(&config(&[addr], "").replace("workers = 2", "workers = 1"));
     for i in 0..10 {
         let r = gw.get(&format!("/victim{i}"));

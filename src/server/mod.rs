@@ -378,10 +378,20 @@ pub trait ClientIo:
     fn xfcc(&self) -> Option<&[u8]> {
         None
     }
+    /// Sets the stream up for the connection loop's reads (plain TCP on io_uring: one
+    /// multishot receive kept armed from read to read).
+    #[inline]
+    fn start_reads(&mut self) {}
 }
 
 impl ClientIo for TcpStream {
     const TLS: bool = false;
+    #[inline]
+    fn start_reads(&mut self) {
+        if multishot_enabled() {
+            let _ = self.enable_multishot_recv();
+        }
+    }
     #[inline]
     fn tcp(&self) -> &TcpStream {
         self
@@ -575,7 +585,7 @@ fn set_user_timeout(stream: &TcpStream, t: Duration) {
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run<S: ClientIo>(
     w: Rc<Worker>,
-    stream: S,
+    mut stream: S,
     peer: SocketAddr,
     guard: ConnGuard,
     served: bool,
@@ -584,6 +594,7 @@ pub(crate) async fn run<S: ClientIo>(
     mut deadline: Instant,
 ) {
     let mut first_head = handshaken.then(|| OwnedInFlight::new(w.clone()));
+    stream.start_reads();
     let b = w.take_bufs();
     let mut c = Conn {
         stream,
@@ -740,7 +751,15 @@ fn may_still_send<S: ClientIo>(c: &Conn<S>) -> bool {
     body_unread
         || c.b.rbuf.len() > c.consumed
         || !c.b.leftover.is_empty()
+        || c.stream.tcp().recv_pending()
         || unread_in_socket(c.stream.tcp())
+}
+
+/// Whether plain client connections read through a multishot receive (io_uring only; set
+/// `RINGGATE_MULTISHOT=0` to read with one receive per read instead, for comparison).
+pub(crate) fn multishot_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("RINGGATE_MULTISHOT").is_none_or(|v| v != "0"))
 }
 
 /// Whether bytes wait unread in the socket's receive queue (closing it then sends an RST).

@@ -180,15 +180,18 @@ pub(super) async fn proxy<S: ClientIo>(
         let mut fresh_tries = 0;
         let res = loop {
             let (mut us, next, reused) = match pooled.take() {
-                Some(p) => (p.stream, Some(p.next), true),
+                Some(p) => (p.stream, p.next, true),
                 None => {
                     // Bounded by the request's own deadline too: `timeout_ms` runs from the
                     // start of the request, connects and retries included.
                     let left = deadline.saturating_duration_since(Instant::now());
                     let limit = up.cfg.connect_timeout.min(left);
                     match monoio::time::timeout(limit, TcpStream::connect_addr(addr)).await {
-                        Ok(Ok(s)) => {
+                        Ok(Ok(mut s)) => {
                             let _ = s.set_nodelay(true);
+                            if super::multishot_enabled() {
+                                let _ = s.enable_multishot_recv();
+                            }
                             (s, None, false)
                         }
                         Ok(Err(_)) => {
@@ -529,6 +532,34 @@ const EARLY_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1)
 /// answers never arm the watch, so the keep-alive path pays nothing for it.
 const CLIENT_WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// A read of the upstream's answer: a detached read (a pooled connection's, or one with
+/// `IORING_RECVSEND_POLL_FIRST`), or a read through the connection's multishot receive.
+enum NextOrMulti<M> {
+    Next(NextRead),
+    Multi(M),
+}
+
+impl<M> std::future::Future for NextOrMulti<M>
+where
+    M: std::future::Future<Output = <NextRead as std::future::Future>::Output>,
+{
+    type Output = M::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<M::Output> {
+        // SAFETY: structural pinning: neither variant is moved out of while pinned, and the
+        // enum is never switched to the other variant in place.
+        unsafe {
+            match self.get_unchecked_mut() {
+                NextOrMulti::Next(r) => std::pin::Pin::new_unchecked(r).poll(cx),
+                NextOrMulti::Multi(m) => std::pin::Pin::new_unchecked(m).poll(cx),
+            }
+        }
+    }
+}
+
 /// How a wait for the upstream's next bytes ended.
 enum Wait<T> {
     Read(T),
@@ -677,15 +708,20 @@ async fn exchange<S: ClientIo>(
             }
         }
         let read = match next.take() {
-            Some(r) => r,
+            Some(r) => NextOrMulti::Next(r),
             None => {
                 if c.b.ubuf.len() == c.b.ubuf.capacity() {
                     c.b.ubuf.reserve(4096);
                 }
                 let len = c.b.ubuf.len();
                 let cap = c.b.ubuf.capacity();
-                // Nothing read yet: the answer to a request just sent is not there yet.
-                us.recv_detached(std::mem::take(&mut c.b.ubuf).slice_mut(len..cap), len == 0)
+                let buf = std::mem::take(&mut c.b.ubuf).slice_mut(len..cap);
+                if us.multishot_enabled() {
+                    NextOrMulti::Multi(us.read(buf))
+                } else {
+                    // Nothing read yet: the answer to a request just sent is not there yet.
+                    NextOrMulti::Next(us.recv_detached(buf, len == 0))
+                }
             }
         };
         let mut read = std::pin::pin!(read);
@@ -1183,12 +1219,12 @@ async fn respond<S: ClientIo>(
     if ok
         && done
         && up_reusable
-        && (!matches!(c.b.resp.body, RespBody::None) || matches!(peek(&us), Peek::Nothing))
+        && (!matches!(c.b.resp.body, RespBody::None)
+            || (!us.recv_pending() && matches!(peek(&us), Peek::Nothing)))
     {
-        // The buffer goes with the connection, for its next answer; a client connection
-        // gets one back with the next pooled connection it takes.
-        let buf = std::mem::take(&mut c.b.ubuf);
-        w.pools.borrow_mut().put(addr, us, buf, keepalive);
+        // Without a multishot receive the buffer goes with the connection, for its next
+        // answer; a client connection gets one back with the next pooled connection it takes.
+        w.pools.borrow_mut().put(addr, us, &mut c.b.ubuf, keepalive);
     }
     if bad_framing {
         w.log_upstream_error(addr, "invalid chunked body");

@@ -273,10 +273,27 @@ pub type NextRead = DetachedRecv<SliceMut<Vec<u8>>>;
 pub struct Pooled {
     /// The connection.
     pub stream: TcpStream,
-    /// Its next read, into the buffer it was pooled with.
-    pub next: NextRead,
+    /// Its next read, into the buffer it was pooled with; `None` when the connection reads
+    /// through a multishot receive (io_uring), which stays armed while it idles and holds
+    /// what arrives (see `TcpStream::recv_pending`).
+    pub next: Option<NextRead>,
     /// The pool's sweep count when it was pooled (its age, without a clock read).
     swept: u32,
+}
+
+impl Pooled {
+    /// Whether nothing arrived while it idled (no stray bytes, no close): its read is still
+    /// pending, or its multishot receive runs and holds nothing. A pending read's poll here
+    /// has a no-op waker; the next poll, with the request's waker, replaces it.
+    fn idle_and_clean(&mut self) -> bool {
+        match &mut self.next {
+            Some(next) => {
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                std::pin::Pin::new(next).poll(&mut cx).is_pending()
+            }
+            None => !self.stream.recv_pending(),
+        }
+    }
 }
 
 /// Idle pooled connections older than this many sweeps (one a second) are closed, as nginx's
@@ -431,11 +448,8 @@ impl WorkerPools {
     /// ended then, which one poll shows without a system call.
     pub fn take(&mut self, addr: SocketAddr) -> Option<Pooled> {
         let v = self.idle.get_mut(&addr)?;
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         while let Some(mut p) = v.pop() {
-            // Pending: nothing arrived. The next poll, with the request's waker, replaces
-            // this one's no-op waker.
-            if std::pin::Pin::new(&mut p.next).poll(&mut cx).is_pending() {
+            if p.idle_and_clean() {
                 return Some(p);
             }
         }
@@ -450,14 +464,24 @@ impl WorkerPools {
     }
 
     /// Returns a connection to the pool, unless the pool already holds `max`, and starts the
-    /// read of its next answer into `buf` (emptied; at least 4 KiB).
-    pub fn put(&mut self, addr: SocketAddr, stream: TcpStream, mut buf: Vec<u8>, max: usize) {
+    /// read of its next answer: its multishot receive (io_uring), else a read into `buf`
+    /// (taken, emptied; at least 4 KiB).
+    pub fn put(&mut self, addr: SocketAddr, mut stream: TcpStream, buf: &mut Vec<u8>, max: usize) {
+        if stream.recv_pending() {
+            // Bytes after the answer, already received: nobody asked for them.
+            return;
+        }
         let v = self.idle.entry(addr).or_default();
         if v.len() < max {
-            buf.clear();
-            buf.reserve(POOLED_READ_BUF);
-            let cap = buf.capacity();
-            let next = stream.recv_detached(buf.slice_mut(0..cap), true);
+            let next = if stream.arm_multishot_recv() {
+                None
+            } else {
+                let mut buf = std::mem::take(buf);
+                buf.clear();
+                buf.reserve(POOLED_READ_BUF);
+                let cap = buf.capacity();
+                Some(stream.recv_detached(buf.slice_mut(0..cap), true))
+            };
             v.push(Pooled {
                 stream,
                 next,
@@ -472,12 +496,8 @@ impl WorkerPools {
     pub fn sweep(&mut self) {
         self.sweeps = self.sweeps.wrapping_add(1);
         let now = self.sweeps;
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         for v in self.idle.values_mut() {
-            v.retain_mut(|p| {
-                now.wrapping_sub(p.swept) < POOL_IDLE_SWEEPS
-                    && std::pin::Pin::new(&mut p.next).poll(&mut cx).is_pending()
-            });
+            v.retain_mut(|p| now.wrapping_sub(p.swept) < POOL_IDLE_SWEEPS && p.idle_and_clean());
         }
     }
 

@@ -34,7 +34,7 @@ use self::op::{CompletionMeta, Op, OpAble};
 #[cfg(all(target_os = "linux", feature = "iouring"))]
 pub use self::uring::IoUringDriver;
 #[cfg(all(target_os = "linux", feature = "iouring"))]
-use self::uring::UringInner;
+pub(crate) use self::uring::UringInner;
 
 /// Unpark a runtime of another thread.
 pub(crate) mod unpark {
@@ -191,6 +191,16 @@ impl Inner {
             _ => {
                 util::feature_panic();
             }
+        }
+    }
+
+    /// (ringgate) The io_uring driver's state, when that is the driver running.
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    pub(crate) fn uring(&self) -> Option<std::rc::Rc<std::cell::UnsafeCell<UringInner>>> {
+        #[allow(unreachable_patterns)]
+        match self {
+            Inner::Uring(this) => Some(this.clone()),
+            _ => None,
         }
     }
 

@@ -210,9 +210,9 @@ pub fn is_legacy() -> bool {
 
 #[derive(Debug, Eq, PartialEq, Clone, Hash)]
 pub(crate) struct OpCanceller {
-    pub(super) index: usize,
+    pub(crate) index: usize,
     #[cfg(feature = "legacy")]
-    pub(super) direction: Option<super::ready::Direction>,
+    pub(crate) direction: Option<super::ready::Direction>,
 }
 
 impl OpCanceller {

@@ -22,6 +22,28 @@ pub(crate) enum Lifecycle {
 
     /// The operation has completed.
     Completed(io::Result<u32>, u32),
+
+    /// (ringgate) A multishot operation: its completions queue up until the owner takes them.
+    Multi(Box<MultiState>),
+}
+
+/// (ringgate) The completions of a multishot operation not taken yet.
+pub(crate) struct MultiState {
+    /// `(result, flags)` of each completion, oldest first.
+    pub(crate) queue: std::collections::VecDeque<(i32, u32)>,
+    pub(crate) waker: Option<Waker>,
+    /// The owner is gone: completions only give their buffers back, and the last one frees
+    /// the slot.
+    pub(crate) ignored: bool,
+}
+
+/// (ringgate) What the driver must do after a multishot completion.
+pub(crate) enum MultiDone {
+    Kept,
+    /// The owner is gone: give this completion's buffer (if any) back.
+    Dropped {
+        flags: u32,
+    },
 }
 
 impl<'a> Ref<'a, Lifecycle> {
@@ -44,7 +66,81 @@ impl<'a> Ref<'a, Lifecycle> {
                 self.remove();
             }
             Lifecycle::Completed(..) => unsafe { std::hint::unreachable_unchecked() },
+            Lifecycle::Multi(..) => unreachable!("complete_multi handles multishot operations"),
         }
+    }
+
+    /// (ringgate) Whether completions of this multishot operation wait to be taken.
+    pub(crate) fn has_queued(&self) -> bool {
+        matches!(&**self, Lifecycle::Multi(state) if !state.queue.is_empty())
+    }
+
+    /// (ringgate) Whether this slot holds a multishot operation.
+    pub(crate) fn is_multi(&self) -> bool {
+        matches!(**self, Lifecycle::Multi(..))
+    }
+
+    /// (ringgate) Queues a completion of a multishot operation (or, when its owner is gone,
+    /// says to give the buffer back and frees the slot after the last completion).
+    pub(crate) fn complete_multi(mut self, res: i32, flags: u32) -> MultiDone {
+        let Lifecycle::Multi(state) = &mut *self else {
+            unreachable!()
+        };
+        if state.ignored {
+            if !io_uring::cqueue::more(flags) {
+                self.remove();
+            }
+            return MultiDone::Dropped { flags };
+        }
+        state.queue.push_back((res, flags));
+        if let Some(w) = state.waker.take() {
+            w.wake();
+        }
+        MultiDone::Kept
+    }
+
+    /// (ringgate) Takes the oldest completion of a multishot operation, or registers the
+    /// waker. The slot is freed with the last completion (the one without `F_MORE`).
+    pub(crate) fn poll_multi(mut self, cx: &mut Context<'_>) -> Poll<(i32, u32)> {
+        let Lifecycle::Multi(state) = &mut *self else {
+            unreachable!()
+        };
+        match state.queue.pop_front() {
+            Some((res, flags)) => {
+                if !io_uring::cqueue::more(flags) {
+                    self.remove();
+                }
+                Poll::Ready((res, flags))
+            }
+            None => {
+                match &state.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => state.waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// (ringgate) The owner of a multishot operation is gone: returns the flags of the
+    /// completions it had not taken (their buffers go back), frees the slot if the last
+    /// completion was among them, and otherwise says the operation must be cancelled.
+    pub(crate) fn drop_multi(mut self, pending: &mut Vec<u32>) -> bool {
+        let Lifecycle::Multi(state) = &mut *self else {
+            unreachable!()
+        };
+        let mut ended = false;
+        for (_, flags) in state.queue.drain(..) {
+            ended |= !io_uring::cqueue::more(flags);
+            pending.push(flags);
+        }
+        if ended {
+            self.remove();
+            return false;
+        }
+        state.ignored = true;
+        state.waker = None;
+        true
     }
 
     #[allow(clippy::needless_pass_by_ref_mut)]
@@ -86,7 +182,9 @@ impl<'a> Ref<'a, Lifecycle> {
             Lifecycle::Completed(..) => {
                 self.remove();
             }
-            Lifecycle::Ignored(..) => unsafe { std::hint::unreachable_unchecked() },
+            Lifecycle::Ignored(..) | Lifecycle::Multi(..) => unsafe {
+                std::hint::unreachable_unchecked()
+            },
         }
         true
     }

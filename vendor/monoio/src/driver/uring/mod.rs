@@ -24,6 +24,7 @@ use super::{
 };
 use crate::utils::slab::Slab;
 
+mod bufring;
 mod lifecycle;
 #[cfg(feature = "sync")]
 mod waker;
@@ -82,6 +83,12 @@ pub(crate) struct UringInner {
 
     // Uring support ext_arg
     ext_arg: bool,
+
+    /// (ringgate) The provided buffers of multishot receives, set up at the first one;
+    /// `Err` once setting it up failed (the kernel refused: single-shot receives then).
+    bufring: Option<Result<bufring::BufRing, ()>>,
+    /// (ringgate) The kernel refused a multishot receive (before Linux 6.0): none are started.
+    multi_refused: bool,
 }
 
 // When dropping the driver, all in-flight operations must have completed. This
@@ -112,6 +119,8 @@ impl IoUringDriver {
             ops: Ops::new(),
             ext_arg: uring.params().is_feature_ext_arg(),
             uring,
+            bufring: None,
+            multi_refused: false,
         }));
 
         Ok(IoUringDriver {
@@ -149,6 +158,8 @@ impl IoUringDriver {
             shared_waker: std::sync::Arc::new(waker::EventWaker::new(waker)),
             eventfd_installed: false,
             waker_receiver,
+            bufring: None,
+            multi_refused: false,
         }));
 
         let thread_id = crate::builder::BUILD_THREAD_ID.with(|id| *id);
@@ -391,7 +402,18 @@ impl UringInner {
                     self.poll.tick(Some(Duration::ZERO))?;
                 }
                 _ if index >= MIN_REVERSED_USERDATA => (),
-                _ => self.ops.complete(index as _, resultify(&cqe), cqe.flags()),
+                _ => {
+                    let lifecycle = unsafe { self.ops.slab.get(index as _).unwrap_unchecked() };
+                    if lifecycle.is_multi() {
+                        if let lifecycle::MultiDone::Dropped { flags } =
+                            lifecycle.complete_multi(cqe.result(), cqe.flags())
+                        {
+                            recycle_flags(&mut self.bufring, flags);
+                        }
+                    } else {
+                        lifecycle.complete(resultify(&cqe), cqe.flags());
+                    }
+                }
             }
         }
         Ok(())
@@ -545,6 +567,99 @@ impl UringInner {
         }
     }
 
+    /// (ringgate) Starts a multishot receive on `fd` into the driver's provided buffers.
+    /// `None` when the kernel refused the buffer ring (the caller receives single-shot).
+    pub(crate) fn submit_multi_recv(this: &Rc<UnsafeCell<UringInner>>, fd: RawFd) -> Option<usize> {
+        let inner = unsafe { &mut *this.get() };
+        if inner.multi_refused {
+            return None;
+        }
+        if inner.bufring.is_none() {
+            inner.bufring = Some(bufring::BufRing::new(&inner.uring).map_err(|_| ()));
+        }
+        if !matches!(inner.bufring, Some(Ok(_))) {
+            return None;
+        }
+        if inner.uring.submission().is_full() && inner.submit().is_err() {
+            return None;
+        }
+        let index = inner
+            .ops
+            .slab
+            .insert(Lifecycle::Multi(Box::new(lifecycle::MultiState {
+                queue: std::collections::VecDeque::with_capacity(4),
+                waker: None,
+                ignored: false,
+            })));
+        let sqe = opcode::RecvMulti::new(io_uring::types::Fd(fd), bufring::BGID)
+            .build()
+            .user_data(index as _);
+        // SAFETY: the entry refers to no memory of ours but the registered buffer ring.
+        if unsafe { inner.uring.submission().push(&sqe) }.is_err() {
+            inner.ops.slab.remove(index);
+            return None;
+        }
+        Some(index)
+    }
+
+    /// (ringgate) The next completion of multishot operation `index`, as
+    /// `(result, flags)`; the slot is freed with the last one (no `F_MORE`).
+    pub(crate) fn poll_multi(
+        this: &Rc<UnsafeCell<UringInner>>,
+        index: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<(i32, u32)> {
+        let inner = unsafe { &mut *this.get() };
+        let lifecycle = unsafe { inner.ops.slab.get(index).unwrap_unchecked() };
+        lifecycle.poll_multi(cx)
+    }
+
+    /// (ringgate) Whether completions of multishot operation `index` wait to be taken.
+    pub(crate) fn multi_queued(this: &Rc<UnsafeCell<UringInner>>, index: usize) -> bool {
+        let inner = unsafe { &mut *this.get() };
+        inner.ops.slab.get(index).is_some_and(|l| l.has_queued())
+    }
+
+    /// (ringgate) The kernel refused a multishot receive: start no more.
+    pub(crate) fn multi_refused(this: &Rc<UnsafeCell<UringInner>>) {
+        let inner = unsafe { &mut *this.get() };
+        inner.multi_refused = true;
+    }
+
+    /// (ringgate) The bytes of provided buffer `bid`.
+    pub(crate) fn multi_buf(this: &Rc<UnsafeCell<UringInner>>, bid: u16) -> *const u8 {
+        let inner = unsafe { &*this.get() };
+        match &inner.bufring {
+            Some(Ok(ring)) => ring.buf(bid),
+            _ => unreachable!("a buffer id without a buffer ring"),
+        }
+    }
+
+    /// (ringgate) Gives provided buffer `bid` back.
+    pub(crate) fn multi_recycle(this: &Rc<UnsafeCell<UringInner>>, bid: u16) {
+        let inner = unsafe { &mut *this.get() };
+        if let Some(Ok(ring)) = inner.bufring.as_mut() {
+            ring.recycle(bid);
+        }
+    }
+
+    /// (ringgate) The owner of multishot operation `index` is gone: its queued buffers go
+    /// back, and it is cancelled unless it already ended.
+    pub(crate) fn drop_multi(this: &Rc<UnsafeCell<UringInner>>, index: usize) {
+        let inner = unsafe { &mut *this.get() };
+        let mut pending = Vec::new();
+        let Some(lifecycle) = inner.ops.slab.get(index) else {
+            return;
+        };
+        let running = lifecycle.drop_multi(&mut pending);
+        for flags in pending {
+            recycle_flags(&mut inner.bufring, flags);
+        }
+        if running {
+            unsafe { Self::cancel_op(this, index) };
+        }
+    }
+
     #[cfg(feature = "sync")]
     pub(crate) fn unpark(this: &Rc<UnsafeCell<UringInner>>) -> waker::UnparkHandle {
         let inner = unsafe { &*this.get() };
@@ -585,6 +700,10 @@ impl Drop for UringInner {
     fn drop(&mut self) {
         // no need to wait for completion, as the kernel will clean up the ring asynchronically.
         let _ = self.uring.submitter().submit();
+        // (ringgate) The buffer ring is unregistered first, so its memory can be freed.
+        if let Some(Ok(ring)) = self.bufring.as_mut() {
+            ring.unregister(&self.uring);
+        }
         unsafe {
             ManuallyDrop::drop(&mut self.uring);
         }
@@ -600,10 +719,13 @@ impl Ops {
     pub(crate) fn insert(&mut self) -> usize {
         self.slab.insert(Lifecycle::Submitted)
     }
+}
 
-    fn complete(&mut self, index: usize, result: io::Result<u32>, flags: u32) {
-        let lifecycle = unsafe { self.slab.get(index).unwrap_unchecked() };
-        lifecycle.complete(result, flags);
+/// (ringgate) Gives back the buffer a completion with these flags took, if any.
+fn recycle_flags(bufring: &mut Option<Result<bufring::BufRing, ()>>, flags: u32) {
+    if let (Some(bid), Some(Ok(ring))) = (io_uring::cqueue::buffer_select(flags), bufring.as_mut())
+    {
+        ring.recycle(bid);
     }
 }
 

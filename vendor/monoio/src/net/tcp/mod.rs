@@ -2,6 +2,8 @@
 //! TCP related.
 
 mod listener;
+#[cfg(all(target_os = "linux", feature = "iouring"))]
+mod multi;
 mod split;
 mod stream;
 mod tfo;

@@ -70,6 +70,9 @@ impl TcpConnectOpts {
 pub struct TcpStream {
     pub(super) fd: SharedFd,
     meta: StreamMeta,
+    /// (ringgate) The multishot receive, once enabled (see `enable_multishot_recv`).
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    multi: Option<super::multi::MultiRecv>,
 }
 
 /// A receive started by [`TcpStream::recv_detached`]; resolves like `read`. It must not be
@@ -105,8 +108,145 @@ impl TcpStream {
     /// Unlike `into_raw_fd` it never panics, and unlike a `dup` it needs no descriptor.
     #[cfg(unix)]
     pub fn try_into_raw_fd(self) -> Result<RawFd, Self> {
-        let TcpStream { fd, meta } = self;
-        fd.try_unwrap().map_err(|fd| TcpStream { fd, meta })
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        if self.multi.as_ref().is_some_and(|m| m.busy()) {
+            // A multishot receive runs or holds received bytes: they would be lost.
+            return Err(self);
+        }
+        let TcpStream {
+            fd,
+            meta,
+            #[cfg(all(target_os = "linux", feature = "iouring"))]
+            multi,
+        } = self;
+        fd.try_unwrap().map_err(|fd| TcpStream {
+            fd,
+            meta,
+            #[cfg(all(target_os = "linux", feature = "iouring"))]
+            multi,
+        })
+    }
+
+    /// (Added by ringgate, see RINGGATE.md.) Makes reads of this stream use one multishot
+    /// receive into the driver's provided buffers, kept armed from read to read. Only with
+    /// the io_uring driver; returns whether it is on. Reads that are dropped lose nothing; a
+    /// read cancelled through its `CancelHandle` ends the receive (bytes that came before
+    /// the cancellation are read first). While it is armed the socket itself holds no unread
+    /// bytes: ask `recv_pending` rather than the socket.
+    pub fn enable_multishot_recv(&mut self) -> bool {
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        {
+            if self.multi.is_none() {
+                if let Some(driver) = crate::driver::CURRENT.with(|inner| inner.uring()) {
+                    self.multi = Some(super::multi::MultiRecv::new(driver));
+                }
+            }
+            self.multi.is_some()
+        }
+        #[cfg(not(all(target_os = "linux", feature = "iouring")))]
+        false
+    }
+
+    /// (Added by ringgate, see RINGGATE.md.) Starts the multishot receive now, if it is
+    /// enabled and not running, rather than at the next read (an idle pooled connection:
+    /// whatever arrives while it waits, the peer closing it included, shows in
+    /// `recv_pending` without a system call). Returns whether it runs.
+    pub fn arm_multishot_recv(&mut self) -> bool {
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        {
+            let fd = self.fd.raw_fd();
+            match self.multi.as_mut() {
+                Some(m) if m.running() => true,
+                Some(m) if !m.busy() => m.arm(fd),
+                _ => false,
+            }
+        }
+        #[cfg(not(all(target_os = "linux", feature = "iouring")))]
+        false
+    }
+
+    /// (Added by ringgate, see RINGGATE.md.) Whether reads go through a multishot receive.
+    pub fn multishot_enabled(&self) -> bool {
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        {
+            self.multi.is_some()
+        }
+        #[cfg(not(all(target_os = "linux", feature = "iouring")))]
+        false
+    }
+
+    /// (Added by ringgate, see RINGGATE.md.) Whether bytes received by the multishot receive
+    /// wait unread in the gateway (false when it is not enabled).
+    pub fn recv_pending(&self) -> bool {
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        {
+            self.multi.as_ref().is_some_and(|m| m.has_pending())
+        }
+        #[cfg(not(all(target_os = "linux", feature = "iouring")))]
+        false
+    }
+
+    /// A read through the multishot receive (see `enable_multishot_recv`).
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    async fn multi_read<T: IoBufMut>(
+        &mut self,
+        mut buf: T,
+        c: Option<&CancelHandle>,
+    ) -> BufResult<usize, T> {
+        use super::multi::Next;
+        loop {
+            if c.is_some_and(|c| c.canceled()) {
+                return (Err(operation_canceled()), buf);
+            }
+            let cap = buf.bytes_total();
+            let dst = buf.write_ptr();
+            let fd = self.fd.raw_fd();
+            let Some(m) = self.multi.as_mut() else {
+                unreachable!()
+            };
+            let op = m.canceller();
+            let mut next = std::future::poll_fn(|cx| m.poll_read(cx, dst, cap));
+            let step = match (op, c) {
+                (Some(op), Some(c)) => {
+                    let _guard = c.clone().associate_op(op);
+                    (&mut next).await
+                }
+                _ => next.await,
+            };
+            match step {
+                Next::Read(Ok(n)) => {
+                    // SAFETY: `n` bytes were copied to the start of the buffer's free part.
+                    unsafe { buf.set_init(n) };
+                    return (Ok(n), buf);
+                }
+                Next::Read(Err(e)) => {
+                    if e.raw_os_error() == Some(libc::ECANCELED) && !c.is_some_and(|c| c.canceled())
+                    {
+                        // The end of a receive cancelled by an earlier read: start again.
+                        continue;
+                    }
+                    return (Err(e), buf);
+                }
+                Next::Arm => {
+                    if self.multi.as_mut().is_some_and(|m| m.arm(fd)) {
+                        continue;
+                    }
+                }
+                Next::Single => {}
+            }
+            // No multishot receive (the buffer ring is dry or refused): read once directly.
+            let op = match Op::recv_stream(self.fd.clone(), buf) {
+                Ok(op) => op,
+                Err(_) => unreachable!("io_uring submissions do not fail"),
+            };
+            return match c {
+                Some(c) => {
+                    let _guard = c.clone().associate_op(op.op_canceller());
+                    op.read().await
+                }
+                None => op.read().await,
+            };
+        }
     }
 
     /// (Added by ringgate, see RINGGATE.md.) Starts a receive into `buf` that does not borrow
@@ -133,7 +273,12 @@ impl TcpStream {
         // enable SOCK_ZEROCOPY
         meta.set_zero_copy();
 
-        Self { fd, meta }
+        Self {
+            fd,
+            meta,
+            #[cfg(all(target_os = "linux", feature = "iouring"))]
+            multi: None,
+        }
     }
 
     /// Open a TCP connection to a remote host.
@@ -457,14 +602,21 @@ impl CancelableAsyncWriteRent for TcpStream {
 
 impl AsyncReadRent for TcpStream {
     #[inline]
-    fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        if self.multi.is_some() {
+            return self.multi_read(buf, None).await;
+        }
         // Submit the read operation
         let op = Op::recv_stream(self.fd.clone(), buf).unwrap();
-        op.read()
+        op.read().await
     }
 
     #[inline]
     fn readv<T: IoVecBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+        // (ringgate) Vectored reads bypass a multishot receive: not for such a stream.
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        debug_assert!(self.multi.is_none());
         // Submit the read operation
         let op = Op::readv(self.fd.clone(), buf).unwrap();
         op.read()
@@ -478,6 +630,10 @@ impl CancelableAsyncReadRent for TcpStream {
         buf: T,
         c: CancelHandle,
     ) -> crate::BufResult<usize, T> {
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        if self.multi.is_some() {
+            return self.multi_read(buf, Some(&c)).await;
+        }
         let fd = self.fd.clone();
 
         if c.canceled() {
