@@ -1723,3 +1723,89 @@ fn a_held_upload_that_fills_the_receive_buffers_stops_no_one_and_arrives_whole()
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.text(), format!("{SIZE} {want}"));
 }
+
+/// While the gateway waits for a slow answer it watches the client for a close. A pipelined
+/// request that comes meanwhile, followed by the client's half-close, is a client still there
+/// (with a multishot receive those bytes are held by the gateway, not the socket): both
+/// requests are answered, none is logged as 499.
+#[test]
+fn a_pipelined_request_and_a_half_close_during_a_slow_answer_get_both_answers() {
+    use std::io::Read;
+    let origin = Origin::start(|r| {
+        if r.path == "/slow" {
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+        Response::ok(format!("ok {}", r.path))
+    });
+    let gw = Gateway::start(&format!("{HEADER}\n{}", config(origin.addr)));
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(b"GET /next HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.contains("ok /slow"), "{got}");
+    assert!(got.contains("ok /next"), "{got}");
+}
+
+/// One client that asks for a large answer, reads none of it and keeps sending must not take
+/// the receive buffers the worker's other connections use: another client's requests are
+/// served, and on the pooled upstream connection they had before.
+#[test]
+fn a_client_that_does_not_read_leaves_pooling_to_the_others() {
+    use std::io::ErrorKind;
+    let origin = Origin::start(|r| {
+        if r.path == "/big" {
+            Response::ok(vec![b'x'; 8 << 20])
+        } else {
+            Response::ok(format!("ok {}", r.path))
+        }
+    });
+    let cfg = format!(
+        "{}\n{}",
+        HEADER.replace("workers = 2", "workers = 1"),
+        config(origin.addr)
+    );
+    let gw = Gateway::start(&cfg);
+    let hog = std::net::TcpStream::connect(gw.addr).unwrap();
+    let mut h = &hog;
+    h.write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    hog.set_nonblocking(true).unwrap();
+    let chunk = vec![b'a'; 64 * 1024];
+    let mut sent = 0;
+    let end = Instant::now() + Duration::from_millis(1500);
+    while sent < 2 << 20 && Instant::now() < end {
+        match h.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = Client::connect(gw.addr);
+    c.set_timeout(Duration::from_secs(5));
+    c.send(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().text(), "ok /first");
+    let before = origin.conns();
+    for i in 0..20 {
+        c.send(format!("GET /a{i} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        assert_eq!(c.read_response().unwrap().text(), format!("ok /a{i}"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let opened = origin.conns() - before;
+    assert!(
+        opened <= 1,
+        "{opened} new upstream connections for 20 requests on one keep-alive connection"
+    );
+    drop(hog);
+}

@@ -13,7 +13,7 @@ use crate::http::{BodyKind, ChunkedDecoder, HeaderKind, HttpError, Method, RespB
 use crate::upstream::{peek, NextRead, Peek};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
-use monoio::net::TcpStream;
+use monoio::net::{RecvHeld, TcpStream};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -583,7 +583,14 @@ async fn wait_watching_client<F: std::future::Future>(
             r = &mut read => return Wait::Read(r),
             _ = &mut end => return Wait::Deadline,
             ready = client.readable(false) => {
-                match ready.map(|()| peek(client)) {
+                // With a multishot receive, what came may already be held there rather than
+                // in the socket (a pipelined request, then the client's FIN).
+                let held = match client.recv_held() {
+                    RecvHeld::Bytes => Ok(Peek::Data),
+                    RecvHeld::End => Ok(Peek::Gone),
+                    RecvHeld::Nothing => ready.map(|()| peek(client)),
+                };
+                match held {
                     Err(_) | Ok(Peek::Gone) => return Wait::ClientGone,
                     Ok(Peek::Data) => *watching = false,
                     Ok(Peek::Nothing) => {}
@@ -1220,7 +1227,7 @@ async fn respond<S: ClientIo>(
         && done
         && up_reusable
         && (!matches!(c.b.resp.body, RespBody::None)
-            || (!us.recv_pending() && matches!(peek(&us), Peek::Nothing)))
+            || (us.recv_held() == RecvHeld::Nothing && matches!(peek(&us), Peek::Nothing)))
     {
         // Without a multishot receive the buffer goes with the connection, for its next
         // answer; a client connection gets one back with the next pooled connection it takes.

@@ -12,7 +12,7 @@ use crate::metrics::Labels;
 use crate::policy::throttle::now_ns;
 use ahash::AHashMap;
 use monoio::buf::{IoBufMut, SliceMut};
-use monoio::net::{DetachedRecv, TcpStream};
+use monoio::net::{DetachedRecv, RecvHeld, TcpStream};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -291,7 +291,18 @@ impl Pooled {
                 let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
                 std::pin::Pin::new(next).poll(&mut cx).is_pending()
             }
-            None => !self.stream.recv_pending(),
+            None => match self.stream.recv_held() {
+                RecvHeld::Bytes | RecvHeld::End => false,
+                RecvHeld::Nothing if self.stream.multishot_running() => true,
+                // Its receive ended without bytes (the ring ran dry): the socket tells, and
+                // the receive starts again.
+                RecvHeld::Nothing => {
+                    matches!(peek(&self.stream), Peek::Nothing) && {
+                        self.stream.arm_multishot_recv();
+                        true
+                    }
+                }
+            },
         }
     }
 }
@@ -467,8 +478,9 @@ impl WorkerPools {
     /// read of its next answer: its multishot receive (io_uring), else a read into `buf`
     /// (taken, emptied; at least 4 KiB).
     pub fn put(&mut self, addr: SocketAddr, mut stream: TcpStream, buf: &mut Vec<u8>, max: usize) {
-        if stream.recv_pending() {
-            // Bytes after the answer, already received: nobody asked for them.
+        if stream.recv_held() != RecvHeld::Nothing {
+            // Bytes after the answer, already received (nobody asked for them), or the
+            // upstream closed the connection.
             return;
         }
         let v = self.idle.entry(addr).or_default();

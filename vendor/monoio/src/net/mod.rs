@@ -10,7 +10,7 @@ pub mod unix;
 pub use listener_config::ListenerOpts;
 #[deprecated(since = "0.2.0", note = "use ListenerOpts")]
 pub use listener_config::ListenerOpts as ListenerConfig;
-pub use tcp::{DetachedRecv, TcpConnectOpts, TcpListener, TcpStream};
+pub use tcp::{DetachedRecv, RecvHeld, TcpConnectOpts, TcpListener, TcpStream};
 #[cfg(unix)]
 pub use unix::{Pipe, UnixDatagram, UnixListener, UnixStream};
 #[cfg(windows)]

@@ -19,6 +19,18 @@ const ENTRIES: u16 = 256;
 /// Bytes per buffer.
 pub(crate) const BUF_SIZE: usize = 4096;
 
+/// One entry of the ring as the kernel lays it out (`struct io_uring_buf`); in the first
+/// entry, `resv` is the ring's tail.
+#[repr(C)]
+struct RawEntry {
+    addr: u64,
+    len: u32,
+    bid: u16,
+    resv: u16,
+}
+
+const _: () = assert!(std::mem::size_of::<RawEntry>() == std::mem::size_of::<BufRingEntry>());
+
 pub(crate) struct BufRing {
     ring: *mut BufRingEntry,
     bufs: *mut u8,
@@ -86,21 +98,31 @@ impl BufRing {
     #[inline]
     fn push(&mut self, bid: u16) {
         let bid = bid & (ENTRIES - 1);
-        // SAFETY: the slot index is masked to the ring's size; the kernel only reads slots
-        // between its head and the published tail, and this one is past the tail.
-        let e = unsafe { &mut *self.ring.add((self.tail & (ENTRIES - 1)) as usize) };
-        e.set_addr(self.buf(bid) as u64);
-        e.set_len(BUF_SIZE as u32);
-        e.set_bid(bid);
+        let addr = self.buf(bid) as u64;
+        // SAFETY: the slot index is masked to the ring's size, so the entry is inside the
+        // ring's allocation. The kernel only reads slots between its head and the published
+        // tail, and this one is past the tail. The fields are written through raw pointers,
+        // never through a reference to the whole entry: the first entry's last field is the
+        // tail, which the kernel reads at any time.
+        unsafe {
+            let e = self
+                .ring
+                .add((self.tail & (ENTRIES - 1)) as usize)
+                .cast::<RawEntry>();
+            std::ptr::addr_of_mut!((*e).addr).write(addr);
+            std::ptr::addr_of_mut!((*e).len).write(BUF_SIZE as u32);
+            std::ptr::addr_of_mut!((*e).bid).write(bid);
+        }
         self.tail = self.tail.wrapping_add(1);
     }
 
     #[inline]
     fn publish(&self) {
-        // SAFETY: the tail field lives in the ring's first entry, which is allocated and
-        // aligned for a u16; the kernel reads it concurrently, hence the atomic store.
+        // SAFETY: the tail is the first entry's last field (`resv`, at byte 14), inside the
+        // ring's allocation and aligned for a u16; the kernel reads it concurrently, hence
+        // the atomic store.
         unsafe {
-            let tail = BufRingEntry::tail(self.ring) as *const AtomicU16;
+            let tail = std::ptr::addr_of!((*self.ring.cast::<RawEntry>()).resv) as *const AtomicU16;
             (*tail).store(self.tail, Ordering::Release);
         }
     }

@@ -35,11 +35,20 @@ pub(crate) struct MultiState {
     /// The owner is gone: completions only give their buffers back, and the last one frees
     /// the slot.
     pub(crate) ignored: bool,
+    /// A cancellation was asked for (too many completions queued).
+    pub(crate) cancelling: bool,
 }
+
+/// (ringgate) Completions one multishot receive may queue before it is cancelled, so one
+/// connection that is not read (its upstream stalls) cannot take every buffer of the ring.
+/// The rest waits in the socket, under TCP's flow control; the next read starts it again.
+pub(crate) const MULTI_QUEUE_CAP: usize = 8;
 
 /// (ringgate) What the driver must do after a multishot completion.
 pub(crate) enum MultiDone {
     Kept,
+    /// Queued, and the queue is full: cancel the receive.
+    Cancel,
     /// The owner is gone: give this completion's buffer (if any) back.
     Dropped {
         flags: u32,
@@ -70,11 +79,6 @@ impl<'a> Ref<'a, Lifecycle> {
         }
     }
 
-    /// (ringgate) Whether completions of this multishot operation wait to be taken.
-    pub(crate) fn has_queued(&self) -> bool {
-        matches!(&**self, Lifecycle::Multi(state) if !state.queue.is_empty())
-    }
-
     /// (ringgate) Whether this slot holds a multishot operation.
     pub(crate) fn is_multi(&self) -> bool {
         matches!(**self, Lifecycle::Multi(..))
@@ -96,7 +100,35 @@ impl<'a> Ref<'a, Lifecycle> {
         if let Some(w) = state.waker.take() {
             w.wake();
         }
+        if state.queue.len() >= MULTI_QUEUE_CAP
+            && !state.cancelling
+            && io_uring::cqueue::more(flags)
+        {
+            state.cancelling = true;
+            return MultiDone::Cancel;
+        }
         MultiDone::Kept
+    }
+
+    /// (ringgate) The oldest completion of a multishot operation, left queued.
+    pub(crate) fn front_multi(&self) -> Option<(i32, u32)> {
+        match &**self {
+            Lifecycle::Multi(state) => state.queue.front().copied(),
+            _ => None,
+        }
+    }
+
+    /// (ringgate) Takes the oldest completion of a multishot operation, if any; the slot is
+    /// freed with the last one.
+    pub(crate) fn pop_multi(mut self) -> Option<(i32, u32)> {
+        let Lifecycle::Multi(state) = &mut *self else {
+            unreachable!()
+        };
+        let (res, flags) = state.queue.pop_front()?;
+        if !io_uring::cqueue::more(flags) {
+            self.remove();
+        }
+        Some((res, flags))
     }
 
     /// (ringgate) Takes the oldest completion of a multishot operation, or registers the

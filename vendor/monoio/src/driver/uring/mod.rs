@@ -89,6 +89,8 @@ pub(crate) struct UringInner {
     bufring: Option<Result<bufring::BufRing, ()>>,
     /// (ringgate) The kernel refused a multishot receive (before Linux 6.0): none are started.
     multi_refused: bool,
+    /// (ringgate) Cancellations of full multishot queues that did not fit in `tick`'s array.
+    pending_cancels: Vec<usize>,
 }
 
 // When dropping the driver, all in-flight operations must have completed. This
@@ -121,6 +123,7 @@ impl IoUringDriver {
             uring,
             bufring: None,
             multi_refused: false,
+            pending_cancels: Vec::new(),
         }));
 
         Ok(IoUringDriver {
@@ -160,6 +163,7 @@ impl IoUringDriver {
             waker_receiver,
             bufring: None,
             multi_refused: false,
+            pending_cancels: Vec::new(),
         }));
 
         let thread_id = crate::builder::BUILD_THREAD_ID.with(|id| *id);
@@ -389,6 +393,9 @@ impl Driver for IoUringDriver {
 
 impl UringInner {
     fn tick(&mut self) -> io::Result<()> {
+        // (ringgate) Multishot receives whose queue filled up, cancelled after the loop.
+        let mut cancel = [0usize; 8];
+        let mut ncancel = 0;
         let cq = self.uring.completion();
 
         for cqe in cq {
@@ -405,10 +412,21 @@ impl UringInner {
                 _ => {
                     let lifecycle = unsafe { self.ops.slab.get(index as _).unwrap_unchecked() };
                     if lifecycle.is_multi() {
-                        if let lifecycle::MultiDone::Dropped { flags } =
-                            lifecycle.complete_multi(cqe.result(), cqe.flags())
-                        {
-                            recycle_flags(&mut self.bufring, flags);
+                        match lifecycle.complete_multi(cqe.result(), cqe.flags()) {
+                            lifecycle::MultiDone::Kept => {}
+                            lifecycle::MultiDone::Dropped { flags } => {
+                                recycle_flags(&mut self.bufring, flags)
+                            }
+                            lifecycle::MultiDone::Cancel => {
+                                if ncancel < cancel.len() {
+                                    cancel[ncancel] = index as usize;
+                                    ncancel += 1;
+                                } else {
+                                    // More than fit here in one pass (rare): cancelled at
+                                    // once, flushing the submission queue if it is full.
+                                    self.pending_cancels.push(index as usize);
+                                }
+                            }
                         }
                     } else {
                         lifecycle.complete(resultify(&cqe), cqe.flags());
@@ -416,7 +434,28 @@ impl UringInner {
                 }
             }
         }
+        for &index in &cancel[..ncancel] {
+            self.push_cancel(index);
+        }
+        while let Some(index) = self.pending_cancels.pop() {
+            self.push_cancel(index);
+        }
         Ok(())
+    }
+
+    /// (ringgate) Queues an `AsyncCancel` of operation `index` (submitted with the next
+    /// batch).
+    fn push_cancel(&mut self, index: usize) {
+        let cancel = opcode::AsyncCancel::new(index as u64)
+            .build()
+            .user_data(u64::MAX);
+        // SAFETY: the entry refers to no memory.
+        unsafe {
+            if self.uring.submission().push(&cancel).is_err() {
+                let _ = self.uring.submit();
+                let _ = self.uring.submission().push(&cancel);
+            }
+        }
     }
 
     fn submit(&mut self) -> io::Result<()> {
@@ -590,6 +629,7 @@ impl UringInner {
                 queue: std::collections::VecDeque::with_capacity(4),
                 waker: None,
                 ignored: false,
+                cancelling: false,
             })));
         let sqe = opcode::RecvMulti::new(io_uring::types::Fd(fd), bufring::BGID)
             .build()
@@ -614,10 +654,20 @@ impl UringInner {
         lifecycle.poll_multi(cx)
     }
 
-    /// (ringgate) Whether completions of multishot operation `index` wait to be taken.
-    pub(crate) fn multi_queued(this: &Rc<UnsafeCell<UringInner>>, index: usize) -> bool {
+    /// (ringgate) The oldest queued completion of multishot operation `index`, left queued.
+    pub(crate) fn multi_front(
+        this: &Rc<UnsafeCell<UringInner>>,
+        index: usize,
+    ) -> Option<(i32, u32)> {
         let inner = unsafe { &mut *this.get() };
-        inner.ops.slab.get(index).is_some_and(|l| l.has_queued())
+        inner.ops.slab.get(index).and_then(|l| l.front_multi())
+    }
+
+    /// (ringgate) Takes the oldest queued completion of multishot operation `index`, if any
+    /// (the slot is freed with the last one).
+    pub(crate) fn multi_pop(this: &Rc<UnsafeCell<UringInner>>, index: usize) -> Option<(i32, u32)> {
+        let inner = unsafe { &mut *this.get() };
+        inner.ops.slab.get(index).and_then(|l| l.pop_multi())
     }
 
     /// (ringgate) The kernel refused a multishot receive: start no more.

@@ -10,7 +10,7 @@ mod tfo;
 
 pub use listener::TcpListener;
 pub use split::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
-pub use stream::{DetachedRecv, TcpConnectOpts, TcpStream};
+pub use stream::{DetachedRecv, RecvHeld, TcpConnectOpts, TcpStream};
 
 #[cfg(feature = "poll-io")]
 pub mod stream_poll;

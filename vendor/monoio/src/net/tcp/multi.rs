@@ -7,18 +7,19 @@
 //! its `CancelHandle` ends the multishot receive (queued bytes come first).
 
 use std::{
-    cell::UnsafeCell,
+    cell::{Cell, UnsafeCell},
     io,
     rc::Rc,
     task::{Context, Poll},
 };
 
+use super::RecvHeld;
 use crate::driver::{op::OpCanceller, UringInner};
 
 pub(crate) struct MultiRecv {
     driver: Rc<UnsafeCell<UringInner>>,
-    /// The running receive's slot, if one runs.
-    index: Option<usize>,
+    /// The running receive's slot, if one runs (or its last completions wait).
+    index: Cell<Option<usize>>,
     /// The buffer being read from: `(buffer id, offset, length)`.
     chunk: Option<(u16, u32, u32)>,
 }
@@ -37,43 +38,65 @@ impl MultiRecv {
     pub(crate) fn new(driver: Rc<UnsafeCell<UringInner>>) -> MultiRecv {
         MultiRecv {
             driver,
-            index: None,
+            index: Cell::new(None),
             chunk: None,
         }
     }
 
     /// Starts the multishot receive on `fd`; false when it could not be started.
     pub(crate) fn arm(&mut self, fd: std::os::unix::io::RawFd) -> bool {
-        debug_assert!(self.index.is_none());
-        self.index = UringInner::submit_multi_recv(&self.driver, fd);
-        self.index.is_some()
+        debug_assert!(self.index.get().is_none());
+        self.index
+            .set(UringInner::submit_multi_recv(&self.driver, fd));
+        self.index.get().is_some()
     }
 
     /// A handle that cancels the running receive.
     pub(crate) fn canceller(&self) -> Option<OpCanceller> {
-        self.index.map(|index| OpCanceller {
+        self.index.get().map(|index| OpCanceller {
             index,
             #[cfg(feature = "legacy")]
             direction: None,
         })
     }
 
-    /// Whether received bytes wait here, not read yet.
-    pub(crate) fn has_pending(&self) -> bool {
-        self.chunk.is_some()
-            || self
-                .index
-                .is_some_and(|i| UringInner::multi_queued(&self.driver, i))
+    /// What was received and not read yet. Completions that carry no bytes and only say the
+    /// receive ended (the ring ran dry, a cancellation) are taken on the way: the next read
+    /// starts a new receive.
+    pub(crate) fn held(&self) -> RecvHeld {
+        if self.chunk.is_some() {
+            return RecvHeld::Bytes;
+        }
+        while let Some(index) = self.index.get() {
+            let Some((res, flags)) = UringInner::multi_front(&self.driver, index) else {
+                return RecvHeld::Nothing;
+            };
+            match res {
+                r if r > 0 => return RecvHeld::Bytes,
+                0 => return RecvHeld::End,
+                r if r == -libc::ENOBUFS || r == -libc::ECANCELED => {
+                    let _ = UringInner::multi_pop(&self.driver, index);
+                    if let Some(bid) = io_uring::cqueue::buffer_select(flags) {
+                        UringInner::multi_recycle(&self.driver, bid);
+                    }
+                    if !io_uring::cqueue::more(flags) {
+                        self.index.set(None);
+                    }
+                }
+                _ => return RecvHeld::End,
+            }
+        }
+        RecvHeld::Nothing
     }
 
     /// Whether a receive runs.
     pub(crate) fn running(&self) -> bool {
-        self.index.is_some()
+        self.index.get().is_some()
     }
 
     /// Whether a receive runs or received bytes wait here.
     pub(crate) fn busy(&self) -> bool {
-        self.index.is_some() || self.chunk.is_some()
+        self.index.get().is_some() || self.chunk.is_some()
     }
 
     /// Copies up to `cap` bytes to `dst` from what was received, waiting for an arrival.
@@ -101,12 +124,12 @@ impl MultiRecv {
                 }
                 return Poll::Ready(Next::Read(Ok(n)));
             }
-            let Some(index) = self.index else {
+            let Some(index) = self.index.get() else {
                 return Poll::Ready(Next::Arm);
             };
             let (res, flags) = std::task::ready!(UringInner::poll_multi(&self.driver, index, cx));
             if !io_uring::cqueue::more(flags) {
-                self.index = None;
+                self.index.set(None);
             }
             let bid = io_uring::cqueue::buffer_select(flags);
             if res > 0 {

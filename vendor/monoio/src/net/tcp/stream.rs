@@ -66,6 +66,17 @@ impl TcpConnectOpts {
         self
     }
 }
+/// What a multishot receive holds, not read yet (see [`TcpStream::recv_held`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecvHeld {
+    /// Received bytes.
+    Bytes,
+    /// The end of the stream, or an error: the peer closed or reset the connection.
+    End,
+    /// Nothing (the socket itself may hold bytes when no receive runs).
+    Nothing,
+}
+
 /// TcpStream
 pub struct TcpStream {
     pub(super) fd: SharedFd,
@@ -175,12 +186,29 @@ impl TcpStream {
         false
     }
 
-    /// (Added by ringgate, see RINGGATE.md.) Whether bytes received by the multishot receive
-    /// wait unread in the gateway (false when it is not enabled).
-    pub fn recv_pending(&self) -> bool {
+    /// (Added by ringgate, see RINGGATE.md.) What the multishot receive holds, not read yet:
+    /// bytes, the end of the stream (or an error), or nothing (always nothing when it is not
+    /// enabled; the socket itself may then hold bytes).
+    pub fn recv_held(&self) -> RecvHeld {
         #[cfg(all(target_os = "linux", feature = "iouring"))]
         {
-            self.multi.as_ref().is_some_and(|m| m.has_pending())
+            self.multi.as_ref().map_or(RecvHeld::Nothing, |m| m.held())
+        }
+        #[cfg(not(all(target_os = "linux", feature = "iouring")))]
+        RecvHeld::Nothing
+    }
+
+    /// (Added by ringgate, see RINGGATE.md.) Whether bytes received by the multishot receive
+    /// wait unread (false when it is not enabled).
+    pub fn recv_pending(&self) -> bool {
+        self.recv_held() == RecvHeld::Bytes
+    }
+
+    /// (Added by ringgate, see RINGGATE.md.) Whether the multishot receive runs.
+    pub fn multishot_running(&self) -> bool {
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        {
+            self.multi.as_ref().is_some_and(|m| m.running())
         }
         #[cfg(not(all(target_os = "linux", feature = "iouring")))]
         false
@@ -234,7 +262,11 @@ impl TcpStream {
                 }
                 Next::Single => {}
             }
-            // No multishot receive (the buffer ring is dry or refused): read once directly.
+            // No multishot receive (the buffer ring is dry or refused): read once directly,
+            // unless the read was cancelled meanwhile (the single-shot read would not see it).
+            if c.is_some_and(|c| c.canceled()) {
+                return (Err(operation_canceled()), buf);
+            }
             let op = match Op::recv_stream(self.fd.clone(), buf) {
                 Ok(op) => op,
                 Err(_) => unreachable!("io_uring submissions do not fail"),
