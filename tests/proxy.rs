@@ -1809,3 +1809,31 @@ fn a_client_that_does_not_read_leaves_pooling_to_the_others() {
     );
     drop(hog);
 }
+
+/// The same with the pipelined request in the first request's own segment, so the gateway
+/// has read it already when the half-close comes (README: "one that sent a pipelined request
+/// behind is still there").
+#[test]
+fn a_pipelined_request_read_with_the_first_keeps_a_half_closed_client_served() {
+    use std::io::Read;
+    let origin = Origin::start(|r| {
+        if r.path == "/slow" {
+            std::thread::sleep(Duration::from_millis(600));
+        }
+        Response::ok(format!("ok {}", r.path))
+    });
+    let gw = Gateway::start(&format!("{HEADER}\n{}", config(origin.addr)));
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\nGET /second HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.contains("ok /slow"), "{got}");
+    assert!(got.contains("ok /second"), "{got}");
+}

@@ -742,6 +742,14 @@ async fn exchange<S: ClientIo>(
             Ok(r) => Wait::Read(r),
             Err(_) if first == deadline => Wait::Deadline,
             Err(_) => {
+                // A pipelined request already read, or held by the client's receive: the
+                // client is still there, whatever it does next (a half-close included).
+                if c.b.rbuf.len() > c.consumed
+                    || !c.b.leftover.is_empty()
+                    || c.stream.tcp().recv_pending()
+                {
+                    watching = false;
+                }
                 let client = c.stream.tcp();
                 Box::pin(wait_watching_client(read, client, &mut watching, deadline)).await
             }
