@@ -780,6 +780,11 @@ mod tests {
     }
 
     fn key(p: &CachePolicy, req: &str) -> Vec<u8> {
+        key_as(p, req, false, None)
+    }
+
+    /// The key of `req` over https or not, with a client certificate or not.
+    fn key_as(p: &CachePolicy, req: &str, https: bool, cert: Option<&[u8]>) -> Vec<u8> {
         let mut h = RequestHead::new(32);
         let lim = Limits {
             max_header_bytes: 8192,
@@ -790,16 +795,8 @@ mod tests {
             Ok(Status::Complete(_))
         ));
         let mut out = Vec::new();
-        let r = build_key(
-            &mut out,
-            p,
-            &h,
-            req.as_bytes(),
-            &Params::new(),
-            5,
-            false,
-            None,
-        );
+        let params = Params::new();
+        let r = build_key(&mut out, p, &h, req.as_bytes(), &params, 5, https, cert);
         assert_eq!(&out[r.0 as usize..r.1 as usize], b"/x");
         out
     }
@@ -807,30 +804,7 @@ mod tests {
     #[test]
     fn scheme_and_client_certificate_are_in_the_key() {
         let p = pol(vec![]);
-        let req = "GET /prod/x HTTP/1.1\r\nHost: h\r\n\r\n";
-        let mut h = RequestHead::new(32);
-        let lim = Limits {
-            max_header_bytes: 8192,
-            max_headers: 32,
-        };
-        assert!(matches!(
-            h.parse(req.as_bytes(), &lim),
-            Ok(Status::Complete(_))
-        ));
-        let k = |https: bool, cert: Option<&[u8]>| {
-            let mut out = Vec::new();
-            build_key(
-                &mut out,
-                &p,
-                &h,
-                req.as_bytes(),
-                &Params::new(),
-                5,
-                https,
-                cert,
-            );
-            out
-        };
+        let k = |https, cert| key_as(&p, "GET /prod/x HTTP/1.1\r\nHost: h\r\n\r\n", https, cert);
         // A plain request's answer (a redirect to https, say) is never an https one's.
         assert_ne!(k(false, None), k(true, None));
         // Each verified certificate has its own entries, apart from requests without one.
