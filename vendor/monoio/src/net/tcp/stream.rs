@@ -250,7 +250,8 @@ impl TcpStream {
                 Next::Read(Err(e)) => {
                     if e.raw_os_error() == Some(libc::ECANCELED) && !c.is_some_and(|c| c.canceled())
                     {
-                        // The end of a receive cancelled by an earlier read: start again.
+                        // The end of a receive cancelled by an earlier read, or by the
+                        // driver (its queue was full): start again.
                         continue;
                     }
                     return (Err(e), buf);
