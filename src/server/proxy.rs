@@ -532,11 +532,14 @@ const EARLY_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1)
 /// answers never arm the watch, so the keep-alive path pays nothing for it.
 const CLIENT_WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// A read of the upstream's answer: a detached read (a pooled connection's, or one with
-/// `IORING_RECVSEND_POLL_FIRST`), or a read through the connection's multishot receive.
-enum NextOrMulti<M> {
-    Next(NextRead),
-    Multi(M),
+pin_project_lite::pin_project! {
+    /// A read of the upstream's answer: a detached read (a pooled connection's, or one with
+    /// `IORING_RECVSEND_POLL_FIRST`), or a read through the connection's multishot receive.
+    #[project = NextOrMultiProj]
+    enum NextOrMulti<M> {
+        Next { #[pin] read: NextRead },
+        Multi { #[pin] read: M },
+    }
 }
 
 impl<M> std::future::Future for NextOrMulti<M>
@@ -549,13 +552,9 @@ where
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<M::Output> {
-        // SAFETY: structural pinning: neither variant is moved out of while pinned, and the
-        // enum is never switched to the other variant in place.
-        unsafe {
-            match self.get_unchecked_mut() {
-                NextOrMulti::Next(r) => std::pin::Pin::new_unchecked(r).poll(cx),
-                NextOrMulti::Multi(m) => std::pin::Pin::new_unchecked(m).poll(cx),
-            }
+        match self.project() {
+            NextOrMultiProj::Next { read } => read.poll(cx),
+            NextOrMultiProj::Multi { read } => read.poll(cx),
         }
     }
 }
@@ -715,7 +714,7 @@ async fn exchange<S: ClientIo>(
             }
         }
         let read = match next.take() {
-            Some(r) => NextOrMulti::Next(r),
+            Some(r) => NextOrMulti::Next { read: r },
             None => {
                 if c.b.ubuf.len() == c.b.ubuf.capacity() {
                     c.b.ubuf.reserve(4096);
@@ -724,10 +723,12 @@ async fn exchange<S: ClientIo>(
                 let cap = c.b.ubuf.capacity();
                 let buf = std::mem::take(&mut c.b.ubuf).slice_mut(len..cap);
                 if us.multishot_enabled() {
-                    NextOrMulti::Multi(us.read(buf))
+                    NextOrMulti::Multi { read: us.read(buf) }
                 } else {
                     // Nothing read yet: the answer to a request just sent is not there yet.
-                    NextOrMulti::Next(us.recv_detached(buf, len == 0))
+                    NextOrMulti::Next {
+                        read: us.recv_detached(buf, len == 0),
+                    }
                 }
             }
         };
