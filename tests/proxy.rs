@@ -1467,22 +1467,7 @@ fn a_request_whose_interim_answer_went_out_is_not_sent_again_after_an_early_rese
                 let _ = s.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n");
                 std::thread::sleep(Duration::from_millis(50));
                 // A reset: linger 0, then close.
-                let lg = libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                // SAFETY: `lg` is a valid linger value for the duration of the call, on the
-                // open socket `s`.
-                unsafe {
-                    libc::setsockopt(
-                        std::os::fd::AsRawFd::as_raw_fd(&s),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&lg as *const libc::linger).cast(),
-                        std::mem::size_of::<libc::linger>() as u32,
-                    )
-                };
-                drop(s);
+                reset_close(s);
             }
         });
     }

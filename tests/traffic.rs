@@ -811,12 +811,22 @@ fn quota_limit_and_usage_survive_kill_9() {
     let r = gw.admin_get("/usage-plans/basic/usage?key=%FF");
     assert_eq!(r.status, 400);
     assert!(r.json()["message"].as_str().unwrap().contains("not UTF-8"));
-    let r = gw.admin_get("/usage-plans/basic/usage?key=alice&key=bob");
-    assert_eq!(r.status, 400);
-    assert!(r.json()["message"]
-        .as_str()
-        .unwrap()
-        .contains("more than once"));
+    for q in [
+        "key=alice&key=bob",
+        "key=alice&key",
+        "key&key=alice",
+        "key=alice&k%65y=bob",
+    ] {
+        let r = gw.admin_get(&format!("/usage-plans/basic/usage?{q}"));
+        assert_eq!(r.status, 400, "{q}");
+        let m = r.json()["message"].as_str().unwrap().to_string();
+        assert!(m.contains("more than once"), "{q}: {m}");
+    }
+    // An encoded name is the name.
+    assert_eq!(
+        gw.admin_get("/usage-plans/basic/usage?k%65y=alice").status,
+        200
+    );
     let _ = std::fs::remove_dir_all(&state);
 }
 

@@ -937,6 +937,24 @@ fn client_gone_during_a_slow_answer_ends_the_exchange_as_499() {
     let next = all.find("fast /next").expect("second answer");
     assert!(late < next, "{all}");
     assert_eq!(log_statuses(&gw, 499), 1);
+
+    // One with a pipelined request behind that then resets the connection is gone all the
+    // same (a half-close would not be: see tests/proxy.rs).
+    let s = std::net::TcpStream::connect(gw.addr).unwrap();
+    std::io::Write::write_all(
+        &mut &s,
+        b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    reset_close(s);
+    let closed = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(3), || log_statuses(&gw, 499) == 2),
+        "no 499 logged for the reset: {}",
+        std::fs::read_to_string(gw.dir.join("access.log")).unwrap_or_default()
+    );
+    assert!(closed.elapsed() < Duration::from_millis(3500));
 }
 
 /// Sends `reqs` one after another on one client connection (so one worker, one pool); the

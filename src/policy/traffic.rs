@@ -481,20 +481,20 @@ pub fn admin_usage(
             serde_json::json!({ "message": format!("Bad Request: {m}") }),
         ))
     };
-    let mut key = None;
-    for part in query.unwrap_or(b"").split(|&c| c == b'&') {
-        if let Some(v) = part.strip_prefix(b"key=") {
-            if key.is_some() {
-                return bad("the query parameter `key` is given more than once");
-            }
+    // Names decoded as everywhere else (`k%65y` is `key`); a bare `key` counts as given.
+    let mut values = crate::http::query_values(query.unwrap_or(b""), b"key");
+    let key = match (values.next(), values.next()) {
+        (_, Some(_)) => return bad("the query parameter `key` is given more than once"),
+        (Some(v), None) if !v.is_empty() => {
             let mut buf = Vec::new();
             crate::http::percent_decode(v, true, &mut buf);
             match String::from_utf8(buf) {
-                Ok(k) => key = Some(k),
+                Ok(k) => Some(k),
                 Err(_) => return bad("the query parameter `key` is not UTF-8"),
             }
         }
-    }
+        _ => None,
+    };
     let mut pbuf = Vec::new();
     crate::http::percent_decode(plan.as_bytes(), false, &mut pbuf);
     let Ok(plan) = String::from_utf8(pbuf) else {

@@ -10,7 +10,7 @@ use crate::config::{PathTemplate, Route};
 use crate::gateway::Gateway;
 use crate::http::encode;
 use crate::http::{BodyKind, ChunkedDecoder, HeaderKind, HttpError, Method, RespBody, Status};
-use crate::upstream::{peek, NextRead, Peek};
+use crate::upstream::{peek, reset_by_peer, NextRead, Peek};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::{RecvHeld, TcpStream};
@@ -570,10 +570,13 @@ enum Wait<T> {
 /// The rest of a slow wait for the upstream (past the `watch_at` of [`exchange`]): `read` until
 /// `deadline`, watching the client's socket too. `watching` is cleared when the client turns
 /// out to have sent more (a pipelined request: it is still there, and its bytes stay unread).
+/// `pipelined`: bytes of a request behind were read already; the client is then gone only
+/// when it resets the connection, not when it half-closes.
 async fn wait_watching_client<F: std::future::Future>(
     mut read: std::pin::Pin<&mut F>,
     client: &TcpStream,
     watching: &mut bool,
+    pipelined: bool,
     deadline: Instant,
 ) -> Wait<F::Output> {
     let mut end = std::pin::pin!(monoio::time::sleep_until(deadline.into()));
@@ -585,9 +588,13 @@ async fn wait_watching_client<F: std::future::Future>(
                 // With a multishot receive, what came may already be held there rather than
                 // in the socket (a pipelined request, then the client's FIN).
                 let held = match client.recv_held() {
-                    RecvHeld::Bytes => Ok(Peek::Data),
+                    _ if pipelined || client.recv_pending() => {
+                        // A request is waiting behind: a FIN leaves the client waiting for
+                        // the answers; a reset ends it.
+                        Ok(if reset_by_peer(client) { Peek::Gone } else { Peek::Data })
+                    }
                     RecvHeld::End => Ok(Peek::Gone),
-                    RecvHeld::Nothing => ready.map(|()| peek(client)),
+                    _ => ready.map(|()| peek(client)),
                 };
                 match held {
                     Err(_) | Ok(Peek::Gone) => return Wait::ClientGone,
@@ -743,16 +750,17 @@ async fn exchange<S: ClientIo>(
             Ok(r) => Wait::Read(r),
             Err(_) if first == deadline => Wait::Deadline,
             Err(_) => {
-                // A pipelined request already read, or held by the client's receive: the
-                // client is still there, whatever it does next (a half-close included).
-                if c.b.rbuf.len() > c.consumed
-                    || !c.b.leftover.is_empty()
-                    || c.stream.tcp().recv_pending()
-                {
-                    watching = false;
-                }
+                // A pipelined request already read: a half-close does not end the client.
+                let pipelined = c.b.rbuf.len() > c.consumed || !c.b.leftover.is_empty();
                 let client = c.stream.tcp();
-                Box::pin(wait_watching_client(read, client, &mut watching, deadline)).await
+                Box::pin(wait_watching_client(
+                    read,
+                    client,
+                    &mut watching,
+                    pipelined,
+                    deadline,
+                ))
+                .await
             }
         };
         match waited {

@@ -553,6 +553,30 @@ pub fn peek(sock: &TcpStream) -> Peek {
     }
 }
 
+/// `TCP_CLOSE` of the kernel's `tcp_states.h` (not in the libc crate).
+const TCP_CLOSE: u8 = 7;
+
+/// Whether the peer reset the connection (or it is otherwise closed both ways): TCP's state
+/// is CLOSE. A peer that only half-closed leaves it in CLOSE_WAIT.
+pub fn reset_by_peer(sock: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `tcp_info` is plain integers, for which all-zero bytes are a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a writable `tcp_info` and `len` its size, both outliving the call;
+    // the descriptor belongs to `sock`, which is borrowed (open) across it.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    r != 0 || info.tcpi_state == TCP_CLOSE
+}
+
 /// One probe: GET `path`, healthy on a 2xx or 3xx status (the body is not read).
 fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
     let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, timeout) else {

@@ -113,6 +113,27 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// Closes `s` with an RST instead of a FIN (SO_LINGER 0), as a client that resets.
+pub fn reset_close(s: TcpStream) {
+    let lg = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `lg` is a valid `linger` of the size passed, for the duration of the call, on
+    // the open socket `s`.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&lg as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(s);
+}
+
 /// Polls `f` every 20 ms until it is true or `timeout` passes; returns the last result.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
