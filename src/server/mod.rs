@@ -755,8 +755,9 @@ fn may_still_send<S: ClientIo>(c: &Conn<S>) -> bool {
         || unread_in_socket(c.stream.tcp())
 }
 
-/// Whether plain client connections read through a multishot receive (io_uring only; set
-/// `RINGGATE_MULTISHOT=0` to read with one receive per read instead, for comparison).
+/// Whether plain client connections and upstream connections read through a multishot
+/// receive (io_uring only; set `RINGGATE_MULTISHOT=0` to read with one receive per read
+/// instead, for comparison).
 pub(crate) fn multishot_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("RINGGATE_MULTISHOT").is_none_or(|v| v != "0"))

@@ -275,7 +275,7 @@ pub struct Pooled {
     pub stream: TcpStream,
     /// Its next read, into the buffer it was pooled with; `None` when the connection reads
     /// through a multishot receive (io_uring), which stays armed while it idles and holds
-    /// what arrives (see `TcpStream::recv_pending`).
+    /// what arrives (see `TcpStream::recv_held`).
     pub next: Option<NextRead>,
     /// The pool's sweep count when it was pooled (its age, without a clock read).
     swept: u32,
