@@ -543,6 +543,45 @@ fn stampede_sends_one_upstream_request() {
     assert_eq!(hits, 19);
 }
 
+/// A request waiting for another's fetch of the same entry watches its client as one waiting
+/// for its own upstream does: a client that closes is counted 499 at once, and the fetch
+/// goes on for the others.
+#[test]
+fn a_stampede_waiter_that_closes_is_a_499() {
+    let origin = Origin::start(|_| Response::ok("slow answer").delay(Duration::from_millis(1500)));
+    let gw = Gateway::start(&config(origin.addr, 1, 1 << 20, ""));
+    let addr = gw.addr;
+    let leader = std::thread::spawn(move || {
+        let mut c = Client::connect(addr);
+        c.set_timeout(Duration::from_secs(5));
+        get(&mut c, "/prod/items/w", "")
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let mut waiter = Client::connect(gw.addr);
+    waiter.send(b"GET /prod/items/w HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(waiter);
+    let gone = std::time::Instant::now();
+    let count_499 = || {
+        metric_value(
+            &gw.metrics(),
+            "ringgate_requests_total",
+            &["status=\"499\""],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(3), || count_499() == Some(1.0)),
+        "{:?}",
+        count_499()
+    );
+    assert!(
+        gone.elapsed() < Duration::from_millis(800),
+        "seen only when the fetch ended"
+    );
+    let r = leader.join().unwrap();
+    assert_eq!((r.status, r.text()), (200, "slow answer".to_string()));
+}
+
 #[test]
 fn scan_does_not_evict_hot_entries() {
     let n = Arc::new(AtomicUsize::new(0));

@@ -95,7 +95,21 @@ pub(super) async fn serve<S: ClientIo>(
             // Someone on this worker is fetching this key: wait for it, bounded by the
             // integration timeout, then serve what it stored.
             let by = Instant::now() + gw.upstreams[up].cfg.timeout;
-            let _ = monoio::time::timeout_at(by.into(), p.wait()).await;
+            // Watching the client as a request waiting for its own upstream does: one that
+            // goes away is logged 499 (a pipelined request behind keeps it there).
+            let fetched = std::pin::pin!(p.wait());
+            let mut watching = true;
+            let pipelined = c.b.rbuf.len() > c.b.head.head_len;
+            let client = c.stream.tcp();
+            let waited =
+                proxy::wait_watching_client(fetched, client, &mut watching, pipelined, by).await;
+            if matches!(waited, proxy::Wait::ClientGone) {
+                return Outcome {
+                    status: 499,
+                    keep_alive: false,
+                    upstream: None,
+                };
+            }
             let (_, hit, _) = lookup(w, gw, c, route, pol, true, false, false);
             if let Some(h) = hit {
                 return write_hit(w, c, h, route).await;

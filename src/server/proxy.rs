@@ -560,7 +560,7 @@ where
 }
 
 /// How a wait for the upstream's next bytes ended.
-enum Wait<T> {
+pub(super) enum Wait<T> {
     Read(T),
     Deadline,
     /// The client closed or reset its connection.
@@ -572,7 +572,7 @@ enum Wait<T> {
 /// out to have sent more (a pipelined request: it is still there, and its bytes stay unread).
 /// `pipelined`: bytes of a request behind were read already; the client is then gone only
 /// when it resets the connection, not when it half-closes.
-async fn wait_watching_client<F: std::future::Future>(
+pub(super) async fn wait_watching_client<F: std::future::Future>(
     mut read: std::pin::Pin<&mut F>,
     client: &TcpStream,
     watching: &mut bool,
