@@ -1595,6 +1595,13 @@ fn urgent_data_stalls_neither_a_request_nor_a_response_with_either_driver() {
     }
 }
 
+/// A checksum in which the position of each byte counts (so reordered bytes show).
+fn weighted_sum(b: &[u8]) -> u64 {
+    b.iter().enumerate().fold(0u64, |a, (i, &b)| {
+        a.wrapping_add((i as u64 % 1009 + 1) * b as u64)
+    })
+}
+
 /// A client whose upload the upstream does not read yet keeps sending; with io_uring the
 /// gateway's multishot receive takes those bytes into the worker's shared receive buffers until
 /// they run out. Other connections on that worker must still be served (their reads go on
@@ -1604,57 +1611,46 @@ fn urgent_data_stalls_neither_a_request_nor_a_response_with_either_driver() {
 fn a_held_upload_that_fills_the_receive_buffers_stops_no_one_and_arrives_whole() {
     use std::io::Read;
     const SIZE: usize = 24 << 20;
-    let l = local_listener();
-    let addr = l.local_addr().unwrap();
     let release = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let rel = release.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            let rel = rel.clone();
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                loop {
-                    let Some(head) = read_head(&mut s, &mut buf) else {
-                        return;
-                    };
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length")
-                                .then(|| v.trim().parse().ok())?
-                        })
-                        .unwrap_or(0);
-                    if head.starts_with("PUT /hold") {
-                        // Read nothing more until released: the gateway's writes stall.
-                        while !rel.load(std::sync::atomic::Ordering::Relaxed) {
-                            std::thread::sleep(Duration::from_millis(10));
-                        }
-                    }
-                    // The body: its length and a position-weighted checksum (order matters).
-                    let mut body = std::mem::take(&mut buf);
-                    let mut chunk = vec![0u8; 64 * 1024];
-                    while body.len() < len {
-                        match s.read(&mut chunk) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => body.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf = body.split_off(len);
-                    let sum = body.iter().enumerate().fold(0u64, |a, (i, &b)| {
-                        a.wrapping_add((i as u64 % 1009 + 1) * b as u64)
-                    });
-                    let text = format!("{} {sum}", body.len());
-                    let out = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
-                        text.len()
-                    );
-                    if s.write_all(out.as_bytes()).is_err() {
-                        return;
-                    }
+    let addr = raw_origin(move |mut s| {
+        let mut buf = Vec::new();
+        loop {
+            let Some(head) = read_head(&mut s, &mut buf) else {
+                return;
+            };
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if head.starts_with("PUT /hold") {
+                // Read nothing more until released: the gateway's writes stall.
+                while !rel.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-            });
+            }
+            // The body: its length and checksum.
+            let mut body = std::mem::take(&mut buf);
+            let mut chunk = vec![0u8; 64 * 1024];
+            while body.len() < len {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => body.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf = body.split_off(len);
+            let text = format!("{} {}", body.len(), weighted_sum(&body));
+            let out = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                text.len()
+            );
+            if s.write_all(out.as_bytes()).is_err() {
+                return;
+            }
         }
     });
     let cfg = format!(
@@ -1664,9 +1660,7 @@ fn a_held_upload_that_fills_the_receive_buffers_stops_no_one_and_arrives_whole()
     );
     let gw = Gateway::start(&cfg);
     let body: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
-    let want = body.iter().enumerate().fold(0u64, |a, (i, &b)| {
-        a.wrapping_add((i as u64 % 1009 + 1) * b as u64)
-    });
+    let want = weighted_sum(&body);
     let gaddr = gw.addr;
     let uploader = std::thread::spawn(move || {
         let mut c = Client::connect(gaddr);
@@ -1715,6 +1709,21 @@ fn a_held_upload_that_fills_the_receive_buffers_stops_no_one_and_arrives_whole()
 /// requests are answered, none is logged as 499.
 #[test]
 fn a_pipelined_request_and_a_half_close_during_a_slow_answer_get_both_answers() {
+    let got = slow_answer_then_half_close(&[
+        (0, b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n"),
+        (
+            300,
+            b"GET /next HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        ),
+    ]);
+    assert!(got.contains("ok /slow"), "{got}");
+    assert!(got.contains("ok /next"), "{got}");
+}
+
+/// Sends `pieces` (each after its delay in ms) to a gateway whose origin answers `/slow`
+/// after a second and anything else at once, half-closes 50 ms later, and returns all that
+/// came back.
+fn slow_answer_then_half_close(pieces: &[(u64, &[u8])]) -> String {
     use std::io::Read;
     let origin = Origin::start(|r| {
         if r.path == "/slow" {
@@ -1725,18 +1734,15 @@ fn a_pipelined_request_and_a_half_close_during_a_slow_answer_get_both_answers() 
     let gw = Gateway::start(&format!("{HEADER}\n{}", config(origin.addr)));
     let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    s.write_all(b"GET /next HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    for (delay, bytes) in pieces {
+        std::thread::sleep(Duration::from_millis(*delay));
+        s.write_all(bytes).unwrap();
+    }
     std::thread::sleep(Duration::from_millis(50));
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut got = Vec::new();
     let _ = s.read_to_end(&mut got);
-    let got = String::from_utf8_lossy(&got);
-    assert!(got.contains("ok /slow"), "{got}");
-    assert!(got.contains("ok /next"), "{got}");
+    String::from_utf8_lossy(&got).into_owned()
 }
 
 /// One client that asks for a large answer, reads none of it and keeps sending must not take
@@ -1800,25 +1806,10 @@ fn a_client_that_does_not_read_leaves_pooling_to_the_others() {
 /// behind is still there").
 #[test]
 fn a_pipelined_request_read_with_the_first_keeps_a_half_closed_client_served() {
-    use std::io::Read;
-    let origin = Origin::start(|r| {
-        if r.path == "/slow" {
-            std::thread::sleep(Duration::from_millis(600));
-        }
-        Response::ok(format!("ok {}", r.path))
-    });
-    let gw = Gateway::start(&format!("{HEADER}\n{}", config(origin.addr)));
-    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(
+    let got = slow_answer_then_half_close(&[(
+        0,
         b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\nGET /second HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got);
-    let got = String::from_utf8_lossy(&got);
+    )]);
     assert!(got.contains("ok /slow"), "{got}");
     assert!(got.contains("ok /second"), "{got}");
 }

@@ -113,6 +113,22 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// An origin on 127.0.0.1 that hands each accepted connection to `serve` on a thread of its
+/// own (for origins that must misbehave at the byte level). Returns its address.
+pub fn raw_origin(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
+    let l = local_listener();
+    let addr = l.local_addr().unwrap();
+    let serve = Arc::new(serve);
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let serve = serve.clone();
+            std::thread::spawn(move || serve(s));
+        }
+    });
+    addr
+}
+
 /// Closes `s` with an RST instead of a FIN (SO_LINGER 0), as a client that resets.
 pub fn reset_close(s: TcpStream) {
     let lg = libc::linger {
