@@ -574,7 +574,9 @@ impl Drop for TimerEntry {
     }
 }
 
-#[cfg_attr(target_arch = "x86_64", repr(align(128)))]
-#[cfg_attr(not(target_arch = "x86_64"), repr(align(64)))]
+// (ringgate) No longer padded to a cache line. The padding came from tokio's timer, whose
+// entries are touched by several threads. Here each worker's timers are its own, so it bought
+// nothing, and it made `Sleep` 640 bytes aligned to 128. Every future holding a timeout grew
+// with it, and so did the copies made when one future is moved into another.
 #[derive(Debug, Default)]
 struct CachePadded<T>(T);
