@@ -135,8 +135,6 @@ rules = [
                 path: black_box(b"/hello"),
                 query: None,
                 headers: &mut it,
-                body: b"",
-                content_type: None,
             }))
         })
     });
@@ -161,8 +159,6 @@ rules = [
                 path: b"/hello",
                 query: None,
                 headers: &mut it,
-                body: b"",
-                content_type: None,
             });
             let _ = rt.route.as_ref().unwrap().check(now);
             let k = keys.find(b"perf-bench-key-0123456789abcdef").unwrap();

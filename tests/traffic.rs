@@ -999,7 +999,13 @@ fn body_rules_with_expect_continue() {
     let gw = Gateway::start(&format!(
         r#"
 [waf]
-rules = [{{ name = "xss", target = "body", pattern = "(?i)<script", action = "block" }}]
+rules = [
+  {{ name = "xss", target = "body", pattern = "(?i)<script", action = "block" }},
+  {{ name = "ua", target = "header.User-Agent", pattern = "sqlmap", action = "block" }},
+  {{ name = "q", target = "query", pattern = "evil", action = "block" }},
+  {{ name = "admin", target = "path", pattern = "^/p/admin", action = "block" }},
+  {{ name = "seen", target = "body", pattern = "^", action = "count" }},
+]
 [[upstreams]]
 name = "o"
 targets = ["{}"]
@@ -1008,9 +1014,37 @@ name = "a"
 [[apis.routes]]
 route = "POST /p"
 integration = {{ type = "http", upstream = "o" }}
+[[apis.routes]]
+route = "POST /p/{{x+}}"
+integration = {{ type = "http", upstream = "o" }}
 "#,
         origin.addr
     ));
+    // A request the path, query or header rules refuse is answered at once, without a
+    // `100 Continue` and without waiting for the body it announced (which never comes).
+    for (target, extra) in [
+        ("/p", "User-Agent: sqlmap/1.7\r\n"),
+        ("/p?a=evil", ""),
+        ("/p/admin/x", ""),
+    ] {
+        let mut c = Client::connect(gw.addr);
+        c.send(
+            format!(
+                "POST {target} HTTP/1.1\r\nHost: t\r\n{extra}Expect: 100-continue\r\nContent-Length: 10\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        let r = c.read_response().expect("final response");
+        assert_eq!(r.status, 403, "{target} {extra}");
+    }
+    let seen = || {
+        metric_value(
+            &gw.metrics(),
+            "ringgate_waf_rule_matches_total",
+            &["rule=\"seen\""],
+        )
+    };
+    assert_eq!(seen(), Some(0.0));
     for (body, want) in [("<script>x", 403), ("harmless", 200)] {
         let mut c = Client::connect(gw.addr);
         c.send(
@@ -1029,6 +1063,8 @@ integration = {{ type = "http", upstream = "o" }}
     }
     assert_eq!(origin.request_count(), 1);
     assert_eq!(origin.last_request().body, b"harmless");
+    // The body rules ran for the two requests the head's rules let through.
+    assert_eq!(seen(), Some(2.0));
 }
 
 #[test]

@@ -189,14 +189,19 @@ pub struct RuleSpec {
     pub action: Action,
 }
 
-/// The pieces of a request the rules look at.
+/// The pieces of a request's head the path, query and header rules look at.
 pub struct Input<'a> {
     pub path: &'a [u8],
     pub query: Option<&'a [u8]>,
     pub headers: &'a mut dyn Iterator<Item = (&'a [u8], &'a [u8])>,
-    pub body: &'a [u8],
-    /// The request's `Content-Type`: form and JSON bodies are also scanned decoded.
-    pub content_type: Option<&'a [u8]>,
+}
+
+fn verdict(blocked: bool) -> Verdict {
+    if blocked {
+        Verdict::Forbidden
+    } else {
+        Verdict::Pass
+    }
 }
 
 /// `body` with JSON string escapes undone (`\"`, `\\`, `\/`, `\n`..., `\uXXXX`, surrogate
@@ -359,7 +364,10 @@ impl Waf {
         Verdict::Pass
     }
 
-    /// The regex rules: counts every matching rule, refuses when one of them blocks.
+    /// The path, query and header rules: counts every matching rule, refuses when one of
+    /// them blocks. These run before the body is read, so a request they refuse is answered
+    /// without waiting for (or inviting, with `100 Continue`) its body; its body rules are not
+    /// evaluated.
     pub fn check_rules(&self, inp: Input<'_>) -> Verdict {
         if self.rules.is_empty() {
             return Verdict::Pass;
@@ -388,32 +396,35 @@ impl Waf {
                 }
             }
         }
-        if let Some(g) = &self.body {
-            let n = inp.body.len().min(self.body_max_bytes);
-            let body = &inp.body[..n];
-            blocked |= self.scan(g, body);
-            // As the query is: a form body percent-decoded, a JSON body with its string
-            // escapes undone (`\u0027` is `'`), so an encoding does not get a payload past.
-            let ct = inp.content_type.unwrap_or_default();
-            let has = |t: &[u8]| ct.windows(t.len()).any(|w| w.eq_ignore_ascii_case(t));
-            // (Only when there is something to undo: otherwise the bytes were just scanned.)
-            if has(b"x-www-form-urlencoded") && body.iter().any(|&b| b == b'%' || b == b'+') {
-                blocked |= SCRATCH.with_borrow_mut(|s| {
-                    percent_decode(body, true, s);
-                    self.scan(g, s)
-                });
-            } else if has(b"json") && body.contains(&b'\\') {
-                blocked |= SCRATCH.with_borrow_mut(|s| {
-                    json_unescape(body, s);
-                    self.scan(g, s)
-                });
-            }
+        verdict(blocked)
+    }
+
+    /// The `body` rules, on the first `body_max_bytes` of the body (`content_type` is the
+    /// request's): counts every matching rule, refuses when one of them blocks.
+    pub fn check_body(&self, body: &[u8], content_type: Option<&[u8]>) -> Verdict {
+        let Some(g) = &self.body else {
+            return Verdict::Pass;
+        };
+        let n = body.len().min(self.body_max_bytes);
+        let body = &body[..n];
+        let mut blocked = self.scan(g, body);
+        // As the query is: a form body percent-decoded, a JSON body with its string
+        // escapes undone (`\u0027` is `'`), so an encoding does not get a payload past.
+        let ct = content_type.unwrap_or_default();
+        let has = |t: &[u8]| ct.windows(t.len()).any(|w| w.eq_ignore_ascii_case(t));
+        // (Only when there is something to undo: otherwise the bytes were just scanned.)
+        if has(b"x-www-form-urlencoded") && body.iter().any(|&b| b == b'%' || b == b'+') {
+            blocked |= SCRATCH.with_borrow_mut(|s| {
+                percent_decode(body, true, s);
+                self.scan(g, s)
+            });
+        } else if has(b"json") && body.contains(&b'\\') {
+            blocked |= SCRATCH.with_borrow_mut(|s| {
+                json_unescape(body, s);
+                self.scan(g, s)
+            });
         }
-        if blocked {
-            Verdict::Forbidden
-        } else {
-            Verdict::Pass
-        }
+        verdict(blocked)
     }
 
     /// One pass of a group's automaton; on a match, counts the rules and says whether one blocks.
@@ -474,17 +485,21 @@ mod tests {
         headers: &[(&str, &str)],
         body: &str,
     ) -> Verdict {
+        // As the gateway runs them: the body rules only when the head's rules pass.
         let mut it = headers.iter().map(|(a, b)| (a.as_bytes(), b.as_bytes()));
-        w.check_rules(Input {
+        let head = w.check_rules(Input {
             path: path.as_bytes(),
             query: query.map(|q| q.as_bytes()),
             headers: &mut it,
-            body: body.as_bytes(),
-            content_type: headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
-                .map(|(_, v)| v.as_bytes()),
-        })
+        });
+        if head != Verdict::Pass {
+            return head;
+        }
+        let ct = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+            .map(|(_, v)| v.as_bytes());
+        w.check_body(body.as_bytes(), ct)
     }
 
     #[test]
@@ -574,7 +589,8 @@ mod tests {
         assert_eq!(check(&empty, "/", None, &[], ""), Verdict::Forbidden);
         assert_eq!(check(&empty, "/", Some(""), &[], ""), Verdict::Forbidden);
         assert_eq!(check(&empty, "/", Some("a=1"), &[], ""), Verdict::Pass);
-        assert_eq!(empty.rules[1].matches.load(Ordering::Relaxed), 3);
+        // The body rule ran only for the request the query rule let through.
+        assert_eq!(empty.rules[1].matches.load(Ordering::Relaxed), 1);
         assert_eq!(w.rules[1].matches.load(Ordering::Relaxed), 1);
         assert_eq!(
             check(&w, "/", None, &[("user-agent", "sqlmap/1.0")], ""),

@@ -214,32 +214,10 @@ pub(super) async fn before<S: ClientIo>(
             return Some(out);
         }
         if !t.waf.rules.is_empty() {
-            // The payload the `body` rules see: a chunked body's decoded first
-            // `body_max_bytes` (its raw bytes stay in `rbuf` for the upstream).
-            let mut decoded = Vec::new();
-            if t.waf.wants_body() && c.b.head.header_count(&c.b.rbuf, "content-type") > 1 {
-                // The body is scanned decoded by its type: with two types, the one a backend
-                // reads could be the one the scan did not decode by.
-                let keep = body_skippable(c);
-                return Some(
-                    reject(w, c, 400, "Bad Request: Content-Type given twice", keep).await,
-                );
-            }
-            if t.waf.wants_body() {
-                if let Err(out) =
-                    buffer_body(w, c, t.waf.body_max_bytes, limits, &mut decoded).await
-                {
-                    return Some(out);
-                }
-            }
+            // Path, query and header rules first: a request they refuse is answered without
+            // waiting for its body (or inviting it with `100 Continue`).
             let h = &c.b.head;
             let buf = &c.b.rbuf;
-            let body = &buf[h.head_len.min(buf.len())..];
-            let body = match h.body {
-                BodyKind::None => &body[..0],
-                BodyKind::Length(n) => &body[..(n.min(body.len() as u64)) as usize],
-                BodyKind::Chunked => &decoded[..],
-            };
             let mut headers = h
                 .headers
                 .iter()
@@ -248,12 +226,40 @@ pub(super) async fn before<S: ClientIo>(
                 path: h.slice(buf, h.path),
                 query: h.query.map(|q| h.slice(buf, q)),
                 headers: &mut headers,
-                body,
-                content_type: h.header(buf, "content-type"),
             });
-            if v == Verdict::Forbidden {
+            if v != Verdict::Pass {
                 let keep = body_skippable(c);
                 return Some(reject(w, c, 403, "Forbidden", keep).await);
+            }
+            if t.waf.wants_body() {
+                if c.b.head.header_count(&c.b.rbuf, "content-type") > 1 {
+                    // The body is scanned decoded by its type: with two types, the one a
+                    // backend reads could be the one the scan did not decode by.
+                    let keep = body_skippable(c);
+                    return Some(
+                        reject(w, c, 400, "Bad Request: Content-Type given twice", keep).await,
+                    );
+                }
+                // The payload the `body` rules see: a chunked body's decoded first
+                // `body_max_bytes` (its raw bytes stay in `rbuf` for the upstream).
+                let mut decoded = Vec::new();
+                if let Err(out) =
+                    buffer_body(w, c, t.waf.body_max_bytes, limits, &mut decoded).await
+                {
+                    return Some(out);
+                }
+                let h = &c.b.head;
+                let buf = &c.b.rbuf;
+                let body = &buf[h.head_len.min(buf.len())..];
+                let body = match h.body {
+                    BodyKind::None => &body[..0],
+                    BodyKind::Length(n) => &body[..(n.min(body.len() as u64)) as usize],
+                    BodyKind::Chunked => &decoded[..],
+                };
+                if t.waf.check_body(body, h.header(buf, "content-type")) != Verdict::Pass {
+                    let keep = body_skippable(c);
+                    return Some(reject(w, c, 403, "Forbidden", keep).await);
+                }
             }
         }
     }
