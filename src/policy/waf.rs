@@ -204,6 +204,50 @@ fn verdict(blocked: bool) -> Verdict {
     }
 }
 
+/// Whether `body` is UTF-16 and, if so, whether big-endian: by the `charset` of its
+/// `Content-Type`, else by a byte-order mark, else by the NUL pattern UTF-16 gives ASCII text
+/// such as JSON (RFC 4627 3: a NUL byte before or after the first character).
+fn utf16(content_type: &[u8], body: &[u8]) -> Option<bool> {
+    let has = |t: &[u8]| {
+        content_type
+            .windows(t.len())
+            .any(|w| w.eq_ignore_ascii_case(t))
+    };
+    match body {
+        [0xFE, 0xFF, ..] => return Some(true),
+        [0xFF, 0xFE, ..] => return Some(false),
+        _ => {}
+    }
+    if has(b"utf-16le") {
+        return Some(false);
+    }
+    if has(b"utf-16") {
+        return Some(true);
+    }
+    match body {
+        [0, b, ..] if *b != 0 => Some(true),
+        [a, 0, ..] if *a != 0 => Some(false),
+        _ => None,
+    }
+}
+
+/// `body` read as UTF-16 (a byte-order mark skipped; unpaired surrogates and a trailing odd
+/// byte become U+FFFD) written to `out` as UTF-8.
+fn utf16_to_utf8(body: &[u8], big_endian: bool, out: &mut Vec<u8>) {
+    let units = body.chunks(2).map(|p| match (p, big_endian) {
+        ([a, b], true) => u16::from_be_bytes([*a, *b]),
+        ([a, b], false) => u16::from_le_bytes([*a, *b]),
+        _ => 0xFFFD,
+    });
+    let mut tmp = [0u8; 4];
+    for c in char::decode_utf16(units) {
+        let c = c.unwrap_or(char::REPLACEMENT_CHARACTER);
+        if c != '\u{FEFF}' {
+            out.extend_from_slice(c.encode_utf8(&mut tmp).as_bytes());
+        }
+    }
+}
+
 /// `body` with JSON string escapes undone (`\"`, `\\`, `\/`, `\n`..., `\uXXXX`, surrogate
 /// pairs joined; an escape that is not valid is kept as it is), into `out`. Not a JSON
 /// parser: it only makes what an escaped payload means visible to the body rules.
@@ -401,30 +445,44 @@ impl Waf {
 
     /// The `body` rules, on the first `body_max_bytes` of the body (`content_type` is the
     /// request's): counts every matching rule, refuses when one of them blocks.
+    ///
+    /// The body is scanned as it is and in every decoded form a backend might read it in,
+    /// whatever its `Content-Type` claims (many backends parse JSON or a form regardless, and
+    /// the client chooses the type): percent-decoded as a form, with JSON string escapes undone
+    /// (`%27` and `\u0027` are both `'`), and, when the type's charset or a byte-order mark or
+    /// the NUL pattern of JSON in UTF-16 says so, transcoded from UTF-16 to UTF-8 (and unescaped
+    /// again).
     pub fn check_body(&self, body: &[u8], content_type: Option<&[u8]>) -> Verdict {
         let Some(g) = &self.body else {
             return Verdict::Pass;
         };
         let n = body.len().min(self.body_max_bytes);
-        let body = &body[..n];
+        let mut blocked = self.scan_decoded(g, &body[..n]);
+        if let Some(big_endian) = utf16(content_type.unwrap_or_default(), &body[..n]) {
+            let mut utf8 = Vec::with_capacity(n);
+            utf16_to_utf8(&body[..n], big_endian, &mut utf8);
+            blocked |= self.scan_decoded(g, &utf8);
+        }
+        verdict(blocked)
+    }
+
+    /// Scans `body` as it is, percent-decoded and JSON-unescaped (each only when there is
+    /// something to undo: otherwise the bytes were just scanned).
+    fn scan_decoded(&self, g: &Group, body: &[u8]) -> bool {
         let mut blocked = self.scan(g, body);
-        // As the query is: a form body percent-decoded, a JSON body with its string
-        // escapes undone (`\u0027` is `'`), so an encoding does not get a payload past.
-        let ct = content_type.unwrap_or_default();
-        let has = |t: &[u8]| ct.windows(t.len()).any(|w| w.eq_ignore_ascii_case(t));
-        // (Only when there is something to undo: otherwise the bytes were just scanned.)
-        if has(b"x-www-form-urlencoded") && body.iter().any(|&b| b == b'%' || b == b'+') {
+        if body.iter().any(|&b| b == b'%' || b == b'+') {
             blocked |= SCRATCH.with_borrow_mut(|s| {
                 percent_decode(body, true, s);
                 self.scan(g, s)
             });
-        } else if has(b"json") && body.contains(&b'\\') {
+        }
+        if body.contains(&b'\\') {
             blocked |= SCRATCH.with_borrow_mut(|s| {
                 json_unescape(body, s);
                 self.scan(g, s)
             });
         }
-        verdict(blocked)
+        blocked
     }
 
     /// One pass of a group's automaton; on a match, counts the rules and says whether one blocks.
@@ -652,11 +710,56 @@ mod tests {
                 "{body}"
             );
         }
-        // Harmless bodies stay harmless once decoded; other types are scanned as they are.
+        // Whatever the Content-Type claims, or none: a backend may parse it as JSON or a form.
+        let text = [("content-type", "text/plain")];
+        for (headers, body) in [
+            (&[][..], "c=%3Cscript%3E"),
+            (&text[..], r#"{"c":"\u003cscript>"}"#),
+            (&json[..], "c=%3Cscript%3E"),
+        ] {
+            assert_eq!(
+                check(&w, "/", None, headers, body),
+                Verdict::Forbidden,
+                "{body}"
+            );
+        }
+        // UTF-16, by charset, byte-order mark or NUL pattern, either byte order.
+        let payload = r#"{"c":"<script>"}"#;
+        let le: Vec<u8> = payload.encode_utf16().flat_map(u16::to_le_bytes).collect();
+        let be: Vec<u8> = payload.encode_utf16().flat_map(u16::to_be_bytes).collect();
+        let mut bom_be = vec![0xFE, 0xFF];
+        bom_be.extend_from_slice(&be);
+        let utf16le = [("content-type", "application/json; charset=UTF-16LE")];
+        for (headers, body) in [
+            (&utf16le[..], &le),
+            (&json[..], &le),
+            (&json[..], &be),
+            (&text[..], &bom_be),
+        ] {
+            let mut it = headers.iter().map(|(a, b)| (a.as_bytes(), b.as_bytes()));
+            assert_eq!(
+                w.check_rules(Input {
+                    path: b"/",
+                    query: None,
+                    headers: &mut it
+                }),
+                Verdict::Pass
+            );
+            let ct = Some(headers[0].1.as_bytes());
+            assert_eq!(w.check_body(body, ct), Verdict::Forbidden, "{headers:?}");
+        }
+        let mut out = Vec::new();
+        utf16_to_utf8(
+            &[0xFF, 0xFE, b'a', 0, 0x3D, 0xD8, 0, 0xDE, b'b'],
+            false,
+            &mut out,
+        );
+        assert_eq!(out, "a\u{1F600}\u{FFFD}".as_bytes());
+        // Harmless bodies stay harmless once decoded.
         for (headers, body) in [
             (&form[..], "q=union%2Bselected"),
             (&json[..], r#"{"a":"\\u0027","b":"\"quoted\""}"#),
-            (&[][..], "c=%3Cscript%3E"),
+            (&text[..], "100% sure"),
         ] {
             assert_eq!(check(&w, "/", None, headers, body), Verdict::Pass, "{body}");
         }
