@@ -9,6 +9,7 @@ pub(crate) mod locate;
 pub use locate::locate_message;
 pub mod raw;
 mod routes;
+pub(crate) use routes::strip_port;
 
 pub(crate) use routes::{route_labels, subst_stage_vars};
 pub use routes::{Integration, MockResponse, PathTemplate, Route, RouteMatch, RouteTable};

@@ -436,8 +436,9 @@ fn served_at(hosts: &[String], path: &str) -> Box<str> {
 
 /// The host name of a `Host` value as routing compares it: without the port, and without the
 /// trailing dot of a fully qualified name (`api.example.com.` is `api.example.com`, as nginx
-/// takes it): otherwise that spelling would slip past an API bound to `hosts`.
-fn strip_port(h: &[u8]) -> &[u8] {
+/// takes it): otherwise that spelling would slip past an API bound to `hosts`. Also
+/// `$context.domainName`, which in Amazon API Gateway carries neither.
+pub(crate) fn strip_port(h: &[u8]) -> &[u8] {
     if h.first() == Some(&b'[') {
         // [v6]:port
         return match h.iter().position(|&c| c == b']') {

@@ -403,7 +403,8 @@ fn value_of(v: &Var, ctx: &Ctx, out: &mut Vec<u8>) -> bool {
             }
         }
         Var::DomainName => match h.host {
-            Some(r) => out.extend_from_slice(h.slice(ctx.buf, r)),
+            // The host name alone, as Amazon API Gateway gives it: no port, no trailing dot.
+            Some(r) => out.extend_from_slice(crate::config::strip_port(h.slice(ctx.buf, r))),
             None => return false,
         },
         Var::RequestTimeEpoch => {
@@ -980,6 +981,26 @@ mod tests {
             let mut out = Vec::new();
             m.headers.push(&ctx(&r, None), &mut out);
             assert_eq!(String::from_utf8(out).unwrap(), want, "{line}");
+        }
+    }
+
+    #[test]
+    fn domain_name_is_the_host_name_alone() {
+        let v = vars();
+        let env = env(&v, &[]);
+        let table = BTreeMap::from([("header.x-d".to_string(), "$context.domainName".to_string())]);
+        let (m, _) = compile_request(&table, &env).unwrap();
+        for (host, want) in [
+            ("api.example.com", "api.example.com"),
+            ("api.example.com:8443", "api.example.com"),
+            ("api.example.com.", "api.example.com"),
+            ("api.example.com.:80", "api.example.com"),
+            ("[::1]:8080", "[::1]"),
+        ] {
+            let r = req(&format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+            let mut out = Vec::new();
+            m.headers.push(&ctx(&r, None), &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("x-d: {want}\r\n"));
         }
     }
 
