@@ -2385,6 +2385,74 @@ fn connections_api_says_a_draining_connection_is_closing() {
     assert!(gw.wait_exit(Duration::from_secs(5)).is_some());
 }
 
+/// "Nothing is dropped after a 200": once a connection is closing (its client's close frame or
+/// FIN seen, or a DELETE), `@connections` answers GET, POST and DELETE with the 410 of an
+/// unknown id, while a message call still runs or queued frames wait out the close grace.
+#[test]
+fn connections_api_answers_410_once_a_connection_is_closing() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let status = |m: &str, id: &str| admin(&gw, m, &format!("/@connections/{id}"), "late");
+    let gone = |id: &str| {
+        for m in ["GET", "POST", "DELETE"] {
+            let r = status(m, id);
+            assert_eq!(r.status, 410, "{m}: {}", r.text());
+            assert_eq!(r.json()["message"], "Gone: no such connection", "{m}");
+        }
+    };
+    // The client's close frame, while a 1 s message call runs.
+    let (id, mut ws) = open_with_id(gw.addr);
+    start_nap(&be, &mut ws);
+    ws.send(true, op::CLOSE, &1000u16.to_be_bytes());
+    assert_eq!(ws.expect_close(), 1000);
+    gone(&id);
+    assert!(
+        route_keys(&be, "$disconnect").is_empty(),
+        "checked only after the call ended"
+    );
+    // The client's FIN, while a 1 s message call runs.
+    let (id, mut ws) = open_with_id(gw.addr);
+    let naps = route_keys(&be, "nap").len();
+    ws.text(r#"{"action":"nap","n":2}"#);
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be, "nap"
+    )
+    .len()
+        > naps));
+    ws.s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(
+        wait_until(Duration::from_millis(700), || status("GET", &id).status
+            == 410),
+        "still described while its last call runs"
+    );
+    gone(&id);
+    // A DELETE while frames queued toward a client that does not read wait out the close
+    // grace: no later POST is taken, and every one that got a 200 still arrives.
+    let (id, mut ws) = open_with_id(gw.addr);
+    let pad = "p".repeat(64 * 1024);
+    let mut accepted = 0;
+    while accepted < 120 {
+        let r = admin(
+            &gw,
+            "POST",
+            &format!("/@connections/{id}"),
+            &format!("{accepted:06}{pad}"),
+        );
+        if r.status != 200 {
+            assert_eq!(r.status, 429, "{}", r.text());
+            break;
+        }
+        accepted += 1;
+    }
+    assert!(accepted >= 32, "{accepted} accepted");
+    assert_eq!(status("DELETE", &id).status, 204);
+    gone(&id);
+    for k in 0..accepted {
+        assert_eq!(&ws.recv_text()[..6], format!("{k:06}"), "message lost");
+    }
+    assert_eq!(ws.expect_close(), 1000);
+}
+
 /// A client that floods pings and reads nothing costs one owed pong, not one queued pong per
 /// ping: the gateway's memory stays flat (RFC 6455 5.5.3 lets it answer only the latest ping),
 /// and the pong it finally sends carries the latest ping's payload.
