@@ -1348,6 +1348,77 @@ fn passthrough_checks_the_upstreams_frames() {
     }
 }
 
+/// A frame header that arrives in pieces is relayed whole, and when the frame it starts breaks
+/// a rule, none of it goes on: the gateway's close lands at a frame boundary, both ways.
+#[test]
+fn passthrough_holds_back_a_split_header_so_its_close_lands_between_frames() {
+    let got_up = Arc::new(Mutex::new(None::<Vec<u8>>));
+    let rec = got_up.clone();
+    let nap = || thread::sleep(Duration::from_millis(150));
+    let be = raw_origin(move |mut s| {
+        s.set_nodelay(true).unwrap();
+        let mut buf = Vec::new();
+        let Some(head) = read_upgrade(&mut s, &mut buf) else {
+            return;
+        };
+        answer_upgrade(&mut s, &head, "");
+        if head.contains("/live/down") {
+            // A valid frame, then one over the frame limit, each header in two writes.
+            for part in [&b"\x81"[..], b"\x04fine", b"\x82", b"\x7e\x07\xd0"] {
+                nap();
+                let _ = s.write_all(part);
+            }
+            let _ = s.write_all(&[b'x'; 2000]);
+            nap();
+        } else {
+            // Everything the gateway relays, up to its FIN.
+            let _ = s.read_to_end(&mut buf);
+            *rec.lock().unwrap() = Some(buf);
+        }
+    });
+    let gw = Gateway::start(&passthrough_config(
+        be,
+        "websocket = { max_frame_bytes = 1024 }",
+    ));
+    // Upstream to client: "fine", then the 1009 close and nothing else.
+    let (head, mut ws) = ws_connect(gw.addr, "/live/down", "");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(ws.recv_text(), "fine");
+    let mut rest = std::mem::take(&mut ws.buf);
+    let _ = ws.s.read_to_end(&mut rest);
+    let h = frame::parse_header(&rest)
+        .unwrap_or_else(|c| panic!("{c}: {rest:?}"))
+        .unwrap_or_else(|| panic!("{rest:?}"));
+    assert_eq!((h.opcode, h.mask), (op::CLOSE, None), "{rest:?}");
+    assert_eq!(h.header_len + h.len as usize, rest.len(), "{rest:?}");
+    assert_eq!(rest[h.header_len..h.header_len + 2], 1009u16.to_be_bytes());
+    // Client to upstream: "hi", then an unmasked frame; the upstream gets "hi" and the
+    // gateway's masked 1001 close, nothing of the bad frame.
+    let (head, mut ws) = ws_connect(gw.addr, "/live/up", "");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let hi = Ws::frame(true, op::TEXT, b"hi", true);
+    for part in [&hi[..1], &hi[1..], b"\x81", b"\x05hello"] {
+        nap();
+        ws.send_raw(part);
+    }
+    assert_eq!(ws.expect_close(), 1002);
+    assert!(wait_until(Duration::from_secs(5), || got_up
+        .lock()
+        .unwrap()
+        .is_some()));
+    let up = got_up.lock().unwrap().take().unwrap();
+    assert!(up.starts_with(&hi), "{up:?}");
+    let rest = &up[hi.len()..];
+    let h = frame::parse_header(rest)
+        .unwrap_or_else(|c| panic!("{c}: {up:?}"))
+        .unwrap_or_else(|| panic!("{up:?}"));
+    assert_eq!(h.opcode, op::CLOSE, "{up:?}");
+    assert_eq!(h.header_len + h.len as usize, rest.len(), "{up:?}");
+    let mut p = rest[h.header_len..].to_vec();
+    frame::unmask_bytewise(&mut p, h.mask.expect("masked toward the upstream"));
+    assert_eq!(p[..2], 1001u16.to_be_bytes());
+}
+
 /// An upstream whose 101 names an extension that was not offered (the client's offer is
 /// removed) fails the handshake with 502: the client would otherwise turn compression on.
 #[test]
