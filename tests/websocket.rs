@@ -1875,6 +1875,51 @@ fn connect_integration_picks_the_subprotocol() {
     );
 }
 
+/// The client's offer is every token of all its `Sec-WebSocket-Protocol` lines; the
+/// integration's pick must be one of them exactly (tokens are case-sensitive), and the `101`
+/// carries it as the client spelt it, or names none.
+#[test]
+fn connect_subprotocol_is_matched_exactly_over_every_offer_line() {
+    let be = Origin::start(
+        |r| match (r.header("x-route-key"), r.path.split_once("pick=")) {
+            (Some("$connect"), Some((_, pick))) => {
+                Response::ok("").header("Sec-WebSocket-Protocol", pick)
+            }
+            _ => Response::ok(""),
+        },
+    );
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let chosen = |pick: &str, offer: &str| {
+        let (head, _ws) = ws_connect(gw.addr, &format!("/?pick={pick}"), offer);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let lines: Vec<String> = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-protocol"))
+            .map(|(_, v)| v.trim().to_string())
+            .collect();
+        assert!(lines.len() <= 1, "{head}");
+        lines.into_iter().next()
+    };
+    let two_lines = "Sec-WebSocket-Protocol: a\r\nSec-WebSocket-Protocol: b, chat\r\n";
+    assert_eq!(chosen("chat", two_lines).as_deref(), Some("chat"));
+    assert_eq!(chosen("a", two_lines).as_deref(), Some("a"));
+    // `$connect` saw both lines.
+    let c = route_keys(&be, "$connect");
+    assert_eq!(
+        c.last().unwrap().headers_named("sec-websocket-protocol"),
+        ["a", "b, chat"]
+    );
+    assert_eq!(
+        chosen("Chat.V1", "Sec-WebSocket-Protocol: x, Chat.V1\r\n").as_deref(),
+        Some("Chat.V1")
+    );
+    // Another case is another token: not offered, so not passed on.
+    assert_eq!(chosen("CHAT", "Sec-WebSocket-Protocol: chat\r\n"), None);
+    assert_eq!(chosen("chat", "Sec-WebSocket-Protocol: CHAT\r\n"), None);
+    assert_eq!(chosen("c", two_lines), None);
+}
+
 /// Auth on a WebSocket API guards the handshake: it is set on the `$connect` route and checked
 /// before the `$connect` integration is called; on a per-message route it is refused.
 #[test]

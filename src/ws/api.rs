@@ -867,14 +867,11 @@ pub async fn handshake(
         );
         match call.await {
             Ok(a) if (200..300).contains(&a.status) => {
-                // The integration may pick one of the subprotocols the client offered.
-                let offered = head.header(buf, "sec-websocket-protocol").unwrap_or(b"");
-                subprotocol = a.subprotocol.filter(|p| {
-                    !p.is_empty()
-                        && offered
-                            .split(|&c| c == b',')
-                            .any(|o| o.trim_ascii().eq_ignore_ascii_case(p))
-                });
+                // The integration may pick one of the subprotocols the client offered; one
+                // it did not offer is not passed on.
+                subprotocol = a
+                    .subprotocol
+                    .filter(|p| offered_subprotocols(head, buf).any(|o| o == &p[..]));
             }
             // Any other final status refuses the handshake with that status (the contract),
             // a redirect included.
@@ -923,6 +920,23 @@ pub async fn handshake(
             reg: None,
         },
     )
+}
+
+/// The subprotocol tokens the client offered, from every `Sec-WebSocket-Protocol` line (RFC
+/// 6455 11.3.4: comma-separated, over any number of lines). Tokens are case-sensitive.
+fn offered_subprotocols<'b>(
+    head: &'b RequestHead,
+    buf: &'b [u8],
+) -> impl Iterator<Item = &'b [u8]> {
+    head.headers
+        .iter()
+        .filter(|h| {
+            head.slice(buf, h.name)
+                .eq_ignore_ascii_case(b"sec-websocket-protocol")
+        })
+        .flat_map(|h| head.slice(buf, h.value).split(|&c| c == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
 }
 
 fn next_id() -> u64 {
