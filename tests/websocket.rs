@@ -1348,6 +1348,77 @@ fn passthrough_checks_the_upstreams_frames() {
     }
 }
 
+/// A frame header that arrives in pieces is relayed whole, and when the frame it starts breaks
+/// a rule, none of it goes on: the gateway's close lands at a frame boundary, both ways.
+#[test]
+fn passthrough_holds_back_a_split_header_so_its_close_lands_between_frames() {
+    let got_up = Arc::new(Mutex::new(None::<Vec<u8>>));
+    let rec = got_up.clone();
+    let nap = || thread::sleep(Duration::from_millis(150));
+    let be = raw_origin(move |mut s| {
+        s.set_nodelay(true).unwrap();
+        let mut buf = Vec::new();
+        let Some(head) = read_upgrade(&mut s, &mut buf) else {
+            return;
+        };
+        answer_upgrade(&mut s, &head, "");
+        if head.contains("/live/down") {
+            // A valid frame, then one over the frame limit, each header in two writes.
+            for part in [&b"\x81"[..], b"\x04fine", b"\x82", b"\x7e\x07\xd0"] {
+                nap();
+                let _ = s.write_all(part);
+            }
+            let _ = s.write_all(&[b'x'; 2000]);
+            nap();
+        } else {
+            // Everything the gateway relays, up to its FIN.
+            let _ = s.read_to_end(&mut buf);
+            *rec.lock().unwrap() = Some(buf);
+        }
+    });
+    let gw = Gateway::start(&passthrough_config(
+        be,
+        "websocket = { max_frame_bytes = 1024 }",
+    ));
+    // Upstream to client: "fine", then the 1009 close and nothing else.
+    let (head, mut ws) = ws_connect(gw.addr, "/live/down", "");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(ws.recv_text(), "fine");
+    let mut rest = std::mem::take(&mut ws.buf);
+    let _ = ws.s.read_to_end(&mut rest);
+    let h = frame::parse_header(&rest)
+        .unwrap_or_else(|c| panic!("{c}: {rest:?}"))
+        .unwrap_or_else(|| panic!("{rest:?}"));
+    assert_eq!((h.opcode, h.mask), (op::CLOSE, None), "{rest:?}");
+    assert_eq!(h.header_len + h.len as usize, rest.len(), "{rest:?}");
+    assert_eq!(rest[h.header_len..h.header_len + 2], 1009u16.to_be_bytes());
+    // Client to upstream: "hi", then an unmasked frame; the upstream gets "hi" and the
+    // gateway's masked 1001 close, nothing of the bad frame.
+    let (head, mut ws) = ws_connect(gw.addr, "/live/up", "");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let hi = Ws::frame(true, op::TEXT, b"hi", true);
+    for part in [&hi[..1], &hi[1..], b"\x81", b"\x05hello"] {
+        nap();
+        ws.send_raw(part);
+    }
+    assert_eq!(ws.expect_close(), 1002);
+    assert!(wait_until(Duration::from_secs(5), || got_up
+        .lock()
+        .unwrap()
+        .is_some()));
+    let up = got_up.lock().unwrap().take().unwrap();
+    assert!(up.starts_with(&hi), "{up:?}");
+    let rest = &up[hi.len()..];
+    let h = frame::parse_header(rest)
+        .unwrap_or_else(|c| panic!("{c}: {up:?}"))
+        .unwrap_or_else(|| panic!("{up:?}"));
+    assert_eq!(h.opcode, op::CLOSE, "{up:?}");
+    assert_eq!(h.header_len + h.len as usize, rest.len(), "{up:?}");
+    let mut p = rest[h.header_len..].to_vec();
+    frame::unmask_bytewise(&mut p, h.mask.expect("masked toward the upstream"));
+    assert_eq!(p[..2], 1001u16.to_be_bytes());
+}
+
 /// An upstream whose 101 names an extension that was not offered (the client's offer is
 /// removed) fails the handshake with 502: the client would otherwise turn compression on.
 #[test]
@@ -1802,6 +1873,51 @@ fn connect_integration_picks_the_subprotocol() {
         !head.to_ascii_lowercase().contains("sec-websocket-protocol"),
         "{head}"
     );
+}
+
+/// The client's offer is every token of all its `Sec-WebSocket-Protocol` lines; the
+/// integration's pick must be one of them exactly (tokens are case-sensitive), and the `101`
+/// carries it as the client spelt it, or names none.
+#[test]
+fn connect_subprotocol_is_matched_exactly_over_every_offer_line() {
+    let be = Origin::start(
+        |r| match (r.header("x-route-key"), r.path.split_once("pick=")) {
+            (Some("$connect"), Some((_, pick))) => {
+                Response::ok("").header("Sec-WebSocket-Protocol", pick)
+            }
+            _ => Response::ok(""),
+        },
+    );
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let chosen = |pick: &str, offer: &str| {
+        let (head, _ws) = ws_connect(gw.addr, &format!("/?pick={pick}"), offer);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let lines: Vec<String> = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-protocol"))
+            .map(|(_, v)| v.trim().to_string())
+            .collect();
+        assert!(lines.len() <= 1, "{head}");
+        lines.into_iter().next()
+    };
+    let two_lines = "Sec-WebSocket-Protocol: a\r\nSec-WebSocket-Protocol: b, chat\r\n";
+    assert_eq!(chosen("chat", two_lines).as_deref(), Some("chat"));
+    assert_eq!(chosen("a", two_lines).as_deref(), Some("a"));
+    // `$connect` saw both lines.
+    let c = route_keys(&be, "$connect");
+    assert_eq!(
+        c.last().unwrap().headers_named("sec-websocket-protocol"),
+        ["a", "b, chat"]
+    );
+    assert_eq!(
+        chosen("Chat.V1", "Sec-WebSocket-Protocol: x, Chat.V1\r\n").as_deref(),
+        Some("Chat.V1")
+    );
+    // Another case is another token: not offered, so not passed on.
+    assert_eq!(chosen("CHAT", "Sec-WebSocket-Protocol: chat\r\n"), None);
+    assert_eq!(chosen("chat", "Sec-WebSocket-Protocol: CHAT\r\n"), None);
+    assert_eq!(chosen("c", two_lines), None);
 }
 
 /// Auth on a WebSocket API guards the handshake: it is set on the `$connect` route and checked
@@ -2383,6 +2499,74 @@ fn connections_api_says_a_draining_connection_is_closing() {
     assert_eq!(ws.recv_text(), r#"{"action":"nap","n":1}"#);
     assert_eq!(ws.expect_close(), 1001);
     assert!(gw.wait_exit(Duration::from_secs(5)).is_some());
+}
+
+/// "Nothing is dropped after a 200": once a connection is closing (its client's close frame or
+/// FIN seen, or a DELETE), `@connections` answers GET, POST and DELETE with the 410 of an
+/// unknown id, while a message call still runs or queued frames wait out the close grace.
+#[test]
+fn connections_api_answers_410_once_a_connection_is_closing() {
+    let be = api_backend();
+    let gw = Gateway::start(&api_config(be.addr, ""));
+    let status = |m: &str, id: &str| admin(&gw, m, &format!("/@connections/{id}"), "late");
+    let gone = |id: &str| {
+        for m in ["GET", "POST", "DELETE"] {
+            let r = status(m, id);
+            assert_eq!(r.status, 410, "{m}: {}", r.text());
+            assert_eq!(r.json()["message"], "Gone: no such connection", "{m}");
+        }
+    };
+    // The client's close frame, while a 1 s message call runs.
+    let (id, mut ws) = open_with_id(gw.addr);
+    start_nap(&be, &mut ws);
+    ws.send(true, op::CLOSE, &1000u16.to_be_bytes());
+    assert_eq!(ws.expect_close(), 1000);
+    gone(&id);
+    assert!(
+        route_keys(&be, "$disconnect").is_empty(),
+        "checked only after the call ended"
+    );
+    // The client's FIN, while a 1 s message call runs.
+    let (id, mut ws) = open_with_id(gw.addr);
+    let naps = route_keys(&be, "nap").len();
+    ws.text(r#"{"action":"nap","n":2}"#);
+    assert!(wait_until(Duration::from_secs(3), || route_keys(
+        &be, "nap"
+    )
+    .len()
+        > naps));
+    ws.s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(
+        wait_until(Duration::from_millis(700), || status("GET", &id).status
+            == 410),
+        "still described while its last call runs"
+    );
+    gone(&id);
+    // A DELETE while frames queued toward a client that does not read wait out the close
+    // grace: no later POST is taken, and every one that got a 200 still arrives.
+    let (id, mut ws) = open_with_id(gw.addr);
+    let pad = "p".repeat(64 * 1024);
+    let mut accepted = 0;
+    while accepted < 120 {
+        let r = admin(
+            &gw,
+            "POST",
+            &format!("/@connections/{id}"),
+            &format!("{accepted:06}{pad}"),
+        );
+        if r.status != 200 {
+            assert_eq!(r.status, 429, "{}", r.text());
+            break;
+        }
+        accepted += 1;
+    }
+    assert!(accepted >= 32, "{accepted} accepted");
+    assert_eq!(status("DELETE", &id).status, 204);
+    gone(&id);
+    for k in 0..accepted {
+        assert_eq!(&ws.recv_text()[..6], format!("{k:06}"), "message lost");
+    }
+    assert_eq!(ws.expect_close(), 1000);
 }
 
 /// A client that floods pings and reads nothing costs one owed pong, not one queued pong per

@@ -36,7 +36,7 @@ use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Spl
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -201,6 +201,11 @@ struct Entry {
     queued: Arc<AtomicUsize>,
     /// The API's `max_message_bytes`: the largest message `@connections` sends.
     max_message: usize,
+    /// The connection takes no more messages: its client closed or left, or the gateway
+    /// decided to close it (a drain aside, see [`admin_local`]). `@connections` then answers
+    /// 410, as for an unknown id. (A POST taken just before can still lose the race with a
+    /// close seen on the worker before the mailbox hands its frame over.)
+    closing: Arc<AtomicBool>,
 }
 
 /// Counts `n` more bytes in a client's queue unless that takes it past [`MAX_QUEUED`].
@@ -292,13 +297,23 @@ impl Registry {
         }
     }
 
-    fn post(&self, id: u64, cmd: Cmd) -> bool {
+    /// Posts `cmd` to connection `id`'s worker; false when it is unknown or closing. `close`
+    /// marks it closing in the same step (a DELETE).
+    fn post(&self, id: u64, cmd: Cmd, close: bool) -> bool {
         let worker = {
             let c = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-            match c.get(&id) {
-                Some(e) => e.worker,
-                None => return false,
+            let Some(e) = c.get(&id) else {
+                return false;
+            };
+            let was = if close {
+                e.closing.swap(true, Ordering::AcqRel)
+            } else {
+                e.closing.load(Ordering::Acquire)
+            };
+            if was {
+                return false;
             }
+            e.worker
         };
         let m = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
         match m.get(worker).and_then(|t| t.as_ref()) {
@@ -402,7 +417,10 @@ pub fn admin_local(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16
             let (queued, max) = {
                 let c = reg.conns.lock().unwrap_or_else(|e| e.into_inner());
                 match c.get(&id) {
-                    Some(e) => (e.queued.clone(), e.max_message),
+                    Some(e) if !e.closing.load(Ordering::Acquire) => {
+                        (e.queued.clone(), e.max_message)
+                    }
+                    Some(_) => return not_taking(),
                     None => return gone,
                 }
             };
@@ -425,7 +443,7 @@ pub fn admin_local(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16
                     msg("Too Many Requests: the client is not reading; its queue is full"),
                 );
             }
-            if reg.post(id, Cmd::Send(id, f)) {
+            if reg.post(id, Cmd::Send(id, f), false) {
                 (200, String::new())
             } else {
                 queued.fetch_sub(n, Ordering::AcqRel);
@@ -433,7 +451,7 @@ pub fn admin_local(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16
             }
         }
         "DELETE" => {
-            if reg.post(id, Cmd::Close(id)) {
+            if reg.post(id, Cmd::Close(id), true) {
                 (204, String::new())
             } else {
                 not_taking()
@@ -442,7 +460,7 @@ pub fn admin_local(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16
         "GET" => {
             let c = reg.conns.lock().unwrap_or_else(|e| e.into_inner());
             match c.get(&id) {
-                Some(e) => (
+                Some(e) if !e.closing.load(Ordering::Acquire) => (
                     200,
                     serde_json::json!({
                         "connectedAt": iso8601(e.connected_at_ms),
@@ -451,7 +469,7 @@ pub fn admin_local(shared: &Shared, method: &str, id: &str, body: &[u8]) -> (u16
                     })
                     .to_string(),
                 ),
-                None => gone,
+                _ => gone,
             }
         }
         _ => (405, msg("Method Not Allowed")),
@@ -636,6 +654,7 @@ struct Registered {
     kill_rx: oneshot::Receiver<(u16, &'static str)>,
     last_active: Arc<AtomicU64>,
     queued: Arc<AtomicUsize>,
+    closing: Arc<AtomicBool>,
 }
 
 impl Accepted {
@@ -654,6 +673,7 @@ impl Accepted {
         let id = self.id;
         let last_active = Arc::new(AtomicU64::new(now_ms()));
         let queued = Arc::new(AtomicUsize::new(0));
+        let closing = Arc::new(AtomicBool::new(false));
         shared
             .ws
             .conns
@@ -668,6 +688,7 @@ impl Accepted {
                     source_ip: self.who.peer.ip().to_string(),
                     queued: queued.clone(),
                     max_message: self.api.settings.limits.max_message,
+                    closing: closing.clone(),
                 },
             );
         if let Some(c) = shared.cluster.get() {
@@ -691,6 +712,7 @@ impl Accepted {
             kill_rx,
             last_active,
             queued,
+            closing,
         });
     }
 
@@ -845,14 +867,11 @@ pub async fn handshake(
         );
         match call.await {
             Ok(a) if (200..300).contains(&a.status) => {
-                // The integration may pick one of the subprotocols the client offered.
-                let offered = head.header(buf, "sec-websocket-protocol").unwrap_or(b"");
-                subprotocol = a.subprotocol.filter(|p| {
-                    !p.is_empty()
-                        && offered
-                            .split(|&c| c == b',')
-                            .any(|o| o.trim_ascii().eq_ignore_ascii_case(p))
-                });
+                // The integration may pick one of the subprotocols the client offered; one
+                // it did not offer is not passed on.
+                subprotocol = a
+                    .subprotocol
+                    .filter(|p| offered_subprotocols(head, buf).any(|o| o == &p[..]));
             }
             // Any other final status refuses the handshake with that status (the contract),
             // a redirect included.
@@ -901,6 +920,23 @@ pub async fn handshake(
             reg: None,
         },
     )
+}
+
+/// The subprotocol tokens the client offered, from every `Sec-WebSocket-Protocol` line (RFC
+/// 6455 11.3.4: comma-separated, over any number of lines). Tokens are case-sensitive.
+fn offered_subprotocols<'b>(
+    head: &'b RequestHead,
+    buf: &'b [u8],
+) -> impl Iterator<Item = &'b [u8]> {
+    head.headers
+        .iter()
+        .filter(|h| {
+            head.slice(buf, h.name)
+                .eq_ignore_ascii_case(b"sec-websocket-protocol")
+        })
+        .flat_map(|h| head.slice(buf, h.value).split(|&c| c == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
 }
 
 fn next_id() -> u64 {
@@ -1029,6 +1065,7 @@ pub async fn run<S: crate::server::ClientIo>(
         kill_rx,
         last_active,
         queued,
+        closing,
     }) = reg
     else {
         unreachable!("registered above")
@@ -1108,8 +1145,12 @@ pub async fn run<S: crate::server::ClientIo>(
     };
 
     let main = async {
+        // From now on `@connections` answers 410: a 200 would promise a delivery that cannot
+        // come once the client closed or a close frame is on its way.
+        let stop_taking = || closing.store(true, Ordering::Release);
         // Ends the connection with a close frame, and keeps why for `$disconnect`.
         let close_with = |c: u16, why: &'static str| {
+            stop_taking();
             ended_by(c, why);
             let _ = tx.unbounded_send(Out::Close(c, why));
         };
@@ -1298,6 +1339,7 @@ pub async fn run<S: crate::server::ClientIo>(
                     // The reader ended: a close frame or a bad one (the cause is set), else
                     // the connection ended without a close frame.
                     ended_by(code::ABNORMAL, "connection lost");
+                    stop_taking();
                     // The client closed or left: the messages it sent before are still called,
                     // in order (after a close frame their replies go nowhere), unless the watch
                     // ends the connection first.
@@ -1310,6 +1352,11 @@ pub async fn run<S: crate::server::ClientIo>(
                 }
             };
             if let Some((c, why)) = end {
+                // A drain says so itself (see `admin_local`): a GET still describes the
+                // connection until it is gone.
+                if !shared.shutdown.load(Ordering::Acquire) {
+                    stop_taking();
+                }
                 ended_by(c, why);
                 if shared.shutdown.load(Ordering::Relaxed)
                     && (busy.get() || !waiting.borrow().is_empty())

@@ -8,7 +8,7 @@ use super::frame::{self, code, SizeLimits};
 use super::WsSettings;
 use crate::gateway::Shared;
 use crate::server::ClientIo;
-use monoio::buf::IoBufMut;
+use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{
     AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf,
     OwnedWriteHalf, Splitable,
@@ -22,13 +22,14 @@ use std::time::{Duration, Instant};
 const SMALL_BUF: usize = 4096;
 const BIG_BUF: usize = 64 * 1024;
 
-/// Walks frame headers in a byte stream without copying payloads.
+/// Walks frame headers in a byte stream without copying payloads. It reads a header only
+/// once it is whole: the caller holds back the bytes of an incomplete one and feeds them again
+/// with the bytes that follow, so only whole headers are relayed and a close frame of the
+/// gateway's can always be put at a frame boundary.
 #[derive(Debug)]
 pub struct Scanner {
     /// Payload bytes left in the current frame.
     remaining: u64,
-    hdr: [u8; 14],
-    hdr_len: usize,
     /// Bytes of data frames in the current message.
     msg_len: u64,
     /// Client frames must be masked (`true`); an upstream's must not be (`false`).
@@ -44,8 +45,6 @@ impl Scanner {
     pub fn new(from_client: bool, limits: Option<SizeLimits>) -> Scanner {
         Scanner {
             remaining: 0,
-            hdr: [0; 14],
-            hdr_len: 0,
             msg_len: 0,
             from_client,
             limits,
@@ -53,83 +52,56 @@ impl Scanner {
         }
     }
 
-    /// Whether the stream is between frames.
+    /// Whether what was scanned (up to the bytes reported relayable) ends between frames.
     pub fn at_boundary(&self) -> bool {
-        self.remaining == 0 && self.hdr_len == 0
+        self.remaining == 0
     }
 
-    /// Scans `data`; `Err(close code)` when a frame breaks a rule.
-    pub fn feed(&mut self, data: &[u8]) -> Result<(), u16> {
-        self.feed_upto(data).map_err(|(_, c)| c)
-    }
-
-    /// [`Scanner::feed`], whose error also says how many bytes of `data` come before the frame
-    /// at fault: those may still go on (whole frames), and the scanner is then at that
-    /// boundary when the frame began in `data`.
-    pub fn feed_upto(&mut self, data: &[u8]) -> Result<(), (usize, u16)> {
-        let total = data.len();
-        let mut data = data;
-        // Where the frame whose header is being read began in `data` (None: in an earlier
-        // chunk).
-        let mut frame_start = None;
-        while !data.is_empty() {
+    /// Scans `data`. `Ok(n)`: its first `n` bytes may be relayed; the rest, if any, is the
+    /// start of a header, to be fed again in front of the bytes that follow. `Err((n, close
+    /// code))`: a frame breaks a rule; the `n` bytes before it are whole frames, which may
+    /// still go on, and the scanner is at that boundary.
+    pub fn feed_upto(&mut self, data: &[u8]) -> Result<usize, (usize, u16)> {
+        let mut at = 0;
+        while at < data.len() {
             if self.remaining > 0 {
-                let n = self.remaining.min(data.len() as u64);
+                let n = self.remaining.min((data.len() - at) as u64);
                 self.remaining -= n;
-                data = &data[n as usize..];
+                at += n as usize;
                 continue;
             }
-            if self.hdr_len == 0 {
-                frame_start = Some(total - data.len());
-            }
-            let take = (14 - self.hdr_len).min(data.len());
-            self.hdr[self.hdr_len..self.hdr_len + take].copy_from_slice(&data[..take]);
-            let have = self.hdr_len + take;
-            // At fault: what came before the frame may go on; the scanner is at its start.
-            let fault = |sc: &mut Scanner, c: u16| {
-                if frame_start.is_some() {
-                    sc.hdr_len = 0;
-                }
-                Err((frame_start.unwrap_or(0), c))
+            let rest = &data[at..];
+            let h = match frame::parse_header(&rest[..rest.len().min(14)]) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(c) => return Err((at, c)),
             };
-            let parsed = match frame::parse_header(&self.hdr[..have]) {
-                Ok(p) => p,
-                Err(c) => return fault(self, c),
-            };
-            match parsed {
-                None => {
-                    self.hdr_len = have;
-                    data = &data[take..];
-                }
-                Some(h) => {
-                    let used = h.header_len - self.hdr_len;
-                    self.hdr_len = 0;
-                    data = &data[used..];
-                    // RFC 6455 5.1: clients mask every frame, servers none.
-                    if self.from_client != h.mask.is_some() {
-                        return fault(self, code::PROTOCOL);
-                    }
-                    if h.opcode & 0x08 == 0 {
-                        if let Some(l) = self.limits {
-                            if h.len > l.max_frame as u64 {
-                                return fault(self, code::TOO_BIG);
-                            }
-                            if h.opcode != frame::op::CONT {
-                                self.msg_len = 0;
-                            }
-                            self.msg_len += h.len;
-                            if self.msg_len > l.max_message as u64 {
-                                return fault(self, code::TOO_BIG);
-                            }
-                        }
-                    } else if h.opcode == frame::op::CLOSE {
-                        self.saw_close = true;
-                    }
-                    self.remaining = h.len;
-                }
+            // RFC 6455 5.1: clients mask every frame, servers none.
+            if self.from_client != h.mask.is_some() {
+                return Err((at, code::PROTOCOL));
             }
+            if h.opcode & 0x08 == 0 {
+                if let Some(l) = self.limits {
+                    if h.len > l.max_frame as u64 {
+                        return Err((at, code::TOO_BIG));
+                    }
+                    let msg = if h.opcode == frame::op::CONT {
+                        self.msg_len + h.len
+                    } else {
+                        h.len
+                    };
+                    if msg > l.max_message as u64 {
+                        return Err((at, code::TOO_BIG));
+                    }
+                    self.msg_len = msg;
+                }
+            } else if h.opcode == frame::op::CLOSE {
+                self.saw_close = true;
+            }
+            at += h.header_len;
+            self.remaining = h.len;
         }
-        Ok(())
+        Ok(at)
     }
 }
 
@@ -223,48 +195,64 @@ async fn pump<R: ClientIo, W: ClientIo>(
     loop {
         if !buf.is_empty() {
             let fed = side.scan.borrow_mut().feed_upto(&buf);
-            if let Err((good, c)) = fed {
-                // The whole frames before the one at fault still go on.
-                if good > 0 {
-                    buf.truncate(good);
-                    side.writing.set(true);
-                    let (res, _) = w.write_all(buf).await;
-                    side.writing.set(false);
-                    if res.is_err() {
-                        return End::WriteFailed;
+            let whole = match fed {
+                Ok(n) => n,
+                Err((good, c)) => {
+                    // The whole frames before the one at fault still go on.
+                    if good > 0 {
+                        buf.truncate(good);
+                        side.writing.set(true);
+                        let (res, _) = w.write_all(buf).await;
+                        side.writing.set(false);
+                        if res.is_err() {
+                            return End::WriteFailed;
+                        }
                     }
+                    return End::Violation(c);
                 }
-                return End::Violation(c);
+            };
+            if whole > 0 {
+                side.writing.set(true);
+                let (res, b) = w.write_all(buf.slice(..whole)).await;
+                side.writing.set(false);
+                buf = b.into_inner();
+                if res.is_err() {
+                    return End::WriteFailed;
+                }
+                last.set(Instant::now());
             }
-            side.writing.set(true);
-            let (res, b) = w.write_all(buf).await;
-            side.writing.set(false);
-            buf = b;
-            if res.is_err() {
-                return End::WriteFailed;
-            }
-            last.set(Instant::now());
             let full = buf.len() == buf.capacity();
-            buf.clear();
+            // An incomplete header (at most 13 bytes) is held back, to be read on.
+            buf.copy_within(whole.., 0);
+            buf.truncate(buf.len() - whole);
             if full && buf.capacity() < BIG_BUF {
-                give_buf(std::mem::replace(&mut buf, Vec::with_capacity(BIG_BUF)));
+                let mut big = Vec::with_capacity(BIG_BUF);
+                big.extend_from_slice(&buf);
+                give_buf(std::mem::replace(&mut buf, big));
             }
         }
         if buf.capacity() == 0 {
             buf = take_buf();
+        } else if buf.capacity() - buf.len() < 14 {
+            // Only a first chunk (from the handshake) that is all a held-back header.
+            buf.reserve(SMALL_BUF);
         }
+        let len = buf.len();
         let cap = buf.capacity();
         let handle = side.canceller.borrow().handle();
         side.reading_since.set(Some(Instant::now()));
-        let (res, b) = r.cancelable_read(buf.slice_mut(0..cap), handle).await;
+        let (res, b) = r.cancelable_read(buf.slice_mut(len..cap), handle).await;
         side.reading_since.set(None);
         buf = b.into_inner();
         match res {
             Ok(0) => return End::Closed,
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
-                // Idle: give the buffer back and wait for bytes without one.
-                give_buf(std::mem::take(&mut buf));
+                // Idle: give the buffer back (unless it holds the start of a header) and
+                // wait for bytes without one.
+                if buf.is_empty() {
+                    give_buf(std::mem::take(&mut buf));
+                }
                 // SAFETY: the halves share the stream through an `Rc<UnsafeCell>` exactly as
                 // monoio's own split does; `readable` takes `&self` and only clones the fd
                 // into a poll op, so it does not conflict with the write half's operations.
@@ -410,6 +398,32 @@ mod tests {
         assert_eq!(p, 1001u16.to_be_bytes());
     }
 
+    /// Feeds `data` in chunks of `step` as the relay does, holding back what the scanner does
+    /// not take; returns the bytes it would have relayed, or the error.
+    fn relay(sc: &mut Scanner, data: &[u8], step: usize) -> Result<Vec<u8>, (Vec<u8>, u16)> {
+        let (mut out, mut held) = (Vec::new(), Vec::new());
+        for p in data.chunks(step) {
+            held.extend_from_slice(p);
+            match sc.feed_upto(&held) {
+                Ok(n) => {
+                    out.extend(held.drain(..n));
+                    assert!(held.len() < 14, "more held back than a header");
+                }
+                Err((n, c)) => {
+                    out.extend_from_slice(&held[..n]);
+                    return Err((out, c));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn feed(sc: &mut Scanner, data: &[u8]) -> Result<(), u16> {
+        relay(sc, data, data.len().max(1))
+            .map(|_| ())
+            .map_err(|(_, c)| c)
+    }
+
     #[test]
     fn scanner_tracks_boundaries_in_any_split() {
         let mut s = masked(frame::op::TEXT, true, &[b'x'; 300]);
@@ -423,14 +437,48 @@ mod tests {
                     max_message: 1000,
                 }),
             );
-            for p in s.chunks(step) {
-                sc.feed(p).unwrap();
-            }
+            assert_eq!(relay(&mut sc, &s, step), Ok(s.clone()), "step {step}");
             assert!(sc.at_boundary() && sc.saw_close, "step {step}");
         }
         let mut sc = Scanner::new(true, None);
-        sc.feed(&s[..5]).unwrap();
+        assert_eq!(
+            sc.feed_upto(&s[..5]),
+            Ok(0),
+            "an incomplete header is held back"
+        );
+        assert_eq!(sc.feed_upto(&s[..10]), Ok(10));
         assert!(!sc.at_boundary());
+    }
+
+    /// A frame at fault whose header came in pieces: nothing of it is relayed, so the close
+    /// follows the frames before it.
+    #[test]
+    fn a_split_header_at_fault_relays_nothing_of_its_frame() {
+        let lim = Some(SizeLimits {
+            max_frame: 1024,
+            max_message: 1024,
+        });
+        let mut ok = Vec::new();
+        frame::encode(&mut ok, frame::op::TEXT, true, b"fine");
+        let mut big = Vec::new();
+        frame::encode(&mut big, frame::op::BINARY, true, &[0; 2000]);
+        let unmasked = {
+            let mut f = Vec::new();
+            frame::encode(&mut f, frame::op::TEXT, true, b"hello");
+            f
+        };
+        for (from_client, first, bad, c) in [
+            (false, ok.clone(), big, 1009),
+            (true, masked(frame::op::TEXT, true, b"fine"), unmasked, 1002),
+        ] {
+            for step in 1..=4 {
+                let mut all = first.clone();
+                all.extend_from_slice(&bad);
+                let mut sc = Scanner::new(from_client, lim);
+                assert_eq!(relay(&mut sc, &all, step), Err((first.clone(), c)));
+                assert!(sc.at_boundary());
+            }
+        }
     }
 
     #[test]
@@ -441,18 +489,18 @@ mod tests {
         });
         let mut f = Vec::new();
         frame::encode(&mut f, frame::op::TEXT, true, b"hi");
-        assert_eq!(Scanner::new(true, lim).feed(&f), Err(1002));
-        assert_eq!(Scanner::new(false, lim).feed(&f), Ok(()));
+        assert_eq!(feed(&mut Scanner::new(true, lim), &f), Err(1002));
+        assert_eq!(feed(&mut Scanner::new(false, lim), &f), Ok(()));
         // An upstream (a server) never masks; and the size limits hold its way too.
         let m = masked(frame::op::TEXT, true, b"hi");
-        assert_eq!(Scanner::new(false, lim).feed(&m), Err(1002));
+        assert_eq!(feed(&mut Scanner::new(false, lim), &m), Err(1002));
         let mut big = Vec::new();
         frame::encode(&mut big, frame::op::BINARY, true, &[0; 101]);
-        assert_eq!(Scanner::new(false, lim).feed(&big[..4]), Err(1009));
+        assert_eq!(feed(&mut Scanner::new(false, lim), &big[..4]), Err(1009));
         let big = masked(frame::op::BINARY, true, &[0; 101]);
-        assert_eq!(Scanner::new(true, lim).feed(&big[..8]), Err(1009));
+        assert_eq!(feed(&mut Scanner::new(true, lim), &big[..8]), Err(1009));
         let mut m = masked(frame::op::BINARY, false, &[0; 100]);
         m.extend(masked(frame::op::CONT, true, &[0; 60]));
-        assert_eq!(Scanner::new(true, lim).feed(&m), Err(1009));
+        assert_eq!(feed(&mut Scanner::new(true, lim), &m), Err(1009));
     }
 }
