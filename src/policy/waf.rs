@@ -196,6 +196,7 @@ pub struct Input<'a> {
     pub headers: &'a mut dyn Iterator<Item = (&'a [u8], &'a [u8])>,
 }
 
+/// A scan's result as a verdict.
 fn verdict(blocked: bool) -> Verdict {
     if blocked {
         Verdict::Forbidden
@@ -204,9 +205,10 @@ fn verdict(blocked: bool) -> Verdict {
     }
 }
 
-/// Whether `body` is UTF-16 and, if so, whether big-endian: by the `charset` of its
-/// `Content-Type`, else by a byte-order mark, else by the NUL pattern UTF-16 gives ASCII text
-/// such as JSON (RFC 4627 3: a NUL byte before or after the first character).
+/// Whether `body` is UTF-16 and, if so, whether big-endian: by a byte-order mark, else by the
+/// `charset` of its `Content-Type` (plain `utf-16` is big-endian, RFC 2781), else by the NUL
+/// pattern UTF-16 gives ASCII text such as JSON (RFC 4627 3: a NUL byte before or after the
+/// first character).
 fn utf16(content_type: &[u8], body: &[u8]) -> Option<bool> {
     let has = |t: &[u8]| {
         content_type
