@@ -233,8 +233,8 @@ pub(super) async fn before<S: ClientIo>(
             }
             if t.waf.wants_body() {
                 if c.b.head.header_count(&c.b.rbuf, "content-type") > 1 {
-                    // The body is scanned decoded by its type: with two types, the one a
-                    // backend reads could be the one the scan did not decode by.
+                    // The scan takes the body's charset from its type: with two types, the
+                    // one a backend reads could be the one the scan did not go by.
                     let keep = body_skippable(c);
                     return Some(
                         reject(w, c, 400, "Bad Request: Content-Type given twice", keep).await,
