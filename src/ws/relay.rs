@@ -374,6 +374,57 @@ pub async fn run<S: ClientIo>(
     let _ = monoio::time::timeout(t, uw.shutdown()).await;
 }
 
+/// Feeds `data` to `sc` in pieces of `step` bytes as the relay's pump does, holding back
+/// what the scanner does not take yet (an incomplete header, never 14 bytes or more); returns
+/// the bytes the relay would have sent, and the close code when a frame broke a rule.
+#[doc(hidden)]
+pub fn relay_in_pieces(sc: &mut Scanner, data: &[u8], step: usize) -> (Vec<u8>, Option<u16>) {
+    let (mut out, mut held) = (Vec::new(), Vec::new());
+    for p in data.chunks(step.max(1)) {
+        held.extend_from_slice(p);
+        match sc.feed_upto(&held) {
+            Ok(n) => {
+                out.extend(held.drain(..n));
+                assert!(held.len() < 14, "{} bytes held back", held.len());
+            }
+            Err((n, c)) => {
+                out.extend_from_slice(&held[..n]);
+                return (out, Some(c));
+            }
+        }
+    }
+    (out, None)
+}
+
+/// The check the `ws_relay` fuzz target runs (and a unit test, over generated frames): bytes
+/// from one side of a pass-through tunnel (the first byte picks the piece size and which side)
+/// relayed in pieces must never panic, must relay exactly what relaying them in one piece
+/// does (the same bytes, the same fault), and, on a fault, must have relayed whole frames only,
+/// so that the gateway's close frame lands between frames. Returns the bytes relayed.
+#[doc(hidden)]
+pub fn fuzz_check(data: &[u8]) -> usize {
+    let Some((&first, rest)) = data.split_first() else {
+        return 0;
+    };
+    let from_client = first & 0x80 != 0;
+    let step = 1 + (first & 0x3f) as usize;
+    let limits = Some(SizeLimits {
+        max_frame: 256,
+        max_message: 1024,
+    });
+    let pieces = relay_in_pieces(&mut Scanner::new(from_client, limits), rest, step);
+    let whole = relay_in_pieces(&mut Scanner::new(from_client, limits), rest, rest.len());
+    assert_eq!(pieces, whole, "step {step}");
+    if pieces.1.is_some() {
+        // What went on before the fault is whole frames: a fresh scanner takes all of it and
+        // ends between frames.
+        let mut again = Scanner::new(from_client, limits);
+        assert_eq!(again.feed_upto(&pieces.0), Ok(pieces.0.len()));
+        assert!(again.at_boundary());
+    }
+    pieces.0.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,30 +449,62 @@ mod tests {
         assert_eq!(p, 1001u16.to_be_bytes());
     }
 
-    /// Feeds `data` in chunks of `step` as the relay does, holding back what the scanner does
-    /// not take; returns the bytes it would have relayed, or the error.
+    /// [`relay_in_pieces`] as a `Result`: the bytes relayed, or those and the close code.
     fn relay(sc: &mut Scanner, data: &[u8], step: usize) -> Result<Vec<u8>, (Vec<u8>, u16)> {
-        let (mut out, mut held) = (Vec::new(), Vec::new());
-        for p in data.chunks(step) {
-            held.extend_from_slice(p);
-            match sc.feed_upto(&held) {
-                Ok(n) => {
-                    out.extend(held.drain(..n));
-                    assert!(held.len() < 14, "more held back than a header");
-                }
-                Err((n, c)) => {
-                    out.extend_from_slice(&held[..n]);
-                    return Err((out, c));
-                }
-            }
+        match relay_in_pieces(sc, data, step) {
+            (out, None) => Ok(out),
+            (out, Some(c)) => Err((out, c)),
         }
-        Ok(out)
     }
 
     fn feed(sc: &mut Scanner, data: &[u8]) -> Result<(), u16> {
         relay(sc, data, data.len().max(1))
             .map(|_| ())
             .map_err(|(_, c)| c)
+    }
+
+    #[test]
+    fn fuzz_check_over_generated_frames() {
+        // xorshift: frames of both sides (now and then of the wrong one, or over the limits),
+        // then mutated bytes, through the fuzz target's check.
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut relayed, mut cut) = (0, 0);
+        for _ in 0..3000 {
+            let first = next() as u8;
+            let mut input = vec![first];
+            for _ in 0..(next() % 6) {
+                let op = [0x1u8, 0x2, 0x0, 0x9, 0xA, 0x8][(next() % 6) as usize];
+                let len = (next() % 300) as usize;
+                let payload: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                let client = (first & 0x80 != 0) != (next() % 10 == 0);
+                if client {
+                    input.extend(masked(op, next() % 3 != 0, &payload));
+                } else {
+                    frame::encode(&mut input, op, next() % 3 != 0, &payload);
+                }
+            }
+            for _ in 0..(next() % 3) {
+                if input.len() > 1 {
+                    let i = 1 + (next() as usize) % (input.len() - 1);
+                    input[i] = next() as u8;
+                }
+            }
+            let n = fuzz_check(&input);
+            relayed += n;
+            cut += (n + 1 < input.len()) as usize;
+        }
+        // Many inputs go through whole and many stop at a fault (or a frame left unfinished):
+        // both paths must really be taken.
+        assert!(
+            relayed > 100_000 && cut > 500,
+            "{relayed} bytes, {cut} inputs cut"
+        );
     }
 
     #[test]
