@@ -36,6 +36,17 @@ pub(super) async fn run<S: ClientIo>(
     }
     let head_len = c.b.head.head_len;
     let body_len = if route.auth.needs_body() {
+        // What the head alone can refuse is refused before the body is read (nor invited
+        // with `100 Continue`): an upload without valid-looking credentials is not held.
+        let req = Request {
+            head: &c.b.head,
+            buf: &c.b.rbuf,
+            body: &[],
+            request_id: &c.reqid[..c.reqid_len],
+        };
+        if let Err(d) = auth::precheck(&gw.config.auth, &route.auth, &req) {
+            return Err(refuse(w, c, route, d).await);
+        }
         match buffer_body(c, gw).await {
             Ok(n) => n,
             Err((status, msg)) => return Err(reject(w, c, status, msg, false).await),
@@ -69,25 +80,34 @@ pub(super) async fn run<S: ClientIo>(
     c.auth_ctx = ident.context;
     match res {
         Ok(()) => Ok(()),
-        Err(d) => {
-            if d.status == 401 {
-                // RFC 9110 15.5.2: a 401 names the scheme that would be accepted.
-                let challenge: &[u8] = match route.auth.kind {
-                    AuthKind::Jwt(_) if c.b.head.header(&c.b.rbuf, "authorization").is_some() => {
-                        b"Bearer error=\"invalid_token\""
-                    }
-                    AuthKind::Jwt(_) => b"Bearer",
-                    AuthKind::SigV4 => b"AWS4-HMAC-SHA256",
-                    _ => b"",
-                };
-                if !challenge.is_empty() {
-                    encode::push_header(&mut c.b.extra, b"www-authenticate", challenge);
-                }
+        Err(d) => Err(refuse(w, c, route, d).await),
+    }
+}
+
+/// Answers a failed check: its status and message, and on a 401 the scheme that would be
+/// accepted.
+async fn refuse<S: ClientIo>(
+    w: &Rc<Worker>,
+    c: &mut Conn<S>,
+    route: &Route,
+    d: auth::Deny,
+) -> Outcome {
+    if d.status == 401 {
+        // RFC 9110 15.5.2: a 401 names the scheme that would be accepted.
+        let challenge: &[u8] = match route.auth.kind {
+            AuthKind::Jwt(_) if c.b.head.header(&c.b.rbuf, "authorization").is_some() => {
+                b"Bearer error=\"invalid_token\""
             }
-            let keep = body_skippable(c);
-            Err(reject(w, c, d.status, d.message, keep).await)
+            AuthKind::Jwt(_) => b"Bearer",
+            AuthKind::SigV4 => b"AWS4-HMAC-SHA256",
+            _ => b"",
+        };
+        if !challenge.is_empty() {
+            encode::push_header(&mut c.b.extra, b"www-authenticate", challenge);
         }
     }
+    let keep = body_skippable(c);
+    reject(w, c, d.status, d.message, keep).await
 }
 
 /// Reads the whole request body into `rbuf` (after the head); returns its length.

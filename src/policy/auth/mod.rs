@@ -402,6 +402,16 @@ pub struct RoutePlans<'a> {
     pub covering: &'a [u16],
 }
 
+/// For a route whose check reads the body ([`RouteAuth::needs_body`], SigV4): the part of
+/// the check that needs only the head (`req.body` is not read), run before the body is
+/// buffered, so a request that cannot pass is refused without its upload.
+pub fn precheck(cfg: &AuthConfig, route: &RouteAuth, req: &Request<'_>) -> Result<(), Deny> {
+    match route.kind {
+        AuthKind::SigV4 => sigv4::precheck(&cfg.sigv4, req, now_unix()),
+        _ => Ok(()),
+    }
+}
+
 /// Runs the route's checks, filling `id` as they pass: a request refused by a later check (a
 /// valid JWT without the required API key) keeps the principal found so far, for the access
 /// log. `gen` is the config generation (per-worker caches are dropped when it changes); `cfg`

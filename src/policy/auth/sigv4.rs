@@ -174,86 +174,8 @@ pub fn verify(
     now: u64,
 ) -> Result<Arc<str>, Deny> {
     let head = req.head;
-    let raw_query = head.query.map(|q| head.slice(req.buf, q)).unwrap_or(b"");
-    let query: Vec<(String, String)> = if raw_query.is_empty() {
-        Vec::new()
-    } else {
-        parse_query(raw_query).ok_or(FORBIDDEN)?
-    };
-    let auth_hdr = req.header("authorization");
-    let owned_q;
-    let p = if let Some(h) = auth_hdr.filter(|h| h.starts_with(ALGO.as_bytes())) {
-        let h = std::str::from_utf8(h).map_err(|_| FORBIDDEN)?;
-        let amz_date = req
-            .header("x-amz-date")
-            .and_then(|d| std::str::from_utf8(d).ok())
-            .ok_or(FORBIDDEN)?;
-        parse_header(&h[ALGO.len()..], amz_date).ok_or(FORBIDDEN)?
-    } else if query.iter().any(|(k, _)| k == "X-Amz-Algorithm") {
-        owned_q = &query;
-        // Each parameter once: a second value is not "the last one wins" but a refusal.
-        let get = |name: &str| {
-            let mut it = owned_q.iter().filter(|(k, _)| k == name);
-            match (it.next(), it.next()) {
-                (Some((_, v)), None) => Ok(v.as_str()),
-                _ => Err(FORBIDDEN),
-            }
-        };
-        if get("X-Amz-Algorithm")? != ALGO {
-            return Err(FORBIDDEN);
-        }
-        let expires: u64 = get("X-Amz-Expires")?.parse().map_err(|_| FORBIDDEN)?;
-        // 1 s to 7 days, as AWS: an URL valid for no time at all is no presigned URL.
-        if expires == 0 || expires > MAX_EXPIRES_S {
-            return Err(FORBIDDEN);
-        }
-        let (access_key, date, region, service) =
-            parse_scope(get("X-Amz-Credential")?).ok_or(FORBIDDEN)?;
-        Params {
-            access_key,
-            date,
-            region,
-            service,
-            signed_headers: get("X-Amz-SignedHeaders")?,
-            signature: get("X-Amz-Signature")?,
-            amz_date: get("X-Amz-Date")?,
-            presigned_expires: Some(expires),
-        }
-    } else {
-        return Err(UNAUTHORIZED);
-    };
-
-    let (ci, cred) = creds
-        .iter()
-        .enumerate()
-        .find(|(_, c)| c.access_key == p.access_key)
-        .ok_or(FORBIDDEN)?;
-    if p.region != cred.region || p.service != cred.service {
-        return Err(FORBIDDEN);
-    }
-    // Configured credentials are long-term ones: a session token belongs to temporary
-    // credentials these are not (AWS refuses it too).
-    if req.header("x-amz-security-token").is_some()
-        || query.iter().any(|(k, _)| k == "X-Amz-Security-Token")
-    {
-        return Err(FORBIDDEN);
-    }
-    let t = parse_amz_date(p.amz_date).ok_or(FORBIDDEN)?;
-    if p.date.len() != 8 || !p.amz_date.starts_with(p.date) {
-        return Err(FORBIDDEN);
-    }
-    match p.presigned_expires {
-        None => {
-            if now.abs_diff(t) > MAX_SKEW_S {
-                return Err(FORBIDDEN);
-            }
-        }
-        Some(exp) => {
-            if t > now + MAX_SKEW_S || now > t + exp {
-                return Err(FORBIDDEN);
-            }
-        }
-    }
+    let query = parse_query_of(req)?;
+    let (p, ci, cred) = head_checks(creds, req, &query, now)?;
 
     // Canonical request.
     let mut cr: Vec<u8> = Vec::with_capacity(512);
@@ -347,6 +269,111 @@ pub fn verify(
         }
     }
     Err(FORBIDDEN)
+}
+
+/// The checks that need only the head: the credentials are there and parse, the access key
+/// is known, region, service and date fit. The gateway runs them ([`precheck`]) before it
+/// reads a signed body, so a request that cannot pass is refused without its upload.
+pub fn precheck(creds: &[SigV4Credential], req: &Request<'_>, now: u64) -> Result<(), Deny> {
+    let query = parse_query_of(req)?;
+    head_checks(creds, req, &query, now).map(|_| ())
+}
+
+/// The request's query as (name, value) pairs, percent-decoded.
+fn parse_query_of(req: &Request<'_>) -> Result<Vec<(String, String)>, Deny> {
+    let raw_query = req
+        .head
+        .query
+        .map(|q| req.head.slice(req.buf, q))
+        .unwrap_or(b"");
+    if raw_query.is_empty() {
+        Ok(Vec::new())
+    } else {
+        parse_query(raw_query).ok_or(FORBIDDEN)
+    }
+}
+
+/// [`precheck`]'s checks; returns the signature's parameters and the credential they name.
+fn head_checks<'a>(
+    creds: &'a [SigV4Credential],
+    req: &'a Request<'_>,
+    query: &'a [(String, String)],
+    now: u64,
+) -> Result<(Params<'a>, usize, &'a SigV4Credential), Deny> {
+    let auth_hdr = req.header("authorization");
+    let p = if let Some(h) = auth_hdr.filter(|h| h.starts_with(ALGO.as_bytes())) {
+        let h = std::str::from_utf8(h).map_err(|_| FORBIDDEN)?;
+        let amz_date = req
+            .header("x-amz-date")
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .ok_or(FORBIDDEN)?;
+        parse_header(&h[ALGO.len()..], amz_date).ok_or(FORBIDDEN)?
+    } else if query.iter().any(|(k, _)| k == "X-Amz-Algorithm") {
+        // Each parameter once: a second value is not "the last one wins" but a refusal.
+        let get = |name: &str| {
+            let mut it = query.iter().filter(|(k, _)| k == name);
+            match (it.next(), it.next()) {
+                (Some((_, v)), None) => Ok(v.as_str()),
+                _ => Err(FORBIDDEN),
+            }
+        };
+        if get("X-Amz-Algorithm")? != ALGO {
+            return Err(FORBIDDEN);
+        }
+        let expires: u64 = get("X-Amz-Expires")?.parse().map_err(|_| FORBIDDEN)?;
+        // 1 s to 7 days, as AWS: an URL valid for no time at all is no presigned URL.
+        if expires == 0 || expires > MAX_EXPIRES_S {
+            return Err(FORBIDDEN);
+        }
+        let (access_key, date, region, service) =
+            parse_scope(get("X-Amz-Credential")?).ok_or(FORBIDDEN)?;
+        Params {
+            access_key,
+            date,
+            region,
+            service,
+            signed_headers: get("X-Amz-SignedHeaders")?,
+            signature: get("X-Amz-Signature")?,
+            amz_date: get("X-Amz-Date")?,
+            presigned_expires: Some(expires),
+        }
+    } else {
+        return Err(UNAUTHORIZED);
+    };
+
+    let (ci, cred) = creds
+        .iter()
+        .enumerate()
+        .find(|(_, c)| c.access_key == p.access_key)
+        .ok_or(FORBIDDEN)?;
+    if p.region != cred.region || p.service != cred.service {
+        return Err(FORBIDDEN);
+    }
+    // Configured credentials are long-term ones: a session token belongs to temporary
+    // credentials these are not (AWS refuses it too).
+    if req.header("x-amz-security-token").is_some()
+        || query.iter().any(|(k, _)| k == "X-Amz-Security-Token")
+    {
+        return Err(FORBIDDEN);
+    }
+    let t = parse_amz_date(p.amz_date).ok_or(FORBIDDEN)?;
+    if p.date.len() != 8 || !p.amz_date.starts_with(p.date) {
+        return Err(FORBIDDEN);
+    }
+    match p.presigned_expires {
+        None => {
+            if now.abs_diff(t) > MAX_SKEW_S {
+                return Err(FORBIDDEN);
+            }
+        }
+        Some(exp) => {
+            if t > now + MAX_SKEW_S || now > t + exp {
+                return Err(FORBIDDEN);
+            }
+        }
+    }
+
+    Ok((p, ci, cred))
 }
 
 fn signature_matches(key: &[u8; 32], p: &Params<'_>, cr: &[u8]) -> bool {
