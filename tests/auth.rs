@@ -2042,6 +2042,26 @@ fn authorizer_identity_sources_are_single_and_decoded() {
 }
 
 #[test]
+fn authorizer_cache_keeps_identities_apart_whatever_bytes_they_hold() {
+    // Two sources whose values may hold any byte once decoded (`%00` too): the cached
+    // decision of one pair of values is never another pair's.
+    let origin = principal_origin();
+    let authz = Origin::start(|_| Response::ok(r#"{"allow":true,"principal":"ok"}"#));
+    let cfg = cached_authorizer_config(origin.addr, authz.addr).replace(
+        "identity_sources = [\"query.t\"]",
+        "identity_sources = [\"query.t\", \"query.u\"]",
+    );
+    assert!(cfg.contains("\"query.u\""));
+    let gw = Gateway::start(&cfg);
+    for q in ["t=X%00x&u=y", "t=X&u=x%00y", "t=X%00x&u=y"] {
+        let r = gw.get(&format!("/prod/q?{q}"));
+        assert_eq!(r.status, 200, "{q}: {}", r.text());
+    }
+    // The third is the first again: a cache hit. The second is not the first.
+    assert_eq!(authz.request_count(), 2);
+}
+
+#[test]
 fn sigv4_checks_the_path_as_sent_not_as_routed() {
     // The gateway routes `/signed/a%7Eb` as `/signed/a~b`, but the client (botocore here)
     // signed the path it sent, percent-encoding and all.

@@ -221,8 +221,10 @@ pub(super) async fn check(
             }
         };
         let v = v.filter(|v| !v.is_empty()).ok_or(UNAUTHORIZED)?;
+        // Length-prefixed: a value may hold any byte (a query's `%00` too), so no separator
+        // could keep `a=X\0x, b=y` and `a=X, b=x\0y` apart.
+        key.extend_from_slice(&(v.len() as u32).to_le_bytes());
         key.extend_from_slice(v);
-        key.push(0);
         values.push((s.label(), String::from_utf8_lossy(v).into_owned()));
     }
     let now = Instant::now();
