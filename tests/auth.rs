@@ -2104,6 +2104,20 @@ fn sigv4_checks_the_path_as_sent_not_as_routed() {
         "",
     );
     assert_eq!(r.status, 200, "{u}: {}", r.text());
+    // SigV4 signs bytes: a percent-encoded byte that is not UTF-8 is signed and checked too.
+    let res = peer(
+        &temp_dir("sigv4-bytes"),
+        json!([sign_job(
+            "GET",
+            &format!("{base}/signed/q?a=%FF&b=%00"),
+            json!({}),
+            ""
+        )]),
+    );
+    let r = send_signed(&gw, "GET", "/signed/q?a=%FF&b=%00", &res[0], &[], "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = send_signed(&gw, "GET", "/signed/q?a=%FE&b=%00", &res[0], &[], "");
+    assert_denied(&r, 403, "another byte than the one signed");
 
     // A session token (temporary credentials) with the configured long-term key: refused, in
     // the header form and presigned.

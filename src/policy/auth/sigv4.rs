@@ -193,11 +193,11 @@ pub fn verify(
     cr.push(b'\n');
     let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = query
         .iter()
-        .filter(|(k, _)| !(p.presigned_expires.is_some() && k == "X-Amz-Signature"))
+        .filter(|(k, _)| !(p.presigned_expires.is_some() && k == b"X-Amz-Signature"))
         .map(|(k, v)| {
             let (mut ek, mut ev) = (Vec::new(), Vec::new());
-            uri_encode(&mut ek, k.as_bytes(), true);
-            uri_encode(&mut ev, v.as_bytes(), true);
+            uri_encode(&mut ek, k, true);
+            uri_encode(&mut ev, v, true);
             (ek, ev)
         })
         .collect();
@@ -280,7 +280,7 @@ pub fn precheck(creds: &[SigV4Credential], req: &Request<'_>, now: u64) -> Resul
 }
 
 /// The request's query as (name, value) pairs, percent-decoded.
-fn parse_query_of(req: &Request<'_>) -> Result<Vec<(String, String)>, Deny> {
+fn parse_query_of(req: &Request<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Deny> {
     let raw_query = req
         .head
         .query
@@ -297,7 +297,7 @@ fn parse_query_of(req: &Request<'_>) -> Result<Vec<(String, String)>, Deny> {
 fn head_checks<'a>(
     creds: &'a [SigV4Credential],
     req: &'a Request<'_>,
-    query: &'a [(String, String)],
+    query: &'a [(Vec<u8>, Vec<u8>)],
     now: u64,
 ) -> Result<(Params<'a>, usize, &'a SigV4Credential), Deny> {
     let auth_hdr = req.header("authorization");
@@ -308,12 +308,12 @@ fn head_checks<'a>(
             .and_then(|d| std::str::from_utf8(d).ok())
             .ok_or(FORBIDDEN)?;
         parse_header(&h[ALGO.len()..], amz_date).ok_or(FORBIDDEN)?
-    } else if query.iter().any(|(k, _)| k == "X-Amz-Algorithm") {
+    } else if query.iter().any(|(k, _)| k == b"X-Amz-Algorithm") {
         // Each parameter once: a second value is not "the last one wins" but a refusal.
         let get = |name: &str| {
-            let mut it = query.iter().filter(|(k, _)| k == name);
+            let mut it = query.iter().filter(|(k, _)| k == name.as_bytes());
             match (it.next(), it.next()) {
-                (Some((_, v)), None) => Ok(v.as_str()),
+                (Some((_, v)), None) => std::str::from_utf8(v).map_err(|_| FORBIDDEN),
                 _ => Err(FORBIDDEN),
             }
         };
@@ -352,7 +352,7 @@ fn head_checks<'a>(
     // Configured credentials are long-term ones: a session token belongs to temporary
     // credentials these are not (AWS refuses it too).
     if req.header("x-amz-security-token").is_some()
-        || query.iter().any(|(k, _)| k == "X-Amz-Security-Token")
+        || query.iter().any(|(k, _)| k == b"X-Amz-Security-Token")
     {
         return Err(FORBIDDEN);
     }
@@ -456,10 +456,11 @@ fn parse_amz_date(s: &str) -> Option<u64> {
     u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
 }
 
-/// Percent-decodes the raw query into pairs (`None` on bad escapes or non-UTF-8). A raw `+` is
+/// Percent-decodes the raw query into pairs of bytes (`None` on bad escapes; SigV4 signs bytes,
+/// so a value need not be UTF-8, as the `X-Amz-*` parameters must). A raw `+` is
 /// a space, as in every form-encoded query and as AWS reads it: botocore signs a space as
 /// `%20` and sends it as `+` (a literal plus comes as `%2B`).
-fn parse_query(q: &[u8]) -> Option<Vec<(String, String)>> {
+fn parse_query(q: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut out = Vec::new();
     for part in q.split(|&b| b == b'&') {
         if part.is_empty() {
@@ -478,7 +479,7 @@ fn parse_query(q: &[u8]) -> Option<Vec<(String, String)>> {
 }
 
 /// Percent-decodes `s` (`plus_space`: a raw `+` is a space).
-fn pct_decode(s: &[u8], plus_space: bool) -> Option<String> {
+fn pct_decode(s: &[u8], plus_space: bool) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
@@ -495,7 +496,7 @@ fn pct_decode(s: &[u8], plus_space: bool) -> Option<String> {
             i += 1;
         }
     }
-    String::from_utf8(out).ok()
+    Some(out)
 }
 
 /// RFC 3986 encoding as SigV4 wants it: unreserved characters as is (and `/` in paths),
@@ -618,9 +619,11 @@ mod tests {
         let mut o = Vec::new();
         push_trimmed(&mut o, b"  a   b  ");
         assert_eq!(o, b"a b");
-        assert_eq!(pct_decode(b"a%20b", false).unwrap(), "a b");
-        assert_eq!(pct_decode(b"a+b%2B", true).unwrap(), "a b+");
-        assert_eq!(pct_decode(b"a+b", false).unwrap(), "a+b");
+        assert_eq!(pct_decode(b"a%20b", false).unwrap(), b"a b");
+        assert_eq!(pct_decode(b"a+b%2B", true).unwrap(), b"a b+");
+        assert_eq!(pct_decode(b"a+b", false).unwrap(), b"a+b");
         assert!(pct_decode(b"a%2", true).is_none());
+        // Bytes, not text: SigV4 signs whatever the query holds.
+        assert_eq!(pct_decode(b"%FF%00", false).unwrap(), [0xFF, 0]);
     }
 }
