@@ -279,8 +279,11 @@ pub fn precheck(creds: &[SigV4Credential], req: &Request<'_>, now: u64) -> Resul
     head_checks(creds, req, &query, now).map(|_| ())
 }
 
+/// A query parameter, percent-decoded: (name, value).
+type QueryPair = (Vec<u8>, Vec<u8>);
+
 /// The request's query as (name, value) pairs, percent-decoded.
-fn parse_query_of(req: &Request<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Deny> {
+fn parse_query_of(req: &Request<'_>) -> Result<Vec<QueryPair>, Deny> {
     let raw_query = req
         .head
         .query
@@ -297,7 +300,7 @@ fn parse_query_of(req: &Request<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Deny> {
 fn head_checks<'a>(
     creds: &'a [SigV4Credential],
     req: &'a Request<'_>,
-    query: &'a [(Vec<u8>, Vec<u8>)],
+    query: &'a [QueryPair],
     now: u64,
 ) -> Result<(Params<'a>, usize, &'a SigV4Credential), Deny> {
     let auth_hdr = req.header("authorization");
@@ -460,7 +463,7 @@ fn parse_amz_date(s: &str) -> Option<u64> {
 /// so a value need not be UTF-8, as the `X-Amz-*` parameters must). A raw `+` is
 /// a space, as in every form-encoded query and as AWS reads it: botocore signs a space as
 /// `%20` and sends it as `+` (a literal plus comes as `%2B`).
-fn parse_query(q: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+fn parse_query(q: &[u8]) -> Option<Vec<QueryPair>> {
     let mut out = Vec::new();
     for part in q.split(|&b| b == b'&') {
         if part.is_empty() {
