@@ -888,6 +888,82 @@ auth = "jwt:users"
 }
 
 #[test]
+fn jwks_new_kid_requests_wait_for_the_refresh_under_way() {
+    let j = Jwt::new();
+    peer(
+        &j.dir,
+        json!([{"op":"jwks","kids":["rsa"],"out":"jwks-a.json"},{"op":"jwks","kids":["rsa","rsa2"],"out":"jwks-ab.json"}]),
+    );
+    let a = std::fs::read_to_string(j.dir.join("jwks-a.json")).unwrap();
+    let ab = std::fs::read_to_string(j.dir.join("jwks-ab.json")).unwrap();
+    let current = Arc::new(Mutex::new((a, Duration::ZERO)));
+    let cur = current.clone();
+    let idp = Origin::start(move |_| {
+        let (body, delay) = cur.lock().unwrap().clone();
+        Response::ok(body)
+            .header("content-type", "application/json")
+            .header("cache-control", "max-age=300")
+            .delay(delay)
+    });
+    let cfg = format!(
+        r#"
+[[authorizers]]
+name = "users"
+type = "jwt"
+jwks_uri = "http://{}/jwks"
+
+[[apis]]
+name = "shop"
+
+[[apis.routes]]
+route = "GET /jwt"
+integration = {{ type = "mock", body = "in" }}
+auth = "jwt:users"
+"#,
+        idp.addr
+    );
+    let gw = Gateway::start(&cfg);
+    let toks = j.mint(vec![
+        json!({"alg":"RS256","kid":"rsa2","claims":{"exp": now() + 300}}),
+        json!({"alg":"RS256","kid":"nope","sign_kid":"rsa2","claims":{"exp": now() + 300}}),
+    ]);
+    // The IdP publishes a new key and answers slowly; requests carrying it arrive, on both
+    // workers, while the early refresh the first one asked for is under way.
+    *current.lock().unwrap() = (ab, Duration::from_millis(800));
+    let n0 = idp.request_count();
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let mut threads = Vec::new();
+        for _ in 0..6 {
+            threads.push(s.spawn(|| bearer(&gw, "/jwt", &toks[0])));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap().status)
+            .collect()
+    });
+    assert_eq!(statuses, [200; 6], "every request waited for the refresh");
+    assert_eq!(
+        idp.request_count(),
+        n0 + 1,
+        "one early fetch, not one per request"
+    );
+    // A kid still unknown after that refresh is refused at once: no wait, no fetch.
+    let t = std::time::Instant::now();
+    assert_denied(
+        &bearer(&gw, "/jwt", &toks[1]),
+        401,
+        "kid unknown after the refresh",
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(idp.request_count(), n0 + 1);
+}
+
+#[test]
 fn jwks_uri_down_at_start_denies_then_recovers() {
     let j = Jwt::new();
     peer(

@@ -3,7 +3,8 @@
 //!
 //! The refresher honours `Cache-Control: max-age` (clamped to 1 s .. 1 day; 300 s when absent;
 //! 5 s after a failed fetch). A token whose `kid` is unknown may ask for one early refresh, at
-//! most one every [`KICK_INTERVAL_MS`]. Keys are only ever fetched from the configured URI:
+//! most one every [`KICK_INTERVAL_MS`]; tokens arriving while it is under way wait for it
+//! too ([`JwtKeys::kick`]). Keys are only ever fetched from the configured URI:
 //! `jku`, `x5u` and `kid` never make ringgate fetch anything. `https://` URIs are fetched over
 //! rustls and verified against the Mozilla roots (webpki-roots), or against `jwks_ca_file`
 //! alone when it is set.
@@ -163,7 +164,11 @@ pub struct JwtKeys {
     version: AtomicU64,
     /// Hash of the last JWKS document fetched.
     last_body: AtomicU64,
+    /// When the last early refresh was asked for (ms since the epoch); stored, under the
+    /// `wake` lock, after `kick_done`.
     last_kick_ms: AtomicU64,
+    /// The [`JwtKeys::generation`] at which the last early refresh has ended.
+    kick_done: AtomicU64,
     started: AtomicBool,
     /// The refresher waits on this, without holding the keys: a kick wakes it to fetch,
     /// and a stop (or the keys' drop, when a reload replaced them) to exit.
@@ -179,6 +184,8 @@ struct Wake {
     kicked: bool,
     /// Exit.
     stopped: bool,
+    /// Fetches begun (the one in `start` included): fetch `n` ends at generation `n`.
+    begun: u64,
 }
 
 impl Drop for JwtKeys {
@@ -218,6 +225,7 @@ impl JwtKeys {
             version: AtomicU64::new(0),
             last_body: AtomicU64::new(0),
             last_kick_ms: AtomicU64::new(0),
+            kick_done: AtomicU64::new(0),
             started: AtomicBool::new(false),
             wake: Arc::default(),
             refresher: Mutex::new(None),
@@ -248,8 +256,12 @@ impl JwtKeys {
     /// refresher. Does nothing for fixed keys or when already started.
     pub fn start(self: &Arc<Self>) {
         let Some(uri) = self.uri.clone() else { return };
-        if self.started.swap(true, Ordering::AcqRel) {
-            return;
+        {
+            let mut g = self.wake.0.lock().unwrap_or_else(|e| e.into_inner());
+            if self.started.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            g.begun = 1;
         }
         let mut next = self.refresh(&uri);
         let weak: Weak<JwtKeys> = Arc::downgrade(self);
@@ -268,6 +280,7 @@ impl JwtKeys {
                         let left = due.saturating_duration_since(Instant::now());
                         if g.kicked || left.is_zero() {
                             g.kicked = false;
+                            g.begun += 1;
                             break;
                         }
                         g = cv
@@ -330,27 +343,45 @@ impl JwtKeys {
         next
     }
 
-    /// Asks the refresher for an early fetch; false when one was asked for too recently.
-    pub fn kick(&self) -> bool {
+    /// Asks the refresher for an early fetch, unless one was asked for less than
+    /// [`KICK_INTERVAL_MS`] ago. Returns the [`JwtKeys::generation`] to wait for while an early
+    /// fetch (this one, or one asked for before) has not ended; `None` when the last one has
+    /// ended (a `kid` still unknown is unknown) or the refresher is not running.
+    pub fn kick(&self) -> Option<u64> {
         if !self.started.load(Ordering::Acquire) {
-            return false;
+            return None;
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let last = self.last_kick_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < KICK_INTERVAL_MS
-            || self
-                .last_kick_ms
-                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
-                .is_err()
-        {
-            return false;
+        let recent = || {
+            // Acquire: a `last_kick_ms` seen comes with its `kick_done` (stored before).
+            now.saturating_sub(self.last_kick_ms.load(Ordering::Acquire)) < KICK_INTERVAL_MS
+        };
+        if recent() {
+            return self.kick_pending();
         }
-        self.wake.0.lock().unwrap_or_else(|e| e.into_inner()).kicked = true;
+        let mut g = self.wake.0.lock().unwrap_or_else(|e| e.into_inner());
+        if recent() {
+            // Another worker asked in the meantime.
+            drop(g);
+            return self.kick_pending();
+        }
+        // The next fetch to begin: one under way may have started before the key was out.
+        let done = g.begun + 1;
+        self.kick_done.store(done, Ordering::Release);
+        self.last_kick_ms.store(now, Ordering::Release);
+        g.kicked = true;
+        drop(g);
         self.wake.1.notify_one();
-        true
+        Some(done)
+    }
+
+    /// The generation ending the last early fetch, while it has not been reached.
+    fn kick_pending(&self) -> Option<u64> {
+        let done = self.kick_done.load(Ordering::Acquire);
+        (self.generation() < done).then_some(done)
     }
 }
 

@@ -48,7 +48,7 @@ fn entry_cost(token: &[u8], v: &Verified) -> usize {
 }
 /// The shortest HMAC secret taken (`secret`, or an `oct` key of a `jwks_file`), in bytes.
 pub const MIN_SECRET: usize = 32;
-/// How long a request with an unknown `kid` waits for the early JWKS refresh.
+/// How long a request with an unknown `kid` waits for an early JWKS refresh.
 const KICK_WAIT: Duration = Duration::from_millis(2500);
 
 /// A validated `type = "jwt"` authorizer.
@@ -407,8 +407,8 @@ impl JwtAuthorizer {
             .collect()
     }
 
-    /// Verifies a token (signature and claims), waiting for one early JWKS refresh when its
-    /// `kid` is unknown.
+    /// Verifies a token (signature and claims); when its `kid` is unknown, first waits (at most
+    /// [`KICK_WAIT`]) for the early JWKS refresh it asks for or that is already under way.
     pub async fn verify(&self, token: &[u8]) -> Result<Verified, Reject> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| Reject::Malformed)?;
         if header.crit.is_some() {
@@ -422,13 +422,15 @@ impl JwtAuthorizer {
         let mut found = !Self::candidates(&keys, kid, alg).is_empty();
         let known_kid = kid.is_none_or(|k| keys.iter().any(|x| x.kid.as_deref() == Some(k)));
         drop(keys);
-        if (!found || !known_kid) && self.keys.is_remote() && self.keys.kick() {
-            let g0 = self.keys.generation();
-            let end = std::time::Instant::now() + KICK_WAIT;
-            while self.keys.generation() == g0 && std::time::Instant::now() < end {
-                monoio::time::sleep(Duration::from_millis(10)).await;
+        if !found || !known_kid {
+            // Wait for the early refresh this token asked for, or for the one under way.
+            if let Some(done) = self.keys.kick() {
+                let end = std::time::Instant::now() + KICK_WAIT;
+                while self.keys.generation() < done && std::time::Instant::now() < end {
+                    monoio::time::sleep(Duration::from_millis(10)).await;
+                }
+                found = true;
             }
-            found = true;
         }
         if !found {
             return Err(Reject::NoKey);
