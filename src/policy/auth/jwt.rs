@@ -395,6 +395,9 @@ impl JwtAuthorizer {
         Ok(())
     }
 
+    /// The keys a token may be verified with: those fitting its algorithm and, when it names
+    /// one, its `kid`; at most 4, in the set's order, so one token costs at most 4 signature
+    /// checks (a token without a `kid` is tried against the first 4 only; the README says so).
     fn candidates<'k>(keys: &'k [VerKey], kid: Option<&str>, alg: Algorithm) -> Vec<&'k VerKey> {
         keys.iter()
             .filter(|k| k.fits(alg))
