@@ -20,9 +20,13 @@
 //!   expiring a day after the period ends), reads the other nodes' shares back, and sets the
 //!   local counter to the cluster-wide sum plus what was counted meanwhile. Each node writes an
 //!   absolute value for its own field, so a resync after an outage or a Redis restart is
-//!   idempotent. A node that starts counting a key announces it on the events channel at that
-//!   sync, so the other nodes sync that counter too before their own first request for it
-//!   (after a connect they load every counter of the period: [`Worker::preload_quotas`]).
+//!   idempotent. A node never lowers its count because Redis holds less: a hash that lost
+//!   shares the node last read, or sums to less than its count, is repaired
+//!   ([`REPAIR_SCRIPT`]: each share raised back to what the node read of it, then its own share
+//!   raised by any remaining difference). A node that starts counting a key announces it on
+//!   the events channel at that sync, so the other nodes sync that counter too before their
+//!   own first request for it (after a connect they load every counter of the period:
+//!   [`Worker::preload_quotas`]).
 //!   Overshoot: between two syncs each node admits requests against the count it
 //!   last read, so a quota can be exceeded by at most what the *other* nodes admit in one sync
 //!   interval (bounded by their throttles).
@@ -449,6 +453,9 @@ struct QuotaSync {
     written: bool,
     /// Whether the other nodes were told of this counter in this period.
     announced: bool,
+    /// The other nodes' shares (field -> count) as last read: written back when Redis loses
+    /// them ([`REPAIR_SCRIPT`]).
+    others: HashMap<String, u64>,
 }
 
 /// The cluster thread's state.
@@ -546,6 +553,8 @@ impl Worker {
     /// The counts loaded from `state_dir` at start are cluster-wide counts a sync read
     /// (this node's earlier process wrote them; its share is in Redis under its old node id):
     /// they count as already synced, so only what this process counts is written as its share.
+    /// If Redis no longer holds them (it lost its data), the first sync writes the difference
+    /// as this node's share ([`REPAIR_SCRIPT`]).
     fn anchor_loaded_counts(&mut self) {
         let Some(shared) = self.shared.upgrade() else {
             return;
@@ -1277,6 +1286,11 @@ impl Worker {
     }
 
     /// Writes this node's share of every quota counter and reads the cluster-wide counts.
+    ///
+    /// A counter whose hash holds less than this node knows (a share it last read is lower or
+    /// gone, or the sum is below the node's count: Redis lost its data) is repaired with
+    /// [`REPAIR_SCRIPT`] before its local count is set: the local count never goes down
+    /// because Redis says less.
     fn sync_quotas(&mut self, shared: &Shared) {
         let snap = shared.usage.snapshot();
         if snap.is_empty() || self.con.is_none() {
@@ -1300,8 +1314,8 @@ impl Worker {
             }
             let own = st.own + seen.saturating_sub(st.anchor);
             let rkey = format!("ringgate:quota:{}:{}:{idx}:{}", id.0, id.2, id.1);
+            let end = (period.bounds(idx).1.max(0) as u64) * 86_400 + 86_400;
             if own != st.own || (!st.written && own > 0) {
-                let end = (period.bounds(idx).1.max(0) as u64) * 86_400 + 86_400;
                 p.cmd("HSET").arg(&rkey).arg(&self.node).arg(own).ignore();
                 p.cmd("EXPIREAT").arg(&rkey).arg(end).ignore();
             }
@@ -1316,26 +1330,176 @@ impl Worker {
                 p.cmd("PUBLISH").arg(&self.events).arg(msg).ignore();
             }
             p.cmd("HGETALL").arg(&rkey);
-            items.push((id, c, idx, seen, own));
+            items.push(SyncItem {
+                id,
+                c,
+                idx,
+                seen,
+                own,
+                rkey,
+                end,
+            });
         }
         let Some(res) = self.call(|con| p.query::<Vec<HashMap<String, String>>>(con)) else {
             return;
         };
-        for ((id, c, idx, seen, own), fields) in items.into_iter().zip(res) {
-            let others: u64 = fields
-                .iter()
-                .filter(|(k, _)| **k != self.node)
-                .filter_map(|(_, v)| v.parse::<u64>().ok())
-                .fold(0u64, |a, b| a.saturating_add(b));
-            let global = own.saturating_add(others);
-            rebase(&c, idx, seen, global);
-            if let Some(st) = self.quota.get_mut(&id) {
-                st.own = own;
-                st.anchor = global;
-                st.written = true;
+        let mut repairs = Vec::new();
+        for (item, fields) in items.into_iter().zip(res) {
+            let (mine, others) = self.split_shares(fields);
+            let Some(st) = self.quota.get_mut(&item.id) else {
+                continue;
+            };
+            let total = item.own.saturating_add(sum(&others));
+            let lost = mine < item.own
+                || total < item.seen
+                || st
+                    .others
+                    .iter()
+                    .any(|(k, v)| others.get(k).is_none_or(|now| now < v));
+            if lost {
+                repairs.push((item, others));
+            } else {
+                settle(st, &item, item.own, others);
+            }
+        }
+        if !repairs.is_empty() {
+            self.repair_quotas(repairs);
+        }
+    }
+
+    /// This node's share and the other nodes' shares in a counter's hash.
+    fn split_shares(&self, fields: HashMap<String, String>) -> (u64, HashMap<String, u64>) {
+        let mut mine = 0;
+        let mut others = HashMap::with_capacity(fields.len());
+        for (k, v) in fields {
+            let Ok(v) = v.parse::<u64>() else { continue };
+            if k == self.node {
+                mine = v;
+            } else {
+                others.insert(k, v);
+            }
+        }
+        (mine, others)
+    }
+
+    /// Writes back what Redis lost of these counters ([`REPAIR_SCRIPT`], one atomic call per
+    /// counter) and sets their local counts from the repaired hashes. `items` come with the
+    /// other shares just read. A Redis that refuses the script (an ACL without scripting):
+    /// the counts are set from what was read and what this node knew, never lower, and the
+    /// repair is tried again at the next sync.
+    fn repair_quotas(&mut self, items: Vec<(SyncItem, HashMap<String, u64>)>) {
+        let sha = self.call(|con| {
+            redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(REPAIR_SCRIPT)
+                .query::<String>(con)
+        });
+        let res = sha.and_then(|sha| self.run_repairs(&sha, &items));
+        match res {
+            Some(res) => {
+                for ((item, _), fields) in items.into_iter().zip(res) {
+                    let (mine, others) = self.split_shares(fields);
+                    if let Some(st) = self.quota.get_mut(&item.id) {
+                        settle(st, &item, item.own.max(mine), others);
+                    }
+                }
+            }
+            // Lost the connection: everything is synced again after the reconnect.
+            None if self.con.is_none() => {}
+            None => {
+                for (item, mut others) in items {
+                    if let Some(st) = self.quota.get_mut(&item.id) {
+                        for (k, v) in &st.others {
+                            let cur = others.entry(k.clone()).or_default();
+                            *cur = (*cur).max(*v);
+                        }
+                        settle(st, &item, item.own, others);
+                    }
+                }
             }
         }
     }
+
+    /// [`REPAIR_SCRIPT`] (loaded as `sha`) for every item, in one pipeline: the repaired hashes.
+    fn run_repairs(
+        &mut self,
+        sha: &str,
+        items: &[(SyncItem, HashMap<String, u64>)],
+    ) -> Option<Vec<HashMap<String, String>>> {
+        let mut p = redis::pipe();
+        for (it, _) in items {
+            p.cmd("EVALSHA")
+                .arg(sha)
+                .arg(1)
+                .arg(&it.rkey)
+                .arg(&self.node)
+                .arg(it.own)
+                .arg(it.seen)
+                .arg(it.end);
+            if let Some(st) = self.quota.get(&it.id) {
+                for (k, v) in &st.others {
+                    p.arg(k).arg(*v);
+                }
+            }
+        }
+        self.call(|con| p.query::<Vec<HashMap<String, String>>>(con))
+    }
+}
+
+/// Repairs one quota counter's hash after Redis lost data (atomic, so nodes repairing at once
+/// see each other's writes). `KEYS[1]`: the hash. `ARGV`: this node's id, its share, the count
+/// it knows, the expiry (unix seconds), then field/value pairs: the other shares it last read.
+/// Every share is raised to at least what this node knows of it (lost shares of live nodes,
+/// and of earlier runs of restarted ones, come back once, not once per node); then, if the sum
+/// is still below the node's count (counts it loaded from `state_dir`, whose split it never
+/// read), its own share is raised by the difference. Returns the hash.
+const REPAIR_SCRIPT: &str = r"
+local h = KEYS[1]
+local function num(v) return tonumber(v) or 0 end
+local function at_least(f, v)
+  if num(redis.call('HGET', h, f)) < tonumber(v) then redis.call('HSET', h, f, v) end
+end
+for i = 5, #ARGV, 2 do at_least(ARGV[i], ARGV[i + 1]) end
+at_least(ARGV[1], ARGV[2])
+local all = redis.call('HGETALL', h)
+local sum = 0
+for i = 2, #all, 2 do sum = sum + num(all[i]) end
+local short = tonumber(ARGV[3]) - sum
+if short > 0 then
+  local mine = num(redis.call('HGET', h, ARGV[1])) + short
+  redis.call('HSET', h, ARGV[1], string.format('%d', mine))
+  all = redis.call('HGETALL', h)
+end
+redis.call('EXPIREAT', h, ARGV[4])
+return all
+";
+
+/// One counter in a sync.
+struct SyncItem {
+    id: CounterId,
+    c: Arc<std::sync::atomic::AtomicU64>,
+    idx: u32,
+    /// The local count when the sync began.
+    seen: u64,
+    /// This node's share as written.
+    own: u64,
+    /// Its hash in Redis, and when that expires (unix seconds).
+    rkey: String,
+    end: u64,
+}
+
+fn sum(shares: &HashMap<String, u64>) -> u64 {
+    shares.values().fold(0u64, |a, b| a.saturating_add(*b))
+}
+
+/// Sets a counter's local count from a sync (never below what it was) and records the shares.
+fn settle(st: &mut QuotaSync, it: &SyncItem, own: u64, others: HashMap<String, u64>) {
+    let global = own.saturating_add(sum(&others)).max(it.seen);
+    rebase(&it.c, it.idx, it.seen, global);
+    st.own = own;
+    st.anchor = global;
+    st.written = true;
+    st.others = others;
 }
 
 #[cfg(test)]

@@ -927,6 +927,174 @@ fn a_restarted_node_goes_on_from_the_counts_it_synced_last() {
     assert_eq!(used(&a, "alice")["used"], 6);
 }
 
+/// The sum of the shares Redis holds for `alice`'s count of plan `basic` (0 when none).
+fn quota_total(redis: &Redis) -> u64 {
+    let resp = |r: Option<String>| -> Vec<String> {
+        r.unwrap_or_default()
+            .split("\r\n")
+            .filter(|l| !l.is_empty() && !l.starts_with(['*', '$']))
+            .map(str::to_string)
+            .collect()
+    };
+    let keys = resp(redis.command(&["KEYS", "ringgate:quota:basic:day:*:alice"]));
+    keys.iter()
+        .map(|k| {
+            let fields = resp(redis.command(&["HGETALL", k]));
+            fields
+                .iter()
+                .skip(1)
+                .step_by(2)
+                .map(|v| v.parse::<u64>().unwrap_or(0))
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// Both nodes are back from an outage and synced since.
+fn both_back(a: &Gateway, b: &Gateway) {
+    for n in [a, b] {
+        assert!(
+            wait_until(Duration::from_secs(10), || n.stderr().contains("is back")),
+            "{}",
+            n.stderr()
+        );
+    }
+    thread::sleep(Duration::from_millis(300));
+}
+
+/// Two nodes count `each` of alice's quota of 6, A restarts (a new node id: its count stays
+/// in Redis under its old id only), then Redis restarts empty while both run; returns once
+/// both are back. Redis is started with `redis_args`.
+fn count_restart_a_then_lose_redis(
+    each: usize,
+    redis_args: &[&str],
+) -> (Redis, StateDir, StateDir, Gateway, Gateway) {
+    let mut redis = Redis::start_with(redis_args);
+    let (sa, sb) = (StateDir(temp_dir("state-a")), StateDir(temp_dir("state-b")));
+    let a = Gateway::start(&node_config_in(&redis.url(), &sa));
+    let b = Gateway::start(&node_config_in(&redis.url(), &sb));
+    for n in [&a, &b] {
+        for _ in 0..each {
+            assert_eq!(get_key(n, "/prod/x", ALICE).status, 200);
+        }
+    }
+    let total = 2 * each;
+    assert!(wait_until(Duration::from_secs(3), || used(&a, "alice")
+        ["used"]
+        == total));
+    stop_node(a);
+    let a = Gateway::start(&node_config_in(&redis.url(), &sa));
+    assert!(wait_until(Duration::from_secs(3), || a
+        .stderr()
+        .contains("joined")));
+    for n in [&a, &b] {
+        assert_eq!(used(n, "alice")["used"], total, "{}", n.stderr());
+    }
+    redis.stop();
+    redis.restart();
+    both_back(&a, &b);
+    (redis, sa, sb, a, b)
+}
+
+/// Both nodes report `total` used of alice's quota (within 3 s).
+fn both_report(a: &Gateway, b: &Gateway, total: u64) {
+    for n in [a, b] {
+        assert!(
+            wait_until(Duration::from_secs(3), || used(n, "alice")["used"] == total),
+            "{}\n{}",
+            used(n, "alice"),
+            n.stderr()
+        );
+    }
+}
+
+/// Audit 48, finding 1: when Redis loses its data, the running nodes write back every share
+/// they last read (not only their own), so the used-up quota holds, and is counted once.
+#[test]
+fn a_used_up_quota_holds_when_redis_loses_its_data_after_a_node_restarted() {
+    let (redis, _sa, _sb, a, b) = count_restart_a_then_lose_redis(3, &[]);
+    both_report(&a, &b, 6);
+    for n in [&a, &b] {
+        let r = get_key(n, "/prod/x", ALICE);
+        assert_eq!(r.status, 429, "{}", r.text());
+    }
+    // Each share written back once: 6, not 9 or 12.
+    assert!(
+        wait_until(Duration::from_secs(3), || quota_total(&redis) == 6),
+        "{}",
+        quota_total(&redis)
+    );
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(quota_total(&redis), 6);
+    for n in [&a, &b] {
+        assert_eq!(used(n, "alice")["used"], 6);
+    }
+}
+
+/// A Redis user without scripting cannot repair the hash: the nodes still never lower their
+/// counts, and keep syncing what the others count.
+#[test]
+fn without_scripting_a_lost_count_is_still_never_lowered() {
+    let acl = "default on nopass ~* &* +@all -@scripting";
+    let mut args = vec!["--user"];
+    args.extend(acl.split(' '));
+    let (_redis, _sa, _sb, a, b) = count_restart_a_then_lose_redis(2, &args);
+    both_report(&a, &b, 4);
+    assert!(b.stderr().contains("redis error"), "{}", b.stderr());
+    assert_eq!(get_key(&b, "/prod/x", ALICE).status, 200);
+    both_report(&a, &b, 5);
+    thread::sleep(Duration::from_millis(300));
+    both_report(&a, &b, 5);
+}
+
+/// Every node stopped, Redis restarted empty, the nodes started again: the count each one
+/// keeps in its `state_dir` is written back as a floor, once for the cluster (not once per
+/// node), so the used-up quota still holds.
+#[test]
+fn a_used_up_quota_holds_after_every_node_and_redis_restarted() {
+    let mut redis = Redis::start();
+    let (sa, sb) = (StateDir(temp_dir("state-a")), StateDir(temp_dir("state-b")));
+    let a = Gateway::start(&node_config_in(&redis.url(), &sa));
+    let b = Gateway::start(&node_config_in(&redis.url(), &sb));
+    for n in [&a, &b, &a, &b, &a, &b] {
+        assert_eq!(get_key(n, "/prod/x", ALICE).status, 200);
+    }
+    for n in [&a, &b] {
+        assert!(wait_until(Duration::from_secs(3), || used(n, "alice")
+            ["used"]
+            == 6));
+    }
+    stop_node(a);
+    stop_node(b);
+    for s in [&sa, &sb] {
+        let file = std::fs::read_to_string(s.0.join("usage-plans.json")).unwrap();
+        assert!(file.contains("\"used\":6"), "{file}");
+    }
+    redis.stop();
+    redis.restart();
+    let a = Gateway::start(&node_config_in(&redis.url(), &sa));
+    let b = Gateway::start(&node_config_in(&redis.url(), &sb));
+    for n in [&a, &b] {
+        assert!(wait_until(Duration::from_secs(3), || n
+            .stderr()
+            .contains("joined")));
+    }
+    thread::sleep(Duration::from_millis(300));
+    for n in [&a, &b] {
+        assert_eq!(used(n, "alice")["used"], 6, "{}", n.stderr());
+        let r = get_key(n, "/prod/x", ALICE);
+        assert_eq!(r.status, 429, "{}", r.text());
+    }
+    assert_eq!(quota_total(&redis), 6);
+    // Counting goes on from there on a third node too.
+    let c = Gateway::start(&node_config(&redis.url(), ""));
+    assert!(wait_until(Duration::from_secs(3), || c
+        .stderr()
+        .contains("joined")));
+    assert_eq!(used(&c, "alice")["used"], 6);
+    assert_eq!(get_key(&c, "/prod/x", ALICE).status, 429);
+}
+
 #[test]
 fn a_restarted_node_merges_its_keys_into_a_hash_another_node_made_meanwhile() {
     let redis = Redis::start();
