@@ -38,14 +38,17 @@ pub(super) async fn run<S: ClientIo>(
     let body_len = if route.auth.needs_body() {
         // What the head alone can refuse is refused before the body is read (nor invited
         // with `100 Continue`): an upload without valid-looking credentials is not held.
-        let req = Request {
-            head: &c.b.head,
-            buf: &c.b.rbuf,
-            body: &[],
-            request_id: &c.reqid[..c.reqid_len],
-        };
-        if let Err(d) = auth::precheck(&gw.config.auth, &route.auth, &req) {
-            return Err(refuse(w, c, route, d).await);
+        // (Without a body the whole check runs at once below.)
+        if c.b.head.body != BodyKind::None {
+            let head_only = Request {
+                head: &c.b.head,
+                buf: &c.b.rbuf,
+                body: &[],
+                request_id: &c.reqid[..c.reqid_len],
+            };
+            if let Err(d) = auth::precheck(&gw.config.auth, &route.auth, &head_only) {
+                return Err(refuse(w, c, route, d).await);
+            }
         }
         match buffer_body(c, gw).await {
             Ok(n) => n,
