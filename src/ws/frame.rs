@@ -363,13 +363,8 @@ mod tests {
     #[test]
     fn fuzz_check_over_generated_frames() {
         // xorshift: valid masked frames, then mutated bytes, through the fuzz target's check.
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = crate::http::fuzz_checks::XorShift(0x9E37_79B9_7F4A_7C15);
+        let mut next = move || rng.next_u64();
         let mut events = 0;
         for _ in 0..3000 {
             let mut input = vec![next() as u8];

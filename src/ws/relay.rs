@@ -467,13 +467,8 @@ mod tests {
     fn fuzz_check_over_generated_frames() {
         // xorshift: frames of both sides (now and then of the wrong one, or over the limits),
         // then mutated bytes, through the fuzz target's check.
-        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = crate::http::fuzz_checks::XorShift(0x2545_F491_4F6C_DD1D);
+        let mut next = move || rng.next_u64();
         let (mut relayed, mut cut) = (0, 0);
         for _ in 0..3000 {
             let first = next() as u8;
