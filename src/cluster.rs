@@ -48,7 +48,7 @@
 
 use crate::config::{ConfigError, Source};
 use crate::gateway::Shared;
-use crate::policy::auth::KeyChange;
+use crate::policy::auth::{KeyChange, Reservation};
 use crate::policy::plans::{rebase, unix_now, used_in, CounterId, Period};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::{Deserialize, Serialize};
@@ -219,6 +219,8 @@ pub(crate) fn validate(src: &Source, raw: &RawCluster) -> Result<ClusterConfig, 
 enum Msg {
     /// A local admin change and the key generation it made.
     Key(KeyChange, u64),
+    /// Reserve a new key (name, stored form) in the cluster's set, then answer.
+    Reserve(String, String, Sender<Reservation>),
     ConnOpened(u64),
     ConnClosed(u64),
     Forward {
@@ -357,6 +359,15 @@ pub fn start(cfg: &ClusterConfig, shared: &Arc<Shared>) -> Result<(), String> {
     let keys_tx = tx.clone();
     shared.auth.on_change(Box::new(move |k, generation| {
         let _ = keys_tx.send(Msg::Key(k, generation));
+    }));
+    let reserve_tx = tx.clone();
+    shared.auth.on_add(Box::new(move |name, json| {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        let _ = reserve_tx.send(Msg::Reserve(name.to_string(), json.to_string(), reply));
+        // Too slow: added here, and written with the queued change (as during an outage).
+        answer
+            .recv_timeout(IO_TIMEOUT * 2)
+            .unwrap_or(Reservation::Unknown)
     }));
     let sub = {
         let client = client.clone();
@@ -637,6 +648,9 @@ impl Worker {
                     self.flushed = self.flushed.max(generation);
                 }
                 self.flush_keys();
+            }
+            Msg::Reserve(name, json, reply) => {
+                let _ = reply.send(self.reserve(&name, &json));
             }
             Msg::ConnOpened(id) => self.conn_op(id, true),
             Msg::ConnClosed(id) => self.conn_op(id, false),
@@ -1003,6 +1017,33 @@ impl Worker {
         }
     }
 
+    /// Writes a key added on this node (its stored form `json`) to the cluster's set, unless a
+    /// key there has its name or value: read, checked and written in one transaction (`WATCH`,
+    /// so two nodes adding at once cannot both succeed). The queued change that follows the
+    /// addition then finds it written.
+    fn reserve(&mut self, name: &str, json: &str) -> Reservation {
+        // Earlier changes first. With some still waiting, or the keys not merged since a
+        // reconnect, what the cluster holds is not known yet.
+        self.flush_keys();
+        if self.con.is_none() || self.seed || !self.keys.is_empty() {
+            return Reservation::Unknown;
+        }
+        self.call(|con| {
+            redis::transaction(con, &[KEYS_HASH], |con, pipe| {
+                let all: HashMap<String, Vec<u8>> =
+                    redis::cmd("HGETALL").arg(KEYS_HASH).query(con)?;
+                let entries = all.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+                if let Some(taken) = crate::policy::auth::clash(entries, name, json) {
+                    return Ok(Some(taken));
+                }
+                // `None` when another node changed the set meanwhile: read and check again.
+                let written: Option<(i64,)> = pipe.hset(KEYS_HASH, name, json).query(con)?;
+                Ok(written.map(|_| Reservation::Done))
+            })
+        })
+        .unwrap_or(Reservation::Unknown)
+    }
+
     /// Writes the queued key changes, oldest first.
     fn flush_keys(&mut self) {
         while let Some((k, generation)) = self.keys.front().cloned() {
@@ -1051,6 +1092,10 @@ impl Worker {
         if !self.keys.is_empty() || self.seed {
             return;
         }
+        // Not while a key is being added: it may be in Redis and not yet here.
+        let Some(_adds) = shared.auth.hold_adds() else {
+            return;
+        };
         // Only once every local change is in Redis (else the set read could undo one).
         let generation = shared.auth.admin_generation();
         if generation != self.flushed {

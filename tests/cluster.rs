@@ -285,6 +285,76 @@ fn keys_added_or_deleted_on_one_node_hold_on_every_node() {
     }
 }
 
+/// A key the cluster's set holds but node B has not loaded yet (written behind its back, with
+/// no announcement: B would only see it at its 5 s reload), or one added on another node at the
+/// same moment: B refuses its name and its value with 409, as one node refuses a duplicate.
+#[test]
+fn a_key_added_elsewhere_is_refused_even_before_the_node_loaded_it() {
+    use sha2::Digest;
+    let redis = Redis::start();
+    let a = Gateway::start(&node_config(&redis.url(), ""));
+    let b = Gateway::start(&node_config(&redis.url(), ""));
+    let hidden = "hidden-key-0123456789abcdef";
+    let sha: String = sha2::Sha256::digest(hidden.as_bytes())
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect();
+    let stored =
+        format!(r#"{{"name":"eve","plans":["free"],"enabled":true,"sha256":"{sha}","created":1}}"#);
+    let set = redis.command(&["HSET", "ringgate:apikeys", "eve", &stored]);
+    assert_eq!(set.as_deref(), Some(":1\r\n"));
+    let post = |node: &Gateway, body: &str| admin_call(node.admin_addr, "POST", "/api-keys", body);
+    let r = post(&b, r#"{"name":"eve","plans":["free"]}"#);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(
+        r.text().contains("a key named `eve` exists"),
+        "{}",
+        r.text()
+    );
+    let r = post(
+        &b,
+        &format!(r#"{{"name":"frank","plans":["free"],"value":"{hidden}"}}"#),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("in use"), "{}", r.text());
+    // Neither refusal left anything behind.
+    assert_eq!(
+        redis
+            .command(&["HEXISTS", "ringgate:apikeys", "frank"])
+            .as_deref(),
+        Some(":0\r\n")
+    );
+    // Two nodes adding at the same moment: one 201, one 409, whether the name or the value
+    // is shared.
+    for i in 0..4 {
+        let bodies = [
+            format!(r#"{{"name":"n{i}","value":"race-a-{i}-0123456789abcdef"}}"#),
+            format!(r#"{{"name":"n{i}","value":"race-b-{i}-0123456789abcdef"}}"#),
+            format!(r#"{{"name":"va{i}","value":"race-v-{i}-0123456789abcdef"}}"#),
+            format!(r#"{{"name":"vb{i}","value":"race-v-{i}-0123456789abcdef"}}"#),
+        ];
+        for pair in bodies.chunks(2) {
+            let start = std::sync::Barrier::new(2);
+            let statuses: Vec<u16> = thread::scope(|s| {
+                let calls: Vec<_> = [(&a, &pair[0]), (&b, &pair[1])]
+                    .into_iter()
+                    .map(|(node, body)| {
+                        let start = &start;
+                        s.spawn(move || {
+                            start.wait();
+                            post(node, body).status
+                        })
+                    })
+                    .collect();
+                calls.into_iter().map(|c| c.join().unwrap()).collect()
+            });
+            let mut sorted = statuses.clone();
+            sorted.sort();
+            assert_eq!(sorted, [201, 409], "{pair:?}: {statuses:?}");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Quotas
 // ---------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@
 //!
 //! With `[cluster]`, every admin change is also handed to the cluster thread (through the hook
 //! set by [`AuthState::on_change`]), which writes it to Redis; the admin-added keys of every
-//! node are then replaced by the cluster's set ([`AuthState::replace_admin`]).
+//! node are then replaced by the cluster's set ([`AuthState::replace_admin`]). A new key is
+//! first reserved in the cluster's set (the hook set by [`AuthState::on_add`]): a name or value
+//! another node holds is refused with 409, as on one node.
 
 use super::RawApiKey;
 use crate::config::{ConfigError, Source};
@@ -28,6 +30,8 @@ pub const MIN_KEY_LEN: usize = 20;
 pub const MAX_KEY_LEN: usize = 256;
 /// Most keys added at run time.
 pub const MAX_ADMIN_KEYS: usize = 100_000;
+/// The 409 message for a value another key has.
+const IN_USE: &str = "this key value is in use";
 
 /// Where a key comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +195,46 @@ pub struct AuthState {
     inner: Mutex<Inner>,
     /// Told of every admin change (set by the cluster).
     hook: std::sync::OnceLock<ChangeHook>,
+    /// Reserves a new key in the cluster's set (set by the cluster).
+    reserve: std::sync::OnceLock<ReserveHook>,
+    /// Held by [`AuthState::add`] from its checks to its commit ([`AuthState::hold_adds`]).
+    adding: Mutex<()>,
+}
+
+/// The cluster's answer to the reservation of a new key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// Written to the cluster's set: no key there has the name or the value.
+    Done,
+    /// A key of the cluster has the name.
+    NameTaken,
+    /// A key of the cluster has the value.
+    ValueTaken,
+    /// The cluster store could not be asked (unreachable, too slow, or this node still has to
+    /// merge its keys): the key is added here and shared later, as during an outage.
+    Unknown,
+}
+
+/// Called with a new key's name and stored form before it is added.
+type ReserveHook = Box<dyn Fn(&str, &str) -> Reservation + Send + Sync>;
+
+/// Whether the cluster's set `entries` (field name, stored form; other fields skipped) already
+/// holds the name or the value of the new key `json` (stored form) named `name`.
+pub fn clash<'a>(
+    entries: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    name: &str,
+    json: &str,
+) -> Option<Reservation> {
+    let sha = serde_json::from_str::<StoredKey>(json).ok()?.sha256;
+    for (field, stored) in entries {
+        if field == name {
+            return Some(Reservation::NameTaken);
+        }
+        if serde_json::from_slice::<StoredKey>(stored).is_ok_and(|k| k.sha256 == sha) {
+            return Some(Reservation::ValueTaken);
+        }
+    }
+    None
 }
 
 /// Called with each change and the [`AuthState::admin_generation`] it made.
@@ -275,12 +319,31 @@ impl AuthState {
             keys: ArcSwap::from_pointee(set),
             inner: Mutex::new(inner),
             hook: std::sync::OnceLock::new(),
+            reserve: std::sync::OnceLock::new(),
+            adding: Mutex::new(()),
         })
     }
 
     /// Calls `f` after every admin change from now on (once; later calls are ignored).
     pub fn on_change(&self, f: ChangeHook) {
         let _ = self.hook.set(f);
+    }
+
+    /// Calls `f` before every admin addition from now on (once; later calls are ignored): a
+    /// name or value it reports taken is refused with 409.
+    pub fn on_add(&self, f: ReserveHook) {
+        let _ = self.reserve.set(f);
+    }
+
+    /// Holds off admin additions; `None` while one is under way. The cluster reloads the key
+    /// set only while holding this: a key reserved in the cluster's set but not yet added here
+    /// would otherwise come in by the reload, and its own addition then find its name taken.
+    pub fn hold_adds(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        match self.adding.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     fn changed(&self, c: KeyChange, generation: u64) {
@@ -388,44 +451,78 @@ impl AuthState {
             None => generate_value().map_err(|e| KeyError::Io(e.to_string()))?,
         };
         let hash = digest(value.as_bytes());
+        let _adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
+        let stored = {
+            let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            self.addable(&g, name, &hash)?;
+            StoredKey {
+                name: name.to_string(),
+                plans,
+                enabled,
+                sha256: hex(&hash),
+                created: super::now_unix(),
+                usage: usage_id(&hash),
+            }
+        };
+        let json = serde_json::to_string(&stored).map_err(|e| KeyError::Io(e.to_string()))?;
+        // Not under the lock: the cluster thread takes it, and this waits for that thread.
+        let reserved = self
+            .reserve
+            .get()
+            .map_or(Reservation::Unknown, |f| f(name, &json));
+        match reserved {
+            Reservation::NameTaken => {
+                return Err(KeyError::Conflict(format!("a key named `{name}` exists")))
+            }
+            Reservation::ValueTaken => return Err(KeyError::Conflict(IN_USE.into())),
+            Reservation::Done | Reservation::Unknown => {}
+        }
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let cur = self.keys.load();
-        if cur.by_name(name).is_some() {
-            return Err(KeyError::Conflict(format!("a key named `{name}` exists")));
-        }
-        if cur.keys().iter().any(|k| k.hash == hash) {
-            return Err(KeyError::Conflict("this key value is in use".into()));
-        }
-        if g.admin.len() >= MAX_ADMIN_KEYS {
-            return Err(KeyError::Conflict("too many keys".into()));
-        }
-        g.admin.push(StoredKey {
-            name: name.to_string(),
-            plans,
-            enabled,
-            sha256: hex(&hash),
-            created: super::now_unix(),
-            usage: usage_id(&hash),
+        // Again: a config reload does not wait for `adding`.
+        let added = self.addable(&g, name, &hash).and_then(|()| {
+            g.admin.push(stored);
+            persist(&g).map_err(|e| {
+                g.admin.pop();
+                KeyError::Io(e)
+            })
         });
-        if let Err(e) = persist(&g) {
-            g.admin.pop();
-            return Err(KeyError::Io(e));
+        if let Err(e) = added {
+            if reserved == Reservation::Done {
+                // Taken back from the cluster's set.
+                g.generation += 1;
+                let generation = g.generation;
+                drop(g);
+                self.changed(KeyChange::Delete(name.to_string()), generation);
+            }
+            return Err(e);
         }
         self.keys.store(Arc::new(build(&g)));
         g.generation += 1;
         let generation = g.generation;
-        let json = g.admin.last().and_then(|k| serde_json::to_string(k).ok());
         drop(g);
-        if let Some(json) = json {
-            self.changed(
-                KeyChange::Put {
-                    name: name.to_string(),
-                    json,
-                },
-                generation,
-            );
-        }
+        self.changed(
+            KeyChange::Put {
+                name: name.to_string(),
+                json,
+            },
+            generation,
+        );
         Ok(value)
+    }
+
+    /// Whether a key named `name` with the value digest `hash` can be added to this node's set.
+    fn addable(&self, g: &Inner, name: &str, hash: &[u8; 32]) -> Result<(), KeyError> {
+        let cur = self.keys.load();
+        if cur.by_name(name).is_some() {
+            return Err(KeyError::Conflict(format!("a key named `{name}` exists")));
+        }
+        if cur.keys().iter().any(|k| k.hash == *hash) {
+            return Err(KeyError::Conflict(IN_USE.into()));
+        }
+        if g.admin.len() >= MAX_ADMIN_KEYS {
+            return Err(KeyError::Conflict("too many keys".into()));
+        }
+        Ok(())
     }
 
     /// Deletes an admin-added key.
@@ -544,6 +641,36 @@ fn unhex32(s: &str) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn clash_finds_a_name_or_a_value_in_the_cluster_set() {
+        let stored = |name: &str, value: &str| {
+            serde_json::to_string(&StoredKey {
+                name: name.into(),
+                plans: vec![],
+                enabled: true,
+                sha256: hex(&digest(value.as_bytes())),
+                created: 1,
+                usage: String::new(),
+            })
+            .unwrap()
+        };
+        let set = [
+            (".".to_string(), "epoch-1".to_string()),
+            (
+                "bob".to_string(),
+                stored("bob", "bob-value-0123456789abcdef"),
+            ),
+        ];
+        let entries = || set.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
+        let new = stored("carol", "carol-value-0123456789abcdef");
+        assert_eq!(clash(entries(), "carol", &new), None);
+        assert_eq!(clash(entries(), "bob", &new), Some(Reservation::NameTaken));
+        let same_value = stored("carol", "bob-value-0123456789abcdef");
+        assert_eq!(
+            clash(entries(), "carol", &same_value),
+            Some(Reservation::ValueTaken)
+        );
+    }
 
     fn key(name: &str, value: &str, enabled: bool) -> ApiKey {
         ApiKey {

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use std::sync::Arc;
 use toml::Spanned;
 
-pub use api_key::{ApiKey, AuthState, KeyChange, KeySet};
+pub use api_key::{clash, ApiKey, AuthState, KeyChange, KeySet, Reservation};
 pub use jwt::JwtAuthorizer;
 pub use sigv4::SigV4Credential;
 
