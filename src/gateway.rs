@@ -249,7 +249,15 @@ impl Shared {
             );
             new.server.tls = o.tls.clone();
         }
-        if run.admin_listen != now.admin_listen {
+        if new.admin.is_none() && run.admin_listen.is_some() {
+            // The listener stays bound until a restart: it keeps the token it had (without
+            // one it would be open to anyone who reaches it).
+            notes.push(
+                "[admin] was removed: its listener keeps serving, with the previous token, until the next restart"
+                    .to_string(),
+            );
+            new.admin = old.config.admin.clone();
+        } else if run.admin_listen != now.admin_listen {
             notes.push("admin.listen takes effect at the next restart".to_string());
         }
         if run.cluster != now.cluster {

@@ -626,6 +626,50 @@ fn admin_answers_expect_100_continue() {
     assert_eq!(r.status, 201, "{}", r.text());
 }
 
+/// A reload that removes `[admin]`: the listener stays bound until the next restart, and it
+/// keeps asking for the token it had (it must not turn into an open admin API). A reload that
+/// keeps `[admin]` and changes the token rotates it.
+#[test]
+fn a_reload_removing_admin_keeps_the_listener_behind_its_token() {
+    let with_token = token_config();
+    let gw = Gateway::start(&with_token);
+    let a = gw.admin_addr;
+    let section = "[admin]\nlisten = \"@ADMIN@\"\ntoken = \"s3cret-token\"";
+    assert!(with_token.contains(section));
+    gw.write_config(&with_token.replace(section, ""));
+    let r = admin_request(a, "POST", "/reload", Some("Bearer s3cret-token")).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("[admin] was removed"), "{}", r.text());
+    assert_eq!(admin_get(a, "/api-keys", None).unwrap().status, 401);
+    let r = admin_get(a, "/api-keys", Some("Bearer s3cret-token")).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    // SIGHUP alike, and the gateway still serves.
+    gw.reload_signal();
+    assert!(wait_until(Duration::from_secs(3), || gw
+        .stderr()
+        .matches("[admin] was removed")
+        .count()
+        >= 2));
+    assert_eq!(admin_get(a, "/metrics", None).unwrap().status, 401);
+    assert_eq!(gw.get("/a").status, 200);
+    // Back with another token: that one counts now.
+    gw.write_config(&with_token.replace("s3cret-token", "other-token"));
+    let r = admin_request(a, "POST", "/reload", Some("Bearer s3cret-token")).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        admin_get(a, "/metrics", Some("Bearer s3cret-token"))
+            .unwrap()
+            .status,
+        401
+    );
+    assert_eq!(
+        admin_get(a, "/metrics", Some("Bearer other-token"))
+            .unwrap()
+            .status,
+        200
+    );
+}
+
 #[test]
 fn admin_refuses_bodies_without_the_token_before_reading_them() {
     let gw = Gateway::start(&token_config());

@@ -237,11 +237,12 @@ pub(crate) fn is_json_object(body: &[u8]) -> bool {
 
 /// Compares two byte strings in time independent of where they differ.
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
+    // Every bit of the lengths' difference counts.
+    let mut diff = a.len() ^ b.len();
     for i in 0..a.len().max(b.len()) {
         let x = a.get(i).copied().unwrap_or(0);
         let y = b.get(i).copied().unwrap_or(0xff);
-        diff |= x ^ y;
+        diff |= usize::from(x ^ y);
     }
     std::hint::black_box(diff) == 0
 }
@@ -673,6 +674,11 @@ mod tests {
         assert!(!ct_eq(b"secret", b"secret2"));
         assert!(!ct_eq(b"", b"x"));
         assert!(ct_eq(b"", b""));
+        // Lengths differing by a multiple of 65,536, padded with what the other side pads with.
+        let mut long = b"secret".to_vec();
+        long.resize(6 + 65_536, 0xff);
+        assert!(!ct_eq(&long, b"secret"));
+        assert!(!ct_eq(b"secret", &long));
     }
 
     #[test]
