@@ -358,6 +358,17 @@ fn access_log_writes_one_json_object_per_request() {
         assert_eq!(r.status, 400, "{target}");
         expected.push(("GET", logged.to_string(), 400, id.to_string()));
     }
+    // Fields split by a TAB, a userinfo behind `:/\`: still no query and no userinfo.
+    for (line, logged) in [
+        ("GET\t/t?api_key=SECRET-T HTTP/1.1", "/t"),
+        ("GET http:/\\user:SECRET-B@t/z HTTP/1.1", "http:/\\t/z"),
+    ] {
+        let r = gw.request(&format!("{line}\r\nHost: t\r\n\r\n"));
+        assert_eq!(r.status, 400, "{line}");
+        // A line that did not parse: logged under the request id the gateway made.
+        let id = r.header("x-request-id").unwrap().to_string();
+        expected.push(("GET", logged.to_string(), 400, id));
+    }
     // A method refused for its spelling is logged as sent (the metrics count it as OTHER).
     let r = gw.request("get /low HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(r.status, 400);
@@ -668,6 +679,27 @@ fn a_reload_removing_admin_keeps_the_listener_behind_its_token() {
             .status,
         200
     );
+}
+
+/// HTTP/1.0 on the admin listener: a connection kept open is said to be (RFC 9112 9.3), and
+/// one without `keep-alive` is closed and said to be.
+#[test]
+fn admin_http10_keep_alive_is_announced() {
+    let gw = Gateway::start(&token_config());
+    let mut c = Client::connect(gw.admin_addr);
+    for _ in 0..2 {
+        c.send(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("connection"), Some("keep-alive"));
+    }
+    c.send(b"GET /healthz HTTP/1.0\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(r.header("connection"), Some("close"));
+    // HTTP/1.1 keeps the connection without saying so.
+    let mut c = Client::connect(gw.admin_addr);
+    c.send(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().header("connection"), None);
 }
 
 #[test]

@@ -222,7 +222,7 @@ fn refuse(mut s: TcpStream) {
         }
     }
     let r = json(503, "Service Unavailable: too many admin connections");
-    let _ = s.write_all(&reply_bytes(&r, false, None));
+    let _ = s.write_all(&reply_bytes(&r, Keep::Close, None));
     let _ = s.shutdown(Shutdown::Write);
 }
 
@@ -290,7 +290,7 @@ fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> io::Res
 /// Writes an error answer and closes; the client's unread bytes are read (for a moment)
 /// so that the close does not reset the connection before the client reads the answer.
 fn fail(s: &mut TcpStream, r: &Reply) -> io::Result<()> {
-    write_reply(s, r, false, None, false)?;
+    write_reply(s, r, Keep::Close, None, false)?;
     let _ = s.shutdown(Shutdown::Write);
     let deadline = Instant::now() + Duration::from_secs(1);
     let mut sink = Vec::with_capacity(8192);
@@ -480,7 +480,11 @@ fn serve_conn(mut s: TcpStream, shared: &Shared, slot: &Slot) -> io::Result<()> 
             },
             None => route(shared, &method, &path, authorized, body),
         };
-        let keep = head.keep_alive;
+        let keep = match (head.keep_alive, head.minor_version) {
+            (false, _) => Keep::Close,
+            (true, 0) => Keep::Open10,
+            (true, _) => Keep::Open,
+        };
         slot.waiting();
         let allow = if reply.status == 405 {
             allowed_methods(&path)
@@ -488,7 +492,7 @@ fn serve_conn(mut s: TcpStream, shared: &Shared, slot: &Slot) -> io::Result<()> 
             None
         };
         write_reply(&mut s, &reply, keep, allow, head_only)?;
-        if !keep {
+        if keep == Keep::Close {
             return Ok(());
         }
         buf.drain(..end);
@@ -610,10 +614,19 @@ fn route(shared: &Shared, method: &str, path: &str, authorized: bool, body: &[u8
     }
 }
 
+/// Whether the connection stays open after an answer, and how the answer says so.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Close,
+    Open,
+    /// HTTP/1.0 keep-alive: said in the answer (RFC 9112 9.3), else the client cannot rely on it.
+    Open10,
+}
+
 fn write_reply(
     s: &mut TcpStream,
     r: &Reply,
-    keep: bool,
+    keep: Keep,
     allow: Option<&'static str>,
     head_only: bool,
 ) -> io::Result<()> {
@@ -637,15 +650,17 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
     })
 }
 
-fn reply_bytes(r: &Reply, keep: bool, allow: Option<&'static str>) -> Vec<u8> {
+fn reply_bytes(r: &Reply, keep: Keep, allow: Option<&'static str>) -> Vec<u8> {
     let mut out = Vec::with_capacity(r.body.len() + 256);
     encode::push_status_line(&mut out, r.status);
     encode::push_header(&mut out, b"content-type", r.ctype.as_bytes());
     out.extend_from_slice(b"content-length: ");
     encode::push_u64(&mut out, r.body.len() as u64);
     out.extend_from_slice(b"\r\n");
-    if !keep {
-        out.extend_from_slice(b"connection: close\r\n");
+    match keep {
+        Keep::Close => out.extend_from_slice(b"connection: close\r\n"),
+        Keep::Open10 => out.extend_from_slice(b"connection: keep-alive\r\n"),
+        Keep::Open => {}
     }
     if r.status == 401 {
         out.extend_from_slice(b"www-authenticate: Bearer\r\n");

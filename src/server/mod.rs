@@ -1500,14 +1500,7 @@ fn write_refused_log_line<S: ClientIo>(w: &Worker, log: &mut LocalLog, c: &Conn<
             .iter()
             .position(|&b| b == b'\n')
             .unwrap_or(c.b.rbuf.len());
-    let line = &c.b.rbuf[..line_end];
-    let target = line.split(|&b| b == b' ').nth(1).unwrap_or(b"");
-    // The method as sent (`get`, `PROPFIND`), up to 32 bytes; `OTHER` when no request line
-    // could be read. The metrics keep their bounded label.
-    let method = match line.iter().take(33).position(|&b| b == b' ') {
-        Some(i) if i > 0 => &line[..i],
-        _ => &b"OTHER"[..],
-    };
+    let (method, target) = refused_line_parts(&c.b.rbuf[..line_end]);
     let b = log.buf();
     log_line_start(w, b, &c.reqid[..c.reqid_len], c.peer.ip(), S::TLS);
     push_json_str(b, method);
@@ -1520,6 +1513,21 @@ fn write_refused_log_line<S: ClientIo>(w: &Worker, log: &mut LocalLog, c: &Conn<
     log.line_done();
 }
 
+/// The method label and the request-target of a refused request line. The fields are split
+/// at any whitespace, as RFC 9112 section 3 lets a lenient reader do, so a query sent after a
+/// TAB does not end up in the method. The method is the first field when it is a token of at
+/// most 32 bytes (`get`, `PROPFIND`), else `OTHER` (the metrics keep their bounded label).
+fn refused_line_parts(line: &[u8]) -> (&[u8], &[u8]) {
+    let mut fields = line
+        .split(|b| matches!(b, b' ' | b'\t' | b'\x0b' | b'\x0c' | b'\r'))
+        .filter(|f| !f.is_empty());
+    let method = match fields.next() {
+        Some(m) if m.len() <= 32 && m.iter().all(|&b| crate::http::chunked::is_tchar(b)) => m,
+        _ => b"OTHER",
+    };
+    (method, fields.next().unwrap_or(b""))
+}
+
 /// A refused request-target as it may be logged, in two parts to write one after the other:
 /// without its query and fragment (where `access_token=`, SigV4's `X-Amz-Signature=` or a
 /// request authorizer's `query.NAME` source travel; a served request's `path` has no query
@@ -1530,17 +1538,37 @@ fn loggable_target(target: &[u8]) -> (&[u8], &[u8]) {
         .position(|&b| b == b'?' || b == b'#')
         .unwrap_or(target.len());
     let t = &target[..end];
-    if let Some(i) = t.windows(3).position(|w| w == b"://") {
-        let auth_start = i + 3;
-        let auth_end = t[auth_start..]
-            .iter()
-            .position(|&b| b == b'/')
-            .map_or(t.len(), |j| auth_start + j);
-        if let Some(at) = t[auth_start..auth_end].iter().rposition(|&b| b == b'@') {
-            return (&t[..auth_start], &t[auth_start + at + 1..]);
-        }
+    if t.first() == Some(&b'/') {
+        // Origin form: no userinfo.
+        return (t, b"");
     }
-    (t, b"")
+    // Absolute form (`scheme:` then any `/` or `\\`, as URL parsers read them) or authority
+    // form: the userinfo ends at the last `@` before the path.
+    let scheme_end = t
+        .iter()
+        .position(|&b| b == b':')
+        .filter(|&c| {
+            c > 0
+                && t[..c]
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        })
+        .filter(|&c| matches!(t.get(c + 1), Some(b'/' | b'\\')));
+    let auth_start = scheme_end.map_or(0, |c| {
+        c + 1
+            + t[c + 1..]
+                .iter()
+                .take_while(|&&b| b == b'/' || b == b'\\')
+                .count()
+    });
+    let auth_end = t[auth_start..]
+        .iter()
+        .position(|&b| b == b'/' || b == b'\\')
+        .map_or(t.len(), |j| auth_start + j);
+    match t[auth_start..auth_end].iter().rposition(|&b| b == b'@') {
+        Some(at) => (&t[..auth_start], &t[auth_start + at + 1..]),
+        None => (t, b""),
+    }
 }
 
 /// An access log line up to the method's value: `time`, `request_id`, `remote`, `scheme`.
@@ -1642,7 +1670,7 @@ impl crate::ws::api::Events for Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::loggable_target;
+    use super::{loggable_target, refused_line_parts};
 
     fn joined(t: &[u8]) -> String {
         let (a, b) = loggable_target(t);
@@ -1659,5 +1687,31 @@ mod tests {
         assert_eq!(joined(b"http://u@h"), "http://h");
         assert_eq!(joined(b"http://h/a@b"), "http://h/a@b");
         assert_eq!(joined(b""), "");
+        // Backslashes read as slashes, the authority form, no `//`.
+        assert_eq!(joined(b"http:/\\user:PW@x/hello"), "http:/\\x/hello");
+        assert_eq!(joined(b"http:\\\\u:p@h\\a"), "http:\\\\h\\a");
+        assert_eq!(joined(b"u:p@h:443"), "h:443");
+        assert_eq!(joined(b"mailto:u@h"), "h");
+    }
+
+    #[test]
+    fn refused_lines_split_at_any_whitespace() {
+        let parts = |l: &[u8]| {
+            let (m, t) = refused_line_parts(l);
+            (
+                String::from_utf8(m.to_vec()).unwrap(),
+                String::from_utf8(t.to_vec()).unwrap(),
+            )
+        };
+        let p = |m: &str, t: &str| (m.to_string(), t.to_string());
+        assert_eq!(
+            parts(b"GET\t/a?api_key=S HTTP/1.1\r"),
+            p("GET", "/a?api_key=S")
+        );
+        assert_eq!(parts(b"GET\x0b/a?k=S\x0bHTTP/1.1"), p("GET", "/a?k=S"));
+        assert_eq!(parts(b"get  /a HTTP/1.1"), p("get", "/a"));
+        assert_eq!(parts(b"G(T /a HTTP/1.1"), p("OTHER", "/a"));
+        assert_eq!(parts(&[b'A'; 33]), p("OTHER", ""));
+        assert_eq!(parts(b""), p("OTHER", ""));
     }
 }
