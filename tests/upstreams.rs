@@ -767,7 +767,7 @@ fn passive_checks_do_not_blame_a_target_for_a_wait_on_another_requests_fetch() {
 }
 
 #[test]
-fn passive_config_errors_name_the_key() {
+fn passive_and_health_config_errors_name_the_key() {
     for (extra, key, msg) in [
         (
             "passive = { max_fails = 0 }",
@@ -778,6 +778,21 @@ fn passive_config_errors_name_the_key() {
             "passive = { fail_timeout_ms = 0 }",
             "upstreams[0].passive.fail_timeout_ms",
             "must be between 1 and 3600000",
+        ),
+        (
+            "health = { path = \"/h\", timeout_ms = 0 }",
+            "upstreams[0].health",
+            "timeout_ms, unhealthy_after and healthy_after must be greater than 0",
+        ),
+        (
+            "health = { path = \"/h\\r\\nX: y\" }",
+            "upstreams[0].health.path",
+            "must be visible ASCII without `#`",
+        ),
+        (
+            "health = { path = \"/h x\" }",
+            "upstreams[0].health.path",
+            "must be visible ASCII",
         ),
         (
             "passive = { max_fail = 2 }",

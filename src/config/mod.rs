@@ -664,11 +664,23 @@ fn validate_upstream(
             if !h.path.starts_with('/') {
                 return Err(src.err(0..0, &key("health.path"), "must start with `/`"));
             }
-            if h.interval_ms == 0 || h.unhealthy_after == 0 || h.healthy_after == 0 {
+            // It goes on the probe's request line as written.
+            if !h.path.bytes().all(|b| b.is_ascii_graphic() && b != b'#') {
+                return Err(src.err(
+                    0..0,
+                    &key("health.path"),
+                    "must be visible ASCII without `#` (percent-encode spaces and control characters)",
+                ));
+            }
+            if h.interval_ms == 0
+                || h.unhealthy_after == 0
+                || h.healthy_after == 0
+                || h.timeout_ms == Some(0)
+            {
                 return Err(src.err(
                     0..0,
                     &key("health"),
-                    "interval_ms, unhealthy_after and healthy_after must be greater than 0",
+                    "interval_ms, timeout_ms, unhealthy_after and healthy_after must be greater than 0",
                 ));
             }
             Some(HealthConfig {
@@ -865,6 +877,24 @@ mod tests {
             "[[apis]]\nname = \"a\"\n[[apis.routes]]\nroute = \"GET /\"\n\
              [apis.routes.integration]\ntype = \"mock\"\n\nstatus = \"x\"\n",
             "t.toml:8: key `apis[0].routes[0].integration.status`: invalid type: string \"x\", expected u16",
+        );
+    }
+
+    /// Values checked after deserializing: the line of the key, not of its table's first key.
+    #[test]
+    fn checked_values_name_their_own_line() {
+        let up = "[[upstreams]]\nname = \"u\"\ntargets = [\"127.0.0.1:9\"]\n";
+        refused(
+            &format!("{up}[[authorizers]]\nname = \"z\"\ntype = \"request\"\nupstream = \"u\"\nidentity_sources = [\"header.a\"]\npath = \"a\"\n"),
+            "t.toml:9: key `authorizers[0].path`: must start with `/`",
+        );
+        refused(
+            "[[sigv4_credentials]]\naccess_key = \"AK\"\nregion = \"r\"\nservice = \"s\"\nprincipal = \"p\"\nsecret_key = \"x\"\n",
+            "t.toml:6: key `sigv4_credentials[0].secret_key`: at least 16 characters",
+        );
+        refused(
+            "[waf]\nip_allow = []\nip_deny = [\"10.0.0.0/33\"]\n",
+            "t.toml:3: key `waf.ip_deny`: `10.0.0.0/33` is not",
         );
     }
 

@@ -19,6 +19,9 @@ enum Part {
     Lit(Box<str>),
     /// Index of a capture in [`Params`].
     Param(usize),
+    /// A capture placed after the template's `?`: its `&`, `=`, `+` and `;` (which the path's
+    /// normal form holds decoded) are percent-encoded, so a client cannot add parameters.
+    QueryParam(usize),
 }
 
 /// An integration path with `{param}` slots, stage variables already substituted.
@@ -40,6 +43,24 @@ impl PathTemplate {
                 Part::Param(i) => {
                     if let Some((a, b)) = params.get(*i) {
                         out.extend_from_slice(&path[a as usize..b as usize]);
+                    }
+                }
+                Part::QueryParam(i) => {
+                    if let Some((a, b)) = params.get(*i) {
+                        for &c in &path[a as usize..b as usize] {
+                            match c {
+                                // `%26`, `%3D`, `%2B`, `%3B`.
+                                b'&' | b'=' | b'+' | b';' => {
+                                    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                                    out.extend_from_slice(&[
+                                        b'%',
+                                        HEX[(c >> 4) as usize],
+                                        HEX[(c & 15) as usize],
+                                    ]);
+                                }
+                                _ => out.push(c),
+                            }
+                        }
                     }
                 }
             }
@@ -645,6 +666,8 @@ fn compile_template(
     }
     let mut parts = Vec::new();
     let mut lit = String::new();
+    // Past the template's `?` (literal or from a stage variable).
+    let mut in_query = false;
     let mut rest = raw;
     while let Some(i) = rest.find('{') {
         let after = &rest[i + 1..];
@@ -660,6 +683,7 @@ fn compile_template(
         } else {
             lit.push_str(&rest[..i]);
             if !lit.is_empty() {
+                in_query |= lit.contains('?');
                 parts.push(Part::Lit(std::mem::take(&mut lit).into()));
             }
             let name = name.trim_end_matches('+');
@@ -667,7 +691,11 @@ fn compile_template(
                 .iter()
                 .position(|n| n == name)
                 .ok_or_else(|| format!("`{{{name}}}` is not a parameter of the route"))?;
-            parts.push(Part::Param(idx));
+            parts.push(if in_query {
+                Part::QueryParam(idx)
+            } else {
+                Part::Param(idx)
+            });
         }
         rest = &after[end + 1..];
     }
@@ -1362,6 +1390,51 @@ integration = { type = "mock", status = 200, body = "fallback" }
             panic!()
         };
         assert_eq!(&*c.routes.route(id).key, "$default");
+    }
+
+    #[test]
+    fn parameters_in_the_template_query_cannot_add_parameters() {
+        let cfg = r#"
+[[upstreams]]
+name = "u"
+targets = ["127.0.0.1:9"]
+[[apis]]
+name = "q"
+[apis.stages."$default"]
+variables = { q = "/v?u=" }
+[[apis.routes]]
+route = "GET /q/{id}"
+integration = { type = "http", upstream = "u", path = "/l/{id}?user={id}&role=reader" }
+[[apis.routes]]
+route = "GET /v/{id+}"
+integration = { type = "http", upstream = "u", path = "${stageVariables.q}{id}" }
+"#;
+        let c = parse(Path::new("t.toml"), cfg).unwrap();
+        let render = |path: &str| {
+            let mut params = Params::new();
+            let RouteMatch::Found(id) = c.routes.find(None, "GET", path, &mut params) else {
+                panic!("{path}: not found")
+            };
+            let crate::config::Integration::Http { path: Some(t), .. } =
+                &c.routes.route(id).integration
+            else {
+                panic!()
+            };
+            let mut out = Vec::new();
+            t.render(path.as_bytes(), &params, &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        // In the path part the value goes as it is; after `?` its separators are encoded.
+        assert_eq!(
+            render("/q/bob&role=admin"),
+            "/l/bob&role=admin?user=bob%26role%3Dadmin&role=reader"
+        );
+        assert_eq!(
+            render("/q/a+b;c%20d"),
+            "/l/a+b;c%20d?user=a%2Bb%3Bc%20d&role=reader"
+        );
+        // A `?` from a stage variable counts too; a greedy value keeps its `/`.
+        assert_eq!(render("/v/x/y&z=1"), "/v?u=x/y%26z%3D1");
     }
 
     #[test]

@@ -272,7 +272,7 @@ fn build_waf(src: &Source, w: &toml::Spanned<raw::RawWaf>) -> Result<Waf, Config
             .map(|s| {
                 Cidr::parse(s).ok_or_else(|| {
                     src.err(
-                        span.clone(),
+                        0..0,
                         key,
                         format!("`{s}` is not an IPv4/IPv6 address or CIDR"),
                     )

@@ -80,7 +80,8 @@ pub(super) fn validate(
     upstreams: &[UpstreamConfig],
 ) -> Result<RequestAuthorizer, ConfigError> {
     let key = |k: &str| format!("authorizers[{i}].{k}");
-    let span = a.name.span();
+    // Located by the key path: the line of the offending key (the table's when it is absent).
+    let span = 0..0;
     if a.jwks_uri.is_some()
         || a.jwks_file.is_some()
         || a.jwks_ca_file.is_some()

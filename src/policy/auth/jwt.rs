@@ -68,7 +68,8 @@ pub(super) fn validate(
     base: &Path,
 ) -> Result<JwtAuthorizer, ConfigError> {
     let key = |k: &str| format!("authorizers[{i}].{k}");
-    let span = a.name.span();
+    // Located by the key path: the line of the offending key (the table's when it is absent).
+    let span = 0..0;
     if a.upstream.is_some()
         || a.path.is_some()
         || !a.identity_sources.is_empty()

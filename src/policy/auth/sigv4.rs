@@ -79,7 +79,8 @@ pub(super) fn validate(
     c: &RawSigV4Credential,
 ) -> Result<SigV4Credential, ConfigError> {
     let key = |k: &str| format!("sigv4_credentials[{i}].{k}");
-    let span = c.access_key.span();
+    // Located by the key path: the line of the offending key (the table's when it is absent).
+    let span = 0..0;
     let ak = c.access_key.get_ref();
     if ak.is_empty() || !ak.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(src.err(span, &key("access_key"), "letters and digits only"));
