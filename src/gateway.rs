@@ -207,7 +207,7 @@ impl Shared {
     pub fn reload(&self) -> Result<Vec<String>, ConfigError> {
         let _g = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.refuse_when_draining()?;
-        let mut new = config::load(&self.config_path)?;
+        let mut new = config::reload(&self.config_path)?;
         new.traffic.plans.bind(&self.usage);
         new.traffic.inherit(&self.current().config.traffic);
         let old = self.current();

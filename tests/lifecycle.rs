@@ -224,6 +224,12 @@ fn admin_reload_answers_200_or_400_with_the_error() {
         "{msg}"
     );
     assert_eq!(gw.get("/v").text(), "v2");
+    // An empty file (as one caught while a tool rewrites it in place) would drop every route.
+    std::fs::write(&gw.config_path, " \n").unwrap();
+    let r = admin_request(gw.admin_addr, "POST", "/reload", None).unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.message().contains("the file is empty"), "{}", r.text());
+    assert_eq!(gw.get("/v").text(), "v2");
     // GET is not a reload.
     let r = admin_get(gw.admin_addr, "/reload", None).unwrap();
     assert_ne!(r.status, 200);

@@ -347,9 +347,25 @@ fn may_create_in(dir: &Path) -> std::io::Result<()> {
 
 /// Reads, validates and compiles the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError(format!("{}: cannot read config: {e}", path.display())))?;
+    parse(path, &read(path)?)
+}
+
+/// As [`load`], for a reload: an empty file is refused. It is most likely one caught while a
+/// tool rewrites it in place, and it would take every route away.
+pub fn reload(path: &Path) -> Result<Config, ConfigError> {
+    let text = read(path)?;
+    if text.trim().is_empty() {
+        return Err(ConfigError(format!(
+            "{}: the file is empty (keeping the running config)",
+            path.display()
+        )));
+    }
     parse(path, &text)
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("{}: cannot read config: {e}", path.display())))
 }
 
 /// Validates and compiles config `text` (which came from `path`).
