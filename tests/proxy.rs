@@ -567,6 +567,7 @@ fn head_responses_have_no_body() {
 fn no_content_and_not_modified_have_no_body() {
     let origin = Origin::start(|r| match r.path.as_str() {
         "/204" => Response::new(204).no_length(),
+        "/204cl" => Response::new(204).header("Content-Length", "0").no_length(),
         "/304" => Response::new(304)
             .header("ETag", "\"v1\"")
             .header("Content-Length", "42")
@@ -590,6 +591,13 @@ fn no_content_and_not_modified_have_no_body() {
         "stray bytes: {:?}",
         String::from_utf8_lossy(c.pending())
     );
+    // RFC 9110 8.6: never a Content-Length on a 204, for GET or HEAD.
+    for m in ["GET", "HEAD"] {
+        c.send(format!("{m} /204cl HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        let r = c.read_response_to(m).unwrap();
+        assert_eq!(r.status, 204);
+        assert_eq!(r.header("content-length"), None, "{m}");
+    }
 }
 
 #[test]

@@ -1153,3 +1153,93 @@ fn an_answer_nobody_asked_for_never_reaches_the_next_client() {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// An origin that answers `POST /early` at once, without reading its body (a common upstream
+/// bug), and every other request after reading its body, naming the path and the
+/// `Authorization` it got.
+fn early_answering_origin() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    raw_origin(|mut s| {
+        let mut buf = Vec::new();
+        let mut b = [0u8; 4096];
+        loop {
+            let end = loop {
+                if let Some(i) = find(&buf, b"\r\n\r\n") {
+                    break i + 4;
+                }
+                match s.read(&mut b) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&b[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            buf.drain(..end);
+            let path = head.split(' ').nth(1).unwrap_or("").to_string();
+            let field = |name: &str| {
+                head.lines()
+                    .find_map(|l| {
+                        let (n, v) = l.split_once(':')?;
+                        n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                    })
+                    .unwrap_or_default()
+            };
+            let body = if path == "/early" {
+                "early".to_string()
+            } else {
+                let len: usize = field("content-length").parse().unwrap_or(0);
+                while buf.len() < len {
+                    match s.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&b[..n]),
+                    }
+                }
+                buf.drain(..len);
+                format!("{path} for {}", field("authorization"))
+            };
+            let out = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if s.write_all(out.as_bytes()).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[test]
+fn an_upstream_answering_before_the_body_went_out_is_not_reused() {
+    // The answer comes back while the gateway still waits for the client's body. The body
+    // then goes out, but the upstream never reads it as a body: here it is the start of a
+    // request, which the next client's request on that connection would complete, with that
+    // client's credentials (CL.0). Such a connection must not be pooled. Both on a fresh
+    // connection and on a pooled one (with its read already in flight).
+    let gw = Gateway::start(
+        &config(&[early_answering_origin()], "").replace("workers = 2", "workers = 1"),
+    );
+    for warm in [false, true] {
+        if warm {
+            assert_eq!(gw.get("/warm").text(), "/warm for ");
+        }
+        let smuggled = "GET /admin HTTP/1.1\r\nX-Ignore: ";
+        let mut attacker = Client::connect(gw.addr);
+        attacker.send(
+            format!(
+                "POST /early HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+                smuggled.len()
+            )
+            .as_bytes(),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        attacker.send(smuggled.as_bytes());
+        let r = attacker.read_response().unwrap();
+        assert_eq!((r.status, r.text()), (200, "early".to_string()));
+        let r = gw.request(
+            "GET /profile HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer VICTIM\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(r.text(), "/profile for Bearer VICTIM", "warm: {warm}");
+        // The attacker's own connection goes on as usual.
+        attacker.send(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(attacker.read_response().unwrap().text(), "/next for ");
+    }
+}

@@ -539,8 +539,13 @@ pin_project_lite::pin_project! {
     enum NextOrMulti<M> {
         Next { #[pin] read: NextRead },
         Multi { #[pin] read: M },
+        /// A detached read that completed while the body was still being sent.
+        Done { out: Option<ReadOut> },
     }
 }
+
+/// What a read of the upstream's answer gives.
+type ReadOut = <NextRead as std::future::Future>::Output;
 
 impl<M> std::future::Future for NextOrMulti<M>
 where
@@ -555,8 +560,35 @@ where
         match self.project() {
             NextOrMultiProj::Next { read } => read.poll(cx),
             NextOrMultiProj::Multi { read } => read.poll(cx),
+            NextOrMultiProj::Done { out } => match out.take() {
+                Some(o) => std::task::Poll::Ready(o),
+                None => std::task::Poll::Pending,
+            },
         }
     }
+}
+
+/// Whether the upstream's answer has begun (bytes or its end came) before the last byte of
+/// the request body goes out to it. Such an upstream did not wait for the body, so it may not
+/// read it as a body at all: its connection is not pooled, else bytes it left unread (a
+/// request's start smuggled in the body) would be glued to the next client's request, as
+/// Envoy closes a connection whose answer comes before the request is complete. Looks where
+/// the bytes can be: a detached read of a pooled connection (polled once, without waiting:
+/// what it read is kept in `came`), the multishot receive, else the socket.
+fn answer_started(us: &TcpStream, next: &mut Option<NextRead>, came: &mut Option<ReadOut>) -> bool {
+    if let Some(read) = next.as_mut() {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // Pending: the read stays in flight (a later poll registers the real waker).
+        if let std::task::Poll::Ready(out) =
+            std::future::Future::poll(std::pin::Pin::new(read), &mut cx)
+        {
+            *next = None;
+            *came = Some(out);
+            return true;
+        }
+        return false;
+    }
+    us.recv_held() != RecvHeld::Nothing || !matches!(peek(us), Peek::Nothing)
 }
 
 /// How a wait for the upstream's next bytes ended.
@@ -639,8 +671,24 @@ async fn exchange<S: ClientIo>(
     // Set when the upstream stopped taking the body: it may have answered early (a 403 or 413
     // before the upload ended), and that answer is what the client should get.
     let mut early = false;
+    // The upstream answered before the whole body went out (see `answer_started`).
+    let mut answered_first = false;
+    let mut came = None;
     if !*body_done {
-        match stream_request_body(c, us, remaining, body_done, lost, decoder, limits).await {
+        let before_last = |us: &TcpStream| {
+            answered_first = answer_started(us, &mut next, &mut came);
+        };
+        let streamed = stream_request_body(
+            c,
+            us,
+            remaining,
+            body_done,
+            lost,
+            decoder,
+            limits,
+            before_last,
+        );
+        match streamed.await {
             Ok(()) => {
                 deadline = deadline.max(Instant::now() + timeout);
             }
@@ -706,6 +754,9 @@ async fn exchange<S: ClientIo>(
                         c.b.resp.keep_alive = false;
                         c.b.head.keep_alive = false;
                     }
+                    if answered_first {
+                        c.b.resp.keep_alive = false;
+                    }
                     return Ok(());
                 }
                 Ok(Status::Partial) => {}
@@ -720,9 +771,10 @@ async fn exchange<S: ClientIo>(
                 Err(_) => return Err(Fail::BadResponse),
             }
         }
-        let read = match next.take() {
-            Some(r) => NextOrMulti::Next { read: r },
-            None => {
+        let read = match (next.take(), came.take()) {
+            (_, Some(out)) => NextOrMulti::Done { out: Some(out) },
+            (Some(r), None) => NextOrMulti::Next { read: r },
+            (None, None) => {
                 if c.b.ubuf.len() == c.b.ubuf.capacity() {
                     c.b.ubuf.reserve(4096);
                 }
@@ -798,6 +850,7 @@ async fn exchange<S: ClientIo>(
 /// Streams the rest of the request body from the client to the upstream. While `lost` is unset
 /// each piece is also appended to `c.b.out` (after the head and the body that came with it), so
 /// the request can be sent again whole; a piece that would take it past `REPLAY_MAX` sets `lost`.
+#[allow(clippy::too_many_arguments)]
 async fn stream_request_body<S: ClientIo>(
     c: &mut Conn<S>,
     us: &mut TcpStream,
@@ -806,6 +859,7 @@ async fn stream_request_body<S: ClientIo>(
     lost: &mut bool,
     decoder: &mut Option<ChunkedDecoder>,
     limits: &crate::config::Limits,
+    mut before_last: impl FnMut(&TcpStream),
 ) -> Result<(), Fail> {
     // Everything in rbuf past `consumed` is part of the body: it was all forwarded already,
     // so reads go into a separate streaming buffer.
@@ -854,6 +908,9 @@ async fn stream_request_body<S: ClientIo>(
             } else {
                 *lost = true;
             }
+        }
+        if done {
+            before_last(us);
         }
         let (res, b) = us.write_all(bbuf).await;
         bbuf = b;
@@ -1048,7 +1105,8 @@ async fn respond<S: ClientIo>(
     }
     match c.b.resp.body {
         RespBody::None => {
-            if is_head || status == 304 {
+            // The length of what a GET would get (RFC 9110 8.6); never on a 204.
+            if (is_head && status != 204) || status == 304 {
                 if let Some(v) = c.b.resp.header_kind(&c.b.ubuf, HeaderKind::ContentLength) {
                     encode::push_header(&mut c.b.out, b"content-length", v);
                 }
