@@ -156,6 +156,10 @@ pub struct ChunkedDecoder {
     state: State,
     max_body: u64,
     total: u64,
+    /// Bytes of chunk extensions so far: they are relayed too, so they count toward
+    /// `max_body` with the payload (else tiny chunks with long extensions would carry far
+    /// more than the limit to the upstream).
+    ext_bytes: u64,
     /// Chunk size being parsed, then bytes left in the current chunk.
     remaining: u64,
     /// Digits in the size / bytes in the extension or trailer section.
@@ -236,6 +240,7 @@ impl ChunkedDecoder {
             state: State::Size,
             max_body,
             total: 0,
+            ext_bytes: 0,
             remaining: 0,
             count: 0,
             error: ChunkError::Invalid("unused"),
@@ -412,8 +417,11 @@ impl ChunkedDecoder {
                 Ext | ExtName | ExtAfterName | ExtValueStart | ExtToken | ExtQuoted
                 | ExtQuotedPair | ExtAfterValue => {
                     self.count += 1;
+                    self.ext_bytes += 1;
                     if self.count > MAX_EXT_LEN {
                         inv("chunk extension too long")
+                    } else if self.total + self.ext_bytes > self.max_body {
+                        Err(ChunkError::TooLarge)
                     } else {
                         ext_step(self.state, b)
                     }
@@ -426,7 +434,7 @@ impl ChunkedDecoder {
                             self.trailer_from = Some(i);
                             self.last_chunk_from = self.line_from;
                             Ok(TrailerStart)
-                        } else if size > self.max_body - self.total {
+                        } else if size > self.max_body - self.total - self.ext_bytes {
                             Err(ChunkError::TooLarge)
                         } else {
                             Ok(Data)
@@ -690,7 +698,7 @@ mod tests {
             assert!(matches!(err(bad, 1 << 20), ChunkError::Invalid(_)));
         }
         let long_ext = [&b"1;"[..], &[b'a'; 5000], b"\r\nx\r\n0\r\n\r\n"].concat();
-        assert!(matches!(err(&long_ext, 100), ChunkError::Invalid(_)));
+        assert!(matches!(err(&long_ext, 1 << 20), ChunkError::Invalid(_)));
         let long_trailer = [&b"0\r\nX: "[..], &[b'a'; 20000], b"\r\n\r\n"].concat();
         assert_eq!(err(&long_trailer, 100), ChunkError::TrailersTooLarge);
     }
@@ -771,6 +779,12 @@ mod tests {
         let r = run(&mut d, b"5\r\n12345\r\n5\r\n12345\r\n0\r\n\r\n", &[]);
         assert!(r.unwrap().2);
         assert_eq!(err(b"5\r\n12345\r\n6\r\n", 10), ChunkError::TooLarge);
+        // Extensions are relayed too: they count with the payload, so one-byte chunks with
+        // long extensions cannot carry far more than the limit.
+        let ext = b"1;name=vvvvvvvvvvvvvvvvvvvv\r\nA\r\n".repeat(10);
+        assert_eq!(err(&ext, 100), ChunkError::TooLarge);
+        let mut d = ChunkedDecoder::new(300);
+        assert!(run(&mut d, &[&ext[..], b"0\r\n\r\n"].concat(), &[]).unwrap().2);
     }
 
     #[test]
@@ -797,7 +811,7 @@ mod tests {
             b" ;a=\"x\" ;b",
         ] {
             let input = [&b"3"[..], ext, b"\r\nabc\r\n0\r\n\r\n"].concat();
-            let mut d = ChunkedDecoder::new(10);
+            let mut d = ChunkedDecoder::new(64);
             let r = run(&mut d, &input, &[]);
             assert_eq!(
                 r,
@@ -806,7 +820,7 @@ mod tests {
                 String::from_utf8_lossy(ext)
             );
             for at in 1..input.len() {
-                let mut d = ChunkedDecoder::new(10);
+                let mut d = ChunkedDecoder::new(64);
                 let r = run(&mut d, &input, &[at]);
                 assert_eq!(r, Ok((b"abc".to_vec(), input.len(), true)), "split at {at}");
             }
