@@ -480,3 +480,45 @@ integration = { type = "mock", body = "ok" }
         );
     }
 }
+
+#[test]
+fn bodies_held_whole_are_bounded_all_together() {
+    // A WAF body rule makes the gateway hold bodies (up to its `body_max_bytes`) before they
+    // go on. Each is under `max_body_bytes`, but together they are bounded too: past
+    // `max_held_body_bytes` a request is refused with 503 (its body not read), and served
+    // again once the held ones are done.
+    let origin = Origin::fixed("ok");
+    let cfg = config(origin.addr, "max_held_body_bytes = 1000")
+        .replace("workers = 2", "workers = 1")
+        .replace(
+            "[[upstreams]]",
+            "[waf]\nrules = [{ name = \"x\", target = \"body\", pattern = \"<script\", action = \"block\" }]\n[[upstreams]]",
+        );
+    let gw = Gateway::start(&cfg);
+    let post = |body: &str| {
+        format!(
+            "POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let body = "b".repeat(800);
+    let mut slow = Client::connect(gw.addr);
+    slow.send(&post(&body).as_bytes()[..200]);
+    std::thread::sleep(Duration::from_millis(200));
+    let r = gw.request(&post(&body));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(
+        r.text().contains("too many request bodies held"),
+        "{}",
+        r.text()
+    );
+    // A body that is not held (no body rule reads it: a GET) is not affected.
+    assert_eq!(gw.get("/y").status, 200);
+    slow.send(&post(&body).as_bytes()[200..]);
+    assert_eq!(slow.read_response().unwrap().status, 200);
+    // The hold is given back with the request: served again, more than once.
+    for _ in 0..3 {
+        assert_eq!(gw.request(&post(&body)).status, 200);
+    }
+}

@@ -1956,9 +1956,16 @@ fn waf_chunked_body_too_slow_bad_or_too_big_is_refused_before_the_origin() {
         send_chunked(&gw, &[big.as_bytes()], Duration::from_millis(30)),
         413
     );
+    // Chunk extensions count toward max_body_bytes with the payload (they are relayed too).
+    let ext = format!("1;{}\r\nx\r\n0\r\n\r\n", "e".repeat(40));
+    assert_eq!(
+        send_chunked(&gw, &[ext.as_bytes()], Duration::from_millis(30)),
+        413
+    );
     // Framing far heavier than its payload (1-byte chunks with 4000-byte extensions) is not
     // held past 4 × body_max_bytes + 64 KiB: exactly that much is sent (all of it read, so
     // the answer is not lost to a reset), the last extension left unfinished.
+    let gw = waf_body_gateway(&origin, "header_timeout_ms = 300");
     let mut c = Client::connect(gw.addr);
     c.send(CHUNKED_HEAD);
     let cap = 4 * 64 + 64 * 1024;

@@ -153,6 +153,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Request bodies held whole at once (WAF body rules, SigV4, `validate`), all workers
+    /// together: each worker gets its share.
+    pub max_held_body_bytes: u64,
 }
 
 /// `[server]`, validated.
@@ -537,7 +540,7 @@ fn validate_server(src: &Source, raw: &RawConfig) -> Result<ServerConfig, Config
         return Err(src.err(0..0, "server.state_dir", "must be a directory path"));
     }
     let l = &s.limits;
-    let checks: [(&str, bool); 6] = [
+    let checks: [(&str, bool); 7] = [
         (
             "server.limits.max_header_bytes",
             (256..=1 << 20).contains(&l.max_header_bytes),
@@ -550,6 +553,10 @@ fn validate_server(src: &Source, raw: &RawConfig) -> Result<ServerConfig, Config
         ("server.limits.header_timeout_ms", l.header_timeout_ms > 0),
         ("server.limits.idle_timeout_ms", l.idle_timeout_ms > 0),
         ("server.limits.max_connections", l.max_connections > 0),
+        (
+            "server.limits.max_held_body_bytes",
+            l.max_held_body_bytes > 0,
+        ),
     ];
     for (key, ok) in checks {
         if !ok {
@@ -575,6 +582,7 @@ fn validate_server(src: &Source, raw: &RawConfig) -> Result<ServerConfig, Config
             header_timeout: Duration::from_millis(l.header_timeout_ms),
             idle_timeout: Duration::from_millis(l.idle_timeout_ms),
             max_connections: l.max_connections,
+            max_held_body_bytes: l.max_held_body_bytes,
         },
         tls: None,
     })

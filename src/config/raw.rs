@@ -99,6 +99,7 @@ pub struct RawLimits {
     pub header_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub max_connections: usize,
+    pub max_held_body_bytes: u64,
 }
 
 impl Default for RawLimits {
@@ -110,6 +111,7 @@ impl Default for RawLimits {
             header_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
             max_connections: 100_000,
+            max_held_body_bytes: 268_435_456,
         }
     }
 }

@@ -784,7 +784,11 @@ mod tests {
         let ext = b"1;name=vvvvvvvvvvvvvvvvvvvv\r\nA\r\n".repeat(10);
         assert_eq!(err(&ext, 100), ChunkError::TooLarge);
         let mut d = ChunkedDecoder::new(300);
-        assert!(run(&mut d, &[&ext[..], b"0\r\n\r\n"].concat(), &[]).unwrap().2);
+        assert!(
+            run(&mut d, &[&ext[..], b"0\r\n\r\n"].concat(), &[])
+                .unwrap()
+                .2
+        );
     }
 
     #[test]

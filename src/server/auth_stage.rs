@@ -50,7 +50,7 @@ pub(super) async fn run<S: ClientIo>(
                 return Err(refuse(w, c, route, d).await);
             }
         }
-        match buffer_body(c, gw).await {
+        match buffer_body(w, c, gw).await {
             Ok(n) => n,
             Err((status, msg)) => return Err(reject(w, c, status, msg, false).await),
         }
@@ -115,6 +115,7 @@ async fn refuse<S: ClientIo>(
 
 /// Reads the whole request body into `rbuf` (after the head); returns its length.
 async fn buffer_body<S: ClientIo>(
+    w: &Worker,
     c: &mut Conn<S>,
     gw: &Gateway,
 ) -> Result<usize, (u16, &'static str)> {
@@ -134,6 +135,14 @@ async fn buffer_body<S: ClientIo>(
     };
     if n > MAX_SIGNED_BODY.min(gw.config.server.limits.max_body_bytes) {
         return Err((413, "Request Entity Too Large"));
+    }
+    if !w.hold_body(&mut c.held, n) {
+        // Not this request's fault: it may be sent again (its body is not read).
+        c.b.extra.extend_from_slice(b"retry-after: 1\r\n");
+        return Err((
+            503,
+            "Service Unavailable: too many request bodies held at once",
+        ));
     }
     let want = c.b.head.head_len + n as usize;
     match fill_rbuf(c, want, gw.config.server.limits.header_timeout).await {

@@ -105,6 +105,8 @@ pub struct Worker {
     auth: crate::policy::auth::WorkerAuth,
     /// Upstream protocol errors: one log line a second at most.
     upstream_log: RefCell<LogLimit>,
+    /// Request body bytes this worker's connections hold whole (see [`Worker::hold_body`]).
+    held_bodies: Cell<u64>,
 }
 
 impl Worker {
@@ -141,8 +143,36 @@ impl Worker {
             cache_iov: Cell::new(None),
             auth: crate::policy::auth::WorkerAuth::new(),
             upstream_log: RefCell::default(),
+            held_bodies: Cell::new(0),
             shared,
         }
+    }
+
+    /// Raises a connection's hold of request body bytes read whole (for WAF body rules, SigV4
+    /// or `validate`: `held`, its current hold) to `want`, within this worker's share of
+    /// `server.limits.max_held_body_bytes`. False (nothing changes) past that share, unless
+    /// nothing else is held: one body at a time always goes. Given back by
+    /// [`Worker::release_body`] when the request ends.
+    pub(super) fn hold_body(&self, held: &mut u64, want: u64) -> bool {
+        if want <= *held {
+            return true;
+        }
+        let gw = self.gateway();
+        let server = &gw.config.server;
+        let share = server.limits.max_held_body_bytes / server.workers.max(1) as u64;
+        let others = self.held_bodies.get() - *held;
+        if others > 0 && others + want > share {
+            return false;
+        }
+        self.held_bodies.set(others + want);
+        *held = want;
+        true
+    }
+
+    /// Gives a connection's hold back (see [`Worker::hold_body`]).
+    pub(super) fn release_body(&self, held: &mut u64) {
+        self.held_bodies.set(self.held_bodies.get() - *held);
+        *held = 0;
     }
 
     /// The live config, refreshed when a reload happened (one atomic load otherwise).
@@ -458,6 +488,8 @@ struct Conn<S> {
     /// Where a chunked body that a stage read whole ends in `rbuf` (so a refusal can skip it
     /// and keep the connection).
     chunked_end: Option<usize>,
+    /// Request body bytes this connection holds whole ([`Worker::hold_body`]).
+    held: u64,
     /// An earlier end for the upstream exchange than `timeout_ms` from its start: a request
     /// that waited for another's fetch of the same cache key has only what is left of its
     /// own `timeout_ms`.
@@ -615,6 +647,7 @@ pub(crate) async fn run<S: ClientIo>(
         chunked_end: None,
         upstream_by: None,
         cache_event: 0,
+        held: 0,
     };
     // Set when the gateway closes while the client may still be sending: see
     // [`lingering_close`].
@@ -686,6 +719,7 @@ pub(crate) async fn run<S: ClientIo>(
         if let Some(t) = c.takeover.take() {
             // A WebSocket now: bytes after the upgrade request are the first frames.
             let pending = c.b.rbuf[c.consumed.min(c.b.rbuf.len())..].to_vec();
+            w.release_body(&mut c.held);
             let Conn {
                 stream, b, guard, ..
             } = c;
@@ -707,6 +741,7 @@ pub(crate) async fn run<S: ClientIo>(
             linger = may_still_send(&c);
             break;
         }
+        w.release_body(&mut c.held);
         // Drop this request's bytes, keep any pipelined ones.
         if !c.b.leftover.is_empty() {
             c.b.rbuf.clear();
@@ -716,9 +751,15 @@ pub(crate) async fn run<S: ClientIo>(
         } else {
             c.b.rbuf.drain(..c.consumed);
         }
+        // A body read whole is not kept in memory by a connection that waits for its next
+        // request.
+        if c.b.rbuf.capacity() > 4 * READ_BUF && c.b.rbuf.len() <= READ_BUF {
+            c.b.rbuf.shrink_to(READ_BUF);
+        }
         c.consumed = 0;
         deadline = now + limits.idle_timeout;
     }
+    w.release_body(&mut c.held);
     let Conn {
         b, stream, guard, ..
     } = c;

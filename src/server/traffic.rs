@@ -390,12 +390,17 @@ async fn buffer_body<S: ClientIo>(
     let res = match c.b.head.body {
         BodyKind::None => return Ok(()),
         BodyKind::Length(n) => {
-            let want = c.b.head.head_len + (n.min(max as u64) as usize);
-            super::fill_rbuf(c, want, limits.header_timeout)
-                .await
-                .map_err(Failure::Read)
+            let n = n.min(max as u64);
+            if w.hold_body(&mut c.held, n) {
+                let want = c.b.head.head_len + n as usize;
+                super::fill_rbuf(c, want, limits.header_timeout)
+                    .await
+                    .map_err(Failure::Read)
+            } else {
+                Err(Failure::Busy)
+            }
         }
-        BodyKind::Chunked => buffer_chunked(c, max, limits, decoded).await,
+        BodyKind::Chunked => buffer_chunked(w, c, max, limits, decoded).await,
     };
     match res {
         Ok(()) => Ok(()),
@@ -419,6 +424,7 @@ const FRAMING_SLACK: usize = 64 * 1024;
 /// The chunked case of [`buffer_body`]: reads into `rbuf` until the decoder has seen `max`
 /// payload bytes or the end of the body, appending the first `max` payload bytes to `decoded`.
 async fn buffer_chunked<S: ClientIo>(
+    w: &Worker,
     c: &mut Conn<S>,
     max: usize,
     limits: &Limits,
@@ -453,6 +459,12 @@ async fn buffer_chunked<S: ClientIo>(
         }
         if c.b.rbuf.len() - head_len >= raw_max {
             return Err(Failure::Framing);
+        }
+        if !w.hold_body(
+            &mut c.held,
+            (c.b.rbuf.len() - head_len + decoded.len()) as u64,
+        ) {
+            return Err(Failure::Busy);
         }
         if tmp.capacity() == 0 {
             tmp.reserve(CHUNKED_READ);

@@ -34,13 +34,16 @@ pub(super) async fn run<S: ClientIo>(
         BodyKind::None => 0,
         BodyKind::Length(n) => {
             // Past `max_body_bytes` was refused (413) before routing.
+            if !w.hold_body(&mut c.held, n) {
+                return Err(answer_failure(w, c, Failure::Busy).await);
+            }
             let want = head_len + n as usize;
             if let Err(e) = fill_rbuf(c, want, limits.header_timeout).await {
                 return Err(answer_failure(w, c, Failure::Read(e)).await);
             }
             n as usize
         }
-        BodyKind::Chunked => match dechunk(c, limits).await {
+        BodyKind::Chunked => match dechunk(w, c, limits).await {
             Ok(n) => n,
             Err(f) => return Err(answer_failure(w, c, f).await),
         },
@@ -61,11 +64,14 @@ pub(super) enum Failure {
     Chunk(ChunkError),
     /// Chunked framing too large next to its payload to be held for inspection.
     Framing,
+    /// The worker holds as many bodies as `max_held_body_bytes` lets it.
+    Busy,
 }
 
 /// Answers a body that could not be read: 408 when it was too slow, 400 when it was cut short
 /// or its chunked framing is invalid (or too heavy for the WAF to hold), 413 when it is past
-/// `max_body_bytes`, 431 when its trailer section is past the head's limits.
+/// `max_body_bytes`, 431 when its trailer section is past the head's limits, 503 when the
+/// worker holds as many bodies as it may.
 pub(super) async fn answer_failure<S: ClientIo>(
     w: &Rc<Worker>,
     c: &mut Conn<S>,
@@ -85,6 +91,18 @@ pub(super) async fn answer_failure<S: ClientIo>(
         Failure::Chunk(ChunkError::Invalid(_)) => {
             reject(w, c, 400, "Bad Request: invalid chunked body", false).await
         }
+        Failure::Busy => {
+            // Not this request's fault: it may be sent again (its body is not read).
+            c.b.extra.extend_from_slice(b"retry-after: 1\r\n");
+            reject(
+                w,
+                c,
+                503,
+                "Service Unavailable: too many request bodies held at once",
+                false,
+            )
+            .await
+        }
         Failure::Framing => {
             reject(
                 w,
@@ -102,7 +120,11 @@ pub(super) async fn answer_failure<S: ClientIo>(
 /// client sent after the body (a pipelined request), with the head's framing set to the
 /// decoded length. Returns that length. The raw framing is never held whole: reads go to a
 /// scratch buffer and only their payload is appended.
-async fn dechunk<S: ClientIo>(c: &mut Conn<S>, limits: &Limits) -> Result<usize, Failure> {
+async fn dechunk<S: ClientIo>(
+    w: &Worker,
+    c: &mut Conn<S>,
+    limits: &Limits,
+) -> Result<usize, Failure> {
     let head_len = c.b.head.head_len;
     let deadline = Instant::now() + limits.header_timeout;
     let mut dec = ChunkedDecoder::new(limits.max_body_bytes);
@@ -115,6 +137,9 @@ async fn dechunk<S: ClientIo>(c: &mut Conn<S>, limits: &Limits) -> Result<usize,
         let (used, done) = dec
             .feed(&raw, |d| rbuf.extend_from_slice(d))
             .map_err(Failure::Chunk)?;
+        if !w.hold_body(&mut c.held, (c.b.rbuf.len() - head_len) as u64) {
+            return Err(Failure::Busy);
+        }
         if done {
             let len = c.b.rbuf.len() - head_len;
             c.b.rbuf.extend_from_slice(&raw[used..]);
