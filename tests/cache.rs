@@ -1105,3 +1105,42 @@ fn hit_and_miss_counters_are_exact_under_concurrency() {
         metric_value(&m, "ringgate_cache_misses_total", &[])
     );
 }
+
+#[test]
+fn captures_under_way_are_bounded_by_the_stage_cache() {
+    // A capture holds the answer until its client has been sent all of it, so slow answers
+    // (or slow clients) would hold memory `max_bytes` does not count: 30 answers of 850 KB
+    // under way at once, for a stage of 2 MiB. Their captures share the stage's budget, so
+    // the gateway grows by about that much, not by 30 x 850 KB (25 MB).
+    use std::io::{Read, Write};
+    const LEN: usize = 900_000;
+    let origin = raw_origin(|mut s| {
+        let mut buf = Vec::new();
+        let mut b = [0u8; 1024];
+        while find(&buf, b"\r\n\r\n").is_none() {
+            match s.read(&mut b) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&b[..n]),
+            }
+        }
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {LEN}\r\nConnection: close\r\n\r\n");
+        let body = vec![b'x'; LEN];
+        let _ = s.write_all(head.as_bytes());
+        let _ = s.write_all(&body[..850_000]);
+        std::thread::sleep(Duration::from_secs(3));
+        let _ = s.write_all(&body[850_000..]);
+    });
+    let gw = Gateway::start(&config(origin, 1, 4 << 20, ""));
+    let rss0 = rss_kib(gw.pid);
+    let clients: Vec<std::net::TcpStream> = (0..30)
+        .map(|i| {
+            let mut c = std::net::TcpStream::connect(gw.addr).unwrap();
+            write!(c, "GET /prod/items/{i} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let grew = rss_kib(gw.pid).saturating_sub(rss0);
+    assert!(grew < 12 * 1024, "the gateway grew by {grew} KiB");
+    drop(clients);
+}

@@ -325,6 +325,8 @@ pub struct StageCache {
     hasher: ahash::RandomState,
     shards: Box<[Mutex<Shard>]>,
     max_bytes: AtomicU64,
+    /// Bytes its captures under way hold, on every worker ([`Capture::with_budget`]).
+    captures: CaptureBytes,
 }
 
 /// One shard: entries, and the `Vary` names learned for the primary keys that hash here (an
@@ -351,6 +353,7 @@ impl StageCache {
                 })
                 .collect(),
             max_bytes: AtomicU64::new(max_bytes),
+            captures: CaptureBytes::default(),
         }
     }
 
@@ -372,6 +375,15 @@ impl StageCache {
     /// The shard of a primary key hash, locked.
     pub fn shard(&self, primary: u64) -> std::sync::MutexGuard<'_, Shard> {
         lock(&self.shards[(primary >> 32) as usize & (self.shards.len() - 1)])
+    }
+
+    /// A capture for a response of this stage, charged to its budget (see
+    /// [`Capture::with_budget`]).
+    pub fn capture(&self, ttl: Duration, head_request: bool) -> Capture {
+        Capture::new(true, ttl, self.max_entry(), head_request).with_budget(
+            self.captures.clone(),
+            self.max_bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// The largest response an entry may hold.
@@ -559,6 +571,19 @@ pub struct Capture {
     /// The gateway answers CORS for this route: the upstream's `access-control-*` headers are
     /// not stored (a hit gets the gateway's, for its own request's origin).
     pub strip_cors: bool,
+    /// The worker's captures under way, in bytes, and what they may hold in all
+    /// ([`Capture::with_budget`]); what this one is charged for.
+    budget: Option<(CaptureBytes, u64)>,
+    charged: u64,
+}
+
+/// The bytes a stage's captures under way hold (see [`Capture::with_budget`]).
+pub type CaptureBytes = Arc<AtomicU64>;
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.uncharge();
+    }
 }
 
 impl Capture {
@@ -578,7 +603,46 @@ impl Capture {
             vary: Vec::new(),
             status: 0,
             strip_cors: false,
+            budget: None,
+            charged: 0,
         }
+    }
+
+    /// Charges what this capture holds to `budget`, the bytes all captures under way for its
+    /// stage hold, which may reach `limit` (the stage's `max_bytes`) in all. Past it the
+    /// capture gives up (the answer still goes to its client): a capture lives as long as its
+    /// client takes to read the answer, so slow clients would otherwise make captures hold
+    /// memory that `max_bytes` does not count.
+    pub fn with_budget(mut self, budget: CaptureBytes, limit: u64) -> Capture {
+        self.budget = Some((budget, limit));
+        self
+    }
+
+    /// Raises the charge to `total` bytes; false (nothing changes) past the budget.
+    fn charge(&mut self, total: usize) -> bool {
+        let Some((held, limit)) = &self.budget else {
+            return true;
+        };
+        let total = total as u64;
+        if total <= self.charged {
+            return true;
+        }
+        let more = total - self.charged;
+        let raised = held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+            (h + more <= *limit).then_some(h + more)
+        });
+        if raised.is_err() {
+            return false;
+        }
+        self.charged = total;
+        true
+    }
+
+    fn uncharge(&mut self) {
+        if let Some((held, _)) = &self.budget {
+            held.fetch_sub(self.charged, Ordering::Relaxed);
+        }
+        self.charged = 0;
     }
 
     /// Looks at the upstream response head and, when it may be stored, copies its head
@@ -601,7 +665,7 @@ impl Capture {
             return;
         };
         if let RespBody::Length(n) = resp.body {
-            if n as usize > self.max_entry {
+            if n as usize > self.max_entry || !self.charge(n as usize) {
                 return;
             }
             self.body.reserve_exact(n as usize);
@@ -638,6 +702,7 @@ impl Capture {
     pub fn abandon(&mut self) {
         self.active = false;
         self.body = Vec::new();
+        self.uncharge();
     }
 
     /// Adds body bytes; gives up when the entry grows past the bound.
@@ -645,9 +710,9 @@ impl Capture {
         if !self.active {
             return;
         }
-        if self.head.len() + self.body.len() + b.len() > self.max_entry {
-            self.active = false;
-            self.body = Vec::new();
+        let total = self.head.len() + self.body.len() + b.len();
+        if total > self.max_entry || !self.charge(total) {
+            self.abandon();
             return;
         }
         self.body.extend_from_slice(b);
@@ -674,6 +739,8 @@ impl Capture {
         let head_len = data.len();
         data.extend_from_slice(&self.body);
         self.body = Vec::new();
+        // The store counts it from here.
+        self.uncharge();
         data.shrink_to_fit();
         Some((bytes::Bytes::from(data), head_len))
     }
@@ -763,6 +830,39 @@ pub fn admin_invalidate(shared: &crate::gateway::Shared, body: &[u8]) -> (u16, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn captures_under_way_share_their_stage_budget() {
+        let budget = CaptureBytes::default();
+        let ttl = Duration::from_secs(60);
+        let capture = || {
+            let mut c = Capture::new(true, ttl, 1000, false).with_budget(budget.clone(), 1500);
+            c.active = true;
+            c
+        };
+        let mut a = capture();
+        a.body(&[b'a'; 500]);
+        a.body(&[b'a'; 300]);
+        assert!(a.active);
+        assert_eq!(budget.load(Ordering::Relaxed), 800);
+        // A second one would pass the budget: it gives up (and holds nothing).
+        let mut b = capture();
+        b.body(&[b'b'; 800]);
+        assert!(!b.active && b.body.is_empty());
+        assert_eq!(budget.load(Ordering::Relaxed), 800);
+        // Stored (the store counts it then), given up, or dropped: the charge goes back.
+        assert!(a.finish().is_some());
+        assert_eq!(budget.load(Ordering::Relaxed), 0);
+        let mut c = capture();
+        c.body(&[b'c'; 900]);
+        assert_eq!(budget.load(Ordering::Relaxed), 900);
+        c.abandon();
+        assert_eq!(budget.load(Ordering::Relaxed), 0);
+        let mut d = capture();
+        d.body(&[b'd'; 700]);
+        drop(d);
+        assert_eq!(budget.load(Ordering::Relaxed), 0);
+    }
     use crate::http::{Limits, Status};
 
     fn pol(key: Vec<KeyPart>) -> CachePolicy {

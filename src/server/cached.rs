@@ -211,7 +211,7 @@ async fn fetch<S: ClientIo>(
     // An invalidation made while we fetch must not be undone by storing the answer.
     let seq0 = w.shared.caches.seq();
     let sc = w.shared.caches.stage(pol, gw.config.server.workers);
-    let mut cap = Capture::new(true, pol.ttl, sc.max_entry(), head_req);
+    let mut cap = sc.capture(pol.ttl, head_req);
     cap.strip_cors = c.gateway_cors;
     let out = proxy::proxy(w, gw, c, route, up, tpl, Some(&mut cap)).await;
     if let Some((data, head_len)) = cap.finish() {
