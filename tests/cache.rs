@@ -1112,16 +1112,11 @@ fn captures_under_way_are_bounded_by_the_stage_cache() {
     // (or slow clients) would hold memory `max_bytes` does not count: 30 answers of 850 KB
     // under way at once, for a stage of 2 MiB. Their captures share the stage's budget, so
     // the gateway grows by about that much, not by 30 x 850 KB (25 MB).
-    use std::io::{Read, Write};
+    use std::io::Write;
     const LEN: usize = 900_000;
     let origin = raw_origin(|mut s| {
-        let mut buf = Vec::new();
-        let mut b = [0u8; 1024];
-        while find(&buf, b"\r\n\r\n").is_none() {
-            match s.read(&mut b) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&b[..n]),
-            }
+        if read_head(&mut s, &mut Vec::new()).is_none() {
+            return;
         }
         let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {LEN}\r\nConnection: close\r\n\r\n");
         let body = vec![b'x'; LEN];

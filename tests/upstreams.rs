@@ -1163,17 +1163,9 @@ fn early_answering_origin() -> std::net::SocketAddr {
         let mut buf = Vec::new();
         let mut b = [0u8; 4096];
         loop {
-            let end = loop {
-                if let Some(i) = find(&buf, b"\r\n\r\n") {
-                    break i + 4;
-                }
-                match s.read(&mut b) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&b[..n]),
-                }
+            let Some(head) = read_head(&mut s, &mut buf) else {
+                return;
             };
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            buf.drain(..end);
             let path = head.split(' ').nth(1).unwrap_or("").to_string();
             let field = |name: &str| {
                 head.lines()
