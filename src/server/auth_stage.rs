@@ -2,7 +2,8 @@
 //! asks for it, buffering the request body first when the check hashes it (SigV4), and answers
 //! 401/403 itself when the check fails.
 
-use super::{body_skippable, fill_rbuf, reject, ClientIo, Conn, FillError, Outcome, Worker};
+use super::validate_stage::{answer_failure, Failure};
+use super::{body_skippable, fill_rbuf, reject, ClientIo, Conn, Outcome, Worker};
 use crate::config::Route;
 use crate::gateway::Gateway;
 use crate::http::{encode, BodyKind};
@@ -52,7 +53,9 @@ pub(super) async fn run<S: ClientIo>(
         }
         match buffer_body(w, c, gw).await {
             Ok(n) => n,
-            Err((status, msg)) => return Err(reject(w, c, status, msg, false).await),
+            Err(Refused::Here(status, msg)) => return Err(reject(w, c, status, msg, false).await),
+            // Read as the WAF and validate stages read bodies: their answers.
+            Err(Refused::Body(f)) => return Err(answer_failure(w, c, f).await),
         }
     } else {
         0
@@ -113,12 +116,20 @@ async fn refuse<S: ClientIo>(
     reject(w, c, d.status, d.message, keep).await
 }
 
+/// Why a signed body was not read.
+enum Refused {
+    /// A status and message of this stage (411, 413).
+    Here(u16, &'static str),
+    /// What reading a held body can fail with (408, 400, 503).
+    Body(Failure),
+}
+
 /// Reads the whole request body into `rbuf` (after the head); returns its length.
 async fn buffer_body<S: ClientIo>(
     w: &Worker,
     c: &mut Conn<S>,
     gw: &Gateway,
-) -> Result<usize, (u16, &'static str)> {
+) -> Result<usize, Refused> {
     let n = match c.b.head.body {
         BodyKind::None => return Ok(0),
         BodyKind::Length(n) => n,
@@ -129,26 +140,22 @@ async fn buffer_body<S: ClientIo>(
             return if unsigned {
                 Ok(0)
             } else {
-                Err((411, "Length Required: a signed body needs Content-Length"))
+                Err(Refused::Here(
+                    411,
+                    "Length Required: a signed body needs Content-Length",
+                ))
             };
         }
     };
     if n > MAX_SIGNED_BODY.min(gw.config.server.limits.max_body_bytes) {
-        return Err((413, "Request Entity Too Large"));
+        return Err(Refused::Here(413, "Request Entity Too Large"));
     }
     if !w.hold_body(&mut c.held, n) {
-        // Not this request's fault: it may be sent again (its body is not read).
-        c.b.extra.extend_from_slice(b"retry-after: 1\r\n");
-        return Err((
-            503,
-            "Service Unavailable: too many request bodies held at once",
-        ));
+        return Err(Refused::Body(Failure::Busy));
     }
     let want = c.b.head.head_len + n as usize;
-    match fill_rbuf(c, want, gw.config.server.limits.header_timeout).await {
-        Ok(()) => {}
-        Err(FillError::TimedOut) => return Err((408, "Request Timeout")),
-        Err(FillError::Closed) => return Err((400, "Bad Request: body ended early")),
-    }
+    fill_rbuf(c, want, gw.config.server.limits.header_timeout)
+        .await
+        .map_err(|e| Refused::Body(Failure::Read(e)))?;
     Ok(n as usize)
 }
