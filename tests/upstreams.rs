@@ -5,7 +5,8 @@ mod common;
 
 use common::*;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1234,4 +1235,149 @@ fn an_upstream_answering_before_the_body_went_out_is_not_reused() {
         attacker.send(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n");
         assert_eq!(attacker.read_response().unwrap().text(), "/next for ");
     }
+}
+
+/// A raw origin that answers every request after `hold`, with its name and `Connection:
+/// close` (so nothing is pooled and every connection it holds is one in use). Returns its
+/// address and (connections open now, most open at once).
+fn holding_origin(
+    name: &'static str,
+    hold: Duration,
+) -> (std::net::SocketAddr, Arc<(AtomicUsize, AtomicUsize)>) {
+    let counts = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+    let c = counts.clone();
+    let addr = raw_origin(move |mut s| {
+        let now = c.0.fetch_add(1, Ordering::SeqCst) + 1;
+        c.1.fetch_max(now, Ordering::SeqCst);
+        let mut buf = Vec::new();
+        if read_head(&mut s, &mut buf).is_some() {
+            std::thread::sleep(hold);
+            let _ = s.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}",
+                    name.len()
+                )
+                .as_bytes(),
+            );
+        }
+        c.0.fetch_sub(1, Ordering::SeqCst);
+    });
+    (addr, counts)
+}
+
+#[test]
+fn max_connections_caps_the_connections_in_use_per_target() {
+    let (addr, counts) = holding_origin("a", Duration::from_millis(1200));
+    let gw = Gateway::start(&config(&[addr], "max_connections = 2"));
+    let gaddr = gw.addr;
+    // Two requests take both connections (one per worker, or both on one: the cap is the
+    // gateway's, not a worker's).
+    let held: Vec<_> = (0..2)
+        .map(|i| {
+            std::thread::spawn(move || {
+                roundtrip(
+                    gaddr,
+                    format!("GET /held/{i} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes(),
+                )
+            })
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(3), || counts
+        .0
+        .load(Ordering::SeqCst)
+        == 2));
+    // A third is turned away at once, before any connection is opened.
+    let t = Instant::now();
+    let r = gw.get("/third");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        t.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(r.text().contains("\"message\""), "{}", r.text());
+    let m = gw.metrics();
+    let labels = ["upstream=\"o\"", &format!("target=\"{addr}\"")[..]];
+    assert_eq!(
+        metric_value(&m, "ringgate_upstream_target_active_connections", &labels),
+        Some(2.0),
+        "{m}"
+    );
+    assert!(metric_value(&m, "ringgate_upstream_target_full_total", &labels).unwrap_or(0.0) >= 1.0);
+    for h in held {
+        assert_eq!(h.join().unwrap().unwrap().status, 200);
+    }
+    // Their slots are back: the next request goes through.
+    assert_eq!(gw.get("/after").status, 200);
+    assert_eq!(
+        counts.1.load(Ordering::SeqCst),
+        2,
+        "the origin saw more than 2 at once"
+    );
+    let m = gw.metrics();
+    assert_eq!(
+        metric_value(&m, "ringgate_upstream_target_active_connections", &labels),
+        Some(0.0),
+        "{m}"
+    );
+
+    // Many at once: never more than 2 reach the origin, the rest get 503, none hangs.
+    let burst: Vec<_> = (0..12)
+        .map(|i| {
+            std::thread::spawn(move || {
+                roundtrip(
+                    gaddr,
+                    format!("GET /burst/{i} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes(),
+                )
+                .map(|r| r.status)
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = burst
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert!((1..=2).contains(&ok), "{statuses:?}");
+    assert_eq!(
+        counts.1.load(Ordering::SeqCst),
+        2,
+        "the origin saw more than 2 at once"
+    );
+}
+
+#[test]
+fn a_target_at_max_connections_is_passed_over_for_another() {
+    let (a, _) = holding_origin("a", Duration::from_millis(1000));
+    let (b, _) = holding_origin("b", Duration::from_millis(1000));
+    // Every request hashes to the same target while it has room.
+    let gw = Gateway::start(&config(
+        &[a, b],
+        "max_connections = 1\nbalance = \"hash:header.x-user\"",
+    ));
+    let gaddr = gw.addr;
+    let req = "GET /x HTTP/1.1\r\nHost: t\r\nx-user: same\r\n\r\n";
+    let first = std::thread::spawn(move || roundtrip(gaddr, req.as_bytes()));
+    std::thread::sleep(Duration::from_millis(300));
+    let second = gw.request(req);
+    let first = first.join().unwrap().unwrap();
+    assert_eq!((first.status, second.status), (200, 200));
+    assert_ne!(first.text(), second.text(), "both went to one target");
+}
+
+#[test]
+fn max_connections_zero_is_refused() {
+    let (out, path) = check(&config(
+        &["127.0.0.1:9".parse().unwrap()],
+        "max_connections = 0",
+    ));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_connections"), "{err}");
+    assert!(err.contains(&path.display().to_string()), "{err}");
 }

@@ -2701,3 +2701,25 @@ fn messages_read_during_a_call_past_the_waiting_limit_all_arrive_in_order() {
         .collect();
     assert_eq!(bodies, expected);
 }
+
+/// A tunnel holds one of its upstream target's `max_connections` while it lasts: a second
+/// upgrade past the cap gets 503, and the slot is back once the first tunnel ends.
+#[test]
+fn a_passthrough_tunnel_holds_a_max_connections_slot() {
+    let be = push_backend(Vec::new());
+    let cfg = passthrough_config(be, "").replace(
+        "timeout_ms = 3000",
+        "timeout_ms = 3000\nmax_connections = 1",
+    );
+    let gw = Gateway::start(&cfg);
+    let (head, ws) = ws_connect(gw.addr, "/live/a", "");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (head, _) = ws_connect(gw.addr, "/live/b", "");
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    drop(ws);
+    assert!(wait_until(Duration::from_secs(5), || {
+        ws_connect(gw.addr, "/live/c", "")
+            .0
+            .starts_with("HTTP/1.1 101")
+    }));
+}

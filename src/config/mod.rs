@@ -222,6 +222,8 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     pub retries: u32,
     pub keepalive: usize,
+    /// Connections in use at once to each target, across the workers (`None`: no cap).
+    pub max_connections: Option<u32>,
     pub health: Option<HealthConfig>,
     pub passive: Option<PassiveConfig>,
 }
@@ -682,6 +684,13 @@ fn validate_upstream(
             "timeouts must be greater than 0",
         ));
     }
+    if u.max_connections == Some(0) {
+        return Err(src.err(
+            0..0,
+            &key("max_connections"),
+            "must be greater than 0 (leave it out for no cap)",
+        ));
+    }
     let health = match &u.health {
         None => None,
         Some(h) => {
@@ -747,6 +756,7 @@ fn validate_upstream(
         timeout: Duration::from_millis(u.timeout_ms),
         retries: u.retries,
         keepalive: u.keepalive,
+        max_connections: u.max_connections,
         health,
         passive,
     })

@@ -148,6 +148,7 @@ pub struct RawUpstream {
     pub retries: u32,
     #[serde(default = "default_keepalive")]
     pub keepalive: usize,
+    pub max_connections: Option<u32>,
     pub health: Option<RawHealth>,
     pub passive: Option<RawPassive>,
 }

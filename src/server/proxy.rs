@@ -156,19 +156,38 @@ pub(super) async fn proxy<S: ClientIo>(
         return reject(w, c, 504, "Endpoint Request Timed Out", false).await;
     }
 
+    // Targets that reached their `max_connections` between the pick and taking a slot.
+    let mut full: u64 = 0;
     loop {
-        let pick = w
-            .pools
-            .borrow_mut()
-            .pick(up, hash_value.as_ref().map(|(k, n)| &k[..*n]), tried);
+        let pick =
+            w.pools
+                .borrow_mut()
+                .pick(up, hash_value.as_ref().map(|(k, n)| &k[..*n]), tried | full);
         let Some(ti) = pick else {
             let (st, msg) = if any_target {
                 (502, "Bad Gateway")
             } else {
                 (503, "Service Unavailable")
             };
+            // Every target the checks pass is at its `max_connections`: the client may try
+            // again soon (as a throttled request), when requests in flight have ended.
+            // (Before any target was tried, a target the checks pass was passed over only
+            // for being full.)
+            let overflow = !any_target
+                && up.cfg.max_connections.is_some()
+                && up.health.iter().any(|h| h.is_healthy());
+            if overflow {
+                c.b.extra.extend_from_slice(b"retry-after: 1\r\n");
+            }
             let keep = body_done;
             return reject(w, c, st, msg, keep).await;
+        };
+        // One of the target's `max_connections`, held until its connection is pooled or
+        // closed (dropped with this loop's iteration, or after the answer; a WebSocket tunnel
+        // takes it along).
+        let Some(slot) = up.occupy(ti) else {
+            full |= 1 << ti.min(63);
+            continue;
         };
         any_target = true;
         let addr = up.cfg.targets[ti];
@@ -329,7 +348,7 @@ pub(super) async fn proxy<S: ClientIo>(
                 o.upstream = Some(addr);
                 return o;
             }
-            return upgrade(w, c, us, addr, route).await;
+            return upgrade(w, c, us, addr, route, slot).await;
         }
         let rmap = route.response_mapping.as_deref();
         return respond(
@@ -934,6 +953,7 @@ async fn upgrade<S: ClientIo>(
     us: TcpStream,
     addr: SocketAddr,
     route: &Route,
+    slot: crate::upstream::Slot,
 ) -> Outcome {
     let head_len = c.b.resp.head_len;
     // No extension was offered to the upstream (the client's offer is removed), so one in its
@@ -1005,6 +1025,7 @@ async fn upgrade<S: ClientIo>(
             upstream: us,
             from_upstream,
             settings: route.ws.clone(),
+            slot,
         });
     }
     Outcome {

@@ -33,6 +33,11 @@ pub struct TargetHealth {
     out_until: AtomicU64,
     /// Passive checks: a request is trying the target after its time out.
     trial: AtomicBool,
+    /// `max_connections`: connections in use by requests now, by every worker (counted only
+    /// for an upstream with a cap).
+    active: AtomicU32,
+    /// `max_connections`: requests that found the target at its cap.
+    full: AtomicU64,
 }
 
 /// What a failed request did to a target's passive state ([`TargetHealth::failed`]).
@@ -54,6 +59,8 @@ impl TargetHealth {
             fails: AtomicU32::new(0),
             out_until: AtomicU64::new(0),
             trial: AtomicBool::new(false),
+            active: AtomicU32::new(0),
+            full: AtomicU64::new(0),
         }
     }
 
@@ -168,6 +175,19 @@ impl HealthRegistry {
     }
 }
 
+/// A request's hold on one of a target's `max_connections`, from before its connection is
+/// taken or opened until that connection is pooled or closed (a WebSocket tunnel holds it
+/// while it lasts). Given back when dropped. Empty for an upstream without a cap.
+pub struct Slot(Option<Arc<TargetHealth>>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.active.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// An upstream ready to serve: its config, its targets' health and its metric labels.
 pub struct Upstream {
     pub cfg: UpstreamConfig,
@@ -215,6 +235,45 @@ impl Upstream {
                 .is_none_or(|p| self.health[i].admit(p))
     }
 
+    /// Whether target `i` is below its `max_connections` (always, without a cap).
+    pub fn has_room(&self, i: usize) -> bool {
+        self.cfg
+            .max_connections
+            .is_none_or(|m| self.health[i].active.load(Ordering::Relaxed) < m)
+    }
+
+    /// [`Upstream::has_room`], counting a request that finds the target full (the
+    /// `ringgate_upstream_target_full_total` metric).
+    fn room_counted(&self, i: usize) -> bool {
+        let room = self.has_room(i);
+        if !room {
+            self.health[i].full.fetch_add(1, Ordering::Relaxed);
+        }
+        room
+    }
+
+    /// Takes one of target `i`'s `max_connections`, or `None` when it has none left (another
+    /// worker may have taken the last one since [`Upstream::has_room`]). Touches nothing
+    /// shared for an upstream without a cap.
+    pub fn occupy(&self, i: usize) -> Option<Slot> {
+        let Some(max) = self.cfg.max_connections else {
+            return Some(Slot(None));
+        };
+        let h = &self.health[i];
+        let taken = h
+            .active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if taken {
+            Some(Slot(Some(h.clone())))
+        } else {
+            h.full.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+
     /// Counts a failed request to target `i` when passive checks are on, and says so on
     /// stderr when that puts the target out.
     pub fn failed(&self, i: usize) {
@@ -258,6 +317,32 @@ pub fn render_metrics(ups: &[Upstream], o: &mut String) {
                 "ringgate_upstream_target_up{{upstream=\"{}\",target=\"{t}\"}} {}",
                 crate::metrics::escape_label(&up.cfg.name),
                 u8::from(h.is_healthy() && !(up.cfg.passive.is_some() && h.out_or_untried()))
+            );
+        }
+    }
+    let capped = || ups.iter().filter(|u| u.cfg.max_connections.is_some());
+    if capped().next().is_none() {
+        return;
+    }
+    o.push_str("# HELP ringgate_upstream_target_active_connections Connections in use by requests to a target of an upstream with max_connections.\n# TYPE ringgate_upstream_target_active_connections gauge\n");
+    for up in capped() {
+        for (t, h) in up.cfg.targets.iter().zip(&up.health) {
+            let _ = writeln!(
+                o,
+                "ringgate_upstream_target_active_connections{{upstream=\"{}\",target=\"{t}\"}} {}",
+                crate::metrics::escape_label(&up.cfg.name),
+                h.active.load(Ordering::Relaxed)
+            );
+        }
+    }
+    o.push_str("# HELP ringgate_upstream_target_full_total Requests that found a target at its upstream's max_connections.\n# TYPE ringgate_upstream_target_full_total counter\n");
+    for up in capped() {
+        for (t, h) in up.cfg.targets.iter().zip(&up.health) {
+            let _ = writeln!(
+                o,
+                "ringgate_upstream_target_full_total{{upstream=\"{}\",target=\"{t}\"}} {}",
+                crate::metrics::escape_label(&up.cfg.name),
+                h.full.load(Ordering::Relaxed)
             );
         }
     }
@@ -348,7 +433,8 @@ impl WorkerPools {
         self.inflight.get(a).copied().unwrap_or(0)
     }
 
-    /// Picks a healthy target index, avoiding `tried` (a bit set of indexes already tried).
+    /// Picks a healthy target index below its `max_connections`, avoiding `tried` (a bit set
+    /// of indexes already tried).
     /// `hash_value` is the value of the header named by `hash:header.NAME`, if present.
     /// Targets that passive checks keep out are avoided too (one whose time out is over is
     /// picked by one request at a time: see [`TargetHealth::admit`]), unless every target the
@@ -358,10 +444,11 @@ impl WorkerPools {
         let n = up.cfg.targets.len();
         if n == 1 {
             // Every balance picks the one target; passive checks never refuse the last one.
-            return (tried & 1 == 0 && up.health[0].is_healthy()).then_some(0);
+            return (tried & 1 == 0 && up.health[0].is_healthy() && up.room_counted(0))
+                .then_some(0);
         }
         let healthy = (0..n.min(64))
-            .filter(|&i| tried & (1 << i) == 0 && up.health[i].is_healthy())
+            .filter(|&i| tried & (1 << i) == 0 && up.health[i].is_healthy() && up.room_counted(i))
             .fold(0u64, |m, i| m | 1 << i);
         if healthy == 0 {
             return None;
@@ -696,6 +783,7 @@ mod tests {
             keepalive: 4,
             health: None,
             passive: None,
+            max_connections: None,
         };
         Upstream::build_all(&[cfg], &HealthRegistry::default())
             .pop()
@@ -801,6 +889,32 @@ mod tests {
         assert_eq!(p.pick(&u, None, 0), Some(0));
         u.health[0].healthy.store(false, Ordering::Relaxed);
         assert_eq!(p.pick(&u, None, 0), None);
+    }
+
+    #[test]
+    fn max_connections_slots_are_taken_passed_over_and_given_back() {
+        let mut u = up(Balance::RoundRobin, 2);
+        u.cfg.max_connections = Some(2);
+        let mut p = WorkerPools::new(7);
+        let a = [u.occupy(0).unwrap(), u.occupy(0).unwrap()];
+        assert!(u.occupy(0).is_none(), "a third slot past the cap");
+        assert!(!u.has_room(0) && u.has_room(1));
+        // Every pick goes to the target with room, whatever the round-robin cursor says.
+        for _ in 0..4 {
+            assert_eq!(p.pick(&u, None, 0), Some(1));
+        }
+        let b = [u.occupy(1).unwrap(), u.occupy(1).unwrap()];
+        assert_eq!(p.pick(&u, None, 0), None, "every target is full");
+        assert!(u.health[0].full.load(Ordering::Relaxed) >= 5);
+        drop(a);
+        assert_eq!(u.health[0].active.load(Ordering::Relaxed), 0);
+        assert_eq!(p.pick(&u, None, 0), Some(0));
+        drop(b);
+        // Without a cap nothing shared is counted.
+        let n = up(Balance::RoundRobin, 1);
+        let s = n.occupy(0).unwrap();
+        assert!(s.0.is_none());
+        assert_eq!(n.health[0].active.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -67,14 +67,24 @@ pub async fn post(
     let deadline = Instant::now() + up.cfg.timeout;
     let attempts = (up.cfg.retries as usize + 1).min(n.max(1));
     for a in 0..attempts {
-        // The next target that takes traffic (passive checks admit it); else the next one
-        // the active checker passes (every target out: they are all tried, as by the proxy).
+        // The next target below its `max_connections` that takes traffic (passive checks
+        // admit it); else the next one the active checker passes (every target out: they
+        // are all tried, as by the proxy).
         let from = |k: usize| (start + a + k) % n;
         let ti = (0..n)
             .map(from)
-            .find(|&i| up.admits(i))
-            .or_else(|| (0..n).map(from).find(|&i| up.health[i].is_healthy()))
+            .find(|&i| up.has_room(i) && up.admits(i))
+            .or_else(|| {
+                (0..n)
+                    .map(from)
+                    .find(|&i| up.has_room(i) && up.health[i].is_healthy())
+            })
             .unwrap_or(from(0));
+        // One of the target's `max_connections`, until the call's connection is pooled or
+        // closed; a target at its cap counts as a failed attempt.
+        let Some(_slot) = up.occupy(ti) else {
+            continue;
+        };
         let addr = up.cfg.targets[ti];
         // Host: the target's address, as for authorizer calls (the config's upstream name
         // means nothing to a virtual-host router).

@@ -456,6 +456,8 @@ pub enum Takeover {
         from_upstream: Vec<u8>,
         /// The route's limits and timeouts.
         settings: Arc<WsSettings>,
+        /// The upstream target's `max_connections` slot, held while the tunnel lasts.
+        slot: crate::upstream::Slot,
     },
     /// A WebSocket API connection that passed `$connect`.
     Api(api::Accepted),
@@ -488,7 +490,9 @@ pub async fn run_takeover<S: crate::server::ClientIo>(
             upstream,
             from_upstream,
             settings,
+            slot,
         } => {
+            let _slot = slot;
             let first = relay::First {
                 from_client: pending,
                 from_upstream,
