@@ -558,8 +558,6 @@ pin_project_lite::pin_project! {
     enum NextOrMulti<M> {
         Next { #[pin] read: NextRead },
         Multi { #[pin] read: M },
-        /// A detached read that completed while the body was still being sent.
-        Done { out: Option<ReadOut> },
     }
 }
 
@@ -579,10 +577,6 @@ where
         match self.project() {
             NextOrMultiProj::Next { read } => read.poll(cx),
             NextOrMultiProj::Multi { read } => read.poll(cx),
-            NextOrMultiProj::Done { out } => match out.take() {
-                Some(o) => std::task::Poll::Ready(o),
-                None => std::task::Poll::Pending,
-            },
         }
     }
 }
@@ -790,48 +784,57 @@ async fn exchange<S: ClientIo>(
                 Err(_) => return Err(Fail::BadResponse),
             }
         }
-        let read = match (next.take(), came.take()) {
-            (_, Some(out)) => NextOrMulti::Done { out: Some(out) },
-            (Some(r), None) => NextOrMulti::Next { read: r },
-            (None, None) => {
-                if c.b.ubuf.len() == c.b.ubuf.capacity() {
-                    c.b.ubuf.reserve(4096);
-                }
-                let len = c.b.ubuf.len();
-                let cap = c.b.ubuf.capacity();
-                let buf = std::mem::take(&mut c.b.ubuf).slice_mut(len..cap);
-                if us.multishot_enabled() {
-                    NextOrMulti::Multi { read: us.read(buf) }
-                } else {
-                    // Nothing read yet: the answer to a request just sent is not there yet.
-                    NextOrMulti::Next {
-                        read: us.recv_detached(buf, len == 0),
+        // A detached read that completed while the body was still being sent is the answer's
+        // first bytes already: no read to wait on.
+        let waited = match came.take() {
+            Some(out) => Wait::Read(out),
+            None => {
+                let read = match next.take() {
+                    Some(r) => NextOrMulti::Next { read: r },
+                    None => {
+                        if c.b.ubuf.len() == c.b.ubuf.capacity() {
+                            c.b.ubuf.reserve(4096);
+                        }
+                        let len = c.b.ubuf.len();
+                        let cap = c.b.ubuf.capacity();
+                        let buf = std::mem::take(&mut c.b.ubuf).slice_mut(len..cap);
+                        if us.multishot_enabled() {
+                            NextOrMulti::Multi { read: us.read(buf) }
+                        } else {
+                            // Nothing read yet: the answer to a request just sent is not
+                            // there yet.
+                            NextOrMulti::Next {
+                                read: us.recv_detached(buf, len == 0),
+                            }
+                        }
+                    }
+                };
+                let mut read = std::pin::pin!(read);
+                // An absolute deadline: no clock read to arm the timer. The timer drops only
+                // the reference: past `watch_at` the read goes on, the client watched beside
+                // it.
+                let first = match watch_at {
+                    Some(t) if watching => t,
+                    _ => deadline,
+                };
+                match monoio::time::timeout_at(first.into(), &mut read).await {
+                    Ok(r) => Wait::Read(r),
+                    Err(_) if first == deadline => Wait::Deadline,
+                    Err(_) => {
+                        // A pipelined request already read: a half-close does not end the
+                        // client.
+                        let pipelined = c.b.rbuf.len() > c.consumed || !c.b.leftover.is_empty();
+                        let client = c.stream.tcp();
+                        Box::pin(wait_watching_client(
+                            read,
+                            client,
+                            &mut watching,
+                            pipelined,
+                            deadline,
+                        ))
+                        .await
                     }
                 }
-            }
-        };
-        let mut read = std::pin::pin!(read);
-        // An absolute deadline: no clock read to arm the timer. The timer drops only the
-        // reference: past `watch_at` the read goes on, the client watched beside it.
-        let first = match watch_at {
-            Some(t) if watching => t,
-            _ => deadline,
-        };
-        let waited = match monoio::time::timeout_at(first.into(), &mut read).await {
-            Ok(r) => Wait::Read(r),
-            Err(_) if first == deadline => Wait::Deadline,
-            Err(_) => {
-                // A pipelined request already read: a half-close does not end the client.
-                let pipelined = c.b.rbuf.len() > c.consumed || !c.b.leftover.is_empty();
-                let client = c.stream.tcp();
-                Box::pin(wait_watching_client(
-                    read,
-                    client,
-                    &mut watching,
-                    pipelined,
-                    deadline,
-                ))
-                .await
             }
         };
         match waited {
