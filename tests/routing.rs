@@ -519,7 +519,11 @@ route = "GET /products/{id}"
 integration = { type = "http", upstream = "${stageVariables.backend}", path = "/items/{id}" }
 
 [[apis.routes]]
-route = "GET /hello"
+route = " GET  /hello "
+integration = { type = "mock", body = "hi" }
+
+[[apis.routes]]
+route = "ANY   /any"
 integration = { type = "mock", body = "hi" }
 "#;
     let (out, _) = check(cfg);
@@ -550,6 +554,9 @@ integration = { type = "mock", body = "hi" }
             .any(|l| l.contains("GET /hello") && l.contains("mock")),
         "{stdout}"
     );
+    // Keys are named with one space, whatever spacing the file has.
+    assert!(stdout.lines().any(|l| l.contains("ANY /any")), "{stdout}");
+    assert!(!stdout.contains("GET  /hello"), "{stdout}");
 }
 
 /// `line` counts within `cfg`; the standard header is prepended when `cfg` has no `[server]`.

@@ -827,6 +827,13 @@ fn quota_limit_and_usage_survive_kill_9() {
     let r = gw.admin_get("/usage-plans/basic/usage?key=%FF");
     assert_eq!(r.status, 400);
     assert!(r.json()["message"].as_str().unwrap().contains("not UTF-8"));
+    // A malformed escape is a bad request (as in a path), not a key that is not there.
+    for q in ["key=%zz", "key=ali%2", "key=alice%"] {
+        let r = gw.admin_get(&format!("/usage-plans/basic/usage?{q}"));
+        assert_eq!(r.status, 400, "{q}");
+        let m = r.json()["message"].as_str().unwrap().to_string();
+        assert!(m.contains("malformed percent-encoding"), "{q}: {m}");
+    }
     for q in [
         "key=alice&key=bob",
         "key=alice&key",

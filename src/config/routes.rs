@@ -1121,6 +1121,17 @@ pub(super) fn compile(
                     Some(p) => param_names(p).map_err(|e| rerr(e.0))?,
                     None => Vec::new(),
                 };
+                // The key as it is named from now on (metric labels, the access log, `--check`,
+                // `$context.routeKey`): one space between method and path, whatever spacing
+                // the file has, so `GET  /a` and `GET /a` are one route by one name.
+                let normal_key;
+                let key_str: &str = match path {
+                    Some(p) => {
+                        normal_key = format!("{} {p}", method.unwrap_or("ANY"));
+                        &normal_key
+                    }
+                    None => key_str,
+                };
                 let integration = match r.integration.get_ref() {
                     RawIntegration::Http {
                         upstream,

@@ -286,7 +286,7 @@ impl HttpError {
 impl fmt::Display for HttpError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            HttpError::BadRequest(r) => write!(f, "bad request: {r}"),
+            HttpError::BadRequest(r) => write!(f, "Bad Request: {r}"),
             HttpError::HeadTooLarge => f.write_str("header section too large"),
             HttpError::TooManyHeaders => f.write_str("too many header fields"),
             HttpError::VersionNotSupported => f.write_str("HTTP version not supported"),
@@ -324,6 +324,22 @@ pub fn percent_decode(s: &[u8], plus: bool, out: &mut Vec<u8>) {
         out.push(if plus && c == b'+' { b' ' } else { c });
         i += 1;
     }
+}
+
+/// Whether every `%` in `s` starts a `%XX` escape (XX two hex digits).
+pub fn percent_well_formed(s: &[u8]) -> bool {
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' {
+            if i + 2 >= s.len() || !s[i + 1].is_ascii_hexdigit() || !s[i + 2].is_ascii_hexdigit() {
+                return false;
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    true
 }
 
 /// The raw (still encoded) values of query parameter `name` in `query`, in order; names are
@@ -597,6 +613,16 @@ pub(crate) fn find_kind<'b>(
 mod tests {
 
     #[test]
+    fn percent_well_formed_wants_two_hex_digits_after_every_percent() {
+        for ok in [&b""[..], b"abc", b"%41", b"a%2fb%2F", b"%%"[..0].as_ref()] {
+            assert!(percent_well_formed(ok), "{ok:?}");
+        }
+        for bad in [&b"%"[..], b"%4", b"%zz", b"a%4g", b"%41%"] {
+            assert!(!percent_well_formed(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn query_values_compare_decoded_names() {
         let q = b"a=1&%74oken=x%2By&token=2&b&token";
         let v: Vec<&[u8]> = query_values(q, b"token").collect();
@@ -761,7 +787,7 @@ mod tests {
         assert_eq!(HttpError::TooManyHeaders.status(), 431);
         assert_eq!(
             HttpError::BadRequest("x").to_string(),
-            "bad request: x".to_string()
+            "Bad Request: x".to_string()
         );
     }
 }

@@ -485,6 +485,9 @@ pub fn admin_usage(
     let mut values = crate::http::query_values(query.unwrap_or(b""), b"key");
     let key = match (values.next(), values.next()) {
         (_, Some(_)) => return bad("the query parameter `key` is given more than once"),
+        (Some(v), None) if !crate::http::percent_well_formed(v) => {
+            return bad("malformed percent-encoding in the query parameter `key`")
+        }
         (Some(v), None) if !v.is_empty() => {
             let mut buf = Vec::new();
             crate::http::percent_decode(v, true, &mut buf);
@@ -495,6 +498,9 @@ pub fn admin_usage(
         }
         _ => None,
     };
+    if !crate::http::percent_well_formed(plan.as_bytes()) {
+        return bad("malformed percent-encoding in the usage plan name");
+    }
     let mut pbuf = Vec::new();
     crate::http::percent_decode(plan.as_bytes(), false, &mut pbuf);
     let Ok(plan) = String::from_utf8(pbuf) else {
