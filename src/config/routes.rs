@@ -313,31 +313,23 @@ impl RouteTable {
         params: &mut Params,
     ) -> RouteMatch {
         if self.has_hosts() {
-            if let Some(h) = host {
-                let h = strip_port(h);
-                let mut lower = [0u8; 256];
-                if h.len() <= lower.len() {
-                    for (d, s) in lower.iter_mut().zip(h) {
-                        *d = s.to_ascii_lowercase();
-                    }
-                    if let Ok(h) = std::str::from_utf8(&lower[..h.len()]) {
-                        // The most specific host's route wins; a path that one host tier
-                        // has only under other methods goes on to the next tier, as a path
-                        // it does not have at all does (405 only when none serves it).
-                        let mut not_allowed = false;
-                        for t in self.tables_for(h) {
-                            match t.find(&self.routes, method, path, params) {
-                                RouteMatch::NotFound => {}
-                                RouteMatch::MethodNotAllowed => not_allowed = true,
-                                m => return m,
-                            }
-                        }
-                        return match self.any_host.find(&self.routes, method, path, params) {
-                            RouteMatch::NotFound if not_allowed => RouteMatch::MethodNotAllowed,
-                            m => m,
-                        };
+            let mut buf = [0u8; 256];
+            if let Some(h) = host.and_then(|h| host_key(h, &mut buf)) {
+                // The most specific host's route wins; a path that one host tier has only
+                // under other methods goes on to the next tier, as a path it does not have
+                // at all does (405 only when none serves it).
+                let mut not_allowed = false;
+                for t in self.tables_for(h) {
+                    match t.find(&self.routes, method, path, params) {
+                        RouteMatch::NotFound => {}
+                        RouteMatch::MethodNotAllowed => not_allowed = true,
+                        m => return m,
                     }
                 }
+                return match self.any_host.find(&self.routes, method, path, params) {
+                    RouteMatch::NotFound if not_allowed => RouteMatch::MethodNotAllowed,
+                    m => m,
+                };
             }
         }
         self.any_host.find(&self.routes, method, path, params)
@@ -347,9 +339,9 @@ impl RouteTable {
     /// path's routes accept (the `Allow` of the 405), from every host table `find` tried.
     pub fn allowed_methods(&self, host: Option<&[u8]>, path: &str) -> Vec<&[u8]> {
         let mut m = self.any_host.allowed_methods(path);
-        if let Some(h) = host.map(strip_port) {
-            let h = String::from_utf8_lossy(h).to_ascii_lowercase();
-            for t in self.tables_for(&h) {
+        let mut buf = [0u8; 256];
+        if let Some(h) = host.and_then(|h| host_key(h, &mut buf)) {
+            for t in self.tables_for(h) {
                 m.extend(t.allowed_methods(path));
             }
             m.sort_unstable();
@@ -371,9 +363,9 @@ impl RouteTable {
                     _ => None,
                 })
         };
-        if let Some(h) = host.map(strip_port) {
-            let h = String::from_utf8_lossy(h).to_ascii_lowercase();
-            for t in self.tables_for(&h) {
+        let mut buf = [0u8; 256];
+        if let Some(h) = host.and_then(|h| host_key(h, &mut buf)) {
+            for t in self.tables_for(h) {
                 if let Some(id) = of(t, params) {
                     return Some(id);
                 }
@@ -386,9 +378,9 @@ impl RouteTable {
     /// prefix address, so its answer can carry that API's CORS headers; `None` when no API,
     /// or more than one, claims the prefix. Not on the path of a routed request.
     pub fn scope(&self, host: Option<&[u8]>, path: &str) -> Option<u32> {
-        if let Some(h) = host.map(strip_port) {
-            let h = String::from_utf8_lossy(h).to_ascii_lowercase();
-            if let Some(found) = self.tables_for(&h).find_map(|t| t.scope(path)) {
+        let mut buf = [0u8; 256];
+        if let Some(h) = host.and_then(|h| host_key(h, &mut buf)) {
+            if let Some(found) = self.tables_for(h).find_map(|t| t.scope(path)) {
                 return found;
             }
         }
@@ -474,6 +466,32 @@ pub(crate) fn strip_port(h: &[u8]) -> &[u8] {
     h.strip_suffix(b".").unwrap_or(h)
 }
 
+/// A `Host` value in the form routing compares (see [`host_pattern`]) written into `buf`:
+/// without its port ([`strip_port`]), lower case, and a bracketed IPv6 address in its
+/// canonical text (RFC 5952: `[0:0::1]` is `[::1]`). `None` when it is longer than `buf` or
+/// not UTF-8 (no host table can match it then).
+fn host_key<'a>(h: &[u8], buf: &'a mut [u8; 256]) -> Option<&'a str> {
+    let h = strip_port(h);
+    let mut n = h.len();
+    if n > buf.len() {
+        return None;
+    }
+    for (d, s) in buf.iter_mut().zip(h) {
+        *d = s.to_ascii_lowercase();
+    }
+    if n > 2 && buf[0] == b'[' && buf[n - 1] == b']' {
+        let v6 = std::str::from_utf8(&buf[1..n - 1])
+            .ok()
+            .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok());
+        if let Some(a) = v6 {
+            let mut w: &mut [u8] = &mut buf[..];
+            std::io::Write::write_fmt(&mut w, format_args!("[{a}]")).ok()?;
+            n = 256 - w.len();
+        }
+    }
+    std::str::from_utf8(&buf[..n]).ok()
+}
+
 /// A `hosts` entry in the form routing compares: lower case, without a trailing dot. A host
 /// name (letters, digits, `-`, `_`, dots between labels), an IPv4 address, a bracketed IPv6
 /// address, or `*.` and a host name (any name one label under it). Else why not.
@@ -483,7 +501,11 @@ fn host_pattern(h: &str) -> Result<String, String> {
     if p.starts_with('[') {
         let inner = p.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
         return match inner {
-            Some(a) if a.parse::<std::net::Ipv6Addr>().is_ok() => Ok(p),
+            // In canonical text, as [`host_key`] writes a request's.
+            Some(a) => match a.parse::<std::net::Ipv6Addr>() {
+                Ok(a) => Ok(format!("[{a}]")),
+                Err(_) => bad("is not a bracketed IPv6 address"),
+            },
             _ => bad("is not a bracketed IPv6 address"),
         };
     }
@@ -1651,6 +1673,44 @@ integration = { type = "mock", body = "b" }
                     c.routes.find(Some(h), "GET", "/x", &mut p),
                     RouteMatch::Found(_)
                 ),
+                "{}",
+                String::from_utf8_lossy(h)
+            );
+        }
+    }
+
+    #[test]
+    fn ipv6_hosts_match_whatever_their_spelling() {
+        let text = r#"
+[[apis]]
+name = "v6"
+hosts = ["[0:0::1]", "[2001:DB8::0:1]"]
+[[apis.routes]]
+route = "GET /x"
+integration = { type = "mock", body = "v6" }
+"#;
+        let c = parse(Path::new("t.toml"), text).unwrap();
+        let mut p = Params::new();
+        for h in [
+            &b"[::1]"[..],
+            b"[0::1]:8080",
+            b"[0000:0000:0000:0000:0000:0000:0000:0001]",
+            b"[2001:db8::1]",
+            b"[2001:DB8:0:0:0:0:0:1]:443",
+        ] {
+            assert!(
+                matches!(
+                    c.routes.find(Some(h), "GET", "/x", &mut p),
+                    RouteMatch::Found(_)
+                ),
+                "{}",
+                String::from_utf8_lossy(h)
+            );
+        }
+        for h in [&b"[::2]"[..], b"[::1"] {
+            assert_eq!(
+                c.routes.find(Some(h), "GET", "/x", &mut p),
+                RouteMatch::NotFound,
                 "{}",
                 String::from_utf8_lossy(h)
             );
