@@ -553,6 +553,47 @@ fn sni_picks_the_certificate_by_name() {
     assert!(served_subject(&c).contains("CN=a.test"), "{}", c.stderr);
 }
 
+/// ALPN: the gateway speaks HTTP/1.1 and HTTP/1.0 on its TLS port, so a client offering
+/// either (alone, or after `h2`) gets it; one offering neither fails the handshake.
+#[test]
+fn alpn_picks_http_1_1_or_http_1_0() {
+    let pki = Pki::new();
+    let g = start("", &certs_a_b(&pki), &proxy_routes(dead_addr()));
+    let ca = pki.path("ca.pem");
+    let offer = |protos: &[&[u8]]| {
+        let mut cfg = (*client_config(&ca, None)).clone();
+        cfg.alpn_protocols = protos.iter().map(|p| p.to_vec()).collect();
+        let s = TcpStream::connect(g.tls).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let conn =
+            rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("a.test").unwrap())
+                .unwrap();
+        let mut t = rustls::StreamOwned::new(conn, s);
+        while t.conn.is_handshaking() {
+            if t.conn.complete_io(&mut t.sock).is_err() {
+                return None;
+            }
+        }
+        let chosen = t.conn.alpn_protocol().map(|p| p.to_vec());
+        t.write_all(b"GET /hello HTTP/1.0\r\nHost: a.test\r\n\r\n")
+            .unwrap();
+        let (status, _, body) = read_response(&mut t, &mut Vec::new());
+        assert_eq!((status, &body[..]), (200, &b"hello"[..]));
+        Some(chosen)
+    };
+    assert_eq!(
+        offer(&[b"h2", b"http/1.1"]),
+        Some(Some(b"http/1.1".to_vec()))
+    );
+    assert_eq!(offer(&[b"http/1.0"]), Some(Some(b"http/1.0".to_vec())));
+    assert_eq!(
+        offer(&[b"h2", b"http/1.0"]),
+        Some(Some(b"http/1.0".to_vec()))
+    );
+    assert_eq!(offer(&[]), Some(None));
+    assert_eq!(offer(&[b"h2"]), None, "no protocol in common");
+}
+
 // ---------------------------------------------------------------------------------------------
 // mTLS
 // ---------------------------------------------------------------------------------------------
@@ -1023,7 +1064,33 @@ fn bad_certificates_are_config_errors_naming_file_line_and_key() {
     // A certificate file cut short (a copy that did not finish).
     let whole = std::fs::read_to_string(pki.dir.join("a.pem")).unwrap();
     std::fs::write(pki.dir.join("cut.pem"), &whole[..whole.len() / 2]).unwrap();
+    // The CA's certificate before the server's own (the key is for the second).
+    let ca = std::fs::read_to_string(pki.dir.join("ca.pem")).unwrap();
+    std::fs::write(pki.dir.join("reversed.pem"), format!("{ca}{whole}")).unwrap();
+    // An encrypted key (rustls takes none), and a key section that is no key ring can use.
+    std::fs::write(
+        pki.dir.join("enc.key"),
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    std::fs::write(
+        pki.dir.join("odd.key"),
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
     let cases: &[(&str, &[&str])] = &[
+        (
+            "listen = [\"127.0.0.1:18443\"]\ncerts = [{ cert = \"reversed.pem\", key = \"a.key\" }]",
+            &["server.tls.certs[0].key", "is for certificate 2 of", "reversed.pem", "first"],
+        ),
+        (
+            "listen = [\"127.0.0.1:18443\"]\ncerts = [{ cert = \"a.pem\", key = \"enc.key\" }]",
+            &["server.tls.certs[0].key", "enc.key", "is encrypted"],
+        ),
+        (
+            "listen = [\"127.0.0.1:18443\"]\ncerts = [{ cert = \"a.pem\", key = \"odd.key\" }]",
+            &["server.tls.certs[0].key", "odd.key", "unusable private key", "supported: RSA of 2048 bits"],
+        ),
         (
             "listen = [\"127.0.0.1:18443\"]\ncerts = [{ cert = \"missing.pem\", key = \"a.key\" }]",
             &["check.toml:6:", "server.tls.certs[0].cert", "missing.pem", "cannot read"],

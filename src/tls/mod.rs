@@ -139,20 +139,47 @@ pub(crate) fn build(
             )
         })?;
         let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
+            let why = match e {
+                // rustls reads no encrypted keys (nor does nginx without a passphrase file).
+                rustls::pki_types::pem::Error::NoItemsFound if pem_has(&key_path, "ENCRYPTED") => {
+                    "the private key is encrypted: give it unencrypted (`openssl pkey -in KEY \
+                     -out PLAIN`), readable by the gateway only"
+                        .to_string()
+                }
+                e => pem_error(&e, "private key"),
+            };
             src.err(
                 c.key.span(),
                 &kkey,
-                format!("{}: {}", key_path.display(), pem_error(&e, "private key")),
+                format!("{}: {why}", key_path.display()),
             )
         })?;
+        // Which certificate of the file the key is for, when it is not the first.
+        let leaf_at = |chain: &[CertificateDer<'static>], key: &PrivateKeyDer<'static>| {
+            (1..chain.len()).find(|&k| {
+                CertifiedKey::from_der(vec![chain[k].clone()], key.clone_key(), &provider).is_ok()
+            })
+        };
+        let misplaced = leaf_at(&chain, &key);
         let ck = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
-            let why = match e {
-                rustls::Error::InconsistentKeys(_) => format!(
+            let why = match (e, misplaced) {
+                (rustls::Error::InconsistentKeys(_), Some(k)) => format!(
+                    "{} is for certificate {} of {}, not the first: the file must list the \
+                     server's own certificate (the leaf) first, then its intermediates",
+                    key_path.display(),
+                    k + 1,
+                    cert_path.display()
+                ),
+                (rustls::Error::InconsistentKeys(_), None) => format!(
                     "{} does not match the certificate in {}",
                     key_path.display(),
                     cert_path.display()
                 ),
-                e => format!("{}: unusable private key: {e}", key_path.display()),
+                (e, _) => format!(
+                    "{}: unusable private key ({e}): an unsupported type or size; supported: \
+                     RSA of 2048 bits or more, ECDSA on P-256 or P-384, Ed25519",
+                    key_path.display()
+                ),
             };
             src.err(c.key.span(), &kkey, why)
         })?;
@@ -196,7 +223,9 @@ pub(crate) fn build(
         }
     };
     let mut server = builder.with_cert_resolver(Arc::new(SniResolver { certs: keys }));
-    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // HTTP/1.0 is served on the same port, so a client that offers only `http/1.0` gets it
+    // (as from nginx) rather than a failed handshake.
+    server.alpn_protocols = vec![b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     Ok(TlsSettings {
         listen,
         certs: infos,
@@ -224,6 +253,15 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
             .map_err(|e| format!("{}: not a valid X.509 certificate: {e:?}", path.display()))?;
     }
     Ok(out)
+}
+
+/// Whether the PEM file at `path` has a `-----BEGIN ...` line containing `word`.
+fn pem_has(path: &Path, word: &str) -> bool {
+    std::fs::read(path).is_ok_and(|b| {
+        b.split(|&c| c == b'\n')
+            .filter(|l| l.starts_with(b"-----BEGIN "))
+            .any(|l| l.windows(word.len()).any(|w| w == word.as_bytes()))
+    })
 }
 
 fn pem_error(e: &rustls::pki_types::pem::Error, what: &str) -> String {
