@@ -561,14 +561,20 @@ pub async fn serve_tls(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, guard
         // first byte the handshake counts as in flight, as a partly read head does, so a
         // drain lets it finish (its request, sent with the client's last flight, then counts).
         let _ = stream.readable(false).await;
+        // A connection closed before its first byte (a load balancer's TCP check) is no
+        // failed handshake: none began.
+        if let crate::upstream::Peek::Gone = crate::upstream::peek(&stream) {
+            return None;
+        }
         let _handshaking = InFlight::new(&w.inflight);
-        crate::tls::accept(stream, server).await
+        Some(crate::tls::accept(stream, server).await)
     })
     .await;
     let m = &w.shared.metrics;
     let stream = match hs {
-        Ok(Ok(s)) => s,
-        Ok(Err(_)) => {
+        Ok(None) => return,
+        Ok(Some(Ok(s))) => s,
+        Ok(Some(Err(_))) => {
             m.tls_handshake_errors.fetch_add(1, Ordering::Relaxed);
             return;
         }
