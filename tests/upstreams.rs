@@ -1304,7 +1304,16 @@ fn max_connections_caps_the_connections_in_use_per_target() {
         Some(2.0),
         "{m}"
     );
-    assert!(metric_value(&m, "ringgate_upstream_target_full_total", &labels).unwrap_or(0.0) >= 1.0);
+    assert_eq!(
+        metric_value(&m, "ringgate_upstream_overflow_total", &["upstream=\"o\""]),
+        Some(1.0),
+        "{m}"
+    );
+    // `Expect: 100-continue`: refused at once, never first invited to send its body.
+    let r = gw.request(
+        "POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
     for h in held {
         assert_eq!(h.join().unwrap().unwrap().status, 200);
     }
@@ -1380,4 +1389,31 @@ fn max_connections_zero_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("max_connections"), "{err}");
     assert!(err.contains(&path.display().to_string()), "{err}");
+}
+
+#[test]
+fn a_full_target_is_not_replaced_by_one_that_passive_checks_keep_out() {
+    let (a, _) = holding_origin("a", Duration::from_millis(1500));
+    // `b` refuses connections: passive checks take it out after one failure.
+    let b = dead_addr();
+    let gw = Gateway::start(&config(
+        &[a, b],
+        "max_connections = 1\nretries = 0\npassive = { max_fails = 1, fail_timeout_ms = 60000 }",
+    ));
+    // Until `b` has failed once, half the requests go there (502).
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .get("/probe")
+        .status
+        == 502));
+    let gaddr = gw.addr;
+    let held =
+        std::thread::spawn(move || roundtrip(gaddr, b"GET /held HTTP/1.1\r\nHost: t\r\n\r\n"));
+    std::thread::sleep(Duration::from_millis(300));
+    // `a` is full and `b` is out: 503 at once, not a try of `b`.
+    let t = Instant::now();
+    let r = gw.get("/second");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(t.elapsed() < Duration::from_millis(800));
+    assert_eq!(held.join().unwrap().unwrap().status, 200);
 }

@@ -1272,7 +1272,14 @@ async fn ws_handshake<S: ClientIo>(
                 upstream: None,
             }
         }
-        Handshake::Refuse(status, msg) => reject_ws(w, c, status, msg).await,
+        Handshake::Refuse(status, msg) => {
+            // Every integration target at `max_connections`: the client may try again soon,
+            // as on HTTP routes.
+            if status == 503 {
+                c.b.extra.extend_from_slice(b"retry-after: 1\r\n");
+            }
+            reject_ws(w, c, status, msg).await
+        }
         Handshake::RefuseWith(status, body) => {
             if body.is_empty() && status != 304 {
                 // The status's own words: a 401 or 429 from `$connect` is no "Forbidden".

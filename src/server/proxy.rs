@@ -108,27 +108,13 @@ pub(super) async fn proxy<S: ClientIo>(
     }
     c.consumed = body_start + buffered;
 
-    if c.b.head.expect_continue && !body_done {
-        let (res, _) = c
-            .stream
-            .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
-            .await;
-        if res.is_err() {
-            return Outcome {
-                status: 499,
-                keep_alive: false,
-                upstream: None,
-            };
+    // `Expect: 100-continue` is answered once a target and its slot are had: a request refused
+    // for want of one (503) is not first invited to send its body.
+    let mut to_continue = c.b.head.expect_continue && !body_done;
+    let hash = match &up.cfg.balance {
+        crate::config::Balance::HashHeader(h) => {
+            c.b.head.header(&c.b.rbuf, h).map(crate::upstream::hash_key)
         }
-    }
-
-    let hash_value = match &up.cfg.balance {
-        crate::config::Balance::HashHeader(h) => c.b.head.header(&c.b.rbuf, h).map(|v| {
-            let mut k = [0u8; 64];
-            let n = v.len().min(64);
-            k[..n].copy_from_slice(&v[..n]);
-            (k, n)
-        }),
         _ => None,
     };
     let idempotent = c.b.head.method.is_idempotent();
@@ -159,10 +145,7 @@ pub(super) async fn proxy<S: ClientIo>(
     // Targets that reached their `max_connections` between the pick and taking a slot.
     let mut full: u64 = 0;
     loop {
-        let pick =
-            w.pools
-                .borrow_mut()
-                .pick(up, hash_value.as_ref().map(|(k, n)| &k[..*n]), tried | full);
+        let pick = w.pools.borrow_mut().pick(up, hash, tried | full);
         let Some(ti) = pick else {
             let (st, msg) = if any_target {
                 (502, "Bad Gateway")
@@ -177,6 +160,7 @@ pub(super) async fn proxy<S: ClientIo>(
                 && up.cfg.max_connections.is_some()
                 && up.health.iter().any(|h| h.is_healthy());
             if overflow {
+                up.overflowed();
                 c.b.extra.extend_from_slice(b"retry-after: 1\r\n");
             }
             let keep = body_done;
@@ -192,6 +176,20 @@ pub(super) async fn proxy<S: ClientIo>(
         any_target = true;
         let addr = up.cfg.targets[ti];
         tried |= 1 << ti.min(63);
+        if to_continue {
+            to_continue = false;
+            let (res, _) = c
+                .stream
+                .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
+                .await;
+            if res.is_err() {
+                return Outcome {
+                    status: 499,
+                    keep_alive: false,
+                    upstream: None,
+                };
+            }
+        }
 
         // A pooled connection first (one with nothing waiting on it: see `take`); a stale
         // one is replaced by a fresh one, once.
@@ -227,7 +225,6 @@ pub(super) async fn proxy<S: ClientIo>(
                     }
                 }
             };
-            w.pools.borrow_mut().begin(addr);
             let r = exchange(
                 c,
                 &mut us,
@@ -241,7 +238,6 @@ pub(super) async fn proxy<S: ClientIo>(
                 limits,
             )
             .await;
-            w.pools.borrow_mut().end(addr);
             match r {
                 Ok(()) => {
                     up.succeeded(ti);

@@ -33,11 +33,9 @@ pub struct TargetHealth {
     out_until: AtomicU64,
     /// Passive checks: a request is trying the target after its time out.
     trial: AtomicBool,
-    /// `max_connections`: connections in use by requests now, by every worker (counted only
-    /// for an upstream with a cap).
+    /// Connections in use by requests now, by every worker: counted for an upstream with
+    /// `max_connections` or a balance that compares loads (`least_conn`, `random2`).
     active: AtomicU32,
-    /// `max_connections`: requests that found the target at its cap.
-    full: AtomicU64,
 }
 
 /// What a failed request did to a target's passive state ([`TargetHealth::failed`]).
@@ -60,7 +58,6 @@ impl TargetHealth {
             out_until: AtomicU64::new(0),
             trial: AtomicBool::new(false),
             active: AtomicU32::new(0),
-            full: AtomicU64::new(0),
         }
     }
 
@@ -164,9 +161,16 @@ impl TargetHealth {
 #[derive(Default)]
 pub struct HealthRegistry {
     map: Mutex<AHashMap<(String, SocketAddr), Arc<TargetHealth>>>,
+    /// `ringgate_upstream_overflow_total` by upstream name.
+    overflows: Mutex<AHashMap<String, Arc<AtomicU64>>>,
 }
 
 impl HealthRegistry {
+    fn overflows(&self, name: &str) -> Arc<AtomicU64> {
+        let mut m = self.overflows.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(name.to_string()).or_default().clone()
+    }
+
     fn get(&self, name: &str, addr: SocketAddr) -> Arc<TargetHealth> {
         let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
         m.entry((name.to_string(), addr))
@@ -193,6 +197,8 @@ pub struct Upstream {
     pub cfg: UpstreamConfig,
     pub health: Vec<Arc<TargetHealth>>,
     pub labels: Labels,
+    /// Requests refused because every target was at `max_connections` (kept across reloads).
+    overflows: Arc<AtomicU64>,
 }
 
 impl Upstream {
@@ -211,6 +217,7 @@ impl Upstream {
                     })
                     .collect(),
                 labels: Labels(Arc::from(c.name.as_str())),
+                overflows: reg.overflows(&c.name),
                 cfg: c.clone(),
             })
             .collect()
@@ -242,36 +249,39 @@ impl Upstream {
             .is_none_or(|m| self.health[i].active.load(Ordering::Relaxed) < m)
     }
 
-    /// [`Upstream::has_room`], counting a request that finds the target full (the
-    /// `ringgate_upstream_target_full_total` metric).
-    fn room_counted(&self, i: usize) -> bool {
-        let room = self.has_room(i);
-        if !room {
-            self.health[i].full.fetch_add(1, Ordering::Relaxed);
-        }
-        room
+    /// Whether requests to this upstream hold counted slots ([`Upstream::occupy`]): with a
+    /// `max_connections`, or a balance that compares the targets' loads.
+    fn counted(&self) -> bool {
+        self.cfg.max_connections.is_some()
+            || matches!(self.cfg.balance, Balance::LeastConn | Balance::Random2)
+    }
+
+    /// Connections to target `i` in use by requests now, by every worker (0 when not
+    /// [`Upstream::counted`]).
+    pub fn load(&self, i: usize) -> u32 {
+        self.health[i].active.load(Ordering::Relaxed)
     }
 
     /// Takes one of target `i`'s `max_connections`, or `None` when it has none left (another
     /// worker may have taken the last one since [`Upstream::has_room`]). Touches nothing
-    /// shared for an upstream without a cap.
+    /// shared for an upstream without a cap or a load-comparing balance.
     pub fn occupy(&self, i: usize) -> Option<Slot> {
-        let Some(max) = self.cfg.max_connections else {
+        if !self.counted() {
             return Some(Slot(None));
-        };
+        }
+        let max = self.cfg.max_connections.unwrap_or(u32::MAX);
         let h = &self.health[i];
-        let taken = h
-            .active
+        h.active
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 (n < max).then_some(n + 1)
             })
-            .is_ok();
-        if taken {
-            Some(Slot(Some(h.clone())))
-        } else {
-            h.full.fetch_add(1, Ordering::Relaxed);
-            None
-        }
+            .ok()
+            .map(|_| Slot(Some(h.clone())))
+    }
+
+    /// Counts a request refused because every target was full.
+    pub fn overflowed(&self) {
+        self.overflows.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a failed request to target `i` when passive checks are on, and says so on
@@ -321,11 +331,11 @@ pub fn render_metrics(ups: &[Upstream], o: &mut String) {
         }
     }
     let capped = || ups.iter().filter(|u| u.cfg.max_connections.is_some());
-    if capped().next().is_none() {
+    if !ups.iter().any(|u| u.counted()) {
         return;
     }
-    o.push_str("# HELP ringgate_upstream_target_active_connections Connections in use by requests to a target of an upstream with max_connections.\n# TYPE ringgate_upstream_target_active_connections gauge\n");
-    for up in capped() {
+    o.push_str("# HELP ringgate_upstream_target_active_connections Connections in use by requests to a target of an upstream with max_connections, least_conn or random2.\n# TYPE ringgate_upstream_target_active_connections gauge\n");
+    for up in ups.iter().filter(|u| u.counted()) {
         for (t, h) in up.cfg.targets.iter().zip(&up.health) {
             let _ = writeln!(
                 o,
@@ -335,16 +345,14 @@ pub fn render_metrics(ups: &[Upstream], o: &mut String) {
             );
         }
     }
-    o.push_str("# HELP ringgate_upstream_target_full_total Requests that found a target at its upstream's max_connections.\n# TYPE ringgate_upstream_target_full_total counter\n");
+    o.push_str("# HELP ringgate_upstream_overflow_total Requests refused with 503 because every target the health checks pass was at max_connections.\n# TYPE ringgate_upstream_overflow_total counter\n");
     for up in capped() {
-        for (t, h) in up.cfg.targets.iter().zip(&up.health) {
-            let _ = writeln!(
-                o,
-                "ringgate_upstream_target_full_total{{upstream=\"{}\",target=\"{t}\"}} {}",
-                crate::metrics::escape_label(&up.cfg.name),
-                h.full.load(Ordering::Relaxed)
-            );
-        }
+        let _ = writeln!(
+            o,
+            "ringgate_upstream_overflow_total{{upstream=\"{}\"}} {}",
+            crate::metrics::escape_label(&up.cfg.name),
+            up.overflows.load(Ordering::Relaxed)
+        );
     }
 }
 
@@ -403,7 +411,6 @@ const POOLED_READ_BUF: usize = 4096;
 #[derive(Default)]
 pub struct WorkerPools {
     idle: AHashMap<SocketAddr, Vec<Pooled>>,
-    inflight: AHashMap<SocketAddr, u32>,
     rr: usize,
     rng: u64,
     /// Sweeps so far ([`WorkerPools::sweep`]).
@@ -429,52 +436,59 @@ impl WorkerPools {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    fn load(&self, a: &SocketAddr) -> u32 {
-        self.inflight.get(a).copied().unwrap_or(0)
-    }
-
     /// Picks a healthy target index below its `max_connections`, avoiding `tried` (a bit set
-    /// of indexes already tried).
-    /// `hash_value` is the value of the header named by `hash:header.NAME`, if present.
-    /// Targets that passive checks keep out are avoided too (one whose time out is over is
-    /// picked by one request at a time: see [`TargetHealth::admit`]), unless every target the
-    /// active checker passes is out: then they are all tried (as Envoy's panic threshold),
-    /// since refusing every request would be a worse outage than trying a target that failed.
-    pub fn pick(&mut self, up: &Upstream, hash_value: Option<&[u8]>, tried: u64) -> Option<usize> {
-        let n = up.cfg.targets.len();
-        if n == 1 {
-            // Every balance picks the one target; passive checks never refuse the last one.
-            return (tried & 1 == 0 && up.health[0].is_healthy() && up.room_counted(0))
-                .then_some(0);
+    /// of indexes already tried). `hash` is the hash of the header value named by
+    /// `hash:header.NAME` ([`hash_key`]), if present. Targets that passive checks keep out are
+    /// avoided too (one whose time out is over is picked by one request at a time: see
+    /// [`TargetHealth::admit`]), unless every target the active checker passes is out: then
+    /// they are all tried (as Envoy's panic threshold), since refusing every request would be
+    /// a worse outage than trying a target that failed. A target that is in but full is not
+    /// such an outage: then `None` (the caller's 503), never a target that is out.
+    pub fn pick(&mut self, up: &Upstream, hash: Option<u64>, tried: u64) -> Option<usize> {
+        let n = up.cfg.targets.len().min(64);
+        let mut live = 0u64;
+        let mut room = 0u64;
+        for i in 0..n {
+            if tried & (1 << i) == 0 && up.health[i].is_healthy() {
+                live |= 1 << i;
+                if up.has_room(i) {
+                    room |= 1 << i;
+                }
+            }
         }
-        let healthy = (0..n.min(64))
-            .filter(|&i| tried & (1 << i) == 0 && up.health[i].is_healthy() && up.room_counted(i))
-            .fold(0u64, |m, i| m | 1 << i);
-        if healthy == 0 {
+        if room == 0 {
             return None;
         }
         let Some(p) = &up.cfg.passive else {
-            return self.choose(up, hash_value, healthy);
+            return self.choose(up, hash, room);
         };
-        let mut cands = healthy;
-        for i in 0..n.min(64) {
+        if n == 1 {
+            // Passive checks never refuse the last target.
+            return Some(0);
+        }
+        let mut cands = room;
+        for i in 0..n {
             if cands & (1 << i) != 0 && up.health[i].is_out() {
                 cands &= !(1 << i);
             }
         }
         while cands != 0 {
-            let i = self.choose(up, hash_value, cands)?;
+            let i = self.choose(up, hash, cands)?;
             if up.health[i].admit(p) {
                 return Some(i);
             }
             // Another request took the trial of this target (or it just went out).
             cands &= !(1 << i);
         }
-        self.choose(up, hash_value, healthy)
+        let full_but_in = (0..n).any(|i| live & !room & (1 << i) != 0 && !up.health[i].is_out());
+        if full_but_in {
+            return None;
+        }
+        self.choose(up, hash, room)
     }
 
     /// One of the targets in `mask` (a bit set, not empty) by the upstream's balance mode.
-    fn choose(&mut self, up: &Upstream, hash_value: Option<&[u8]>, mask: u64) -> Option<usize> {
+    fn choose(&mut self, up: &Upstream, hash: Option<u64>, mask: u64) -> Option<usize> {
         let count = mask.count_ones() as usize;
         let in_mask = move |i: usize| i < 64 && mask & (1 << i) != 0;
         let nth = |k: usize| -> Option<usize> {
@@ -493,13 +507,10 @@ impl WorkerPools {
             // Rendezvous hashing: the value goes to the healthy target with the highest score
             // for it, so a target going down moves only its own values (as nginx's
             // `hash ... consistent`), and every worker and node agrees on the choice.
-            Balance::HashHeader(_) => match hash_value {
-                Some(v) => {
-                    let h = fnv1a(v);
-                    (0..n)
-                        .filter(|&i| in_mask(i))
-                        .max_by_key(|&i| mix(h ^ mix(addr_key(&up.cfg.targets[i]))))
-                }
+            Balance::HashHeader(_) => match hash {
+                Some(h) => (0..n)
+                    .filter(|&i| in_mask(i))
+                    .max_by_key(|&i| mix(h ^ mix(addr_key(&up.cfg.targets[i])))),
                 None => {
                     self.rr = self.rr.wrapping_add(1);
                     nth(self.rr)
@@ -512,29 +523,17 @@ impl WorkerPools {
                 (0..n)
                     .map(|k| (start + k) % n)
                     .filter(|&i| in_mask(i))
-                    .min_by_key(|&i| self.load(&up.cfg.targets[i]))
+                    .min_by_key(|&i| up.load(i))
             }
             Balance::Random2 => {
                 let a = nth(self.next_rand() as usize)?;
                 let b = nth(self.next_rand() as usize)?;
-                if self.load(&up.cfg.targets[b]) < self.load(&up.cfg.targets[a]) {
+                if up.load(b) < up.load(a) {
                     Some(b)
                 } else {
                     Some(a)
                 }
             }
-        }
-    }
-
-    /// Counts a request in flight to `addr` (for least_conn and random2).
-    pub fn begin(&mut self, addr: SocketAddr) {
-        *self.inflight.entry(addr).or_insert(0) += 1;
-    }
-
-    /// Ends a request started with [`WorkerPools::begin`].
-    pub fn end(&mut self, addr: SocketAddr) {
-        if let Some(n) = self.inflight.get_mut(&addr) {
-            *n = n.saturating_sub(1);
         }
     }
 
@@ -740,6 +739,11 @@ pub fn run_health_checker(current: impl Fn() -> Arc<crate::gateway::Gateway>, st
 }
 
 /// FNV-1a: the same on every machine and build, so nodes of a cluster pick alike.
+/// The hash `hash:header.NAME` balances by: of the whole header value.
+pub fn hash_key(v: &[u8]) -> u64 {
+    fnv1a(v)
+}
+
 fn fnv1a(b: &[u8]) -> u64 {
     b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &c| {
         (h ^ c as u64).wrapping_mul(0x0100_0000_01b3)
@@ -905,7 +909,6 @@ mod tests {
         }
         let b = [u.occupy(1).unwrap(), u.occupy(1).unwrap()];
         assert_eq!(p.pick(&u, None, 0), None, "every target is full");
-        assert!(u.health[0].full.load(Ordering::Relaxed) >= 5);
         drop(a);
         assert_eq!(u.health[0].active.load(Ordering::Relaxed), 0);
         assert_eq!(p.pick(&u, None, 0), Some(0));
@@ -921,22 +924,39 @@ mod tests {
     fn least_conn_prefers_idle_target() {
         let u = up(Balance::LeastConn, 2);
         let mut p = WorkerPools::new(7);
-        p.begin(u.cfg.targets[0]);
+        // A slot held (by any worker: the count is the gateway's) is a connection in use.
+        let busy = u.occupy(0).unwrap();
         for _ in 0..5 {
             assert_eq!(p.pick(&u, None, 0), Some(1));
         }
+        drop(busy);
+        assert_eq!(u.load(0), 0);
+    }
+
+    #[test]
+    fn hash_header_hashes_the_whole_value() {
+        let u = up(Balance::HashHeader("authorization".into()), 4);
+        let mut p = WorkerPools::new(7);
+        let prefix = "Bearer ".to_string() + &"x".repeat(100);
+        let spread: std::collections::HashSet<_> = (0..24)
+            .map(|i| p.pick(&u, Some(hash_key(format!("{prefix}{i}").as_bytes())), 0))
+            .collect();
+        assert!(
+            spread.len() > 1,
+            "values past 64 bytes all went to {spread:?}"
+        );
     }
 
     #[test]
     fn hash_is_sticky() {
         let u = up(Balance::HashHeader("x-user".into()), 4);
         let mut p = WorkerPools::new(7);
-        let a = p.pick(&u, Some(b"alice"), 0);
+        let a = p.pick(&u, Some(hash_key(b"alice")), 0);
         for _ in 0..10 {
-            assert_eq!(p.pick(&u, Some(b"alice"), 0), a);
+            assert_eq!(p.pick(&u, Some(hash_key(b"alice")), 0), a);
         }
         let spread: std::collections::HashSet<_> = (0..50)
-            .map(|i| p.pick(&u, Some(format!("user{i}").as_bytes()), 0))
+            .map(|i| p.pick(&u, Some(hash_key(format!("user{i}").as_bytes())), 0))
             .collect();
         assert!(spread.len() > 1);
     }
@@ -948,7 +968,7 @@ mod tests {
         let keys: Vec<String> = (0..300).map(|i| format!("user{i}")).collect();
         let pick_all = |p: &mut WorkerPools| -> Vec<usize> {
             keys.iter()
-                .map(|k| p.pick(&u, Some(k.as_bytes()), 0).unwrap())
+                .map(|k| p.pick(&u, Some(hash_key(k.as_bytes())), 0).unwrap())
                 .collect()
         };
         let before = pick_all(&mut p);
@@ -975,7 +995,7 @@ mod tests {
             .unwrap();
         let reversed: Vec<usize> = keys
             .iter()
-            .map(|k| 2 - p.pick(&r, Some(k.as_bytes()), 0).unwrap())
+            .map(|k| 2 - p.pick(&r, Some(hash_key(k.as_bytes())), 0).unwrap())
             .collect();
         assert_eq!(reversed, before);
     }

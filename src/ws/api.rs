@@ -885,6 +885,7 @@ pub async fn handshake(
             Err(client::CallError::Timeout) => {
                 return Handshake::Refuse(504, "Endpoint Request Timed Out")
             }
+            Err(client::CallError::Busy) => return Handshake::Refuse(503, "Service Unavailable"),
         }
     }
     let mut out = Vec::with_capacity(256);
@@ -1434,6 +1435,7 @@ fn failed_status(e: &client::CallError) -> u16 {
     match e {
         client::CallError::Timeout => 504,
         client::CallError::Failed | client::CallError::TooLarge => 502,
+        client::CallError::Busy => 503,
     }
 }
 
@@ -1562,6 +1564,7 @@ async fn on_message(
                     let what = match e {
                         client::CallError::Timeout => "Endpoint request timed out",
                         client::CallError::Failed => "Internal server error",
+                        client::CallError::Busy => "Service Unavailable",
                         // The limit holds both ways, as for `@connections` posts.
                         client::CallError::TooLarge => {
                             "Integration response larger than the message limit"

@@ -43,6 +43,9 @@ pub enum CallError {
     Failed,
     /// The answer was larger than the call allows (its head, or a body over `max_body`).
     TooLarge,
+    /// Every target the health checks pass was at the upstream's `max_connections` (as the
+    /// proxy's 503).
+    Busy,
 }
 
 /// Sends `POST path` with `headers` (complete `name: value\r\n` lines) and `body`; the answer's
@@ -68,22 +71,37 @@ pub async fn post(
     let attempts = (up.cfg.retries as usize + 1).min(n.max(1));
     for a in 0..attempts {
         // The next target below its `max_connections` that takes traffic (passive checks
-        // admit it); else the next one the active checker passes (every target out: they
-        // are all tried, as by the proxy).
+        // admit it); else, when every target the active checker passes is out, the next of
+        // those (they are all tried, as by the proxy); else, when one is in but full, none
+        // (503 on `$connect`, as the proxy's); else the next target whatever its health.
         let from = |k: usize| (start + a + k) % n;
-        let ti = (0..n)
+        let full_in = || {
+            (0..n).any(|i| up.health[i].is_healthy() && !up.has_room(i) && !up.health[i].is_out())
+        };
+        let pick = (0..n)
             .map(from)
             .find(|&i| up.has_room(i) && up.admits(i))
             .or_else(|| {
+                if full_in() {
+                    return None;
+                }
                 (0..n)
                     .map(from)
                     .find(|&i| up.has_room(i) && up.health[i].is_healthy())
-            })
-            .unwrap_or(from(0));
+            });
+        let ti = match pick {
+            Some(i) => i,
+            None if up.cfg.max_connections.is_some() && full_in() => {
+                up.overflowed();
+                return Err(CallError::Busy);
+            }
+            None => from(0),
+        };
         // One of the target's `max_connections`, until the call's connection is pooled or
-        // closed; a target at its cap counts as a failed attempt.
+        // closed (another worker may have taken the last one since).
         let Some(_slot) = up.occupy(ti) else {
-            continue;
+            up.overflowed();
+            return Err(CallError::Busy);
         };
         let addr = up.cfg.targets[ti];
         // Host: the target's address, as for authorizer calls (the config's upstream name
@@ -116,8 +134,13 @@ pub async fn post(
         let mut s = match pooled {
             Some(s) => s,
             None => {
-                match monoio::time::timeout(up.cfg.connect_timeout, TcpStream::connect_addr(addr))
-                    .await
+                // Bounded by what is left of the call's `timeout_ms` too, as the proxy's.
+                let left = deadline.saturating_duration_since(Instant::now());
+                match monoio::time::timeout(
+                    up.cfg.connect_timeout.min(left),
+                    TcpStream::connect_addr(addr),
+                )
+                .await
                 {
                     Ok(Ok(s)) => {
                         let _ = s.set_nodelay(true);
