@@ -1417,3 +1417,54 @@ fn a_full_target_is_not_replaced_by_one_that_passive_checks_keep_out() {
     assert!(t.elapsed() < Duration::from_millis(800));
     assert_eq!(held.join().unwrap().unwrap().status, 200);
 }
+
+/// `least_conn` counts a request until its answer's last byte: a target busy streaming a
+/// long body is not taken for idle once the head is out.
+#[test]
+fn least_conn_counts_a_request_while_its_body_streams() {
+    let origin = |name: &'static str| {
+        raw_origin(move |mut s| {
+            let mut buf = Vec::new();
+            while let Some(head) = read_head(&mut s, &mut buf) {
+                if head.starts_with("GET /stream") {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+                    for _ in 0..15 {
+                        std::thread::sleep(Duration::from_millis(100));
+                        if s.write_all(b"1\r\nx\r\n").is_err() {
+                            return;
+                        }
+                    }
+                    let _ = s.write_all(b"0\r\n\r\n");
+                } else {
+                    let _ = s.write_all(
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n{name}").as_bytes(),
+                    );
+                }
+            }
+        })
+    };
+    let a = origin("a");
+    let b = origin("b");
+    let cfg = format!(
+        "{}\n{}",
+        HEADER.replace("workers = 2", "workers = 1"),
+        config(&[a, b], "balance = \"least_conn\"")
+    );
+    let gw = Gateway::start(&cfg);
+    let gaddr = gw.addr;
+    // The stream's target: the one that answers `/who` differently once it is busy.
+    let bg =
+        std::thread::spawn(move || roundtrip(gaddr, b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n"));
+    std::thread::sleep(Duration::from_millis(400));
+    let answers: Vec<String> = (0..6)
+        .map(|i| gw.get(&format!("/who/{i}")).text())
+        .collect();
+    let r = bg.join().unwrap().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 15);
+    // Every quick request went to one target: the other was streaming.
+    assert!(
+        answers.iter().all(|x| *x == answers[0]),
+        "quick requests went to the streaming target too: {answers:?}"
+    );
+}

@@ -2723,3 +2723,29 @@ fn a_passthrough_tunnel_holds_a_max_connections_slot() {
             .starts_with("HTTP/1.1 101")
     }));
 }
+
+/// A `$connect` that finds every integration target at `max_connections` gets 503 with
+/// `retry-after: 1`, as an HTTP route would, not a 502 that looks like a broken backend.
+#[test]
+fn connect_with_every_target_full_is_a_503_to_retry() {
+    let be = api_backend();
+    let cfg = api_config(be.addr, "").replace(
+        "timeout_ms = 3000",
+        "timeout_ms = 3000\nmax_connections = 1",
+    );
+    let gw = Gateway::start(&cfg);
+    let addr = gw.addr;
+    // The first `$connect` holds the only slot for 1.5 s.
+    let first = std::thread::spawn(move || ws_connect(addr, "/?sleep=1500", "").0);
+    assert!(wait_until(Duration::from_secs(3), || be.request_count() == 1));
+    let (head, _) = ws_connect(gw.addr, "/", "");
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    assert!(first.join().unwrap().starts_with("HTTP/1.1 101"));
+    // The slot is back.
+    let (head, _ws) = ws_connect(gw.addr, "/", "");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+}
