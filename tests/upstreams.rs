@@ -1317,7 +1317,16 @@ fn max_connections_caps_the_connections_in_use_per_target() {
     for h in held {
         assert_eq!(h.join().unwrap().unwrap().status, 200);
     }
-    // Their slots are back: the next request goes through.
+    // Their slots are back (given back once each answer is relayed and its connection
+    // closed): the next request goes through.
+    let idle = || {
+        metric_value(
+            &gw.metrics(),
+            "ringgate_upstream_target_active_connections",
+            &labels,
+        ) == Some(0.0)
+    };
+    assert!(wait_until(Duration::from_secs(3), idle), "{}", gw.metrics());
     assert_eq!(gw.get("/after").status, 200);
     assert_eq!(
         counts.1.load(Ordering::SeqCst),
@@ -1351,8 +1360,12 @@ fn max_connections_caps_the_connections_in_use_per_target() {
         statuses.iter().all(|s| *s == 200 || *s == 503),
         "{statuses:?}"
     );
-    let ok = statuses.iter().filter(|s| **s == 200).count();
-    assert!((1..=2).contains(&ok), "{statuses:?}");
+    // (At least one got through and one was turned away; how many of each depends on how
+    // the threads were scheduled. The cap itself is the origin's count below.)
+    assert!(
+        statuses.contains(&200) && statuses.contains(&503),
+        "{statuses:?}"
+    );
     assert_eq!(
         counts.1.load(Ordering::SeqCst),
         2,
@@ -1393,7 +1406,7 @@ fn max_connections_zero_is_refused() {
 
 #[test]
 fn a_full_target_is_not_replaced_by_one_that_passive_checks_keep_out() {
-    let (a, _) = holding_origin("a", Duration::from_millis(1500));
+    let (a, a_counts) = holding_origin("a", Duration::from_millis(1500));
     // `b` refuses connections: passive checks take it out after one failure.
     let b = dead_addr();
     let gw = Gateway::start(&config(
@@ -1408,7 +1421,10 @@ fn a_full_target_is_not_replaced_by_one_that_passive_checks_keep_out() {
     let gaddr = gw.addr;
     let held =
         std::thread::spawn(move || roundtrip(gaddr, b"GET /held HTTP/1.1\r\nHost: t\r\n\r\n"));
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(wait_until(Duration::from_secs(3), || a_counts
+        .0
+        .load(Ordering::SeqCst)
+        == 1));
     // `a` is full and `b` is out: 503 at once, not a try of `b`.
     let t = Instant::now();
     let r = gw.get("/second");
@@ -1422,11 +1438,14 @@ fn a_full_target_is_not_replaced_by_one_that_passive_checks_keep_out() {
 /// long body is not taken for idle once the head is out.
 #[test]
 fn least_conn_counts_a_request_while_its_body_streams() {
+    let streaming = Arc::new(AtomicBool::new(false));
     let origin = |name: &'static str| {
+        let streaming = streaming.clone();
         raw_origin(move |mut s| {
             let mut buf = Vec::new();
             while let Some(head) = read_head(&mut s, &mut buf) {
                 if head.starts_with("GET /stream") {
+                    streaming.store(true, Ordering::SeqCst);
                     let _ = s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
                     for _ in 0..15 {
                         std::thread::sleep(Duration::from_millis(100));
@@ -1455,7 +1474,8 @@ fn least_conn_counts_a_request_while_its_body_streams() {
     // The stream's target: the one that answers `/who` differently once it is busy.
     let bg =
         std::thread::spawn(move || roundtrip(gaddr, b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n"));
-    std::thread::sleep(Duration::from_millis(400));
+    assert!(wait_until(Duration::from_secs(3), || streaming.load(Ordering::SeqCst)));
+    std::thread::sleep(Duration::from_millis(100));
     let answers: Vec<String> = (0..6)
         .map(|i| gw.get(&format!("/who/{i}")).text())
         .collect();

@@ -2736,7 +2736,7 @@ fn connect_with_every_target_full_is_a_503_to_retry() {
     let gw = Gateway::start(&cfg);
     let addr = gw.addr;
     // The first `$connect` holds the only slot for 1.5 s.
-    let first = std::thread::spawn(move || ws_connect(addr, "/?sleep=1500", "").0);
+    let first = std::thread::spawn(move || ws_connect(addr, "/?sleep=1500", ""));
     assert!(wait_until(Duration::from_secs(3), || be.request_count() == 1));
     let (head, _) = ws_connect(gw.addr, "/", "");
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
@@ -2744,7 +2744,9 @@ fn connect_with_every_target_full_is_a_503_to_retry() {
         head.to_ascii_lowercase().contains("retry-after: 1"),
         "{head}"
     );
-    assert!(first.join().unwrap().starts_with("HTTP/1.1 101"));
+    // (Kept open: its `$disconnect` call would take the slot again.)
+    let (first_head, _first_ws) = first.join().unwrap();
+    assert!(first_head.starts_with("HTTP/1.1 101"), "{first_head}");
     // The slot is back.
     let (head, _ws) = ws_connect(gw.addr, "/", "");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
