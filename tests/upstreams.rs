@@ -1265,6 +1265,21 @@ fn holding_origin(
     (addr, counts)
 }
 
+/// `GET path` is refused at once for want of a `max_connections` slot: 503 with a JSON
+/// message and `retry-after: 1`, with no wait on any upstream.
+fn assert_overflow(gw: &Gateway, path: &str) {
+    let t = Instant::now();
+    let r = gw.get(path);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        t.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(r.text().contains("\"message\""), "{}", r.text());
+}
+
 #[test]
 fn max_connections_caps_the_connections_in_use_per_target() {
     let (addr, counts) = holding_origin("a", Duration::from_millis(1200));
@@ -1287,16 +1302,7 @@ fn max_connections_caps_the_connections_in_use_per_target() {
         .load(Ordering::SeqCst)
         == 2));
     // A third is turned away at once, before any connection is opened.
-    let t = Instant::now();
-    let r = gw.get("/third");
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert!(
-        t.elapsed() < Duration::from_millis(800),
-        "{:?}",
-        t.elapsed()
-    );
-    assert_eq!(r.header("retry-after"), Some("1"));
-    assert!(r.text().contains("\"message\""), "{}", r.text());
+    assert_overflow(&gw, "/third");
     let m = gw.metrics();
     let labels = ["upstream=\"o\"", &format!("target=\"{addr}\"")[..]];
     assert_eq!(
@@ -1426,11 +1432,7 @@ fn a_full_target_is_not_replaced_by_one_that_passive_checks_keep_out() {
         .load(Ordering::SeqCst)
         == 1));
     // `a` is full and `b` is out: 503 at once, not a try of `b`.
-    let t = Instant::now();
-    let r = gw.get("/second");
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert_eq!(r.header("retry-after"), Some("1"));
-    assert!(t.elapsed() < Duration::from_millis(800));
+    assert_overflow(&gw, "/second");
     assert_eq!(held.join().unwrap().unwrap().status, 200);
 }
 
